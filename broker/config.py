@@ -1,0 +1,430 @@
+"""hoop.yaml and the environment, validated once into pydantic models.
+
+Nothing below the CLI reads ``os.environ``: :func:`load_settings` resolves the environment
+once and everything else receives :class:`Settings`. A bad file raises :class:`ConfigError`
+whose message names the file, the key path (``resources[0](prod-db).approval[1].count``)
+and the reason.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from broker.duration import parse_duration
+from broker.errors import ConfigError, InvalidInput
+
+
+def _duration(value: object) -> object:
+    if isinstance(value, str):
+        try:
+            return parse_duration(value)
+        except InvalidInput as exc:
+            raise ValueError(exc.message) from None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return timedelta(seconds=value)
+    return value
+
+
+Duration = Annotated[timedelta, BeforeValidator(_duration)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class SecretRef(_Model):
+    """A reference to a secret held outside hoop: ``{env: NAME}`` or ``{file: PATH}``.
+
+    The value is never written in the config, never stored and never logged.
+    """
+
+    env: str | None = None
+    file: Path | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> SecretRef:
+        if (self.env is None) == (self.file is None):
+            raise ValueError("a credential reference is exactly one of {env: NAME} or {file: PATH}")
+        return self
+
+    def describe(self) -> str:
+        return f"env:{self.env}" if self.env is not None else f"file:{self.file}"
+
+    def resolve(self, environ: Mapping[str, str]) -> str:
+        """Return the secret. Raises :class:`ConfigError` (naming the reference, not the value)."""
+        if self.env is not None:
+            value = environ.get(self.env)
+            if not value:
+                raise ConfigError(f"credential reference env:{self.env} is not set")
+            return value
+        assert self.file is not None
+        try:
+            return self.file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"credential reference file:{self.file} cannot be read: {exc.strerror}") from None
+
+
+class Group(_Model):
+    members: list[str] = Field(default_factory=list, description="member emails")
+    slack_usergroup: str | None = Field(default=None, description="Slack user group id, e.g. S0123ABC")
+
+    @field_validator("members")
+    @classmethod
+    def _lower(cls, value: list[str]) -> list[str]:
+        for email in value:
+            if "@" not in email:
+                raise ValueError(f"{email!r} is not an email address")
+        return [m.strip().lower() for m in value]
+
+
+class RequestRules(_Model):
+    groups: list[str] = Field(default_factory=list, description="groups whose members may request")
+    reason_required: bool = True
+    default_duration: Duration = timedelta(minutes=30)
+    max_duration: Duration = timedelta(hours=4)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> RequestRules:
+        if self.default_duration > self.max_duration:
+            raise ValueError("default_duration is longer than max_duration")
+        return self
+
+
+class ApprovalStep(_Model):
+    from_: str = Field(alias="from", description="group that fills this step")
+    count: int = Field(default=1, ge=1, le=20)
+
+
+class ExtensionRules(_Model):
+    requires_approval: bool = True
+
+
+# Statement kinds the SQL guard classifies. ``write`` is any data change, ``ddl`` any schema change.
+SqlKind = Literal[
+    "select", "insert", "update", "delete", "merge", "write",
+    "drop", "truncate", "alter", "create", "ddl",
+    "grant", "revoke", "copy", "copy_to_program", "copy_from_program", "copy_to_file",
+    "copy_from_file", "update_without_where", "delete_without_where",
+    "do", "call", "set", "lock", "vacuum", "listen", "other",
+]
+Action = Literal["block", "review", "allow"]
+
+
+class Rule(_Model):
+    """A guard rule. Non-empty selectors are ANDed; the entries of one selector are ORed.
+
+    SQL resources use ``statements``, ``tables`` and ``functions``; SSH resources use
+    ``commands``; HTTP resources use ``methods`` and ``paths``. Rules are tried in order and
+    the first that matches decides; no match means ``guardrails.default``.
+    """
+
+    name: str
+    action: Action
+    statements: list[SqlKind] = Field(default_factory=list)
+    tables: list[str] = Field(default_factory=list, description="table names, optionally schema-qualified; globs")
+    functions: list[str] = Field(default_factory=list, description="function names; globs")
+    commands: list[str] = Field(default_factory=list, description="shell command patterns, e.g. 'rm -rf /'")
+    methods: list[str] = Field(default_factory=list, description="HTTP methods")
+    paths: list[str] = Field(default_factory=list, description="HTTP path globs, e.g. /api/v1/namespaces/*")
+
+    @model_validator(mode="after")
+    def _has_selector(self) -> Rule:
+        if not (self.statements or self.tables or self.functions or self.commands or self.methods or self.paths):
+            raise ValueError(f"rule {self.name!r} has no selector (statements, tables, functions, commands, ...)")
+        return self
+
+    @field_validator("methods")
+    @classmethod
+    def _upper(cls, value: list[str]) -> list[str]:
+        return [m.upper() for m in value]
+
+
+class Guardrails(_Model):
+    rules: list[Rule] = Field(default_factory=list)
+    default: Action = "allow"
+    on_unparsed: Action = "block"
+    review_timeout: Duration = timedelta(minutes=5)
+    read_only: bool = False
+
+
+Detector = Literal["email", "card", "ssn", "iban", "phone", "secret"]
+Strategy = Literal["redact", "partial", "hash"]
+
+
+class MaskRule(_Model):
+    """Mask a column (SQL: ``email``, ``users.email``, globs) or a JSON key (HTTP)."""
+
+    match: str
+    strategy: Strategy = "redact"
+
+
+class Masking(_Model):
+    enabled: bool = True
+    detectors: list[Detector] = Field(default_factory=lambda: ["email", "card", "ssn", "iban", "phone", "secret"])
+    strategy: Strategy = "redact"
+    columns: list[MaskRule] = Field(default_factory=list)
+    json_keys: list[MaskRule] = Field(default_factory=list)
+    #: how many masked rows of each result the recording keeps
+    sample_rows: int = Field(default=20, ge=0, le=10_000)
+
+
+class _ResourceBase(_Model):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+    address: str
+    credential: SecretRef | None = None
+    channel: str | None = None
+    request: RequestRules = Field(default_factory=RequestRules)
+    approval: list[ApprovalStep] = Field(default_factory=list)
+    extension: ExtensionRules = Field(default_factory=ExtensionRules)
+    pending_ttl: Duration = timedelta(hours=1)
+    reminder_before: Duration = timedelta(minutes=5)
+    guardrails: Guardrails = Field(default_factory=Guardrails)
+    masking: Masking = Field(default_factory=Masking)
+
+    def host_port(self, default_port: int) -> tuple[str, int]:
+        host, sep, port = self.address.rpartition(":")
+        if not sep:
+            return self.address, default_port
+        return host.strip("[]"), int(port)
+
+
+class PostgresResource(_ResourceBase):
+    kind: Literal["postgres"]
+    database: str = "postgres"
+    user: str = "postgres"
+    sslmode: Literal["disable", "prefer", "require", "verify-full"] = "prefer"
+    sslrootcert: Path | None = None
+    credentials: Literal["static", "ephemeral"] = "static"
+    admin_user: str | None = None
+    admin_credential: SecretRef | None = None
+    roles: list[str] = Field(default_factory=list, description="roles an ephemeral login is granted")
+
+    @model_validator(mode="after")
+    def _ephemeral(self) -> PostgresResource:
+        if self.credentials == "ephemeral" and (self.admin_credential is None or not self.roles):
+            raise ValueError("credentials: ephemeral needs admin_credential and at least one role in roles")
+        return self
+
+
+class SshAllow(_Model):
+    sftp: bool = False
+    port_forwarding: bool = False
+    agent_forwarding: bool = False
+    x11: bool = False
+
+
+class SshResource(_ResourceBase):
+    kind: Literal["ssh"]
+    user: str
+    password: SecretRef | None = None
+    host_key: str | None = Field(default=None, description="pinned upstream host key, 'ssh-ed25519 AAAA...'")
+    known_hosts: Path | None = None
+    allow: SshAllow = Field(default_factory=SshAllow)
+
+    @model_validator(mode="after")
+    def _pinned(self) -> SshResource:
+        if self.host_key is None and self.known_hosts is None:
+            raise ValueError("an ssh resource pins its upstream host key: set host_key or known_hosts")
+        if self.credential is None and self.password is None:
+            raise ValueError("an ssh resource needs credential (private key) or password")
+        return self
+
+
+class HttpResource(_ResourceBase):
+    kind: Literal["http"]
+    auth: Literal["bearer", "basic", "header", "none"] = "bearer"
+    header: str | None = Field(default=None, description="header name when auth is 'header'")
+    username: str | None = Field(default=None, description="user name when auth is 'basic'")
+    max_body_record: int = Field(default=16_384, ge=0)
+
+    @model_validator(mode="after")
+    def _auth(self) -> HttpResource:
+        if self.auth == "header" and not self.header:
+            raise ValueError("auth: header needs header: NAME")
+        if self.auth != "none" and self.credential is None:
+            raise ValueError(f"auth: {self.auth} needs credential")
+        return self
+
+
+Resource = Annotated[PostgresResource | SshResource | HttpResource, Field(discriminator="kind")]
+
+
+class Listen(_Model):
+    host: str = "127.0.0.1"
+    http: int = Field(default=8080, ge=0, le=65535)
+    postgres: int = Field(default=15432, ge=0, le=65535)
+    ssh: int = Field(default=2222, ge=0, le=65535)
+    http_proxy: int = Field(default=18080, ge=0, le=65535)
+
+
+class Tls(_Model):
+    cert: Path | None = None
+    key: Path | None = None
+
+
+class Agent(_Model):
+    """A service identity (OIDC client-credentials subject) that may act as an agent."""
+
+    subject: str
+    name: str
+    acts_for: str | None = Field(default=None, description="the human (email) or group it acts for")
+    groups: list[str] = Field(default_factory=list)
+
+
+class Oidc(_Model):
+    issuer: str
+    audience: str
+    jwks_url: str | None = None
+    groups_claim: str = "groups"
+    email_claim: str = "email"
+    agents: list[Agent] = Field(default_factory=list)
+
+
+class Delegation(_Model):
+    max_depth: int = Field(default=3, ge=0, le=10)
+
+
+class Transcripts(_Model):
+    max_bytes: int = Field(default=256_000, ge=1024)
+
+
+class HoopConfig(_Model):
+    admins: str = Field(description="the group whose members are hoop admins")
+    groups: dict[str, Group]
+    resources: list[Resource]
+    listen: Listen = Field(default_factory=Listen)
+    tls: Tls = Field(default_factory=Tls)
+    state_dir: Path = Path(".hoop")
+    masking_key: SecretRef | None = None
+    oidc: Oidc | None = None
+    delegation: Delegation = Field(default_factory=Delegation)
+    transcripts: Transcripts = Field(default_factory=Transcripts)
+
+    @model_validator(mode="after")
+    def _references(self) -> HoopConfig:
+        if self.admins not in self.groups:
+            raise ValueError(f"admins names group {self.admins!r}, which is not defined under groups")
+        seen: set[str] = set()
+        for res in self.resources:
+            if res.name in seen:
+                raise ValueError(f"resource name {res.name!r} is used twice")
+            seen.add(res.name)
+            for group in res.request.groups:
+                if group not in self.groups:
+                    raise ValueError(f"resource {res.name!r}: request.groups names unknown group {group!r}")
+            for step in res.approval:
+                if step.from_ not in self.groups:
+                    raise ValueError(f"resource {res.name!r}: approval step names unknown group {step.from_!r}")
+        return self
+
+    def resource(self, name: str) -> PostgresResource | SshResource | HttpResource | None:
+        for res in self.resources:
+            if res.name == name:
+                return res
+        return None
+
+
+class Settings(_Model):
+    """The environment, resolved once by the CLI."""
+
+    database_url: str = "sqlite+aiosqlite:///hoop.db"
+    slack_bot_token: str | None = None
+    slack_signing_secret: str | None = None
+    slack_app_token: str | None = None
+    slack_api_url: str | None = None
+    environ: dict[str, str] = Field(default_factory=dict, repr=False)
+
+
+_PORT_ENV = {"HOOP_HTTP_PORT": "http", "HOOP_PG_PORT": "postgres", "HOOP_SSH_PORT": "ssh",
+             "HOOP_HTTP_PROXY_PORT": "http_proxy"}
+
+
+def _loc(data: Any, loc: tuple[int | str, ...]) -> str:
+    out = ""
+    node = data
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+            try:
+                node = node[part]
+                if isinstance(node, dict) and isinstance(node.get("name"), str):
+                    out += f"({node['name']})"
+            except (IndexError, KeyError, TypeError):
+                node = None
+        else:
+            if part in {"postgres", "ssh", "http"} and isinstance(node, dict) and node.get("kind") == part:
+                continue  # the discriminator's own level says nothing to a reader
+            out += f".{part}" if out else str(part)
+            node = node.get(part) if isinstance(node, dict) else None
+    return out or "(top level)"
+
+
+def parse_config(data: Any, *, source: str = "hoop.yaml", environ: Mapping[str, str] | None = None) -> HoopConfig:
+    """Validate a mapping into :class:`HoopConfig`, applying port overrides from ``environ``."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of keys (admins, groups, resources, ...)")
+    data = dict(data)
+    env = environ or {}
+    listen = dict(data.get("listen") or {})
+    for var, key in _PORT_ENV.items():
+        if var in env:
+            try:
+                listen[key] = int(env[var])
+            except ValueError:
+                raise ConfigError(f"{source}: environment {var}={env[var]!r} is not a port number") from None
+    if listen:
+        data["listen"] = listen
+    try:
+        return HoopConfig.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            reason = err["msg"].removeprefix("Value error, ")
+            lines.append(f"{source}: {_loc(data, tuple(err['loc']))}: {reason}")
+        raise ConfigError("\n".join(lines)) from None
+
+
+def load_config(path: str | Path, *, environ: Mapping[str, str] | None = None) -> HoopConfig:
+    """Read and validate a config file. Every failure is a :class:`ConfigError`."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: no such file (set --config or HOOP_CONFIG)") from None
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot be read: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{source}: {where}{problem}") from None
+    return parse_config(data, source=source, environ=environ)
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    env = dict(os.environ if environ is None else environ)
+    return Settings(
+        database_url=env.get("HOOP_DATABASE_URL") or "sqlite+aiosqlite:///hoop.db",
+        slack_bot_token=env.get("SLACK_BOT_TOKEN") or None,
+        slack_signing_secret=env.get("SLACK_SIGNING_SECRET") or None,
+        slack_app_token=env.get("SLACK_APP_TOKEN") or None,
+        slack_api_url=env.get("SLACK_API_URL") or None,
+        environ=env,
+    )
