@@ -164,6 +164,7 @@ class Guardrails(_Model):
 
 Detector = Literal["email", "card", "ssn", "iban", "phone", "secret"]
 Strategy = Literal["redact", "partial", "hash"]
+ALL_DETECTORS: tuple[Detector, ...] = ("email", "card", "ssn", "iban", "phone", "secret")
 
 
 class MaskRule(_Model):
@@ -175,7 +176,7 @@ class MaskRule(_Model):
 
 class Masking(_Model):
     enabled: bool = True
-    detectors: list[Detector] = Field(default_factory=lambda: ["email", "card", "ssn", "iban", "phone", "secret"])
+    detectors: list[Detector] = Field(default_factory=lambda: list(ALL_DETECTORS))
     strategy: Strategy = "redact"
     columns: list[MaskRule] = Field(default_factory=list)
     json_keys: list[MaskRule] = Field(default_factory=list)
@@ -266,6 +267,7 @@ Resource = Annotated[PostgresResource | SshResource | HttpResource, Field(discri
 
 class Listen(_Model):
     host: str = "127.0.0.1"
+    advertise: str | None = Field(default=None, description="host name shown in connection hints")
     http: int = Field(default=8080, ge=0, le=65535)
     postgres: int = Field(default=15432, ge=0, le=65535)
     ssh: int = Field(default=2222, ge=0, le=65535)

@@ -1,0 +1,261 @@
+"""The ``hoop`` command, and the composition root: the one place that builds and wires things.
+
+Every command loads config and environment once, builds what it needs, and turns hoop's
+own errors into a clear message and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from broker import __version__
+from broker.config import HoopConfig, Settings, load_config, load_settings
+from broker.errors import ConfigError, HoopError
+from broker.model import GrantStatus, Identity, RequestStatus
+from broker.runtime import Runtime, build_runtime, serve_forever
+
+T = TypeVar("T")
+app = typer.Typer(name="hoop", help="hoop: a ChatOps access broker.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+audit_app = typer.Typer(help="The hash-chained audit log.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(audit_app, name="audit")
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="hoop.yaml (default: $HOOP_CONFIG, hoop.yaml)")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON")]
+
+
+def _config_path(path: Path | None) -> Path:
+    return path or Path(os.environ.get("HOOP_CONFIG") or "hoop.yaml")
+
+
+def _load(path: Path | None) -> tuple[HoopConfig, Settings]:
+    settings = load_settings()
+    return load_config(_config_path(path), environ=settings.environ), settings
+
+
+def _run(coro_fn: Callable[[], Awaitable[T]]) -> T:
+    async def runner() -> T:
+        return await coro_fn()
+
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - platforms without uvloop
+        return asyncio.run(runner())
+    return uvloop.run(runner())
+
+
+async def _with_runtime(path: Path | None, fn: Callable[[Runtime], Awaitable[T]], *, migrate: bool = True) -> T:
+    config, settings = _load(path)
+    rt = build_runtime(config, settings)
+    try:
+        if migrate:
+            await rt.store.migrate()
+        return await fn(rt)
+    finally:
+        await rt.close()
+
+
+def _actor(rt: Runtime, email: str) -> Identity:
+    from broker.policy import groups_of
+
+    return Identity(email=email.lower(), groups=groups_of(rt.config, email))
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"hoop {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="print the version and exit")] = False) -> None:
+    logging.basicConfig(level=os.environ.get("HOOP_LOG_LEVEL", "INFO").upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("alembic", "apscheduler"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@app.command()
+def serve(config: ConfigOpt = None) -> None:
+    """Run the broker: HTTP server (health, metrics, Slack, API), proxies and scheduler."""
+    cfg, settings = _load(config)
+    _run(lambda: serve_forever(cfg, settings, out.print))
+
+
+@app.command()
+def check(config: ConfigOpt = None) -> None:
+    """Validate the config and show who can request and approve what; warn about foot-guns."""
+    from broker.checks import render_check
+
+    cfg, settings = _load(config)
+    errors = render_check(cfg, settings.environ, out)
+    if errors:
+        raise typer.Exit(1)
+
+
+@db_app.command("upgrade")
+def db_upgrade(config: ConfigOpt = None) -> None:
+    """Apply database migrations (also done automatically by `hoop serve`)."""
+    settings = load_settings()
+
+    async def go() -> None:
+        from broker.store import Store
+
+        store = Store.from_url(settings.database_url)
+        try:
+            await store.migrate()
+        finally:
+            await store.close()
+
+    _run(go)
+    out.print("database schema is up to date")
+
+
+@app.command()
+def breakglass(
+    resource: Annotated[str, typer.Option(help="resource name")],
+    identity: Annotated[str, typer.Option(help="email of the admin taking emergency access")],
+    duration: Annotated[str, typer.Option(help="e.g. 30m, 1h")],
+    reason: Annotated[str, typer.Option(help="why approval is skipped")],
+    as_json: JsonOpt = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Issue a grant without approval (admins only). Audited and announced as break-glass."""
+
+    async def go(rt: Runtime) -> dict[str, Any]:
+        grant, secret = await rt.service.breakglass(_actor(rt, identity), resource, identity, duration, reason)
+        from broker.hints import connection_hints
+
+        return {"grant": grant.id, "login": grant.login, "secret": secret, "resource": resource,
+                "expires_at": grant.expires_at.isoformat(), "hints": connection_hints(rt.config, grant, secret)}
+
+    data = _run(lambda: _with_runtime(config, go))
+    if as_json:
+        sys.stdout.write(json.dumps(data) + "\n")
+        return
+    out.print(f"[bold red]BREAK-GLASS[/] grant {data['grant']} for {identity} on {resource} until {data['expires_at']}")
+    out.print(f"login:  {data['login']}\nsecret: {data['secret']}   (shown once)")
+    for key, hint in data["hints"].items():
+        if key != "login":
+            out.print(f"{key}: {hint}")
+
+
+@app.command()
+def revoke(
+    grant: Annotated[str, typer.Argument(help="grant id")],
+    as_: Annotated[str, typer.Option("--as", help="your email (requester, approver or admin)")],
+    reason: Annotated[str, typer.Option(help="why")] = "",
+    config: ConfigOpt = None,
+) -> None:
+    """Revoke a grant now; its live sessions are closed."""
+
+    async def go(rt: Runtime) -> str:
+        g = await rt.service.revoke(grant, _actor(rt, as_), reason)
+        return f"grant {g.id} revoked"
+
+    out.print(_run(lambda: _with_runtime(config, go)))
+
+
+@app.command()
+def requests(status: Annotated[str | None, typer.Option(help="pending|approved|denied|lapsed|cancelled")] = None,
+             as_json: JsonOpt = False, config: ConfigOpt = None) -> None:
+    """List access requests."""
+    from broker.render import request_row, requests_table
+
+    async def go(rt: Runtime) -> list[dict[str, Any]]:
+        async with rt.store.tx() as tx:
+            rows = await tx.list_requests(status=RequestStatus(status) if status else None)
+        return [request_row(r) for r in rows]
+
+    rows = _run(lambda: _with_runtime(config, go))
+    if as_json:
+        sys.stdout.write(json.dumps(rows) + "\n")
+    else:
+        out.print(requests_table(rows))
+
+
+@app.command()
+def grants(status: Annotated[str | None, typer.Option(help="active|expired|revoked")] = None,
+           as_json: JsonOpt = False, config: ConfigOpt = None) -> None:
+    """List grants (never their secrets)."""
+    from broker.render import grant_row, grants_table
+
+    async def go(rt: Runtime) -> list[dict[str, Any]]:
+        async with rt.store.tx() as tx:
+            rows = await tx.list_grants(status=GrantStatus(status) if status else None)
+        now = rt.clock.now()
+        return [grant_row(g, now) for g in rows]
+
+    rows = _run(lambda: _with_runtime(config, go))
+    if as_json:
+        sys.stdout.write(json.dumps(rows) + "\n")
+    else:
+        out.print(grants_table(rows))
+
+
+@audit_app.command("verify")
+def audit_verify(config: ConfigOpt = None) -> None:
+    """Check the hash chain; report the first broken link."""
+    from broker.audit import verify
+
+    verdict = _run(lambda: _with_runtime(config, lambda rt: verify(rt.store)))
+    if verdict.ok:
+        out.print(f"audit log intact: {verdict.checked} entries verified")
+        return
+    err.print(f"[bold red]audit log broken[/] at entry {verdict.broken_at}: {verdict.reason} "
+              f"({verdict.checked} entries before it verified)")
+    raise typer.Exit(1)
+
+
+@audit_app.command("export")
+def audit_export(fmt: Annotated[str, typer.Option("--format", help="jsonl")] = "jsonl",
+                 config: ConfigOpt = None) -> None:
+    """Write every audit entry, one JSON object per line, to stdout."""
+    if fmt != "jsonl":
+        raise HoopError(f"unknown format {fmt!r}; supported: jsonl")
+    from broker.audit import export_jsonl
+
+    async def go(rt: Runtime) -> int:
+        n = 0
+        async for line in export_jsonl(rt.store):
+            sys.stdout.write(line + "\n")
+            n += 1
+        return n
+
+    n = _run(lambda: _with_runtime(config, go))
+    err.print(f"{n} entries exported")
+
+
+def main() -> None:
+    """Entry point: hoop's own errors become a message and an exit code, not a traceback."""
+    try:
+        app()
+    except ConfigError as exc:
+        err.print("[bold red]configuration error[/]")
+        err.print(exc.message, markup=False)
+        sys.exit(2)
+    except HoopError as exc:
+        err.print("[bold red]error:[/] ", end="")
+        err.print(exc.message, markup=False)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""Who may request, who may approve, quorum and durations. Pure functions over config.
+
+Quorum is a matching problem: every step ``{from: G, count: N}`` is N slots; each approver
+may fill at most one slot, in any step whose group they belonged to when they approved.
+A request is met when a matching fills every slot. Bipartite matching (augmenting paths)
+decides it, so a person in two groups is placed where they help most, and counts once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+
+from broker.config import ApprovalStep, HoopConfig
+from broker.duration import format_duration, parse_duration
+from broker.errors import Denied, InvalidInput
+from broker.model import AccessRequest, Approval, Grant, Identity, StepSpec
+
+
+def groups_of(config: HoopConfig, email: str, slack_groups: Iterable[str] = ()) -> frozenset[str]:
+    """Config groups an email belongs to, by member email or by Slack user group id."""
+    email = email.lower()
+    slack = set(slack_groups)
+    return frozenset(
+        name for name, g in config.groups.items()
+        if email in g.members or (g.slack_usergroup is not None and g.slack_usergroup in slack)
+    )
+
+
+def is_admin(config: HoopConfig, who: Identity) -> bool:
+    return config.admins in who.groups
+
+
+def steps_of(approval: Sequence[ApprovalStep]) -> tuple[StepSpec, ...]:
+    return tuple(StepSpec(group=s.from_, count=s.count) for s in approval)
+
+
+def may_request(config: HoopConfig, who: Identity, resource_name: str) -> None:
+    """Raise :class:`Denied` unless ``who`` may request ``resource_name``."""
+    res = config.resource(resource_name)
+    if res is None:
+        raise InvalidInput(f"unknown resource {resource_name!r}", code="unknown_resource")
+    allowed = set(res.request.groups)
+    if not allowed:
+        if not who.groups:
+            raise Denied(f"{who.email} belongs to no hoop group, so may not request {res.name}")
+        return
+    if not allowed & who.groups:
+        raise Denied(
+            f"{who.email} may not request {res.name}: only members of {', '.join(sorted(allowed))} may",
+            code="not_requester",
+        )
+
+
+def resolve_duration(config: HoopConfig, resource_name: str, text: str | None) -> timedelta:
+    """Parse and bound a requested duration; an empty one takes the resource's default."""
+    res = config.resource(resource_name)
+    if res is None:
+        raise InvalidInput(f"unknown resource {resource_name!r}", code="unknown_resource")
+    duration = res.request.default_duration if not text else parse_duration(text)
+    if duration > res.request.max_duration:
+        raise InvalidInput(
+            f"{format_duration(duration)} is longer than {res.name}'s maximum of "
+            f"{format_duration(res.request.max_duration)}",
+            code="too_long",
+        )
+    return duration
+
+
+def check_reason(config: HoopConfig, resource_name: str, reason: str) -> None:
+    res = config.resource(resource_name)
+    if res is not None and res.request.reason_required and not reason.strip():
+        raise InvalidInput(f"{res.name} requires a reason: /hoop request {res.name} 30m <why>", code="reason")
+
+
+def _slots(steps: Sequence[StepSpec]) -> list[str]:
+    return [s.group for s in steps for _ in range(s.count)]
+
+
+def match(steps: Sequence[StepSpec], approvals: Sequence[Approval]) -> dict[int, str]:
+    """Maximum matching of slots to approvers: ``{slot index: approver email}``."""
+    slots = _slots(steps)
+    owner: dict[int, str] = {}
+
+    def augment(person: Approval, seen: set[int]) -> bool:
+        for i, group in enumerate(slots):
+            if group in person.groups and i not in seen:
+                seen.add(i)
+                current = owner.get(i)
+                holder = next((a for a in approvals if a.approver == current), None)
+                if current is None or (holder is not None and augment(holder, seen)):
+                    owner[i] = person.approver
+                    return True
+        return False
+
+    for person in approvals:
+        augment(person, set())
+    return owner
+
+
+def is_met(steps: Sequence[StepSpec], approvals: Sequence[Approval]) -> bool:
+    return len(match(steps, approvals)) == len(_slots(steps))
+
+
+@dataclass(frozen=True)
+class StepFill:
+    group: str
+    count: int
+    approvers: tuple[str, ...]
+
+
+def fill(steps: Sequence[StepSpec], approvals: Sequence[Approval]) -> list[StepFill]:
+    """Per step, who fills it under the current matching (for cards and status)."""
+    owner = match(steps, approvals)
+    out, i = [], 0
+    for s in steps:
+        who = tuple(owner[j] for j in range(i, i + s.count) if j in owner)
+        out.append(StepFill(group=s.group, count=s.count, approvers=who))
+        i += s.count
+    return out
+
+
+def assign(request: AccessRequest, who: Identity) -> tuple[str, ...]:
+    """Check that ``who`` may approve ``request`` now; return their eligible groups.
+
+    Raises :class:`Denied` with the reason a person should be told: self-approval, acting
+    for the requester, not in any step's group, already approved, or not needed because
+    the steps they could fill are full.
+    """
+    email = who.email.lower()
+    if email == request.requester.lower():
+        raise Denied("you cannot approve your own request", code="self_approval")
+    if email in (c.lower() for c in request.chain):
+        raise Denied("you are in this request's chain of identities, so you cannot approve it", code="in_chain")
+    eligible = tuple(s.group for s in request.steps if s.group in who.groups)
+    if not eligible:
+        groups = ", ".join(sorted({s.group for s in request.steps})) or "nobody"
+        raise Denied(f"only members of {groups} can approve this request", code="not_approver")
+    if any(a.approver.lower() == email for a in request.approvals):
+        raise Denied("you have already approved this request; each person counts once", code="duplicate")
+    before = len(match(request.steps, request.approvals))
+    trial = [*request.approvals, Approval(approver=email, groups=eligible, at=request.created_at)]
+    if len(match(request.steps, trial)) == before:
+        raise Denied("the steps you can fill are already filled by others", code="not_needed")
+    return eligible
+
+
+def is_approver_of(config: HoopConfig, who: Identity, resource_name: str) -> bool:
+    res = config.resource(resource_name)
+    return res is not None and any(s.from_ in who.groups for s in res.approval)
+
+
+def may_revoke(config: HoopConfig, who: Identity, grant: Grant) -> None:
+    """Requester (the grant's holder or anyone in its chain), an approver of one of its
+    resources, or an admin may revoke. Everyone else gets :class:`Denied`."""
+    email = who.email.lower()
+    if email == grant.identity.lower() or email in (c.lower() for c in grant.chain):
+        return
+    if is_admin(config, who) or any(is_approver_of(config, who, r) for r in grant.resources):
+        return
+    raise Denied("only the requester, an approver of the resource or an admin can revoke this grant",
+                 code="not_revoker")
+
+
+def approvers_of(config: HoopConfig, resource_name: str) -> list[tuple[str, int, list[str]]]:
+    """For display: ``[(group, count, members)]`` per approval step."""
+    res = config.resource(resource_name)
+    if res is None:
+        return []
+    return [(s.from_, s.count, list(config.groups[s.from_].members)) for s in res.approval]

@@ -1,0 +1,116 @@
+"""Deadlines: lapse pending requests, send reminders, expire grants.
+
+:meth:`Scheduler.run_due` is the whole logic: it reads the store, compares with the
+``Clock`` and acts. Tests advance a fake clock and call it; they never sleep. In production
+APScheduler fires ``run_due`` at each known deadline (date jobs, so expiry is on time to the
+millisecond) plus a periodic sweep that catches anything another replica scheduled. The
+scheduler learns new deadlines by subscribing to the broker's events.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+from broker.clock import Clock
+from broker.errors import HoopError
+from broker.events import Event, GrantExtended, GrantIssued, RequestCreated
+from broker.model import GrantStatus, RequestStatus
+from broker.service import Service
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DueReport:
+    lapsed: list[str] = field(default_factory=list)
+    expired: list[str] = field(default_factory=list)
+    reminded: list[str] = field(default_factory=list)
+
+
+class Scheduler:
+    def __init__(self, service: Service, clock: Clock, *, sweep_every: timedelta = timedelta(seconds=15)) -> None:
+        self.service = service
+        self.clock = clock
+        self.sweep_every = sweep_every
+        self._aps: AsyncIOScheduler | None = None
+
+    async def run_due(self) -> DueReport:
+        """Act on every deadline that has passed. Safe to call at any time, from any replica."""
+        now = self.clock.now()
+        report = DueReport()
+        async with self.service.store.tx() as tx:
+            pending = await tx.list_requests(status=RequestStatus.PENDING, limit=100_000)
+            active = await tx.list_grants(status=GrantStatus.ACTIVE, limit=100_000)
+        for req in pending:
+            if req.lapses_at <= now:
+                try:
+                    await self.service.lapse(req.id)
+                    report.lapsed.append(req.id)
+                except HoopError as exc:  # decided meanwhile
+                    log.debug("lapse of %s skipped: %s", req.id, exc)
+        for grant in sorted(active, key=lambda g: g.depth):
+            if grant.expires_at <= now:
+                try:
+                    await self.service.expire(grant.id)
+                    report.expired.append(grant.id)
+                except HoopError as exc:  # ended meanwhile, e.g. with its parent
+                    log.debug("expiry of %s skipped: %s", grant.id, exc)
+            elif grant.reminded_at is None and grant.parent_id is None and now >= self._remind_at(grant.resources[0],
+                                                                                                   grant.expires_at):
+                await self.service.remind(grant.id)
+                report.reminded.append(grant.id)
+        return report
+
+    def _remind_at(self, resource: str, expires_at: datetime) -> datetime:
+        res = self.service.config.resource(resource)
+        before = res.reminder_before if res is not None else timedelta(minutes=5)
+        return expires_at - before
+
+    # -- real time --------------------------------------------------------------------------
+    async def start(self) -> DueReport:
+        """Reconcile (act on what became due while down), then schedule every future deadline."""
+        report = await self.run_due()
+        self._aps = AsyncIOScheduler(timezone="UTC")
+        self._aps.add_job(self._tick, "interval", seconds=self.sweep_every.total_seconds(), id="sweep",
+                          max_instances=1, coalesce=True)
+        self._aps.start()
+        async with self.service.store.tx() as tx:
+            pending = await tx.list_requests(status=RequestStatus.PENDING, limit=100_000)
+            active = await tx.list_grants(status=GrantStatus.ACTIVE, limit=100_000)
+        for req in pending:
+            self.at(req.lapses_at)
+        for grant in active:
+            self.at(grant.expires_at)
+            self.at(self._remind_at(grant.resources[0], grant.expires_at))
+        return report
+
+    def at(self, when: datetime) -> None:
+        """Run :meth:`run_due` at ``when`` (deadlines in the past run at once)."""
+        if self._aps is None:
+            return
+        run_at = max(when, self.clock.now())
+        self._aps.add_job(self._tick, "date", run_date=run_at, id=f"due-{run_at.timestamp():.6f}",
+                          replace_existing=True, misfire_grace_time=None)
+
+    async def _tick(self) -> None:
+        try:
+            await self.run_due()
+        except Exception:
+            log.exception("scheduler tick failed")
+
+    def shutdown(self) -> None:
+        if self._aps is not None and self._aps.running:
+            self._aps.shutdown(wait=False)
+        self._aps = None
+
+    async def publish(self, event: Event) -> None:
+        """Learn new deadlines from the broker's events."""
+        if isinstance(event, RequestCreated):
+            self.at(event.request.lapses_at)
+        elif isinstance(event, GrantIssued | GrantExtended):
+            self.at(event.grant.expires_at)
+            self.at(self._remind_at(event.grant.resources[0], event.grant.expires_at))

@@ -1,0 +1,348 @@
+"""The repository: dataclasses in and out, SQL inside, one transaction per ``tx()``.
+
+Concurrency: on PostgreSQL, ``lock=True`` reads take ``SELECT ... FOR UPDATE`` and audit
+appends take a transaction-scoped advisory lock, so replicas serialise where they must.
+SQLite has one writer anyway; an asyncio lock serialises our transactions so they never
+meet "database is locked".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Row, delete, event, func, insert, select, text, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from broker.model import (
+    AccessRequest,
+    Approval,
+    AuditEntry,
+    Grant,
+    GrantStatus,
+    RequestStatus,
+    Review,
+    Session,
+    SessionEvent,
+    SessionStatus,
+    StepSpec,
+)
+from broker.store import tables as t
+
+GENESIS = "0" * 64
+_AUDIT_LOCK = 0x686F6F70  # "hoop"
+
+
+def audit_hash(prev_hash: str, seq: int, at: datetime, actor: str, chain: Sequence[str], action: str,
+               request_id: str | None, grant_id: str | None, detail: dict[str, Any]) -> str:
+    body = json.dumps(
+        [seq, at.isoformat(), actor, list(chain), action, request_id, grant_id, detail],
+        sort_keys=True, separators=(",", ":"), default=str,
+    )
+    return hashlib.sha256((prev_hash + body).encode("utf-8")).hexdigest()
+
+
+def _request(row: Row[Any], approvals: list[Approval]) -> AccessRequest:
+    m = row._mapping
+    return AccessRequest(
+        id=m["id"], resource=m["resource"], requester=m["requester"], chain=tuple(m["chain"]),
+        duration=timedelta(seconds=m["duration_s"]), reason=m["reason"], status=RequestStatus(m["status"]),
+        created_at=m["created_at"], lapses_at=m["lapses_at"],
+        steps=tuple(StepSpec(group=s["group"], count=s["count"]) for s in m["steps"]),
+        approvals=approvals, requester_slack_id=m["requester_slack_id"], card_channel=m["card_channel"],
+        card_ts=m["card_ts"], decided_by=m["decided_by"], decision_reason=m["decision_reason"],
+        decided_at=m["decided_at"], grant_id=m["grant_id"], extends_grant=m["extends_grant"],
+    )
+
+
+def _request_values(r: AccessRequest) -> dict[str, Any]:
+    return {
+        "id": r.id, "resource": r.resource, "requester": r.requester, "chain": list(r.chain),
+        "duration_s": int(r.duration.total_seconds()), "reason": r.reason, "status": r.status.value,
+        "created_at": r.created_at, "lapses_at": r.lapses_at,
+        "steps": [{"group": s.group, "count": s.count} for s in r.steps],
+        "requester_slack_id": r.requester_slack_id, "card_channel": r.card_channel, "card_ts": r.card_ts,
+        "decided_by": r.decided_by, "decision_reason": r.decision_reason, "decided_at": r.decided_at,
+        "grant_id": r.grant_id, "extends_grant": r.extends_grant,
+    }
+
+
+_GRANT_FIELDS = ("id", "login", "identity", "created_at", "expires_at", "request_id", "parent_id", "depth",
+                 "label", "breakglass", "ended_at", "end_reason", "ended_by", "reminded_at", "db_role")
+
+
+def _grant(row: Row[Any]) -> Grant:
+    m = row._mapping
+    return Grant(chain=tuple(m["chain"]), resources=tuple(m["resources"]), status=GrantStatus(m["status"]),
+                 **{k: m[k] for k in _GRANT_FIELDS})
+
+
+def _grant_values(g: Grant) -> dict[str, Any]:
+    out = {k: getattr(g, k) for k in _GRANT_FIELDS}
+    out.update(chain=list(g.chain), resources=list(g.resources), status=g.status.value)
+    return out
+
+
+_SESSION_FIELDS = ("id", "grant_id", "resource", "protocol", "login", "client_addr", "opened_at",
+                   "closed_at", "close_reason", "stats")
+
+
+def _session(row: Row[Any]) -> Session:
+    m = row._mapping
+    return Session(chain=tuple(m["chain"]), status=SessionStatus(m["status"]),
+                   **{k: m[k] for k in _SESSION_FIELDS})
+
+
+def _session_values(s: Session) -> dict[str, Any]:
+    out = {k: getattr(s, k) for k in _SESSION_FIELDS}
+    out.update(chain=list(s.chain), status=s.status.value)
+    return out
+
+
+_REVIEW_FIELDS = ("id", "session_id", "grant_id", "resource", "text", "rule", "requested_by", "created_at",
+                  "deadline", "status", "decided_by", "channel", "ts")
+
+
+class Tx:
+    """One transaction's worth of repository operations."""
+
+    def __init__(self, conn: AsyncConnection) -> None:
+        self.conn = conn
+        self.postgres = conn.dialect.name == "postgresql"
+
+    # -- requests -------------------------------------------------------------------------
+    async def insert_request(self, r: AccessRequest) -> None:
+        await self.conn.execute(insert(t.requests).values(**_request_values(r)))
+
+    async def update_request(self, r: AccessRequest) -> None:
+        values = _request_values(r)
+        del values["id"]
+        await self.conn.execute(update(t.requests).where(t.requests.c.id == r.id).values(**values))
+
+    async def _approvals(self, ids: list[str]) -> dict[str, list[Approval]]:
+        out: dict[str, list[Approval]] = {i: [] for i in ids}
+        if not ids:
+            return out
+        rows = await self.conn.execute(
+            select(t.approvals).where(t.approvals.c.request_id.in_(ids)).order_by(t.approvals.c.id))
+        for row in rows:
+            m = row._mapping
+            out[m["request_id"]].append(Approval(approver=m["approver"], groups=tuple(m["groups"]),
+                                                 at=m["at"], via=m["via"]))
+        return out
+
+    async def get_request(self, request_id: str, *, lock: bool = False) -> AccessRequest | None:
+        q = select(t.requests).where(t.requests.c.id == request_id)
+        if lock and self.postgres:
+            q = q.with_for_update()
+        row = (await self.conn.execute(q)).first()
+        if row is None:
+            return None
+        return _request(row, (await self._approvals([request_id]))[request_id])
+
+    async def list_requests(self, *, status: RequestStatus | None = None, requester: str | None = None,
+                            resource: str | None = None, limit: int = 500) -> list[AccessRequest]:
+        q = select(t.requests).order_by(t.requests.c.created_at.desc()).limit(limit)
+        if status is not None:
+            q = q.where(t.requests.c.status == status.value)
+        if requester is not None:
+            q = q.where(t.requests.c.requester == requester)
+        if resource is not None:
+            q = q.where(t.requests.c.resource == resource)
+        rows = list(await self.conn.execute(q))
+        approvals = await self._approvals([r._mapping["id"] for r in rows])
+        return [_request(r, approvals[r._mapping["id"]]) for r in rows]
+
+    async def add_approval(self, request_id: str, a: Approval) -> None:
+        await self.conn.execute(insert(t.approvals).values(
+            request_id=request_id, approver=a.approver, groups=list(a.groups), at=a.at, via=a.via))
+
+    async def remove_approval(self, request_id: str, approver: str) -> bool:
+        res = await self.conn.execute(delete(t.approvals).where(
+            t.approvals.c.request_id == request_id, t.approvals.c.approver == approver))
+        return bool(res.rowcount)
+
+    # -- grants ---------------------------------------------------------------------------
+    async def insert_grant(self, g: Grant, *, secret_digest: str, scram_verifier: str) -> None:
+        await self.conn.execute(insert(t.grants).values(
+            **_grant_values(g), secret_digest=secret_digest, scram_verifier=scram_verifier))
+
+    async def update_grant(self, g: Grant) -> None:
+        values = _grant_values(g)
+        del values["id"]
+        await self.conn.execute(update(t.grants).where(t.grants.c.id == g.id).values(**values))
+
+    async def get_grant(self, grant_id: str, *, lock: bool = False) -> Grant | None:
+        q = select(t.grants).where(t.grants.c.id == grant_id)
+        if lock and self.postgres:
+            q = q.with_for_update()
+        row = (await self.conn.execute(q)).first()
+        return _grant(row) if row is not None else None
+
+    async def grant_by_login(self, login: str) -> tuple[Grant, str, str] | None:
+        """``(grant, secret_digest, scram_verifier)`` for a login."""
+        row = (await self.conn.execute(select(t.grants).where(t.grants.c.login == login))).first()
+        if row is None:
+            return None
+        return _grant(row), row._mapping["secret_digest"], row._mapping["scram_verifier"]
+
+    async def grant_by_digest(self, secret_digest: str) -> Grant | None:
+        row = (await self.conn.execute(select(t.grants).where(t.grants.c.secret_digest == secret_digest))).first()
+        return _grant(row) if row is not None else None
+
+    async def list_grants(self, *, status: GrantStatus | None = None, identity: str | None = None,
+                          parent_id: str | None = None, limit: int = 1000) -> list[Grant]:
+        q = select(t.grants).order_by(t.grants.c.created_at.desc()).limit(limit)
+        if status is not None:
+            q = q.where(t.grants.c.status == status.value)
+        if identity is not None:
+            q = q.where(t.grants.c.identity == identity)
+        if parent_id is not None:
+            q = q.where(t.grants.c.parent_id == parent_id)
+        return [_grant(r) for r in await self.conn.execute(q)]
+
+    # -- sessions -------------------------------------------------------------------------
+    async def insert_session(self, s: Session) -> None:
+        await self.conn.execute(insert(t.sessions).values(**_session_values(s)))
+
+    async def update_session(self, s: Session) -> None:
+        values = _session_values(s)
+        del values["id"]
+        await self.conn.execute(update(t.sessions).where(t.sessions.c.id == s.id).values(**values))
+
+    async def get_session(self, session_id: str) -> Session | None:
+        row = (await self.conn.execute(select(t.sessions).where(t.sessions.c.id == session_id))).first()
+        return _session(row) if row is not None else None
+
+    async def list_sessions(self, *, status: SessionStatus | None = None, resource: str | None = None,
+                            grant_id: str | None = None, limit: int = 1000) -> list[Session]:
+        q = select(t.sessions).order_by(t.sessions.c.opened_at.desc()).limit(limit)
+        if status is not None:
+            q = q.where(t.sessions.c.status == status.value)
+        if resource is not None:
+            q = q.where(t.sessions.c.resource == resource)
+        if grant_id is not None:
+            q = q.where(t.sessions.c.grant_id == grant_id)
+        return [_session(r) for r in await self.conn.execute(q)]
+
+    async def add_events(self, events: Sequence[SessionEvent]) -> None:
+        if events:
+            await self.conn.execute(insert(t.session_events), [
+                {"session_id": e.session_id, "seq": e.seq, "at": e.at, "kind": e.kind, "data": e.data}
+                for e in events])
+
+    async def events(self, session_id: str, *, limit: int | None = None) -> list[SessionEvent]:
+        q = select(t.session_events).where(t.session_events.c.session_id == session_id) \
+            .order_by(t.session_events.c.seq)
+        if limit is not None:
+            q = q.limit(limit)
+        return [SessionEvent(session_id=r.session_id, seq=r.seq, at=r.at, kind=r.kind, data=r.data)
+                for r in await self.conn.execute(q)]
+
+    async def max_event_seq(self, session_id: str) -> int:
+        q = select(func.max(t.session_events.c.seq)).where(t.session_events.c.session_id == session_id)
+        value = (await self.conn.execute(q)).scalar()
+        return int(value) if value is not None else 0
+
+    # -- reviews --------------------------------------------------------------------------
+    async def insert_review(self, r: Review) -> None:
+        await self.conn.execute(insert(t.reviews).values(**{k: getattr(r, k) for k in _REVIEW_FIELDS}))
+
+    async def update_review(self, r: Review) -> None:
+        await self.conn.execute(update(t.reviews).where(t.reviews.c.id == r.id).values(
+            **{k: getattr(r, k) for k in _REVIEW_FIELDS if k != "id"}))
+
+    async def get_review(self, review_id: str) -> Review | None:
+        row = (await self.conn.execute(select(t.reviews).where(t.reviews.c.id == review_id))).first()
+        return Review(**{k: row._mapping[k] for k in _REVIEW_FIELDS}) if row is not None else None
+
+    async def review_by_message(self, channel: str, ts: str) -> Review | None:
+        row = (await self.conn.execute(select(t.reviews.c.id).where(
+            t.reviews.c.channel == channel, t.reviews.c.ts == ts))).first()
+        return await self.get_review(row[0]) if row is not None else None
+
+    async def request_by_card(self, channel: str, ts: str) -> AccessRequest | None:
+        row = (await self.conn.execute(select(t.requests.c.id).where(
+            t.requests.c.card_channel == channel, t.requests.c.card_ts == ts))).first()
+        return await self.get_request(row[0], lock=True) if row is not None else None
+
+    # -- audit ----------------------------------------------------------------------------
+    async def append_audit(self, *, at: datetime, actor: str, chain: Sequence[str], action: str,
+                           request_id: str | None = None, grant_id: str | None = None,
+                           detail: dict[str, Any] | None = None) -> AuditEntry:
+        if self.postgres:
+            await self.conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _AUDIT_LOCK})
+        last = (await self.conn.execute(
+            select(t.audit_log.c.seq, t.audit_log.c.hash).order_by(t.audit_log.c.seq.desc()).limit(1))).first()
+        seq, prev = (last[0] + 1, last[1]) if last is not None else (1, GENESIS)
+        detail = json.loads(json.dumps(detail or {}, default=str))
+        digest = audit_hash(prev, seq, at, actor, chain, action, request_id, grant_id, detail)
+        await self.conn.execute(insert(t.audit_log).values(
+            seq=seq, at=at, actor=actor, chain=list(chain), action=action, request_id=request_id,
+            grant_id=grant_id, detail=detail, prev_hash=prev, hash=digest))
+        return AuditEntry(seq=seq, at=at, actor=actor, chain=tuple(chain), action=action,
+                          request_id=request_id, grant_id=grant_id, detail=detail, prev_hash=prev, hash=digest)
+
+    async def audit_entries(self, *, after: int = 0, limit: int = 10_000) -> list[AuditEntry]:
+        rows = await self.conn.execute(select(t.audit_log).where(t.audit_log.c.seq > after)
+                                       .order_by(t.audit_log.c.seq).limit(limit))
+        return [AuditEntry(seq=r.seq, at=r.at, actor=r.actor, chain=tuple(r.chain), action=r.action,
+                           request_id=r.request_id, grant_id=r.grant_id, detail=r.detail,
+                           prev_hash=r.prev_hash, hash=r.hash) for r in rows]
+
+    # -- idempotency ----------------------------------------------------------------------
+    async def mark_processed(self, key: str, at: datetime) -> bool:
+        """Record ``key``; False when it was already recorded (a retry or a duplicate)."""
+        try:
+            async with self.conn.begin_nested():
+                await self.conn.execute(insert(t.processed_events).values(key=key, at=at))
+        except IntegrityError:
+            return False
+        return True
+
+
+class Store:
+    """Owns the engine. ``async with store.tx() as tx:`` is one transaction."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self.postgres = engine.dialect.name == "postgresql"
+        self._lock = asyncio.Lock() if not self.postgres else None
+
+    @classmethod
+    def from_url(cls, url: str) -> Store:
+        if url.startswith("sqlite"):
+            engine = create_async_engine(url, connect_args={"timeout": 30})
+
+            @event.listens_for(engine.sync_engine, "connect")
+            def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+                cur = dbapi_conn.cursor()
+                cur.execute("PRAGMA journal_mode=WAL")
+                cur.execute("PRAGMA synchronous=NORMAL")
+                cur.close()
+        else:
+            engine = create_async_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+        return cls(engine)
+
+    async def migrate(self) -> None:
+        from broker.store.migrate import upgrade
+
+        await upgrade(self.engine)
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+    @asynccontextmanager
+    async def tx(self) -> AsyncIterator[Tx]:
+        if self._lock is not None:
+            async with self._lock, self.engine.begin() as conn:
+                yield Tx(conn)
+        else:
+            async with self.engine.begin() as conn:
+                yield Tx(conn)
