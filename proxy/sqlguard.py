@@ -1,0 +1,423 @@
+"""The SQL guard: classify PostgreSQL statements and decide block / review / allow.
+
+How this works: the text goes through pglast's ``parse_sql_json`` (the real PostgreSQL
+parser; the JSON path is several times faster than pglast's Python node objects) and the
+tree is walked once. Every top-level statement becomes a :class:`Statement` (a *unit*) with
+a command tag, its :data:`~broker.config.SqlKind` set, and the tables and functions it
+mentions anywhere: subqueries, expressions, ``FROM`` functions, column defaults. Statements
+that *run* inside another become units of their own so that an allow-rule for the outer
+one cannot wave them through: data-modifying CTEs (``WITH x AS (DELETE ...) SELECT``), the
+statement under ``EXPLAIN ANALYZE``, ``PREPARE``, ``COPY (query)``, ``CREATE TABLE AS``,
+``DECLARE CURSOR``, and the SQL inside a ``DO`` block. Each unit is decided on its own
+(:func:`proxy.guard.decide`) and the strictest decision wins.
+
+Policies worth knowing:
+
+- ``DO`` is always kind ``do``. A plpgsql body is parsed (``parse_plpgsql``) and its SQL
+  becomes units. ``EXECUTE`` of a constant string is parsed too; ``EXECUTE`` of a computed
+  string, or a ``DO`` in another language, cannot be known statically and makes the ``DO``
+  unit *unparsed* (``on_unparsed``, block by default) unless a rule is stricter.
+- SQL-level ``EXECUTE name`` is kind ``other``: the body was classified when it was
+  ``PREPARE``\\ d (a ``PREPARE`` is decided by its inner statement), and a refused
+  ``PREPARE`` never reaches the server. Extended-protocol Parse messages are checked too.
+- ``EXPLAIN`` without ``ANALYZE`` does not run its statement: kind ``other``, but its tables
+  and functions still count. Any ``analyze`` option, whatever its value, counts as ANALYZE.
+- Bodies of ``CREATE FUNCTION`` / ``CREATE RULE`` / views / triggers are ``create``+``ddl``;
+  their SQL is not run at creation and is not split into units (a *call* of a user-defined
+  function is only seen as that function's name).
+- ``UPDATE``/``DELETE`` whose ``WHERE`` names no column (``WHERE true``, ``WHERE 1=1``) count
+  as without ``WHERE``. Tautologies that name a column (``WHERE id = id``) are not detected.
+- Table and function names compare with :func:`proxy.guard.name_matches` (case-insensitive
+  globs; unqualified names are matched pessimistically against qualified patterns).
+
+Caching: results are cached by exact text (LRU) and, when the text is free of comments,
+backslashes, ``&`` and dollar quotes, by its *shape* (the text with string and number
+literals replaced by ``?``). In that restricted alphabet a regex tokenises literals exactly as
+the PostgreSQL lexer does, so two texts with the same shape parse to the same tree up to
+literal values; results that depend on literal values (``DO`` bodies) are never shared by
+shape. Any exception while classifying is ``on_unparsed``: the guard fails closed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import OrderedDict
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from pglast import parser as pg
+
+from broker.config import Guardrails, Rule, SqlKind
+from proxy.guard import Decision, decide, name_matches, strictest, unparsed
+
+__all__ = ["Analysis", "SqlGuard", "Statement", "is_write", "shape"]
+
+_MAX_DEPTH = 4
+_MAX_CACHED_LEN = 8192
+
+_WRITE_KINDS: frozenset[SqlKind] = frozenset(
+    {"write", "insert", "update", "delete", "merge", "truncate", "ddl", "create", "alter", "drop",
+     "grant", "revoke", "copy_from_program", "copy_to_program", "copy_to_file", "copy_from_file",
+     "do", "call", "lock", "vacuum"}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Statement:
+    """One classified unit. ``index`` is the top-level statement it belongs to (0-based).
+
+    ``dynamic`` is set when part of the unit cannot be known statically (computed
+    ``EXECUTE`` in a ``DO`` block); such a unit is decided as unparsed.
+    """
+
+    tag: str
+    kinds: frozenset[SqlKind]
+    tables: frozenset[str]
+    functions: frozenset[str]
+    index: int
+    dynamic: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Analysis:
+    """The classification of a whole query string and the decision about it."""
+
+    statements: tuple[Statement, ...]
+    decision: Decision
+
+
+def is_write(statements: tuple[Statement, ...]) -> bool:
+    """Whether any unit may change data, schema, privileges or the server (``do``/``call`` count)."""
+    return any(not s.kinds.isdisjoint(_WRITE_KINDS) or s.dynamic for s in statements)
+
+
+_UNSAFE_FOR_SHAPE = re.compile(r"--|/\*|[\\&]|\$(?!\d)")
+_LITERAL = re.compile(r"\"[^\"]*\"|'[^']*'|(?<![\w$.])\d+(?:\.\d+)?(?:[eE][+-]?\d+)?(?![\w.$])")
+
+
+def _literal_to_mark(m: re.Match[str]) -> str:
+    text = m.group()
+    return text if text[0] == '"' else "?"
+
+
+def shape(sql: str) -> str | None:
+    """The text with literals replaced by ``?``, or ``None`` when that is not provably safe."""
+    if _UNSAFE_FOR_SHAPE.search(sql):
+        return None
+    return _LITERAL.sub(_literal_to_mark, sql)
+
+
+class _Unparsable(Exception):
+    pass
+
+
+class _Unit:
+    __slots__ = ("dynamic", "functions", "index", "kinds", "tables", "tag")
+
+    def __init__(self, tag: str, kinds: set[SqlKind], index: int) -> None:
+        self.tag = tag
+        self.kinds = kinds
+        self.index = index
+        self.tables: set[str] = set()
+        self.functions: set[str] = set()
+        self.dynamic: str | None = None
+
+    def freeze(self) -> Statement:
+        return Statement(self.tag, frozenset(self.kinds), frozenset(self.tables),
+                         frozenset(self.functions), self.index, self.dynamic)
+
+
+_FIXED: dict[str, tuple[str, frozenset[SqlKind]]] = {
+    "InsertStmt": ("INSERT", frozenset({"insert", "write"})),
+    "TruncateStmt": ("TRUNCATE", frozenset({"truncate", "write"})),
+    "DoStmt": ("DO", frozenset({"do"})),
+    "CallStmt": ("CALL", frozenset({"call"})),
+    "VariableSetStmt": ("SET", frozenset({"set"})),
+    "ConstraintsSetStmt": ("SET CONSTRAINTS", frozenset({"set"})),
+    "AlterSystemStmt": ("ALTER SYSTEM", frozenset({"alter", "ddl", "set"})),
+    "LockStmt": ("LOCK", frozenset({"lock"})),
+    "VacuumStmt": ("VACUUM", frozenset({"vacuum"})),
+    "ListenStmt": ("LISTEN", frozenset({"listen"})),
+    "UnlistenStmt": ("UNLISTEN", frozenset({"listen"})),
+    "NotifyStmt": ("NOTIFY", frozenset({"listen"})),
+    "CommentStmt": ("COMMENT", frozenset({"ddl"})),
+    "SecLabelStmt": ("SECURITY LABEL", frozenset({"ddl"})),
+    "IndexStmt": ("CREATE INDEX", frozenset({"create", "ddl"})),
+    "ViewStmt": ("CREATE VIEW", frozenset({"create", "ddl"})),
+    "RuleStmt": ("CREATE RULE", frozenset({"create", "ddl"})),
+    "DefineStmt": ("CREATE", frozenset({"create", "ddl"})),
+    "CompositeTypeStmt": ("CREATE TYPE", frozenset({"create", "ddl"})),
+    "ImportForeignSchemaStmt": ("IMPORT FOREIGN SCHEMA", frozenset({"create", "ddl"})),
+    "RenameStmt": ("RENAME", frozenset({"alter", "ddl"})),
+    "ReassignOwnedStmt": ("REASSIGN OWNED", frozenset({"alter", "ddl"})),
+    "CreateTableAsStmt": ("CREATE TABLE AS", frozenset({"create", "ddl", "write"})),
+    "RefreshMatViewStmt": ("REFRESH MATERIALIZED VIEW", frozenset({"write"})),
+    "VariableShowStmt": ("SHOW", frozenset({"other"})),
+    "ExecuteStmt": ("EXECUTE", frozenset({"other"})),
+    "PrepareStmt": ("PREPARE", frozenset({"other"})),
+    "ExplainStmt": ("EXPLAIN", frozenset({"other"})),
+    "TransactionStmt": ("TRANSACTION", frozenset({"other"})),
+}
+# statements that run where they appear nested (data-modifying CTEs)
+_NESTED_DML = frozenset({"InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt"})
+# statements whose nested SQL is stored, not run
+_INERT_BODIES = frozenset({"RuleStmt", "CreateFunctionStmt", "ViewStmt", "CreateTrigStmt"})
+# statements whose ``query`` field runs as a statement of its own
+_RUNS_QUERY = frozenset({"PrepareStmt", "CopyStmt", "CreateTableAsStmt", "DeclareCursorStmt"})
+_TABLE_OBJECTS = frozenset({"OBJECT_TABLE", "OBJECT_VIEW", "OBJECT_MATVIEW", "OBJECT_FOREIGN_TABLE",
+                            "OBJECT_SEQUENCE", "OBJECT_INDEX"})
+_CAMEL = re.compile(r"(?<!^)(?=[A-Z])")
+_MERGE_KIND: dict[str, SqlKind] = {"CMD_UPDATE": "update", "CMD_DELETE": "delete", "CMD_INSERT": "insert"}
+_ASSIGN_TARGET = re.compile(r'\s*(?:"[^"]*"|[^:="])*?:?=')
+
+
+def _names(items: list[Any]) -> str:
+    return ".".join(i["String"]["sval"] for i in items if "String" in i)
+
+
+def _mentions_column(obj: Any) -> bool:
+    if isinstance(obj, dict):
+        if "ColumnRef" in obj or "CurrentOfExpr" in obj:
+            return True
+        return any(_mentions_column(v) for v in obj.values())
+    if isinstance(obj, list):
+        return any(_mentions_column(v) for v in obj)
+    return False
+
+
+def _kinds_and_tag(typ: str, f: dict[str, Any]) -> tuple[str, set[SqlKind]]:
+    fixed = _FIXED.get(typ)
+    if fixed is not None:
+        return fixed[0], set(fixed[1])
+    if typ == "SelectStmt":
+        if f.get("intoClause"):
+            return "SELECT INTO", {"create", "ddl", "write"}
+        return "SELECT", {"select", "lock"} if f.get("lockingClause") else {"select"}
+    if typ in ("UpdateStmt", "DeleteStmt"):
+        verb: SqlKind = "update" if typ == "UpdateStmt" else "delete"
+        kinds: set[SqlKind] = {verb, "write"}
+        if not _mentions_column(f.get("whereClause")):
+            kinds.add("update_without_where" if verb == "update" else "delete_without_where")
+        return verb.upper(), kinds
+    if typ == "MergeStmt":
+        kinds = {"merge", "write"}
+        for clause in f.get("mergeWhenClauses", ()):
+            kind = _MERGE_KIND.get(clause.get("MergeWhenClause", {}).get("commandType", ""))
+            if kind is not None:
+                kinds.add(kind)
+        return "MERGE", kinds
+    if typ == "CopyStmt":
+        kinds = {"copy"}
+        frm = bool(f.get("is_from"))
+        if frm:
+            kinds.add("write")
+        if f.get("is_program"):
+            kinds.add("copy_from_program" if frm else "copy_to_program")
+        elif f.get("filename") is not None:
+            kinds.add("copy_from_file" if frm else "copy_to_file")
+        return "COPY", kinds
+    if typ in ("GrantStmt", "GrantRoleStmt"):
+        return ("GRANT", {"grant"}) if f.get("is_grant") else ("REVOKE", {"revoke"})
+    if typ == "DropStmt":
+        obj = str(f.get("removeType", "OBJECT_")).removeprefix("OBJECT_").replace("_", " ")
+        return f"DROP {obj}", {"drop", "ddl"}
+    words = _CAMEL.sub(" ", typ.removesuffix("Stmt")).upper()
+    if typ.startswith("Create"):
+        return words, {"create", "ddl"}
+    if typ.startswith("Alter"):
+        return words, {"alter", "ddl"}
+    if typ.startswith("Drop"):
+        return words, {"drop", "ddl"}
+    return words, {"other"}
+
+
+class _Classifier:
+    """One classification run: builds units from a parse tree."""
+
+    def __init__(self) -> None:
+        self.units: list[_Unit] = []
+        self.literal_dependent = False
+
+    def sql(self, text: str, index: int | None, depth: int) -> None:
+        if depth > _MAX_DEPTH:
+            raise _Unparsable("SQL nested too deeply")
+        tree = json.loads(pg.parse_sql_json(text))
+        for i, raw in enumerate(tree.get("stmts", ())):
+            ((typ, fields),) = raw["stmt"].items()
+            self.statement(typ, fields, i if index is None else index, depth)
+
+    def statement(self, typ: str, f: dict[str, Any], index: int, depth: int) -> None:
+        tag, kinds = _kinds_and_tag(typ, f)
+        unit = _Unit(tag, kinds, index)
+        self.units.append(unit)
+        skip: str | None = None
+        if typ == "ExplainStmt":
+            skip = "query"
+            if any(o.get("DefElem", {}).get("defname") == "analyze" for o in f.get("options", ())):
+                self.node(f["query"], index, depth)
+            else:
+                self.walk(f["query"], unit, index, depth, runs=False)
+        elif typ in _RUNS_QUERY and f.get("query"):
+            skip = "query"
+            self.node(f["query"], index, depth)
+        elif typ == "DoStmt":
+            self.do_block(f, unit, index, depth)
+            return
+        elif typ == "DropStmt" and f.get("removeType") in _TABLE_OBJECTS:
+            for obj in f.get("objects", ()):
+                unit.tables.add(_names(obj.get("List", {}).get("items", ())))
+        roots = [v for k, v in f.items() if k != skip and type(v) in (dict, list)]
+        self.walk(roots, unit, index, depth, typ not in _INERT_BODIES)
+
+    def node(self, wrapped: dict[str, Any], index: int, depth: int) -> None:
+        ((typ, fields),) = wrapped.items()
+        self.statement(typ, fields, index, depth)
+
+    def walk(self, root: Any, unit: _Unit, index: int, depth: int, runs: bool) -> None:
+        # iterative: this loop is most of the cold-path cost, and calls are what make it slow
+        stack = [root]
+        pop, push = stack.pop, stack.append
+        while stack:
+            obj = pop()
+            if type(obj) is list:
+                stack.extend(obj)
+                continue
+            if type(obj) is not dict:
+                continue
+            if "relname" in obj:
+                parts = (obj.get("catalogname"), obj.get("schemaname"), obj["relname"])
+                unit.tables.add(".".join(p for p in parts if p))
+            if "funcname" in obj:
+                unit.functions.add(_names(obj["funcname"]))
+            for key, val in obj.items():
+                if runs and key in _NESTED_DML:
+                    self.statement(key, val, index, depth)
+                elif type(val) is dict or type(val) is list:
+                    push(val)
+
+    def do_block(self, f: dict[str, Any], unit: _Unit, index: int, depth: int) -> None:
+        self.literal_dependent = True
+        opts = {o["DefElem"]["defname"]: o["DefElem"].get("arg", {}) for o in f.get("args", ())}
+        body = opts.get("as", {}).get("String", {}).get("sval", "")
+        language = opts.get("language", {}).get("String", {}).get("sval", "plpgsql").lower()
+        if language != "plpgsql":
+            unit.dynamic = f"DO block in language {language}"
+            return
+        quote = "$hoop$"
+        while quote in body:
+            quote = quote[:-1] + "x$"
+        source = f"CREATE FUNCTION hoop_do() RETURNS void LANGUAGE plpgsql AS {quote}{body}{quote}"
+        self.plpgsql(json.loads(pg.parse_plpgsql_json(source)), unit, index, depth + 1)
+
+    def plpgsql(self, obj: Any, unit: _Unit, index: int, depth: int, dynamic: bool = False) -> None:
+        if isinstance(obj, list):
+            for item in obj:
+                self.plpgsql(item, unit, index, depth, dynamic)
+            return
+        if not isinstance(obj, dict):
+            return
+        expr = obj.get("PLpgSQL_expr")
+        if expr is not None:
+            self.plpgsql_expr(expr["query"], int(expr.get("parseMode", 0)), unit, index, depth, dynamic)
+            return
+        for key, val in obj.items():
+            dyn = key == "dynquery" or (key == "query" and dynamic)
+            self.plpgsql(val, unit, index, depth, key in ("PLpgSQL_stmt_dynexecute", "PLpgSQL_stmt_dynfors")
+                         or dyn)
+
+    def plpgsql_expr(self, query: str, mode: int, unit: _Unit, index: int, depth: int, dynamic: bool) -> None:
+        if mode >= 3:  # assignment: "target := expression"
+            m = _ASSIGN_TARGET.match(query)
+            query = query[m.end():] if m else query
+        if mode == 0 and not dynamic:
+            self.sql(query, index, depth)
+            return
+        if not dynamic:
+            self.sql("SELECT " + query, index, depth)
+            return
+        tree = json.loads(pg.parse_sql_json("SELECT " + query))
+        target = tree["stmts"][0]["stmt"]["SelectStmt"]["targetList"]
+        const = target[0]["ResTarget"]["val"].get("A_Const", {}).get("sval") if len(target) == 1 else None
+        if const is None:
+            self.sql("SELECT " + query, index, depth)  # its functions still count
+            unit.dynamic = "EXECUTE of a computed string in a DO block"
+        else:
+            self.sql(const["sval"], index, depth + 1)
+
+
+def _rule_matches(rule: Rule, st: Statement) -> bool:
+    if rule.commands or rule.methods or rule.paths:
+        return False
+    if rule.statements and st.kinds.isdisjoint(rule.statements):
+        return False
+    if rule.tables and not any(name_matches(p, t) for p in rule.tables for t in st.tables):
+        return False
+    return not rule.functions or any(name_matches(p, fn) for p in rule.functions for fn in st.functions)
+
+
+class SqlGuard:
+    """Decides PostgreSQL query strings for one resource's :class:`Guardrails`.
+
+    :meth:`check` is called for every simple-protocol Query and extended-protocol Parse;
+    :meth:`analyse` also returns the per-statement classification for recording. Both are
+    pure and cached; a guard is cheap to share between sessions of the same resource.
+    """
+
+    def __init__(self, guardrails: Guardrails, *, cache_size: int = 4096) -> None:
+        self.guardrails = guardrails
+        self._cache_size = cache_size
+        self._by_text = lru_cache(maxsize=cache_size)(self._analyse_text)
+        self._by_shape: OrderedDict[str, Analysis] = OrderedDict()
+
+    def check(self, sql: str) -> Decision:
+        """The decision for ``sql`` (one or more statements; strictest statement wins)."""
+        return self.analyse(sql).decision
+
+    def analyse(self, sql: str) -> Analysis:
+        """Classification and decision for ``sql``; classification is empty when unparsed."""
+        if len(sql) > _MAX_CACHED_LEN:
+            return self._analyse_text(sql)
+        return self._by_text(sql)
+
+    def _analyse_text(self, sql: str) -> Analysis:
+        key = shape(sql)
+        if key is None:
+            return self._analyse_uncached(sql)[0]
+        hit = self._by_shape.get(key)
+        if hit is not None:
+            self._by_shape.move_to_end(key)
+            return hit
+        analysis, literal_dependent = self._analyse_uncached(sql)
+        if not literal_dependent:
+            self._by_shape[key] = analysis
+            if len(self._by_shape) > self._cache_size:
+                self._by_shape.popitem(last=False)
+        return analysis
+
+    def _analyse_uncached(self, sql: str) -> tuple[Analysis, bool]:
+        gr = self.guardrails
+        run = _Classifier()
+        try:
+            run.sql(sql, None, 0)
+        except pg.ParseError as exc:
+            return Analysis((), unparsed(gr, f"syntax error: {exc.args[0] if exc.args else exc}")), False
+        except Exception as exc:  # fail closed on anything the walker did not expect
+            return Analysis((), unparsed(gr, f"{type(exc).__name__} while classifying")), False
+        statements = tuple(u.freeze() for u in run.units)
+        if not statements:
+            return Analysis((), Decision("allow", None, "empty query", "empty query")), False
+        return Analysis(statements, strictest(self._decide(st) for st in statements)), run.literal_dependent
+
+    def _decide(self, st: Statement) -> Decision:
+        subject = st.tag
+        if st.tables:
+            subject += " " + ", ".join(sorted(st.tables)[:3])
+        if st.functions:
+            subject += " calling " + ", ".join(sorted(st.functions)[:3])
+        d = decide(self.guardrails, lambda r: _rule_matches(r, st), subject, index=st.index,
+                   kinds=st.kinds, tables=st.tables, functions=st.functions)
+        if st.dynamic:
+            d = strictest([d, unparsed(self.guardrails, st.dynamic, subject, st.index)])
+        return d
