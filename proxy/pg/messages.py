@@ -432,6 +432,8 @@ def decode_row_description(body: Buf) -> tuple[Field, ...]:
     raw = bytes(body)
     try:
         (n,) = I16.unpack_from(raw, 0)
+        if n < 0:
+            raise _bad("RowDescription")
         pos = 2
         fields: list[Field] = []
         unpack = FIELD.unpack_from
@@ -452,6 +454,8 @@ def decode_data_row(body: Buf) -> list[Buf | None]:
     limit = len(body)
     try:
         (n,) = I16.unpack_from(body, 0)
+        if n < 0:
+            raise _bad("DataRow")
         pos = 2
         cells: list[Buf | None] = []
         append = cells.append
@@ -547,8 +551,10 @@ def decode_negotiate_protocol_version(body: Buf) -> NegotiateProtocolVersion:
         minor, n = I32I32.unpack_from(body, 0)
     except struct.error:
         raise _bad("NegotiateProtocolVersion") from None
+    if n < 0:
+        raise _bad("NegotiateProtocolVersion")
     pos, names = 8, []
-    for _ in range(max(n, 0)):
+    for _ in range(n):
         name, pos = cstring(body, pos, "NegotiateProtocolVersion")
         names.append(name)
     _end(body, pos, "NegotiateProtocolVersion")

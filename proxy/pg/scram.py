@@ -94,9 +94,7 @@ def _new_nonce() -> str:
 
 def saslprep(text: str) -> str:
     """RFC 4013 SASLprep for stored strings; raises ``ValueError`` on a prohibited string."""
-    mapped = "".join(
-        " " if stringprep.in_table_c12(c) else c for c in text if not stringprep.in_table_b1(c)
-    )
+    mapped = "".join(" " if stringprep.in_table_c12(c) else c for c in text if not stringprep.in_table_b1(c))
     out = unicodedata.normalize("NFKC", mapped)
     prohibited = (
         stringprep.in_table_c12,
@@ -165,10 +163,7 @@ class Verifier:
     doomed: bool = False
 
     def __str__(self) -> str:
-        return (
-            f"{MECHANISM}${self.iterations}:{_b64(self.salt)}"
-            f"${_b64(self.stored_key)}:{_b64(self.server_key)}"
-        )
+        return f"{MECHANISM}${self.iterations}:{_b64(self.salt)}${_b64(self.stored_key)}:{_b64(self.server_key)}"
 
 
 def make_verifier(password: str, *, iterations: int = DEFAULT_ITERATIONS, salt: bytes | None = None) -> str:
@@ -274,9 +269,7 @@ class ScramServer(_Machine):
 
     _table: ClassVar = {("start", "client-first"): "first-sent", ("first-sent", "client-final"): "done"}
 
-    def __init__(
-        self, verifier: Verifier, *, channel_binding: bytes | None = None, nonce: str | None = None
-    ) -> None:
+    def __init__(self, verifier: Verifier, *, channel_binding: bytes | None = None, nonce: str | None = None) -> None:
         super().__init__()
         self._verifier = verifier
         self._cb_data = channel_binding
