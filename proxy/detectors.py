@@ -1,0 +1,289 @@
+"""Finding sensitive values in bytes: cheap candidates first, validation only on candidates.
+
+How this works. Python's ``re`` is slow when a pattern starts with a character class,
+because it must try the pattern at every position. So each detector is gated by a check
+that runs in C at memory speed before any regex runs over the buffer:
+
+* ``email``: ``b"@" in data``; then the email regex runs only in a window around each ``@``.
+* ``card``, ``ssn``, ``phone``: the buffer is translated so every digit becomes ``0``
+  (``bytes.translate``); a regex whose alternatives all start with the literal ``0``, ``(``
+  or ``+`` then finds digit *shapes* (13+ digits, ``000-00-0000``, ``000-000-0000``,
+  ``+0…``). Only around those shapes do the real regexes run, and only their matches reach
+  Luhn (``stdnum.luhn``), ``stdnum.us.ssn`` and ``phonenumbers``.
+* ``iban``: upper-case letters become ``A`` and digits ``0``; ``AA00`` starts a candidate,
+  which ``stdnum.iban`` validates.
+* ``secret``: each kind starts with a literal (``AKIA``, ``eyJ``, ``-----BEGIN``,
+  ``hoop_``, ``Bearer``, ``aws_secret_access_key``), checked with ``in`` first. Generic
+  secrets are runs of 24+ token characters (found on a translated copy with a literal
+  search) holding at least two upper-case letters, two lower-case letters and two digits,
+  with Shannon entropy of at least :data:`ENTROPY_THRESHOLD` bits per character. Hex strings
+  (hashes, git SHAs) and UUIDs never qualify: they lack one of the three classes. That is
+  deliberate: they are identifiers far more often than secrets.
+
+Hits that overlap are merged into one span, labelled by the hit that starts first. All
+patterns are ASCII, so a hit never splits a multi-byte UTF-8 character.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from collections.abc import Iterable
+
+import phonenumbers
+from stdnum import iban as _iban
+from stdnum import luhn as _luhn
+from stdnum.us import ssn as _ssn
+
+from broker.config import Detector
+
+#: A hit: ``(start, end, detector)``, byte offsets into the scanned buffer.
+Hit = tuple[int, int, Detector]
+
+#: Minimum Shannon entropy (bits per character) of a generic secret. Random base62/base64
+#: strings of 24+ characters score about 4.2 or more; identifiers and words score lower.
+ENTROPY_THRESHOLD = 4.0
+#: Minimum length of a generic secret.
+GENERIC_MIN_LEN = 24
+
+
+def _table(mapping: dict[int, int], default: int) -> bytes:
+    return bytes(mapping.get(i, default) for i in range(256))
+
+
+_DIGITS = b"0123456789"
+_UPPER = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+_LOWER = b"abcdefghijklmnopqrstuvwxyz"
+_TOKEN = _DIGITS + _UPPER + _LOWER + b"+/=_-"
+
+# digits -> "0", separators kept, everything else "_"
+_DIGIT_SHAPE = _table({**{c: ord("0") for c in _DIGITS}, **{c: c for c in b" -.()+"}}, ord("_"))
+# upper-case -> "A", digits -> "0", everything else "_"
+_IBAN_SHAPE = _table({**{c: ord("0") for c in _DIGITS}, **{c: ord("A") for c in _UPPER}}, ord("_"))
+# token characters -> "x", everything else " "
+_TOKEN_SHAPE = _table({c: ord("x") for c in _TOKEN}, ord(" "))
+
+# Digit shapes worth a closer look (run on the _DIGIT_SHAPE translation).
+_DIGIT_GATE = re.compile(
+    rb"0(?:000000000000"  # 13+ digits in a row (card)
+    rb"|000[ -]0000[ -]0000"  # card in groups of four
+    rb"|000[ -]000000[ -]0000"  # 4-6-5 / 4-6-4 (Amex, Diners)
+    rb"|00-00-0000"  # SSN
+    rb"|00[-. ]000[-. ]0000)"  # 000-000-0000 phone
+    rb"|\(000\) ?000[-. ]0000"  # (000) 000-0000 phone
+    rb"|\+0(?:[ ().-]{0,2}0){6}"  # +international phone
+)
+_RUN24 = re.compile(b"x" * GENERIC_MIN_LEN + b"x*")
+
+_EMAIL = re.compile(
+    rb"(?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,63}"
+)
+_CARD = re.compile(
+    rb"(?<![0-9])(?:[2-6][0-9]{12,18}"
+    rb"|[2-6][0-9]{3}([ -])[0-9]{4}\1[0-9]{4}\1[0-9]{1,4}(?:\1[0-9]{1,3})?"
+    rb"|3[0-9]{3}([ -])[0-9]{6}\2[0-9]{4,5})(?![0-9])"
+)
+_SSN = re.compile(rb"(?<![0-9-])[0-9]{3}-[0-9]{2}-[0-9]{4}(?![0-9-])")
+_PHONE = re.compile(
+    rb"(?<![0-9A-Za-z+])\+[1-9](?:[ ().-]{0,2}[0-9]){6,14}(?![0-9])"
+    rb"|(?<![0-9])(?:\([0-9]{3}\) ?|[0-9]{3}[-. ])[0-9]{3}[-. ][0-9]{4}(?![0-9])"
+)
+_IBAN = re.compile(rb"(?<![A-Za-z0-9])[A-Z]{2}[0-9]{2}(?: ?[A-Z0-9]){11,30}(?![A-Za-z0-9])")
+
+# (literal gate, pattern, group to mask: 0 = whole match)
+_SECRETS: tuple[tuple[tuple[bytes, ...], re.Pattern[bytes], int], ...] = (
+    (
+        (b"-----BEGIN",),
+        re.compile(
+            rb"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----.*?(?:-----END [A-Z0-9 ]*PRIVATE KEY-----|\Z)", re.DOTALL
+        ),
+        0,
+    ),
+    ((b"AKIA", b"ASIA"), re.compile(rb"(?<![A-Z0-9])A(?:KIA|SIA)[A-Z0-9]{16}(?![A-Z0-9])"), 0),
+    ((b"eyJ",), re.compile(rb"eyJ[A-Za-z0-9_-]{4,}\.eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*"), 0),
+    ((b"hoop_",), re.compile(rb"hoop_[A-Za-z0-9_-]{43,}"), 0),
+    (
+        (b"Bearer", b"bearer", b"BEARER"),
+        re.compile(rb"(?:Bearer|bearer|BEARER)[ \t]+([A-Za-z0-9._~+/=-]{8,})"),
+        1,
+    ),
+    (
+        (b"aws_secret", b"AWS_SECRET", b"secret_access_key", b"SecretAccessKey"),
+        re.compile(
+            rb"(?i:aws_?secret_?access_?key|secret_?access_?key)[\"']?[ \t]*[:=][ \t]*[\"']?"
+            rb"([A-Za-z0-9/+=]{40})(?![A-Za-z0-9/+=])"
+        ),
+        1,
+    ),
+)
+_PEM_BEGIN = b"-----BEGIN"
+
+
+def luhn_ok(digits: str) -> bool:
+    """Luhn checksum of a digit string (``stdnum.luhn``)."""
+    return bool(_luhn.is_valid(digits))
+
+
+def shannon_entropy(token: bytes) -> float:
+    """Shannon entropy of ``token`` in bits per byte."""
+    n = len(token)
+    return -sum(c / n * math.log2(c / n) for c in Counter(token).values())
+
+
+def _generic_secret(token: bytes) -> bool:
+    if len(token.translate(None, _UPPER)) > len(token) - 2:
+        return False
+    if len(token.translate(None, _LOWER)) > len(token) - 2:
+        return False
+    if len(token.translate(None, _DIGITS)) > len(token) - 2:
+        return False
+    return shannon_entropy(token) >= ENTROPY_THRESHOLD
+
+
+def _phone_ok(candidate: bytes) -> bool:
+    try:
+        number = phonenumbers.parse(candidate.decode("ascii"), "US")
+    except phonenumbers.NumberParseException:
+        return False
+    return bool(phonenumbers.is_valid_number(number))
+
+
+def _iban_hit(data: bytes, m: re.Match[bytes]) -> int:
+    """Return the end of the longest valid IBAN at ``m.start()``, or -1."""
+    start, end = m.span()
+    while end - start >= 15:
+        if _iban.is_valid(data[start:end].decode("ascii")):
+            return end
+        cut = data.rfind(b" ", start, end)
+        if cut == -1:
+            return -1
+        end = cut
+    return -1
+
+
+class Scanner:
+    """Finds sensitive values in bytes with the enabled detectors. Immutable, thread-safe."""
+
+    __slots__ = ("_card", "_digits", "_email", "_iban", "_phone", "_secret", "_ssn")
+
+    def __init__(self, detectors: Iterable[Detector]) -> None:
+        enabled = frozenset(detectors)
+        self._email = "email" in enabled
+        self._card = "card" in enabled
+        self._ssn = "ssn" in enabled
+        self._phone = "phone" in enabled
+        self._iban = "iban" in enabled
+        self._secret = "secret" in enabled
+        self._digits = self._card or self._ssn or self._phone
+
+    def might_contain(self, data: bytes | memoryview) -> bool:
+        """Cheap check: False means :meth:`scan` would certainly find nothing in ``data``."""
+        if isinstance(data, memoryview):
+            data = data.tobytes()
+        if self._email and b"@" in data:
+            return True
+        if self._secret:
+            for literals, _, _ in _SECRETS:
+                if any(lit in data for lit in literals):
+                    return True
+            if _RUN24.search(data.translate(_TOKEN_SHAPE)):
+                return True
+        if self._digits and _DIGIT_GATE.search(data.translate(_DIGIT_SHAPE)):
+            return True
+        return self._iban and b"AA00" in data.translate(_IBAN_SHAPE)
+
+    def scan(self, data: bytes) -> list[Hit]:
+        """All validated hits in ``data``, sorted and non-overlapping."""
+        hits: list[Hit] = []
+        if self._secret:
+            self._scan_secrets(data, hits)
+        if self._email and b"@" in data:
+            self._scan_email(data, hits)
+        if self._digits:
+            self._scan_digits(data, hits)
+        if self._iban:
+            shape = data.translate(_IBAN_SHAPE)
+            pos = shape.find(b"AA00")
+            while pos != -1:
+                m = _IBAN.match(data, pos)
+                end = _iban_hit(data, m) if m else -1
+                if end != -1:
+                    hits.append((pos, end, "iban"))
+                pos = shape.find(b"AA00", max(end, pos + 1))
+        return _merge(hits) if hits else hits
+
+    def _scan_secrets(self, data: bytes, hits: list[Hit]) -> None:
+        for literals, pattern, group in _SECRETS:
+            if any(lit in data for lit in literals):
+                hits.extend((m.start(group), m.end(group), "secret") for m in pattern.finditer(data))
+        for m in _RUN24.finditer(data.translate(_TOKEN_SHAPE)):
+            if _generic_secret(data[m.start() : m.end()]):
+                hits.append((m.start(), m.end(), "secret"))
+
+    def _scan_email(self, data: bytes, hits: list[Hit]) -> None:
+        n = len(data)
+        pos = data.find(b"@")
+        while pos != -1:
+            nxt = pos + 1
+            m = _EMAIL.search(data, max(0, pos - 65), min(n, pos + 256))
+            if m is not None and m.end() > pos:
+                hits.append((m.start(), m.end(), "email"))
+                nxt = max(nxt, m.end())
+            pos = data.find(b"@", nxt)
+
+    def _scan_digits(self, data: bytes, hits: list[Hit]) -> None:
+        shape = data.translate(_DIGIT_SHAPE)
+        n = len(data)
+        done = 0
+        for gate in _DIGIT_GATE.finditer(shape):
+            if gate.end() <= done:
+                continue
+            lo, hi = max(done, gate.start() - 4), min(n, gate.end() + 24)
+            if self._card:
+                for m in _CARD.finditer(data, lo, hi):
+                    if luhn_ok(m.group().replace(b" ", b"").replace(b"-", b"").decode("ascii")):
+                        hits.append((m.start(), m.end(), "card"))
+                        done = max(done, m.end())
+            if self._ssn:
+                for m in _SSN.finditer(data, lo, hi):
+                    if _ssn.is_valid(m.group().decode("ascii")):
+                        hits.append((m.start(), m.end(), "ssn"))
+                        done = max(done, m.end())
+            if self._phone:
+                for m in _PHONE.finditer(data, lo, hi):
+                    if _phone_ok(m.group()):
+                        hits.append((m.start(), m.end(), "phone"))
+                        done = max(done, m.end())
+
+
+def _merge(hits: list[Hit]) -> list[Hit]:
+    hits.sort(key=lambda h: (h[0], -h[1]))
+    out: list[Hit] = [hits[0]]
+    for start, end, det in hits[1:]:
+        last_start, last_end, last_det = out[-1]
+        if start < last_end:
+            if end > last_end:
+                out[-1] = (last_start, end, last_det)
+        else:
+            out.append((start, end, det))
+    return out
+
+
+def pem_open(data: bytes) -> int:
+    """Offset of a private-key PEM block that starts in ``data`` but has not ended, or -1.
+
+    Used by the stream masker to hold such a block back until its END line arrives.
+    """
+    start = data.rfind(_PEM_BEGIN)
+    if start == -1:
+        return -1
+    header_end = data.find(b"-----", start + len(_PEM_BEGIN))
+    if header_end == -1:
+        return start  # header still arriving
+    if b"PRIVATE KEY" not in data[start:header_end]:
+        return -1
+    end = data.find(b"-----END", header_end)
+    if end == -1 or data.find(b"KEY-----", end) == -1:
+        return start
+    return -1

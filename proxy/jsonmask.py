@@ -1,0 +1,320 @@
+"""Streaming JSON masking for the HTTP proxy: constant memory, output stays valid JSON.
+
+How this works. :class:`JsonStreamMasker` is a small incremental JSON tokenizer. It keeps
+a stack of open containers (bounded by ``max_depth``), what it expects next (key, colon,
+value, or what follows a value), and the strategy of the current key. Structure,
+whitespace and unmasked values are forwarded as unchanged slices of the input; only a
+string or scalar that is replaced is re-encoded. A string or scalar cut by a chunk
+boundary is collected until it ends (bounded by ``max_string``).
+
+What is masked:
+
+* a string or number value whose key matches ``json_keys`` is masked whole with that
+  rule's strategy and is written as a JSON string (``"[masked]"``, ``"h:…"``, ``"****1234"``);
+  ``true``/``false``/``null`` are left alone. Scalars in an array under such a key get
+  the same treatment; an object under it does not (its own keys decide).
+* every other string, keys included, goes through the detectors (``Masker.mask_text``).
+* a string longer than ``max_string`` bytes (1 MiB by default) is not held: it is
+  replaced whole by ``"[masked]"``.
+
+Invalid JSON never raises. At the first byte that cannot be JSON (or past ``max_depth``
+nesting), the rest of the stream, including any unsent part of the current token, goes
+through a :class:`proxy.mask.StreamMasker`, i.e. text detector masking, and
+:attr:`JsonStreamMasker.fallback` becomes True. Several top-level values in a row (JSON
+lines) are accepted.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+from broker.config import Strategy
+from proxy.mask import RULE_MARKER, Masker, StreamMasker
+
+_WS = re.compile(rb"[ \t\r\n]*")
+_SCALAR = re.compile(rb"[-+.0-9A-Za-z]*")
+_SCALAR_OK = re.compile(rb"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?|true|false|null")
+_SCALAR_MAX = 4096
+_QUOTE, _BACKSLASH = 0x22, 0x5C
+_LBRACE, _RBRACE, _LBRACKET, _RBRACKET, _COLON, _COMMA = b"{}[]:,"
+_SCALAR_START = frozenset(b"-0123456789tfn")
+
+# what the tokenizer expects next
+_VALUE, _KEY, _KEY_OR_END, _VALUE_OR_END, _COLON_NEXT, _AFTER = range(6)
+# what it is inside of
+_STRUCT, _STRING, _SCALAR_TOK = range(3)
+_OVERFLOW = ('"' + RULE_MARKER + '"').encode()
+
+
+class _Invalid(Exception):
+    pass
+
+
+class JsonStreamMasker:
+    """Rewrites a JSON byte stream, masking values as they pass. See the module docstring."""
+
+    def __init__(self, masker: Masker, *, max_string: int = 1 << 20, max_depth: int = 512) -> None:
+        self._m = masker
+        self._max_string = max_string
+        self._max_depth = max_depth
+        self._stack: list[tuple[bool, Strategy | None]] = []  # (is_object, strategy of array)
+        self._expect = _VALUE
+        self._key_strategy: Strategy | None = None
+        self._state = _STRUCT
+        self._is_key = False
+        self._buf = bytearray()  # the part of the current token from earlier chunks
+        self._crossed = False  # the current token began in an earlier chunk
+        self._bs_odd = False  # the string so far ends in an odd run of backslashes
+        self._overflow = False
+        self._text: StreamMasker | None = None
+
+    @property
+    def fallback(self) -> bool:
+        """True once invalid JSON switched the stream to text masking."""
+        return self._text is not None
+
+    def feed(self, chunk: bytes) -> bytes:
+        """Take the next chunk of the body; return the masked bytes that may be sent now."""
+        if not self._m.enabled:
+            return chunk
+        if self._text is not None:
+            return self._text.feed(chunk)
+        return self._feed(chunk)
+
+    def flush(self) -> bytes:
+        """End of body: return whatever is still held (an unterminated token goes out masked)."""
+        if not self._m.enabled:
+            return b""
+        if self._text is not None:
+            return self._text.flush()
+        held = bytes(self._buf)
+        self._buf.clear()
+        if self._state == _SCALAR_TOK and self._crossed:
+            self._crossed = False
+            try:
+                new = self._finish_scalar(held)
+            except _Invalid:
+                return self._m.mask_bytes(held) or held
+            return held if new is None else new
+        if self._state == _STRING and self._crossed:  # truncated body: mask what we have as text
+            self._crossed = False
+            self._state = _STRUCT
+            if self._overflow:
+                return _OVERFLOW[:-1]
+            return self._m.mask_bytes(b'"' + held) or b'"' + held
+        return b""
+
+    # -- the tokenizer -----------------------------------------------------------------
+
+    def _feed(self, chunk: bytes) -> bytes:
+        out: list[bytes] = []
+        n = len(chunk)
+        i = emit = 0  # chunk[emit:i] is forwarded as is, not yet appended to out
+        tok = 0  # where the current string/scalar starts in this chunk (when not crossed)
+        clean: bool | None = None  # no detector can fire anywhere in this chunk
+        try:
+            while i < n:
+                if self._state == _STRING:
+                    q = self._closing_quote(chunk, i)
+                    if q == -1:
+                        self._keep(chunk, i, out, emit, tok)
+                        return b"".join(out)
+                    self._state = _STRUCT
+                    if self._crossed:
+                        raw = bytes(self._buf) + chunk[i:q]
+                        self._crossed = False
+                        self._buf.clear()
+                        new = self._string_done(raw, clean=False)
+                        out.append(b'"' + raw + b'"' if new is None else new)
+                        emit = q + 1
+                    else:
+                        if clean is None:
+                            clean = not self._m.might_contain(chunk)
+                        new = self._string_done(chunk[i:q], clean=clean)
+                        if new is not None:
+                            out.append(chunk[emit:tok])
+                            out.append(new)
+                            emit = q + 1
+                    i = q + 1
+                    continue
+                if self._state == _SCALAR_TOK:
+                    end = _match_end(_SCALAR, chunk, i)
+                    if end == n:
+                        self._keep(chunk, i, out, emit, tok)
+                        return b"".join(out)
+                    if self._crossed:
+                        raw = bytes(self._buf) + chunk[i:end]
+                        new = self._finish_scalar(raw)
+                        self._crossed = False
+                        self._buf.clear()
+                        out.append(raw if new is None else new)
+                        emit = end
+                    else:
+                        new = self._finish_scalar(chunk[tok:end])
+                        if new is not None:
+                            out.append(chunk[emit:tok])
+                            out.append(new)
+                            emit = end
+                    i = end
+                    continue
+                i = _match_end(_WS, chunk, i)
+                if i == n:
+                    break
+                c = chunk[i]
+                if c == _QUOTE:
+                    self._open_value(is_key=self._expect in (_KEY, _KEY_OR_END))
+                    self._state, self._bs_odd, self._overflow = _STRING, False, False
+                    tok = i
+                    i += 1
+                elif c in _SCALAR_START:
+                    self._open_value(is_key=False)
+                    self._state = _SCALAR_TOK
+                    tok = i
+                elif c in (_LBRACE, _LBRACKET):
+                    strategy = self._strategy()
+                    self._open_value(is_key=False)
+                    if len(self._stack) >= self._max_depth:
+                        raise _Invalid
+                    self._stack.append((c == _LBRACE, strategy))
+                    self._expect = _KEY_OR_END if c == _LBRACE else _VALUE_OR_END
+                    i += 1
+                elif c in (_RBRACE, _RBRACKET):
+                    if not self._stack or self._stack[-1][0] != (c == _RBRACE):
+                        raise _Invalid
+                    if self._expect not in (_AFTER, _KEY_OR_END, _VALUE_OR_END):
+                        raise _Invalid
+                    self._stack.pop()
+                    self._expect = _AFTER
+                    i += 1
+                elif c == _COLON and self._expect == _COLON_NEXT:
+                    self._expect = _VALUE
+                    i += 1
+                elif c == _COMMA and self._expect == _AFTER and self._stack:
+                    self._expect = _KEY if self._stack[-1][0] else _VALUE
+                    i += 1
+                else:
+                    raise _Invalid
+            if self._state != _STRUCT:  # a string opened at the very end of the chunk
+                self._keep(chunk, n, out, emit, tok)
+                return b"".join(out)
+        except _Invalid:
+            return self._fall_back(chunk, out, emit)
+        out.append(chunk[emit:])
+        return b"".join(out)
+
+    def _open_value(self, *, is_key: bool) -> None:
+        """Check a value (or key) may start here and move the expectation past it."""
+        if is_key:
+            self._is_key = True
+            self._expect = _COLON_NEXT
+            return
+        if self._expect not in (_VALUE, _VALUE_OR_END) and not (self._expect == _AFTER and not self._stack):
+            raise _Invalid
+        self._is_key = False
+        self._expect = _AFTER
+
+    def _strategy(self) -> Strategy | None:
+        """The rule strategy for a value in the current container (None: detectors)."""
+        if not self._stack:
+            return None
+        is_object, strategy = self._stack[-1]
+        return self._key_strategy if is_object else strategy
+
+    def _closing_quote(self, chunk: bytes, i: int) -> int:
+        """Offset of the unescaped quote ending the string, or -1 (parity kept for later)."""
+        j = i
+        while True:
+            q = chunk.find(b'"', j)
+            if q == -1:
+                return -1
+            k = q
+            while k > i and chunk[k - 1] == _BACKSLASH:
+                k -= 1
+            run = q - k + (self._bs_odd if k == i else 0)
+            if run % 2 == 0:
+                return q
+            j = q + 1
+
+    def _keep(self, chunk: bytes, seg: int, out: list[bytes], emit: int, tok: int) -> None:
+        """The chunk ends inside a token: forward what precedes it and hold the token."""
+        if not self._crossed:
+            out.append(chunk[emit:tok])
+            self._buf.clear()
+            seg = tok + 1 if self._state == _STRING else tok
+            self._crossed = True
+        piece = chunk[seg:]
+        if self._state == _STRING:
+            stripped = len(piece) - len(piece.rstrip(b"\\"))
+            self._bs_odd = (self._bs_odd if stripped == len(piece) else False) ^ (stripped % 2 == 1)
+            if self._overflow or len(self._buf) + len(piece) > self._max_string:
+                self._overflow = True
+                self._buf.clear()
+                return
+        elif len(self._buf) + len(piece) > _SCALAR_MAX:
+            raise _Invalid
+        self._buf += piece
+
+    def _string_done(self, raw: bytes, *, clean: bool) -> bytes | None:
+        """The replacement of a complete string (quotes included), or None to keep it."""
+        if self._overflow or len(raw) > self._max_string:
+            self._overflow = False
+            if self._is_key:
+                self._key_strategy = None
+            return _OVERFLOW
+        if self._is_key:
+            text = _decode(raw) if b"\\" in raw else raw.decode("utf-8", "replace")
+            self._key_strategy = self._m.json_key_strategy(text)
+            return self._detect(raw, clean)
+        strategy = self._strategy()
+        if strategy is not None:
+            return _encode(self._m.apply(_decode(raw), strategy))
+        return self._detect(raw, clean)
+
+    def _detect(self, raw: bytes, clean: bool) -> bytes | None:
+        if b"\\" in raw:
+            text = _decode(raw)
+            masked = self._m.mask_text(text)
+            return None if masked == text else _encode(masked)
+        if clean:
+            return None
+        masked_raw = self._m.mask_bytes(raw)
+        return None if masked_raw is None else b'"' + masked_raw + b'"'
+
+    def _finish_scalar(self, raw: bytes) -> bytes | None:
+        """The replacement of a complete number or literal, or None to keep it."""
+        self._state = _STRUCT
+        if not _SCALAR_OK.fullmatch(raw):
+            raise _Invalid
+        strategy = self._strategy()
+        if strategy is None or raw[0] in b"tfn":
+            return None
+        return _encode(self._m.apply(raw.decode("ascii"), strategy))
+
+    def _fall_back(self, chunk: bytes, out: list[bytes], emit: int) -> bytes:
+        self._text = StreamMasker(self._m)
+        held = b""  # the token began in an earlier chunk, and nothing of it was sent
+        if self._crossed and self._overflow:
+            held = _OVERFLOW[:-1]
+        elif self._crossed:
+            held = (b'"' if self._state == _STRING else b"") + bytes(self._buf)
+        self._buf.clear()
+        out.append(self._text.feed(held + chunk[emit:]))
+        return b"".join(out)
+
+
+def _match_end(pattern: re.Pattern[bytes], data: bytes, pos: int) -> int:
+    m = pattern.match(data, pos)
+    return pos if m is None else m.end()
+
+
+def _decode(raw: bytes) -> str:
+    try:
+        value = json.loads(b'"' + raw + b'"')
+    except ValueError:
+        return raw.decode("utf-8", "replace")
+    return value if isinstance(value, str) else str(value)
+
+
+def _encode(text: str) -> bytes:
+    return json.dumps(text, ensure_ascii=False).encode("utf-8", "surrogatepass")

@@ -1,0 +1,308 @@
+"""The masking engine shared by the PostgreSQL, SSH and HTTP proxies. Pure code, no I/O.
+
+How this works. :class:`Masker` is built once per resource from its :class:`Masking`
+config and the deployment's hash key. Free text (cells, error messages, statements,
+terminal output) goes through the detectors of :mod:`proxy.detectors`; whole values
+(masked columns, JSON keys) go through :meth:`Masker.apply`. The bytes entry points
+(:meth:`Masker.might_contain`, :meth:`Masker.mask_bytes`) exist for the hot paths: when
+nothing can match they cost a few passes of C code over the buffer and allocate nothing
+the caller has to forward.
+
+Replacement scheme, one per strategy:
+
+* ``redact``: ``[email]``, ``[card]``, ``[ssn]``, ``[iban]``, ``[phone]`` or ``[secret]``
+  names the detector that fired; a whole value masked by a column or JSON-key rule becomes
+  ``[masked]``.
+* ``partial``: every character but the last four becomes ``*`` (``************4242``);
+  values of four characters or fewer become all ``*``.
+* ``hash``: ``h:`` and the first 16 hex digits of HMAC-SHA256(key, UTF-8 value). Equal
+  values give equal output under one key, so joins and grouping still work; another key
+  gives unrelated output.
+
+:class:`StreamMasker` masks a byte stream (SSH output) chunk by chunk. It holds back only
+a trailing piece that could still grow into a detectable value. It finds that piece by
+matching *reversed* patterns at the start of the reversed tail of the buffer, so the cost
+is proportional to the piece, not to the chunk. A piece counts when it could still become
+an email (has ``@``), a card/phone/SSN (3+ digits with separators), an IBAN, a keyword
+secret (``eyJ``, ``AKIA``, ``hoop_``, ``Bearer …``, ``aws_secret_access_key=…``), a long
+token (16+ characters), or a private-key PEM block. Any other trailing word is held only
+when the chunk cut it (there is other text before it in the buffer), so a chunk ending in
+mid-word of bulk output is held, but typed characters, echoed one per chunk, are not.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hmac
+import re
+
+from broker.config import Detector, Masking, MaskRule, Strategy
+from proxy.detectors import Hit, Scanner, pem_open
+
+#: The marker ``redact`` puts in place of a whole value masked by a column or JSON-key rule.
+RULE_MARKER = "[masked]"
+#: Characters kept in clear by ``partial``.
+PARTIAL_KEEP = 4
+_HASH_CACHE_MAX = 65_536
+_REDACT_BYTES: dict[Detector, bytes] = {
+    d: f"[{d}]".encode() for d in ("email", "card", "ssn", "iban", "phone", "secret")
+}
+
+
+def _compile_rules(rules: list[MaskRule]) -> tuple[tuple[re.Pattern[str], Strategy], ...]:
+    return tuple((re.compile(fnmatch.translate(r.match), re.IGNORECASE), r.strategy) for r in rules)
+
+
+def partial(value: str) -> str:
+    """Keep the last :data:`PARTIAL_KEEP` characters of ``value``; star the rest."""
+    if len(value) <= PARTIAL_KEEP:
+        return "*" * len(value)
+    return "*" * (len(value) - PARTIAL_KEEP) + value[-PARTIAL_KEEP:]
+
+
+class Masker:
+    """Masks text and values for one resource, following its :class:`Masking` config.
+
+    ``hash_key`` keys the ``hash`` strategy. With ``config.enabled`` false every method
+    returns its input unchanged (and the bytes methods return None / False).
+    """
+
+    def __init__(self, config: Masking, hash_key: bytes) -> None:
+        self.config = config
+        self.enabled = config.enabled
+        self.strategy: Strategy = config.strategy
+        self._key = hash_key
+        self._scanner = Scanner(config.detectors if config.enabled else ())
+        self._columns = _compile_rules(config.columns)
+        self._json_keys = _compile_rules(config.json_keys)
+        self._hashes: dict[bytes, bytes] = {}
+        self._column_cache: dict[tuple[str, str | None], Strategy | None] = {}
+
+    # -- free text ---------------------------------------------------------------------
+
+    def might_contain(self, data: bytes | memoryview) -> bool:
+        """False when no detector can fire anywhere in ``data``: forward it untouched."""
+        return self.enabled and self._scanner.might_contain(data)
+
+    def scan(self, data: bytes) -> list[Hit]:
+        """Validated detector hits in ``data``: sorted, non-overlapping ``(start, end, detector)``."""
+        if not self.enabled or not self._scanner.might_contain(data):
+            return []
+        return self._scanner.scan(data)
+
+    def mask_bytes(self, data: bytes | memoryview) -> bytes | None:
+        """Mask UTF-8 ``data`` with the detectors; None when nothing matched (send the original)."""
+        if not self.enabled:
+            return None
+        raw = data.tobytes() if isinstance(data, memoryview) else data
+        if not self._scanner.might_contain(raw):
+            return None
+        hits = self._scanner.scan(raw)
+        if not hits:
+            return None
+        return self.replace(raw, hits, self.strategy)
+
+    def mask_text(self, s: str) -> str:
+        """Mask ``s`` with the enabled detectors and the resource's default strategy."""
+        if not self.enabled:
+            return s
+        out = self.mask_bytes(s.encode("utf-8", "surrogatepass"))
+        return s if out is None else out.decode("utf-8", "surrogatepass")
+
+    def replace(self, data: bytes, hits: list[Hit], strategy: Strategy) -> bytes:
+        """Replace each hit in ``data`` by its masked form under ``strategy``."""
+        parts: list[bytes] = []
+        last = 0
+        for start, end, detector in hits:
+            parts.append(data[last:start])
+            if strategy == "redact":
+                parts.append(_REDACT_BYTES[detector])
+            else:
+                parts.append(self.apply_bytes(data[start:end], strategy))
+            last = end
+        parts.append(data[last:])
+        return b"".join(parts)
+
+    # -- whole values ------------------------------------------------------------------
+
+    def apply(self, value: str, strategy: Strategy) -> str:
+        """Mask the whole of ``value`` (a masked column or JSON key) under ``strategy``."""
+        if not self.enabled:
+            return value
+        if strategy == "redact":
+            return RULE_MARKER
+        if strategy == "partial":
+            return partial(value)
+        return self._hash(value.encode("utf-8", "surrogatepass")).decode("ascii")
+
+    def apply_bytes(self, value: bytes, strategy: Strategy) -> bytes:
+        """:meth:`apply` for a UTF-8 encoded value (a PostgreSQL text cell); returns UTF-8."""
+        if not self.enabled:
+            return value
+        if strategy == "redact":
+            return b"[masked]"
+        if strategy == "hash":
+            return self._hash(value)
+        if value.isascii():
+            if len(value) <= PARTIAL_KEEP:
+                return b"*" * len(value)
+            return b"*" * (len(value) - PARTIAL_KEEP) + value[-PARTIAL_KEEP:]
+        return partial(value.decode("utf-8", "replace")).encode("utf-8")
+
+    def _hash(self, value: bytes) -> bytes:
+        out = self._hashes.get(value)
+        if out is None:
+            out = b"h:" + hmac.digest(self._key, value, "sha256")[:8].hex().encode("ascii")
+            if len(self._hashes) >= _HASH_CACHE_MAX:
+                self._hashes.clear()
+            self._hashes[value] = out
+        return out
+
+    # -- rules -------------------------------------------------------------------------
+
+    def column_strategy(self, column: str, table: str | None = None) -> Strategy | None:
+        """Strategy of the first column rule matching ``column`` or ``table.column``.
+
+        Globs match case-insensitively. ``table`` may be schema-qualified: for
+        ``public.users`` the names tried are ``email``, ``public.users.email`` and
+        ``users.email``, so a rule ``users.email`` matches in any schema.
+        """
+        if not self.enabled or not self._columns:
+            return None
+        cache_key = (column, table)
+        if cache_key in self._column_cache:
+            return self._column_cache[cache_key]
+        names = [column]
+        if table:
+            names.append(f"{table}.{column}")
+            if "." in table:
+                names.append(f"{table.rsplit('.', 1)[1]}.{column}")
+        found: Strategy | None = None
+        for pattern, strategy in self._columns:
+            if any(pattern.match(name) for name in names):
+                found = strategy
+                break
+        if len(self._column_cache) < 4096:
+            self._column_cache[cache_key] = found
+        return found
+
+    def json_key_strategy(self, key: str) -> Strategy | None:
+        """Strategy of the first ``json_keys`` rule whose glob matches ``key`` (case-insensitive)."""
+        if not self.enabled:
+            return None
+        for pattern, strategy in self._json_keys:
+            if pattern.match(key):
+                return strategy
+        return None
+
+    def stream(self) -> StreamMasker:
+        """A new :class:`StreamMasker` over this masker."""
+        return StreamMasker(self)
+
+
+class StreamMasker:
+    """Masks a UTF-8 byte stream (SSH output) whose sensitive values may span chunks.
+
+    :meth:`feed` returns what can be sent now: everything except a trailing piece that
+    could still become a detectable value (bounded by ``max_hold`` bytes, or ``max_block``
+    for a private-key PEM block, which is redacted whole past that size) and an incomplete
+    trailing UTF-8 sequence. Ordinary text, including single typed characters, passes at
+    once. Call :meth:`flush` at the end of the stream, or after the stream has been idle
+    briefly while :attr:`pending` is non-zero.
+    """
+
+    def __init__(self, masker: Masker, *, max_hold: int = 4096, max_block: int = 16_384) -> None:
+        self._masker = masker
+        self._max_hold = max_hold
+        self._max_block = max_block
+        self._held = b""
+
+    @property
+    def pending(self) -> int:
+        """Bytes held back, waiting for more input or :meth:`flush`."""
+        return len(self._held)
+
+    def feed(self, chunk: bytes) -> bytes:
+        """Take the next chunk; return the masked bytes that may be sent now."""
+        if not self._masker.enabled:
+            return chunk
+        buf = self._held + chunk if self._held else chunk
+        if not buf:
+            return b""
+        cut, block = _cut(buf, self._max_hold)
+        if block and len(buf) - cut > self._max_block:
+            # A private key that never ends (or is huge): redact what we hold and move on.
+            self._held = b""
+            return self._mask(buf[:cut]) + b"[secret]"
+        self._held = buf[cut:]
+        return self._mask(buf[:cut]) if cut else b""
+
+    def flush(self) -> bytes:
+        """Return the rest of the stream, masked."""
+        held, self._held = self._held, b""
+        return self._mask(held)
+
+    def _mask(self, data: bytes) -> bytes:
+        out = self._masker.mask_bytes(data)
+        return data if out is None else out
+
+
+_TOK = rb"A-Za-z0-9._+/=~-"
+# Reversed patterns, matched at offset 0 of the reversed tail.
+_REV_CSI = re.compile(rb"[@-~][ -/]*[0-9;?]*\[\x1b")
+_REV_EMAIL = re.compile(rb"[A-Za-z0-9.-]*@[A-Za-z0-9._%+-]*")
+_REV_DIGITS = re.compile(rb"[0-9 ().-]*[0-9(+]")
+_REV_IBAN = re.compile(rb"[A-Z0-9 ]*[0-9]{2}[A-Z]{2}")
+_REV_CONTEXT = re.compile(
+    rb"[" + _TOK + rb"]*[ \t]+(?:reraeB|reraeb|RERAEB)"
+    rb"|[A-Za-z0-9/+=]*[\"']?[ \t]*[:=]?[ \t]*[\"']?(?i:yek_?ssecca_?terces(?:_?swa)?)"
+)
+_REV_TOKEN = re.compile(rb"[" + _TOK + rb"]+")
+_STRONG_WORDS = (b"Jye", b"AIKA", b"AISA", b"_pooh")
+_STRONG_TOKEN = 16
+
+
+def _utf8_incomplete(buf: bytes) -> int:
+    """Length of an incomplete UTF-8 sequence at the end of ``buf`` (0 to 3)."""
+    for i in range(1, min(3, len(buf)) + 1):
+        b = buf[-i]
+        if b & 0xC0 == 0x80:
+            continue
+        if b < 0xC0:
+            return 0
+        need = 2 if b < 0xE0 else 3 if b < 0xF0 else 4
+        return i if need > i else 0
+    return 0
+
+
+def _cut(buf: bytes, max_hold: int) -> tuple[int, bool]:
+    """Where to cut ``buf``: before the cut may be sent, after it is held.
+
+    The flag is True when the held part is a private-key PEM block in progress.
+    """
+    cut = len(buf) - _utf8_incomplete(buf)
+    pem = pem_open(buf)
+    if pem != -1:
+        return min(pem, cut), True
+    rev = buf[max(0, cut - max_hold) : cut][::-1]
+    if not rev or _REV_CSI.match(rev):
+        return cut, False
+    hold = 0
+    m = _REV_EMAIL.match(rev)
+    if m:
+        hold = m.end()
+    m = _REV_DIGITS.match(rev)
+    if m:
+        digits = len(m.group()) - len(m.group().translate(None, b"0123456789"))
+        if digits >= 3 or m.end() < len(rev):
+            hold = max(hold, m.end())
+    for pattern in (_REV_IBAN, _REV_CONTEXT):
+        m = pattern.match(rev)
+        if m:
+            hold = max(hold, m.end())
+    m = _REV_TOKEN.match(rev)
+    if m:
+        token = m.group()
+        if m.end() < len(rev) or len(token) >= _STRONG_TOKEN or any(w in token for w in _STRONG_WORDS):
+            hold = max(hold, m.end())
+    return cut - hold, False
