@@ -82,7 +82,7 @@ class Service:
         self.notifier = notifier
         self.hooks: GrantHooks = hooks or NoHooks()
 
-    async def _publish(self, events: Sequence[Event]) -> None:
+    async def publish(self, events: Sequence[Event]) -> None:
         for ev in events:
             try:
                 await self.notifier.publish(ev)
@@ -117,7 +117,7 @@ class Service:
         if not req.steps:  # no approval configured: granted at once (hoop check warns about this)
             result = await self._decide(req.id, SYSTEM, "auto")
             return result.request
-        await self._publish(events)
+        await self.publish(events)
         return req
 
     async def set_card(self, request_id: str, channel: str, ts: str) -> None:
@@ -148,7 +148,7 @@ class Service:
             req.approvals.append(approval)
             await tx.append_audit(at=now, actor=who.email, chain=who.chain, action="request.approval",
                                   request_id=req.id, detail={"groups": list(groups), "via": via})
-        await self._publish([ApprovalAdded(request=req, approver=who, via=via)])
+        await self.publish([ApprovalAdded(request=req, approver=who, via=via)])
         if policy.is_met(req.steps, req.approvals):
             return await self._decide(req.id, who, via)
         return ApproveResult(request=req)
@@ -193,7 +193,7 @@ class Service:
                                       hints=connection_hints(self.config, grant, secret)))
         elif result.grant is not None:
             await self.hooks.extended(result.grant)
-        await self._publish(events)
+        await self.publish(events)
         return result
 
     def _mint(self, identity: str, chain: tuple[str, ...], resources: tuple[str, ...], length: timedelta,
@@ -225,7 +225,7 @@ class Service:
             req.approvals = [a for a in req.approvals if a.approver != who.email.lower()]
             await tx.append_audit(at=now, actor=who.email, chain=who.chain, action="request.approval_withdrawn",
                                   request_id=req.id)
-        await self._publish([ApprovalWithdrawn(request=req, approver=who)])
+        await self.publish([ApprovalWithdrawn(request=req, approver=who)])
         return req
 
     async def deny(self, request_id: str, who: Identity, reason: str = "") -> AccessRequest:
@@ -242,7 +242,7 @@ class Service:
             await tx.update_request(req)
             await tx.append_audit(at=now, actor=who.email, chain=who.chain, action="request.denied",
                                   request_id=req.id, detail={"reason": reason})
-        await self._publish([RequestDenied(request=req, by=who, reason=reason)])
+        await self.publish([RequestDenied(request=req, by=who, reason=reason)])
         return req
 
     async def cancel(self, request_id: str, who: Identity) -> AccessRequest:
@@ -256,7 +256,7 @@ class Service:
             await tx.update_request(req)
             await tx.append_audit(at=now, actor=who.email, chain=who.chain, action="request.cancelled",
                                   request_id=req.id)
-        await self._publish([RequestCancelled(request=req, by=who)])
+        await self.publish([RequestCancelled(request=req, by=who)])
         return req
 
     async def lapse(self, request_id: str) -> AccessRequest:
@@ -268,7 +268,7 @@ class Service:
             await tx.update_request(req)
             await tx.append_audit(at=now, actor=SYSTEM.email, chain=SYSTEM.chain, action="request.lapsed",
                                   request_id=req.id)
-        await self._publish([RequestLapsed(request=req)])
+        await self.publish([RequestLapsed(request=req)])
         return req
 
     # -- grants -----------------------------------------------------------------------------
@@ -297,7 +297,7 @@ class Service:
                                   grant_id=grant.id, detail={"resource": resource, "identity": identity,
                                                              "duration": format_duration(length), "reason": reason})
         grant = await self._after_issue(grant)
-        await self._publish([GrantIssued(grant=grant, request=None, secret=secret,
+        await self.publish([GrantIssued(grant=grant, request=None, secret=secret,
                                          hints=connection_hints(self.config, grant, secret),
                                          breakglass_by=who, breakglass_reason=reason)])
         return grant, secret
@@ -351,10 +351,10 @@ class Service:
                 extended = False
         if extended:
             await self.hooks.extended(grant)
-            await self._publish([GrantExtended(grant=grant, request=req, by=who)])
+            await self.publish([GrantExtended(grant=grant, request=req, by=who)])
             return grant
         assert req is not None
-        await self._publish([RequestCreated(request=req, requester=who)])
+        await self.publish([RequestCreated(request=req, requester=who)])
         return req
 
     async def _extend_in(self, tx: Tx, grant: Grant, length: timedelta, who: Identity,
@@ -402,7 +402,7 @@ class Service:
                 await self.hooks.ended(grant)
             except Exception:
                 log.exception("cleaning up after grant %s failed", grant.id)
-        await self._publish([GrantEnded(grant=g, request=r) for g, r in ended])
+        await self.publish([GrantEnded(grant=g, request=r) for g, r in ended])
         return ended[0][0]
 
     async def remind(self, grant_id: str) -> None:
@@ -413,7 +413,7 @@ class Service:
             grant.reminded_at = self.clock.now()
             await tx.update_grant(grant)
             req = await self.request_for(tx, grant)
-        await self._publish([GrantReminder(grant=grant, request=req)])
+        await self.publish([GrantReminder(grant=grant, request=req)])
 
     # -- the single access check ------------------------------------------------------------
     async def authenticate(self, login: str, secret: str, resource: str) -> Grant:

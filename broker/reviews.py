@@ -1,0 +1,114 @@
+"""Statement and command reviews: a proxy holds a risky statement until an eligible approver
+allows it in the request's thread, or until the review times out (then it is refused).
+
+The proxy waits on an in-process future, resolved by :meth:`Reviews.decide`. As a fallback
+for a decision taken by another replica, the waiter also re-reads the review from the store
+once a second. Whatever happens, the wait is bounded by the review's deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from datetime import timedelta
+
+from broker import policy
+from broker.errors import Conflict, Denied, NotFound
+from broker.events import ReviewDecided, ReviewRequested
+from broker.model import Grant, Identity, Review
+from broker.service import Service, new_id
+
+_POLL_SECONDS = 1.0
+
+
+class Reviews:
+    def __init__(self, service: Service) -> None:
+        self.service = service
+        self._waiters: dict[str, asyncio.Future[bool]] = {}
+
+    async def open(self, *, session_id: str, grant: Grant, resource: str, text: str, rule: str,
+                   timeout: timedelta) -> Review:
+        """Record a held statement (``text`` already masked) and ask the thread to decide."""
+        now = self.service.clock.now()
+        review = Review(id=new_id("v"), session_id=session_id, grant_id=grant.id, resource=resource, text=text,
+                        rule=rule, requested_by=grant.identity, created_at=now, deadline=now + timeout)
+        self._waiters[review.id] = asyncio.get_running_loop().create_future()
+        async with self.service.store.tx() as tx:
+            await tx.insert_review(review)
+            await tx.append_audit(at=now, actor=grant.identity, chain=grant.chain, action="review.requested",
+                                  grant_id=grant.id, request_id=grant.request_id,
+                                  detail={"review": review.id, "rule": rule, "text": text[:2000]})
+            request = await self.service.request_for(tx, grant)
+        await self.service.publish([ReviewRequested(review=review, request=request)])
+        return review
+
+    async def wait(self, review: Review) -> bool:
+        """True when allowed; False when refused or timed out (and then marked timed_out)."""
+        fut = self._waiters.get(review.id)
+        clock = self.service.clock
+        try:
+            for _ in range(100_000):
+                remaining = (review.deadline - clock.now()).total_seconds()
+                if remaining <= 0:
+                    break
+                if fut is not None:
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(min(remaining, _POLL_SECONDS)):
+                            return await asyncio.shield(fut)
+                else:
+                    await asyncio.sleep(min(remaining, _POLL_SECONDS))
+                async with self.service.store.tx() as tx:
+                    current = await tx.get_review(review.id)
+                if current is not None and current.status != "pending":
+                    return current.status == "allowed"
+            await self._finish(review.id, "timed_out", None)
+            return False
+        finally:
+            self._waiters.pop(review.id, None)
+
+    async def decide(self, review_id: str, who: Identity, allow: bool) -> Review:
+        """An eligible approver (a member of one of the resource's approval groups, or an admin)
+        who is not the one asking decides. Raises :class:`Denied` otherwise."""
+        async with self.service.store.tx() as tx:
+            review = await tx.get_review(review_id)
+        if review is None:
+            raise NotFound(f"no review {review_id!r}", code="no_review")
+        if who.email.lower() == review.requested_by.lower():
+            raise Denied("you cannot review your own statement", code="self_approval")
+        config = self.service.config
+        if not policy.is_approver_of(config, who, review.resource) and not policy.is_admin(config, who):
+            raise Denied(f"only approvers of {review.resource} can decide this review", code="not_approver")
+        return await self._finish(review_id, "allowed" if allow else "refused", who)
+
+    async def _finish(self, review_id: str, status: str, who: Identity | None) -> Review:
+        now = self.service.clock.now()
+        async with self.service.store.tx() as tx:
+            review = await tx.get_review(review_id)
+            if review is None:
+                raise NotFound(f"no review {review_id!r}", code="no_review")
+            if review.status != "pending":
+                raise Conflict(f"review {review_id} is already {review.status}", code=review.status)
+            review.status = status  # type: ignore[assignment]
+            review.decided_by = who.email if who else None
+            await tx.update_review(review)
+            grant = await tx.get_grant(review.grant_id)
+            await tx.append_audit(at=now, actor=who.email if who else "hoop", chain=who.chain if who else ("hoop",),
+                                  action=f"review.{status}", grant_id=review.grant_id,
+                                  request_id=grant.request_id if grant else None, detail={"review": review.id})
+            request = await self.service.request_for(tx, grant) if grant else None
+        fut = self._waiters.get(review_id)
+        if fut is not None and not fut.done():
+            fut.set_result(status == "allowed")
+        await self.service.publish([ReviewDecided(review=review, request=request)])
+        return review
+
+    async def set_message(self, review_id: str, channel: str, ts: str) -> None:
+        async with self.service.store.tx() as tx:
+            review = await tx.get_review(review_id)
+            if review is not None:
+                review.channel, review.ts = channel, ts
+                await tx.update_review(review)
+
+    async def by_message(self, channel: str, ts: str) -> Review | None:
+        async with self.service.store.tx() as tx:
+            return await tx.review_by_message(channel, ts)

@@ -1,0 +1,242 @@
+"""Live proxy sessions: registration, recording, deadlines, revocation and reviews.
+
+How this works. A proxy opens a :class:`LiveSession` once its client is authenticated. The
+hub stores the session row, announces it, and arms a timer at the grant's absolute expiry.
+It is also a broker ``Notifier``: a ``GrantEnded`` event (expiry, revocation, or a parent's
+end) calls every affected session's ``on_end`` at once; ``GrantExtended`` moves the timer.
+
+Recording is crash-safe without a database round trip per statement: ``record()`` appends
+the (already masked) event as one JSON line to the session's spool file with a single
+``os.write`` (so a crash of hoop loses at most the event in flight), and keeps it in memory;
+a background task writes the batch to the store every ``flush_every`` seconds. At start,
+:meth:`SessionHub.recover` ingests spool files that a crash left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from broker.clock import Clock
+from broker.events import Event, GrantEnded, GrantExtended, SessionClosed, SessionOpened
+from broker.metrics import Metrics
+from broker.model import Grant, GrantStatus, Session, SessionEvent, SessionStatus
+from broker.reviews import Reviews
+from broker.service import Service, new_id
+
+log = logging.getLogger(__name__)
+
+
+class LiveSession:
+    """One client connection (or HTTP request) through a proxy, from auth to close."""
+
+    def __init__(self, hub: SessionHub, row: Session, grant: Grant, on_end: Callable[[str], None]) -> None:
+        self.hub = hub
+        self.row = row
+        self.id = row.id
+        self.grant = grant
+        self.resource = row.resource
+        self.protocol = row.protocol
+        self.chain = grant.chain
+        self.deadline: datetime = grant.expires_at
+        self.stats: dict[str, int] = {"statements": 0, "rows": 0, "blocked": 0, "reviewed": 0,
+                                      "bytes_in": 0, "bytes_out": 0}
+        self.closed = False
+        self.end_reason: str | None = None
+        self._on_end = on_end
+        self._seq = 0
+        self._pending: list[SessionEvent] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._spool_fd: int | None = None
+        if hub.spool_dir is not None:
+            self._spool_fd = os.open(hub.spool_dir / f"{self.id}.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+
+    def record(self, kind: str, data: dict[str, Any]) -> None:
+        """Append an event. ``data`` must already be masked; the recording is masked by construction."""
+        if self.closed and kind != "close":
+            return
+        self._seq += 1
+        at = self.hub.clock.now()
+        if self._spool_fd is not None:
+            line = json.dumps({"seq": self._seq, "at": at.isoformat(), "kind": kind, "data": data},
+                              separators=(",", ":"), default=str)
+            os.write(self._spool_fd, line.encode() + b"\n")
+        self._pending.append(SessionEvent(session_id=self.id, seq=self._seq, at=at, kind=kind, data=data))
+        self.hub._dirty.add(self)
+
+    def arm(self) -> None:
+        """(Re)arm the local deadline timer: the proxy enforces expiry even if no event arrives."""
+        if self._timer is not None:
+            self._timer.cancel()
+        loop = asyncio.get_running_loop()
+        delay = max((self.deadline - self.hub.clock.now()).total_seconds(), 0.0)
+        self._timer = loop.call_at(loop.time() + delay, self.end, "access expired")
+
+    def end(self, reason: str) -> None:
+        """Ask the proxy to end this session (it sends its protocol's message, then calls close)."""
+        if self.closed or self.end_reason is not None:
+            return
+        self.end_reason = reason
+        try:
+            self._on_end(reason)
+        except Exception:
+            log.exception("session=%s on_end failed", self.id)
+
+    async def review(self, text: str, rule: str, timeout: float) -> bool:
+        """Hold ``text`` (masked) until an approver allows it; False on refusal or timeout."""
+        reviews = self.hub.reviews
+        self.stats["reviewed"] += 1
+        review = await reviews.open(session_id=self.id, grant=self.grant, resource=self.resource, text=text,
+                                    rule=rule, timeout=timedelta(seconds=timeout))
+        self.record("review", {"review": review.id, "text": text, "rule": rule})
+        allowed = await reviews.wait(review)
+        self.record("review", {"review": review.id, "decision": "allowed" if allowed else "refused"})
+        return allowed
+
+    async def close(self, reason: str) -> None:
+        """Idempotent: record the close, flush, update the row, announce it."""
+        if self.closed:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        reason = self.end_reason or reason
+        self.record("close", {"reason": reason, "stats": dict(self.stats)})
+        self.closed = True
+        now = self.hub.clock.now()
+        if reason == "access expired" and self.hub.metrics is not None:
+            self.hub.metrics.expiry_lag.observe(max((now - self.deadline).total_seconds(), 0.0))
+        self.row.status = SessionStatus.CLOSED
+        self.row.closed_at, self.row.close_reason, self.row.stats = now, reason, dict(self.stats)
+        await self.hub._closed(self)
+
+
+class SessionHub:
+    def __init__(self, service: Service, clock: Clock, *, spool_dir: Path | None = None,
+                 reviews: Reviews | None = None, metrics: Metrics | None = None,
+                 flush_every: float = 0.2) -> None:
+        self.service = service
+        self.clock = clock
+        self.spool_dir = spool_dir
+        if spool_dir is not None:
+            spool_dir.mkdir(parents=True, exist_ok=True)
+        self.reviews = reviews or Reviews(service)
+        self.metrics = metrics
+        self.flush_every = flush_every
+        self._live: dict[str, LiveSession] = {}
+        self._dirty: set[LiveSession] = set()
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def open(self, grant: Grant, resource: str, protocol: str, client_addr: str,
+                   on_end: Callable[[str], None]) -> LiveSession:
+        row = Session(id=new_id("s"), grant_id=grant.id, resource=resource, protocol=protocol, login=grant.login,
+                      chain=grant.chain, client_addr=client_addr, status=SessionStatus.OPEN,
+                      opened_at=self.clock.now())
+        async with self.service.store.tx() as tx:
+            await tx.insert_session(row)
+            request = await self.service.request_for(tx, grant)
+        live = LiveSession(self, row, grant, on_end)
+        self._live[live.id] = live
+        live.record("open", {"login": grant.login, "chain": list(grant.chain), "client": client_addr,
+                             "resource": resource, "protocol": protocol})
+        live.arm()
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush_loop(), name="session-flusher")
+        await self.service.publish([SessionOpened(session=row, request=request)])
+        return live
+
+    def live(self, resource: str | None = None) -> list[LiveSession]:
+        return [s for s in self._live.values() if resource is None or s.resource == resource]
+
+    async def publish(self, event: Event) -> None:
+        if isinstance(event, GrantEnded):
+            reason = "access expired" if event.grant.status is GrantStatus.EXPIRED else \
+                f"access revoked: {event.grant.end_reason or 'revoked'}"
+            for s in list(self._live.values()):
+                if s.grant.id == event.grant.id:
+                    s.end(reason)
+        elif isinstance(event, GrantExtended):
+            for s in list(self._live.values()):
+                if s.grant.id == event.grant.id:
+                    s.deadline = event.grant.expires_at
+                    s.grant = event.grant
+                    s.arm()
+
+    async def flush(self) -> None:
+        batch: list[SessionEvent] = []
+        for s in list(self._dirty):
+            batch.extend(s._pending)
+            s._pending = []
+        self._dirty.clear()
+        if batch:
+            async with self.service.store.tx() as tx:
+                await tx.add_events(batch)
+
+    async def _flush_loop(self) -> None:
+        while self._live or self._dirty:
+            await asyncio.sleep(self.flush_every)
+            try:
+                await self.flush()
+            except Exception:
+                log.exception("flushing session events failed; they stay in the spool")
+
+    async def _closed(self, s: LiveSession) -> None:
+        self._live.pop(s.id, None)
+        await self.flush()
+        async with self.service.store.tx() as tx:
+            await tx.update_session(s.row)
+            request = await self.service.request_for(tx, s.grant)
+        if s._spool_fd is not None:
+            os.close(s._spool_fd)
+            s._spool_fd = None
+            if self.spool_dir is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    (self.spool_dir / f"{s.id}.jsonl").unlink()
+        await self.service.publish([SessionClosed(session=s.row, request=request)])
+
+    async def close_all(self, reason: str = "hoop shutting down") -> None:
+        for s in list(self._live.values()):
+            s.end(reason)
+        for s in list(self._live.values()):
+            await s.close(reason)
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+        await self.flush()
+
+    async def recover(self) -> int:
+        """Ingest spool files a crash left behind; close their sessions. Returns sessions recovered."""
+        if self.spool_dir is None:
+            return 0
+        count = 0
+        for path in sorted(self.spool_dir.glob("*.jsonl"))[:100_000]:
+            session_id = path.stem
+            if session_id in self._live:
+                continue
+            events = []
+            for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+                try:
+                    item = json.loads(line)
+                    events.append(SessionEvent(session_id=session_id, seq=int(item["seq"]),
+                                               at=datetime.fromisoformat(item["at"]), kind=str(item["kind"]),
+                                               data=dict(item["data"])))
+                except (ValueError, KeyError, TypeError):
+                    continue  # a torn last line: the event that was in flight
+            async with self.service.store.tx() as tx:
+                done = await tx.max_event_seq(session_id)
+                await tx.add_events([e for e in events if e.seq > done])
+                row = await tx.get_session(session_id)
+                if row is not None and row.status is SessionStatus.OPEN:
+                    row.status, row.closed_at, row.close_reason = SessionStatus.CLOSED, self.clock.now(), \
+                        "hoop stopped while the session was open"
+                    await tx.update_session(row)
+            path.unlink()
+            count += 1
+        return count
