@@ -197,6 +197,7 @@ class Notification:
 
 @dataclass(frozen=True, slots=True)
 class NegotiateProtocolVersion:
+    # On the wire PostgreSQL sends the whole version code (3 << 16 | minor), not just the minor.
     newest_minor: int
     unsupported_options: tuple[str, ...]
 
@@ -548,7 +549,7 @@ def decode_parameter_description(body: Buf) -> tuple[int, ...]:
 def decode_negotiate_protocol_version(body: Buf) -> NegotiateProtocolVersion:
     body = as_bytes(body)
     try:
-        minor, n = I32I32.unpack_from(body, 0)
+        version, n = I32I32.unpack_from(body, 0)
     except struct.error:
         raise _bad("NegotiateProtocolVersion") from None
     if n < 0:
@@ -558,7 +559,9 @@ def decode_negotiate_protocol_version(body: Buf) -> NegotiateProtocolVersion:
         name, pos = cstring(body, pos, "NegotiateProtocolVersion")
         names.append(name)
     _end(body, pos, "NegotiateProtocolVersion")
-    return NegotiateProtocolVersion(minor, tuple(names))
+    if version >> 16 != 3:
+        raise _bad("NegotiateProtocolVersion")
+    return NegotiateProtocolVersion(version & 0xFFFF, tuple(names))
 
 
 # Table-driven dispatch for the glue's slow path; 'p' has three readings, so it maps to the

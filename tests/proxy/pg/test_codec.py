@@ -476,6 +476,7 @@ def test_startup_needs_negotiation() -> None:
     assert (packet.major, packet.minor) == (3, 2)
     assert packet.protocol_options == ("_pq_.x",) and packet.needs_negotiation
     reply = c.encode_negotiate_protocol_version(c.SUPPORTED_MINOR, packet.protocol_options)
+    assert reply[5:9] == b"\0\3\0\0"  # what PostgreSQL 15 sends: the whole version code 3.0
     assert m.decode_negotiate_protocol_version(reply[5:]) == m.NegotiateProtocolVersion(0, ("_pq_.x",))
 
 
