@@ -229,7 +229,7 @@ class StreamMasker:
         buf = self._held + chunk if self._held else chunk
         if not buf:
             return b""
-        cut, block = _cut(buf, self._max_hold)
+        cut, block = _cut(buf, self._max_hold, continuing=bool(self._held))
         if block and len(buf) - cut > self._max_block:
             # A private key that never ends (or is huge): redact what we hold and move on.
             self._held = b""
@@ -275,17 +275,19 @@ def _utf8_incomplete(buf: bytes) -> int:
     return 0
 
 
-def _cut(buf: bytes, max_hold: int) -> tuple[int, bool]:
+def _cut(buf: bytes, max_hold: int, *, continuing: bool) -> tuple[int, bool]:
     """Where to cut ``buf``: before the cut may be sent, after it is held.
 
-    The flag is True when the held part is a private-key PEM block in progress.
+    ``continuing`` says ``buf`` starts with bytes held last time: a word held because a
+    chunk cut it stays held while further small chunks extend it. The flag returned is
+    True when the held part is a private-key PEM block in progress.
     """
     cut = len(buf) - _utf8_incomplete(buf)
     pem = pem_open(buf)
     if pem != -1:
         return min(pem, cut), True
     rev = buf[max(0, cut - max_hold) : cut][::-1]
-    if not rev or _REV_CSI.match(rev):
+    if not rev or _REV_CSI.match(rev) or rev.startswith(b"-----YEK ETAVIRP"):
         return cut, False
     hold = 0
     m = _REV_EMAIL.match(rev)
@@ -294,7 +296,7 @@ def _cut(buf: bytes, max_hold: int) -> tuple[int, bool]:
     m = _REV_DIGITS.match(rev)
     if m:
         digits = len(m.group()) - len(m.group().translate(None, b"0123456789"))
-        if digits >= 3 or m.end() < len(rev):
+        if digits >= 3 or m.end() < len(rev) or continuing:
             hold = max(hold, m.end())
     for pattern in (_REV_IBAN, _REV_CONTEXT):
         m = pattern.match(rev)
@@ -303,6 +305,11 @@ def _cut(buf: bytes, max_hold: int) -> tuple[int, bool]:
     m = _REV_TOKEN.match(rev)
     if m:
         token = m.group()
-        if m.end() < len(rev) or len(token) >= _STRONG_TOKEN or any(w in token for w in _STRONG_WORDS):
+        weak = m.end() < len(rev) or continuing
+        if weak or len(token) >= _STRONG_TOKEN or any(w in token for w in _STRONG_WORDS):
             hold = max(hold, m.end())
+    if 0 < hold < len(rev):  # never cut a word in two: hold from its start
+        m = _REV_TOKEN.match(rev, hold)
+        if m:
+            hold = m.end()
     return cut - hold, False

@@ -1,0 +1,153 @@
+"""JsonStreamMasker: streaming JSON rewriting, split at every byte, output stays valid JSON."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from broker.config import Masking
+from proxy.jsonmask import JsonStreamMasker
+from proxy.mask import Masker
+
+MASKER = Masker(
+    Masking.model_validate(
+        {
+            "json_keys": [
+                {"match": "*password*"},
+                {"match": "card", "strategy": "partial"},
+                {"match": "ids", "strategy": "hash"},
+            ]
+        }
+    ),
+    b"k" * 32,
+)
+
+DOC: dict[str, Any] = {
+    "user": {
+        "email": "alice@example.com",
+        "name": 'Zoë "Z" \\ ünï ☃ 😀',
+        "db_password": "hunter2",
+        "card": 4111111111111111,
+        "ids": [1, "two", {"x": "bob@x.com"}, True, None, [3]],
+        "esc": "mail: bob\u0040example.org\nline\ttab",
+        "n": -1.5e3,
+        "deep": [[[{"a": []}]], {}],
+        "ok": False,
+    },
+    "carol@example.net": "key is masked too",
+    "list": ["4111 1111 1111 1111", "plain", 0, 1e-7],
+}
+
+
+def run(chunks: list[bytes], masker: Masker = MASKER) -> tuple[bytes, JsonStreamMasker]:
+    j = JsonStreamMasker(masker)
+    return b"".join(j.feed(c) for c in chunks) + j.flush(), j
+
+
+def expected_doc() -> dict[str, Any]:
+    h = MASKER.apply
+    return {
+        "user": {
+            "email": "[email]",
+            "name": 'Zoë "Z" \\ ünï ☃ 😀',
+            "db_password": "[masked]",
+            "card": "************1111",
+            "ids": [h("1", "hash"), h("two", "hash"), {"x": "[email]"}, True, None, [h("3", "hash")]],
+            "esc": "mail: [email]\nline\ttab",
+            "n": -1500.0,
+            "deep": [[[{"a": []}]], {}],
+            "ok": False,
+        },
+        "[email]": "key is masked too",
+        "list": ["[card]", "plain", 0, 1e-7],
+    }
+
+
+@pytest.mark.parametrize("ensure_ascii", [False, True])
+def test_whole_document(ensure_ascii: bool) -> None:
+    src = json.dumps(DOC, ensure_ascii=ensure_ascii).encode()
+    out, j = run([src])
+    assert json.loads(out) == expected_doc()
+    assert not j.fallback
+
+
+@pytest.mark.parametrize("ensure_ascii", [False, True])
+def test_split_at_every_byte(ensure_ascii: bool) -> None:
+    src = json.dumps(DOC, ensure_ascii=ensure_ascii, indent=1).encode()
+    whole, _ = run([src])
+    assert json.loads(whole) == expected_doc()
+    for k in range(len(src) + 1):
+        out, j = run([src[:k], src[k:]])
+        assert out == whole, k
+        assert not j.fallback
+
+
+def test_one_byte_at_a_time() -> None:
+    src = json.dumps(DOC).encode()
+    out, _ = run([src[i : i + 1] for i in range(len(src))])
+    assert json.loads(out) == expected_doc()
+
+
+def test_unchanged_document_is_byte_identical() -> None:
+    src = b'{"a": [1, 2.5, true, null], "b": {"c": "plain \\" text"}}'
+    out, _ = run([src[:7], src[7:30], src[30:]])
+    assert out == src
+
+
+def test_json_lines() -> None:
+    src = b'{"a": "x@y.io"}\n{"password": "p"}\n'
+    out, j = run([src])
+    assert [json.loads(line) for line in out.splitlines()] == [{"a": "[email]"}, {"password": "[masked]"}]
+    assert not j.fallback
+
+
+def test_long_string_is_redacted_whole_with_bounded_memory() -> None:
+    j = JsonStreamMasker(MASKER, max_string=1000)
+    out = j.feed(b'{"blob": "') + b"".join(j.feed(b"A" * 500) for _ in range(10)) + j.feed(b'", "b": 1}')
+    out += j.flush()
+    assert json.loads(out) == {"blob": "[masked]", "b": 1}
+    assert len(j._buf) == 0
+
+
+def test_long_string_in_one_chunk_is_redacted_too() -> None:
+    j = JsonStreamMasker(MASKER, max_string=1000)
+    out = j.feed(b'["' + b"A" * 5000 + b'"]') + j.flush()
+    assert json.loads(out) == ["[masked]"]
+
+
+@pytest.mark.parametrize(
+    "src",
+    [
+        b'{"a": "x", oops bob@x.com and more',
+        b"not json at all: bob@x.com",
+        b'{"a" "b@x.com"}',
+        b'{"a": tru bob@x.com}',
+        b'["x"]] bob@x.com',
+    ],
+)
+def test_invalid_json_falls_back_to_text_masking(src: bytes) -> None:
+    for k in (0, 5, len(src)):
+        out, j = run([src[:k], src[k:]])
+        assert j.fallback
+        assert b"bob@x.com" not in out
+        assert b"[email]" in out
+
+
+def test_too_deep_falls_back() -> None:
+    j = JsonStreamMasker(MASKER, max_depth=8)
+    out = j.feed(b"[" * 20 + b'"bob@x.com"' + b"]" * 20) + j.flush()
+    assert j.fallback
+    assert b"bob@x.com" not in out
+
+
+def test_truncated_body_is_still_masked() -> None:
+    out, _ = run([b'{"a": "to bob@x.com and mo'])
+    assert b"bob@x.com" not in out
+
+
+def test_disabled_passes_through() -> None:
+    m = Masker(Masking(enabled=False), b"k")
+    src = b'{"password": "p", "e": "bob@x.com"}'
+    assert run([src], m)[0] == src
