@@ -1,0 +1,55 @@
+"""The audit log is hash-chained: edits and deletions are found, and export carries the chain."""
+
+from __future__ import annotations
+
+import json
+
+from sqlalchemy import delete, update
+
+from broker import policy
+from broker.audit import export_jsonl, verify
+from broker.config import HoopConfig
+from broker.model import Identity
+from broker.service import Service
+from broker.store import Store
+from broker.store import tables as t
+
+
+async def _history(service: Service, config: HoopConfig) -> None:
+    def who(email: str) -> Identity:
+        return Identity(email=email, groups=policy.groups_of(config, email))
+
+    req = await service.request(who("alice@example.com"), "prod-db", "1h", "audit me")
+    await service.approve(req.id, who("dana@example.com"))
+    result = await service.approve(req.id, who("sam@example.com"))
+    assert result.grant is not None
+    await service.revoke(result.grant.id, who("alice@example.com"), "done")
+
+
+async def test_intact_chain_verifies(service: Service, config: HoopConfig, store: Store) -> None:
+    await _history(service, config)
+    verdict = await verify(store)
+    assert verdict.ok and verdict.checked == 6
+    lines = [json.loads(line) async for line in export_jsonl(store)]
+    assert [e["action"] for e in lines] == ["request.created", "request.approval", "request.approval",
+                                            "request.approved", "grant.issued", "grant.revoked"]
+    assert all(e["chain"] for e in lines) and lines[-1]["chain_text"] == "alice@example.com"
+
+
+async def test_edited_row_is_found(service: Service, config: HoopConfig, store: Store) -> None:
+    await _history(service, config)
+    async with store.tx() as tx:
+        await tx.conn.execute(update(t.audit_log).where(t.audit_log.c.seq == 3).values(actor="mallory@example.com"))
+    verdict = await verify(store)
+    assert not verdict.ok and verdict.broken_at == 3 and "altered" in verdict.reason
+
+
+async def test_deleted_row_is_found(service: Service, config: HoopConfig, store: Store) -> None:
+    await _history(service, config)
+    async with store.tx() as tx:
+        await tx.conn.execute(delete(t.audit_log).where(t.audit_log.c.seq == 4))
+    verdict = await verify(store)
+    assert not verdict.ok and verdict.broken_at == 4 and "missing" in verdict.reason
+    async with store.tx() as tx:
+        await tx.conn.execute(delete(t.audit_log).where(t.audit_log.c.seq >= 4))
+    assert (await verify(store)).ok  # truncating the tail is only detectable with an external anchor

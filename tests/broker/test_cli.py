@@ -1,0 +1,122 @@
+"""The `hoop` command as a user runs it: a real subprocess each time."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import base_config
+from tests.support.pgcluster import free_port
+
+HOOP = [sys.executable, "-m", "broker.cli"]
+
+
+def run(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*HOOP, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=60, check=False)
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    (tmp_path / "hoop.yaml").write_text(yaml.safe_dump(base_config()))
+    env = {**os.environ, "HOOP_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'hoop.db'}", "PGPW": "x",
+           "PYTHONPATH": str(Path(__file__).parents[2])}
+    for key in ("SLACK_BOT_TOKEN", "SLACK_SIGNING_SECRET", "SLACK_APP_TOKEN", "HOOP_CONFIG"):
+        env.pop(key, None)
+    return tmp_path, env
+
+
+def test_version(home: tuple[Path, dict[str, str]]) -> None:
+    cwd, env = home
+    out = run(["--version"], env, cwd)
+    assert out.returncode == 0 and out.stdout.startswith("hoop 0.")
+
+
+def test_bad_config_is_a_message_not_a_traceback(home: tuple[Path, dict[str, str]]) -> None:
+    cwd, env = home
+    data = base_config()
+    data["resources"][0]["approval"] = [{"from": "dba", "count": "many"}]
+    (cwd / "bad.yaml").write_text(yaml.safe_dump(data))
+    out = run(["check", "--config", "bad.yaml"], env, cwd)
+    assert out.returncode == 2
+    assert "bad.yaml: resources[0](prod-db).approval[0].count" in out.stderr
+    assert "Traceback" not in out.stderr + out.stdout
+
+
+def test_check_warns_and_fails(home: tuple[Path, dict[str, str]]) -> None:
+    cwd, env = home
+    data = base_config()
+    data["resources"][0]["approval"] = [{"from": "dba", "count": 2}]
+    data["resources"].append({"name": "open-db", "kind": "postgres", "address": "h:1", "credential": {"env": "NOPE"}})
+    (cwd / "c.yaml").write_text(yaml.safe_dump(data))
+    out = run(["check", "--config", "c.yaml"], env, cwd)
+    assert out.returncode == 1
+    text = " ".join(out.stdout.split())
+    assert "1 of dba" not in text and "2 of dba" in text
+    assert "open-db: reachable WITHOUT approval" in text
+    assert "env:NOPE is not set" in text
+    assert "open-db: no Slack channel" in text
+    good = run(["check"], env, cwd)
+    assert good.returncode == 0, good.stdout + good.stderr
+
+
+def test_breakglass_json_then_listing_and_audit(home: tuple[Path, dict[str, str]]) -> None:
+    cwd, env = home
+    refused = run(["breakglass", "--resource", "prod-db", "--identity", "alice@example.com", "--duration", "30m",
+                   "--reason", "fire"], env, cwd)
+    assert refused.returncode == 1 and "limited to members of admins" in refused.stderr
+    out = run(["breakglass", "--resource", "prod-db", "--identity", "root@example.com", "--duration", "30m",
+               "--reason", "outage", "--json"], env, cwd)
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert data["secret"].startswith("hoop_") and data["login"].startswith("root.")
+    assert {"login", "secret", "resource", "expires_at", "hints"} <= set(data)
+    grants = json.loads(run(["grants", "--json"], env, cwd).stdout)
+    assert grants[0]["breakglass"] is True and data["secret"] not in json.dumps(grants)
+    assert run(["audit", "verify"], env, cwd).returncode == 0
+    exported = run(["audit", "export", "--format", "jsonl"], env, cwd)
+    assert json.loads(exported.stdout.splitlines()[0])["action"] == "grant.breakglass"
+    db = sqlite3.connect(cwd / "hoop.db")
+    db.execute("UPDATE audit_log SET actor = 'mallory' WHERE seq = 1")
+    db.commit()
+    db.close()
+    broken = run(["audit", "verify"], env, cwd)
+    assert broken.returncode == 1 and "broken" in broken.stderr and "entry 1" in broken.stderr
+
+
+def test_serve_answers_healthz_and_stops_on_sigterm(home: tuple[Path, dict[str, str]]) -> None:
+    cwd, env = home
+    port = free_port()
+    env = {**env, "HOOP_HTTP_PORT": str(port), "HOOP_PG_PORT": "0", "HOOP_SSH_PORT": "0", "HOOP_HTTP_PROXY_PORT": "0"}
+    proc = subprocess.Popen([*HOOP, "serve"], env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        body = None
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and body is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as resp:
+                    body = json.loads(resp.read())
+            except OSError:
+                time.sleep(0.2)
+        assert body == {"status": "ok"}
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
+            assert b"hoop_grants_active" in resp.read()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert "Slack disabled" in out and "ready" in out and "stopped" in out
+    assert "Traceback" not in err

@@ -1,0 +1,100 @@
+"""Config validation: every error names the file, the key path and the reason."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from broker.config import load_config, parse_config
+from broker.duration import format_duration, parse_duration
+from broker.errors import ConfigError, InvalidInput
+from tests.conftest import base_config
+
+
+def _with_resource(**changes: Any) -> dict[str, Any]:
+    data = base_config()
+    data["resources"][0].update(changes)
+    return data
+
+
+@pytest.mark.parametrize(("data", "expected"), [
+    (_with_resource(kind="oracle"), "resources[0](prod-db): Input tag 'oracle' found using 'kind'"),
+    (_with_resource(approval=[{"from": "nobody", "count": 1}]), "approval step names unknown group 'nobody'"),
+    (_with_resource(approval=[{"from": "dba", "count": 0}]), "resources[0](prod-db).approval[0].count"),
+    (_with_resource(credential={"env": "X", "file": "/y"}), "exactly one of {env: NAME} or {file: PATH}"),
+    (_with_resource(credential="hunter2"), "resources[0](prod-db).credential"),
+    (_with_resource(request={"max_duration": "10x"}), "resources[0](prod-db).request.max_duration: duration '10x'"),
+    (_with_resource(request={"default_duration": "5h", "max_duration": "1h"}), "default_duration is longer"),
+    (_with_resource(guardrails={"rules": [{"name": "r", "action": "block"}]}), "rule 'r' has no selector"),
+    (_with_resource(guardrails={"rules": [{"name": "r", "action": "nuke", "statements": ["drop"]}]}),
+     "guardrails.rules[0](r).action"),
+    (_with_resource(masking={"detectors": ["dna"]}), "masking.detectors[0]"),
+    (_with_resource(surprise=1), "resources[0](prod-db).surprise: Extra inputs are not permitted"),
+    (_with_resource(credentials="ephemeral"), "credentials: ephemeral needs admin_credential"),
+    ({**base_config(), "admins": "root"}, "admins names group 'root'"),
+    ({**base_config(), "resources": [base_config()["resources"][0]] * 2}, "resource name 'prod-db' is used twice"),
+    ({**base_config(), "listen": {"http": 70000}}, "listen.http: Input should be less than or equal to 65535"),
+])
+def test_config_errors_name_key_and_reason(data: dict[str, Any], expected: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        parse_config(data, source="hoop.yaml")
+    assert exc.value.message.startswith("hoop.yaml: ")
+    assert expected in exc.value.message
+
+
+def test_yaml_syntax_error_has_line(tmp_path: Path) -> None:
+    path = tmp_path / "hoop.yaml"
+    path.write_text("admins: [a\ngroups: {}\n")
+    with pytest.raises(ConfigError, match=r"hoop.yaml: line \d+, column \d+"):
+        load_config(path)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_top_level_must_be_mapping() -> None:
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        parse_config(["a"])
+
+
+def test_env_overrides_ports() -> None:
+    cfg = parse_config(base_config(), environ={"HOOP_HTTP_PORT": "9000", "HOOP_PG_PORT": "0", "HOOP_SSH_PORT": "2200",
+                                               "HOOP_HTTP_PROXY_PORT": "19000"})
+    assert (cfg.listen.http, cfg.listen.postgres, cfg.listen.ssh, cfg.listen.http_proxy) == (9000, 0, 2200, 19000)
+    with pytest.raises(ConfigError, match="HOOP_PG_PORT='x' is not a port"):
+        parse_config(base_config(), environ={"HOOP_PG_PORT": "x"})
+
+
+def test_example_config_is_valid() -> None:
+    cfg = load_config(Path(__file__).parents[2] / "manifests" / "hoop.example.yaml")
+    assert {r.kind for r in cfg.resources} == {"postgres", "ssh", "http"}
+
+
+def test_secret_ref_resolution_never_shows_value(tmp_path: Path) -> None:
+    cfg = parse_config(base_config())
+    ref = cfg.resources[0].credential
+    assert ref is not None
+    assert ref.resolve({"PGPW": "s3cret"}) == "s3cret"
+    with pytest.raises(ConfigError) as exc:
+        ref.resolve({})
+    assert "env:PGPW is not set" in exc.value.message
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("30m", 1800), ("2h", 7200), ("1h30m", 5400), ("45s", 45),
+                                               ("1d", 86400), (" 2H ", 7200)])
+def test_durations(text: str, seconds: int) -> None:
+    assert parse_duration(text) == timedelta(seconds=seconds)
+    assert parse_duration(format_duration(parse_duration(text))) == parse_duration(text)
+
+
+@pytest.mark.parametrize(("text", "message"), [("0m", "is zero"), ("-5m", "negative"), ("5y", "unknown unit"),
+                                               ("abc", "not understood"), ("", "not understood"),
+                                               ("10", "not understood")])
+def test_bad_durations(text: str, message: str) -> None:
+    with pytest.raises(InvalidInput, match=message):
+        parse_duration(text)

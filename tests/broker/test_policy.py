@@ -1,0 +1,103 @@
+"""Policy: AND of groups, distinct people, self-approval, one slot per person, duration caps."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from broker import policy
+from broker.config import HoopConfig
+from broker.errors import Denied, InvalidInput
+from broker.model import AccessRequest, Approval, Identity, RequestStatus, StepSpec
+
+T0 = datetime(2030, 1, 1, tzinfo=UTC)
+
+
+def who(config: HoopConfig, email: str) -> Identity:
+    return Identity(email=email, groups=policy.groups_of(config, email))
+
+
+def req(steps: tuple[StepSpec, ...], requester: str = "alice@example.com") -> AccessRequest:
+    return AccessRequest(id="r1", resource="prod-db", requester=requester, chain=(requester,),
+                         duration=timedelta(minutes=30), reason="x", status=RequestStatus.PENDING, created_at=T0,
+                         lapses_at=T0 + timedelta(hours=1), steps=steps)
+
+
+def approve(r: AccessRequest, identity: Identity) -> None:
+    groups = policy.assign(r, identity)
+    r.approvals.append(Approval(approver=identity.email, groups=groups, at=T0))
+
+
+def test_and_of_groups_needs_each(config: HoopConfig) -> None:
+    r = req((StepSpec("dba", 1), StepSpec("security", 1)))
+    approve(r, who(config, "dana@example.com"))
+    assert not policy.is_met(r.steps, r.approvals)
+    approve(r, who(config, "sam@example.com"))
+    assert policy.is_met(r.steps, r.approvals)
+    assert [f.approvers for f in policy.fill(r.steps, r.approvals)] == [("dana@example.com",), ("sam@example.com",)]
+
+
+def test_distinct_people_count_once(config: HoopConfig) -> None:
+    r = req((StepSpec("dba", 2),))
+    approve(r, who(config, "dana@example.com"))
+    with pytest.raises(Denied) as exc:
+        approve(r, who(config, "dana@example.com"))
+    assert exc.value.code == "duplicate"
+    assert not policy.is_met(r.steps, r.approvals)
+
+
+def test_self_approval_refused(config: HoopConfig) -> None:
+    r = req((StepSpec("dba", 1),), requester="dana@example.com")
+    with pytest.raises(Denied) as exc:
+        approve(r, who(config, "dana@example.com"))
+    assert exc.value.code == "self_approval"
+
+
+def test_person_in_two_groups_fills_one_slot(config: HoopConfig) -> None:
+    # erin is in dba AND security: alone she must not satisfy both steps
+    r = req((StepSpec("dba", 1), StepSpec("security", 1)))
+    approve(r, who(config, "erin@example.com"))
+    assert not policy.is_met(r.steps, r.approvals)
+    approve(r, who(config, "dana@example.com"))  # dba only: matching moves erin to security
+    assert policy.is_met(r.steps, r.approvals)
+
+
+def test_approval_not_needed_when_steps_full(config: HoopConfig) -> None:
+    r = req((StepSpec("dba", 1), StepSpec("security", 1)))
+    approve(r, who(config, "dana@example.com"))
+    with pytest.raises(Denied) as exc:
+        approve(r, who(config, "dana2@example.com"))
+    assert exc.value.code == "not_approver"
+    r2 = req((StepSpec("security", 1),))
+    approve(r2, who(config, "sam@example.com"))
+    with pytest.raises(Denied) as exc:
+        approve(r2, who(config, "erin@example.com"))
+    assert exc.value.code == "not_needed"
+
+
+def test_outsider_and_chain_refused(config: HoopConfig) -> None:
+    r = req((StepSpec("dba", 1),))
+    with pytest.raises(Denied) as exc:
+        approve(r, who(config, "bob@example.com"))
+    assert exc.value.code == "not_approver"
+    agent_req = req((StepSpec("dba", 1),), requester="ci-runner")
+    agent_req.chain = ("dana@example.com", "ci-runner")
+    with pytest.raises(Denied) as exc:
+        approve(agent_req, who(config, "dana@example.com"))
+    assert exc.value.code == "in_chain"
+
+
+def test_duration_caps(config: HoopConfig) -> None:
+    assert policy.resolve_duration(config, "prod-db", None) == timedelta(minutes=30)
+    assert policy.resolve_duration(config, "prod-db", "4h") == timedelta(hours=4)
+    with pytest.raises(InvalidInput, match="maximum of 4h"):
+        policy.resolve_duration(config, "prod-db", "4h1s")
+
+
+def test_who_may_request(config: HoopConfig) -> None:
+    policy.may_request(config, who(config, "alice@example.com"), "prod-db")
+    with pytest.raises(Denied, match="only members of eng"):
+        policy.may_request(config, who(config, "dana@example.com"), "prod-db")
+    with pytest.raises(InvalidInput, match="unknown resource"):
+        policy.may_request(config, who(config, "alice@example.com"), "nope")
