@@ -1,0 +1,168 @@
+"""The session layer: gate refusals, deadline and revocation ending sessions, crash-safe recording, reviews."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from broker import policy
+from broker.clock import FakeClock, SystemClock
+from broker.config import HoopConfig
+from broker.errors import Denied
+from broker.events import Broadcast, RecordingNotifier, ReviewRequested, SessionClosed, SessionOpened
+from broker.model import Grant, Identity, SessionStatus
+from broker.reviews import Reviews
+from broker.service import Service
+from broker.store import Store
+from proxy.access import Gate
+from proxy.sessions import SessionHub
+
+
+def who(config: HoopConfig, email: str) -> Identity:
+    return Identity(email=email, groups=policy.groups_of(config, email))
+
+
+async def grant_for(service: Service, config: HoopConfig, duration: str = "1h") -> tuple[Grant, str]:
+    req = await service.request(who(config, "alice@example.com"), "prod-db", duration, "x")
+    await service.approve(req.id, who(config, "dana@example.com"))
+    result = await service.approve(req.id, who(config, "sam@example.com"))
+    assert result.grant is not None and result.secret is not None
+    return result.grant, result.secret
+
+
+@pytest.fixture
+async def live(config: HoopConfig, tmp_path: Path) -> tuple[Service, SessionHub, RecordingNotifier, Store]:
+    store = Store.from_url(f"sqlite+aiosqlite:///{tmp_path / 'h.db'}")
+    await store.migrate()
+    recorder = RecordingNotifier()
+    bus = Broadcast([recorder])
+    service = Service(config, store, SystemClock(), bus)
+    hub = SessionHub(service, SystemClock(), spool_dir=tmp_path / "spool", flush_every=0.05)
+    bus.add(hub)
+    yield service, hub, recorder, store
+    await hub.close_all()
+    await store.close()
+
+
+async def test_gate_refusals_and_bearer_cache(service: Service, config: HoopConfig, clock: FakeClock) -> None:
+    gate = Gate(service, clock)
+    grant, secret = await grant_for(service, config)
+    assert (await gate.authenticate_bearer(secret, "prod-db")).id == grant.id
+    with pytest.raises(Denied) as exc:
+        await gate.authenticate_bearer(secret, "other")
+    assert exc.value.code == "wrong_resource"
+    with pytest.raises(Denied) as exc:
+        await gate.authenticate_bearer("hoop_wrong", "prod-db")
+    assert exc.value.code == "bad_credentials"
+    revoked = await service.revoke(grant.id, who(config, "alice@example.com"))
+    from broker.events import GrantEnded
+
+    await gate.publish(GrantEnded(grant=revoked, request=None))
+    with pytest.raises(Denied) as exc:
+        await gate.authenticate_bearer(secret, "prod-db")
+    assert exc.value.code == "revoked"
+    unknown, verifier = await gate.scram_lookup("ghost.zzzzz")
+    assert unknown is None and verifier.startswith("SCRAM-SHA-256$4096:")
+    assert verifier == (await gate.scram_lookup("ghost.zzzzz"))[1]
+
+
+async def test_revocation_ends_live_sessions_and_records(live: tuple[Service, SessionHub, RecordingNotifier, Store],
+                                                         config: HoopConfig) -> None:
+    service, hub, recorder, store = live
+    grant, _ = await grant_for(service, config)
+    ended: list[str] = []
+    s = await hub.open(grant, "prod-db", "postgres", "127.0.0.1:5555", ended.append)
+    s.record("statement", {"sql": "SELECT 1", "decision": "allow"})
+    assert len(recorder.of(SessionOpened)) == 1
+    await service.revoke(grant.id, who(config, "dana@example.com"), "incident over")
+    assert ended == ["access revoked: incident over"]
+    await s.close("client gone")
+    async with store.tx() as tx:
+        row = await tx.get_session(s.id)
+        events = await tx.events(s.id)
+    assert row is not None and row.status is SessionStatus.CLOSED and row.close_reason == ended[0]
+    assert [e.kind for e in events] == ["open", "statement", "close"]
+    assert events[0].data["chain"] == ["alice@example.com"]
+    assert recorder.of(SessionClosed)[0].session.id == s.id
+    assert not list((hub.spool_dir or Path()).glob("*.jsonl"))
+
+
+async def test_deadline_timer_ends_session(live: tuple[Service, SessionHub, RecordingNotifier, Store],
+                                           config: HoopConfig) -> None:
+    service, hub, _, _ = live
+    grant, _ = await grant_for(service, config)
+    ended = asyncio.Event()
+    reasons: list[str] = []
+
+    def on_end(reason: str) -> None:
+        reasons.append(reason)
+        ended.set()
+
+    s = await hub.open(grant, "prod-db", "postgres", "c", on_end)
+    s.deadline = SystemClock().now() + timedelta(milliseconds=200)
+    s.arm()
+    async with asyncio.timeout(3):
+        await ended.wait()
+    assert reasons == ["access expired"]
+    await s.close("x")
+
+
+async def test_spool_recovers_after_crash(live: tuple[Service, SessionHub, RecordingNotifier, Store],
+                                          config: HoopConfig, tmp_path: Path) -> None:
+    service, hub, _, store = live
+    grant, _ = await grant_for(service, config)
+    s = await hub.open(grant, "prod-db", "postgres", "c", lambda r: None)
+    for i in range(5):
+        s.record("statement", {"sql": f"SELECT {i}"})
+    spool = tmp_path / "spool" / f"{s.id}.jsonl"
+    with spool.open("a") as f:
+        f.write('{"seq": 99, "at": "2030-01-0')  # a torn write: the event in flight
+    assert len(spool.read_text().splitlines()) == 7
+    # "crash": a new hub over the same spool directory, the old one never flushed
+    hub2 = SessionHub(service, SystemClock(), spool_dir=tmp_path / "spool")
+    hub._live.clear()
+    hub._dirty.clear()
+    assert await hub2.recover() == 1
+    async with store.tx() as tx:
+        events = await tx.events(s.id)
+        row = await tx.get_session(s.id)
+    assert [e.data.get("sql") for e in events if e.kind == "statement"] == [f"SELECT {i}" for i in range(5)]
+    assert row is not None and row.status is SessionStatus.CLOSED and "stopped" in (row.close_reason or "")
+    assert json.dumps([e.data for e in events]).count("SELECT") == 5
+
+
+async def test_review_allowed_refused_and_timeout(live: tuple[Service, SessionHub, RecordingNotifier, Store],
+                                                  config: HoopConfig) -> None:
+    service, hub, recorder, _ = live
+    grant, _ = await grant_for(service, config)
+    s = await hub.open(grant, "prod-db", "postgres", "c", lambda r: None)
+    reviews: Reviews = hub.reviews
+
+    async def decide_when_asked(email: str, allow: bool) -> None:
+        for _ in range(100):
+            asked = recorder.of(ReviewRequested)
+            pending = [e for e in asked if e.review.status == "pending" and e.review.id not in done]
+            if pending:
+                review = pending[-1].review
+                done.add(review.id)
+                with pytest.raises(Denied):
+                    await reviews.decide(review.id, who(config, "alice@example.com"), True)  # self
+                with pytest.raises(Denied):
+                    await reviews.decide(review.id, who(config, "bob@example.com"), True)  # not approver
+                await reviews.decide(review.id, who(config, email), allow)
+                return
+            await asyncio.sleep(0.02)
+
+    done: set[str] = set()
+    ok, _ = await asyncio.gather(s.review("DELETE FROM t WHERE id = 1", "review-writes", 5),
+                                 decide_when_asked("dana@example.com", True))
+    assert ok is True
+    refused, _ = await asyncio.gather(s.review("DROP TABLE t", "review-ddl", 5),
+                                      decide_when_asked("sam@example.com", False))
+    assert refused is False
+    assert await s.review("TRUNCATE t", "review-ddl", 0.2) is False  # nobody answers
+    await s.close("done")
