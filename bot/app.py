@@ -1,0 +1,235 @@
+"""The Slack bot: a Bolt ``AsyncApp`` on the broker's aiohttp server, or on Socket Mode.
+
+How it works: every listener acknowledges at once (the ack is all Slack waits for, well
+inside its 3 seconds) and hands the slow part, identity look-ups and service calls, to a
+task the bot owns (``_spawn``); :meth:`SlackBot.drain` waits for them (tests, shutdown).
+Events are deduplicated by event id in the store (``tx.mark_processed``), so Slack's
+retries and duplicate deliveries act once on any replica. Bolt checks request signatures
+and timestamps (forged or stale: 401). The Web API client retries 429s after
+``Retry-After``. The bot is also the broker's ``Notifier`` (see :mod:`bot.notifier`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from slack_bolt.adapter.aiohttp import to_aiohttp_response, to_bolt_request
+from slack_bolt.adapter.socket_mode.aiohttp import AsyncSocketModeHandler
+from slack_bolt.app.async_app import AsyncApp
+from slack_sdk.http_retry.builtin_async_handlers import (
+    AsyncConnectionErrorRetryHandler,
+    AsyncRateLimitErrorRetryHandler,
+)
+from slack_sdk.web.async_client import AsyncWebClient
+
+from bot import views
+from bot.commands import Commands, parse
+from bot.home import Home
+from bot.identity import Directory
+from bot.notifier import SlackNotifier
+from bot.reactions import Approvals, Reviews
+from broker.clock import Clock
+from broker.config import HoopConfig, Settings
+from broker.errors import ConfigError, HoopError, InvalidInput
+from broker.events import Event
+from broker.service import Service
+
+log = logging.getLogger(__name__)
+
+SLACK_API = "https://slack.com/api/"
+Ack = Callable[..., Awaitable[Any]]
+
+
+class SlackBot:
+    """Slash commands, reactions, buttons, modals and App Home; and the broker's Slack notifier."""
+
+    def __init__(self, config: HoopConfig, settings: Settings, service: Service, clock: Clock,
+                 reviews: Reviews | None = None) -> None:
+        if not settings.slack_bot_token:
+            raise ConfigError("the Slack bot needs SLACK_BOT_TOKEN")
+        if not settings.slack_app_token and not settings.slack_signing_secret:
+            raise ConfigError("the Slack bot needs SLACK_SIGNING_SECRET (HTTP mode) or SLACK_APP_TOKEN (Socket Mode)")
+        self.config = config
+        self.settings = settings
+        self.service = service
+        self.clock = clock
+        base = settings.slack_api_url or SLACK_API
+        base = base if base.endswith("/") else base + "/"
+        self.client = AsyncWebClient(token=settings.slack_bot_token, base_url=base,
+                                     retry_handlers=[AsyncConnectionErrorRetryHandler(),
+                                                     AsyncRateLimitErrorRetryHandler(max_retry_count=3)])
+        self.directory = Directory(self.client, config, clock)
+        self.notifier = SlackNotifier(self.client, config, service, clock, self.directory)
+        self.commands = Commands(config, service, clock)
+        self.approvals = Approvals(service, self.directory, self.client, reviews)
+        self.home = Home(service, self.directory, self.client)
+        self.socket_mode = bool(settings.slack_app_token)
+        self.app = AsyncApp(client=self.client, signing_secret=settings.slack_signing_secret or "",
+                            process_before_response=True, request_verification_enabled=not self.socket_mode,
+                            raise_error_for_unhandled_request=False, logger=log)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._socket: AsyncSocketModeHandler | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._register()
+
+    # -- lifecycle --------------------------------------------------------------------------
+    async def start(self, web_app: web.Application) -> None:
+        """Mount ``POST /slack/events`` on ``web_app`` (HTTP mode; call before the app starts),
+        or connect Socket Mode when an app token is set."""
+        self._session = aiohttp.ClientSession()
+        self.client.session = self._session
+        if self.socket_mode:
+            self._socket = AsyncSocketModeHandler(self.app, self.settings.slack_app_token, web_client=self.client)
+            await self._socket.connect_async()  # type: ignore[no-untyped-call]
+        else:
+            web_app.router.add_post("/slack/events", self.handle)
+
+    async def stop(self) -> None:
+        try:
+            async with asyncio.timeout(10):
+                await self.drain()
+        except TimeoutError:
+            for task in list(self._tasks):
+                task.cancel()
+        if self._socket is not None:
+            await self._socket.close_async()  # type: ignore[no-untyped-call]
+            self._socket = None
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+            self.client.session = None
+
+    async def drain(self) -> None:
+        """Wait until every piece of work started by a Slack request has finished."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def publish(self, event: Event) -> None:
+        await self.notifier.publish(event)
+
+    async def handle(self, request: web.Request) -> web.Response:
+        """``POST /slack/events``: Bolt verifies the signature and dispatches."""
+        bolt_resp = await self.app.async_dispatch(await to_bolt_request(request))
+        return await to_aiohttp_response(bolt_resp)
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(self._guard(work))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    @staticmethod
+    async def _guard(work: Coroutine[Any, Any, None]) -> None:
+        try:
+            await work
+        except Exception:
+            log.exception("Slack work failed")
+
+    async def _first(self, body: dict[str, Any]) -> bool:
+        """True the first time an event id is seen, on any replica."""
+        event_id = body.get("event_id")
+        if not event_id:
+            return True
+        async with self.service.store.tx() as tx:
+            return await tx.mark_processed(f"slack:{event_id}", self.clock.now())
+
+    # -- listeners --------------------------------------------------------------------------
+    def _register(self) -> None:
+        app = self.app
+        app.command("/hoop")(self._on_command)
+        app.event("reaction_added")(self._on_reaction_added)
+        app.event("reaction_removed")(self._on_reaction_removed)
+        app.event("app_home_opened")(self._on_home)
+        app.action(views.APPROVE_ACTION)(self._on_approve)
+        app.action(views.DENY_ACTION)(self._on_deny)
+        app.action(views.EXTEND_ACTION)(self._on_extend)
+        app.action(views.REVIEW_ALLOW_ACTION)(self._on_review_allow)
+        app.action(views.REVIEW_REFUSE_ACTION)(self._on_review_refuse)
+        app.view(views.DENY_MODAL)(self._on_deny_submitted)
+
+    async def _on_command(self, ack: Ack, body: dict[str, Any]) -> None:
+        try:
+            cmd = parse(str(body.get("text") or ""))
+        except InvalidInput as exc:
+            await ack(text=exc.message)
+            return
+        if cmd.verb == "help":
+            await ack(text=views.help_text())
+            return
+        await ack()
+        user = str(body.get("user_id"))
+
+        async def work() -> None:
+            try:
+                who = await self.directory.identify(user)
+                text = await self.commands.run(cmd, who)
+            except HoopError as exc:
+                text = exc.message
+            except Exception:
+                log.exception("/hoop %s failed", cmd.verb)
+                text = f"`/hoop {cmd.verb}` failed inside hoop; the error is logged for the operators."
+            await self._answer(body, text)
+
+        self._spawn(work())
+
+    async def _answer(self, body: dict[str, Any], text: str) -> None:
+        """The ephemeral reply to a slash command: its response_url, else chat.postEphemeral."""
+        url = body.get("response_url")
+        if url and self._session is not None:
+            async with self._session.post(url, json={"response_type": "ephemeral", "text": text}) as resp:
+                if resp.status < 300:
+                    return
+                log.warning("response_url answered %s", resp.status)
+        await self.approvals.note(body.get("channel_id"), str(body.get("user_id")), text)
+
+    async def _on_reaction_added(self, body: dict[str, Any], event: dict[str, Any]) -> None:
+        if await self._first(body):
+            self._spawn(self.approvals.reaction_added(event))
+
+    async def _on_reaction_removed(self, body: dict[str, Any], event: dict[str, Any]) -> None:
+        if await self._first(body):
+            self._spawn(self.approvals.reaction_removed(event))
+
+    async def _on_home(self, body: dict[str, Any], event: dict[str, Any]) -> None:
+        if event.get("tab", "home") == "home" and await self._first(body):
+            self._spawn(self.home.publish(str(event.get("user"))))
+
+    @staticmethod
+    def _where(body: dict[str, Any]) -> tuple[str, str | None]:
+        channel = (body.get("channel") or {}).get("id") or (body.get("container") or {}).get("channel_id")
+        return str((body.get("user") or {}).get("id")), channel
+
+    async def _on_approve(self, ack: Ack, body: dict[str, Any], action: dict[str, Any]) -> None:
+        await ack()
+        user, channel = self._where(body)
+        self._spawn(self.approvals.approve_button(str(action.get("value")), user, channel))
+
+    async def _on_deny(self, ack: Ack, body: dict[str, Any], action: dict[str, Any]) -> None:
+        await ack()
+        self._spawn(self.approvals.open_deny_modal(str(action.get("value")), str(body.get("trigger_id"))))
+
+    async def _on_extend(self, ack: Ack, body: dict[str, Any], action: dict[str, Any]) -> None:
+        await ack()
+        user, channel = self._where(body)
+        self._spawn(self.approvals.extend_button(str(action.get("value")), user, channel))
+
+    async def _on_review_allow(self, ack: Ack, body: dict[str, Any], action: dict[str, Any]) -> None:
+        await ack()
+        user, channel = self._where(body)
+        self._spawn(self.approvals.decide_review(str(action.get("value")), user, True, channel))
+
+    async def _on_review_refuse(self, ack: Ack, body: dict[str, Any], action: dict[str, Any]) -> None:
+        await ack()
+        user, channel = self._where(body)
+        self._spawn(self.approvals.decide_review(str(action.get("value")), user, False, channel))
+
+    async def _on_deny_submitted(self, ack: Ack, body: dict[str, Any], view: dict[str, Any]) -> None:
+        await ack()
+        values = (view.get("state") or {}).get("values") or {}
+        reason = ((values.get(views.DENY_REASON_BLOCK) or {}).get(views.DENY_REASON_INPUT) or {}).get("value") or ""
+        user = str((body.get("user") or {}).get("id"))
+        self._spawn(self.approvals.deny_submitted(str(view.get("private_metadata")), user, str(reason)))

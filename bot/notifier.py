@@ -1,0 +1,262 @@
+"""The broker's events, rendered into Slack: one thread per request.
+
+:class:`SlackNotifier` is a broker ``Notifier``. ``RequestCreated`` posts the card in the
+resource's channel and saves its channel and ts in the store (``service.set_card``), so any
+replica, or this one after a restart, updates the same card with ``chat.update``. Every
+later event is a reply in the card's thread, and changes that alter the card update it in
+place. ``GrantIssued`` is the only event with the secret: it goes to the requester's DM and
+nowhere else. Events without a card (break-glass grants) go to the resource's channel.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from slack_sdk.web.async_client import AsyncWebClient
+
+from bot import views
+from bot.identity import Directory
+from broker.clock import Clock
+from broker.config import HoopConfig
+from broker.duration import format_duration
+from broker.events import (
+    ApprovalAdded,
+    ApprovalWithdrawn,
+    Event,
+    GrantEnded,
+    GrantExtended,
+    GrantIssued,
+    GrantReminder,
+    RequestCancelled,
+    RequestCreated,
+    RequestDenied,
+    RequestLapsed,
+    ReviewDecided,
+    ReviewRequested,
+    SessionClosed,
+    SessionOpened,
+    TranscriptReady,
+)
+from broker.model import AccessRequest, Grant, GrantStatus
+from broker.service import Service
+
+log = logging.getLogger(__name__)
+
+
+class SlackNotifier:
+    """Posts and updates cards, thread replies, DMs and transcript uploads."""
+
+    def __init__(self, client: AsyncWebClient, config: HoopConfig, service: Service, clock: Clock,
+                 directory: Directory) -> None:
+        self.client = client
+        self.config = config
+        self.service = service
+        self.clock = clock
+        self.directory = directory
+
+    async def publish(self, event: Event) -> None:
+        handler = getattr(self, "_on_" + type(event).__name__, None)
+        if handler is not None:
+            await handler(event)
+
+    # -- where things go --------------------------------------------------------------------
+    def _channel_of(self, resource: str) -> str | None:
+        res = self.config.resource(resource)
+        return res.channel if res is not None else None
+
+    async def _fresh(self, req: AccessRequest) -> AccessRequest:
+        """The request with its card reference (an event may predate ``set_card``)."""
+        if req.card_ts is not None:
+            return req
+        async with self.service.store.tx() as tx:
+            stored = await tx.get_request(req.id)
+        if stored is not None:
+            req.card_channel, req.card_ts = stored.card_channel, stored.card_ts
+        return req
+
+    async def _thread(self, req: AccessRequest | None, resource: str) -> tuple[str | None, str | None]:
+        if req is not None:
+            req = await self._fresh(req)
+            if req.card_channel and req.card_ts:
+                return req.card_channel, req.card_ts
+        return self._channel_of(resource), None
+
+    async def _reply(self, req: AccessRequest | None, resource: str, text: str,
+                     blocks: list[dict[str, Any]] | None = None) -> tuple[str, str] | None:
+        channel, thread_ts = await self._thread(req, resource)
+        if channel is None:
+            log.info("no channel for %s; dropping %r", resource, text[:60])
+            return None
+        kwargs: dict[str, Any] = {"channel": channel, "text": text}
+        if thread_ts:
+            kwargs["thread_ts"] = thread_ts
+        if blocks:
+            kwargs["blocks"] = blocks
+        resp = await self.client.chat_postMessage(**kwargs)
+        return str(resp["channel"]), str(resp["ts"])
+
+    async def _update_card(self, req: AccessRequest, grant: Grant | None = None) -> None:
+        req = await self._fresh(req)
+        if not (req.card_channel and req.card_ts):
+            return
+        if grant is None and req.grant_id is not None:
+            async with self.service.store.tx() as tx:
+                grant = await tx.get_grant(req.grant_id)
+        text, blocks = views.card(req, self.clock.now(), grant)
+        await self.client.chat_update(channel=req.card_channel, ts=req.card_ts, text=text, blocks=blocks)
+
+    async def _dm(self, user_id: str, text: str, blocks: list[dict[str, Any]] | None = None) -> None:
+        opened = await self.client.conversations_open(users=user_id)
+        kwargs: dict[str, Any] = {"channel": opened["channel"]["id"], "text": text}
+        if blocks:
+            kwargs["blocks"] = blocks
+        await self.client.chat_postMessage(**kwargs)
+
+    # -- requests ---------------------------------------------------------------------------
+    async def _on_RequestCreated(self, ev: RequestCreated) -> None:
+        req = ev.request
+        channel = self._channel_of(req.resource)
+        thread_ts: str | None = None
+        if req.extends_grant:  # an extension is asked in the original request's thread
+            async with self.service.store.tx() as tx:
+                grant = await tx.get_grant(req.extends_grant)
+                orig = await self.service.request_for(tx, grant) if grant is not None else None
+            if orig is not None and orig.card_channel and orig.card_ts:
+                channel, thread_ts = orig.card_channel, orig.card_ts
+        if channel is None and req.requester_slack_id:
+            channel = (await self.client.conversations_open(users=req.requester_slack_id))["channel"]["id"]
+        if channel is None:
+            log.warning("request %s: resource %s has no channel and the requester no Slack id", req.id, req.resource)
+            return
+        text, blocks = views.card(req, self.clock.now())
+        kwargs: dict[str, Any] = {"channel": channel, "text": text, "blocks": blocks}
+        if thread_ts:
+            kwargs["thread_ts"] = thread_ts
+        resp = await self.client.chat_postMessage(**kwargs)
+        await self.service.set_card(req.id, str(resp["channel"]), str(resp["ts"]))
+        req.card_channel, req.card_ts = str(resp["channel"]), str(resp["ts"])
+
+    async def _on_ApprovalAdded(self, ev: ApprovalAdded) -> None:
+        groups = next((a.groups for a in ev.request.approvals if a.approver == ev.approver.email.lower()), ())
+        via = "button" if ev.via == "button" else ev.via
+        await self._reply(ev.request, ev.request.resource,
+                          f":white_check_mark: {ev.approver.label} approved ({', '.join(groups)}) via {via}")
+        await self._update_card(ev.request)
+
+    async def _on_ApprovalWithdrawn(self, ev: ApprovalWithdrawn) -> None:
+        await self._reply(ev.request, ev.request.resource, f":leftwards_arrow_with_hook: {ev.approver.label} "
+                                                           "withdrew their approval")
+        await self._update_card(ev.request)
+
+    async def _on_RequestDenied(self, ev: RequestDenied) -> None:
+        why = f": {ev.reason}" if ev.reason.strip() else ""
+        await self._reply(ev.request, ev.request.resource, f":x: Denied by {ev.by.label}{why}")
+        await self._update_card(ev.request)
+
+    async def _on_RequestLapsed(self, ev: RequestLapsed) -> None:
+        await self._reply(ev.request, ev.request.resource,
+                          f":zzz: Lapsed: not approved by {views.hhmm(ev.request.lapses_at)}")
+        await self._update_card(ev.request)
+
+    async def _on_RequestCancelled(self, ev: RequestCancelled) -> None:
+        await self._reply(ev.request, ev.request.resource, f":heavy_minus_sign: Cancelled by {ev.by.label}")
+        await self._update_card(ev.request)
+
+    # -- grants -----------------------------------------------------------------------------
+    async def _on_GrantIssued(self, ev: GrantIssued) -> None:
+        grant, req = ev.grant, ev.request
+        resource = grant.resources[0]
+        user_id = req.requester_slack_id if req is not None else None
+        if user_id is None:
+            user_id = await self.directory.user_id_for(grant.identity)
+        text, blocks = views.grant_dm(grant, ev.secret, ev.hints)
+        if user_id is not None:
+            await self._dm(user_id, text, blocks)
+        else:
+            log.warning("grant %s: no Slack user for %s; the credential was returned to the caller only",
+                        grant.id, grant.identity)
+        if ev.breakglass_by is not None:
+            await self._reply(None, resource, f":rotating_light: *Break-glass*: {ev.breakglass_by.label} granted "
+                                              f"{grant.identity} access to {', '.join(grant.resources)} until "
+                                              f"{views.hhmm(grant.expires_at)} without approval "
+                                              f"(grant `{grant.id}`). Reason: {ev.breakglass_reason or '—'}")
+            return
+        await self._reply(req, resource, f":key: Granted until {views.hhmm(grant.expires_at)} "
+                                         f"(grant `{grant.id}`, login `{grant.login}`); details sent to "
+                                         f"{grant.identity} by DM")
+        if req is not None:
+            await self._update_card(req, grant)
+
+    async def _on_GrantExtended(self, ev: GrantExtended) -> None:
+        grant = ev.grant
+        orig = await self._origin(grant)
+        await self._reply(orig or ev.request, grant.resources[0], f":arrow_forward: Extended by {ev.by.label} "
+                                                                  f"until {views.hhmm(grant.expires_at)}")
+        if ev.request is not None and ev.request.extends_grant:
+            await self._update_card(ev.request, None)
+        if orig is not None:
+            await self._update_card(orig, grant)
+
+    async def _origin(self, grant: Grant) -> AccessRequest | None:
+        async with self.service.store.tx() as tx:
+            return await self.service.request_for(tx, grant)
+
+    async def _on_GrantReminder(self, ev: GrantReminder) -> None:
+        text, blocks = views.reminder(ev.grant, self.clock.now())
+        await self._reply(ev.request, ev.grant.resources[0], text, blocks)
+
+    async def _on_GrantEnded(self, ev: GrantEnded) -> None:
+        grant = ev.grant
+        label = f"`{grant.id}`" + (f" ({grant.label})" if grant.label else "")
+        if grant.status is GrantStatus.REVOKED:
+            text = f":no_entry_sign: Revoked by {grant.ended_by or 'hoop'}: access {label} ended"
+            if grant.end_reason and grant.end_reason != "revoked":
+                text += f" ({grant.end_reason})"
+        else:
+            text = f":hourglass: Expired: access {label} ended at {views.hhmm(grant.ended_at or grant.expires_at)}"
+        await self._reply(ev.request, grant.resources[0], text)
+        if ev.request is not None and ev.request.grant_id == grant.id:
+            await self._update_card(ev.request, grant)
+
+    # -- sessions, reviews, transcripts -----------------------------------------------------
+    async def _on_SessionOpened(self, ev: SessionOpened) -> None:
+        s = ev.session
+        await self._reply(ev.request, s.resource, f":electric_plug: {' → '.join(s.chain)} connected with "
+                                                  f"{s.protocol} from {s.client_addr} (session `{s.id}`)")
+
+    async def _on_SessionClosed(self, ev: SessionClosed) -> None:
+        s = ev.session
+        length = format_duration((s.closed_at or self.clock.now()) - s.opened_at)
+        await self._reply(ev.request, s.resource, f":electric_plug: session `{s.id}` closed after {length}"
+                                                  f"{': ' + s.close_reason if s.close_reason else ''}")
+
+    async def _on_ReviewRequested(self, ev: ReviewRequested) -> None:
+        text, blocks = views.review_message(ev.review)
+        where = await self._reply(ev.request, ev.review.resource, text, blocks)
+        if where is None:
+            return
+        async with self.service.store.tx() as tx:
+            review = await tx.get_review(ev.review.id)
+            if review is not None:
+                review.channel, review.ts = where
+                await tx.update_review(review)
+        ev.review.channel, ev.review.ts = where
+
+    async def _on_ReviewDecided(self, ev: ReviewDecided) -> None:
+        review = ev.review
+        if review.channel and review.ts:
+            text, blocks = views.review_message(review)
+            await self.client.chat_update(channel=review.channel, ts=review.ts, text=text, blocks=blocks)
+        by = f" by {review.decided_by}" if review.decided_by else ""
+        await self._reply(ev.request, review.resource, f"review `{review.id}`: {review.status}{by}")
+
+    async def _on_TranscriptReady(self, ev: TranscriptReady) -> None:
+        channel, thread_ts = await self._thread(ev.request, ev.grant.resources[0])
+        if channel is None:
+            return
+        await self._reply(ev.request, ev.grant.resources[0], f"*{ev.title}*\n{ev.summary}")
+        kwargs: dict[str, Any] = {"channel": channel, "content": ev.text, "filename": ev.filename, "title": ev.title}
+        if thread_ts:
+            kwargs["thread_ts"] = thread_ts
+        await self.client.files_upload_v2(**kwargs)

@@ -1,0 +1,155 @@
+"""Approvals and denials from Slack gestures: reactions on a card, its buttons, the deny modal,
+and decisions on statement reviews.
+
+A reaction is looked up by the message it is on: a request card (``tx.request_by_card``)
+or a review message (``reviews.by_message``). A gesture that does not count (the requester,
+someone outside the step's groups, a second approval by the same person) changes nothing
+and its author gets an ephemeral note saying why.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Protocol
+
+from slack_sdk.web.async_client import AsyncWebClient
+
+from bot import views
+from bot.identity import Directory
+from broker.duration import format_duration
+from broker.errors import Conflict, Denied, HoopError, NotFound
+from broker.model import Identity, Review
+from broker.service import Service
+
+log = logging.getLogger(__name__)
+
+APPROVE = frozenset({"white_check_mark", "heavy_check_mark", "+1", "thumbsup"})
+DENY = frozenset({"x", "no_entry"})
+
+
+class Reviews(Protocol):
+    """Decisions on held statements (implemented by ``broker.reviews.Reviews``)."""
+
+    async def decide(self, review_id: str, who: Identity, allow: bool) -> Review: ...
+    async def by_message(self, channel: str, ts: str) -> Review | None: ...
+
+
+def emoji_of(reaction: str) -> str:
+    """``+1::skin-tone-3`` -> ``+1``."""
+    return reaction.split("::", 1)[0]
+
+
+class Approvals:
+    def __init__(self, service: Service, directory: Directory, client: AsyncWebClient,
+                 reviews: Reviews | None = None) -> None:
+        self.service = service
+        self.directory = directory
+        self.client = client
+        self.reviews = reviews
+
+    async def note(self, channel: str | None, user: str, text: str) -> None:
+        """An ephemeral note to one person; never raises (a note is best effort)."""
+        if not channel:
+            return
+        try:
+            await self.client.chat_postEphemeral(channel=channel, user=user, text=text)
+        except Exception:
+            log.warning("ephemeral note to %s in %s failed", user, channel, exc_info=True)
+
+    # -- reactions --------------------------------------------------------------------------
+    async def reaction_added(self, event: dict[str, Any]) -> None:
+        emoji = emoji_of(str(event.get("reaction", "")))
+        item = event.get("item") or {}
+        if emoji not in APPROVE | DENY or item.get("type") != "message":
+            return
+        channel, ts, user = str(item.get("channel")), str(item.get("ts")), str(event.get("user"))
+        async with self.service.store.tx() as tx:
+            req = await tx.request_by_card(channel, ts)
+        if req is None:
+            await self._review_reaction(channel, ts, user, emoji in APPROVE)
+            return
+        try:
+            who = await self.directory.identify(user)
+            if emoji in APPROVE:
+                await self.service.approve(req.id, who, via="reaction")
+            else:
+                await self.service.deny(req.id, who, "")
+        except HoopError as exc:
+            await self.note(channel, user, self._why(exc, req.id, f":{emoji}:"))
+
+    async def reaction_removed(self, event: dict[str, Any]) -> None:
+        emoji = emoji_of(str(event.get("reaction", "")))
+        item = event.get("item") or {}
+        if emoji not in APPROVE or item.get("type") != "message":
+            return
+        async with self.service.store.tx() as tx:
+            req = await tx.request_by_card(str(item.get("channel")), str(item.get("ts")))
+        if req is None:
+            return
+        try:
+            who = await self.directory.identify(str(event.get("user")))
+            await self.service.withdraw(req.id, who)
+        except (NotFound, Conflict):
+            return  # nothing to withdraw (never counted, or already decided): nothing changes
+        except HoopError as exc:
+            await self.note(str(item.get("channel")), str(event.get("user")), exc.message)
+
+    @staticmethod
+    def _why(exc: HoopError, request_id: str, gesture: str) -> str:
+        if isinstance(exc, Denied) and exc.code == "duplicate":
+            return f"You have already approved `{request_id}`; each person counts once."
+        if isinstance(exc, Conflict):
+            return f"{gesture} on `{request_id}` changes nothing: {exc.message}."
+        return f"Your {gesture} on `{request_id}` does not count: {exc.message}."
+
+    async def _review_reaction(self, channel: str, ts: str, user: str, allow: bool) -> None:
+        if self.reviews is None:
+            return
+        review = await self.reviews.by_message(channel, ts)
+        if review is None:
+            return
+        await self.decide_review(review.id, user, allow, channel)
+
+    async def decide_review(self, review_id: str, user: str, allow: bool, channel: str | None) -> None:
+        if self.reviews is None:
+            await self.note(channel, user, "Statement reviews are not enabled on this hoop.")
+            return
+        try:
+            who = await self.directory.identify(user)
+            await self.reviews.decide(review_id, who, allow)
+        except HoopError as exc:
+            await self.note(channel, user, f"Your decision on review `{review_id}` does not count: {exc.message}.")
+
+    # -- buttons and the deny modal ---------------------------------------------------------
+    async def approve_button(self, request_id: str, user: str, channel: str | None) -> None:
+        try:
+            who = await self.directory.identify(user)
+            await self.service.approve(request_id, who, via="button")
+        except HoopError as exc:
+            await self.note(channel, user, self._why(exc, request_id, "Approve"))
+
+    async def open_deny_modal(self, request_id: str, trigger_id: str) -> None:
+        await self.client.views_open(trigger_id=trigger_id, view=views.deny_modal(request_id))
+
+    async def deny_submitted(self, request_id: str, user: str, reason: str) -> None:
+        try:
+            who = await self.directory.identify(user)
+            await self.service.deny(request_id, who, reason)
+        except HoopError as exc:
+            async with self.service.store.tx() as tx:
+                req = await tx.get_request(request_id)
+            channel = req.card_channel if req is not None else None
+            await self.note(channel, user, self._why(exc, request_id, "Deny"))
+
+    async def extend_button(self, grant_id: str, user: str, channel: str | None) -> None:
+        try:
+            who = await self.directory.identify(user)
+            async with self.service.store.tx() as tx:
+                grant = await tx.get_grant(grant_id)
+            if grant is None:
+                raise NotFound(f"no grant {grant_id!r}")
+            res = self.service.config.resource(grant.resources[0])
+            length = res.request.default_duration if res is not None else None
+            await self.service.extend(grant_id, who, format_duration(length) if length else "30m")
+        except HoopError as exc:
+            await self.note(channel, user, f"Extending `{grant_id}` failed: {exc.message}.")
