@@ -1,0 +1,144 @@
+"""Pure helpers of the HTTP proxy: routing, the credential swap and header filtering (no I/O).
+
+How this works. A request target ``/<resource>/<rest>`` is split into the resource name and
+the rest, which is forwarded verbatim (query included) after the resource's base URL. The
+client's own ``Authorization`` carries the grant secret; it never goes upstream. In its
+place :func:`upstream_auth` builds the held credential's header. Hop-by-hop headers (the
+fixed RFC 9110 list plus every name listed in ``Connection``) are dropped both ways, and
+``X-Forwarded-For`` gets the client's address appended.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterable
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from broker.config import HttpResource
+
+__all__ = [
+    "HOP_BY_HOP",
+    "bearer_secret",
+    "is_websocket_upgrade",
+    "response_headers",
+    "split_target",
+    "upstream_auth",
+    "upstream_headers",
+]
+
+#: Headers that describe one connection, never forwarded (RFC 9110 7.6.1, plus legacy names).
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection", "te",
+    "trailer", "transfer-encoding", "upgrade",
+})
+#: Headers the proxy sets itself on the upstream request.
+_REQUEST_OWN = frozenset({"authorization", "host", "accept-encoding", "content-length", "expect"})
+#: Headers the WebSocket client handshake generates itself.
+_WS_OWN = frozenset({"sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions",
+                     "sec-websocket-protocol", "sec-websocket-accept"})
+
+
+def split_target(raw_path: str) -> tuple[str, str] | None:
+    """``/prod-api/api/v1/pods?x=1`` -> ``("prod-api", "/api/v1/pods?x=1")``; None without a resource."""
+    if not raw_path.startswith("/"):
+        return None
+    body = raw_path[1:]
+    cut = len(body)
+    for sep in "/?#":
+        pos = body.find(sep)
+        if pos != -1:
+            cut = min(cut, pos)
+    name, rest = body[:cut], body[cut:]
+    if not name:
+        return None
+    if not rest.startswith("/"):
+        rest = "/" + rest
+    return name, rest
+
+
+def bearer_secret(authorization: str | None) -> str | None:
+    """The token of ``Authorization: Bearer <token>``; None when absent or another scheme."""
+    if not authorization:
+        return None
+    scheme, _, token = authorization.strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token or " " in token:
+        return None
+    return token
+
+
+def upstream_auth(resource: HttpResource, credential: str | None) -> tuple[str, str] | None:
+    """The header carrying the held upstream credential, or None for ``auth: none``."""
+    if resource.auth == "none" or credential is None:
+        return None
+    if resource.auth == "bearer":
+        return "Authorization", f"Bearer {credential}"
+    if resource.auth == "basic":
+        raw = f"{resource.username or ''}:{credential}".encode()
+        return "Authorization", "Basic " + base64.b64encode(raw).decode("ascii")
+    assert resource.header is not None  # the config validator guarantees it
+    return resource.header, credential
+
+
+def _connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> frozenset[str]:
+    tokens: set[str] = set()
+    for value in headers.getall("Connection", ()):
+        tokens.update(t.strip().lower() for t in value.split(",") if t.strip())
+    return frozenset(tokens)
+
+
+def _filtered(headers: CIMultiDictProxy[str] | CIMultiDict[str], drop: Iterable[str]) -> CIMultiDict[str]:
+    skip = HOP_BY_HOP | _connection_tokens(headers) | frozenset(drop)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        if name.lower() not in skip:
+            out.add(name, value)
+    return out
+
+
+def upstream_headers(incoming: CIMultiDictProxy[str], resource: HttpResource, credential: str | None,
+                     client_ip: str, *, identity_encoding: bool, websocket: bool = False) -> CIMultiDict[str]:
+    """Headers for the upstream request: hop-by-hop and the client's credential out, ours in.
+
+    The client's ``Content-Length`` is kept (the body is forwarded unchanged) so the upstream
+    sees the same framing. With ``identity_encoding`` the upstream is asked for an
+    uncompressed body (``Accept-Encoding: identity``) so masking sees plain text; otherwise
+    the client's ``Accept-Encoding`` passes through.
+    """
+    drop = set(_REQUEST_OWN)
+    if websocket:
+        drop |= _WS_OWN
+    out = _filtered(incoming, drop)
+    if not websocket:
+        length = incoming.get("Content-Length")
+        if length is not None and "chunked" not in incoming.get("Transfer-Encoding", "").lower():
+            out["Content-Length"] = length
+        if identity_encoding:
+            out["Accept-Encoding"] = "identity"
+        elif "Accept-Encoding" in incoming:
+            out["Accept-Encoding"] = incoming["Accept-Encoding"]
+    auth = upstream_auth(resource, credential)
+    if auth is not None:
+        out.popall(auth[0], None)
+        out[auth[0]] = auth[1]
+    previous = ", ".join(incoming.getall("X-Forwarded-For", ()))
+    out["X-Forwarded-For"] = f"{previous}, {client_ip}" if previous else client_ip
+    out.setdefault("X-Forwarded-Proto", "http")
+    if "Host" in incoming:
+        out.setdefault("X-Forwarded-Host", incoming["Host"])
+    return out
+
+
+def response_headers(upstream: CIMultiDictProxy[str], *, body_changes: bool, decoded: bool) -> CIMultiDict[str]:
+    """Headers for the client: hop-by-hop out; ``Content-Length`` out when the body may change
+    (the response is then chunked); ``Content-Encoding`` out when the proxy decoded the body."""
+    drop = {"content-length"} if body_changes else set()
+    if decoded:
+        drop.add("content-encoding")
+    return _filtered(upstream, drop)
+
+
+def is_websocket_upgrade(headers: CIMultiDictProxy[str]) -> bool:
+    """True for a WebSocket opening handshake (``Connection: upgrade`` + ``Upgrade: websocket``)."""
+    return "upgrade" in _connection_tokens(headers) and headers.get("Upgrade", "").strip().lower() == "websocket"

@@ -1,0 +1,186 @@
+"""Sessions of the HTTP proxy: one live session per (grant, resource, client address).
+
+How this works. Opening a session writes a row and announces it in the request's thread,
+which is too slow and too noisy to do for every HTTP request (a ``kubectl`` command makes
+several). So :class:`SessionPool` shares one :class:`LiveSession` between the requests of one
+grant on one resource from one client address, and closes it after ``idle`` seconds without
+a request in flight (reason ``"idle"``). Each request in flight is a :class:`Stream` with an
+``abort`` callback. When the grant ends (the hub calls ``on_end``: revocation, expiry,
+a parent's end) or the proxy's own deadline timer fires, every stream of the session is
+aborted at once (HTTP: the response is cut and the connections closed; WebSocket: close code
+1008 with the reason) and the session is closed. The ended grant is remembered for a while
+so that a new request is refused even before the gate's short cache forgets it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any, Protocol
+
+from broker.clock import Clock
+from broker.model import Grant
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Hub", "Live", "SessionPool", "Stream"]
+
+_ENDED_MAX = 10_000
+
+
+class Live(Protocol):
+    """What the HTTP proxy uses of :class:`proxy.sessions.LiveSession`."""
+
+    id: str
+    grant: Grant
+    deadline: datetime
+    stats: dict[str, int]
+
+    def record(self, kind: str, data: dict[str, Any]) -> None: ...
+    async def review(self, text: str, rule: str, timeout: float) -> bool: ...
+    async def close(self, reason: str) -> None: ...
+
+
+class Hub(Protocol):
+    """What the HTTP proxy uses of :class:`proxy.sessions.SessionHub`."""
+
+    async def open(self, grant: Grant, resource: str, protocol: str, client_addr: str,
+                   on_end: Callable[[str], None]) -> Any: ...
+
+
+class Stream:
+    """One request (or WebSocket) in flight; ``abort(reason)`` cuts it."""
+
+    __slots__ = ("abort", "reason")
+
+    def __init__(self, abort: Callable[[str], None]) -> None:
+        self.abort = abort
+        self.reason: str | None = None
+
+
+class _Entry:
+    __slots__ = ("ended", "idle", "key", "session", "streams", "timer")
+
+    def __init__(self, key: tuple[str, str, str], session: Live) -> None:
+        self.key = key
+        self.session = session
+        self.streams: set[Stream] = set()
+        self.ended: str | None = None
+        self.idle: asyncio.TimerHandle | None = None
+        self.timer: asyncio.TimerHandle | None = None
+
+
+class SessionPool:
+    """Shares live sessions between the requests of one grant from one client address."""
+
+    def __init__(self, hub: Hub, clock: Clock, *, idle: float = 30.0) -> None:
+        self.hub = hub
+        self.clock = clock
+        self.idle = idle
+        self._entries: dict[tuple[str, str, str], _Entry] = {}
+        self._opening: dict[tuple[str, str, str], asyncio.Future[_Entry]] = {}
+        self._ended: OrderedDict[str, str] = OrderedDict()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def ended(self, grant_id: str) -> str | None:
+        """Why a grant's sessions were ended, if they were (the proxy refuses it at once)."""
+        return self._ended.get(grant_id)
+
+    async def acquire(self, grant: Grant, resource: str, client_ip: str, stream: Stream) -> _Entry:
+        """The live session for this grant, resource and client, with ``stream`` registered."""
+        key = (grant.id, resource, client_ip)
+        entry = self._entries.get(key)
+        if entry is None or entry.ended is not None:
+            pending = self._opening.get(key)
+            if pending is not None:
+                entry = await asyncio.shield(pending)
+            else:
+                fut: asyncio.Future[_Entry] = asyncio.get_running_loop().create_future()
+                self._opening[key] = fut
+                try:
+                    live: Live = await self.hub.open(grant, resource, "http", client_ip,
+                                                     lambda reason: self.end(key, reason))
+                    entry = _Entry(key, live)
+                    self._entries[key] = entry
+                    self._arm(entry)
+                    fut.set_result(entry)
+                except asyncio.CancelledError:
+                    fut.cancel()
+                    raise
+                except Exception as exc:
+                    fut.set_exception(exc)
+                    fut.exception()  # retrieved: waiters re-raise it, nobody else must
+                    raise
+                finally:
+                    self._opening.pop(key, None)
+        if entry.idle is not None:
+            entry.idle.cancel()
+            entry.idle = None
+        entry.streams.add(stream)
+        return entry
+
+    def release(self, entry: _Entry, stream: Stream) -> None:
+        """The request is over; start the idle timer when it was the session's last."""
+        entry.streams.discard(stream)
+        if not entry.streams and entry.ended is None and entry.idle is None:
+            loop = asyncio.get_running_loop()
+            entry.idle = loop.call_later(self.idle, self._close, entry, "idle")
+
+    def end(self, key: tuple[str, str, str], reason: str) -> None:
+        """The grant ended or the deadline passed: cut every stream, close the session."""
+        entry = self._entries.get(key)
+        if entry is None or entry.ended is not None:
+            return
+        if reason != "idle" and not reason.startswith("proxy"):
+            self._ended[key[0]] = reason
+            while len(self._ended) > _ENDED_MAX:
+                self._ended.popitem(last=False)
+        self._close(entry, reason)
+
+    def _close(self, entry: _Entry, reason: str) -> None:
+        if entry.ended is not None:
+            return
+        entry.ended = reason
+        for handle in (entry.idle, entry.timer):
+            if handle is not None:
+                handle.cancel()
+        if self._entries.get(entry.key) is entry:
+            del self._entries[entry.key]
+        for stream in list(entry.streams):
+            stream.reason = reason
+            try:
+                stream.abort(reason)
+            except Exception:
+                log.exception("session=%s aborting a stream failed", entry.session.id)
+        task = asyncio.get_running_loop().create_task(entry.session.close(reason))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _arm(self, entry: _Entry) -> None:
+        """The proxy's own deadline timer: a lost notification cannot extend access."""
+        delay = (entry.session.deadline - self.clock.now()).total_seconds()
+        if delay <= 0:
+            self.end(entry.key, "access expired")
+            return
+        loop = asyncio.get_running_loop()
+        entry.timer = loop.call_later(min(delay, 3600.0), self._deadline, entry)
+
+    def _deadline(self, entry: _Entry) -> None:
+        if entry.ended is None:
+            self._arm(entry)  # re-reads the deadline: an extension moved it
+
+    def check_deadline(self, entry: _Entry) -> bool:
+        """Per request: False (and the session ended) when the deadline has passed."""
+        if self.clock.now() >= entry.session.deadline:
+            self.end(entry.key, "access expired")
+            return False
+        return True
+
+    async def close_all(self, reason: str = "proxy stopped") -> None:
+        for entry in list(self._entries.values()):
+            self._close(entry, reason)
+        for task in list(self._tasks):
+            await task

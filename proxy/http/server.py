@@ -1,0 +1,360 @@
+"""The HTTP proxy: ``/<resource>/<path>`` to the resource's base URL, with the credential swap.
+
+How this works. Each request passes, in order: routing (an unknown resource is 404), the
+gate (``Authorization: Bearer <grant secret>``; missing or bad is 401, expired, revoked or
+another resource's grant is 403, each with a JSON ``{"error", "reason"}`` that never echoes
+the secret), the guard (:class:`proxy.httpguard.HttpGuard` on method and path: ``block`` is a
+403 JSON naming the rule, ``review`` holds the request until an approver decides in the
+thread), then the relay. The relay strips the client's credential and the hop-by-hop headers,
+adds the held upstream credential and ``X-Forwarded-For``, and streams both bodies chunk by
+chunk (constant memory; backpressure both ways comes from aiohttp's flow control). A
+WebSocket upgrade is relayed by :mod:`proxy.http.websocket`.
+
+Masking. With masking on, the upstream is asked for ``Accept-Encoding: identity`` so bodies
+arrive as plain text; a ``gzip``/``deflate`` body of a masked type is decoded anyway, and
+another encoding of a masked type is refused with 502 (fail closed). JSON and text bodies go
+through :mod:`proxy.http.body`'s filters and lose their ``Content-Length`` (the response is
+chunked); other types pass through unchanged with their length.
+
+Sessions are shared per grant, resource and client address (:mod:`proxy.http.live`), so a
+burst of requests costs one session row; each request is recorded as an ``"http"`` event with
+masked, capped bodies. One pooled ``aiohttp.ClientSession`` reuses upstream connections; it has
+no cookie jar (cookies of one client must never reach another) and never follows redirects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import aiohttp
+from aiohttp import web
+from yarl import URL
+
+from broker.clock import Clock
+from broker.config import HoopConfig, HttpResource
+from broker.errors import Denied
+from broker.model import Grant
+from proxy.http.body import Capture, Inflate, body_kind, response_filter
+from proxy.http.headers import (
+    bearer_secret,
+    is_websocket_upgrade,
+    response_headers,
+    split_target,
+    upstream_headers,
+)
+from proxy.http.live import Hub, SessionPool, Stream
+from proxy.http.websocket import WsPair, cut, relay
+from proxy.httpguard import HttpGuard
+from proxy.jsonmask import JsonStreamMasker
+from proxy.mask import Masker, StreamMasker
+
+log = logging.getLogger(__name__)
+
+__all__ = ["BearerGate", "HttpProxy"]
+
+_IDLE_FLUSH = 0.2  # seconds a held text tail may wait for more bytes before it is sent
+
+
+class BearerGate(Protocol):
+    """What the HTTP proxy uses of :class:`proxy.access.Gate`."""
+
+    async def authenticate_bearer(self, secret: str, resource: str) -> Grant: ...
+
+
+@dataclass(frozen=True)
+class _Upstream:
+    resource: HttpResource
+    base: str
+    credential: str | None
+    guard: HttpGuard
+    masker: Masker
+
+
+def _refuse(status: int, error: str, reason: str, **extra: Any) -> web.Response:
+    headers = {"WWW-Authenticate": 'Bearer realm="hoop"'} if status == 401 else None
+    return web.json_response({"error": error, "reason": reason, **extra}, status=status, headers=headers)
+
+
+class _Flight:
+    """One request in flight: what :meth:`abort` must cut when the grant ends."""
+
+    def __init__(self, request: web.BaseRequest) -> None:
+        self.request = request
+        self.upstream: aiohttp.ClientResponse | None = None
+        self.ws: WsPair | None = None
+        self.cut = asyncio.Event()
+        self.reason: str | None = None
+        self.tasks: list[asyncio.Task[None]] = []
+
+    def abort(self, reason: str) -> None:
+        self.reason = reason
+        self.cut.set()
+        if self.ws is not None:
+            self.tasks.extend(cut(self.ws, reason))
+            return
+        if self.upstream is not None:
+            self.upstream.close()
+        transport = self.request.transport
+        if transport is not None and self.upstream is not None:
+            transport.close()  # mid-body: cutting the connection is the only way to say "incomplete"
+
+
+class HttpProxy:
+    """The HTTP proxy server. ``start`` binds and returns the port; ``stop`` closes everything."""
+
+    def __init__(self, config: HoopConfig, gate: BearerGate, hub: Hub, clock: Clock, environ: Mapping[str, str],
+                 *, idle: float = 30.0, connections: int = 512) -> None:
+        self.config = config
+        self.gate = gate
+        self.clock = clock
+        self.pool = SessionPool(hub, clock, idle=idle)
+        key = config.masking_key.resolve(environ).encode() if config.masking_key else secrets.token_bytes(32)
+        self._upstreams: dict[str, _Upstream] = {}
+        for res in config.resources:
+            if isinstance(res, HttpResource):
+                cred = res.credential.resolve(environ) if res.credential is not None and res.auth != "none" else None
+                self._upstreams[res.name] = _Upstream(res, res.address.rstrip("/"), cred, HttpGuard(res.guardrails),
+                                                      Masker(res.masking, key))
+        self._connections = connections
+        self._client: aiohttp.ClientSession | None = None
+        self._runner: web.ServerRunner | None = None
+
+    async def start(self, host: str, port: int) -> int:
+        """Listen on ``host:port`` (0: any free port); return the bound port."""
+        self._client = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=self._connections, ttl_dns_cache=60),
+            auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(), skip_auto_headers=("User-Agent",),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10))
+        server = web.Server(self._handle, handler_cancellation=True, access_log=None)
+        self._runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=1.0)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        bound = self._runner.addresses[0][1]
+        log.info("http proxy listening on %s:%s", host, bound)
+        return int(bound)
+
+    async def stop(self) -> None:
+        """Cut every stream, close the sessions, the listener and the upstream pool."""
+        await self.pool.close_all("proxy stopped")
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+
+    # -- one request ------------------------------------------------------------------------
+
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        route = split_target(request.raw_path)
+        up = self._upstreams.get(route[0]) if route else None
+        if route is None or up is None:
+            known = ", ".join(sorted(self._upstreams)) or "none"
+            return _refuse(404, "unknown_resource", f"use /<resource>/<path>; HTTP resources here: {known}")
+        name, rest = route
+        secret = bearer_secret(request.headers.get("Authorization"))
+        if secret is None:
+            return _refuse(401, "unauthenticated", "present your hoop credential as 'Authorization: Bearer <secret>'")
+        try:
+            grant = await self.gate.authenticate_bearer(secret, name)
+        except Denied as exc:
+            return _refuse(401 if exc.code == "bad_credentials" else 403, exc.code, exc.message)
+        ended = self.pool.ended(grant.id)
+        if ended is not None:
+            return _refuse(403, "expired" if "expired" in ended else "revoked", ended)
+        decision = up.guard.check(request.method, rest)
+        flight = _Flight(request)
+        stream = Stream(flight.abort)
+        client_ip = request.remote or "unknown"
+        entry = await self.pool.acquire(grant, name, client_ip, stream)
+        session = entry.session
+        shown_path = up.masker.mask_text(rest)
+        record: dict[str, Any] = {"method": request.method, "path": shown_path, "status": 0, "req_bytes": 0,
+                                  "resp_bytes": 0, "req_body": None, "resp_body": None,
+                                  "decision": decision.action, "rule": decision.rule}
+        try:
+            if not self.pool.check_deadline(entry):
+                return _refuse(403, "expired", "access expired")
+            session.stats["statements"] = session.stats.get("statements", 0) + 1
+            if decision.blocked:
+                session.stats["blocked"] = session.stats.get("blocked", 0) + 1
+                record["status"] = 403
+                return _refuse(403, "blocked", decision.reason, rule=decision.rule)
+            if decision.needs_review:
+                allowed = await self._review(flight, session, f"{request.method} {shown_path}",
+                                             decision.rule or "review", up)
+                if not allowed:
+                    record["status"], record["decision"] = 403, "refused"
+                    return _refuse(403, "refused", flight.reason or
+                                   f"{request.method} {shown_path} was not approved (rule {decision.rule})",
+                                   rule=decision.rule)
+            if is_websocket_upgrade(request.headers):
+                return await self._websocket(request, up, rest, flight, record, client_ip)
+            return await self._forward(request, up, rest, flight, record, client_ip)
+        finally:
+            session.stats["bytes_in"] = session.stats.get("bytes_in", 0) + record["req_bytes"]
+            session.stats["bytes_out"] = session.stats.get("bytes_out", 0) + record["resp_bytes"]
+            if flight.reason is not None:
+                record["cut"] = flight.reason
+            session.record("http", record)
+            self.pool.release(entry, stream)
+            for task in flight.tasks:
+                with contextlib.suppress(Exception):
+                    await task
+
+    async def _review(self, flight: _Flight, session: Any, text: str, rule: str, up: _Upstream) -> bool:
+        """Hold the request for an approver; the grant ending during the wait refuses it."""
+        timeout = up.resource.guardrails.review_timeout.total_seconds()
+        review = asyncio.ensure_future(session.review(text, rule, timeout))
+        ended = asyncio.ensure_future(flight.cut.wait())
+        try:
+            await asyncio.wait({review, ended}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (review, ended):
+                if not task.done():
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+        return review.done() and not review.cancelled() and bool(review.result()) and flight.reason is None
+
+    def _url(self, up: _Upstream, rest: str) -> URL:
+        return URL(up.base + rest, encoded=True)
+
+    async def _websocket(self, request: web.BaseRequest, up: _Upstream, rest: str, flight: _Flight,
+                         record: dict[str, Any], client_ip: str) -> web.StreamResponse:
+        assert self._client is not None
+        headers = upstream_headers(request.headers, up.resource, up.credential, client_ip,
+                                   identity_encoding=False, websocket=True)
+        flight.ws = WsPair()
+        try:
+            result = await relay(request, self._client, self._url(up, rest), headers, up.masker, flight.ws)
+        except (aiohttp.ClientError, OSError) as exc:
+            record["status"] = 502
+            return _refuse(502, "upstream_error", f"cannot reach the upstream of {up.resource.name} "
+                                                  f"({type(exc).__name__})")
+        record.update(status=result.status, req_bytes=result.up_bytes, resp_bytes=result.down_bytes,
+                      websocket={"messages": result.messages, "close_code": result.close_code})
+        assert result.response is not None
+        return result.response
+
+    async def _forward(self, request: web.BaseRequest, up: _Upstream, rest: str, flight: _Flight,
+                       record: dict[str, Any], client_ip: str) -> web.StreamResponse:
+        assert self._client is not None
+        masker = up.masker
+        headers = upstream_headers(request.headers, up.resource, up.credential, client_ip,
+                                   identity_encoding=masker.enabled)
+        req_cap = Capture(up.resource.max_body_record)
+
+        async def body() -> AsyncIterator[bytes]:
+            async for chunk in request.content.iter_any():
+                req_cap.feed(chunk)
+                yield chunk
+
+        data = body() if request.body_exists else None
+        try:
+            resp = await self._client.request(request.method, self._url(up, rest), headers=headers, data=data,
+                                              allow_redirects=False)
+        except (aiohttp.ClientError, OSError) as exc:
+            record["status"] = 502
+            if flight.reason is not None:
+                return _refuse(403, "revoked", flight.reason)
+            return _refuse(502, "upstream_error", f"cannot reach the upstream of {up.resource.name} "
+                                                  f"({type(exc).__name__})")
+        finally:
+            record["req_bytes"] = req_cap.size
+            record["req_body"] = _recorded(masker, request.headers.get("Content-Type"), req_cap, masked=False)
+        flight.upstream = resp
+        try:
+            return await self._respond(request, up, resp, flight, record)
+        finally:
+            resp.release()
+
+    async def _respond(self, request: web.BaseRequest, up: _Upstream, resp: aiohttp.ClientResponse,
+                       flight: _Flight, record: dict[str, Any]) -> web.StreamResponse:
+        record["status"] = resp.status
+        has_body = request.method != "HEAD" and resp.status not in (204, 304) and resp.status >= 200
+        ctype = resp.headers.get("Content-Type")
+        filt = response_filter(up.masker, ctype) if has_body else None
+        inflate: Inflate | None = None
+        encoding = resp.headers.get("Content-Encoding", "identity").strip().lower()
+        if filt is not None and encoding not in ("", "identity"):
+            if not Inflate.supports(encoding):
+                record["status"] = 502
+                return _refuse(502, "unmaskable_encoding",
+                               f"the upstream sent {encoding!r}-encoded {ctype}, which the proxy cannot mask")
+            inflate = Inflate(encoding)
+        out = web.StreamResponse(status=resp.status, reason=resp.reason,
+                                 headers=response_headers(resp.headers, body_changes=filt is not None,
+                                                          decoded=inflate is not None))
+        await out.prepare(request)
+        cap = Capture(up.resource.max_body_record)
+        content = resp.content
+        text = filt if isinstance(filt, StreamMasker) else None
+        try:
+            while True:
+                if text is not None and text.pending:
+                    try:
+                        async with asyncio.timeout(_IDLE_FLUSH):
+                            chunk = await content.readany()
+                    except TimeoutError:
+                        await self._send(out, text.flush(), cap)
+                        continue
+                else:
+                    chunk = await content.readany()
+                if not chunk:
+                    break
+                pieces = inflate.feed(chunk) if inflate is not None else (chunk,)
+                for piece in pieces:
+                    await self._send(out, filt.feed(piece) if filt is not None else piece, cap)
+            if flight.reason is None:
+                if inflate is not None:
+                    tail = inflate.flush()
+                    if tail:
+                        await self._send(out, filt.feed(tail) if filt is not None else tail, cap)
+                if filt is not None:
+                    await self._send(out, filt.flush(), cap)
+        except (aiohttp.ClientError, ConnectionError, OSError) as exc:
+            if flight.reason is None:
+                log.info("http resource=%s stream ended early: %s", up.resource.name, type(exc).__name__)
+            flight.reason = flight.reason or "stream error"
+        except Exception as exc:  # zlib.error from a corrupt body
+            log.warning("http resource=%s body could not be decoded: %s", up.resource.name, type(exc).__name__)
+            flight.reason = "undecodable body"
+        finally:
+            record["resp_bytes"] = cap.size
+            if filt is not None or not up.masker.enabled:
+                record["resp_body"] = _recorded(up.masker, ctype, cap, masked=True)
+        if flight.reason is not None:
+            if request.transport is not None:
+                request.transport.close()  # never end an incomplete body as if it were complete
+            return out
+        await out.write_eof()
+        return out
+
+    @staticmethod
+    async def _send(out: web.StreamResponse, data: bytes, cap: Capture) -> None:
+        if data:
+            cap.feed(data)
+            await out.write(data)
+
+
+def _recorded(masker: Masker, content_type: str | None, cap: Capture, *, masked: bool) -> str | None:
+    """A body as the recording keeps it: masked, capped, text only (None for other types)."""
+    kind = body_kind(content_type)
+    raw = cap.data()
+    if not raw:
+        return None
+    if kind is None:
+        return None
+    if not masked and masker.enabled:
+        filt = JsonStreamMasker(masker) if kind == "json" else masker.stream()
+        raw = filt.feed(raw) + filt.flush()
+    text = raw.decode("utf-8", "replace")
+    return text + "…" if cap.truncated else text

@@ -1,0 +1,113 @@
+"""A small aiohttp upstream for the HTTP proxy tests: it records what it received."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+CHUNK = 64 * 1024
+
+
+class Upstream:
+    """Routes: /echo-headers, /api/v1/namespaces/{ns}, /users (chunked JSON), /text, /big, /slow, /ws, /upload."""
+
+    def __init__(self) -> None:
+        self.seen: list[dict[str, Any]] = []
+        self.slow_started = asyncio.Event()
+        self.runner: web.AppRunner | None = None
+        self.port = 0
+        app = web.Application()
+        app.router.add_route("*", "/echo-headers", self.echo_headers)
+        app.router.add_route("*", "/api/v1/namespaces/{ns}", self.namespace)
+        app.router.add_get("/users", self.users)
+        app.router.add_get("/text", self.text)
+        app.router.add_get("/big", self.big)
+        app.router.add_get("/slow", self.slow)
+        app.router.add_get("/ws", self.ws)
+        app.router.add_post("/upload", self.upload)
+        self.app = app
+
+    async def start(self) -> str:
+        self.runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=0.5)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = self.runner.addresses[0][1]
+        return f"http://127.0.0.1:{self.port}"
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+    def _seen(self, request: web.Request) -> None:
+        self.seen.append({"method": request.method, "path": request.path_qs, "headers": dict(request.headers)})
+
+    async def echo_headers(self, request: web.Request) -> web.Response:
+        self._seen(request)
+        return web.json_response({"ok": True})
+
+    async def namespace(self, request: web.Request) -> web.Response:
+        self._seen(request)
+        return web.json_response({"kind": "Namespace", "name": request.match_info["ns"], "method": request.method})
+
+    async def users(self, request: web.Request) -> web.StreamResponse:
+        """JSON written in small chunks that cut values in two."""
+        self._seen(request)
+        body = (b'{"items": [{"name": "Alice", "email": "alice.smith@example.com", "password": "hunter2-secret",'
+                b' "card": "4111 1111 1111 1111", "note": "call me"}, {"name": "Bob", "email": "bob@corp.example",'
+                b' "password": 12345, "api_token": "tok-abcdefghijkl"}]}')
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await resp.prepare(request)
+        for i in range(0, len(body), 7):
+            await resp.write(body[i:i + 7])
+        await resp.write_eof()
+        return resp
+
+    async def text(self, request: web.Request) -> web.Response:
+        self._seen(request)
+        return web.Response(text="contact: carol@example.com, card 4242 4242 4242 4242\n")
+
+    async def big(self, request: web.Request) -> web.StreamResponse:
+        size = int(request.query.get("mb", "100")) * 1024 * 1024
+        resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        resp.content_length = size
+        await resp.prepare(request)
+        block = b"x" * CHUNK
+        for _ in range(size // CHUNK):
+            await resp.write(block)
+        await resp.write_eof()
+        return resp
+
+    async def slow(self, request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/plain"})
+        await resp.prepare(request)
+        self.slow_started.set()
+        for i in range(10_000):
+            await resp.write(f"line {i}\n".encode())
+            await asyncio.sleep(0.02)
+        await resp.write_eof()
+        return resp
+
+    async def ws(self, request: web.Request) -> web.WebSocketResponse:
+        self._seen(request)
+        ws = web.WebSocketResponse(protocols=("v4.channel.k8s.io",))
+        await ws.prepare(request)
+        async for msg in ws:
+            if msg.type is WSMsgType.TEXT:
+                await ws.send_str(f"echo: {msg.data}")
+            elif msg.type is WSMsgType.BINARY:
+                await ws.send_bytes(msg.data[::-1])
+        return ws
+
+    async def upload(self, request: web.Request) -> web.Response:
+        self._seen(request)
+        h = hashlib.sha256()
+        n = 0
+        async for chunk in request.content.iter_any():
+            h.update(chunk)
+            n += len(chunk)
+        return web.json_response({"size": n, "sha256": h.hexdigest(),
+                                  "content_length": request.headers.get("Content-Length")})
