@@ -1,0 +1,195 @@
+"""The REST API over real HTTP against a real Service: requests by agents, approval rules,
+credential pickup, grants, errors that name the field, and the generated OpenAPI document."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+from broker.api import ROUTES
+from broker.api_models import RequestCreate
+from broker.errors import Denied
+from tests.api.conftest import Harness, harness
+from tests.support.pgcluster import PgCluster
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def hh(request: pytest.FixtureRequest, tmp_path: Any) -> AsyncIterator[Harness]:
+    if request.param == "sqlite":
+        url = f"sqlite+aiosqlite:///{tmp_path / 'hoop.db'}"
+    else:
+        cluster: PgCluster = request.getfixturevalue("pg")
+        url = cluster.sqlalchemy_url(cluster.create_database("api"))
+    async with harness(url) as h:
+        yield h
+
+
+async def test_agent_request_chain_approval_rules_and_pickup(hh: Harness) -> None:
+    h = hh
+    status, req = await h.call("POST", "/requests", "ci-runner",
+                               json={"resource": "reports-db", "duration": "30m", "reason": "nightly migration"})
+    assert status == 201, req
+    assert req["requester"] == "ci-runner" and req["chain"] == ["alice@example.com", "ci-runner"]
+    assert req["chain_text"] == "alice@example.com → ci-runner" and req["status"] == "pending"
+    rid = req["id"]
+
+    status, body = await h.call("POST", f"/requests/{rid}/approve", "alice@example.com")
+    assert (status, body["error"]) == (403, "in_chain")  # the human the agent acts for cannot approve
+    status, body = await h.call("POST", f"/requests/{rid}/approve", "dana@example.com")
+    assert (status, body["error"]) == (403, "not_approver")  # not in the step's group
+    status, body = await h.call("POST", f"/requests/{rid}/approve", "ci-runner")
+    assert (status, body["error"]) == (403, "self_approval")
+
+    status, body = await h.call("POST", f"/requests/{rid}/approve", "bob@example.com")
+    assert status == 200 and body["granted"] is True
+    assert body["request"]["approvals"][0]["via"] == "api"
+    assert "hoop_" not in json.dumps(body)  # the approver never sees the secret
+    grant_id = body["grant"]["id"]
+
+    status, body = await h.call("POST", f"/requests/{rid}/credential", "bob@example.com")
+    assert (status, body["error"]) == (403, "not_requester")
+    status, cred = await h.call("POST", f"/requests/{rid}/credential", "ci-runner")
+    assert status == 200 and cred["secret"].startswith("hoop_") and cred["grant"]["id"] == grant_id
+    grant = await h.service.authenticate(cred["login"], cred["secret"], "reports-db")
+    assert grant.chain == ("alice@example.com", "ci-runner")
+    status, body = await h.call("POST", f"/requests/{rid}/credential", "ci-runner")
+    assert (status, body["error"]) == (409, "collected")  # shown once
+
+    status, body = await h.call("GET", f"/requests/{rid}", "carol@example.com")
+    assert status == 200 and body["status"] == "approved" and body["steps"][0]["approvers"] == ["bob@example.com"]
+
+
+async def test_approval_arriving_elsewhere_reaches_the_api_requester(h: Harness) -> None:
+    _, req = await h.call("POST", "/requests", "ci-runner", json={"resource": "reports-db", "reason": "x"})
+    status, body = await h.call("POST", f"/requests/{req['id']}/credential", "ci-runner")
+    assert (status, body["error"]) == (409, "pending")
+    from broker.model import Identity
+    from broker.policy import groups_of
+
+    bob = Identity(email="bob@example.com", groups=groups_of(h.service.config, "bob@example.com"))
+    await h.service.approve(req["id"], bob)  # e.g. a reaction in Slack
+    status, cred = await h.call("POST", f"/requests/{req['id']}/credential", "ci-runner")
+    assert status == 200 and (await h.service.authenticate_secret(cred["secret"], "reports-db")).id
+
+
+async def test_deny_and_cancel(h: Harness) -> None:
+    _, req = await h.call("POST", "/requests", "carol@example.com", json={"resource": "prod-db", "reason": "x"})
+    status, body = await h.call("POST", f"/requests/{req['id']}/deny", "bob@example.com", json={"reason": "no"})
+    assert (status, body["error"]) == (403, "not_approver")
+    status, body = await h.call("POST", f"/requests/{req['id']}/deny", "dana@example.com", json={"reason": "no"})
+    assert status == 200 and body["status"] == "denied" and body["decision_reason"] == "no"
+    _, req2 = await h.call("POST", "/requests", "carol@example.com", json={"resource": "prod-db", "reason": "y"})
+    status, body = await h.call("POST", f"/requests/{req2['id']}/cancel", "carol@example.com")
+    assert status == 200 and body["status"] == "cancelled"
+    status, body = await h.call("GET", "/requests?mine=true&status=denied", "carol@example.com")
+    assert [r["id"] for r in body["requests"]] == [req["id"]]
+
+
+async def test_grants_listing_visibility_and_revoke(h: Harness) -> None:
+    _, req = await h.call("POST", "/requests", "ci-runner", json={"resource": "reports-db", "reason": "x"})
+    _, appr = await h.call("POST", f"/requests/{req['id']}/approve", "bob@example.com")
+    gid = appr["grant"]["id"]
+    _, cred = await h.call("POST", f"/requests/{req['id']}/credential", "ci-runner")
+    status, body = await h.call("GET", "/grants?mine=true", "ci-runner")
+    assert status == 200 and [g["id"] for g in body["grants"]] == [gid]
+    assert body["grants"][0]["remaining_seconds"] == 30 * 60
+    status, body = await h.call("GET", "/grants?mine=true", "alice@example.com")  # alice is in the chain
+    assert [g["id"] for g in body["grants"]] == [gid]
+    status, body = await h.call("GET", f"/grants/{gid}", "sam@example.com")  # not holder, approver or admin
+    assert (status, body["error"]) == (404, "no_grant")
+    status, body = await h.call("GET", "/grants", "sam@example.com")
+    assert body["grants"] == []
+    status, body = await h.call("POST", f"/grants/{gid}/revoke", "sam@example.com", json={})
+    assert (status, body["error"]) == (403, "not_revoker")
+    status, body = await h.call("POST", f"/grants/{gid}/revoke", "root@example.com", json={"reason": "done"})
+    assert status == 200 and body["status"] == "revoked" and body["ended_by"] == "root@example.com"
+    with pytest.raises(Denied) as exc:
+        await h.service.authenticate(cred["login"], cred["secret"], "reports-db")
+    assert exc.value.code == "revoked"
+    async with h.store.tx() as tx:
+        grant = await tx.get_grant(gid)
+    assert grant is not None and grant.end_reason == "done"
+
+
+async def test_tokens_are_required_and_checked(h: Harness) -> None:
+    async with h.http.get(h.url + "/requests") as resp:
+        assert resp.status == 401 and resp.headers["WWW-Authenticate"].startswith("Bearer")
+        assert (await resp.json())["error"] == "no_token"
+    expired = h.token("bob@example.com", expires_in=timedelta(minutes=1))
+    h.clock.advance(timedelta(minutes=2))
+    status, body = await h.call("GET", "/requests", headers={"Authorization": f"Bearer {expired}"})
+    assert (status, body["error"]) == (401, "expired_token")
+    wrong_aud = h.token("bob@example.com", audience="other")
+    status, body = await h.call("GET", "/requests", headers={"Authorization": f"Bearer {wrong_aud}"})
+    assert (status, body["error"]) == (401, "bad_aud")
+    status, body = await h.call("GET", "/me", "ci-runner")
+    assert status == 200 and body["chain"] == ["alice@example.com", "ci-runner"] and body["kind"] == "agent"
+
+
+@pytest.mark.parametrize(("payload", "field"), [
+    ({"resource": "prod-db", "duration": "forever", "reason": "x"}, "duration"),
+    ({"duration": "30m", "reason": "x"}, "resource"),
+    ({"resource": "Prod DB!", "reason": "x"}, "resource"),
+    ({"resource": "prod-db", "reason": "x", "admin": True}, "admin"),
+    ({"resource": "prod-db", "reason": 5}, "reason"),
+])
+async def test_bad_input_is_422_naming_the_field(h: Harness, payload: dict[str, Any], field: str) -> None:
+    status, body = await h.call("POST", "/requests", "carol@example.com", json=payload)
+    assert status == 422 and body["error"] == "invalid_input"
+    assert body["field"] == field and body["fields"][0]["loc"] == ["body", field]
+
+
+async def test_semantic_errors_name_the_field_too(h: Harness) -> None:
+    status, body = await h.call("POST", "/requests", "carol@example.com",
+                                json={"resource": "nope-db", "reason": "x"})
+    assert (status, body["error"], body["field"]) == (422, "unknown_resource", "resource")
+    status, body = await h.call("POST", "/requests", "carol@example.com",
+                                json={"resource": "prod-db", "duration": "9h", "reason": "x"})
+    assert (status, body["error"], body["field"]) == (422, "too_long", "duration")
+    status, body = await h.call("POST", "/requests", "carol@example.com", data=b"{not json",
+                                headers={"Content-Type": "application/json"})
+    assert status == 422 and body["fields"][0]["loc"][0] == "body" and body["fields"][0]["type"] == "json_invalid"
+    status, body = await h.call("GET", "/requests?limit=0", "carol@example.com")
+    assert status == 422 and body["fields"][0]["loc"] == ["query", "limit"]
+    status, body = await h.call("GET", "/requests?status=bogus", "carol@example.com")
+    assert status == 422 and body["field"] == "status"
+    status, body = await h.call("GET", "/requests/r404", "carol@example.com")
+    assert (status, body["error"]) == (404, "no_request")
+    status, body = await h.call("GET", "/no-such-thing", "carol@example.com")
+    assert status == 404 and body["error"] == "not_found"
+    status, body = await h.call("DELETE", "/requests", "carol@example.com")
+    assert status == 405 and "message" in body
+
+
+def _refs(node: Any) -> list[str]:
+    if isinstance(node, dict):
+        out = [node["$ref"]] if isinstance(node.get("$ref"), str) else []
+        return out + [r for v in node.values() for r in _refs(v)]
+    if isinstance(node, list):
+        return [r for v in node for r in _refs(v)]
+    return []
+
+
+async def test_openapi_is_generated_from_the_models(h: Harness) -> None:
+    async with h.http.get(h.url + "/openapi.json") as resp:  # public: no token
+        assert resp.status == 200 and resp.content_type == "application/json"
+        doc = json.loads(await resp.text())
+    assert doc["openapi"].startswith("3.")
+    listed = {(m.upper(), p) for p, ops in doc["paths"].items() for m in ops}
+    assert listed == {(r.doc.method, r.doc.path) for r in ROUTES}
+    schemas = doc["components"]["schemas"]
+    for ref in _refs(doc):
+        assert ref.startswith("#/components/schemas/") and ref.rsplit("/", 1)[1] in schemas, ref
+    create = doc["paths"]["/requests"]["post"]
+    assert create["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/RequestCreate")
+    assert schemas["RequestCreate"]["properties"].keys() == RequestCreate.model_json_schema()["properties"].keys()
+    assert schemas["RequestCreate"]["required"] == ["resource"]
+    delegate = doc["paths"]["/grants/{id}/delegate"]["post"]
+    assert {p["name"] for p in delegate["parameters"]} == {"id", "X-Hoop-Grant"}
+    params = {p["name"] for p in doc["paths"]["/requests"]["get"]["parameters"]}
+    assert params == {"status", "resource", "mine", "limit"}
+    assert "secret" not in schemas["GrantOut"]["properties"]

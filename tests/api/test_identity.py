@@ -1,0 +1,122 @@
+"""OIDC bearer tokens against a local issuer served over HTTP: good, expired, wrong audience,
+wrong issuer, unknown key, rotated key, discovery, and garbage."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import AsyncIterator
+from datetime import timedelta
+
+import pytest
+
+from broker.clock import FakeClock
+from broker.identity import HttpFetcher, TokenVerifier, Unauthenticated
+from tests.api.conftest import api_config
+from tests.support.oidc import LocalIssuer
+
+
+@pytest.fixture
+async def issuer(clock: FakeClock) -> AsyncIterator[LocalIssuer]:
+    iss = await LocalIssuer(clock).start()
+    try:
+        yield iss
+    finally:
+        await iss.close()
+
+
+@pytest.fixture
+async def verifier(issuer: LocalIssuer, clock: FakeClock) -> AsyncIterator[TokenVerifier]:
+    fetcher = HttpFetcher()
+    try:
+        yield TokenVerifier(api_config(issuer.url), fetcher, clock)
+    finally:
+        await fetcher.close()
+
+
+async def refused(verifier: TokenVerifier, token: str) -> str:
+    with pytest.raises(Unauthenticated) as exc:
+        await verifier.verify(token)
+    assert exc.value.http_status == 401
+    return exc.value.code
+
+
+async def test_person_token_maps_email_and_groups(issuer: LocalIssuer, verifier: TokenVerifier) -> None:
+    who = await verifier.verify(issuer.mint("u1", email="Alice@Example.com", groups=["dba", "not-a-hoop-group"],
+                                            name="Alice"))
+    assert who.email == "alice@example.com" and who.kind == "human" and who.name == "Alice"
+    assert who.groups == {"eng", "dba"}  # eng from config membership, dba from the groups claim
+    assert who.chain == ("alice@example.com",)
+    assert issuer.discovery_hits == 1 and issuer.jwks_hits == 1  # found through the discovery document
+
+
+async def test_configured_agent_acts_for_a_human(issuer: LocalIssuer, verifier: TokenVerifier) -> None:
+    who = await verifier.verify(issuer.mint("client-ci-runner"))
+    assert (who.kind, who.email, who.acts_for) == ("agent", "ci-runner", "alice@example.com")
+    assert who.chain == ("alice@example.com", "ci-runner") and who.groups == {"eng"}
+
+
+async def test_unknown_subject_without_email_is_refused(issuer: LocalIssuer, verifier: TokenVerifier) -> None:
+    assert await refused(verifier, issuer.mint("client-unknown")) == "no_email"
+
+
+async def test_expired_token(issuer: LocalIssuer, verifier: TokenVerifier, clock: FakeClock) -> None:
+    token = issuer.mint("u1", email="bob@example.com", expires_in=timedelta(minutes=5))
+    assert (await verifier.verify(token)).email == "bob@example.com"
+    clock.advance(timedelta(minutes=5, seconds=31))  # past exp and the 30 s leeway
+    assert await refused(verifier, token) == "expired_token"
+
+
+async def test_wrong_audience_and_wrong_issuer(issuer: LocalIssuer, verifier: TokenVerifier) -> None:
+    assert await refused(verifier, issuer.mint("u1", email="bob@example.com", audience="another-app")) == "bad_aud"
+    assert await refused(verifier, issuer.mint("u1", email="bob@example.com",
+                                               issuer="https://evil.example")) == "bad_iss"
+
+
+async def test_unknown_key_is_refused_and_refetching_is_rate_limited(
+        issuer: LocalIssuer, verifier: TokenVerifier, clock: FakeClock) -> None:
+    await verifier.verify(issuer.mint("u1", email="bob@example.com"))
+    assert verifier.fetches == 1
+    forged = issuer.mint("u1", email="bob@example.com", key=LocalIssuer.stranger_key())
+    for _ in range(5):
+        assert await refused(verifier, forged) == "unknown_key"
+    assert verifier.fetches == 1 and issuer.jwks_hits == 1  # a stream of unknown kids cannot hammer the issuer
+    clock.advance(timedelta(seconds=31))
+    assert await refused(verifier, forged) == "unknown_key"
+    assert verifier.fetches == 2  # one refresh once the interval passed, still no such key
+
+
+async def test_known_kid_with_a_foreign_signature(issuer: LocalIssuer, verifier: TokenVerifier) -> None:
+    token = issuer.mint("u1", email="bob@example.com", key=LocalIssuer.stranger_key(), kid=issuer.kid)
+    assert await refused(verifier, token) == "bad_signature"
+
+
+async def test_rotated_key_refreshes_the_jwks(issuer: LocalIssuer, verifier: TokenVerifier,
+                                              clock: FakeClock) -> None:
+    old = issuer.mint("u1", email="bob@example.com")
+    await verifier.verify(old)
+    issuer.rotate()  # the old key is withdrawn, a new kid signs from now on
+    clock.advance(timedelta(seconds=31))
+    new = issuer.mint("u1", email="bob@example.com")
+    assert (await verifier.verify(new)).email == "bob@example.com"
+    assert verifier.fetches == 2 and issuer.jwks_hits == 2
+    assert await refused(verifier, old) == "unknown_key"
+
+
+async def test_cached_keys_are_reused(issuer: LocalIssuer, verifier: TokenVerifier) -> None:
+    for n in range(5):
+        await verifier.verify(issuer.mint(f"u{n}", email="bob@example.com"))
+    assert issuer.jwks_hits == 1
+
+
+def _b64(data: dict[str, object]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
+
+
+async def test_garbage_and_unsigned_tokens(issuer: LocalIssuer, verifier: TokenVerifier) -> None:
+    assert await refused(verifier, "not-a-jwt") == "bad_token"
+    assert await refused(verifier, "") == "no_token"
+    unsigned = f"{_b64({'alg': 'none'})}.{_b64({'sub': 'x', 'email': 'bob@example.com'})}."
+    assert await refused(verifier, unsigned) == "bad_token"
+    hmac_alg = f"{_b64({'alg': 'HS256', 'kid': issuer.kid})}.{_b64({'sub': 'x'})}.c2ln"
+    assert await refused(verifier, hmac_alg) == "bad_token"
