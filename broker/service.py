@@ -19,7 +19,7 @@ from broker import credentials, lifecycle, policy
 from broker.clock import Clock
 from broker.config import HoopConfig
 from broker.duration import format_duration, parse_duration
-from broker.errors import Conflict, Denied, InvalidInput, NotFound
+from broker.errors import Conflict, Denied, HoopError, InvalidInput, NotFound
 from broker.events import (
     ApprovalAdded,
     ApprovalWithdrawn,
@@ -205,7 +205,11 @@ class Service:
         return grant, secret
 
     async def _after_issue(self, grant: Grant) -> Grant:
-        role = await self.hooks.issued(grant)
+        try:
+            role = await self.hooks.issued(grant)
+        except HoopError as exc:
+            log.error("grant=%s upstream set-up failed: %s", grant.id, exc.message)
+            return grant
         if role is not None:
             async with self.store.tx() as tx:
                 fresh = await self._get_grant(tx, grant.id, lock=True)
@@ -397,12 +401,13 @@ class Service:
                 ended.append((grant, await self.request_for(tx, grant)))
                 for child in await tx.list_grants(parent_id=grant.id, status=GrantStatus.ACTIVE):
                     todo.append((child, "revoke", f"parent grant {grant.id} ended ({why})"))
+        # sessions are told first (a clear message to each client), then upstream roles go
+        await self.publish([GrantEnded(grant=g, request=r) for g, r in ended])
         for grant, _ in ended:
             try:
                 await self.hooks.ended(grant)
             except Exception:
                 log.exception("cleaning up after grant %s failed", grant.id)
-        await self.publish([GrantEnded(grant=g, request=r) for g, r in ended])
         return ended[0][0]
 
     async def remind(self, grant_id: str) -> None:

@@ -1,0 +1,156 @@
+"""Ephemeral database roles: one PostgreSQL login per grant, for resources with
+``credentials: ephemeral``.
+
+When a grant is issued hoop creates ``hoop_<grant id>`` with LOGIN, a random password,
+``VALID UNTIL`` the expiry and membership of the configured roles; the PostgreSQL proxy then
+logs in upstream as that role. When the grant ends hoop terminates the role's backends,
+drops what it owns and drops it. Extension moves ``VALID UNTIL``.
+
+The password is HMAC(key, grant id): random to anyone without hoop's key, never stored, and
+the same after a restart, so a restarted hoop can still connect as a live grant's role.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import logging
+import secrets
+from collections.abc import Mapping
+from pathlib import Path
+
+import asyncpg
+
+from broker.config import HoopConfig, PostgresResource
+from broker.errors import UpstreamError
+from broker.model import Grant, GrantStatus
+from broker.store import Store
+
+log = logging.getLogger(__name__)
+PREFIX = "hoop_"
+
+
+def load_key(state_dir: Path) -> bytes:
+    """The key behind role passwords, created (mode 0600) on first use."""
+    path = state_dir / "roles.key"
+    if path.exists():
+        return bytes.fromhex(path.read_text().strip())
+    state_dir.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_bytes(32)
+    path.touch(mode=0o600)
+    path.write_text(key.hex())
+    return key
+
+
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+class EphemeralRoles:
+    """``GrantHooks`` for ephemeral roles, and the proxy's upstream credentials for them."""
+
+    def __init__(self, config: HoopConfig, environ: Mapping[str, str], key: bytes) -> None:
+        self.config = config
+        self.environ = environ
+        self.key = key
+
+    def role_name(self, grant: Grant) -> str:
+        return PREFIX + grant.id
+
+    def password(self, grant_id: str) -> str:
+        return base64.urlsafe_b64encode(hmac.new(self.key, grant_id.encode(), hashlib.sha256).digest()).decode()
+
+    def _resources(self, grant: Grant) -> list[PostgresResource]:
+        out = []
+        for name in grant.resources:
+            res = self.config.resource(name)
+            if isinstance(res, PostgresResource) and res.credentials == "ephemeral":
+                out.append(res)
+        return out
+
+    async def _admin(self, res: PostgresResource) -> asyncpg.Connection:
+        assert res.admin_credential is not None
+        host, port = res.host_port(5432)
+        try:
+            return await asyncpg.connect(host=host, port=port, user=res.admin_user or res.user,
+                                         password=res.admin_credential.resolve(self.environ), database=res.database,
+                                         ssl=None if res.sslmode in ("disable", "prefer") else "require",
+                                         timeout=10)
+        except (OSError, asyncpg.PostgresError) as exc:
+            raise UpstreamError(f"{res.name}: cannot connect as admin to manage ephemeral roles "
+                                f"({type(exc).__name__})") from None
+
+    async def issued(self, grant: Grant) -> str | None:
+        resources = self._resources(grant)
+        if not resources:
+            return None
+        role = self.role_name(grant)
+        for res in resources:
+            conn = await self._admin(res)
+            try:
+                members = ", ".join(_ident(r) for r in res.roles)
+                await conn.execute(
+                    f"CREATE ROLE {_ident(role)} LOGIN PASSWORD {_literal(self.password(grant.id))} "
+                    f"VALID UNTIL {_literal(grant.expires_at.isoformat())} IN ROLE {members}")
+            finally:
+                await conn.close()
+            log.info("grant=%s created ephemeral role %s on %s", grant.id, role, res.name)
+        return role
+
+    async def extended(self, grant: Grant) -> None:
+        for res in self._resources(grant):
+            conn = await self._admin(res)
+            try:
+                await conn.execute(f"ALTER ROLE {_ident(self.role_name(grant))} "
+                                   f"VALID UNTIL {_literal(grant.expires_at.isoformat())}")
+            finally:
+                await conn.close()
+
+    async def ended(self, grant: Grant) -> None:
+        for res in self._resources(grant):
+            await self._drop(res, self.role_name(grant))
+
+    async def _drop(self, res: PostgresResource, role: str) -> None:
+        conn = await self._admin(res)
+        try:
+            exists = await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", role)
+            if not exists:
+                return
+            await conn.execute(f"ALTER ROLE {_ident(role)} NOLOGIN")
+            await conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1", role)
+            admin = res.admin_user or res.user
+            await conn.execute(f"REASSIGN OWNED BY {_ident(role)} TO {_ident(admin)}")
+            await conn.execute(f"DROP OWNED BY {_ident(role)}")
+            await conn.execute(f"DROP ROLE {_ident(role)}")
+            log.info("dropped ephemeral role %s on %s", role, res.name)
+        finally:
+            await conn.close()
+
+    async def reconcile(self, store: Store) -> list[str]:
+        """Drop roles whose grants ended while hoop was down. Returns the roles dropped."""
+        dropped: list[str] = []
+        for res in self.config.resources:
+            if not isinstance(res, PostgresResource) or res.credentials != "ephemeral":
+                continue
+            conn = await self._admin(res)
+            try:
+                names = [r["rolname"] for r in await conn.fetch(
+                    "SELECT rolname FROM pg_roles WHERE rolname LIKE 'hoop\\_%'")]
+            finally:
+                await conn.close()
+            for name in names:
+                async with store.tx() as tx:
+                    grant = await tx.get_grant(name.removeprefix(PREFIX))
+                if grant is None or grant.status is not GrantStatus.ACTIVE:
+                    await self._drop(res, name)
+                    dropped.append(name)
+        return dropped
+
+    async def for_grant(self, resource: PostgresResource, grant: Grant) -> tuple[str, str]:
+        """Upstream (user, password) for the PostgreSQL proxy on an ephemeral resource."""
+        return self.role_name(grant), self.password(grant.id)

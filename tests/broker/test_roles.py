@@ -1,0 +1,117 @@
+"""Ephemeral database roles against a real PostgreSQL: created per grant, dropped at its end,
+and dropped at start for grants that ended while hoop was down."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from broker import policy
+from broker.clock import FakeClock
+from broker.config import HoopConfig, parse_config
+from broker.events import RecordingNotifier
+from broker.model import Identity
+from broker.roles import EphemeralRoles, load_key
+from broker.scheduler import Scheduler
+from broker.service import Service
+from broker.store import Store
+from tests.conftest import base_config
+from tests.support.pgcluster import PgCluster
+
+pytestmark = pytest.mark.postgres
+
+
+def ephemeral_config(pg: PgCluster, database: str) -> HoopConfig:
+    data = base_config()
+    data["resources"][0].update(address=f"127.0.0.1:{pg.port}", database=database, credentials="ephemeral",
+                                admin_user="postgres", admin_credential={"env": "PG_ADMIN"}, roles=["app_reader"],
+                                credential=None, extension={"requires_approval": False})
+    return parse_config(data)
+
+
+def who(config: HoopConfig, email: str) -> Identity:
+    return Identity(email=email, groups=policy.groups_of(config, email))
+
+
+async def roles_named(pg: PgCluster, role: str) -> list[str]:
+    conn = await asyncpg.connect(pg.dsn())
+    try:
+        return [r["rolname"] for r in await conn.fetch("SELECT rolname FROM pg_roles WHERE rolname = $1", role)]
+    finally:
+        await conn.close()
+
+
+async def test_role_lives_exactly_as_long_as_the_grant(pg: PgCluster, tmp_path: Path) -> None:
+    db = pg.create_database("eph")
+    pg.psql("DO $$ BEGIN CREATE ROLE app_reader NOLOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$")
+    pg.psql("CREATE TABLE invoices (id int); INSERT INTO invoices VALUES (4411); "
+            "GRANT SELECT ON invoices TO app_reader", database=db)
+    config = ephemeral_config(pg, db)
+    clock = FakeClock()
+    store = Store.from_url(f"sqlite+aiosqlite:///{tmp_path / 'h.db'}")
+    await store.migrate()
+    roles = EphemeralRoles(config, {"PG_ADMIN": pg.password}, load_key(tmp_path / "state"))
+    service = Service(config, store, clock, RecordingNotifier(), hooks=roles)
+    try:
+        req = await service.request(who(config, "alice@example.com"), "prod-db", "1h", "x")
+        await service.approve(req.id, who(config, "dana@example.com"))
+        result = await service.approve(req.id, who(config, "sam@example.com"))
+        grant = result.grant
+        assert grant is not None and grant.db_role == f"hoop_{grant.id}"
+        res = config.resource("prod-db")
+        user, password = await roles.for_grant(res, grant)  # type: ignore[arg-type]
+        conn = await asyncpg.connect(host="127.0.0.1", port=pg.port, user=user, password=password, database=db)
+        assert await conn.fetchval("SELECT id FROM invoices") == 4411
+        valid_until = await conn.fetchval("SELECT rolvaliduntil FROM pg_roles WHERE rolname = current_user")
+        assert abs((valid_until - grant.expires_at).total_seconds()) < 1
+        await conn.execute("CREATE TEMP TABLE scratch (x int)")
+        # extension moves VALID UNTIL
+        await service.extend(grant.id, who(config, "alice@example.com"), "30m")
+        moved = await conn.fetchval("SELECT rolvaliduntil FROM pg_roles WHERE rolname = current_user")
+        assert abs((moved - grant.expires_at - timedelta(minutes=30)).total_seconds()) < 1
+        # the grant ends: backends terminated, role dropped
+        clock.advance(timedelta(minutes=90))
+        assert (await Scheduler(service, clock).run_due()).expired == [grant.id]
+        with pytest.raises((asyncpg.exceptions.AdminShutdownError, asyncpg.exceptions.ConnectionDoesNotExistError,
+                            asyncpg.exceptions.InterfaceError, ConnectionError)):
+            await conn.fetchval("SELECT 1")
+        assert await roles_named(pg, user) == []
+        with pytest.raises(asyncpg.exceptions.InvalidPasswordError):
+            await asyncpg.connect(host="127.0.0.1", port=pg.port, user=user, password=password, database=db)
+    finally:
+        await store.close()
+
+
+async def test_reconcile_drops_roles_of_grants_ended_while_down(pg: PgCluster, tmp_path: Path) -> None:
+    db = pg.create_database("eph")
+    pg.psql("DO $$ BEGIN CREATE ROLE app_reader NOLOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$")
+    config = ephemeral_config(pg, db)
+    clock = FakeClock()
+    store = Store.from_url(f"sqlite+aiosqlite:///{tmp_path / 'h.db'}")
+    await store.migrate()
+    key = load_key(tmp_path / "state")
+    roles = EphemeralRoles(config, {"PG_ADMIN": pg.password}, key)
+    try:
+        service = Service(config, store, clock, RecordingNotifier(), hooks=roles)
+        grants = []
+        for length in ("10m", "2h"):
+            req = await service.request(who(config, "alice@example.com"), "prod-db", length, "x")
+            await service.approve(req.id, who(config, "dana@example.com"))
+            grants.append((await service.approve(req.id, who(config, "sam@example.com"))).grant)
+        # hoop "goes down"; the first grant's expiry passes; the store is marked without the hook running
+        clock.advance(timedelta(minutes=30))
+        plain = Service(config, store, clock, RecordingNotifier())
+        await Scheduler(plain, clock).run_due()
+        short, long_ = grants
+        assert short is not None and long_ is not None
+        assert await roles_named(pg, f"hoop_{short.id}") == [f"hoop_{short.id}"]
+        # restart: reconciliation drops it, keeps the live one
+        dropped = await EphemeralRoles(config, {"PG_ADMIN": pg.password}, load_key(tmp_path / "state")).reconcile(store)
+        assert dropped == [f"hoop_{short.id}"]
+        assert await roles_named(pg, f"hoop_{long_.id}") == [f"hoop_{long_.id}"]
+        assert load_key(tmp_path / "state") == key
+    finally:
+        await store.close()
