@@ -1,0 +1,51 @@
+"""Transcript rendering: summary counts, terminal text, and the stated cap."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from broker.model import Grant, GrantStatus, Session, SessionEvent, SessionStatus
+from broker.transcript import render, terminal_text
+
+T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
+
+
+def session(protocol: str = "postgres") -> Session:
+    return Session(id="s1", grant_id="g1", resource="prod-db", protocol=protocol, login="alice.abcde",
+                   chain=("alice@example.com", "ci-runner"), client_addr="127.0.0.1:1", status=SessionStatus.CLOSED,
+                   opened_at=T0, closed_at=T0 + timedelta(minutes=3), close_reason="access expired")
+
+
+def ev(seq: int, kind: str, **data: object) -> SessionEvent:
+    return SessionEvent(session_id="s1", seq=seq, at=T0 + timedelta(seconds=seq), kind=kind, data=dict(data))
+
+
+GRANT = Grant(id="g1", login="alice.abcde", identity="alice@example.com", chain=("alice@example.com", "ci-runner"),
+              resources=("prod-db",), status=GrantStatus.EXPIRED, created_at=T0, expires_at=T0 + timedelta(minutes=3))
+
+
+def test_summary_and_lines() -> None:
+    events = [ev(1, "open"), ev(2, "statement", sql="SELECT email FROM users", rows=2, ms=1.5, decision="allow"),
+              ev(3, "rows", columns=["email"], rows=[["[email]"], ["[email]"]]),
+              ev(4, "statement", sql="DROP TABLE users", decision="block", rule="no-drop"),
+              ev(5, "review", review="v1", text="DELETE FROM t WHERE id = ?", rule="review"),
+              ev(6, "close", reason="access expired")]
+    t = render(GRANT, [(session(), events)], max_bytes=10_000)
+    assert t.summary.startswith("1 session(s) · 2 statement(s)/command(s) · 2 row(s) · 1 blocked · 1 reviewed")
+    assert "alice@example.com → ci-runner" in t.text
+    assert "BLOCKED DROP TABLE users [rule no-drop]" in t.text
+    assert "| [email]" in t.text and not t.truncated
+
+
+def test_cap_is_stated() -> None:
+    events = [ev(i, "statement", sql=f"SELECT {i} -- " + "x" * 100, rows=1) for i in range(1, 200)]
+    t = render(GRANT, [(session(), events)], max_bytes=2048)
+    assert t.truncated and len(t.text.encode()) < 2048 + 200
+    assert "[transcript cut at 2048 bytes of" in t.text and "hoop transcript s1" in t.text
+
+
+def test_ssh_output_as_text() -> None:
+    assert terminal_text("\x1b[1;32muser@host\x1b[0m:~$ ls\r\nfile\r\n") == "user@host:~$ ls\nfile\n"
+    events = [ev(1, "command", command="cat /etc/app.env", exit_status=0), ev(2, "output", data="KEY=[secret]\r\n")]
+    t = render(None, [(session("ssh"), events)], max_bytes=10_000)
+    assert "$ cat /etc/app.env → exit 0" in t.text and "KEY=[secret]" in t.text
