@@ -155,10 +155,10 @@ class SlackBot:
         try:
             cmd = parse(str(body.get("text") or ""))
         except InvalidInput as exc:
-            await ack(text=exc.message)
+            await ack(response_type="ephemeral", text=exc.message)
             return
         if cmd.verb == "help":
-            await ack(text=views.help_text())
+            await ack(response_type="ephemeral", text=views.help_text())
             return
         await ack()
         user = str(body.get("user_id"))

@@ -27,6 +27,8 @@ class Call:
     method: str
     params: dict[str, Any]
     body: bytes = b""
+    #: what the fake answered
+    response: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -105,8 +107,10 @@ class FakeSlack:
             self._record(method + "#429", params)
             return web.json_response({"ok": False, "error": "ratelimited"}, status=429,
                                      headers={"Retry-After": str(retry_after)})
+        answer = self._answer(method, params, request)
         self._record(method, params)
-        return web.json_response(self._answer(method, params, request))
+        self.calls[-1].response = answer
+        return web.json_response(answer)
 
     def _next_ts(self) -> str:
         return f"1700000000.{next(self._ts):06d}"

@@ -1,0 +1,241 @@
+"""The issue's scenarios: signed Slack payloads over HTTP to a running hoop, against the fake Slack."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from datetime import timedelta
+from pathlib import Path
+
+from broker.clock import FakeClock
+from broker.events import GrantIssued
+from broker.model import RequestStatus
+from broker.scheduler import Scheduler
+from tests.bot.harness import Hoop
+from tests.support.fakeslack import FakeSlack
+
+
+async def _request(hoop: Hoop, text: str = "request prod-db 30m fix invoice 4411") -> tuple[str, str, str]:
+    status, _ = await hoop.command(text)
+    assert status == 200
+    channel, ts = hoop.card()
+    async with hoop.store.tx() as tx:
+        req = await tx.request_by_card(channel, ts)
+    assert req is not None
+    return req.id, channel, ts
+
+
+async def _stored(hoop: Hoop, request_id: str):  # type: ignore[no-untyped-def]
+    async with hoop.store.tx() as tx:
+        return await tx.get_request(request_id)
+
+
+def _updates(hoop: Hoop, ts: str) -> list[str]:
+    return [json.dumps(c.params) for c in hoop.fake.of("chat.update") if c.params.get("ts") == ts]
+
+
+async def test_full_flow_two_groups_dm_with_secret_card_updated(hoop: Hoop, tmp_path: Path) -> None:
+    rid, channel, ts = await _request(hoop)
+    assert channel == "C1"
+    card_post = hoop.fake.of("chat.postMessage")[0]
+    assert "fix invoice 4411" in json.dumps(card_post.params["blocks"])
+    assert any(f"Request `{rid}`" in r for r in hoop.responses())
+
+    await hoop.react("UDANA", channel, ts)  # dba
+    assert any("Dana approved (dba)" in t for t in hoop.thread(ts))
+    assert "dana@example.com" in _updates(hoop, ts)[-1]
+    assert (await _stored(hoop, rid)).status is RequestStatus.PENDING
+
+    status, _ = await hoop.click("hoop_approve", rid, "USAM", channel, ts)  # security, by Slack user group
+    assert status == 200
+    req = await _stored(hoop, rid)
+    assert req.status is RequestStatus.APPROVED and req.grant_id
+
+    issued = hoop.recorder.of(GrantIssued)
+    assert len(issued) == 1
+    secret = issued[0].secret
+    assert secret.startswith("hoop_")
+    opened = hoop.fake.of("conversations.open")
+    assert opened and opened[-1].params["users"] == "UALICE"
+    dms = [c for c in hoop.fake.of("chat.postMessage") if c.params["channel"] == "DUALICE"]
+    assert len(dms) == 1 and secret in json.dumps(dms[0].params)
+    assert "psql" in json.dumps(dms[0].params)
+    assert secret not in hoop.fake.everything_but(dms[0])  # not in the thread, card, or anywhere else
+    for path in tmp_path.glob("hoop.db*"):
+        assert secret.encode() not in path.read_bytes()
+
+    assert any("Granted until" in t for t in hoop.thread(ts))
+    final = _updates(hoop, ts)[-1]
+    assert "Approved" in final and "granted until" in final and "hoop_approve" not in final
+
+
+async def test_self_approval_refused(hoop: Hoop) -> None:
+    rid, channel, ts = await _request(hoop)
+    await hoop.react("UALICE", channel, ts)
+    assert any("cannot approve your own request" in t for t in hoop.ephemerals("UALICE"))
+    await hoop.click("hoop_approve", rid, "UALICE", channel, ts)
+    assert len(hoop.ephemerals("UALICE")) == 2
+    req = await _stored(hoop, rid)
+    assert req.approvals == [] and req.status is RequestStatus.PENDING
+
+
+async def test_non_approver_reaction_ignored_with_note(hoop: Hoop) -> None:
+    rid, channel, ts = await _request(hoop)
+    updates_before = len(hoop.fake.of("chat.update"))
+    await hoop.react("UBOB", channel, ts)
+    notes = hoop.ephemerals("UBOB")
+    assert len(notes) == 1 and "only members of dba, security can approve" in notes[0]
+    await hoop.react("UBOB", channel, ts, "x")  # nor can bob deny
+    assert "only members of dba, security can deny" in hoop.ephemerals("UBOB")[1]
+    await hoop.react("UBOB", channel, ts, "tada")  # an unrelated emoji: silence
+    assert len(hoop.ephemerals("UBOB")) == 2
+    assert (await _stored(hoop, rid)).approvals == []
+    assert len(hoop.fake.of("chat.update")) == updates_before
+
+
+async def test_one_person_in_both_groups_counts_once_and_double_click_counts_once(hoop: Hoop) -> None:
+    rid, channel, ts = await _request(hoop)
+    await hoop.react("UERIN", channel, ts)  # erin: dba by email, security by Slack user group
+    await hoop.react("UERIN", channel, ts, "+1::skin-tone-2")
+    await hoop.click("hoop_approve", rid, "UERIN", channel, ts)
+    notes = hoop.ephemerals("UERIN")
+    assert len(notes) == 2 and all("already approved" in n for n in notes)
+    req = await _stored(hoop, rid)
+    assert [a.approver for a in req.approvals] == ["erin@example.com"]
+    assert req.status is RequestStatus.PENDING
+
+    # dana double-clicks Approve: one approval, one grant
+    await asyncio.gather(hoop.click("hoop_approve", rid, "UDANA", channel, ts),
+                         hoop.click("hoop_approve", rid, "UDANA", channel, ts))
+    req = await _stored(hoop, rid)
+    assert sorted(a.approver for a in req.approvals) == ["dana@example.com", "erin@example.com"]
+    assert req.status is RequestStatus.APPROVED
+    assert len(hoop.recorder.of(GrantIssued)) == 1
+    assert len(hoop.ephemerals("UDANA")) == 1
+
+
+async def test_deny_with_reason_via_modal(hoop: Hoop) -> None:
+    rid, channel, ts = await _request(hoop)
+    await hoop.click("hoop_deny", rid, "UDANA", channel, ts)
+    opened = hoop.fake.of("views.open")
+    assert len(opened) == 1
+    view = opened[0].params["view"]
+    assert view["callback_id"] == "hoop_deny_modal" and view["private_metadata"] == rid
+    status, _ = await hoop.interact({
+        "type": "view_submission", "user": {"id": "UDANA"}, "trigger_id": "trig-x",
+        "view": {"id": "V1", "type": "modal", "callback_id": "hoop_deny_modal", "private_metadata": rid,
+                 "state": {"values": {"reason": {"reason_input": {"type": "plain_text_input",
+                                                                  "value": "not during the freeze"}}}}}})
+    assert status == 200
+    req = await _stored(hoop, rid)
+    assert req.status is RequestStatus.DENIED and req.decision_reason == "not during the freeze"
+    assert req.decided_by == "dana@example.com"
+    assert any("Denied by Dana: not during the freeze" in t for t in hoop.thread(ts))
+    assert "Denied" in _updates(hoop, ts)[-1]
+
+
+async def test_forged_signature_refused(hoop: Hoop) -> None:
+    body = b"command=%2Fhoop&text=request+prod-db+30m+x&user_id=UALICE&team_id=T1"
+    status, _ = await hoop.post(body, "application/x-www-form-urlencoded", secret="not-the-secret")
+    assert status == 401
+    tampered_headers = {"X-Slack-Signature": "v0=" + "0" * 64}
+    status, _ = await hoop.post(body, "application/x-www-form-urlencoded", headers=tampered_headers)
+    assert status == 401
+    await hoop.bot.drain()
+    assert hoop.fake.calls == []
+    async with hoop.store.tx() as tx:
+        assert await tx.list_requests() == []
+
+
+async def test_stale_timestamp_refused(hoop: Hoop) -> None:
+    body = b"command=%2Fhoop&text=request+prod-db+30m+x&user_id=UALICE&team_id=T1"
+    status, _ = await hoop.post(body, "application/x-www-form-urlencoded", timestamp=int(time.time()) - 600)
+    assert status == 401
+    await hoop.bot.drain()
+    assert hoop.fake.calls == []
+
+
+async def test_retried_event_processed_once(hoop: Hoop) -> None:
+    rid, channel, ts = await _request(hoop)
+    event = {"type": "reaction_added", "user": "UDANA", "reaction": "white_check_mark",
+             "item": {"type": "message", "channel": channel, "ts": ts}, "event_ts": "1.1"}
+    first = await hoop.event(event, event_id="EvSAME")
+    retry = await hoop.event(event, event_id="EvSAME",
+                             headers={"X-Slack-Retry-Num": "1", "X-Slack-Retry-Reason": "http_timeout"})
+    assert first[0] == retry[0] == 200
+    assert len((await _stored(hoop, rid)).approvals) == 1
+    assert sum("Dana approved" in t for t in hoop.thread(ts)) == 1
+    assert hoop.ephemerals("UDANA") == []  # the retry was not even seen as a duplicate approval
+
+
+async def test_restart_mid_request_updates_original_card(fake: FakeSlack, tmp_path: Path, clock: FakeClock) -> None:
+    first = await Hoop(fake=fake, db=tmp_path / "hoop.db", clock=clock).start()
+    try:
+        rid, channel, ts = await _request(first)
+        await first.react("UDANA", channel, ts)
+    finally:
+        await first.close()
+    fake.clear()
+    second = await Hoop(fake=fake, db=tmp_path / "hoop.db", clock=clock).start()
+    try:
+        await second.react("USAM", channel, ts)
+        req = await _stored(second, rid)
+        assert req.status is RequestStatus.APPROVED
+        updates = fake.of("chat.update")
+        assert updates and all(u.params["ts"] == ts and u.params["channel"] == channel for u in updates)
+        assert "Approved" in json.dumps(updates[-1].params)
+        assert any("Granted until" in t for t in second.thread(ts))
+        assert [c for c in fake.of("chat.postMessage") if "thread_ts" not in c.params and c.params["channel"] == "C1"
+                ] == []  # no second card
+        assert any(c.params["channel"] == "DUALICE" for c in fake.of("chat.postMessage"))
+    finally:
+        await second.close()
+
+
+async def test_lapse_updates_card(hoop: Hoop, clock: FakeClock) -> None:
+    rid, _channel, ts = await _request(hoop)
+    clock.advance(timedelta(minutes=30))
+    assert (await Scheduler(hoop.service, clock).run_due()).lapsed == []
+    clock.advance(timedelta(minutes=31))
+    report = await Scheduler(hoop.service, clock).run_due()
+    assert report.lapsed == [rid]
+    assert (await _stored(hoop, rid)).status is RequestStatus.LAPSED
+    final = _updates(hoop, ts)[-1]
+    assert "Lapsed" in final and "hoop_approve" not in final
+    assert any("Lapsed" in t for t in hoop.thread(ts))
+
+
+async def test_malformed_commands_get_precise_ephemeral_usage(hoop: Hoop) -> None:
+    cases = {
+        "frobnicate prod-db": "unknown command 'frobnicate'",
+        "request": "`request` needs a resource and a duration",
+        "request prod-db": "`request` needs a resource and a duration (got 1 word)",
+        "request prod-db fix the invoice": "'fix' is not a duration",
+        "request prod-db 30x fix": "unknown unit 'x'",
+        "approve": "`approve` needs a request id",
+        "approve r1 r2": "`approve` takes at most 1; unexpected 'r2'",
+        "status now": "`status` takes no arguments; unexpected 'now'",
+        "extend g123 soon": "'soon' is not understood",
+        "transcript": "`transcript` needs a session id",
+    }
+    for text, expected in cases.items():
+        status, body = await hoop.command(text)
+        assert status == 200, text
+        reply = json.loads(body)["text"]
+        assert expected in reply, (text, reply)
+        assert "Usage" in reply or "/hoop help" in reply, (text, reply)
+    assert hoop.fake.of("respond") == []  # answered in the ack itself
+    # well-formed but refused by the broker: a precise ephemeral reply, never silence
+    for text, expected in {"request nope-db 30m x": "unknown resource 'nope-db'",
+                           "request prod-db 9h x": "longer than prod-db's maximum of 4h",
+                           "request prod-db 30m": "requires a reason",
+                           "approve r_missing": "no request 'r_missing'"}.items():
+        await hoop.command(text)
+        assert expected in hoop.responses()[-1], (text, hoop.responses()[-1])
+    await hoop.command("request prod-db 30m x", user="UGHOST")
+    assert "cannot map your Slack account" in hoop.responses()[-1]
+    status, body = await hoop.command("")
+    assert "/hoop request <resource> <duration>" in json.loads(body)["text"]
+    async with hoop.store.tx() as tx:
+        assert await tx.list_requests() == []
