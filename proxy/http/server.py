@@ -254,6 +254,8 @@ class HttpProxy:
 
         async def body() -> AsyncIterator[bytes]:
             async for chunk in request.content.iter_any():
+                if flight.reason is not None:
+                    raise aiohttp.ClientPayloadError(flight.reason)  # stop forwarding an upload at once
                 req_cap.feed(chunk)
                 yield chunk
 
@@ -271,6 +273,10 @@ class HttpProxy:
             record["req_bytes"] = req_cap.size
             record["req_body"] = _recorded(masker, request.headers.get("Content-Type"), req_cap, masked=False)
         flight.upstream = resp
+        if flight.reason is not None:  # the grant ended while the upstream was answering
+            resp.close()
+            record["status"] = 403
+            return _refuse(403, "revoked", flight.reason)
         try:
             return await self._respond(request, up, resp, flight, record)
         finally:
@@ -308,7 +314,7 @@ class HttpProxy:
                         continue
                 else:
                     chunk = await content.readany()
-                if not chunk:
+                if not chunk or flight.reason is not None:
                     break
                 pieces = inflate.feed(chunk) if inflate is not None else (chunk,)
                 for piece in pieces:
