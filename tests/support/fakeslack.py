@@ -44,6 +44,9 @@ class FakeSlack:
     url: str = ""
     #: set on every recorded call (the bench waits on it)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Socket Mode: envelopes sent after ``hello`` to each connection, and the acks received
+    socket_envelopes: list[dict[str, Any]] = field(default_factory=list)
+    socket_acks: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def api_url(self) -> str:
@@ -54,18 +57,28 @@ class FakeSlack:
         app.router.add_route("*", "/api/{method}", self._api)
         app.router.add_post("/upload/{file_id}", self._upload)
         app.router.add_post("/respond/{id}", self._respond)
+        app.router.add_get("/socket", self._socket)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
         port = self._runner.addresses[0][1]
         self.url = f"http://127.0.0.1:{port}"
+        self.socket_url = self.socket_url or f"ws://127.0.0.1:{port}/socket"
         return self
 
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+    async def socket_acked(self, count: int, timeout: float = 5.0) -> list[dict[str, Any]]:
+        """Wait until ``count`` Socket Mode acks have arrived."""
+        async with asyncio.timeout(timeout):
+            while len(self.socket_acks) < count:
+                self.changed.clear()
+                await self.changed.wait()
+        return self.socket_acks
 
     def rate_limit_once(self, method: str, retry_after: int = 0) -> None:
         self._limits[method] = retry_after
@@ -159,6 +172,19 @@ class FakeSlack:
         body = await request.read()
         self._record("upload", {"file_id": request.match_info["file_id"]}, body)
         return web.Response(text="OK - " + str(len(body)))
+
+    async def _socket(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.send_json({"type": "hello", "num_connections": 1, "debug_info": {"host": "fake"},
+                            "connection_info": {"app_id": "A1"}})
+        for envelope in self.socket_envelopes:
+            await ws.send_json(envelope)
+        async for msg in ws:
+            if msg.type == web.WSMsgType.TEXT:
+                self.socket_acks.append(json.loads(msg.data))
+                self.changed.set()
+        return ws
 
     async def _respond(self, request: web.Request) -> web.Response:
         self._record("respond", await self._params(request))
