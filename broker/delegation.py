@@ -71,7 +71,8 @@ async def delegate(service: Service, parent: Grant, who: Identity, resources: Se
     length = parse_duration(duration) if isinstance(duration, str) else duration
     if length is not None and length <= timedelta(0):
         raise InvalidInput("duration must be positive", code="duration")
-    asked: dict[str, object] = {"resources": list(wanted), "duration": format_duration(length) if length else None, "label": label}
+    asked: dict[str, object] = {"resources": list(wanted), "label": label,
+                                "duration": format_duration(length) if length else None}
     now = service.clock.now()
     max_depth = service.config.delegation.max_depth
 

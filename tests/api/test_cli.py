@@ -1,0 +1,75 @@
+"""``hoop request|status|revoke --api URL --token …``: the CLI talking to the API over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import typer
+from typer.testing import CliRunner, Result
+
+from broker.apiclient import register
+from tests.api.conftest import Harness
+
+
+def cli() -> typer.Typer:
+    app = typer.Typer()
+
+    @app.command("revoke")
+    def local_revoke() -> None:  # stands in for the local `hoop revoke --as`
+        raise AssertionError("not called")
+
+    register(app, revoke_name="revoke-api")
+    register(app)  # a taken name is skipped, not duplicated
+    return app
+
+
+async def run(args: list[str]) -> Result:
+    return await asyncio.to_thread(CliRunner().invoke, cli(), args, catch_exceptions=False)
+
+
+async def test_request_wait_collect_status_and_revoke(h: Harness) -> None:
+    conn = ["--api", h.url.removesuffix("/api/v1"), "--token", h.token("ci-runner")]
+    waiting = asyncio.create_task(run(["request", "reports-db", "20m", "nightly", "migration", *conn,
+                                       "--wait", "--poll", "0.05", "--timeout", "30", "--json"]))
+    for _ in range(400):
+        async with h.store.tx() as tx:
+            pending = await tx.list_requests(requester="ci-runner")
+        if pending:
+            break
+        await asyncio.sleep(0.01)
+    assert pending and pending[0].reason == "nightly migration"
+    status, _ = await h.call("POST", f"/requests/{pending[0].id}/approve", "bob@example.com")
+    assert status == 200
+    result = await waiting
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["request"]["chain"] == ["alice@example.com", "ci-runner"]
+    cred = data["credential"]
+    grant = await h.service.authenticate(cred["login"], cred["secret"], "reports-db")
+    assert grant.id == data["request"]["grant_id"]
+
+    result = await run(["status", *conn, "--json"])
+    assert result.exit_code == 0, result.output
+    listed = json.loads(result.stdout)
+    assert [g["id"] for g in listed["grants"]] == [grant.id] and listed["requests"][0]["status"] == "approved"
+    result = await run(["status", pending[0].id, *conn])
+    assert result.exit_code == 0 and "alice@example.com → ci-runner" in result.stdout
+
+    result = await run(["revoke-api", grant.id, *conn, "--reason", "done"])
+    assert result.exit_code == 0 and f"grant {grant.id} revoked" in result.stdout
+    async with h.store.tx() as tx:
+        stored = await tx.get_grant(grant.id)
+    assert stored is not None and stored.status.value == "revoked" and stored.end_reason == "done"
+
+
+async def test_cli_errors_are_messages_not_tracebacks(h: Harness) -> None:
+    conn = ["--api", h.url, "--token", h.token("carol@example.com")]
+    result = await run(["request", "nope-db", "30m", "why", *conn])
+    assert result.exit_code == 1 and "unknown resource 'nope-db'" in result.stderr
+    result = await run(["request", "prod-db", "30m", "why", "--api", h.url, "--token", "garbage"])
+    assert result.exit_code == 1 and "not a signed JWT" in result.stderr
+    result = await run(["status", "--api", "http://127.0.0.1:9", "--token", "t"])
+    assert result.exit_code == 1 and "cannot reach the hoop API" in result.stderr
+    result = await run(["status"])
+    assert result.exit_code == 2 and "--api" in result.stderr
