@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,8 @@ class Call:
     body: bytes = b""
     #: what the fake answered
     response: dict[str, Any] = field(default_factory=dict)
+    #: ``time.perf_counter()`` when it arrived (the bench measures with it)
+    at: float = field(default_factory=time.perf_counter)
 
 
 @dataclass
