@@ -1,0 +1,77 @@
+"""Pure parts: command parsing, Block Kit builders, the manifest agreeing with the bot."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bot import views
+from bot.commands import Command, parse
+from bot.reactions import emoji_of
+from broker.errors import InvalidInput
+from broker.model import AccessRequest, Approval, Grant, GrantStatus, RequestStatus, StepSpec
+
+NOW = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("", Command("help", ())),
+    ("help me", Command("help", ())),
+    ("request prod-db 30m fix  invoice 4411", Command("request", ("prod-db", "30m"), "fix  invoice 4411")),
+    ("REQUEST prod-db 1h30m", Command("request", ("prod-db", "1h30m"), "")),
+    ("deny r123 not now", Command("deny", ("r123",), "not now")),
+    ("revoke g1", Command("revoke", ("g1",), "")),
+    ("extend g1 15m", Command("extend", ("g1", "15m"))),
+    ("sessions", Command("sessions", ())),
+    ("sessions prod-db", Command("sessions", ("prod-db",))),
+])
+def test_parse(text: str, expected: Command) -> None:
+    assert parse(text) == expected
+
+
+@pytest.mark.parametrize("text", ["nope", "request", "request db", "request db soon", "approve", "approve a b",
+                                  "extend g1", "extend g1 0m", "transcript", "list all", "sessions a b"])
+def test_parse_refuses_with_usage(text: str) -> None:
+    with pytest.raises(InvalidInput) as info:
+        parse(text)
+    assert "Usage" in info.value.message or "/hoop help" in info.value.message
+
+
+def test_emoji_skin_tone() -> None:
+    assert emoji_of("+1::skin-tone-4") == "+1"
+    assert emoji_of("white_check_mark") == "white_check_mark"
+
+
+def _req(**kw: object) -> AccessRequest:
+    base: dict[str, object] = dict(id="r1", resource="prod-db", requester="alice@example.com",
+                                   chain=("alice@example.com",), duration=timedelta(minutes=30), reason="why",
+                                   status=RequestStatus.PENDING, created_at=NOW, lapses_at=NOW + timedelta(hours=1),
+                                   steps=(StepSpec("dba", 1), StepSpec("security", 1)))
+    base.update(kw)
+    return AccessRequest(**base)  # type: ignore[arg-type]
+
+
+def test_card_shows_steps_status_and_buttons_only_while_pending() -> None:
+    req = _req(approvals=[Approval("dana@example.com", ("dba",), NOW)])
+    text, blocks = views.card(req, NOW)
+    flat = str(blocks)
+    assert "alice@example.com" in text and "dana@example.com" in flat and "lapses at 13:00 UTC" in flat
+    assert views.APPROVE_ACTION in flat and views.DENY_ACTION in flat
+    grant = Grant(id="g1", login="l", identity="alice@example.com", chain=("alice@example.com",),
+                  resources=("prod-db",), status=GrantStatus.REVOKED, created_at=NOW,
+                  expires_at=NOW + timedelta(minutes=30), ended_by="dana@example.com", ended_at=NOW)
+    _, done = views.card(_req(status=RequestStatus.APPROVED), NOW, grant)
+    assert "Revoked* by dana@example.com" in str(done) and views.APPROVE_ACTION not in str(done)
+
+
+def test_manifest_matches_the_bot() -> None:
+    manifest = yaml.safe_load((Path(__file__).parents[2] / "manifests" / "slack-app.yaml").read_text())
+    assert [c["command"] for c in manifest["features"]["slash_commands"]] == ["/hoop"]
+    assert set(manifest["settings"]["event_subscriptions"]["bot_events"]) == {
+        "app_home_opened", "reaction_added", "reaction_removed"}
+    scopes = set(manifest["oauth_config"]["scopes"]["bot"])
+    assert {"commands", "chat:write", "users:read.email", "usergroups:read", "files:write", "reactions:read"} <= scopes
+    assert manifest["settings"]["interactivity"]["is_enabled"] is True
