@@ -40,7 +40,7 @@ from broker.clock import Clock
 from broker.config import HoopConfig, HttpResource
 from broker.errors import Denied
 from broker.model import Grant
-from proxy.http.body import Capture, Inflate, body_kind, response_filter
+from proxy.http.body import BodyFilter, Capture, Inflate, body_kind, response_filter
 from proxy.http.headers import (
     bearer_secret,
     is_websocket_upgrade,
@@ -59,6 +59,7 @@ log = logging.getLogger(__name__)
 __all__ = ["BearerGate", "HttpProxy"]
 
 _IDLE_FLUSH = 0.2  # seconds a held text tail may wait for more bytes before it is sent
+_SMALL_BODY = 64 * 1024  # a body of known length up to this is relayed in one write
 
 
 class BearerGate(Protocol):
@@ -296,6 +297,9 @@ class HttpProxy:
                 return _refuse(502, "unmaskable_encoding",
                                f"the upstream sent {encoding!r}-encoded {ctype}, which the proxy cannot mask")
             inflate = Inflate(encoding)
+        length = resp.content_length
+        if length is not None and length <= _SMALL_BODY and has_body and flight.reason is None:
+            return await self._respond_small(up, resp, filt, inflate, ctype, record)
         out = web.StreamResponse(status=resp.status, reason=resp.reason,
                                  headers=response_headers(resp.headers, body_changes=filt is not None,
                                                           decoded=inflate is not None))
@@ -343,6 +347,22 @@ class HttpProxy:
             return out
         await out.write_eof()
         return out
+
+    async def _respond_small(self, up: _Upstream, resp: aiohttp.ClientResponse, filt: BodyFilter | None,
+                             inflate: Inflate | None, ctype: str | None, record: dict[str, Any]) -> web.Response:
+        """A body of known length up to 64 KiB: read it whole (bounded) and answer in one write,
+        with a correct ``Content-Length`` even when masking changed the body."""
+        raw = await resp.read()
+        if inflate is not None:
+            raw = b"".join(inflate.feed(raw)) + inflate.flush()  # bounded: pieces of 256 KiB, then masked
+        body = filt.feed(raw) + filt.flush() if filt is not None else raw
+        cap = Capture(up.resource.max_body_record)
+        cap.feed(body)
+        record["resp_bytes"] = cap.size
+        if filt is not None or not up.masker.enabled:
+            record["resp_body"] = _recorded(up.masker, ctype, cap, masked=True)
+        headers = response_headers(resp.headers, body_changes=True, decoded=inflate is not None)
+        return web.Response(status=resp.status, reason=resp.reason, body=body, headers=headers)
 
     @staticmethod
     async def _send(out: web.StreamResponse, data: bytes, cap: Capture) -> None:

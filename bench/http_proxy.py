@@ -1,0 +1,219 @@
+"""HTTP proxy benchmark: requests/s and latency direct vs through the proxy, masking off and on.
+
+Three processes, so the proxy does not share a Python process with the load: an aiohttp
+upstream, the proxy (with the real gate, session hub and a SQLite store), and this load
+generator (aiohttp client, bounded concurrency, fixed duration, keep-alive). Each run GETs a
+~1.2 KB JSON document with emails and key-pattern values. "masking off" goes through a
+resource with masking disabled, "masking on" through one with detectors and JSON key rules.
+
+    .venv/bin/python bench/http_proxy.py [--seconds 5] [--concurrency 32]
+
+Prints a table and writes bench/results/http_proxy.json. Targets: masking off >= 0.5x and
+masking on >= 0.4x the direct requests/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+TOKEN = "bench-upstream-token"
+DOC = json.dumps({"items": [{"name": f"user {i}", "email": f"user{i}@example.com", "password": f"pw-{i}-secret",
+                             "role": "viewer", "created": "2030-01-01T12:00:00Z", "id": i} for i in range(10)]})
+
+
+def _loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+
+        return uvloop.new_event_loop()
+    except ImportError:  # pragma: no cover
+        return asyncio.new_event_loop()
+
+
+async def _upstream(port_file: Path) -> None:
+    from aiohttp import web
+
+    body = DOC.encode()
+
+    async def handler(request: web.BaseRequest) -> web.Response:
+        return web.Response(body=body, content_type="application/json")
+
+    runner = web.ServerRunner(web.Server(handler, access_log=None), handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port_file.write_text(str(runner.addresses[0][1]))
+    await asyncio.Event().wait()
+
+
+async def _proxy(upstream_port: int, state: Path, port_file: Path) -> None:
+    from broker.clock import SystemClock
+    from broker.config import parse_config
+    from broker.events import Broadcast
+    from broker.model import Identity
+    from broker.service import Service
+    from broker.store import Store
+    from proxy.access import Gate
+    from proxy.http import HttpProxy
+    from proxy.sessions import SessionHub
+
+    address = f"http://127.0.0.1:{upstream_port}"
+    config = parse_config({
+        "admins": "admins", "groups": {"admins": {"members": ["root@example.com"]}},
+        "resources": [
+            {"name": "raw", "kind": "http", "address": address, "credential": {"env": "TOKEN"},
+             "masking": {"enabled": False}},
+            {"name": "masked", "kind": "http", "address": address, "credential": {"env": "TOKEN"},
+             "masking": {"json_keys": [{"match": "password"}]}},
+        ]})
+    store = Store.from_url(f"sqlite+aiosqlite:///{state / 'hoop.db'}")
+    await store.migrate()
+    clock = SystemClock()
+    bus = Broadcast()
+    service = Service(config, store, clock, bus)
+    gate = Gate(service, clock)
+    hub = SessionHub(service, clock, spool_dir=state / "spool")
+    bus.add(gate)
+    bus.add(hub)
+    root = Identity(email="root@example.com", groups=frozenset({"admins"}))
+    secrets = {}
+    for name in ("raw", "masked"):
+        _, secrets[name] = await service.breakglass(root, name, "bench@example.com", "1h", "benchmark")
+    proxy = HttpProxy(config, gate, hub, clock, {"TOKEN": TOKEN})
+    port = await proxy.start("127.0.0.1", 0)
+    port_file.write_text(json.dumps({"port": port, "secrets": secrets}))
+    await asyncio.Event().wait()
+
+
+async def _load(url: str, headers: dict[str, str], seconds: float, concurrency: int) -> dict[str, Any]:
+    import aiohttp
+
+    latencies: list[float] = []
+    errors = 0
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as http:
+        for _ in range(concurrency):  # warm the connections
+            async with http.get(url, headers=headers) as r:
+                await r.read()
+        stop = time.perf_counter() + seconds
+
+        async def worker() -> None:
+            nonlocal errors
+            while time.perf_counter() < stop:
+                t0 = time.perf_counter()
+                async with http.get(url, headers=headers) as r:
+                    await r.read()
+                    if r.status != 200:
+                        errors += 1
+                latencies.append(time.perf_counter() - t0)
+
+        start = time.perf_counter()
+        async with asyncio.TaskGroup() as tg:
+            for _ in range(concurrency):
+                tg.create_task(worker())
+        elapsed = time.perf_counter() - start
+    latencies.sort()
+    return {"requests": len(latencies), "errors": errors, "rps": round(len(latencies) / elapsed, 1),
+            "p50_ms": round(statistics.median(latencies) * 1000, 3),
+            "p99_ms": round(latencies[int(len(latencies) * 0.99) - 1] * 1000, 3)}
+
+
+def _spawn(role: str, *args: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, __file__, "--role", role, *args], cwd=ROOT)
+
+
+def _wait_file(path: Path, proc: subprocess.Popen[bytes]) -> str:
+    for _ in range(600):
+        if path.exists() and path.read_text():
+            return path.read_text()
+        if proc.poll() is not None:
+            raise SystemExit(f"{proc.args} exited with {proc.returncode}")
+        time.sleep(0.05)
+    raise SystemExit(f"{proc.args} did not start")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--role", default="bench", choices=["bench", "upstream", "proxy"])
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--port-file", type=Path)
+    parser.add_argument("--state", type=Path)
+    parser.add_argument("--upstream-port", type=int)
+    args = parser.parse_args()
+    if args.role == "upstream":
+        _loop().run_until_complete(_upstream(args.port_file))
+        return
+    if args.role == "proxy":
+        import logging
+
+        logging.disable(logging.WARNING)
+        _loop().run_until_complete(_proxy(args.upstream_port, args.state, args.port_file))
+        return
+
+    procs: list[subprocess.Popen[bytes]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        state = Path(tmp)
+        try:
+            up = _spawn("upstream", "--port-file", str(state / "up.port"))
+            procs.append(up)
+            up_port = int(_wait_file(state / "up.port", up))
+            px = _spawn("proxy", "--upstream-port", str(up_port), "--state", str(state),
+                        "--port-file", str(state / "proxy.json"))
+            procs.append(px)
+            info = json.loads(_wait_file(state / "proxy.json", px))
+            base = f"http://127.0.0.1:{info['port']}"
+            runs = {
+                "direct": (f"http://127.0.0.1:{up_port}/api/v1/users", {}),
+                "proxy_masking_off": (f"{base}/raw/api/v1/users",
+                                      {"Authorization": f"Bearer {info['secrets']['raw']}"}),
+                "proxy_masking_on": (f"{base}/masked/api/v1/users",
+                                     {"Authorization": f"Bearer {info['secrets']['masked']}"}),
+            }
+            results: dict[str, Any] = {}
+            loop = _loop()
+            try:
+                for name, (url, headers) in runs.items():
+                    results[name] = loop.run_until_complete(_load(url, headers, args.seconds, args.concurrency))
+            finally:
+                loop.close()
+        finally:
+            for p in procs:
+                p.terminate()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    p.wait(timeout=5)
+    direct = results["direct"]
+    for name in ("proxy_masking_off", "proxy_masking_on"):
+        r = results[name]
+        r["ratio_vs_direct"] = round(r["rps"] / direct["rps"], 3)
+        r["added_p50_ms"] = round(r["p50_ms"] - direct["p50_ms"], 3)
+    out = {"benchmark": "http_proxy", "seconds": args.seconds, "concurrency": args.concurrency,
+           "body_bytes": len(DOC), "cpus": os.cpu_count(), "results": results,
+           "targets": {"proxy_masking_off": 0.5, "proxy_masking_on": 0.4},
+           "met": {"proxy_masking_off": results["proxy_masking_off"]["ratio_vs_direct"] >= 0.5,
+                   "proxy_masking_on": results["proxy_masking_on"]["ratio_vs_direct"] >= 0.4}}
+    print(f"{'run':<20}{'rps':>10}{'p50 ms':>10}{'p99 ms':>10}{'x direct':>10}{'+p50 ms':>10}")
+    for name, r in results.items():
+        print(f"{name:<20}{r['rps']:>10}{r['p50_ms']:>10}{r['p99_ms']:>10}"
+              f"{r.get('ratio_vs_direct', 1.0):>10}{r.get('added_p50_ms', 0.0):>10}")
+    print("targets met:", out["met"])
+    dest = ROOT / "bench" / "results" / "http_proxy.json"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(json.dumps(out, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
