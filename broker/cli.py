@@ -19,8 +19,10 @@ import typer
 from rich.console import Console
 
 from broker import __version__
+from broker.apiclient import register as register_api_commands
+from broker.apiclient import revoke_via_api
 from broker.config import HoopConfig, Settings, load_config, load_settings
-from broker.errors import ConfigError, HoopError
+from broker.errors import ConfigError, HoopError, InvalidInput
 from broker.model import GrantStatus, Identity, RequestStatus
 from broker.runtime import Runtime, build_runtime, serve_forever
 
@@ -158,11 +160,18 @@ def breakglass(
 @app.command()
 def revoke(
     grant: Annotated[str, typer.Argument(help="grant id")],
-    as_: Annotated[str, typer.Option("--as", help="your email (requester, approver or admin)")],
+    as_: Annotated[str, typer.Option("--as", help="your email (requester, approver or admin), for local use")] = "",
     reason: Annotated[str, typer.Option(help="why")] = "",
+    api: Annotated[str, typer.Option("--api", envvar="HOOP_API", help="revoke through the API at URL")] = "",
+    token: Annotated[str, typer.Option("--token", envvar="HOOP_TOKEN", help="bearer token for --api")] = "",
     config: ConfigOpt = None,
 ) -> None:
-    """Revoke a grant now; its live sessions are closed."""
+    """Revoke a grant now; its live sessions are closed. Locally with --as, or through --api."""
+    if api:
+        out.print(f"grant {revoke_via_api(api, token, grant, reason)['id']} revoked")
+        return
+    if not as_:
+        raise InvalidInput("say who you are with --as EMAIL (local), or use --api URL --token T")
 
     async def go(rt: Runtime) -> str:
         g = await rt.service.revoke(grant, _actor(rt, as_), reason)
@@ -208,6 +217,20 @@ def grants(status: Annotated[str | None, typer.Option(help="active|expired|revok
         out.print(grants_table(rows))
 
 
+@app.command()
+def transcript(session: Annotated[str, typer.Argument(help="session id")], config: ConfigOpt = None) -> None:
+    """Print a session's masked transcript (capped at transcripts.max_bytes; the cut is stated)."""
+    from broker.recap import session_transcript
+
+    async def go(rt: Runtime) -> tuple[str, str]:
+        _, t = await session_transcript(rt.service, session)
+        return t.summary, t.text
+
+    summary, text = _run(lambda: _with_runtime(config, go))
+    sys.stdout.write(text)
+    err.print(summary)
+
+
 @audit_app.command("verify")
 def audit_verify(config: ConfigOpt = None) -> None:
     """Check the hash chain; report the first broken link."""
@@ -239,6 +262,9 @@ def audit_export(fmt: Annotated[str, typer.Option("--format", help="jsonl")] = "
 
     n = _run(lambda: _with_runtime(config, go))
     err.print(f"{n} entries exported")
+
+
+register_api_commands(app)  # request and status through the API; the local revoke above also takes --api
 
 
 def main() -> None:
