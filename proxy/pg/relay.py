@@ -1,0 +1,259 @@
+"""The relay: two ``asyncio.Protocol`` objects moving bytes between client and server.
+
+How this works. After set-up, :class:`Relay` swaps its :class:`ClientSide` and
+:class:`ServerSide` protocols onto the two transports. Each received chunk goes through a
+:class:`~proxy.pg.codec.Framer`, then through the :class:`~proxy.pg.inspect.Inspector`,
+which returns the bytes to send as slices; they go out in ONE ``transport.write``.
+
+Backpressure: when a transport's write buffer passes its high-water mark, asyncio calls
+``pause_writing`` on that side's protocol and the relay pauses *reading* on the other side;
+``resume_writing`` undoes it. A statement held for review pauses reading from the client the
+same way, and so does a table-name lookup for the server side: the chunk being processed is
+kept with the index of the message that waits, and processing resumes there.
+
+The end: ``end(reason)`` (the hub's ``on_end``, the local deadline timer, or a fault) sends
+the client a FATAL ErrorResponse, closes both transports and closes the session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from broker.clock import Clock
+from broker.errors import HoopError
+from proxy.pg import codec
+from proxy.pg.inspect import Inspector, Suspend
+from proxy.pg.messages import Backend, Frontend
+from proxy.pg.upstream import Upstream
+
+log = logging.getLogger(__name__)
+
+
+class _Side(asyncio.Protocol):
+    def __init__(self, relay: Relay, name: str) -> None:
+        self.relay = relay
+        self.name = name
+
+    def pause_writing(self) -> None:
+        self.relay._pause(self.relay.other(self.name), f"{self.name}-slow")
+
+    def resume_writing(self) -> None:
+        self.relay._resume(self.relay.other(self.name), f"{self.name}-slow")
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.relay.lost(self.name)
+
+
+class ClientSide(_Side):
+    def data_received(self, data: bytes) -> None:
+        self.relay.from_client(data)
+
+
+class ServerSide(_Side):
+    def data_received(self, data: bytes) -> None:
+        self.relay.from_server(data)
+
+
+class Relay:
+    """One proxied connection from the end of set-up to the close of both sides."""
+
+    def __init__(self, client: asyncio.Transport, up: Upstream, inspector: Inspector, session: Any,
+                 clock: Clock, *, conn: str, stream_rows: bool, on_closed: Callable[[Relay], None]) -> None:
+        self.client = client
+        self.up = up
+        self.server = up.transport
+        self.insp = inspector
+        self.session = session
+        self.clock = clock
+        self.conn = conn
+        self.stats: dict[str, int] = session.stats
+        self.on_closed = on_closed
+        self.c_framer = codec.Framer(codec.CLIENT_MAX_MESSAGE, stream_types=frozenset({Frontend.COPY_DATA}))
+        stream = frozenset({Backend.DATA_ROW, Backend.COPY_DATA}) if stream_rows else frozenset()
+        self.s_framer = codec.Framer(codec.SERVER_MAX_MESSAGE, stream_types=stream)
+        self._paused: dict[str, set[str]] = {"client": set(), "server": set()}
+        self._held: dict[str, list[bytes] | None] = {"client": None, "server": None}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self.closing = False
+        self.end_reason: str | None = None
+        self.done = asyncio.get_running_loop().create_future()
+
+    # ---- wiring -------------------------------------------------------------------------
+
+    def start(self, client_leftover: bytes, server_leftover: bytes) -> None:
+        self.client.set_protocol(ClientSide(self, "client"))
+        self.server.set_protocol(ServerSide(self, "server"))
+        self._arm()
+        if server_leftover:
+            self.from_server(server_leftover)
+        if client_leftover:
+            self.from_client(client_leftover)
+
+    def other(self, name: str) -> str:
+        return "server" if name == "client" else "client"
+
+    def _transport(self, name: str) -> asyncio.Transport:
+        return self.client if name == "client" else self.server
+
+    def _pause(self, name: str, reason: str) -> None:
+        reasons = self._paused[name]
+        if not reasons and not self.closing:
+            self._transport(name).pause_reading()
+        reasons.add(reason)
+
+    def _resume(self, name: str, reason: str) -> None:
+        reasons = self._paused[name]
+        reasons.discard(reason)
+        if not reasons and not self.closing:
+            self._transport(name).resume_reading()
+
+    # ---- deadline -----------------------------------------------------------------------
+
+    def _arm(self) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = self.session.deadline
+        delay = max((deadline - self.clock.now()).total_seconds(), 0.0)
+        self._timer = loop.call_later(delay, self._deadline, deadline)
+
+    def _deadline(self, scheduled: Any) -> None:
+        if self.session.deadline > scheduled:  # extended meanwhile
+            self._arm()
+        else:
+            self.end("access expired")
+
+    # ---- data ---------------------------------------------------------------------------
+
+    def from_client(self, data: bytes) -> None:
+        self.stats["bytes_in"] += len(data)
+        held = self._held["client"]
+        if held is not None:
+            held.append(data)
+            return
+        try:
+            buf, frames = self.c_framer.feed(data)
+            if frames:
+                self._run("client", buf, frames, 0)
+        except HoopError as exc:
+            self.fault(exc)
+
+    def from_server(self, data: bytes) -> None:
+        held = self._held["server"]
+        if held is not None:
+            held.append(data)
+            return
+        try:
+            buf, frames = self.s_framer.feed(data)
+            if frames:
+                self._run("server", buf, frames, 0)
+        except HoopError as exc:
+            self.fault(exc, server=True)
+
+    def _run(self, side: str, buf: bytes, frames: list[codec.Frame], start: int) -> None:
+        if side == "client":
+            out, reached, wait = self.insp.from_client(buf, frames, start)
+            target = self.server
+        else:
+            out, reached, wait = self.insp.from_server(buf, frames, start)
+            target = self.client
+        if out and not self.closing:
+            data = out[0] if len(out) == 1 else b"".join(out)
+            if side == "server":
+                self.stats["bytes_out"] += len(data)
+            target.write(data)
+        if self.insp.abort is not None:
+            self.end(self.insp.abort, sqlstate="42501")
+            return
+        if wait is not None:
+            self._suspend(side, wait, buf, frames, reached)
+
+    def _suspend(self, side: str, wait: Suspend, buf: bytes, frames: list[codec.Frame], index: int) -> None:
+        self._held[side] = []
+        self._pause(side, "hold")
+        task = asyncio.get_running_loop().create_task(self._continue(side, wait, buf, frames, index))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _continue(self, side: str, wait: Suspend, buf: bytes, frames: list[codec.Frame], index: int) -> None:
+        try:
+            await wait()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("conn=%s hold failed", self.conn)
+            self.end("internal error while holding a statement", sqlstate="XX000")
+            return
+        if self.closing:
+            return
+        held = self._held[side] or []
+        self._held[side] = None
+        try:
+            self._run(side, buf, frames, index)
+        except HoopError as exc:
+            self.fault(exc, server=side == "server")
+            return
+        if self._held[side] is None:  # not suspended again
+            for data in held:
+                (self.from_client if side == "client" else self.from_server)(data)
+            self._resume(side, "hold")
+        else:
+            self._held[side] = held + (self._held[side] or [])
+
+    # ---- the end ------------------------------------------------------------------------
+
+    def fault(self, exc: HoopError, *, server: bool = False) -> None:
+        who = "server" if server else "client"
+        log.warning("conn=%s protocol error from the %s: %s", self.conn, who, exc.message)
+        message = exc.message if not server else f"the database sent a malformed message: {exc.message}"
+        self.end(message, sqlstate=exc.sqlstate if not server else "08P01")
+
+    def end(self, reason: str, *, sqlstate: str = "57P01") -> None:
+        """Tell the client why (FATAL), close both sides and the session. Idempotent."""
+        if self.closing:
+            return
+        self.end_reason = reason
+        try:
+            self.client.write(codec.encode_error(sqlstate, reason, severity="FATAL"))
+        except Exception:  # the client may be gone already
+            log.debug("conn=%s could not send the FATAL error", self.conn)
+        self._shutdown(reason)
+
+    def lost(self, side: str) -> None:
+        if not self.closing:
+            if side == "server":
+                self._shutdown(self.insp.fatal or "the database closed the connection")
+            else:
+                self._shutdown("client closed the connection")
+
+    def _shutdown(self, reason: str) -> None:
+        self.closing = True
+        if self._timer is not None:
+            self._timer.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        if not self.server.is_closing():
+            try:
+                self.server.write(codec.TERMINATE)
+            except Exception:
+                log.debug("conn=%s could not send Terminate", self.conn)
+            self.server.close()
+        self.client.close()
+        task = asyncio.get_running_loop().create_task(self._close_session(reason))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _close_session(self, reason: str) -> None:
+        try:
+            await self.session.close(reason)
+        except Exception:
+            log.exception("conn=%s closing the session failed", self.conn)
+        finally:
+            self.on_closed(self)
+            if not self.done.done():
+                self.done.set_result(None)

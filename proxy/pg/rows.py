@@ -1,0 +1,154 @@
+"""Masking of what the server sends: result rows, COPY data, errors, notices, notifications.
+
+How this works. A RowDescription (with the result formats the client asked for in Bind)
+becomes a :class:`Plan`: per column, the strategy of the first column rule that matches its
+name or ``table.column`` (tables resolved from the table OID by :class:`Catalog`), and
+whether its cells are text, so the detectors may read them. Plans are cached by the raw
+RowDescription bytes, so a result shape seen before costs one dict lookup.
+
+A DataRow is rewritten only when a cell changes (:func:`mask_row`); runs of DataRows whose
+plan has no masked column are first checked as ONE slice with the masker's bytes prefilter
+(:meth:`proxy.mask.Masker.might_contain`) and forwarded untouched when nothing can match.
+Binary cells of text-like types (text, varchar, name, json: their binary form is the UTF-8
+text) are masked like text cells, by column rules and detectors. Other binary cells of masked
+columns become NULL: a redacted int4 cannot keep its 4 bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+from broker.config import Strategy
+from proxy.mask import Masker
+from proxy.pg import codec
+from proxy.pg.messages import Buf, Field, decode_data_row, decode_fields
+
+log = logging.getLogger(__name__)
+
+#: text, varchar, bpchar, name, json, unknown, citext-like domains appear as these
+TEXT_LIKE_OIDS = frozenset({25, 1043, 1042, 19, 114, 705})
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What to do with each cell of one result shape."""
+
+    names: tuple[str, ...]
+    strategies: tuple[Strategy | None, ...]  # column rule per column
+    text: tuple[bool, ...]  # text-format cell (detectors may read it)
+    binary_text: tuple[bool, ...]  # binary cell of a text-like type
+    masked: bool  # some column rule applies: every row is rewritten
+
+
+def formats_for(n: int, result_formats: Sequence[int]) -> tuple[int, ...]:
+    """Bind's result-format codes spread over ``n`` columns (none = text, one = all)."""
+    if not result_formats:
+        return (0,) * n
+    if len(result_formats) == 1:
+        return (result_formats[0],) * n
+    return tuple(result_formats[:n]) + (0,) * max(0, n - len(result_formats))
+
+
+def make_plan(masker: Masker, fields: Sequence[Field], formats: Sequence[int], tables: dict[int, str]) -> Plan:
+    strategies = tuple(masker.column_strategy(f.name, tables.get(f.table_oid)) for f in fields)
+    text = tuple(fmt == 0 for fmt in formats)
+    binary_text = tuple(fmt != 0 and f.type_oid in TEXT_LIKE_OIDS for f, fmt in zip(fields, formats, strict=True))
+    return Plan(tuple(f.name for f in fields), strategies, text, binary_text,
+                any(s is not None for s in strategies))
+
+
+def mask_row(masker: Masker, plan: Plan, body: Buf, detect: bool) -> bytes | None:
+    """The DataRow (whole message) with masked cells, or None when nothing changed."""
+    cells = decode_data_row(body)
+    changed = False
+    strategies, text, binary_text = plan.strategies, plan.text, plan.binary_text
+    width = len(strategies)
+    for i, cell in enumerate(cells):
+        if cell is None:
+            continue
+        strategy = strategies[i] if i < width else None
+        is_text = text[i] if i < width else False
+        if strategy is not None:
+            if is_text or binary_text[i]:
+                cells[i] = masker.apply_bytes(bytes(cell), strategy)
+            else:
+                cells[i] = None
+            changed = True
+        elif detect and (is_text or binary_text[i]):
+            out = masker.mask_bytes(bytes(cell) if isinstance(cell, bytearray) else cell)
+            if out is not None:
+                cells[i] = out
+                changed = True
+    return codec.encode_data_row(cells) if changed else None
+
+
+def row_text(body: Buf, plan: Plan | None) -> list[str | None]:
+    """A (masked) DataRow's cells as text for the recording; binary cells are not decoded."""
+    out: list[str | None] = []
+    text = plan.text if plan is not None else ()
+    for i, cell in enumerate(decode_data_row(body)):
+        if cell is None:
+            out.append(None)
+        elif i < len(text) and not text[i]:
+            out.append("<binary>")
+        else:
+            value = bytes(cell).decode("utf-8", "replace")
+            out.append(value if len(value) <= 200 else value[:200] + "…")
+    return out
+
+
+def mask_message_fields(masker: Masker, msg_type: int, body: memoryview | bytes) -> bytes | None:
+    """An ErrorResponse/NoticeResponse with detector hits masked in every field, or None."""
+    if not masker.might_contain(body):
+        return None
+    fields = decode_fields(body)
+    masked = {code: masker.mask_text(value) for code, value in fields.items()}
+    if masked == fields:
+        return None
+    return codec.encode_fields(masked, msg_type)
+
+
+def mask_payload(masker: Masker, msg_type: int, body: memoryview | bytes, prefix: int) -> bytes | None:
+    """CopyData or NotificationResponse: detectors over the body after ``prefix`` bytes."""
+    if not masker.might_contain(body):
+        return None
+    out = masker.mask_bytes(bytes(body[prefix:]))
+    if out is None:
+        return None
+    return codec.frame(msg_type, bytes(body[:prefix]) + out)
+
+
+def qualified_tables(masker: Masker) -> bool:
+    """Whether any column rule names a table (so RowDescription table OIDs must be resolved)."""
+    return masker.enabled and any("." in r.match for r in masker.config.columns)
+
+
+Lookup = Callable[[Sequence[int]], Awaitable[dict[int, str]]]
+
+
+class Catalog:
+    """Table OID -> ``schema.table`` for one resource, cached; misses resolved in one query."""
+
+    def __init__(self, lookup: Lookup) -> None:
+        self.names: dict[int, str] = {}
+        self._lookup = lookup
+        self._lock = asyncio.Lock()
+
+    def missing(self, fields: Sequence[Field]) -> list[int]:
+        return sorted({f.table_oid for f in fields if f.table_oid and f.table_oid not in self.names})
+
+    async def resolve(self, oids: Sequence[int]) -> None:
+        async with self._lock:
+            todo = [o for o in oids if o not in self.names]
+            if not todo:
+                return
+            try:
+                found = await self._lookup(todo)
+            except Exception as exc:  # fail closed: an unresolved table matches only name rules
+                log.warning("table name lookup failed: %s", type(exc).__name__)
+                found = {}
+            for oid in todo:
+                self.names[oid] = found.get(oid, "")

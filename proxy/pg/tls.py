@@ -1,0 +1,73 @@
+"""TLS for the PostgreSQL listener: the configured certificate, or a self-signed pair made at start.
+
+A generated pair is kept in ``state_dir`` (``pg-tls.crt`` / ``pg-tls.key``) so clients that
+pin it keep working across restarts; its SHA-256 fingerprint is logged so it can be pinned.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import logging
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from broker.config import Tls
+from proxy.pg.scram import tls_server_end_point
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServerTls:
+    """A server context plus what SCRAM channel binding and operators need."""
+
+    context: ssl.SSLContext
+    fingerprint: str  # "SHA256:ab:cd:..."
+    end_point: bytes  # tls-server-end-point channel-binding data
+
+
+def _generate(cert_path: Path, key_path: Path) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "hoop postgres proxy")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=825))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    key_path.parent.mkdir(parents=True, exist_ok=True)
+    key_path.touch(mode=0o600)
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+
+def server_tls(config: Tls, state_dir: Path) -> ServerTls:
+    """Load ``config.cert``/``config.key``, or generate (once) a self-signed pair in ``state_dir``."""
+    if config.cert is not None and config.key is not None:
+        cert_path, key_path = config.cert, config.key
+    else:
+        cert_path, key_path = state_dir / "pg-tls.crt", state_dir / "pg-tls.key"
+        if not (cert_path.exists() and key_path.exists()):
+            _generate(cert_path, key_path)
+            log.info("generated a self-signed certificate for the PostgreSQL proxy: %s", cert_path)
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert_path, key_path)
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    der = cert.public_bytes(serialization.Encoding.DER)
+    digest = hashlib.sha256(der).hexdigest()
+    fingerprint = "SHA256:" + ":".join(digest[i:i + 2] for i in range(0, len(digest), 2))
+    log.info("PostgreSQL proxy TLS certificate fingerprint %s", fingerprint)
+    algo = cert.signature_hash_algorithm
+    return ServerTls(ctx, fingerprint, tls_server_end_point(der, algo.name if algo else "sha256"))

@@ -1,0 +1,114 @@
+"""The proxy with real clients: psql, asyncpg, psycopg 3 against a scram upstream."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import psycopg
+import pytest
+
+from tests.proxy.pg.harness import Hoop, running_hoop, seeded_database
+from tests.support.pgcluster import PgCluster
+
+pytestmark = pytest.mark.postgres
+
+
+@pytest.fixture(scope="module")
+def pgdb(pg: PgCluster) -> str:
+    return seeded_database(pg)
+
+
+@pytest.fixture
+async def hoop(pg: PgCluster, pgdb: str, tmp_path: Path) -> AsyncIterator[Hoop]:
+    async with running_hoop(pg, pgdb, tmp_path) as h:
+        yield h
+
+
+async def test_psql_select_masks_and_records(hoop: Hoop) -> None:
+    out = await hoop.psql("-c", "SELECT id, email, card, note FROM users WHERE id = 7")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "7|[email]|***************1111|[masked]"
+    events = await hoop.events("statement")
+    assert any(e["sql"].startswith("SELECT id, email") and e["rows"] == 1 for e in events)
+    rows = await hoop.events("rows")
+    assert rows and rows[0]["rows"] == [["7", "[email]", "***************1111", "[masked]"]]
+    assert "user7@example.com" not in str(rows)
+
+
+async def test_asyncpg_prepared_and_binary(hoop: Hoop) -> None:
+    conn = await asyncpg.connect(hoop.dsn())
+    try:
+        stmt = await conn.prepare("SELECT id, email, note, card FROM users WHERE id = $1")
+        for i in (3, 4, 3):
+            row = await stmt.fetchrow(i)
+            assert row is not None
+            assert (row["id"], row["email"], row["note"]) == (i, "[email]", "[masked]")
+            assert row["card"].endswith("1111") and row["card"].startswith("*")
+        assert await conn.fetchval("SELECT count(*) FROM users") == 50
+        with pytest.raises(asyncpg.InsufficientPrivilegeError, match="no-drop"):
+            await conn.execute("DROP TABLE users")
+        assert await conn.fetchval("SELECT 1") == 1  # the session carries on
+    finally:
+        await conn.close()
+
+
+async def test_psycopg_extended_binary(hoop: Hoop) -> None:
+    async with await psycopg.AsyncConnection.connect(hoop.dsn(), autocommit=True) as conn:
+        cur = conn.cursor(binary=True)
+        await cur.execute("SELECT id, email, note FROM users WHERE id = %s", (5,))
+        assert await cur.fetchone() == (5, "[email]", "[masked]")
+        await cur.execute("SELECT id FROM users WHERE id < %s ORDER BY id", (4,))
+        assert [r[0] for r in await cur.fetchall()] == [1, 2, 3]
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="no-drop"):
+            await cur.execute("TRUNCATE users")
+        await cur.execute("SELECT %s::text", ("ok",))
+        assert await cur.fetchone() == ("ok",)
+        # pipeline mode: several statements in one batch, one refused
+        async with conn.pipeline():
+            c1 = await conn.execute("SELECT 1")
+            c2 = await conn.execute("SELECT email FROM users WHERE id = 1")
+        assert await c1.fetchone() == (1,)
+        assert await c2.fetchone() == ("[email]",)
+
+
+async def test_guard_blocks_in_multi_statement_and_cte(hoop: Hoop) -> None:
+    for sql in ("SELECT 1; DROP TABLE users", "/* hi */ dRoP TABLE \"users\"",
+                "WITH x AS (SELECT 1) SELECT pg_read_file('/etc/passwd')",
+                "DO $$ BEGIN EXECUTE 'DROP TABLE users'; END $$"):
+        out = await hoop.psql("-c", sql)
+        assert out.returncode != 0 and "refused" in out.stderr, (sql, out.stderr)
+    assert (await hoop.psql("-c", "SELECT count(*) FROM users")).stdout.strip() == "50"
+
+
+async def test_psql_interactive_stdin_and_copy(hoop: Hoop, tmp_path: Path) -> None:
+    script = "\\set ON_ERROR_STOP 0\nSELECT 40 + 2;\nCREATE TEMP TABLE t (a text);\n" \
+             f"\\copy t FROM '{tmp_path / 'in.csv'}' CSV\nSELECT count(*) FROM t;\n" \
+             f"\\copy (SELECT email FROM users WHERE id <= 2 ORDER BY id) TO '{tmp_path / 'out.csv'}' CSV\n"
+    (tmp_path / "in.csv").write_text("".join(f"row{i}\n" for i in range(1000)))
+    out = await hoop.psql(stdin=script)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["42", "CREATE", "TABLE", "1000"] or "1000" in out.stdout
+    assert (tmp_path / "out.csv").read_text().split() == ["[email]", "[email]"]
+
+
+async def test_notice_and_error_fields_are_masked(hoop: Hoop) -> None:
+    conn = await asyncpg.connect(hoop.dsn())
+    notices: list[str] = []
+    conn.add_log_listener(lambda _c, msg: notices.append(msg.message))
+    try:
+        await conn.execute("DO $$ BEGIN RAISE NOTICE 'mail bob@example.org now'; END $$")
+        with pytest.raises(asyncpg.UniqueViolationError) as info:
+            await conn.execute("CREATE TEMP TABLE u (e text UNIQUE); INSERT INTO u VALUES ('x@y.example');"
+                               "INSERT INTO u VALUES ('x@y.example')")
+        assert "x@y.example" not in str(info.value.detail)
+        await conn.execute("LISTEN ch")
+        got: list[str] = []
+        await conn.add_listener("ch", lambda *a: got.append(a[3]))
+        await conn.execute("NOTIFY ch, 'to carol@example.net'")
+        await conn.fetchval("SELECT 1")
+    finally:
+        await conn.close()
+    assert notices and "bob@example.org" not in notices[0] and "[email]" in notices[0]
+    assert got == ["to [email]"]
