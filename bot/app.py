@@ -60,7 +60,11 @@ class SlackBot:
         self.clock = clock
         base = settings.slack_api_url or SLACK_API
         base = base if base.endswith("/") else base + "/"
-        self.client = AsyncWebClient(token=settings.slack_bot_token, base_url=base,
+        # slack_sdk logs request bodies at DEBUG, and a DM body carries a grant secret: its
+        # logger never goes below INFO, whatever the root level is.
+        web_log = logging.getLogger("bot.slack_web")
+        web_log.setLevel(logging.INFO)
+        self.client = AsyncWebClient(token=settings.slack_bot_token, base_url=base, logger=web_log,
                                      retry_handlers=[AsyncConnectionErrorRetryHandler(),
                                                      AsyncRateLimitErrorRetryHandler(max_retry_count=3)])
         self.directory = Directory(self.client, config, clock)

@@ -76,6 +76,13 @@ class SlackNotifier:
         return req
 
     async def _thread(self, req: AccessRequest | None, resource: str) -> tuple[str | None, str | None]:
+        if req is not None and req.extends_grant:
+            # an extension's card is itself a reply: Slack threads hang off the parent only
+            async with self.service.store.tx() as tx:
+                grant = await tx.get_grant(req.extends_grant)
+                orig = await self.service.request_for(tx, grant) if grant is not None else None
+            if orig is not None and orig.card_channel and orig.card_ts:
+                return orig.card_channel, orig.card_ts
         if req is not None:
             req = await self._fresh(req)
             if req.card_channel and req.card_ts:
@@ -116,14 +123,9 @@ class SlackNotifier:
     # -- requests ---------------------------------------------------------------------------
     async def _on_RequestCreated(self, ev: RequestCreated) -> None:
         req = ev.request
-        channel = self._channel_of(req.resource)
-        thread_ts: str | None = None
+        channel, thread_ts = self._channel_of(req.resource), None
         if req.extends_grant:  # an extension is asked in the original request's thread
-            async with self.service.store.tx() as tx:
-                grant = await tx.get_grant(req.extends_grant)
-                orig = await self.service.request_for(tx, grant) if grant is not None else None
-            if orig is not None and orig.card_channel and orig.card_ts:
-                channel, thread_ts = orig.card_channel, orig.card_ts
+            channel, thread_ts = await self._thread(req, req.resource)
         if channel is None and req.requester_slack_id:
             channel = (await self.client.conversations_open(users=req.requester_slack_id))["channel"]["id"]
         if channel is None:

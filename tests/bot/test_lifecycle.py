@@ -86,6 +86,8 @@ async def test_reminder_extend_button_and_expiry(hoop: Hoop) -> None:
     await hoop.click("hoop_extend", gid, "UALICE", channel, ts)
     # extension needs re-approval: a new card in the same thread
     ext_card = [c for c in hoop.fake.of("chat.postMessage") if c.params.get("thread_ts") == ts][-1]
+    assert len([c for c in hoop.fake.of("chat.postMessage") if "thread_ts" not in c.params
+                and c.params["channel"] == "C1"]) == 1  # no second top-level card
     assert "Access request" in json.dumps(ext_card.params["blocks"]) and f"extend {gid}" in ext_card.params["text"]
     ext_ts = str(ext_card.response["ts"])
     await hoop.react("UDANA", channel, ext_ts)
@@ -94,6 +96,8 @@ async def test_reminder_extend_button_and_expiry(hoop: Hoop) -> None:
         grant = await tx.get_grant(gid)
     assert grant is not None and grant.expires_at == hoop.clock.now() + timedelta(minutes=34)
     assert any("Extended" in t for t in hoop.thread(ts))
+    assert hoop.thread(ext_ts) == []  # approvals of the extension reply in the parent thread
+    assert "Approved" in json.dumps([c.params for c in hoop.fake.of("chat.update") if c.params["ts"] == ext_ts][-1])
     hoop.clock.advance(timedelta(minutes=35))
     assert (await Scheduler(hoop.service, hoop.clock).run_due()).expired == [gid]
     assert any("Expired" in t for t in hoop.thread(ts))

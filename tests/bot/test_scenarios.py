@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from datetime import timedelta
 from pathlib import Path
+
+import pytest
 
 from broker.clock import FakeClock
 from broker.events import GrantIssued
@@ -35,7 +38,9 @@ def _updates(hoop: Hoop, ts: str) -> list[str]:
     return [json.dumps(c.params) for c in hoop.fake.of("chat.update") if c.params.get("ts") == ts]
 
 
-async def test_full_flow_two_groups_dm_with_secret_card_updated(hoop: Hoop, tmp_path: Path) -> None:
+async def test_full_flow_two_groups_dm_with_secret_card_updated(hoop: Hoop, tmp_path: Path,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
     rid, channel, ts = await _request(hoop)
     assert channel == "C1"
     card_post = hoop.fake.of("chat.postMessage")[0]
@@ -62,6 +67,7 @@ async def test_full_flow_two_groups_dm_with_secret_card_updated(hoop: Hoop, tmp_
     assert len(dms) == 1 and secret in json.dumps(dms[0].params)
     assert "psql" in json.dumps(dms[0].params)
     assert secret not in hoop.fake.everything_but(dms[0])  # not in the thread, card, or anywhere else
+    assert secret not in caplog.text and "fix invoice 4411" in caplog.text  # DEBUG logs on, secret absent
     for path in tmp_path.glob("hoop.db*"):
         assert secret.encode() not in path.read_bytes()
 
