@@ -196,3 +196,14 @@ async def test_review_holds_a_request_until_approved(env: Env) -> None:
     _, out, _ = await task
     body, code = out.rsplit(b"\n", 1)
     assert int(code) == 200 and json.loads(body)["method"] == "PATCH"
+
+
+async def test_compressed_upstream_bodies_are_decoded_or_refused(env: Env) -> None:
+    _, secret = await env.grant("k8s")
+    _, out, _ = await curl("-i", "-H", auth(secret), f"{env.base}/k8s/gz")
+    head, _, body = out.partition(b"\r\n\r\n")
+    assert json.loads(body) == {"email": "[email]", "password": "[masked]", "n": 1}
+    assert b"content-encoding" not in head.lower()
+    _, out, _ = await curl("-w", "\n%{http_code}", "-H", auth(secret), f"{env.base}/k8s/br")
+    body, code = out.rsplit(b"\n", 1)
+    assert int(code) == 502 and json.loads(body)["error"] == "unmaskable_encoding"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import hashlib
 from typing import Any
 
@@ -28,6 +29,8 @@ class Upstream:
         app.router.add_get("/slow", self.slow)
         app.router.add_get("/ws", self.ws)
         app.router.add_post("/upload", self.upload)
+        app.router.add_get("/gz", self.gz)
+        app.router.add_get("/br", self.br)
         self.app = app
 
     async def start(self) -> str:
@@ -114,3 +117,12 @@ class Upstream:
             n += len(chunk)
         return web.json_response({"size": n, "sha256": h.hexdigest(),
                                   "content_length": request.headers.get("Content-Length")})
+
+    async def gz(self, request: web.Request) -> web.Response:
+        """Compressed although the proxy asked for identity (some upstreams do that)."""
+        body = gzip.compress(b'{"email": "dave@example.com", "password": "p4ss", "n": 1}')
+        return web.Response(body=body, headers={"Content-Type": "application/json", "Content-Encoding": "gzip"})
+
+    async def br(self, request: web.Request) -> web.Response:
+        return web.Response(body=b"\x0b\x02\x80not-really-brotli",
+                            headers={"Content-Type": "application/json", "Content-Encoding": "br"})
