@@ -37,6 +37,7 @@ from broker.clock import Clock
 from broker.config import HoopConfig, Settings
 from broker.errors import ConfigError, HoopError, InvalidInput
 from broker.events import Event
+from broker.model import Identity
 from broker.service import Service
 
 log = logging.getLogger(__name__)
@@ -170,7 +171,10 @@ class SlackBot:
         async def work() -> None:
             try:
                 who = await self.directory.identify(user)
-                text = await self.commands.run(cmd, who)
+                if cmd.verb == "transcript" and body.get("channel_id"):
+                    text = await self._post_transcript(str(body["channel_id"]), cmd.args[0], who)
+                else:
+                    text = await self.commands.run(cmd, who)
             except HoopError as exc:
                 text = exc.message
             except Exception:
@@ -179,6 +183,16 @@ class SlackBot:
             await self._answer(body, text)
 
         self._spawn(work())
+
+    async def _post_transcript(self, channel: str, session_id: str, who: Identity) -> str:
+        """`/hoop transcript`: the summary and the masked transcript file, in the channel where it was asked."""
+        session, transcript = await self.commands.transcript_for(session_id, who)
+        await self.client.files_upload_v2(
+            channel=channel, content=transcript.text, filename=f"hoop-{session.id}.txt",
+            title=f"Transcript of session {session.id}",
+            initial_comment=f":scroll: Transcript of session `{session.id}` on {session.resource} "
+                            f"({' → '.join(session.chain)}), asked for by {who.label}: {transcript.summary}")
+        return f"Posted the transcript of `{session.id}` in this channel."
 
     async def _answer(self, body: dict[str, Any], text: str) -> None:
         """The ephemeral reply to a slash command: its response_url, else chat.postEphemeral."""

@@ -15,9 +15,11 @@ from broker import policy
 from broker.clock import Clock
 from broker.config import HoopConfig
 from broker.duration import format_duration, parse_duration
-from broker.errors import Denied, HoopError, InvalidInput, NotFound
-from broker.model import AccessRequest, GrantStatus, Identity, RequestStatus, SessionStatus
+from broker.errors import Denied, HoopError, InvalidInput
+from broker.model import AccessRequest, GrantStatus, Identity, RequestStatus, Session, SessionStatus
+from broker.recap import session_transcript
 from broker.service import Service
+from broker.transcript import Transcript
 
 _ARITY: dict[str, tuple[int, int | None]] = {  # (min, max) positional words; None: rest is free text
     "request": (2, None), "approve": (1, 1), "deny": (1, None), "revoke": (1, None), "extend": (2, 2),
@@ -160,17 +162,15 @@ class Commands:
             live = await tx.list_sessions(status=SessionStatus.OPEN, resource=resource, limit=50)
         return views.sessions_text(live, self.clock.now())
 
-    async def _transcript(self, cmd: Command, who: Identity) -> str:
-        async with self.service.store.tx() as tx:
-            session = await tx.get_session(cmd.args[0])
-            if session is None:
-                raise NotFound(f"no session {cmd.args[0]!r}", code="no_session")
-            events = await tx.events(session.id, limit=2000)
+    async def transcript_for(self, session_id: str, who: Identity) -> tuple[Session, Transcript]:
+        """The masked transcript of a session, for its owner, an approver of its resource or an admin."""
+        session, transcript = await session_transcript(self.service, session_id)
         mine = who.email.lower() in (c.lower() for c in session.chain)
         if not (mine or policy.is_admin(self.config, who) or policy.is_approver_of(self.config, who, session.resource)):
             raise Denied("only the session's owner, an approver of its resource or an admin can read its transcript",
                          code="not_allowed")
-        text = views.render_transcript(session, events)
-        if len(text) > 3500:
-            text = text[:3500] + "\n… (truncated; the full transcript is posted in the request's thread)"
-        return f"```{text}```"
+        return session, transcript
+
+    async def _transcript(self, cmd: Command, who: Identity) -> str:
+        _, transcript = await self.transcript_for(cmd.args[0], who)
+        return f"{transcript.summary}\n```{transcript.text[:3500]}```"

@@ -169,15 +169,17 @@ class SlackNotifier:
     async def _on_GrantIssued(self, ev: GrantIssued) -> None:
         grant, req = ev.grant, ev.request
         resource = grant.resources[0]
-        user_id = req.requester_slack_id if req is not None else None
-        if user_id is None:
-            user_id = await self.directory.user_id_for(grant.identity)
-        text, blocks = views.grant_dm(grant, ev.secret, ev.hints)
-        if user_id is not None:
-            await self._dm(user_id, text, blocks)
-        else:
-            log.warning("grant %s: no Slack user for %s; the credential was returned to the caller only",
-                        grant.id, grant.identity)
+        if grant.parent_id is not None:
+            # a delegation: the secret went to the delegating agent, which hands it to its child
+            orig = await self._origin(grant)
+            await self._reply(orig, resource, f":link: Delegated `{grant.id}` to {grant.chain_text()} until "
+                                              f"{views.hhmm(grant.expires_at)} ({', '.join(grant.resources)})")
+            return
+        # The secret is shown once, to the requester only: by DM to a Slack requester. An API requester
+        # collects it from the API; break-glass prints it to the admin's terminal.
+        if req is not None and req.requester_slack_id is not None:
+            text, blocks = views.grant_dm(grant, ev.secret, ev.hints)
+            await self._dm(req.requester_slack_id, text, blocks)
         if ev.breakglass_by is not None:
             await self._reply(None, resource, f":rotating_light: *Break-glass*: {ev.breakglass_by.label} granted "
                                               f"{grant.identity} access to {', '.join(grant.resources)} until "
@@ -186,7 +188,8 @@ class SlackNotifier:
             return
         await self._reply(req, resource, f":key: Granted until {views.hhmm(grant.expires_at)} "
                                          f"(grant `{grant.id}`, login `{grant.login}`); details sent to "
-                                         f"{grant.identity} by DM")
+                                         f"{grant.identity}" + (" by DM" if req and req.requester_slack_id else
+                                                                " through the API"))
         if req is not None:
             await self._update_card(req, grant)
 
