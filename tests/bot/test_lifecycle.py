@@ -169,7 +169,7 @@ async def test_sessions_reviews_and_transcript_in_thread(hoop: Hoop) -> None:
                                            filename="s1.txt"))
     assert any("Transcript of s1" in t for t in hoop.thread(ts))
     upload = hoop.fake.of("upload")
-    assert len(upload) == 1 and upload[0].body == b"SELECT email FROM users\n"
+    assert len(upload) == 2 and upload[-1].body == b"SELECT email FROM users\n"  # the first: /hoop transcript
     done = hoop.fake.of("files.completeUploadExternal")[-1]
     assert done.params["channel_id"] == channel and done.params["thread_ts"] == ts
     assert req.status is RequestStatus.APPROVED
