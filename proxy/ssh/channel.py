@@ -1,0 +1,445 @@
+"""One SSH session channel through hoop: shell, exec or SFTP, relayed to an upstream channel.
+
+How this works. :class:`ProxyChannel` is the asyncssh server-side session; once the client
+has asked for a shell, a command or a subsystem it opens the matching channel on the
+connection's upstream SSH connection, with the same terminal type, size, modes and
+environment, and then relays bytes both ways with flow control (a full client window pauses
+the upstream channel, and the other way round).
+
+* exec: the command line is decided by :class:`~proxy.shellguard.ShellGuard` before anything
+  reaches the host. ``block`` answers on stderr with exit status 126; ``review`` waits for an
+  approver (``LiveSession.review``). Exit status and exit signal are passed back as they come.
+* shell with a PTY: keystrokes pass through at once (echo, line editing and completion are the
+  remote shell's), while :class:`~proxy.ssh.lineedit.LineEditor` follows the line. The Enter is
+  held until the guard allows the line; a refused line is killed upstream (``^E^U``) and
+  the user is told why on the terminal. After a password-like prompt the next line is passed
+  unchecked and recorded as ``[hidden]``. Programs that switch to the alternate screen
+  (vim, less, top) are passed through without line checks until they switch back.
+* shell without a PTY (commands piped to ``ssh host``): input is buffered per line, and only
+  allowed lines are forwarded.
+* Output (stdout and stderr) goes through a :class:`~proxy.mask.StreamMasker` each, which
+  holds back only a trailing piece that could still become a secret; a short idle timer
+  flushes it. What the client receives is exactly what is recorded.
+* SFTP is relayed as bytes, neither masked nor recorded beyond its opening (binary protocol).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import shlex
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import asyncssh
+
+from broker.config import SshResource
+from broker.errors import HoopError
+from proxy.guard import Decision, strictest, unparsed
+from proxy.mask import Masker, StreamMasker
+from proxy.shellguard import ShellGuard
+from proxy.ssh.contracts import Live
+from proxy.ssh.lineedit import LINE_KILL, Line, LineEditor
+from proxy.ssh.recording import Recorder
+
+if TYPE_CHECKING:
+    UpChan = asyncssh.SSHClientChannel[bytes]
+    DownChan = asyncssh.SSHServerChannel[bytes]
+else:
+    UpChan = DownChan = Any
+
+__all__ = ["BLOCKED_STATUS", "ChannelContext", "ProxyChannel"]
+
+log = logging.getLogger(__name__)
+
+#: Exit status of a refused exec (the shell's "command found but not executable").
+BLOCKED_STATUS = 126
+_FLUSH_IDLE = 0.1  # how long a possible secret prefix may wait for its rest
+_ALT_ON = (b"\x1b[?1049h", b"\x1b[?1047h", b"\x1b[?47h")
+_ALT_OFF = (b"\x1b[?1049l", b"\x1b[?1047l", b"\x1b[?47l")
+_SECRET_PROMPT = re.compile(rb"(?i)(password|passphrase|passcode|pin)[^\n]{0,40}:\s*$")
+
+
+class ChannelContext:
+    """What every channel of one client connection shares."""
+
+    def __init__(self, *, label: str, resource: SshResource, session: Live, guard: ShellGuard, masker: Masker,
+                 upstream: Callable[[], Awaitable[asyncssh.SSHClientConnection]]) -> None:
+        self.label = label
+        self.resource = resource
+        self.session = session
+        self.guard = guard
+        self.masker = masker
+        self.upstream = upstream
+        self.channels: set[ProxyChannel] = set()
+        self.counter = 0
+
+
+class _Upstream(asyncssh.SSHClientSession):  # type: ignore[type-arg]
+    def __init__(self, owner: ProxyChannel) -> None:
+        self._owner = owner
+
+    def data_received(self, data: bytes, datatype: int | None) -> None:
+        self._owner.from_upstream(data, datatype)
+
+    def eof_received(self) -> bool:
+        self._owner.upstream_eof()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._owner.upstream_closed()
+
+    def pause_writing(self) -> None:
+        self._owner.chan.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._owner.chan.resume_reading()
+
+
+class ProxyChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
+    """The client-facing half of one relayed session channel."""
+
+    def __init__(self, ctx: ChannelContext) -> None:
+        ctx.counter += 1
+        self.ctx = ctx
+        self.number = ctx.counter
+        self.label = f"{ctx.label} chan={self.number}"
+        self.chan: DownChan  # set by connection_made, which asyncssh calls first
+        self.up: UpChan | None = None
+        self.mode = ""
+        self.command: str | None = None
+        self.pty: tuple[str, tuple[int, int, int, int], dict[int, int]] | None = None
+        self.rec = Recorder(ctx.session, self.number)
+        self.editor = LineEditor()
+        self.closed = asyncio.get_running_loop().create_future()
+        self._queue: list[bytes] = []
+        self._piped = b""
+        self._holding = True  # until the upstream channel is open, and while a line is decided
+        self._eof = False
+        self._out = StreamMasker(ctx.masker)
+        self._err = StreamMasker(ctx.masker)
+        self._flush: asyncio.TimerHandle | None = None
+        self._fullscreen = False
+        self._hide_next = False
+        self._decision: Decision | None = None
+        self._ending = False
+        self._down_done = False  # exit/close sent to the client, or the channel is gone
+        self._task: asyncio.Task[None] | None = None
+
+    # -- requests from the client ---------------------------------------------------------
+    def connection_made(self, chan: DownChan) -> None:
+        self.chan = chan
+        self.ctx.channels.add(self)
+
+    def pty_requested(self, term_type: str, term_size: tuple[int, int, int, int],
+                      term_modes: Mapping[int, int]) -> bool:
+        self.pty = (term_type, term_size, dict(term_modes))
+        return True
+
+    def shell_requested(self) -> bool:
+        self.mode = "shell"
+        return True
+
+    def exec_requested(self, command: str) -> bool:
+        self.mode, self.command = "exec", command
+        return True
+
+    def subsystem_requested(self, subsystem: str) -> bool:
+        if subsystem == "sftp" and self.ctx.resource.allow.sftp:
+            self.mode = "sftp"
+            return True
+        log.info("%s subsystem %r refused (allow.sftp is off)", self.label, subsystem)
+        self.ctx.session.record("blocked", {"what": f"subsystem {subsystem}", "reason": "not allowed"})
+        self.ctx.session.stats["blocked"] += 1
+        return False
+
+    def session_started(self) -> None:
+        self._task = asyncio.create_task(self._start(), name=self.label)
+
+    def data_received(self, data: bytes, datatype: int | None) -> None:
+        self.ctx.session.stats["bytes_in"] += len(data)
+        if self._holding:
+            self._queue.append(data)
+        else:
+            self._input(data)
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        if not self._holding and self.up is not None:
+            self._piped_eof()
+            if not self._holding:
+                self.up.write_eof()
+        return True
+
+    def terminal_size_changed(self, width: int, height: int, pixwidth: int, pixheight: int) -> None:
+        if self.up is not None:
+            self.up.change_terminal_size(width, height, pixwidth, pixheight)
+        self.rec.resize(width, height)
+
+    def signal_received(self, signal: str) -> None:
+        if self.up is not None:
+            self.up.send_signal(signal)
+
+    def break_received(self, msec: int) -> bool:
+        if self.up is not None:
+            self.up.send_break(msec)
+        return True
+
+    def pause_writing(self) -> None:
+        if self.up is not None:
+            self.up.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.up is not None:
+            self.up.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._down_done = True
+        self.ctx.channels.discard(self)
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        if self.up is not None:
+            self.up.close()
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    # -- opening the upstream channel ------------------------------------------------------
+    async def _start(self) -> None:
+        session, res = self.ctx.session, self.ctx.resource
+        if self.mode == "exec":
+            assert self.command is not None
+            decision = self._check_exec(self.command)
+            self._decision = decision
+            if decision.needs_review and not await self._review(decision, self.command):
+                return self._refuse_exec(decision, "not approved")
+            if decision.blocked:
+                return self._refuse_exec(decision, decision.reason)
+        try:
+            conn = await self.ctx.upstream()
+            term = self.pty
+            self.up, _ = await conn.create_session(
+                lambda: _Upstream(self), self.command if self.mode == "exec" else None,
+                subsystem="sftp" if self.mode == "sftp" else None, env=self._env(),
+                term_type=term[0] if term else None, term_size=term[1] if term else None,
+                term_modes=term[2] if term else {}, encoding=None)
+        except HoopError as exc:
+            self._say(f"hoop: {exc.message}")
+            self._exit(255)
+            return
+        except (asyncssh.Error, OSError) as exc:
+            log.warning("%s upstream channel failed: %s", self.label, type(exc).__name__)
+            self._say(f"hoop: {res.name} refused the session channel")
+            self._exit(255)
+            return
+        if self.mode == "sftp":
+            session.record("sftp", {"channel": self.number})
+        else:
+            size = term[1] if term else (80, 24, 0, 0)
+            self.rec.header(size[0], size[1], term[0] if term else None, int(time.time()), self.command)
+        log.info("%s %s opened upstream", self.label, self.mode)
+        self._release()
+
+    def _env(self) -> dict[bytes | str, bytes | str]:
+        return {k: v for k, v in self.chan.get_environment().items()}
+
+    def _check_exec(self, command: str) -> Decision:
+        decision = self.ctx.guard.check(command)
+        if not self.ctx.resource.allow.sftp:
+            try:
+                words = shlex.split(command)
+            except ValueError:
+                words = []
+            if words and words[0].rsplit("/", 1)[-1] == "scp" and ("-t" in words or "-f" in words):
+                decision = strictest([decision, Decision("block", "allow.sftp", "scp is not allowed on this "
+                                                         "resource (allow.sftp is off)", "scp")])
+        return decision
+
+    def _refuse_exec(self, decision: Decision, why: str) -> None:
+        self.ctx.session.stats["blocked"] += 1
+        self._say(f"hoop: command refused: {why}")
+        self._record_command(self.command or "", decision, BLOCKED_STATUS)
+        self._exit(BLOCKED_STATUS)
+
+    async def _review(self, decision: Decision, text: str) -> bool:
+        masked = self.ctx.masker.mask_text(text)
+        self._say(f"hoop: held for review ({decision.reason}); waiting for an approver…")
+        timeout = self.ctx.resource.guardrails.review_timeout.total_seconds()
+        return await self.ctx.session.review(masked, decision.rule or "default", timeout)
+
+    def _record_command(self, command: str, decision: Decision, exit_status: int | None) -> None:
+        self.ctx.session.record("command", {"channel": self.number, "command": self.ctx.masker.mask_text(command),
+                                            "decision": decision.action, "rule": decision.rule,
+                                            "exit_status": exit_status})
+
+    # -- client -> upstream ----------------------------------------------------------------
+    def _release(self) -> None:
+        queue, self._queue = self._queue, []
+        self._holding = False
+        for data in queue:
+            if self._holding:
+                self._queue.append(data)
+            else:
+                self._input(data)
+        if self._eof and not self._holding and self.up is not None:
+            self._piped_eof()
+            if not self._holding:
+                self.up.write_eof()
+
+    def _input(self, data: bytes) -> None:
+        assert self.up is not None
+        if self.mode != "shell" or self._fullscreen:
+            self.up.write(data)
+            return
+        while data:
+            if self.pty is None:  # piped input: whole lines, forwarded only when allowed
+                head, nl, rest = data.partition(b"\n")
+                self._piped += head
+                if not nl:
+                    return
+                text, self._piped = self._piped.decode("utf-8", "replace"), b""
+                line: Line | None = Line(text.removesuffix("\r"))
+            else:
+                send, line, rest = self.editor.feed(data)
+                if send:
+                    self.up.write(send)
+            if line is None or not self._line(line, rest):
+                return
+            data = rest
+
+    def _piped_eof(self) -> None:
+        if self.mode == "shell" and self.pty is None and self._piped:
+            text, self._piped = self._piped.decode("utf-8", "replace"), b""
+            self._line(Line(text), b"")
+
+    def _line(self, line: Line, rest: bytes) -> bool:
+        """Decide one finished line; False when it is held for review (``rest`` queued)."""
+        assert self.up is not None
+        enter = b"\r" if self.pty is not None else line.text.encode() + b"\n"
+        if self._hide_next:
+            self._hide_next = False
+            self.rec.input("[hidden]\r\n")
+            self.up.write(enter)
+            return True
+        if not line.text.strip() and not line.opaque:
+            self.up.write(enter)
+            return True
+        decision = self.ctx.guard.check(line.text)
+        if line.opaque:
+            decision = strictest([decision, unparsed(self.ctx.resource.guardrails, "the line was changed by "
+                                                     "completion, history or editing keys hoop cannot follow; "
+                                                     "type it out in full", line.text[:80])])
+        self.rec.input(self.ctx.masker.mask_text(line.text) + "\r\n")
+        if decision.needs_review:
+            self._holding = True
+            self._queue.insert(0, rest)
+            self._task = asyncio.create_task(self._held_line(line, decision, enter), name=self.label)
+            return False
+        self._finish_line(line, decision, enter, decision.reason)
+        return True
+
+    async def _held_line(self, line: Line, decision: Decision, enter: bytes) -> None:
+        allowed = await self._review(decision, line.text)
+        if allowed:
+            decision = Decision("allow", decision.rule, "approved", decision.subject)
+        self._finish_line(line, decision, enter, "not approved")
+        self._release()
+
+    def _finish_line(self, line: Line, decision: Decision, enter: bytes, why: str) -> None:
+        assert self.up is not None
+        self._record_command(line.text, decision, None)
+        if decision.action == "allow":
+            self.up.write(enter)
+            return
+        self.ctx.session.stats["blocked"] += 1
+        if self.pty is not None:
+            self.up.write(LINE_KILL + b"\r")
+        self._say(f"hoop: line refused: {why}")
+
+    # -- upstream -> client ----------------------------------------------------------------
+    def from_upstream(self, data: bytes, datatype: int | None) -> None:
+        self.ctx.session.stats["bytes_out"] += len(data)
+        if self.mode == "sftp":
+            self.chan.write(data, datatype)
+            return
+        masker = self._err if datatype else self._out
+        out = masker.feed(data)
+        if out:
+            self._send(out, datatype)
+        if masker.pending and self._flush is None:
+            self._flush = asyncio.get_running_loop().call_later(_FLUSH_IDLE, self._flush_held)
+
+    def _send(self, out: bytes, datatype: int | None) -> None:
+        if self._down_done:
+            return
+        self.chan.write(out, datatype)
+        self.rec.output(out)
+        if self.mode == "shell":
+            if any(s in out for s in _ALT_ON):
+                self._fullscreen = True
+            if any(s in out for s in _ALT_OFF):
+                self._fullscreen = False
+            self._hide_next = _SECRET_PROMPT.search(out[-80:]) is not None
+
+    def _flush_held(self) -> None:
+        self._flush = None
+        for masker, datatype in ((self._out, None), (self._err, asyncssh.EXTENDED_DATA_STDERR)):
+            out = masker.flush()
+            if out:
+                self._send(out, datatype)
+
+    def upstream_eof(self) -> None:
+        self._flush_held()
+        if not self._down_done:
+            self.chan.write_eof()
+
+    def upstream_closed(self) -> None:
+        self._flush_held()
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush = None
+        up = self.up
+        if up is None or self._ending:
+            return
+        status, signal = up.get_exit_status(), up.get_exit_signal()
+        if self.mode == "exec" and self._decision is not None:
+            self._record_command(self.command or "", self._decision, status)
+        if self._down_done:
+            return
+        self._down_done = True
+        if signal is not None:
+            name, core, msg, lang = signal
+            self.chan.exit_with_signal(name, core, msg, lang)
+        elif status is not None:
+            self.chan.exit(status)
+        else:
+            self.chan.close()
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _say(self, text: str) -> None:
+        if self._down_done:
+            return
+        if self.pty is not None:
+            self.chan.write(f"\r\n{text}\r\n".encode())
+        else:
+            self.chan.write_stderr(f"{text}\n".encode())
+
+    def _exit(self, status: int) -> None:
+        if not self._down_done:
+            self._down_done = True
+            self.chan.exit(status)
+
+    def end(self, reason: str) -> None:
+        """The session is over (grant ended): tell the user, close both halves."""
+        self._ending = True
+        self._flush_held()
+        self._say(f"hoop: session closed: {reason}")
+        if self.up is not None:
+            self.up.close()
+        if not self._down_done:
+            self._down_done = True
+            if self.mode == "exec":
+                self.chan.exit(255)
+            else:
+                self.chan.close()

@@ -1,0 +1,303 @@
+"""hoop's SSH server: grant logins in, held-credential connections out.
+
+How this works. :class:`SshProxy` runs an asyncssh server whose host key is generated at
+first start under ``state_dir`` (``ssh_host_ed25519_key``) and whose fingerprint is logged.
+Each client connection is a :class:`_Connection` (asyncssh's ``SSHServer`` hooks):
+
+* Login: the SSH user name is the grant's login, optionally ``login+resource`` to pick one of
+  several SSH resources; the password (or the single keyboard-interactive answer) is the
+  grant's secret. Both go to the gate (the broker's single access check). Any refusal is a
+  plain SSH authentication failure, so it tells a guesser nothing; the reason is logged.
+* After login: the session is opened on the hub (``on_end`` ends it) and the upstream
+  connection is started (:mod:`proxy.ssh.upstream`); channels wait for it. A local timer at
+  ``session.deadline`` ends the session too, even if no broker event arrives.
+* Channels: session channels are :class:`~proxy.ssh.channel.ProxyChannel`; local port
+  forwarding is tunnelled through the upstream connection when ``allow.port_forwarding``;
+  remote forwarding, agent forwarding and X11 are refused (see ``SshAllow``).
+* End: every channel is told why (on the terminal or stderr), both halves close, the SSH
+  connection is disconnected with the reason, and ``session.close(reason)`` is awaited.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import asyncssh
+
+from broker.clock import Clock
+from broker.config import HoopConfig, SshResource
+from broker.errors import Denied, HoopError
+from broker.model import Grant
+from proxy.mask import Masker
+from proxy.shellguard import ShellGuard
+from proxy.ssh import upstream
+from proxy.ssh.channel import ChannelContext, ProxyChannel
+from proxy.ssh.contracts import AccessGate, Hub, Live
+
+__all__ = ["SshProxy"]
+
+log = logging.getLogger(__name__)
+_KEY_FILE = "ssh_host_ed25519_key"
+
+
+class SshProxy:
+    """The SSH proxy. ``start`` binds (port 0 picks one) and returns the port; ``stop`` ends all."""
+
+    def __init__(self, config: HoopConfig, gate: AccessGate, hub: Hub, clock: Clock, environ: Mapping[str, str],
+                 state_dir: Path) -> None:
+        self.config = config
+        self.gate = gate
+        self.hub = hub
+        self.clock = clock
+        self.environ = environ
+        self.state_dir = state_dir
+        self.resources = {r.name: r for r in config.resources if isinstance(r, SshResource)}
+        key = config.masking_key.resolve(environ).encode() if config.masking_key else os.urandom(32)
+        self._maskers = {name: Masker(r.masking, key) for name, r in self.resources.items()}
+        self._guards = {name: ShellGuard(r.guardrails) for name, r in self.resources.items()}
+        self._ids = itertools.count(1)
+        self._server: asyncssh.SSHAcceptor | None = None
+        self.connections: set[_Connection] = set()
+        self.fingerprint = ""
+
+    def host_key(self) -> asyncssh.SSHKey:
+        """Load the persisted host key, or generate and persist one (0600)."""
+        path = self.state_dir / _KEY_FILE
+        if path.exists():
+            key = asyncssh.read_private_key(str(path))
+        else:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            key = asyncssh.generate_private_key("ssh-ed25519")
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(key.export_private_key())
+            log.info("generated SSH host key %s", path)
+        self.fingerprint = key.get_fingerprint()
+        return key
+
+    async def start(self, host: str, port: int) -> int:
+        key = self.host_key()
+        self._server = await asyncssh.create_server(
+            lambda: _Connection(self), host, port, server_host_keys=[key], encoding=None,
+            x11_forwarding=False, agent_forwarding=False, allow_pty=True, line_editor=False,
+            login_timeout=30, keepalive_interval=60, config=None)
+        bound = int(self._server.sockets[0].getsockname()[1])
+        log.info("ssh proxy listening on %s:%d, host key %s", host, bound, self.fingerprint)
+        return bound
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.connections):
+            conn.end("hoop shutting down")
+        for conn in list(self.connections):
+            await conn.finished()
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
+
+    def candidates(self, username: str) -> tuple[str, list[str]]:
+        """``(login, resources to try)`` for an SSH user name."""
+        login, sep, resource = username.partition("+")
+        if sep:
+            return login, [resource] if resource in self.resources else []
+        return username, list(self.resources)
+
+
+class _Connection(asyncssh.SSHServer):
+    def __init__(self, proxy: SshProxy) -> None:
+        self.proxy = proxy
+        self.label = f"conn={next(proxy._ids)}"
+        self.conn: asyncssh.SSHServerConnection | None = None
+        self.peer = "?"
+        self.grant: Grant | None = None
+        self.resource: SshResource | None = None
+        self.session: Live | None = None
+        self.ctx: ChannelContext | None = None
+        self._upstream: asyncio.Task[asyncssh.SSHClientConnection] | None = None
+        self._ending: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._done = asyncio.get_running_loop().create_future()
+        self._ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._early: list[dict[str, Any]] = []  # refusals seen before the session was open
+
+    # -- authentication ----------------------------------------------------------------------
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        self.conn = conn
+        peer = conn.get_extra_info("peername") or ("?", 0)
+        self.peer = f"{peer[0]}:{peer[1]}"
+        self.proxy.connections.add(self)
+
+    def begin_auth(self, username: str) -> bool:
+        return True
+
+    def public_key_auth_supported(self) -> bool:
+        return False
+
+    def password_auth_supported(self) -> bool:
+        return True
+
+    async def validate_password(self, username: str, password: str) -> bool:
+        return await self._login(username, password)
+
+    def kbdint_auth_supported(self) -> bool:
+        return True
+
+    def get_kbdint_challenge(self, username: str, lang: str, submethods: str) -> tuple[str, str, str, list[Any]]:
+        return "hoop", "Enter the secret of your hoop grant.", "", [("Secret: ", False)]
+
+    async def validate_kbdint_response(self, username: str, responses: Sequence[str]) -> bool:
+        return len(responses) == 1 and await self._login(username, responses[0])
+
+    async def _login(self, username: str, secret: str) -> bool:
+        login, names = self.proxy.candidates(username)
+        why = "bad_credentials"
+        for name in names:
+            try:
+                self.grant = await self.proxy.gate.authenticate(login, secret, name)
+            except Denied as exc:
+                why = exc.code
+                if exc.code == "wrong_resource":
+                    continue
+                break
+            self.resource = self.proxy.resources[name]
+            self.label += f" grant={self.grant.id} user={self.grant.identity}"
+            log.info("%s login to %s from %s", self.label, name, self.peer)
+            return True
+        log.info("%s login refused for %r from %s: %s", self.label, login[:64], self.peer, why)
+        return False
+
+    async def auth_completed(self) -> None:
+        assert self.grant is not None and self.resource is not None
+        res = self.resource
+        try:
+            self.session = await self.proxy.hub.open(self.grant, res.name, "ssh", self.peer, self.end)
+        except HoopError as exc:
+            log.error("%s opening the session failed: %s", self.label, exc.message)
+            assert self.conn is not None
+            self.conn.disconnect(asyncssh.DISC_BY_APPLICATION, "hoop: the session could not be opened")
+            self._ready.set_result(None)
+            return
+        self.ctx = ChannelContext(label=self.label, resource=res, session=self.session,
+                                  guard=self.proxy._guards[res.name], masker=self.proxy._maskers[res.name],
+                                  upstream=self.upstream)
+        self._upstream = asyncio.create_task(upstream.connect(res, self.proxy.environ, context=self.label))
+        self._upstream.add_done_callback(lambda t: t.cancelled() or t.exception())
+        for item in self._early:
+            self.session.record("blocked", item)
+            self.session.stats["blocked"] += 1
+        self._early.clear()
+        self._ready.set_result(None)
+        self._arm()
+
+    async def upstream(self) -> asyncssh.SSHClientConnection:
+        assert self._upstream is not None
+        return await asyncio.shield(self._upstream)
+
+    def _arm(self) -> None:
+        """Our own deadline timer, re-armed when an extension moved the deadline."""
+        if self.session is None:
+            return
+        remaining = (self.session.deadline - self.proxy.clock.now()).total_seconds()
+        if remaining <= 0:
+            self.end("access expired")
+            return
+        self._timer = asyncio.get_running_loop().call_later(min(remaining, 3600.0), self._arm)
+
+    # -- channels -----------------------------------------------------------------------------
+    def session_requested(self) -> Any:
+        async def channel() -> ProxyChannel:
+            await asyncio.shield(self._ready)  # auth_completed may still be opening the session
+            if self.ctx is None or self._ending is not None:
+                raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, "hoop: the session is not open")
+            return ProxyChannel(self.ctx)
+        return channel()
+
+    def connection_requested(self, dest_host: str, dest_port: int, orig_host: str, orig_port: int) -> Any:
+        if self.resource is None or not self.resource.allow.port_forwarding:
+            self._refused("port forwarding", f"{dest_host}:{dest_port}")
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
+                                            "hoop: port forwarding is not allowed on this resource")
+        async def tunnel() -> Any:
+            await asyncio.shield(self._ready)
+            assert self.conn is not None
+            if self.session is None:
+                raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, "hoop: the session is not open")
+            self.session.record("forward", {"dest": f"{dest_host}:{dest_port}"})
+            return await self.conn.forward_tunneled_connection(await self.upstream(), dest_host, dest_port)
+        return tunnel()
+
+    def server_requested(self, listen_host: str, listen_port: int) -> bool:
+        self._refused("remote port forwarding", f"{listen_host}:{listen_port}")
+        return False
+
+    def unix_connection_requested(self, dest_path: str) -> bool:
+        self._refused("unix socket forwarding", dest_path)
+        return False
+
+    def unix_server_requested(self, listen_path: str) -> bool:
+        self._refused("remote unix socket forwarding", listen_path)
+        return False
+
+    def _refused(self, what: str, target: str) -> None:
+        log.info("%s %s to %s refused", self.label, what, target)
+        item = {"what": what, "target": target, "reason": "not allowed"}
+        if self.session is None:
+            self._early.append(item)
+        else:
+            self.session.record("blocked", item)
+            self.session.stats["blocked"] += 1
+
+    # -- the end --------------------------------------------------------------------------------
+    def end(self, reason: str) -> None:
+        """on_end: the grant ended or the deadline passed (or hoop stops)."""
+        if self._ending is None:
+            self._ending = asyncio.create_task(self._shutdown(reason, notify=True))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._ending is None:
+            self._ending = asyncio.create_task(self._shutdown("client disconnected", notify=False))
+
+    async def _shutdown(self, reason: str, *, notify: bool) -> None:
+        try:
+            if self._timer is not None:
+                self._timer.cancel()
+            channels = list(self.ctx.channels) if self.ctx is not None else []
+            if notify:
+                log.info("%s ending: %s", self.label, reason)
+                for ch in channels:
+                    ch.end(reason)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(2):
+                        await asyncio.gather(*(ch.closed for ch in channels))
+                if self.conn is not None:
+                    self.conn.disconnect(asyncssh.DISC_BY_APPLICATION, f"hoop: {reason}")
+            if self._upstream is not None:
+                if self._upstream.done() and not self._upstream.cancelled() and self._upstream.exception() is None:
+                    up = self._upstream.result()
+                    up.close()
+                    await up.wait_closed()
+                else:
+                    self._upstream.cancel()
+                    with contextlib.suppress(BaseException):
+                        await self._upstream
+            if self.session is not None:
+                await self.session.close(reason)
+        finally:
+            self.proxy.connections.discard(self)
+            if not self._ready.done():
+                self._ready.set_result(None)
+            if not self._done.done():
+                self._done.set_result(None)
+
+    async def finished(self) -> None:
+        if self._ending is None:
+            self.end("hoop shutting down")
+        await asyncio.shield(self._done)
