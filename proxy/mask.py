@@ -35,6 +35,7 @@ from __future__ import annotations
 import fnmatch
 import hmac
 import re
+from collections.abc import Sequence
 
 from broker.config import Detector, Masking, MaskRule, Strategy
 from proxy.detectors import Hit, Scanner, pem_open
@@ -86,18 +87,14 @@ class Masker:
 
     def scan(self, data: bytes) -> list[Hit]:
         """Validated detector hits in ``data``: sorted, non-overlapping ``(start, end, detector)``."""
-        if not self.enabled or not self._scanner.might_contain(data):
-            return []
-        return self._scanner.scan(data)
+        return self._scanner.scan(data) if self.enabled else []
 
     def mask_bytes(self, data: bytes | memoryview) -> bytes | None:
         """Mask UTF-8 ``data`` with the detectors; None when nothing matched (send the original)."""
         if not self.enabled:
             return None
         raw = data.tobytes() if isinstance(data, memoryview) else data
-        if not self._scanner.might_contain(raw):
-            return None
-        hits = self._scanner.scan(raw)
+        hits = self._scanner.scan(raw)  # gated per detector: as cheap as might_contain
         if not hits:
             return None
         return self.replace(raw, hits, self.strategy)
@@ -122,6 +119,52 @@ class Masker:
             last = end
         parts.append(data[last:])
         return b"".join(parts)
+
+    def mask_row(
+        self, cells: Sequence[bytes | None], strategies: Sequence[Strategy | None]
+    ) -> list[bytes | None] | None:
+        """Mask one result row of UTF-8 text cells (None is SQL NULL); None when nothing changed.
+
+        ``strategies[i]`` is cell i's column rule (:meth:`column_strategy`, computed once per
+        result) or None for detectors. Prefer :meth:`mask_rows` for a batch of rows.
+        """
+        return self.mask_rows([cells], strategies)[0]
+
+    def mask_rows(
+        self, rows: Sequence[Sequence[bytes | None]], strategies: Sequence[Strategy | None]
+    ) -> list[list[bytes | None] | None]:
+        """:meth:`mask_row` for a batch (e.g. the DataRows of one network chunk).
+
+        The detector cells of the whole batch are prefiltered with one :meth:`might_contain`
+        call, so rows need per-cell scanning only when something may be there.
+        """
+        if not self.enabled:
+            return [None] * len(rows)
+        plain = [i for i, s in enumerate(strategies) if s is None]
+        ruled = [(i, s) for i, s in enumerate(strategies) if s is not None]
+        scan = bool(plain) and self._scanner.might_contain(
+            b"\x00".join(c for row in rows for i in plain if (c := row[i]) is not None)
+        )
+        apply_bytes, mask_bytes = self.apply_bytes, self.mask_bytes
+        out: list[list[bytes | None] | None] = []
+        for row in rows:
+            new: list[bytes | None] | None = None
+            for i, strategy in ruled:
+                cell = row[i]
+                if cell is not None:
+                    if new is None:
+                        new = list(row)
+                    new[i] = apply_bytes(cell, strategy)
+            if scan:
+                for i in plain:
+                    cell = row[i]
+                    masked = None if cell is None else mask_bytes(cell)
+                    if masked is not None:
+                        if new is None:
+                            new = list(row)
+                        new[i] = masked
+            out.append(new)
+        return out
 
     # -- whole values ------------------------------------------------------------------
 

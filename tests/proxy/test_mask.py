@@ -314,3 +314,28 @@ def test_stream_unterminated_pem_is_redacted_past_the_bound() -> None:
     assert b"[secret]" in out
     assert b"QUJDREVG" not in out.split(b"[secret]", 1)[0]
     assert s.pending <= 1024
+
+
+def test_mask_row() -> None:
+    m = masker(columns=[{"match": "users.email", "strategy": "hash"}, {"match": "card", "strategy": "partial"}])
+    strategies = [m.column_strategy(c, "public.users") for c in ("id", "email", "card", "note")]
+    assert strategies == [None, "hash", "partial", None]
+    assert m.mask_row([b"1", None, None, b"plain"], strategies) is None
+    out = m.mask_row([b"1", b"a@x.io", b"4242424242424242", b"mail b@y.io"], strategies)
+    assert out == [b"1", m.apply("a@x.io", "hash").encode(), b"************4242", b"mail [email]"]
+    assert m.mask_row([b"1", None, None, b"card 4111 1111 1111 1111"], strategies) == [
+        b"1", None, None, b"card [card]"
+    ]
+
+
+def test_mask_rows_batch_matches_single_rows() -> None:
+    m = masker(columns=[{"match": "email", "strategy": "redact"}])
+    strategies = [m.column_strategy(c) for c in ("id", "email", "note")]
+    rows: list[list[bytes | None]] = [
+        [b"1", b"a@x.io", b"plain"],
+        [b"2", None, b"ssn 536-90-4399"],
+        [b"3", b"b@y.io", None],
+    ]
+    assert m.mask_rows(rows, strategies) == [m.mask_row(r, strategies) for r in rows]
+    assert m.mask_rows(rows, strategies)[1] == [b"2", None, b"ssn [ssn]"]
+    assert m.mask_rows([[b"1", None, b"x"]], strategies) == [None]
