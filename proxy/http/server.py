@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import secrets
 from collections.abc import AsyncIterator, Mapping
@@ -38,7 +39,7 @@ from yarl import URL
 
 from broker.clock import Clock
 from broker.config import HoopConfig, HttpResource
-from broker.errors import Denied
+from broker.errors import ConfigError, Denied
 from broker.model import Grant
 from proxy.http.body import BodyFilter, Capture, Inflate, body_kind, response_filter
 from proxy.http.headers import (
@@ -68,13 +69,19 @@ class BearerGate(Protocol):
     async def authenticate_bearer(self, secret: str, resource: str) -> Grant: ...
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Upstream:
     resource: HttpResource
     base: str
-    credential: str | None
+    environ: Mapping[str, str]
     guard: HttpGuard
     masker: Masker
+
+    @functools.cached_property
+    def credential(self) -> str | None:
+        """The held upstream secret, resolved on first use (a failure is retried on the next request)."""
+        res = self.resource
+        return res.credential.resolve(self.environ) if res.credential is not None and res.auth != "none" else None
 
 
 def _refuse(status: int, error: str, reason: str, **extra: Any) -> web.Response:
@@ -110,17 +117,17 @@ class HttpProxy:
     """The HTTP proxy server. ``start`` binds and returns the port; ``stop`` closes everything."""
 
     def __init__(self, config: HoopConfig, gate: BearerGate, hub: Hub, clock: Clock, environ: Mapping[str, str],
-                 *, idle: float = 30.0, connections: int = 512) -> None:
+                 *, idle: float = 30.0, connections: int = 512, hash_key: bytes | None = None) -> None:
         self.config = config
         self.gate = gate
         self.clock = clock
         self.pool = SessionPool(hub, clock, idle=idle)
-        key = config.masking_key.resolve(environ).encode() if config.masking_key else secrets.token_bytes(32)
+        key = hash_key or (config.masking_key.resolve(environ).encode() if config.masking_key
+                           else secrets.token_bytes(32))
         self._upstreams: dict[str, _Upstream] = {}
         for res in config.resources:
             if isinstance(res, HttpResource):
-                cred = res.credential.resolve(environ) if res.credential is not None and res.auth != "none" else None
-                self._upstreams[res.name] = _Upstream(res, res.address.rstrip("/"), cred, HttpGuard(res.guardrails),
+                self._upstreams[res.name] = _Upstream(res, res.address.rstrip("/"), environ, HttpGuard(res.guardrails),
                                                       Masker(res.masking, key))
         self._connections = connections
         self._client: aiohttp.ClientSession | None = None
@@ -231,7 +238,12 @@ class HttpProxy:
     async def _websocket(self, request: web.BaseRequest, up: _Upstream, rest: str, flight: _Flight,
                          record: dict[str, Any], client_ip: str) -> web.StreamResponse:
         assert self._client is not None
-        headers = upstream_headers(request.headers, up.resource, up.credential, client_ip,
+        try:
+            credential = up.credential
+        except ConfigError as exc:
+            record["status"] = 502
+            return _refuse(502, "upstream_credential", f"{up.resource.name}: {exc.message}")
+        headers = upstream_headers(request.headers, up.resource, credential, client_ip,
                                    identity_encoding=False, websocket=True)
         flight.ws = WsPair()
         try:
@@ -249,7 +261,12 @@ class HttpProxy:
                        record: dict[str, Any], client_ip: str) -> web.StreamResponse:
         assert self._client is not None
         masker = up.masker
-        headers = upstream_headers(request.headers, up.resource, up.credential, client_ip,
+        try:
+            credential = up.credential
+        except ConfigError as exc:
+            record["status"] = 502
+            return _refuse(502, "upstream_credential", f"{up.resource.name}: {exc.message}")
+        headers = upstream_headers(request.headers, up.resource, credential, client_ip,
                                    identity_encoding=masker.enabled)
         req_cap = Capture(up.resource.max_body_record)
 

@@ -64,6 +64,7 @@ def http_resources(address: str) -> list[dict[str, Any]]:
          "credential": {"env": "K8S_TOKEN"}},
         {"name": "header-api", "kind": "http", "address": address + "/", "auth": "header", "header": "X-Api-Key",
          "credential": {"env": "K8S_TOKEN"}, "masking": {"enabled": False}},
+        {"name": "unset-api", "kind": "http", "address": address, "credential": {"env": "UNSET_TOKEN"}},
     ]
 
 

@@ -74,6 +74,16 @@ async def test_refusals_are_json_and_never_echo_the_secret(env: Env) -> None:
     assert secret.encode() not in body
 
 
+async def test_unresolvable_upstream_credential_is_a_502_naming_the_reference(env: Env) -> None:
+    _, secret = await env.grant("unset-api")
+    rc, out, _ = await curl("-w", "\n%{http_code}", "-H", auth(secret), f"{env.base}/unset-api/echo-headers")
+    assert rc == 0
+    body, code = out.rsplit(b"\n", 1)
+    doc = json.loads(body)
+    assert int(code) == 502 and doc["error"] == "upstream_credential" and "env:UNSET_TOKEN is not set" in doc["reason"]
+    assert not env.upstream.seen
+
+
 async def test_blocked_delete_is_a_403_with_the_rule(env: Env) -> None:
     _, secret = await env.grant("k8s")
     for path in ("/api/v1/namespaces/x", "/api/v1//namespaces/%78/", "/API/v1/namespaces/x?dryRun=All"):
