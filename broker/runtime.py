@@ -5,19 +5,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
 
 from broker.clock import Clock, SystemClock
-from broker.config import HoopConfig, Settings
+from broker.config import HoopConfig, PostgresResource, Settings
+from broker.errors import HoopError
 from broker.events import Broadcast
 from broker.metrics import Metrics
+from broker.model import Grant
+from broker.roles import EphemeralRoles
+from broker.roles import load_key as load_role_key
 from broker.scheduler import Scheduler
-from broker.service import Service
+from broker.service import GrantHooks, Service
 from broker.store import Store
 from broker.web import build_web
 
@@ -48,13 +53,14 @@ class Runtime:
         await self.store.close()
 
 
-def build_runtime(config: HoopConfig, settings: Settings, *, clock: Clock | None = None) -> Runtime:
+def build_runtime(config: HoopConfig, settings: Settings, *, clock: Clock | None = None,
+                  hooks: GrantHooks | None = None) -> Runtime:
     clock = clock or SystemClock()
     store = Store.from_url(settings.database_url)
     bus = Broadcast()
     metrics = Metrics()
     bus.add(metrics)
-    service = Service(config, store, clock, bus)
+    service = Service(config, store, clock, bus, hooks=hooks)
     scheduler = Scheduler(service, clock)
     bus.add(scheduler)
     return Runtime(config=config, settings=settings, store=store, clock=clock, bus=bus, metrics=metrics,
@@ -71,9 +77,54 @@ async def _listen(app: web.Application, host: str, port: int) -> tuple[web.AppRu
     return runner, int(bound)
 
 
+def load_masking_key(config: HoopConfig, environ: Mapping[str, str]) -> bytes:
+    """The key behind ``hash`` masking: configured, or generated once in ``state_dir`` so hashed
+    values stay stable across restarts and proxies."""
+    if config.masking_key is not None:
+        return config.masking_key.resolve(environ).encode()
+    path = config.state_dir / "masking.key"
+    if path.exists():
+        return bytes.fromhex(path.read_text().strip())
+    config.state_dir.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_bytes(32)
+    path.touch(mode=0o600)
+    path.write_text(key.hex())
+    return key
+
+
+class ResourceCredentials:
+    """Upstream login for the PostgreSQL proxy: the per-grant role on ephemeral resources,
+    the configured user and held secret otherwise."""
+
+    def __init__(self, static: Any, roles: EphemeralRoles) -> None:
+        self.static = static
+        self.roles = roles
+
+    async def for_grant(self, resource: PostgresResource, grant: Grant | None) -> tuple[str, str]:
+        if resource.credentials == "ephemeral" and grant is not None:
+            return await self.roles.for_grant(resource, grant)
+        result: tuple[str, str] = await self.static.for_grant(resource, grant)
+        return result
+
+
 async def serve_forever(config: HoopConfig, settings: Settings, say: Callable[[str], None]) -> None:
     """Run until SIGINT or SIGTERM, then stop cleanly."""
-    rt = build_runtime(config, settings)
+    from bot.app import SlackBot
+    from broker.api import build_api
+    from broker.api_inbox import SecretInbox
+    from broker.identity import HttpFetcher, TokenVerifier
+    from broker.recap import Recap
+    from broker.reviews import Reviews
+    from proxy.access import Gate
+    from proxy.http.server import HttpProxy
+    from proxy.pg.server import PgProxy
+    from proxy.pg.upstream import StaticCredentials
+    from proxy.sessions import SessionHub
+    from proxy.ssh.server import SshProxy
+
+    environ = settings.environ
+    roles = EphemeralRoles(config, environ, load_role_key(config.state_dir))
+    rt = build_runtime(config, settings, hooks=roles)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -81,17 +132,70 @@ async def serve_forever(config: HoopConfig, settings: Settings, say: Callable[[s
     try:
         await rt.store.migrate()
         say(f"hoop: store {_redact_url(settings.database_url)} (schema up to date)")
+        masking_key = load_masking_key(config, environ)
+        reviews = Reviews(rt.service)
+        hub = SessionHub(rt.service, rt.clock, spool_dir=config.state_dir / "spool", reviews=reviews,
+                         metrics=rt.metrics)
+        recovered = await hub.recover()
+        if recovered:
+            say(f"hoop: recovered the recordings of {recovered} session(s) open when hoop stopped")
+        gate = Gate(rt.service, rt.clock)
+        recap = Recap(rt.service)
+        for sub in (hub, gate, recap):
+            rt.bus.add(sub)
+        rt.closers.append(recap.drain)
+
         web_app = build_web(rt.store, rt.metrics)
+        if config.oidc is not None:
+            fetcher = HttpFetcher()
+            rt.closers.append(fetcher.close)
+            inbox = SecretInbox(rt.clock)
+            rt.bus.add(inbox)
+            web_app.add_subapp("/api/v1", build_api(rt.service, config, TokenVerifier(config, fetcher, rt.clock),
+                                                    rt.clock, inbox=inbox))
+            say(f"hoop: REST API at /api/v1 (OIDC issuer {config.oidc.issuer})")
+        else:
+            say("hoop: REST API disabled (no oidc: section in the config)")
         if settings.slack_bot_token and (settings.slack_signing_secret or settings.slack_app_token):
-            say("hoop: Slack enabled")
+            bot = SlackBot(config, settings, rt.service, rt.clock, reviews)
+            await bot.start(web_app)
+            rt.bus.add(bot.notifier)
+            rt.closers.append(bot.stop)
+            say("hoop: Slack enabled (" + ("Socket Mode" if settings.slack_app_token else "HTTP mode at /slack/events")
+                + ")")
         else:
             say("hoop: Slack disabled (set SLACK_BOT_TOKEN and SLACK_SIGNING_SECRET or SLACK_APP_TOKEN)")
         runner, port = await _listen(web_app, config.listen.host, config.listen.http)
         rt.closers.append(runner.cleanup)
         say(f"hoop: HTTP on http://{config.listen.host}:{port} (/healthz, /metrics)")
+
+        kinds = {r.kind for r in config.resources}
+        proxies: list[tuple[str, Any, int]] = []
+        if "postgres" in kinds:
+            creds = ResourceCredentials(StaticCredentials(environ), roles)
+            proxies.append(("PostgreSQL", PgProxy(config, gate, hub, rt.clock, environ, credentials=creds,
+                                                  hash_key=masking_key), config.listen.postgres))
+        if "ssh" in kinds:
+            proxies.append(("SSH", SshProxy(config, gate, hub, rt.clock, environ, config.state_dir),
+                            config.listen.ssh))
+        if "http" in kinds:
+            proxies.append(("HTTP", HttpProxy(config, gate, hub, rt.clock, environ, hash_key=masking_key),
+                            config.listen.http_proxy))
+        for name, proxy, want in proxies:
+            bound = await proxy.start(config.listen.host, want)
+            rt.closers.append(proxy.stop)
+            say(f"hoop: {name} proxy on {config.listen.host}:{bound}")
+        rt.closers.append(hub.close_all)
+
+        try:
+            dropped = await roles.reconcile(rt.store)
+            if dropped:
+                say(f"hoop: dropped {len(dropped)} ephemeral role(s) of grants that ended while hoop was down")
+        except HoopError as exc:
+            say(f"hoop: ephemeral role reconciliation failed: {exc.message}")
         report = await rt.scheduler.start()
         if report.expired or report.lapsed:
-            say(f"hoop: reconciled {len(report.expired)} overdue grants and {len(report.lapsed)} lapsed requests")
+            say(f"hoop: reconciled {len(report.expired)} overdue grant(s) and {len(report.lapsed)} lapsed request(s)")
         say("hoop: ready")
         await stop.wait()
         say("hoop: shutting down")
