@@ -111,7 +111,7 @@ class Inspector:
         self.expect: deque[tuple[str, Any]] = deque()
         self.discarding = False  # after a refused Parse, until Sync
         self.batch_sent = False  # something of the current extended batch reached the server
-        self.approved: set[int] = set()  # id() of frames a reviewer allowed
+        self.approved: object = None  # the frame a reviewer allowed (held by reference)
         self.status = "I"
         self.plan: Plan | None = None  # of the result being streamed
         self.rec: Rec | None = None
@@ -184,10 +184,10 @@ class Inspector:
             if t == Frontend.QUERY:
                 sql = decode_query(body).sql
                 text, kinds, decision = self._check(sql)
-                if decision is not None and decision.needs_review and id(frames[i]) not in self.approved:
+                if decision is not None and decision.needs_review and frames[i] is not self.approved:
                     return self._hold(out, run, buf, s, i, frames, Stmt(sql, text, kinds), decision)
                 if decision is not None and (decision.blocked or (decision.needs_review
-                                                                   and id(frames[i]) not in self.approved)):
+                                                                   and frames[i] is not self.approved)):
                     forward = False
                     self._blocked(text, kinds, decision)
                     self._inject(self._refusal(decision))
@@ -199,7 +199,7 @@ class Inspector:
             elif t == Frontend.PARSE:
                 p = decode_parse(body)
                 text, kinds, decision = self._check(p.sql)
-                if decision is not None and decision.needs_review and id(frames[i]) not in self.approved:
+                if decision is not None and decision.needs_review and frames[i] is not self.approved:
                     return self._hold(out, run, buf, s, i, frames, Stmt(p.sql, text, kinds), decision)
                 if decision is not None and decision.blocked:
                     forward = False
@@ -273,24 +273,25 @@ class Inspector:
                     out.append(buf[s:e])
             i += 1
         if run >= 0:
-            out.append(buf[run:] if run else buf)
+            end = frames[-1][2]  # bytes after it are an incomplete message the framer keeps
+            out.append(buf if run == 0 and end == len(buf) else buf[run:end])
         return out, n, None
 
     def _hold(self, out: list[bytes], run: int, buf: bytes, s: int, i: int, frames: list[codec.Frame],
               stmt: Stmt, decision: Decision) -> tuple[list[bytes], int, Suspend]:
         if run >= 0:
             out.append(buf[run:s])
-        key = id(frames[i])
+        key = frames[i]
 
         async def wait() -> None:
             allowed = await self.review(stmt, decision)
             if allowed:
-                self.approved.add(key)
+                self.approved = key
             else:
                 # refused: decide again as a block
                 self._texts[stmt.sql] = (stmt.text, stmt.kinds, Decision("block", decision.rule, "review refused",
                                                                           decision.subject))
-                self.approved.discard(key)
+                self.approved = None
 
         return out, i, wait
 
@@ -508,7 +509,8 @@ class Inspector:
                 self._due(out)
             i += 1
         if run >= 0:
-            out.append(buf[run:] if run else buf)
+            end = frames[-1][2]  # bytes after it are an incomplete message the framer keeps
+            out.append(buf if run == 0 and end == len(buf) else buf[run:end])
         return out, n, None
 
     def _count(self, mv: memoryview, frames: list[codec.Frame], i: int, j: int) -> None:

@@ -142,6 +142,9 @@ class Relay:
                 self._run("client", buf, frames, 0)
         except HoopError as exc:
             self.fault(exc)
+        except Exception:
+            log.exception("conn=%s internal error on client data", self.conn)
+            self.end("hoop: internal error", sqlstate="XX000")
 
     def from_server(self, data: bytes) -> None:
         held = self._held["server"]
@@ -154,6 +157,9 @@ class Relay:
                 self._run("server", buf, frames, 0)
         except HoopError as exc:
             self.fault(exc, server=True)
+        except Exception:
+            log.exception("conn=%s internal error on server data", self.conn)
+            self.end("hoop: internal error", sqlstate="XX000")
 
     def _run(self, side: str, buf: bytes, frames: list[codec.Frame], start: int) -> None:
         if side == "client":
