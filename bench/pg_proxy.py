@@ -1,0 +1,251 @@
+"""PostgreSQL proxy benchmark: direct vs pgbouncer vs hoop (no rules) vs hoop (everything on).
+
+Run from the repository root: ``.venv/bin/python -m bench.pg_proxy``. It starts a throwaway
+cluster, pgbouncer (session pooling, its own temp config, stopped by PID) and two hoop proxy
+processes (uvloop), then runs pgbench -S (simple and extended, 1/4/16 clients) and two large
+results read by a minimal client (so client cost does not hide proxy cost): 500k rows with two
+masked columns, and 500k rows with nothing to mask. Proxy CPU per query is the hoop process's
+CPU time delta divided by the transactions pgbench counted. Prints a table and writes
+bench/results/pg_proxy.json.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from broker.config import PostgresResource
+from proxy.pg import codec, upstream
+from tests.support.pgcluster import PgCluster, free_port, pg_cluster
+
+ROWS = 500_000
+SECONDS = 3
+CLIENTS = (1, 4, 16)
+RESULTS = Path(__file__).parent / "results" / "pg_proxy.json"
+
+EVERYTHING = {
+    "guardrails": {"rules": [{"name": "no-drop", "action": "block", "statements": ["drop", "truncate"]},
+                             {"name": "no-file", "action": "block", "functions": ["pg_read_file"]},
+                             {"name": "careful", "action": "review", "statements": ["delete_without_where"]}]},
+    "masking": {"columns": [{"match": "email", "strategy": "redact"}, {"match": "card", "strategy": "partial"}]},
+}
+NO_RULES = {"guardrails": {}, "masking": {"enabled": False}}
+
+
+# ---- the hoop server process ------------------------------------------------------------
+
+async def _serve(spec: dict[str, Any]) -> None:
+    from broker.clock import SystemClock
+    from broker.config import parse_config
+    from broker.events import Broadcast
+    from broker.service import Service
+    from broker.store import Store
+    from proxy.access import Gate
+    from proxy.pg.server import PgProxy
+    from proxy.sessions import SessionHub
+    from tests.conftest import base_config
+    from tests.proxy.pg.harness import ROOT
+
+    tmp = Path(spec["tmp"])
+    res = {"name": "prod-db", "kind": "postgres", "address": spec["address"], "database": spec["database"],
+           "user": spec["user"], "credential": {"env": "PGPW"}, "sslmode": "disable",
+           "request": {"groups": ["eng"], "max_duration": "4h"}, **spec["resource"]}
+    config = parse_config(base_config(resources=[res], state_dir=str(tmp / "state")))
+    store = Store.from_url(f"sqlite+aiosqlite:///{tmp / 'hoop.db'}")
+    await store.migrate()
+    clock = SystemClock()
+    broadcast = Broadcast()
+    service = Service(config, store, clock, broadcast)
+    gate = Gate(service, clock)
+    hub = SessionHub(service, clock, spool_dir=tmp / "spool")
+    broadcast.add(gate)
+    broadcast.add(hub)
+    proxy = PgProxy(config, gate, hub, clock, {"PGPW": spec["password"]}, hash_key=b"k" * 32)
+    port = await proxy.start("127.0.0.1", 0)
+    grant, secret = await service.breakglass(ROOT, "prod-db", "bench@example.com", "4h", "bench")
+    print(json.dumps({"port": port, "login": grant.login, "secret": secret}), flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    await proxy.stop()
+    await hub.close_all()
+    await store.close()
+
+
+# ---- helpers ------------------------------------------------------------------------------
+
+def _cpu(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _pgbench(cluster: PgCluster, env: dict[str, str], clients: int, mode: str) -> tuple[float, int]:
+    out = subprocess.run([str(cluster.bindir / "pgbench"), "-n", "-S", "-T", str(SECONDS), "-c", str(clients),
+                          "-j", str(min(clients, 2)), "-M", mode], env=env, capture_output=True, text=True,
+                         check=True, timeout=120).stdout
+    tps = float(re.search(r"tps = ([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    n = int(re.search(r"actually processed: (\d+)", out).group(1))  # type: ignore[union-attr]
+    return tps, n
+
+
+class _Sink(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.bytes = 0
+        self.tail = b""
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def data_received(self, data: bytes) -> None:
+        self.bytes += len(data)
+        self.tail = (self.tail + data)[-6:]
+        if self.tail[:1] == b"Z" and self.tail[1:5] == b"\0\0\0\5" and not self.done.done():
+            self.done.set_result(None)
+
+
+async def _big(host: str, port: int, database: str, user: str, password: str, sql: str) -> tuple[float, int]:
+    res = PostgresResource(name="b", kind="postgres", address=f"{host}:{port}", database=database, sslmode="disable")
+    up = await upstream.connect(res, user, password, {})
+    sink = _Sink()
+    up.transport.set_protocol(sink)
+    t0 = time.perf_counter()
+    up.transport.write(codec.encode_query(sql))
+    await sink.done
+    wall = time.perf_counter() - t0
+    up.transport.write(codec.TERMINATE)
+    up.transport.close()
+    return wall, sink.bytes
+
+
+def _start_pgbouncer(cluster: PgCluster, database: str, base: Path) -> tuple[subprocess.Popen[bytes], int]:
+    port = free_port()
+    d = base / "pgbouncer"
+    d.mkdir()
+    (d / "userlist.txt").write_text(f'"{cluster.user}" "{cluster.password}"\n')
+    (d / "pgbouncer.ini").write_text(
+        f"[databases]\n{database} = host={cluster.host} port={cluster.port} dbname={database}\n"
+        f"[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nauth_type = scram-sha-256\n"
+        f"auth_file = {d / 'userlist.txt'}\npool_mode = session\nmax_client_conn = 200\n"
+        f"default_pool_size = 40\nunix_socket_dir =\nlogfile = {d / 'pgbouncer.log'}\n")
+    cmd = ["pgbouncer", str(d / "pgbouncer.ini")]
+    if cluster.runas:
+        shutil.chown(base, cluster.runas)
+        for p in (d, d / "userlist.txt", d / "pgbouncer.ini"):
+            shutil.chown(p, cluster.runas)
+        cmd = ["runuser", "-u", cluster.runas, "--", *cmd]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.5)
+    return proc, port
+
+
+def _start_hoop(cluster: PgCluster, database: str, base: Path, resource: dict[str, Any],
+                name: str) -> tuple[subprocess.Popen[str], dict[str, Any]]:
+    tmp = base / name
+    tmp.mkdir()
+    spec = {"tmp": str(tmp), "address": f"{cluster.host}:{cluster.port}", "database": database,
+            "user": cluster.user, "password": cluster.password, "resource": resource}
+    proc = subprocess.Popen([sys.executable, "-m", "bench.pg_proxy", "--serve", json.dumps(spec)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    info = json.loads(proc.stdout.readline())
+    return proc, info
+
+
+# ---- the run ------------------------------------------------------------------------------
+
+def main() -> None:
+    results: dict[str, Any] = {"seconds_per_pgbench_run": SECONDS, "rows": ROWS, "configs": {}}
+    with pg_cluster() as cluster:
+        database = cluster.create_database("bench")
+        subprocess.run([str(cluster.bindir / "pgbench"), "-i", "-s", "1", "-q", database], env=cluster.env(),
+                       check=True, capture_output=True)
+        cluster.psql(f"CREATE TABLE big AS SELECT i AS id, 'user' || i || '@example.com' AS email, "
+                     f"'4111111111111111' AS card, 'note ' || i AS note FROM generate_series(1, {ROWS}) i", database=database)
+        cluster.psql("VACUUM ANALYZE big", database=database)
+        base = Path(tempfile.mkdtemp(prefix="hoop-bench-"))
+        bouncer, bport = _start_pgbouncer(cluster, database, base)
+        hoop_plain, plain_info = _start_hoop(cluster, database, base, NO_RULES, "plain")
+        hoop_all, all_info = _start_hoop(cluster, database, base, EVERYTHING, "all")
+        targets: dict[str, tuple[int, str, str, str, int | None]] = {
+            "direct": (cluster.port, database, cluster.user, cluster.password, None),
+            "pgbouncer": (bport, database, cluster.user, cluster.password, None),
+            "hoop-no-rules": (plain_info["port"], "prod-db", plain_info["login"], plain_info["secret"], hoop_plain.pid),
+            "hoop-everything": (all_info["port"], "prod-db", all_info["login"], all_info["secret"], hoop_all.pid),
+        }
+        try:
+            for name, (port, db, user, password, pid) in targets.items():
+                env = {**os.environ, "PGHOST": "127.0.0.1", "PGPORT": str(port), "PGUSER": user,
+                       "PGPASSWORD": password, "PGDATABASE": db, "PGSSLMODE": "disable"}
+                row: dict[str, Any] = {}
+                for mode in ("simple", "extended"):
+                    for clients in CLIENTS:
+                        cpu0 = _cpu(pid) if pid else 0.0
+                        tps, n = _pgbench(cluster, env, clients, mode)
+                        entry: dict[str, Any] = {"tps": round(tps)}
+                        if pid:
+                            entry["proxy_cpu_us_per_query"] = round((_cpu(pid) - cpu0) / max(n, 1) * 1e6, 1)
+                        row[f"pgbench_S_{mode}_c{clients}"] = entry
+                for label, sql in (("masked_500k", "SELECT id, email, card FROM big"),
+                                   ("nothing_to_mask_500k", "SELECT id, note FROM big")):
+                    best = min(asyncio.run(_big("127.0.0.1", port, db, user, password, sql)) for _ in range(2))
+                    row[label] = {"wall_s": round(best[0], 3), "rows_per_s": round(ROWS / best[0]),
+                                  "bytes": best[1]}
+                results["configs"][name] = row
+                print(f"{name}: done", flush=True)
+        finally:
+            for proc in (hoop_plain, hoop_all):
+                assert proc.stdin is not None
+                proc.stdin.close()
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            bouncer.terminate()
+            bouncer.wait(timeout=10)
+            shutil.rmtree(base, ignore_errors=True)
+    _report(results)
+
+
+def _report(results: dict[str, Any]) -> None:
+    configs = results["configs"]
+    direct = configs["direct"]
+    bouncer = configs["pgbouncer"]
+    keys = [k for k in direct if k.startswith("pgbench")]
+    print(f"\n{'workload':<28}" + "".join(f"{n:>18}" for n in configs))
+    for k in keys:
+        print(f"{k + ' tps':<28}" + "".join(f"{c[k]['tps']:>18}" for c in configs.values()))
+    for k in keys:
+        cells = [f"{c[k].get('proxy_cpu_us_per_query', '-')!s:>18}" for c in configs.values()]
+        print(f"{k + ' cpu µs/q':<28}" + "".join(cells))
+    for k in ("masked_500k", "nothing_to_mask_500k"):
+        print(f"{k + ' wall s':<28}" + "".join(f"{c[k]['wall_s']:>18}" for c in configs.values()))
+    summary = {}
+    for name in ("hoop-no-rules", "hoop-everything"):
+        c = configs[name]
+        summary[name] = {
+            "tps_vs_pgbouncer_min": round(min(c[k]["tps"] / bouncer[k]["tps"] for k in keys), 3),
+            "cpu_us_per_query_max": max(c[k]["proxy_cpu_us_per_query"] for k in keys),
+            "masked_wall_vs_direct": round(c["masked_500k"]["wall_s"] / direct["masked_500k"]["wall_s"], 2),
+            "masked_rows_per_s": c["masked_500k"]["rows_per_s"],
+            "nothing_to_mask_wall_vs_direct": round(c["nothing_to_mask_500k"]["wall_s"]
+                                                    / direct["nothing_to_mask_500k"]["wall_s"], 2),
+        }
+    results["summary"] = summary
+    print("\n" + json.dumps(summary, indent=2))
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == "--serve":
+        import uvloop
+
+        uvloop.run(_serve(json.loads(sys.argv[2])))
+    else:
+        main()
