@@ -165,7 +165,8 @@ def main() -> None:
         subprocess.run([str(cluster.bindir / "pgbench"), "-i", "-s", "1", "-q", database], env=cluster.env(),
                        check=True, capture_output=True)
         cluster.psql(f"CREATE TABLE big AS SELECT i AS id, 'user' || i || '@example.com' AS email, "
-                     f"'4111111111111111' AS card, 'note ' || i AS note FROM generate_series(1, {ROWS}) i", database=database)
+                     f"'4111111111111111' AS card, 'note ' || i AS note FROM generate_series(1, {ROWS}) i",
+                     database=database)
         cluster.psql("VACUUM ANALYZE big", database=database)
         base = Path(tempfile.mkdtemp(prefix="hoop-bench-"))
         bouncer, bport = _start_pgbouncer(cluster, database, base)
