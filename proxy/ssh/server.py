@@ -183,7 +183,11 @@ class _Connection(asyncssh.SSHServer):
             log.error("%s opening the session failed: %s", self.label, exc.message)
             assert self.conn is not None
             self.conn.disconnect(asyncssh.DISC_BY_APPLICATION, "hoop: the session could not be opened")
-            self._ready.set_result(None)
+            if not self._ready.done():
+                self._ready.set_result(None)
+            return
+        if self._ending is not None:  # the client left while the session was being opened
+            await self.session.close("client disconnected")
             return
         self.ctx = ChannelContext(label=self.label, resource=res, session=self.session,
                                   guard=self.proxy._guards[res.name], masker=self.proxy._maskers[res.name],
@@ -194,7 +198,8 @@ class _Connection(asyncssh.SSHServer):
             self.session.record("blocked", item)
             self.session.stats["blocked"] += 1
         self._early.clear()
-        self._ready.set_result(None)
+        if not self._ready.done():
+            self._ready.set_result(None)
         self._arm()
 
     async def upstream(self) -> asyncssh.SSHClientConnection:
@@ -280,14 +285,14 @@ class _Connection(asyncssh.SSHServer):
                 if self.conn is not None:
                     self.conn.disconnect(asyncssh.DISC_BY_APPLICATION, f"hoop: {reason}")
             if self._upstream is not None:
-                if self._upstream.done() and not self._upstream.cancelled() and self._upstream.exception() is None:
-                    up = self._upstream.result()
+                # Let a connect in flight finish and close it: cancelling asyncssh mid-handshake leaks its socket.
+                up: asyncssh.SSHClientConnection | None = None
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(20):
+                        up = await asyncio.shield(self._upstream)
+                if up is not None:
                     up.close()
                     await up.wait_closed()
-                else:
-                    self._upstream.cancel()
-                    with contextlib.suppress(BaseException):
-                        await self._upstream
             if self.session is not None:
                 await self.session.close(reason)
         finally:

@@ -70,7 +70,7 @@ async def connect(res: SshResource, environ: Mapping[str, str], *, timeout: floa
     algs = list(dict.fromkeys(a.decode() for k in pinned for a in k.sig_algorithms))
     try:
         conn = await asyncssh.connect(
-            host, port, username=res.user, client_factory=lambda: client, known_hosts=None,
+            host, port, username=res.user, client_factory=lambda: client, known_hosts=([], [], []),
             server_host_key_algs=algs, client_keys=keys or None, password=password,
             agent_path=None, preferred_auth=("publickey", "password", "keyboard-interactive"),
             connect_timeout=timeout, login_timeout=timeout, config=None)

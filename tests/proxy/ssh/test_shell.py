@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import os
-from pathlib import Path
 
 import asyncssh
 import pytest
 
 from broker.model import SessionStatus
-from tests.proxy.ssh.conftest import Env, make_config, ssh_resource, start_env, stop_env
-from tests.support.sshd import Sshd
+from tests.proxy.ssh.conftest import Env
 
 pytestmark = pytest.mark.ssh
 

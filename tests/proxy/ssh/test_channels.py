@@ -1,0 +1,97 @@
+"""SFTP, scp and port forwarding refused by default and allowed by config; upstream host-key pinning."""
+
+from __future__ import annotations
+
+import asyncssh
+import pytest
+
+from tests.proxy.ssh.conftest import Env, make_config, ssh_resource, start_env, stop_env
+from tests.support.sshd import Sshd
+
+pytestmark = pytest.mark.ssh
+
+
+async def test_sftp_refused_by_default(env: Env) -> None:
+    grant, secret = await env.grant()
+    async with await env.client(grant.login, secret) as conn:
+        with pytest.raises(asyncssh.ChannelOpenError):
+            await conn.start_sftp_client()
+    code, _, err = await env.ssh(grant.login, secret, f"scp -f {env.up.dir / 'secret.txt'}")
+    assert code == 126 and b"allow.sftp" in err
+
+
+async def test_sftp_allowed_by_config(upstream: Sshd, tmp_path) -> None:
+    env, store = await start_env(upstream, tmp_path, make_config(upstream, ssh_resource(
+        upstream, allow={"sftp": True})))
+    try:
+        grant, secret = await env.grant()
+        async with await env.client(grant.login, secret) as conn, conn.start_sftp_client() as sftp:
+            path = str(tmp_path / "up.txt")
+            async with sftp.open(path, "w") as f:
+                await f.write("through hoop\n")
+            async with sftp.open(path) as f:
+                assert await f.read() == "through hoop\n"
+    finally:
+        await stop_env(env, store)
+
+
+async def test_port_forwarding_refused(env: Env) -> None:
+    grant, secret = await env.grant()
+    async with await env.client(grant.login, secret) as conn:
+        with pytest.raises(asyncssh.ChannelOpenError) as info:
+            await conn.open_connection("127.0.0.1", env.up.port)
+        assert "not allowed" in info.value.reason
+        with pytest.raises(asyncssh.ChannelListenError):
+            await conn.forward_remote_port("127.0.0.1", 0, "127.0.0.1", 9)
+    code, _, err = await env.ssh(grant.login, secret, "-o", "ExitOnForwardFailure=yes", "-W",
+                                 f"127.0.0.1:{env.up.port}")
+    assert code == 255 and b"forwarding failed" in err
+
+
+async def test_port_forwarding_allowed_by_config(upstream: Sshd, tmp_path) -> None:
+    env, store = await start_env(upstream, tmp_path, make_config(upstream, ssh_resource(
+        upstream, allow={"port_forwarding": True})))
+    try:
+        grant, secret = await env.grant()
+        async with await env.client(grant.login, secret) as conn:
+            reader, writer = await conn.open_connection("127.0.0.1", upstream.port)
+            assert (await reader.readline()).startswith(b"SSH-2.0-OpenSSH")
+            writer.close()
+    finally:
+        await stop_env(env, store)
+
+
+async def test_upstream_host_key_mismatch_refused(upstream: Sshd, tmp_path, caplog) -> None:
+    other = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode().strip()
+    env, store = await start_env(upstream, tmp_path, make_config(upstream, ssh_resource(upstream, host_key=other)))
+    try:
+        grant, secret = await env.grant()
+        code, out, err = await env.ssh(grant.login, secret, "echo should-not-run")
+        assert code == 255 and out == b"", (code, out, err)
+        assert b"does not match the pinned key" in err
+        assert "does not match the pinned key" in caplog.text
+    finally:
+        await stop_env(env, store)
+
+
+async def test_known_hosts_file_pins_the_key(upstream: Sshd, tmp_path) -> None:
+    res = ssh_resource(upstream, known_hosts=str(upstream.known_hosts_file()))
+    del res["host_key"]
+    env, store = await start_env(upstream, tmp_path, make_config(upstream, res))
+    try:
+        grant, secret = await env.grant()
+        code, out, _ = await env.ssh(grant.login, secret, "echo pinned")
+        assert (code, out) == (0, b"pinned\n")
+    finally:
+        await stop_env(env, store)
+
+
+async def test_host_key_persists_across_restarts(upstream: Sshd, tmp_path) -> None:
+    env, store = await start_env(upstream, tmp_path, make_config(upstream))
+    first = env.proxy.fingerprint
+    await stop_env(env, store)
+    env, store = await start_env(upstream, tmp_path, make_config(upstream))
+    try:
+        assert env.proxy.fingerprint == first and first.startswith("SHA256:")
+    finally:
+        await stop_env(env, store)
