@@ -55,7 +55,11 @@ class Runtime:
 
 def build_runtime(config: HoopConfig, settings: Settings, *, clock: Clock | None = None,
                   hooks: GrantHooks | None = None) -> Runtime:
+    """The broker's object graph; every command (serve, breakglass, revoke, ...) uses the same one, so
+    ephemeral roles are created and dropped whichever command issues or ends a grant."""
     clock = clock or SystemClock()
+    if hooks is None:
+        hooks = EphemeralRoles(config, settings.environ, load_role_key(config.state_dir))
     store = Store.from_url(settings.database_url)
     bus = Broadcast()
     metrics = Metrics()
