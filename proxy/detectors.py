@@ -5,15 +5,19 @@ because it must try the pattern at every position. So each detector is gated by 
 that runs in C at memory speed before any regex runs over the buffer:
 
 * ``email``: ``b"@" in data``; then the email regex runs only in a window around each ``@``.
-* ``card``, ``ssn``, ``phone``: the buffer is translated so every digit becomes ``0``
-  (``bytes.translate``); a regex whose alternatives all start with the literal ``0``, ``(``
-  or ``+`` then finds digit *shapes* (13+ digits, ``000-00-0000``, ``000-000-0000``,
-  ``+0…``). Only around those shapes do the real regexes run, and only their matches reach
-  Luhn (``stdnum.luhn``), ``stdnum.us.ssn`` and ``phonenumbers``.
+* ``card``, ``ssn``, ``phone``: the buffer is translated so every digit becomes ``0`` and the
+  separators `` -.`` become ``s`` (``bytes.translate``); four literal searches (13 digits,
+  ``00s0000``, ``(000)``, ``+0``) find windows where a gate regex looks for digit *shapes*
+  (13+ digits, ``000-00-0000``, ``000-000-0000``, ``+0…``). Only around those shapes do the
+  real regexes run, and only their matches reach Luhn (``stdnum.luhn``), ``stdnum.us.ssn``
+  and ``phonenumbers``.
 * ``iban``: upper-case letters become ``A`` and digits ``0``; ``AA00`` starts a candidate,
   which ``stdnum.iban`` validates.
-* ``secret``: each kind starts with a literal (``AKIA``, ``eyJ``, ``-----BEGIN``,
-  ``hoop_``, ``Bearer``, ``aws_secret_access_key``), checked with ``in`` first. Generic
+* ``secret``: PEM blocks, JWTs and ``Bearer`` tokens start with a literal (``-----BEGIN``,
+  ``eyJ``, ``earer``), found with ``bytes.find``; the pattern is then matched only there.
+  AWS key ids (``AKIA``/``ASIA``) and hoop secrets (``hoop_``) are runs of 20+ token
+  characters, so they are looked for only inside such runs (found by a literal search on a
+  translated copy); ``aws_secret_access_key``-style names only when a run of 40+ exists. Generic
   secrets are runs of 24+ token characters (found on a translated copy with a literal
   search) holding at least two upper-case letters, two lower-case letters and two digits,
   with Shannon entropy of at least :data:`ENTROPY_THRESHOLD` bits per character. Hex strings
@@ -57,8 +61,10 @@ _UPPER = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 _LOWER = b"abcdefghijklmnopqrstuvwxyz"
 _TOKEN = _DIGITS + _UPPER + _LOWER + b"+/=_-"
 
-# digits -> "0", separators kept, everything else "_"
-_DIGIT_SHAPE = _table({**{c: ord("0") for c in _DIGITS}, **{c: c for c in b" -.()+"}}, ord("_"))
+# digits -> "0", separators " -." -> "s", "()+" kept, everything else "_"
+_DIGIT_SHAPE = _table(
+    {**{c: ord("0") for c in _DIGITS}, **{c: ord("s") for c in b" -."}, **{c: c for c in b"()+"}}, ord("_")
+)
 # upper-case -> "A", digits -> "0", everything else "_"
 _IBAN_SHAPE = _table({**{c: ord("0") for c in _DIGITS}, **{c: ord("A") for c in _UPPER}}, ord("_"))
 # token characters -> "x", everything else " "
@@ -67,20 +73,16 @@ _TOKEN_SHAPE = _table({c: ord("x") for c in _TOKEN}, ord(" "))
 # Digit shapes worth a closer look (run on the _DIGIT_SHAPE translation).
 _DIGIT_GATE = re.compile(
     rb"0(?:000000000000"  # 13+ digits in a row (card)
-    rb"|000([ -])0000(?:\1)0000"  # card in groups of four
-    rb"|000([ -])000000(?:\2)0000"  # 4-6-5 / 4-6-4 (Amex, Diners)
-    rb"|00-00-0000"  # SSN
-    rb"|00([-. ])000(?:\3)0000)"  # 000-000-0000 phone
-    rb"|\(000\) ?000[-. ]0000"  # (000) 000-0000 phone
-    rb"|\+0(?:[ ().-]{0,2}0){6}"  # +international phone
+    rb"|000s0000s0000"  # card in groups of four
+    rb"|000s000000s0000"  # 4-6-5 / 4-6-4 (Amex, Diners)
+    rb"|00s00s0000"  # SSN
+    rb"|00s000s0000)"  # 000-000-0000 phone
+    rb"|\(000\)s?000s0000"  # (000) 000-0000 phone
+    rb"|\+0(?:[s()]{0,2}0){6}"  # +international phone
 )
 # Literals at least one of which every _DIGIT_GATE match contains: `in` runs at GB/s,
 # the regex at about 120 MB/s, so the regex runs only around these.
-_DIGIT_LITERALS = (
-    b"0000000000000", b"0000 0000 0000", b"0000-0000-0000", b"0000 000000 0000", b"0000-000000-0000",
-    b"000-00-0000", b"000-000-0000", b"000.000.0000", b"000 000 0000", b"(000)", b"+0",
-)
-_RUN24 = re.compile(b"x" * GENERIC_MIN_LEN + b"x*")
+_DIGIT_LITERALS = (b"0000000000000", b"00s0000", b"(000)", b"+0")
 
 _EMAIL = re.compile(
     rb"(?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,63}"
@@ -97,8 +99,8 @@ _PHONE = re.compile(
 )
 _IBAN = re.compile(rb"(?<![A-Za-z0-9])[A-Z]{2}[0-9]{2}(?: ?[A-Z0-9]){11,30}(?![A-Za-z0-9])")
 
-# (literal gate, pattern, group to mask: 0 = whole match)
-_SECRETS: tuple[tuple[tuple[bytes, ...], re.Pattern[bytes], int], ...] = (
+# (literal gate, pattern, group to mask: 0 = whole match); these are looked for anywhere.
+_SECRETS_ANYWHERE: tuple[tuple[tuple[bytes, ...], re.Pattern[bytes], int], ...] = (
     (
         (b"-----BEGIN",),
         re.compile(
@@ -106,22 +108,23 @@ _SECRETS: tuple[tuple[tuple[bytes, ...], re.Pattern[bytes], int], ...] = (
         ),
         0,
     ),
-    ((b"AKIA", b"ASIA"), re.compile(rb"(?<![A-Z0-9])A(?:KIA|SIA)[A-Z0-9]{16}(?![A-Z0-9])"), 0),
     ((b"eyJ",), re.compile(rb"eyJ[A-Za-z0-9_-]{4,}\.eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*"), 0),
-    ((b"hoop_",), re.compile(rb"hoop_[A-Za-z0-9_-]{43,}"), 0),
     (
-        (b"Bearer", b"bearer", b"BEARER"),
+        (b"earer", b"EARER"),
         re.compile(rb"(?:Bearer|bearer|BEARER)[ \t]+([A-Za-z0-9._~+/=-]{8,})"),
         1,
     ),
-    (
-        (b"aws_secret", b"AWS_SECRET", b"secret_access_key", b"SecretAccessKey"),
-        re.compile(
-            rb"(?i:aws_?secret_?access_?key|secret_?access_?key)[\"']?[ \t]*[:=][ \t]*[\"']?"
-            rb"([A-Za-z0-9/+=]{40})(?![A-Za-z0-9/+=])"
-        ),
-        1,
-    ),
+)
+# Secrets that are themselves runs of 20+ token characters: looked for inside such runs only.
+_SECRETS_IN_RUNS: tuple[tuple[tuple[bytes, ...], re.Pattern[bytes], int], ...] = (
+    ((b"AKIA", b"ASIA"), re.compile(rb"(?<![A-Z0-9])A(?:KIA|SIA)[A-Z0-9]{16}(?![A-Z0-9])"), 0),
+    ((b"hoop_",), re.compile(rb"hoop_[A-Za-z0-9_-]{43,}"), 0),
+)
+# An AWS secret access key after its name; looked for when the buffer has a run of 40+.
+_AWS_LITERALS = (b"aws_secret", b"AWS_SECRET", b"secret_access_key", b"SecretAccessKey")
+_AWS_SECRET = re.compile(
+    rb"(?i:aws_?secret_?access_?key|secret_?access_?key)[\"']?[ \t]*[:=][ \t]*[\"']?"
+    rb"([A-Za-z0-9/+=]{40})(?![A-Za-z0-9/+=])"
 )
 _PEM_BEGIN = b"-----BEGIN"
 # might_contain needs only these literals: AWS key ids, AWS secret values and hoop grant
@@ -129,6 +132,7 @@ _PEM_BEGIN = b"-----BEGIN"
 _SECRET_LITERALS = (b"-----BEGIN", b"eyJ", b"earer", b"EARER")
 _SECRET_LITERALS_RE = re.compile(b"|".join(re.escape(lit) for lit in _SECRET_LITERALS))
 _RUN20 = re.compile(b"x" * 20)
+_X20 = b"x" * 20
 _SMALL = 1024  # below this, one regex call beats a loop of `in` checks
 
 
@@ -136,6 +140,8 @@ def _digit_windows(shape: bytes) -> list[tuple[int, int]]:
     """Merged windows of ``shape`` around the digit literals; the gate regex runs only there."""
     starts: list[int] = []
     for lit in _DIGIT_LITERALS:
+        if lit[0] != 0x30 and lit[:1] not in shape:  # "(" and "+": memchr first, they are rare
+            continue
         pos = shape.find(lit)
         while pos != -1:
             starts.append(pos)
@@ -155,6 +161,38 @@ def _digit_windows(shape: bytes) -> list[tuple[int, int]]:
 
 def _digit_shapes(shape: bytes) -> bool:
     return any(_DIGIT_GATE.search(shape, lo, hi) for lo, hi in _digit_windows(shape))
+
+
+def _runs(tok: bytes) -> list[tuple[int, int]]:
+    """Spans of the runs of 20+ ``x`` in a token shape (literal search: ``x{20,}`` is slow in ``re``)."""
+    out: list[tuple[int, int]] = []
+    pos = tok.find(_X20)
+    while pos != -1:
+        end = tok.find(b" ", pos + 20)
+        if end == -1:
+            end = len(tok)
+        out.append((pos, end))
+        pos = tok.find(_X20, end)
+    return out
+
+
+def _match_at_literal(data: bytes, lit: bytes, pattern: re.Pattern[bytes], group: int, hits: list[Hit]) -> None:
+    """Hits of ``pattern`` starting at (or up to 4 bytes before) each occurrence of ``lit``.
+
+    Matching only where the literal occurs: ``finditer`` over the whole buffer would try the
+    pattern at every position (a lookbehind or case-insensitive start defeats ``re``'s
+    literal-prefix search).
+    """
+    pos = data.find(lit)
+    while pos != -1:
+        nxt = pos + 1
+        for start in range(max(0, pos - 4), pos + 1):
+            m = pattern.match(data, start)
+            if m is not None:
+                hits.append((m.start(group), m.end(group), "secret"))
+                nxt = max(nxt, m.end())
+                break
+        pos = data.find(lit, nxt)
 
 
 def luhn_ok(digits: str) -> bool:
@@ -261,16 +299,30 @@ class Scanner:
 
     def _scan_secrets(self, data: bytes, hits: list[Hit]) -> None:
         tok = data.translate(_TOKEN_SHAPE)
-        has_run = _RUN20.search(tok) is not None
-        if not has_run and not any(lit in data for lit in _SECRET_LITERALS):
+        runs = _runs(tok)
+        for literals, pattern, group in _SECRETS_ANYWHERE:
+            for lit in literals:
+                _match_at_literal(data, lit, pattern, group, hits)
+        if not runs:
             return
-        for literals, pattern, group in _SECRETS:
-            if any(lit in data for lit in literals):
-                hits.extend((m.start(group), m.end(group), "secret") for m in pattern.finditer(data))
-        if has_run:
-            for m in _RUN24.finditer(tok):
-                if _generic_secret(data[m.start() : m.end()]):
-                    hits.append((m.start(), m.end(), "secret"))
+        # AWS key ids and hoop secrets are token runs of 20+: look for them only inside runs.
+        for lo, hi in runs:
+            run = data[lo:hi]
+            for literals, pattern, group in _SECRETS_IN_RUNS:
+                for lit in literals:
+                    pos = run.find(lit)
+                    while pos != -1:
+                        m = pattern.match(data, lo + pos)
+                        if m is not None:
+                            hits.append((m.start(group), m.end(group), "secret"))
+                            pos = run.find(lit, m.end() - lo)
+                        else:
+                            pos = run.find(lit, pos + 1)
+            if hi - lo >= GENERIC_MIN_LEN and _generic_secret(run):
+                hits.append((lo, hi, "secret"))
+        if any(hi - lo >= 40 for lo, hi in runs):  # an AWS secret value is a run of 40
+            for lit in _AWS_LITERALS:
+                _match_at_literal(data, lit, _AWS_SECRET, 1, hits)
 
     def _scan_email(self, data: bytes, hits: list[Hit]) -> None:
         n = len(data)
