@@ -210,6 +210,12 @@ class SlackNotifier:
     async def _on_GrantReminder(self, ev: GrantReminder) -> None:
         text, blocks = views.reminder(ev.grant, self.clock.now())
         await self._reply(ev.request, ev.grant.resources[0], text, blocks)
+        # and to the requester by DM, with the same Extend button
+        user_id = ev.request.requester_slack_id if ev.request is not None else None
+        if user_id is None:
+            user_id = await self.directory.user_id_for(ev.grant.identity)
+        if user_id is not None:
+            await self._dm(user_id, text, blocks)
 
     async def _on_GrantEnded(self, ev: GrantEnded) -> None:
         grant = ev.grant

@@ -83,6 +83,8 @@ async def test_reminder_extend_button_and_expiry(hoop: Hoop) -> None:
     assert (await Scheduler(hoop.service, hoop.clock).run_due()).reminded == [gid]
     reminder = [c for c in hoop.fake.of("chat.postMessage") if c.params.get("thread_ts") == ts][-1]
     assert "hoop_extend" in json.dumps(reminder.params["blocks"])
+    dm = [c for c in hoop.fake.of("chat.postMessage") if c.params["channel"] == "DUALICE"][-1]
+    assert "expires at" in dm.params["text"] and "hoop_extend" in json.dumps(dm.params["blocks"])
     await hoop.click("hoop_extend", gid, "UALICE", channel, ts)
     # extension needs re-approval: a new card in the same thread
     ext_card = [c for c in hoop.fake.of("chat.postMessage") if c.params.get("thread_ts") == ts][-1]
