@@ -32,8 +32,11 @@ fi
 stamp=.venv/.hoop-deps
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   echo "== installing hoop and its test dependencies into .venv"
-  .venv/bin/pip install -q --upgrade pip >/dev/null
-  .venv/bin/pip install -q -e '.[test]'
+  if ! { .venv/bin/pip install -q --upgrade pip && .venv/bin/pip install -q -e '.[test]'; } >.venv/pip.log 2>&1; then
+    cat .venv/pip.log
+    echo "installing the Python environment failed (log above)" >&2
+    exit 1
+  fi
   touch "$stamp"
 fi
 
