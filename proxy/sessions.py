@@ -7,9 +7,16 @@ end) calls every affected session's ``on_end`` at once; ``GrantExtended`` moves 
 
 Recording is crash-safe without a database round trip per statement: ``record()`` appends
 the (already masked) event as one JSON line to the session's spool file with a single
-``os.write`` (so a crash of hoop loses at most the event in flight), and keeps it in memory;
-a background task writes the batch to the store every ``flush_every`` seconds. At start,
-:meth:`SessionHub.recover` ingests spool files that a crash left behind.
+``os.write`` (so a crash of hoop loses at most the event in flight), and keeps the encoded
+line in memory as a compact tuple; a background task writes the batch to the store every
+``flush_every`` seconds. At start, :meth:`SessionHub.recover` ingests spool files that a
+crash left behind.
+
+Cost. ``record`` is on every proxy's per-statement path, so it does the least it can: one
+prebuilt JSON encoder call and one ``os.write``; no event object is built until the flush. On
+SQLite the flush hands the already-encoded JSON and the timestamp text straight to the driver
+in one ``executemany`` (the stored form is exactly what the ``session_events`` table types
+write and read back); other stores go through :meth:`Tx.add_events`.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ import json
 import logging
 import os
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +37,13 @@ from broker.metrics import Metrics
 from broker.model import Grant, GrantStatus, Session, SessionEvent, SessionStatus
 from broker.reviews import Reviews
 from broker.service import Service, new_id
+from broker.store import tables
+
+_ENCODE = json.JSONEncoder(separators=(",", ":"), default=str).encode
+_SQLITE_INSERT = (f"INSERT INTO {tables.session_events.name} (session_id, seq, at, kind, data) "
+                  "VALUES (?, ?, ?, ?, ?)")
+#: (seq, at, kind, data, data as JSON)
+_Pending = tuple[int, datetime, str, dict[str, Any], str]
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +66,7 @@ class LiveSession:
         self.end_reason: str | None = None
         self._on_end = on_end
         self._seq = 0
-        self._pending: list[SessionEvent] = []
+        self._pending: list[_Pending] = []
         self._timer: asyncio.TimerHandle | None = None
         self._spool_fd: int | None = None
         if hub.spool_dir is not None:
@@ -62,13 +76,13 @@ class LiveSession:
         """Append an event. ``data`` must already be masked; the recording is masked by construction."""
         if self.closed and kind != "close":
             return
-        self._seq += 1
+        self._seq = seq = self._seq + 1
         at = self.hub.clock.now()
+        encoded = _ENCODE(data)
         if self._spool_fd is not None:
-            line = json.dumps({"seq": self._seq, "at": at.isoformat(), "kind": kind, "data": data},
-                              separators=(",", ":"), default=str)
-            os.write(self._spool_fd, line.encode() + b"\n")
-        self._pending.append(SessionEvent(session_id=self.id, seq=self._seq, at=at, kind=kind, data=data))
+            line = f'{{"seq":{seq},"at":"{at.isoformat()}","kind":{_ENCODE(kind)},"data":{encoded}}}\n'
+            os.write(self._spool_fd, line.encode())
+        self._pending.append((seq, at, kind, data, encoded))
         self.hub._dirty.add(self)
 
     def arm(self) -> None:
@@ -169,14 +183,23 @@ class SessionHub:
                     s.arm()
 
     async def flush(self) -> None:
-        batch: list[SessionEvent] = []
+        batch: list[tuple[str, list[_Pending]]] = []
         for s in list(self._dirty):
-            batch.extend(s._pending)
-            s._pending = []
+            if s._pending:
+                batch.append((s.id, s._pending))
+                s._pending = []
         self._dirty.clear()
-        if batch:
-            async with self.service.store.tx() as tx:
-                await tx.add_events(batch)
+        if not batch:
+            return
+        async with self.service.store.tx() as tx:
+            if tx.conn.dialect.name == "sqlite":
+                # naive UTC text in SQLAlchemy's SQLite DATETIME storage format; JSON encoded once
+                rows = [(sid, seq, at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f"), kind, encoded)
+                        for sid, items in batch for seq, at, kind, _, encoded in items]
+                await tx.conn.exec_driver_sql(_SQLITE_INSERT, rows)
+            else:
+                await tx.add_events([SessionEvent(session_id=sid, seq=seq, at=at, kind=kind, data=data)
+                                     for sid, items in batch for seq, at, kind, data, _ in items])
 
     async def _flush_loop(self) -> None:
         while self._live or self._dirty:
