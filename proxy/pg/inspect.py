@@ -1,125 +1,65 @@
 """What the relay does with the messages it looks at: guard, track, mask, record.
 
-How this works. The client side (:meth:`Inspector.from_client`) and the server side
-(:meth:`Inspector.from_server`) each get a buffer and its frames from a
+How this works. The client side (:meth:`Inspector.from_client`, here) and the server side
+(:meth:`~proxy.pg.replies.Replies.from_server`) each get a buffer and its frames from a
 :class:`~proxy.pg.codec.Framer` and return the bytes to send on, as slices of unchanged runs
-joined once. They are linked by ``expect``, a queue of what the server will answer, in order:
-every forwarded Parse, Bind, Describe, Execute, Close, Sync and Query pushes an item that the
-matching server reply pops. That queue is how a DataRow is known to belong to portal ``p``
-(whose RowDescription came from an earlier Describe, or from the statement's), and how
-answers hoop makes itself (a refusal, its ReadyForQuery) are slotted in at the right place
-of a pipeline: an ``inject`` item is sent when it reaches the head of the queue.
+joined once. They are linked by ``expect`` (:mod:`proxy.pg.state`), a queue of what the
+server will answer, in order: every forwarded Parse, Bind, Describe, Execute, Close, Sync and
+Query pushes an item that the matching server reply pops. That queue is how a DataRow is
+known to belong to portal ``p`` (whose RowDescription came from an earlier Describe, or from
+the statement's), and how answers hoop makes itself (a refusal, its ReadyForQuery) are
+slotted in at the right place of a pipeline: an ``inject`` item is sent when it reaches the
+head of the queue.
 
 A statement the guard blocks never reaches the server: a Query gets ErrorResponse 42501 and
 ReadyForQuery; a Parse gets ErrorResponse and the rest of its batch is discarded up to Sync,
 as the server itself would. A statement under review stops the client side: the relay
 pauses reading and resumes at that very message once the reviewer has decided.
+
+On a read-only resource, hoop starts the upstream session with
+``default_transaction_read_only=on`` and refuses, besides every write, any SET or
+transaction statement (or ``set_config`` call) that names ``read write`` or a
+``*transaction_read_only`` setting: the client cannot switch the session back to writing.
 """
 
 from __future__ import annotations
 
-import time
-from collections import deque
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any
+import re
 
-from broker.config import PostgresResource
 from proxy.guard import Decision
-from proxy.mask import Masker
 from proxy.pg import codec
 from proxy.pg.messages import (
-    Backend,
-    Field,
     Frontend,
     MalformedMessage,
     decode_bind,
     decode_close,
-    decode_command_complete,
-    decode_copy_response,
     decode_describe,
     decode_execute,
-    decode_fields,
     decode_parse,
     decode_query,
-    decode_row_description,
 )
-from proxy.pg.rows import Catalog, Plan, formats_for, make_plan, mask_message_fields, mask_payload, mask_row, row_text
-from proxy.sqlguard import SqlGuard, is_write
+from proxy.pg.replies import Replies
+from proxy.pg.rows import formats_for
+from proxy.pg.state import Portal, Rec, Stmt, Suspend
+from proxy.sqlguard import Analysis, is_write
+
+__all__ = ["Inspector", "Portal", "Rec", "Stmt", "Suspend"]
 
 RAW = codec.RAW
 _F_PASS = frozenset({RAW, Frontend.COPY_DATA, Frontend.COPY_DONE, Frontend.COPY_FAIL, Frontend.FLUSH,
                      Frontend.TERMINATE})
-_B_PASS = frozenset({RAW, Backend.PARAMETER_STATUS, Backend.PARAMETER_DESCRIPTION, Backend.COPY_DONE,
-                     Backend.COPY_IN_RESPONSE, Backend.COPY_BOTH_RESPONSE, Backend.NEGOTIATE_PROTOCOL_VERSION,
-                     Backend.FUNCTION_CALL_RESPONSE})
-_SIMPLE_POPS = {Backend.PARSE_COMPLETE: "parse", Backend.BIND_COMPLETE: "bind", Backend.CLOSE_COMPLETE: "close"}
-
-Suspend = Callable[[], Awaitable[None]]
+_SESSION_TAGS = frozenset({"SET", "TRANSACTION"})
+_READ_WRITE = re.compile(r"read[\s_]*write|transaction_read_only", re.IGNORECASE)
 
 
-@dataclass(slots=True)
-class Stmt:
-    sql: str
-    text: str  # masked, for records and reviews
-    kinds: list[str]
-    fields: tuple[Field, ...] | None = None  # None: not described yet
+def writes_back(sql: str, analysis: Analysis) -> bool:
+    """Whether ``sql`` may switch a read-only session (or transaction) back to writing."""
+    return any(st.tag in _SESSION_TAGS or "set_config" in st.functions for st in analysis.statements) \
+        and _READ_WRITE.search(sql) is not None
 
 
-@dataclass(slots=True)
-class Portal:
-    stmt: Stmt
-    formats: tuple[int, ...]
-    plan: Plan | None = None
-    described: bool = False
-
-
-@dataclass(slots=True)
-class Rec:
-    """One statement being executed, recorded when its result is complete."""
-
-    text: str
-    kinds: list[str]
-    decision: str
-    rule: str | None
-    t0: float = field(default_factory=time.perf_counter)
-    rows: int = 0
-    error: str | None = None
-    columns: list[str] = field(default_factory=list)
-    sample: list[list[str | None]] = field(default_factory=list)
-
-
-class Inspector:
-    """Per-connection protocol state. ``write_client`` sends bytes hoop makes itself."""
-
-    def __init__(self, resource: PostgresResource, guard: SqlGuard | None, masker: Masker | None,
-                 catalog: Catalog | None, session: Any, write_client: Callable[[bytes], None],
-                 review: Callable[[Stmt, Decision], Awaitable[bool]]) -> None:
-        self.resource = resource
-        self.guard = guard
-        self.masker = masker if masker is not None and masker.enabled else None
-        self.detect = self.masker is not None and bool(self.masker.config.detectors)
-        self.catalog = catalog
-        self.session = session
-        self.stats: dict[str, int] = session.stats
-        self.write_client = write_client
-        self.review = review
-        self.read_only = resource.guardrails.read_only
-        self.sample_rows = self.masker.config.sample_rows if self.masker else resource.masking.sample_rows
-        self.statements: dict[str, Stmt] = {}
-        self.portals: dict[str, Portal] = {}
-        self.expect: deque[tuple[str, Any]] = deque()
-        self.discarding = False  # after a refused Parse, until Sync
-        self.batch_sent = False  # something of the current extended batch reached the server
-        self.approved: object = None  # the frame a reviewer allowed (held by reference)
-        self.status = "I"
-        self.plan: Plan | None = None  # of the result being streamed
-        self.rec: Rec | None = None
-        self.copy_binary = False
-        self.fatal: str | None = None  # a FATAL error the server sent
-        self.abort: str | None = None  # hoop must end the session (cannot mask safely)
-        self._plans: dict[tuple[bytes, tuple[int, ...]], Plan] = {}
-        self._texts: dict[str, tuple[str, list[str], Decision | None]] = {}
+class Inspector(Replies):
+    """Per-connection protocol state and the client -> server half; see the module docstring."""
 
     # ---- client -> server ---------------------------------------------------------------
 
@@ -134,7 +74,8 @@ class Inspector:
             analysis = self.guard.analyse(sql)
             decision = analysis.decision
             kinds = sorted({k for st in analysis.statements for k in st.kinds})
-            if self.read_only and not decision.blocked and is_write(analysis.statements):
+            if self.read_only and not decision.blocked and (is_write(analysis.statements)
+                                                             or writes_back(sql, analysis)):
                 decision = Decision("block", "read_only", "the resource is read-only", decision.subject)
         if len(self._texts) > 2048:
             self._texts.clear()
@@ -145,13 +86,6 @@ class Inspector:
         rule = decision.rule or "default"
         return codec.encode_error("42501", f'hoop: statement refused by rule "{rule}"',
                                   detail=decision.reason, hint="ask for review or a different grant")
-
-    def _inject(self, data: bytes | None) -> None:
-        """Send ``data`` (None: a ReadyForQuery with the current status) in pipeline order."""
-        if not self.expect:
-            self.write_client(data if data is not None else codec.encode_ready_for_query(self.status))
-        else:
-            self.expect.append(("inject", data))
 
     def _blocked(self, text: str, kinds: list[str], decision: Decision) -> None:
         self.stats["blocked"] += 1
@@ -294,268 +228,3 @@ class Inspector:
                 self.approved = None
 
         return out, i, wait
-
-    # ---- server -> client ---------------------------------------------------------------
-
-    def _plan_for(self, fields: tuple[Field, ...], formats: tuple[int, ...]) -> Plan | None:
-        if self.masker is None:
-            return None
-        key = (str(fields).encode(), formats)
-        plan = self._plans.get(key)
-        if plan is None:
-            tables = self.catalog.names if self.catalog is not None else {}
-            plan = make_plan(self.masker, fields, formats, tables)
-            if len(self._plans) < 4096:
-                self._plans[key] = plan
-        return plan
-
-    def _pop_to(self, kind: str) -> Any:
-        """Pop the head item (must be ``kind``); emit any injections that become due after it."""
-        got = None
-        while self.expect:
-            k, v = self.expect[0]
-            if k == "inject":
-                break
-            self.expect.popleft()
-            if k == kind:
-                got = v
-                break
-            if k == "execute":  # skipped after an error
-                self._finish(v[1])
-        self._head()
-        return got
-
-    def _head(self) -> None:
-        """Point ``rec``/``plan`` at the result the server sends next."""
-        if not self.expect:
-            self.rec, self.plan = None, None
-            return
-        k, v = self.expect[0]
-        if k == "execute":
-            self.rec = v[1]
-            self.plan = v[0].plan if v[0] is not None else None
-        elif k == "query":
-            if self.rec is not v:
-                self.rec, self.plan = v, None
-        else:
-            self.rec, self.plan = None, None
-
-    def _due(self, out: list[bytes]) -> None:
-        while self.expect and self.expect[0][0] == "inject":
-            data = self.expect.popleft()[1]
-            out.append(data if data is not None else codec.encode_ready_for_query(self.status))
-
-    def _finish(self, rec: Rec) -> None:
-        ms = round((time.perf_counter() - rec.t0) * 1000, 3)
-        self.stats["rows"] += rec.rows
-        self.session.record("statement", {"sql": rec.text, "kinds": rec.kinds, "decision": rec.decision,
-                                          "rule": rec.rule, "ms": ms, "rows": rec.rows, "error": rec.error})
-        if rec.sample:
-            self.session.record("rows", {"columns": rec.columns, "rows": rec.sample})
-
-    def _result_rec(self) -> Rec | None:
-        if not self.expect:
-            return None
-        k, v = self.expect[0]
-        if k == "query":
-            return v  # type: ignore[no-any-return]
-        if k == "execute":
-            return v[1]  # type: ignore[no-any-return]
-        return None
-
-    def from_server(self, buf: bytes, frames: list[codec.Frame], start: int) -> tuple[list[bytes], int, Suspend | None]:
-        out: list[bytes] = []
-        run = -1
-        mv = memoryview(buf)
-        masker = self.masker
-        i = start
-        n = len(frames)
-        while i < n:
-            t, s, e = frames[i]
-            if t == Backend.DATA_ROW:
-                if masker is None:
-                    if run < 0:
-                        run = s
-                    rec = self.rec
-                    if rec is not None:
-                        rec.rows += 1
-                        if len(rec.sample) < self.sample_rows:
-                            rec.sample.append(row_text(mv[s + 5 : e], self.plan))
-                    i += 1
-                    continue
-                j = i
-                plan = self.plan
-                if plan is None or not plan.masked:
-                    # a run of rows with no masked column: one prefilter over all of it
-                    while j < n and frames[j][0] == Backend.DATA_ROW:
-                        j += 1
-                    stop = frames[j - 1][2]
-                    if not self.detect or not masker.might_contain(mv[s:stop]):
-                        if run < 0:
-                            run = s
-                        self._count(mv, frames, i, j)
-                        i = j
-                        continue
-                if run >= 0:
-                    out.append(buf[run:s])
-                    run = -1
-                new = mask_row(masker, plan or _EMPTY, mv[s + 5 : e], self.detect)
-                row = new if new is not None else buf[s:e]
-                out.append(row)
-                rec = self.rec
-                if rec is not None:
-                    rec.rows += 1
-                    if len(rec.sample) < self.sample_rows:
-                        rec.sample.append(row_text(memoryview(row)[5:], plan))
-                i += 1
-                continue
-            if t in _B_PASS:
-                if run < 0:
-                    run = s
-                i += 1
-                continue
-            body = mv[s + 5 : e]
-            replace: bytes | None = None
-            drop = False
-            if t == Backend.ROW_DESCRIPTION:
-                fields = decode_row_description(body)
-                if masker is not None and self.catalog is not None:
-                    missing = self.catalog.missing(fields)
-                    if missing:
-                        if run >= 0:
-                            out.append(buf[run:s])
-                        return out, i, _resolver(self.catalog, missing)
-                drop = self._row_description(fields)
-            elif t == Backend.NO_DATA:
-                head: tuple[str, Any] = self.expect[0] if self.expect else ("", None)
-                if head[0] == "describe_s" and head[1] is not None:
-                    head[1].fields = ()
-                elif head[0] == "describe_p":
-                    drop = head[1][1]
-                if head[0] in ("describe_s", "describe_p"):
-                    self._pop_to(head[0])
-            elif t in (Backend.COMMAND_COMPLETE, Backend.EMPTY_QUERY_RESPONSE, Backend.PORTAL_SUSPENDED):
-                rec = self._result_rec()
-                if rec is not None and t == Backend.COMMAND_COMPLETE:
-                    cc = decode_command_complete(body)
-                    if cc.rows is not None and cc.command != "SELECT":
-                        rec.rows += cc.rows
-                if self.expect and self.expect[0][0] == "execute":
-                    self._pop_to("execute")
-                    if rec is not None:
-                        self._finish(rec)
-                else:
-                    self.plan = None  # the next statement of a Query starts with its own RowDescription
-            elif t == Backend.READY_FOR_QUERY:
-                self.status = chr(body[0]) if len(body) else "I"
-                head_kind = self.expect[0][0] if self.expect else ""
-                if head_kind == "query":
-                    rec = self._pop_to("query")
-                    self._finish(rec)
-                else:
-                    self._pop_to("sync")
-            elif t in (Backend.ERROR_RESPONSE, Backend.NOTICE_RESPONSE):
-                if masker is not None:
-                    replace = mask_message_fields(masker, t, body)
-                if t == Backend.ERROR_RESPONSE:
-                    fields_ = decode_fields(replace[5:] if replace else body)
-                    message = f"{fields_.get('C', '')} {fields_.get('M', '')}"
-                    rec = self._result_rec()
-                    if rec is not None:
-                        rec.error = message
-                    if fields_.get("S") in ("FATAL", "PANIC"):
-                        self.fatal = message
-                    # the server skips to Sync: everything queued before it is answered
-                    if self.expect and self.expect[0][0] != "query":
-                        while self.expect and self.expect[0][0] not in ("sync", "inject", "query"):
-                            k, v = self.expect.popleft()
-                            if k == "execute":
-                                v[1].error = v[1].error or message
-                                self._finish(v[1])
-                        self._head()
-            elif t == Backend.COPY_OUT_RESPONSE:
-                self.copy_binary = decode_copy_response(body).overall_format == 1
-                if self.copy_binary and masker is not None:
-                    self.abort = "binary COPY output cannot be masked"
-                    if run >= 0:
-                        out.append(buf[run:s])
-                    return out, n, None
-            elif t == Backend.COPY_DATA:
-                if masker is not None:
-                    replace = mask_payload(masker, t, body, 0)
-                rec = self._result_rec()
-                if rec is not None:
-                    rec.rows += 1
-            elif t == Backend.NOTIFICATION_RESPONSE:
-                if masker is not None:
-                    replace = mask_payload(masker, t, body, 4)
-            elif t in _SIMPLE_POPS:
-                self._pop_to(_SIMPLE_POPS[t])
-            elif t in (Backend.BACKEND_KEY_DATA, Backend.AUTHENTICATION):
-                raise MalformedMessage("unexpected start-up message from the server")
-            if replace is None and not drop:
-                if run < 0:
-                    run = s
-            else:
-                if run >= 0:
-                    out.append(buf[run:s])
-                    run = -1
-                if replace is not None:
-                    out.append(replace)
-            if self.expect and self.expect[0][0] == "inject":
-                if run >= 0:
-                    out.append(buf[run:e])
-                    run = -1
-                self._due(out)
-            i += 1
-        if run >= 0:
-            end = frames[-1][2]  # bytes after it are an incomplete message the framer keeps
-            out.append(buf if run == 0 and end == len(buf) else buf[run:end])
-        return out, n, None
-
-    def _count(self, mv: memoryview, frames: list[codec.Frame], i: int, j: int) -> None:
-        rec = self.rec
-        if rec is None:
-            return
-        rec.rows += j - i
-        k = i
-        while len(rec.sample) < self.sample_rows and k < j:
-            _, s, e = frames[k]
-            rec.sample.append(row_text(mv[s + 5 : e], self.plan))
-            k += 1
-
-    def _row_description(self, fields: tuple[Field, ...]) -> bool:
-        """Attach a RowDescription to its statement/portal/result; True to keep it from the client."""
-        kind: str = ""
-        value: Any = None
-        if self.expect:
-            kind, value = self.expect[0]
-        drop = False
-        if kind == "describe_s":
-            if value is not None:
-                value.fields = fields
-            self._pop_to("describe_s")
-            return False
-        if kind == "describe_p":
-            portal, hidden = value
-            if portal is not None:
-                portal.plan = self._plan_for(fields, tuple(f.format for f in fields))
-                if hidden or not portal.stmt.fields:
-                    portal.stmt.fields = fields
-            self._pop_to("describe_p")
-            return bool(hidden)
-        self.plan = self._plan_for(fields, tuple(f.format for f in fields))
-        rec = self.rec = self._result_rec()
-        if rec is not None:
-            rec.columns = [f.name for f in fields]
-        return drop
-
-
-_EMPTY = Plan((), (), (), (), False)
-
-
-def _resolver(catalog: Catalog, missing: list[int]) -> Suspend:
-    async def lookup() -> None:
-        await catalog.resolve(missing)
-
-    return lookup

@@ -12,11 +12,16 @@ plan has no masked column are first checked as ONE slice with the masker's bytes
 Binary cells of text-like types (text, varchar, name, json: their binary form is the UTF-8
 text) are masked like text cells, by column rules and detectors. Other binary cells of masked
 columns become NULL: a redacted int4 cannot keep its 4 bytes.
+
+When the table-name lookup fails, the table is kept as :data:`UNRESOLVED` and a column whose
+name matches the column part of any ``table.column`` rule is masked by that rule: an
+unknown table fails closed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -52,8 +57,27 @@ def formats_for(n: int, result_formats: Sequence[int]) -> tuple[int, ...]:
     return tuple(result_formats[:n]) + (0,) * max(0, n - len(result_formats))
 
 
+#: the name :class:`Catalog` keeps for a table whose lookup failed
+UNRESOLVED = "?"
+
+
+def _strategy(masker: Masker, f: Field, tables: dict[int, str]) -> Strategy | None:
+    table = tables.get(f.table_oid)
+    if table != UNRESOLVED:
+        return masker.column_strategy(f.name, table)
+    # fail closed: an unknown table may be the one a ``table.column`` rule names
+    found = masker.column_strategy(f.name)
+    if found is not None:
+        return found
+    name = f.name.lower()
+    for rule in masker.config.columns:
+        if "." in rule.match and fnmatch.fnmatchcase(name, rule.match.rsplit(".", 1)[1].lower()):
+            return rule.strategy
+    return None
+
+
 def make_plan(masker: Masker, fields: Sequence[Field], formats: Sequence[int], tables: dict[int, str]) -> Plan:
-    strategies = tuple(masker.column_strategy(f.name, tables.get(f.table_oid)) for f in fields)
+    strategies = tuple(_strategy(masker, f, tables) for f in fields)
     text = tuple(fmt == 0 for fmt in formats)
     binary_text = tuple(fmt != 0 and f.type_oid in TEXT_LIKE_OIDS for f, fmt in zip(fields, formats, strict=True))
     return Plan(tuple(f.name for f in fields), strategies, text, binary_text,
@@ -147,8 +171,10 @@ class Catalog:
                 return
             try:
                 found = await self._lookup(todo)
-            except Exception as exc:  # fail closed: an unresolved table matches only name rules
+            except Exception as exc:  # fail closed: see UNRESOLVED
                 log.warning("table name lookup failed: %s", type(exc).__name__)
-                found = {}
+                for oid in todo:
+                    self.names[oid] = UNRESOLVED
+                return
             for oid in todo:
                 self.names[oid] = found.get(oid, "")

@@ -1,0 +1,241 @@
+"""The server side of the inspector: track replies, mask what the client will see, record results.
+
+How this works. :meth:`Replies.from_server` walks the frames of one received chunk. Runs of
+messages it does not change are forwarded as one slice; a DataRow is rewritten only when its
+result has a masked column or the detectors' bytes prefilter finds something in a run of
+rows. A RowDescription is decoded once per distinct shape (cached by its raw bytes) and
+turned into a masking :class:`~proxy.pg.rows.Plan`. When a column's table must be named
+(``table.column`` rules) and the :class:`~proxy.pg.rows.Catalog` does not know it yet, the
+walk suspends at that message until the lookup is done.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from proxy.pg import codec
+from proxy.pg.messages import (
+    Backend,
+    Field,
+    MalformedMessage,
+    decode_command_complete,
+    decode_copy_response,
+    decode_fields,
+    decode_row_description,
+)
+from proxy.pg.rows import Catalog, Plan, mask_message_fields, mask_payload, mask_row, row_text
+from proxy.pg.state import State, Suspend
+
+RAW = codec.RAW
+_B_PASS = frozenset({RAW, Backend.PARAMETER_STATUS, Backend.PARAMETER_DESCRIPTION, Backend.COPY_DONE,
+                     Backend.COPY_IN_RESPONSE, Backend.COPY_BOTH_RESPONSE, Backend.NEGOTIATE_PROTOCOL_VERSION,
+                     Backend.FUNCTION_CALL_RESPONSE})
+_SIMPLE_POPS = {Backend.PARSE_COMPLETE: "parse", Backend.BIND_COMPLETE: "bind", Backend.CLOSE_COMPLETE: "close"}
+
+
+class Replies(State):
+    """Server -> client half of the inspector."""
+
+    def from_server(self, buf: bytes, frames: list[codec.Frame], start: int) -> tuple[list[bytes], int, Suspend | None]:
+        out: list[bytes] = []
+        run = -1
+        mv = memoryview(buf)
+        masker = self.masker
+        i = start
+        n = len(frames)
+        while i < n:
+            t, s, e = frames[i]
+            if t == Backend.DATA_ROW:
+                if masker is None:
+                    if run < 0:
+                        run = s
+                    rec = self.rec
+                    if rec is not None:
+                        rec.rows += 1
+                        if len(rec.sample) < self.sample_rows:
+                            rec.sample.append(row_text(mv[s + 5 : e], self.plan))
+                    i += 1
+                    continue
+                j = i
+                plan = self.plan
+                if plan is None or not plan.masked:
+                    # a run of rows with no masked column: one prefilter over all of it
+                    while j < n and frames[j][0] == Backend.DATA_ROW:
+                        j += 1
+                    stop = frames[j - 1][2]
+                    if not self.detect or not masker.might_contain(mv[s:stop]):
+                        if run < 0:
+                            run = s
+                        self._count(mv, frames, i, j)
+                        i = j
+                        continue
+                if run >= 0:
+                    out.append(buf[run:s])
+                    run = -1
+                new = mask_row(masker, plan or _EMPTY, mv[s + 5 : e], self.detect)
+                row = new if new is not None else buf[s:e]
+                out.append(row)
+                rec = self.rec
+                if rec is not None:
+                    rec.rows += 1
+                    if len(rec.sample) < self.sample_rows:
+                        rec.sample.append(row_text(memoryview(row)[5:], plan))
+                i += 1
+                continue
+            if t in _B_PASS:
+                if run < 0:
+                    run = s
+                i += 1
+                continue
+            body = mv[s + 5 : e]
+            replace: bytes | None = None
+            drop = False
+            if t == Backend.ROW_DESCRIPTION:
+                raw = buf[s + 5 : e]
+                fields = self._fields.get(raw)
+                if fields is None:
+                    fields = decode_row_description(raw)
+                    if len(self._fields) < 1024:
+                        self._fields[raw] = fields
+                if masker is not None and self.catalog is not None:
+                    missing = self.catalog.missing(fields)
+                    if missing:
+                        if run >= 0:
+                            out.append(buf[run:s])
+                        return out, i, _resolver(self.catalog, missing)
+                drop = self._row_description(fields)
+            elif t == Backend.NO_DATA:
+                head: tuple[str, Any] = self.expect[0] if self.expect else ("", None)
+                if head[0] == "describe_s" and head[1] is not None:
+                    head[1].fields = ()
+                elif head[0] == "describe_p":
+                    drop = head[1][1]
+                if head[0] in ("describe_s", "describe_p"):
+                    self._pop_to(head[0])
+            elif t in (Backend.COMMAND_COMPLETE, Backend.EMPTY_QUERY_RESPONSE, Backend.PORTAL_SUSPENDED):
+                rec = self._result_rec()
+                if rec is not None and t == Backend.COMMAND_COMPLETE and buf[s + 5 : s + 12] != b"SELECT ":
+                    cc = decode_command_complete(body)
+                    if cc.rows is not None and cc.command != "SELECT":
+                        rec.rows += cc.rows
+                if self.expect and self.expect[0][0] == "execute":
+                    self._pop_to("execute")
+                    if rec is not None:
+                        self._finish(rec)
+                else:
+                    self.plan = None  # the next statement of a Query starts with its own RowDescription
+            elif t == Backend.READY_FOR_QUERY:
+                self.status = chr(body[0]) if len(body) else "I"
+                head_kind = self.expect[0][0] if self.expect else ""
+                if head_kind == "query":
+                    rec = self._pop_to("query")
+                    self._finish(rec)
+                else:
+                    self._pop_to("sync")
+            elif t in (Backend.ERROR_RESPONSE, Backend.NOTICE_RESPONSE):
+                if masker is not None:
+                    replace = mask_message_fields(masker, t, body)
+                if t == Backend.ERROR_RESPONSE:
+                    fields_ = decode_fields(replace[5:] if replace else body)
+                    message = f"{fields_.get('C', '')} {fields_.get('M', '')}"
+                    rec = self._result_rec()
+                    if rec is not None:
+                        rec.error = message
+                    if fields_.get("S") in ("FATAL", "PANIC"):
+                        self.fatal = message
+                    # the server skips to Sync: everything queued before it is answered
+                    if self.expect and self.expect[0][0] != "query":
+                        while self.expect and self.expect[0][0] not in ("sync", "inject", "query"):
+                            k, v = self.expect.popleft()
+                            if k == "execute":
+                                v[1].error = v[1].error or message
+                                self._finish(v[1])
+                        self._head()
+            elif t == Backend.COPY_OUT_RESPONSE:
+                self.copy_binary = decode_copy_response(body).overall_format == 1
+                if self.copy_binary and masker is not None:
+                    self.abort = "binary COPY output cannot be masked"
+                    if run >= 0:
+                        out.append(buf[run:s])
+                    return out, n, None
+            elif t == Backend.COPY_DATA:
+                if masker is not None:
+                    replace = mask_payload(masker, t, body, 0)
+                rec = self._result_rec()
+                if rec is not None:
+                    rec.rows += 1
+            elif t == Backend.NOTIFICATION_RESPONSE:
+                if masker is not None:
+                    replace = mask_payload(masker, t, body, 4)
+            elif t in _SIMPLE_POPS:
+                self._pop_to(_SIMPLE_POPS[t])
+            elif t in (Backend.BACKEND_KEY_DATA, Backend.AUTHENTICATION):
+                raise MalformedMessage("unexpected start-up message from the server")
+            if replace is None and not drop:
+                if run < 0:
+                    run = s
+            else:
+                if run >= 0:
+                    out.append(buf[run:s])
+                    run = -1
+                if replace is not None:
+                    out.append(replace)
+            if self.expect and self.expect[0][0] == "inject":
+                if run >= 0:
+                    out.append(buf[run:e])
+                    run = -1
+                self._due(out)
+            i += 1
+        if run >= 0:
+            end = frames[-1][2]  # bytes after it are an incomplete message the framer keeps
+            out.append(buf if run == 0 and end == len(buf) else buf[run:end])
+        return out, n, None
+
+    def _count(self, mv: memoryview, frames: list[codec.Frame], i: int, j: int) -> None:
+        rec = self.rec
+        if rec is None:
+            return
+        rec.rows += j - i
+        k = i
+        while len(rec.sample) < self.sample_rows and k < j:
+            _, s, e = frames[k]
+            rec.sample.append(row_text(mv[s + 5 : e], self.plan))
+            k += 1
+
+    def _row_description(self, fields: tuple[Field, ...]) -> bool:
+        """Attach a RowDescription to its statement/portal/result; True to keep it from the client."""
+        kind: str = ""
+        value: Any = None
+        if self.expect:
+            kind, value = self.expect[0]
+        drop = False
+        if kind == "describe_s":
+            if value is not None:
+                value.fields = fields
+            self._pop_to("describe_s")
+            return False
+        if kind == "describe_p":
+            portal, hidden = value
+            if portal is not None:
+                portal.plan = self._plan_for(fields)
+                if hidden or not portal.stmt.fields:
+                    portal.stmt.fields = fields
+            self._pop_to("describe_p")
+            return bool(hidden)
+        self.plan = self._plan_for(fields)
+        rec = self.rec = self._result_rec()
+        if rec is not None:
+            rec.columns = [f.name for f in fields]
+        return drop
+
+
+
+_EMPTY = Plan((), (), (), (), False)
+
+
+def _resolver(catalog: Catalog, missing: list[int]) -> Suspend:
+    async def lookup() -> None:
+        await catalog.resolve(missing)
+
+    return lookup
+

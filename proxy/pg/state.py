@@ -1,0 +1,170 @@
+"""Per-connection protocol state shared by both directions of :class:`~proxy.pg.inspect.Inspector`.
+
+How this works. ``expect`` is the queue of what the server will answer, in order: every
+forwarded Parse, Bind, Describe, Execute, Close, Sync and Query pushes an item that the
+matching server reply pops (see :mod:`proxy.pg.inspect` for the client side and
+:mod:`proxy.pg.replies` for the server side). ``rec``/``plan`` point at the result being
+streamed, so a DataRow costs no lookup.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from broker.config import PostgresResource
+from proxy.guard import Decision
+from proxy.mask import Masker
+from proxy.pg import codec
+from proxy.pg.messages import Field
+from proxy.pg.rows import Catalog, Plan, make_plan
+from proxy.sqlguard import SqlGuard
+
+Suspend = Callable[[], Awaitable[None]]
+_perf = time.perf_counter
+
+
+@dataclass(slots=True)
+class Stmt:
+    sql: str
+    text: str  # masked, for records and reviews
+    kinds: list[str]
+    fields: tuple[Field, ...] | None = None  # None: not described yet
+
+
+@dataclass(slots=True)
+class Portal:
+    stmt: Stmt
+    formats: tuple[int, ...]
+    plan: Plan | None = None
+    described: bool = False
+
+
+@dataclass(slots=True)
+class Rec:
+    """One statement being executed, recorded when its result is complete."""
+
+    text: str
+    kinds: list[str]
+    decision: str
+    rule: str | None
+    t0: float = field(default_factory=_perf)
+    rows: int = 0
+    error: str | None = None
+    columns: list[str] = field(default_factory=list)
+    sample: list[list[str | None]] = field(default_factory=list)
+
+
+
+class State:
+    """Per-connection protocol state. ``write_client`` sends bytes hoop makes itself."""
+
+    def __init__(self, resource: PostgresResource, guard: SqlGuard | None, masker: Masker | None,
+                 catalog: Catalog | None, session: Any, write_client: Callable[[bytes], None],
+                 review: Callable[[Stmt, Decision], Awaitable[bool]]) -> None:
+        self.resource = resource
+        self.guard = guard
+        self.masker = masker if masker is not None and masker.enabled else None
+        self.detect = self.masker is not None and bool(self.masker.config.detectors)
+        self.catalog = catalog
+        self.session = session
+        self.stats: dict[str, int] = session.stats
+        self.write_client = write_client
+        self.review = review
+        self.read_only = resource.guardrails.read_only
+        self.sample_rows = self.masker.config.sample_rows if self.masker else resource.masking.sample_rows
+        self.statements: dict[str, Stmt] = {}
+        self.portals: dict[str, Portal] = {}
+        self.expect: deque[tuple[str, Any]] = deque()
+        self.discarding = False  # after a refused Parse, until Sync
+        self.batch_sent = False  # something of the current extended batch reached the server
+        self.approved: object = None  # the frame a reviewer allowed (held by reference)
+        self.status = "I"
+        self.plan: Plan | None = None  # of the result being streamed
+        self.rec: Rec | None = None
+        self.copy_binary = False
+        self.fatal: str | None = None  # a FATAL error the server sent
+        self.abort: str | None = None  # hoop must end the session (cannot mask safely)
+        self._plans: dict[tuple[tuple[Field, ...], tuple[int, ...]], Plan] = {}
+        self._texts: dict[str, tuple[str, list[str], Decision | None]] = {}
+        self._fields: dict[bytes, tuple[Field, ...]] = {}  # raw RowDescription body -> fields
+        self._record = session.record
+
+    def _inject(self, data: bytes | None) -> None:
+        """Send ``data`` (None: a ReadyForQuery with the current status) in pipeline order."""
+        if not self.expect:
+            self.write_client(data if data is not None else codec.encode_ready_for_query(self.status))
+        else:
+            self.expect.append(("inject", data))
+
+    def _plan_for(self, fields: tuple[Field, ...], formats: tuple[int, ...] | None = None) -> Plan | None:
+        """The masking plan of a result shape (``formats`` None: each field's own format)."""
+        if self.masker is None:
+            return None
+        if formats is None:
+            formats = tuple([f.format for f in fields])
+        key = (fields, formats)
+        plan = self._plans.get(key)
+        if plan is None:
+            tables = self.catalog.names if self.catalog is not None else {}
+            plan = make_plan(self.masker, fields, formats, tables)
+            if len(self._plans) < 4096:
+                self._plans[key] = plan
+        return plan
+
+    def _pop_to(self, kind: str) -> Any:
+        """Pop the head item (must be ``kind``); emit any injections that become due after it."""
+        got = None
+        while self.expect:
+            k, v = self.expect[0]
+            if k == "inject":
+                break
+            self.expect.popleft()
+            if k == kind:
+                got = v
+                break
+            if k == "execute":  # skipped after an error
+                self._finish(v[1])
+        self._head()
+        return got
+
+    def _head(self) -> None:
+        """Point ``rec``/``plan`` at the result the server sends next."""
+        if not self.expect:
+            self.rec, self.plan = None, None
+            return
+        k, v = self.expect[0]
+        if k == "execute":
+            self.rec = v[1]
+            self.plan = v[0].plan if v[0] is not None else None
+        elif k == "query":
+            if self.rec is not v:
+                self.rec, self.plan = v, None
+        else:
+            self.rec, self.plan = None, None
+
+    def _due(self, out: list[bytes]) -> None:
+        while self.expect and self.expect[0][0] == "inject":
+            data = self.expect.popleft()[1]
+            out.append(data if data is not None else codec.encode_ready_for_query(self.status))
+
+    def _finish(self, rec: Rec) -> None:
+        ms = round((time.perf_counter() - rec.t0) * 1000, 3)
+        self.stats["rows"] += rec.rows
+        self.session.record("statement", {"sql": rec.text, "kinds": rec.kinds, "decision": rec.decision,
+                                          "rule": rec.rule, "ms": ms, "rows": rec.rows, "error": rec.error})
+        if rec.sample:
+            self.session.record("rows", {"columns": rec.columns, "rows": rec.sample})
+
+    def _result_rec(self) -> Rec | None:
+        if not self.expect:
+            return None
+        k, v = self.expect[0]
+        if k == "query":
+            return v  # type: ignore[no-any-return]
+        if k == "execute":
+            return v[1]  # type: ignore[no-any-return]
+        return None
