@@ -112,3 +112,35 @@ async def test_notice_and_error_fields_are_masked(hoop: Hoop) -> None:
         await conn.close()
     assert notices and "bob@example.org" not in notices[0] and "[email]" in notices[0]
     assert got == ["to [email]"]
+
+
+async def test_read_only_refuses_switching_back_to_writes(pg: PgCluster, pgdb: str, tmp_path: Path) -> None:
+    async with running_hoop(pg, pgdb, tmp_path, guardrails={"read_only": True}) as h:
+        for sql in ("SET default_transaction_read_only = off", "SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE",
+                    "BEGIN READ WRITE", "START TRANSACTION ISOLATION LEVEL SERIALIZABLE, READ WRITE",
+                    "SET transaction_read_only TO false", "SELECT set_config('default_transaction_read_only', 'off', false)",
+                    "INSERT INTO users (id) VALUES (999)"):
+            out = await h.psql("-c", sql)
+            assert out.returncode != 0 and "refused" in out.stderr, (sql, out.stderr)
+        out = await h.psql("-c", "BEGIN READ ONLY", "-c", "SELECT count(*) FROM users", "-c", "COMMIT")
+        assert out.returncode == 0 and "50" in out.stdout, out.stderr
+
+
+async def test_failed_table_lookup_masks_qualified_columns() -> None:
+    from broker.config import Masking
+    from proxy.mask import Masker
+    from proxy.pg.messages import Field
+    from proxy.pg.rows import Catalog, make_plan
+
+    async def broken(oids: object) -> dict[int, str]:
+        raise OSError("database unreachable")
+
+    masker = Masker(Masking(columns=[{"match": "users.note", "strategy": "redact"}]), b"k" * 32)  # type: ignore[list-item]
+    catalog = Catalog(broken)
+    fields = (Field("note", table_oid=4242), Field("id", table_oid=4242))
+    await catalog.resolve(catalog.missing(fields))
+    plan = make_plan(masker, fields, (0, 0), catalog.names)
+    assert plan.strategies == ("redact", None) and plan.masked
+    # a table that resolved to another name is not masked by the users.note rule
+    plan = make_plan(masker, fields, (0, 0), {4242: "public.orders"})
+    assert plan.strategies == (None, None)
