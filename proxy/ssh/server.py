@@ -151,7 +151,7 @@ class _Connection(asyncssh.SSHServer):
         return True
 
     def get_kbdint_challenge(self, username: str, lang: str, submethods: str) -> tuple[str, str, str, list[Any]]:
-        return "hoop", "Enter the secret of your hoop grant.", "", [("Secret: ", False)]
+        return "hoop", "Password: the secret of your hoop grant.", "", [("Password: ", False)]
 
     async def validate_kbdint_response(self, username: str, responses: Sequence[str]) -> bool:
         return len(responses) == 1 and await self._login(username, responses[0])

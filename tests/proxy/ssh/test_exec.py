@@ -95,3 +95,13 @@ async def test_sessions_are_recorded_and_closed(env: Env) -> None:
             break
         await asyncio.sleep(0.05)
     assert sessions[0].status is SessionStatus.CLOSED and sessions[0].grant_id == grant.id
+
+
+async def test_keyboard_interactive_login_with_openssh(env: Env) -> None:
+    grant, secret = await env.grant()
+    argv = [a if a != "password,keyboard-interactive" else "keyboard-interactive" for a in env.ssh_argv(grant.login)]
+    proc = await asyncio.create_subprocess_exec(*argv, "echo kbd-ok", stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL,
+                                                env={**__import__("os").environ, "SSHPASS": secret})
+    out, _ = await asyncio.wait_for(proc.communicate(), 30)
+    assert (proc.returncode, out) == (0, b"kbd-ok\n")
