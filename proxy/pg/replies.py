@@ -23,7 +23,16 @@ from proxy.pg.messages import (
     decode_fields,
     decode_row_description,
 )
-from proxy.pg.rows import Catalog, Plan, mask_message_fields, mask_payload, mask_row, row_text
+from proxy.pg.rows import (
+    Catalog,
+    Plan,
+    cells_text,
+    mask_message_fields,
+    mask_payload,
+    mask_row,
+    rewrite_rows,
+    row_text,
+)
 from proxy.pg.state import State, Suspend
 
 RAW = codec.RAW
@@ -46,41 +55,53 @@ class Replies(State):
         while i < n:
             t, s, e = frames[i]
             if t == Backend.DATA_ROW:
+                j = i + 1
+                while j < n and frames[j][0] == Backend.DATA_ROW:
+                    j += 1
                 if masker is None:
                     if run < 0:
                         run = s
+                    self._count(mv, frames, i, j)
+                    i = j
+                    continue
+                plan = self.plan
+                if plan is not None and plan.masked:
+                    # every row changes: rewrite the whole run at once
+                    if run >= 0:
+                        out.append(buf[run:s])
+                        run = -1
+                    blob, rows = rewrite_rows(masker, plan, buf, frames, i, j, self.detect)
+                    out.append(blob)
                     rec = self.rec
                     if rec is not None:
-                        rec.rows += 1
-                        if len(rec.sample) < self.sample_rows:
-                            rec.sample.append(row_text(mv[s + 5 : e], self.plan))
-                    i += 1
+                        rec.rows += j - i
+                        room = self.sample_rows - len(rec.sample)
+                        if room > 0:
+                            rec.sample.extend(cells_text(cells, plan) for cells in rows[:room])
+                    i = j
                     continue
-                j = i
-                plan = self.plan
-                if plan is None or not plan.masked:
-                    # a run of rows with no masked column: one prefilter over all of it
-                    while j < n and frames[j][0] == Backend.DATA_ROW:
-                        j += 1
-                    stop = frames[j - 1][2]
-                    if not self.detect or not masker.might_contain(mv[s:stop]):
-                        if run < 0:
-                            run = s
-                        self._count(mv, frames, i, j)
-                        i = j
-                        continue
+                # a run of rows with no masked column: one prefilter over all of it
+                stop = frames[j - 1][2]
+                if not self.detect or not masker.might_contain(mv[s:stop]):
+                    if run < 0:
+                        run = s
+                    self._count(mv, frames, i, j)
+                    i = j
+                    continue
                 if run >= 0:
                     out.append(buf[run:s])
                     run = -1
-                new = mask_row(masker, plan or _EMPTY, mv[s + 5 : e], self.detect)
-                row = new if new is not None else buf[s:e]
-                out.append(row)
                 rec = self.rec
-                if rec is not None:
-                    rec.rows += 1
-                    if len(rec.sample) < self.sample_rows:
-                        rec.sample.append(row_text(memoryview(row)[5:], plan))
-                i += 1
+                for r in range(i, j):
+                    _, s, e = frames[r]
+                    new = mask_row(masker, plan or _EMPTY, mv[s + 5 : e], self.detect)
+                    row = new if new is not None else buf[s:e]
+                    out.append(row)
+                    if rec is not None:
+                        rec.rows += 1
+                        if len(rec.sample) < self.sample_rows:
+                            rec.sample.append(row_text(memoryview(row)[5:], plan))
+                i = j
                 continue
             if t in _B_PASS:
                 if run < 0:

@@ -23,13 +23,14 @@ from __future__ import annotations
 import asyncio
 import fnmatch
 import logging
+import struct
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from broker.config import Strategy
 from proxy.mask import Masker
 from proxy.pg import codec
-from proxy.pg.messages import Buf, Field, decode_data_row, decode_fields
+from proxy.pg.messages import Buf, Field, MalformedMessage, decode_data_row, decode_fields
 
 log = logging.getLogger(__name__)
 
@@ -178,3 +179,97 @@ class Catalog:
                 return
             for oid in todo:
                 self.names[oid] = found.get(oid, "")
+
+
+_I16 = struct.Struct("!h").unpack_from
+_I32 = struct.Struct("!i").unpack_from
+_ROW_HEAD = struct.Struct("!Bih").pack
+_LEN = struct.Struct("!i").pack
+_NULL = _LEN(-1)
+
+
+def rewrite_rows(masker: Masker, plan: Plan, buf: bytes, frames: Sequence[codec.Frame], i: int, j: int,
+                 detect: bool) -> tuple[bytes, list[list[bytes | None]]]:
+    """DataRows ``frames[i:j]`` of a result with a masked column, rewritten as ONE bytes blob.
+
+    Same result as :func:`mask_row` per row, fused for speed: cells are read straight from
+    ``buf``, the detectors' prefilter runs once over all unmasked readable cells of the run,
+    and the rows are joined once. Also returns the masked cells (for samples).
+    """
+    strategies = plan.strategies
+    width = len(strategies)
+    readable = tuple(a or b for a, b in zip(plan.text, plan.binary_text, strict=True))
+    rows: list[list[bytes | None]] = []
+    for k in range(i, j):
+        _, s, e = frames[k]
+        pos = s + 7
+        try:
+            (n,) = _I16(buf, s + 5)
+            cells: list[bytes | None] = []
+            for _ in range(n):
+                (size,) = _I32(buf, pos)
+                pos += 4
+                if size < 0:
+                    cells.append(None)
+                else:
+                    cells.append(buf[pos : pos + size])
+                    pos += size
+        except struct.error:
+            raise MalformedMessage("malformed DataRow") from None
+        if pos != e or n != width:
+            raise MalformedMessage("malformed DataRow (cells do not match the RowDescription)")
+        rows.append(cells)
+    apply = masker.apply_bytes
+    for c, strategy in enumerate(strategies):
+        if strategy is None:
+            continue
+        if readable[c]:
+            for cells in rows:
+                cell = cells[c]
+                if cell is not None:
+                    cells[c] = apply(cell, strategy)
+        else:
+            for cells in rows:
+                cells[c] = None
+    plain = [c for c in range(width) if strategies[c] is None and readable[c]]
+    if detect and plain and masker.might_contain(
+            b"\0".join(cell for cells in rows for c in plain if (cell := cells[c]) is not None)):
+        scan = masker.mask_bytes
+        for cells in rows:
+            for c in plain:
+                cell = cells[c]
+                if cell is not None:
+                    found = scan(cell)
+                    if found is not None:
+                        cells[c] = found
+    parts: list[bytes] = []
+    append = parts.append
+    for cells in rows:
+        head = len(parts)
+        append(b"")
+        size = 6
+        for cell in cells:
+            if cell is None:
+                append(_NULL)
+                size += 4
+            else:
+                append(_LEN(len(cell)))
+                append(cell)
+                size += 4 + len(cell)
+        parts[head] = _ROW_HEAD(0x44, size, width)
+    return b"".join(parts), rows
+
+
+def cells_text(cells: Sequence[bytes | None], plan: Plan) -> list[str | None]:
+    """Masked cells as text for the recording, like :func:`row_text`."""
+    out: list[str | None] = []
+    text = plan.text
+    for i, cell in enumerate(cells):
+        if cell is None:
+            out.append(None)
+        elif not text[i]:
+            out.append("<binary>")
+        else:
+            value = cell.decode("utf-8", "replace")
+            out.append(value if len(value) <= 200 else value[:200] + "…")
+    return out
