@@ -25,6 +25,7 @@ from broker.config import HoopConfig, Settings, load_config, load_settings
 from broker.errors import ConfigError, HoopError, InvalidInput
 from broker.model import GrantStatus, Identity, RequestStatus
 from broker.runtime import Runtime, build_runtime, serve_forever
+from proxy.ssh.replay import replay_command
 
 T = TypeVar("T")
 app = typer.Typer(name="hoop", help="hoop: a ChatOps access broker.", no_args_is_help=True,
@@ -218,6 +219,35 @@ def grants(status: Annotated[str | None, typer.Option(help="active|expired|revok
 
 
 @app.command()
+def sessions(resource: Annotated[str | None, typer.Option(help="only this resource")] = None,
+             live: Annotated[bool, typer.Option("--live", help="only open sessions")] = False,
+             as_json: JsonOpt = False, config: ConfigOpt = None) -> None:
+    """List proxy sessions (newest first) with who, from where, and why they closed."""
+    from broker.model import SessionStatus
+
+    async def go(rt: Runtime) -> list[dict[str, Any]]:
+        async with rt.store.tx() as tx:
+            rows = await tx.list_sessions(status=SessionStatus.OPEN if live else None, resource=resource)
+        return [{"id": s.id, "resource": s.resource, "protocol": s.protocol, "chain": list(s.chain),
+                 "client": s.client_addr, "status": s.status.value, "opened_at": s.opened_at.isoformat(),
+                 "closed_at": s.closed_at.isoformat() if s.closed_at else None, "close_reason": s.close_reason,
+                 "grant_id": s.grant_id} for s in rows]
+
+    rows = _run(lambda: _with_runtime(config, go))
+    if as_json:
+        sys.stdout.write(json.dumps(rows) + "\n")
+        return
+    from rich.table import Table
+
+    table = Table("id", "resource", "protocol", "chain", "client", "status", "opened", "closed because",
+                  title="sessions")
+    for r in rows:
+        table.add_row(r["id"], r["resource"], r["protocol"], " → ".join(r["chain"]), r["client"], r["status"],
+                      r["opened_at"], r["close_reason"] or "")
+    out.print(table)
+
+
+@app.command()
 def transcript(session: Annotated[str, typer.Argument(help="session id")], config: ConfigOpt = None) -> None:
     """Print a session's masked transcript (capped at transcripts.max_bytes; the cut is stated)."""
     from broker.recap import session_transcript
@@ -265,6 +295,7 @@ def audit_export(fmt: Annotated[str, typer.Option("--format", help="jsonl")] = "
 
 
 register_api_commands(app)  # request and status through the API; the local revoke above also takes --api
+app.command("replay")(replay_command)
 
 
 def main() -> None:

@@ -180,7 +180,8 @@ async def serve_forever(config: HoopConfig, settings: Settings, say: Callable[[s
             proxies.append(("PostgreSQL", PgProxy(config, gate, hub, rt.clock, environ, credentials=creds,
                                                   hash_key=masking_key), config.listen.postgres))
         if "ssh" in kinds:
-            proxies.append(("SSH", SshProxy(config, gate, hub, rt.clock, environ, config.state_dir),
+            proxies.append(("SSH", SshProxy(config, gate, hub, rt.clock, environ, config.state_dir,
+                                            hash_key=masking_key),
                             config.listen.ssh))
         if "http" in kinds:
             proxies.append(("HTTP", HttpProxy(config, gate, hub, rt.clock, environ, hash_key=masking_key),

@@ -51,7 +51,7 @@ class SshProxy:
     """The SSH proxy. ``start`` binds (port 0 picks one) and returns the port; ``stop`` ends all."""
 
     def __init__(self, config: HoopConfig, gate: AccessGate, hub: Hub, clock: Clock, environ: Mapping[str, str],
-                 state_dir: Path) -> None:
+                 state_dir: Path, *, hash_key: bytes | None = None) -> None:
         self.config = config
         self.gate = gate
         self.hub = hub
@@ -59,7 +59,7 @@ class SshProxy:
         self.environ = environ
         self.state_dir = state_dir
         self.resources = {r.name: r for r in config.resources if isinstance(r, SshResource)}
-        key = config.masking_key.resolve(environ).encode() if config.masking_key else os.urandom(32)
+        key = hash_key or (config.masking_key.resolve(environ).encode() if config.masking_key else os.urandom(32))
         self._maskers = {name: Masker(r.masking, key) for name, r in self.resources.items()}
         self._guards = {name: ShellGuard(r.guardrails) for name, r in self.resources.items()}
         self._ids = itertools.count(1)

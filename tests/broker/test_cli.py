@@ -120,3 +120,39 @@ def test_serve_answers_healthz_and_stops_on_sigterm(home: tuple[Path, dict[str, 
     assert proc.returncode == 0, err
     assert "Slack disabled" in out and "ready" in out and "stopped" in out
     assert "Traceback" not in err
+
+
+def test_sessions_transcript_and_replay(home: tuple[Path, dict[str, str]]) -> None:
+    import asyncio
+    from datetime import UTC, datetime, timedelta
+
+    from broker.model import Session, SessionEvent, SessionStatus
+    from broker.store import Store
+
+    cwd, env = home
+    assert run(["db", "upgrade"], env, cwd).returncode == 0
+    t0 = datetime(2030, 1, 1, 12, tzinfo=UTC)
+
+    async def seed() -> None:
+        store = Store.from_url(env["HOOP_DATABASE_URL"])
+        async with store.tx() as tx:
+            await tx.insert_session(Session(id="s1", grant_id="g1", resource="web-1", protocol="ssh", login="a.b",
+                                            chain=("alice@example.com",), client_addr="10.0.0.9:2200",
+                                            status=SessionStatus.CLOSED, opened_at=t0,
+                                            closed_at=t0 + timedelta(seconds=5), close_reason="access expired"))
+            await tx.add_events([
+                SessionEvent("s1", 1, t0, "command", {"command": "cat app.env", "decision": "allow", "channel": 0}),
+                SessionEvent("s1", 2, t0, "output", {"t": 0.1, "data": "KEY=[secret]\r\n", "channel": 0}),
+                SessionEvent("s1", 3, t0, "output", {"t": 0.2, "data": "done\r\n", "channel": 0})])
+        await store.close()
+
+    asyncio.run(seed())
+    listed = json.loads(run(["sessions", "--json"], env, cwd).stdout)
+    assert listed[0]["id"] == "s1" and listed[0]["close_reason"] == "access expired"
+    shown = run(["transcript", "s1"], env, cwd)
+    assert shown.returncode == 0 and "$ cat app.env" in shown.stdout and "KEY=[secret]" in shown.stdout
+    assert "1 session(s)" in shown.stderr
+    played = run(["replay", "s1", "--speed", "50"], env, cwd)
+    assert played.returncode == 0 and played.stdout == "KEY=[secret]\ndone\n"  # text mode folds \r\n
+    missing = run(["transcript", "nope"], env, cwd)
+    assert missing.returncode == 1 and "no session 'nope'" in missing.stderr and "Traceback" not in missing.stderr
