@@ -327,10 +327,14 @@ class Scanner:
     def _scan_email(self, data: bytes, hits: list[Hit]) -> None:
         n = len(data)
         pos = data.find(b"@")
+        done = 0  # end of the last hit: an earlier email in the window must not hide this one
         while pos != -1:
             nxt = pos + 1
-            m = _EMAIL.search(data, max(0, pos - 65), min(n, pos + 256))
+            m = _EMAIL.search(data, max(done, pos - 65), min(n, pos + 256))
+            while m is not None and m.end() <= pos:
+                m = _EMAIL.search(data, m.end(), min(n, pos + 256))
             if m is not None and m.end() > pos:
+                done = m.end()
                 hits.append((m.start(), m.end(), "email"))
                 nxt = max(nxt, m.end())
             pos = data.find(b"@", nxt)

@@ -17,6 +17,12 @@ What is masked:
 * a string longer than ``max_string`` bytes (1 MiB by default) is not held: it is
   replaced whole by ``"[masked]"``.
 
+Speed. Most bytes never reach the per-token Python loop: runs of members that no key rule
+applies to are consumed by one regex, and a container whole in the chunk is validated and
+skipped by the C JSON decoder (:mod:`proxy.jsonfast`) when it holds no ruled key and no
+detector hit (the chunk is scanned once). Only what may change takes the exact path, which
+gives the same bytes (``fast=False`` forces it; a test compares both).
+
 Invalid JSON never raises. At the first byte that cannot be JSON (or past ``max_depth``
 nesting), the rest of the stream, including any unsent part of the current token, goes
 through a :class:`proxy.mask.StreamMasker`, i.e. text detector masking, and
@@ -28,8 +34,11 @@ from __future__ import annotations
 
 import json
 import re
+from bisect import bisect_right
 
 from broker.config import Strategy
+from proxy.detectors import Hit
+from proxy.jsonfast import STRINGS, Fast, fast_patterns, has_ruled_key, reject_constant
 from proxy.mask import RULE_MARKER, Masker, StreamMasker
 
 _WS = re.compile(rb"[ \t\r\n]*")
@@ -54,7 +63,7 @@ class _Invalid(Exception):
 class JsonStreamMasker:
     """Rewrites a JSON byte stream, masking values as they pass. See the module docstring."""
 
-    def __init__(self, masker: Masker, *, max_string: int = 1 << 20, max_depth: int = 512) -> None:
+    def __init__(self, masker: Masker, *, max_string: int = 1 << 20, max_depth: int = 512, fast: bool = True) -> None:
         self._m = masker
         self._max_string = max_string
         self._max_depth = max_depth
@@ -68,6 +77,12 @@ class JsonStreamMasker:
         self._bs_odd = False  # the string so far ends in an odd run of backslashes
         self._overflow = False
         self._text: StreamMasker | None = None
+        globs = tuple(r.match for r in masker.config.json_keys)
+        self._fast = fast_patterns(globs, max_string) if masker.enabled and fast else None
+        self._ruled = self._fast[2] if self._fast is not None else None
+        self._hits: list[Hit] | None = None  # detector hits of the current chunk (None: not computed)
+        self._hit_ends: list[int] = []
+        self._decoder = json.JSONDecoder(parse_constant=reject_constant)
 
     @property
     def fallback(self) -> bool:
@@ -113,8 +128,21 @@ class JsonStreamMasker:
         i = emit = 0  # chunk[emit:i] is forwarded as is, not yet appended to out
         tok = 0  # where the current string/scalar starts in this chunk (when not crossed)
         clean: bool | None = None  # no detector can fire anywhere in this chunk
+        self._hits = None
+        fast = self._fast
+        text: str | None = None  # the chunk as str, when it is ASCII ("" otherwise)
         try:
             while i < n:
+                if fast is not None and self._state == _STRUCT and self._stack:
+                    end = self._skip(fast, chunk, i)
+                    if end > i:
+                        if clean is None:
+                            clean = not self._m.might_contain(chunk)
+                        if not clean:
+                            emit = self._detect_run(chunk, i, end, out, emit)
+                        i = end
+                        if i == n:
+                            break
                 if self._state == _STRING:
                     q = self._closing_quote(chunk, i)
                     if q == -1:
@@ -131,7 +159,7 @@ class JsonStreamMasker:
                     else:
                         if clean is None:
                             clean = not self._m.might_contain(chunk)
-                        new = self._string_done(chunk[i:q], clean=clean)
+                        new = self._string_done(chunk[i:q], clean=clean or not self._hit_in(chunk, i, q))
                         if new is not None:
                             out.append(chunk[emit:tok])
                             out.append(new)
@@ -174,6 +202,13 @@ class JsonStreamMasker:
                 elif c in (_LBRACE, _LBRACKET):
                     strategy = self._strategy()
                     self._open_value(is_key=False)
+                    if strategy is None and fast is not None and self._stack:
+                        if text is None:
+                            text = chunk.decode("ascii") if chunk.isascii() else ""
+                        end = self._skip_container(chunk, text, i) if text else -1
+                        if end != -1:
+                            i = end
+                            continue
                     if len(self._stack) >= self._max_depth:
                         raise _Invalid
                     self._stack.append((c == _LBRACE, strategy))
@@ -202,6 +237,94 @@ class JsonStreamMasker:
             return self._fall_back(chunk, out, emit)
         out.append(chunk[emit:])
         return b"".join(out)
+
+    def _skip(self, fast: Fast, chunk: bytes, i: int) -> int:
+        """Consume a run of members that no key rule applies to (validated by the regex, in C).
+
+        Returns the end of the run (``i`` when there is none) and updates the state as the
+        exact path would have: after ``member,`` a key (or value) is expected; after the
+        closing bracket the container is popped.
+        """
+        is_object, strategy = self._stack[-1]
+        if len(self._stack) >= self._max_depth - 1:
+            return i
+        if is_object:
+            if self._expect not in (_KEY, _KEY_OR_END):
+                return i
+            m = fast[0].match(chunk, i)
+        else:
+            if strategy is not None or self._expect not in (_VALUE, _VALUE_OR_END):
+                return i
+            m = fast[1].match(chunk, i)
+        if m is None:
+            return i
+        end = m.end()
+        if is_object and m.group("open") is not None:  # a key (no rule) whose value is a container
+            self._key_strategy = None
+            self._expect = _VALUE
+            return end
+        if m.group("close") is not None:
+            self._stack.pop()
+            self._expect = _AFTER
+        elif chunk.rfind(b",", i, end) != -1:
+            self._expect = _KEY if is_object else _VALUE
+        else:
+            return i  # only whitespace: let the exact path take the next token
+        return end
+
+    def _skip_container(self, chunk: bytes, text: str, i: int) -> int:
+        """End of the container starting at ``i`` when it is whole in this chunk and needs no
+        change (no key rule inside, no detector hit); -1 otherwise (the exact path takes it).
+
+        The C JSON decoder validates it and finds its end; its keys are checked against the
+        rules on the decoded value, its raw bytes against the detectors.
+        """
+        try:
+            value, end = self._decoder.raw_decode(text, i)
+        except (ValueError, RecursionError):
+            return -1
+        raw = chunk[i:end]
+        if b"\\" in raw:
+            # escapes could hide a value from a scan of the raw bytes: only the coarse check,
+            # and the keys are checked decoded
+            if b"\\u" in raw or self._m.might_contain(raw):
+                return -1
+            if self._ruled is not None and has_ruled_key(value, self._m.json_key_strategy):
+                return -1
+            return end
+        if self._hit_in(chunk, i, end):
+            return -1
+        if self._ruled is not None and self._ruled.search(chunk, i, end):
+            return -1  # without escapes every quote delimits a string: this finds exactly the ruled keys
+        return end
+
+    def _hit_in(self, chunk: bytes, start: int, end: int) -> bool:
+        """True when a detector hit of the chunk (scanned once) overlaps ``chunk[start:end]``."""
+        if self._hits is None:
+            self._hits = self._m.scan(chunk)
+            self._hit_ends = [h[1] for h in self._hits]
+        k = bisect_right(self._hit_ends, start)
+        return k < len(self._hits) and self._hits[k][0] < end
+
+    def _detect_run(self, chunk: bytes, start: int, end: int, out: list[bytes], emit: int) -> int:
+        """Mask detector hits in the strings of a run (every quote in a run delimits a string)."""
+        if not self._hit_in(chunk, start, end):
+            return emit
+        assert self._hits is not None
+        hits, k = self._hits, bisect_right(self._hit_ends, start)
+        for m in STRINGS.finditer(chunk, start, end):
+            a, b = m.span()
+            k = bisect_right(self._hit_ends, a, k)
+            if k == len(hits) or hits[k][0] >= end:
+                break
+            if hits[k][0] >= b:
+                continue
+            masked = self._m.mask_bytes(chunk[a + 1 : b - 1])
+            if masked is not None:
+                out.append(chunk[emit:a])
+                out.append(b'"' + masked + b'"')
+                emit = b
+        return emit
 
     def _open_value(self, *, is_key: bool) -> None:
         """Check a value (or key) may start here and move the expectation past it."""

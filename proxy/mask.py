@@ -78,6 +78,7 @@ class Masker:
         self._json_keys = _compile_rules(config.json_keys)
         self._hashes: dict[bytes, bytes] = {}
         self._column_cache: dict[tuple[str, str | None], Strategy | None] = {}
+        self._key_cache: dict[str, Strategy | None] = {}
 
     # -- free text ---------------------------------------------------------------------
 
@@ -231,12 +232,21 @@ class Masker:
 
     def json_key_strategy(self, key: str) -> Strategy | None:
         """Strategy of the first ``json_keys`` rule whose glob matches ``key`` (case-insensitive)."""
-        if not self.enabled:
+        if not self.enabled or not self._json_keys:
             return None
+        try:
+            return self._key_cache[key]
+        except KeyError:
+            pass
+        found: Strategy | None = None
         for pattern, strategy in self._json_keys:
             if pattern.match(key):
-                return strategy
-        return None
+                found = strategy
+                break
+        if len(self._key_cache) >= 4096:
+            self._key_cache.clear()
+        self._key_cache[key] = found
+        return found
 
     def stream(self) -> StreamMasker:
         """A new :class:`StreamMasker` over this masker."""

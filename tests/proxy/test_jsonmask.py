@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from typing import Any
 
 import pytest
@@ -151,3 +152,31 @@ def test_disabled_passes_through() -> None:
     m = Masker(Masking(enabled=False), b"k")
     src = b'{"password": "p", "e": "bob@x.com"}'
     assert run([src], m)[0] == src
+
+
+def _random_doc(rng: random.Random, depth: int = 0) -> Any:
+    values: list[Any] = ["alice@example.com", "4111 1111 1111 1111", "plain", 'x"y', "AKIAIOSFODNN7EXAMPLE", "Zoë",
+                         "mail bob\u0040x.org", "", "+1 650-253-0000", "a\\b", 1, -2.5, True, None, 4111111111111111]
+    keys = ["a", "email", "password", "db_password", "card", "ids", "Card", 'k"ey', "ünï", "x@y.com", "PASSWORD"]
+    t = rng.random()
+    if depth > 4 or t < 0.4:
+        return rng.choice(values)
+    if t < 0.7:
+        return {rng.choice(keys): _random_doc(rng, depth + 1) for _ in range(rng.randint(0, 5))}
+    return [_random_doc(rng, depth + 1) for _ in range(rng.randint(0, 5))]
+
+
+def test_fast_path_gives_the_same_bytes_as_the_exact_path() -> None:
+    """The C-backed skipping (flat runs, whole containers) changes speed, never output."""
+    for seed in range(300):
+        rng = random.Random(seed)
+        doc = {"items": [_random_doc(rng) for _ in range(rng.randint(1, 6))]}
+        data = json.dumps(doc, ensure_ascii=rng.random() < 0.5, indent=rng.choice([None, 1])).encode()
+        cuts = sorted(rng.sample(range(1, len(data)), min(len(data) - 1, rng.randint(0, 6))))
+        outs = []
+        for fast in (True, False):
+            j = JsonStreamMasker(MASKER, fast=fast, max_string=40)
+            parts = [j.feed(data[a:b]) for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
+            outs.append(b"".join(parts) + j.flush())
+        assert outs[0] == outs[1], data
+        json.loads(outs[0])

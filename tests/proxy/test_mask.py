@@ -65,6 +65,7 @@ DETECTOR_CASES: list[tuple[Detector, str, str]] = [
     ("secret", f"grant {GRANT}!", "grant [secret]!"),
     ("secret", "hoop_short", "hoop_short"),
     ("secret", "AUTH BEARER abcdef123456xyz", "AUTH BEARER [secret]"),
+    ("email", "a@b.com c@d.com, x@y.org", "[email] [email], [email]"),
     ("secret", "x=AKIAIOSFODNN7EXAMPLE_more and AKIAIOSFODNN7EXAMPLE", "x=[secret]_more and [secret]"),
     ("secret", '"SecretAccessKey": "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"', '"SecretAccessKey": "[secret]"'),
     ("secret", "AWS_SECRET_ACCESS_KEY=wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", "AWS_SECRET_ACCESS_KEY=[secret]"),
