@@ -226,6 +226,11 @@ def _report(results: dict[str, Any]) -> None:
         print(f"{k + ' cpu µs/q':<28}" + "".join(cells))
     for k in ("masked_500k", "nothing_to_mask_500k"):
         print(f"{k + ' wall s':<28}" + "".join(f"{c[k]['wall_s']:>18}" for c in configs.values()))
+        print(f"{k + ' x direct':<28}" + "".join(f"{c[k]['wall_s'] / direct[k]['wall_s']:>18.2f}"
+                                                for c in configs.values()))
+    for k in keys:
+        print(f"{k + ' x pgbouncer':<28}" + "".join(f"{c[k]['tps'] / bouncer[k]['tps']:>18.2f}"
+                                                   for c in configs.values()))
     summary = {}
     for name in ("hoop-no-rules", "hoop-everything"):
         c = configs[name]
