@@ -133,7 +133,9 @@ class JsonStreamMasker:
         text: str | None = None  # the chunk as str, when it is ASCII ("" otherwise)
         try:
             while i < n:
-                if fast is not None and self._state == _STRUCT and self._stack:
+                if (fast is not None and self._state == _STRUCT and self._stack
+                        and (self._expect in (_KEY, _KEY_OR_END) if self._stack[-1][0]
+                             else self._expect in (_VALUE, _VALUE_OR_END) and self._stack[-1][1] is None)):
                     end = self._skip(fast, chunk, i)
                     if end > i:
                         if clean is None:
