@@ -179,7 +179,8 @@ async def open_transport(resource: PostgresResource) -> tuple[asyncio.Transport,
         if answer == ord("S"):
             new = await loop.start_tls(transport, reader, ctx, server_hostname=host)
             assert new is not None
-            return new, reader, ctx
+            reader.transport = cast(asyncio.Transport, new)  # writes must now go through TLS
+            return reader.transport, reader, ctx
     except (OSError, ssl.SSLError, ConnectionResetError) as exc:
         transport.close()
         raise UpstreamError(f"TLS with {resource.name} failed: {type(exc).__name__}") from None

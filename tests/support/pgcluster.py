@@ -47,6 +47,7 @@ class PgCluster:
     bindir: Path
     runas: str | None
     pid: int | None = None
+    options: str = ""
 
     host = "127.0.0.1"
 
@@ -85,7 +86,7 @@ class PgCluster:
                                  "-o", f"-p {self.port} -c listen_addresses=127.0.0.1 "
                                        f"-c unix_socket_directories={sockdir} -c max_connections=400 "
                                        "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
-                                       "-c shared_buffers=128MB",
+                                       f"-c shared_buffers=128MB {self.options}",
                                  "start"), check=True, capture_output=True, timeout=90)
         self.pid = int((self.datadir / "postmaster.pid").read_text().split()[0])
 
@@ -101,8 +102,10 @@ class PgCluster:
 
 
 @contextlib.contextmanager
-def pg_cluster(*, hba_extra: str = "") -> Iterator[PgCluster]:
-    """Start a cluster that requires scram-sha-256 over TCP; stop it (by PID) on exit."""
+def pg_cluster(*, hba_extra: str = "", tls: tuple[Path, Path] | None = None) -> Iterator[PgCluster]:
+    """Start a cluster that requires scram-sha-256 over TCP; stop it (by PID) on exit.
+
+    ``tls=(cert, key)`` turns on TLS with that pair (``hba_extra`` can then refuse plain TCP)."""
     bindir = pg_bindir()
     runas = None
     if os.geteuid() == 0:
@@ -129,8 +132,17 @@ def pg_cluster(*, hba_extra: str = "") -> Iterator[PgCluster]:
         if hba_extra:
             hba = datadir / "pg_hba.conf"
             hba.write_text(hba_extra + "\n" + hba.read_text())
+        options = ""
+        if tls is not None:
+            for src, name in ((tls[0], "server.crt"), (tls[1], "server.key")):
+                dst = datadir / name
+                shutil.copyfile(src, dst)
+                dst.chmod(0o600)
+                if runas:
+                    shutil.chown(dst, runas)
+            options = "-c ssl=on -c ssl_cert_file=server.crt -c ssl_key_file=server.key"
         cluster = PgCluster(datadir=datadir, port=free_port(), user="postgres", password=password,
-                            bindir=bindir, runas=runas)
+                            bindir=bindir, runas=runas, options=options)
         deadline = time.monotonic() + 30
         while True:
             try:
