@@ -179,7 +179,7 @@ async def open_transport(resource: PostgresResource) -> tuple[asyncio.Transport,
         if answer == ord("S"):
             new = await loop.start_tls(transport, reader, ctx, server_hostname=host)
             assert new is not None
-            reader.transport = cast(asyncio.Transport, new)  # writes must now go through TLS
+            reader.transport = new  # writes must now go through TLS
             return reader.transport, reader, ctx
     except (OSError, ssl.SSLError, ConnectionResetError) as exc:
         transport.close()
