@@ -321,7 +321,15 @@ class JsonStreamMasker:
                 break
             if hits[k][0] >= b:
                 continue
-            masked = self._m.mask_bytes(chunk[a + 1 : b - 1])
+            inside = []
+            for h in hits[k:]:
+                if h[0] >= b:
+                    break
+                inside.append((h[0] - a - 1, h[1] - a - 1, h[2]))
+            if inside[0][0] >= 0 and inside[-1][1] <= b - a - 2:  # the chunk's hits, no rescan
+                masked: bytes | None = self._m.replace(chunk[a + 1 : b - 1], inside, self._m.strategy)
+            else:
+                masked = self._m.mask_bytes(chunk[a + 1 : b - 1])
             if masked is not None:
                 out.append(chunk[emit:a])
                 out.append(b'"' + masked + b'"')
