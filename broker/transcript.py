@@ -46,6 +46,14 @@ class Counts:
     errors: int = 0
 
 
+def _sample_lines(rows: object) -> list[str]:
+    """The first few (masked) sample rows of a statement's result, one line each."""
+    if not isinstance(rows, list):
+        return []
+    return [f"         | {' | '.join('NULL' if c is None else str(c) for c in row)}"
+            for row in rows[:5] if isinstance(row, list)]
+
+
 def _session_lines(session: Session, events: Sequence[SessionEvent], counts: Counts) -> list[str]:
     chain = " → ".join(session.chain)
     end = session.closed_at or (events[-1].at if events else session.opened_at)
@@ -70,9 +78,11 @@ def _session_lines(session: Session, events: Sequence[SessionEvent], counts: Cou
             rule = f" [rule {d['rule']}]" if d.get("rule") else ""
             err = f" ERROR {d['error']}" if d.get("error") else ""
             lines.append(f"{t} {tag}{d.get('sql', '')}{rule} {' · '.join(x for x in extra if x)}{err}".rstrip())
-        elif e.kind == "rows":
-            for row in (d.get("rows") or [])[:5]:
-                lines.append(f"         | {' | '.join('NULL' if c is None else str(c) for c in row)}")
+            sample = d.get("rows_sample")
+            if isinstance(sample, dict):
+                lines.extend(_sample_lines(sample.get("rows")))
+        elif e.kind == "rows":  # recordings made before the sample moved into "statement"
+            lines.extend(_sample_lines(d.get("rows")))
         elif e.kind == "command":
             counts.statements += 1
             if d.get("decision") == "block":

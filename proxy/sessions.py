@@ -5,15 +5,18 @@ hub stores the session row, announces it, and arms a timer at the grant's absolu
 It is also a broker ``Notifier``: a ``GrantEnded`` event (expiry, revocation, or a parent's
 end) calls every affected session's ``on_end`` at once; ``GrantExtended`` moves the timer.
 
-Recording is crash-safe without a database round trip per statement: ``record()`` appends
-the (already masked) event as one JSON line to the session's spool file with a single
-``os.write`` (so a crash of hoop loses at most the event in flight), and keeps the encoded
-line in memory as a compact tuple; a background task writes the batch to the store every
-``flush_every`` seconds. At start, :meth:`SessionHub.recover` ingests spool files that a
-crash left behind.
+Recording is crash-safe without a database round trip per statement. ``record()`` only
+appends a compact tuple (session, seq, time, kind, data) to the hub's list for the current
+event-loop iteration; the first record of an iteration schedules :meth:`SessionHub._write_tick`
+with ``loop.call_soon``, which JSON-encodes the iteration's events and appends them to each
+session's spool file with ONE ``os.write`` per session. A crash of hoop therefore loses at
+most the events recorded in the loop iteration that was running (the statements in flight),
+and a torn last line, which :meth:`SessionHub.recover` skips. The encoded lines are kept in
+memory; a background task writes the batch to the store every ``flush_every`` seconds. At
+start, :meth:`SessionHub.recover` ingests spool files that a crash left behind.
 
-Cost. ``record`` is on every proxy's per-statement path, so it does the least it can: one
-prebuilt JSON encoder call and one ``os.write``; no event object is built until the flush. On
+Cost. ``record`` is on every proxy's per-statement path, so it does the least it can: a
+clock read and a list append; encoding happens once per event in the iteration's write. On
 SQLite the flush hands the already-encoded JSON and the timestamp text straight to the driver
 in one ``executemany`` (the stored form is exactly what the ``session_events`` table types
 write and read back); other stores go through :meth:`Tx.add_events`.
@@ -77,13 +80,16 @@ class LiveSession:
         if self.closed and kind != "close":
             return
         self._seq = seq = self._seq + 1
-        at = self.hub.clock.now()
-        encoded = _ENCODE(data)
-        if self._spool_fd is not None:
-            line = f'{{"seq":{seq},"at":"{at.isoformat()}","kind":{_ENCODE(kind)},"data":{encoded}}}\n'
-            os.write(self._spool_fd, line.encode())
-        self._pending.append((seq, at, kind, data, encoded))
-        self.hub._dirty.add(self)
+        hub = self.hub
+        tick = hub._tick
+        if not tick:
+            loop = hub._loop
+            if loop is None or loop.is_closed():
+                tick.append((self, seq, hub.clock.now(), kind, data))
+                hub._write_tick()
+                return
+            loop.call_soon(hub._write_tick)
+        tick.append((self, seq, hub.clock.now(), kind, data))
 
     def arm(self) -> None:
         """(Re)arm the local deadline timer: the proxy enforces expiry even if no event arrives."""
@@ -146,6 +152,9 @@ class SessionHub:
         self._live: dict[str, LiveSession] = {}
         self._dirty: set[LiveSession] = set()
         self._flusher: asyncio.Task[None] | None = None
+        #: events recorded in the current loop iteration, spooled by :meth:`_write_tick`
+        self._tick: list[tuple[LiveSession, int, datetime, str, dict[str, Any]]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def open(self, grant: Grant, resource: str, protocol: str, client_addr: str,
                    on_end: Callable[[str], None]) -> LiveSession:
@@ -155,6 +164,7 @@ class SessionHub:
         async with self.service.store.tx() as tx:
             await tx.insert_session(row)
             request = await self.service.request_for(tx, grant)
+        self._loop = asyncio.get_running_loop()
         live = LiveSession(self, row, grant, on_end)
         self._live[live.id] = live
         live.record("open", {"login": grant.login, "chain": list(grant.chain), "client": client_addr,
@@ -182,7 +192,32 @@ class SessionHub:
                     s.grant = event.grant
                     s.arm()
 
+    def _write_tick(self) -> None:
+        """Encode this iteration's events; one ``os.write`` per session spool; queue them for the store."""
+        tick, self._tick = self._tick, []
+        if not tick:
+            return
+        lines: dict[LiveSession, list[str]] = {}
+        dirty = self._dirty
+        for s, seq, at, kind, data in tick:
+            encoded = _ENCODE(data)
+            s._pending.append((seq, at, kind, data, encoded))
+            if s._spool_fd is not None:
+                line = f'{{"seq":{seq},"at":"{at.isoformat()}","kind":{_ENCODE(kind)},"data":{encoded}}}\n'
+                got = lines.get(s)
+                if got is None:
+                    lines[s] = [line]
+                    dirty.add(s)
+                else:
+                    got.append(line)
+            else:
+                dirty.add(s)
+        for s, chunk in lines.items():
+            if s._spool_fd is not None:
+                os.write(s._spool_fd, "".join(chunk).encode())
+
     async def flush(self) -> None:
+        self._write_tick()
         batch: list[tuple[str, list[_Pending]]] = []
         for s in list(self._dirty):
             if s._pending:

@@ -13,6 +13,10 @@ decodes (with :mod:`proxy.pg.messages`) only the few it cares about. An incomple
 kept as a tail and completed by later chunks; chunks are joined only when enough bytes for
 the pending message are held, so a large DataRow costs O(size), not O(size²).
 
+With ``coalesce_rows`` (the server side of the relay), a run of consecutive DataRows is ONE
+frame ``(rows_frame(n), start, end)``: its type is ``-1 - n`` (so ``<= -2``), and the
+lengths of the run were walked in one tight loop without a tuple per row.
+
 Messages whose type is in ``Framer.stream_types`` (e.g. CopyData, or DataRow when no column
 needs masking) need not be buffered whole: once such a message is known to be incomplete
 and no whole frame came out of the same ``feed``, its bytes are passed on as frames of type
@@ -204,14 +208,21 @@ def encode_cancel_request(pid: int, key: bytes) -> bytes:
 # ---- framing -------------------------------------------------------------------------
 
 
-def split(buf: Buf, pos: int, max_length: int, out: list[Frame]) -> tuple[int, int]:
+def rows_frame(count: int) -> int:
+    """The frame type of a run of ``count`` DataRows (see :class:`Framer` ``coalesce_rows``)."""
+    return -1 - count
+
+
+def split(buf: Buf, pos: int, max_length: int, out: list[Frame], coalesce_rows: bool = False) -> tuple[int, int]:
     """Append the complete messages of ``buf[pos:]`` to ``out`` as ``(type, start, end)``.
 
     Returns ``(consumed, need)``: the offset of the first byte not consumed, and how many
     bytes the message starting there occupies once whole (5 while its header is incomplete).
+    With ``coalesce_rows``, consecutive DataRows become ONE frame of type ``rows_frame(n)``.
     """
     end = len(buf)
     unpack = HEADER.unpack_from
+    length_at = I32.unpack_from
     append = out.append
     while end - pos >= HEADER_SIZE:
         msg_type, length = unpack(buf, pos)
@@ -220,6 +231,21 @@ def split(buf: Buf, pos: int, max_length: int, out: list[Frame]) -> tuple[int, i
         stop = pos + 1 + length
         if stop > end:
             return pos, 1 + length
+        if msg_type == 0x44 and coalesce_rows:  # DataRow: walk the run's lengths, one frame
+            start = pos
+            count = 1
+            pos = stop
+            while end - pos >= HEADER_SIZE and buf[pos] == 0x44:
+                (length,) = length_at(buf, pos + 1)
+                if length < 4 or length > max_length:
+                    raise MessageTooLong(f"invalid message length {length} for type 'D'")
+                stop = pos + 1 + length
+                if stop > end:
+                    break
+                count += 1
+                pos = stop
+            append((-1 - count, start, pos))
+            continue
         append((msg_type, pos, stop))
         pos = stop
     return pos, HEADER_SIZE
@@ -232,7 +258,7 @@ class Framer:
     attributes: the glue may change them between feeds (e.g. 64 KiB during authentication).
     """
 
-    __slots__ = ("_held", "_need", "_skip", "_tail", "max_length", "stream_threshold", "stream_types")
+    __slots__ = ("_held", "_need", "_skip", "_tail", "coalesce_rows", "max_length", "stream_threshold", "stream_types")
 
     def __init__(
         self,
@@ -240,8 +266,10 @@ class Framer:
         *,
         stream_types: frozenset[int] = frozenset(),
         stream_threshold: int = STREAM_THRESHOLD,
+        coalesce_rows: bool = False,
     ) -> None:
         self.max_length = max_length
+        self.coalesce_rows = coalesce_rows
         self.stream_types = stream_types
         self.stream_threshold = stream_threshold
         self._tail: list[bytes] = []
@@ -273,7 +301,7 @@ class Framer:
             self._tail, self._held = [], 0
         else:
             buf = data
-        consumed, need = split(buf, pos, self.max_length, frames)
+        consumed, need = split(buf, pos, self.max_length, frames, self.coalesce_rows)
         rest = len(buf) - consumed
         if rest:
             # Stream only when no whole message came out of this feed: the glue may change

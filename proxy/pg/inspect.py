@@ -150,7 +150,7 @@ class Inspector(Replies):
                     stmt = Stmt("", "", [])  # the server will refuse: unknown statement
                 portal = Portal(stmt, tuple(b.result_formats))
                 if stmt.fields is not None:
-                    portal.plan = self._plan_for(stmt.fields, formats_for(len(stmt.fields), b.result_formats))
+                    portal.plan = self._plan_for(stmt.fields, formats_for(len(stmt.fields.fields), b.result_formats))
                     portal.described = True
                 self.portals[b.portal] = portal
                 self.expect.append(("bind", None))

@@ -76,7 +76,7 @@ class Relay:
         self.on_closed = on_closed
         self.c_framer = codec.Framer(codec.CLIENT_MAX_MESSAGE, stream_types=frozenset({Frontend.COPY_DATA}))
         stream = frozenset({Backend.DATA_ROW, Backend.COPY_DATA}) if stream_rows else frozenset()
-        self.s_framer = codec.Framer(codec.SERVER_MAX_MESSAGE, stream_types=stream)
+        self.s_framer = codec.Framer(codec.SERVER_MAX_MESSAGE, stream_types=stream, coalesce_rows=True)
         self._paused: dict[str, set[str]] = {"client": set(), "server": set()}
         self._held: dict[str, list[bytes] | None] = {"client": None, "server": None}
         self._tasks: set[asyncio.Task[None]] = set()

@@ -16,24 +16,22 @@ from typing import Any
 from proxy.pg import codec
 from proxy.pg.messages import (
     Backend,
-    Field,
     MalformedMessage,
     decode_command_complete,
     decode_copy_response,
     decode_fields,
-    decode_row_description,
 )
 from proxy.pg.rows import (
     Catalog,
     Plan,
-    cells_text,
     mask_message_fields,
     mask_payload,
     mask_row,
-    rewrite_rows,
-    row_text,
+    rewrite_run,
+    row_spans,
+    run_sample,
 )
-from proxy.pg.state import State, Suspend
+from proxy.pg.state import NO_SHAPE, Rec, Shape, State, Suspend
 
 RAW = codec.RAW
 _B_PASS = frozenset({RAW, Backend.PARAMETER_STATUS, Backend.PARAMETER_DESCRIPTION, Backend.COPY_DONE,
@@ -54,54 +52,41 @@ class Replies(State):
         n = len(frames)
         while i < n:
             t, s, e = frames[i]
-            if t == Backend.DATA_ROW:
-                j = i + 1
-                while j < n and frames[j][0] == Backend.DATA_ROW:
-                    j += 1
+            if t < RAW:  # a run of DataRows (the framer coalesces them)
+                count = -1 - t
+                rec = self.rec
                 if masker is None:
                     if run < 0:
                         run = s
-                    self._count(mv, frames, i, j)
-                    i = j
+                    if rec is not None:
+                        self._count(buf, s, e, count, rec)
+                    i += 1
                     continue
                 plan = self.plan
+                blob = None
                 if plan is not None and plan.masked:
-                    # every row changes: rewrite the whole run at once
-                    if run >= 0:
-                        out.append(buf[run:s])
-                        run = -1
-                    blob, rows = rewrite_rows(masker, plan, buf, frames, i, j, self.detect)
-                    out.append(blob)
-                    rec = self.rec
-                    if rec is not None:
-                        rec.rows += j - i
-                        room = self.sample_rows - len(rec.sample)
-                        if room > 0:
-                            rec.sample.extend(cells_text(cells, plan) for cells in rows[:room])
-                    i = j
-                    continue
-                # a run of rows with no masked column: one prefilter over all of it
-                stop = frames[j - 1][2]
-                if not self.detect or not masker.might_contain(mv[s:stop]):
+                    blob = rewrite_run(masker, plan, buf, s, e, self.detect)
+                elif not self.detect or not masker.might_contain(mv[s:e]):
+                    # nothing masked, nothing detectable: the run goes on as part of a slice
                     if run < 0:
                         run = s
-                    self._count(mv, frames, i, j)
-                    i = j
+                    if rec is not None:
+                        self._count(buf, s, e, count, rec)
+                    i += 1
                     continue
                 if run >= 0:
                     out.append(buf[run:s])
                     run = -1
-                rec = self.rec
-                for r in range(i, j):
-                    _, s, e = frames[r]
-                    new = mask_row(masker, plan or _EMPTY, mv[s + 5 : e], self.detect)
-                    row = new if new is not None else buf[s:e]
-                    out.append(row)
-                    if rec is not None:
-                        rec.rows += 1
-                        if len(rec.sample) < self.sample_rows:
-                            rec.sample.append(row_text(memoryview(row)[5:], plan))
-                i = j
+                if blob is None:  # something may be detected: row by row, exactly
+                    rows = []
+                    for rs, re_ in row_spans(buf, s, e):
+                        new = mask_row(masker, plan or _EMPTY, mv[rs + 5 : re_], self.detect)
+                        rows.append(new if new is not None else buf[rs:re_])
+                    blob = b"".join(rows)
+                out.append(blob)
+                if rec is not None:
+                    self._count(blob, 0, len(blob), count, rec)
+                i += 1
                 continue
             if t in _B_PASS:
                 if run < 0:
@@ -112,23 +97,18 @@ class Replies(State):
             replace: bytes | None = None
             drop = False
             if t == Backend.ROW_DESCRIPTION:
-                raw = buf[s + 5 : e]
-                fields = self._fields.get(raw)
-                if fields is None:
-                    fields = decode_row_description(raw)
-                    if len(self._fields) < 1024:
-                        self._fields[raw] = fields
+                shape = self._shape(buf[s + 5 : e])
                 if masker is not None and self.catalog is not None:
-                    missing = self.catalog.missing(fields)
+                    missing = self.catalog.missing(shape.fields)
                     if missing:
                         if run >= 0:
                             out.append(buf[run:s])
                         return out, i, _resolver(self.catalog, missing)
-                drop = self._row_description(fields)
+                drop = self._row_description(shape)
             elif t == Backend.NO_DATA:
                 head: tuple[str, Any] = self.expect[0] if self.expect else ("", None)
                 if head[0] == "describe_s" and head[1] is not None:
-                    head[1].fields = ()
+                    head[1].fields = NO_SHAPE
                 elif head[0] == "describe_p":
                     drop = head[1][1]
                 if head[0] in ("describe_s", "describe_p"):
@@ -212,43 +192,36 @@ class Replies(State):
             out.append(buf if run == 0 and end == len(buf) else buf[run:end])
         return out, n, None
 
-    def _count(self, mv: memoryview, frames: list[codec.Frame], i: int, j: int) -> None:
-        rec = self.rec
-        if rec is None:
-            return
-        rec.rows += j - i
-        k = i
-        while len(rec.sample) < self.sample_rows and k < j:
-            _, s, e = frames[k]
-            rec.sample.append(row_text(mv[s + 5 : e], self.plan))
-            k += 1
+    def _count(self, buf: bytes, s: int, e: int, count: int, rec: Rec) -> None:
+        rec.rows += count
+        room = self.sample_rows - len(rec.sample)
+        if room > 0:
+            rec.sample.extend(run_sample(buf, s, e, room, self.plan))
 
-    def _row_description(self, fields: tuple[Field, ...]) -> bool:
+    def _row_description(self, shape: Shape) -> bool:
         """Attach a RowDescription to its statement/portal/result; True to keep it from the client."""
         kind: str = ""
         value: Any = None
         if self.expect:
             kind, value = self.expect[0]
-        drop = False
         if kind == "describe_s":
             if value is not None:
-                value.fields = fields
+                value.fields = shape
             self._pop_to("describe_s")
             return False
         if kind == "describe_p":
             portal, hidden = value
             if portal is not None:
-                portal.plan = self._plan_for(fields)
-                if hidden or not portal.stmt.fields:
-                    portal.stmt.fields = fields
+                portal.plan = self._plan_for(shape)
+                if hidden or portal.stmt.fields is None or not portal.stmt.fields.fields:
+                    portal.stmt.fields = shape
             self._pop_to("describe_p")
             return bool(hidden)
-        self.plan = self._plan_for(fields)
+        self.plan = self._plan_for(shape)
         rec = self.rec = self._result_rec()
         if rec is not None:
-            rec.columns = [f.name for f in fields]
-        return drop
-
+            rec.columns = shape.columns
+        return False
 
 
 _EMPTY = Plan((), (), (), (), False)

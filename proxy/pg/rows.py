@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from broker.config import Strategy
-from proxy.mask import Masker
+from proxy.mask import RULE_MARKER, Masker
 from proxy.pg import codec
 from proxy.pg.messages import Buf, Field, MalformedMessage, decode_data_row, decode_fields
 
@@ -188,88 +188,103 @@ _LEN = struct.Struct("!i").pack
 _NULL = _LEN(-1)
 
 
-def rewrite_rows(masker: Masker, plan: Plan, buf: bytes, frames: Sequence[codec.Frame], i: int, j: int,
-                 detect: bool) -> tuple[bytes, list[list[bytes | None]]]:
-    """DataRows ``frames[i:j]`` of a result with a masked column, rewritten as ONE bytes blob.
+def row_spans(buf: bytes, s: int, e: int) -> list[tuple[int, int]]:
+    """``(start, end)`` of each DataRow of the run ``buf[s:e]`` (a coalesced frame)."""
+    out: list[tuple[int, int]] = []
+    pos = s
+    while pos < e:
+        (length,) = _I32(buf, pos + 1)
+        out.append((pos, pos + 1 + length))
+        pos += 1 + length
+    return out
 
-    Same result as :func:`mask_row` per row, fused for speed: cells are read straight from
-    ``buf``, the detectors' prefilter runs once over all unmasked readable cells of the run,
-    and the rows are joined once. Also returns the masked cells (for samples).
+
+def run_sample(buf: bytes, s: int, e: int, k: int, plan: Plan | None) -> list[list[str | None]]:
+    """The first ``k`` rows of the run ``buf[s:e]`` as text, for the recording."""
+    mv = memoryview(buf)
+    out: list[list[str | None]] = []
+    pos = s
+    while pos < e and len(out) < k:
+        (length,) = _I32(buf, pos + 1)
+        out.append(row_text(mv[pos + 5 : pos + 1 + length], plan))
+        pos += 1 + length
+    return out
+
+
+#: per column of a masked plan: 0 unreadable, 1 readable (detectors), 2 masked text, 3 masked, becomes NULL
+_SKIP, _SCAN, _APPLY, _NULLED = 0, 1, 2, 3
+
+
+def rewrite_run(masker: Masker, plan: Plan, buf: bytes, s: int, e: int, detect: bool) -> bytes | None:
+    """The DataRow run ``buf[s:e]`` of a result with a masked column, rewritten as ONE bytes blob.
+
+    One pass per row: unchanged stretches (row bodies between masked cells) are copied as
+    slices, only masked cells are replaced; a row's length is re-packed only when it
+    changed. The readable cells of unmasked columns are prefiltered with the detectors ONCE
+    for the run; returns None when the prefilter hits (the caller masks row by row, exactly).
     """
     strategies = plan.strategies
     width = len(strategies)
-    readable = tuple(a or b for a, b in zip(plan.text, plan.binary_text, strict=True))
-    rows: list[list[bytes | None]] = []
-    for k in range(i, j):
-        _, s, e = frames[k]
-        pos = s + 7
-        try:
-            (n,) = _I16(buf, s + 5)
-            cells: list[bytes | None] = []
-            for _ in range(n):
-                (size,) = _I32(buf, pos)
-                pos += 4
-                if size < 0:
-                    cells.append(None)
-                else:
-                    cells.append(buf[pos : pos + size])
-                    pos += size
-        except struct.error:
-            raise MalformedMessage("malformed DataRow") from None
-        if pos != e or n != width:
-            raise MalformedMessage("malformed DataRow (cells do not match the RowDescription)")
-        rows.append(cells)
+    kinds = tuple((_APPLY if (t or b) else _NULLED) if st is not None else (_SCAN if (t or b) else _SKIP)
+                  for st, t, b in zip(strategies, plan.text, plan.binary_text, strict=True))
+    scanning = detect and _SCAN in kinds
     apply = masker.apply_bytes
-    for c, strategy in enumerate(strategies):
-        if strategy is None:
-            continue
-        if readable[c]:
-            for cells in rows:
-                cell = cells[c]
-                if cell is not None:
-                    cells[c] = apply(cell, strategy)
-        else:
-            for cells in rows:
-                cells[c] = None
-    plain = [c for c in range(width) if strategies[c] is None and readable[c]]
-    if detect and plain and masker.might_contain(
-            b"\0".join(cell for cells in rows for c in plain if (cell := cells[c]) is not None)):
-        scan = masker.mask_bytes
-        for cells in rows:
-            for c in plain:
-                cell = cells[c]
-                if cell is not None:
-                    found = scan(cell)
-                    if found is not None:
-                        cells[c] = found
+    redact = {c: _LEN(len(RULE)) + RULE for c, st in enumerate(strategies) if st == "redact"}
+    plain: list[bytes] = []
     parts: list[bytes] = []
     append = parts.append
-    for cells in rows:
-        head = len(parts)
-        append(b"")
-        size = 6
-        for cell in cells:
-            if cell is None:
-                append(_NULL)
-                size += 4
-            else:
-                append(_LEN(len(cell)))
-                append(cell)
-                size += 4 + len(cell)
-        parts[head] = _ROW_HEAD(0x44, size, width)
-    return b"".join(parts), rows
+    i32, i16 = _I32, _I16
+    pos = s
+    try:
+        while pos < e:
+            (length,) = i32(buf, pos + 1)
+            stop = pos + 1 + length
+            (n,) = i16(buf, pos + 5)
+            if n != width:
+                raise MalformedMessage("malformed DataRow (cells do not match the RowDescription)")
+            p = pos + 7
+            seg = pos + 5
+            delta = 0
+            head = len(parts)
+            append(b"")
+            for c in range(width):
+                (size,) = i32(buf, p)
+                kind = kinds[c]
+                if size < 0 or kind == _SKIP:
+                    p += 4 if size < 0 else 4 + size
+                    continue
+                if kind == _SCAN:
+                    if scanning:
+                        plain.append(buf[p + 4 : p + 4 + size])
+                    p += 4 + size
+                    continue
+                append(buf[seg:p])
+                if kind == _NULLED:
+                    append(_NULL)
+                    delta -= size
+                else:
+                    fixed = redact.get(c)
+                    if fixed is not None:
+                        append(fixed)
+                        delta += len(fixed) - 4 - size
+                    else:
+                        new = apply(buf[p + 4 : p + 4 + size], strategies[c])  # type: ignore[arg-type]
+                        append(_LEN(len(new)))
+                        append(new)
+                        delta += len(new) - size
+                p += 4 + size
+                seg = p
+            if p != stop:
+                raise MalformedMessage("malformed DataRow")
+            append(buf[seg:stop])
+            parts[head] = _HEAD(0x44, length + delta)
+            pos = stop
+    except struct.error:
+        raise MalformedMessage("malformed DataRow") from None
+    if scanning and plain and masker.might_contain(b"\0".join(plain)):
+        return None
+    return b"".join(parts)
 
 
-def cells_text(cells: Sequence[bytes | None], plan: Plan) -> list[str | None]:
-    """Masked cells as text for the recording, like :func:`row_text`."""
-    out: list[str | None] = []
-    text = plan.text
-    for i, cell in enumerate(cells):
-        if cell is None:
-            out.append(None)
-        elif not text[i]:
-            out.append("<binary>")
-        else:
-            value = cell.decode("utf-8", "replace")
-            out.append(value if len(value) <= 200 else value[:200] + "…")
-    return out
+RULE = RULE_MARKER.encode()
+_HEAD = struct.Struct("!Bi").pack

@@ -19,7 +19,7 @@ from broker.config import PostgresResource
 from proxy.guard import Decision
 from proxy.mask import Masker
 from proxy.pg import codec
-from proxy.pg.messages import Field
+from proxy.pg.messages import Field, decode_row_description
 from proxy.pg.rows import Catalog, Plan, make_plan
 from proxy.sqlguard import SqlGuard
 
@@ -27,12 +27,26 @@ Suspend = Callable[[], Awaitable[None]]
 _perf = time.perf_counter
 
 
+class Shape:
+    """One distinct RowDescription (cached by its raw bytes) and its masking plans per result formats."""
+
+    __slots__ = ("columns", "fields", "plans")
+
+    def __init__(self, fields: tuple[Field, ...]) -> None:
+        self.fields = fields
+        self.columns = [f.name for f in fields]  # shared by the records of every result of this shape
+        self.plans: dict[tuple[int, ...] | None, Plan | None] = {}
+
+
+NO_SHAPE = Shape(())  # NoData
+
+
 @dataclass(slots=True)
 class Stmt:
     sql: str
     text: str  # masked, for records and reviews
     kinds: list[str]
-    fields: tuple[Field, ...] | None = None  # None: not described yet
+    fields: Shape | None = None  # None: not described yet
 
 
 @dataclass(slots=True)
@@ -88,9 +102,8 @@ class State:
         self.copy_binary = False
         self.fatal: str | None = None  # a FATAL error the server sent
         self.abort: str | None = None  # hoop must end the session (cannot mask safely)
-        self._plans: dict[tuple[tuple[Field, ...], tuple[int, ...]], Plan] = {}
         self._texts: dict[str, tuple[str, list[str], Decision | None]] = {}
-        self._fields: dict[bytes, tuple[Field, ...]] = {}  # raw RowDescription body -> fields
+        self._shapes: dict[bytes, Shape] = {}  # raw RowDescription body -> its shape
         self._record = session.record
 
     def _inject(self, data: bytes | None) -> None:
@@ -100,19 +113,29 @@ class State:
         else:
             self.expect.append(("inject", data))
 
-    def _plan_for(self, fields: tuple[Field, ...], formats: tuple[int, ...] | None = None) -> Plan | None:
+    def _shape(self, raw: bytes) -> Shape:
+        """The :class:`Shape` of a raw RowDescription body, decoded once per distinct body."""
+        shape = self._shapes.get(raw)
+        if shape is None:
+            shape = Shape(decode_row_description(raw))
+            if len(self._shapes) < 1024:
+                self._shapes[raw] = shape
+        return shape
+
+    def _plan_for(self, shape: Shape, formats: tuple[int, ...] | None = None) -> Plan | None:
         """The masking plan of a result shape (``formats`` None: each field's own format)."""
         if self.masker is None:
             return None
-        if formats is None:
-            formats = tuple([f.format for f in fields])
-        key = (fields, formats)
-        plan = self._plans.get(key)
-        if plan is None:
-            tables = self.catalog.names if self.catalog is not None else {}
-            plan = make_plan(self.masker, fields, formats, tables)
-            if len(self._plans) < 4096:
-                self._plans[key] = plan
+        try:
+            return shape.plans[formats]
+        except KeyError:
+            pass
+        fields = shape.fields
+        tables = self.catalog.names if self.catalog is not None else {}
+        plan = make_plan(self.masker, fields, formats if formats is not None else tuple([f.format for f in fields]),
+                         tables)
+        if len(shape.plans) < 64:
+            shape.plans[formats] = plan
         return plan
 
     def _pop_to(self, kind: str) -> Any:
@@ -154,10 +177,11 @@ class State:
     def _finish(self, rec: Rec) -> None:
         ms = round((time.perf_counter() - rec.t0) * 1000, 3)
         self.stats["rows"] += rec.rows
-        self.session.record("statement", {"sql": rec.text, "kinds": rec.kinds, "decision": rec.decision,
-                                          "rule": rec.rule, "ms": ms, "rows": rec.rows, "error": rec.error})
+        data: dict[str, Any] = {"sql": rec.text, "kinds": rec.kinds, "decision": rec.decision, "rule": rec.rule,
+                                "ms": ms, "rows": rec.rows, "error": rec.error}
         if rec.sample:
-            self.session.record("rows", {"columns": rec.columns, "rows": rec.sample})
+            data["rows_sample"] = {"columns": rec.columns, "rows": rec.sample}
+        self._record("statement", data)
 
     def _result_rec(self) -> Rec | None:
         if not self.expect:

@@ -37,6 +37,17 @@ def test_summary_and_lines() -> None:
     assert "| [email]" in t.text and not t.truncated
 
 
+def test_sample_rows_inside_the_statement_event() -> None:
+    sample = {"columns": ["id", "email"], "rows": [["1", "[email]"], ["2", None]]}
+    events = [ev(1, "statement", sql="SELECT id, email FROM users", rows=2, ms=0.4, decision="allow",
+                 rows_sample=sample)]
+    t = render(GRANT, [(session(), events)], max_bytes=10_000)
+    lines = t.text.splitlines()
+    at = next(i for i, line in enumerate(lines) if "SELECT id, email FROM users" in line)
+    assert lines[at + 1 : at + 3] == ["         | 1 | [email]", "         | 2 | NULL"]
+    assert t.summary.startswith("1 session(s) · 1 statement(s)/command(s) · 2 row(s)")
+
+
 def test_cap_is_stated() -> None:
     events = [ev(i, "statement", sql=f"SELECT {i} -- " + "x" * 100, rows=1) for i in range(1, 200)]
     t = render(GRANT, [(session(), events)], max_bytes=2048)

@@ -118,6 +118,7 @@ async def test_spool_recovers_after_crash(live: tuple[Service, SessionHub, Recor
     s = await hub.open(grant, "prod-db", "postgres", "c", lambda r: None)
     for i in range(5):
         s.record("statement", {"sql": f"SELECT {i}"})
+    await asyncio.sleep(0)  # one loop iteration: the events recorded in it reach the spool
     spool = tmp_path / "spool" / f"{s.id}.jsonl"
     with spool.open("a") as f:
         f.write('{"seq": 99, "at": "2030-01-0')  # a torn write: the event in flight

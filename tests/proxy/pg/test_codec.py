@@ -358,6 +358,26 @@ def test_split_whole_buffer() -> None:
     assert [t for t, _, _ in out] == [s[0] for s in STREAM]
 
 
+def test_coalesced_data_row_runs() -> None:
+    """With coalesce_rows a run of DataRows is one frame whose type says how many rows it holds."""
+    for cut in range(0, len(WIRE) + 1, 97):
+        framer = c.Framer(c.SERVER_MAX_MESSAGE, coalesce_rows=True)
+        rows = forwarded = 0
+        types = []
+        for chunk in (WIRE[:cut], WIRE[cut:]):
+            buf, frames = framer.feed(chunk)
+            for t, s, e in frames:
+                forwarded += e - s
+                types.append(t)
+                if t <= -2:
+                    rows += -1 - t
+                    assert buf[s] == Backend.DATA_ROW and c.rows_frame(-1 - t) == t
+        assert rows == 2 and forwarded == len(WIRE) and Backend.DATA_ROW not in types, cut
+    out: list[c.Frame] = []
+    c.split(WIRE, 0, c.SERVER_MAX_MESSAGE, out, coalesce_rows=True)
+    assert [t for t, _, _ in out][:3] == [Backend.ROW_DESCRIPTION, c.rows_frame(2), Backend.COMMAND_COMPLETE]
+
+
 def test_every_split_point() -> None:
     for cut in range(len(WIRE) + 1):
         framer = c.Framer(c.SERVER_MAX_MESSAGE)

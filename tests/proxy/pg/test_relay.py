@@ -31,10 +31,11 @@ async def test_psql_select_masks_and_records(hoop: Hoop) -> None:
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "7|[email]|***************1111|[masked]"
     events = await hoop.events("statement")
-    assert any(e["sql"].startswith("SELECT id, email") and e["rows"] == 1 for e in events)
-    rows = await hoop.events("rows")
-    assert rows and rows[0]["rows"] == [["7", "[email]", "***************1111", "[masked]"]]
-    assert "user7@example.com" not in str(rows)
+    done = [e for e in events if e["sql"].startswith("SELECT id, email") and e["rows"] == 1]
+    assert len(done) == 1 and await hoop.events("rows") == []  # one event per statement
+    assert done[0]["rows_sample"] == {"columns": ["id", "email", "card", "note"],
+                                      "rows": [["7", "[email]", "***************1111", "[masked]"]]}
+    assert "user7@example.com" not in str(events)
 
 
 async def test_asyncpg_prepared_and_binary(hoop: Hoop) -> None:
@@ -118,7 +119,8 @@ async def test_read_only_refuses_switching_back_to_writes(pg: PgCluster, pgdb: s
     async with running_hoop(pg, pgdb, tmp_path, guardrails={"read_only": True}) as h:
         for sql in ("SET default_transaction_read_only = off", "SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE",
                     "BEGIN READ WRITE", "START TRANSACTION ISOLATION LEVEL SERIALIZABLE, READ WRITE",
-                    "SET transaction_read_only TO false", "SELECT set_config('default_transaction_read_only', 'off', false)",
+                    "SET transaction_read_only TO false",
+                    "SELECT set_config('default_transaction_read_only', 'off', false)",
                     "INSERT INTO users (id) VALUES (999)"):
             out = await h.psql("-c", sql)
             assert out.returncode != 0 and "refused" in out.stderr, (sql, out.stderr)
