@@ -225,15 +225,17 @@ def rewrite_run(masker: Masker, plan: Plan, buf: bytes, s: int, e: int, detect: 
     """
     strategies = plan.strategies
     width = len(strategies)
-    kinds = tuple((_APPLY if (t or b) else _NULLED) if st is not None else (_SCAN if (t or b) else _SKIP)
-                  for st, t, b in zip(strategies, plan.text, plan.binary_text, strict=True))
-    scanning = detect and _SCAN in kinds
+    # per column: (kind, strategy, the whole replacement cell when it is a constant)
+    ops = tuple(((_APPLY if (t or b) else _NULLED) if st is not None else (_SCAN if (t or b) else _SKIP), st,
+                 _LEN(len(RULE)) + RULE if st == "redact" and (t or b) else None)
+                for st, t, b in zip(strategies, plan.text, plan.binary_text, strict=True))
+    scanning = detect and any(op[0] == _SCAN for op in ops)
     apply = masker.apply_bytes
-    redact = {c: _LEN(len(RULE)) + RULE for c, st in enumerate(strategies) if st == "redact"}
     plain: list[bytes] = []
+    keep = plain.append
     parts: list[bytes] = []
     append = parts.append
-    i32, i16 = _I32, _I16
+    i32, i16, stars = _I32, _I16, _STARS
     pos = s
     try:
         while pos < e:
@@ -247,28 +249,31 @@ def rewrite_run(masker: Masker, plan: Plan, buf: bytes, s: int, e: int, detect: 
             delta = 0
             head = len(parts)
             append(b"")
-            for c in range(width):
+            for kind, st, fixed in ops:
                 (size,) = i32(buf, p)
-                kind = kinds[c]
-                if size < 0 or kind == _SKIP:
-                    p += 4 if size < 0 else 4 + size
+                if size < 0:
+                    p += 4
                     continue
-                if kind == _SCAN:
-                    if scanning:
-                        plain.append(buf[p + 4 : p + 4 + size])
+                if kind < _APPLY:
+                    if kind and scanning:
+                        keep(buf[p + 4 : p + 4 + size])
                     p += 4 + size
                     continue
                 append(buf[seg:p])
-                if kind == _NULLED:
+                if fixed is not None:
+                    append(fixed)
+                    delta += len(fixed) - 4 - size
+                elif kind == _NULLED:
                     append(_NULL)
                     delta -= size
                 else:
-                    fixed = redact.get(c)
-                    if fixed is not None:
-                        append(fixed)
-                        delta += len(fixed) - 4 - size
+                    cell = buf[p + 4 : p + 4 + size]
+                    if st == "partial" and 4 < size <= _MAX_STARS and cell.isascii():
+                        append(buf[p : p + 4])  # same length
+                        append(stars[size - 4])
+                        append(cell[-4:])
                     else:
-                        new = apply(buf[p + 4 : p + 4 + size], strategies[c])  # type: ignore[arg-type]
+                        new = apply(cell, st)  # type: ignore[arg-type]
                         append(_LEN(len(new)))
                         append(new)
                         delta += len(new) - size
@@ -287,4 +292,6 @@ def rewrite_run(masker: Masker, plan: Plan, buf: bytes, s: int, e: int, detect: 
 
 
 RULE = RULE_MARKER.encode()
+_MAX_STARS = 256
+_STARS = [b"*" * k for k in range(_MAX_STARS)]  # partial: ASCII values keep their length
 _HEAD = struct.Struct("!Bi").pack
