@@ -6,9 +6,11 @@ name or ``table.column`` (tables resolved from the table OID by :class:`Catalog`
 whether its cells are text, so the detectors may read them. Plans are cached by the raw
 RowDescription bytes, so a result shape seen before costs one dict lookup.
 
-A DataRow is rewritten only when a cell changes (:func:`mask_row`); runs of DataRows whose
-plan has no masked column are first checked as ONE slice with the masker's bytes prefilter
-(:meth:`proxy.mask.Masker.might_contain`) and forwarded untouched when nothing can match.
+DataRows arrive as runs (the framer coalesces them). A run whose plan has no masked column
+is checked as ONE slice with the masker's bytes prefilter
+(:meth:`proxy.mask.Masker.might_contain`) and forwarded untouched when nothing can match;
+otherwise it is masked row by row (:func:`mask_row`, a row is rewritten only when a cell
+changes). A run with a masked column is rewritten in one pass (:func:`rewrite_run`).
 Binary cells of text-like types (text, varchar, name, json: their binary form is the UTF-8
 text) are masked like text cells, by column rules and detectors. Other binary cells of masked
 columns become NULL: a redacted int4 cannot keep its 4 bytes.
