@@ -17,31 +17,28 @@ the upstream channel, and the other way round).
   (vim, less, top) are passed through without line checks until they switch back.
 * shell without a PTY (commands piped to ``ssh host``): input is buffered per line, and only
   allowed lines are forwarded.
-* Output (stdout and stderr) goes through a :class:`~proxy.mask.StreamMasker` each, which
-  holds back only a trailing piece that could still become a secret; a short idle timer
-  flushes it. What the client receives is exactly what is recorded.
-* SFTP is relayed as bytes, neither masked nor recorded beyond its opening (binary protocol).
+* Output (stdout and stderr): :class:`~proxy.ssh.output.OutputRelay` masks, sends and
+  records it (what the client receives is exactly what is recorded); SFTP is relayed as bytes.
+* Bulk output costs no await and no task per chunk: chunks are written as they arrive, and a
+  full client window pauses reading from the host (asyncssh flow control, both directions).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import re
-import shlex
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import asyncssh
 
-from broker.config import SshResource
 from broker.errors import HoopError
 from proxy.guard import Decision, strictest, unparsed
-from proxy.mask import Masker, StreamMasker
-from proxy.shellguard import ShellGuard
-from proxy.ssh.contracts import Live
+from proxy.ssh import tuning
+from proxy.ssh.context import ChannelContext
 from proxy.ssh.lineedit import LINE_KILL, Line, LineEditor
+from proxy.ssh.output import OutputRelay
 from proxy.ssh.recording import Recorder
 
 if TYPE_CHECKING:
@@ -56,25 +53,6 @@ log = logging.getLogger(__name__)
 
 #: Exit status of a refused exec (the shell's "command found but not executable").
 BLOCKED_STATUS = 126
-_FLUSH_IDLE = 0.1  # how long a possible secret prefix may wait for its rest
-_ALT_ON = (b"\x1b[?1049h", b"\x1b[?1047h", b"\x1b[?47h")
-_ALT_OFF = (b"\x1b[?1049l", b"\x1b[?1047l", b"\x1b[?47l")
-_SECRET_PROMPT = re.compile(rb"(?i)(password|passphrase|passcode|pin)[^\n]{0,40}:\s*$")
-
-
-class ChannelContext:
-    """What every channel of one client connection shares."""
-
-    def __init__(self, *, label: str, resource: SshResource, session: Live, guard: ShellGuard, masker: Masker,
-                 upstream: Callable[[], Awaitable[asyncssh.SSHClientConnection]]) -> None:
-        self.label = label
-        self.resource = resource
-        self.session = session
-        self.guard = guard
-        self.masker = masker
-        self.upstream = upstream
-        self.channels: set[ProxyChannel] = set()
-        self.counter = 0
 
 
 class _Upstream(asyncssh.SSHClientSession):  # type: ignore[type-arg]
@@ -82,7 +60,7 @@ class _Upstream(asyncssh.SSHClientSession):  # type: ignore[type-arg]
         self._owner = owner
 
     def data_received(self, data: bytes, datatype: int | None) -> None:
-        self._owner.from_upstream(data, datatype)
+        self._owner.out.data(data, datatype)
 
     def eof_received(self) -> bool:
         self._owner.upstream_eof()
@@ -111,26 +89,22 @@ class ProxyChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         self.mode = ""
         self.command: str | None = None
         self.pty: tuple[str, tuple[int, int, int, int], dict[int, int]] | None = None
-        self.rec = Recorder(ctx.session, self.number)
+        self.rec = Recorder(ctx.session, self.number, defer=asyncio.get_running_loop().call_soon)
+        self.out: OutputRelay  # set by connection_made
         self.editor = LineEditor()
         self.closed = asyncio.get_running_loop().create_future()
         self._queue: list[bytes] = []
         self._piped = b""
         self._holding = True  # until the upstream channel is open, and while a line is decided
         self._eof = False
-        self._out = StreamMasker(ctx.masker)
-        self._err = StreamMasker(ctx.masker)
-        self._flush: asyncio.TimerHandle | None = None
-        self._fullscreen = False
-        self._hide_next = False
         self._decision: Decision | None = None
         self._ending = False
-        self._down_done = False  # exit/close sent to the client, or the channel is gone
         self._task: asyncio.Task[None] | None = None
 
     # -- requests from the client ---------------------------------------------------------
     def connection_made(self, chan: DownChan) -> None:
         self.chan = chan
+        self.out = OutputRelay(chan, self.rec, self.ctx.masker, self.ctx.session.stats)
         self.ctx.channels.add(self)
 
     def pty_requested(self, term_type: str, term_size: tuple[int, int, int, int],
@@ -196,7 +170,8 @@ class ProxyChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
             self.up.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._down_done = True
+        self.out.done = True
+        self.rec.flush(final=True)
         self.ctx.channels.discard(self)
         if self._task is not None and not self._task.done():
             self._task.cancel()
@@ -210,7 +185,7 @@ class ProxyChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         session, res = self.ctx.session, self.ctx.resource
         if self.mode == "exec":
             assert self.command is not None
-            decision = self._check_exec(self.command)
+            decision = self.ctx.check_exec(self.command)
             self._decision = decision
             if decision.needs_review and not await self._review(decision, self.command):
                 return self._refuse_exec(decision, "not approved")
@@ -223,7 +198,8 @@ class ProxyChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
                 lambda: _Upstream(self), self.command if self.mode == "exec" else None,
                 subsystem="sftp" if self.mode == "sftp" else None, env=self._env(),
                 term_type=term[0] if term else None, term_size=term[1] if term else None,
-                term_modes=term[2] if term else {}, encoding=None)
+                term_modes=term[2] if term else {}, encoding=None,
+                window=tuning.UPSTREAM_WINDOW, max_pktsize=tuning.UPSTREAM_MAX_PKTSIZE)
         except HoopError as exc:
             self._say(f"hoop: {exc.message}")
             self._exit(255)
@@ -238,23 +214,12 @@ class ProxyChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         else:
             size = term[1] if term else (80, 24, 0, 0)
             self.rec.header(size[0], size[1], term[0] if term else None, int(time.time()), self.command)
+        self.out.mode = self.mode
         log.info("%s %s opened upstream", self.label, self.mode)
         self._release()
 
     def _env(self) -> dict[bytes | str, bytes | str]:
         return {k: v for k, v in self.chan.get_environment().items()}
-
-    def _check_exec(self, command: str) -> Decision:
-        decision = self.ctx.guard.check(command)
-        if not self.ctx.resource.allow.sftp:
-            try:
-                words = shlex.split(command)
-            except ValueError:
-                words = []
-            if words and words[0].rsplit("/", 1)[-1] == "scp" and ("-t" in words or "-f" in words):
-                decision = strictest([decision, Decision("block", "allow.sftp", "scp is not allowed on this "
-                                                         "resource (allow.sftp is off)", "scp")])
-        return decision
 
     def _refuse_exec(self, decision: Decision, why: str) -> None:
         self.ctx.session.stats["blocked"] += 1
@@ -289,7 +254,7 @@ class ProxyChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
 
     def _input(self, data: bytes) -> None:
         assert self.up is not None
-        if self.mode != "shell" or self._fullscreen:
+        if self.mode != "shell" or self.out.fullscreen:
             self.up.write(data)
             return
         while data:
@@ -317,8 +282,8 @@ class ProxyChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         """Decide one finished line; False when it is held for review (``rest`` queued)."""
         assert self.up is not None
         enter = b"\r" if self.pty is not None else line.text.encode() + b"\n"
-        if self._hide_next:
-            self._hide_next = False
+        if self.out.hide_next:
+            self.out.hide_next = False
             self.rec.input("[hidden]\r\n")
             self.up.write(enter)
             return True
@@ -357,57 +322,23 @@ class ProxyChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
             self.up.write(LINE_KILL + b"\r")
         self._say(f"hoop: line refused: {why}")
 
-    # -- upstream -> client ----------------------------------------------------------------
-    def from_upstream(self, data: bytes, datatype: int | None) -> None:
-        self.ctx.session.stats["bytes_out"] += len(data)
-        if self.mode == "sftp":
-            self.chan.write(data, datatype)
-            return
-        masker = self._err if datatype else self._out
-        out = masker.feed(data)
-        if out:
-            self._send(out, datatype)
-        if masker.pending and self._flush is None:
-            self._flush = asyncio.get_running_loop().call_later(_FLUSH_IDLE, self._flush_held)
-
-    def _send(self, out: bytes, datatype: int | None) -> None:
-        if self._down_done:
-            return
-        self.chan.write(out, datatype)
-        self.rec.output(out)
-        if self.mode == "shell":
-            if any(s in out for s in _ALT_ON):
-                self._fullscreen = True
-            if any(s in out for s in _ALT_OFF):
-                self._fullscreen = False
-            self._hide_next = _SECRET_PROMPT.search(out[-80:]) is not None
-
-    def _flush_held(self) -> None:
-        self._flush = None
-        for masker, datatype in ((self._out, None), (self._err, asyncssh.EXTENDED_DATA_STDERR)):
-            out = masker.flush()
-            if out:
-                self._send(out, datatype)
-
+    # -- upstream -> client (data: OutputRelay) ---------------------------------------------
     def upstream_eof(self) -> None:
-        self._flush_held()
-        if not self._down_done:
+        self.out.flush()
+        if not self.out.done:
             self.chan.write_eof()
 
     def upstream_closed(self) -> None:
-        self._flush_held()
-        if self._flush is not None:
-            self._flush.cancel()
-            self._flush = None
+        self.out.close()
         up = self.up
         if up is None or self._ending:
             return
         status, signal = up.get_exit_status(), up.get_exit_signal()
         if self.mode == "exec" and self._decision is not None:
             self._record_command(self.command or "", self._decision, status)
-        if self._down_done:
+        if self.out.done:
             return
-        self._down_done = True
+        self.out.done = True
         if signal is not None:
             name, core, msg, lang = signal
             self.chan.exit_with_signal(name, core, msg, lang)
@@ -418,7 +349,7 @@ class ProxyChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
 
     # -- helpers -----------------------------------------------------------------------------
     def _say(self, text: str) -> None:
-        if self._down_done:
+        if self.out.done:
             return
         if self.pty is not None:
             self.chan.write(f"\r\n{text}\r\n".encode())
@@ -426,19 +357,19 @@ class ProxyChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
             self.chan.write_stderr(f"{text}\n".encode())
 
     def _exit(self, status: int) -> None:
-        if not self._down_done:
-            self._down_done = True
+        if not self.out.done:
+            self.out.done = True
             self.chan.exit(status)
 
     def end(self, reason: str) -> None:
         """The session is over (grant ended): tell the user, close both halves."""
         self._ending = True
-        self._flush_held()
+        self.out.close()
         self._say(f"hoop: session closed: {reason}")
         if self.up is not None:
             self.up.close()
-        if not self._down_done:
-            self._down_done = True
+        if not self.out.done:
+            self.out.done = True
             if self.mode == "exec":
                 self.chan.exit(255)
             else:

@@ -15,6 +15,7 @@ header line, then ``[t, code, data]`` lines), and :func:`cast_events` into
 
 from __future__ import annotations
 
+import codecs
 import json
 import time
 from collections.abc import Callable, Iterable
@@ -29,13 +30,30 @@ _CODES = {"output": "o", "input": "i", "resize": "r"}
 
 
 class Recorder:
-    """Records one channel of one session. ``now`` is a monotonic seconds source (injectable)."""
+    """Records one channel of one session. ``now`` is a monotonic seconds source (injectable).
 
-    def __init__(self, session: Live, channel: int, *, now: Callable[[], float] = time.monotonic) -> None:
+    Output is decoded with one incremental UTF-8 decoder per channel, so a character split
+    across two chunks is recorded whole. With ``defer`` (``loop.call_soon`` in the proxy),
+    the output of one event-loop iteration is merged into one ``output`` event timed at its
+    first chunk: bulk output costs one event per iteration instead of one per SSH packet.
+    Pending output is recorded before any input or resize event, and by :meth:`flush`.
+    Without ``defer`` every chunk is recorded at once.
+    """
+
+    #: Merged output is recorded at once past this many bytes.
+    MAX_MERGE = 1 << 20
+
+    def __init__(self, session: Live, channel: int, *, now: Callable[[], float] = time.monotonic,
+                 defer: Callable[[Callable[[], None]], object] | None = None) -> None:
         self._session = session
         self._channel = channel
         self._now = now
         self._start = now()
+        self._defer = defer
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self._parts: list[bytes] = []
+        self._size = 0
+        self._at = 0.0
 
     def header(self, width: int, height: int, term: str | None, timestamp: int,
                command: str | None = None) -> None:
@@ -49,14 +67,34 @@ class Recorder:
         return round(self._now() - self._start, 6)
 
     def output(self, data: bytes) -> None:
-        if data:
-            self._session.record("output", {"channel": self._channel, "t": self._t(),
-                                            "data": data.decode("utf-8", "replace")})
+        """Output as the client saw it (already masked)."""
+        if not data:
+            return
+        if not self._parts:
+            self._at = self._t()
+            if self._defer is not None:
+                self._defer(self.flush)
+        self._parts.append(data)
+        self._size += len(data)
+        if self._defer is None or self._size >= self.MAX_MERGE:
+            self.flush()
+
+    def flush(self, *, final: bool = False) -> None:
+        """Record the pending output now (``final``: the stream ended, decode what is left)."""
+        parts, self._parts, self._size = self._parts, [], 0
+        data = b"".join(parts) if len(parts) != 1 else parts[0]
+        text = self._decoder.decode(data, final)
+        if text:
+            self._session.record("output", {"channel": self._channel, "t": self._at, "data": text})
 
     def input(self, text: str) -> None:
+        if self._parts:
+            self.flush()
         self._session.record("input", {"channel": self._channel, "t": self._t(), "data": text})
 
     def resize(self, width: int, height: int) -> None:
+        if self._parts:
+            self.flush()
         self._session.record("resize", {"channel": self._channel, "t": self._t(), "size": f"{width}x{height}"})
 
 

@@ -37,8 +37,9 @@ from broker.errors import Denied, HoopError
 from broker.model import Grant
 from proxy.mask import Masker
 from proxy.shellguard import ShellGuard
-from proxy.ssh import upstream
-from proxy.ssh.channel import ChannelContext, ProxyChannel
+from proxy.ssh import tuning, upstream
+from proxy.ssh.channel import ProxyChannel
+from proxy.ssh.context import ChannelContext
 from proxy.ssh.contracts import AccessGate, Hub, Live
 
 __all__ = ["SshProxy"]
@@ -87,7 +88,7 @@ class SshProxy:
         self._server = await asyncssh.create_server(
             lambda: _Connection(self), host, port, server_host_keys=[key], encoding=None,
             x11_forwarding=False, agent_forwarding=False, allow_pty=True, line_editor=False,
-            login_timeout=30, keepalive_interval=60, config=None)
+            login_timeout=30, keepalive_interval=60, config=None, encryption_algs=tuning.CLIENT_FACING_CIPHERS)
         bound = int(self._server.sockets[0].getsockname()[1])
         log.info("ssh proxy listening on %s:%d, host key %s", host, bound, self.fingerprint)
         return bound

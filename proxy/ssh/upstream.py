@@ -18,6 +18,7 @@ import asyncssh
 
 from broker.config import SshResource
 from broker.errors import ConfigError, UpstreamError
+from proxy.ssh import tuning
 
 __all__ = ["connect", "pinned_keys"]
 
@@ -73,7 +74,8 @@ async def connect(res: SshResource, environ: Mapping[str, str], *, timeout: floa
             host, port, username=res.user, client_factory=lambda: client, known_hosts=([], [], []),
             server_host_key_algs=algs, client_keys=keys or None, password=password,
             agent_path=None, preferred_auth=("publickey", "password", "keyboard-interactive"),
-            connect_timeout=timeout, login_timeout=timeout, config=None)
+            connect_timeout=timeout, login_timeout=timeout, config=None,
+            encryption_algs=tuning.UPSTREAM_CIPHERS, compression_algs=tuning.UPSTREAM_COMPRESSION)
     except asyncssh.HostKeyNotVerifiable:
         pins = ", ".join(k.get_fingerprint() for k in pinned)
         log.error("%s upstream=%s host key %s does not match the pinned key (%s): refusing", context,

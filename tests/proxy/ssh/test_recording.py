@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -47,6 +48,38 @@ def test_cast_events_picks_one_channel() -> None:
     Recorder(live, 2, now=lambda: 0.0).output(b"two")  # type: ignore[arg-type]
     assert cast_events(stored(live)) == [(0.0, "o", "one")]
     assert cast_events(stored(live), 2) == [(0.0, "o", "two")]
+
+
+def test_recorder_merges_one_iteration_of_output_and_keeps_order() -> None:
+    live, ticks = FakeLive(), iter([0.0, 1.0, 2.0, 3.0])
+    deferred: list[Callable[[], None]] = []
+    rec = Recorder(live, 1, now=lambda: next(ticks), defer=deferred.append)  # type: ignore[arg-type]
+    rec.output(b"one ")
+    rec.output(b"two ")
+    assert live.events == [] and len(deferred) == 1  # one event per loop iteration, not per chunk
+    deferred.pop()()
+    rec.output(b"three")
+    rec.input("ls\r\n")  # pending output is recorded first, at the time of its first chunk
+    deferred.pop()()  # the scheduled flush finds nothing left
+    assert cast_events(stored(live)) == [(1.0, "o", "one two "), (2.0, "o", "three"), (3.0, "i", "ls\r\n")]
+
+
+def test_recorder_keeps_a_character_split_across_chunks() -> None:
+    live = FakeLive()
+    rec = Recorder(live, 1, now=lambda: 0.0)  # type: ignore[arg-type]
+    snowman = "\u2603".encode()
+    rec.output(b"a" + snowman[:1])
+    rec.output(snowman[1:] + b"b")
+    rec.output(snowman[:2])
+    rec.flush(final=True)  # a stream that ends inside a character
+    assert "".join(d for _, _, d in cast_events(stored(live))) == "a\u2603b\ufffd"
+
+
+def test_recorder_records_a_large_merge_at_once() -> None:
+    live = FakeLive()
+    rec = Recorder(live, 1, now=lambda: 0.0, defer=lambda f: None)  # type: ignore[arg-type]
+    rec.output(b"x" * Recorder.MAX_MERGE)
+    assert [len(d) for _, _, d in cast_events(stored(live))] == [Recorder.MAX_MERGE]
 
 
 async def test_replay_paces_output_by_speed_and_caps_idle() -> None:

@@ -1,0 +1,53 @@
+"""What every session channel of one client connection shares: resource, session, guard, masker.
+
+:class:`ChannelContext` is built by the server once the client is authenticated and its
+session is open; ``upstream`` returns the connection's (shared) upstream SSH connection.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+import asyncssh
+
+from broker.config import SshResource
+from proxy.guard import Decision, strictest
+from proxy.mask import Masker
+from proxy.shellguard import ShellGuard
+from proxy.ssh.contracts import Live
+
+if TYPE_CHECKING:
+    from proxy.ssh.channel import ProxyChannel
+
+__all__ = ["ChannelContext"]
+
+
+class ChannelContext:
+    """What every channel of one client connection shares."""
+
+    def __init__(self, *, label: str, resource: SshResource, session: Live, guard: ShellGuard, masker: Masker,
+                 upstream: Callable[[], Awaitable[asyncssh.SSHClientConnection]]) -> None:
+        self.label = label
+        self.resource = resource
+        self.session = session
+        self.guard = guard
+        self.masker = masker
+        self.upstream = upstream
+        self.channels: set[ProxyChannel] = set()
+        self.counter = 0
+
+    def check_exec(self, command: str) -> Decision:
+        """The guard's decision on an exec command line; scp is refused unless ``allow.sftp``."""
+        decision = self.guard.check(command)
+        if not self.resource.allow.sftp:
+            try:
+                words = shlex.split(command)
+            except ValueError:
+                words = []
+            if words and words[0].rsplit("/", 1)[-1] == "scp" and ("-t" in words or "-f" in words):
+                decision = strictest([decision, Decision("block", "allow.sftp", "scp is not allowed on this "
+                                                         "resource (allow.sftp is off)", "scp")])
+        return decision
+
