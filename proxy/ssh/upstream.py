@@ -7,12 +7,20 @@ the entries for the host in a ``known_hosts`` file. hoop checks the key itself (
 ``validate_host_public_key`` hook) so that a refusal can name what was offered: an unknown
 or changed key fails with :class:`~broker.errors.UpstreamError` code ``host_key``, whose
 message gives the offered key's fingerprint and the pinned ones.
+
+Received bytes reach asyncssh at most :data:`FEED` bytes at a time (:class:`_Feeder`, put in
+place through asyncssh's ``tunnel`` hook, which opens the TCP connection itself). asyncssh
+keeps its input as ``bytes`` and copies the unparsed rest after every packet, so a 256 KiB
+socket read of eight 32 KiB packets was copied about nine times over; fed packet by packet it
+is copied about twice (1.2 -> 0.1 ms per MB on the bench machine).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any, cast
 
 import asyncssh
 
@@ -20,9 +28,63 @@ from broker.config import SshResource
 from broker.errors import ConfigError, UpstreamError
 from proxy.ssh import tuning
 
-__all__ = ["connect", "pinned_keys"]
+__all__ = ["FEED", "connect", "pinned_keys"]
 
 log = logging.getLogger(__name__)
+
+#: Largest piece of received data handed to asyncssh at once (a 32 KiB packet and its framing).
+FEED = 33 << 10
+
+
+class _Feeder(asyncio.Protocol):
+    """The TCP protocol under the upstream SSH connection: passes everything through, data in pieces."""
+
+    def __init__(self, inner: asyncio.Protocol) -> None:
+        self.inner = inner
+        self._transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not an asyncio.Transport subclass
+        self.inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if len(data) <= FEED:
+            self.inner.data_received(data)
+            return
+        view = memoryview(data)
+        for i in range(0, len(data), FEED):
+            if self._transport is None or self._transport.is_closing():
+                return
+            self.inner.data_received(view[i:i + FEED])  # type: ignore[arg-type]  # asyncssh does bytes += view
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._transport = None
+        self.inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+
+class _Direct:
+    """asyncssh ``tunnel`` hook: a plain TCP connection to the host, with :class:`_Feeder` underneath."""
+
+    async def create_connection(self, factory: Callable[[], asyncio.Protocol], host: str,
+                                port: int) -> tuple[asyncio.Transport, asyncio.Protocol]:
+        inner = factory()
+        transport, _ = await asyncio.get_running_loop().create_connection(lambda: _Feeder(inner), host, port)
+        return transport, inner
+
+    def close(self) -> None:
+        """Nothing to close: the SSH connection owns the TCP connection."""
+
+    async def wait_closed(self) -> None:
+        """Nothing to wait for."""
 
 
 def pinned_keys(res: SshResource, host: str, port: int) -> list[asyncssh.SSHKey]:
@@ -70,8 +132,9 @@ async def connect(res: SshResource, environ: Mapping[str, str], *, timeout: floa
         password = res.password.resolve(environ)
     algs = list(dict.fromkeys(a.decode() for k in pinned for a in k.sig_algorithms))
     try:
+        tunnel: Any = _Direct()
         conn = await asyncssh.connect(
-            host, port, username=res.user, client_factory=lambda: client, known_hosts=([], [], []),
+            host, port, tunnel=tunnel, username=res.user, client_factory=lambda: client, known_hosts=([], [], []),
             server_host_key_algs=algs, client_keys=keys or None, password=password,
             agent_path=None, preferred_auth=("publickey", "password", "keyboard-interactive"),
             connect_timeout=timeout, login_timeout=timeout, config=None,
