@@ -2,6 +2,9 @@
 
 * Bulk: OpenSSH ``ssh host cat <50 MB text file>`` to a throwaway sshd, directly and through
   hoop with masking off and on; MB/s from the first byte to EOF (connection setup excluded).
+  The client's output is read in a process of its own, and the proxy process's CPU time per
+  MB (all its threads, including the session recorder's SQLite writer) is reported too: on a
+  shared machine it is steadier than MB/s. Best of ``BENCH_SSH_RUNS`` (3) runs per row.
 * Interactive: an asyncssh client (in its own process) with a PTY types one character at a
   time into bash and waits for its echo; p50/p99 direct vs proxied, and the added latency.
 
@@ -200,7 +203,8 @@ if __name__ == "__main__":
         result = uvloop.run(main())
     except ImportError:
         result = asyncio.run(main())
-    result["machine"] = {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
+    result["machine"] = {"cpus": os.cpu_count(), "python": sys.version.split()[0],
+                         "load_avg_1m_at_end": round(os.getloadavg()[0], 2)}
     if os.environ.get("BENCH_SSH_ONLY"):  # a partial run (profiling): print, keep the stored results
         print(json.dumps(result, indent=2))
         sys.exit(0)
