@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import asyncssh
 import pytest
 
@@ -20,7 +22,7 @@ async def test_sftp_refused_by_default(env: Env) -> None:
     assert code == 126 and b"allow.sftp" in err
 
 
-async def test_sftp_allowed_by_config(upstream: Sshd, tmp_path) -> None:
+async def test_sftp_allowed_by_config(upstream: Sshd, tmp_path: Path) -> None:
     env, store = await start_env(upstream, tmp_path, make_config(upstream, ssh_resource(
         upstream, allow={"sftp": True})))
     try:
@@ -48,7 +50,7 @@ async def test_port_forwarding_refused(env: Env) -> None:
     assert code == 255 and b"forwarding failed" in err
 
 
-async def test_port_forwarding_allowed_by_config(upstream: Sshd, tmp_path) -> None:
+async def test_port_forwarding_allowed_by_config(upstream: Sshd, tmp_path: Path) -> None:
     env, store = await start_env(upstream, tmp_path, make_config(upstream, ssh_resource(
         upstream, allow={"port_forwarding": True})))
     try:
@@ -61,7 +63,8 @@ async def test_port_forwarding_allowed_by_config(upstream: Sshd, tmp_path) -> No
         await stop_env(env, store)
 
 
-async def test_upstream_host_key_mismatch_refused(upstream: Sshd, tmp_path, caplog) -> None:
+async def test_upstream_host_key_mismatch_refused(upstream: Sshd, tmp_path: Path,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
     other = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode().strip()
     env, store = await start_env(upstream, tmp_path, make_config(upstream, ssh_resource(upstream, host_key=other)))
     try:
@@ -74,7 +77,7 @@ async def test_upstream_host_key_mismatch_refused(upstream: Sshd, tmp_path, capl
         await stop_env(env, store)
 
 
-async def test_known_hosts_file_pins_the_key(upstream: Sshd, tmp_path) -> None:
+async def test_known_hosts_file_pins_the_key(upstream: Sshd, tmp_path: Path) -> None:
     res = ssh_resource(upstream, known_hosts=str(upstream.known_hosts_file()))
     del res["host_key"]
     env, store = await start_env(upstream, tmp_path, make_config(upstream, res))
@@ -86,7 +89,7 @@ async def test_known_hosts_file_pins_the_key(upstream: Sshd, tmp_path) -> None:
         await stop_env(env, store)
 
 
-async def test_host_key_persists_across_restarts(upstream: Sshd, tmp_path) -> None:
+async def test_host_key_persists_across_restarts(upstream: Sshd, tmp_path: Path) -> None:
     env, store = await start_env(upstream, tmp_path, make_config(upstream))
     first = env.proxy.fingerprint
     await stop_env(env, store)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import asyncssh
 import pytest
@@ -13,7 +14,7 @@ from tests.proxy.ssh.conftest import ADMIN, Env
 pytestmark = pytest.mark.ssh
 
 
-async def _events(env: Env, kind: str | None = None) -> list[dict]:
+async def _events(env: Env, kind: str | None = None) -> list[dict[str, Any]]:
     await env.hub.flush()
     async with env.service.store.tx() as tx:
         sessions = await tx.list_sessions()

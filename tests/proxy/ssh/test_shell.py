@@ -16,7 +16,7 @@ pytestmark = pytest.mark.ssh
 class Term:
     """An asyncssh client shell with a PTY, reading everything into one buffer."""
 
-    def __init__(self, proc: asyncssh.SSHClientProcess) -> None:
+    def __init__(self, proc: asyncssh.SSHClientProcess[str]) -> None:
         self.proc = proc
         self.buf = ""
 
@@ -125,7 +125,7 @@ async def test_fifty_concurrent_sessions(env: Env) -> None:
     async def one(i: int) -> str:
         async with await env.client(grant.login, secret) as conn:
             result = await conn.run(f"echo n{i}-$(({i}*2))", check=True)
-            return str(result.stdout)
+        return str(result.stdout)
 
     outs = await asyncio.gather(*(one(i) for i in range(50)))
     assert outs == [f"n{i}-{i * 2}\n" for i in range(50)]
