@@ -34,6 +34,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from broker.clock import Clock
 from broker.events import Event, GrantEnded, GrantExtended, SessionClosed, SessionOpened
 from broker.metrics import Metrics
@@ -42,7 +44,17 @@ from broker.reviews import Reviews
 from broker.service import Service, new_id
 from broker.store import tables
 
-_ENCODE = json.JSONEncoder(separators=(",", ":"), default=str).encode
+_JSON_ENCODE = json.JSONEncoder(separators=(",", ":"), default=str).encode
+
+
+def _ENCODE(value: Any) -> str:
+    """Compact JSON: orjson (several times faster on the recording hot path), with the standard
+    encoder as the fallback for what orjson refuses (lone surrogates from undecodable bytes)."""
+    try:
+        return orjson.dumps(value, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
+    except (TypeError, orjson.JSONEncodeError):
+        return _JSON_ENCODE(value)
+
 _SQLITE_INSERT = (f"INSERT INTO {tables.session_events.name} (session_id, seq, at, kind, data) "
                   "VALUES (?, ?, ?, ?, ?)")
 #: (seq, at, kind, data, data as JSON)
