@@ -13,7 +13,7 @@ from typing import Any
 from broker import policy
 from broker.config import HoopConfig
 from broker.duration import format_duration
-from broker.model import AccessRequest, Grant, GrantStatus, RequestStatus, Review, Session, SessionEvent
+from broker.model import AccessRequest, Grant, GrantStatus, RequestStatus, Review, Session
 
 Blocks = list[dict[str, Any]]
 
@@ -218,25 +218,3 @@ def home_view(pending: Sequence[AccessRequest], grants: Sequence[Grant], waiting
             _button(f"Approve {r.id}", APPROVE_ACTION, r.id, "primary"),
             _button(f"Deny {r.id}", DENY_ACTION, r.id, "danger")]})
     return {"type": "home", "blocks": blocks}
-
-
-def render_transcript(session: Session, events: Sequence[SessionEvent]) -> str:
-    """A plain text render of a session's recorded (already masked) events. Issue 5 replaces it."""
-    lines = [f"session {session.id} · {session.resource} · {session.protocol} · {' → '.join(session.chain)}",
-             f"opened {session.opened_at.isoformat()} from {session.client_addr}"]
-    for ev in events:
-        d = ev.data
-        at = ev.at.strftime("%H:%M:%S")
-        if ev.kind == "statement":
-            lines.append(f"[{at}] {d.get('decision', '')} {d.get('sql', '')}".rstrip())
-        elif ev.kind == "command":
-            lines.append(f"[{at}] $ {d.get('command', '')} ({d.get('decision', '')})")
-        elif ev.kind == "http":
-            lines.append(f"[{at}] {d.get('method', '')} {d.get('path', '')} → {d.get('status', '')}")
-        elif ev.kind in ("input", "output"):
-            lines.append(f"[{at}] {ev.kind}: {str(d.get('data', ''))[:500]}")
-        else:
-            lines.append(f"[{at}] {ev.kind}: {d}")
-    if session.closed_at is not None:
-        lines.append(f"closed {session.closed_at.isoformat()}: {session.close_reason or ''}")
-    return "\n".join(lines)
