@@ -67,6 +67,7 @@ class Env:
     proxy: SshProxy
     port: int
     state: Path
+    notifier: RecordingNotifier
 
     async def grant(self, resource: str = "web", duration: str = "30m") -> tuple[Grant, str]:
         return await self.service.breakglass(ADMIN, resource, "alice@example.com", duration, "test")
@@ -97,7 +98,8 @@ async def start_env(up: Sshd, tmp: Path, config: HoopConfig) -> tuple[Env, Store
     await store.migrate()
     clock = SystemClock()
     bus = Broadcast()
-    bus.add(RecordingNotifier())
+    notifier = RecordingNotifier()
+    bus.add(notifier)
     service = Service(config, store, clock, bus)
     hub = SessionHub(service, clock, spool_dir=tmp / "spool", flush_every=0.05)
     gate = Gate(service, clock)
@@ -106,7 +108,7 @@ async def start_env(up: Sshd, tmp: Path, config: HoopConfig) -> tuple[Env, Store
     environ = {"UPKEY": up.client_key.read_text()}
     proxy = SshProxy(config, gate, hub, clock, environ, tmp / "state")
     port = await proxy.start("127.0.0.1", 0)
-    return Env(up, config, service, hub, proxy, port, tmp / "state"), store
+    return Env(up, config, service, hub, proxy, port, tmp / "state", notifier), store
 
 
 async def stop_env(env: Env, store: Store) -> None:
