@@ -60,9 +60,11 @@ def _session_lines(session: Session, events: Sequence[SessionEvent], counts: Cou
     lines = [f"== session {session.id} · {session.protocol} · {session.resource} · {chain} · from "
              f"{session.client_addr} · {_hms(session.opened_at)}–{_hms(end)} UTC"
              f" ({format_duration(end - session.opened_at)})"]
+    # with a chain of agents, every action line names it too, so a line quoted alone still says who
+    who = f" [{chain}]" if len(session.chain) > 1 else ""
     for e in events:
         d = e.data
-        t = _hms(e.at)
+        t = _hms(e.at) + (who if e.kind in ("statement", "command", "http", "blocked", "review") else "")
         if e.kind == "statement":
             counts.statements += 1
             rows = d.get("rows")

@@ -60,3 +60,10 @@ def test_ssh_output_as_text() -> None:
     events = [ev(1, "command", command="cat /etc/app.env", exit_status=0), ev(2, "output", data="KEY=[secret]\r\n")]
     t = render(None, [(session("ssh"), events)], max_bytes=10_000)
     assert "$ cat /etc/app.env → exit 0" in t.text and "KEY=[secret]" in t.text
+
+
+def test_every_action_line_names_an_agent_chain() -> None:
+    events = [ev(1, "statement", sql="SELECT 1", rows=1), ev(2, "statement", sql="SELECT 2", rows=1)]
+    t = render(GRANT, [(session(), events)], max_bytes=10_000)
+    lines = [line for line in t.text.splitlines() if "SELECT" in line]
+    assert len(lines) == 2 and all("[alice@example.com → ci-runner]" in line for line in lines)
