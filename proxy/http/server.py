@@ -203,9 +203,14 @@ class HttpProxy:
                     return _refuse(403, "refused", flight.reason or
                                    f"{request.method} {shown_path} was not approved (rule {decision.rule})",
                                    rule=decision.rule)
+            try:
+                credential = up.credential
+            except ConfigError as exc:
+                record["status"] = 502
+                return _refuse(502, "upstream_credential", f"{up.resource.name}: {exc.message}")
             if is_websocket_upgrade(request.headers):
-                return await self._websocket(request, up, rest, flight, record, client_ip)
-            return await self._forward(request, up, rest, flight, record, client_ip)
+                return await self._websocket(request, up, rest, flight, record, client_ip, credential)
+            return await self._forward(request, up, rest, flight, record, client_ip, credential)
         finally:
             session.stats["bytes_in"] = session.stats.get("bytes_in", 0) + record["req_bytes"]
             session.stats["bytes_out"] = session.stats.get("bytes_out", 0) + record["resp_bytes"]
@@ -236,13 +241,8 @@ class HttpProxy:
         return URL(up.base + rest, encoded=True)
 
     async def _websocket(self, request: web.BaseRequest, up: _Upstream, rest: str, flight: _Flight,
-                         record: dict[str, Any], client_ip: str) -> web.StreamResponse:
+                         record: dict[str, Any], client_ip: str, credential: str | None) -> web.StreamResponse:
         assert self._client is not None
-        try:
-            credential = up.credential
-        except ConfigError as exc:
-            record["status"] = 502
-            return _refuse(502, "upstream_credential", f"{up.resource.name}: {exc.message}")
         headers = upstream_headers(request.headers, up.resource, credential, client_ip,
                                    identity_encoding=False, websocket=True)
         flight.ws = WsPair()
@@ -258,14 +258,9 @@ class HttpProxy:
         return result.response
 
     async def _forward(self, request: web.BaseRequest, up: _Upstream, rest: str, flight: _Flight,
-                       record: dict[str, Any], client_ip: str) -> web.StreamResponse:
+                       record: dict[str, Any], client_ip: str, credential: str | None) -> web.StreamResponse:
         assert self._client is not None
         masker = up.masker
-        try:
-            credential = up.credential
-        except ConfigError as exc:
-            record["status"] = 502
-            return _refuse(502, "upstream_credential", f"{up.resource.name}: {exc.message}")
         headers = upstream_headers(request.headers, up.resource, credential, client_ip,
                                    identity_encoding=masker.enabled)
         req_cap = Capture(up.resource.max_body_record)
