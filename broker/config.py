@@ -277,6 +277,9 @@ class Listen(_Model):
 class Tls(_Model):
     cert: Path | None = None
     key: Path | None = None
+    #: ask PostgreSQL clients for a cleartext password instead of SCRAM, but only on TLS connections
+    #: (for clients without SCRAM support); plain TCP always uses SCRAM
+    cleartext_in_tls: bool = False
 
 
 class Agent(_Model):

@@ -178,7 +178,8 @@ async def serve_forever(config: HoopConfig, settings: Settings, say: Callable[[s
         if "postgres" in kinds:
             creds = ResourceCredentials(StaticCredentials(environ), roles)
             proxies.append(("PostgreSQL", PgProxy(config, gate, hub, rt.clock, environ, credentials=creds,
-                                                  hash_key=masking_key), config.listen.postgres))
+                                                  hash_key=masking_key, allow_cleartext=config.tls.cleartext_in_tls),
+                            config.listen.postgres))
         if "ssh" in kinds:
             proxies.append(("SSH", SshProxy(config, gate, hub, rt.clock, environ, config.state_dir,
                                             hash_key=masking_key),
