@@ -183,6 +183,9 @@ class ProxyChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
     # -- opening the upstream channel ------------------------------------------------------
     async def _start(self) -> None:
         session, res = self.ctx.session, self.ctx.resource
+        notices, self.ctx.notices[:] = list(self.ctx.notices), []
+        for notice in notices:
+            self._say(notice)
         if self.mode == "exec":
             assert self.command is not None
             decision = self.ctx.check_exec(self.command)

@@ -28,7 +28,8 @@ class ChannelContext:
     """What every channel of one client connection shares."""
 
     def __init__(self, *, label: str, resource: SshResource, session: Live, guard: ShellGuard, masker: Masker,
-                 upstream: Callable[[], Awaitable[asyncssh.SSHClientConnection]]) -> None:
+                 upstream: Callable[[], Awaitable[asyncssh.SSHClientConnection]],
+                 notices: list[str] | None = None) -> None:
         self.label = label
         self.resource = resource
         self.session = session
@@ -37,6 +38,8 @@ class ChannelContext:
         self.upstream = upstream
         self.channels: set[ProxyChannel] = set()
         self.counter = 0
+        #: Refusals of connection-level requests, told to the client on its next session channel.
+        self.notices = notices if notices is not None else []
 
     def check_exec(self, command: str) -> Decision:
         """The guard's decision on an exec command line; scp is refused unless ``allow.sftp``."""

@@ -12,8 +12,10 @@ Each client connection is a :class:`_Connection` (asyncssh's ``SSHServer`` hooks
   connection is started (:mod:`proxy.ssh.upstream`); channels wait for it. A local timer at
   ``session.deadline`` ends the session too, even if no broker event arrives.
 * Channels: session channels are :class:`~proxy.ssh.channel.ProxyChannel`; local port
-  forwarding is tunnelled through the upstream connection when ``allow.port_forwarding``;
-  remote forwarding, agent forwarding and X11 are refused (see ``SshAllow``).
+  forwarding is tunnelled through the upstream connection, and remote forwarding makes the
+  host listen (:mod:`proxy.ssh.forwarding`), both only when ``allow.port_forwarding``. A
+  refused request is logged, recorded, and explained to the client on its session channel
+  (``notices``: SSH global requests carry no reason).
 * End: every channel is told why (on the terminal or stderr), both halves close, the SSH
   connection is disconnected with the reason, and ``session.close(reason)`` is awaited.
 """
@@ -37,7 +39,7 @@ from broker.errors import Denied, HoopError
 from broker.model import Grant
 from proxy.mask import Masker
 from proxy.shellguard import ShellGuard
-from proxy.ssh import tuning, upstream
+from proxy.ssh import forwarding, tuning, upstream
 from proxy.ssh.channel import ProxyChannel
 from proxy.ssh.context import ChannelContext
 from proxy.ssh.contracts import AccessGate, Hub, Live
@@ -128,6 +130,7 @@ class _Connection(asyncssh.SSHServer):
         self._done = asyncio.get_running_loop().create_future()
         self._ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._early: list[dict[str, Any]] = []  # refusals seen before the session was open
+        self.notices: list[str] = []  # told to the client on its next session channel
 
     # -- authentication ----------------------------------------------------------------------
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
@@ -192,7 +195,7 @@ class _Connection(asyncssh.SSHServer):
             return
         self.ctx = ChannelContext(label=self.label, resource=res, session=self.session,
                                   guard=self.proxy._guards[res.name], masker=self.proxy._maskers[res.name],
-                                  upstream=self.upstream)
+                                  upstream=self.upstream, notices=self.notices)
         self._upstream = asyncio.create_task(upstream.connect(res, self.proxy.environ, context=self.label))
         self._upstream.add_done_callback(lambda t: t.cancelled() or t.exception())
         for item in self._early:
@@ -228,7 +231,7 @@ class _Connection(asyncssh.SSHServer):
 
     def connection_requested(self, dest_host: str, dest_port: int, orig_host: str, orig_port: int) -> Any:
         if self.resource is None or not self.resource.allow.port_forwarding:
-            self._refused("port forwarding", f"{dest_host}:{dest_port}")
+            self._refused("port forwarding", f"{dest_host}:{dest_port}", "allow.port_forwarding is off")
             raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
                                             "hoop: port forwarding is not allowed on this resource")
         async def tunnel() -> Any:
@@ -240,26 +243,55 @@ class _Connection(asyncssh.SSHServer):
             return await self.conn.forward_tunneled_connection(await self.upstream(), dest_host, dest_port)
         return tunnel()
 
-    def server_requested(self, listen_host: str, listen_port: int) -> bool:
-        self._refused("remote port forwarding", f"{listen_host}:{listen_port}")
-        return False
+    def server_requested(self, listen_host: str, listen_port: int) -> Any:
+        target = f"{listen_host}:{listen_port}"
+        if self.resource is None or not self.resource.allow.port_forwarding:
+            self._refused("remote port forwarding", target, "allow.port_forwarding is off")
+            return False
+
+        async def listen() -> asyncssh.SSHListener | bool:
+            await asyncio.shield(self._ready)
+            session = self.session
+            if session is None or self.conn is None or self._ending is not None:
+                return False
+            try:
+                listener = await forwarding.listen_upstream(
+                    self.conn, await self.upstream(), listen_host, listen_port,
+                    lambda host, port: session.record("forward", {"remote": target, "from": f"{host}:{port}"}))
+            except HoopError as exc:
+                log.warning("%s remote port forwarding to %s failed: %s", self.label, target, exc.message)
+                return False
+            except (asyncssh.Error, OSError) as exc:
+                log.info("%s remote port forwarding on %s refused by the host: %s", self.label, target, exc)
+                self._notice(f"hoop: remote port forwarding on {target}: the host refused to listen")
+                return False
+            log.info("%s remote port forwarding: the host listens on %s:%d", self.label, listen_host,
+                     listener.get_port())
+            session.record("forward", {"listen": f"{listen_host}:{listener.get_port()}"})
+            return listener
+        return listen()
 
     def unix_connection_requested(self, dest_path: str) -> bool:
-        self._refused("unix socket forwarding", dest_path)
+        self._refused("unix socket forwarding", dest_path, "hoop does not forward unix sockets")
         return False
 
     def unix_server_requested(self, listen_path: str) -> bool:
-        self._refused("remote unix socket forwarding", listen_path)
+        self._refused("remote unix socket forwarding", listen_path, "hoop does not forward unix sockets")
         return False
 
-    def _refused(self, what: str, target: str) -> None:
-        log.info("%s %s to %s refused", self.label, what, target)
-        item = {"what": what, "target": target, "reason": "not allowed"}
+    def _refused(self, what: str, target: str, why: str = "not allowed") -> None:
+        log.info("%s %s to %s refused: %s", self.label, what, target, why)
+        item = {"what": what, "target": target, "reason": why}
+        self._notice(f"hoop: {what} ({target}) refused: {why} on this resource")
         if self.session is None:
             self._early.append(item)
         else:
             self.session.record("blocked", item)
             self.session.stats["blocked"] += 1
+
+    def _notice(self, text: str) -> None:
+        """Tell the client on its next session channel (global requests carry no reason)."""
+        self.notices.append(text)
 
     # -- the end --------------------------------------------------------------------------------
     def end(self, reason: str) -> None:
