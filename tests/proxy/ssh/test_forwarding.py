@@ -116,3 +116,49 @@ async def test_remote_forwarding_port_zero_with_asyncssh(upstream: Sshd, tmp_pat
             await fwd.wait_closed()
     finally:
         await stop_env(env, store)
+
+
+@pytest.fixture
+async def agent(tmp_path: Path) -> AsyncIterator[str]:
+    """An ssh-agent holding one generated key; yields its socket path; stopped by its PID."""
+    sock = str(tmp_path / "agent.sock")
+    proc = await asyncio.create_subprocess_exec("ssh-agent", "-D", "-a", sock, stdout=asyncio.subprocess.DEVNULL,
+                                                stderr=asyncio.subprocess.DEVNULL)
+    try:
+        for _ in range(200):
+            if os.path.exists(sock):
+                break
+            await asyncio.sleep(0.02)
+        key = tmp_path / "agent_key"
+        gen = await asyncio.create_subprocess_exec("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "agent-key",
+                                                   "-f", str(key), stdout=asyncio.subprocess.DEVNULL)
+        assert await gen.wait() == 0
+        add = await asyncio.create_subprocess_exec("ssh-add", "-q", str(key), env={**os.environ, "SSH_AUTH_SOCK": sock},
+                                                   stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+        assert await add.wait() == 0
+        yield sock
+    finally:
+        proc.terminate()
+        await proc.wait()
+
+
+async def test_agent_forwarding_refused_by_default(env: Env, agent: str) -> None:
+    grant, secret = await env.grant()
+    argv = env.ssh_argv(grant.login, "-A", "ssh-add -l; echo sock=${SSH_AUTH_SOCK:-none}")
+    proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                                                env={**os.environ, "SSHPASS": secret, "SSH_AUTH_SOCK": agent})
+    out, _ = await asyncio.wait_for(proc.communicate(), 30)
+    assert b"sock=none" in out and b"agent-key" not in out
+
+
+async def test_x11_refused_by_default(env: Env) -> None:
+    grant, secret = await env.grant()
+    argv = env.ssh_argv(grant.login, "-X", "echo display=${DISPLAY:-none}")
+    argv[argv.index("LogLevel=ERROR")] = "LogLevel=INFO"
+    proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                                                env={**os.environ, "SSHPASS": secret, "DISPLAY": ":99"})
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0 and b"display=none" in out
+    assert b"X11 forwarding request failed" in err
