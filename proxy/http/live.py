@@ -18,37 +18,16 @@ import asyncio
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
-from datetime import datetime
-from typing import Any, Protocol
 
 from broker.clock import Clock
 from broker.model import Grant
+from proxy.contracts import Hub, Live
 
 log = logging.getLogger(__name__)
 
 __all__ = ["Hub", "Live", "SessionPool", "Stream"]
 
 _ENDED_MAX = 10_000
-
-
-class Live(Protocol):
-    """What the HTTP proxy uses of :class:`proxy.sessions.LiveSession`."""
-
-    id: str
-    grant: Grant
-    deadline: datetime
-    stats: dict[str, int]
-
-    def record(self, kind: str, data: dict[str, Any]) -> None: ...
-    async def review(self, text: str, rule: str, timeout: float) -> bool: ...
-    async def close(self, reason: str) -> None: ...
-
-
-class Hub(Protocol):
-    """What the HTTP proxy uses of :class:`proxy.sessions.SessionHub`."""
-
-    async def open(self, grant: Grant, resource: str, protocol: str, client_addr: str,
-                   on_end: Callable[[str], None]) -> Any: ...
 
 
 class Stream:

@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING
 import asyncssh
 
 from broker.config import SshResource
+from proxy.contracts import Live
 from proxy.guard import Decision, strictest
 from proxy.mask import Masker
 from proxy.shellguard import ShellGuard
-from proxy.ssh.contracts import Live
 
 if TYPE_CHECKING:
     from proxy.ssh.channel import ProxyChannel

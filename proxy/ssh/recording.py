@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from broker.model import SessionEvent
-from proxy.ssh.contracts import Live
+from proxy.contracts import Live
 
 __all__ = ["Recorder", "asciicast", "cast_events"]
 

@@ -37,12 +37,12 @@ from broker.clock import Clock
 from broker.config import HoopConfig, SshResource
 from broker.errors import Denied, HoopError
 from broker.model import Grant
+from proxy.contracts import AccessGate, Hub, Live
 from proxy.mask import Masker
 from proxy.shellguard import ShellGuard
 from proxy.ssh import forwarding, tuning, upstream
 from proxy.ssh.channel import ProxyChannel
 from proxy.ssh.context import ChannelContext
-from proxy.ssh.contracts import AccessGate, Hub, Live
 
 __all__ = ["SshProxy"]
 

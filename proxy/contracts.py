@@ -1,4 +1,4 @@
-"""The shapes the SSH proxy needs from the shared session layer (``proxy.access``, ``proxy.sessions``).
+"""The shapes the proxies need from the shared session layer (``proxy.access``, ``proxy.sessions``).
 
 Typed as small protocols so the proxy depends on behaviour, not on the classes: the real
 :class:`proxy.access.Gate` and :class:`proxy.sessions.SessionHub` satisfy them, and so do the
