@@ -12,6 +12,7 @@ the same after a restart, so a restarted hoop can still connect as a live grant'
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -122,7 +123,14 @@ class EphemeralRoles:
             if not exists:
                 return
             await conn.execute(f"ALTER ROLE {_ident(role)} NOLOGIN")
-            await conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1", role)
+            # pg_terminate_backend only signals: wait (bounded) until the backends are gone, or their
+            # temporary objects would still depend on the role when it is dropped
+            for _ in range(100):
+                left = await conn.fetchval(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE usename = $1", role)
+                if not left:
+                    break
+                await asyncio.sleep(0.05)
             admin = res.admin_user or res.user
             await conn.execute(f"REASSIGN OWNED BY {_ident(role)} TO {_ident(admin)}")
             await conn.execute(f"DROP OWNED BY {_ident(role)}")
