@@ -17,6 +17,7 @@ from broker.clock import Clock, SystemClock
 from broker.config import HoopConfig, PostgresResource, Settings
 from broker.errors import HoopError
 from broker.events import Broadcast
+from broker.fanout import Replicas, asyncpg_dsn
 from broker.metrics import Metrics
 from broker.model import Grant
 from broker.roles import EphemeralRoles
@@ -39,6 +40,7 @@ class Runtime:
     metrics: Metrics
     service: Service
     scheduler: Scheduler
+    replicas: Replicas
     closers: list[Callable[[], Any]] = field(default_factory=list)
 
     async def close(self) -> None:
@@ -65,10 +67,13 @@ def build_runtime(config: HoopConfig, settings: Settings, *, clock: Clock | None
     metrics = Metrics()
     bus.add(metrics)
     service = Service(config, store, clock, bus, hooks=hooks)
-    scheduler = Scheduler(service, clock)
+    # every command tells the other replicas (hoop serve) about the grants it ends or extends
+    replicas = Replicas(store, asyncpg_dsn(settings.database_url), targets=[])
+    bus.add(replicas)
+    scheduler = Scheduler(service, clock, leader=lambda: replicas.is_leader)
     bus.add(scheduler)
     return Runtime(config=config, settings=settings, store=store, clock=clock, bus=bus, metrics=metrics,
-                   service=service, scheduler=scheduler)
+                   service=service, scheduler=scheduler, replicas=replicas)
 
 
 async def _listen(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
@@ -145,9 +150,25 @@ async def serve_forever(config: HoopConfig, settings: Settings, say: Callable[[s
             say(f"hoop: recovered the recordings of {recovered} session(s) open when hoop stopped")
         gate = Gate(rt.service, rt.clock)
         recap = Recap(rt.service)
+        replicas = rt.replicas
+        replicas.targets = [hub, gate]
+        replicas.live = lambda: [s.grant for s in hub.live()]
+        replicas.on_deadline = rt.scheduler.at
+
+        async def lead() -> None:
+            say("hoop: this replica is now the scheduler leader")
+            await rt.scheduler.kick()
+
+        replicas.on_leader = lead
         for sub in (hub, gate, recap):
             rt.bus.add(sub)
         rt.closers.append(recap.drain)
+        await replicas.start()
+        rt.closers.append(replicas.close)
+        if replicas.dsn is not None:
+            say("hoop: replica fan-out on PostgreSQL LISTEN/NOTIFY ("
+                + ("scheduler leader" if replicas.is_leader else "follower; another replica leads the scheduler")
+                + ")")
 
         web_app = build_web(rt.store, rt.metrics)
         if config.oidc is not None:

@@ -4,12 +4,15 @@
 ``Clock`` and acts. Tests advance a fake clock and call it; they never sleep. In production
 APScheduler fires ``run_due`` at each known deadline (date jobs, so expiry is on time to the
 millisecond) plus a periodic sweep that catches anything another replica scheduled. The
-scheduler learns new deadlines by subscribing to the broker's events.
+scheduler learns new deadlines by subscribing to the broker's events, and other replicas'
+deadlines through :mod:`broker.fanout`. With several replicas only the leader (``leader()``)
+acts; the others keep their jobs and skip them, so a new leader has the schedule at hand.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -32,10 +35,13 @@ class DueReport:
 
 
 class Scheduler:
-    def __init__(self, service: Service, clock: Clock, *, sweep_every: timedelta = timedelta(seconds=15)) -> None:
+    def __init__(self, service: Service, clock: Clock, *, sweep_every: timedelta = timedelta(seconds=15),
+                 leader: Callable[[], bool] = lambda: True) -> None:
         self.service = service
         self.clock = clock
         self.sweep_every = sweep_every
+        #: with several replicas only the leader acts on deadlines (see broker/fanout.py)
+        self.leader = leader
         self._aps: AsyncIOScheduler | None = None
 
     async def run_due(self) -> DueReport:
@@ -73,7 +79,7 @@ class Scheduler:
     # -- real time --------------------------------------------------------------------------
     async def start(self) -> DueReport:
         """Reconcile (act on what became due while down), then schedule every future deadline."""
-        report = await self.run_due()
+        report = await self.run_due() if self.leader() else DueReport()
         self._aps = AsyncIOScheduler(timezone="UTC")
         self._aps.add_job(self._tick, "interval", seconds=self.sweep_every.total_seconds(), id="sweep",
                           max_instances=1, coalesce=True)
@@ -96,7 +102,13 @@ class Scheduler:
         self._aps.add_job(self._tick, "date", run_date=run_at, id=f"due-{run_at.timestamp():.6f}",
                           replace_existing=True, misfire_grace_time=None)
 
+    async def kick(self) -> None:
+        """Act at once on whatever is due (a replica that just became the leader)."""
+        await self._tick()
+
     async def _tick(self) -> None:
+        if not self.leader():
+            return
         try:
             await self.run_due()
         except Exception:
