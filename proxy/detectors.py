@@ -67,6 +67,8 @@ _DIGIT_SHAPE = _table(
 )
 # upper-case -> "A", digits -> "0", everything else "_"
 _IBAN_SHAPE = _table({**{c: ord("0") for c in _DIGITS}, **{c: ord("A") for c in _UPPER}}, ord("_"))
+# characters of an email's local part -> "x", everything else " "
+_LOCAL_SHAPE = _table({c: ord("x") for c in _DIGITS + _UPPER + _LOWER + b"._%+-"}, ord(" "))
 # token characters -> "x", everything else " "
 _TOKEN_SHAPE = _table({c: ord("x") for c in _TOKEN}, ord(" "))
 
@@ -325,18 +327,22 @@ class Scanner:
                 _match_at_literal(data, lit, _AWS_SECRET, 1, hits)
 
     def _scan_email(self, data: bytes, hits: list[Hit]) -> None:
+        # An email's local part is the whole run of local-part characters before its "@" (the
+        # pattern's lookbehind), so the match is tried at that run's start only, found with
+        # rfind on a shape of the buffer, instead of searched for across a window.
         n = len(data)
+        shape = data.translate(_LOCAL_SHAPE)
         pos = data.find(b"@")
-        done = 0  # end of the last hit: an earlier email in the window must not hide this one
+        done = 0  # end of the last hit: an email never starts inside it
         while pos != -1:
             nxt = pos + 1
-            m = _EMAIL.search(data, max(done, pos - 65), min(n, pos + 256))
-            while m is not None and m.end() <= pos:
-                m = _EMAIL.search(data, m.end(), min(n, pos + 256))
-            if m is not None and m.end() > pos:
-                done = m.end()
-                hits.append((m.start(), m.end(), "email"))
-                nxt = max(nxt, m.end())
+            start = shape.rfind(b" ", max(0, pos - 65), pos) + 1
+            if start > 0 or pos <= 64:
+                m = _EMAIL.match(data, start, min(n, pos + 256)) if start >= done and start < pos else None
+                if m is not None:
+                    done = m.end()
+                    hits.append((start, done, "email"))
+                    nxt = done
             pos = data.find(b"@", nxt)
 
     def _scan_digits(self, data: bytes, hits: list[Hit]) -> None:

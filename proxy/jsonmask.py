@@ -17,7 +17,10 @@ What is masked:
 * a string longer than ``max_string`` bytes (1 MiB by default) is not held: it is
   replaced whole by ``"[masked]"``.
 
-Speed. Most bytes never reach the per-token Python loop: runs of members that no key rule
+Speed. A chunk that is one whole value (an HTTP response read whole, up to 256 KiB) at the
+top level is masked in one pass by :func:`proxy.jsonfast.mask_document`, with the same
+bytes as a result; it returns None for what it does not handle and the tokenizer runs. Otherwise
+most bytes never reach the per-token Python loop: runs of members that no key rule
 applies to are consumed by one regex, and a container whole in the chunk is validated and
 skipped by the C JSON decoder (:mod:`proxy.jsonfast`) when it holds no ruled key and no
 detector hit (the chunk is scanned once). Only what may change takes the exact path, which
@@ -38,7 +41,16 @@ from bisect import bisect_right
 
 from broker.config import Strategy
 from proxy.detectors import Hit
-from proxy.jsonfast import STRINGS, Fast, fast_patterns, has_ruled_key, reject_constant
+from proxy.jsonfast import (
+    STRINGS,
+    Fast,
+    decode_string,
+    encode_string,
+    fast_patterns,
+    has_ruled_key,
+    mask_document,
+    reject_constant,
+)
 from proxy.mask import RULE_MARKER, Masker, StreamMasker
 
 _WS = re.compile(rb"[ \t\r\n]*")
@@ -54,6 +66,8 @@ _VALUE, _KEY, _KEY_OR_END, _VALUE_OR_END, _COLON_NEXT, _AFTER = range(6)
 # what it is inside of
 _STRUCT, _STRING, _SCALAR_TOK = range(3)
 _OVERFLOW = ('"' + RULE_MARKER + '"').encode()
+_DECODER = json.JSONDecoder(parse_constant=reject_constant)  # stateless: one for all maskers
+_WHOLE_MAX = 256 * 1024  # a chunk that is one whole value up to this size takes mask_document
 
 
 class _Invalid(Exception):
@@ -80,9 +94,9 @@ class JsonStreamMasker:
         globs = tuple(r.match for r in masker.config.json_keys)
         self._fast = fast_patterns(globs, max_string) if masker.enabled and fast else None
         self._ruled = self._fast[2] if self._fast is not None else None
+        self._whole_max = min(_WHOLE_MAX, max_string)  # no string in such a chunk can overflow
         self._hits: list[Hit] | None = None  # detector hits of the current chunk (None: not computed)
         self._hit_ends: list[int] = []
-        self._decoder = json.JSONDecoder(parse_constant=reject_constant)
 
     @property
     def fallback(self) -> bool:
@@ -95,6 +109,12 @@ class JsonStreamMasker:
             return chunk
         if self._text is not None:
             return self._text.feed(chunk)
+        if (self._fast is not None and not self._stack and self._state == _STRUCT and len(chunk) <= self._whole_max
+                and self._expect in (_VALUE, _AFTER)):
+            whole = mask_document(self._m, chunk, self._ruled, self._max_depth)
+            if whole is not None:  # the chunk was one complete value
+                self._expect = _AFTER
+                return whole
         return self._feed(chunk)
 
     def flush(self) -> bytes:
@@ -282,7 +302,7 @@ class JsonStreamMasker:
         rules on the decoded value, its raw bytes against the detectors.
         """
         try:
-            value, end = self._decoder.raw_decode(text, i)
+            value, end = _DECODER.raw_decode(text, i)
         except (ValueError, RecursionError):
             return -1
         raw = chunk[i:end]
@@ -396,19 +416,19 @@ class JsonStreamMasker:
                 self._key_strategy = None
             return _OVERFLOW
         if self._is_key:
-            text = _decode(raw) if b"\\" in raw else raw.decode("utf-8", "replace")
+            text = decode_string(raw) if b"\\" in raw else raw.decode("utf-8", "replace")
             self._key_strategy = self._m.json_key_strategy(text)
             return self._detect(raw, clean)
         strategy = self._strategy()
         if strategy is not None:
-            return _encode(self._m.apply(_decode(raw), strategy))
+            return encode_string(self._m.apply(decode_string(raw), strategy))
         return self._detect(raw, clean)
 
     def _detect(self, raw: bytes, clean: bool) -> bytes | None:
         if b"\\" in raw:
-            text = _decode(raw)
+            text = decode_string(raw)
             masked = self._m.mask_text(text)
-            return None if masked == text else _encode(masked)
+            return None if masked == text else encode_string(masked)
         if clean:
             return None
         masked_raw = self._m.mask_bytes(raw)
@@ -422,7 +442,7 @@ class JsonStreamMasker:
         strategy = self._strategy()
         if strategy is None or raw[0] in b"tfn":
             return None
-        return _encode(self._m.apply(raw.decode("ascii"), strategy))
+        return encode_string(self._m.apply(raw.decode("ascii"), strategy))
 
     def _fall_back(self, chunk: bytes, out: list[bytes], emit: int) -> bytes:
         self._text = StreamMasker(self._m)
@@ -439,15 +459,3 @@ class JsonStreamMasker:
 def _match_end(pattern: re.Pattern[bytes], data: bytes, pos: int) -> int:
     m = pattern.match(data, pos)
     return pos if m is None else m.end()
-
-
-def _decode(raw: bytes) -> str:
-    try:
-        value = json.loads(b'"' + raw + b'"')
-    except ValueError:
-        return raw.decode("utf-8", "replace")
-    return value if isinstance(value, str) else str(value)
-
-
-def _encode(text: str) -> bytes:
-    return json.dumps(text, ensure_ascii=False).encode("utf-8", "surrogatepass")

@@ -13,8 +13,10 @@ WebSocket upgrade is relayed by :mod:`proxy.http.websocket`.
 Masking. With masking on, the upstream is asked for ``Accept-Encoding: identity`` so bodies
 arrive as plain text; a ``gzip``/``deflate`` body of a masked type is decoded anyway, and
 another encoding of a masked type is refused with 502 (fail closed). JSON and text bodies go
-through :mod:`proxy.http.body`'s filters and lose their ``Content-Length`` (the response is
-chunked); other types pass through unchanged with their length.
+through :mod:`proxy.http.body`'s filters. An uncompressed body of known length up to 256 KiB
+is read whole and answered with the ``Content-Length`` of its masked form (a JSON one is then
+masked in one pass); a longer, chunked or compressed one is streamed and loses its
+``Content-Length`` (the response is chunked). Other types pass through unchanged with their length.
 
 Sessions are shared per grant, resource and client address (:mod:`proxy.http.live`), so a
 burst of requests costs one session row; each request is recorded as an ``"http"`` event with
@@ -60,7 +62,9 @@ log = logging.getLogger(__name__)
 __all__ = ["BearerGate", "HttpProxy"]
 
 _IDLE_FLUSH = 0.2  # seconds a held text tail may wait for more bytes before it is sent
-_SMALL_BODY = 64 * 1024  # a body of known length up to this is relayed in one write
+# A body of known length up to this is read whole and relayed in one write; a JSON body that
+# arrives whole is then masked in one pass (proxy.jsonfast.mask_document), not token by token.
+_SMALL_BODY = 256 * 1024
 
 
 class BearerGate(Protocol):
@@ -310,8 +314,9 @@ class HttpProxy:
                                f"the upstream sent {encoding!r}-encoded {ctype}, which the proxy cannot mask")
             inflate = Inflate(encoding)
         length = resp.content_length
-        if length is not None and length <= _SMALL_BODY and has_body and flight.reason is None:
-            return await self._respond_small(up, resp, filt, inflate, ctype, record)
+        if length is not None and length <= _SMALL_BODY and has_body and inflate is None and flight.reason is None:
+            # (a compressed body streams: 256 KiB of gzip may inflate to 256 MB)
+            return await self._respond_small(up, resp, filt, ctype, record)
         out = web.StreamResponse(status=resp.status, reason=resp.reason,
                                  headers=response_headers(resp.headers, body_changes=filt is not None,
                                                           decoded=inflate is not None))
@@ -361,19 +366,17 @@ class HttpProxy:
         return out
 
     async def _respond_small(self, up: _Upstream, resp: aiohttp.ClientResponse, filt: BodyFilter | None,
-                             inflate: Inflate | None, ctype: str | None, record: dict[str, Any]) -> web.Response:
-        """A body of known length up to 64 KiB: read it whole (bounded) and answer in one write,
-        with a correct ``Content-Length`` even when masking changed the body."""
+                             ctype: str | None, record: dict[str, Any]) -> web.Response:
+        """An uncompressed body of known length up to 256 KiB: read it whole (bounded) and answer in
+        one write, with a correct ``Content-Length`` even when masking changed the body."""
         raw = await resp.read()
-        if inflate is not None:
-            raw = b"".join(inflate.feed(raw)) + inflate.flush()  # bounded: pieces of 256 KiB, then masked
         body = filt.feed(raw) + filt.flush() if filt is not None else raw
         cap = Capture(up.resource.max_body_record)
         cap.feed(body)
         record["resp_bytes"] = cap.size
         if filt is not None or not up.masker.enabled:
             record["resp_body"] = _recorded(up.masker, ctype, cap, masked=True)
-        headers = response_headers(resp.headers, body_changes=True, decoded=inflate is not None)
+        headers = response_headers(resp.headers, body_changes=True, decoded=False)
         return web.Response(status=resp.status, reason=resp.reason, body=body, headers=headers)
 
     @staticmethod
