@@ -10,10 +10,14 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 CHUNK = 64 * 1024
+USERS = (b'{"items": [{"name": "Alice", "email": "alice.smith@example.com", "password": "hunter2-secret",'
+         b' "card": "4111111111111111", "note": "call me"}, {"name": "Bob", "email": "bob@corp.example",'
+         b' "password": 12345, "api_token": "tok-abcdefghijkl"}]}')
 
 
 class Upstream:
-    """Routes: /echo-headers, /api/v1/namespaces/{ns}, /users (chunked JSON), /text, /big, /slow, /ws, /upload."""
+    """Routes: /echo-headers, /api/v1/namespaces/{ns}, /users (chunked JSON), /users-whole (the same with a
+    Content-Length), /doc (a large JSON document of known length), /text, /big, /slow, /ws, /upload."""
 
     def __init__(self) -> None:
         self.seen: list[dict[str, Any]] = []
@@ -24,6 +28,8 @@ class Upstream:
         app.router.add_route("*", "/echo-headers", self.echo_headers)
         app.router.add_route("*", "/api/v1/namespaces/{ns}", self.namespace)
         app.router.add_get("/users", self.users)
+        app.router.add_get("/users-whole", self.users_whole)
+        app.router.add_get("/doc", self.doc)
         app.router.add_get("/text", self.text)
         app.router.add_get("/big", self.big)
         app.router.add_get("/slow", self.slow)
@@ -59,15 +65,24 @@ class Upstream:
     async def users(self, request: web.Request) -> web.StreamResponse:
         """JSON written in small chunks that cut values in two."""
         self._seen(request)
-        body = (b'{"items": [{"name": "Alice", "email": "alice.smith@example.com", "password": "hunter2-secret",'
-                b' "card": "4111111111111111", "note": "call me"}, {"name": "Bob", "email": "bob@corp.example",'
-                b' "password": 12345, "api_token": "tok-abcdefghijkl"}]}')
+        body = USERS
         resp = web.StreamResponse(headers={"Content-Type": "application/json"})
         await resp.prepare(request)
         for i in range(0, len(body), 7):
             await resp.write(body[i:i + 7])
         await resp.write_eof()
         return resp
+
+    async def users_whole(self, request: web.Request) -> web.Response:
+        self._seen(request)
+        return web.Response(body=USERS, content_type="application/json")
+
+    async def doc(self, request: web.Request) -> web.Response:
+        """``n`` users (``?n=``), with a ``Content-Length``."""
+        n = int(request.query.get("n", "1000"))
+        items = [{"id": i, "email": f"user{i}@example.com", "password": f"pw-{i}", "name": f"User {i} Zoë"}
+                 for i in range(n)]
+        return web.json_response({"items": items})
 
     async def text(self, request: web.Request) -> web.Response:
         self._seen(request)
