@@ -103,6 +103,9 @@ async def whoami(c: Ctx) -> BaseModel:
 async def create_request(c: Ctx) -> BaseModel:
     b: RequestCreate = c.body
     req = await c.api.service.request(c.who, b.resource, b.duration, b.reason)
+    if b.pickup_key is not None:
+        async with c.api.service.store.tx() as tx:
+            await tx.insert_pickup(req.id, b.pickup_key, c.api.clock.now())
     return RequestOut.of(req)
 
 
@@ -132,8 +135,8 @@ async def approve(c: Ctx) -> BaseModel:
     result = await c.api.service.approve(c.param("id"), c.who, via="api")
     if result.grant is not None and result.secret is not None:
         # the approver never sees the secret; the requester collects it from the inbox
-        c.api.inbox.offer(result.request, result.grant, result.secret,
-                          connection_hints(c.api.config, result.grant, result.secret))
+        await c.api.inbox.offer(result.request, result.grant, result.secret,
+                                connection_hints(c.api.config, result.grant, result.secret))
     granted = result.request.status is RequestStatus.APPROVED
     grant = GrantOut.of(result.grant, c.api.clock.now()) if result.grant is not None else None
     return ApproveOut(request=RequestOut.of(result.request), granted=granted, grant=grant)
@@ -158,12 +161,13 @@ async def collect(c: Ctx) -> BaseModel:
         raise Denied("only the requester can collect this request's credential", code="not_requester")
     if req.status is not RequestStatus.APPROVED or grant is None:
         raise Conflict(f"request {req.id} is {req.status.value}; there is no credential yet", code=req.status.value)
-    held = c.api.inbox.collect(req.id)
+    state, held = await c.api.inbox.collect(req.id)
     if held is None:
-        why = "was already collected" if c.api.inbox.was_collected(req.id) else "is not held by this broker"
+        why = {"collected": "was already collected", "expired": "expired before it was collected"}.get(
+            state, "is not held by this broker (request with a pickup_key to collect from any replica)")
         raise Conflict(f"the credential of request {req.id} {why}; it is shown once", code="collected")
-    return CredentialOut(grant=GrantOut.of(grant, c.api.clock.now()), login=held.grant.login, secret=held.secret,
-                         hints=held.hints)
+    return CredentialOut(grant=GrantOut.of(grant, c.api.clock.now()), login=grant.login, secret=held.secret,
+                         hints=held.hints, sealed=held.sealed)
 
 
 def _may_see(config: HoopConfig, who: Identity, g: Grant) -> bool:
@@ -318,7 +322,7 @@ def build_api(service: Service, config: HoopConfig, verifier: TokenVerifier, clo
     ``service.notifier`` if that is a :class:`Broadcast`.
     """
     if inbox is None:
-        inbox = SecretInbox(clock)
+        inbox = SecretInbox(clock, service.store)
         if isinstance(service.notifier, Broadcast):
             service.notifier.add(inbox)
         else:

@@ -11,10 +11,20 @@ from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from broker import policy
+from broker import policy, sealing
 from broker.duration import format_duration, parse_duration
 from broker.errors import InvalidInput
 from broker.model import AccessRequest, Grant, GrantStatus, RequestStatus
+
+
+def _check_pickup_key(value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        sealing.public_key(value)
+    except InvalidInput as exc:
+        raise ValueError(exc.message) from None
+    return value
 
 
 def _check_duration(value: str | None) -> str | None:
@@ -46,6 +56,10 @@ class RequestCreate(_In):
     resource: Name
     duration: DurationText | None = Field(default=None, description="e.g. 30m; default: the resource's default")
     reason: str = Field(default="", max_length=2000)
+    pickup_key: Annotated[str | None, AfterValidator(_check_pickup_key)] = Field(
+        default=None, max_length=64,
+        description="base64url X25519 public key: the credential is sealed to it in the store, so any broker "
+                    "replica can hand it out, and only the holder of the private key can read it")
 
 
 class Decision(_In):
@@ -176,12 +190,15 @@ class ApproveOut(_Out):
 
 
 class CredentialOut(_Out):
-    """A credential, shown once: ``secret`` works on every hoop proxy for ``grant.resources``."""
+    """A credential, shown once: ``secret`` works on every hoop proxy for ``grant.resources``.
+    For a request made with a ``pickup_key``, ``secret`` is null and ``sealed`` holds the secret and
+    the hints, encrypted to that key (X25519, HKDF-SHA256, AES-256-GCM bound to the request id)."""
 
     grant: GrantOut
     login: str
-    secret: str
+    secret: str | None
     hints: dict[str, str]
+    sealed: str | None = None
 
 
 class FieldError(_Out):

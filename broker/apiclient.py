@@ -6,16 +6,22 @@ hoop's own errors (403 -> :class:`Denied`, 422 -> :class:`InvalidInput`, ...), s
 prints the server's message and exits non-zero, never a traceback.
 
 ``hoop request --wait`` polls until the request is decided and then collects the credential,
-which the API shows once. :func:`register` adds the commands to the ``hoop`` Typer app.
+which the API shows once. Each request carries a fresh pickup key (:mod:`broker.sealing`): the
+broker stores the credential sealed to it, so any replica can hand it out and only this
+client can open it. Without ``--wait`` the private half is kept in a 0600 file under the
+pickup directory until ``hoop status ID --collect`` uses it (and deletes it).
+:func:`register` adds the commands to the ``hoop`` Typer app.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from types import TracebackType
 from typing import Annotated, Any, TypeVar
 
@@ -23,6 +29,7 @@ import aiohttp
 import typer
 from rich.console import Console
 
+from broker import sealing
 from broker.errors import Conflict, Denied, HoopError, InvalidInput, NotFound, UpstreamError
 
 T = TypeVar("T")
@@ -80,10 +87,13 @@ class ApiClient:
     async def me(self) -> dict[str, Any]:
         return dict(await self.call("GET", "/me"))
 
-    async def create_request(self, resource: str, duration: str | None, reason: str) -> dict[str, Any]:
+    async def create_request(self, resource: str, duration: str | None, reason: str,
+                             pickup_key: str | None = None) -> dict[str, Any]:
         body: dict[str, Any] = {"resource": resource, "reason": reason}
         if duration:
             body["duration"] = duration
+        if pickup_key:
+            body["pickup_key"] = pickup_key
         return dict(await self.call("POST", "/requests", body))
 
     async def get_request(self, request_id: str) -> dict[str, Any]:
@@ -95,8 +105,18 @@ class ApiClient:
     async def my_grants(self) -> list[dict[str, Any]]:
         return list((await self.call("GET", "/grants", params={"mine": "true", "status": "active"}))["grants"])
 
-    async def collect(self, request_id: str) -> dict[str, Any]:
-        return dict(await self.call("POST", f"/requests/{request_id}/credential"))
+    async def collect(self, request_id: str, private_key: str | None = None) -> dict[str, Any]:
+        """The credential, opened with ``private_key`` when the broker sealed it."""
+        cred = dict(await self.call("POST", f"/requests/{request_id}/credential"))
+        box = cred.pop("sealed", None)
+        if box:
+            if not private_key:
+                raise Conflict(f"the credential of request {request_id} is sealed to a pickup key this client "
+                               "does not hold (it was requested elsewhere); it cannot be opened here",
+                               code="no_pickup_key")
+            opened = json.loads(sealing.unseal(private_key, box, request_id))
+            cred["secret"], cred["hints"] = opened["secret"], opened["hints"]
+        return cred
 
     async def revoke(self, grant_id: str, reason: str = "") -> dict[str, Any]:
         return dict(await self.call("POST", f"/grants/{grant_id}/revoke", {"reason": reason}))
@@ -125,6 +145,9 @@ class ApiClient:
 ApiOpt = Annotated[str, typer.Option("--api", envvar="HOOP_API", help="hoop API URL (https://hoop.example.com)")]
 TokenOpt = Annotated[str, typer.Option("--token", envvar="HOOP_TOKEN", help="OIDC bearer token")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON")]
+KeysOpt = Annotated[Path | None, typer.Option(
+    "--pickup-dir", envvar="HOOP_PICKUP_DIR",
+    help="where pickup keys of requests made without --wait are kept (default ~/.local/state/hoop/pickup)")]
 _out = Console(highlight=False)
 _err = Console(stderr=True, highlight=False)
 
@@ -150,6 +173,27 @@ def _print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data) + "\n")
 
 
+def _keys_dir(given: Path | None) -> Path:
+    if given is not None:
+        return given
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "hoop" / "pickup"
+
+
+def _save_key(folder: Path, request_id: str, private: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = folder / f"{request_id}.key"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(private + "\n")
+    return path
+
+
+def _load_key(folder: Path, request_id: str) -> str | None:
+    path = folder / f"{request_id}.key"
+    return path.read_text().strip() if path.is_file() else None
+
+
 def _show_credential(cred: dict[str, Any]) -> None:
     g = cred["grant"]
     _out.print(f"granted: {g['id']} for {', '.join(g['resources'])} until {g['expires_at']}", markup=False)
@@ -169,12 +213,15 @@ def request_cmd(
     poll: Annotated[float, typer.Option(help="seconds between checks while waiting")] = 3.0,
     timeout: Annotated[float, typer.Option(help="give up waiting after this many seconds")] = 900.0,
     as_json: JsonOpt = False,
+    pickup_dir: KeysOpt = None,
 ) -> None:
     """Ask for access through the hoop API (for terminals, agents and CI jobs)."""
+    private, public = sealing.new_keypair()
 
     async def go(client: ApiClient) -> dict[str, Any]:
-        req = await client.create_request(resource, duration, " ".join(reason or []))
+        req = await client.create_request(resource, duration, " ".join(reason or []), pickup_key=public)
         if not wait:
+            _save_key(_keys_dir(pickup_dir), req["id"], private)
             return {"request": req}
         if req["status"] == "pending":
             if not as_json:
@@ -183,7 +230,7 @@ def request_cmd(
         if req["status"] != "approved":
             raise Denied(f"request {req['id']} was {req['status']}"
                          + (f": {req['decision_reason']}" if req.get("decision_reason") else ""), code=req["status"])
-        return {"request": req, "credential": await client.collect(req["id"])}
+        return {"request": req, "credential": await client.collect(req["id"], private)}
 
     data = _go(api, token, go)
     if as_json:
@@ -194,6 +241,8 @@ def request_cmd(
                f"chain {req['chain_text']}", markup=False)
     if "credential" in data:
         _show_credential(data["credential"])
+    else:
+        _out.print(f"collect the credential once approved: hoop status {req['id']} --collect", markup=False)
 
 
 def status_cmd(
@@ -203,15 +252,18 @@ def status_cmd(
     collect: Annotated[bool, typer.Option("--collect", help="collect the credential of an approved request")]
     = False,
     as_json: JsonOpt = False,
+    pickup_dir: KeysOpt = None,
 ) -> None:
     """Show my requests and active grants, or one request, through the hoop API."""
+    folder = _keys_dir(pickup_dir)
 
     async def go(client: ApiClient) -> dict[str, Any]:
         if request_id is None:
             return {"requests": await client.my_requests(), "grants": await client.my_grants()}
         out: dict[str, Any] = {"request": await client.get_request(request_id)}
         if collect:
-            out["credential"] = await client.collect(request_id)
+            out["credential"] = await client.collect(request_id, _load_key(folder, request_id))
+            (folder / f"{request_id}.key").unlink(missing_ok=True)  # shown once: the key has no further use
         return out
 
     data = _go(api, token, go)

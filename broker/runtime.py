@@ -174,7 +174,7 @@ async def serve_forever(config: HoopConfig, settings: Settings, say: Callable[[s
         if config.oidc is not None:
             fetcher = HttpFetcher()
             rt.closers.append(fetcher.close)
-            inbox = SecretInbox(rt.clock)
+            inbox = SecretInbox(rt.clock, rt.store)
             rt.bus.add(inbox)
             web_app.add_subapp("/api/v1", build_api(rt.service, config, TokenVerifier(config, fetcher, rt.clock),
                                                     rt.clock, inbox=inbox))

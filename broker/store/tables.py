@@ -166,3 +166,16 @@ processed_events = Table(
     Column("key", String(128), primary_key=True),
     Column("at", UtcDateTime, nullable=False),
 )
+
+pickups = Table(
+    "pickups", metadata,
+    Column("request_id", String(32), primary_key=True),
+    #: the requester's X25519 public key (base64url); the private half never reaches hoop
+    Column("public_key", String(64), nullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
+    #: the credential sealed to ``public_key`` (see broker/sealing.py); NULL until issued, and again once collected
+    Column("sealed", Text, nullable=True),
+    Column("grant_id", String(32), nullable=True),
+    Column("expires_at", UtcDateTime, nullable=True),
+    Column("collected_at", UtcDateTime, nullable=True),
+)
