@@ -57,8 +57,16 @@ def _ENCODE(value: Any) -> str:
 
 _SQLITE_INSERT = (f"INSERT INTO {tables.session_events.name} (session_id, seq, at, kind, data) "
                   "VALUES (?, ?, ?, ?, ?)")
-#: (seq, at, kind, data, data as JSON)
-_Pending = tuple[int, datetime, str, dict[str, Any], str]
+#: (seq, at, at as ISO text with microseconds, kind, data, data as JSON)
+_Pending = tuple[int, datetime, str, str, dict[str, Any], str]
+
+
+def _sqlite_at(at: datetime, iso: str) -> str:
+    """Naive UTC text in SQLAlchemy's SQLite DATETIME format, cut from ``iso`` when it is UTC
+    (``strftime`` per event cost more than the insert itself)."""
+    if iso.endswith("+00:00") and len(iso) == 32:
+        return f"{iso[:10]} {iso[11:26]}"
+    return at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
 
 log = logging.getLogger(__name__)
 
@@ -213,9 +221,11 @@ class SessionHub:
         dirty = self._dirty
         for s, seq, at, kind, data in tick:
             encoded = _ENCODE(data)
-            s._pending.append((seq, at, kind, data, encoded))
+            iso = at.isoformat(timespec="microseconds")
+            s._pending.append((seq, at, iso, kind, data, encoded))
             if s._spool_fd is not None:
-                line = f'{{"seq":{seq},"at":"{at.isoformat()}","kind":{_ENCODE(kind)},"data":{encoded}}}\n'
+                line = f'{{"seq":{seq},"at":"{iso}","kind":"{kind}","data":{encoded}}}\n' if kind.isidentifier() \
+                    else f'{{"seq":{seq},"at":"{iso}","kind":{_ENCODE(kind)},"data":{encoded}}}\n'
                 got = lines.get(s)
                 if got is None:
                     lines[s] = [line]
@@ -241,12 +251,12 @@ class SessionHub:
         async with self.service.store.tx() as tx:
             if tx.conn.dialect.name == "sqlite":
                 # naive UTC text in SQLAlchemy's SQLite DATETIME storage format; JSON encoded once
-                rows = [(sid, seq, at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f"), kind, encoded)
-                        for sid, items in batch for seq, at, kind, _, encoded in items]
+                rows = [(sid, seq, _sqlite_at(at, iso), kind, encoded)
+                        for sid, items in batch for seq, at, iso, kind, _, encoded in items]
                 await tx.conn.exec_driver_sql(_SQLITE_INSERT, rows)
             else:
                 await tx.add_events([SessionEvent(session_id=sid, seq=seq, at=at, kind=kind, data=data)
-                                     for sid, items in batch for seq, at, kind, data, _ in items])
+                                     for sid, items in batch for seq, at, _, kind, data, _ in items])
 
     async def _flush_loop(self) -> None:
         while self._live or self._dirty:

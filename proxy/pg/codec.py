@@ -56,6 +56,11 @@ from proxy.pg.messages import (
     decode_fields,
 )
 
+try:
+    from proxy.pg import _wire
+except ImportError:  # not built: the pure-Python twins run
+    _wire = None  # type: ignore[assignment]
+
 HEADER: Final = struct.Struct("!Bi")
 HEADER_SIZE: Final = 5
 _HEADER_AUTH: Final = struct.Struct("!Bii")
@@ -219,7 +224,18 @@ def split(buf: Buf, pos: int, max_length: int, out: list[Frame], coalesce_rows: 
     Returns ``(consumed, need)``: the offset of the first byte not consumed, and how many
     bytes the message starting there occupies once whole (5 while its header is incomplete).
     With ``coalesce_rows``, consecutive DataRows become ONE frame of type ``rows_frame(n)``.
+    Runs in C (:mod:`proxy.pg._wire`) when it is built; :func:`py_split` is its twin.
     """
+    if _wire is None:
+        return py_split(buf, pos, max_length, out, coalesce_rows)
+    consumed, need, bad = _wire.split(buf, pos, max_length, out, coalesce_rows)
+    if bad >= 0:
+        raise MessageTooLong(f"invalid message length {need} for type {chr(bad)!r}")
+    return consumed, need
+
+
+def py_split(buf: Buf, pos: int, max_length: int, out: list[Frame], coalesce_rows: bool = False) -> tuple[int, int]:
+    """The pure-Python :func:`split`."""
     end = len(buf)
     unpack = HEADER.unpack_from
     length_at = I32.unpack_from

@@ -58,6 +58,10 @@ def writes_back(sql: str, analysis: Analysis) -> bool:
         and _READ_WRITE.search(sql) is not None
 
 
+def _read_only(decision: Decision) -> Decision:
+    return Decision("block", "read_only", "the resource is read-only", decision.subject)
+
+
 class Inspector(Replies):
     """Per-connection protocol state and the client -> server half; see the module docstring."""
 
@@ -71,16 +75,33 @@ class Inspector(Replies):
         decision: Decision | None = None
         kinds: list[str] = []
         if self.guard is not None:
-            analysis = self.guard.analyse(sql)
-            decision = analysis.decision
-            kinds = sorted({k for st in analysis.statements for k in st.kinds})
-            if self.read_only and not decision.blocked and (is_write(analysis.statements)
-                                                             or writes_back(sql, analysis)):
-                decision = Decision("block", "read_only", "the resource is read-only", decision.subject)
+            kinds, decision = self._verdict(sql, self.guard.analyse(sql))
         if len(self._texts) > 2048:
             self._texts.clear()
         self._texts[sql] = (text, kinds, decision)
         return text, kinds, decision
+
+    def _verdict(self, sql: str, analysis: Analysis) -> tuple[list[str], Decision]:
+        """Kinds and decision of an analysis, worked out once per analysis (the guard caches
+        analyses by statement shape, so texts differing only in literals share one)."""
+        hit = self._verdicts.get(id(analysis))
+        if hit is None or hit[0] is not analysis:
+            decision = analysis.decision
+            kinds: list[str] = sorted({k for st in analysis.statements for k in st.kinds})
+            textual = False
+            if self.read_only and not decision.blocked:
+                if is_write(analysis.statements):
+                    decision = _read_only(decision)
+                else:
+                    textual = any(st.tag in _SESSION_TAGS or "set_config" in st.functions
+                                  for st in analysis.statements)
+            if len(self._verdicts) > 1024:
+                self._verdicts.clear()
+            hit = self._verdicts[id(analysis)] = (analysis, kinds, decision, textual)
+        _, found, decision, textual = hit
+        if textual and _READ_WRITE.search(sql) is not None:
+            decision = _read_only(decision)
+        return found, decision
 
     def _refusal(self, decision: Decision) -> bytes:
         rule = decision.rule or "default"

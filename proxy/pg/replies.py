@@ -29,6 +29,7 @@ from proxy.pg.rows import (
     mask_row,
     rewrite_run,
     row_spans,
+    run_might_contain,
     run_sample,
 )
 from proxy.pg.state import NO_SHAPE, Rec, Shape, State, Suspend
@@ -66,7 +67,7 @@ class Replies(State):
                 blob = None
                 if plan is not None and plan.masked:
                     blob = rewrite_run(masker, plan, buf, s, e, self.detect)
-                elif not self.detect or not masker.might_contain(mv[s:e]):
+                elif not self.detect or not run_might_contain(masker, plan, buf, s, e):
                     # nothing masked, nothing detectable: the run goes on as part of a slice
                     if run < 0:
                         run = s

@@ -34,6 +34,11 @@ from proxy.mask import RULE_MARKER, Masker
 from proxy.pg import codec
 from proxy.pg.messages import Buf, Field, MalformedMessage, decode_data_row, decode_fields
 
+try:
+    from proxy.pg import _wire
+except ImportError:  # not built: the pure-Python twins run
+    _wire = None  # type: ignore[assignment]
+
 log = logging.getLogger(__name__)
 
 #: text, varchar, bpchar, name, json, unknown, citext-like domains appear as these
@@ -114,16 +119,43 @@ def mask_row(masker: Masker, plan: Plan, body: Buf, detect: bool) -> bytes | Non
 
 def row_text(body: Buf, plan: Plan | None) -> list[str | None]:
     """A (masked) DataRow's cells as text for the recording; binary cells are not decoded."""
+    raw = body if type(body) is bytes else bytes(body)
+    return _row_text(raw, 0, len(raw), plan.text if plan is not None else ())
+
+
+def _row_text(buf: bytes, pos: int, stop: int, text: tuple[bool, ...]) -> list[str | None]:
+    """The cells of the DataRow body ``buf[pos:stop]`` as text (see :func:`row_text`)."""
     out: list[str | None] = []
-    text = plan.text if plan is not None else ()
-    for i, cell in enumerate(decode_data_row(body)):
-        if cell is None:
-            out.append(None)
-        elif i < len(text) and not text[i]:
-            out.append("<binary>")
-        else:
-            value = bytes(cell).decode("utf-8", "replace")
-            out.append(value if len(value) <= 200 else value[:200] + "…")
+    append = out.append
+    width = len(text)
+    try:
+        (n,) = _I16(buf, pos)
+        if n < 0:
+            raise MalformedMessage("malformed DataRow message")
+        pos += 2
+        for i in range(n):
+            (size,) = _I32(buf, pos)
+            pos += 4
+            if size < 0:
+                if size != -1:
+                    raise MalformedMessage("malformed DataRow message")
+                append(None)
+                continue
+            end = pos + size
+            if end > stop:
+                raise MalformedMessage("malformed DataRow message")
+            if i < width and not text[i]:
+                append("<binary>")
+            elif size <= 200:
+                append(buf[pos:end].decode("utf-8", "replace"))
+            else:
+                value = buf[pos:end].decode("utf-8", "replace")
+                append(value if len(value) <= 200 else value[:200] + "…")
+            pos = end
+    except struct.error:
+        raise MalformedMessage("malformed DataRow message") from None
+    if pos != stop:
+        raise MalformedMessage("malformed DataRow message")
     return out
 
 
@@ -203,22 +235,120 @@ def row_spans(buf: bytes, s: int, e: int) -> list[tuple[int, int]]:
 
 def run_sample(buf: bytes, s: int, e: int, k: int, plan: Plan | None) -> list[list[str | None]]:
     """The first ``k`` rows of the run ``buf[s:e]`` as text, for the recording."""
-    mv = memoryview(buf)
     out: list[list[str | None]] = []
+    text = plan.text if plan is not None else ()
     pos = s
     while pos < e and len(out) < k:
         (length,) = _I32(buf, pos + 1)
-        out.append(row_text(mv[pos + 5 : pos + 1 + length], plan))
-        pos += 1 + length
+        stop = pos + 1 + length
+        out.append(_row_text(buf, pos + 5, stop, text))
+        pos = stop
     return out
 
 
 #: per column of a masked plan: 0 unreadable, 1 readable (detectors), 2 masked text, 3 masked, becomes NULL
 _SKIP, _SCAN, _APPLY, _NULLED = 0, 1, 2, 3
+#: further op codes of the C twin: partial (fast for short ASCII cells), a fixed replacement cell
+_C_PARTIAL, _C_FIXED = 4, 5
 
 
 def rewrite_run(masker: Masker, plan: Plan, buf: bytes, s: int, e: int, detect: bool) -> bytes | None:
     """The DataRow run ``buf[s:e]`` of a result with a masked column, rewritten as ONE bytes blob.
+
+    Runs in C (:mod:`proxy.pg._wire`) when it is built; :func:`py_rewrite_run` is its twin
+    (see there for how). Returns None when the detectors' prefilter hits the readable cells
+    of unmasked columns: the caller then masks row by row, exactly.
+    """
+    if _wire is None:
+        return py_rewrite_run(masker, plan, buf, s, e, detect)
+    ops, fixed, scan, _ = _c_ops(plan)
+    blob, plain = _wire.rewrite_run(buf, s, e, ops, fixed, plan.strategies, masker.apply_bytes,
+                                    detect and scan, MalformedMessage)
+    if plain is not None and masker.might_contain(plain):
+        return None
+    return blob
+
+
+def run_might_contain(masker: Masker, plan: Plan | None, buf: bytes, s: int, e: int) -> bool:
+    """Whether the detectors might fire on the DataRow run ``buf[s:e]`` of a result with no masked column.
+
+    Only the cells the detectors read (text, or binary text-like) are looked at, joined by NUL
+    as :func:`rewrite_run` does; a run whose rows do not match ``plan`` is looked at whole.
+    """
+    if plan is not None and plan.strategies:
+        cells = text_cells(buf, s, e, _c_ops(plan)[3])
+        if cells is not None:
+            return masker.might_contain(cells)
+    return masker.might_contain(memoryview(buf)[s:e])
+
+
+def text_cells(buf: bytes, s: int, e: int, readable: bytes) -> bytes | None:
+    """The non-NULL cells of the run ``buf[s:e]`` whose ``readable`` flag is set, joined by NUL;
+    None when a row has not one cell per flag or overruns its length (C when built)."""
+    if _wire is not None:
+        return _wire.text_cells(buf, s, e, readable)
+    return py_text_cells(buf, s, e, readable)
+
+
+def py_text_cells(buf: bytes, s: int, e: int, readable: bytes) -> bytes | None:
+    """The pure-Python :func:`text_cells`."""
+    width = len(readable)
+    cells: list[bytes] = []
+    e = min(e, len(buf))
+    pos = s
+    while pos < e:
+        if pos + 7 > e:
+            return None
+        stop = pos + 1 + _I32(buf, pos + 1)[0]
+        if stop > e or _I16(buf, pos + 5)[0] != width:
+            return None
+        p = pos + 7
+        for flag in readable:
+            if p + 4 > stop:
+                return None
+            (size,) = _I32(buf, p)
+            p += 4
+            if size < 0:
+                continue
+            if p + size > stop:
+                return None
+            if flag:
+                cells.append(buf[p : p + size])
+            p += size
+        if p != stop:
+            return None
+        pos = stop
+    return b"\0".join(cells)
+
+
+_OPS: dict[int, tuple[Plan, bytes, tuple[bytes | None, ...], bool, bytes]] = {}
+
+
+def _c_ops(plan: Plan) -> tuple[bytes, tuple[bytes | None, ...], bool, bytes]:
+    """Per column of ``plan``: the op code of ``_wire.rewrite_run``, its fixed cell, whether any
+    column is scanned, and the readable flags; worked out once per plan."""
+    hit = _OPS.get(id(plan))
+    if hit is None or hit[0] is not plan:
+        ops = bytearray()
+        fixed: list[bytes | None] = []
+        for st, t, b in zip(plan.strategies, plan.text, plan.binary_text, strict=True):
+            readable = t or b
+            if st is None:
+                ops.append(_SCAN if readable else _SKIP)
+            elif not readable:
+                ops.append(_NULLED)
+            else:
+                ops.append(_C_FIXED if st == "redact" else _C_PARTIAL if st == "partial" else _APPLY)
+            fixed.append(_LEN(len(RULE)) + RULE if st == "redact" and readable else None)
+        flags = bytes(1 if t or b else 0 for t, b in zip(plan.text, plan.binary_text, strict=True))
+        if len(_OPS) > 4096:
+            _OPS.clear()
+        hit = _OPS[id(plan)] = (plan, bytes(ops), tuple(fixed), _SCAN in ops, flags)
+    return hit[1], hit[2], hit[3], hit[4]
+
+
+def py_rewrite_run(masker: Masker, plan: Plan, buf: bytes, s: int, e: int, detect: bool) -> bytes | None:
+    """The pure-Python :func:`rewrite_run`.
 
     One pass per row: unchanged stretches (row bodies between masked cells) are copied as
     slices, only masked cells are replaced; a row's length is re-packed only when it

@@ -103,6 +103,8 @@ class State:
         self.fatal: str | None = None  # a FATAL error the server sent
         self.abort: str | None = None  # hoop must end the session (cannot mask safely)
         self._texts: dict[str, tuple[str, list[str], Decision | None]] = {}
+        #: id(analysis) -> (analysis, kinds, decision, whether the text decides read-only)
+        self._verdicts: dict[int, tuple[Any, list[str], Decision, bool]] = {}
         self._shapes: dict[bytes, Shape] = {}  # raw RowDescription body -> its shape
         self._record = session.record
 

@@ -1,0 +1,347 @@
+/* Hot loops of the PostgreSQL relay over DataRow runs, in C; see proxy/pg/_wire.pyi.
+ *
+ * How this works. Each function mirrors a pure-Python twin (codec._py_split,
+ * rows._py_rewrite_run, rows._py_text_cells) byte for byte; the tests run both on the
+ * same inputs, malformed ones included. Nothing here keeps state or does I/O: buffers
+ * come in through the buffer protocol and results go out as new bytes objects.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+static inline int32_t rd32(const unsigned char *p) {
+    return (int32_t)(((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | (uint32_t)p[3]);
+}
+
+static inline int16_t rd16(const unsigned char *p) { return (int16_t)(((uint16_t)p[0] << 8) | (uint16_t)p[1]); }
+
+static inline void wr32(unsigned char *p, int32_t v) {
+    uint32_t u = (uint32_t)v;
+    p[0] = (unsigned char)(u >> 24);
+    p[1] = (unsigned char)(u >> 16);
+    p[2] = (unsigned char)(u >> 8);
+    p[3] = (unsigned char)u;
+}
+
+/* ---- a growable output buffer ---------------------------------------------------- */
+
+typedef struct {
+    unsigned char *data;
+    Py_ssize_t len;
+    Py_ssize_t cap;
+} Out;
+
+static int out_reserve(Out *o, Py_ssize_t more) {
+    if (o->len + more <= o->cap) return 0;
+    Py_ssize_t cap = o->cap ? o->cap : 4096;
+    while (cap < o->len + more) cap *= 2;
+    unsigned char *d = PyMem_Realloc(o->data, (size_t)cap);
+    if (d == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    o->data = d;
+    o->cap = cap;
+    return 0;
+}
+
+static inline int out_put(Out *o, const void *src, Py_ssize_t n) {
+    if (out_reserve(o, n) < 0) return -1;
+    memcpy(o->data + o->len, src, (size_t)n);
+    o->len += n;
+    return 0;
+}
+
+static PyObject *out_bytes(Out *o) {
+    PyObject *b = PyBytes_FromStringAndSize((const char *)o->data, o->len);
+    PyMem_Free(o->data);
+    o->data = NULL;
+    return b;
+}
+
+/* ---- split ------------------------------------------------------------------------ */
+
+static PyObject *frame_tuple(long type, Py_ssize_t start, Py_ssize_t stop) {
+    PyObject *t = PyLong_FromLong(type), *a = PyLong_FromSsize_t(start), *b = PyLong_FromSsize_t(stop);
+    PyObject *tup = (t && a && b) ? PyTuple_Pack(3, t, a, b) : NULL;
+    Py_XDECREF(t);
+    Py_XDECREF(a);
+    Py_XDECREF(b);
+    return tup;
+}
+
+static int append_frame(PyObject *out, long type, Py_ssize_t start, Py_ssize_t stop) {
+    PyObject *tup = frame_tuple(type, start, stop);
+    if (tup == NULL) return -1;
+    int rc = PyList_Append(out, tup);
+    Py_DECREF(tup);
+    return rc;
+}
+
+/* split(buf, pos, max_length, out, coalesce_rows) -> (consumed, need, bad_type)
+ * bad_type >= 0: the message at `consumed` has the invalid length `need`. */
+static PyObject *wire_split(PyObject *Py_UNUSED(self), PyObject *args) {
+    Py_buffer view;
+    Py_ssize_t pos;
+    long long max_length;
+    PyObject *out;
+    int coalesce;
+    if (!PyArg_ParseTuple(args, "y*nLO!p", &view, &pos, &max_length, &PyList_Type, &out, &coalesce)) return NULL;
+    const unsigned char *buf = view.buf;
+    Py_ssize_t end = view.len;
+    long long need = 5;
+    long bad = -1;
+    if (pos < 0) pos = 0;
+    while (end - pos >= 5) {
+        long type = buf[pos];
+        int32_t length = rd32(buf + pos + 1);
+        if (length < 4 || length > max_length) {
+            need = length;
+            bad = type;
+            goto done;
+        }
+        Py_ssize_t stop = pos + 1 + (Py_ssize_t)length;
+        if (stop > end) {
+            need = 1 + (long long)length;
+            goto done;
+        }
+        if (type == 0x44 && coalesce) {
+            Py_ssize_t start = pos;
+            long count = 1;
+            pos = stop;
+            while (end - pos >= 5 && buf[pos] == 0x44) {
+                length = rd32(buf + pos + 1);
+                if (length < 4 || length > max_length) {
+                    need = length;
+                    bad = 0x44;
+                    goto done;
+                }
+                stop = pos + 1 + (Py_ssize_t)length;
+                if (stop > end) break;
+                count++;
+                pos = stop;
+            }
+            if (append_frame(out, -1 - count, start, pos) < 0) goto fail;
+            continue;
+        }
+        if (append_frame(out, type, pos, stop) < 0) goto fail;
+        pos = stop;
+    }
+done:
+    PyBuffer_Release(&view);
+    return Py_BuildValue("nLl", pos, need, bad);
+fail:
+    PyBuffer_Release(&view);
+    return NULL;
+}
+
+/* ---- rewrite_run ---------------------------------------------------------------------
+ * ops: one byte per column: 0 skip, 1 scan (detectors read it), 2 apply (call back),
+ * 3 NULL, 4 partial (fast when ASCII and 4 < size <= 256, else call back), 5 fixed cell. */
+
+enum { OP_SKIP, OP_SCAN, OP_APPLY, OP_NULLED, OP_PARTIAL, OP_FIXED };
+
+static PyObject *malformed(PyObject *err, const char *msg) {
+    PyErr_SetString(err, msg);
+    return NULL;
+}
+
+static char STARS[256];
+static const unsigned char NULL_CELL[4] = {0xff, 0xff, 0xff, 0xff};
+
+/* rewrite_run(buf, s, e, ops, fixed, strategies, apply, scanning, err) -> (blob, plain | None) */
+static PyObject *wire_rewrite_run(PyObject *Py_UNUSED(self), PyObject *args) {
+    Py_buffer view, opsv;
+    Py_ssize_t s, e;
+    PyObject *fixed, *strategies, *apply, *err;
+    int scanning;
+    if (!PyArg_ParseTuple(args, "y*nny*O!O!OpO", &view, &s, &e, &opsv, &PyTuple_Type, &fixed, &PyTuple_Type,
+                          &strategies, &apply, &scanning, &err))
+        return NULL;
+    const unsigned char *buf = view.buf;
+    const unsigned char *ops = opsv.buf;
+    Py_ssize_t width = opsv.len, buflen = view.len;
+    Out o = {0}, plain = {0};
+    Py_ssize_t nplain = 0;
+    PyObject *result = NULL;
+    if (PyTuple_GET_SIZE(fixed) != width || PyTuple_GET_SIZE(strategies) != width) {
+        PyErr_SetString(PyExc_ValueError, "ops, fixed and strategies differ in length");
+        goto out;
+    }
+    Py_ssize_t pos = s;
+    while (pos < e) {
+        if (pos + 7 > buflen) {
+            malformed(err, "malformed DataRow");
+            goto out;
+        }
+        Py_ssize_t stop = pos + 1 + (Py_ssize_t)rd32(buf + pos + 1);
+        if (rd16(buf + pos + 5) != width) {
+            malformed(err, "malformed DataRow (cells do not match the RowDescription)");
+            goto out;
+        }
+        Py_ssize_t head = o.len;
+        if (out_reserve(&o, 5) < 0) goto out;
+        o.data[o.len] = 0x44;
+        o.len += 5; /* length patched below */
+        Py_ssize_t p = pos + 7, seg = pos + 5;
+        for (Py_ssize_t i = 0; i < width; i++) {
+            if (p + 4 > buflen) {
+                malformed(err, "malformed DataRow");
+                goto out;
+            }
+            int32_t size = rd32(buf + p);
+            if (size < 0) {
+                p += 4;
+                continue;
+            }
+            if (p + 4 + (Py_ssize_t)size > buflen) {
+                malformed(err, "malformed DataRow");
+                goto out;
+            }
+            unsigned char op = ops[i];
+            if (op < OP_APPLY) {
+                if (op == OP_SCAN && scanning) {
+                    if (nplain++ && out_put(&plain, "", 1) < 0) goto out;
+                    if (out_put(&plain, buf + p + 4, size) < 0) goto out;
+                }
+                p += 4 + size;
+                continue;
+            }
+            if (out_put(&o, buf + seg, p - seg) < 0) goto out;
+            const unsigned char *cell = buf + p + 4;
+            if (op == OP_FIXED) {
+                PyObject *f = PyTuple_GET_ITEM(fixed, i);
+                if (!PyBytes_Check(f)) {
+                    PyErr_SetString(PyExc_TypeError, "fixed cell must be bytes");
+                    goto out;
+                }
+                if (out_put(&o, PyBytes_AS_STRING(f), PyBytes_GET_SIZE(f)) < 0) goto out;
+            } else if (op == OP_NULLED) {
+                if (out_put(&o, NULL_CELL, 4) < 0) goto out;
+            } else {
+                int fast = 0;
+                if (op == OP_PARTIAL && size > 4 && size <= 256) {
+                    fast = 1;
+                    for (int32_t k = 0; k < size; k++) {
+                        if (cell[k] & 0x80) {
+                            fast = 0;
+                            break;
+                        }
+                    }
+                }
+                if (fast) {
+                    if (out_put(&o, buf + p, 4) < 0 || out_put(&o, STARS, size - 4) < 0 ||
+                        out_put(&o, cell + size - 4, 4) < 0)
+                        goto out;
+                } else {
+                    PyObject *arg = PyBytes_FromStringAndSize((const char *)cell, size);
+                    if (arg == NULL) goto out;
+                    PyObject *new = PyObject_CallFunctionObjArgs(apply, arg, PyTuple_GET_ITEM(strategies, i), NULL);
+                    Py_DECREF(arg);
+                    if (new == NULL) goto out;
+                    if (!PyBytes_Check(new)) {
+                        Py_DECREF(new);
+                        PyErr_SetString(PyExc_TypeError, "apply must return bytes");
+                        goto out;
+                    }
+                    unsigned char len[4];
+                    wr32(len, (int32_t)PyBytes_GET_SIZE(new));
+                    int rc = out_put(&o, len, 4) < 0 || out_put(&o, PyBytes_AS_STRING(new), PyBytes_GET_SIZE(new)) < 0;
+                    Py_DECREF(new);
+                    if (rc) goto out;
+                }
+            }
+            p += 4 + size;
+            seg = p;
+        }
+        if (p != stop) {
+            malformed(err, "malformed DataRow");
+            goto out;
+        }
+        if (out_put(&o, buf + seg, stop - seg) < 0) goto out;
+        wr32(o.data + head + 1, (int32_t)(o.len - head - 1));
+        pos = stop;
+    }
+    {
+        PyObject *blob = out_bytes(&o);
+        if (blob == NULL) goto out;
+        PyObject *pl;
+        if (nplain) {
+            pl = out_bytes(&plain);
+            if (pl == NULL) {
+                Py_DECREF(blob);
+                goto out;
+            }
+        } else {
+            pl = Py_NewRef(Py_None);
+        }
+        result = PyTuple_Pack(2, blob, pl);
+        Py_DECREF(blob);
+        Py_DECREF(pl);
+    }
+out:
+    PyMem_Free(o.data);
+    PyMem_Free(plain.data);
+    PyBuffer_Release(&view);
+    PyBuffer_Release(&opsv);
+    return result;
+}
+
+/* text_cells(buf, s, e, readable) -> the readable non-NULL cells of the run joined by NUL,
+ * or None when a row does not have one cell per readable flag or overruns the run. */
+static PyObject *wire_text_cells(PyObject *Py_UNUSED(self), PyObject *args) {
+    Py_buffer view, rv;
+    Py_ssize_t s, e;
+    if (!PyArg_ParseTuple(args, "y*nny*", &view, &s, &e, &rv)) return NULL;
+    const unsigned char *buf = view.buf, *readable = rv.buf;
+    Py_ssize_t width = rv.len;
+    Out o = {0};
+    Py_ssize_t n = 0;
+    PyObject *result = NULL;
+    if (e > view.len) e = view.len;
+    Py_ssize_t pos = s;
+    while (pos < e) {
+        if (pos + 7 > e) goto none;
+        Py_ssize_t stop = pos + 1 + (Py_ssize_t)rd32(buf + pos + 1);
+        if (stop > e || rd16(buf + pos + 5) != width) goto none;
+        Py_ssize_t p = pos + 7;
+        for (Py_ssize_t i = 0; i < width; i++) {
+            if (p + 4 > stop) goto none;
+            int32_t size = rd32(buf + p);
+            p += 4;
+            if (size < 0) continue;
+            if (p + (Py_ssize_t)size > stop) goto none;
+            if (readable[i]) {
+                if (n++ && out_put(&o, "", 1) < 0) goto out;
+                if (out_put(&o, buf + p, size) < 0) goto out;
+            }
+            p += size;
+        }
+        if (p != stop) goto none;
+        pos = stop;
+    }
+    result = o.data ? out_bytes(&o) : PyBytes_FromStringAndSize("", 0);
+    goto out;
+none:
+    result = Py_NewRef(Py_None);
+out:
+    PyMem_Free(o.data);
+    PyBuffer_Release(&view);
+    PyBuffer_Release(&rv);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"split", wire_split, METH_VARARGS, "Frames of a typed message stream (see codec.split)."},
+    {"rewrite_run", wire_rewrite_run, METH_VARARGS, "A masked DataRow run rewritten (see rows.rewrite_run)."},
+    {"text_cells", wire_text_cells, METH_VARARGS, "Readable cells of a DataRow run joined by NUL."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "proxy.pg._wire", NULL, 0, methods};
+
+PyMODINIT_FUNC PyInit__wire(void) {
+    memset(STARS, '*', sizeof STARS);
+    return PyModule_Create(&module);
+}

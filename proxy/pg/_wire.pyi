@@ -1,0 +1,15 @@
+"""C twins of the relay's DataRow loops (proxy/pg/_wire.c); see codec.split and rows.rewrite_run."""
+
+from collections.abc import Callable
+from typing import Any
+
+from proxy.pg.messages import Buf
+
+def split(
+    buf: Buf, pos: int, max_length: int, out: list[tuple[int, int, int]], coalesce_rows: bool, /
+) -> tuple[int, int, int]: ...
+def rewrite_run(
+    buf: Buf, s: int, e: int, ops: bytes, fixed: tuple[bytes | None, ...], strategies: tuple[object, ...],
+    apply: Callable[[bytes, Any], bytes], scanning: bool, err: type[Exception], /
+) -> tuple[bytes, bytes | None]: ...
+def text_cells(buf: Buf, s: int, e: int, readable: bytes, /) -> bytes | None: ...

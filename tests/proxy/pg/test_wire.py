@@ -1,0 +1,136 @@
+"""The C twins (proxy/pg/_wire.c) give exactly what the pure-Python ones give: frames, bytes, errors."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from broker.config import Masking
+from proxy.mask import Masker
+from proxy.pg import _wire, codec, rows
+from proxy.pg.messages import Field, MalformedMessage
+
+MASKER = Masker(Masking(columns=[{"match": "email", "strategy": "redact"}, {"match": "card", "strategy": "partial"},
+                                 {"match": "h", "strategy": "hash"}, {"match": "bin", "strategy": "redact"}]),
+                b"k" * 32)
+FIELDS = tuple(Field(name, 0, 0, oid, -1, -1, 0) for name, oid in
+               (("id", 23), ("email", 25), ("card", 25), ("h", 25), ("bin", 23), ("note", 25), ("raw", 17)))
+PLAN = rows.make_plan(MASKER, FIELDS, (0, 0, 0, 0, 1, 0, 1), {})
+CELLS = [None, b"", b"1", b"1234", b"12345", b"4111111111111111", "ÿ€-4242-ü".encode(), b"a@b.example",
+         b"x" * 256, b"y" * 257, b"\0\0\0\1", b"mail bob@corp.example", b"4111 1111 1111 1111"]
+
+
+def _outcome(fn, *args):  # type: ignore[no-untyped-def]
+    try:
+        return "ok", fn(*args)
+    except MalformedMessage as exc:
+        return "error", type(exc).__name__, str(exc)
+
+
+def _rows(rnd: random.Random, n: int, width: int = len(FIELDS)) -> bytes:
+    return b"".join(codec.encode_data_row([rnd.choice(CELLS) for _ in range(width)]) for _ in range(n))
+
+
+def _mangle(rnd: random.Random, wire: bytes) -> bytes:
+    data = bytearray(wire)
+    for _ in range(rnd.randint(1, 3)):
+        if not data:
+            break
+        k = rnd.randrange(len(data))
+        data[k] = rnd.choice((0, 0xFF, 0x44, 0x7F, rnd.randrange(256)))
+    return bytes(data)
+
+
+def test_the_c_twins_are_built() -> None:
+    assert codec._wire is _wire and rows._wire is _wire
+
+
+def _split_both(buf: bytes, pos: int, max_length: int, coalesce: bool) -> None:
+    out_c: list[codec.Frame] = []
+    out_py: list[codec.Frame] = []
+    got_c = _outcome(codec.split, buf, pos, max_length, out_c, coalesce)
+    got_py = _outcome(codec.py_split, buf, pos, max_length, out_py, coalesce)
+    assert got_c == got_py
+    assert out_c == out_py
+
+
+@pytest.mark.parametrize("coalesce", [False, True])
+def test_split_matches_python_at_every_cut_and_on_mangled_bytes(coalesce: bool) -> None:
+    rnd = random.Random(7)
+    wire = (codec.encode_row_description(FIELDS) + _rows(rnd, 5) + codec.encode_command_complete("SELECT 5")
+            + _rows(rnd, 1) + codec.encode_ready_for_query("I"))
+    for cut in range(len(wire) + 1):
+        _split_both(wire[:cut], 0, codec.SERVER_MAX_MESSAGE, coalesce)
+        _split_both(wire, cut, 64, coalesce)  # small limit: errors on the long ones
+    for _ in range(3000):
+        _split_both(_mangle(rnd, wire), rnd.randrange(8), codec.SERVER_MAX_MESSAGE, coalesce)
+
+
+def test_split_error_names_the_type() -> None:
+    with pytest.raises(codec.MessageTooLong, match="invalid message length 3 for type 'D'"):
+        codec.split(codec.encode_data_row([b"1"]) + b"D\0\0\0\3", 0, 100, [], True)
+
+
+def test_rewrite_run_matches_python_and_row_by_row() -> None:
+    rnd = random.Random(11)
+    for _ in range(300):
+        wire = _rows(rnd, rnd.randint(1, 6))
+        for detect in (False, True):
+            c = rows.rewrite_run(MASKER, PLAN, wire, 0, len(wire), detect)
+            assert c == rows.py_rewrite_run(MASKER, PLAN, wire, 0, len(wire), detect)
+            if c is not None:
+                by_row = b"".join(rows.mask_row(MASKER, PLAN, memoryview(wire)[s + 5 : e], detect) or wire[s:e]
+                                  for s, e in rows.row_spans(wire, 0, len(wire)))
+                assert c == by_row
+    wire = codec.encode_data_row([b"1", b"a@b.example", b"4111111111111111", b"h", None, b"n", None]) * 3
+    masked = rows.rewrite_run(MASKER, PLAN, wire, 0, len(wire), True)
+    assert masked is not None and b"a@b.example" not in masked and b"************1111" in masked
+
+
+def test_rewrite_run_matches_python_on_malformed_rows() -> None:
+    rnd = random.Random(13)
+    errors = 0
+    for _ in range(3000):
+        wire = _rows(rnd, 3)
+        bad = _mangle(rnd, wire)
+        end = rnd.choice((len(bad), len(bad) - rnd.randrange(1, 9), len(bad) + 3))
+        for detect in (False, True):
+            got_c = _outcome(rows.rewrite_run, MASKER, PLAN, bad, 0, end, detect)
+            got_py = _outcome(rows.py_rewrite_run, MASKER, PLAN, bad, 0, end, detect)
+            assert got_c == got_py
+            errors += got_c[0] == "error"
+    assert errors > 100  # the mangling does reach the error paths
+    short = codec.encode_data_row([b"1"])
+    with pytest.raises(MalformedMessage, match="cells do not match"):
+        rows.rewrite_run(MASKER, PLAN, short, 0, len(short), True)
+
+
+def test_text_cells_matches_python() -> None:
+    rnd = random.Random(17)
+    readable = rows._c_ops(PLAN)[3]
+    assert readable == bytes([1, 1, 1, 1, 0, 1, 0])
+    nones = 0
+    for _ in range(3000):
+        wire = _rows(rnd, rnd.randint(0, 4))
+        if rnd.random() < 0.5:
+            wire = _mangle(rnd, wire)
+        s = rnd.choice((0, 0, 1))
+        e = rnd.choice((len(wire), len(wire) - 1, len(wire) + 5))
+        got = rows.text_cells(wire, s, e, readable)
+        assert got == rows.py_text_cells(wire, s, e, readable)
+        nones += got is None
+    assert nones > 100
+    wire = codec.encode_data_row([b"7", None, b"c", b"h", b"\0\0\0\1", b"n", b"\1"]) * 2
+    assert rows.text_cells(wire, 0, len(wire), readable) == b"7\0c\0h\0n\x007\0c\0h\0n"
+
+
+def test_run_might_contain_reads_only_readable_cells() -> None:
+    fields = (Field("id", 0, 0, 23, 4, -1, 0), Field("note", 0, 0, 25, -1, -1, 0), Field("blob", 0, 0, 17, -1, -1, 1))
+    plan = rows.make_plan(MASKER, fields, (0, 0, 1), {})
+    clean = codec.encode_data_row([b"1", b"note 1", b"@@@@"]) * 3  # '@' only in a binary bytea cell
+    assert not rows.run_might_contain(MASKER, plan, clean, 0, len(clean))
+    dirty = clean + codec.encode_data_row([b"2", b"mail bob@corp.example", None])
+    assert rows.run_might_contain(MASKER, plan, dirty, 0, len(dirty))
+    odd = codec.encode_data_row([b"1", b"x"])  # not the plan's width: looked at whole
+    assert rows.run_might_contain(MASKER, plan, odd + b"@", 0, len(odd) + 1)
