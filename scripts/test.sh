@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one test command: sets up a fresh machine, then runs ruff, mypy --strict and the whole suite.
 # Installs (when missing) PostgreSQL server binaries, OpenSSH server and client, pgbouncer,
-# sshpass and curl with apt-get, and the Python environment in .venv.
+# sshpass, curl and xauth (X11 forwarding tests) with apt-get, and the Python environment in .venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,6 +17,7 @@ command -v ssh >/dev/null 2>&1 || need_apt+=(openssh-client)
 command -v sshpass >/dev/null 2>&1 || need_apt+=(sshpass)
 command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ] || need_apt+=(pgbouncer)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
+command -v xauth >/dev/null 2>&1 || need_apt+=(xauth)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "== installing system packages: ${need_apt[*]}"
   if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=""; fi

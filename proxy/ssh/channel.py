@@ -197,8 +197,8 @@ class ProxyChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         try:
             conn = await self.ctx.upstream()
             term = self.pty
-            self.up, _ = await conn.create_session(
-                lambda: _Upstream(self), self.command if self.mode == "exec" else None,
+            self.up, _ = await self.ctx.forwards.create_session(
+                conn, self.chan, self.number, lambda: _Upstream(self), self.command if self.mode == "exec" else None,
                 subsystem="sftp" if self.mode == "sftp" else None, env=self._env(),
                 term_type=term[0] if term else None, term_size=term[1] if term else None,
                 term_modes=term[2] if term else {}, encoding=None,

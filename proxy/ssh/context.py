@@ -1,4 +1,4 @@
-"""What every session channel of one client connection shares: resource, session, guard, masker.
+"""What every session channel of one client connection shares: resource, session, guard, masker, forwards.
 
 :class:`ChannelContext` is built by the server once the client is authenticated and its
 session is open; ``upstream`` returns the connection's (shared) upstream SSH connection.
@@ -19,6 +19,7 @@ from proxy.mask import Masker
 from proxy.shellguard import ShellGuard
 
 if TYPE_CHECKING:
+    from proxy.ssh.agentx11 import Forwards
     from proxy.ssh.channel import ProxyChannel
 
 __all__ = ["ChannelContext"]
@@ -29,13 +30,15 @@ class ChannelContext:
 
     def __init__(self, *, label: str, resource: SshResource, session: Live, guard: ShellGuard, masker: Masker,
                  upstream: Callable[[], Awaitable[asyncssh.SSHClientConnection]],
-                 notices: list[str] | None = None) -> None:
+                 forwards: Forwards, notices: list[str] | None = None) -> None:
         self.label = label
         self.resource = resource
         self.session = session
         self.guard = guard
         self.masker = masker
         self.upstream = upstream
+        #: Agent and X11 forwarding of the connection (decisions and relays).
+        self.forwards = forwards
         self.channels: set[ProxyChannel] = set()
         self.counter = 0
         #: Refusals of connection-level requests, told to the client on its next session channel.

@@ -40,7 +40,7 @@ from broker.model import Grant
 from proxy.contracts import AccessGate, Hub, Live
 from proxy.mask import Masker
 from proxy.shellguard import ShellGuard
-from proxy.ssh import forwarding, tuning, upstream
+from proxy.ssh import agentx11, forwarding, tuning, upstream
 from proxy.ssh.channel import ProxyChannel
 from proxy.ssh.context import ChannelContext
 
@@ -87,6 +87,7 @@ class SshProxy:
 
     async def start(self, host: str, port: int) -> int:
         key = self.host_key()
+        # Agent and X11 requests are handled by agentx11.RequestChannel, not by asyncssh's listeners.
         self._server = await asyncssh.create_server(
             lambda: _Connection(self), host, port, server_host_keys=[key], encoding=None,
             x11_forwarding=False, agent_forwarding=False, allow_pty=True, line_editor=False,
@@ -124,6 +125,7 @@ class _Connection(asyncssh.SSHServer):
         self.resource: SshResource | None = None
         self.session: Live | None = None
         self.ctx: ChannelContext | None = None
+        self.forwards: agentx11.Forwards | None = None
         self._upstream: asyncio.Task[asyncssh.SSHClientConnection] | None = None
         self._ending: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -193,10 +195,13 @@ class _Connection(asyncssh.SSHServer):
         if self._ending is not None:  # the client left while the session was being opened
             await self.session.close("client disconnected")
             return
+        assert self.conn is not None
+        self.forwards = await agentx11.Forwards.start(self.conn, res, self.session, self.label, self._refused)
         self.ctx = ChannelContext(label=self.label, resource=res, session=self.session,
                                   guard=self.proxy._guards[res.name], masker=self.proxy._maskers[res.name],
-                                  upstream=self.upstream, notices=self.notices)
-        self._upstream = asyncio.create_task(upstream.connect(res, self.proxy.environ, context=self.label))
+                                  upstream=self.upstream, notices=self.notices, forwards=self.forwards)
+        self._upstream = asyncio.create_task(upstream.connect(res, self.proxy.environ, context=self.label,
+                                                              agent_relay=self.forwards.agent_relay))
         self._upstream.add_done_callback(lambda t: t.cancelled() or t.exception())
         for item in self._early:
             self.session.record("blocked", item)
@@ -227,7 +232,8 @@ class _Connection(asyncssh.SSHServer):
             if self.ctx is None or self._ending is not None:
                 raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, "hoop: the session is not open")
             return ProxyChannel(self.ctx)
-        return channel()
+        assert self.conn is not None
+        return agentx11.RequestChannel(self.conn, lambda: self.forwards), channel()
 
     def connection_requested(self, dest_host: str, dest_port: int, orig_host: str, orig_port: int) -> Any:
         if self.resource is None or not self.resource.allow.port_forwarding:
@@ -326,6 +332,8 @@ class _Connection(asyncssh.SSHServer):
                 if up is not None:
                     up.close()
                     await up.wait_closed()
+            if self.forwards is not None:
+                self.forwards.close()
             if self.session is not None:
                 await self.session.close(reason)
         finally:

@@ -112,8 +112,12 @@ class _Client(asyncssh.SSHClient):
 
 
 async def connect(res: SshResource, environ: Mapping[str, str], *, timeout: float = 15.0,
-                  context: str = "") -> asyncssh.SSHClientConnection:
-    """Open the upstream SSH connection for ``res``. Raises UpstreamError or ConfigError."""
+                  context: str = "", agent_relay: str | None = None) -> asyncssh.SSHClientConnection:
+    """Open the upstream SSH connection for ``res``. Raises UpstreamError or ConfigError.
+
+    ``agent_relay``: the socket the host's agent channels are forwarded to (agent forwarding on).
+    It is never used to log in: hoop authenticates with the held credential only (``agent_path=None``).
+    """
     host, port = res.host_port(22)
     pinned = pinned_keys(res, host, port)
     if not pinned:
@@ -136,7 +140,8 @@ async def connect(res: SshResource, environ: Mapping[str, str], *, timeout: floa
         conn = await asyncssh.connect(
             host, port, tunnel=tunnel, username=res.user, client_factory=lambda: client, known_hosts=([], [], []),
             server_host_key_algs=algs, client_keys=keys or None, password=password,
-            agent_path=None, preferred_auth=("publickey", "password", "keyboard-interactive"),
+            agent_path=None, agent_forwarding=agent_relay or False,
+            preferred_auth=("publickey", "password", "keyboard-interactive"),
             connect_timeout=timeout, login_timeout=timeout, config=None,
             encryption_algs=tuning.UPSTREAM_CIPHERS, compression_algs=tuning.UPSTREAM_COMPRESSION)
     except asyncssh.HostKeyNotVerifiable:

@@ -79,8 +79,12 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 @contextlib.contextmanager
-def sshd(base: Path) -> Iterator[Sshd]:
-    """Start sshd under ``base``; yield it; stop it by PID."""
+def sshd(base: Path, *, x11: bool = False) -> Iterator[Sshd]:
+    """Start sshd under ``base``; yield it; stop it by PID.
+
+    ``x11``: ``X11Forwarding yes`` (needs ``xauth``), with sessions' ``XAUTHORITY`` under ``base``
+    (so the test user's own ``~/.Xauthority`` is left alone).
+    """
     binary = shutil.which("sshd") or "/usr/sbin/sshd"
     base.mkdir(parents=True, exist_ok=True)
     os.chmod(base, 0o755)
@@ -100,7 +104,9 @@ def sshd(base: Path) -> Iterator[Sshd]:
             "PermitRootLogin prohibit-password", "PasswordAuthentication no", "KbdInteractiveAuthentication no",
             "PubkeyAuthentication yes", f"PidFile {base / 'sshd.pid'}", "Subsystem sftp internal-sftp",
             "MaxStartups 300", "MaxSessions 100", "PrintMotd no", "PrintLastLog no", "LogLevel ERROR",
-            "AllowTcpForwarding yes", "X11Forwarding no", "UseDNS no", "AcceptEnv LANG LC_*",
+            "AllowTcpForwarding yes", "UseDNS no", "AcceptEnv LANG LC_*",
+            *(["X11Forwarding yes", "X11UseLocalhost yes", f"SetEnv XAUTHORITY={base / 'Xauthority'}"] if x11
+              else ["X11Forwarding no"]),
             "",
         ]))
         log = base / "sshd.log"
