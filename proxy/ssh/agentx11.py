@@ -168,7 +168,11 @@ class Forwards:
         self = cls(conn, resource, session, label, refuse)
         allow = resource.allow
         if allow.agent_forwarding or allow.x11:
-            self._dir = tempfile.mkdtemp(prefix="hoop-ssh-")
+            try:
+                self._dir = tempfile.mkdtemp(prefix="hoop-ssh-")
+            except OSError as exc:
+                log.error("%s no directory for the relay sockets: %s", label, exc)
+                return self
             for kind, name, on in (("agent", "agent", allow.agent_forwarding), ("x11", f"x11:{_DISPLAY}", allow.x11)):
                 if on:
                     await self._listen(kind, os.path.join(self._dir, name))

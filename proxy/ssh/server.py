@@ -197,6 +197,9 @@ class _Connection(asyncssh.SSHServer):
             return
         assert self.conn is not None
         self.forwards = await agentx11.Forwards.start(self.conn, res, self.session, self.label, self._refused)
+        if self._ending is not None:  # the client left while the relay sockets were being made
+            self.forwards.close()
+            return
         self.ctx = ChannelContext(label=self.label, resource=res, session=self.session,
                                   guard=self.proxy._guards[res.name], masker=self.proxy._maskers[res.name],
                                   upstream=self.upstream, notices=self.notices, forwards=self.forwards)
