@@ -111,8 +111,9 @@ async def fake_x_server() -> AsyncIterator[tuple[int, list[bytes]]]:
     raise RuntimeError("no free X display port")
 
 
-async def run_ssh(env: Env, login: str, secret: str, *args: str, extra_env: dict[str, str]) -> tuple[int, str, str]:
-    argv = env.ssh_argv(login, *args)
+async def run_ssh(env: Env, login: str, secret: str, *args: str, extra_env: dict[str, str],
+                  tty: bool = False) -> tuple[int, str, str]:
+    argv = env.ssh_argv(login, *args, tty=tty)
     proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
                                                 env={**os.environ, "SSHPASS": secret, **extra_env})
@@ -239,3 +240,42 @@ def test_xauth_entry_is_read_by_xauth(tmp_path: Path) -> None:
     listed = subprocess.run(["xauth", "-f", str(path), "list"], capture_output=True, text=True, check=True).stdout
     assert listed.split()[1:] == ["MIT-MAGIC-COOKIE-1", bytes(range(16)).hex()]
     assert listed.split()[0].endswith(":0")
+
+
+async def test_relays_private_and_removed_at_the_end(two: Env, tmp_path: Path) -> None:
+    async with ssh_agent(tmp_path, "client-agent-key") as client_agent:
+        grant, secret = await two.grant("web")
+        proc = await asyncio.create_subprocess_exec(
+            *two.ssh_argv(grant.login, "-A", "echo up; read x; echo display=${DISPLAY:-none}"),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "SSHPASS": secret, "SSH_AUTH_SOCK": client_agent})
+        assert proc.stdin is not None and proc.stdout is not None
+        try:
+            assert await asyncio.wait_for(proc.stdout.readline(), 30) == b"up\n"
+            (conn,) = two.proxy.connections
+            assert conn.forwards is not None and conn.forwards.agent_relay is not None
+            relay_dir = Path(conn.forwards.agent_relay).parent
+            assert relay_dir.stat().st_mode & 0o777 == 0o700
+            assert sorted(p.name for p in relay_dir.iterdir()) == ["agent", "x11:0"]
+            proc.stdin.write(b"\n")
+            out, _ = await asyncio.wait_for(proc.communicate(), 30)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+    assert out == b"display=none\n"  # X11 is allowed on web, but this client did not ask for it
+    for _ in range(100):
+        if not relay_dir.exists():
+            break
+        await asyncio.sleep(0.05)
+    assert not relay_dir.exists()
+
+
+async def test_refusal_told_on_the_terminal(two: Env, tmp_path: Path) -> None:
+    async with ssh_agent(tmp_path, "client-agent-key") as client_agent:
+        grant, secret = await two.grant("db")
+        code, out, _ = await run_ssh(two, grant.login, secret, "-A", "echo done",
+                                     extra_env={"SSH_AUTH_SOCK": client_agent}, tty=True)
+    assert code == 0
+    assert "hoop: agent forwarding (db) refused: allow.agent_forwarding is off on this resource\r\n" in out
+    assert out.rstrip().endswith("done")
