@@ -290,7 +290,9 @@ class _Connection(asyncssh.SSHServer):
 
     def _refused(self, what: str, target: str, why: str = "not allowed") -> None:
         log.info("%s %s to %s refused: %s", self.label, what, target, why)
-        item = {"what": what, "target": target, "reason": why}
+        # text and rule are what transcripts show for a blocked event (as for refused commands)
+        item = {"what": what, "target": target, "reason": why, "text": f"{what} ({target}): {why}",
+                "rule": why.split(maxsplit=1)[0] if why.startswith("allow.") else "unsupported"}
         self._notice(f"hoop: {what} ({target}) refused: {why} on this resource")
         if self.session is None:
             self._early.append(item)

@@ -171,8 +171,9 @@ async def test_agent_refused_per_resource(two: Env, tmp_path: Path, caplog: pyte
     assert "hoop: agent forwarding (db) refused: allow.agent_forwarding is off on this resource" in err
     assert "agent forwarding to db refused: allow.agent_forwarding is off" in caplog.text
     recorded = await events(two, "db")
-    assert ("blocked", {"what": "agent forwarding", "target": "db", "reason": "allow.agent_forwarding is off"}) \
-        in recorded
+    assert ("blocked", {"what": "agent forwarding", "target": "db", "reason": "allow.agent_forwarding is off",
+                        "text": "agent forwarding (db): allow.agent_forwarding is off",
+                        "rule": "allow.agent_forwarding"}) in recorded
     assert not any(kind == "forward" for kind, _ in recorded)
 
 
@@ -231,7 +232,8 @@ async def test_x11_refused_per_resource(two: Env, tmp_path: Path, caplog: pytest
     assert "X11 forwarding to db refused: allow.x11 is off" in caplog.text
     assert received == []
     recorded = await events(two, "db")
-    assert ("blocked", {"what": "X11 forwarding", "target": "db", "reason": "allow.x11 is off"}) in recorded
+    assert ("blocked", {"what": "X11 forwarding", "target": "db", "reason": "allow.x11 is off",
+                        "text": "X11 forwarding (db): allow.x11 is off", "rule": "allow.x11"}) in recorded
 
 
 def test_xauth_entry_is_read_by_xauth(tmp_path: Path) -> None:
