@@ -25,13 +25,16 @@ transaction statement (or ``set_config`` call) that names ``read write`` or a
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from typing import TypeVar
 
 from proxy.guard import Decision
 from proxy.pg import codec
 from proxy.pg.messages import (
+    Buf,
     Frontend,
     MalformedMessage,
-    decode_bind,
+    decode_bind_head,
     decode_close,
     decode_describe,
     decode_execute,
@@ -45,6 +48,7 @@ from proxy.sqlguard import Analysis, is_write
 
 __all__ = ["Inspector", "Portal", "Rec", "Stmt", "Suspend"]
 
+_M = TypeVar("_M")
 RAW = codec.RAW
 _F_PASS = frozenset({RAW, Frontend.COPY_DATA, Frontend.COPY_DONE, Frontend.COPY_FAIL, Frontend.FLUSH,
                      Frontend.TERMINATE})
@@ -103,6 +107,18 @@ class Inspector(Replies):
             decision = _read_only(decision)
         return found, decision
 
+    def _decoded(self, t: int, body: memoryview, decode: Callable[[Buf], _M]) -> _M:
+        """``decode(body)``, memoised by the raw body: drivers resend the same Parse, Describe,
+        Execute and Close bytes for every statement (decoders are pure; errors are not kept)."""
+        key = (t, body.tobytes())
+        hit = self._memo.get(key)
+        if hit is None:
+            hit = decode(body)
+            if len(self._memo) > 1024:
+                self._memo.clear()
+            self._memo[key] = hit
+        return hit
+
     def _refusal(self, decision: Decision) -> bytes:
         rule = decision.rule or "default"
         return codec.encode_error("42501", f'hoop: statement refused by rule "{rule}"',
@@ -152,7 +168,7 @@ class Inspector(Replies):
                     self.expect.append(("query", Rec(text, kinds, decision.action if decision else "allow",
                                                      decision.rule if decision else None)))
             elif t == Frontend.PARSE:
-                p = decode_parse(body)
+                p = self._decoded(t, body, decode_parse)
                 text, kinds, decision = self._check(p.sql)
                 if decision is not None and decision.needs_review and frames[i] is not self.approved:
                     return self._hold(out, run, buf, s, i, frames, Stmt(p.sql, text, kinds), decision)
@@ -165,18 +181,18 @@ class Inspector(Replies):
                     self.statements[p.statement] = Stmt(p.sql, text, kinds)
                     self.expect.append(("parse", None))
             elif t == Frontend.BIND:
-                b = decode_bind(body)
-                stmt = self.statements.get(b.statement)
+                portal_name, statement, result_formats = decode_bind_head(body)
+                stmt = self.statements.get(statement)
                 if stmt is None:
                     stmt = Stmt("", "", [])  # the server will refuse: unknown statement
-                portal = Portal(stmt, tuple(b.result_formats))
+                portal = Portal(stmt, result_formats)
                 if stmt.fields is not None:
-                    portal.plan = self._plan_for(stmt.fields, formats_for(len(stmt.fields.fields), b.result_formats))
+                    portal.plan = self._plan_for(stmt.fields, formats_for(len(stmt.fields.fields), result_formats))
                     portal.described = True
-                self.portals[b.portal] = portal
+                self.portals[portal_name] = portal
                 self.expect.append(("bind", None))
             elif t == Frontend.DESCRIBE:
-                d = decode_describe(body)
+                d = self._decoded(t, body, decode_describe)
                 if d.kind == "S":
                     self.expect.append(("describe_s", self.statements.get(d.name)))
                 else:
@@ -185,7 +201,7 @@ class Inspector(Replies):
                         described.described = True
                     self.expect.append(("describe_p", (described, False)))
             elif t == Frontend.EXECUTE:
-                ex = decode_execute(body)
+                ex = self._decoded(t, body, decode_execute)
                 found = self.portals.get(ex.portal)
                 if found is not None and not found.described and self.masker is not None:
                     # never described: ask for the columns ourselves, and keep the answer
@@ -196,7 +212,7 @@ class Inspector(Replies):
                 self.stats["statements"] += 1
                 self.expect.append(("execute", (found, Rec(stmt.text, stmt.kinds, "allow", None))))
             elif t == Frontend.CLOSE:
-                c = decode_close(body)
+                c = self._decoded(t, body, decode_close)
                 (self.statements if c.kind == "S" else self.portals).pop(c.name, None)
                 self.expect.append(("close", None))
             elif t == Frontend.SYNC:

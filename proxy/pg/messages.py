@@ -318,6 +318,35 @@ def decode_bind(body: Buf) -> Bind:
     return Bind(portal, statement, formats, params, result_formats)
 
 
+def decode_bind_head(body: Buf) -> tuple[str, str, tuple[int, ...]]:
+    """Bind's portal, statement and result formats, checked exactly as :func:`decode_bind`
+    checks the whole message but without copying the parameter values (the relay's hot path)."""
+    body = as_bytes(body)
+    portal, pos = cstring(body, 0, "Bind")
+    statement, pos = cstring(body, pos, "Bind")
+    _, pos = _i16s(body, pos, "Bind")
+    limit = len(body)
+    unpack = I32.unpack_from
+    try:
+        (n,) = I16.unpack_from(body, pos)
+        pos += 2
+        for _ in range(n):
+            (size,) = unpack(body, pos)
+            pos += 4
+            if size == -1:
+                continue
+            if size < 0 or pos + size > limit:
+                raise _bad("Bind")
+            pos += size
+    except struct.error:
+        raise _bad("Bind") from None
+    if n < 0:
+        raise _bad("Bind")
+    result_formats, pos = _i16s(body, pos, "Bind")
+    _end(body, pos, "Bind")
+    return portal, statement, result_formats
+
+
 def _kind_name(body: Buf, what: str) -> tuple[str, str]:
     if len(body) < 2 or body[0] not in b"SP":
         raise _bad(what)

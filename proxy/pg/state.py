@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from broker.config import PostgresResource
@@ -39,6 +39,7 @@ class Shape:
 
 
 NO_SHAPE = Shape(())  # NoData
+_NO_COLUMNS: list[str] = []  # never mutated: replaced by a shape's columns
 
 
 @dataclass(slots=True)
@@ -57,19 +58,22 @@ class Portal:
     described: bool = False
 
 
-@dataclass(slots=True)
 class Rec:
-    """One statement being executed, recorded when its result is complete."""
+    """One statement being executed, recorded when its result is complete (a plain class: one
+    is made per statement, and a dataclass with default factories costs twice as much)."""
 
-    text: str
-    kinds: list[str]
-    decision: str
-    rule: str | None
-    t0: float = field(default_factory=_perf)
-    rows: int = 0
-    error: str | None = None
-    columns: list[str] = field(default_factory=list)
-    sample: list[list[str | None]] = field(default_factory=list)
+    __slots__ = ("columns", "decision", "error", "kinds", "rows", "rule", "sample", "t0", "text")
+
+    def __init__(self, text: str, kinds: list[str], decision: str, rule: str | None) -> None:
+        self.text = text
+        self.kinds = kinds
+        self.decision = decision
+        self.rule = rule
+        self.t0 = _perf()
+        self.rows = 0
+        self.error: str | None = None
+        self.columns: list[str] = _NO_COLUMNS
+        self.sample: list[list[str | None]] = []
 
 
 
@@ -106,6 +110,7 @@ class State:
         #: id(analysis) -> (analysis, kinds, decision, whether the text decides read-only)
         self._verdicts: dict[int, tuple[Any, list[str], Decision, bool]] = {}
         self._shapes: dict[bytes, Shape] = {}  # raw RowDescription body -> its shape
+        self._memo: dict[tuple[int, bytes], Any] = {}  # (type, raw body) -> decoded client message
         self._record = session.record
 
     def _inject(self, data: bytes | None) -> None:

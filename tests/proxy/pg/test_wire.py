@@ -134,3 +134,25 @@ def test_run_might_contain_reads_only_readable_cells() -> None:
     assert rows.run_might_contain(MASKER, plan, dirty, 0, len(dirty))
     odd = codec.encode_data_row([b"1", b"x"])  # not the plan's width: looked at whole
     assert rows.run_might_contain(MASKER, plan, odd + b"@", 0, len(odd) + 1)
+
+
+def test_bind_head_checks_exactly_what_decode_bind_checks() -> None:
+    from proxy.pg import messages
+
+    rnd = random.Random(19)
+    bad = 0
+    for _ in range(5000):
+        wire = codec.encode_bind("p", "s", [b"x" * rnd.randint(0, 5), None], param_formats=[0], result_formats=[1, 0])
+        body = bytearray(wire[5:])
+        for _ in range(rnd.randint(0, 2)):
+            body[rnd.randrange(len(body))] = rnd.randrange(256)
+        data = bytes(body)[: len(body) - rnd.choice((0, 0, 1, 3))]
+        full = _outcome(messages.decode_bind, data)
+        head = _outcome(messages.decode_bind_head, data)
+        if full[0] == "error":
+            bad += 1
+            assert head == full
+        else:
+            b = full[1]
+            assert head == ("ok", (b.portal, b.statement, b.result_formats))
+    assert bad > 500
