@@ -32,8 +32,10 @@ app = typer.Typer(name="hoop", help="hoop: a ChatOps access broker.", no_args_is
                   pretty_exceptions_enable=False, add_completion=False)
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 audit_app = typer.Typer(help="The hash-chained audit log.", no_args_is_help=True)
+state_app = typer.Typer(help="Keys kept in state_dir.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(audit_app, name="audit")
+app.add_typer(state_app, name="state")
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
 
@@ -109,6 +111,39 @@ def check(config: ConfigOpt = None) -> None:
     errors = render_check(cfg, settings.environ, out)
     if errors:
         raise typer.Exit(1)
+
+
+@state_app.command("init")
+def state_init(config: ConfigOpt = None,
+               directory: Annotated[Path | None, typer.Option("--dir", help="where (default: state_dir)")] = None,
+               ) -> None:
+    """Make, once, the keys all replicas must share: ephemeral-role key, masking key, SSH host key and
+    the PostgreSQL proxy's TLS pair. Existing files are kept. Put the folder in a Secret mounted by
+    every replica (manifests/kubernetes/)."""
+    from broker.roles import load_key as load_role_key
+    from broker.runtime import load_masking_key
+    from proxy.pg.tls import server_tls
+    from proxy.ssh.hostkey import KEY_FILE, ensure_host_key
+
+    cfg, settings = _load(config)
+    folder = directory or cfg.state_dir
+    names = ["roles.key", "masking.key", KEY_FILE, "pg-tls.crt", "pg-tls.key"]
+    before = {n for n in names if (folder / n).exists()}
+    load_role_key(folder)
+    if cfg.masking_key is None:
+        load_masking_key(cfg.model_copy(update={"state_dir": folder}), settings.environ)
+    ssh_key = ensure_host_key(folder)
+    tls = server_tls(cfg.tls.model_copy(update={"cert": None, "key": None}) if cfg.tls.cert is None else cfg.tls,
+                     folder)
+    for name in names:
+        if (folder / name).exists():
+            out.print(f"{'kept   ' if name in before else 'created'} {folder / name}", markup=False)
+    if cfg.masking_key is not None:
+        out.print("masking key: from the config (masking_key), not a file", markup=False)
+    out.print(f"SSH host key {ssh_key.get_fingerprint()}\nPostgreSQL TLS certificate {tls.fingerprint}",
+              markup=False)
+    out.print(f"several replicas: kubectl create secret generic hoop-state --from-file={folder} "
+              "(then see manifests/kubernetes/)", markup=False)
 
 
 @db_app.command("upgrade")

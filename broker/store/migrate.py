@@ -1,4 +1,9 @@
-"""Apply Alembic migrations on an async engine (``hoop db upgrade``, and at ``hoop serve``)."""
+"""Apply Alembic migrations on an async engine (``hoop db upgrade``, and at ``hoop serve``).
+
+Several replicas start at once and each migrates: on PostgreSQL the upgrade runs under a
+transaction-level advisory lock, so one applies the migrations and the others, once it has
+committed, find the schema at head and do nothing.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +11,12 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Connection
+from sqlalchemy import Connection, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 MIGRATIONS = Path(__file__).with_name("migrations")
+#: pg_advisory_xact_lock key held while migrating ("hoop" + "migr" in ASCII)
+MIGRATION_LOCK = 0x686F6F706D696772
 
 
 def _config(connection: Connection) -> Config:
@@ -21,6 +28,8 @@ def _config(connection: Connection) -> Config:
 
 async def upgrade(engine: AsyncEngine, revision: str = "head") -> None:
     async with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": MIGRATION_LOCK})
         await conn.run_sync(lambda sync: command.upgrade(_config(sync), revision))
 
 

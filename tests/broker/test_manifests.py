@@ -1,0 +1,117 @@
+"""The shipped manifests agree with the code: the example configs are valid, the Kubernetes
+Deployment mounts exactly the keys `hoop state init` makes where hoop looks for them, ports and
+probes match what hoop serves, and every secret the config references is in the Secret."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from typer.testing import CliRunner
+
+from broker.cli import app
+from broker.config import HoopConfig, SecretRef, parse_config
+from broker.metrics import Metrics
+from broker.store import Store
+from broker.web import build_web
+
+ROOT = Path(__file__).parents[2]
+K8S = ROOT / "manifests" / "kubernetes"
+
+
+def docs(name: str) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all((K8S / name).read_text()) if d]
+
+
+def deployment() -> dict[str, Any]:
+    (dep,) = docs("deployment.yaml")
+    return dep
+
+
+def cluster_config() -> HoopConfig:
+    (cm,) = docs("configmap.yaml")
+    return parse_config(yaml.safe_load(cm["data"]["hoop.yaml"]))
+
+
+def env_refs(config: HoopConfig) -> set[str]:
+    """Every ``{env: NAME}`` the config refers to."""
+    found: set[str] = set()
+
+    def walk(value: Any) -> None:
+        if isinstance(value, SecretRef):
+            if value.env:
+                found.add(value.env)
+        elif hasattr(value, "__pydantic_fields__"):
+            for name in type(value).model_fields:
+                walk(getattr(value, name))
+        elif isinstance(value, list | tuple):
+            for v in value:
+                walk(v)
+        elif isinstance(value, dict):
+            for v in value.values():
+                walk(v)
+
+    walk(config)
+    return found
+
+
+def test_kustomization_lists_files_that_exist() -> None:
+    (k,) = docs("kustomization.yaml")
+    for name in k["resources"]:
+        assert (K8S / name).is_file(), name
+        assert docs(name), name
+
+
+def test_example_and_cluster_configs_are_valid() -> None:
+    parse_config(yaml.safe_load((ROOT / "manifests" / "hoop.example.yaml").read_text()))
+    config = cluster_config()
+    assert config.listen.host == "0.0.0.0"
+
+
+def test_ports_and_probes_match_what_hoop_serves() -> None:
+    config = cluster_config()
+    (container,) = deployment()["spec"]["template"]["spec"]["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"http": config.listen.http, "postgres": config.listen.postgres, "ssh": config.listen.ssh,
+                     "http-proxy": config.listen.http_proxy}
+    for svc in docs("service.yaml"):
+        for port in svc["spec"]["ports"]:
+            assert port["targetPort"] in ports, port
+    (policy,) = docs("networkpolicy.yaml")
+    assert {p["port"] for p in policy["spec"]["ingress"][0]["ports"]} == set(ports.values())
+    web_app = build_web(Store.from_url("sqlite+aiosqlite://"), Metrics())
+    served = {r.resource.canonical for r in web_app.router.routes() if r.resource is not None}
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"]["path"] in served
+        assert container[probe]["httpGet"]["port"] == "http"
+
+
+def test_the_shared_keys_are_mounted_where_hoop_looks(tmp_path: Path) -> None:
+    config = cluster_config()
+    (tmp_path / "hoop.yaml").write_text(yaml.safe_dump(yaml.safe_load(
+        (ROOT / "manifests" / "hoop.example.yaml").read_text())))
+    keys = tmp_path / "keys"
+    result = CliRunner().invoke(app, ["state", "init", "--config", str(tmp_path / "hoop.yaml"), "--dir", str(keys)])
+    assert result.exit_code == 0, result.output
+    made = {p.name for p in keys.iterdir()}
+    (container,) = deployment()["spec"]["template"]["spec"]["containers"]
+    mounted = {m["subPath"]: m["mountPath"] for m in container["volumeMounts"] if m["name"] == "keys"}
+    assert set(mounted) == made
+    for name, path in mounted.items():
+        assert Path(path) == config.state_dir / name
+    again = CliRunner().invoke(app, ["state", "init", "--config", str(tmp_path / "hoop.yaml"), "--dir", str(keys)])
+    assert again.exit_code == 0 and again.output.count("kept") == len(made)  # made once, then kept
+
+
+def test_every_referenced_secret_is_in_the_secret_and_nothing_runs_as_root() -> None:
+    (secret,) = docs("secret.example.yaml")
+    keys = set(secret["stringData"])
+    assert env_refs(cluster_config()) | {"HOOP_DATABASE_URL"} <= keys
+    assert secret["stringData"]["HOOP_DATABASE_URL"].startswith("postgresql+asyncpg://")  # replicas need PostgreSQL
+    spec = deployment()["spec"]["template"]["spec"]
+    assert spec["securityContext"]["runAsNonRoot"] is True and spec["automountServiceAccountToken"] is False
+    for c in spec["containers"] + spec["initContainers"]:
+        assert c["securityContext"]["allowPrivilegeEscalation"] is False
+        assert c["securityContext"]["readOnlyRootFilesystem"] is True
+        assert {"secretRef": {"name": secret["metadata"]["name"]}} in c["envFrom"]
