@@ -102,10 +102,17 @@ def _literal_to_mark(m: re.Match[str]) -> str:
     return text if text[0] == '"' else "?"
 
 
+#: ``_LITERAL`` without its quoted-identifier branch, which cannot match a text without ``"``:
+#: every match becomes ``?``, so ``sub`` takes a plain replacement (no Python call per literal)
+_LITERAL_NO_IDENT = re.compile(r"'[^']*'|(?<![\w$.])\d+(?:\.\d+)?(?:[eE][+-]?\d+)?(?![\w.$])")
+
+
 def shape(sql: str) -> str | None:
     """The text with literals replaced by ``?``, or ``None`` when that is not provably safe."""
     if _UNSAFE_FOR_SHAPE.search(sql):
         return None
+    if '"' not in sql:
+        return _LITERAL_NO_IDENT.sub("?", sql)
     return _LITERAL.sub(_literal_to_mark, sql)
 
 
