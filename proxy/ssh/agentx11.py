@@ -85,7 +85,9 @@ class RequestChannel(asyncssh.SSHServerChannel[bytes]):
     """A client-facing session channel whose agent and X11 requests go to :class:`Forwards`.
 
     asyncssh dispatches a channel request to the method ``_process_<request>_request``; these
-    two replace asyncssh's own handlers (which would open listeners on hoop's host).
+    two replace asyncssh's own handlers (which would open listeners on hoop's host). Should a
+    later asyncssh stop calling them, its own handlers answer, and with the server's
+    ``agent_forwarding``/``x11_forwarding`` off they refuse: this fails closed.
     """
 
     def __init__(self, conn: asyncssh.SSHServerConnection, forwards: Callable[[], Forwards | None]) -> None:
@@ -99,6 +101,7 @@ class RequestChannel(asyncssh.SSHServerChannel[bytes]):
         #: The client's granted X11 request on this channel.
         self.x11: X11Request | None = None
 
+    # asyncssh's own handler returns None and answers later; its dispatcher also takes a bool answered now.
     def _process_auth_agent_req_at_openssh_dot_com_request(self, packet: SSHPacket) -> bool:  # type: ignore[override]
         packet.check_end()
         forwards = self._forwards()
