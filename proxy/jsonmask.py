@@ -18,13 +18,14 @@ What is masked:
   replaced whole by ``"[masked]"``.
 
 Speed. A chunk that is one whole value (an HTTP response read whole, up to 256 KiB) at the
-top level is masked in one pass by :func:`proxy.jsonfast.mask_document`, with the same
+top level is masked in one pass by :func:`proxy.jsondoc.mask_document`, with the same
 bytes as a result; it returns None for what it does not handle and the tokenizer runs. Otherwise
 most bytes never reach the per-token Python loop: runs of members that no key rule
 applies to are consumed by one regex, and a container whole in the chunk is validated and
 skipped by the C JSON decoder (:mod:`proxy.jsonfast`) when it holds no ruled key and no
 detector hit (the chunk is scanned once). Only what may change takes the exact path, which
-gives the same bytes (``fast=False`` forces it; a test compares both).
+gives the same bytes (``fast=False`` forces it, ``whole=False`` turns the one-pass path off;
+tests compare them).
 
 Invalid JSON never raises. At the first byte that cannot be JSON (or past ``max_depth``
 nesting), the rest of the stream, including any unsent part of the current token, goes
@@ -41,6 +42,7 @@ from bisect import bisect_right
 
 from broker.config import Strategy
 from proxy.detectors import Hit
+from proxy.jsondoc import mask_document
 from proxy.jsonfast import (
     STRINGS,
     Fast,
@@ -48,7 +50,6 @@ from proxy.jsonfast import (
     encode_string,
     fast_patterns,
     has_ruled_key,
-    mask_document,
     reject_constant,
 )
 from proxy.mask import RULE_MARKER, Masker, StreamMasker
@@ -77,7 +78,8 @@ class _Invalid(Exception):
 class JsonStreamMasker:
     """Rewrites a JSON byte stream, masking values as they pass. See the module docstring."""
 
-    def __init__(self, masker: Masker, *, max_string: int = 1 << 20, max_depth: int = 512, fast: bool = True) -> None:
+    def __init__(self, masker: Masker, *, max_string: int = 1 << 20, max_depth: int = 512, fast: bool = True,
+                 whole: bool = True) -> None:
         self._m = masker
         self._max_string = max_string
         self._max_depth = max_depth
@@ -94,7 +96,9 @@ class JsonStreamMasker:
         globs = tuple(r.match for r in masker.config.json_keys)
         self._fast = fast_patterns(globs, max_string) if masker.enabled and fast else None
         self._ruled = self._fast[2] if self._fast is not None else None
-        self._whole_max = min(_WHOLE_MAX, max_string)  # no string in such a chunk can overflow
+        # a chunk up to this that is one whole value takes mask_document (0: never; the C-backed
+        # tokenizer alone, for comparisons); no string in such a chunk can overflow max_string
+        self._whole_max = min(_WHOLE_MAX, max_string) if whole else 0
         self._hits: list[Hit] | None = None  # detector hits of the current chunk (None: not computed)
         self._hit_ends: list[int] = []
 

@@ -63,7 +63,7 @@ __all__ = ["BearerGate", "HttpProxy"]
 
 _IDLE_FLUSH = 0.2  # seconds a held text tail may wait for more bytes before it is sent
 # A body of known length up to this is read whole and relayed in one write; a JSON body that
-# arrives whole is then masked in one pass (proxy.jsonfast.mask_document), not token by token.
+# arrives whole is then masked in one pass (proxy.jsondoc.mask_document), not token by token.
 _SMALL_BODY = 256 * 1024
 
 
