@@ -29,6 +29,7 @@ import secrets
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import datetime
 from typing import Any
+from urllib.parse import parse_qsl, urlencode
 
 import asyncpg
 
@@ -45,12 +46,20 @@ LEADER_LOCK = 0x686F6F706C656164
 Connect = Callable[[str], Awaitable[Any]]
 
 
+#: query parameters of SQLAlchemy's asyncpg dialect that are not libpq/asyncpg DSN parameters
+_DIALECT_ONLY = {"prepared_statement_cache_size", "prepared_statement_name_func", "async_fallback"}
+
+
 def asyncpg_dsn(database_url: str) -> str | None:
-    """The libpq-style DSN of a PostgreSQL store URL; ``None`` for other stores (SQLite)."""
+    """The libpq-style DSN of a PostgreSQL store URL; ``None`` for other stores (SQLite).
+    The dialect's ``ssl=`` becomes ``sslmode=``; dialect-only parameters are dropped."""
     scheme, sep, rest = database_url.partition("://")
     if not sep or scheme.split("+", 1)[0] not in ("postgresql", "postgres"):
         return None
-    return f"postgresql://{rest}"
+    base, _, query = rest.partition("?")
+    params = [(("sslmode" if k == "ssl" else k), v) for k, v in parse_qsl(query, keep_blank_values=True)
+              if k not in _DIALECT_ONLY]
+    return f"postgresql://{base}" + (f"?{urlencode(params)}" if params else "")
 
 
 def _by(grant: Grant) -> Identity:

@@ -96,6 +96,8 @@ def test_asyncpg_dsn() -> None:
     assert asyncpg_dsn("postgres://h/db") == "postgresql://h/db"
     assert asyncpg_dsn("sqlite+aiosqlite:///x.db") is None
     assert asyncpg_dsn("nonsense") is None
+    assert asyncpg_dsn("postgresql+asyncpg://h/db?ssl=require&prepared_statement_cache_size=0&application_name=x") \
+        == "postgresql://h/db?sslmode=require&application_name=x"
 
 
 @pytest.mark.postgres
