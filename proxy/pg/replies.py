@@ -21,17 +21,8 @@ from proxy.pg.messages import (
     decode_copy_response,
     decode_fields,
 )
-from proxy.pg.rows import (
-    Catalog,
-    Plan,
-    mask_message_fields,
-    mask_payload,
-    mask_row,
-    rewrite_run,
-    row_spans,
-    run_might_contain,
-    run_sample,
-)
+from proxy.pg.rows import Catalog, Plan, mask_message_fields, mask_payload, mask_row
+from proxy.pg.runs import rewrite_run, row_spans, run_might_contain, run_sample
 from proxy.pg.state import NO_SHAPE, Rec, Shape, State, Suspend
 
 RAW = codec.RAW

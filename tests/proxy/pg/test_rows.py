@@ -6,7 +6,8 @@ from broker.config import Masking
 from proxy.mask import Masker
 from proxy.pg import codec
 from proxy.pg.messages import Field
-from proxy.pg.rows import make_plan, mask_row, rewrite_run, row_spans
+from proxy.pg.rows import make_plan, mask_row
+from proxy.pg.runs import rewrite_run, row_spans
 
 
 def test_rewrite_run_matches_row_by_row() -> None:

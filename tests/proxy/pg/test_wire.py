@@ -8,7 +8,7 @@ import pytest
 
 from broker.config import Masking
 from proxy.mask import Masker
-from proxy.pg import _wire, codec, rows
+from proxy.pg import _wire, codec, rows, runs
 from proxy.pg.messages import Field, MalformedMessage
 
 MASKER = Masker(Masking(columns=[{"match": "email", "strategy": "redact"}, {"match": "card", "strategy": "partial"},
@@ -43,7 +43,7 @@ def _mangle(rnd: random.Random, wire: bytes) -> bytes:
 
 
 def test_the_c_twins_are_built() -> None:
-    assert codec._wire is _wire and rows._wire is _wire
+    assert codec._wire is _wire and runs._wire is _wire
 
 
 def _split_both(buf: bytes, pos: int, max_length: int, coalesce: bool) -> None:
@@ -77,14 +77,14 @@ def test_rewrite_run_matches_python_and_row_by_row() -> None:
     for _ in range(300):
         wire = _rows(rnd, rnd.randint(1, 6))
         for detect in (False, True):
-            c = rows.rewrite_run(MASKER, PLAN, wire, 0, len(wire), detect)
-            assert c == rows.py_rewrite_run(MASKER, PLAN, wire, 0, len(wire), detect)
+            c = runs.rewrite_run(MASKER, PLAN, wire, 0, len(wire), detect)
+            assert c == runs.py_rewrite_run(MASKER, PLAN, wire, 0, len(wire), detect)
             if c is not None:
                 by_row = b"".join(rows.mask_row(MASKER, PLAN, memoryview(wire)[s + 5 : e], detect) or wire[s:e]
-                                  for s, e in rows.row_spans(wire, 0, len(wire)))
+                                  for s, e in runs.row_spans(wire, 0, len(wire)))
                 assert c == by_row
     wire = codec.encode_data_row([b"1", b"a@b.example", b"4111111111111111", b"h", None, b"n", None]) * 3
-    masked = rows.rewrite_run(MASKER, PLAN, wire, 0, len(wire), True)
+    masked = runs.rewrite_run(MASKER, PLAN, wire, 0, len(wire), True)
     assert masked is not None and b"a@b.example" not in masked and b"************1111" in masked
 
 
@@ -96,19 +96,19 @@ def test_rewrite_run_matches_python_on_malformed_rows() -> None:
         bad = _mangle(rnd, wire)
         end = rnd.choice((len(bad), len(bad) - rnd.randrange(1, 9), len(bad) + 3))
         for detect in (False, True):
-            got_c = _outcome(rows.rewrite_run, MASKER, PLAN, bad, 0, end, detect)
-            got_py = _outcome(rows.py_rewrite_run, MASKER, PLAN, bad, 0, end, detect)
+            got_c = _outcome(runs.rewrite_run, MASKER, PLAN, bad, 0, end, detect)
+            got_py = _outcome(runs.py_rewrite_run, MASKER, PLAN, bad, 0, end, detect)
             assert got_c == got_py
             errors += got_c[0] == "error"
     assert errors > 100  # the mangling does reach the error paths
     short = codec.encode_data_row([b"1"])
     with pytest.raises(MalformedMessage, match="cells do not match"):
-        rows.rewrite_run(MASKER, PLAN, short, 0, len(short), True)
+        runs.rewrite_run(MASKER, PLAN, short, 0, len(short), True)
 
 
 def test_text_cells_matches_python() -> None:
     rnd = random.Random(17)
-    readable = rows._c_ops(PLAN)[3]
+    readable = runs._c_ops(PLAN)[3]
     assert readable == bytes([1, 1, 1, 1, 0, 1, 0])
     nones = 0
     for _ in range(3000):
@@ -117,23 +117,23 @@ def test_text_cells_matches_python() -> None:
             wire = _mangle(rnd, wire)
         s = rnd.choice((0, 0, 1))
         e = rnd.choice((len(wire), len(wire) - 1, len(wire) + 5))
-        got = rows.text_cells(wire, s, e, readable)
-        assert got == rows.py_text_cells(wire, s, e, readable)
+        got = runs.text_cells(wire, s, e, readable)
+        assert got == runs.py_text_cells(wire, s, e, readable)
         nones += got is None
     assert nones > 100
     wire = codec.encode_data_row([b"7", None, b"c", b"h", b"\0\0\0\1", b"n", b"\1"]) * 2
-    assert rows.text_cells(wire, 0, len(wire), readable) == b"7\0c\0h\0n\x007\0c\0h\0n"
+    assert runs.text_cells(wire, 0, len(wire), readable) == b"7\0c\0h\0n\x007\0c\0h\0n"
 
 
 def test_run_might_contain_reads_only_readable_cells() -> None:
     fields = (Field("id", 0, 0, 23, 4, -1, 0), Field("note", 0, 0, 25, -1, -1, 0), Field("blob", 0, 0, 17, -1, -1, 1))
     plan = rows.make_plan(MASKER, fields, (0, 0, 1), {})
     clean = codec.encode_data_row([b"1", b"note 1", b"@@@@"]) * 3  # '@' only in a binary bytea cell
-    assert not rows.run_might_contain(MASKER, plan, clean, 0, len(clean))
+    assert not runs.run_might_contain(MASKER, plan, clean, 0, len(clean))
     dirty = clean + codec.encode_data_row([b"2", b"mail bob@corp.example", None])
-    assert rows.run_might_contain(MASKER, plan, dirty, 0, len(dirty))
+    assert runs.run_might_contain(MASKER, plan, dirty, 0, len(dirty))
     odd = codec.encode_data_row([b"1", b"x"])  # not the plan's width: looked at whole
-    assert rows.run_might_contain(MASKER, plan, odd + b"@", 0, len(odd) + 1)
+    assert runs.run_might_contain(MASKER, plan, odd + b"@", 0, len(odd) + 1)
 
 
 def test_bind_head_checks_exactly_what_decode_bind_checks() -> None:
