@@ -4,11 +4,13 @@ How this works. After the gate and the guard have passed the upgrade request (a 
 proxy first opens the upstream WebSocket with the held credential and the client's offered
 subprotocols, then accepts the client's handshake with the subprotocol the upstream chose, so
 a client never gets a socket the upstream refused (that refusal is relayed as JSON with the
-upstream's status). Two pumps then copy messages both ways until either side closes. Text
-messages from the upstream are masked whole with the detectors (each message is complete, so
-nothing spans a boundary); binary messages pass through unchanged (kubectl's channel frames
-carry terminal bytes the masker cannot delimit; document this to operators). :func:`cut` ends
-both sides with close code 1008 and the reason when the grant ends.
+upstream's status). Two pumps then copy messages both ways until either side closes. What
+the upstream sends is masked by :mod:`proxy.http.channels`: a text message whole, a binary one
+whole when it is UTF-8 text (other binary payloads pass unchanged), and under a Kubernetes
+channel protocol (``kubectl exec``/``attach``) stdout, stderr and the error stream each as a
+stream across messages; a stream that holds bytes back gets them sent after
+``_IDLE_FLUSH`` seconds of upstream silence. What the client sends is not masked. :func:`cut`
+ends both sides with close code 1008 and the reason when the grant ends.
 """
 
 from __future__ import annotations
@@ -22,12 +24,15 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
+from proxy.http.channels import Channels, is_base64_channel, is_channel, mask_binary
 from proxy.mask import Masker
 
 __all__ = ["WsResult", "cut", "relay"]
 
 _POLICY_VIOLATION = 1008
 _MAX_MSG = 16 * 1024 * 1024
+_IDLE_FLUSH = 0.2  # seconds a channel stream's held tail waits for more output before it is sent
+_END = (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED)
 
 
 @dataclass
@@ -99,16 +104,53 @@ async def relay(request: web.BaseRequest, client: aiohttp.ClientSession, url: UR
             if not upstream.closed:
                 await upstream.close(code=ws.close_code or 1000)
 
-        async def down() -> None:  # upstream -> client
-            async for msg in upstream:
-                if msg.type is aiohttp.WSMsgType.TEXT:
-                    text = masker.mask_text(msg.data)
+        protocol = upstream.protocol
+        b64 = is_base64_channel(protocol)
+        channels = Channels(masker, base64_frames=b64) if masker.enabled and (b64 or is_channel(protocol)) else None
+
+        async def send_held() -> None:
+            assert channels is not None
+            if b64:
+                for text in channels.flush_text():
                     result.down_bytes += len(text)
                     await ws.send_str(text)
-                elif msg.type is aiohttp.WSMsgType.BINARY:
-                    result.down_bytes += len(msg.data)
-                    await ws.send_bytes(msg.data)
-                result.messages += 1
+            else:
+                for frame in channels.flush():
+                    result.down_bytes += len(frame)
+                    await ws.send_bytes(frame)
+
+        async def down() -> None:  # upstream -> client
+            nxt: asyncio.Future[aiohttp.WSMessage] | None = None
+            try:
+                while True:
+                    if nxt is None:
+                        nxt = asyncio.ensure_future(upstream.receive())
+                    if channels is not None and channels.pending:
+                        done, _ = await asyncio.wait({nxt}, timeout=_IDLE_FLUSH)
+                        if not done:  # the upstream went quiet: send what the streams hold
+                            await send_held()
+                            continue
+                    msg = await nxt
+                    nxt = None
+                    if msg.type in _END:
+                        break
+                    if msg.type is aiohttp.WSMsgType.TEXT:
+                        text = (channels.feed_text(msg.data) if b64 and channels is not None
+                                else masker.mask_text(msg.data))
+                        if text is not None:
+                            result.down_bytes += len(text)
+                            await ws.send_str(text)
+                    elif msg.type is aiohttp.WSMsgType.BINARY:
+                        data = channels.feed(msg.data) if channels is not None else mask_binary(masker, msg.data)
+                        if data is not None:
+                            result.down_bytes += len(data)
+                            await ws.send_bytes(data)
+                    result.messages += 1
+            finally:
+                if nxt is not None:
+                    nxt.cancel()
+            if channels is not None and not ws.closed:
+                await send_held()
             result.close_code = upstream.close_code
             if not ws.closed:
                 await ws.close(code=upstream.close_code or 1000)

@@ -21,7 +21,8 @@ NO_RULES = Masker(Masking(), b"k" * 32)
 
 VALUES: list[Any] = [
     "alice@example.com", "mail carol@example.org today", "4111 1111 1111 1111", "4111111111111111", "plain",
-    "Zoë ☃ 😀", "", "+1 650-253-0000", "078-05-1120", "GB82 WEST 1234 5698 7654 32", "AKIAIOSFODNN7EXAMPLE",
+    "Zoë ☃ 😀", "", "+1 650-253-0000", "078-05-1120", "536-22-1234", "GB82 WEST 1234 5698 7654 32",
+    "AKIAIOSFODNN7EXAMPLE",
     "Bearer abcdefghijkl", "x9Kq2LmN7pR4sT8vW3yZ6bC1dF5gH0jJ", "eyJhbGciOi.eyJzdWIiOi.sig", 1, -2.5, 3e-7, 0, True,
     False, None, 4111111111111111, 5105105105105100, 'say "hi" to bob@x.com', "a\\b\\", 'end\\"', "tab\tnew\nline",
     '{"email": "in@json.org", "password": 1}',

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import gzip
 import hashlib
 from typing import Any
@@ -34,6 +35,7 @@ class Upstream:
         app.router.add_get("/big", self.big)
         app.router.add_get("/slow", self.slow)
         app.router.add_get("/ws", self.ws)
+        app.router.add_get("/exec", self.exec)
         app.router.add_post("/upload", self.upload)
         app.router.add_get("/gz", self.gz)
         app.router.add_get("/br", self.br)
@@ -121,6 +123,34 @@ class Upstream:
                 await ws.send_str(f"echo: {msg.data}")
             elif msg.type is WSMsgType.BINARY:
                 await ws.send_bytes(msg.data[::-1])
+        return ws
+
+    async def exec(self, request: web.Request) -> web.WebSocketResponse:
+        """A ``kubectl exec`` stand-in: stdin (stream 0) comes back on stdout (1) in 16-byte frames
+        and on stderr (2) whole (``1>``/``2>`` first: that stream only), in the binary channel protocol or
+        its base64 form."""
+        self._seen(request)
+        ws = web.WebSocketResponse(protocols=("v5.channel.k8s.io", "v4.base64.channel.k8s.io"))
+        await ws.prepare(request)
+        b64 = ws.ws_protocol == "v4.base64.channel.k8s.io"
+        async for msg in ws:
+            if b64:
+                sid, data = int(msg.data[0]), base64.b64decode(msg.data[1:])
+            else:
+                sid, data = msg.data[0], msg.data[1:]
+            if sid != 0:
+                continue
+            streams = {1, 2}
+            if data[:2] in (b"1>", b"2>"):  # to that stream only
+                streams, data = {data[0] - 0x30}, data[2:]
+            for out, pieces in ((1, [data[i:i + 16] for i in range(0, len(data), 16)]), (2, [data])):
+                if out not in streams:
+                    continue
+                for piece in pieces:
+                    if b64:
+                        await ws.send_str(str(out) + base64.b64encode(piece).decode())
+                    else:
+                        await ws.send_bytes(bytes([out]) + piece)
         return ws
 
     async def upload(self, request: web.Request) -> web.Response:
