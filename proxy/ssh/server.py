@@ -43,11 +43,11 @@ from proxy.shellguard import ShellGuard
 from proxy.ssh import agentx11, forwarding, tuning, upstream
 from proxy.ssh.channel import ProxyChannel
 from proxy.ssh.context import ChannelContext
+from proxy.ssh.hostkey import ensure_host_key
 
 __all__ = ["SshProxy"]
 
 log = logging.getLogger(__name__)
-_KEY_FILE = "ssh_host_ed25519_key"
 
 
 class SshProxy:
@@ -72,16 +72,7 @@ class SshProxy:
 
     def host_key(self) -> asyncssh.SSHKey:
         """Load the persisted host key, or generate and persist one (0600)."""
-        path = self.state_dir / _KEY_FILE
-        if path.exists():
-            key = asyncssh.read_private_key(str(path))
-        else:
-            self.state_dir.mkdir(parents=True, exist_ok=True)
-            key = asyncssh.generate_private_key("ssh-ed25519")
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(key.export_private_key())
-            log.info("generated SSH host key %s", path)
+        key = ensure_host_key(self.state_dir)
         self.fingerprint = key.get_fingerprint()
         return key
 
