@@ -12,6 +12,7 @@ bench/results/pg_proxy.json.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import re
@@ -72,6 +73,7 @@ async def _serve(spec: dict[str, Any]) -> None:
     proxy = PgProxy(config, gate, hub, clock, {"PGPW": spec["password"]}, hash_key=b"k" * 32)
     port = await proxy.start("127.0.0.1", 0)
     grant, secret = await service.breakglass(ROOT, "prod-db", "bench@example.com", "4h", "bench")
+    gc.freeze()  # as broker.runtime.serve_forever does once started
     print(json.dumps({"port": port, "login": grant.login, "secret": secret}), flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
     await proxy.stop()
