@@ -73,6 +73,14 @@ class Harness:
             return resp.status, body
 
 
+def store_url(request: pytest.FixtureRequest, tmp_path: Path, prefix: str) -> str:
+    """The store URL for a fixture parametrised with ``sqlite`` / ``postgres``."""
+    if request.param == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path / 'hoop.db'}"
+    cluster = request.getfixturevalue("pg")
+    return str(cluster.sqlalchemy_url(cluster.create_database(prefix)))
+
+
 @contextlib.asynccontextmanager
 async def harness(database_url: str, *, config_overrides: dict[str, Any] | None = None) -> AsyncIterator[Harness]:
     clock = FakeClock()

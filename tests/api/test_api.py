@@ -13,18 +13,12 @@ import pytest
 from broker.api import ROUTES
 from broker.api_models import RequestCreate
 from broker.errors import Denied
-from tests.api.conftest import Harness, harness
-from tests.support.pgcluster import PgCluster
+from tests.api.conftest import Harness, harness, store_url
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 async def hh(request: pytest.FixtureRequest, tmp_path: Any) -> AsyncIterator[Harness]:
-    if request.param == "sqlite":
-        url = f"sqlite+aiosqlite:///{tmp_path / 'hoop.db'}"
-    else:
-        cluster: PgCluster = request.getfixturevalue("pg")
-        url = cluster.sqlalchemy_url(cluster.create_database("api"))
-    async with harness(url) as h:
+    async with harness(store_url(request, tmp_path, "api")) as h:
         yield h
 
 

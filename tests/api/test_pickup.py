@@ -23,8 +23,7 @@ from broker.events import Broadcast
 from broker.identity import HttpFetcher, TokenVerifier
 from broker.service import Service
 from broker.store import Store
-from tests.api.conftest import Harness, harness
-from tests.support.pgcluster import PgCluster
+from tests.api.conftest import Harness, harness, store_url
 
 
 class OtherReplica:
@@ -68,11 +67,7 @@ class OtherReplica:
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 async def pair(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[tuple[Harness, OtherReplica, str]]:
-    if request.param == "sqlite":
-        url = f"sqlite+aiosqlite:///{tmp_path / 'hoop.db'}"
-    else:
-        cluster: PgCluster = request.getfixturevalue("pg")
-        url = cluster.sqlalchemy_url(cluster.create_database("pickup"))
+    url = store_url(request, tmp_path, "pickup")
     async with harness(url) as h:
         other = await OtherReplica(h, url).start()
         try:

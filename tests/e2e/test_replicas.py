@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -18,20 +17,10 @@ import yaml
 from broker.model import Session, SessionStatus
 from broker.store import Store
 from tests.conftest import base_config
-from tests.e2e.test_restart import run, start_serve
+from tests.e2e.test_restart import run, start_serve, stop_serve
 from tests.support.pgcluster import PgCluster, free_port
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
-
-
-async def stop(proc: asyncio.subprocess.Process) -> None:
-    if proc.returncode is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(proc.wait(), 20)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
 
 
 async def wait_for_text(path: Path, text: str, seconds: float) -> None:
@@ -106,11 +95,11 @@ async def test_revocation_reaches_a_session_on_another_replica(pg: PgCluster, tm
         out, err = await asyncio.wait_for(psql.communicate(), 20)
         assert out == b"" and b"access revoked" in err, (out, err)
 
-        await stop(procs[0])  # the leader goes away; b takes the advisory lock
+        await stop_serve(procs[0])  # the leader goes away; b takes the advisory lock
         await wait_for_text(home_b / "serve.log", "this replica is now the scheduler leader", 15)
     finally:
         if psql is not None and psql.returncode is None:
             psql.kill()
             await psql.wait()
         for proc in procs:
-            await stop(proc)
+            await stop_serve(proc)

@@ -61,6 +61,17 @@ async def start_serve(env: dict[str, str], cwd: Path, http_port: int, log_name: 
     raise AssertionError("hoop serve did not start:\n" + path.read_text())
 
 
+async def stop_serve(proc: asyncio.subprocess.Process) -> None:
+    """SIGTERM, then SIGKILL after 20 s."""
+    if proc.returncode is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), 20)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+
+
 async def role_exists(pg: PgCluster, role: str) -> bool:
     conn = await asyncpg.connect(pg.dsn())
     try:
@@ -145,11 +156,6 @@ async def test_restart_ends_overdue_grant_drops_role_posts_masked_transcript(pg:
         if psql is not None and psql.returncode is None:
             psql.kill()
             await psql.wait()
-        if serve is not None and serve.returncode is None:
-            serve.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(serve.wait(), 20)
-            except TimeoutError:
-                serve.kill()
-                await serve.wait()
+        if serve is not None:
+            await stop_serve(serve)
         await fake.stop()
