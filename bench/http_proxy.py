@@ -6,11 +6,14 @@ generator (aiohttp client, bounded concurrency, fixed duration, keep-alive). Eac
 ~1.2 KB JSON document with emails and key-pattern values. "masking off" goes through a
 resource with masking disabled, "masking on" through one with detectors and JSON key rules.
 
-    .venv/bin/python bench/http_proxy.py [--seconds 5] [--concurrency 32]
+    .venv/bin/python bench/http_proxy.py [--seconds 15] [--rounds 5] [--concurrency 8]
 
 The load generator runs few connections (8 by default) so that on a 2-core machine the
 proxy process, not the client, gets most of a core; the 1-minute load average is recorded
-per run, since the machine may be shared. Prints a table and writes
+per run, since the machine may be shared. The three runs are interleaved in rounds (direct,
+off, on; ``--seconds`` split over ``--rounds``): each figure is the median over the rounds,
+and a ratio is the median of the ratios within each round, so a change in the machine's
+load between runs moves direct and proxy alike. Prints a table and writes
 bench/results/http_proxy.json. Targets: masking off >= 0.5x and masking on >= 0.4x the
 direct requests/s.
 """
@@ -134,6 +137,16 @@ async def _load(url: str, headers: dict[str, str], seconds: float, concurrency: 
             "p99_ms": round(latencies[int(len(latencies) * 0.99) - 1] * 1000, 3)}
 
 
+def _median_of(rounds: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    """One run's figures over the rounds: the median of each, the sum of requests and errors."""
+    runs = [rnd[name] for rnd in rounds]
+    out: dict[str, Any] = {"requests": sum(r["requests"] for r in runs), "errors": sum(r["errors"] for r in runs)}
+    for key in ("rps", "p50_ms", "p99_ms", "loadavg_1m"):
+        out[key] = round(statistics.median(r[key] for r in runs), 3)
+    out["rps_per_round"] = [r["rps"] for r in runs]
+    return out
+
+
 def _spawn(role: str, *args: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, __file__, "--role", role, *args], cwd=ROOT)
 
@@ -151,7 +164,8 @@ def _wait_file(path: Path, proc: subprocess.Popen[bytes]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--role", default="bench", choices=["bench", "upstream", "proxy"])
-    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--seconds", type=float, default=15.0, help="per run (direct, off, on), over all rounds")
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--port-file", type=Path)
     parser.add_argument("--state", type=Path)
@@ -186,13 +200,17 @@ def main() -> None:
                 "proxy_masking_on": (f"{base}/masked/api/v1/users",
                                      {"Authorization": f"Bearer {info['secrets']['masked']}"}),
             }
-            results: dict[str, Any] = {}
+            rounds: list[dict[str, Any]] = []
             load_before = os.getloadavg()[0]
             loop = _loop()
             try:
-                for name, (url, headers) in runs.items():
-                    results[name] = loop.run_until_complete(_load(url, headers, args.seconds, args.concurrency))
-                    results[name]["loadavg_1m"] = round(os.getloadavg()[0], 2)
+                for _ in range(args.rounds):  # interleaved, so a change in the machine's load hits all three
+                    rnd: dict[str, Any] = {}
+                    for name, (url, headers) in runs.items():
+                        rnd[name] = loop.run_until_complete(_load(url, headers, args.seconds / args.rounds,
+                                                                  args.concurrency))
+                        rnd[name]["loadavg_1m"] = round(os.getloadavg()[0], 2)
+                    rounds.append(rnd)
             finally:
                 loop.close()
         finally:
@@ -200,12 +218,17 @@ def main() -> None:
                 p.terminate()
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     p.wait(timeout=5)
+    results = {name: _median_of(rounds, name) for name in runs}
     direct = results["direct"]
     for name in ("proxy_masking_off", "proxy_masking_on"):
         r = results[name]
-        r["ratio_vs_direct"] = round(r["rps"] / direct["rps"], 3)
+        # the median of the ratios within each round (direct and proxy measured seconds apart)
+        r["ratio_vs_direct"] = round(statistics.median(rnd[name]["rps"] / rnd["direct"]["rps"] for rnd in rounds), 3)
+        r["ratio_per_round"] = [round(rnd[name]["rps"] / rnd["direct"]["rps"], 3) for rnd in rounds]
         r["added_p50_ms"] = round(r["p50_ms"] - direct["p50_ms"], 3)
-    out = {"benchmark": "http_proxy", "seconds": args.seconds, "concurrency": args.concurrency,
+    results["proxy_masking_on"]["ratio_vs_masking_off"] = round(statistics.median(
+        rnd["proxy_masking_on"]["rps"] / rnd["proxy_masking_off"]["rps"] for rnd in rounds), 3)
+    out = {"benchmark": "http_proxy", "seconds": args.seconds, "rounds": args.rounds, "concurrency": args.concurrency,
            "body_bytes": len(DOC), "cpus": os.cpu_count(), "loadavg_1m_before": round(load_before, 2),
            "results": results,
            "targets": {"proxy_masking_off": 0.5, "proxy_masking_on": 0.4},

@@ -69,6 +69,8 @@ _STRUCT, _STRING, _SCALAR_TOK = range(3)
 _OVERFLOW = ('"' + RULE_MARKER + '"').encode()
 _DECODER = json.JSONDecoder(parse_constant=reject_constant)  # stateless: one for all maskers
 _WHOLE_MAX = 256 * 1024  # a chunk that is one whole value up to this size takes mask_document
+# ...and ends like a container or a string (a number could go on in the next chunk: "1" then "e5")
+_WHOLE_ENDS = (b"}", b"]", b'"')
 
 
 class _Invalid(Exception):
@@ -114,7 +116,7 @@ class JsonStreamMasker:
         if self._text is not None:
             return self._text.feed(chunk)
         if (self._fast is not None and not self._stack and self._state == _STRUCT and len(chunk) <= self._whole_max
-                and self._expect in (_VALUE, _AFTER)):
+                and self._expect in (_VALUE, _AFTER) and chunk.rstrip(b" \t\r\n")[-1:] in _WHOLE_ENDS):
             whole = mask_document(self._m, chunk, self._ruled, self._max_depth)
             if whole is not None:  # the chunk was one complete value
                 self._expect = _AFTER

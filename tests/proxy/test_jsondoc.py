@@ -176,3 +176,9 @@ def test_depth_is_checked_on_the_real_nesting(src: bytes, handled: bool) -> None
     assert j.fallback == (not handled)
     if out is not None:
         assert out == ref
+
+
+def test_a_top_level_number_cut_by_a_chunk_is_not_taken_for_a_whole_value() -> None:
+    j = JsonStreamMasker(MASKER)
+    assert j.feed(b"1") + j.feed(b"e5 ") + j.flush() == b"1e5 "
+    assert not j.fallback
