@@ -56,12 +56,6 @@ _SESSION_TAGS = frozenset({"SET", "TRANSACTION"})
 _READ_WRITE = re.compile(r"read[\s_]*write|transaction_read_only", re.IGNORECASE)
 
 
-def writes_back(sql: str, analysis: Analysis) -> bool:
-    """Whether ``sql`` may switch a read-only session (or transaction) back to writing."""
-    return any(st.tag in _SESSION_TAGS or "set_config" in st.functions for st in analysis.statements) \
-        and _READ_WRITE.search(sql) is not None
-
-
 def _read_only(decision: Decision) -> Decision:
     return Decision("block", "read_only", "the resource is read-only", decision.subject)
 
