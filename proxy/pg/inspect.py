@@ -16,6 +16,18 @@ ReadyForQuery; a Parse gets ErrorResponse and the rest of its batch is discarded
 as the server itself would. A statement under review stops the client side: the relay
 pauses reading and resumes at that very message once the reviewer has decided.
 
+A refusal must also do to the session what a real error does: inside a transaction block
+(``BEGIN ...``) or an extended-protocol batch, an error aborts the transaction, so that the
+server answers 25P02 to what follows, turns ``COMMIT`` into ``ROLLBACK`` and honours
+``ROLLBACK TO SAVEPOINT``. Rather than imitate that state machine, hoop sends the server a
+*stand-in* for the refused message, a Query or Parse of :data:`STAND_IN` (a syntax error:
+it fails in the parser, runs nothing, and reads nothing of the catalog), and puts its own
+42501 refusal in place of the server's error (the ``refuse`` item of ``expect``). The server
+then holds the real transaction state, savepoints included, and every ReadyForQuery after it
+is the server's own. Only when the session is provably outside any transaction (the last
+ReadyForQuery said ``I``, nothing is in flight and no batch is open) does hoop answer alone,
+without a round trip.
+
 On a read-only resource, hoop starts the upstream session with
 ``default_transaction_read_only=on`` and refuses, besides every write, any SET or
 transaction statement (or ``set_config`` call) that names ``read write`` or a
@@ -46,7 +58,7 @@ from proxy.pg.rows import formats_for
 from proxy.pg.state import Portal, Rec, Stmt, Suspend
 from proxy.sqlguard import Analysis, is_write
 
-__all__ = ["Inspector", "Portal", "Rec", "Stmt", "Suspend"]
+__all__ = ["STAND_IN", "Inspector", "Portal", "Rec", "Stmt", "Suspend"]
 
 _M = TypeVar("_M")
 RAW = codec.RAW
@@ -54,6 +66,11 @@ _F_PASS = frozenset({RAW, Frontend.COPY_DATA, Frontend.COPY_DONE, Frontend.COPY_
                      Frontend.TERMINATE})
 _SESSION_TAGS = frozenset({"SET", "TRANSACTION"})
 _READ_WRITE = re.compile(r"read[\s_]*write|transaction_read_only", re.IGNORECASE)
+
+
+#: what the server is sent in place of a refused statement: fails with a syntax error (42601)
+STAND_IN = "hoop refused this statement"
+_STAND_IN_QUERY = codec.encode_query(STAND_IN)
 
 
 def _read_only(decision: Decision) -> Decision:
@@ -123,6 +140,14 @@ class Inspector(Replies):
         self.session.record("statement", {"sql": text, "kinds": kinds, "decision": "block",
                                           "rule": decision.rule, "ms": 0, "rows": 0, "error": "refused by hoop"})
 
+    def _idle(self) -> bool:
+        """Whether the session is surely outside any transaction: a refusal changes nothing there."""
+        return self.status == "I" and not self.expect and not self.batch_sent
+
+    def _stand_in(self, refusal: bytes) -> None:
+        """Expect the server's error for a stand-in message; the client gets ``refusal`` instead."""
+        self.expect.append(("refuse", refusal))
+
     def from_client(self, buf: bytes, frames: list[codec.Frame], start: int) -> tuple[list[bytes], int, Suspend | None]:
         """Returns (parts to send upstream, index reached, a coroutine factory when suspended)."""
         out: list[bytes] = []
@@ -155,8 +180,13 @@ class Inspector(Replies):
                                                                    and frames[i] is not self.approved)):
                     forward = False
                     self._blocked(text, kinds, decision)
-                    self._inject(self._refusal(decision))
-                    self._inject(None)
+                    if self._idle():
+                        self._inject(self._refusal(decision))
+                        self._inject(None)
+                    else:
+                        extra = _STAND_IN_QUERY
+                        self._stand_in(self._refusal(decision))
+                        self.expect.append(("sync", None))
                 else:
                     self.stats["statements"] += 1
                     self.expect.append(("query", Rec(text, kinds, decision.action if decision else "allow",
@@ -169,7 +199,14 @@ class Inspector(Replies):
                 if decision is not None and decision.blocked:
                     forward = False
                     self._blocked(text, kinds, decision)
-                    self._inject(self._refusal(decision))
+                    if self._idle():
+                        self._inject(self._refusal(decision))
+                    else:  # the server fails the batch (and the transaction) as it would for a real error
+                        extra = codec.encode_parse(p.statement, STAND_IN)
+                        self._stand_in(self._refusal(decision))
+                        self.batch_sent = True
+                        if not p.statement:
+                            self.statements.pop("", None)  # the server drops it before parsing
                     self.discarding = True
                 else:
                     self.statements[p.statement] = Stmt(p.sql, text, kinds)
@@ -220,8 +257,14 @@ class Inspector(Replies):
                 self.batch_sent = False
             elif t == Frontend.FUNCTION_CALL:
                 forward = False
-                self._inject(codec.encode_error("42501", "hoop: the function-call protocol is not allowed"))
-                self._inject(None)
+                refusal = codec.encode_error("42501", "hoop: the function-call protocol is not allowed")
+                if self._idle():
+                    self._inject(refusal)
+                    self._inject(None)
+                else:
+                    extra = _STAND_IN_QUERY
+                    self._stand_in(refusal)
+                    self.expect.append(("sync", None))
             else:
                 raise MalformedMessage(f"unexpected message type {chr(t)!r} from the client")
             if t in (Frontend.PARSE, Frontend.BIND, Frontend.DESCRIBE, Frontend.EXECUTE, Frontend.CLOSE) and forward:
@@ -233,9 +276,10 @@ class Inspector(Replies):
                 if run >= 0:
                     out.append(buf[run:s])
                     run = -1
-                if extra is not None:
+                if extra is not None:  # sent before the message, or in its place
                     out.append(extra)
-                    out.append(buf[s:e])
+                    if forward:
+                        out.append(buf[s:e])
             i += 1
         if run >= 0:
             end = frames[-1][2]  # bytes after it are an incomplete message the framer keeps

@@ -111,6 +111,8 @@ class Replies(State):
                     cc = decode_command_complete(body)
                     if cc.rows is not None and cc.command != "SELECT":
                         rec.rows += cc.rows
+                    elif cc.command == "ROLLBACK":  # also what the server answers COMMIT in a failed transaction
+                        rec.command = cc.command
                 if self.expect and self.expect[0][0] == "execute":
                     self._pop_to("execute")
                     if rec is not None:
@@ -125,6 +127,10 @@ class Replies(State):
                     self._finish(rec)
                 else:
                     self._pop_to("sync")
+            elif t == Backend.ERROR_RESPONSE and self.expect and self.expect[0][0] == "refuse":
+                # the server's error for the stand-in of a refused statement: hoop's refusal instead
+                replace = self.expect.popleft()[1]
+                self._head()
             elif t in (Backend.ERROR_RESPONSE, Backend.NOTICE_RESPONSE):
                 if masker is not None:
                     replace = mask_message_fields(masker, t, body)

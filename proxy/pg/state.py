@@ -62,7 +62,7 @@ class Rec:
     """One statement being executed, recorded when its result is complete (a plain class: one
     is made per statement, and a dataclass with default factories costs twice as much)."""
 
-    __slots__ = ("columns", "decision", "error", "kinds", "rows", "rule", "sample", "t0", "text")
+    __slots__ = ("columns", "command", "decision", "error", "kinds", "rows", "rule", "sample", "t0", "text")
 
     def __init__(self, text: str, kinds: list[str], decision: str, rule: str | None) -> None:
         self.text = text
@@ -72,6 +72,7 @@ class Rec:
         self.t0 = _perf()
         self.rows = 0
         self.error: str | None = None
+        self.command: str | None = None  # set when the server ended the transaction with ROLLBACK
         self.columns: list[str] = _NO_COLUMNS
         self.sample: list[list[str | None]] = []
 
@@ -100,7 +101,7 @@ class State:
         self.discarding = False  # after a refused Parse, until Sync
         self.batch_sent = False  # something of the current extended batch reached the server
         self.approved: object = None  # the frame a reviewer allowed (held by reference)
-        self.status = "I"
+        self.status = "I"  # of the last ReadyForQuery the server sent
         self.plan: Plan | None = None  # of the result being streamed
         self.rec: Rec | None = None
         self.copy_binary = False
@@ -186,6 +187,8 @@ class State:
         self.stats["rows"] += rec.rows
         data: dict[str, Any] = {"sql": rec.text, "kinds": rec.kinds, "decision": rec.decision, "rule": rec.rule,
                                 "ms": ms, "rows": rec.rows, "error": rec.error}
+        if rec.command is not None:
+            data["command"] = rec.command
         if rec.sample:
             data["rows_sample"] = {"columns": rec.columns, "rows": rec.sample}
         self._record("statement", data)
