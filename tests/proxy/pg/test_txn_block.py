@@ -19,7 +19,10 @@ import asyncpg
 import psycopg
 import pytest
 
+from proxy.pg import codec
+from proxy.pg.messages import Backend, decode_command_complete, decode_fields
 from tests.proxy.pg.harness import Hoop, running_hoop, seeded_database
+from tests.proxy.pg.test_protocol_edges import Raw, connect
 from tests.support.pgcluster import PgCluster
 
 pytestmark = pytest.mark.postgres
@@ -217,3 +220,50 @@ async def test_asyncpg_transaction(hoop: Hoop, pg: PgCluster, pgdb: str) -> None
     finally:
         await conn.close()
     assert rows(pg, pgdb, t) == [4]
+
+
+async def answers(raw: Raw, ready: int) -> list[str]:
+    """What the server side says until the ``ready``-th ReadyForQuery: tags, SQLSTATEs and statuses."""
+    seen: list[str] = []
+    while ready:
+        t, body = await raw.message()
+        if t == Backend.READY_FOR_QUERY:
+            seen.append("Z" + chr(body[0]))
+            ready -= 1
+        elif t == Backend.ERROR_RESPONSE:
+            seen.append("E" + decode_fields(body)["C"])
+        elif t == Backend.COMMAND_COMPLETE:
+            seen.append(decode_command_complete(body).tag)
+        else:
+            seen.append(chr(t))
+    return seen
+
+
+async def test_raw_pipelined_queries_function_call_and_batches(hoop: Hoop, pg: PgCluster, pgdb: str) -> None:
+    t = new_table(pg, pgdb)
+    raw = await connect(hoop)
+    try:
+        await raw.login(hoop)
+        # simple queries sent all at once: hoop cannot know the status the refusal meets, the server does
+        raw.writer.write(b"".join(codec.encode_query(q) for q in (
+            "BEGIN", f"INSERT INTO {t} VALUES (1)", BLOCKED, f"INSERT INTO {t} VALUES (2)", "COMMIT")))
+        assert await answers(raw, 5) == ["BEGIN", "ZT", "INSERT 0 1", "ZT", "E42501", "ZE", "E25P02", "ZE",
+                                         "ROLLBACK", "ZI"]
+        # the function-call protocol is refused alike: locally outside a transaction, failing it inside one
+        call = codec.encode_function_call(1598, [])  # random()
+        raw.writer.write(call + codec.encode_query("BEGIN") + call + codec.encode_query("SELECT 1")
+                         + codec.encode_query("ROLLBACK"))
+        assert await answers(raw, 5) == ["E42501", "ZI", "BEGIN", "ZT", "E42501", "ZE", "E25P02", "ZE",
+                                         "ROLLBACK", "ZI"]
+        # one extended batch (an implicit transaction): the refused Parse fails it, the INSERT before is undone
+        raw.writer.write(codec.encode_parse("", f"INSERT INTO {t} VALUES (3)") + codec.encode_bind("", "", [])
+                         + codec.encode_execute() + codec.encode_parse("s1", BLOCKED) + codec.encode_bind("", "s1", [])
+                         + codec.encode_execute() + codec.SYNC + codec.encode_query("SELECT 1"))
+        assert await answers(raw, 2) == ["1", "2", "INSERT 0 1", "E42501", "ZI", "T", "D", "SELECT 1", "ZI"]
+        # the same batch alone, outside any transaction: answered by hoop alone, as before
+        raw.writer.write(codec.encode_parse("s1", BLOCKED) + codec.encode_bind("", "s1", []) + codec.encode_execute()
+                         + codec.SYNC)
+        assert await answers(raw, 1) == ["E42501", "ZI"]
+    finally:
+        await raw.close()
+    assert rows(pg, pgdb, t) == []
