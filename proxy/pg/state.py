@@ -3,8 +3,9 @@
 How this works. ``expect`` is the queue of what the server will answer, in order: every
 forwarded Parse, Bind, Describe, Execute, Close, Sync and Query pushes an item that the
 matching server reply pops (see :mod:`proxy.pg.inspect` for the client side and
-:mod:`proxy.pg.replies` for the server side). ``rec``/``plan`` point at the result being
-streamed, so a DataRow costs no lookup.
+:mod:`proxy.pg.replies` for the server side); ``inject`` items are answers hoop makes itself,
+``refuse`` items hoop's refusal to put in place of the server's error for a stand-in.
+``rec``/``plan`` point at the result being streamed, so a DataRow costs no lookup.
 """
 
 from __future__ import annotations

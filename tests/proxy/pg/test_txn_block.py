@@ -19,9 +19,10 @@ import asyncpg
 import psycopg
 import pytest
 
+from broker.events import ReviewRequested
 from proxy.pg import codec
 from proxy.pg.messages import Backend, decode_command_complete, decode_fields
-from tests.proxy.pg.harness import Hoop, running_hoop, seeded_database
+from tests.proxy.pg.harness import ROOT, Hoop, running_hoop, seeded_database
 from tests.proxy.pg.test_protocol_edges import Raw, connect
 from tests.support.pgcluster import PgCluster
 
@@ -118,6 +119,18 @@ async def test_psql_rollback_to_savepoint_made_before_the_refusal(hoop: Hoop, pg
     assert got == ["BEGIN", "INSERT 0 1", "SAVEPOINT", "INSERT 0 1", "ERROR:  42501", "ERROR:  25P02",
                    "ERROR:  25P02", "ROLLBACK", "INSERT 0 1", "COMMIT"]
     assert rows(pg, pgdb, t) == [1, 4]
+
+
+async def test_psql_on_error_rollback_keeps_the_transaction(hoop: Hoop, pg: PgCluster, pgdb: str) -> None:
+    """psql's ON_ERROR_ROLLBACK wraps each statement in a savepoint: a refusal costs only that statement."""
+    t = new_table(pg, pgdb)
+    script = (f"\\set ON_ERROR_ROLLBACK on\nBEGIN;\nINSERT INTO {t} VALUES (1);\n{BLOCKED};\n"
+              f"INSERT INTO {t} VALUES (2);\nCOMMIT;\n")
+    got = await through_hoop(hoop, script)
+    assert got == ["BEGIN", "INSERT 0 1", "ERROR:  42501", "INSERT 0 1", "COMMIT"]
+    assert rows(pg, pgdb, t) == [1, 2]
+    assert await direct(pg, pgdb, script.replace(BLOCKED, FAILING).replace("(1)", "(3)").replace("(2)", "(4)")) == [
+        *got[:2], "ERROR:  22012", *got[3:]]
 
 
 async def test_psql_refusals_in_many_shapes(hoop: Hoop, pg: PgCluster, pgdb: str) -> None:
@@ -266,4 +279,31 @@ async def test_raw_pipelined_queries_function_call_and_batches(hoop: Hoop, pg: P
         assert await answers(raw, 1) == ["E42501", "ZI"]
     finally:
         await raw.close()
+    assert rows(pg, pgdb, t) == []
+
+
+async def test_review_refused_inside_a_transaction_fails_it(hoop: Hoop, pg: PgCluster, pgdb: str) -> None:
+    t = new_table(pg, pgdb)
+    conn = await asyncpg.connect(hoop.dsn())
+    try:
+        tx = conn.transaction()
+        await tx.start()
+        await conn.execute(f"INSERT INTO {t} VALUES (1), (2)")
+        task = asyncio.create_task(conn.execute(f"DELETE FROM {t} WHERE id = 1"))  # held for review
+        pending: list[ReviewRequested] = []
+        for _ in range(100):
+            pending = [e for e in hoop.notifier.events if isinstance(e, ReviewRequested)]
+            if pending:
+                break
+            await asyncio.sleep(0.05)
+        assert pending and not task.done()
+        await hoop.hub.reviews.decide(pending[-1].review.id, ROOT, False)
+        with pytest.raises(asyncpg.InsufficientPrivilegeError, match="careful-delete"):
+            await task
+        with pytest.raises(asyncpg.InFailedSQLTransactionError):
+            await conn.execute(f"INSERT INTO {t} VALUES (3)")
+        await tx.commit()  # the server answers ROLLBACK
+        assert not conn.is_in_transaction()
+    finally:
+        await conn.close()
     assert rows(pg, pgdb, t) == []
