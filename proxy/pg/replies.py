@@ -127,12 +127,13 @@ class Replies(State):
                     self._finish(rec)
                 else:
                     self._pop_to("sync")
-            elif t == Backend.ERROR_RESPONSE and self.expect and self.expect[0][0] == "refuse":
-                # the server's error for the stand-in of a refused statement: hoop's refusal instead
-                replace = self.expect.popleft()[1]
-                self._head()
             elif t in (Backend.ERROR_RESPONSE, Backend.NOTICE_RESPONSE):
-                if masker is not None:
+                if (t == Backend.ERROR_RESPONSE and self.expect and self.expect[0][0] == "refuse"
+                        and decode_fields(body).get("S") == "ERROR"):
+                    # the server's error for the stand-in of a refused statement: hoop's refusal instead
+                    replace = self.expect.popleft()[1]
+                    self._head()
+                elif masker is not None:
                     replace = mask_message_fields(masker, t, body)
                 if t == Backend.ERROR_RESPONSE:
                     fields_ = decode_fields(replace[5:] if replace else body)
