@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import statistics
@@ -101,6 +102,7 @@ async def _proxy(upstream_port: int, state: Path, port_file: Path) -> None:
         _, secrets[name] = await service.breakglass(root, name, "bench@example.com", "1h", "benchmark")
     proxy = HttpProxy(config, gate, hub, clock, {"TOKEN": TOKEN})
     port = await proxy.start("127.0.0.1", 0)
+    gc.freeze()  # as broker.runtime.serve_forever does once started
     port_file.write_text(json.dumps({"port": port, "secrets": secrets}))
     await asyncio.Event().wait()
 
