@@ -82,8 +82,8 @@ class Upstream:
     async def doc(self, request: web.Request) -> web.Response:
         """``n`` users (``?n=``), with a ``Content-Length``."""
         n = int(request.query.get("n", "1000"))
-        items = [{"id": i, "email": f"user{i}@example.com", "password": f"pw-{i}", "name": f"User {i} Zoë"}
-                 for i in range(n)]
+        items = [{"id": i, "email": f"user{i}@example.com", "password": f"pw-{i}", "name": f"User {i} Zoë",
+                  "note": f'says "hi" from user{i}@example.com'} for i in range(n)]  # escapes in the body
         return web.json_response({"items": items})
 
     async def text(self, request: web.Request) -> web.Response:
