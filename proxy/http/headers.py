@@ -130,7 +130,8 @@ def upstream_headers(incoming: CIMultiDictProxy[str], resource: HttpResource, cr
     return out
 
 
-def response_headers(upstream: CIMultiDictProxy[str], *, body_changes: bool, decoded: bool) -> CIMultiDict[str]:
+def response_headers(upstream: CIMultiDictProxy[str] | CIMultiDict[str], *, body_changes: bool,
+                     decoded: bool) -> CIMultiDict[str]:
     """Headers for the client: hop-by-hop out; ``Content-Length`` out when the body may change
     (the response is then chunked); ``Content-Encoding`` out when the proxy decoded the body."""
     drop = {"content-length"} if body_changes else set()

@@ -7,7 +7,8 @@ the secret), the guard (:class:`proxy.httpguard.HttpGuard` on method and path: `
 403 JSON naming the rule, ``review`` holds the request until an approver decides in the
 thread), then the relay. The relay strips the client's credential and the hop-by-hop headers,
 adds the held upstream credential and ``X-Forwarded-For``, and streams both bodies chunk by
-chunk (constant memory; backpressure both ways comes from aiohttp's flow control). A
+chunk (constant memory; backpressure both ways: aiohttp's flow control towards the client,
+:mod:`proxy.http.pool`'s towards the upstream). A
 WebSocket upgrade is relayed by :mod:`proxy.http.websocket`.
 
 Masking. With masking on, the upstream is asked for ``Accept-Encoding: identity`` so bodies
@@ -20,8 +21,10 @@ masked in one pass); a longer, chunked or compressed one is streamed and loses i
 
 Sessions are shared per grant, resource and client address (:mod:`proxy.http.live`), so a
 burst of requests costs one session row; each request is recorded as an ``"http"`` event with
-masked, capped bodies. One pooled ``aiohttp.ClientSession`` reuses upstream connections; it has
-no cookie jar (cookies of one client must never reach another) and never follows redirects.
+masked, capped bodies. Upstream requests go through :class:`proxy.http.pool.UpstreamPool`
+(keep-alive connections on ``asyncio.Protocol``, ``httptools`` parsing): it keeps no cookies
+(cookies of one client must never reach another) and never follows redirects. WebSocket
+upgrades still use an ``aiohttp.ClientSession`` (no cookie jar either).
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ from proxy.http.headers import (
     upstream_headers,
 )
 from proxy.http.live import Hub, SessionPool, Stream
+from proxy.http.pool import Origin, Response, UpstreamFailed, UpstreamPool
 from proxy.http.websocket import WsPair, cut, relay
 from proxy.httpguard import HttpGuard
 from proxy.jsonmask import JsonStreamMasker
@@ -80,6 +84,7 @@ class _Upstream:
     environ: Mapping[str, str]
     guard: HttpGuard
     masker: Masker
+    origin: Origin
 
     @functools.cached_property
     def credential(self) -> str | None:
@@ -98,7 +103,7 @@ class _Flight:
 
     def __init__(self, request: web.BaseRequest) -> None:
         self.request = request
-        self.upstream: aiohttp.ClientResponse | None = None
+        self.upstream: Response | None = None
         self.ws: WsPair | None = None
         self.cut = asyncio.Event()
         self.reason: str | None = None
@@ -131,14 +136,17 @@ class HttpProxy:
         self._upstreams: dict[str, _Upstream] = {}
         for res in config.resources:
             if isinstance(res, HttpResource):
-                self._upstreams[res.name] = _Upstream(res, res.address.rstrip("/"), environ, HttpGuard(res.guardrails),
-                                                      Masker(res.masking, key))
+                base = res.address.rstrip("/")
+                self._upstreams[res.name] = _Upstream(res, base, environ, HttpGuard(res.guardrails),
+                                                      Masker(res.masking, key), Origin.parse(base))
         self._connections = connections
-        self._client: aiohttp.ClientSession | None = None
+        self._client: aiohttp.ClientSession | None = None  # WebSocket upgrades only
+        self._pool: UpstreamPool | None = None
         self._runner: web.ServerRunner | None = None
 
     async def start(self, host: str, port: int) -> int:
         """Listen on ``host:port`` (0: any free port); return the bound port."""
+        self._pool = UpstreamPool(limit=self._connections)
         self._client = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=self._connections, ttl_dns_cache=60),
             auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(), skip_auto_headers=("User-Agent",),
@@ -161,6 +169,9 @@ class HttpProxy:
         if self._client is not None:
             await self._client.close()
             self._client = None
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
 
     # -- one request ------------------------------------------------------------------------
 
@@ -263,7 +274,7 @@ class HttpProxy:
 
     async def _forward(self, request: web.BaseRequest, up: _Upstream, rest: str, flight: _Flight,
                        record: dict[str, Any], client_ip: str, credential: str | None) -> web.StreamResponse:
-        assert self._client is not None
+        assert self._pool is not None
         masker = up.masker
         headers = upstream_headers(request.headers, up.resource, credential, client_ip,
                                    identity_encoding=masker.enabled)
@@ -272,15 +283,14 @@ class HttpProxy:
         async def body() -> AsyncIterator[bytes]:
             async for chunk in request.content.iter_any():
                 if flight.reason is not None:
-                    raise aiohttp.ClientPayloadError(flight.reason)  # stop forwarding an upload at once
+                    raise UpstreamFailed(flight.reason)  # stop forwarding an upload at once
                 req_cap.feed(chunk)
                 yield chunk
 
         data = body() if request.body_exists else None
         try:
-            resp = await self._client.request(request.method, self._url(up, rest), headers=headers, data=data,
-                                              allow_redirects=False)
-        except (aiohttp.ClientError, OSError) as exc:
+            resp = await self._pool.request(up.origin, request.method, rest, headers, data)
+        except (UpstreamFailed, OSError) as exc:
             record["status"] = 502
             if flight.reason is not None:
                 return _refuse(403, "revoked", flight.reason)
@@ -299,7 +309,7 @@ class HttpProxy:
         finally:
             resp.release()
 
-    async def _respond(self, request: web.BaseRequest, up: _Upstream, resp: aiohttp.ClientResponse,
+    async def _respond(self, request: web.BaseRequest, up: _Upstream, resp: Response,
                        flight: _Flight, record: dict[str, Any]) -> web.StreamResponse:
         record["status"] = resp.status
         has_body = request.method != "HEAD" and resp.status not in (204, 304) and resp.status >= 200
@@ -322,19 +332,18 @@ class HttpProxy:
                                                           decoded=inflate is not None))
         await out.prepare(request)
         cap = Capture(up.resource.max_body_record)
-        content = resp.content
         text = filt if isinstance(filt, StreamMasker) else None
         try:
             while True:
                 if text is not None and text.pending:
                     try:
                         async with asyncio.timeout(_IDLE_FLUSH):
-                            chunk = await content.readany()
+                            chunk = await resp.readany()
                     except TimeoutError:
                         await self._send(out, text.flush(), cap)
                         continue
                 else:
-                    chunk = await content.readany()
+                    chunk = await resp.readany()
                 if not chunk or flight.reason is not None:
                     break
                 pieces = inflate.feed(chunk) if inflate is not None else (chunk,)
@@ -347,7 +356,7 @@ class HttpProxy:
                         await self._send(out, filt.feed(tail) if filt is not None else tail, cap)
                 if filt is not None:
                     await self._send(out, filt.flush(), cap)
-        except (aiohttp.ClientError, ConnectionError, OSError) as exc:
+        except (UpstreamFailed, ConnectionError, OSError) as exc:
             if flight.reason is None:
                 log.info("http resource=%s stream ended early: %s", up.resource.name, type(exc).__name__)
             flight.reason = flight.reason or "stream error"
@@ -365,11 +374,15 @@ class HttpProxy:
         await out.write_eof()
         return out
 
-    async def _respond_small(self, up: _Upstream, resp: aiohttp.ClientResponse, filt: BodyFilter | None,
+    async def _respond_small(self, up: _Upstream, resp: Response, filt: BodyFilter | None,
                              ctype: str | None, record: dict[str, Any]) -> web.Response:
         """An uncompressed body of known length up to 256 KiB: read it whole (bounded) and answer in
         one write, with a correct ``Content-Length`` even when masking changed the body."""
-        raw = await resp.read()
+        try:
+            raw = await resp.read()
+        except UpstreamFailed as exc:
+            record["status"] = 502
+            return _refuse(502, "upstream_error", f"the upstream of {up.resource.name} broke off its answer ({exc})")
         body = filt.feed(raw) + filt.flush() if filt is not None else raw
         cap = Capture(up.resource.max_body_record)
         cap.feed(body)
