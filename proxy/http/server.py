@@ -46,6 +46,7 @@ from broker.clock import Clock
 from broker.config import HoopConfig, HttpResource
 from broker.errors import ConfigError, Denied
 from broker.model import Grant
+from proxy.guard import Decision
 from proxy.http.body import BodyFilter, Capture, Inflate, body_kind, response_filter
 from proxy.http.headers import (
     bearer_secret,
@@ -69,6 +70,7 @@ _IDLE_FLUSH = 0.2  # seconds a held text tail may wait for more bytes before it 
 # A body of known length up to this is read whole and relayed in one write; a JSON body that
 # arrives whole is then masked in one pass (proxy.jsondoc.mask_document), not token by token.
 _SMALL_BODY = 256 * 1024
+_VERDICTS = 4096  # (method, path) guard decisions kept per resource
 
 
 class BearerGate(Protocol):
@@ -85,6 +87,22 @@ class _Upstream:
     guard: HttpGuard
     masker: Masker
     origin: Origin
+
+    def __post_init__(self) -> None:
+        self._verdicts: dict[tuple[str, str], tuple[Decision, str]] = {}
+
+    def verdict(self, method: str, rest: str) -> tuple[Decision, str]:
+        """The guard's decision and the masked path to show, for ``method`` on ``rest``. Both are pure
+        functions of the request line, so they are kept (a bounded cache: a burst of requests repeats
+        the same few paths, and the guard plus masking the path cost more than the rest of routing)."""
+        key = (method, rest)
+        hit = self._verdicts.get(key)
+        if hit is None:
+            hit = (self.guard.check(method, rest), self.masker.mask_text(rest))
+            if len(self._verdicts) >= _VERDICTS:
+                self._verdicts.clear()
+            self._verdicts[key] = hit
+        return hit
 
     @functools.cached_property
     def credential(self) -> str | None:
@@ -192,13 +210,12 @@ class HttpProxy:
         ended = self.pool.ended(grant.id)
         if ended is not None:
             return _refuse(403, "expired" if "expired" in ended else "revoked", ended)
-        decision = up.guard.check(request.method, rest)
+        decision, shown_path = up.verdict(request.method, rest)
         flight = _Flight(request)
         stream = Stream(flight.abort)
         client_ip = request.remote or "unknown"
         entry = await self.pool.acquire(grant, name, client_ip, stream)
         session = entry.session
-        shown_path = up.masker.mask_text(rest)
         record: dict[str, Any] = {"method": request.method, "path": shown_path, "status": 0, "req_bytes": 0,
                                   "resp_bytes": 0, "req_body": None, "resp_body": None,
                                   "decision": decision.action, "rule": decision.rule}
