@@ -343,7 +343,7 @@ class HttpProxy:
         length = resp.content_length
         if length is not None and length <= _SMALL_BODY and has_body and inflate is None and flight.reason is None:
             # (a compressed body streams: 256 KiB of gzip may inflate to 256 MB)
-            return await self._respond_small(up, resp, filt, ctype, record)
+            return await self._respond_small(up, resp, filt, ctype, record, flight)
         out = web.StreamResponse(status=resp.status, reason=resp.reason,
                                  headers=response_headers(resp.headers, body_changes=filt is not None,
                                                           decoded=inflate is not None))
@@ -392,12 +392,15 @@ class HttpProxy:
         return out
 
     async def _respond_small(self, up: _Upstream, resp: Response, filt: BodyFilter | None,
-                             ctype: str | None, record: dict[str, Any]) -> web.Response:
+                             ctype: str | None, record: dict[str, Any], flight: _Flight) -> web.Response:
         """An uncompressed body of known length up to 256 KiB: read it whole (bounded) and answer in
         one write, with a correct ``Content-Length`` even when masking changed the body."""
         try:
             raw = await resp.read()
         except UpstreamFailed as exc:
+            if flight.reason is not None:  # the grant ended while the body was arriving
+                record["status"] = 403
+                return _refuse(403, "revoked", flight.reason)
             record["status"] = 502
             return _refuse(502, "upstream_error", f"the upstream of {up.resource.name} broke off its answer ({exc})")
         body = filt.feed(raw) + filt.flush() if filt is not None else raw
