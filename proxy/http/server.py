@@ -86,7 +86,7 @@ class _Upstream:
     environ: Mapping[str, str]
     guard: HttpGuard
     masker: Masker
-    origin: Origin
+    origin: Origin | None  # None: the address is not an http(s) URL (each request is then a 502)
 
     def __post_init__(self) -> None:
         self._verdicts: dict[tuple[str, str], tuple[Decision, str]] = {}
@@ -109,6 +109,13 @@ class _Upstream:
         """The held upstream secret, resolved on first use (a failure is retried on the next request)."""
         res = self.resource
         return res.credential.resolve(self.environ) if res.credential is not None and res.auth != "none" else None
+
+
+def _origin(base: str) -> Origin | None:
+    try:
+        return Origin.parse(base)
+    except ValueError:
+        return None
 
 
 def _refuse(status: int, error: str, reason: str, **extra: Any) -> web.Response:
@@ -156,7 +163,7 @@ class HttpProxy:
             if isinstance(res, HttpResource):
                 base = res.address.rstrip("/")
                 self._upstreams[res.name] = _Upstream(res, base, environ, HttpGuard(res.guardrails),
-                                                      Masker(res.masking, key), Origin.parse(base))
+                                                      Masker(res.masking, key), _origin(base))
         self._connections = connections
         self._client: aiohttp.ClientSession | None = None  # WebSocket upgrades only
         self._pool: UpstreamPool | None = None
@@ -305,6 +312,9 @@ class HttpProxy:
                 yield chunk
 
         data = body() if request.body_exists else None
+        if up.origin is None:
+            record["status"] = 502
+            return _refuse(502, "upstream_error", f"the address of {up.resource.name} is not an http(s) URL")
         try:
             resp = await self._pool.request(up.origin, request.method, rest, headers, data)
         except (UpstreamFailed, OSError) as exc:
