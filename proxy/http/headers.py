@@ -11,7 +11,6 @@ fixed RFC 9110 list plus every name listed in ``Connection``) are dropped both w
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterable
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -37,6 +36,11 @@ _REQUEST_OWN = frozenset({"authorization", "host", "accept-encoding", "content-l
 #: Headers the WebSocket client handshake generates itself.
 _WS_OWN = frozenset({"sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions",
                      "sec-websocket-protocol", "sec-websocket-accept"})
+_REQUEST_SKIP = HOP_BY_HOP | _REQUEST_OWN
+_WS_SKIP = _REQUEST_SKIP | _WS_OWN
+_RESPONSE_SKIP = {(changes, decoded): HOP_BY_HOP | ({"content-length"} if changes else set())
+                  | ({"content-encoding"} if decoded else set())
+                  for changes in (False, True) for decoded in (False, True)}
 
 
 def split_target(raw_path: str) -> tuple[str, str] | None:
@@ -88,13 +92,11 @@ def _connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> fro
     return frozenset(tokens)
 
 
-def _filtered(headers: CIMultiDictProxy[str] | CIMultiDict[str], drop: Iterable[str]) -> CIMultiDict[str]:
-    skip = HOP_BY_HOP | _connection_tokens(headers) | frozenset(drop)
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in headers.items():
-        if name.lower() not in skip:
-            out.add(name, value)
-    return out
+def _filtered(headers: CIMultiDictProxy[str] | CIMultiDict[str], skip: frozenset[str]) -> CIMultiDict[str]:
+    """``headers`` without the names in ``skip`` (lower case) and those listed in ``Connection``."""
+    if "Connection" in headers:
+        skip = skip | _connection_tokens(headers)
+    return CIMultiDict([(name, value) for name, value in headers.items() if name.lower() not in skip])
 
 
 def upstream_headers(incoming: CIMultiDictProxy[str], resource: HttpResource, credential: str | None,
@@ -106,10 +108,7 @@ def upstream_headers(incoming: CIMultiDictProxy[str], resource: HttpResource, cr
     uncompressed body (``Accept-Encoding: identity``) so masking sees plain text; otherwise
     the client's ``Accept-Encoding`` passes through.
     """
-    drop = set(_REQUEST_OWN)
-    if websocket:
-        drop |= _WS_OWN
-    out = _filtered(incoming, drop)
+    out = _filtered(incoming, _WS_SKIP if websocket else _REQUEST_SKIP)
     if not websocket:
         length = incoming.get("Content-Length")
         if length is not None and "chunked" not in incoming.get("Transfer-Encoding", "").lower():
@@ -130,13 +129,11 @@ def upstream_headers(incoming: CIMultiDictProxy[str], resource: HttpResource, cr
     return out
 
 
-def response_headers(upstream: CIMultiDictProxy[str], *, body_changes: bool, decoded: bool) -> CIMultiDict[str]:
+def response_headers(upstream: CIMultiDictProxy[str] | CIMultiDict[str], *, body_changes: bool,
+                     decoded: bool) -> CIMultiDict[str]:
     """Headers for the client: hop-by-hop out; ``Content-Length`` out when the body may change
     (the response is then chunked); ``Content-Encoding`` out when the proxy decoded the body."""
-    drop = {"content-length"} if body_changes else set()
-    if decoded:
-        drop.add("content-encoding")
-    return _filtered(upstream, drop)
+    return _filtered(upstream, _RESPONSE_SKIP[body_changes, decoded])
 
 
 def is_websocket_upgrade(headers: CIMultiDictProxy[str]) -> bool:

@@ -7,7 +7,8 @@ the secret), the guard (:class:`proxy.httpguard.HttpGuard` on method and path: `
 403 JSON naming the rule, ``review`` holds the request until an approver decides in the
 thread), then the relay. The relay strips the client's credential and the hop-by-hop headers,
 adds the held upstream credential and ``X-Forwarded-For``, and streams both bodies chunk by
-chunk (constant memory; backpressure both ways comes from aiohttp's flow control). A
+chunk (constant memory; backpressure both ways: aiohttp's flow control towards the client,
+:mod:`proxy.http.pool`'s towards the upstream). A
 WebSocket upgrade is relayed by :mod:`proxy.http.websocket`.
 
 Masking. With masking on, the upstream is asked for ``Accept-Encoding: identity`` so bodies
@@ -20,8 +21,10 @@ masked in one pass); a longer, chunked or compressed one is streamed and loses i
 
 Sessions are shared per grant, resource and client address (:mod:`proxy.http.live`), so a
 burst of requests costs one session row; each request is recorded as an ``"http"`` event with
-masked, capped bodies. One pooled ``aiohttp.ClientSession`` reuses upstream connections; it has
-no cookie jar (cookies of one client must never reach another) and never follows redirects.
+masked, capped bodies. Upstream requests go through :class:`proxy.http.pool.UpstreamPool`
+(keep-alive connections on ``asyncio.Protocol``, ``httptools`` parsing): it keeps no cookies
+(cookies of one client must never reach another) and never follows redirects. WebSocket
+upgrades still use an ``aiohttp.ClientSession`` (no cookie jar either).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from broker.clock import Clock
 from broker.config import HoopConfig, HttpResource
 from broker.errors import ConfigError, Denied
 from broker.model import Grant
+from proxy.guard import Decision
 from proxy.http.body import BodyFilter, Capture, Inflate, body_kind, response_filter
 from proxy.http.headers import (
     bearer_secret,
@@ -52,6 +56,7 @@ from proxy.http.headers import (
     upstream_headers,
 )
 from proxy.http.live import Hub, SessionPool, Stream
+from proxy.http.pool import Origin, Response, UpstreamFailed, UpstreamPool
 from proxy.http.websocket import WsPair, cut, relay
 from proxy.httpguard import HttpGuard
 from proxy.jsonmask import JsonStreamMasker
@@ -65,6 +70,7 @@ _IDLE_FLUSH = 0.2  # seconds a held text tail may wait for more bytes before it 
 # A body of known length up to this is read whole and relayed in one write; a JSON body that
 # arrives whole is then masked in one pass (proxy.jsondoc.mask_document), not token by token.
 _SMALL_BODY = 256 * 1024
+_VERDICTS = 4096  # (method, path) guard decisions kept per resource
 
 
 class BearerGate(Protocol):
@@ -80,12 +86,36 @@ class _Upstream:
     environ: Mapping[str, str]
     guard: HttpGuard
     masker: Masker
+    origin: Origin | None  # None: the address is not an http(s) URL (each request is then a 502)
+
+    def __post_init__(self) -> None:
+        self._verdicts: dict[tuple[str, str], tuple[Decision, str]] = {}
+
+    def verdict(self, method: str, rest: str) -> tuple[Decision, str]:
+        """The guard's decision and the masked path to show, for ``method`` on ``rest``. Both are pure
+        functions of the request line, so they are kept (a bounded cache: a burst of requests repeats
+        the same few paths, and the guard plus masking the path cost more than the rest of routing)."""
+        key = (method, rest)
+        hit = self._verdicts.get(key)
+        if hit is None:
+            hit = (self.guard.check(method, rest), self.masker.mask_text(rest))
+            if len(self._verdicts) >= _VERDICTS:
+                self._verdicts.clear()
+            self._verdicts[key] = hit
+        return hit
 
     @functools.cached_property
     def credential(self) -> str | None:
         """The held upstream secret, resolved on first use (a failure is retried on the next request)."""
         res = self.resource
         return res.credential.resolve(self.environ) if res.credential is not None and res.auth != "none" else None
+
+
+def _origin(base: str) -> Origin | None:
+    try:
+        return Origin.parse(base)
+    except ValueError:
+        return None
 
 
 def _refuse(status: int, error: str, reason: str, **extra: Any) -> web.Response:
@@ -98,7 +128,7 @@ class _Flight:
 
     def __init__(self, request: web.BaseRequest) -> None:
         self.request = request
-        self.upstream: aiohttp.ClientResponse | None = None
+        self.upstream: Response | None = None
         self.ws: WsPair | None = None
         self.cut = asyncio.Event()
         self.reason: str | None = None
@@ -131,14 +161,17 @@ class HttpProxy:
         self._upstreams: dict[str, _Upstream] = {}
         for res in config.resources:
             if isinstance(res, HttpResource):
-                self._upstreams[res.name] = _Upstream(res, res.address.rstrip("/"), environ, HttpGuard(res.guardrails),
-                                                      Masker(res.masking, key))
+                base = res.address.rstrip("/")
+                self._upstreams[res.name] = _Upstream(res, base, environ, HttpGuard(res.guardrails),
+                                                      Masker(res.masking, key), _origin(base))
         self._connections = connections
-        self._client: aiohttp.ClientSession | None = None
+        self._client: aiohttp.ClientSession | None = None  # WebSocket upgrades only
+        self._pool: UpstreamPool | None = None
         self._runner: web.ServerRunner | None = None
 
     async def start(self, host: str, port: int) -> int:
         """Listen on ``host:port`` (0: any free port); return the bound port."""
+        self._pool = UpstreamPool(limit=self._connections)
         self._client = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=self._connections, ttl_dns_cache=60),
             auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(), skip_auto_headers=("User-Agent",),
@@ -161,6 +194,9 @@ class HttpProxy:
         if self._client is not None:
             await self._client.close()
             self._client = None
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
 
     # -- one request ------------------------------------------------------------------------
 
@@ -181,13 +217,12 @@ class HttpProxy:
         ended = self.pool.ended(grant.id)
         if ended is not None:
             return _refuse(403, "expired" if "expired" in ended else "revoked", ended)
-        decision = up.guard.check(request.method, rest)
+        decision, shown_path = up.verdict(request.method, rest)
         flight = _Flight(request)
         stream = Stream(flight.abort)
         client_ip = request.remote or "unknown"
         entry = await self.pool.acquire(grant, name, client_ip, stream)
         session = entry.session
-        shown_path = up.masker.mask_text(rest)
         record: dict[str, Any] = {"method": request.method, "path": shown_path, "status": 0, "req_bytes": 0,
                                   "resp_bytes": 0, "req_body": None, "resp_body": None,
                                   "decision": decision.action, "rule": decision.rule}
@@ -263,7 +298,7 @@ class HttpProxy:
 
     async def _forward(self, request: web.BaseRequest, up: _Upstream, rest: str, flight: _Flight,
                        record: dict[str, Any], client_ip: str, credential: str | None) -> web.StreamResponse:
-        assert self._client is not None
+        assert self._pool is not None
         masker = up.masker
         headers = upstream_headers(request.headers, up.resource, credential, client_ip,
                                    identity_encoding=masker.enabled)
@@ -272,15 +307,17 @@ class HttpProxy:
         async def body() -> AsyncIterator[bytes]:
             async for chunk in request.content.iter_any():
                 if flight.reason is not None:
-                    raise aiohttp.ClientPayloadError(flight.reason)  # stop forwarding an upload at once
+                    raise UpstreamFailed(flight.reason)  # stop forwarding an upload at once
                 req_cap.feed(chunk)
                 yield chunk
 
         data = body() if request.body_exists else None
+        if up.origin is None:
+            record["status"] = 502
+            return _refuse(502, "upstream_error", f"the address of {up.resource.name} is not an http(s) URL")
         try:
-            resp = await self._client.request(request.method, self._url(up, rest), headers=headers, data=data,
-                                              allow_redirects=False)
-        except (aiohttp.ClientError, OSError) as exc:
+            resp = await self._pool.request(up.origin, request.method, rest, headers, data)
+        except (UpstreamFailed, OSError) as exc:
             record["status"] = 502
             if flight.reason is not None:
                 return _refuse(403, "revoked", flight.reason)
@@ -299,7 +336,7 @@ class HttpProxy:
         finally:
             resp.release()
 
-    async def _respond(self, request: web.BaseRequest, up: _Upstream, resp: aiohttp.ClientResponse,
+    async def _respond(self, request: web.BaseRequest, up: _Upstream, resp: Response,
                        flight: _Flight, record: dict[str, Any]) -> web.StreamResponse:
         record["status"] = resp.status
         has_body = request.method != "HEAD" and resp.status not in (204, 304) and resp.status >= 200
@@ -316,25 +353,24 @@ class HttpProxy:
         length = resp.content_length
         if length is not None and length <= _SMALL_BODY and has_body and inflate is None and flight.reason is None:
             # (a compressed body streams: 256 KiB of gzip may inflate to 256 MB)
-            return await self._respond_small(up, resp, filt, ctype, record)
+            return await self._respond_small(up, resp, filt, ctype, record, flight)
         out = web.StreamResponse(status=resp.status, reason=resp.reason,
                                  headers=response_headers(resp.headers, body_changes=filt is not None,
                                                           decoded=inflate is not None))
         await out.prepare(request)
         cap = Capture(up.resource.max_body_record)
-        content = resp.content
         text = filt if isinstance(filt, StreamMasker) else None
         try:
             while True:
                 if text is not None and text.pending:
                     try:
                         async with asyncio.timeout(_IDLE_FLUSH):
-                            chunk = await content.readany()
+                            chunk = await resp.readany()
                     except TimeoutError:
                         await self._send(out, text.flush(), cap)
                         continue
                 else:
-                    chunk = await content.readany()
+                    chunk = await resp.readany()
                 if not chunk or flight.reason is not None:
                     break
                 pieces = inflate.feed(chunk) if inflate is not None else (chunk,)
@@ -347,7 +383,7 @@ class HttpProxy:
                         await self._send(out, filt.feed(tail) if filt is not None else tail, cap)
                 if filt is not None:
                     await self._send(out, filt.flush(), cap)
-        except (aiohttp.ClientError, ConnectionError, OSError) as exc:
+        except (UpstreamFailed, ConnectionError, OSError) as exc:
             if flight.reason is None:
                 log.info("http resource=%s stream ended early: %s", up.resource.name, type(exc).__name__)
             flight.reason = flight.reason or "stream error"
@@ -365,11 +401,18 @@ class HttpProxy:
         await out.write_eof()
         return out
 
-    async def _respond_small(self, up: _Upstream, resp: aiohttp.ClientResponse, filt: BodyFilter | None,
-                             ctype: str | None, record: dict[str, Any]) -> web.Response:
+    async def _respond_small(self, up: _Upstream, resp: Response, filt: BodyFilter | None,
+                             ctype: str | None, record: dict[str, Any], flight: _Flight) -> web.Response:
         """An uncompressed body of known length up to 256 KiB: read it whole (bounded) and answer in
         one write, with a correct ``Content-Length`` even when masking changed the body."""
-        raw = await resp.read()
+        try:
+            raw = await resp.read()
+        except UpstreamFailed as exc:
+            if flight.reason is not None:  # the grant ended while the body was arriving
+                record["status"] = 403
+                return _refuse(403, "revoked", flight.reason)
+            record["status"] = 502
+            return _refuse(502, "upstream_error", f"the upstream of {up.resource.name} broke off its answer ({exc})")
         body = filt.feed(raw) + filt.flush() if filt is not None else raw
         cap = Capture(up.resource.max_body_record)
         cap.feed(body)

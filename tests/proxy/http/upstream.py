@@ -39,6 +39,8 @@ class Upstream:
         app.router.add_post("/upload", self.upload)
         app.router.add_get("/gz", self.gz)
         app.router.add_get("/br", self.br)
+        app.router.add_get("/garbage", self.garbage)
+        app.router.add_get("/cut", self.cut)
         self.app = app
 
     async def start(self) -> str:
@@ -171,3 +173,21 @@ class Upstream:
     async def br(self, request: web.Request) -> web.Response:
         return web.Response(body=b"\x0b\x02\x80not-really-brotli",
                             headers={"Content-Type": "application/json", "Content-Encoding": "br"})
+
+    async def garbage(self, request: web.Request) -> web.Response:
+        """Not HTTP at all (a misconfigured address pointing at another protocol)."""
+        return await self._raw(request, b"SSH-2.0-OpenSSH_9.6\r\n\r\n")
+
+    async def cut(self, request: web.Request) -> web.Response:
+        """A body that ends before its announced length."""
+        return await self._raw(request, b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                                        b"Content-Length: 100\r\n\r\n{\"partial\": ")
+
+    @staticmethod
+    async def _raw(request: web.Request, data: bytes) -> web.Response:
+        transport = request.transport
+        assert transport is not None
+        transport.write(data)
+        await asyncio.sleep(0.05)
+        transport.close()
+        raise ConnectionResetError("raw answer sent")
