@@ -4,28 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import struct
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
 import pytest
 
 from proxy.pg import codec
-from tests.proxy.pg.harness import Hoop, running_hoop, seeded_database
+from tests.proxy.pg.harness import Hoop, running_hoop
 from tests.support.pgcluster import PgCluster
 
 pytestmark = pytest.mark.postgres
-
-
-@pytest.fixture(scope="module")
-def pgdb(pg: PgCluster) -> str:
-    return seeded_database(pg)
-
-
-@pytest.fixture
-async def hoop(pg: PgCluster, pgdb: str, tmp_path: Path) -> AsyncIterator[Hoop]:
-    async with running_hoop(pg, pgdb, tmp_path) as h:
-        yield h
 
 
 async def _raw(hoop: Hoop, payload: bytes) -> bytes:

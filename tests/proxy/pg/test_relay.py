@@ -2,28 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
 import psycopg
 import pytest
 
-from tests.proxy.pg.harness import Hoop, running_hoop, seeded_database
+from tests.proxy.pg.harness import Hoop, running_hoop
 from tests.support.pgcluster import PgCluster
 
 pytestmark = pytest.mark.postgres
-
-
-@pytest.fixture(scope="module")
-def pgdb(pg: PgCluster) -> str:
-    return seeded_database(pg)
-
-
-@pytest.fixture
-async def hoop(pg: PgCluster, pgdb: str, tmp_path: Path) -> AsyncIterator[Hoop]:
-    async with running_hoop(pg, pgdb, tmp_path) as h:
-        yield h
 
 
 async def test_psql_select_masks_and_records(hoop: Hoop) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import re
 import secrets
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
@@ -22,7 +21,7 @@ import pytest
 from broker.events import ReviewRequested
 from proxy.pg import codec
 from proxy.pg.messages import Backend, decode_command_complete, decode_fields
-from tests.proxy.pg.harness import ROOT, Hoop, running_hoop, seeded_database
+from tests.proxy.pg.harness import ROOT, Hoop
 from tests.proxy.pg.test_protocol_edges import Raw, connect
 from tests.support.pgcluster import PgCluster
 
@@ -30,17 +29,6 @@ pytestmark = pytest.mark.postgres
 
 BLOCKED = "DROP TABLE users"  # refused by the harness's "no-drop" rule
 FAILING = "SELECT 1/0"  # a statement that really fails, for the direct runs
-
-
-@pytest.fixture(scope="module")
-def pgdb(pg: PgCluster) -> str:
-    return seeded_database(pg)
-
-
-@pytest.fixture
-async def hoop(pg: PgCluster, pgdb: str, tmp_path: Path) -> AsyncIterator[Hoop]:
-    async with running_hoop(pg, pgdb, tmp_path) as h:
-        yield h
 
 
 def new_table(pg: PgCluster, db: str) -> str:
