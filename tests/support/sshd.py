@@ -8,6 +8,7 @@ its own PID.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import pwd
@@ -15,7 +16,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,3 +124,25 @@ def sshd(base: Path, *, x11: bool = False) -> Iterator[Sshd]:
         _stop(proc)
         last_log = log.read_text(errors="replace") if log.exists() else ""
     raise RuntimeError(f"sshd did not start: {last_log[-2000:]}")
+
+
+@contextlib.asynccontextmanager
+async def ssh_agent(tmp: Path, name: str) -> AsyncIterator[str]:
+    """An ssh-agent holding one generated key commented ``name``; yields its socket; stopped by its PID."""
+    sock = str(tmp / f"{name}.sock")
+    proc = await asyncio.create_subprocess_exec("ssh-agent", "-D", "-a", sock, stdout=asyncio.subprocess.DEVNULL,
+                                                stderr=asyncio.subprocess.DEVNULL)
+    try:
+        for _ in range(250):
+            if os.path.exists(sock):
+                break
+            await asyncio.sleep(0.02)
+        key = tmp / name
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", name, "-f", str(key)], check=True,
+                       stdout=subprocess.DEVNULL)
+        subprocess.run(["ssh-add", "-q", str(key)], check=True, env={**os.environ, "SSH_AUTH_SOCK": sock},
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        yield sock
+    finally:
+        proc.terminate()
+        await proc.wait()

@@ -24,7 +24,7 @@ from broker.errors import UpstreamError
 from proxy.ssh import upstream as upstream_mod
 from proxy.ssh.agentx11 import xauth_entry
 from tests.proxy.ssh.conftest import Env, make_config, ssh_resource, start_env, stop_env
-from tests.support.sshd import Sshd, sshd
+from tests.support.sshd import Sshd, ssh_agent, sshd
 
 pytestmark = pytest.mark.ssh
 
@@ -52,28 +52,6 @@ def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
     with sshd(tmp_path_factory.mktemp("sshd-x11"), x11=True) as server:
         (server.dir / "xclient.py").write_text(X_CLIENT)
         yield server
-
-
-@contextlib.asynccontextmanager
-async def ssh_agent(tmp: Path, name: str) -> AsyncIterator[str]:
-    """An ssh-agent holding one generated key commented ``name``; yields its socket; stopped by its PID."""
-    sock = str(tmp / f"{name}.sock")
-    proc = await asyncio.create_subprocess_exec("ssh-agent", "-D", "-a", sock, stdout=asyncio.subprocess.DEVNULL,
-                                                stderr=asyncio.subprocess.DEVNULL)
-    try:
-        for _ in range(250):
-            if os.path.exists(sock):
-                break
-            await asyncio.sleep(0.02)
-        key = tmp / name
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", name, "-f", str(key)], check=True,
-                       stdout=subprocess.DEVNULL)
-        subprocess.run(["ssh-add", "-q", str(key)], check=True, env={**os.environ, "SSH_AUTH_SOCK": sock},
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        yield sock
-    finally:
-        proc.terminate()
-        await proc.wait()
 
 
 @contextlib.asynccontextmanager

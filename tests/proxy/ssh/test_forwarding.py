@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.proxy.ssh.conftest import Env, make_config, ssh_resource, start_env, stop_env
-from tests.support.sshd import Sshd
+from tests.support.sshd import Sshd, ssh_agent
 
 pytestmark = pytest.mark.ssh
 
@@ -120,26 +120,8 @@ async def test_remote_forwarding_port_zero_with_asyncssh(upstream: Sshd, tmp_pat
 
 @pytest.fixture
 async def agent(tmp_path: Path) -> AsyncIterator[str]:
-    """An ssh-agent holding one generated key; yields its socket path; stopped by its PID."""
-    sock = str(tmp_path / "agent.sock")
-    proc = await asyncio.create_subprocess_exec("ssh-agent", "-D", "-a", sock, stdout=asyncio.subprocess.DEVNULL,
-                                                stderr=asyncio.subprocess.DEVNULL)
-    try:
-        for _ in range(200):
-            if os.path.exists(sock):
-                break
-            await asyncio.sleep(0.02)
-        key = tmp_path / "agent_key"
-        gen = await asyncio.create_subprocess_exec("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "agent-key",
-                                                   "-f", str(key), stdout=asyncio.subprocess.DEVNULL)
-        assert await gen.wait() == 0
-        add = await asyncio.create_subprocess_exec("ssh-add", "-q", str(key), env={**os.environ, "SSH_AUTH_SOCK": sock},
-                                                   stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
-        assert await add.wait() == 0
+    async with ssh_agent(tmp_path, "agent-key") as sock:
         yield sock
-    finally:
-        proc.terminate()
-        await proc.wait()
 
 
 async def test_agent_forwarding_refused_by_default(env: Env, agent: str) -> None:
