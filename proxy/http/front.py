@@ -1,0 +1,462 @@
+"""The HTTP proxy's client side: an HTTP/1.1 server on ``asyncio.Protocol`` and ``httptools``.
+
+How this works. :class:`Front` is the listening side's protocol, one per client connection.
+``httptools`` (llhttp) parses the requests; each request becomes a :class:`FrontCall`, the
+object the proxy's handler reads the request from and writes its answer to (the
+:class:`proxy.http.call.Call` interface, which :class:`proxy.http.call.AioCall` also
+implements over aiohttp). Requests on one connection are answered in order: a pipelined
+request waits (parsed, its body buffered) until the previous answer is complete, and more than
+``_QUEUE`` waiting requests pause reading the socket. An answer is written in one
+``transport.write`` when it is whole (``send``), or streamed (``start``/``write``/``end``) with
+``Content-Length`` framing when the length is known and chunked framing otherwise (an
+HTTP/1.0 client gets a connection-delimited body instead). Flow control holds both ways: more
+than ``_HIGH`` bytes of unread request body pause reading the socket, and ``write`` waits while
+the transport's buffer is above its high-water mark (``pause_writing``).
+
+A WebSocket upgrade (and any other ``Upgrade``, and ``CONNECT``) is handed to aiohttp's server
+protocol on the same connection: the transport's protocol is switched and the request's bytes,
+rebuilt from what the parser saw, are replayed to it. The proxy's handler then runs on an
+``AioCall``, and aiohttp's WebSocket implementation carries the connection from there.
+
+Refusals are HTTP-level: a malformed request gets ``400``, a request line or header block over
+64 KiB gets ``431`` (or ``414`` for the target), each with a JSON body, and the connection is
+closed. A connection that is idle (no request in flight) for ``keepalive`` seconds is closed;
+that timer also bounds how long a request's head may take to arrive. A client that goes away
+cancels its handler (as aiohttp's ``handler_cancellation``), so an abandoned request stops
+using the upstream at once. This replaced aiohttp's server for plain requests, whose request
+and response objects cost more CPU than the rest of the proxy's handling (bench/http_proxy.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import email.utils
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from http import HTTPStatus
+from typing import cast
+
+import httptools
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from proxy.http.call import json_body
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Front", "FrontCall", "response_head"]
+
+_HIGH = 256 * 1024  # unread request body above which reading the socket pauses
+_QUEUE = 8  # pipelined requests parsed ahead before reading the socket pauses
+_MAX_HEAD = 64 * 1024  # request line plus headers
+_REASONS = {s.value: s.phrase for s in HTTPStatus}
+
+Handler = Callable[["FrontCall"], Awaitable[None]]
+
+
+class _Date:
+    """The ``Date`` header value, formatted at most once a second."""
+
+    value = ""
+    second = -1
+
+    @classmethod
+    def now(cls) -> str:
+        second = int(time.time())
+        if second != cls.second:
+            cls.second = second
+            cls.value = email.utils.formatdate(second, usegmt=True)
+        return cls.value
+
+
+def response_head(status: int, reason: str | None, headers: CIMultiDict[str] | CIMultiDictProxy[str],
+                  extra: str) -> bytes:
+    """The status line and headers, ready to write (no I/O). ``extra`` holds framing headers
+    (already ``\\r\\n``-terminated). A header with a line break in it is dropped, never sent."""
+    lines = [f"HTTP/1.1 {status} {reason or _REASONS.get(status, 'Unknown')}\r\n"]
+    if "Date" not in headers:
+        lines.append(f"Date: {_Date.now()}\r\n")
+    for name, value in headers.items():
+        if "\n" in value or "\r" in value or "\n" in name or "\r" in name:
+            log.warning("http: dropped response header %r with a line break", name)
+            continue
+        lines.append(f"{name}: {value}\r\n")
+    lines.append(extra)
+    lines.append("\r\n")
+    return "".join(lines).encode("latin-1", "replace")
+
+
+class FrontCall:
+    """One request on a :class:`Front` connection: its head, its body as it arrives, and the
+    answer being written."""
+
+    __slots__ = ("_buffered", "_chunks", "_continue", "_front", "_waiter", "body_done", "chunked", "done",
+                 "headers", "keep_alive", "method", "raw_path", "remote", "started", "version")
+
+    def __init__(self, front: Front, method: str, raw_path: str, headers: CIMultiDict[str],
+                 version: str, keep_alive: bool) -> None:
+        self._front = front
+        self.method = method
+        self.raw_path = raw_path
+        self.headers = headers
+        self.version = version
+        self.keep_alive = keep_alive
+        self.remote = front.remote
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._buffered = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self._continue = headers.get("Expect", "").lower() == "100-continue"
+        self.body_done = False
+        self.started = False  # the status line went out
+        self.chunked = False
+        self.done = False  # the answer is complete
+
+    # -- the request body --------------------------------------------------------------------
+
+    @property
+    def body_exists(self) -> bool:
+        return self.headers.get("Content-Length", "0") != "0" or "Transfer-Encoding" in self.headers
+
+    async def body(self) -> AsyncIterator[bytes]:
+        """The request body, chunk by chunk as it arrives (``100 Continue`` is sent first when
+        the client asked for it, so a refused request never makes the client upload)."""
+        front = self._front
+        if self._continue and not self.started:
+            self._continue = False
+            front.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        while True:
+            while not self._chunks:
+                if self.body_done:
+                    return
+                if front.lost:
+                    raise ConnectionResetError("the client went away")
+                self._waiter = asyncio.get_running_loop().create_future()
+                try:
+                    await self._waiter
+                finally:
+                    self._waiter = None
+            data = self._chunks.popleft() if len(self._chunks) == 1 else b"".join(self._chunks)
+            self._chunks.clear()
+            self._buffered = 0
+            front.body_consumed()
+            yield data
+
+    def _feed(self, data: bytes) -> bool:
+        """Body bytes from the parser; True when the buffer is over the high-water mark."""
+        self._chunks.append(data)
+        self._buffered += len(data)
+        self._wake()
+        return self._buffered > _HIGH
+
+    def _end_body(self) -> None:
+        self.body_done = True
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # -- the answer ----------------------------------------------------------------------------
+
+    async def send(self, status: int, reason: str | None, headers: CIMultiDict[str], body: bytes) -> None:
+        """The whole answer in one write, with its ``Content-Length``."""
+        if status in (204, 304):
+            head, body = self._head(status, reason, headers, ""), b""
+        else:
+            head = self._head(status, reason, headers, f"Content-Length: {len(body)}\r\n")
+        self._front.write(head if self.method == "HEAD" or not body else head + body)
+        await self._front.drain()
+        self.done = True
+
+    async def refuse(self, status: int, error: str, reason: str, **extra: object) -> None:
+        headers: CIMultiDict[str] = CIMultiDict({"Content-Type": "application/json; charset=utf-8"})
+        if status == 401:
+            headers["WWW-Authenticate"] = 'Bearer realm="hoop"'
+        await self.send(status, None, headers, json_body(error, reason, **extra))
+
+    async def start(self, status: int, reason: str | None, headers: CIMultiDict[str]) -> None:
+        """Begin a streamed answer: ``Content-Length`` framing when ``headers`` has it, chunked
+        framing otherwise (connection-delimited for an HTTP/1.0 client)."""
+        framing = ""
+        if self.method != "HEAD" and status not in (204, 304) and "Content-Length" not in headers:
+            if self.version == "1.1":
+                self.chunked = True
+                framing = "Transfer-Encoding: chunked\r\n"
+            else:
+                self.keep_alive = False
+        self._front.write(self._head(status, reason, headers, framing))
+        await self._front.drain()
+
+    async def write(self, data: bytes) -> None:
+        if not data or self.method == "HEAD":
+            return
+        self._front.write(b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data)
+        await self._front.drain()
+
+    async def end(self) -> None:
+        if self.chunked:
+            self._front.write(b"0\r\n\r\n")
+        await self._front.drain()
+        self.done = True
+
+    def cut(self) -> None:
+        """Close the connection now: an answer cut short must never look complete."""
+        self.keep_alive = False
+        self._front.close()
+
+    def _head(self, status: int, reason: str | None, headers: CIMultiDict[str], framing: str) -> bytes:
+        if self.started:
+            raise RuntimeError("the answer has already started")
+        self.started = True
+        if not self.keep_alive or not self.body_done:
+            # an unread request body cannot be skipped safely: this connection ends with the answer
+            self.keep_alive = False
+            framing += "Connection: close\r\n"
+        elif self.version == "1.0":
+            framing += "Connection: keep-alive\r\n"
+        return response_head(status, reason, headers, framing)
+
+
+class Front(asyncio.Protocol):
+    """One client connection of the HTTP proxy."""
+
+    def __init__(self, handler: Handler, upgrade: Callable[[], asyncio.Protocol], *, keepalive: float,
+                 calls: set[Front]) -> None:
+        self._handler = handler
+        self._upgrade_protocol = upgrade
+        self._keepalive = keepalive
+        self._conns = calls
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.remote: str | None = None
+        self.lost = False
+        self._queue: collections.deque[FrontCall] = collections.deque()
+        self._current: FrontCall | None = None  # the call whose body the parser is reading
+        self._task: asyncio.Task[None] | None = None
+        self._idle: asyncio.TimerHandle | None = None
+        self._writable: asyncio.Future[None] | None = None
+        self._paused_reading = False
+        self._upgrading: bytes | None = None
+        self._reset_head()
+
+    def _reset_head(self) -> None:
+        self._url = b""
+        self._raw: list[tuple[bytes, bytes]] = []
+        self._head_size = 0
+
+    # -- asyncio.Protocol ----------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        self.remote = peer[0] if isinstance(peer, tuple) and peer else None
+        self._conns.add(self)
+        self._arm_idle()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            offset = exc.args[0] if exc.args and isinstance(exc.args[0], int) else len(data)
+            self._begin_upgrade(data[offset:])
+        except httptools.HttpParserCallbackError:
+            pass  # our callback already answered (431/414) and closed
+        except httptools.HttpParserError as exc:
+            self._fail(400, "bad_request", f"malformed HTTP request: {exc}")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self._conns.discard(self)
+        if self._idle is not None:
+            self._idle.cancel()
+        for call in (self._current, *self._queue):
+            if call is not None:
+                call._wake()
+        if self._task is not None and not self._task.done():
+            self._task.cancel()  # the client went away: stop using the upstream for it
+        self._wake_writer()
+
+    def pause_writing(self) -> None:
+        if self._writable is None:
+            self._writable = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        self._wake_writer()
+
+    def _wake_writer(self) -> None:
+        if self._writable is not None:
+            if not self._writable.done():
+                self._writable.set_result(None)
+            self._writable = None
+
+    # -- httptools callbacks ---------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._reset_head()
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._grow(len(url), 414, "uri_too_long", "the request target is over 64 KiB")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._raw.append((name, value))
+        self._grow(len(name) + len(value) + 4, 431, "headers_too_large", "the request headers are over 64 KiB")
+
+    def _grow(self, size: int, status: int, error: str, reason: str) -> None:
+        self._head_size += size
+        if self._head_size > _MAX_HEAD:
+            self._fail(status, error, reason)
+            raise RuntimeError(error)  # stops the parser (HttpParserCallbackError)
+
+    def on_headers_complete(self) -> None:
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+        if self.parser.should_upgrade():
+            return  # handed to aiohttp once the parser stops at the upgrade (data_received)
+        headers: CIMultiDict[str] = CIMultiDict(
+            (n.decode("latin-1"), v.decode("utf-8", "surrogateescape")) for n, v in self._raw)
+        call = FrontCall(self, self.parser.get_method().decode("ascii", "replace"),
+                         self._url.decode("utf-8", "surrogateescape"), headers, self.parser.get_http_version(),
+                         bool(self.parser.should_keep_alive()))
+        self._current = call
+        self._queue.append(call)
+        if self._task is None:
+            self._next()
+        elif len(self._queue) > _QUEUE:
+            self._pause_reading()
+
+    def on_body(self, body: bytes) -> None:
+        call = self._current
+        if call is not None and call._feed(body):
+            self._pause_reading()
+
+    def on_message_complete(self) -> None:
+        call = self._current
+        if call is not None:
+            call._end_body()
+            self._current = None
+
+    # -- running the calls -----------------------------------------------------------------
+
+    def _next(self) -> None:
+        """Start the handler of the oldest waiting call, if any and none is running."""
+        if not self._queue or self.lost:
+            self._task = None
+            if self._upgrading is not None:
+                self._switch()
+            elif not self.lost:
+                self._arm_idle()
+            return
+        call = self._queue[0]
+        self._task = asyncio.get_running_loop().create_task(self._run(call))
+
+    async def _run(self, call: FrontCall) -> None:
+        try:
+            await self._handler(call)
+            if not call.done and not call.started and not self.lost:
+                await call.refuse(500, "internal_error", "the proxy produced no answer")
+            elif not call.done and not self.lost:
+                call.cut()  # a streamed answer the handler did not end: never looks complete
+        except asyncio.CancelledError:
+            if not self.lost:
+                raise
+            return
+        except Exception:
+            log.exception("http: request %s %s failed", call.method, call.raw_path[:200])
+            if not call.started and not self.lost:
+                with contextlib.suppress(Exception):
+                    await call.refuse(500, "internal_error", "the proxy failed on this request")
+            else:
+                call.cut()
+        finally:
+            if self._queue and self._queue[0] is call:
+                self._queue.popleft()
+        if not call.keep_alive or self.lost:
+            self.close()
+            return
+        if self._paused_reading and len(self._queue) <= _QUEUE:
+            self._resume_reading()
+        self._next()
+
+    def body_consumed(self) -> None:
+        if self._paused_reading and len(self._queue) <= _QUEUE:
+            self._resume_reading()
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.lost:
+            self.transport.write(data)
+
+    async def drain(self) -> None:
+        while self._writable is not None and not self.lost:
+            await self._writable
+        if self.lost:
+            raise ConnectionResetError("the client went away")
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def _pause_reading(self) -> None:
+        if not self._paused_reading and self.transport is not None and not self.lost:
+            self._paused_reading = True
+            self.transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self._paused_reading and self.transport is not None and not self.lost:
+            self._paused_reading = False
+            self.transport.resume_reading()
+
+    def _arm_idle(self) -> None:
+        if self._idle is not None:
+            self._idle.cancel()
+        self._idle = asyncio.get_running_loop().call_later(self._keepalive, self.close)
+
+    def _fail(self, status: int, error: str, reason: str) -> None:
+        """A protocol-level refusal: answer (when no answer is under way) and close."""
+        if self.transport is None or self.lost:
+            return
+        if self._task is None:
+            headers: CIMultiDict[str] = CIMultiDict({"Content-Type": "application/json; charset=utf-8"})
+            body = json_body(error, reason)
+            self.transport.write(response_head(status, None, headers,
+                                               f"Content-Length: {len(body)}\r\nConnection: close\r\n") + body)
+        self.transport.close()
+
+    # -- upgrades --------------------------------------------------------------------------
+
+    def _begin_upgrade(self, rest: bytes) -> None:
+        """The parser stopped at an upgrade request: rebuild its bytes and hand the connection
+        to aiohttp when the calls before it are answered."""
+        method = self.parser.get_method()
+        lines = [method + b" " + self._url + b" HTTP/" + self.parser.get_http_version().encode() + b"\r\n"]
+        lines.extend(name + b": " + value + b"\r\n" for name, value in self._raw)
+        self._upgrading = b"".join(lines) + b"\r\n" + rest
+        self._pause_reading()
+        if self._task is None:
+            self._switch()
+
+    def _switch(self) -> None:
+        assert self.transport is not None and self._upgrading is not None
+        data, self._upgrading = self._upgrading, None
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+        self._conns.discard(self)
+        protocol = self._upgrade_protocol()
+        transport = self.transport
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        if self._paused_reading:
+            self._paused_reading = False
+            transport.resume_reading()
+        protocol.data_received(data)
+
+
+def aio_upgrade_server(handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]) -> web.Server:
+    """aiohttp's server, for the connections :class:`Front` hands over (WebSocket upgrades)."""
+    return web.Server(handler, handler_cancellation=True, access_log=None)
