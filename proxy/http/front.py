@@ -76,17 +76,17 @@ def response_head(status: int, reason: str | None, headers: CIMultiDict[str] | C
                   extra: str) -> bytes:
     """The status line and headers, ready to write (no I/O). ``extra`` holds framing headers
     (already ``\\r\\n``-terminated). A header with a line break in it is dropped, never sent."""
-    lines = [f"HTTP/1.1 {status} {reason or _REASONS.get(status, 'Unknown')}\r\n"]
-    if "Date" not in headers:
-        lines.append(f"Date: {_Date.now()}\r\n")
-    for name, value in headers.items():
-        if "\n" in value or "\r" in value or "\n" in name or "\r" in name:
-            log.warning("http: dropped response header %r with a line break", name)
-            continue
-        lines.append(f"{name}: {value}\r\n")
-    lines.append(extra)
-    lines.append("\r\n")
-    return "".join(lines).encode("latin-1", "replace")
+    reason = reason or _REASONS.get(status, "Unknown")
+    if "\n" in reason or "\r" in reason:
+        reason = _REASONS.get(status, "Unknown")
+    fields = [f"{name}: {value}\r\n" for name, value in headers.items()]
+    block = "".join(fields)
+    if block.count("\n") != len(fields) or block.count("\r") != len(fields):  # a line break inside a field
+        fields = [f for f in fields if f.count("\n") == 1 and f.count("\r") == 1]
+        log.warning("http: dropped %d response header(s) with a line break", len(headers) - len(fields))
+        block = "".join(fields)
+    date = "" if "Date" in headers else f"Date: {_Date.now()}\r\n"
+    return f"HTTP/1.1 {status} {reason}\r\n{date}{block}{extra}\r\n".encode("latin-1", "replace")
 
 
 class FrontCall:
@@ -241,6 +241,9 @@ class Front(asyncio.Protocol):
         self._writable: asyncio.Future[None] | None = None
         self._paused_reading = False
         self._upgrading: bytes | None = None
+        self._loop = asyncio.get_running_loop()
+        self._busy = False  # a request head arrived and its answer is not finished
+        self._last = self._loop.time()  # when the connection last became idle
         self._reset_head()
 
     def _reset_head(self) -> None:
@@ -255,7 +258,7 @@ class Front(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.remote = peer[0] if isinstance(peer, tuple) and peer else None
         self._conns.add(self)
-        self._arm_idle()
+        self._arm_idle(self._keepalive)
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -300,26 +303,26 @@ class Front(asyncio.Protocol):
 
     def on_url(self, url: bytes) -> None:
         self._url += url
-        self._grow(len(url), 414, "uri_too_long", "the request target is over 64 KiB")
+        self._head_size += len(url)
+        if self._head_size > _MAX_HEAD:
+            self._too_large(414, "uri_too_long", "the request target is over 64 KiB")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._raw.append((name, value))
-        self._grow(len(name) + len(value) + 4, 431, "headers_too_large", "the request headers are over 64 KiB")
-
-    def _grow(self, size: int, status: int, error: str, reason: str) -> None:
-        self._head_size += size
+        self._head_size += len(name) + len(value) + 4
         if self._head_size > _MAX_HEAD:
-            self._fail(status, error, reason)
-            raise RuntimeError(error)  # stops the parser (HttpParserCallbackError)
+            self._too_large(431, "headers_too_large", "the request headers are over 64 KiB")
+
+    def _too_large(self, status: int, error: str, reason: str) -> None:
+        self._fail(status, error, reason)
+        raise RuntimeError(error)  # stops the parser (HttpParserCallbackError)
 
     def on_headers_complete(self) -> None:
-        if self._idle is not None:
-            self._idle.cancel()
-            self._idle = None
+        self._busy = True
         if self.parser.should_upgrade():
             return  # handed to aiohttp once the parser stops at the upgrade (data_received)
         headers: CIMultiDict[str] = CIMultiDict(
-            (n.decode("latin-1"), v.decode("utf-8", "surrogateescape")) for n, v in self._raw)
+            [(n.decode("latin-1"), v.decode("utf-8", "surrogateescape")) for n, v in self._raw])
         call = FrontCall(self, self.parser.get_method().decode("ascii", "replace"),
                          self._url.decode("utf-8", "surrogateescape"), headers, self.parser.get_http_version(),
                          bool(self.parser.should_keep_alive()))
@@ -349,11 +352,11 @@ class Front(asyncio.Protocol):
             self._task = None
             if self._upgrading is not None:
                 self._switch()
-            elif not self.lost:
-                self._arm_idle()
+            else:
+                self._busy = False
+                self._last = self._loop.time()
             return
-        call = self._queue[0]
-        self._task = asyncio.get_running_loop().create_task(self._run(call))
+        self._task = self._loop.create_task(self._run(self._queue[0]))
 
     async def _run(self, call: FrontCall) -> None:
         try:
@@ -411,10 +414,23 @@ class Front(asyncio.Protocol):
             self._paused_reading = False
             self.transport.resume_reading()
 
-    def _arm_idle(self) -> None:
-        if self._idle is not None:
-            self._idle.cancel()
-        self._idle = asyncio.get_running_loop().call_later(self._keepalive, self.close)
+    def _arm_idle(self, delay: float) -> None:
+        self._idle = self._loop.call_later(delay, self._idle_check)
+
+    def _idle_check(self) -> None:
+        """The keep-alive timer (one per period, not per request): close a connection that had no
+        request in flight, nor a complete request head, for ``keepalive`` seconds."""
+        self._idle = None
+        if self.lost:
+            return
+        if self._busy:
+            self._arm_idle(self._keepalive)
+            return
+        left = self._last + self._keepalive - self._loop.time()
+        if left > 0:
+            self._arm_idle(left)
+        else:
+            self.close()
 
     def _fail(self, status: int, error: str, reason: str) -> None:
         """A protocol-level refusal: answer (when no answer is under way) and close."""

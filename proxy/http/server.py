@@ -127,13 +127,14 @@ class _Flight:
         self.call = call
         self.upstream: Response | None = None
         self.ws: WsPair | None = None
-        self.cut = asyncio.Event()
+        self.cut: asyncio.Event | None = None  # made by a review, the one wait that must end with the grant
         self.reason: str | None = None
         self.tasks: list[asyncio.Task[None]] = []
 
     def abort(self, reason: str) -> None:
         self.reason = reason
-        self.cut.set()
+        if self.cut is not None:
+            self.cut.set()
         if self.ws is not None:
             self.tasks.extend(cut(self.ws, reason))
             return
@@ -262,10 +263,7 @@ class HttpProxy:
             except ConfigError as exc:
                 record["status"] = 502
                 return await call.refuse(502, "upstream_credential", f"{up.resource.name}: {exc.message}")
-            if is_websocket_upgrade(call.headers):
-                if not isinstance(call, AioCall):  # (Front hands every upgrade to aiohttp)
-                    record["status"] = 400
-                    return await call.refuse(400, "bad_request", "a WebSocket upgrade must be a GET")
+            if isinstance(call, AioCall) and is_websocket_upgrade(call.headers):  # (Front hands upgrades to aiohttp)
                 return await self._websocket(call, up, rest, flight, record, client_ip, credential)
             return await self._forward(call, up, rest, flight, record, client_ip, credential)
         finally:
@@ -283,6 +281,9 @@ class HttpProxy:
         """Hold the request for an approver; the grant ending during the wait refuses it."""
         timeout = up.resource.guardrails.review_timeout.total_seconds()
         review = asyncio.ensure_future(session.review(text, rule, timeout))
+        flight.cut = asyncio.Event()
+        if flight.reason is not None:
+            flight.cut.set()
         ended = asyncio.ensure_future(flight.cut.wait())
         try:
             await asyncio.wait({review, ended}, return_when=asyncio.FIRST_COMPLETED)

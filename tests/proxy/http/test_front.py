@@ -210,3 +210,6 @@ def test_response_head_drops_a_header_with_a_line_break() -> None:
     head = response_head(200, None, CIMultiDict({"X-Ok": "1", "X-Bad": "a\r\nSet-Cookie: evil=1"}), "")
     assert head.startswith(b"HTTP/1.1 200 OK\r\n") and b"X-Ok: 1\r\n" in head
     assert b"evil" not in head and head.endswith(b"\r\n\r\n")
+    head = response_head(502, "Bad\r\nX: 1", CIMultiDict({"X-Lone": "a\nb", "X-Cr": "a\rb", "X-Ok": "2"}), "")
+    assert head.startswith(b"HTTP/1.1 502 Bad Gateway\r\n") and b"X-Ok: 2\r\n" in head
+    assert b"X-Lone" not in head and b"X-Cr" not in head
