@@ -7,17 +7,17 @@ the secret), the guard (:class:`proxy.httpguard.HttpGuard` on method and path: `
 403 JSON naming the rule, ``review`` holds the request until an approver decides in the
 thread), then the relay. The relay strips the client's credential and the hop-by-hop headers,
 adds the held upstream credential and ``X-Forwarded-For``, and streams both bodies chunk by
-chunk (constant memory; backpressure both ways: aiohttp's flow control towards the client,
-:mod:`proxy.http.pool`'s towards the upstream). A
-WebSocket upgrade is relayed by :mod:`proxy.http.websocket`.
+chunk (constant memory; backpressure both ways: :mod:`proxy.http.front`'s flow control towards
+the client, :mod:`proxy.http.pool`'s towards the upstream). A WebSocket upgrade is relayed by
+:mod:`proxy.http.websocket`.
 
-Masking. With masking on, the upstream is asked for ``Accept-Encoding: identity`` so bodies
-arrive as plain text; a ``gzip``/``deflate`` body of a masked type is decoded anyway, and
-another encoding of a masked type is refused with 502 (fail closed). JSON and text bodies go
-through :mod:`proxy.http.body`'s filters. An uncompressed body of known length up to 256 KiB
-is read whole and answered with the ``Content-Length`` of its masked form (a JSON one is then
-masked in one pass); a longer, chunked or compressed one is streamed and loses its
-``Content-Length`` (the response is chunked). Other types pass through unchanged with their length.
+Servers. Plain requests arrive on hoop's own HTTP/1.1 server (:mod:`proxy.http.front`,
+``asyncio.Protocol`` + ``httptools``); a connection that asks for an upgrade is handed to
+aiohttp's server protocol, which carries WebSockets. The handler works on either through
+:class:`proxy.http.call.Call`.
+
+Masking and framing of the answer are :mod:`proxy.http.respond`'s (JSON and text bodies masked
+by type, a small body of known length in one write, others streamed).
 
 Sessions are shared per grant, resource and client address (:mod:`proxy.http.live`), so a
 burst of requests costs one session row; each request is recorded as an ``"http"`` event with
@@ -47,31 +47,26 @@ from broker.config import HoopConfig, HttpResource
 from broker.errors import ConfigError, Denied
 from broker.model import Grant
 from proxy.guard import Decision
-from proxy.http.body import BodyFilter, Capture, Inflate, body_kind, response_filter
+from proxy.http.body import Capture
 from proxy.http.call import AioCall, Call
 from proxy.http.front import Front, aio_upgrade_server
 from proxy.http.headers import (
     bearer_secret,
     is_websocket_upgrade,
-    response_headers,
     split_target,
     upstream_headers,
 )
 from proxy.http.live import Hub, SessionPool, Stream
 from proxy.http.pool import Origin, Response, UpstreamFailed, UpstreamPool
+from proxy.http.respond import recorded, respond
 from proxy.http.websocket import WsPair, cut, relay
 from proxy.httpguard import HttpGuard
-from proxy.jsonmask import JsonStreamMasker
-from proxy.mask import Masker, StreamMasker
+from proxy.mask import Masker
 
 log = logging.getLogger(__name__)
 
 __all__ = ["BearerGate", "HttpProxy"]
 
-_IDLE_FLUSH = 0.2  # seconds a held text tail may wait for more bytes before it is sent
-# A body of known length up to this is read whole and relayed in one write; a JSON body that
-# arrives whole is then masked in one pass (proxy.jsondoc.mask_document), not token by token.
-_SMALL_BODY = 256 * 1024
 _VERDICTS = 4096  # (method, path) guard decisions kept per resource
 
 
@@ -345,117 +340,13 @@ class HttpProxy:
         finally:
             record["req_bytes"] = req_cap.size
             if req_cap.size:
-                record["req_body"] = _recorded(masker, call.headers.get("Content-Type"), req_cap, masked=False)
+                record["req_body"] = recorded(masker, call.headers.get("Content-Type"), req_cap, masked=False)
         flight.upstream = resp
         if flight.reason is not None:  # the grant ended while the upstream was answering
             resp.close()
             record["status"] = 403
             return await call.refuse(403, "revoked", flight.reason)
         try:
-            await self._respond(call, up, resp, flight, record)
+            await respond(call, up.masker, up.resource, resp, flight, record)
         finally:
             resp.release()
-
-    async def _respond(self, call: Call, up: _Upstream, resp: Response, flight: _Flight,
-                       record: dict[str, Any]) -> None:
-        record["status"] = resp.status
-        has_body = call.method != "HEAD" and resp.status not in (204, 304) and resp.status >= 200
-        ctype = resp.headers.get("Content-Type")
-        filt = response_filter(up.masker, ctype) if has_body else None
-        inflate: Inflate | None = None
-        encoding = resp.headers.get("Content-Encoding", "identity").strip().lower()
-        if filt is not None and encoding not in ("", "identity"):
-            if not Inflate.supports(encoding):
-                record["status"] = 502
-                return await call.refuse(502, "unmaskable_encoding",
-                                         f"the upstream sent {encoding!r}-encoded {ctype}, which the proxy cannot mask")
-            inflate = Inflate(encoding)
-        length = resp.content_length
-        if length is not None and length <= _SMALL_BODY and has_body and inflate is None and flight.reason is None:
-            # (a compressed body streams: 256 KiB of gzip may inflate to 256 MB)
-            return await self._respond_small(call, up, resp, filt, ctype, record, flight)
-        await call.start(resp.status, resp.reason, response_headers(resp.headers, body_changes=filt is not None,
-                                                                    decoded=inflate is not None))
-        cap = Capture(up.resource.max_body_record)
-        text = filt if isinstance(filt, StreamMasker) else None
-
-        async def send(data: bytes) -> None:
-            if data:
-                cap.feed(data)
-                await call.write(data)
-
-        try:
-            while True:
-                if text is not None and text.pending:
-                    try:
-                        async with asyncio.timeout(_IDLE_FLUSH):
-                            chunk = await resp.readany()
-                    except TimeoutError:
-                        await send(text.flush())
-                        continue
-                else:
-                    chunk = await resp.readany()
-                if not chunk or flight.reason is not None:
-                    break
-                pieces = inflate.feed(chunk) if inflate is not None else (chunk,)
-                for piece in pieces:
-                    await send(filt.feed(piece) if filt is not None else piece)
-            if flight.reason is None:
-                if inflate is not None:
-                    tail = inflate.flush()
-                    if tail:
-                        await send(filt.feed(tail) if filt is not None else tail)
-                if filt is not None:
-                    await send(filt.flush())
-        except (UpstreamFailed, ConnectionError, OSError) as exc:
-            if flight.reason is None:
-                log.info("http resource=%s stream ended early: %s", up.resource.name, type(exc).__name__)
-            flight.reason = flight.reason or "stream error"
-        except Exception as exc:  # zlib.error from a corrupt body
-            log.warning("http resource=%s body could not be decoded: %s", up.resource.name, type(exc).__name__)
-            flight.reason = "undecodable body"
-        finally:
-            record["resp_bytes"] = cap.size
-            if filt is not None or not up.masker.enabled:
-                record["resp_body"] = _recorded(up.masker, ctype, cap, masked=True)
-        if flight.reason is not None:
-            call.cut()  # never end an incomplete body as if it were complete
-            return
-        await call.end()
-
-    async def _respond_small(self, call: Call, up: _Upstream, resp: Response, filt: BodyFilter | None,
-                             ctype: str | None, record: dict[str, Any], flight: _Flight) -> None:
-        """An uncompressed body of known length up to 256 KiB: read it whole (bounded) and answer in
-        one write, with a correct ``Content-Length`` even when masking changed the body."""
-        try:
-            raw = await resp.read()
-        except UpstreamFailed as exc:
-            if flight.reason is not None:  # the grant ended while the body was arriving
-                record["status"] = 403
-                return await call.refuse(403, "revoked", flight.reason)
-            record["status"] = 502
-            return await call.refuse(502, "upstream_error",
-                                     f"the upstream of {up.resource.name} broke off its answer ({exc})")
-        body = filt.feed(raw) + filt.flush() if filt is not None else raw
-        cap = Capture(up.resource.max_body_record)
-        cap.feed(body)
-        record["resp_bytes"] = cap.size
-        if filt is not None or not up.masker.enabled:
-            record["resp_body"] = _recorded(up.masker, ctype, cap, masked=True)
-        await call.send(resp.status, resp.reason, response_headers(resp.headers, body_changes=True, decoded=False),
-                        body)
-
-
-def _recorded(masker: Masker, content_type: str | None, cap: Capture, *, masked: bool) -> str | None:
-    """A body as the recording keeps it: masked, capped, text only (None for other types)."""
-    kind = body_kind(content_type)
-    raw = cap.data()
-    if not raw:
-        return None
-    if kind is None:
-        return None
-    if not masked and masker.enabled:
-        filt = JsonStreamMasker(masker) if kind == "json" else masker.stream()
-        raw = filt.feed(raw) + filt.flush()
-    text = raw.decode("utf-8", "replace")
-    return text + "…" if cap.truncated else text

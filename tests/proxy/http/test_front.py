@@ -11,7 +11,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from proxy.http.front import response_head
+from proxy.http.frontcall import response_head
 from tests.proxy.http.conftest import Env, curl, make_env
 
 
