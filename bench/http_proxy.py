@@ -139,11 +139,29 @@ async def _load(url: str, headers: dict[str, str], seconds: float, concurrency: 
             "p99_ms": round(latencies[int(len(latencies) * 0.99) - 1] * 1000, 3)}
 
 
+def _cpu_times(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds a process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def _cpu_seconds(pid: int) -> float:
+    return sum(_cpu_times(pid))
+
+
+def _self_cpu() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
 def _median_of(rounds: list[dict[str, Any]], name: str) -> dict[str, Any]:
     """One run's figures over the rounds: the median of each, the sum of requests and errors."""
     runs = [rnd[name] for rnd in rounds]
     out: dict[str, Any] = {"requests": sum(r["requests"] for r in runs), "errors": sum(r["errors"] for r in runs)}
-    for key in ("rps", "p50_ms", "p99_ms", "loadavg_1m"):
+    for key in ("rps", "p50_ms", "p99_ms", "loadavg_1m", "cpu_us_per_request_proxy", "cpu_us_per_request_upstream",
+                "cpu_us_per_request_proxy_system",
+                "cpu_us_per_request_client"):
         out[key] = round(statistics.median(r[key] for r in runs), 3)
     out["rps_per_round"] = [r["rps"] for r in runs]
     return out
@@ -209,9 +227,18 @@ def main() -> None:
                 for _ in range(args.rounds):  # interleaved, so a change in the machine's load hits all three
                     rnd: dict[str, Any] = {}
                     for name, (url, headers) in runs.items():
-                        rnd[name] = loop.run_until_complete(_load(url, headers, args.seconds / args.rounds,
-                                                                  args.concurrency))
-                        rnd[name]["loadavg_1m"] = round(os.getloadavg()[0], 2)
+                        proxy_before = _cpu_times(px.pid)
+                        before = (_cpu_seconds(up.pid), sum(proxy_before), _self_cpu())
+                        rnd[name] = res = loop.run_until_complete(_load(url, headers, args.seconds / args.rounds,
+                                                                        args.concurrency))
+                        proxy_after = _cpu_times(px.pid)
+                        after = (_cpu_seconds(up.pid), sum(proxy_after), _self_cpu())
+                        res["loadavg_1m"] = round(os.getloadavg()[0], 2)
+                        done = max(res["requests"], 1)
+                        for label, b, a in zip(("upstream", "proxy", "client"), before, after, strict=True):
+                            res[f"cpu_us_per_request_{label}"] = round((a - b) * 1e6 / done, 1)
+                        res["cpu_us_per_request_proxy_system"] = round(
+                            (proxy_after[1] - proxy_before[1]) * 1e6 / done, 1)
                     rounds.append(rnd)
             finally:
                 loop.close()
@@ -236,10 +263,14 @@ def main() -> None:
            "targets": {"proxy_masking_off": 0.5, "proxy_masking_on": 0.4},
            "met": {"proxy_masking_off": results["proxy_masking_off"]["ratio_vs_direct"] >= 0.5,
                    "proxy_masking_on": results["proxy_masking_on"]["ratio_vs_direct"] >= 0.4}}
-    print(f"{'run':<20}{'rps':>10}{'p50 ms':>10}{'p99 ms':>10}{'x direct':>10}{'+p50 ms':>10}")
+    print(f"{'run':<20}{'rps':>10}{'p50 ms':>10}{'p99 ms':>10}{'x direct':>10}{'+p50 ms':>10}"
+          f"{'proxy us':>10}{'(sys)':>8}{'upstr us':>10}{'client us':>10}")
     for name, r in results.items():
         print(f"{name:<20}{r['rps']:>10}{r['p50_ms']:>10}{r['p99_ms']:>10}"
-              f"{r.get('ratio_vs_direct', 1.0):>10}{r.get('added_p50_ms', 0.0):>10}")
+              f"{r.get('ratio_vs_direct', 1.0):>10}{r.get('added_p50_ms', 0.0):>10}"
+              f"{r['cpu_us_per_request_proxy']:>10}{r['cpu_us_per_request_proxy_system']:>8}"
+              f"{r['cpu_us_per_request_upstream']:>10}"
+              f"{r['cpu_us_per_request_client']:>10}")
     print("targets met:", out["met"])
     dest = ROOT / "bench" / "results" / "http_proxy.json"
     dest.parent.mkdir(parents=True, exist_ok=True)

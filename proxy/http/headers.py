@@ -99,7 +99,7 @@ def _filtered(headers: CIMultiDictProxy[str] | CIMultiDict[str], skip: frozenset
     return CIMultiDict([(name, value) for name, value in headers.items() if name.lower() not in skip])
 
 
-def upstream_headers(incoming: CIMultiDictProxy[str], resource: HttpResource, credential: str | None,
+def upstream_headers(incoming: CIMultiDictProxy[str] | CIMultiDict[str], resource: HttpResource, credential: str | None,
                      client_ip: str, *, identity_encoding: bool, websocket: bool = False) -> CIMultiDict[str]:
     """Headers for the upstream request: hop-by-hop and the client's credential out, ours in.
 
@@ -136,6 +136,6 @@ def response_headers(upstream: CIMultiDictProxy[str] | CIMultiDict[str], *, body
     return _filtered(upstream, _RESPONSE_SKIP[body_changes, decoded])
 
 
-def is_websocket_upgrade(headers: CIMultiDictProxy[str]) -> bool:
+def is_websocket_upgrade(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> bool:
     """True for a WebSocket opening handshake (``Connection: upgrade`` + ``Upgrade: websocket``)."""
     return "upgrade" in _connection_tokens(headers) and headers.get("Upgrade", "").strip().lower() == "websocket"

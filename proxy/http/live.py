@@ -41,7 +41,7 @@ class Stream:
 
 
 class _Entry:
-    __slots__ = ("ended", "idle", "key", "session", "streams", "timer")
+    __slots__ = ("ended", "idle", "key", "last", "session", "streams", "timer")
 
     def __init__(self, key: tuple[str, str, str], session: Live) -> None:
         self.key = key
@@ -49,6 +49,7 @@ class _Entry:
         self.streams: set[Stream] = set()
         self.ended: str | None = None
         self.idle: asyncio.TimerHandle | None = None
+        self.last = 0.0  # loop time the last request ended
         self.timer: asyncio.TimerHandle | None = None
 
 
@@ -95,18 +96,28 @@ class SessionPool:
                     raise
                 finally:
                     self._opening.pop(key, None)
-        if entry.idle is not None:
-            entry.idle.cancel()
-            entry.idle = None
         entry.streams.add(stream)
         return entry
 
     def release(self, entry: _Entry, stream: Stream) -> None:
-        """The request is over; start the idle timer when it was the session's last."""
+        """The request is over; the idle timer (one per idle period, not per request) runs when it was
+        the session's last."""
         entry.streams.discard(stream)
-        if not entry.streams and entry.ended is None and entry.idle is None:
+        if not entry.streams and entry.ended is None:
             loop = asyncio.get_running_loop()
-            entry.idle = loop.call_later(self.idle, self._close, entry, "idle")
+            entry.last = loop.time()
+            if entry.idle is None:
+                entry.idle = loop.call_later(self.idle, self._idle_check, entry)
+
+    def _idle_check(self, entry: _Entry) -> None:
+        entry.idle = None
+        if entry.streams or entry.ended is not None:
+            return  # busy again: the next release re-arms
+        left = entry.last + self.idle - asyncio.get_running_loop().time()
+        if left > 0:
+            entry.idle = asyncio.get_running_loop().call_later(left, self._idle_check, entry)
+        else:
+            self._close(entry, "idle")
 
     def end(self, key: tuple[str, str, str], reason: str) -> None:
         """The grant ended or the deadline passed: cut every stream, close the session."""

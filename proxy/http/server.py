@@ -7,17 +7,17 @@ the secret), the guard (:class:`proxy.httpguard.HttpGuard` on method and path: `
 403 JSON naming the rule, ``review`` holds the request until an approver decides in the
 thread), then the relay. The relay strips the client's credential and the hop-by-hop headers,
 adds the held upstream credential and ``X-Forwarded-For``, and streams both bodies chunk by
-chunk (constant memory; backpressure both ways: aiohttp's flow control towards the client,
-:mod:`proxy.http.pool`'s towards the upstream). A
-WebSocket upgrade is relayed by :mod:`proxy.http.websocket`.
+chunk (constant memory; backpressure both ways: :mod:`proxy.http.front`'s flow control towards
+the client, :mod:`proxy.http.pool`'s towards the upstream). A WebSocket upgrade is relayed by
+:mod:`proxy.http.websocket`.
 
-Masking. With masking on, the upstream is asked for ``Accept-Encoding: identity`` so bodies
-arrive as plain text; a ``gzip``/``deflate`` body of a masked type is decoded anyway, and
-another encoding of a masked type is refused with 502 (fail closed). JSON and text bodies go
-through :mod:`proxy.http.body`'s filters. An uncompressed body of known length up to 256 KiB
-is read whole and answered with the ``Content-Length`` of its masked form (a JSON one is then
-masked in one pass); a longer, chunked or compressed one is streamed and loses its
-``Content-Length`` (the response is chunked). Other types pass through unchanged with their length.
+Servers. Plain requests arrive on hoop's own HTTP/1.1 server (:mod:`proxy.http.front`,
+``asyncio.Protocol`` + ``httptools``); a connection that asks for an upgrade is handed to
+aiohttp's server protocol, which carries WebSockets. The handler works on either through
+:class:`proxy.http.call.Call`.
+
+Masking and framing of the answer are :mod:`proxy.http.respond`'s (JSON and text bodies masked
+by type, a small body of known length in one write, others streamed).
 
 Sessions are shared per grant, resource and client address (:mod:`proxy.http.live`), so a
 burst of requests costs one session row; each request is recorded as an ``"http"`` event with
@@ -47,29 +47,26 @@ from broker.config import HoopConfig, HttpResource
 from broker.errors import ConfigError, Denied
 from broker.model import Grant
 from proxy.guard import Decision
-from proxy.http.body import BodyFilter, Capture, Inflate, body_kind, response_filter
+from proxy.http.body import Capture
+from proxy.http.call import AioCall, Call
+from proxy.http.front import Front, aio_upgrade_server
 from proxy.http.headers import (
     bearer_secret,
     is_websocket_upgrade,
-    response_headers,
     split_target,
     upstream_headers,
 )
 from proxy.http.live import Hub, SessionPool, Stream
 from proxy.http.pool import Origin, Response, UpstreamFailed, UpstreamPool
+from proxy.http.respond import recorded, respond
 from proxy.http.websocket import WsPair, cut, relay
 from proxy.httpguard import HttpGuard
-from proxy.jsonmask import JsonStreamMasker
-from proxy.mask import Masker, StreamMasker
+from proxy.mask import Masker
 
 log = logging.getLogger(__name__)
 
 __all__ = ["BearerGate", "HttpProxy"]
 
-_IDLE_FLUSH = 0.2  # seconds a held text tail may wait for more bytes before it is sent
-# A body of known length up to this is read whole and relayed in one write; a JSON body that
-# arrives whole is then masked in one pass (proxy.jsondoc.mask_document), not token by token.
-_SMALL_BODY = 256 * 1024
 _VERDICTS = 4096  # (method, path) guard decisions kept per resource
 
 
@@ -118,40 +115,36 @@ def _origin(base: str) -> Origin | None:
         return None
 
 
-def _refuse(status: int, error: str, reason: str, **extra: Any) -> web.Response:
-    headers = {"WWW-Authenticate": 'Bearer realm="hoop"'} if status == 401 else None
-    return web.json_response({"error": error, "reason": reason, **extra}, status=status, headers=headers)
-
-
 class _Flight:
     """One request in flight: what :meth:`abort` must cut when the grant ends."""
 
-    def __init__(self, request: web.BaseRequest) -> None:
-        self.request = request
+    def __init__(self, call: Call) -> None:
+        self.call = call
         self.upstream: Response | None = None
         self.ws: WsPair | None = None
-        self.cut = asyncio.Event()
+        self.cut: asyncio.Event | None = None  # made by a review, the one wait that must end with the grant
         self.reason: str | None = None
         self.tasks: list[asyncio.Task[None]] = []
 
     def abort(self, reason: str) -> None:
         self.reason = reason
-        self.cut.set()
+        if self.cut is not None:
+            self.cut.set()
         if self.ws is not None:
             self.tasks.extend(cut(self.ws, reason))
             return
         if self.upstream is not None:
             self.upstream.close()
-        transport = self.request.transport
-        if transport is not None and self.upstream is not None:
-            transport.close()  # mid-body: cutting the connection is the only way to say "incomplete"
+        if self.upstream is not None:
+            self.call.cut()  # mid-body: cutting the connection is the only way to say "incomplete"
 
 
 class HttpProxy:
     """The HTTP proxy server. ``start`` binds and returns the port; ``stop`` closes everything."""
 
     def __init__(self, config: HoopConfig, gate: BearerGate, hub: Hub, clock: Clock, environ: Mapping[str, str],
-                 *, idle: float = 30.0, connections: int = 512, hash_key: bytes | None = None) -> None:
+                 *, idle: float = 30.0, connections: int = 512, hash_key: bytes | None = None,
+                 keepalive: float = 75.0) -> None:
         self.config = config
         self.gate = gate
         self.clock = clock
@@ -167,7 +160,10 @@ class HttpProxy:
         self._connections = connections
         self._client: aiohttp.ClientSession | None = None  # WebSocket upgrades only
         self._pool: UpstreamPool | None = None
-        self._runner: web.ServerRunner | None = None
+        self._keepalive = keepalive  # seconds an idle client connection is kept
+        self._server: asyncio.Server | None = None
+        self._aio: web.Server | None = None  # takes the connections that upgrade (WebSocket)
+        self._fronts: set[Front] = set()
 
     async def start(self, host: str, port: int) -> int:
         """Listen on ``host:port`` (0: any free port); return the bound port."""
@@ -176,21 +172,27 @@ class HttpProxy:
             connector=aiohttp.TCPConnector(limit=self._connections, ttl_dns_cache=60),
             auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(), skip_auto_headers=("User-Agent",),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10))
-        server = web.Server(self._handle, handler_cancellation=True, access_log=None)
-        self._runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=1.0)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
-        await site.start()
-        bound = self._runner.addresses[0][1]
+        self._aio = aio_upgrade_server(self._handle_aio)
+        loop = asyncio.get_running_loop()
+        aio = self._aio
+        self._server = await loop.create_server(
+            lambda: Front(self._serve, aio, keepalive=self._keepalive, calls=self._fronts), host, port,
+            reuse_address=True, backlog=1024)
+        bound = self._server.sockets[0].getsockname()[1]
         log.info("http proxy listening on %s:%s", host, bound)
         return int(bound)
 
     async def stop(self) -> None:
-        """Cut every stream, close the sessions, the listener and the upstream pool."""
+        """Cut every stream, close the sessions, the listener, the connections and the upstream pool."""
         await self.pool.close_all("proxy stopped")
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        if self._server is not None:
+            self._server.close()
+            for front in list(self._fronts):
+                front.close()
+            self._server = None
+        if self._aio is not None:
+            await self._aio.shutdown(1.0)
+            self._aio = None
         if self._client is not None:
             await self._client.close()
             self._client = None
@@ -200,59 +202,68 @@ class HttpProxy:
 
     # -- one request ------------------------------------------------------------------------
 
-    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        route = split_target(request.raw_path)
+    async def _handle_aio(self, request: web.BaseRequest) -> web.StreamResponse:
+        """A connection :class:`Front` handed to aiohttp (a WebSocket upgrade)."""
+        call = AioCall(request)
+        await self._serve(call)
+        assert call.response is not None
+        return call.response
+
+    async def _serve(self, call: Call) -> None:
+        route = split_target(call.raw_path)
         up = self._upstreams.get(route[0]) if route else None
         if route is None or up is None:
             known = ", ".join(sorted(self._upstreams)) or "none"
-            return _refuse(404, "unknown_resource", f"use /<resource>/<path>; HTTP resources here: {known}")
+            return await call.refuse(404, "unknown_resource", f"use /<resource>/<path>; HTTP resources here: {known}")
         name, rest = route
-        secret = bearer_secret(request.headers.get("Authorization"))
+        secret = bearer_secret(call.headers.get("Authorization"))
         if secret is None:
-            return _refuse(401, "unauthenticated", "present your hoop credential as 'Authorization: Bearer <secret>'")
+            return await call.refuse(401, "unauthenticated",
+                                     "present your hoop credential as 'Authorization: Bearer <secret>'")
         try:
             grant = await self.gate.authenticate_bearer(secret, name)
         except Denied as exc:
-            return _refuse(401 if exc.code == "bad_credentials" else 403, exc.code, exc.message)
+            return await call.refuse(401 if exc.code == "bad_credentials" else 403, exc.code, exc.message)
         ended = self.pool.ended(grant.id)
         if ended is not None:
-            return _refuse(403, "expired" if "expired" in ended else "revoked", ended)
-        decision, shown_path = up.verdict(request.method, rest)
-        flight = _Flight(request)
+            return await call.refuse(403, "expired" if "expired" in ended else "revoked", ended)
+        method = call.method
+        decision, shown_path = up.verdict(method, rest)
+        flight = _Flight(call)
         stream = Stream(flight.abort)
-        client_ip = request.remote or "unknown"
+        client_ip = call.remote or "unknown"
         entry = await self.pool.acquire(grant, name, client_ip, stream)
         session = entry.session
-        record: dict[str, Any] = {"method": request.method, "path": shown_path, "status": 0, "req_bytes": 0,
+        record: dict[str, Any] = {"method": method, "path": shown_path, "status": 0, "req_bytes": 0,
                                   "resp_bytes": 0, "req_body": None, "resp_body": None,
                                   "decision": decision.action, "rule": decision.rule}
+        stats = session.stats
         try:
             if not self.pool.check_deadline(entry):
-                return _refuse(403, "expired", "access expired")
-            session.stats["statements"] = session.stats.get("statements", 0) + 1
+                return await call.refuse(403, "expired", "access expired")
+            stats["statements"] = stats.get("statements", 0) + 1
             if decision.blocked:
-                session.stats["blocked"] = session.stats.get("blocked", 0) + 1
+                stats["blocked"] = stats.get("blocked", 0) + 1
                 record["status"] = 403
-                return _refuse(403, "blocked", decision.reason, rule=decision.rule)
+                return await call.refuse(403, "blocked", decision.reason, rule=decision.rule)
             if decision.needs_review:
-                allowed = await self._review(flight, session, f"{request.method} {shown_path}",
-                                             decision.rule or "review", up)
+                allowed = await self._review(flight, session, f"{method} {shown_path}", decision.rule or "review", up)
                 if not allowed:
                     record["status"], record["decision"] = 403, "refused"
-                    return _refuse(403, "refused", flight.reason or
-                                   f"{request.method} {shown_path} was not approved (rule {decision.rule})",
-                                   rule=decision.rule)
+                    return await call.refuse(403, "refused", flight.reason or
+                                             f"{method} {shown_path} was not approved (rule {decision.rule})",
+                                             rule=decision.rule)
             try:
                 credential = up.credential
             except ConfigError as exc:
                 record["status"] = 502
-                return _refuse(502, "upstream_credential", f"{up.resource.name}: {exc.message}")
-            if is_websocket_upgrade(request.headers):
-                return await self._websocket(request, up, rest, flight, record, client_ip, credential)
-            return await self._forward(request, up, rest, flight, record, client_ip, credential)
+                return await call.refuse(502, "upstream_credential", f"{up.resource.name}: {exc.message}")
+            if isinstance(call, AioCall) and is_websocket_upgrade(call.headers):  # (Front hands upgrades to aiohttp)
+                return await self._websocket(call, up, rest, flight, record, client_ip, credential)
+            return await self._forward(call, up, rest, flight, record, client_ip, credential)
         finally:
-            session.stats["bytes_in"] = session.stats.get("bytes_in", 0) + record["req_bytes"]
-            session.stats["bytes_out"] = session.stats.get("bytes_out", 0) + record["resp_bytes"]
+            stats["bytes_in"] = stats.get("bytes_in", 0) + record["req_bytes"]
+            stats["bytes_out"] = stats.get("bytes_out", 0) + record["resp_bytes"]
             if flight.reason is not None:
                 record["cut"] = flight.reason
             session.record("http", record)
@@ -265,6 +276,9 @@ class HttpProxy:
         """Hold the request for an approver; the grant ending during the wait refuses it."""
         timeout = up.resource.guardrails.review_timeout.total_seconds()
         review = asyncio.ensure_future(session.review(text, rule, timeout))
+        flight.cut = asyncio.Event()
+        if flight.reason is not None:
+            flight.cut.set()
         ended = asyncio.ensure_future(flight.cut.wait())
         try:
             await asyncio.wait({review, ended}, return_when=asyncio.FIRST_COMPLETED)
@@ -276,169 +290,63 @@ class HttpProxy:
                         await task
         return review.done() and not review.cancelled() and bool(review.result()) and flight.reason is None
 
-    def _url(self, up: _Upstream, rest: str) -> URL:
+    @staticmethod
+    def _url(up: _Upstream, rest: str) -> URL:
         return URL(up.base + rest, encoded=True)
 
-    async def _websocket(self, request: web.BaseRequest, up: _Upstream, rest: str, flight: _Flight,
-                         record: dict[str, Any], client_ip: str, credential: str | None) -> web.StreamResponse:
+    async def _websocket(self, call: AioCall, up: _Upstream, rest: str, flight: _Flight,
+                         record: dict[str, Any], client_ip: str, credential: str | None) -> None:
         assert self._client is not None
-        headers = upstream_headers(request.headers, up.resource, credential, client_ip,
+        headers = upstream_headers(call.headers, up.resource, credential, client_ip,
                                    identity_encoding=False, websocket=True)
         flight.ws = WsPair()
         try:
-            result = await relay(request, self._client, self._url(up, rest), headers, up.masker, flight.ws)
+            result = await relay(call.request, self._client, self._url(up, rest), headers, up.masker, flight.ws)
         except (aiohttp.ClientError, OSError) as exc:
             record["status"] = 502
-            return _refuse(502, "upstream_error", f"cannot reach the upstream of {up.resource.name} "
-                                                  f"({type(exc).__name__})")
+            return await call.refuse(502, "upstream_error", f"cannot reach the upstream of {up.resource.name} "
+                                                            f"({type(exc).__name__})")
         record.update(status=result.status, req_bytes=result.up_bytes, resp_bytes=result.down_bytes,
                       websocket={"messages": result.messages, "close_code": result.close_code})
-        assert result.response is not None
-        return result.response
+        call.response = result.response
 
-    async def _forward(self, request: web.BaseRequest, up: _Upstream, rest: str, flight: _Flight,
-                       record: dict[str, Any], client_ip: str, credential: str | None) -> web.StreamResponse:
+    async def _forward(self, call: Call, up: _Upstream, rest: str, flight: _Flight,
+                       record: dict[str, Any], client_ip: str, credential: str | None) -> None:
         assert self._pool is not None
         masker = up.masker
-        headers = upstream_headers(request.headers, up.resource, credential, client_ip,
+        headers = upstream_headers(call.headers, up.resource, credential, client_ip,
                                    identity_encoding=masker.enabled)
         req_cap = Capture(up.resource.max_body_record)
 
         async def body() -> AsyncIterator[bytes]:
-            async for chunk in request.content.iter_any():
+            async for chunk in call.body():
                 if flight.reason is not None:
                     raise UpstreamFailed(flight.reason)  # stop forwarding an upload at once
                 req_cap.feed(chunk)
                 yield chunk
 
-        data = body() if request.body_exists else None
+        data = body() if call.body_exists else None
         if up.origin is None:
             record["status"] = 502
-            return _refuse(502, "upstream_error", f"the address of {up.resource.name} is not an http(s) URL")
+            return await call.refuse(502, "upstream_error", f"the address of {up.resource.name} is not an http(s) URL")
         try:
-            resp = await self._pool.request(up.origin, request.method, rest, headers, data)
+            resp = await self._pool.request(up.origin, call.method, rest, headers, data)
         except (UpstreamFailed, OSError) as exc:
             record["status"] = 502
             if flight.reason is not None:
-                return _refuse(403, "revoked", flight.reason)
-            return _refuse(502, "upstream_error", f"cannot reach the upstream of {up.resource.name} "
-                                                  f"({type(exc).__name__})")
+                return await call.refuse(403, "revoked", flight.reason)
+            return await call.refuse(502, "upstream_error", f"cannot reach the upstream of {up.resource.name} "
+                                                            f"({type(exc).__name__})")
         finally:
             record["req_bytes"] = req_cap.size
-            record["req_body"] = _recorded(masker, request.headers.get("Content-Type"), req_cap, masked=False)
+            if req_cap.size:
+                record["req_body"] = recorded(masker, call.headers.get("Content-Type"), req_cap, masked=False)
         flight.upstream = resp
         if flight.reason is not None:  # the grant ended while the upstream was answering
             resp.close()
             record["status"] = 403
-            return _refuse(403, "revoked", flight.reason)
+            return await call.refuse(403, "revoked", flight.reason)
         try:
-            return await self._respond(request, up, resp, flight, record)
+            await respond(call, up.masker, up.resource, resp, flight, record)
         finally:
             resp.release()
-
-    async def _respond(self, request: web.BaseRequest, up: _Upstream, resp: Response,
-                       flight: _Flight, record: dict[str, Any]) -> web.StreamResponse:
-        record["status"] = resp.status
-        has_body = request.method != "HEAD" and resp.status not in (204, 304) and resp.status >= 200
-        ctype = resp.headers.get("Content-Type")
-        filt = response_filter(up.masker, ctype) if has_body else None
-        inflate: Inflate | None = None
-        encoding = resp.headers.get("Content-Encoding", "identity").strip().lower()
-        if filt is not None and encoding not in ("", "identity"):
-            if not Inflate.supports(encoding):
-                record["status"] = 502
-                return _refuse(502, "unmaskable_encoding",
-                               f"the upstream sent {encoding!r}-encoded {ctype}, which the proxy cannot mask")
-            inflate = Inflate(encoding)
-        length = resp.content_length
-        if length is not None and length <= _SMALL_BODY and has_body and inflate is None and flight.reason is None:
-            # (a compressed body streams: 256 KiB of gzip may inflate to 256 MB)
-            return await self._respond_small(up, resp, filt, ctype, record, flight)
-        out = web.StreamResponse(status=resp.status, reason=resp.reason,
-                                 headers=response_headers(resp.headers, body_changes=filt is not None,
-                                                          decoded=inflate is not None))
-        await out.prepare(request)
-        cap = Capture(up.resource.max_body_record)
-        text = filt if isinstance(filt, StreamMasker) else None
-        try:
-            while True:
-                if text is not None and text.pending:
-                    try:
-                        async with asyncio.timeout(_IDLE_FLUSH):
-                            chunk = await resp.readany()
-                    except TimeoutError:
-                        await self._send(out, text.flush(), cap)
-                        continue
-                else:
-                    chunk = await resp.readany()
-                if not chunk or flight.reason is not None:
-                    break
-                pieces = inflate.feed(chunk) if inflate is not None else (chunk,)
-                for piece in pieces:
-                    await self._send(out, filt.feed(piece) if filt is not None else piece, cap)
-            if flight.reason is None:
-                if inflate is not None:
-                    tail = inflate.flush()
-                    if tail:
-                        await self._send(out, filt.feed(tail) if filt is not None else tail, cap)
-                if filt is not None:
-                    await self._send(out, filt.flush(), cap)
-        except (UpstreamFailed, ConnectionError, OSError) as exc:
-            if flight.reason is None:
-                log.info("http resource=%s stream ended early: %s", up.resource.name, type(exc).__name__)
-            flight.reason = flight.reason or "stream error"
-        except Exception as exc:  # zlib.error from a corrupt body
-            log.warning("http resource=%s body could not be decoded: %s", up.resource.name, type(exc).__name__)
-            flight.reason = "undecodable body"
-        finally:
-            record["resp_bytes"] = cap.size
-            if filt is not None or not up.masker.enabled:
-                record["resp_body"] = _recorded(up.masker, ctype, cap, masked=True)
-        if flight.reason is not None:
-            if request.transport is not None:
-                request.transport.close()  # never end an incomplete body as if it were complete
-            return out
-        await out.write_eof()
-        return out
-
-    async def _respond_small(self, up: _Upstream, resp: Response, filt: BodyFilter | None,
-                             ctype: str | None, record: dict[str, Any], flight: _Flight) -> web.Response:
-        """An uncompressed body of known length up to 256 KiB: read it whole (bounded) and answer in
-        one write, with a correct ``Content-Length`` even when masking changed the body."""
-        try:
-            raw = await resp.read()
-        except UpstreamFailed as exc:
-            if flight.reason is not None:  # the grant ended while the body was arriving
-                record["status"] = 403
-                return _refuse(403, "revoked", flight.reason)
-            record["status"] = 502
-            return _refuse(502, "upstream_error", f"the upstream of {up.resource.name} broke off its answer ({exc})")
-        body = filt.feed(raw) + filt.flush() if filt is not None else raw
-        cap = Capture(up.resource.max_body_record)
-        cap.feed(body)
-        record["resp_bytes"] = cap.size
-        if filt is not None or not up.masker.enabled:
-            record["resp_body"] = _recorded(up.masker, ctype, cap, masked=True)
-        headers = response_headers(resp.headers, body_changes=True, decoded=False)
-        return web.Response(status=resp.status, reason=resp.reason, body=body, headers=headers)
-
-    @staticmethod
-    async def _send(out: web.StreamResponse, data: bytes, cap: Capture) -> None:
-        if data:
-            cap.feed(data)
-            await out.write(data)
-
-
-def _recorded(masker: Masker, content_type: str | None, cap: Capture, *, masked: bool) -> str | None:
-    """A body as the recording keeps it: masked, capped, text only (None for other types)."""
-    kind = body_kind(content_type)
-    raw = cap.data()
-    if not raw:
-        return None
-    if kind is None:
-        return None
-    if not masked and masker.enabled:
-        filt = JsonStreamMasker(masker) if kind == "json" else masker.stream()
-        raw = filt.feed(raw) + filt.flush()
-    text = raw.decode("utf-8", "replace")
-    return text + "…" if cap.truncated else text

@@ -74,6 +74,9 @@ def test_request_head_is_one_piece_and_refuses_line_breaks() -> None:
     assert head == b"GET /p?q=1 HTTP/1.1\r\nHost: up:8080\r\nAccept: */*\r\nTransfer-Encoding: chunked\r\n\r\n"
     with pytest.raises(UpstreamFailed):
         request_head("GET", "/", "up", _headers(X="a\r\nInjected: 1"), chunked=False)
+    for bad in ("a\nb", "a\rb", "a\n"):
+        with pytest.raises(UpstreamFailed, match="'X'"):
+            request_head("GET", "/", "up", _headers(Accept="*/*", X=bad), chunked=False)
     with pytest.raises(UpstreamFailed):
         request_head("GET", "/a b", "up", _headers(), chunked=False)
 

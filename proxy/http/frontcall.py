@@ -1,0 +1,213 @@
+"""One request on hoop's HTTP/1.1 server (:mod:`proxy.http.front`): its head, its body as it
+arrives, and the answer written back (no socket of its own: it writes through its connection).
+
+How this works. :class:`FrontCall` implements :class:`proxy.http.call.Call`. ``send`` writes a
+whole answer with its ``Content-Length`` in one write; ``start``/``write``/``end`` stream one with
+``Content-Length`` framing when the headers carry it, chunked framing otherwise, and a
+connection-delimited body for an HTTP/1.0 client. ``100 Continue`` is sent only when the handler
+starts reading the body, so a refused request never makes the client upload. An answer that
+begins before the request body was read whole says ``Connection: close`` (the rest of that body
+cannot be skipped safely). :func:`response_head` renders a status line and headers, dropping a
+header that holds a line break.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import email.utils
+import logging
+import time
+from collections.abc import AsyncIterator
+from http import HTTPStatus
+from typing import Protocol
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from proxy.http.call import json_body
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Connection", "FrontCall", "response_head"]
+
+_HIGH = 256 * 1024  # unread request body above which the connection pauses reading
+_REASONS = {s.value: s.phrase for s in HTTPStatus}
+
+
+class Connection(Protocol):
+    """What a call uses of its connection (:class:`proxy.http.front.Front`)."""
+
+    remote: str | None
+    lost: bool
+
+    def write(self, data: bytes) -> None: ...
+
+    async def drain(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    def body_consumed(self) -> None: ...
+
+
+class _Date:
+    """The ``Date`` header value, formatted at most once a second."""
+
+    value = ""
+    second = -1
+
+    @classmethod
+    def now(cls) -> str:
+        second = int(time.time())
+        if second != cls.second:
+            cls.second = second
+            cls.value = email.utils.formatdate(second, usegmt=True)
+        return cls.value
+
+
+def response_head(status: int, reason: str | None, headers: CIMultiDict[str] | CIMultiDictProxy[str],
+                  extra: str) -> bytes:
+    """The status line and headers, ready to write (no I/O). ``extra`` holds framing headers
+    (already ``\\r\\n``-terminated). A header with a line break in it is dropped, never sent."""
+    reason = reason or _REASONS.get(status, "Unknown")
+    if "\n" in reason or "\r" in reason:
+        reason = _REASONS.get(status, "Unknown")
+    fields = [f"{name}: {value}\r\n" for name, value in headers.items()]
+    block = "".join(fields)
+    if block.count("\n") != len(fields) or block.count("\r") != len(fields):  # a line break inside a field
+        fields = [f for f in fields if f.count("\n") == 1 and f.count("\r") == 1]
+        log.warning("http: dropped %d response header(s) with a line break", len(headers) - len(fields))
+        block = "".join(fields)
+    date = "" if "Date" in headers else f"Date: {_Date.now()}\r\n"
+    return f"HTTP/1.1 {status} {reason}\r\n{date}{block}{extra}\r\n".encode("latin-1", "replace")
+
+
+class FrontCall:
+    """One request on a :class:`Front` connection: its head, its body as it arrives, and the
+    answer being written."""
+
+    __slots__ = ("_buffered", "_chunks", "_continue", "_front", "_waiter", "body_done", "chunked", "done",
+                 "headers", "keep_alive", "method", "raw_path", "remote", "started", "version")
+
+    def __init__(self, front: Connection, method: str, raw_path: str, headers: CIMultiDict[str],
+                 version: str, keep_alive: bool) -> None:
+        self._front = front
+        self.method = method
+        self.raw_path = raw_path
+        self.headers = headers
+        self.version = version
+        self.keep_alive = keep_alive
+        self.remote = front.remote
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._buffered = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self._continue = headers.get("Expect", "").lower() == "100-continue"
+        self.body_done = False
+        self.started = False  # the status line went out
+        self.chunked = False
+        self.done = False  # the answer is complete
+
+    # -- the request body --------------------------------------------------------------------
+
+    @property
+    def body_exists(self) -> bool:
+        return self.headers.get("Content-Length", "0") != "0" or "Transfer-Encoding" in self.headers
+
+    async def body(self) -> AsyncIterator[bytes]:
+        """The request body, chunk by chunk as it arrives (``100 Continue`` is sent first when
+        the client asked for it, so a refused request never makes the client upload)."""
+        front = self._front
+        if self._continue and not self.started:
+            self._continue = False
+            front.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        while True:
+            while not self._chunks:
+                if self.body_done:
+                    return
+                if front.lost:
+                    raise ConnectionResetError("the client went away")
+                self._waiter = asyncio.get_running_loop().create_future()
+                try:
+                    await self._waiter
+                finally:
+                    self._waiter = None
+            data = self._chunks.popleft() if len(self._chunks) == 1 else b"".join(self._chunks)
+            self._chunks.clear()
+            self._buffered = 0
+            front.body_consumed()
+            yield data
+
+    def _feed(self, data: bytes) -> bool:
+        """Body bytes from the parser; True when the buffer is over the high-water mark."""
+        self._chunks.append(data)
+        self._buffered += len(data)
+        self._wake()
+        return self._buffered > _HIGH
+
+    def _end_body(self) -> None:
+        self.body_done = True
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # -- the answer ----------------------------------------------------------------------------
+
+    async def send(self, status: int, reason: str | None, headers: CIMultiDict[str], body: bytes) -> None:
+        """The whole answer in one write, with its ``Content-Length``."""
+        if status in (204, 304):
+            head, body = self._head(status, reason, headers, ""), b""
+        else:
+            head = self._head(status, reason, headers, f"Content-Length: {len(body)}\r\n")
+        self._front.write(head if self.method == "HEAD" or not body else head + body)
+        await self._front.drain()
+        self.done = True
+
+    async def refuse(self, status: int, error: str, reason: str, **extra: object) -> None:
+        headers: CIMultiDict[str] = CIMultiDict({"Content-Type": "application/json; charset=utf-8"})
+        if status == 401:
+            headers["WWW-Authenticate"] = 'Bearer realm="hoop"'
+        await self.send(status, None, headers, json_body(error, reason, **extra))
+
+    async def start(self, status: int, reason: str | None, headers: CIMultiDict[str]) -> None:
+        """Begin a streamed answer: ``Content-Length`` framing when ``headers`` has it, chunked
+        framing otherwise (connection-delimited for an HTTP/1.0 client)."""
+        framing = ""
+        if self.method != "HEAD" and status not in (204, 304) and "Content-Length" not in headers:
+            if self.version == "1.1":
+                self.chunked = True
+                framing = "Transfer-Encoding: chunked\r\n"
+            else:
+                self.keep_alive = False
+        self._front.write(self._head(status, reason, headers, framing))
+        await self._front.drain()
+
+    async def write(self, data: bytes) -> None:
+        if not data or self.method == "HEAD":
+            return
+        self._front.write(b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data)
+        await self._front.drain()
+
+    async def end(self) -> None:
+        if self.chunked:
+            self._front.write(b"0\r\n\r\n")
+        await self._front.drain()
+        self.done = True
+
+    def cut(self) -> None:
+        """Close the connection now: an answer cut short must never look complete."""
+        self.keep_alive = False
+        self._front.close()
+
+    def _head(self, status: int, reason: str | None, headers: CIMultiDict[str], framing: str) -> bytes:
+        if self.started:
+            raise RuntimeError("the answer has already started")
+        self.started = True
+        if not self.keep_alive or not self.body_done:
+            # an unread request body cannot be skipped safely: this connection ends with the answer
+            self.keep_alive = False
+            framing += "Connection: close\r\n"
+        elif self.version == "1.0":
+            framing += "Connection: keep-alive\r\n"
+        return response_head(status, reason, headers, framing)

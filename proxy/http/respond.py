@@ -1,0 +1,148 @@
+"""The HTTP proxy's answer to a client from the upstream's response: masking, recording, framing.
+
+How this works. With masking on, JSON and text bodies go through :mod:`proxy.http.body`'s
+filters; a ``gzip``/``deflate`` body of a masked type is decoded first, and another encoding of a
+masked type is refused with 502 (fail closed). An uncompressed body of known length up to
+256 KiB is read whole and answered with the ``Content-Length`` of its masked form (a JSON one is
+then masked in one pass); a longer, chunked or compressed one is streamed and loses its
+``Content-Length`` (the response is chunked). Other types pass through unchanged with their
+length. A text stream that holds back a tail (a value that may continue) sends it after
+``_IDLE_FLUSH`` seconds of upstream silence. The recorded bodies are masked and capped; an answer
+cut short (grant ended, upstream broke off) closes the client connection, so it never looks whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Protocol
+
+from broker.config import HttpResource
+from proxy.http.body import BodyFilter, Capture, Inflate, body_kind, response_filter
+from proxy.http.call import Call
+from proxy.http.headers import response_headers
+from proxy.http.pool import Response, UpstreamFailed
+from proxy.jsonmask import JsonStreamMasker
+from proxy.mask import Masker, StreamMasker
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Flight", "recorded", "respond"]
+
+_IDLE_FLUSH = 0.2  # seconds a held text tail may wait for more bytes before it is sent
+# A body of known length up to this is read whole and relayed in one write; a JSON body that
+# arrives whole is then masked in one pass (proxy.jsondoc.mask_document), not token by token.
+_SMALL_BODY = 256 * 1024
+
+
+class Flight(Protocol):
+    """What answering needs of the request in flight: why it was cut, if it was."""
+
+    reason: str | None
+
+
+async def respond(call: Call, masker: Masker, resource: HttpResource, resp: Response, flight: Flight,
+              record: dict[str, Any]) -> None:
+    """Answer ``call`` with the upstream's response ``resp``: masked by type, recorded (masked and
+    capped), streamed or, for a small body of known length, in one write."""
+    record["status"] = resp.status
+    has_body = call.method != "HEAD" and resp.status not in (204, 304) and resp.status >= 200
+    ctype = resp.headers.get("Content-Type")
+    filt = response_filter(masker, ctype) if has_body else None
+    inflate: Inflate | None = None
+    encoding = resp.headers.get("Content-Encoding", "identity").strip().lower()
+    if filt is not None and encoding not in ("", "identity"):
+        if not Inflate.supports(encoding):
+            record["status"] = 502
+            return await call.refuse(502, "unmaskable_encoding",
+                                     f"the upstream sent {encoding!r}-encoded {ctype}, which the proxy cannot mask")
+        inflate = Inflate(encoding)
+    length = resp.content_length
+    if length is not None and length <= _SMALL_BODY and has_body and inflate is None and flight.reason is None:
+        # (a compressed body streams: 256 KiB of gzip may inflate to 256 MB)
+        return await _respond_small(call, masker, resource, resp, filt, ctype, record, flight)
+    await call.start(resp.status, resp.reason, response_headers(resp.headers, body_changes=filt is not None,
+                                                                decoded=inflate is not None))
+    cap = Capture(resource.max_body_record)
+    text = filt if isinstance(filt, StreamMasker) else None
+
+    async def send(data: bytes) -> None:
+        if data:
+            cap.feed(data)
+            await call.write(data)
+
+    try:
+        while True:
+            if text is not None and text.pending:
+                try:
+                    async with asyncio.timeout(_IDLE_FLUSH):
+                        chunk = await resp.readany()
+                except TimeoutError:
+                    await send(text.flush())
+                    continue
+            else:
+                chunk = await resp.readany()
+            if not chunk or flight.reason is not None:
+                break
+            pieces = inflate.feed(chunk) if inflate is not None else (chunk,)
+            for piece in pieces:
+                await send(filt.feed(piece) if filt is not None else piece)
+        if flight.reason is None:
+            if inflate is not None:
+                tail = inflate.flush()
+                if tail:
+                    await send(filt.feed(tail) if filt is not None else tail)
+            if filt is not None:
+                await send(filt.flush())
+    except (UpstreamFailed, ConnectionError, OSError) as exc:
+        if flight.reason is None:
+            log.info("http resource=%s stream ended early: %s", resource.name, type(exc).__name__)
+        flight.reason = flight.reason or "stream error"
+    except Exception as exc:  # zlib.error from a corrupt body
+        log.warning("http resource=%s body could not be decoded: %s", resource.name, type(exc).__name__)
+        flight.reason = "undecodable body"
+    finally:
+        record["resp_bytes"] = cap.size
+        if filt is not None or not masker.enabled:
+            record["resp_body"] = recorded(masker, ctype, cap, masked=True)
+    if flight.reason is not None:
+        call.cut()  # never end an incomplete body as if it were complete
+        return
+    await call.end()
+
+async def _respond_small(call: Call, masker: Masker, resource: HttpResource, resp: Response,
+                     filt: BodyFilter | None, ctype: str | None, record: dict[str, Any], flight: Flight) -> None:
+    """An uncompressed body of known length up to 256 KiB: read it whole (bounded) and answer in
+    one write, with a correct ``Content-Length`` even when masking changed the body."""
+    try:
+        raw = await resp.read()
+    except UpstreamFailed as exc:
+        if flight.reason is not None:  # the grant ended while the body was arriving
+            record["status"] = 403
+            return await call.refuse(403, "revoked", flight.reason)
+        record["status"] = 502
+        return await call.refuse(502, "upstream_error",
+                                 f"the upstream of {resource.name} broke off its answer ({exc})")
+    body = filt.feed(raw) + filt.flush() if filt is not None else raw
+    cap = Capture(resource.max_body_record)
+    cap.feed(body)
+    record["resp_bytes"] = cap.size
+    if filt is not None or not masker.enabled:
+        record["resp_body"] = recorded(masker, ctype, cap, masked=True)
+    await call.send(resp.status, resp.reason, response_headers(resp.headers, body_changes=True, decoded=False),
+                    body)
+
+
+def recorded(masker: Masker, content_type: str | None, cap: Capture, *, masked: bool) -> str | None:
+    """A body as the recording keeps it: masked, capped, text only (None for other types)."""
+    kind = body_kind(content_type)
+    raw = cap.data()
+    if not raw:
+        return None
+    if kind is None:
+        return None
+    if not masked and masker.enabled:
+        filt = JsonStreamMasker(masker) if kind == "json" else masker.stream()
+        raw = filt.feed(raw) + filt.flush()
+    text = raw.decode("utf-8", "replace")
+    return text + "…" if cap.truncated else text
