@@ -18,7 +18,7 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-__all__ = ["AioCall", "Call", "json_body"]
+__all__ = ["AioCall", "Call", "Refusing", "json_body"]
 
 
 def json_body(error: str, reason: str, **extra: object) -> bytes:
@@ -54,7 +54,22 @@ class Call(Protocol):
     def cut(self) -> None: ...
 
 
-class AioCall:
+class Refusing:
+    """``refuse`` for a call that has ``send``: the JSON refusal every proxy answer uses."""
+
+    __slots__ = ()
+
+    async def send(self, status: int, reason: str | None, headers: CIMultiDict[str], body: bytes) -> None:
+        raise NotImplementedError
+
+    async def refuse(self, status: int, error: str, reason: str, **extra: object) -> None:
+        headers: CIMultiDict[str] = CIMultiDict({"Content-Type": "application/json; charset=utf-8"})
+        if status == 401:
+            headers["WWW-Authenticate"] = 'Bearer realm="hoop"'
+        await self.send(status, None, headers, json_body(error, reason, **extra))
+
+
+class AioCall(Refusing):
     """A :class:`Call` over an aiohttp request; :attr:`response` is what aiohttp's handler returns."""
 
     def __init__(self, request: web.BaseRequest) -> None:
@@ -78,12 +93,6 @@ class AioCall:
 
     async def send(self, status: int, reason: str | None, headers: CIMultiDict[str], body: bytes) -> None:
         self.response = web.Response(status=status, reason=reason, body=body, headers=headers)
-
-    async def refuse(self, status: int, error: str, reason: str, **extra: object) -> None:
-        headers: CIMultiDict[str] = CIMultiDict({"Content-Type": "application/json; charset=utf-8"})
-        if status == 401:
-            headers["WWW-Authenticate"] = 'Bearer realm="hoop"'
-        await self.send(status, None, headers, json_body(error, reason, **extra))
 
     async def start(self, status: int, reason: str | None, headers: CIMultiDict[str]) -> None:
         out = web.StreamResponse(status=status, reason=reason, headers=headers)

@@ -41,6 +41,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from proxy.http.call import json_body
+from proxy.http.flow import WriteFlow
 from proxy.http.frontcall import FrontCall, response_head
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ _MAX_HEAD = 64 * 1024  # request line plus headers
 Handler = Callable[["FrontCall"], Awaitable[None]]
 
 
-class Front(asyncio.Protocol):
+class Front(WriteFlow, asyncio.Protocol):
     """One client connection of the HTTP proxy."""
 
     def __init__(self, handler: Handler, upgrade: Callable[[], asyncio.Protocol], *, keepalive: float,
@@ -70,7 +71,6 @@ class Front(asyncio.Protocol):
         self._current: FrontCall | None = None  # the call whose body the parser is reading
         self._task: asyncio.Task[None] | None = None
         self._idle: asyncio.TimerHandle | None = None
-        self._writable: asyncio.Future[None] | None = None
         self._paused_reading = False
         self._upgrading: bytes | None = None
         self._loop = asyncio.get_running_loop()
@@ -114,19 +114,6 @@ class Front(asyncio.Protocol):
         if self._task is not None and not self._task.done():
             self._task.cancel()  # the client went away: stop using the upstream for it
         self._wake_writer()
-
-    def pause_writing(self) -> None:
-        if self._writable is None:
-            self._writable = asyncio.get_running_loop().create_future()
-
-    def resume_writing(self) -> None:
-        self._wake_writer()
-
-    def _wake_writer(self) -> None:
-        if self._writable is not None:
-            if not self._writable.done():
-                self._writable.set_result(None)
-            self._writable = None
 
     # -- httptools callbacks ---------------------------------------------------------------
 
@@ -227,8 +214,7 @@ class Front(asyncio.Protocol):
             self.transport.write(data)
 
     async def drain(self) -> None:
-        while self._writable is not None and not self.lost:
-            await self._writable
+        await self._writable_wait()
         if self.lost:
             raise ConnectionResetError("the client went away")
 

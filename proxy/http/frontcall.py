@@ -13,8 +13,6 @@ header that holds a line break.
 
 from __future__ import annotations
 
-import asyncio
-import collections
 import email.utils
 import logging
 import time
@@ -24,7 +22,8 @@ from typing import Protocol
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from proxy.http.call import json_body
+from proxy.http.call import Refusing
+from proxy.http.flow import Chunks
 
 log = logging.getLogger(__name__)
 
@@ -81,11 +80,11 @@ def response_head(status: int, reason: str | None, headers: CIMultiDict[str] | C
     return f"HTTP/1.1 {status} {reason}\r\n{date}{block}{extra}\r\n".encode("latin-1", "replace")
 
 
-class FrontCall:
+class FrontCall(Refusing):
     """One request on a :class:`Front` connection: its head, its body as it arrives, and the
     answer being written."""
 
-    __slots__ = ("_buffered", "_chunks", "_continue", "_front", "_waiter", "body_done", "chunked", "done",
+    __slots__ = ("_chunks", "_continue", "_front", "body_done", "chunked", "done",
                  "headers", "keep_alive", "method", "raw_path", "remote", "started", "version")
 
     def __init__(self, front: Connection, method: str, raw_path: str, headers: CIMultiDict[str],
@@ -97,9 +96,7 @@ class FrontCall:
         self.version = version
         self.keep_alive = keep_alive
         self.remote = front.remote
-        self._chunks: collections.deque[bytes] = collections.deque()
-        self._buffered = 0
-        self._waiter: asyncio.Future[None] | None = None
+        self._chunks = Chunks()
         self._continue = headers.get("Expect", "").lower() == "100-continue"
         self.body_done = False
         self.started = False  # the status line went out
@@ -125,32 +122,21 @@ class FrontCall:
                     return
                 if front.lost:
                     raise ConnectionResetError("the client went away")
-                self._waiter = asyncio.get_running_loop().create_future()
-                try:
-                    await self._waiter
-                finally:
-                    self._waiter = None
-            data = self._chunks.popleft() if len(self._chunks) == 1 else b"".join(self._chunks)
-            self._chunks.clear()
-            self._buffered = 0
+                await self._chunks.wait()
+            data = self._chunks.take()
             front.body_consumed()
             yield data
 
     def _feed(self, data: bytes) -> bool:
         """Body bytes from the parser; True when the buffer is over the high-water mark."""
-        self._chunks.append(data)
-        self._buffered += len(data)
-        self._wake()
-        return self._buffered > _HIGH
+        return self._chunks.add(data) > _HIGH
 
     def _end_body(self) -> None:
         self.body_done = True
         self._wake()
 
     def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self._chunks.wake()
 
     # -- the answer ----------------------------------------------------------------------------
 
@@ -163,12 +149,6 @@ class FrontCall:
         self._front.write(head if self.method == "HEAD" or not body else head + body)
         await self._front.drain()
         self.done = True
-
-    async def refuse(self, status: int, error: str, reason: str, **extra: object) -> None:
-        headers: CIMultiDict[str] = CIMultiDict({"Content-Type": "application/json; charset=utf-8"})
-        if status == 401:
-            headers["WWW-Authenticate"] = 'Bearer realm="hoop"'
-        await self.send(status, None, headers, json_body(error, reason, **extra))
 
     async def start(self, status: int, reason: str | None, headers: CIMultiDict[str]) -> None:
         """Begin a streamed answer: ``Content-Length`` framing when ``headers`` has it, chunked

@@ -21,7 +21,6 @@ than the rest of the proxy (see bench/http_proxy.py).
 from __future__ import annotations
 
 import asyncio
-import collections
 import ssl
 import time
 from collections.abc import AsyncIterator
@@ -33,6 +32,7 @@ import httptools
 from multidict import CIMultiDict
 
 from broker.errors import UpstreamError
+from proxy.http.flow import Chunks, WriteFlow
 
 __all__ = ["Origin", "Response", "UpstreamFailed", "UpstreamPool"]
 
@@ -121,7 +121,7 @@ class Response:
         self._conn.finish()
 
 
-class _Conn(asyncio.Protocol):
+class _Conn(WriteFlow, asyncio.Protocol):
     def __init__(self, pool: UpstreamPool, key: tuple[str, str, int]) -> None:
         self.pool = pool
         self.key = key
@@ -129,7 +129,6 @@ class _Conn(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
         self.idle_since = 0.0
-        self._writable: asyncio.Future[None] | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -145,10 +144,8 @@ class _Conn(asyncio.Protocol):
         self._headers: CIMultiDict[str] = CIMultiDict()
         self._until_close = False
         self.keep_alive = False
-        self._chunks: collections.deque[bytes] = collections.deque()
-        self._buffered = 0
+        self._chunks = Chunks()
         self._paused = False
-        self._waiter: asyncio.Future[None] | None = None
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -175,26 +172,13 @@ class _Conn(asyncio.Protocol):
         if self.response is not None and not self.done:
             if self.response.done() and self._until_close and self.error is None:
                 self.done = True  # a body delimited by the connection's end
-                self._wake()
+                self._chunks.wake()
             elif not self.started and not self.response.done():
                 self.abort(_Stale())
             else:
                 self.abort(UpstreamFailed("the upstream closed the connection mid-answer"))
         self._wake_writer()
         self.pool._forget(self)
-
-    def pause_writing(self) -> None:
-        if self._writable is None:
-            self._writable = asyncio.get_running_loop().create_future()
-
-    def resume_writing(self) -> None:
-        self._wake_writer()
-
-    def _wake_writer(self) -> None:
-        if self._writable is not None:
-            if not self._writable.done():
-                self._writable.set_result(None)
-            self._writable = None
 
     # -- httptools callbacks ---------------------------------------------------------------
 
@@ -217,15 +201,12 @@ class _Conn(asyncio.Protocol):
             fut.set_result(Response(self, status, self._reason, self._headers))
         if self.head_only or status in (204, 304):
             self.done = True  # no body, whatever the headers announce
-            self._wake()
+            self._chunks.wake()
 
     def on_body(self, body: bytes) -> None:
-        self._chunks.append(body)
-        self._buffered += len(body)
-        if self._buffered > _HIGH and not self._paused and self.transport is not None:
+        if self._chunks.add(body) > _HIGH and not self._paused and self.transport is not None:
             self._paused = True
             self.transport.pause_reading()
-        self._wake()
 
     def on_message_complete(self) -> None:
         if self._status == 0:  # the end of an interim response
@@ -233,14 +214,9 @@ class _Conn(asyncio.Protocol):
             self._headers = CIMultiDict()
             return
         self.done = True
-        self._wake()
+        self._chunks.wake()
 
     # -- the exchange ----------------------------------------------------------------------
-
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
 
     def abort(self, exc: Exception) -> None:
         if self.error is None and not self.done:
@@ -250,7 +226,7 @@ class _Conn(asyncio.Protocol):
             fut.set_exception(exc)
         if self.pump is not None and not self.pump.done():
             self.pump.cancel()
-        self._wake()
+        self._chunks.wake()
         if self.transport is not None:
             self.transport.close()
         self.closed = True
@@ -261,14 +237,8 @@ class _Conn(asyncio.Protocol):
                 raise self.error if isinstance(self.error, UpstreamFailed) else UpstreamFailed(str(self.error))
             if self.done:
                 return b""
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        data = self._chunks.popleft() if len(self._chunks) == 1 else b"".join(self._chunks)
-        self._chunks.clear()
-        self._buffered = 0
+            await self._chunks.wait()
+        data = self._chunks.take()
         if self._paused and self.transport is not None and not self.closed:
             self._paused = False
             self.transport.resume_reading()
@@ -286,8 +256,7 @@ class _Conn(asyncio.Protocol):
         self.pool._park(self)
 
     async def drain(self) -> None:
-        while self._writable is not None and not self.closed:
-            await self._writable
+        await self._writable_wait()
         if self.closed:
             raise UpstreamFailed("the upstream closed the connection")
 
