@@ -82,6 +82,21 @@ async def test_malformed_request_is_a_400_json_and_closed(env: Env) -> None:
     assert _responses(raw)[0][0] == 400
 
 
+async def test_request_smuggling_shapes_are_refused_before_any_upstream_request(env: Env) -> None:
+    _, secret = await env.grant()
+    before = len(env.upstream.seen)
+    auth = f"Authorization: Bearer {secret}\r\n".encode()
+    for head in (b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n",  # CL.TE
+                 b"Content-Length: 5\r\nContent-Length: 6\r\n",  # two lengths
+                 b"Transfer-Encoding: chunked, identity\r\n"):  # chunked not last
+        raw = await _exchange(env, b"POST /k8s/upload HTTP/1.1\r\nHost: a\r\n" + auth + head
+                              + b"\r\n0\r\n\r\nGET /k8s/echo-headers HTTP/1.1\r\nHost: a\r\n\r\n")
+        (status, headers, body), = _responses(raw)
+        assert status == 400 and headers["connection"] == "close", head
+        assert json.loads(body)["error"] == "bad_request"
+    assert len(env.upstream.seen) == before  # nothing reached the upstream, the smuggled GET least of all
+
+
 async def test_oversized_head_is_431_and_long_target_414(env: Env) -> None:
     _, secret = await env.grant()
     huge = "X-Filler: " + "a" * 70_000
