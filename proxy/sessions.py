@@ -12,8 +12,11 @@ with ``loop.call_soon``, which JSON-encodes the iteration's events and appends t
 session's spool file with ONE ``os.write`` per session. A crash of hoop therefore loses at
 most the events recorded in the loop iteration that was running (the statements in flight),
 and a torn last line, which :meth:`SessionHub.recover` skips. The encoded lines are kept in
-memory; a background task writes the batch to the store every ``flush_every`` seconds. At
-start, :meth:`SessionHub.recover` ingests spool files that a crash left behind.
+memory; a background task writes the batch to the store every ``flush_every`` seconds (a
+failed write puts the batch back for the next flush). The spool is a chain of segment files
+(:mod:`proxy.spool`); a segment whose events are all stored is deleted, so a session that lives
+for days holds about one segment on disk. At start, :meth:`SessionHub.recover` ingests the
+spool segments that a crash left behind.
 
 Cost. ``record`` is on every proxy's per-statement path, so it does the least it can: a
 clock read and a list append; encoding happens once per event in the iteration's write. On
@@ -28,7 +31,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -43,6 +45,7 @@ from broker.model import Grant, GrantStatus, Session, SessionEvent, SessionStatu
 from broker.reviews import Reviews
 from broker.service import Service, new_id
 from broker.store import tables
+from proxy.spool import SEGMENT_BYTES, Spool, leftovers
 
 _JSON_ENCODE = json.JSONEncoder(separators=(",", ":"), default=str).encode
 
@@ -91,9 +94,8 @@ class LiveSession:
         self._seq = 0
         self._pending: list[_Pending] = []
         self._timer: asyncio.TimerHandle | None = None
-        self._spool_fd: int | None = None
-        if hub.spool_dir is not None:
-            self._spool_fd = os.open(hub.spool_dir / f"{self.id}.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._spool = Spool(hub.spool_dir, self.id, segment_bytes=hub.segment_bytes) \
+            if hub.spool_dir is not None else None
 
     def record(self, kind: str, data: dict[str, Any]) -> None:
         """Append an event. ``data`` must already be masked; the recording is masked by construction."""
@@ -160,7 +162,7 @@ class LiveSession:
 class SessionHub:
     def __init__(self, service: Service, clock: Clock, *, spool_dir: Path | None = None,
                  reviews: Reviews | None = None, metrics: Metrics | None = None,
-                 flush_every: float = 0.2) -> None:
+                 flush_every: float = 0.2, segment_bytes: int = SEGMENT_BYTES) -> None:
         self.service = service
         self.clock = clock
         self.spool_dir = spool_dir
@@ -169,6 +171,7 @@ class SessionHub:
         self.reviews = reviews or Reviews(service)
         self.metrics = metrics
         self.flush_every = flush_every
+        self.segment_bytes = segment_bytes
         self._live: dict[str, LiveSession] = {}
         self._dirty: set[LiveSession] = set()
         self._flusher: asyncio.Task[None] | None = None
@@ -223,7 +226,7 @@ class SessionHub:
             encoded = _ENCODE(data)
             iso = at.isoformat(timespec="microseconds")
             s._pending.append((seq, at, iso, kind, data, encoded))
-            if s._spool_fd is not None:
+            if s._spool is not None:
                 line = f'{{"seq":{seq},"at":"{iso}","kind":"{kind}","data":{encoded}}}\n' if kind.isidentifier() \
                     else f'{{"seq":{seq},"at":"{iso}","kind":{_ENCODE(kind)},"data":{encoded}}}\n'
                 got = lines.get(s)
@@ -235,19 +238,37 @@ class SessionHub:
             else:
                 dirty.add(s)
         for s, chunk in lines.items():
-            if s._spool_fd is not None:
-                os.write(s._spool_fd, "".join(chunk).encode())
+            if s._spool is not None:
+                s._spool.write("".join(chunk).encode(), s._seq)
 
     async def flush(self) -> None:
         self._write_tick()
         batch: list[tuple[str, list[_Pending]]] = []
+        spooled: list[tuple[LiveSession, int]] = []
+        pending: list[tuple[LiveSession, list[_Pending]]] = []
         for s in list(self._dirty):
             if s._pending:
                 batch.append((s.id, s._pending))
+                pending.append((s, s._pending))
+                if s._spool is not None:
+                    spooled.append((s, s._pending[-1][0]))
                 s._pending = []
         self._dirty.clear()
         if not batch:
             return
+        try:
+            await self._store(batch)
+        except BaseException:
+            # nothing is lost: the batch goes back in front of what came since, for the next flush
+            for s, items in pending:
+                s._pending[:0] = items
+                self._dirty.add(s)
+            raise
+        for s, seq in spooled:
+            if s._spool is not None:
+                s._spool.stored(seq)  # its finished spool segments are no longer needed
+
+    async def _store(self, batch: list[tuple[str, list[_Pending]]]) -> None:
         async with self.service.store.tx() as tx:
             if tx.conn.dialect.name == "sqlite":
                 # naive UTC text in SQLAlchemy's SQLite DATETIME storage format; JSON encoded once
@@ -272,12 +293,9 @@ class SessionHub:
         async with self.service.store.tx() as tx:
             await tx.update_session(s.row)
             request = await self.service.request_for(tx, s.grant)
-        if s._spool_fd is not None:
-            os.close(s._spool_fd)
-            s._spool_fd = None
-            if self.spool_dir is not None:
-                with contextlib.suppress(FileNotFoundError):
-                    (self.spool_dir / f"{s.id}.jsonl").unlink()
+        if s._spool is not None:
+            s._spool.remove()
+            s._spool = None
         await self.service.publish([SessionClosed(session=s.row, request=request)])
 
     async def close_all(self, reason: str = "hoop shutting down") -> None:
@@ -296,12 +314,12 @@ class SessionHub:
         if self.spool_dir is None:
             return 0
         count = 0
-        for path in sorted(self.spool_dir.glob("*.jsonl"))[:100_000]:
-            session_id = path.stem
+        for session_id, paths in leftovers(self.spool_dir).items():
             if session_id in self._live:
                 continue
             events = []
-            for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            lines = [line for path in paths for line in path.read_text(encoding="utf-8", errors="replace").splitlines()]
+            for line in lines:
                 try:
                     item = json.loads(line)
                     events.append(SessionEvent(session_id=session_id, seq=int(item["seq"]),
@@ -317,6 +335,7 @@ class SessionHub:
                     row.status, row.closed_at, row.close_reason = SessionStatus.CLOSED, self.clock.now(), \
                         "hoop stopped while the session was open"
                     await tx.update_session(row)
-            path.unlink()
+            for path in paths:
+                path.unlink()
             count += 1
         return count

@@ -136,6 +136,59 @@ async def test_spool_recovers_after_crash(live: tuple[Service, SessionHub, Recor
     assert json.dumps([e.data for e in events]).count("SELECT") == 5
 
 
+async def test_spool_segments_are_freed_once_stored_and_all_recovered_after_a_crash(
+        config: HoopConfig, tmp_path: Path) -> None:
+    store = Store.from_url(f"sqlite+aiosqlite:///{tmp_path / 'h.db'}")
+    await store.migrate()
+    service = Service(config, store, SystemClock(), Broadcast([]))
+    spool_dir = tmp_path / "spool"
+    hub = SessionHub(service, SystemClock(), spool_dir=spool_dir, flush_every=3600, segment_bytes=2000)
+    grant, _ = await grant_for(service, config)
+    s = await hub.open(grant, "prod-db", "postgres", "c", lambda r: None)
+    for i in range(60):  # ~130 bytes a line, one loop iteration each: a new segment every ~16 events
+        s.record("statement", {"sql": f"SELECT {i:04d}", "pad": "x" * 60})
+        await asyncio.sleep(0)
+    assert len(list(spool_dir.glob(f"{s.id}*.jsonl"))) >= 4  # nothing stored yet: every segment kept
+    await hub.flush()
+    assert s._spool is not None  # stored: only the current segment is left
+    assert [p.name for p in spool_dir.glob(f"{s.id}*.jsonl")] == [s._spool.segments[-1].name]
+    for i in range(60, 100):
+        s.record("statement", {"sql": f"SELECT {i:04d}", "pad": "x" * 60})
+        await asyncio.sleep(0)
+    # "crash" with 40 events in the spool only (2+ segments); a new hub recovers each event once
+    hub._live.clear()
+    hub._dirty.clear()
+    hub2 = SessionHub(service, SystemClock(), spool_dir=spool_dir)
+    assert len(list(spool_dir.glob(f"{s.id}*.jsonl"))) >= 2
+    assert await hub2.recover() == 1
+    async with store.tx() as tx:
+        events = await tx.events(s.id)
+    assert [e.data["sql"] for e in events if e.kind == "statement"] == [f"SELECT {i:04d}" for i in range(100)]
+    assert not list(spool_dir.glob("*.jsonl"))
+    await store.close()
+
+
+async def test_a_failed_store_write_loses_nothing(live: tuple[Service, SessionHub, RecordingNotifier, Store],
+                                                  config: HoopConfig, tmp_path: Path) -> None:
+    service, hub, _, store = live
+    grant, _ = await grant_for(service, config)
+    s = await hub.open(grant, "prod-db", "postgres", "c", lambda r: None)
+    await hub.flush()
+    async with store.tx() as tx:  # the store breaks: its events table is gone for a while
+        await tx.conn.exec_driver_sql("ALTER TABLE session_events RENAME TO session_events_away")
+    s.record("statement", {"sql": "SELECT 1"})
+    with pytest.raises(Exception, match="session_events"):
+        await hub.flush()
+    s.record("statement", {"sql": "SELECT 2"})
+    async with store.tx() as tx:
+        await tx.conn.exec_driver_sql("ALTER TABLE session_events_away RENAME TO session_events")
+    await hub.flush()
+    async with store.tx() as tx:
+        events = await tx.events(s.id)
+    assert [e.data["sql"] for e in events if e.kind == "statement"] == ["SELECT 1", "SELECT 2"]
+    assert [e.seq for e in events] == sorted({e.seq for e in events})
+
+
 async def test_review_allowed_refused_and_timeout(live: tuple[Service, SessionHub, RecordingNotifier, Store],
                                                   config: HoopConfig) -> None:
     service, hub, recorder, _ = live

@@ -1,0 +1,89 @@
+"""A live session's recording spool: append-only segment files, deleted once they are stored.
+
+How this works. :class:`proxy.sessions.SessionHub` writes each loop iteration's events of a
+session with one :meth:`Spool.write` (one ``os.write``), so a crash of hoop loses at most the
+events of the iteration that was running. A session that lives long (an HTTP session of a busy
+client, a PostgreSQL connection held open for days) must not fill the disk, so the spool is a
+chain of segments: ``<session>.jsonl``, then ``<session>.1.jsonl``, ``<session>.2.jsonl`` …, a new
+one started when the current one passes ``segment_bytes``. When the hub has stored every event up
+to some sequence number, :meth:`Spool.stored` deletes the finished segments holding nothing later,
+so the disk holds about one segment plus what is not stored yet per live session. At start,
+:func:`leftovers` finds what a crash left behind, grouped per session and in order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+__all__ = ["SEGMENT_BYTES", "Spool", "leftovers"]
+
+SEGMENT_BYTES = 8 << 20
+
+
+def _path(directory: Path, session_id: str, n: int) -> Path:
+    return directory / (f"{session_id}.jsonl" if n == 0 else f"{session_id}.{n}.jsonl")
+
+
+class Spool:
+    """One session's spool segments; ``write`` appends, ``stored`` frees, ``remove`` deletes all."""
+
+    def __init__(self, directory: Path, session_id: str, *, segment_bytes: int = SEGMENT_BYTES) -> None:
+        self._dir = directory
+        self._id = session_id
+        self._limit = segment_bytes
+        self._n = 0
+        self._size = 0
+        self._last = 0  # last sequence number written to the current segment
+        self._done: list[tuple[int, int]] = []  # finished segments: (number, last sequence number)
+        self._fd: int | None = self._open(0)
+
+    def _open(self, n: int) -> int:
+        return os.open(_path(self._dir, self._id, n), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+
+    @property
+    def segments(self) -> list[Path]:
+        """The segment files that exist now, oldest first."""
+        return [_path(self._dir, self._id, n) for n, _ in self._done] + [_path(self._dir, self._id, self._n)]
+
+    def write(self, data: bytes, last_seq: int) -> None:
+        """Append ``data`` (whole lines of events up to ``last_seq``) with one ``os.write``."""
+        if self._fd is None:
+            return
+        if self._size >= self._limit:
+            os.close(self._fd)
+            self._done.append((self._n, self._last))
+            self._n += 1
+            self._size = 0
+            self._fd = self._open(self._n)
+        os.write(self._fd, data)
+        self._size += len(data)
+        self._last = last_seq
+
+    def stored(self, seq: int) -> None:
+        """Every event up to ``seq`` is in the store: delete the finished segments it covers."""
+        while self._done and self._done[0][1] <= seq:
+            n, _ = self._done.pop(0)
+            with contextlib.suppress(FileNotFoundError):
+                _path(self._dir, self._id, n).unlink()
+
+    def remove(self) -> None:
+        """The session is closed and stored: close and delete every segment."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        for path in self.segments:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        self._done.clear()
+
+
+def leftovers(directory: Path, limit: int = 100_000) -> dict[str, list[Path]]:
+    """Spool segments in ``directory``, grouped by session id, each group oldest first."""
+    found: dict[str, list[tuple[int, Path]]] = {}
+    for path in sorted(directory.glob("*.jsonl"))[:limit]:
+        session_id, _, rest = path.name[: -len(".jsonl")].partition(".")
+        n = int(rest) if rest.isdigit() else 0
+        found.setdefault(session_id, []).append((n, path))
+    return {sid: [p for _, p in sorted(items)] for sid, items in found.items()}

@@ -1,0 +1,34 @@
+"""proxy.spool: segments rotate at their size, are freed once stored, and are found again after a crash."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from proxy.spool import Spool, leftovers
+
+
+def test_segments_rotate_free_and_remove(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, "s_abc", segment_bytes=100)
+    for seq in range(1, 11):
+        spool.write(b"%d %s\n" % (seq, b"x" * 40), seq)  # ~43 bytes: three lines a segment
+    names = [p.name for p in spool.segments]
+    assert names == ["s_abc.jsonl", "s_abc.1.jsonl", "s_abc.2.jsonl", "s_abc.3.jsonl"]
+    assert all(p.exists() for p in spool.segments)
+    assert (tmp_path / "s_abc.jsonl").read_bytes().count(b"\n") == 3
+    spool.stored(5)  # segment 0 holds 1-3: freed; segment 1 holds 4-6: not all stored yet
+    assert [p.name for p in tmp_path.iterdir()] and not (tmp_path / "s_abc.jsonl").exists()
+    assert (tmp_path / "s_abc.1.jsonl").exists()
+    spool.stored(10)  # the current segment is never freed while the session lives
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s_abc.3.jsonl"]
+    spool.remove()
+    assert not list(tmp_path.iterdir())
+    spool.write(b"late\n", 11)  # after remove: ignored, nothing recreated
+    assert not list(tmp_path.iterdir())
+
+
+def test_leftovers_groups_sessions_in_segment_order(tmp_path: Path) -> None:
+    for name in ("s_b.jsonl", "s_a.10.jsonl", "s_a.jsonl", "s_a.2.jsonl", "s_a.1.jsonl"):
+        (tmp_path / name).write_text("{}\n")
+    found = leftovers(tmp_path)
+    assert list(found) == ["s_a", "s_b"]
+    assert [p.name for p in found["s_a"]] == ["s_a.jsonl", "s_a.1.jsonl", "s_a.2.jsonl", "s_a.10.jsonl"]
