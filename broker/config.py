@@ -280,6 +280,9 @@ class Tls(_Model):
     #: ask PostgreSQL clients for a cleartext password instead of SCRAM, but only on TLS connections
     #: (for clients without SCRAM support); plain TCP always uses SCRAM
     cleartext_in_tls: bool = False
+    #: serve the HTTP proxy over TLS (https) with the same certificate: its clients present their grant
+    #: secret as a bearer token, which must not cross a network in clear
+    http_proxy: bool = False
 
 
 class Agent(_Model):

@@ -207,8 +207,16 @@ async def serve_forever(config: HoopConfig, settings: Settings, say: Callable[[s
                                             hash_key=masking_key),
                             config.listen.ssh))
         if "http" in kinds:
-            proxies.append(("HTTP", HttpProxy(config, gate, hub, rt.clock, environ, hash_key=masking_key),
-                            config.listen.http_proxy))
+            https = None
+            if config.tls.http_proxy:
+                from proxy.pg.tls import server_tls
+
+                https = server_tls(config.tls, config.state_dir).context
+            else:
+                say("hoop: warning: the HTTP proxy serves plain http, so bearer credentials cross the network in "
+                    "clear; set tls.http_proxy: true or put a TLS terminator in front of it")
+            proxies.append(("HTTP", HttpProxy(config, gate, hub, rt.clock, environ, hash_key=masking_key,
+                                              tls=https), config.listen.http_proxy))
         for name, proxy, want in proxies:
             bound = await proxy.start(config.listen.host, want)
             rt.closers.append(proxy.stop)

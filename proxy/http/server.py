@@ -34,6 +34,7 @@ import contextlib
 import functools
 import logging
 import secrets
+import ssl
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -144,7 +145,7 @@ class HttpProxy:
 
     def __init__(self, config: HoopConfig, gate: BearerGate, hub: Hub, clock: Clock, environ: Mapping[str, str],
                  *, idle: float = 30.0, connections: int = 512, hash_key: bytes | None = None,
-                 keepalive: float = 75.0) -> None:
+                 keepalive: float = 75.0, tls: ssl.SSLContext | None = None) -> None:
         self.config = config
         self.gate = gate
         self.clock = clock
@@ -161,6 +162,7 @@ class HttpProxy:
         self._client: aiohttp.ClientSession | None = None  # WebSocket upgrades only
         self._pool: UpstreamPool | None = None
         self._keepalive = keepalive  # seconds an idle client connection is kept
+        self._tls = tls  # https on the proxy's own port
         self._server: asyncio.Server | None = None
         self._aio: web.Server | None = None  # takes the connections that upgrade (WebSocket)
         self._fronts: set[Front] = set()
@@ -177,9 +179,9 @@ class HttpProxy:
         aio = self._aio
         self._server = await loop.create_server(
             lambda: Front(self._serve, aio, keepalive=self._keepalive, calls=self._fronts), host, port,
-            reuse_address=True, backlog=1024)
+            reuse_address=True, backlog=1024, ssl=self._tls)
         bound = self._server.sockets[0].getsockname()[1]
-        log.info("http proxy listening on %s:%s", host, bound)
+        log.info("http proxy listening on %s:%s (%s)", host, bound, "https" if self._tls else "http")
         return int(bound)
 
     async def stop(self) -> None:

@@ -122,6 +122,42 @@ def test_serve_answers_healthz_and_stops_on_sigterm(home: tuple[Path, dict[str, 
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize("https", [True, False])
+def test_serve_http_proxy_https_with_the_generated_certificate_or_a_warning(
+        home: tuple[Path, dict[str, str]], https: bool) -> None:
+    cwd, env = home
+    data = base_config()
+    data["resources"].append({"name": "api", "kind": "http", "address": "http://127.0.0.1:9", "auth": "none"})
+    data["tls"] = {"http_proxy": https}
+    (cwd / "hoop.yaml").write_text(yaml.safe_dump(data))
+    port, proxy_port = free_port(), free_port()
+    env = {**env, "HOOP_HTTP_PORT": str(port), "HOOP_PG_PORT": "0", "HOOP_SSH_PORT": "0",
+           "HOOP_HTTP_PROXY_PORT": str(proxy_port)}
+    proc = subprocess.Popen([*HOOP, "serve"], env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        answer = None
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and answer is None:
+            target = ["--cacert", str(cwd / ".hoop" / "pg-tls.crt"), f"https://localhost:{proxy_port}/api/x"] \
+                if https else [f"http://127.0.0.1:{proxy_port}/api/x"]
+            got = subprocess.run(["curl", "-sS", *target], capture_output=True, text=True, timeout=10)
+            if got.returncode == 0:
+                answer = json.loads(got.stdout)
+            else:
+                time.sleep(0.2)
+        assert answer is not None and answer["error"] == "unauthenticated"
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert "HTTP proxy on" in out
+    assert ("bearer credentials cross the network in clear" in " ".join(out.split())) is not https
+
+
 def test_sessions_transcript_and_replay(home: tuple[Path, dict[str, str]]) -> None:
     import asyncio
     from datetime import UTC, datetime, timedelta
