@@ -13,7 +13,10 @@ proxy process, not the client, gets most of a core; the 1-minute load average is
 per run, since the machine may be shared. The three runs are interleaved in rounds (direct,
 off, on; ``--seconds`` split over ``--rounds``): each figure is the median over the rounds,
 and a ratio is the median of the ratios within each round, so a change in the machine's
-load between runs moves direct and proxy alike. Prints a table and writes
+load between runs moves direct and proxy alike. When nginx is installed it runs as the reference
+reverse proxy (one worker, keep-alive upstream connections, no access log), as pgbouncer does for the
+PostgreSQL bench. CPU per request is measured for the process in the middle (hoop or nginx), the
+upstream and the load generator, from /proc. Prints a table and writes
 bench/results/http_proxy.json. Targets: masking off >= 0.5x and masking on >= 0.4x the
 direct requests/s.
 """
@@ -26,6 +29,8 @@ import contextlib
 import gc
 import json
 import os
+import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -167,6 +172,43 @@ def _median_of(rounds: list[dict[str, Any]], name: str) -> dict[str, Any]:
     return out
 
 
+def _nginx(state: Path, up_port: int) -> tuple[subprocess.Popen[bytes], int] | None:
+    """nginx as the reference reverse proxy (one worker, keep-alive to the upstream, no access log),
+    as pgbouncer is for the PostgreSQL proxy; None (the run is left out) when nginx is not installed."""
+    binary = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+    if binary is None:
+        print("nginx not found (apt-get install nginx-light): the nginx reference run is left out")
+        return None
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = int(probe.getsockname()[1])
+    prefix = state / "nginx"
+    (prefix / "logs").mkdir(parents=True)
+    conf = prefix / "nginx.conf"
+    conf.write_text(f"""daemon off; master_process off; worker_processes 1; pid {prefix}/nginx.pid;
+error_log {prefix}/logs/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+  access_log off;
+  client_body_temp_path {prefix}/body; proxy_temp_path {prefix}/proxy;
+  upstream up {{ server 127.0.0.1:{up_port}; keepalive 32; }}
+  server {{
+    listen 127.0.0.1:{port};
+    location / {{ proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; }}
+  }}
+}}
+""")
+    proc = subprocess.Popen([binary, "-p", str(prefix), "-c", str(conf)], stderr=subprocess.DEVNULL)
+    for _ in range(100):
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return proc, port
+        time.sleep(0.05)
+    proc.terminate()
+    print("nginx did not start: the nginx reference run is left out")
+    return None
+
+
 def _spawn(role: str, *args: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, __file__, "--role", role, *args], cwd=ROOT)
 
@@ -176,9 +218,9 @@ def _wait_file(path: Path, proc: subprocess.Popen[bytes]) -> str:
         if path.exists() and path.read_text():
             return path.read_text()
         if proc.poll() is not None:
-            raise SystemExit(f"{proc.args} exited with {proc.returncode}")
+            raise SystemExit(f"{proc.args!r} exited with {proc.returncode}")
         time.sleep(0.05)
-    raise SystemExit(f"{proc.args} did not start")
+    raise SystemExit(f"{proc.args!r} did not start")
 
 
 def main() -> None:
@@ -190,6 +232,7 @@ def main() -> None:
     parser.add_argument("--port-file", type=Path)
     parser.add_argument("--state", type=Path)
     parser.add_argument("--upstream-port", type=int)
+    parser.add_argument("--no-nginx", action="store_true", help="leave out the nginx reference run")
     args = parser.parse_args()
     if args.role == "upstream":
         _loop().run_until_complete(_upstream(args.port_file))
@@ -213,25 +256,30 @@ def main() -> None:
             procs.append(px)
             info = json.loads(_wait_file(state / "proxy.json", px))
             base = f"http://127.0.0.1:{info['port']}"
-            runs = {
-                "direct": (f"http://127.0.0.1:{up_port}/api/v1/users", {}),
+            # name -> (url, headers, the process in the middle whose CPU is counted as "proxy")
+            runs: dict[str, tuple[str, dict[str, str], int | None]] = {
+                "direct": (f"http://127.0.0.1:{up_port}/api/v1/users", {}, None),
                 "proxy_masking_off": (f"{base}/raw/api/v1/users",
-                                      {"Authorization": f"Bearer {info['secrets']['raw']}"}),
+                                      {"Authorization": f"Bearer {info['secrets']['raw']}"}, px.pid),
                 "proxy_masking_on": (f"{base}/masked/api/v1/users",
-                                     {"Authorization": f"Bearer {info['secrets']['masked']}"}),
+                                     {"Authorization": f"Bearer {info['secrets']['masked']}"}, px.pid),
             }
+            nginx = None if args.no_nginx else _nginx(state, up_port)
+            if nginx is not None:
+                procs.append(nginx[0])
+                runs["nginx"] = (f"http://127.0.0.1:{nginx[1]}/api/v1/users", {}, nginx[0].pid)
             rounds: list[dict[str, Any]] = []
             load_before = os.getloadavg()[0]
             loop = _loop()
             try:
                 for _ in range(args.rounds):  # interleaved, so a change in the machine's load hits all three
                     rnd: dict[str, Any] = {}
-                    for name, (url, headers) in runs.items():
-                        proxy_before = _cpu_times(px.pid)
+                    for name, (url, headers, middle) in runs.items():
+                        proxy_before = _cpu_times(middle) if middle else (0.0, 0.0)
                         before = (_cpu_seconds(up.pid), sum(proxy_before), _self_cpu())
                         rnd[name] = res = loop.run_until_complete(_load(url, headers, args.seconds / args.rounds,
                                                                         args.concurrency))
-                        proxy_after = _cpu_times(px.pid)
+                        proxy_after = _cpu_times(middle) if middle else (0.0, 0.0)
                         after = (_cpu_seconds(up.pid), sum(proxy_after), _self_cpu())
                         res["loadavg_1m"] = round(os.getloadavg()[0], 2)
                         done = max(res["requests"], 1)
@@ -249,7 +297,7 @@ def main() -> None:
                     p.wait(timeout=5)
     results = {name: _median_of(rounds, name) for name in runs}
     direct = results["direct"]
-    for name in ("proxy_masking_off", "proxy_masking_on"):
+    for name in [n for n in runs if n != "direct"]:
         r = results[name]
         # the median of the ratios within each round (direct and proxy measured seconds apart)
         r["ratio_vs_direct"] = round(statistics.median(rnd[name]["rps"] / rnd["direct"]["rps"] for rnd in rounds), 3)
