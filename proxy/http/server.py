@@ -191,6 +191,7 @@ class HttpProxy:
             self._server.close()
             for front in list(self._fronts):
                 front.close()
+            await self._server.wait_closed()
             self._server = None
         if self._aio is not None:
             await self._aio.shutdown(1.0)
