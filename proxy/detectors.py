@@ -61,18 +61,19 @@ _UPPER = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 _LOWER = b"abcdefghijklmnopqrstuvwxyz"
 _TOKEN = _DIGITS + _UPPER + _LOWER + b"+/=_-"
 
-# digits -> "0", separators " -." -> "s", "()+" kept, everything else "_"
-_DIGIT_SHAPE = _table(
-    {**{c: ord("0") for c in _DIGITS}, **{c: ord("s") for c in b" -."}, **{c: c for c in b"()+"}}, ord("_")
+# digits -> "0", separators " -." -> "s", "()+" kept, upper-case -> "A", everything else "_":
+# digit shapes (card, SSN, phone) and IBAN starts ("AA00") are both looked for on it
+_SHAPE = _table(
+    {**{c: ord("0") for c in _DIGITS}, **{c: ord("s") for c in b" -."}, **{c: c for c in b"()+"},
+     **{c: ord("A") for c in _UPPER}},
+    ord("_"),
 )
-# upper-case -> "A", digits -> "0", everything else "_"
-_IBAN_SHAPE = _table({**{c: ord("0") for c in _DIGITS}, **{c: ord("A") for c in _UPPER}}, ord("_"))
 # characters of an email's local part -> "x", everything else " "
 _LOCAL_SHAPE = _table({c: ord("x") for c in _DIGITS + _UPPER + _LOWER + b"._%+-"}, ord(" "))
 # token characters -> "x", everything else " "
 _TOKEN_SHAPE = _table({c: ord("x") for c in _TOKEN}, ord(" "))
 
-# Digit shapes worth a closer look (run on the _DIGIT_SHAPE translation).
+# Digit shapes worth a closer look (run on the _SHAPE translation).
 _DIGIT_GATE = re.compile(
     rb"0(?:000000000000"  # 13+ digits in a row (card)
     rb"|000s0000s0000"  # card in groups of four
@@ -117,6 +118,9 @@ _SECRETS_ANYWHERE: tuple[tuple[tuple[bytes, ...], re.Pattern[bytes], int], ...] 
         1,
     ),
 )
+# A byte of the literal that ordinary text seldom holds: looking for it (memchr) is several
+# times cheaper than looking for the literal, which it rules out when absent.
+_RARE_BYTE = {b"-----BEGIN": b"G", b"eyJ": b"J", b"EARER": b"R"}
 # Secrets that are themselves runs of 20+ token characters: looked for inside such runs only.
 _SECRETS_IN_RUNS: tuple[tuple[tuple[bytes, ...], re.Pattern[bytes], int], ...] = (
     ((b"AKIA", b"ASIA"), re.compile(rb"(?<![A-Z0-9])A(?:KIA|SIA)[A-Z0-9]{16}(?![A-Z0-9])"), 0),
@@ -273,9 +277,12 @@ class Scanner:
                         return True
             if n >= 20 and _RUN20.search(data.translate(_TOKEN_SHAPE)):
                 return True
-        if self._digits and n >= 8 and _digit_shapes(data.translate(_DIGIT_SHAPE)):
+        if not (self._digits or self._iban):
+            return False
+        shape = data.translate(_SHAPE)
+        if self._digits and _digit_shapes(shape):
             return True
-        return self._iban and n >= 15 and b"AA00" in data.translate(_IBAN_SHAPE)
+        return self._iban and n >= 15 and b"AA00" in shape
 
     def scan(self, data: bytes) -> list[Hit]:
         """All validated hits in ``data``, sorted and non-overlapping."""
@@ -284,12 +291,17 @@ class Scanner:
             return hits
         if self._secret:
             self._scan_secrets(data, hits)
+        mixed = bool(hits)  # hits of more than one scan below need sorting and merging
         if self._email and b"@" in data:
-            self._scan_email(data, hits)
+            self._scan_email(data, hits)  # sorted, non-overlapping
+        shape = data.translate(_SHAPE) if self._digits or self._iban else b""
         if self._digits:
-            self._scan_digits(data, hits)
+            k = len(hits)
+            self._scan_digits(data, shape, hits)
+            if len(hits) > k and (k > 0 or len(hits) > k + 1):  # card, ssn and phone hits may interleave
+                mixed = True
         if self._iban:
-            shape = data.translate(_IBAN_SHAPE)
+            k = len(hits)
             pos = shape.find(b"AA00")
             while pos != -1:
                 m = _IBAN.match(data, pos)
@@ -297,14 +309,18 @@ class Scanner:
                 if end != -1:
                     hits.append((pos, end, "iban"))
                 pos = shape.find(b"AA00", max(end, pos + 1))
-        return _merge(hits) if hits else hits
+            if k > 0 and len(hits) > k:
+                mixed = True
+        return _merge(hits) if mixed else hits
 
     def _scan_secrets(self, data: bytes, hits: list[Hit]) -> None:
         tok = data.translate(_TOKEN_SHAPE)
         runs = _runs(tok)
         for literals, pattern, group in _SECRETS_ANYWHERE:
             for lit in literals:
-                _match_at_literal(data, lit, pattern, group, hits)
+                rare = _RARE_BYTE.get(lit)
+                if rare is None or rare in data:
+                    _match_at_literal(data, lit, pattern, group, hits)
         if not runs:
             return
         # AWS key ids and hoop secrets are token runs of 20+: look for them only inside runs.
@@ -331,22 +347,22 @@ class Scanner:
         # pattern's lookbehind), so the match is tried at that run's start only, found with
         # rfind on a shape of the buffer, instead of searched for across a window.
         n = len(data)
-        shape = data.translate(_LOCAL_SHAPE)
-        pos = data.find(b"@")
+        rfind = data.translate(_LOCAL_SHAPE).rfind
+        find, match = data.find, _EMAIL.match
+        pos = find(b"@")
         done = 0  # end of the last hit: an email never starts inside it
         while pos != -1:
-            nxt = pos + 1
-            start = shape.rfind(b" ", max(0, pos - 65), pos) + 1
-            if start > 0 or pos <= 64:
-                m = _EMAIL.match(data, start, min(n, pos + 256)) if start >= done and start < pos else None
+            start = rfind(b" ", pos - 65 if pos > 65 else 0, pos) + 1
+            if (start > 0 or pos <= 64) and done <= start < pos:
+                m = match(data, start, pos + 256 if pos + 256 < n else n)
                 if m is not None:
                     done = m.end()
                     hits.append((start, done, "email"))
-                    nxt = done
-            pos = data.find(b"@", nxt)
+                    pos = find(b"@", done)
+                    continue
+            pos = find(b"@", pos + 1)
 
-    def _scan_digits(self, data: bytes, hits: list[Hit]) -> None:
-        shape = data.translate(_DIGIT_SHAPE)
+    def _scan_digits(self, data: bytes, shape: bytes, hits: list[Hit]) -> None:
         n = len(data)
         done = 0
         gates = (g for lo, hi in _digit_windows(shape) for g in _DIGIT_GATE.finditer(shape, lo, hi))

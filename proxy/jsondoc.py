@@ -25,14 +25,15 @@ folding maps onto ASCII.
 
 from __future__ import annotations
 
+import functools
 import re
 
 import orjson
 
-from broker.config import Strategy
+from broker.config import Detector, Strategy
 from proxy.detectors import Hit
 from proxy.jsonfast import decode_string, encode_string
-from proxy.mask import RULE_MARKER, Masker
+from proxy.mask import REDACT_MARKERS, RULE_MARKER, Masker
 
 __all__ = ["mask_document"]
 
@@ -70,7 +71,11 @@ def mask_document(masker: Masker, doc: bytes, ruled_key: re.Pattern[bytes] | Non
         return None
     edits: Edits = {}
     if ruled_key is not None:
-        _rule_edits(masker, doc, shape, ruled_key, edits)
+        walker = _walker(ruled_key)
+        if walker is not None:
+            _walk_rule_edits(masker, doc, shape, walker, edits)
+        else:
+            _rule_edits(masker, doc, shape, escaped, ruled_key, edits)
     with_escapes = _escaped_strings(doc, shape) if escaped else {}
     for a, b in with_escapes.items():
         if a not in edits and masker.config.json_keys and _is_key(shape, b):
@@ -79,7 +84,7 @@ def mask_document(masker: Masker, doc: bytes, ruled_key: re.Pattern[bytes] | Non
                 _value_edits(masker, doc, shape, _after_colon(shape, b), strategy, edits)
     if masker.might_contain(doc):
         hits = masker.scan(doc)
-        if hits:
+        if hits and not _hit_edits(masker, doc, shape, hits, with_escapes, edits):
             _detector_edits(masker, doc, shape, hits, with_escapes, edits)
     for a, b in with_escapes.items():
         if a not in edits:
@@ -159,20 +164,91 @@ def _text(doc: bytes, a: int, b: int) -> str:
     return decode_string(raw) if b"\\" in raw else raw.decode("utf-8")
 
 
-def _rule_edits(masker: Masker, doc: bytes, shape: bytes, ruled_key: re.Pattern[bytes], edits: Edits) -> None:
-    parity = _Parity(shape)
-    m = ruled_key.search(doc)
+def _rule_edits(masker: Masker, doc: bytes, shape: bytes, escaped: bool, ruled_key: re.Pattern[bytes],
+                edits: Edits) -> None:
+    search = _with_space(ruled_key).search
+    count, index = shape.count, shape.index
+    strategies: dict[bytes, Strategy | None] = {}  # keys repeat (an array of records): decide each once
+    pos = quotes = 0  # quotes in shape[:pos]
+    m = search(doc)
     while m is not None:
         start = m.start()
-        if parity.inside(start):  # the match began at a closing quote: not a key
-            m = ruled_key.search(doc, start + 1)
+        quotes += count(b'"', pos, start)
+        pos = start
+        if quotes & 1:  # the match began at a closing quote: not a key
+            m = search(doc, start + 1)
             continue
-        close = shape.index(b'"', start + 1)
-        if _is_key(shape, close):  # (the regex may have stopped at an escaped quote)
-            strategy = masker.json_key_strategy(_text(doc, start, close))
-            if strategy is not None:
-                _value_edits(masker, doc, shape, _after_colon(shape, close), strategy, edits)
-        m = ruled_key.search(doc, close + 1)
+        close = index(b'"', start + 1)
+        value = m.end()
+        if value <= close or doc.find(b'"', close + 1, value) != -1:
+            # the key the regex matched does not end at ``close``: it stopped at an escaped
+            # quote, or a glob's ``[...]`` took a quote in; what follows ``close`` decides
+            if not _is_key(shape, close):
+                m = search(doc, close + 1)
+                continue
+            value = _after_colon(shape, close)
+        key = doc[start + 1 : close]
+        try:
+            strategy = strategies[key]
+        except KeyError:
+            strategy = strategies[key] = masker.json_key_strategy(
+                decode_string(key) if escaped and b"\\" in key else key.decode("utf-8"))
+        if strategy is not None:
+            if doc[value] == 0x22 and strategy == "redact":  # the usual case, inline
+                edits[value] = (index(b'"', value + 1) + 1, _REDACTED)
+            else:
+                _value_edits(masker, doc, shape, value, strategy, edits)
+        m = search(doc, close + 1)
+
+
+def _walk_rule_edits(masker: Masker, doc: bytes, shape: bytes, walker: re.Pattern[bytes], edits: Edits) -> None:
+    """:func:`_rule_edits` with a :func:`_walker`: each match is a key, no parity to keep."""
+    strategies: dict[bytes, Strategy | None] = {}  # keys repeat (an array of records): decide each once
+    for m in walker.finditer(shape):
+        ks, ke = m.span(1)
+        if ks == -1:  # the walk reached the end
+            return
+        vs, ve = m.span(2)
+        key = doc[ks + 1 : ke - 1]
+        try:
+            strategy = strategies[key]
+        except KeyError:  # (a key with escapes is decided decoded, here and by mask_document's loop)
+            strategy = strategies[key] = masker.json_key_strategy(_text(doc, ks, ke - 1))
+        if strategy is not None:
+            if vs == ve or strategy != "redact":
+                _value_edits(masker, doc, shape, vs, strategy, edits)
+            else:  # a string, redacted: the usual case
+                edits[vs] = (ve, _REDACTED)
+
+
+_RULED_HEAD = b'"(?i:'
+_RULED_TAIL = b')"' + _WS.pattern + b":"
+
+
+@functools.lru_cache(maxsize=64)
+def _walker(ruled_key: re.Pattern[bytes]) -> re.Pattern[bytes] | None:
+    """A regex whose matches, found one after the other on the shape, skip whole strings up to each
+    ruled key: group 1 is the key, group 2 a string value ("" for another value); the last match
+    reaches the end (no group). Every match ends outside a string, so parity is never lost.
+
+    None when a glob has a ``[...]`` class (which can take in a quote) or ``ruled_key`` is not
+    the form :func:`proxy.jsonfast.fast_patterns` builds: then :func:`_rule_edits` searches.
+    """
+    pattern = ruled_key.pattern
+    if not (pattern.startswith(_RULED_HEAD) and pattern.endswith(_RULED_TAIL)):
+        return None
+    alternatives = pattern[len(_RULED_HEAD) : -len(_RULED_TAIL)]
+    if b"[" in alternatives.replace(b'[^"]', b""):
+        return None
+    key = rb'"(?i:' + alternatives + rb')"'
+    return re.compile(rb'(?:[^"]*+"(?!' + key[1:] + _WS.pattern + rb':)[^"]*+")*+[^"]*+(?:(' + key + b")"
+                      + _WS.pattern + b":" + _WS.pattern + rb'("[^"]*+"|)|\Z)', ruled_key.flags)
+
+
+@functools.lru_cache(maxsize=64)
+def _with_space(ruled_key: re.Pattern[bytes]) -> re.Pattern[bytes]:
+    """``ruled_key`` and the whitespace after it: its match ends where the value starts."""
+    return re.compile(ruled_key.pattern + _WS.pattern, ruled_key.flags)
 
 
 def _value_edits(masker: Masker, doc: bytes, shape: bytes, pos: int, strategy: Strategy, edits: Edits) -> None:
@@ -217,6 +293,31 @@ def _object_end(shape: bytes, i: int) -> int:
             if depth == 0:
                 return m.end()
     raise AssertionError("unbalanced object in a valid document")
+
+
+def _hit_edits(masker: Masker, doc: bytes, shape: bytes, hits: list[Hit], escaped: dict[int, int],
+               edits: Edits) -> bool:
+    """Mask each hit in place when every hit lies inside one string; False (nothing done) otherwise.
+
+    Masking a string whose hits all lie inside it is replacing each hit in place, as
+    :meth:`Masker.replace` does: no need to find and rebuild the string. A hit in a string a
+    rule replaced, or in one holding escapes (masked as decoded text), is dropped, as in
+    :func:`_detector_edits`, which takes the rare documents where a hit crosses a quote.
+    """
+    count, rfind = shape.count, shape.rfind
+    pos = quotes = 0  # quotes in shape[:pos]
+    found: list[tuple[int, int, int, Detector]] = []
+    for hs, he, det in hits:
+        quotes += count(b'"', pos, hs)
+        pos = hs
+        if not quotes & 1 or (det == "secret" and count(b'"', hs, he)):  # (only a PEM block holds quotes)
+            return False
+        found.append((rfind(b'"', 0, hs), hs, he, det))
+    strategy = masker.strategy
+    for a, hs, he, det in found:
+        if a not in edits and a not in escaped:
+            edits[hs] = (he, REDACT_MARKERS[det] if strategy == "redact" else masker.apply_bytes(doc[hs:he], strategy))
+    return True
 
 
 def _detector_edits(masker: Masker, doc: bytes, shape: bytes, hits: list[Hit], escaped: dict[int, int],

@@ -45,7 +45,8 @@ RULE_MARKER = "[masked]"
 #: Characters kept in clear by ``partial``.
 PARTIAL_KEEP = 4
 _HASH_CACHE_MAX = 65_536
-_REDACT_BYTES: dict[Detector, bytes] = {
+#: What ``redact`` puts in place of a detector hit.
+REDACT_MARKERS: dict[Detector, bytes] = {
     d: f"[{d}]".encode() for d in ("email", "card", "ssn", "iban", "phone", "secret")
 }
 
@@ -114,7 +115,7 @@ class Masker:
         for start, end, detector in hits:
             parts.append(data[last:start])
             if strategy == "redact":
-                parts.append(_REDACT_BYTES[detector])
+                parts.append(REDACT_MARKERS[detector])
             else:
                 parts.append(self.apply_bytes(data[start:end], strategy))
             last = end
