@@ -87,9 +87,9 @@ _DIGIT_GATE = re.compile(
 # the regex at about 120 MB/s, so the regex runs only around these.
 _DIGIT_LITERALS = (b"0000000000000", b"00s0000", b"(000)", b"+0")
 
-_EMAIL = re.compile(
-    rb"(?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,63}"
-)
+# An email is (?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]{1,64}@ and this domain; the local part is
+# found on a shape of the buffer (Scanner._scan_email), the domain with this regex.
+_DOMAIN = re.compile(rb"[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,63}")
 _CARD = re.compile(
     rb"(?<![0-9])(?:[2-6][0-9]{12,18}"
     rb"|[2-6][0-9]{3}([ -])[0-9]{4}\1[0-9]{4}\1[0-9]{1,4}(?:\1[0-9]{1,3})?"
@@ -102,25 +102,23 @@ _PHONE = re.compile(
 )
 _IBAN = re.compile(rb"(?<![A-Za-z0-9])[A-Z]{2}[0-9]{2}(?: ?[A-Z0-9]){11,30}(?![A-Za-z0-9])")
 
-# (literal gate, pattern, group to mask: 0 = whole match); these are looked for anywhere.
-_SECRETS_ANYWHERE: tuple[tuple[tuple[bytes, ...], re.Pattern[bytes], int], ...] = (
+_BEARER = re.compile(rb"(?:Bearer|bearer|BEARER)[ \t]+([A-Za-z0-9._~+/=-]{8,})")
+# (literal gate, a byte of it, pattern, group to mask: 0 = whole match); these are looked for
+# anywhere. The byte is one ordinary text seldom holds: looking for it (memchr) is several times
+# cheaper than looking for the literal, which it rules out when absent.
+_SECRETS_ANYWHERE: tuple[tuple[bytes, bytes | None, re.Pattern[bytes], int], ...] = (
     (
-        (b"-----BEGIN",),
+        b"-----BEGIN",
+        b"G",
         re.compile(
             rb"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----.*?(?:-----END [A-Z0-9 ]*PRIVATE KEY-----|\Z)", re.DOTALL
         ),
         0,
     ),
-    ((b"eyJ",), re.compile(rb"eyJ[A-Za-z0-9_-]{4,}\.eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*"), 0),
-    (
-        (b"earer", b"EARER"),
-        re.compile(rb"(?:Bearer|bearer|BEARER)[ \t]+([A-Za-z0-9._~+/=-]{8,})"),
-        1,
-    ),
+    (b"eyJ", b"J", re.compile(rb"eyJ[A-Za-z0-9_-]{4,}\.eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*"), 0),
+    (b"earer", None, _BEARER, 1),
+    (b"EARER", b"R", _BEARER, 1),
 )
-# A byte of the literal that ordinary text seldom holds: looking for it (memchr) is several
-# times cheaper than looking for the literal, which it rules out when absent.
-_RARE_BYTE = {b"-----BEGIN": b"G", b"eyJ": b"J", b"EARER": b"R"}
 # Secrets that are themselves runs of 20+ token characters: looked for inside such runs only.
 _SECRETS_IN_RUNS: tuple[tuple[tuple[bytes, ...], re.Pattern[bytes], int], ...] = (
     ((b"AKIA", b"ASIA"), re.compile(rb"(?<![A-Z0-9])A(?:KIA|SIA)[A-Z0-9]{16}(?![A-Z0-9])"), 0),
@@ -135,11 +133,14 @@ _AWS_SECRET = re.compile(
 _PEM_BEGIN = b"-----BEGIN"
 # might_contain needs only these literals: AWS key ids, AWS secret values and hoop grant
 # secrets are all runs of 20+ token characters, which _RUN20 finds on the token shape.
-_SECRET_LITERALS = (b"-----BEGIN", b"eyJ", b"earer", b"EARER")
-_SECRET_LITERALS_RE = re.compile(b"|".join(re.escape(lit) for lit in _SECRET_LITERALS))
+_SECRET_GATES = tuple((lit, rare) for lit, rare, _, _ in _SECRETS_ANYWHERE)
+_SECRET_LITERALS_RE = re.compile(b"|".join(re.escape(lit) for lit, _ in _SECRET_GATES))
 _RUN20 = re.compile(b"x" * 20)
 _X20 = b"x" * 20
-_SMALL = 1024  # below this, one regex call beats a loop of `in` checks
+_SMALL = 256  # below this, one regex call beats a loop of `in` checks
+# Every digit shape of _DIGIT_GATE has at least this many digits; on a small buffer counting
+# them (in C) is cheaper than the literal searches of _digit_windows.
+_MIN_DIGITS = 7
 
 
 def _digit_windows(shape: bytes) -> list[tuple[int, int]]:
@@ -272,15 +273,15 @@ class Scanner:
                 if _SECRET_LITERALS_RE.search(data):
                     return True
             else:
-                for lit in _SECRET_LITERALS:
-                    if lit in data:
+                for lit, rare in _SECRET_GATES:
+                    if (rare is None or rare in data) and lit in data:
                         return True
             if n >= 20 and _RUN20.search(data.translate(_TOKEN_SHAPE)):
                 return True
         if not (self._digits or self._iban):
             return False
         shape = data.translate(_SHAPE)
-        if self._digits and _digit_shapes(shape):
+        if self._digits and not (n < _SMALL and shape.count(b"0") < _MIN_DIGITS) and _digit_shapes(shape):
             return True
         return self._iban and n >= 15 and b"AA00" in shape
 
@@ -316,45 +317,46 @@ class Scanner:
     def _scan_secrets(self, data: bytes, hits: list[Hit]) -> None:
         tok = data.translate(_TOKEN_SHAPE)
         runs = _runs(tok)
-        for literals, pattern, group in _SECRETS_ANYWHERE:
-            for lit in literals:
-                rare = _RARE_BYTE.get(lit)
+        if len(data) >= _SMALL or _SECRET_LITERALS_RE.search(data):
+            for lit, rare, pattern, group in _SECRETS_ANYWHERE:
                 if rare is None or rare in data:
                     _match_at_literal(data, lit, pattern, group, hits)
         if not runs:
             return
-        # AWS key ids and hoop secrets are token runs of 20+: look for them only inside runs.
+        # AWS key ids and hoop secrets are token runs of 20+: look for them only inside runs (and
+        # only for the literals the buffer holds at all: identifiers make many runs).
+        in_runs = [(lit, pattern, group) for literals, pattern, group in _SECRETS_IN_RUNS
+                   for lit in literals if lit in data]
         for lo, hi in runs:
-            run = data[lo:hi]
-            for literals, pattern, group in _SECRETS_IN_RUNS:
-                for lit in literals:
-                    pos = run.find(lit)
-                    while pos != -1:
-                        m = pattern.match(data, lo + pos)
-                        if m is not None:
-                            hits.append((m.start(group), m.end(group), "secret"))
-                            pos = run.find(lit, m.end() - lo)
-                        else:
-                            pos = run.find(lit, pos + 1)
-            if hi - lo >= GENERIC_MIN_LEN and _generic_secret(run):
+            for lit, pattern, group in in_runs:
+                pos = data.find(lit, lo, hi)
+                while pos != -1:
+                    m = pattern.match(data, pos)
+                    if m is not None:
+                        hits.append((m.start(group), m.end(group), "secret"))
+                        pos = data.find(lit, m.end(), hi)
+                    else:
+                        pos = data.find(lit, pos + 1, hi)
+            if hi - lo >= GENERIC_MIN_LEN and _generic_secret(data[lo:hi]):
                 hits.append((lo, hi, "secret"))
         if any(hi - lo >= 40 for lo, hi in runs):  # an AWS secret value is a run of 40
             for lit in _AWS_LITERALS:
                 _match_at_literal(data, lit, _AWS_SECRET, 1, hits)
 
     def _scan_email(self, data: bytes, hits: list[Hit]) -> None:
-        # An email's local part is the whole run of local-part characters before its "@" (the
-        # pattern's lookbehind), so the match is tried at that run's start only, found with
-        # rfind on a shape of the buffer, instead of searched for across a window.
+        # An email's local part is the whole run of local-part characters before its "@" (no
+        # such character may precede it), found with rfind on a shape of the buffer instead of
+        # a regex searching across a window. "@" is not a local-part character, so an email
+        # starts at the run's start exactly when the run is 1 to 64 long and a domain follows.
         n = len(data)
         rfind = data.translate(_LOCAL_SHAPE).rfind
-        find, match = data.find, _EMAIL.match
+        find, domain = data.find, _DOMAIN.match
         pos = find(b"@")
         done = 0  # end of the last hit: an email never starts inside it
         while pos != -1:
             start = rfind(b" ", pos - 65 if pos > 65 else 0, pos) + 1
-            if (start > 0 or pos <= 64) and done <= start < pos:
-                m = match(data, start, pos + 256 if pos + 256 < n else n)
+            if done <= start and 0 < pos - start <= 64:
+                m = domain(data, pos + 1, pos + 256 if pos + 256 < n else n)
                 if m is not None:
                     done = m.end()
                     hits.append((start, done, "email"))
@@ -364,6 +366,8 @@ class Scanner:
 
     def _scan_digits(self, data: bytes, shape: bytes, hits: list[Hit]) -> None:
         n = len(data)
+        if n < _SMALL and shape.count(b"0") < _MIN_DIGITS:
+            return
         done = 0
         gates = (g for lo, hi in _digit_windows(shape) for g in _DIGIT_GATE.finditer(shape, lo, hi))
         for gate in gates:

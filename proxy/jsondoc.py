@@ -30,7 +30,7 @@ import re
 
 import orjson
 
-from broker.config import Detector, Strategy
+from broker.config import Strategy
 from proxy.detectors import Hit
 from proxy.jsonfast import decode_string, encode_string
 from proxy.mask import REDACT_MARKERS, RULE_MARKER, Masker
@@ -305,18 +305,18 @@ def _hit_edits(masker: Masker, doc: bytes, shape: bytes, hits: list[Hit], escape
     :func:`_detector_edits`, which takes the rare documents where a hit crosses a quote.
     """
     count, rfind = shape.count, shape.rfind
+    strategy = masker.strategy
+    found: Edits = {}
     pos = quotes = 0  # quotes in shape[:pos]
-    found: list[tuple[int, int, int, Detector]] = []
     for hs, he, det in hits:
         quotes += count(b'"', pos, hs)
         pos = hs
         if not quotes & 1 or (det == "secret" and count(b'"', hs, he)):  # (only a PEM block holds quotes)
             return False
-        found.append((rfind(b'"', 0, hs), hs, he, det))
-    strategy = masker.strategy
-    for a, hs, he, det in found:
+        a = rfind(b'"', 0, hs)  # the string's opening quote
         if a not in edits and a not in escaped:
-            edits[hs] = (he, REDACT_MARKERS[det] if strategy == "redact" else masker.apply_bytes(doc[hs:he], strategy))
+            found[hs] = (he, REDACT_MARKERS[det] if strategy == "redact" else masker.apply_bytes(doc[hs:he], strategy))
+    edits.update(found)
     return True
 
 
