@@ -124,8 +124,9 @@ _SECRETS_IN_RUNS: tuple[tuple[tuple[bytes, ...], re.Pattern[bytes], int], ...] =
     ((b"AKIA", b"ASIA"), re.compile(rb"(?<![A-Z0-9])A(?:KIA|SIA)[A-Z0-9]{16}(?![A-Z0-9])"), 0),
     ((b"hoop_",), re.compile(rb"hoop_[A-Za-z0-9_-]{43,}"), 0),
 )
+_IN_RUNS = tuple((lit, pattern, group) for literals, pattern, group in _SECRETS_IN_RUNS for lit in literals)
 # An AWS secret access key after its name; looked for when the buffer has a run of 40+.
-_AWS_LITERALS = (b"aws_secret", b"AWS_SECRET", b"secret_access_key", b"SecretAccessKey")
+_AWS_LITERALS = ((b"aws_secret", b"_"), (b"AWS_SECRET", b"W"), (b"secret_access_key", b"_"), (b"SecretAccessKey", b"K"))
 _AWS_SECRET = re.compile(
     rb"(?i:aws_?secret_?access_?key|secret_?access_?key)[\"']?[ \t]*[:=][ \t]*[\"']?"
     rb"([A-Za-z0-9/+=]{40})(?![A-Za-z0-9/+=])"
@@ -323,12 +324,9 @@ class Scanner:
                     _match_at_literal(data, lit, pattern, group, hits)
         if not runs:
             return
-        # AWS key ids and hoop secrets are token runs of 20+: look for them only inside runs (and
-        # only for the literals the buffer holds at all: identifiers make many runs).
-        in_runs = [(lit, pattern, group) for literals, pattern, group in _SECRETS_IN_RUNS
-                   for lit in literals if lit in data]
+        # AWS key ids and hoop secrets are token runs of 20+: look for them only inside runs.
         for lo, hi in runs:
-            for lit, pattern, group in in_runs:
+            for lit, pattern, group in _IN_RUNS:
                 pos = data.find(lit, lo, hi)
                 while pos != -1:
                     m = pattern.match(data, pos)
@@ -340,8 +338,9 @@ class Scanner:
             if hi - lo >= GENERIC_MIN_LEN and _generic_secret(data[lo:hi]):
                 hits.append((lo, hi, "secret"))
         if any(hi - lo >= 40 for lo, hi in runs):  # an AWS secret value is a run of 40
-            for lit in _AWS_LITERALS:
-                _match_at_literal(data, lit, _AWS_SECRET, 1, hits)
+            for lit, rare in _AWS_LITERALS:
+                if rare in data:
+                    _match_at_literal(data, lit, _AWS_SECRET, 1, hits)
 
     def _scan_email(self, data: bytes, hits: list[Hit]) -> None:
         # An email's local part is the whole run of local-part characters before its "@" (no

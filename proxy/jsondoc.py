@@ -47,6 +47,7 @@ _ASCII_FOLDS = tuple(c.encode() for c in "\u017f\u212a\u0130\u0131")
 _ARRAY_TOKEN = re.compile(rb'[ \t\r\n,]*("[^"]*"|[-0-9][-+.0-9A-Za-z]*|[tfn][a-z]*|[\[\]{])')
 _BRACES = re.compile(rb'"[^"]*"|[{}]')
 _NOT_STRUCTURE = bytes(c for c in range(256) if c not in b'"{}[]')
+_NOT_OPENING = bytes(c for c in range(256) if c not in b"[{")
 _CURLY = bytes.maketrans(b"[]", b"{}")
 _QUOTED = re.compile(rb'"[^"]*"')
 
@@ -111,7 +112,7 @@ def _depth_within(shape: bytes, max_depth: int) -> bool:
     The brackets outside strings, all made ``{}`` (a valid document nests them properly), lose
     their innermost level with each ``replace``: the number of passes is the depth.
     """
-    if shape.count(b"[") + shape.count(b"{") <= max_depth:
+    if len(shape.translate(None, _NOT_OPENING)) <= max_depth:  # (one pass, not two counts)
         return True
     brackets = shape.translate(_CURLY, _NOT_STRUCTURE).replace(b'""', b"")  # the strings without brackets go
     if b'"' in brackets:  # some string holds a bracket
