@@ -4,17 +4,21 @@ How this works. Python's ``re`` is slow when a pattern starts with a character c
 because it must try the pattern at every position. So each detector is gated by a check
 that runs in C at memory speed before any regex runs over the buffer:
 
-* ``email``: ``b"@" in data``; then the email regex runs only in a window around each ``@``.
+* ``email``: ``b"@" in data``; then, for each ``@``, the run of local-part characters before
+  it is found on a translated copy (``rfind``) and the domain regex is matched after it.
 * ``card``, ``ssn``, ``phone``: the buffer is translated so every digit becomes ``0`` and the
-  separators `` -.`` become ``s`` (``bytes.translate``); four literal searches (13 digits,
+  separators `` -.`` become ``s`` (``bytes.translate``; a buffer under 256 bytes with fewer
+  than 7 digits holds none of these shapes and stops there); four literal searches (13 digits,
   ``00s0000``, ``(000)``, ``+0``) find windows where a gate regex looks for digit *shapes*
   (13+ digits, ``000-00-0000``, ``000-000-0000``, ``+0…``). Only around those shapes do the
   real regexes run, and only their matches reach Luhn (``stdnum.luhn``), ``stdnum.us.ssn``
   and ``phonenumbers``.
-* ``iban``: upper-case letters become ``A`` and digits ``0``; ``AA00`` starts a candidate,
-  which ``stdnum.iban`` validates.
+* ``iban``: on the same translated copy upper-case letters are ``A``; ``AA00`` starts a
+  candidate, which ``stdnum.iban`` validates.
 * ``secret``: PEM blocks, JWTs and ``Bearer`` tokens start with a literal (``-----BEGIN``,
-  ``eyJ``, ``earer``), found with ``bytes.find``; the pattern is then matched only there.
+  ``eyJ``, ``earer``), found with ``bytes.find`` (after a ``memchr`` for a rare byte of it,
+  such as ``J``; under 256 bytes one regex looks for all of them); the pattern is then
+  matched only there.
   AWS key ids (``AKIA``/``ASIA``) and hoop secrets (``hoop_``) are runs of 20+ token
   characters, so they are looked for only inside such runs (found by a literal search on a
   translated copy); ``aws_secret_access_key``-style names only when a run of 40+ exists. Generic
@@ -24,8 +28,11 @@ that runs in C at memory speed before any regex runs over the buffer:
   (hashes, git SHAs) and UUIDs never qualify: they lack one of the three classes. That is
   deliberate: they are identifiers far more often than secrets.
 
-Hits that overlap are merged into one span, labelled by the hit that starts first. All
+Hits that overlap are merged into one span, labelled by the hit that starts first (hits of
+the email scan alone, or of the IBAN scan alone, are already ordered and apart). All
 patterns are ASCII, so a hit never splits a multi-byte UTF-8 character.
+tests/proxy/test_jsondiff.py holds :class:`Scanner` to the hits of the previous
+implementation (tests/proxy/oracle_detectors.py).
 """
 
 from __future__ import annotations

@@ -39,8 +39,8 @@ FRAGMENTS = [
     "plain", "the quick brown fox", "Zoë ☃ 😀", "2030-01-01T12:00:00Z", "10:22:33", "-", "(", "+", "0", ":", ",",
     '"', "\\", "\t", "\n", "GET /api/v1/users 200",
 ]
-KEYS = ["a", "email", "password", "db_password", "PassWord", "card", "ids", "token", "tokens", "ünï", "x@y.com",
-        "aws_secret_access_key", "Bearer", ", ", ": x", "", "pass\"word", "back\\slash", "k\nx@y.com",
+KEYS = ["a", "email", "a.b", 'x", "y', "password", "db_password", "PassWord", "card", "ids", "token", "tokens", "ünï",
+        "x@y.com", "aws_secret_access_key", "Bearer", ", ", ": x", "", "pass\"word", "back\\slash", "k\nx@y.com",
         "4111111111111111"]
 RULE_SETS: list[list[dict[str, str]]] = [
     [],
@@ -50,6 +50,7 @@ RULE_SETS: list[list[dict[str, str]]] = [
     [{"match": "*"}],  # every key: structure between strings matches the glob too
     [{"match": "[ab]*"}, {"match": "*word", "strategy": "hash"}],  # a class: the search path
     [{"match": "email", "strategy": "partial"}, {"match": "*@*", "strategy": "hash"}],
+    [{"match": '*", "*'}, {"match": "back\\*", "strategy": "partial"}, {"match": "*.*"}],  # a quote, a backslash
 ]
 
 
