@@ -19,8 +19,8 @@ from proxy.detectors import Scanner
 from proxy.jsondoc import mask_document
 from proxy.jsonfast import fast_patterns
 from proxy.jsonmask import JsonStreamMasker
-from proxy.mask import Masker
-from tests.proxy import oracle_detectors, oracle_jsondoc
+from proxy.mask import Masker, _cut
+from tests.proxy import oracle_cut, oracle_detectors, oracle_jsondoc
 
 KEY = b"k" * 32
 PEM = "-----BEGIN RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEA0Z3VS5JJcds\n-----END RSA PRIVATE KEY-----"
@@ -173,3 +173,18 @@ def test_text_masking_matches_the_oracle(strategy: str) -> None:
         s, o = new.stream(), old.stream()
         got = s.feed(data[:cut]) + s.feed(data[cut:]) + s.flush()
         assert got == o.feed(data[:cut]) + o.feed(data[cut:]) + o.flush()
+
+
+def test_stream_cut_matches_the_oracle() -> None:
+    """Where the stream masker cuts a buffer (what it sends now, what it holds) is unchanged."""
+    ends = [b"", b"\n", b"\r\n", b" ", b"\x1b[0m", b"\xe2\x82", b"user@", b"4111 ", b"Bearer ",
+            b"aws_secret_access_key="]
+    for seed in range(4000):
+        rng = random.Random(seed)
+        buf = _text(rng).encode() + rng.choice(ends) + rng.choice([b"", b"\n"])
+        if not buf:
+            continue
+        for max_hold in (8, 4096):
+            for continuing in (False, True):
+                want = oracle_cut._cut(buf, max_hold, continuing=continuing)
+                assert _cut(buf, max_hold, continuing=continuing) == want, buf
