@@ -7,7 +7,7 @@ that runs in C at memory speed before any regex runs over the buffer:
 * ``email``: ``b"@" in data``; then, for each ``@``, the run of local-part characters before
   it is found on a translated copy (``rfind``) and the domain regex is matched after it.
 * ``card``, ``ssn``, ``phone``: the buffer is translated so every digit becomes ``0`` and the
-  separators `` -.`` become ``s`` (``bytes.translate``; a buffer under 256 bytes with fewer
+  separators `` -.`` become ``s`` (``bytes.translate``; a buffer under 128 bytes with fewer
   than 7 digits holds none of these shapes and stops there); four literal searches (13 digits,
   ``00s0000``, ``(000)``, ``+0``) find windows where a gate regex looks for digit *shapes*
   (13+ digits, ``000-00-0000``, ``000-000-0000``, ``+0…``). Only around those shapes do the
@@ -17,7 +17,7 @@ that runs in C at memory speed before any regex runs over the buffer:
   candidate, which ``stdnum.iban`` validates.
 * ``secret``: PEM blocks, JWTs and ``Bearer`` tokens start with a literal (``-----BEGIN``,
   ``eyJ``, ``earer``), found with ``bytes.find`` (after a ``memchr`` for a rare byte of it,
-  such as ``J``; under 256 bytes one regex looks for all of them); the pattern is then
+  such as ``J``; under 128 bytes one regex looks for all of them); the pattern is then
   matched only there.
   AWS key ids (``AKIA``/``ASIA``) and hoop secrets (``hoop_``) are runs of 20+ token
   characters, so they are looked for only inside such runs (found by a literal search on a
@@ -145,7 +145,8 @@ _SECRET_GATES = tuple((lit, rare) for lit, rare, _, _ in _SECRETS_ANYWHERE)
 _SECRET_LITERALS_RE = re.compile(b"|".join(re.escape(lit) for lit, _ in _SECRET_GATES))
 _RUN20 = re.compile(b"x" * 20)
 _X20 = b"x" * 20
-_SMALL = 256  # below this, one regex call beats a loop of `in` checks
+_SMALL = 128  # below this, one regex call beats a loop of `in` checks
+_BIG = 512  # from this size on, a rare byte's absence (memchr) is worth checking before a literal search
 # Every digit shape of _DIGIT_GATE has at least this many digits; on a small buffer counting
 # them (in C) is cheaper than the literal searches of _digit_windows.
 _MIN_DIGITS = 7
@@ -282,7 +283,7 @@ class Scanner:
                     return True
             else:
                 for lit, rare in _SECRET_GATES:
-                    if (rare is None or rare in data) and lit in data:
+                    if (n < _BIG or rare is None or rare in data) and lit in data:
                         return True
             if n >= 20 and _RUN20.search(data.translate(_TOKEN_SHAPE)):
                 return True
@@ -325,9 +326,10 @@ class Scanner:
     def _scan_secrets(self, data: bytes, hits: list[Hit]) -> None:
         tok = data.translate(_TOKEN_SHAPE)
         runs = _runs(tok)
-        if len(data) >= _SMALL or _SECRET_LITERALS_RE.search(data):
+        big = len(data) >= _BIG
+        if big or len(data) >= _SMALL or _SECRET_LITERALS_RE.search(data):
             for lit, rare, pattern, group in _SECRETS_ANYWHERE:
-                if rare is None or rare in data:
+                if not big or rare is None or rare in data:
                     _match_at_literal(data, lit, pattern, group, hits)
         if not runs:
             return
@@ -346,7 +348,7 @@ class Scanner:
                 hits.append((lo, hi, "secret"))
         if any(hi - lo >= 40 for lo, hi in runs):  # an AWS secret value is a run of 40
             for lit, rare in _AWS_LITERALS:
-                if rare in data:
+                if not big or rare in data:
                     _match_at_literal(data, lit, _AWS_SECRET, 1, hits)
 
     def _scan_email(self, data: bytes, hits: list[Hit]) -> None:
