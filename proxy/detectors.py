@@ -97,6 +97,7 @@ _DIGIT_LITERALS = (b"0000000000000", b"00s0000", b"(000)", b"+0")
 # An email is (?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]{1,64}@ and this domain; the local part is
 # found on a shape of the buffer (Scanner._scan_email), the domain with this regex.
 _DOMAIN = re.compile(rb"[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,63}")
+_AT_DOMAIN = re.compile(b"@" + _DOMAIN.pattern)
 _CARD = re.compile(
     rb"(?<![0-9])(?:[2-6][0-9]{12,18}"
     rb"|[2-6][0-9]{3}([ -])[0-9]{4}\1[0-9]{4}\1[0-9]{1,4}(?:\1[0-9]{1,3})?"
@@ -356,21 +357,19 @@ class Scanner:
         # such character may precede it), found with rfind on a shape of the buffer instead of
         # a regex searching across a window. "@" is not a local-part character, so an email
         # starts at the run's start exactly when the run is 1 to 64 long and a domain follows.
-        n = len(data)
         rfind = data.translate(_LOCAL_SHAPE).rfind
-        find, domain = data.find, _DOMAIN.match
-        pos = find(b"@")
         done = 0  # end of the last hit: an email never starts inside it
-        while pos != -1:
+        for m in _AT_DOMAIN.finditer(data):  # (a domain holds no "@": no "@" is skipped)
+            pos, end = m.span()
             start = rfind(b" ", pos - 65 if pos > 65 else 0, pos) + 1
             if done <= start and 0 < pos - start <= 64:
-                m = domain(data, pos + 1, pos + 256 if pos + 256 < n else n)
-                if m is not None:
-                    done = m.end()
-                    hits.append((start, done, "email"))
-                    pos = find(b"@", done)
-                    continue
-            pos = find(b"@", pos + 1)
+                if end > pos + 256:  # a domain is looked for in the 255 bytes after the "@" only
+                    short = _DOMAIN.match(data, pos + 1, pos + 256)
+                    if short is None:
+                        continue
+                    end = short.end()
+                done = end
+                hits.append((start, end, "email"))
 
     def _scan_digits(self, data: bytes, shape: bytes, hits: list[Hit]) -> None:
         n = len(data)

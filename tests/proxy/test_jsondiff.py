@@ -27,6 +27,7 @@ PEM = "-----BEGIN RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEA0Z3VS5JJcds\n-----END RS
 # what each detector fires on, near misses, and text that merely looks busy
 FRAGMENTS = [
     "alice@example.com", "a.b+tag@sub.example.co.uk", "x" * 70 + "@example.com", "@handle", "foo@", "user@host",
+    "x@" + "d" * 250 + ".example.com", "y@" + "s." * 140 + "io",  # domains past the 255 bytes looked at
     "4111 1111 1111 1111", "4111-1111-1111-1111", "4242424242424242", "3782 822463 10005", "4111 1111 1111 1112",
     "1700000000000", "536-90-4399", "000-12-3456", "2024-01-15 10:22:33+00", "DE89 3704 0044 0532 0130 00",
     "GB82WEST12345698765432", "GB82WEST12345698765433", "+1 650-253-0000", "(212) 555-0100", "650.253.0000",
