@@ -10,7 +10,8 @@ the quotes before an offset says whether the offset is inside one. From there:
 
 * ruled keys are found by one regex (``ruled_key``, built from the ``json_keys`` globs)
   turned into a *walker* (:func:`_walker`): each of its matches skips whole strings, in C,
-  up to the next key the globs match, so a match never starts inside a string. Their value
+  up to the next key the globs match, so a match never starts inside a string (literal
+  globs need no walking: their key regex cannot match between two strings). Their value
   (a string or number; the scalars of an array, nested arrays included, not objects) is
   replaced whole, as the tokenizer does. A key's rule is decided once per distinct key (an
   array of records repeats its keys). Globs with a ``[...]`` class or a quote fall back to
@@ -237,7 +238,7 @@ _RULED_TAIL = b')"' + _WS.pattern + b":"
 def _walker(ruled_key: re.Pattern[bytes]) -> re.Pattern[bytes] | None:
     """A regex whose matches, found one after the other on the shape, skip whole strings up to each
     ruled key: group 1 is the key, group 2 a string value ("" for another value); the last match
-    reaches the end (no group). Every match ends outside a string, so parity is never lost.
+    may reach the end (no group). Every match starts and ends outside a string.
 
     None when a glob has a ``[...]`` class (which can take in a quote) or ``ruled_key`` is not
     the form :func:`proxy.jsonfast.fast_patterns` builds: then :func:`_rule_edits` searches.
@@ -250,8 +251,14 @@ def _walker(ruled_key: re.Pattern[bytes]) -> re.Pattern[bytes] | None:
     if b"[" in rest or b'"' in rest:  # (a glob holding a quote could span strings too)
         return None
     key = rb'"(?i:' + alternatives + rb')"'
+    value = _WS.pattern + b":" + _WS.pattern + rb'("[^"]*+"|)'
+    if b"[" not in alternatives and b"," not in alternatives and b":" not in alternatives:
+        # Literal globs (no * ? [...]): text between two strings always holds a "," or ":",
+        # so a match can only start at a key's opening quote. A plain search (C jumps from
+        # quote to quote) then finds the keys, and resuming after one never lands in a string.
+        return re.compile(b"(" + key + b")" + value, ruled_key.flags)
     return re.compile(rb'(?:[^"]*+"(?!' + key[1:] + _WS.pattern + rb':)[^"]*+")*+[^"]*+(?:(' + key + b")"
-                      + _WS.pattern + b":" + _WS.pattern + rb'("[^"]*+"|)|\Z)', ruled_key.flags)
+                      + value + rb"|\Z)", ruled_key.flags)
 
 
 @functools.lru_cache(maxsize=64)

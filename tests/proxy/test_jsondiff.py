@@ -46,6 +46,9 @@ KEYS = ["a", "email", "a.b", 'x", "y', "password", "db_password", "PassWord", "c
 RULE_SETS: list[list[dict[str, str]]] = [
     [],
     [{"match": "password"}],
+    [{"match": "token"}, {"match": "a.b", "strategy": "hash"}, {"match": "back\\slash", "strategy": "partial"},
+     {"match": "x@y.com"}],  # literal globs: the keys are searched for, not walked to
+    [{"match": ", "}, {"match": "token"}],  # literal, but "," occurs between strings: walked to
     [{"match": "*password*"}, {"match": "card", "strategy": "partial"}, {"match": "ids", "strategy": "hash"},
      {"match": "tok?n"}],
     [{"match": "*"}],  # every key: structure between strings matches the glob too
