@@ -4,17 +4,21 @@ How this works. Python's ``re`` is slow when a pattern starts with a character c
 because it must try the pattern at every position. So each detector is gated by a check
 that runs in C at memory speed before any regex runs over the buffer:
 
-* ``email``: ``b"@" in data``; then the email regex runs only in a window around each ``@``.
+* ``email``: ``b"@" in data``; then, for each ``@``, the run of local-part characters before
+  it is found on a translated copy (``rfind``) and the domain regex is matched after it.
 * ``card``, ``ssn``, ``phone``: the buffer is translated so every digit becomes ``0`` and the
-  separators `` -.`` become ``s`` (``bytes.translate``); four literal searches (13 digits,
+  separators `` -.`` become ``s`` (``bytes.translate``; a buffer under 128 bytes with fewer
+  than 7 digits holds none of these shapes and stops there); four literal searches (13 digits,
   ``00s0000``, ``(000)``, ``+0``) find windows where a gate regex looks for digit *shapes*
   (13+ digits, ``000-00-0000``, ``000-000-0000``, ``+0…``). Only around those shapes do the
   real regexes run, and only their matches reach Luhn (``stdnum.luhn``), ``stdnum.us.ssn``
   and ``phonenumbers``.
-* ``iban``: upper-case letters become ``A`` and digits ``0``; ``AA00`` starts a candidate,
-  which ``stdnum.iban`` validates.
+* ``iban``: on the same translated copy upper-case letters are ``A``; ``AA00`` starts a
+  candidate, which ``stdnum.iban`` validates.
 * ``secret``: PEM blocks, JWTs and ``Bearer`` tokens start with a literal (``-----BEGIN``,
-  ``eyJ``, ``earer``), found with ``bytes.find``; the pattern is then matched only there.
+  ``eyJ``, ``earer``), found with ``bytes.find`` (after a ``memchr`` for a rare byte of it,
+  such as ``J``; under 128 bytes one regex looks for all of them); the pattern is then
+  matched only there.
   AWS key ids (``AKIA``/``ASIA``) and hoop secrets (``hoop_``) are runs of 20+ token
   characters, so they are looked for only inside such runs (found by a literal search on a
   translated copy); ``aws_secret_access_key``-style names only when a run of 40+ exists. Generic
@@ -24,8 +28,11 @@ that runs in C at memory speed before any regex runs over the buffer:
   (hashes, git SHAs) and UUIDs never qualify: they lack one of the three classes. That is
   deliberate: they are identifiers far more often than secrets.
 
-Hits that overlap are merged into one span, labelled by the hit that starts first. All
+Hits that overlap are merged into one span, labelled by the hit that starts first (hits of
+the email scan alone, or of the IBAN scan alone, are already ordered and apart). All
 patterns are ASCII, so a hit never splits a multi-byte UTF-8 character.
+tests/proxy/test_jsondiff.py holds :class:`Scanner` to the hits of the previous
+implementation (tests/proxy/oracle_detectors.py).
 """
 
 from __future__ import annotations
@@ -61,18 +68,19 @@ _UPPER = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 _LOWER = b"abcdefghijklmnopqrstuvwxyz"
 _TOKEN = _DIGITS + _UPPER + _LOWER + b"+/=_-"
 
-# digits -> "0", separators " -." -> "s", "()+" kept, everything else "_"
-_DIGIT_SHAPE = _table(
-    {**{c: ord("0") for c in _DIGITS}, **{c: ord("s") for c in b" -."}, **{c: c for c in b"()+"}}, ord("_")
+# digits -> "0", separators " -." -> "s", "()+" kept, upper-case -> "A", everything else "_":
+# digit shapes (card, SSN, phone) and IBAN starts ("AA00") are both looked for on it
+_SHAPE = _table(
+    {**{c: ord("0") for c in _DIGITS}, **{c: ord("s") for c in b" -."}, **{c: c for c in b"()+"},
+     **{c: ord("A") for c in _UPPER}},
+    ord("_"),
 )
-# upper-case -> "A", digits -> "0", everything else "_"
-_IBAN_SHAPE = _table({**{c: ord("0") for c in _DIGITS}, **{c: ord("A") for c in _UPPER}}, ord("_"))
 # characters of an email's local part -> "x", everything else " "
 _LOCAL_SHAPE = _table({c: ord("x") for c in _DIGITS + _UPPER + _LOWER + b"._%+-"}, ord(" "))
 # token characters -> "x", everything else " "
 _TOKEN_SHAPE = _table({c: ord("x") for c in _TOKEN}, ord(" "))
 
-# Digit shapes worth a closer look (run on the _DIGIT_SHAPE translation).
+# Digit shapes worth a closer look (run on the _SHAPE translation).
 _DIGIT_GATE = re.compile(
     rb"0(?:000000000000"  # 13+ digits in a row (card)
     rb"|000s0000s0000"  # card in groups of four
@@ -86,9 +94,10 @@ _DIGIT_GATE = re.compile(
 # the regex at about 120 MB/s, so the regex runs only around these.
 _DIGIT_LITERALS = (b"0000000000000", b"00s0000", b"(000)", b"+0")
 
-_EMAIL = re.compile(
-    rb"(?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,63}"
-)
+# An email is (?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]{1,64}@ and this domain; the local part is
+# found on a shape of the buffer (Scanner._scan_email), the domain with this regex.
+_DOMAIN = re.compile(rb"[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,63}")
+_AT_DOMAIN = re.compile(b"@" + _DOMAIN.pattern)
 _CARD = re.compile(
     rb"(?<![0-9])(?:[2-6][0-9]{12,18}"
     rb"|[2-6][0-9]{3}([ -])[0-9]{4}\1[0-9]{4}\1[0-9]{1,4}(?:\1[0-9]{1,3})?"
@@ -101,29 +110,31 @@ _PHONE = re.compile(
 )
 _IBAN = re.compile(rb"(?<![A-Za-z0-9])[A-Z]{2}[0-9]{2}(?: ?[A-Z0-9]){11,30}(?![A-Za-z0-9])")
 
-# (literal gate, pattern, group to mask: 0 = whole match); these are looked for anywhere.
-_SECRETS_ANYWHERE: tuple[tuple[tuple[bytes, ...], re.Pattern[bytes], int], ...] = (
+_BEARER = re.compile(rb"(?:Bearer|bearer|BEARER)[ \t]+([A-Za-z0-9._~+/=-]{8,})")
+# (literal gate, a byte of it, pattern, group to mask: 0 = whole match); these are looked for
+# anywhere. The byte is one ordinary text seldom holds: looking for it (memchr) is several times
+# cheaper than looking for the literal, which it rules out when absent.
+_SECRETS_ANYWHERE: tuple[tuple[bytes, bytes | None, re.Pattern[bytes], int], ...] = (
     (
-        (b"-----BEGIN",),
+        b"-----BEGIN",
+        b"G",
         re.compile(
             rb"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----.*?(?:-----END [A-Z0-9 ]*PRIVATE KEY-----|\Z)", re.DOTALL
         ),
         0,
     ),
-    ((b"eyJ",), re.compile(rb"eyJ[A-Za-z0-9_-]{4,}\.eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*"), 0),
-    (
-        (b"earer", b"EARER"),
-        re.compile(rb"(?:Bearer|bearer|BEARER)[ \t]+([A-Za-z0-9._~+/=-]{8,})"),
-        1,
-    ),
+    (b"eyJ", b"J", re.compile(rb"eyJ[A-Za-z0-9_-]{4,}\.eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*"), 0),
+    (b"earer", None, _BEARER, 1),
+    (b"EARER", b"R", _BEARER, 1),
 )
 # Secrets that are themselves runs of 20+ token characters: looked for inside such runs only.
 _SECRETS_IN_RUNS: tuple[tuple[tuple[bytes, ...], re.Pattern[bytes], int], ...] = (
     ((b"AKIA", b"ASIA"), re.compile(rb"(?<![A-Z0-9])A(?:KIA|SIA)[A-Z0-9]{16}(?![A-Z0-9])"), 0),
     ((b"hoop_",), re.compile(rb"hoop_[A-Za-z0-9_-]{43,}"), 0),
 )
+_IN_RUNS = tuple((lit, pattern, group) for literals, pattern, group in _SECRETS_IN_RUNS for lit in literals)
 # An AWS secret access key after its name; looked for when the buffer has a run of 40+.
-_AWS_LITERALS = (b"aws_secret", b"AWS_SECRET", b"secret_access_key", b"SecretAccessKey")
+_AWS_LITERALS = ((b"aws_secret", b"_"), (b"AWS_SECRET", b"W"), (b"secret_access_key", b"_"), (b"SecretAccessKey", b"K"))
 _AWS_SECRET = re.compile(
     rb"(?i:aws_?secret_?access_?key|secret_?access_?key)[\"']?[ \t]*[:=][ \t]*[\"']?"
     rb"([A-Za-z0-9/+=]{40})(?![A-Za-z0-9/+=])"
@@ -131,11 +142,15 @@ _AWS_SECRET = re.compile(
 _PEM_BEGIN = b"-----BEGIN"
 # might_contain needs only these literals: AWS key ids, AWS secret values and hoop grant
 # secrets are all runs of 20+ token characters, which _RUN20 finds on the token shape.
-_SECRET_LITERALS = (b"-----BEGIN", b"eyJ", b"earer", b"EARER")
-_SECRET_LITERALS_RE = re.compile(b"|".join(re.escape(lit) for lit in _SECRET_LITERALS))
+_SECRET_GATES = tuple((lit, rare) for lit, rare, _, _ in _SECRETS_ANYWHERE)
+_SECRET_LITERALS_RE = re.compile(b"|".join(re.escape(lit) for lit, _ in _SECRET_GATES))
 _RUN20 = re.compile(b"x" * 20)
 _X20 = b"x" * 20
-_SMALL = 1024  # below this, one regex call beats a loop of `in` checks
+_SMALL = 128  # below this, one regex call beats a loop of `in` checks
+_BIG = 512  # from this size on, a rare byte's absence (memchr) is worth checking before a literal search
+# Every digit shape of _DIGIT_GATE has at least this many digits; on a small buffer counting
+# them (in C) is cheaper than the literal searches of _digit_windows.
+_MIN_DIGITS = 7
 
 
 def _digit_windows(shape: bytes) -> list[tuple[int, int]]:
@@ -268,14 +283,17 @@ class Scanner:
                 if _SECRET_LITERALS_RE.search(data):
                     return True
             else:
-                for lit in _SECRET_LITERALS:
-                    if lit in data:
+                for lit, rare in _SECRET_GATES:
+                    if (n < _BIG or rare is None or rare in data) and lit in data:
                         return True
             if n >= 20 and _RUN20.search(data.translate(_TOKEN_SHAPE)):
                 return True
-        if self._digits and n >= 8 and _digit_shapes(data.translate(_DIGIT_SHAPE)):
+        if not (self._digits or self._iban):
+            return False
+        shape = data.translate(_SHAPE)
+        if self._digits and not (n < _SMALL and shape.count(b"0") < _MIN_DIGITS) and _digit_shapes(shape):
             return True
-        return self._iban and n >= 15 and b"AA00" in data.translate(_IBAN_SHAPE)
+        return self._iban and n >= 15 and b"AA00" in shape
 
     def scan(self, data: bytes) -> list[Hit]:
         """All validated hits in ``data``, sorted and non-overlapping."""
@@ -284,12 +302,17 @@ class Scanner:
             return hits
         if self._secret:
             self._scan_secrets(data, hits)
+        mixed = bool(hits)  # hits of more than one scan below need sorting and merging
         if self._email and b"@" in data:
-            self._scan_email(data, hits)
+            self._scan_email(data, hits)  # sorted, non-overlapping
+        shape = data.translate(_SHAPE) if self._digits or self._iban else b""
         if self._digits:
-            self._scan_digits(data, hits)
+            k = len(hits)
+            self._scan_digits(data, shape, hits)
+            if len(hits) > k and (k > 0 or len(hits) > k + 1):  # card, ssn and phone hits may interleave
+                mixed = True
         if self._iban:
-            shape = data.translate(_IBAN_SHAPE)
+            k = len(hits)
             pos = shape.find(b"AA00")
             while pos != -1:
                 m = _IBAN.match(data, pos)
@@ -297,57 +320,61 @@ class Scanner:
                 if end != -1:
                     hits.append((pos, end, "iban"))
                 pos = shape.find(b"AA00", max(end, pos + 1))
-        return _merge(hits) if hits else hits
+            if k > 0 and len(hits) > k:
+                mixed = True
+        return _merge(hits) if mixed else hits
 
     def _scan_secrets(self, data: bytes, hits: list[Hit]) -> None:
         tok = data.translate(_TOKEN_SHAPE)
         runs = _runs(tok)
-        for literals, pattern, group in _SECRETS_ANYWHERE:
-            for lit in literals:
-                _match_at_literal(data, lit, pattern, group, hits)
+        big = len(data) >= _BIG
+        if big or len(data) >= _SMALL or _SECRET_LITERALS_RE.search(data):
+            for lit, rare, pattern, group in _SECRETS_ANYWHERE:
+                if not big or rare is None or rare in data:
+                    _match_at_literal(data, lit, pattern, group, hits)
         if not runs:
             return
         # AWS key ids and hoop secrets are token runs of 20+: look for them only inside runs.
         for lo, hi in runs:
-            run = data[lo:hi]
-            for literals, pattern, group in _SECRETS_IN_RUNS:
-                for lit in literals:
-                    pos = run.find(lit)
-                    while pos != -1:
-                        m = pattern.match(data, lo + pos)
-                        if m is not None:
-                            hits.append((m.start(group), m.end(group), "secret"))
-                            pos = run.find(lit, m.end() - lo)
-                        else:
-                            pos = run.find(lit, pos + 1)
-            if hi - lo >= GENERIC_MIN_LEN and _generic_secret(run):
+            for lit, pattern, group in _IN_RUNS:
+                pos = data.find(lit, lo, hi)
+                while pos != -1:
+                    m = pattern.match(data, pos)
+                    if m is not None:
+                        hits.append((m.start(group), m.end(group), "secret"))
+                        pos = data.find(lit, m.end(), hi)
+                    else:
+                        pos = data.find(lit, pos + 1, hi)
+            if hi - lo >= GENERIC_MIN_LEN and _generic_secret(data[lo:hi]):
                 hits.append((lo, hi, "secret"))
         if any(hi - lo >= 40 for lo, hi in runs):  # an AWS secret value is a run of 40
-            for lit in _AWS_LITERALS:
-                _match_at_literal(data, lit, _AWS_SECRET, 1, hits)
+            for lit, rare in _AWS_LITERALS:
+                if not big or rare in data:
+                    _match_at_literal(data, lit, _AWS_SECRET, 1, hits)
 
     def _scan_email(self, data: bytes, hits: list[Hit]) -> None:
-        # An email's local part is the whole run of local-part characters before its "@" (the
-        # pattern's lookbehind), so the match is tried at that run's start only, found with
-        # rfind on a shape of the buffer, instead of searched for across a window.
-        n = len(data)
-        shape = data.translate(_LOCAL_SHAPE)
-        pos = data.find(b"@")
+        # An email's local part is the whole run of local-part characters before its "@" (no
+        # such character may precede it), found with rfind on a shape of the buffer instead of
+        # a regex searching across a window. "@" is not a local-part character, so an email
+        # starts at the run's start exactly when the run is 1 to 64 long and a domain follows.
+        rfind = data.translate(_LOCAL_SHAPE).rfind
         done = 0  # end of the last hit: an email never starts inside it
-        while pos != -1:
-            nxt = pos + 1
-            start = shape.rfind(b" ", max(0, pos - 65), pos) + 1
-            if start > 0 or pos <= 64:
-                m = _EMAIL.match(data, start, min(n, pos + 256)) if start >= done and start < pos else None
-                if m is not None:
-                    done = m.end()
-                    hits.append((start, done, "email"))
-                    nxt = done
-            pos = data.find(b"@", nxt)
+        for m in _AT_DOMAIN.finditer(data):  # (a domain holds no "@": no "@" is skipped)
+            pos, end = m.span()
+            start = rfind(b" ", pos - 65 if pos > 65 else 0, pos) + 1
+            if done <= start and 0 < pos - start <= 64:
+                if end > pos + 256:  # a domain is looked for in the 255 bytes after the "@" only
+                    short = _DOMAIN.match(data, pos + 1, pos + 256)
+                    if short is None:
+                        continue
+                    end = short.end()
+                done = end
+                hits.append((start, end, "email"))
 
-    def _scan_digits(self, data: bytes, hits: list[Hit]) -> None:
-        shape = data.translate(_DIGIT_SHAPE)
+    def _scan_digits(self, data: bytes, shape: bytes, hits: list[Hit]) -> None:
         n = len(data)
+        if n < _SMALL and shape.count(b"0") < _MIN_DIGITS:
+            return
         done = 0
         gates = (g for lo, hi in _digit_windows(shape) for g in _DIGIT_GATE.finditer(shape, lo, hi))
         for gate in gates:

@@ -8,23 +8,32 @@ document is made in which escaped backslashes and escaped quotes are blanked (``
 occur in strings), so every quote left in the shape delimits a string, and the parity of
 the quotes before an offset says whether the offset is inside one. From there:
 
-* ruled keys are found by one regex over the document (``ruled_key``, built from the
-  ``json_keys`` globs), kept when they start outside a string and are followed by ``:``;
-  their value (a string or number; the scalars of an array, nested arrays included, not
-  objects) is replaced whole, as the tokenizer does;
-* detector hits come from one scan of the document; each string a hit touches (keys
-  included) is masked, with the scan's hits when they lie inside it, rescanned otherwise;
+* ruled keys are found by one regex (``ruled_key``, built from the ``json_keys`` globs)
+  turned into a *walker* (:func:`_walker`): each of its matches skips whole strings, in C,
+  up to the next key the globs match, so a match never starts inside a string (literal
+  globs need no walking: their key regex cannot match between two strings). Their value
+  (a string or number; the scalars of an array, nested arrays included, not objects) is
+  replaced whole, as the tokenizer does. A key's rule is decided once per distinct key (an
+  array of records repeats its keys). Globs with a ``[...]`` class or a quote fall back to
+  a search of the key regex, kept when the match starts outside a string (parity) and is
+  followed by ``:``;
+* detector hits come from one scan of the document. A hit inside one string (the usual
+  case) is replaced in place, which is what masking that string with its hits gives;
+  when some hit crosses a quote, each string a hit touches (keys included) is masked, with
+  the scan's hits when they lie inside it, rescanned otherwise;
 * a string holding a backslash is decoded and masked as text (an escape can hide a value
   from the byte scan); a key holding one is decoded before the rules are checked.
 
 Only replaced tokens cost Python work; everything else is searched in C. What it does not
 handle returns None and the tokenizer runs: invalid JSON or several values, nesting
 deeper than ``max_depth`` (the tokenizer's limit), a key with a character that Unicode case
-folding maps onto ASCII.
+folding maps onto ASCII. tests/proxy/test_jsondiff.py holds it to the bytes of the previous
+implementation (tests/proxy/oracle_jsondoc.py) on generated documents.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 
 import orjson
@@ -32,7 +41,7 @@ import orjson
 from broker.config import Strategy
 from proxy.detectors import Hit
 from proxy.jsonfast import decode_string, encode_string
-from proxy.mask import RULE_MARKER, Masker
+from proxy.mask import REDACT_MARKERS, RULE_MARKER, Masker
 
 __all__ = ["mask_document"]
 
@@ -46,6 +55,7 @@ _ASCII_FOLDS = tuple(c.encode() for c in "\u017f\u212a\u0130\u0131")
 _ARRAY_TOKEN = re.compile(rb'[ \t\r\n,]*("[^"]*"|[-0-9][-+.0-9A-Za-z]*|[tfn][a-z]*|[\[\]{])')
 _BRACES = re.compile(rb'"[^"]*"|[{}]')
 _NOT_STRUCTURE = bytes(c for c in range(256) if c not in b'"{}[]')
+_NOT_OPENING = bytes(c for c in range(256) if c not in b"[{")
 _CURLY = bytes.maketrans(b"[]", b"{}")
 _QUOTED = re.compile(rb'"[^"]*"')
 
@@ -70,7 +80,11 @@ def mask_document(masker: Masker, doc: bytes, ruled_key: re.Pattern[bytes] | Non
         return None
     edits: Edits = {}
     if ruled_key is not None:
-        _rule_edits(masker, doc, shape, ruled_key, edits)
+        walker = _walker(ruled_key)
+        if walker is not None:
+            _walk_rule_edits(masker, doc, shape, walker, edits)
+        else:
+            _rule_edits(masker, doc, shape, escaped, ruled_key, edits)
     with_escapes = _escaped_strings(doc, shape) if escaped else {}
     for a, b in with_escapes.items():
         if a not in edits and masker.config.json_keys and _is_key(shape, b):
@@ -79,7 +93,7 @@ def mask_document(masker: Masker, doc: bytes, ruled_key: re.Pattern[bytes] | Non
                 _value_edits(masker, doc, shape, _after_colon(shape, b), strategy, edits)
     if masker.might_contain(doc):
         hits = masker.scan(doc)
-        if hits:
+        if hits and not _hit_edits(masker, doc, shape, hits, with_escapes, edits):
             _detector_edits(masker, doc, shape, hits, with_escapes, edits)
     for a, b in with_escapes.items():
         if a not in edits:
@@ -106,7 +120,7 @@ def _depth_within(shape: bytes, max_depth: int) -> bool:
     The brackets outside strings, all made ``{}`` (a valid document nests them properly), lose
     their innermost level with each ``replace``: the number of passes is the depth.
     """
-    if shape.count(b"[") + shape.count(b"{") <= max_depth:
+    if len(shape.translate(None, _NOT_OPENING)) <= max_depth:  # (one pass, not two counts)
         return True
     brackets = shape.translate(_CURLY, _NOT_STRUCTURE).replace(b'""', b"")  # the strings without brackets go
     if b'"' in brackets:  # some string holds a bracket
@@ -159,20 +173,98 @@ def _text(doc: bytes, a: int, b: int) -> str:
     return decode_string(raw) if b"\\" in raw else raw.decode("utf-8")
 
 
-def _rule_edits(masker: Masker, doc: bytes, shape: bytes, ruled_key: re.Pattern[bytes], edits: Edits) -> None:
-    parity = _Parity(shape)
-    m = ruled_key.search(doc)
+def _rule_edits(masker: Masker, doc: bytes, shape: bytes, escaped: bool, ruled_key: re.Pattern[bytes],
+                edits: Edits) -> None:
+    search = _with_space(ruled_key).search
+    count, index = shape.count, shape.index
+    strategies: dict[bytes, Strategy | None] = {}  # keys repeat (an array of records): decide each once
+    pos = quotes = 0  # quotes in shape[:pos]
+    m = search(doc)
     while m is not None:
         start = m.start()
-        if parity.inside(start):  # the match began at a closing quote: not a key
-            m = ruled_key.search(doc, start + 1)
+        quotes += count(b'"', pos, start)
+        pos = start
+        if quotes & 1:  # the match began at a closing quote: not a key
+            m = search(doc, start + 1)
             continue
-        close = shape.index(b'"', start + 1)
-        if _is_key(shape, close):  # (the regex may have stopped at an escaped quote)
-            strategy = masker.json_key_strategy(_text(doc, start, close))
-            if strategy is not None:
-                _value_edits(masker, doc, shape, _after_colon(shape, close), strategy, edits)
-        m = ruled_key.search(doc, close + 1)
+        close = index(b'"', start + 1)
+        value = m.end()
+        if value <= close or doc.find(b'"', close + 1, value) != -1:
+            # the key the regex matched does not end at ``close``: it stopped at an escaped
+            # quote, or a glob's ``[...]`` took a quote in; what follows ``close`` decides
+            if not _is_key(shape, close):
+                m = search(doc, close + 1)
+                continue
+            value = _after_colon(shape, close)
+        key = doc[start + 1 : close]
+        try:
+            strategy = strategies[key]
+        except KeyError:
+            strategy = strategies[key] = masker.json_key_strategy(
+                decode_string(key) if escaped and b"\\" in key else key.decode("utf-8"))
+        if strategy is not None:
+            if doc[value] == 0x22 and strategy == "redact":  # the usual case, inline
+                edits[value] = (index(b'"', value + 1) + 1, _REDACTED)
+            else:
+                _value_edits(masker, doc, shape, value, strategy, edits)
+        m = search(doc, close + 1)
+
+
+def _walk_rule_edits(masker: Masker, doc: bytes, shape: bytes, walker: re.Pattern[bytes], edits: Edits) -> None:
+    """:func:`_rule_edits` with a :func:`_walker`: each match is a key, no parity to keep."""
+    strategies: dict[bytes, Strategy | None] = {}  # keys repeat (an array of records): decide each once
+    for m in walker.finditer(shape):
+        ks, ke = m.span(1)
+        if ks == -1:  # the walk reached the end
+            return
+        vs, ve = m.span(2)
+        key = doc[ks + 1 : ke - 1]
+        try:
+            strategy = strategies[key]
+        except KeyError:  # (a key with escapes is decided decoded, here and by mask_document's loop)
+            strategy = strategies[key] = masker.json_key_strategy(_text(doc, ks, ke - 1))
+        if strategy is not None:
+            if vs == ve or strategy != "redact":
+                _value_edits(masker, doc, shape, vs, strategy, edits)
+            else:  # a string, redacted: the usual case
+                edits[vs] = (ve, _REDACTED)
+
+
+_RULED_HEAD = b'"(?i:'
+_RULED_TAIL = b')"' + _WS.pattern + b":"
+
+
+@functools.lru_cache(maxsize=64)
+def _walker(ruled_key: re.Pattern[bytes]) -> re.Pattern[bytes] | None:
+    """A regex whose matches, found one after the other on the shape, skip whole strings up to each
+    ruled key: group 1 is the key, group 2 a string value ("" for another value); the last match
+    may reach the end (no group). Every match starts and ends outside a string.
+
+    None when a glob has a ``[...]`` class (which can take in a quote) or ``ruled_key`` is not
+    the form :func:`proxy.jsonfast.fast_patterns` builds: then :func:`_rule_edits` searches.
+    """
+    pattern = ruled_key.pattern
+    if not (pattern.startswith(_RULED_HEAD) and pattern.endswith(_RULED_TAIL)):
+        return None
+    alternatives = pattern[len(_RULED_HEAD) : -len(_RULED_TAIL)]
+    rest = alternatives.replace(b'[^"]', b"")
+    if b"[" in rest or b'"' in rest:  # (a glob holding a quote could span strings too)
+        return None
+    key = rb'"(?i:' + alternatives + rb')"'
+    value = _WS.pattern + b":" + _WS.pattern + rb'("[^"]*+"|)'
+    if b"[" not in alternatives and b"," not in alternatives and b":" not in alternatives:
+        # Literal globs (no * ? [...]): text between two strings always holds a "," or ":",
+        # so a match can only start at a key's opening quote. A plain search (C jumps from
+        # quote to quote) then finds the keys, and resuming after one never lands in a string.
+        return re.compile(b"(" + key + b")" + value, ruled_key.flags)
+    return re.compile(rb'(?:[^"]*+"(?!' + key[1:] + _WS.pattern + rb':)[^"]*+")*+[^"]*+(?:(' + key + b")"
+                      + value + rb"|\Z)", ruled_key.flags)
+
+
+@functools.lru_cache(maxsize=64)
+def _with_space(ruled_key: re.Pattern[bytes]) -> re.Pattern[bytes]:
+    """``ruled_key`` and the whitespace after it: its match ends where the value starts."""
+    return re.compile(ruled_key.pattern + _WS.pattern, ruled_key.flags)
 
 
 def _value_edits(masker: Masker, doc: bytes, shape: bytes, pos: int, strategy: Strategy, edits: Edits) -> None:
@@ -217,6 +309,31 @@ def _object_end(shape: bytes, i: int) -> int:
             if depth == 0:
                 return m.end()
     raise AssertionError("unbalanced object in a valid document")
+
+
+def _hit_edits(masker: Masker, doc: bytes, shape: bytes, hits: list[Hit], escaped: dict[int, int],
+               edits: Edits) -> bool:
+    """Mask each hit in place when every hit lies inside one string; False (nothing done) otherwise.
+
+    Masking a string whose hits all lie inside it is replacing each hit in place, as
+    :meth:`Masker.replace` does: no need to find and rebuild the string. A hit in a string a
+    rule replaced, or in one holding escapes (masked as decoded text), is dropped, as in
+    :func:`_detector_edits`, which takes the rare documents where a hit crosses a quote.
+    """
+    count, rfind = shape.count, shape.rfind
+    strategy = masker.strategy
+    found: Edits = {}
+    pos = quotes = 0  # quotes in shape[:pos]
+    for hs, he, det in hits:
+        quotes += count(b'"', pos, hs)
+        if not quotes & 1 or count(b'"', hs, he):
+            return False
+        pos = he
+        a = rfind(b'"', 0, hs)  # the string's opening quote
+        if a not in edits and a not in escaped:
+            found[hs] = (he, REDACT_MARKERS[det] if strategy == "redact" else masker.apply_bytes(doc[hs:he], strategy))
+    edits.update(found)
+    return True
 
 
 def _detector_edits(masker: Masker, doc: bytes, shape: bytes, hits: list[Hit], escaped: dict[int, int],

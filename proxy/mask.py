@@ -45,7 +45,8 @@ RULE_MARKER = "[masked]"
 #: Characters kept in clear by ``partial``.
 PARTIAL_KEEP = 4
 _HASH_CACHE_MAX = 65_536
-_REDACT_BYTES: dict[Detector, bytes] = {
+#: What ``redact`` puts in place of a detector hit.
+REDACT_MARKERS: dict[Detector, bytes] = {
     d: f"[{d}]".encode() for d in ("email", "card", "ssn", "iban", "phone", "secret")
 }
 
@@ -114,7 +115,7 @@ class Masker:
         for start, end, detector in hits:
             parts.append(data[last:start])
             if strategy == "redact":
-                parts.append(_REDACT_BYTES[detector])
+                parts.append(REDACT_MARKERS[detector])
             else:
                 parts.append(self.apply_bytes(data[start:end], strategy))
             last = end
@@ -313,6 +314,7 @@ _REV_CONTEXT = re.compile(
 _REV_TOKEN = re.compile(rb"[" + _TOK + rb"]+")
 _STRONG_WORDS = (b"Jye", b"AIKA", b"AISA", b"_pooh")
 _STRONG_TOKEN = 16
+_LINE_END = b"\r\n"
 
 
 def _utf8_incomplete(buf: bytes) -> int:
@@ -339,6 +341,8 @@ def _cut(buf: bytes, max_hold: int, *, continuing: bool) -> tuple[int, bool]:
     pem = pem_open(buf)
     if pem != -1:
         return min(pem, cut), True
+    if buf[-1] in _LINE_END:  # no reversed pattern can start there: nothing to hold (the common case)
+        return cut, False
     rev = buf[max(0, cut - max_hold) : cut][::-1]
     if not rev or _REV_CSI.match(rev) or rev.startswith(b"-----YEK ETAVIRP"):
         return cut, False
