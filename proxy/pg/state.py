@@ -170,8 +170,14 @@ class State:
             return
         k, v = self.expect[0]
         if k == "execute":
-            self.rec = v[1]
-            self.plan = v[0].plan if v[0] is not None else None
+            portal, rec = v
+            self.rec = rec
+            if portal is not None:
+                self.plan = portal.plan
+                if portal.stmt.fields is not None and rec.columns is _NO_COLUMNS:
+                    rec.columns = portal.stmt.fields.columns
+            else:
+                self.plan = None
         elif k == "query":
             if self.rec is not v:
                 self.rec, self.plan = v, None
