@@ -30,6 +30,7 @@ from proxy.pg.messages import (
     ERRORS,
     I32,
     MalformedMessage,
+    Parse,
     decode_bind_head,
     decode_command_complete,
     decode_describe,
@@ -144,7 +145,65 @@ def fast_request(insp: Inspector, buf: bytes) -> bool:
     return True
 
 
-_BATCH = {(0x50, 0x42, 0x44, 0x45, 0x53), (0x42, 0x44, 0x45, 0x53)}  # [Parse] Bind Describe Execute Sync
+Batch = tuple[tuple[bytes | None, bytes, bytes], str, str, tuple[int, ...]]
+
+
+def batch(buf: bytes, max_length: int = codec.CLIENT_MAX_MESSAGE) -> Batch | None:
+    """Whether ``buf`` is exactly one extended-protocol statement (see :func:`py_batch`); C when built."""
+    if _wire is not None:
+        return _wire.batch(buf, max_length)
+    return py_batch(buf, max_length)
+
+
+def py_batch(buf: bytes, max_length: int = codec.CLIENT_MAX_MESSAGE) -> Batch | None:
+    """``(key, portal, statement, result_formats)`` when ``buf`` is exactly [Parse] Bind Describe
+    Execute Sync, each whole and well-sized, with a Bind that :func:`decode_bind_head` accepts;
+    else None. ``key`` is (Parse body or None, Describe body, Execute body): what repeats from
+    one statement to the next, so the decoded messages are memoised by it."""
+    end = len(buf)
+    pos = 0
+    spans = []
+    for t in (0x50, 0x42, 0x44, 0x45, 0x53):
+        stop = _msg_at(buf, pos, end, max_length, t)
+        if stop < 0:
+            if t == 0x50:
+                spans.append((-1, -1))
+                continue
+            return None
+        spans.append((pos, stop))
+        pos = stop
+    (ps, pe), (bs, be), (ds, de), (es, ee), (ss, se) = spans
+    if se != ss + 5 or se != end:
+        return None
+    try:
+        portal, statement, formats = decode_bind_head(buf[bs + 5 : be])
+    except MalformedMessage:
+        return None
+    key = (buf[ps + 5 : pe] if ps >= 0 else None, buf[ds + 5 : de], buf[es + 5 : ee])
+    return key, portal, statement, formats
+
+
+def _batch_parts(insp: Inspector, key: tuple[bytes | None, bytes, bytes]) -> tuple[Parse | None, str, str] | None:
+    """The Parse, the Describe's portal and the Execute's portal of a batch, decoded once per
+    ``key`` (decoders are pure); None when the batch is not one the fast path takes."""
+    memo = insp._batches
+    hit = memo.get(key, _MISSING)
+    if hit is _MISSING:
+        try:
+            p = decode_parse(key[0]) if key[0] is not None else None
+            d = decode_describe(key[1])
+            ex = decode_execute(key[2])
+        except MalformedMessage:
+            return None  # not memoised: the general path reports it
+        hit = (p, d.name, ex.portal) if d.kind == "P" and ex.max_rows == 0 else None
+        if len(memo) > 1024:
+            memo.clear()
+        memo[key] = hit
+    return hit  # type: ignore[no-any-return]
+
+
+_MISSING = object()
+_BIND, _SYNC = ("bind", None), ("sync", None)
 
 
 def fast_batch(insp: Inspector, buf: bytes) -> bool:
@@ -153,28 +212,17 @@ def fast_batch(insp: Inspector, buf: bytes) -> bool:
     (forward ``buf`` whole), False to leave it, untouched, to the general path."""
     if insp.discarding:
         return False
-    frames: list[codec.Frame] = []
-    if codec.split(buf, 0, codec.CLIENT_MAX_MESSAGE, frames)[0] != len(buf):
+    got = batch(buf)
+    if got is None:
         return False
-    if tuple([f[0] for f in frames]) not in _BATCH:
+    key, portal_name, statement, result_formats = got
+    parts = _batch_parts(insp, key)
+    if parts is None:
         return False
-    mv = memoryview(buf)
-    parse = len(frames) == 5
-    try:
-        if parse:
-            _, s, e = frames[0]
-            p = insp._decoded(0x50, mv[s + 5 : e], decode_parse)
-        _, s, e = frames[-4]
-        portal_name, statement, result_formats = decode_bind_head(mv[s + 5 : e])
-        _, s, e = frames[-3]
-        d = insp._decoded(0x44, mv[s + 5 : e], decode_describe)
-        _, s, e = frames[-2]
-        ex = insp._decoded(0x45, mv[s + 5 : e], decode_execute)
-    except MalformedMessage:
+    p, described, executed = parts
+    if described != portal_name or executed != portal_name:
         return False
-    if d.kind != "P" or d.name != portal_name or ex.portal != portal_name:
-        return False
-    if parse:
+    if p is not None:
         if p.statement != statement:
             return False
         text, kinds, decision = insp._check(p.sql)
@@ -191,8 +239,8 @@ def fast_batch(insp: Inspector, buf: bytes) -> bool:
     portal.described = True  # by the Describe of this batch
     insp.portals[portal_name] = portal
     insp.stats["statements"] += 1
-    insp.expect.extend((("bind", None), ("describe_p", (portal, False)),
-                        ("execute", (portal, Rec(stmt.text, stmt.kinds, "allow", None))), ("sync", None)))
+    insp.expect.extend((_BIND, ("describe_p", (portal, False)),
+                        ("execute", (portal, Rec(stmt.text, stmt.kinds, "allow", None))), _SYNC))
     insp.batch_sent = False  # the Sync ends the batch
     return True
 

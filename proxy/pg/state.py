@@ -113,6 +113,8 @@ class State:
         self._verdicts: dict[int, tuple[Any, list[str], Decision, bool]] = {}
         self._shapes: dict[bytes, Shape] = {}  # raw RowDescription body -> its shape
         self._memo: dict[tuple[int, bytes], Any] = {}  # (type, raw body) -> decoded client message
+        #: (Parse body or None, Describe body, Execute body) -> what proxy.pg.fast needs of them
+        self._batches: dict[tuple[bytes | None, bytes, bytes], Any] = {}
         self._record = session.record
 
     def _inject(self, data: bytes | None) -> None:

@@ -298,3 +298,30 @@ def test_shape_matches_python_on_fuzzed_text() -> None:
         "SELECT a FROM t WHERE id = ? AND s = ? AND f = ?"
     assert shape('SELECT "t1"."c2" FROM t1 WHERE x1 = 3') == 'SELECT "t1"."c2" FROM t1 WHERE x1 = ?'
     assert shape("SELECT 1 -- c") is None and shape("SELECT $$x$$") is None
+
+
+def _batches(rnd: random.Random) -> bytes:
+    params = [rnd.choice([None, b"", b"1", b"\0\xff", "é".encode()]) for _ in range(rnd.randint(0, 3))]
+    portal, statement = rnd.choice(["", "p1", "ü"]), rnd.choice(["", "s1"])
+    formats = [rnd.choice([0, 1]) for _ in range(rnd.randint(0, 2))]
+    parse = codec.encode_parse(statement, "SELECT $1") if rnd.random() < 0.6 else b""
+    return (parse + codec.encode_bind(portal, statement, params, param_formats=[rnd.choice([0, 1]) for _ in params],
+                                      result_formats=formats)
+            + codec.encode_describe(rnd.choice("PS"), portal) + codec.encode_execute(portal, rnd.choice([0, 5]))
+            + codec.SYNC)
+
+
+def test_batch_matches_python_on_valid_cut_and_mangled_bytes() -> None:
+    rnd = random.Random(3)
+    for _ in range(3000):
+        wire = _batches(rnd)
+        cases = [wire, wire[: rnd.randrange(len(wire) + 1)], wire + codec.SYNC]
+        data = bytearray(wire)
+        for _ in range(rnd.randint(1, 3)):
+            data[rnd.randrange(len(data))] = rnd.choice((0, 0xFF, 0x42, 0x53, 0x7F, rnd.randrange(256)))
+        cases.append(bytes(data))
+        for case in cases:
+            for limit in (codec.CLIENT_MAX_MESSAGE, 12):
+                assert _wire.batch(case, limit) == fast.py_batch(case, limit), case
+    assert fast.batch(_batch(SELECT, [b"1"], "s", "p")) == (
+        (codec.encode_parse("s", SELECT)[5:], b"Pp\0", b"p\0\0\0\0\0"), "p", "s", ())
