@@ -1,4 +1,6 @@
-/* Hot loops of the PostgreSQL relay over DataRow runs, in C; see proxy/pg/_wire.pyi.
+/* Hot loops of the PostgreSQL relay, in C: framing, DataRow runs, the recognisers of the
+ * fast paths (one statement, its whole answer) and the guard's literal shape; see
+ * proxy/pg/_wire.pyi.
  *
  * How this works. Each function mirrors a pure-Python twin (codec._py_split,
  * rows._py_rewrite_run, rows._py_text_cells, fast.py_reply_stretch,

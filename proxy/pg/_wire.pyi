@@ -1,4 +1,7 @@
-"""C twins of the relay's DataRow loops (proxy/pg/_wire.c); see codec.split and rows.rewrite_run."""
+"""C twins of the relay's hot loops (proxy/pg/_wire.c).
+
+See codec.split, rows.rewrite_run, fast.batch, fast.reply_stretch and sqlguard.shape.
+"""
 
 from collections.abc import Callable
 from typing import Any

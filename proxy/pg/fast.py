@@ -5,10 +5,12 @@ complete answer: a Query, or a Parse/Bind/Describe/Execute/Sync batch, and ``[Pa
 [BindComplete] RowDescription DataRow* CommandComplete ReadyForQuery``. For such a chunk the
 general walk of :class:`~proxy.pg.inspect.Inspector` (a frame tuple, a dispatch and a few
 attribute lookups per message) costs more than the work itself. :func:`fast_request` and
-:func:`fast_reply` recognise these chunks (the answer with one C call,
-:func:`reply_stretch`), check that the protocol state is exactly the one the chunk
-completes, and then apply the same state changes the general path would, in one go. The
-chunk is forwarded whole.
+:func:`fast_reply` recognise these chunks with one C call each (:func:`batch`,
+:func:`reply_stretch`; a Query needs none), check that the protocol state is exactly the one
+the chunk completes, and then apply the same state changes the general path would, in one
+go; what repeats from one statement to the next (the Parse, Describe and Execute bytes, the
+RowDescription, the statement text) is decoded once and looked up after. The chunk is
+forwarded whole, in one write.
 
 They never decide anything the general path would not: the guard still sees every
 statement through ``Inspector._check`` (its cache holds a decision per identical statement
