@@ -13,6 +13,7 @@ as the floor a relay pays in the kernel. Prints a table and writes bench/results
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import gc
 import json
@@ -33,6 +34,7 @@ from tests.support.pgcluster import PgCluster, free_port, pg_cluster
 ROWS = 500_000
 SECONDS = 3
 CLIENTS = (1, 4, 16)
+MODES = ("simple", "extended")
 RESULTS = Path(__file__).parent / "results" / "pg_proxy.json"
 
 EVERYTHING = {
@@ -77,7 +79,16 @@ async def _serve(spec: dict[str, Any]) -> None:
     grant, secret = await service.breakglass(ROOT, "prod-db", "bench@example.com", "4h", "bench")
     gc.freeze()  # as broker.runtime.serve_forever does once started
     print(json.dumps({"port": port, "login": grant.login, "secret": secret}), flush=True)
+    profiler = None
+    if spec.get("profile"):
+        import cProfile
+
+        profiler = cProfile.Profile(time.thread_time)  # CPU, not wall: the box is shared
+        profiler.enable()
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    if profiler is not None:
+        profiler.disable()
+        profiler.dump_stats(spec["profile"])
     await proxy.stop()
     await hub.close_all()
     await store.close()
@@ -104,8 +115,8 @@ def _child(pid: int) -> int:
     return pid
 
 
-def _pgbench(cluster: PgCluster, env: dict[str, str], clients: int, mode: str) -> tuple[float, int]:
-    out = subprocess.run([str(cluster.bindir / "pgbench"), "-n", "-S", "-T", str(SECONDS), "-c", str(clients),
+def _pgbench(cluster: PgCluster, env: dict[str, str], clients: int, mode: str, seconds: int) -> tuple[float, int]:
+    out = subprocess.run([str(cluster.bindir / "pgbench"), "-n", "-S", "-T", str(seconds), "-c", str(clients),
                           "-j", str(min(clients, 2)), "-M", mode], env=env, capture_output=True, text=True,
                          check=True, timeout=120).stdout
     tps = float(re.search(r"tps = ([\d.]+)", out).group(1))  # type: ignore[union-attr]
@@ -162,13 +173,15 @@ def _start_pgbouncer(cluster: PgCluster, database: str, base: Path) -> tuple[sub
 
 
 def _start_hoop(cluster: PgCluster, database: str, base: Path, resource: dict[str, Any],
-                name: str) -> tuple[subprocess.Popen[str], dict[str, Any]]:
+                name: str, profile: str | None = None,
+                tree: str | None = None) -> tuple[subprocess.Popen[str], dict[str, Any]]:
     tmp = base / name
     tmp.mkdir()
     spec = {"tmp": str(tmp), "address": f"{cluster.host}:{cluster.port}", "database": database,
-            "user": cluster.user, "password": cluster.password, "resource": resource}
+            "user": cluster.user, "password": cluster.password, "resource": resource, "profile": profile}
+    env = {**os.environ, "PYTHONPATH": tree} if tree else None
     proc = subprocess.Popen([sys.executable, "-m", "bench.pg_proxy", "--serve", json.dumps(spec)],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=tree, env=env)
     assert proc.stdout is not None
     info = json.loads(proc.stdout.readline())
     return proc, info
@@ -176,8 +189,29 @@ def _start_hoop(cluster: PgCluster, database: str, base: Path, resource: dict[st
 
 # ---- the run ------------------------------------------------------------------------------
 
+def _args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m bench.pg_proxy", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seconds", type=int, default=SECONDS, help="length of each pgbench run (default %(default)s)")
+    ap.add_argument("--clients", type=lambda v: tuple(int(c) for c in v.split(",")), default=CLIENTS,
+                    help="pgbench client counts, comma-separated (default 1,4,16)")
+    ap.add_argument("--modes", type=lambda v: tuple(v.split(",")), default=MODES,
+                    help="pgbench query modes, comma-separated (default simple,extended)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run the pgbench matrix this many times, interleaved; each cell keeps its median")
+    ap.add_argument("--no-large", action="store_true", help="skip the 500k-row results")
+    ap.add_argument("--no-plain", action="store_true", help="skip hoop with no rules")
+    ap.add_argument("--baseline", metavar="TREE",
+                    help="also run hoop everything-on from another source tree (e.g. an export of the "
+                         "previous commit), as the target hoop-baseline: before/after in one run")
+    ap.add_argument("--profile", metavar="FILE", help="cProfile the everything-on hoop process into FILE")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="results file (default %(default)s)")
+    return ap.parse_args()
+
+
 def main() -> None:
-    results: dict[str, Any] = {"seconds_per_pgbench_run": SECONDS, "rows": ROWS, "configs": {}}
+    args = _args()
+    results: dict[str, Any] = {"seconds_per_pgbench_run": args.seconds, "rows": ROWS, "configs": {},
+                               "loadavg_start": os.getloadavg()}
     with pg_cluster() as cluster:
         database = cluster.create_database("bench")
         subprocess.run([str(cluster.bindir / "pgbench"), "-i", "-s", "1", "-q", database], env=cluster.env(),
@@ -188,14 +222,19 @@ def main() -> None:
         cluster.psql("VACUUM ANALYZE big", database=database)
         base = Path(tempfile.mkdtemp(prefix="hoop-bench-"))
         bouncer, bport = _start_pgbouncer(cluster, database, base)
-        hoop_plain, plain_info = _start_hoop(cluster, database, base, NO_RULES, "plain")
-        hoop_all, all_info = _start_hoop(cluster, database, base, EVERYTHING, "all")
         targets: dict[str, tuple[int, str, str, str, int | None]] = {
             "direct": (cluster.port, database, cluster.user, cluster.password, None),
             "pgbouncer": (bport, database, cluster.user, cluster.password, _child(bouncer.pid)),
-            "hoop-no-rules": (plain_info["port"], "prod-db", plain_info["login"], plain_info["secret"], hoop_plain.pid),
-            "hoop-everything": (all_info["port"], "prod-db", all_info["login"], all_info["secret"], hoop_all.pid),
         }
+        hoops: list[subprocess.Popen[str]] = []
+        plan = [] if args.no_plain else [("hoop-no-rules", NO_RULES, None, None)]
+        if args.baseline:
+            plan.append(("hoop-baseline", EVERYTHING, None, args.baseline))
+        plan.append(("hoop-everything", EVERYTHING, args.profile, None))
+        for name, resource, profile, tree in plan:
+            proc, info = _start_hoop(cluster, database, base, resource, name, profile, tree)
+            hoops.append(proc)
+            targets[name] = (info["port"], "prod-db", info["login"], info["secret"], proc.pid)
         envs = {name: {**os.environ, "PGHOST": "127.0.0.1", "PGPORT": str(port), "PGUSER": user,
                        "PGPASSWORD": password, "PGDATABASE": db, "PGSSLMODE": "disable"}
                 for name, (port, db, user, password, _) in targets.items()}
@@ -203,21 +242,27 @@ def main() -> None:
         try:
             # interleaved: each workload runs on every target back to back, so load from other
             # processes on the machine shifts all four columns of a row alike
-            for mode in ("simple", "extended"):
-                for clients in CLIENTS:
-                    for name, (_, _, _, _, pid) in targets.items():
-                        cpu0 = _cpu(pid) if pid else (0.0, 0.0)
-                        tps, n = _pgbench(cluster, envs[name], clients, mode)
-                        entry: dict[str, Any] = {"tps": round(tps)}
-                        if pid:
-                            user, system = _cpu(pid)
-                            entry["proxy_user_us_per_query"] = round((user - cpu0[0]) / max(n, 1) * 1e6, 1)
-                            entry["proxy_sys_us_per_query"] = round((system - cpu0[1]) / max(n, 1) * 1e6, 1)
-                            entry["proxy_cpu_us_per_query"] = round(entry["proxy_user_us_per_query"]
-                                                                    + entry["proxy_sys_us_per_query"], 1)
-                        rows[name][f"pgbench_S_{mode}_c{clients}"] = entry
-            for label, sql in (("masked_500k", "SELECT id, email, card FROM big"),
-                               ("nothing_to_mask_500k", "SELECT id, note FROM big")):
+            samples: dict[tuple[str, str], list[dict[str, Any]]] = {}
+            for _ in range(args.rounds):
+                for mode in args.modes:
+                    for clients in args.clients:
+                        for name, (_, _, _, _, pid) in targets.items():
+                            cpu0 = _cpu(pid) if pid else (0.0, 0.0)
+                            tps, n = _pgbench(cluster, envs[name], clients, mode, args.seconds)
+                            entry: dict[str, Any] = {"tps": round(tps)}
+                            if pid:
+                                user, system = _cpu(pid)
+                                entry["proxy_user_us_per_query"] = round((user - cpu0[0]) / max(n, 1) * 1e6, 1)
+                                entry["proxy_sys_us_per_query"] = round((system - cpu0[1]) / max(n, 1) * 1e6, 1)
+                                entry["proxy_cpu_us_per_query"] = round(entry["proxy_user_us_per_query"]
+                                                                        + entry["proxy_sys_us_per_query"], 1)
+                            samples.setdefault((name, f"pgbench_S_{mode}_c{clients}"), []).append(entry)
+            for (name, key), got in samples.items():
+                got.sort(key=lambda x: x["tps"])
+                rows[name][key] = got[len(got) // 2]
+            large = () if args.no_large else (("masked_500k", "SELECT id, email, card FROM big"),
+                                              ("nothing_to_mask_500k", "SELECT id, note FROM big"))
+            for label, sql in large:
                 walls: dict[str, list[tuple[float, int]]] = {name: [] for name in targets}
                 for _ in range(3):
                     for name, (port, db, user, password, _) in targets.items():
@@ -227,8 +272,9 @@ def main() -> None:
                     rows[name][label] = {"wall_s": round(best[0], 3), "rows_per_s": round(ROWS / best[0]),
                                          "bytes": best[1]}
             results["configs"] = rows
+            results["loadavg_end"] = os.getloadavg()
         finally:
-            for proc in (hoop_plain, hoop_all):
+            for proc in hoops:
                 assert proc.stdin is not None
                 proc.stdin.close()
                 try:
@@ -239,10 +285,10 @@ def main() -> None:
             bouncer.terminate()
             bouncer.wait(timeout=10)
             shutil.rmtree(base, ignore_errors=True)
-    _report(results)
+    _report(results, args.out)
 
 
-def _report(results: dict[str, Any]) -> None:
+def _report(results: dict[str, Any], out: Path) -> None:
     configs = results["configs"]
     direct = configs["direct"]
     bouncer = configs["pgbouncer"]
@@ -256,30 +302,35 @@ def _report(results: dict[str, Any]) -> None:
     for k in keys:
         cells = [f"{c[k].get('proxy_sys_us_per_query', '-')!s:>18}" for c in configs.values()]
         print(f"{k + ' of it sys':<28}" + "".join(cells))
-    for k in ("masked_500k", "nothing_to_mask_500k"):
+    large = [k for k in ("masked_500k", "nothing_to_mask_500k") if k in direct]
+    for k in large:
         print(f"{k + ' wall s':<28}" + "".join(f"{c[k]['wall_s']:>18}" for c in configs.values()))
         print(f"{k + ' x direct':<28}" + "".join(f"{c[k]['wall_s'] / direct[k]['wall_s']:>18.2f}"
                                                 for c in configs.values()))
     for k in keys:
         print(f"{k + ' x pgbouncer':<28}" + "".join(f"{c[k]['tps'] / bouncer[k]['tps']:>18.2f}"
                                                    for c in configs.values()))
-    summary = {}
-    for name in ("hoop-no-rules", "hoop-everything"):
+    summary: dict[str, Any] = {}
+    for name in [n for n in configs if n.startswith("hoop")]:
         c = configs[name]
         summary[name] = {
             "tps_vs_pgbouncer_min": round(min(c[k]["tps"] / bouncer[k]["tps"] for k in keys), 3),
             "cpu_us_per_query_max": max(c[k]["proxy_cpu_us_per_query"] for k in keys),
-            "masked_wall_vs_direct": round(c["masked_500k"]["wall_s"] / direct["masked_500k"]["wall_s"], 2),
-            "masked_rows_per_s": c["masked_500k"]["rows_per_s"],
-            "nothing_to_mask_wall_vs_direct": round(c["nothing_to_mask_500k"]["wall_s"]
-                                                    / direct["nothing_to_mask_500k"]["wall_s"], 2),
         }
+        if large:
+            summary[name].update({
+                "masked_wall_vs_direct": round(c["masked_500k"]["wall_s"] / direct["masked_500k"]["wall_s"], 2),
+                "masked_rows_per_s": c["masked_500k"]["rows_per_s"],
+                "nothing_to_mask_wall_vs_direct": round(c["nothing_to_mask_500k"]["wall_s"]
+                                                        / direct["nothing_to_mask_500k"]["wall_s"], 2),
+            })
     summary["pgbouncer"] = {"cpu_us_per_query_max": max(bouncer[k].get("proxy_cpu_us_per_query", 0.0) for k in keys),
                             "cpu_us_per_query_min": min(bouncer[k].get("proxy_cpu_us_per_query", 0.0) for k in keys)}
     results["summary"] = summary
     print("\n" + json.dumps(summary, indent=2))
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"load average: start {results['loadavg_start']}, end {results['loadavg_end']}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -60,8 +60,8 @@ def _ENCODE(value: Any) -> str:
 
 _SQLITE_INSERT = (f"INSERT INTO {tables.session_events.name} (session_id, seq, at, kind, data) "
                   "VALUES (?, ?, ?, ?, ?)")
-#: (seq, at, at as ISO text with microseconds, kind, data, data as JSON)
-_Pending = tuple[int, datetime, str, str, dict[str, Any], str]
+#: (seq, at, at as ISO text with microseconds, kind, data (None when the store is SQLite), data as JSON)
+_Pending = tuple[int, datetime, str, str, dict[str, Any] | None, str]
 
 
 def _sqlite_at(at: datetime, iso: str) -> str:
@@ -178,6 +178,9 @@ class SessionHub:
         #: events recorded in the current loop iteration, spooled by :meth:`_write_tick`
         self._tick: list[tuple[LiveSession, int, datetime, str, dict[str, Any]]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
+        #: SQLite is written from the encoded JSON alone: the event dicts need not be kept until
+        #: the flush (fewer live containers for the garbage collector to walk on the hot path)
+        self._keep_data = service.store.engine.dialect.name != "sqlite"
 
     async def open(self, grant: Grant, resource: str, protocol: str, client_addr: str,
                    on_end: Callable[[str], None]) -> LiveSession:
@@ -222,10 +225,11 @@ class SessionHub:
             return
         lines: dict[LiveSession, list[str]] = {}
         dirty = self._dirty
+        keep = self._keep_data
         for s, seq, at, kind, data in tick:
             encoded = _ENCODE(data)
             iso = at.isoformat(timespec="microseconds")
-            s._pending.append((seq, at, iso, kind, data, encoded))
+            s._pending.append((seq, at, iso, kind, data if keep else None, encoded))
             if s._spool is not None:
                 line = f'{{"seq":{seq},"at":"{iso}","kind":"{kind}","data":{encoded}}}\n' if kind.isidentifier() \
                     else f'{{"seq":{seq},"at":"{iso}","kind":{_ENCODE(kind)},"data":{encoded}}}\n'
@@ -276,7 +280,7 @@ class SessionHub:
                         for sid, items in batch for seq, at, iso, kind, _, encoded in items]
                 await tx.conn.exec_driver_sql(_SQLITE_INSERT, rows)
             else:
-                await tx.add_events([SessionEvent(session_id=sid, seq=seq, at=at, kind=kind, data=data)
+                await tx.add_events([SessionEvent(session_id=sid, seq=seq, at=at, kind=kind, data=data or {})
                                      for sid, items in batch for seq, at, _, kind, data, _ in items])
 
     async def _flush_loop(self) -> None:

@@ -52,7 +52,12 @@ from pglast import parser as pg
 from broker.config import Guardrails, Rule, SqlKind
 from proxy.guard import Decision, decide, name_matches, strictest, unparsed
 
-__all__ = ["Analysis", "SqlGuard", "Statement", "is_write", "shape"]
+try:
+    from proxy.pg import _wire
+except ImportError:  # not built: the pure-Python shape runs
+    _wire = None  # type: ignore[assignment]
+
+__all__ = ["Analysis", "SqlGuard", "Statement", "is_write", "py_shape", "shape"]
 
 _MAX_DEPTH = 4
 _MAX_CACHED_LEN = 8192
@@ -108,7 +113,17 @@ _LITERAL_NO_IDENT = re.compile(r"'[^']*'|(?<![\w$.])\d+(?:\.\d+)?(?:[eE][+-]?\d+
 
 
 def shape(sql: str) -> str | None:
-    """The text with literals replaced by ``?``, or ``None`` when that is not provably safe."""
+    """The text with literals replaced by ``?``, or ``None`` when that is not provably safe.
+
+    Runs in C (:mod:`proxy.pg._wire`) for an ASCII text when it is built; :func:`py_shape`
+    is its twin, which the tests check on fuzzed input."""
+    if _wire is not None and sql.isascii():
+        return _wire.shape(sql)
+    return py_shape(sql)
+
+
+def py_shape(sql: str) -> str | None:
+    """The pure-Python :func:`shape`: the regular expressions above."""
     if _UNSAFE_FOR_SHAPE.search(sql):
         return None
     if '"' not in sql:

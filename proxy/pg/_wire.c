@@ -1,7 +1,10 @@
-/* Hot loops of the PostgreSQL relay over DataRow runs, in C; see proxy/pg/_wire.pyi.
+/* Hot loops of the PostgreSQL relay, in C: framing, DataRow runs, the recognisers of the
+ * fast paths (one statement, its whole answer) and the guard's literal shape; see
+ * proxy/pg/_wire.pyi.
  *
  * How this works. Each function mirrors a pure-Python twin (codec._py_split,
- * rows._py_rewrite_run, rows._py_text_cells) byte for byte; the tests run both on the
+ * rows._py_rewrite_run, rows._py_text_cells, fast.py_reply_stretch,
+ * fast.py_batch, sqlguard.py_shape) byte for byte; the tests run both on the
  * same inputs, malformed ones included. Nothing here keeps state or does I/O: buffers
  * come in through the buffer protocol and results go out as new bytes objects.
  */
@@ -332,10 +335,248 @@ out:
     return result;
 }
 
+/* ---- reply_stretch --------------------------------------------------------------------
+ * reply_stretch(buf, max_length) -> (pre, ts, te, ds, de, rows, cs, ce, status) | None
+ * Whether `buf` is exactly one statement's answer: ParseComplete? BindComplete?
+ * (RowDescription DataRow*)? CommandComplete ReadyForQuery, nothing before or after.
+ * pre: bit 1 ParseComplete, bit 2 BindComplete; ts/te the RowDescription (-1 when absent),
+ * ds/de the run of DataRows (empty at te), cs/ce the CommandComplete; status the byte of
+ * ReadyForQuery. None for anything else, a bad length included: the general path decides. */
+
+static int msg_at(const unsigned char *buf, Py_ssize_t pos, Py_ssize_t end, long long max_length, int type,
+                  Py_ssize_t *stop) {
+    if (end - pos < 5 || buf[pos] != type) return 0;
+    int32_t length = rd32(buf + pos + 1);
+    if (length < 4 || length > max_length || (Py_ssize_t)length > end - pos - 1) return 0;
+    *stop = pos + 1 + (Py_ssize_t)length;
+    return 1;
+}
+
+static PyObject *wire_reply_stretch(PyObject *Py_UNUSED(self), PyObject *args) {
+    Py_buffer view;
+    long long max_length;
+    if (!PyArg_ParseTuple(args, "y*L", &view, &max_length)) return NULL;
+    const unsigned char *buf = view.buf;
+    Py_ssize_t end = view.len, pos = 0, stop = 0;
+    long pre = 0, rows = 0;
+    Py_ssize_t ts = -1, te = -1, ds, de, cs, ce;
+    int status;
+    if (msg_at(buf, pos, end, max_length, '1', &stop)) {
+        if (stop != pos + 5) goto none;
+        pre |= 1;
+        pos = stop;
+    }
+    if (msg_at(buf, pos, end, max_length, '2', &stop)) {
+        if (stop != pos + 5) goto none;
+        pre |= 2;
+        pos = stop;
+    }
+    if (msg_at(buf, pos, end, max_length, 'T', &stop)) {
+        ts = pos;
+        te = pos = stop;
+    }
+    ds = pos;
+    while (ts >= 0 && msg_at(buf, pos, end, max_length, 'D', &stop)) {
+        rows++;
+        pos = stop;
+    }
+    de = pos;
+    if (!msg_at(buf, pos, end, max_length, 'C', &stop) || stop - pos < 6) goto none;
+    cs = pos;
+    ce = pos = stop;
+    if (!msg_at(buf, pos, end, max_length, 'Z', &stop) || stop != pos + 6 || stop != end) goto none;
+    status = buf[pos + 5];
+    PyBuffer_Release(&view);
+    return Py_BuildValue("lnnnnlnni", pre, ts, te, ds, de, rows, cs, ce, status);
+none:
+    PyBuffer_Release(&view);
+    Py_RETURN_NONE;
+}
+
+/* ---- shape ------------------------------------------------------------------------------
+ * shape(sql) -> str | None, for an ASCII str only (see sqlguard.py_shape, its twin): None when
+ * the text holds a comment, a backslash, '&' or a '$' not followed by a digit; else the text
+ * with each '...' literal and each number literal replaced by '?', "..." identifiers kept.
+ * A number is the longest digits[.digits][(e|E)[+|-]digits] at a position not preceded by a
+ * word character, '$' or '.', and it counts only when not followed by one of those. */
+
+static inline int is_digit(unsigned char c) { return c >= '0' && c <= '9'; }
+
+static inline int is_word(unsigned char c) {
+    return is_digit(c) || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c == '_';
+}
+
+static inline int sticks(unsigned char c) { return is_word(c) || c == '$' || c == '.'; }
+
+static PyObject *wire_shape(PyObject *Py_UNUSED(self), PyObject *arg) {
+    if (!PyUnicode_Check(arg) || !PyUnicode_IS_ASCII(arg)) {
+        PyErr_SetString(PyExc_TypeError, "shape() takes an ASCII str");
+        return NULL;
+    }
+    const unsigned char *s = PyUnicode_1BYTE_DATA(arg);
+    Py_ssize_t n = PyUnicode_GET_LENGTH(arg);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned char c = s[i];
+        if (c == '\\' || c == '&' || (c == '-' && i + 1 < n && s[i + 1] == '-') ||
+            (c == '/' && i + 1 < n && s[i + 1] == '*') || (c == '$' && !(i + 1 < n && is_digit(s[i + 1]))))
+            Py_RETURN_NONE;
+    }
+    PyObject *out = PyUnicode_New(n, 127);
+    if (out == NULL) return NULL;
+    unsigned char *o = PyUnicode_1BYTE_DATA(out);
+    Py_ssize_t k = 0, i = 0;
+    while (i < n) {
+        unsigned char c = s[i];
+        if (c == '"' || c == '\'') {
+            const unsigned char *close = memchr(s + i + 1, c, (size_t)(n - i - 1));
+            if (close != NULL) {
+                Py_ssize_t j = close - s;
+                if (c == '"') {
+                    memcpy(o + k, s + i, (size_t)(j + 1 - i));
+                    k += j + 1 - i;
+                } else {
+                    o[k++] = '?';
+                }
+                i = j + 1;
+                continue;
+            }
+        } else if (is_digit(c) && (i == 0 || !sticks(s[i - 1]))) {
+            Py_ssize_t j = i;
+            while (j < n && is_digit(s[j])) j++;
+            if (j + 1 < n && s[j] == '.' && is_digit(s[j + 1])) {
+                j++;
+                while (j < n && is_digit(s[j])) j++;
+            }
+            if (j < n && (s[j] == 'e' || s[j] == 'E')) {
+                Py_ssize_t e = j + 1;
+                if (e < n && (s[e] == '+' || s[e] == '-')) e++;
+                if (e < n && is_digit(s[e])) {
+                    while (e < n && is_digit(s[e])) e++;
+                    j = e;
+                }
+            }
+            if (j >= n || !sticks(s[j])) {
+                o[k++] = '?';
+                i = j;
+                continue;
+            }
+        }
+        o[k++] = c;
+        i++;
+    }
+    if (k < n) {
+        PyObject *cut = PyUnicode_Substring(out, 0, k);
+        Py_DECREF(out);
+        return cut;
+    }
+    return out;
+}
+
+/* ---- batch ---------------------------------------------------------------------------------
+ * batch(buf, max_length) -> (key, portal, statement, result_formats) | None
+ * Whether `buf` is exactly [Parse] Bind Describe Execute Sync, each whole and well-sized, with a
+ * Bind that decode_bind_head accepts. key: (Parse body or None, Describe body, Execute body),
+ * the parts that repeat from one statement to the next; portal and statement: Bind's names
+ * (UTF-8, surrogateescape); result_formats: Bind's result-format codes. None for anything else. */
+
+static int i16s(const unsigned char *b, Py_ssize_t n, Py_ssize_t *p, int16_t *count) {
+    if (*p + 2 > n) return 0;
+    int16_t c = rd16(b + *p);
+    if (c < 0 || *p + 2 + 2 * (Py_ssize_t)c > n) return 0;
+    *count = c;
+    *p += 2;
+    return 1;
+}
+
+static PyObject *wire_batch(PyObject *Py_UNUSED(self), PyObject *args) {
+    Py_buffer view;
+    long long max_length;
+    if (!PyArg_ParseTuple(args, "y*L", &view, &max_length)) return NULL;
+    const unsigned char *buf = view.buf;
+    Py_ssize_t end = view.len, pos = 0, stop = 0, ps = -1, pe = -1, bs, be, ds, de, es, ee;
+    PyObject *result = NULL;
+    if (msg_at(buf, pos, end, max_length, 'P', &stop)) {
+        ps = pos;
+        pe = pos = stop;
+    }
+    if (!msg_at(buf, pos, end, max_length, 'B', &stop)) goto none;
+    bs = pos;
+    be = pos = stop;
+    if (!msg_at(buf, pos, end, max_length, 'D', &stop)) goto none;
+    ds = pos;
+    de = pos = stop;
+    if (!msg_at(buf, pos, end, max_length, 'E', &stop)) goto none;
+    es = pos;
+    ee = pos = stop;
+    if (!msg_at(buf, pos, end, max_length, 'S', &stop) || stop != pos + 5 || stop != end) goto none;
+    {
+        const unsigned char *b = buf + bs + 5;
+        Py_ssize_t n = be - bs - 5, p = 0;
+        const unsigned char *z = memchr(b, 0, (size_t)n);
+        if (z == NULL) goto none;
+        Py_ssize_t portal_end = z - b;
+        p = portal_end + 1;
+        z = p < n ? memchr(b + p, 0, (size_t)(n - p)) : NULL;
+        if (z == NULL) goto none;
+        Py_ssize_t stmt_start = p, stmt_end = z - b;
+        p = stmt_end + 1;
+        int16_t count;
+        if (!i16s(b, n, &p, &count)) goto none; /* parameter formats */
+        p += 2 * (Py_ssize_t)count;
+        if (p + 2 > n) goto none;
+        count = rd16(b + p);
+        if (count < 0) goto none;
+        p += 2;
+        for (int16_t k = 0; k < count; k++) {
+            if (p + 4 > n) goto none;
+            int32_t size = rd32(b + p);
+            p += 4;
+            if (size == -1) continue;
+            if (size < 0 || p + (Py_ssize_t)size > n) goto none;
+            p += size;
+        }
+        if (!i16s(b, n, &p, &count)) goto none; /* result formats */
+        if (p + 2 * (Py_ssize_t)count != n) goto none;
+        PyObject *formats = PyTuple_New(count);
+        if (formats == NULL) goto out;
+        for (int16_t k = 0; k < count; k++) {
+            PyObject *v = PyLong_FromLong(rd16(b + p + 2 * k));
+            if (v == NULL) {
+                Py_DECREF(formats);
+                goto out;
+            }
+            PyTuple_SET_ITEM(formats, k, v);
+        }
+        PyObject *portal = PyUnicode_DecodeUTF8((const char *)b, portal_end, "surrogateescape");
+        PyObject *stmt = PyUnicode_DecodeUTF8((const char *)b + stmt_start, stmt_end - stmt_start, "surrogateescape");
+        PyObject *pb = ps >= 0 ? PyBytes_FromStringAndSize((const char *)buf + ps + 5, pe - ps - 5) : Py_NewRef(Py_None);
+        PyObject *db = PyBytes_FromStringAndSize((const char *)buf + ds + 5, de - ds - 5);
+        PyObject *eb = PyBytes_FromStringAndSize((const char *)buf + es + 5, ee - es - 5);
+        PyObject *key = (pb && db && eb) ? PyTuple_Pack(3, pb, db, eb) : NULL;
+        if (key && portal && stmt) result = PyTuple_Pack(4, key, portal, stmt, formats);
+        Py_XDECREF(pb);
+        Py_XDECREF(db);
+        Py_XDECREF(eb);
+        Py_XDECREF(key);
+        Py_XDECREF(portal);
+        Py_XDECREF(stmt);
+        Py_DECREF(formats);
+        goto out;
+    }
+none:
+    result = Py_NewRef(Py_None);
+out:
+    PyBuffer_Release(&view);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"split", wire_split, METH_VARARGS, "Frames of a typed message stream (see codec.split)."},
     {"rewrite_run", wire_rewrite_run, METH_VARARGS, "A masked DataRow run rewritten (see rows.rewrite_run)."},
     {"text_cells", wire_text_cells, METH_VARARGS, "Readable cells of a DataRow run joined by NUL."},
+    {"batch", wire_batch, METH_VARARGS, "One extended-protocol statement (see fast.batch)."},
+    {"shape", wire_shape, METH_O, "A statement's text with its literals replaced (see sqlguard.shape)."},
+    {"reply_stretch", wire_reply_stretch, METH_VARARGS, "One statement's whole answer (see fast.reply_stretch)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -1,4 +1,7 @@
-"""C twins of the relay's DataRow loops (proxy/pg/_wire.c); see codec.split and rows.rewrite_run."""
+"""C twins of the relay's hot loops (proxy/pg/_wire.c).
+
+See codec.split, rows.rewrite_run, fast.batch, fast.reply_stretch and sqlguard.shape.
+"""
 
 from collections.abc import Callable
 from typing import Any
@@ -13,3 +16,8 @@ def rewrite_run(
     apply: Callable[[bytes, Any], bytes], scanning: bool, err: type[Exception], /
 ) -> tuple[bytes, bytes | None]: ...
 def text_cells(buf: Buf, s: int, e: int, readable: bytes, /) -> bytes | None: ...
+def reply_stretch(buf: Buf, max_length: int, /) -> tuple[int, int, int, int, int, int, int, int, int] | None: ...
+def shape(sql: str, /) -> str | None: ...
+def batch(
+    buf: Buf, max_length: int, /
+) -> tuple[tuple[bytes | None, bytes, bytes], str, str, tuple[int, ...]] | None: ...

@@ -298,6 +298,11 @@ class Framer:
         """Bytes held back waiting for the rest of a message."""
         return self._held
 
+    @property
+    def idle(self) -> bool:
+        """No message is half-way: the next chunk starts at a message boundary."""
+        return not self._held and not self._skip
+
     def feed(self, data: bytes) -> tuple[bytes, list[Frame]]:
         """Split ``data`` (after any held tail); frames index into the returned buffer."""
         frames: list[Frame] = []

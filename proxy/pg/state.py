@@ -113,6 +113,8 @@ class State:
         self._verdicts: dict[int, tuple[Any, list[str], Decision, bool]] = {}
         self._shapes: dict[bytes, Shape] = {}  # raw RowDescription body -> its shape
         self._memo: dict[tuple[int, bytes], Any] = {}  # (type, raw body) -> decoded client message
+        #: (Parse body or None, Describe body, Execute body) -> what proxy.pg.fast needs of them
+        self._batches: dict[tuple[bytes | None, bytes, bytes], Any] = {}
         self._record = session.record
 
     def _inject(self, data: bytes | None) -> None:
@@ -170,8 +172,14 @@ class State:
             return
         k, v = self.expect[0]
         if k == "execute":
-            self.rec = v[1]
-            self.plan = v[0].plan if v[0] is not None else None
+            portal, rec = v
+            self.rec = rec
+            if portal is not None:
+                self.plan = portal.plan
+                if portal.stmt.fields is not None and rec.columns is _NO_COLUMNS:
+                    rec.columns = portal.stmt.fields.columns
+            else:
+                self.plan = None
         elif k == "query":
             if self.rec is not v:
                 self.rec, self.plan = v, None
