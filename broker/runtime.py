@@ -212,6 +212,7 @@ async def serve_forever(config: HoopConfig, settings: Settings, say: Callable[[s
                 from proxy.pg.tls import server_tls
 
                 https = server_tls(config.tls, config.state_dir).context
+                https.set_alpn_protocols(["http/1.1"])  # HTTP/2 clients (kubectl) fall back to 1.1
             else:
                 say("hoop: warning: the HTTP proxy serves plain http, so bearer credentials cross the network in "
                     "clear; set tls.http_proxy: true or put a TLS terminator in front of it")

@@ -19,6 +19,7 @@ from tests.proxy.http.conftest import UPSTREAM_TOKEN, Env, curl, make_env
 @pytest.fixture
 async def tls_env(tmp_path: Path) -> AsyncIterator[Env]:
     served = server_tls(Tls(), tmp_path / "state")  # a self-signed pair for "localhost", made once
+    served.context.set_alpn_protocols(["http/1.1"])  # as broker.runtime does
     async for e in make_env(tmp_path, tls=served.context):
         yield e
 
@@ -32,7 +33,10 @@ async def test_https_credential_swap_masking_and_websocket(tls_env: Env, tmp_pat
     assert code == 0, err
     items = json.loads(out)["items"]
     assert items[0]["name"] == "Alice" and items[0]["password"] != "hunter2-secret"
-    seen = env.upstream.seen[-1]["headers"]
+    code, out, err = await curl("--http2", "--cacert", str(ca), "-H", f"Authorization: Bearer {secret}",
+                                "-w", "\n%{http_version}", f"{url}/k8s/echo-headers")
+    assert code == 0 and out.decode().endswith("\n1.1"), err  # an HTTP/2 client falls back to 1.1 by ALPN
+    seen = env.upstream.seen[-2]["headers"]
     assert seen["Authorization"] == f"Bearer {UPSTREAM_TOKEN}" and secret not in json.dumps(seen)
     context = ssl.create_default_context(cafile=str(ca))
     async with aiohttp.ClientSession() as http, http.ws_connect(
