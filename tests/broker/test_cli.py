@@ -10,13 +10,17 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 import yaml
 
 from tests.conftest import base_config
 from tests.support.pgcluster import free_port
+
+T = TypeVar("T")
 
 HOOP = [sys.executable, "-m", "broker.cli"]
 
@@ -93,24 +97,18 @@ def test_breakglass_json_then_listing_and_audit(home: tuple[Path, dict[str, str]
     assert broken.returncode == 1 and "broken" in broken.stderr and "entry 1" in broken.stderr
 
 
-def test_serve_answers_healthz_and_stops_on_sigterm(home: tuple[Path, dict[str, str]]) -> None:
-    cwd, env = home
-    port = free_port()
-    env = {**env, "HOOP_HTTP_PORT": str(port), "HOOP_PG_PORT": "0", "HOOP_SSH_PORT": "0", "HOOP_HTTP_PROXY_PORT": "0"}
+def _serve_until(env: dict[str, str], cwd: Path, probe: Callable[[], T | None]) -> tuple[T | None, str, str]:
+    """Run ``hoop serve`` until ``probe`` returns something (30 s at most), then SIGTERM it; return what the
+    probe returned and the output. The process must have exited 0."""
     proc = subprocess.Popen([*HOOP, "serve"], env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     try:
-        body = None
+        found = None
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and body is None:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as resp:
-                    body = json.loads(resp.read())
-            except OSError:
+        while time.monotonic() < deadline and found is None:
+            found = probe()
+            if found is None:
                 time.sleep(0.2)
-        assert body == {"status": "ok"}
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
-            assert b"hoop_grants_active" in resp.read()
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=20)
     finally:
@@ -118,8 +116,27 @@ def test_serve_answers_healthz_and_stops_on_sigterm(home: tuple[Path, dict[str, 
             proc.kill()
             proc.communicate()
     assert proc.returncode == 0, err
-    assert "Slack disabled" in out and "ready" in out and "stopped" in out
     assert "Traceback" not in err
+    return found, out, err
+
+
+def test_serve_answers_healthz_and_stops_on_sigterm(home: tuple[Path, dict[str, str]]) -> None:
+    cwd, env = home
+    port = free_port()
+    env = {**env, "HOOP_HTTP_PORT": str(port), "HOOP_PG_PORT": "0", "HOOP_SSH_PORT": "0", "HOOP_HTTP_PROXY_PORT": "0"}
+
+    def probe() -> tuple[Any, bytes] | None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as resp:
+                body = json.loads(resp.read())
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
+                return body, resp.read()
+        except OSError:
+            return None
+
+    found, out, _ = _serve_until(env, cwd, probe)
+    assert found is not None and found[0] == {"status": "ok"} and b"hoop_grants_active" in found[1]
+    assert "Slack disabled" in out and "ready" in out and "stopped" in out
 
 
 @pytest.mark.parametrize("https", [True, False])
@@ -133,27 +150,15 @@ def test_serve_http_proxy_https_with_the_generated_certificate_or_a_warning(
     port, proxy_port = free_port(), free_port()
     env = {**env, "HOOP_HTTP_PORT": str(port), "HOOP_PG_PORT": "0", "HOOP_SSH_PORT": "0",
            "HOOP_HTTP_PROXY_PORT": str(proxy_port)}
-    proc = subprocess.Popen([*HOOP, "serve"], env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    try:
-        answer = None
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and answer is None:
-            target = ["--cacert", str(cwd / ".hoop" / "pg-tls.crt"), f"https://localhost:{proxy_port}/api/x"] \
-                if https else [f"http://127.0.0.1:{proxy_port}/api/x"]
-            got = subprocess.run(["curl", "-sS", *target], capture_output=True, text=True, timeout=10)
-            if got.returncode == 0:
-                answer = json.loads(got.stdout)
-            else:
-                time.sleep(0.2)
-        assert answer is not None and answer["error"] == "unauthenticated"
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=20)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert proc.returncode == 0, err
+    target = ["--cacert", str(cwd / ".hoop" / "pg-tls.crt"), f"https://localhost:{proxy_port}/api/x"] \
+        if https else [f"http://127.0.0.1:{proxy_port}/api/x"]
+
+    def probe() -> Any:
+        got = subprocess.run(["curl", "-sS", *target], capture_output=True, text=True, timeout=10)
+        return json.loads(got.stdout) if got.returncode == 0 else None
+
+    answer, out, _ = _serve_until(env, cwd, probe)
+    assert answer is not None and answer["error"] == "unauthenticated"
     assert "HTTP proxy on" in out
     assert ("bearer credentials cross the network in clear" in " ".join(out.split())) is not https
 
