@@ -12,7 +12,7 @@ closes the connection when an answer cannot be completed.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Protocol
+from typing import Any, Protocol
 
 import orjson
 from aiohttp import web
@@ -32,6 +32,10 @@ class Call(Protocol):
     method: str
     raw_path: str
     remote: str | None
+    #: the request's header lines as received (None: not kept), and a small per-connection memo that
+    #: the handler may use for what depends only on them (None: no memo)
+    raw_headers: tuple[tuple[bytes, bytes], ...] | None
+    memo: dict[Any, Any] | None
 
     @property
     def headers(self) -> CIMultiDictProxy[str] | CIMultiDict[str]: ...
@@ -78,6 +82,8 @@ class AioCall(Refusing):
         self.raw_path = request.raw_path
         self.remote = request.remote
         self.response: web.StreamResponse | None = None
+        self.raw_headers: tuple[tuple[bytes, bytes], ...] | None = None
+        self.memo: dict[Any, Any] | None = None
 
     @property
     def headers(self) -> CIMultiDictProxy[str]:

@@ -18,7 +18,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from http import HTTPStatus
-from typing import Protocol
+from typing import Any, Protocol
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -38,6 +38,7 @@ class Connection(Protocol):
 
     remote: str | None
     lost: bool
+    memo: dict[Any, Any]
 
     def write(self, data: bytes) -> None: ...
 
@@ -84,12 +85,14 @@ class FrontCall(Refusing):
     """One request on a :class:`Front` connection: its head, its body as it arrives, and the
     answer being written."""
 
-    __slots__ = ("_chunks", "_continue", "_front", "body_done", "chunked", "done",
-                 "headers", "keep_alive", "method", "raw_path", "remote", "started", "version")
+    __slots__ = ("_chunks", "_continue", "_front", "body_done", "chunked", "done", "headers", "keep_alive", "memo",
+                 "method", "raw_headers", "raw_path", "remote", "started", "version")
 
     def __init__(self, front: Connection, method: str, raw_path: str, headers: CIMultiDict[str],
-                 version: str, keep_alive: bool) -> None:
+                 version: str, keep_alive: bool, raw_headers: tuple[tuple[bytes, bytes], ...]) -> None:
         self._front = front
+        self.raw_headers: tuple[tuple[bytes, bytes], ...] | None = raw_headers
+        self.memo: dict[Any, Any] | None = front.memo
         self.method = method
         self.raw_path = raw_path
         self.headers = headers
