@@ -18,7 +18,10 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-__all__ = ["AioCall", "Call", "Refusing", "json_body"]
+__all__ = ["AioCall", "Call", "Headers", "Refusing", "json_body"]
+
+#: response headers as the handler passes them (the pool's shared ones are read-only)
+Headers = CIMultiDict[str] | CIMultiDictProxy[str]
 
 
 def json_body(error: str, reason: str, **extra: object) -> bytes:
@@ -45,11 +48,11 @@ class Call(Protocol):
 
     def body(self) -> AsyncIterator[bytes]: ...
 
-    async def send(self, status: int, reason: str | None, headers: CIMultiDict[str], body: bytes) -> None: ...
+    async def send(self, status: int, reason: str | None, headers: Headers, body: bytes) -> None: ...
 
     async def refuse(self, status: int, error: str, reason: str, **extra: object) -> None: ...
 
-    async def start(self, status: int, reason: str | None, headers: CIMultiDict[str]) -> None: ...
+    async def start(self, status: int, reason: str | None, headers: Headers) -> None: ...
 
     async def write(self, data: bytes) -> None: ...
 
@@ -63,7 +66,7 @@ class Refusing:
 
     __slots__ = ()
 
-    async def send(self, status: int, reason: str | None, headers: CIMultiDict[str], body: bytes) -> None:
+    async def send(self, status: int, reason: str | None, headers: Headers, body: bytes) -> None:
         raise NotImplementedError
 
     async def refuse(self, status: int, error: str, reason: str, **extra: object) -> None:
@@ -97,10 +100,10 @@ class AioCall(Refusing):
         async for chunk in self.request.content.iter_any():
             yield chunk
 
-    async def send(self, status: int, reason: str | None, headers: CIMultiDict[str], body: bytes) -> None:
+    async def send(self, status: int, reason: str | None, headers: Headers, body: bytes) -> None:
         self.response = web.Response(status=status, reason=reason, body=body, headers=headers)
 
-    async def start(self, status: int, reason: str | None, headers: CIMultiDict[str]) -> None:
+    async def start(self, status: int, reason: str | None, headers: Headers) -> None:
         out = web.StreamResponse(status=status, reason=reason, headers=headers)
         await out.prepare(self.request)
         self.response = out

@@ -25,19 +25,21 @@ import ssl
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import httptools
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from broker.errors import UpstreamError
 from proxy.http.flow import Chunks, WriteFlow
+from proxy.http.headers import response_headers
 
 __all__ = ["Fields", "Origin", "Response", "UpstreamFailed", "UpstreamPool"]
 
 _HIGH = 256 * 1024  # unread response bytes above which the socket is paused
 _LOW = 64 * 1024
+_MEMO = 64  # distinct upstream header blocks kept (Date changes every second)
 
 
 class UpstreamFailed(UpstreamError):
@@ -121,6 +123,19 @@ class Response:
         while chunk := await self._conn.readany():
             parts.append(chunk)
         return b"".join(parts)
+
+    def client_headers(self, *, body_changes: bool, decoded: bool) -> CIMultiDictProxy[str]:
+        """The headers to send the client (:func:`proxy.http.headers.response_headers`), read-only. An
+        upstream repeats its header block, so the result is kept per pool for a repeated block."""
+        memo = self._conn.pool.memo
+        key = (tuple(self.headers.items()), body_changes, decoded)
+        out: CIMultiDictProxy[str] | None = memo.get(key)
+        if out is None:
+            out = CIMultiDictProxy(response_headers(self.headers, body_changes=body_changes, decoded=decoded))
+            if len(memo) >= _MEMO:
+                memo.clear()
+            memo[key] = out
+        return out
 
     def close(self) -> None:
         """Stop now: the connection is closed, a pending read fails."""
@@ -281,6 +296,7 @@ class UpstreamPool:
         self._idle_for = idle
         self._connect_timeout = connect_timeout
         self._tls: ssl.SSLContext | None = None
+        self.memo: dict[Any, CIMultiDictProxy[str]] = {}  # client headers per repeated upstream header block
 
     async def request(self, origin: Origin, method: str, target: str, headers: CIMultiDict[str] | Fields,
                       body: AsyncIterator[bytes] | None = None) -> Response:
