@@ -12,13 +12,16 @@ closes the connection when an answer cannot be completed.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Protocol
+from typing import Any, Protocol
 
 import orjson
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-__all__ = ["AioCall", "Call", "Refusing", "json_body"]
+__all__ = ["AioCall", "Call", "Headers", "Refusing", "json_body"]
+
+#: response headers as the handler passes them (the pool's shared ones are read-only)
+Headers = CIMultiDict[str] | CIMultiDictProxy[str]
 
 
 def json_body(error: str, reason: str, **extra: object) -> bytes:
@@ -32,6 +35,10 @@ class Call(Protocol):
     method: str
     raw_path: str
     remote: str | None
+    #: the request's header lines as received (None: not kept), and a small per-connection memo that
+    #: the handler may use for what depends only on them (None: no memo)
+    raw_headers: tuple[tuple[bytes, bytes], ...] | None
+    memo: dict[Any, Any] | None
 
     @property
     def headers(self) -> CIMultiDictProxy[str] | CIMultiDict[str]: ...
@@ -41,11 +48,11 @@ class Call(Protocol):
 
     def body(self) -> AsyncIterator[bytes]: ...
 
-    async def send(self, status: int, reason: str | None, headers: CIMultiDict[str], body: bytes) -> None: ...
+    async def send(self, status: int, reason: str | None, headers: Headers, body: bytes) -> None: ...
 
     async def refuse(self, status: int, error: str, reason: str, **extra: object) -> None: ...
 
-    async def start(self, status: int, reason: str | None, headers: CIMultiDict[str]) -> None: ...
+    async def start(self, status: int, reason: str | None, headers: Headers) -> None: ...
 
     async def write(self, data: bytes) -> None: ...
 
@@ -59,7 +66,7 @@ class Refusing:
 
     __slots__ = ()
 
-    async def send(self, status: int, reason: str | None, headers: CIMultiDict[str], body: bytes) -> None:
+    async def send(self, status: int, reason: str | None, headers: Headers, body: bytes) -> None:
         raise NotImplementedError
 
     async def refuse(self, status: int, error: str, reason: str, **extra: object) -> None:
@@ -78,6 +85,8 @@ class AioCall(Refusing):
         self.raw_path = request.raw_path
         self.remote = request.remote
         self.response: web.StreamResponse | None = None
+        self.raw_headers: tuple[tuple[bytes, bytes], ...] | None = None
+        self.memo: dict[Any, Any] | None = None
 
     @property
     def headers(self) -> CIMultiDictProxy[str]:
@@ -91,10 +100,10 @@ class AioCall(Refusing):
         async for chunk in self.request.content.iter_any():
             yield chunk
 
-    async def send(self, status: int, reason: str | None, headers: CIMultiDict[str], body: bytes) -> None:
+    async def send(self, status: int, reason: str | None, headers: Headers, body: bytes) -> None:
         self.response = web.Response(status=status, reason=reason, body=body, headers=headers)
 
-    async def start(self, status: int, reason: str | None, headers: CIMultiDict[str]) -> None:
+    async def start(self, status: int, reason: str | None, headers: Headers) -> None:
         out = web.StreamResponse(status=status, reason=reason, headers=headers)
         await out.prepare(self.request)
         self.response = out

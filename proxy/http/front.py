@@ -34,7 +34,7 @@ import collections
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from typing import cast
+from typing import Any, cast
 
 import httptools
 from aiohttp import web
@@ -67,6 +67,7 @@ class Front(WriteFlow, asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.remote: str | None = None
         self.lost = False
+        self.memo: dict[Any, Any] = {}  # what the handler derives from repeated request headers
         self._queue: collections.deque[FrontCall] = collections.deque()
         self._current: FrontCall | None = None  # the call whose body the parser is reading
         self._task: asyncio.Task[None] | None = None
@@ -144,7 +145,7 @@ class Front(WriteFlow, asyncio.Protocol):
             [(n.decode("latin-1"), v.decode("utf-8", "surrogateescape")) for n, v in self._raw])
         call = FrontCall(self, self.parser.get_method().decode("ascii", "replace"),
                          self._url.decode("utf-8", "surrogateescape"), headers, self.parser.get_http_version(),
-                         bool(self.parser.should_keep_alive()))
+                         bool(self.parser.should_keep_alive()), tuple(self._raw))
         self._current = call
         self._queue.append(call)
         if self._task is None:

@@ -18,11 +18,11 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from http import HTTPStatus
-from typing import Protocol
+from typing import Any, Protocol
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from proxy.http.call import Refusing
+from proxy.http.call import Headers, Refusing
 from proxy.http.flow import Chunks
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,7 @@ class Connection(Protocol):
 
     remote: str | None
     lost: bool
+    memo: dict[Any, Any]
 
     def write(self, data: bytes) -> None: ...
 
@@ -63,19 +64,41 @@ class _Date:
         return cls.value
 
 
-def response_head(status: int, reason: str | None, headers: CIMultiDict[str] | CIMultiDictProxy[str],
-                  extra: str) -> bytes:
-    """The status line and headers, ready to write (no I/O). ``extra`` holds framing headers
-    (already ``\\r\\n``-terminated). A header with a line break in it is dropped, never sent."""
-    reason = reason or _REASONS.get(status, "Unknown")
-    if "\n" in reason or "\r" in reason:
-        reason = _REASONS.get(status, "Unknown")
+def _fields(headers: CIMultiDict[str] | CIMultiDictProxy[str]) -> str:
+    """``Name: value`` lines of ``headers``; a header with a line break in it is dropped, never sent."""
     fields = [f"{name}: {value}\r\n" for name, value in headers.items()]
     block = "".join(fields)
     if block.count("\n") != len(fields) or block.count("\r") != len(fields):  # a line break inside a field
         fields = [f for f in fields if f.count("\n") == 1 and f.count("\r") == 1]
         log.warning("http: dropped %d response header(s) with a line break", len(headers) - len(fields))
         block = "".join(fields)
+    return block
+
+
+#: rendered fields of read-only header objects, which the pool shares per repeated upstream block
+_BLOCKS: dict[int, tuple[object, str]] = {}
+
+
+def response_head(status: int, reason: str | None, headers: CIMultiDict[str] | CIMultiDictProxy[str],
+                  extra: str) -> bytes:
+    """The status line and headers, ready to write (no I/O). ``extra`` holds framing headers
+    (already ``\r\n``-terminated). A header with a line break in it is dropped, never sent. The fields of
+    a read-only header object seen before (the pool shares one per repeated upstream block) are
+    rendered once."""
+    reason = reason or _REASONS.get(status, "Unknown")
+    if "\n" in reason or "\r" in reason:
+        reason = _REASONS.get(status, "Unknown")
+    if isinstance(headers, CIMultiDictProxy):  # read-only: its fields cannot change once rendered
+        hit = _BLOCKS.get(id(headers))
+        if hit is not None and hit[0] is headers:
+            block = hit[1]
+        else:
+            block = _fields(headers)
+            if len(_BLOCKS) >= 64:
+                _BLOCKS.clear()
+            _BLOCKS[id(headers)] = (headers, block)  # (the object pinned: its id cannot be reused meanwhile)
+    else:
+        block = _fields(headers)
     date = "" if "Date" in headers else f"Date: {_Date.now()}\r\n"
     return f"HTTP/1.1 {status} {reason}\r\n{date}{block}{extra}\r\n".encode("latin-1", "replace")
 
@@ -84,12 +107,14 @@ class FrontCall(Refusing):
     """One request on a :class:`Front` connection: its head, its body as it arrives, and the
     answer being written."""
 
-    __slots__ = ("_chunks", "_continue", "_front", "body_done", "chunked", "done",
-                 "headers", "keep_alive", "method", "raw_path", "remote", "started", "version")
+    __slots__ = ("_chunks", "_continue", "_front", "body_done", "chunked", "done", "headers", "keep_alive", "memo",
+                 "method", "raw_headers", "raw_path", "remote", "started", "version")
 
     def __init__(self, front: Connection, method: str, raw_path: str, headers: CIMultiDict[str],
-                 version: str, keep_alive: bool) -> None:
+                 version: str, keep_alive: bool, raw_headers: tuple[tuple[bytes, bytes], ...]) -> None:
         self._front = front
+        self.raw_headers: tuple[tuple[bytes, bytes], ...] | None = raw_headers
+        self.memo: dict[Any, Any] | None = front.memo
         self.method = method
         self.raw_path = raw_path
         self.headers = headers
@@ -140,7 +165,7 @@ class FrontCall(Refusing):
 
     # -- the answer ----------------------------------------------------------------------------
 
-    async def send(self, status: int, reason: str | None, headers: CIMultiDict[str], body: bytes) -> None:
+    async def send(self, status: int, reason: str | None, headers: Headers, body: bytes) -> None:
         """The whole answer in one write, with its ``Content-Length``."""
         if status in (204, 304):
             head, body = self._head(status, reason, headers, ""), b""
@@ -150,7 +175,7 @@ class FrontCall(Refusing):
         await self._front.drain()
         self.done = True
 
-    async def start(self, status: int, reason: str | None, headers: CIMultiDict[str]) -> None:
+    async def start(self, status: int, reason: str | None, headers: Headers) -> None:
         """Begin a streamed answer: ``Content-Length`` framing when ``headers`` has it, chunked
         framing otherwise (connection-delimited for an HTTP/1.0 client)."""
         framing = ""
@@ -180,7 +205,7 @@ class FrontCall(Refusing):
         self.keep_alive = False
         self._front.close()
 
-    def _head(self, status: int, reason: str | None, headers: CIMultiDict[str], framing: str) -> bytes:
+    def _head(self, status: int, reason: str | None, headers: Headers, framing: str) -> bytes:
         if self.started:
             raise RuntimeError("the answer has already started")
         self.started = True

@@ -25,19 +25,21 @@ import ssl
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import httptools
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from broker.errors import UpstreamError
 from proxy.http.flow import Chunks, WriteFlow
+from proxy.http.headers import response_headers
 
-__all__ = ["Origin", "Response", "UpstreamFailed", "UpstreamPool"]
+__all__ = ["Fields", "Origin", "Response", "UpstreamFailed", "UpstreamPool"]
 
 _HIGH = 256 * 1024  # unread response bytes above which the socket is paused
 _LOW = 64 * 1024
+_MEMO = 64  # distinct upstream header blocks kept (Date changes every second)
 
 
 class UpstreamFailed(UpstreamError):
@@ -71,21 +73,31 @@ class Origin:
                    shown if port == default else f"{shown}:{port}")
 
 
-def request_head(method: str, target: str, host: str, headers: CIMultiDict[str], *, chunked: bool) -> bytes:
+class Fields:
+    """Request header fields rendered and checked once: ``Name: value`` lines without the request line
+    and ``Host``. A client repeats its headers on a keep-alive connection, so the proxy keeps these per
+    connection and renders them again only when they change. Refuses a line break inside a field."""
+
+    __slots__ = ("block", "has_length")
+
+    def __init__(self, headers: CIMultiDict[str]) -> None:
+        lines = [f"{name}: {value}\r\n" for name, value in headers.items()]
+        block = "".join(lines)
+        # each line holds exactly one CR LF, its end: any other is a line break inside a field (two C scans)
+        if block.count("\n") != len(lines) or block.count("\r") != len(lines):
+            bad = next((n for n, v in headers.items() if "\n" in n + v or "\r" in n + v), "?")
+            raise UpstreamFailed(f"header {bad!r} contains a line break")
+        self.block = block
+        self.has_length = "Content-Length" in headers
+
+
+def request_head(method: str, target: str, host: str, headers: CIMultiDict[str] | Fields, *, chunked: bool) -> bytes:
     """The request line and headers, ready to write (no I/O). Refuses CR/LF inside a field."""
     if "\n" in target or "\r" in target or " " in target or "\n" in host or "\r" in host:
         raise UpstreamFailed("request target contains whitespace")
-    lines = [f"{method} {target} HTTP/1.1\r\nHost: {host}\r\n"]
-    lines += [f"{name}: {value}\r\n" for name, value in headers.items()]
-    if chunked:
-        lines.append("Transfer-Encoding: chunked\r\n")
-    lines.append("\r\n")
-    text = "".join(lines)
-    # each line holds exactly one CR LF, its end: any other is a line break inside a field (two C-level scans)
-    if text.count("\n") != len(lines) + 1 or text.count("\r") != len(lines) + 1:
-        bad = next((n for n, v in headers.items() if "\n" in n + v or "\r" in n + v), "?")
-        raise UpstreamFailed(f"header {bad!r} contains a line break")
-    return text.encode("utf-8", "surrogateescape")
+    block = (headers if isinstance(headers, Fields) else Fields(headers)).block
+    framing = "Transfer-Encoding: chunked\r\n" if chunked else ""
+    return f"{method} {target} HTTP/1.1\r\nHost: {host}\r\n{block}{framing}\r\n".encode("utf-8", "surrogateescape")
 
 
 class Response:
@@ -111,6 +123,19 @@ class Response:
         while chunk := await self._conn.readany():
             parts.append(chunk)
         return b"".join(parts)
+
+    def client_headers(self, *, body_changes: bool, decoded: bool) -> CIMultiDictProxy[str]:
+        """The headers to send the client (:func:`proxy.http.headers.response_headers`), read-only. An
+        upstream repeats its header block, so the result is kept per pool for a repeated block."""
+        memo = self._conn.pool.memo
+        key = (tuple(self.headers.items()), body_changes, decoded)
+        out: CIMultiDictProxy[str] | None = memo.get(key)
+        if out is None:
+            out = CIMultiDictProxy(response_headers(self.headers, body_changes=body_changes, decoded=decoded))
+            if len(memo) >= _MEMO:
+                memo.clear()
+            memo[key] = out
+        return out
 
     def close(self) -> None:
         """Stop now: the connection is closed, a pending read fails."""
@@ -271,13 +296,15 @@ class UpstreamPool:
         self._idle_for = idle
         self._connect_timeout = connect_timeout
         self._tls: ssl.SSLContext | None = None
+        self.memo: dict[Any, CIMultiDictProxy[str]] = {}  # client headers per repeated upstream header block
 
-    async def request(self, origin: Origin, method: str, target: str, headers: CIMultiDict[str],
+    async def request(self, origin: Origin, method: str, target: str, headers: CIMultiDict[str] | Fields,
                       body: AsyncIterator[bytes] | None = None) -> Response:
         """Send a request and return once the answer's head arrived; the caller must
         :meth:`Response.release` (or :meth:`Response.close`) it."""
-        chunked = body is not None and "Content-Length" not in headers
-        head = request_head(method, origin.prefix + target, origin.host_header, headers, chunked=chunked)
+        fields = headers if isinstance(headers, Fields) else Fields(headers)
+        chunked = body is not None and not fields.has_length
+        head = request_head(method, origin.prefix + target, origin.host_header, fields, chunked=chunked)
         for attempt in (0, 1):
             conn, reused = self._reuse(origin)
             if conn is None:

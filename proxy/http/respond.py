@@ -20,7 +20,6 @@ from typing import Any, Protocol
 from broker.config import HttpResource
 from proxy.http.body import BodyFilter, Capture, Inflate, body_kind, response_filter
 from proxy.http.call import Call
-from proxy.http.headers import response_headers
 from proxy.http.pool import Response, UpstreamFailed
 from proxy.jsonmask import JsonStreamMasker
 from proxy.mask import Masker, StreamMasker
@@ -61,8 +60,8 @@ async def respond(call: Call, masker: Masker, resource: HttpResource, resp: Resp
     if length is not None and length <= _SMALL_BODY and has_body and inflate is None and flight.reason is None:
         # (a compressed body streams: 256 KiB of gzip may inflate to 256 MB)
         return await _respond_small(call, masker, resource, resp, filt, ctype, record, flight)
-    await call.start(resp.status, resp.reason, response_headers(resp.headers, body_changes=filt is not None,
-                                                                decoded=inflate is not None))
+    await call.start(resp.status, resp.reason, resp.client_headers(body_changes=filt is not None,
+                                                                   decoded=inflate is not None))
     cap = Capture(resource.max_body_record)
     text = filt if isinstance(filt, StreamMasker) else None
 
@@ -129,7 +128,7 @@ async def _respond_small(call: Call, masker: Masker, resource: HttpResource, res
     record["resp_bytes"] = cap.size
     if filt is not None or not masker.enabled:
         record["resp_body"] = recorded(masker, ctype, cap, masked=True)
-    await call.send(resp.status, resp.reason, response_headers(resp.headers, body_changes=True, decoded=False),
+    await call.send(resp.status, resp.reason, resp.client_headers(body_changes=True, decoded=False),
                     body)
 
 

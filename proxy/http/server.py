@@ -58,7 +58,7 @@ from proxy.http.headers import (
     upstream_headers,
 )
 from proxy.http.live import Hub, SessionPool, Stream
-from proxy.http.pool import Origin, Response, UpstreamFailed, UpstreamPool
+from proxy.http.pool import Fields, Origin, Response, UpstreamFailed, UpstreamPool
 from proxy.http.respond import recorded, respond
 from proxy.http.websocket import WsPair, cut, relay
 from proxy.httpguard import HttpGuard
@@ -68,6 +68,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["BearerGate", "HttpProxy"]
 
+_MEMO = 8  # upstream header blocks kept per client connection
 _VERDICTS = 4096  # (method, path) guard decisions kept per resource
 
 
@@ -107,6 +108,25 @@ class _Upstream:
         """The held upstream secret, resolved on first use (a failure is retried on the next request)."""
         res = self.resource
         return res.credential.resolve(self.environ) if res.credential is not None and res.auth != "none" else None
+
+
+def _fields(call: Call, up: _Upstream, client_ip: str, credential: str | None) -> Fields:
+    """The upstream request's header fields (the credential swap, hop-by-hop headers out, forwarding
+    headers in), rendered once per distinct client header block on a connection: a keep-alive client
+    repeats the same headers, and building them was the largest part of the proxy's own work."""
+    memo, raw = call.memo, call.raw_headers
+    if memo is None or raw is None:
+        return Fields(upstream_headers(call.headers, up.resource, credential, client_ip,
+                                       identity_encoding=up.masker.enabled))
+    key = (up.resource.name, raw)
+    fields: Fields | None = memo.get(key)
+    if fields is None:
+        fields = Fields(upstream_headers(call.headers, up.resource, credential, client_ip,
+                                         identity_encoding=up.masker.enabled))
+        if len(memo) >= _MEMO:
+            memo.clear()
+        memo[key] = fields
+    return fields
 
 
 def _origin(base: str) -> Origin | None:
@@ -317,8 +337,6 @@ class HttpProxy:
                        record: dict[str, Any], client_ip: str, credential: str | None) -> None:
         assert self._pool is not None
         masker = up.masker
-        headers = upstream_headers(call.headers, up.resource, credential, client_ip,
-                                   identity_encoding=masker.enabled)
         req_cap = Capture(up.resource.max_body_record)
 
         async def body() -> AsyncIterator[bytes]:
@@ -333,7 +351,8 @@ class HttpProxy:
             record["status"] = 502
             return await call.refuse(502, "upstream_error", f"the address of {up.resource.name} is not an http(s) URL")
         try:
-            resp = await self._pool.request(up.origin, call.method, rest, headers, data)
+            resp = await self._pool.request(up.origin, call.method, rest,
+                                            _fields(call, up, client_ip, credential), data)
         except (UpstreamFailed, OSError) as exc:
             record["status"] = 502
             if flight.reason is not None:

@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 
 from proxy.http.frontcall import response_head
-from tests.proxy.http.conftest import Env, curl, make_env
+from tests.proxy.http.conftest import UPSTREAM_TOKEN, Env, curl, make_env
 
 
 async def _exchange(env: Env, data: bytes, *, until_close: bool = True, timeout: float = 10.0) -> bytes:
@@ -58,6 +58,23 @@ async def test_pipelined_requests_are_answered_in_order_on_one_connection(env: E
     assert [json.loads(a[2])["name"] for a in answers] == ["one", "two", "three"]
     assert answers[-1][1]["connection"] == "close"
     assert [s["path"] for s in env.upstream.seen[-3:]] == [f"/api/v1/namespaces/{n}" for n in ("one", "two", "three")]
+
+
+async def test_header_blocks_kept_per_connection_follow_each_request(env: Env) -> None:
+    """The upstream header fields are rendered once per distinct client header block on a connection:
+    a repeated block reuses them, a changed one (another header, another resource) gets its own."""
+    _, secret = await env.grant()
+    _, other = await env.grant("header-api")
+    data = (_get("/k8s/echo-headers", secret, "X-Trace: one") + _get("/k8s/echo-headers", secret, "X-Trace: two")
+            + _get("/k8s/echo-headers", secret, "X-Trace: one")
+            + _get("/header-api/echo-headers", other, "X-Trace: one", "Connection: close"))
+    answers = _responses(await _exchange(env, data))
+    assert [a[0] for a in answers] == [200, 200, 200, 200]
+    seen = [s["headers"] for s in env.upstream.seen[-4:]]
+    assert [h.get("X-Trace") for h in seen] == ["one", "two", "one", "one"]
+    assert [h.get("Authorization") for h in seen[:3]] == [f"Bearer {UPSTREAM_TOKEN}"] * 3
+    assert "Authorization" not in seen[3] and seen[3]["X-Api-Key"] == UPSTREAM_TOKEN  # header-api's own swap
+    assert all(secret not in str(h) and other not in str(h) for h in seen)
 
 
 async def test_keep_alive_serves_many_requests_on_one_aiohttp_connection(env: Env) -> None:
