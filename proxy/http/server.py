@@ -115,17 +115,15 @@ def _fields(call: Call, up: _Upstream, client_ip: str, credential: str | None) -
     headers in), rendered once per distinct client header block on a connection: a keep-alive client
     repeats the same headers, and building them was the largest part of the proxy's own work."""
     memo, raw = call.memo, call.raw_headers
-    if memo is None or raw is None:
-        return Fields(upstream_headers(call.headers, up.resource, credential, client_ip,
-                                       identity_encoding=up.masker.enabled))
     key = (up.resource.name, raw)
-    fields: Fields | None = memo.get(key)
+    fields: Fields | None = memo.get(key) if memo is not None and raw is not None else None
     if fields is None:
         fields = Fields(upstream_headers(call.headers, up.resource, credential, client_ip,
                                          identity_encoding=up.masker.enabled))
-        if len(memo) >= _MEMO:
-            memo.clear()
-        memo[key] = fields
+        if memo is not None and raw is not None:
+            if len(memo) >= _MEMO:
+                memo.clear()
+            memo[key] = fields
     return fields
 
 
@@ -156,7 +154,6 @@ class _Flight:
             return
         if self.upstream is not None:
             self.upstream.close()
-        if self.upstream is not None:
             self.call.cut()  # mid-body: cutting the connection is the only way to say "incomplete"
 
 
