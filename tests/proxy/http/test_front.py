@@ -15,12 +15,15 @@ from proxy.http.frontcall import response_head
 from tests.proxy.http.conftest import UPSTREAM_TOKEN, Env, curl, make_env
 
 
-async def _exchange(env: Env, data: bytes, *, until_close: bool = True, timeout: float = 10.0) -> bytes:
-    """Send ``data`` on one connection and read until the proxy closes it (or ``timeout``)."""
+async def _exchange(env: Env, data: bytes, *, until_close: bool = True, timeout: float = 10.0,
+                    eof: bool = False) -> bytes:
+    """Send ``data`` on one connection (then end it with ``eof``) and read until the proxy closes it."""
     reader, writer = await asyncio.open_connection("127.0.0.1", env.port)
     try:
         writer.write(data)
         await writer.drain()
+        if eof:
+            writer.write_eof()
         async with asyncio.timeout(timeout):
             return await reader.read(-1) if until_close else await reader.read(65536)
     finally:
@@ -135,6 +138,28 @@ async def test_the_proxy_survives_bad_clients_and_keeps_serving(env: Env) -> Non
     code, out, _ = await curl("-H", f"Authorization: Bearer {secret}", f"{env.base}/k8s/echo-headers")
     assert code == 0 and json.loads(out) == {"ok": True}
     writer.close()
+
+
+async def test_random_and_truncated_requests_get_400_or_a_close_and_never_stop_the_proxy(env: Env) -> None:
+    import random
+
+    _, secret = await env.grant()
+    rng = random.Random(20261201)
+    valid = _get("/k8s/echo-headers", secret)
+    samples = [bytes(rng.randrange(256) for _ in range(rng.randrange(1, 300))) for _ in range(40)]
+    samples += [valid[:cut] + bytes(rng.randrange(256) for _ in range(20)) for cut in range(0, len(valid), 7)]
+    for data in samples:  # bounded: ~80 connections, each answered or closed within the timeout
+        raw = await _exchange(env, data, timeout=5, eof=True)  # (a cut head would wait for more)
+        assert raw == b"" or raw.startswith(b"HTTP/1.1 "), raw[:80]
+        if raw.startswith(b"HTTP/1.1 4"):
+            assert b"Traceback" not in raw and secret.encode() not in raw
+    code, out, _ = await curl("-H", f"Authorization: Bearer {secret}", f"{env.base}/k8s/echo-headers")
+    assert code == 0 and json.loads(out) == {"ok": True}
+    for _ in range(100):  # every connection, garbage or not, is closed once its client is gone
+        if not env.proxy._fronts:
+            break
+        await asyncio.sleep(0.02)
+    assert not env.proxy._fronts
 
 
 async def test_expect_100_continue_upload_and_refused_upload_without_continue(env: Env, tmp_path: Path) -> None:
