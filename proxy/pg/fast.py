@@ -89,18 +89,13 @@ def py_reply_stretch(buf: bytes, max_length: int = _MAX) -> Stretch | None:
     end = len(buf)
     pos = pre = rows = 0
     ts = te = -1
-    stop = _msg_at(buf, pos, end, max_length, 0x31)
-    if stop >= 0:
-        if stop != pos + 5:
-            return None
-        pre |= 1
-        pos = stop
-    stop = _msg_at(buf, pos, end, max_length, 0x32)
-    if stop >= 0:
-        if stop != pos + 5:
-            return None
-        pre |= 2
-        pos = stop
+    for kind, bit in ((0x31, 1), (0x32, 2)):  # ParseComplete, BindComplete: empty, each at most once
+        stop = _msg_at(buf, pos, end, max_length, kind)
+        if stop >= 0:
+            if stop != pos + 5:
+                return None
+            pre |= bit
+            pos = stop
     stop = _msg_at(buf, pos, end, max_length, 0x54)
     if stop >= 0:
         ts, te = pos, stop
