@@ -21,7 +21,7 @@ spool segments that a crash left behind.
 Cost. ``record`` is on every proxy's per-statement path, so it does the least it can: a
 clock read and a list append; encoding happens once per event in the iteration's write. On
 SQLite the flush hands the already-encoded JSON and the timestamp text straight to the driver
-in one ``executemany`` (the stored form is exactly what the ``session_events`` table types
+in a few multi-row INSERTs (the stored form is exactly what the ``session_events`` table types
 write and read back); other stores go through :meth:`Tx.add_events`.
 """
 
@@ -58,8 +58,31 @@ def _ENCODE(value: Any) -> str:
     except (TypeError, orjson.JSONEncodeError):
         return _JSON_ENCODE(value)
 
-_SQLITE_INSERT = (f"INSERT INTO {tables.session_events.name} (session_id, seq, at, kind, data) "
-                  "VALUES (?, ?, ?, ?, ?)")
+_SQLITE_INSERT = f"INSERT INTO {tables.session_events.name} (session_id, seq, at, kind, data) VALUES "
+#: the largest multi-row INSERT: 128 rows x 5 values stays under the 999 variables old SQLite builds allow
+_SQLITE_CHUNK = 128
+#: one statement per power-of-two row count, so a flush uses at most 8 distinct statements (all
+#: stay in the driver's statement cache)
+_SQLITE_INSERTS = {n: _SQLITE_INSERT + ",".join(["(?,?,?,?,?)"] * n) for n in (1 << k for k in range(8))}
+
+
+def _sqlite_chunks(rows: list[tuple[str, int, str, str, str]]) -> list[tuple[str, tuple[Any, ...]]]:
+    """The rows as multi-row INSERTs of 128, then of falling powers of two for the remainder.
+
+    Why not ``executemany``: the sqlite3 driver releases the GIL around every row's step, and the
+    proxy's loop thread (which releases it at every socket call) then hands the GIL back and forth
+    with the writer thread for the whole flush, two context switches each time. At 20k statements/s
+    that cost the PostgreSQL proxy ~6 µs of CPU per statement (bench, 16 clients); one statement
+    per chunk releases the GIL once per chunk."""
+    out: list[tuple[str, tuple[Any, ...]]] = []
+    i, n, size = 0, len(rows), _SQLITE_CHUNK
+    while i < n:
+        while size > n - i:
+            size >>= 1
+        out.append((_SQLITE_INSERTS[size], tuple(v for row in rows[i:i + size] for v in row)))
+        i += size
+    return out
+
 #: (seq, at, at as ISO text with microseconds, kind, data (None when the store is SQLite), data as JSON)
 _Pending = tuple[int, datetime, str, str, dict[str, Any] | None, str]
 
@@ -278,7 +301,8 @@ class SessionHub:
                 # naive UTC text in SQLAlchemy's SQLite DATETIME storage format; JSON encoded once
                 rows = [(sid, seq, _sqlite_at(at, iso), kind, encoded)
                         for sid, items in batch for seq, at, iso, kind, _, encoded in items]
-                await tx.conn.exec_driver_sql(_SQLITE_INSERT, rows)
+                for statement, values in _sqlite_chunks(rows):
+                    await tx.conn.exec_driver_sql(statement, values)
             else:
                 await tx.add_events([SessionEvent(session_id=sid, seq=seq, at=at, kind=kind, data=data or {})
                                      for sid, items in batch for seq, at, _, kind, data, _ in items])

@@ -19,7 +19,7 @@ from broker.reviews import Reviews
 from broker.service import Service
 from broker.store import Store
 from proxy.access import Gate
-from proxy.sessions import SessionHub
+from proxy.sessions import SessionHub, _sqlite_chunks
 
 
 def who(config: HoopConfig, email: str) -> Identity:
@@ -187,6 +187,33 @@ async def test_a_failed_store_write_loses_nothing(live: tuple[Service, SessionHu
         events = await tx.events(s.id)
     assert [e.data["sql"] for e in events if e.kind == "statement"] == ["SELECT 1", "SELECT 2"]
     assert [e.seq for e in events] == sorted({e.seq for e in events})
+
+
+def test_sqlite_batches_are_cut_into_multi_row_inserts_of_power_of_two_sizes() -> None:
+    rows = [("s", i, "2026-01-01 00:00:00.000000", "statement", f'{{"i":{i}}}') for i in range(300)]
+    chunks = _sqlite_chunks(rows)
+    sizes = [len(values) // 5 for _, values in chunks]
+    assert sizes == [128, 128, 32, 8, 4]
+    assert all(statement.count("(?,?,?,?,?)") == size for (statement, _), size in zip(chunks, sizes, strict=True))
+    assert [v for _, values in chunks for v in values] == [v for row in rows for v in row]
+    assert _sqlite_chunks([]) == []
+
+
+@pytest.mark.parametrize("count", [1, 127, 128, 129, 700])
+async def test_a_flush_stores_every_event_once_in_order(live: tuple[Service, SessionHub, RecordingNotifier, Store],
+                                                        config: HoopConfig, count: int) -> None:
+    service, hub, _, store = live
+    grant, _ = await grant_for(service, config)
+    sessions = [await hub.open(grant, "prod-db", "postgres", "c", lambda r: None) for _ in range(2)]
+    for i in range(count):
+        sessions[i % 2].record("statement", {"sql": f"SELECT {i}", "n": i})
+    await hub.flush()
+    for k, s in enumerate(sessions):
+        async with store.tx() as tx:
+            events = await tx.events(s.id)
+        assert [e.kind for e in events[:1]] == ["open"]
+        assert [e.data for e in events[1:]] == [{"sql": f"SELECT {i}", "n": i} for i in range(k, count, 2)]
+        assert [e.seq for e in events] == list(range(1, len(events) + 1))
 
 
 async def test_review_allowed_refused_and_timeout(live: tuple[Service, SessionHub, RecordingNotifier, Store],
