@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import sqlite3
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -59,15 +60,18 @@ def _ENCODE(value: Any) -> str:
         return _JSON_ENCODE(value)
 
 _SQLITE_INSERT = f"INSERT INTO {tables.session_events.name} (session_id, seq, at, kind, data) VALUES "
-#: the largest multi-row INSERT: 128 rows x 5 values stays under the 999 variables old SQLite builds allow
-_SQLITE_CHUNK = 128
-#: one statement per power-of-two row count, so a flush uses at most 8 distinct statements (all
+#: the largest multi-row INSERT: 512 rows x 5 values, under the 32766 variables SQLite allows since
+#: 3.32; 128 rows (under the 999 of older builds) otherwise. Each statement costs ~200 µs however
+#: few its rows, so big chunks matter: 128 rows cost 3.2 µs a row, 512 rows 2.1 (executemany: 2.2).
+_SQLITE_CHUNK = 512 if sqlite3.sqlite_version_info >= (3, 32, 0) else 128
+#: one statement per power-of-two row count, so a flush uses at most 10 distinct statements (all
 #: stay in the driver's statement cache)
-_SQLITE_INSERTS = {n: _SQLITE_INSERT + ",".join(["(?,?,?,?,?)"] * n) for n in (1 << k for k in range(8))}
+_SQLITE_INSERTS = {n: _SQLITE_INSERT + ",".join(["(?,?,?,?,?)"] * n)
+                   for n in (1 << k for k in range(_SQLITE_CHUNK.bit_length()))}
 
 
 def _sqlite_chunks(rows: list[tuple[str, int, str, str, str]]) -> list[tuple[str, tuple[Any, ...]]]:
-    """The rows as multi-row INSERTs of 128, then of falling powers of two for the remainder.
+    """The rows as multi-row INSERTs of ``_SQLITE_CHUNK`` rows, then of falling powers of two for the rest.
 
     Why not ``executemany``: the sqlite3 driver releases the GIL around every row's step, and the
     proxy's loop thread (which releases it at every socket call) then hands the GIL back and forth

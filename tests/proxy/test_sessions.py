@@ -19,7 +19,7 @@ from broker.reviews import Reviews
 from broker.service import Service
 from broker.store import Store
 from proxy.access import Gate
-from proxy.sessions import SessionHub, _sqlite_chunks
+from proxy.sessions import _SQLITE_CHUNK, SessionHub, _sqlite_chunks
 
 
 def who(config: HoopConfig, email: str) -> Identity:
@@ -190,16 +190,16 @@ async def test_a_failed_store_write_loses_nothing(live: tuple[Service, SessionHu
 
 
 def test_sqlite_batches_are_cut_into_multi_row_inserts_of_power_of_two_sizes() -> None:
-    rows = [("s", i, "2026-01-01 00:00:00.000000", "statement", f'{{"i":{i}}}') for i in range(300)]
+    rows = [("s", i, "2026-01-01 00:00:00.000000", "statement", f'{{"i":{i}}}') for i in range(2 * _SQLITE_CHUNK + 44)]
     chunks = _sqlite_chunks(rows)
     sizes = [len(values) // 5 for _, values in chunks]
-    assert sizes == [128, 128, 32, 8, 4]
+    assert sizes == [_SQLITE_CHUNK, _SQLITE_CHUNK, 32, 8, 4]
     assert all(statement.count("(?,?,?,?,?)") == size for (statement, _), size in zip(chunks, sizes, strict=True))
     assert [v for _, values in chunks for v in values] == [v for row in rows for v in row]
     assert _sqlite_chunks([]) == []
 
 
-@pytest.mark.parametrize("count", [1, 127, 128, 129, 700])
+@pytest.mark.parametrize("count", [1, 127, 128, 129, 1100])
 async def test_a_flush_stores_every_event_once_in_order(live: tuple[Service, SessionHub, RecordingNotifier, Store],
                                                         config: HoopConfig, count: int) -> None:
     service, hub, _, store = live
