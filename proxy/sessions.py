@@ -19,84 +19,50 @@ for days holds about one segment on disk. At start, :meth:`SessionHub.recover` i
 spool segments that a crash left behind.
 
 Cost. ``record`` is on every proxy's per-statement path, so it does the least it can: a
-clock read and a list append; encoding happens once per event in the iteration's write. On
-SQLite the flush hands the already-encoded JSON and the timestamp text straight to the driver
-in a few multi-row INSERTs (the stored form is exactly what the ``session_events`` table types
-write and read back); other stores go through :meth:`Tx.add_events`.
+clock read and a list append; each event is encoded once, in the iteration's write, as the JSON
+line (:mod:`broker.eventlines`) that both the spool and the store keep. A flush stores each
+session's pending lines as one chunk row (``session_event_chunks``), so the store's cost does
+not grow with the number of events: a row per event cost the PostgreSQL proxy 3-6 µs of CPU per
+statement, most of it the sqlite3 driver and the loop thread passing the GIL to each other.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import sqlite3
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from broker.clock import Clock
+from broker.eventlines import encode_data, line, parse
 from broker.events import Event, GrantEnded, GrantExtended, SessionClosed, SessionOpened
 from broker.metrics import Metrics
-from broker.model import Grant, GrantStatus, Session, SessionEvent, SessionStatus
+from broker.model import Grant, GrantStatus, Session, SessionStatus
 from broker.reviews import Reviews
 from broker.service import Service, new_id
-from broker.store import tables
 from proxy.spool import SEGMENT_BYTES, Spool, leftovers
 
-_JSON_ENCODE = json.JSONEncoder(separators=(",", ":"), default=str).encode
+#: a session's events not stored yet: (seq, its JSON line)
+_Pending = tuple[int, str]
+#: a chunk (one store row) holds at most about this many characters of lines
+_CHUNK_CHARS = 1 << 20
 
 
-def _ENCODE(value: Any) -> str:
-    """Compact JSON: orjson (several times faster on the recording hot path), with the standard
-    encoder as the fallback for what orjson refuses (lone surrogates from undecodable bytes)."""
-    try:
-        return orjson.dumps(value, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
-    except (TypeError, orjson.JSONEncodeError):
-        return _JSON_ENCODE(value)
-
-_SQLITE_INSERT = f"INSERT INTO {tables.session_events.name} (session_id, seq, at, kind, data) VALUES "
-#: the largest multi-row INSERT: 512 rows x 5 values, under the 32766 variables SQLite allows since
-#: 3.32; 128 rows (under the 999 of older builds) otherwise. Each statement costs ~200 µs however
-#: few its rows, so big chunks matter: 128 rows cost 3.2 µs a row, 512 rows 2.1 (executemany: 2.2).
-_SQLITE_CHUNK = 512 if sqlite3.sqlite_version_info >= (3, 32, 0) else 128
-#: one statement per power-of-two row count, so a flush uses at most 10 distinct statements (all
-#: stay in the driver's statement cache)
-_SQLITE_INSERTS = {n: _SQLITE_INSERT + ",".join(["(?,?,?,?,?)"] * n)
-                   for n in (1 << k for k in range(_SQLITE_CHUNK.bit_length()))}
-
-
-def _sqlite_chunks(rows: list[tuple[str, int, str, str, str]]) -> list[tuple[str, tuple[Any, ...]]]:
-    """The rows as multi-row INSERTs of ``_SQLITE_CHUNK`` rows, then of falling powers of two for the rest.
-
-    Why not ``executemany``: the sqlite3 driver releases the GIL around every row's step, and the
-    proxy's loop thread (which releases it at every socket call) then hands the GIL back and forth
-    with the writer thread for the whole flush, two context switches each time. At 20k statements/s
-    that cost the PostgreSQL proxy ~6 µs of CPU per statement (bench, 16 clients); one statement
-    per chunk releases the GIL once per chunk."""
-    out: list[tuple[str, tuple[Any, ...]]] = []
-    i, n, size = 0, len(rows), _SQLITE_CHUNK
-    while i < n:
-        while size > n - i:
-            size >>= 1
-        out.append((_SQLITE_INSERTS[size], tuple(v for row in rows[i:i + size] for v in row)))
-        i += size
+def _chunks(session_id: str, items: list[_Pending]) -> list[tuple[str, int, int, str]]:
+    """A session's pending events as store chunks (session id, first seq, last seq, lines)."""
+    text = "".join([t for _, t in items])
+    if len(text) <= _CHUNK_CHARS:
+        return [(session_id, items[0][0], items[-1][0], text)]
+    out, start, size = [], 0, 0
+    for i, (seq, line_) in enumerate(items):
+        size += len(line_)
+        if size >= _CHUNK_CHARS or i == len(items) - 1:
+            out.append((session_id, items[start][0], seq, "".join([t for _, t in items[start:i + 1]])))
+            start, size = i + 1, 0
     return out
-
-#: (seq, at, at as ISO text with microseconds, kind, data (None when the store is SQLite), data as JSON)
-_Pending = tuple[int, datetime, str, str, dict[str, Any] | None, str]
-
-
-def _sqlite_at(at: datetime, iso: str) -> str:
-    """Naive UTC text in SQLAlchemy's SQLite DATETIME format, cut from ``iso`` when it is UTC
-    (``strftime`` per event cost more than the insert itself)."""
-    if iso.endswith("+00:00") and len(iso) == 32:
-        return f"{iso[:10]} {iso[11:26]}"
-    return at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
 
 log = logging.getLogger(__name__)
 
@@ -205,9 +171,6 @@ class SessionHub:
         #: events recorded in the current loop iteration, spooled by :meth:`_write_tick`
         self._tick: list[tuple[LiveSession, int, datetime, str, dict[str, Any]]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
-        #: SQLite is written from the encoded JSON alone: the event dicts need not be kept until
-        #: the flush (fewer live containers for the garbage collector to walk on the hot path)
-        self._keep_data = service.store.engine.dialect.name != "sqlite"
 
     async def open(self, grant: Grant, resource: str, protocol: str, client_addr: str,
                    on_end: Callable[[str], None]) -> LiveSession:
@@ -251,65 +214,42 @@ class SessionHub:
         if not tick:
             return
         lines: dict[LiveSession, list[str]] = {}
-        dirty = self._dirty
-        keep = self._keep_data
         for s, seq, at, kind, data in tick:
-            encoded = _ENCODE(data)
-            iso = at.isoformat(timespec="microseconds")
-            s._pending.append((seq, at, iso, kind, data if keep else None, encoded))
-            if s._spool is not None:
-                line = f'{{"seq":{seq},"at":"{iso}","kind":"{kind}","data":{encoded}}}\n' if kind.isidentifier() \
-                    else f'{{"seq":{seq},"at":"{iso}","kind":{_ENCODE(kind)},"data":{encoded}}}\n'
-                got = lines.get(s)
-                if got is None:
-                    lines[s] = [line]
-                    dirty.add(s)
-                else:
-                    got.append(line)
+            text = line(seq, at.isoformat(timespec="microseconds"), kind, encode_data(data))
+            s._pending.append((seq, text))
+            got = lines.get(s)
+            if got is None:
+                lines[s] = [text]
             else:
-                dirty.add(s)
+                got.append(text)
+        dirty = self._dirty
         for s, chunk in lines.items():
+            dirty.add(s)
             if s._spool is not None:
                 s._spool.write("".join(chunk).encode(), s._seq)
 
     async def flush(self) -> None:
         self._write_tick()
-        batch: list[tuple[str, list[_Pending]]] = []
-        spooled: list[tuple[LiveSession, int]] = []
-        pending: list[tuple[LiveSession, list[_Pending]]] = []
+        batch: list[tuple[LiveSession, list[_Pending]]] = []
         for s in list(self._dirty):
             if s._pending:
-                batch.append((s.id, s._pending))
-                pending.append((s, s._pending))
-                if s._spool is not None:
-                    spooled.append((s, s._pending[-1][0]))
+                batch.append((s, s._pending))
                 s._pending = []
         self._dirty.clear()
         if not batch:
             return
         try:
-            await self._store(batch)
+            async with self.service.store.tx() as tx:
+                await tx.add_event_chunks([c for s, items in batch for c in _chunks(s.id, items)])
         except BaseException:
             # nothing is lost: the batch goes back in front of what came since, for the next flush
-            for s, items in pending:
+            for s, items in batch:
                 s._pending[:0] = items
                 self._dirty.add(s)
             raise
-        for s, seq in spooled:
+        for s, items in batch:
             if s._spool is not None:
-                s._spool.stored(seq)  # its finished spool segments are no longer needed
-
-    async def _store(self, batch: list[tuple[str, list[_Pending]]]) -> None:
-        async with self.service.store.tx() as tx:
-            if tx.conn.dialect.name == "sqlite":
-                # naive UTC text in SQLAlchemy's SQLite DATETIME storage format; JSON encoded once
-                rows = [(sid, seq, _sqlite_at(at, iso), kind, encoded)
-                        for sid, items in batch for seq, at, iso, kind, _, encoded in items]
-                for statement, values in _sqlite_chunks(rows):
-                    await tx.conn.exec_driver_sql(statement, values)
-            else:
-                await tx.add_events([SessionEvent(session_id=sid, seq=seq, at=at, kind=kind, data=data or {})
-                                     for sid, items in batch for seq, at, _, kind, data, _ in items])
+                s._spool.stored(items[-1][0])  # its finished spool segments are no longer needed
 
     async def _flush_loop(self) -> None:
         while self._live or self._dirty:
@@ -349,19 +289,17 @@ class SessionHub:
         for session_id, paths in leftovers(self.spool_dir).items():
             if session_id in self._live:
                 continue
-            events = []
-            lines = [line for path in paths for line in path.read_text(encoding="utf-8", errors="replace").splitlines()]
-            for line in lines:
-                try:
-                    item = json.loads(line)
-                    events.append(SessionEvent(session_id=session_id, seq=int(item["seq"]),
-                                               at=datetime.fromisoformat(item["at"]), kind=str(item["kind"]),
-                                               data=dict(item["data"])))
-                except (ValueError, KeyError, TypeError):
-                    continue  # a torn last line: the event that was in flight
+            kept: list[_Pending] = []
+            for path in paths:
+                for raw in path.read_text(encoding="utf-8", errors="replace").split("\n"):
+                    got = parse(raw)
+                    if got is not None:  # (not: a torn last line, the event that was in flight)
+                        kept.append((got[0], raw + "\n"))
             async with self.service.store.tx() as tx:
                 done = await tx.max_event_seq(session_id)
-                await tx.add_events([e for e in events if e.seq > done])
+                kept = [item for item in kept if item[0] > done]
+                if kept:
+                    await tx.add_event_chunks(_chunks(session_id, kept))
                 row = await tx.get_session(session_id)
                 if row is not None and row.status is SessionStatus.OPEN:
                     row.status, row.closed_at, row.close_reason = SessionStatus.CLOSED, self.clock.now(), \

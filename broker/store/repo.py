@@ -20,6 +20,7 @@ from sqlalchemy import Row, delete, event, func, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from broker import eventlines
 from broker.model import (
     AccessRequest,
     Approval,
@@ -232,22 +233,38 @@ class Tx:
         return [_session(r) for r in await self.conn.execute(q)]
 
     async def add_events(self, events: Sequence[SessionEvent]) -> None:
-        if events:
-            await self.conn.execute(insert(t.session_events), [
-                {"session_id": e.session_id, "seq": e.seq, "at": e.at, "kind": e.kind, "data": e.data}
-                for e in events])
+        """Store events: one chunk per session, in sequence order."""
+        runs: dict[str, list[SessionEvent]] = {}
+        for e in events:
+            if e.at.tzinfo is None:
+                raise ValueError("naive datetime given to the store")
+            runs.setdefault(e.session_id, []).append(e)
+        chunks = []
+        for session_id, run in runs.items():
+            run.sort(key=lambda e: e.seq)
+            chunks.append((session_id, run[0].seq, run[-1].seq, eventlines.join(run)))
+        await self.add_event_chunks(chunks)
+
+    async def add_event_chunks(self, chunks: Sequence[tuple[str, int, int, str]]) -> None:
+        """Store runs of events already encoded: (session id, first seq, last seq, their lines)."""
+        if chunks:
+            await self.conn.execute(insert(t.session_event_chunks), [
+                {"session_id": sid, "first_seq": first, "last_seq": last, "lines": lines}
+                for sid, first, last, lines in chunks])
 
     async def events(self, session_id: str, *, limit: int | None = None) -> list[SessionEvent]:
-        q = select(t.session_events).where(t.session_events.c.session_id == session_id) \
-            .order_by(t.session_events.c.seq)
-        if limit is not None:
-            q = q.limit(limit)
-        return [SessionEvent(session_id=r.session_id, seq=r.seq, at=r.at, kind=r.kind, data=r.data)
-                for r in await self.conn.execute(q)]
+        c = t.session_event_chunks.c
+        q = select(c.lines).where(c.session_id == session_id).order_by(c.first_seq)
+        out: list[SessionEvent] = []
+        for (lines,) in await self.conn.execute(q):
+            out.extend(eventlines.decode(session_id, lines))
+            if limit is not None and len(out) >= limit:
+                return out[:limit]
+        return out
 
     async def max_event_seq(self, session_id: str) -> int:
-        q = select(func.max(t.session_events.c.seq)).where(t.session_events.c.session_id == session_id)
-        value = (await self.conn.execute(q)).scalar()
+        c = t.session_event_chunks.c
+        value = (await self.conn.execute(select(func.max(c.last_seq)).where(c.session_id == session_id))).scalar()
         return int(value) if value is not None else 0
 
     # -- reviews --------------------------------------------------------------------------

@@ -119,15 +119,15 @@ sessions = Table(
     Column("stats", JSON, nullable=False),
 )
 
-session_events = Table(
-    "session_events", metadata,
+#: a session's recording: runs of its events, each a chunk of JSON lines (broker/eventlines.py)
+session_event_chunks = Table(
+    "session_event_chunks", metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("session_id", String(32), nullable=False),
-    Column("seq", Integer, nullable=False),
-    Column("at", UtcDateTime, nullable=False),
-    Column("kind", String(16), nullable=False),
-    Column("data", JSON, nullable=False),
-    Index("ix_session_events_session_seq", "session_id", "seq", unique=True),
+    Column("first_seq", Integer, nullable=False),
+    Column("last_seq", Integer, nullable=False),
+    Column("lines", Text, nullable=False),
+    Index("ix_session_event_chunks_session_first", "session_id", "first_seq", unique=True),
 )
 
 reviews = Table(

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from sqlalchemy import JSON, Integer, String, column, insert, select, table
 
 from broker.store import Store
 from broker.store import tables as t
-from broker.store.migrate import current
+from broker.store.migrate import current, downgrade, upgrade
 from tests.support.pgcluster import PgCluster
 
 
@@ -32,7 +34,50 @@ async def test_replicas_migrating_at_once_on_postgresql(pg: PgCluster) -> None:
     stores = [Store.from_url(url) for _ in range(4)]
     try:
         await asyncio.gather(*(s.migrate() for s in stores))
-        assert await current(stores[0].engine) == "0002"
+        assert await current(stores[0].engine) == "0003"
     finally:
         for s in stores:
             await s.close()
+
+
+_OLD_EVENTS = table("session_events", column("session_id", String), column("seq", Integer),
+                    column("at", t.UtcDateTime()), column("kind", String), column("data", JSON))
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def test_0003_moves_recorded_events_into_chunks_and_back(dialect: str, tmp_path: Any,
+                                                               request: pytest.FixtureRequest) -> None:
+    if dialect == "sqlite":
+        url = f"sqlite+aiosqlite:///{tmp_path / 'old.db'}"
+    else:
+        pg: PgCluster = request.getfixturevalue("pg")
+        url = pg.sqlalchemy_url(pg.create_database("chunks"))
+    store = Store.from_url(url)
+    try:
+        await upgrade(store.engine, "0002")
+        at = datetime(2026, 12, 1, 3, 0, 0, 123456, tzinfo=UTC)
+        rows = [{"session_id": sid, "seq": seq, "at": at + timedelta(seconds=seq), "kind": "statement",
+                 "data": {"sql": f"SELECT {seq}", "note": "é \u2028"}}
+                for sid in ("s_a", "s_b") for seq in range(1, 6)]
+        rows.append({"session_id": "s_c", "seq": 1, "at": at, "kind": "open", "data": {"login": "x"}})
+        async with store.engine.begin() as conn:
+            await conn.execute(insert(_OLD_EVENTS), rows)
+        await store.migrate()
+        assert await current(store.engine) == "0003"
+        for sid in ("s_a", "s_b", "s_c"):
+            async with store.tx() as tx:
+                got = await tx.events(sid)
+                assert await tx.max_event_seq(sid) == len(got)
+            want = [r for r in rows if r["session_id"] == sid]
+            assert [(e.seq, e.at, e.kind, e.data) for e in got] == [(r["seq"], r["at"], r["kind"], r["data"])
+                                                                     for r in want]
+        async with store.engine.connect() as conn:
+            assert len((await conn.execute(select(t.session_event_chunks.c.id))).all()) == 3
+
+        await downgrade(store.engine, "0002")
+        async with store.engine.connect() as conn:
+            back = (await conn.execute(select(_OLD_EVENTS).order_by(_OLD_EVENTS.c.session_id,
+                                                                    _OLD_EVENTS.c.seq))).all()
+        assert [dict(r._mapping) for r in back] == rows
+    finally:
+        await store.close()

@@ -19,7 +19,7 @@ from broker.reviews import Reviews
 from broker.service import Service
 from broker.store import Store
 from proxy.access import Gate
-from proxy.sessions import _SQLITE_CHUNK, SessionHub, _sqlite_chunks
+from proxy.sessions import _CHUNK_CHARS, SessionHub, _chunks
 
 
 def who(config: HoopConfig, email: str) -> Identity:
@@ -117,12 +117,12 @@ async def test_spool_recovers_after_crash(live: tuple[Service, SessionHub, Recor
     grant, _ = await grant_for(service, config)
     s = await hub.open(grant, "prod-db", "postgres", "c", lambda r: None)
     for i in range(5):
-        s.record("statement", {"sql": f"SELECT {i}"})
+        s.record("statement", {"sql": f"SELECT {i}" + ("  -- \u2028 \udc80" if i == 2 else "")})
     await asyncio.sleep(0)  # one loop iteration: the events recorded in it reach the spool
     spool = tmp_path / "spool" / f"{s.id}.jsonl"
     with spool.open("a") as f:
         f.write('{"seq": 99, "at": "2030-01-0')  # a torn write: the event in flight
-    assert len(spool.read_text().splitlines()) == 7
+    assert len(spool.read_text(errors="surrogateescape").split("\n")) == 7
     # "crash": a new hub over the same spool directory, the old one never flushed
     hub2 = SessionHub(service, SystemClock(), spool_dir=tmp_path / "spool")
     hub._live.clear()
@@ -131,7 +131,8 @@ async def test_spool_recovers_after_crash(live: tuple[Service, SessionHub, Recor
     async with store.tx() as tx:
         events = await tx.events(s.id)
         row = await tx.get_session(s.id)
-    assert [e.data.get("sql") for e in events if e.kind == "statement"] == [f"SELECT {i}" for i in range(5)]
+    assert [e.data.get("sql") for e in events if e.kind == "statement"] == [
+        f"SELECT {i}" + ("  -- \u2028 \udc80" if i == 2 else "") for i in range(5)]
     assert row is not None and row.status is SessionStatus.CLOSED and "stopped" in (row.close_reason or "")
     assert json.dumps([e.data for e in events]).count("SELECT") == 5
 
@@ -175,13 +176,13 @@ async def test_a_failed_store_write_loses_nothing(live: tuple[Service, SessionHu
     s = await hub.open(grant, "prod-db", "postgres", "c", lambda r: None)
     await hub.flush()
     async with store.tx() as tx:  # the store breaks: its events table is gone for a while
-        await tx.conn.exec_driver_sql("ALTER TABLE session_events RENAME TO session_events_away")
+        await tx.conn.exec_driver_sql("ALTER TABLE session_event_chunks RENAME TO chunks_away")
     s.record("statement", {"sql": "SELECT 1"})
-    with pytest.raises(Exception, match="session_events"):
+    with pytest.raises(Exception, match="session_event_chunks"):
         await hub.flush()
     s.record("statement", {"sql": "SELECT 2"})
     async with store.tx() as tx:
-        await tx.conn.exec_driver_sql("ALTER TABLE session_events_away RENAME TO session_events")
+        await tx.conn.exec_driver_sql("ALTER TABLE chunks_away RENAME TO session_event_chunks")
     await hub.flush()
     async with store.tx() as tx:
         events = await tx.events(s.id)
@@ -189,17 +190,19 @@ async def test_a_failed_store_write_loses_nothing(live: tuple[Service, SessionHu
     assert [e.seq for e in events] == sorted({e.seq for e in events})
 
 
-def test_sqlite_batches_are_cut_into_multi_row_inserts_of_power_of_two_sizes() -> None:
-    rows = [("s", i, "2026-01-01 00:00:00.000000", "statement", f'{{"i":{i}}}') for i in range(2 * _SQLITE_CHUNK + 44)]
-    chunks = _sqlite_chunks(rows)
-    sizes = [len(values) // 5 for _, values in chunks]
-    assert sizes == [_SQLITE_CHUNK, _SQLITE_CHUNK, 32, 8, 4]
-    assert all(statement.count("(?,?,?,?,?)") == size for (statement, _), size in zip(chunks, sizes, strict=True))
-    assert [v for _, values in chunks for v in values] == [v for row in rows for v in row]
-    assert _sqlite_chunks([]) == []
+def test_a_long_run_of_events_is_cut_into_chunks_of_about_a_mib() -> None:
+    items = [(seq, f'{{"seq":{seq},"pad":"{"x" * 1000}"}}\n') for seq in range(1, 2501)]  # ~2.5 MiB
+    chunks = _chunks("s_1", items)
+    assert len(chunks) == 3
+    assert all(len(text) <= _CHUNK_CHARS + 1100 for *_, text in chunks)
+    assert [(first, last) for _, first, last, _ in chunks] == [
+        (chunks[0][1], chunks[0][2]), (chunks[0][2] + 1, chunks[1][2]), (chunks[1][2] + 1, 2500)]
+    assert chunks[0][1] == 1
+    assert "".join(text for *_, text in chunks) == "".join(t for _, t in items)
+    assert _chunks("s_1", items[:3]) == [("s_1", 1, 3, "".join(t for _, t in items[:3]))]
 
 
-@pytest.mark.parametrize("count", [1, 127, 128, 129, 1100])
+@pytest.mark.parametrize("count", [1, 2, 700])
 async def test_a_flush_stores_every_event_once_in_order(live: tuple[Service, SessionHub, RecordingNotifier, Store],
                                                         config: HoopConfig, count: int) -> None:
     service, hub, _, store = live
