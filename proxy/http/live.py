@@ -41,9 +41,10 @@ class Stream:
 
 
 class _Entry:
-    __slots__ = ("ended", "idle", "key", "last", "session", "streams", "timer")
+    __slots__ = ("ended", "idle", "key", "last", "loop", "session", "streams", "timer")
 
     def __init__(self, key: tuple[str, str, str], session: Live) -> None:
+        self.loop = asyncio.get_running_loop()  # (each get_running_loop() call costs a getpid syscall)
         self.key = key
         self.session = session
         self.streams: set[Stream] = set()
@@ -104,7 +105,7 @@ class SessionPool:
         the session's last."""
         entry.streams.discard(stream)
         if not entry.streams and entry.ended is None:
-            loop = asyncio.get_running_loop()
+            loop = entry.loop
             entry.last = loop.time()
             if entry.idle is None:
                 entry.idle = loop.call_later(self.idle, self._idle_check, entry)

@@ -150,6 +150,7 @@ class _Conn(WriteFlow, asyncio.Protocol):
     def __init__(self, pool: UpstreamPool, key: tuple[str, str, int]) -> None:
         self.pool = pool
         self.key = key
+        self.loop = asyncio.get_running_loop()  # (each get_running_loop() call costs a getpid syscall)
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
@@ -311,7 +312,7 @@ class UpstreamPool:
                 conn = await self._connect(origin)
             assert conn.transport is not None
             conn.head_only = method == "HEAD"
-            fut = conn.response = asyncio.get_running_loop().create_future()
+            fut = conn.response = conn.loop.create_future()
             conn.transport.write(head)
             if body is not None:
                 conn.pump = asyncio.ensure_future(self._pump(conn, body, chunked))
