@@ -219,6 +219,34 @@ async def test_a_flush_stores_every_event_once_in_order(live: tuple[Service, Ses
         assert [e.seq for e in events] == list(range(1, len(events) + 1))
 
 
+async def test_recording_chunks_and_recovery_on_each_store(store: Store, config: HoopConfig, tmp_path: Path) -> None:
+    """The same recording path on SQLite and on PostgreSQL: flushed chunks, then a crash's spool."""
+    service = Service(config, store, SystemClock(), Broadcast([]))
+    spool_dir = tmp_path / "spool"
+    hub = SessionHub(service, SystemClock(), spool_dir=spool_dir, flush_every=3600)
+    grant, _ = await grant_for(service, config)
+    s = await hub.open(grant, "prod-db", "postgres", "c", lambda r: None)
+    for i in range(300):
+        s.record("statement", {"sql": f"SELECT {i}", "rows_sample": {"columns": ["e"], "rows": [["[email]"]]}})
+        if i % 100 == 99:
+            await hub.flush()  # three chunks
+    for i in range(300, 340):
+        s.record("statement", {"sql": f"SELECT {i}"})
+        await asyncio.sleep(0)
+    hub._live.clear()  # "crash": 40 events only in the spool
+    hub._dirty.clear()
+    assert await SessionHub(service, SystemClock(), spool_dir=spool_dir).recover() == 1
+    async with store.tx() as tx:
+        events = await tx.events(s.id)
+        assert await tx.max_event_seq(s.id) == 341
+        first = await tx.events(s.id, limit=5)
+    assert [e.data["sql"] for e in events[1:]] == [f"SELECT {i}" for i in range(340)]
+    assert [e.seq for e in events] == list(range(1, 342))
+    assert events[1].data["rows_sample"] == {"columns": ["e"], "rows": [["[email]"]]}
+    assert [e.seq for e in first] == [1, 2, 3, 4, 5]
+    assert all(e.at.tzinfo is not None for e in events)
+
+
 async def test_review_allowed_refused_and_timeout(live: tuple[Service, SessionHub, RecordingNotifier, Store],
                                                   config: HoopConfig) -> None:
     service, hub, recorder, _ = live
