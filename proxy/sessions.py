@@ -45,6 +45,8 @@ from broker.reviews import Reviews
 from broker.service import Service, new_id
 from proxy.spool import SEGMENT_BYTES, Spool, leftovers
 
+log = logging.getLogger(__name__)
+
 #: a session's events not stored yet: (seq, its JSON line)
 _Pending = tuple[int, str]
 #: a chunk (one store row) holds at most about this many characters of lines
@@ -63,8 +65,6 @@ def _chunks(session_id: str, items: list[_Pending]) -> list[tuple[str, int, int,
             out.append((session_id, items[start][0], seq, "".join([t for _, t in items[start:i + 1]])))
             start, size = i + 1, 0
     return out
-
-log = logging.getLogger(__name__)
 
 
 class LiveSession:
