@@ -253,19 +253,30 @@ class Tx:
                 for sid, first, last, lines in chunks])
 
     async def events(self, session_id: str, *, limit: int | None = None) -> list[SessionEvent]:
+        """A session's events in order: its chunks, plus any rows a replica older than migration 0003
+        stored during a rolling upgrade."""
         c = t.session_event_chunks.c
         q = select(c.lines).where(c.session_id == session_id).order_by(c.first_seq)
         out: list[SessionEvent] = []
         for (lines,) in await self.conn.execute(q):
             out.extend(eventlines.decode(session_id, lines))
             if limit is not None and len(out) >= limit:
-                return out[:limit]
-        return out
+                break
+        old = t.session_events.c
+        q = select(t.session_events).where(old.session_id == session_id).order_by(old.seq)
+        legacy = [SessionEvent(session_id=r.session_id, seq=r.seq, at=r.at, kind=r.kind, data=r.data)
+                  for r in await self.conn.execute(q if limit is None else q.limit(limit))]
+        if legacy:
+            merged = {e.seq: e for e in legacy}
+            merged.update((e.seq, e) for e in out)
+            out = [merged[seq] for seq in sorted(merged)]
+        return out[:limit] if limit is not None else out
 
     async def max_event_seq(self, session_id: str) -> int:
-        c = t.session_event_chunks.c
-        value = (await self.conn.execute(select(func.max(c.last_seq)).where(c.session_id == session_id))).scalar()
-        return int(value) if value is not None else 0
+        c, old = t.session_event_chunks.c, t.session_events.c
+        chunked = (await self.conn.execute(select(func.max(c.last_seq)).where(c.session_id == session_id))).scalar()
+        legacy = (await self.conn.execute(select(func.max(old.seq)).where(old.session_id == session_id))).scalar()
+        return max(int(chunked or 0), int(legacy or 0))
 
     # -- reviews --------------------------------------------------------------------------
     async def insert_review(self, r: Review) -> None:

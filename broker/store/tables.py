@@ -120,6 +120,7 @@ sessions = Table(
 )
 
 #: a session's recording: runs of its events, each a chunk of JSON lines (broker/eventlines.py)
+#: (before migration 0003, a row per event in ``session_events``; see below)
 session_event_chunks = Table(
     "session_event_chunks", metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
@@ -128,6 +129,20 @@ session_event_chunks = Table(
     Column("last_seq", Integer, nullable=False),
     Column("lines", Text, nullable=False),
     Index("ix_session_event_chunks_session_first", "session_id", "first_seq", unique=True),
+)
+
+#: legacy, read only: a row per event, as replicas older than migration 0003 write them. 0003
+#: moves the rows it finds into chunks but keeps the table, so during a rolling upgrade the old
+#: replicas still running keep storing their events (hoop reads both); a later migration drops it.
+session_events = Table(
+    "session_events", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("session_id", String(32), nullable=False),
+    Column("seq", Integer, nullable=False),
+    Column("at", UtcDateTime, nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("data", JSON, nullable=False),
+    Index("ix_session_events_session_seq", "session_id", "seq", unique=True),
 )
 
 reviews = Table(

@@ -73,6 +73,20 @@ async def test_0003_moves_recorded_events_into_chunks_and_back(dialect: str, tmp
                                                                      for r in want]
         async with store.engine.connect() as conn:
             assert len((await conn.execute(select(t.session_event_chunks.c.id))).all()) == 3
+            assert (await conn.execute(select(_OLD_EVENTS.c.seq))).all() == []  # moved, table kept
+
+        # a rolling upgrade: a replica still on the old code stores more of s_c's events as rows
+        late = [{"session_id": "s_c", "seq": seq, "at": at, "kind": "statement", "data": {"sql": f"late {seq}"}}
+                for seq in (2, 3)]
+        async with store.engine.begin() as conn:
+            await conn.execute(insert(_OLD_EVENTS), late)
+        async with store.tx() as tx:
+            assert [e.seq for e in await tx.events("s_c")] == [1, 2, 3]
+            assert [e.data for e in await tx.events("s_c", limit=2)] == [{"login": "x"}, {"sql": "late 2"}]
+            assert await tx.max_event_seq("s_c") == 3
+        async with store.engine.begin() as conn:
+            await conn.execute(_OLD_EVENTS.delete().where(_OLD_EVENTS.c.session_id == "s_c",
+                                                          _OLD_EVENTS.c.seq > 1))
 
         await downgrade(store.engine, "0002")
         async with store.engine.connect() as conn:

@@ -6,8 +6,10 @@ Create Date: 2026-12-01 03:40:00
 
 A row per event cost the PostgreSQL proxy 3-6 µs of CPU per statement; a chunk holds a run of
 one session's events as the JSON lines its spool already has (broker/eventlines.py). The
-upgrade moves every stored event into one chunk per session; the downgrade expands them back.
-The line format is written out here rather than imported, so this migration keeps meaning what
+upgrade moves every stored event into chunks (up to 5,000 events each) and keeps the emptied
+``session_events`` table: during a rolling upgrade the replicas still running the old code keep
+storing their events there, and the new code reads both tables. The downgrade expands the chunks
+back into rows. The line format is written out here rather than imported, so this migration keeps meaning what
 it meant when it was written.
 """
 
@@ -41,20 +43,6 @@ def _line(seq: int, at: datetime, kind: str, data: Any) -> str:
                       separators=(",", ":"), default=str) + "\n"
 
 
-def _create_events() -> None:
-    op.create_table('session_events',
-    sa.Column('id', sa.Integer(), autoincrement=True, nullable=False),
-    sa.Column('session_id', sa.String(length=32), nullable=False),
-    sa.Column('seq', sa.Integer(), nullable=False),
-    sa.Column('at', broker.store.tables.UtcDateTime(timezone=True), nullable=False),
-    sa.Column('kind', sa.String(length=16), nullable=False),
-    sa.Column('data', sa.JSON(), nullable=False),
-    sa.PrimaryKeyConstraint('id')
-    )
-    with op.batch_alter_table('session_events', schema=None) as batch_op:
-        batch_op.create_index('ix_session_events_session_seq', ['session_id', 'seq'], unique=True)
-
-
 def upgrade() -> None:
     op.create_table('session_event_chunks',
     sa.Column('id', sa.Integer(), autoincrement=True, nullable=False),
@@ -80,13 +68,12 @@ def upgrade() -> None:
                 session_id=session_id, first_seq=rows[0].seq, last_seq=rows[-1].seq,
                 lines="".join(_line(r.seq, r.at, r.kind, r.data) for r in rows)))
             after = rows[-1].seq
-    with op.batch_alter_table('session_events', schema=None) as batch_op:
-        batch_op.drop_index('ix_session_events_session_seq')
-    op.drop_table('session_events')
+            bind.execute(sa.delete(_events).where(_events.c.session_id == session_id, _events.c.seq <= after))
+    # session_events stays: replicas older than this migration, still running during a rolling
+    # upgrade, keep storing their events there, and hoop reads both tables
 
 
 def downgrade() -> None:
-    _create_events()
     bind = op.get_bind()
     chunks = bind.execute(sa.select(_chunks.c.session_id, _chunks.c.lines)
                           .order_by(_chunks.c.session_id, _chunks.c.first_seq)).all()
