@@ -40,7 +40,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import phonenumbers
 from stdnum import iban as _iban
@@ -48,6 +48,11 @@ from stdnum import luhn as _luhn
 from stdnum.us import ssn as _ssn
 
 from broker.config import Detector
+
+try:
+    from proxy.pg import _wire
+except ImportError:  # pragma: no cover - built by pip install -e . (pyproject.toml)
+    _wire = None  # type: ignore[assignment]
 
 #: A hit: ``(start, end, detector)``, byte offsets into the scanned buffer.
 Hit = tuple[int, int, Detector]
@@ -353,23 +358,7 @@ class Scanner:
                     _match_at_literal(data, lit, _AWS_SECRET, 1, hits)
 
     def _scan_email(self, data: bytes, hits: list[Hit]) -> None:
-        # An email's local part is the whole run of local-part characters before its "@" (no
-        # such character may precede it), found with rfind on a shape of the buffer instead of
-        # a regex searching across a window. "@" is not a local-part character, so an email
-        # starts at the run's start exactly when the run is 1 to 64 long and a domain follows.
-        rfind = data.translate(_LOCAL_SHAPE).rfind
-        done = 0  # end of the last hit: an email never starts inside it
-        for m in _AT_DOMAIN.finditer(data):  # (a domain holds no "@": no "@" is skipped)
-            pos, end = m.span()
-            start = rfind(b" ", pos - 65 if pos > 65 else 0, pos) + 1
-            if done <= start and 0 < pos - start <= 64:
-                if end > pos + 256:  # a domain is looked for in the 255 bytes after the "@" only
-                    short = _DOMAIN.match(data, pos + 1, pos + 256)
-                    if short is None:
-                        continue
-                    end = short.end()
-                done = end
-                hits.append((start, end, "email"))
+        _email_hits(data, hits, "email")
 
     def _scan_digits(self, data: bytes, shape: bytes, hits: list[Hit]) -> None:
         n = len(data)
@@ -396,6 +385,34 @@ class Scanner:
                     if _phone_ok(m.group()):
                         hits.append((m.start(), m.end(), "phone"))
                         done = max(done, m.end())
+
+
+def py_email_hits(data: bytes, hits: list[Hit], label: Detector = "email") -> None:
+    """Append ``(start, end, label)`` for each email in ``data``, in order, non-overlapping.
+
+    An email's local part is the whole run of local-part characters before its "@" (no such
+    character may precede it), found with rfind on a shape of the buffer instead of a regex
+    searching across a window. "@" is not a local-part character, so an email starts at the
+    run's start exactly when the run is 1 to 64 long and a domain follows. The C twin
+    (``proxy.pg._wire.email_hits``) runs when built; tests/proxy/test_mask.py checks both agree.
+    """
+    rfind = data.translate(_LOCAL_SHAPE).rfind
+    done = 0  # end of the last hit: an email never starts inside it
+    for m in _AT_DOMAIN.finditer(data):  # (a domain holds no "@": no "@" is skipped)
+        pos, end = m.span()
+        start = rfind(b" ", pos - 65 if pos > 65 else 0, pos) + 1
+        if done <= start and 0 < pos - start <= 64:
+            if end > pos + 256:  # a domain is looked for in the 255 bytes after the "@" only
+                short = _DOMAIN.match(data, pos + 1, pos + 256)
+                if short is None:
+                    continue
+                end = short.end()
+            done = end
+            hits.append((start, end, label))
+
+
+_email_hits: Callable[[bytes, list[Hit], Detector], None] = \
+    _wire.email_hits if _wire is not None else py_email_hits
 
 
 def _merge(hits: list[Hit]) -> list[Hit]:

@@ -570,6 +570,81 @@ out:
     return result;
 }
 
+/* ---- email_hits ----------------------------------------------------------------------------
+ * email_hits(data, hits, label) appends (start, end, label) for each email in data, exactly as
+ * detectors.py_email_hits (its twin) does: the regex "@" + _DOMAIN found left to right (each
+ * search resuming at the previous match's end), then the local part found backwards.
+ *
+ * _DOMAIN is [A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,63}. Over the text after the "@", cut
+ * into dot-separated tokens t0.t1.t2..., backtracking settles on: t0 whole (non-empty), then the
+ * non-empty tokens t1..tm that follow it, and the match ends inside the LAST of t1..tm whose run of
+ * leading letters is at least 2 long, after at most 63 of those letters; no such token, no match. */
+
+static inline int is_alpha(unsigned char c) { return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z'); }
+static inline int is_label(unsigned char c) { return is_alpha(c) || is_digit(c) || c == '-'; }
+static inline int is_local(unsigned char c) {
+    return is_label(c) || c == '.' || c == '_' || c == '%' || c == '+';
+}
+
+static Py_ssize_t domain_end(const unsigned char *s, Py_ssize_t q, Py_ssize_t lim) {
+    Py_ssize_t i = q;
+    while (i < lim && is_label(s[i])) i++;
+    if (i == q) return -1;
+    Py_ssize_t best = -1;
+    while (i < lim && s[i] == '.') {
+        Py_ssize_t a = i + 1, j = a;
+        while (j < lim && is_label(s[j])) j++;
+        if (j == a) break;
+        Py_ssize_t k = a;
+        while (k < j && k - a < 63 && is_alpha(s[k])) k++;
+        if (k - a >= 2) best = k;
+        i = j;
+    }
+    return best;
+}
+
+static PyObject *wire_email_hits(PyObject *Py_UNUSED(self), PyObject *args) {
+    Py_buffer view;
+    PyObject *hits, *label;
+    if (!PyArg_ParseTuple(args, "y*O!O", &view, &PyList_Type, &hits, &label)) return NULL;
+    const unsigned char *s = view.buf;
+    Py_ssize_t n = view.len, p = 0, done = 0;
+    while (p < n) {
+        const unsigned char *at = memchr(s + p, '@', (size_t)(n - p));
+        if (at == NULL) break;
+        Py_ssize_t pos = at - s;
+        Py_ssize_t end = domain_end(s, pos + 1, n);
+        if (end < 0) {
+            p = pos + 1;
+            continue;
+        }
+        p = end;
+        Py_ssize_t lo = pos > 65 ? pos - 65 : 0, start = 0;
+        for (Py_ssize_t i = pos - 1; i >= lo; i--) {
+            if (!is_local(s[i])) {
+                start = i + 1;
+                break;
+            }
+        }
+        if (done <= start && pos - start > 0 && pos - start <= 64) {
+            if (end > pos + 256) {
+                end = domain_end(s, pos + 1, n < pos + 256 ? n : pos + 256);
+                if (end < 0) continue;
+            }
+            done = end;
+            PyObject *hit = Py_BuildValue("(nnO)", start, end, label);
+            if (hit == NULL || PyList_Append(hits, hit) < 0) {
+                Py_XDECREF(hit);
+                PyBuffer_Release(&view);
+                return NULL;
+            }
+            Py_DECREF(hit);
+        }
+    }
+    PyBuffer_Release(&view);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"split", wire_split, METH_VARARGS, "Frames of a typed message stream (see codec.split)."},
     {"rewrite_run", wire_rewrite_run, METH_VARARGS, "A masked DataRow run rewritten (see rows.rewrite_run)."},
@@ -577,6 +652,7 @@ static PyMethodDef methods[] = {
     {"batch", wire_batch, METH_VARARGS, "One extended-protocol statement (see fast.batch)."},
     {"shape", wire_shape, METH_O, "A statement's text with its literals replaced (see sqlguard.shape)."},
     {"reply_stretch", wire_reply_stretch, METH_VARARGS, "One statement's whole answer (see fast.reply_stretch)."},
+    {"email_hits", wire_email_hits, METH_VARARGS, "Emails in a buffer (see detectors.py_email_hits)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -1,6 +1,7 @@
 """C twins of the relay's hot loops (proxy/pg/_wire.c).
 
-See codec.split, rows.rewrite_run, fast.batch, fast.reply_stretch and sqlguard.shape.
+See codec.split, rows.rewrite_run, fast.batch, fast.reply_stretch, sqlguard.shape and
+detectors.py_email_hits.
 """
 
 from collections.abc import Callable
@@ -18,6 +19,7 @@ def rewrite_run(
 def text_cells(buf: Buf, s: int, e: int, readable: bytes, /) -> bytes | None: ...
 def reply_stretch(buf: Buf, max_length: int, /) -> tuple[int, int, int, int, int, int, int, int, int] | None: ...
 def shape(sql: str, /) -> str | None: ...
+def email_hits(data: bytes, hits: list[Any], label: str, /) -> None: ...
 def batch(
     buf: Buf, max_length: int, /
 ) -> tuple[tuple[bytes | None, bytes, bytes], str, str, tuple[int, ...]] | None: ...

@@ -7,6 +7,8 @@ import random
 import pytest
 
 from broker.config import Masking
+from proxy import detectors
+from proxy.detectors import py_email_hits
 from proxy.mask import Masker
 from proxy.pg import _wire, codec, rows, runs
 from proxy.pg.messages import Field, MalformedMessage
@@ -43,7 +45,7 @@ def _mangle(rnd: random.Random, wire: bytes) -> bytes:
 
 
 def test_the_c_twins_are_built() -> None:
-    assert codec._wire is _wire and runs._wire is _wire
+    assert codec._wire is _wire and runs._wire is _wire and detectors._email_hits is _wire.email_hits
 
 
 def _split_both(buf: bytes, pos: int, max_length: int, coalesce: bool) -> None:
@@ -156,3 +158,53 @@ def test_bind_head_checks_exactly_what_decode_bind_checks() -> None:
             b = full[1]
             assert head == ("ok", (b.portal, b.statement, b.result_formats))
     assert bad > 500
+
+
+_EMAIL_PARTS = [b"@", b".", b"-", b"a", b"Zq", b"com", b"museum", b"x1", b"9", b"_", b"%", b"+", b" ", b'"',
+                b"\xc3\xa9", b"user", b"example", b"..", b"\n", b"@@", b"b" * 70, b"c" * 64, b"d-" * 40]
+
+
+def _email_text(rnd: random.Random) -> bytes:
+    """Email-like pieces (local parts and labels of every interesting length, long domains, odd
+    endings) and noise, glued with nothing, a space or a local-part character."""
+    parts = []
+    for _ in range(rnd.randrange(1, 6)):
+        if rnd.random() < 0.7:
+            local = b"".join(rnd.choice((b"a", b"B", b"7", b".", b"_", b"%", b"+", b"-", b"\xc3\xa9"))
+                             for _ in range(rnd.choice((0, 1, 3, 10, 63, 64, 65, 70))))
+            labels = [b"".join(rnd.choice((b"a", b"Q", b"z", b"1", b"-"))
+                               for _ in range(rnd.choice((0, 1, 2, 5, 63, 64)))) for _ in range(rnd.randrange(1, 5))]
+            domain = b".".join(labels) * (rnd.randrange(2, 40) if rnd.random() < 0.1 else 1)
+            parts.append(local + b"@" + domain + rnd.choice((b"", b".", b"..", b"1", b'"', b" ", b"@")))
+        else:
+            parts.append(b"".join(rnd.choice(_EMAIL_PARTS) for _ in range(rnd.randrange(1, 10))))
+    return rnd.choice((b"", b" ", b"x")).join(parts)
+
+
+@pytest.mark.parametrize("text", [
+    b"", b"@", b"a@b", b"a@b.c", b"a@b.co", b"a@b.co1", b"a@b.c.d", b"x@host.com.", b'x@host.com."', b"a@-.xy",
+    b"bob@example.com and x.y+z@a-b.c.museum1 or q@a.b", b"a@b.cd@e.fg", b"a" * 64 + b"@x.io", b"a" * 65 + b"@x.io",
+    b" " + b"a" * 64 + b"@x.io", b"x@" + b"a" * 300 + b".io", b"x@" + b"a." * 200 + b"io", b"x@a." + b"q" * 80,
+    b"x@ab" + b".c" * 130 + b".de", "é@ü.de ü@é.de a@b.dé".encode(),
+])
+def test_email_hits_match_python_on_edge_cases(text: bytes) -> None:
+    got: list[tuple[int, int, str]] = []
+    want: list[tuple[int, int, str]] = []
+    _wire.email_hits(text, got, "email")
+    py_email_hits(text, want, "email")  # type: ignore[arg-type]
+    assert got == want
+
+
+def test_email_hits_match_python_on_random_texts() -> None:
+    rnd = random.Random(23)
+    found = refused = 0
+    for _ in range(20_000):
+        text = _email_text(rnd)
+        got: list[tuple[int, int, str]] = []
+        want: list[tuple[int, int, str]] = []
+        _wire.email_hits(text, got, "email")
+        py_email_hits(text, want, "email")  # type: ignore[arg-type]
+        assert got == want, text
+        found += len(want)
+        refused += b"@" in text and not want
+    assert found > 2_000 and refused > 2_000  # many emails, and many texts with an "@" but no email
