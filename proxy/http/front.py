@@ -38,7 +38,7 @@ from typing import Any, cast
 
 import httptools
 from aiohttp import web
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.http.call import json_body
 from proxy.http.flow import WriteFlow
@@ -50,6 +50,7 @@ __all__ = ["Front", "aio_upgrade_server"]
 
 _QUEUE = 8  # pipelined requests parsed ahead before reading the socket pauses
 _MAX_HEAD = 64 * 1024  # request line plus headers
+_MEMO = 16  # entries of a connection's memo (decoded header blocks, and the handler's own) before it is cleared
 
 Handler = Callable[["FrontCall"], Awaitable[None]]
 
@@ -141,11 +142,18 @@ class Front(WriteFlow, asyncio.Protocol):
         self._busy = True
         if self.parser.should_upgrade():
             return  # handed to aiohttp once the parser stops at the upgrade (data_received)
-        headers: CIMultiDict[str] = CIMultiDict(
-            [(n.decode("latin-1"), v.decode("utf-8", "surrogateescape")) for n, v in self._raw])
+        raw = tuple(self._raw)
+        memo = self.memo
+        headers: CIMultiDictProxy[str] | None = memo.get(raw)
+        if headers is None:  # decoded once per distinct header block (a keep-alive client repeats its own)
+            headers = CIMultiDictProxy(CIMultiDict(
+                [(n.decode("latin-1"), v.decode("utf-8", "surrogateescape")) for n, v in raw]))
+            if len(memo) >= _MEMO:
+                memo.clear()
+            memo[raw] = headers
         call = FrontCall(self, self.parser.get_method().decode("ascii", "replace"),
                          self._url.decode("utf-8", "surrogateescape"), headers, self.parser.get_http_version(),
-                         bool(self.parser.should_keep_alive()), tuple(self._raw))
+                         bool(self.parser.should_keep_alive()), raw)
         self._current = call
         self._queue.append(call)
         if self._task is None:

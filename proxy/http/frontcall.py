@@ -110,7 +110,7 @@ class FrontCall(Refusing):
     __slots__ = ("_chunks", "_continue", "_front", "body_done", "chunked", "done", "headers", "keep_alive", "memo",
                  "method", "raw_headers", "raw_path", "remote", "started", "version")
 
-    def __init__(self, front: Connection, method: str, raw_path: str, headers: CIMultiDict[str],
+    def __init__(self, front: Connection, method: str, raw_path: str, headers: CIMultiDictProxy[str],
                  version: str, keep_alive: bool, raw_headers: tuple[tuple[bytes, bytes], ...]) -> None:
         self._front = front
         self.raw_headers: tuple[tuple[bytes, bytes], ...] | None = raw_headers

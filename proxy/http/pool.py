@@ -103,13 +103,15 @@ def request_head(method: str, target: str, host: str, headers: CIMultiDict[str] 
 class Response:
     """The upstream's answer: status and headers at once, the body by :meth:`readany`."""
 
-    __slots__ = ("_conn", "content_length", "headers", "reason", "status")
+    __slots__ = ("_conn", "_raw", "content_length", "headers", "reason", "status")
 
-    def __init__(self, conn: _Conn, status: int, reason: str, headers: CIMultiDict[str]) -> None:
+    def __init__(self, conn: _Conn, status: int, reason: str, headers: CIMultiDictProxy[str],
+                 raw: tuple[tuple[bytes, bytes], ...]) -> None:
         self._conn = conn
         self.status = status
         self.reason = reason
-        self.headers = headers
+        self.headers = headers  # read-only: shared by the answers that repeat the same header block
+        self._raw = raw
         length = headers.get("Content-Length")
         self.content_length = int(length) if length is not None and length.isdigit() else None
 
@@ -128,7 +130,7 @@ class Response:
         """The headers to send the client (:func:`proxy.http.headers.response_headers`), read-only. An
         upstream repeats its header block, so the result is kept per pool for a repeated block."""
         memo = self._conn.pool.memo
-        key = (tuple(self.headers.items()), body_changes, decoded)
+        key = (self._raw, body_changes, decoded)
         out: CIMultiDictProxy[str] | None = memo.get(key)
         if out is None:
             out = CIMultiDictProxy(response_headers(self.headers, body_changes=body_changes, decoded=decoded))
@@ -167,7 +169,7 @@ class _Conn(WriteFlow, asyncio.Protocol):
         self.sent = False  # the request body was sent whole
         self._status = 0
         self._reason = ""
-        self._headers: CIMultiDict[str] = CIMultiDict()
+        self._raw: list[tuple[bytes, bytes]] = []
         self._until_close = False
         self.keep_alive = False
         self._chunks = Chunks()
@@ -212,7 +214,7 @@ class _Conn(WriteFlow, asyncio.Protocol):
         self._reason += status.decode("latin-1")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.add(name.decode("latin-1"), value.decode("utf-8", "surrogateescape"))
+        self._raw.append((name, value))
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
@@ -220,11 +222,19 @@ class _Conn(WriteFlow, asyncio.Protocol):
             return  # interim; its end resets the head state
         self._status = status
         self.keep_alive = bool(self.parser.should_keep_alive())  # (llhttp forgets it at the message's end)
-        te = self._headers.get("Transfer-Encoding", "").lower()
-        self._until_close = "Content-Length" not in self._headers and "chunked" not in te
+        raw = tuple(self._raw)
+        headers = self.pool.heads.get(raw)
+        if headers is None:  # decoded once per distinct header block (an upstream repeats its own)
+            headers = CIMultiDictProxy(CIMultiDict(
+                [(n.decode("latin-1"), v.decode("utf-8", "surrogateescape")) for n, v in raw]))
+            if len(self.pool.heads) >= _MEMO:
+                self.pool.heads.clear()
+            self.pool.heads[raw] = headers
+        te = headers.get("Transfer-Encoding", "").lower()
+        self._until_close = "Content-Length" not in headers and "chunked" not in te
         fut = self.response
         if fut is not None and not fut.done():
-            fut.set_result(Response(self, status, self._reason, self._headers))
+            fut.set_result(Response(self, status, self._reason, headers, raw))
         if self.head_only or status in (204, 304):
             self.done = True  # no body, whatever the headers announce
             self._chunks.wake()
@@ -237,7 +247,7 @@ class _Conn(WriteFlow, asyncio.Protocol):
     def on_message_complete(self) -> None:
         if self._status == 0:  # the end of an interim response
             self._reason = ""
-            self._headers = CIMultiDict()
+            self._raw = []
             return
         self.done = True
         self._chunks.wake()
@@ -298,6 +308,7 @@ class UpstreamPool:
         self._connect_timeout = connect_timeout
         self._tls: ssl.SSLContext | None = None
         self.memo: dict[Any, CIMultiDictProxy[str]] = {}  # client headers per repeated upstream header block
+        self.heads: dict[tuple[tuple[bytes, bytes], ...], CIMultiDictProxy[str]] = {}  # decoded header blocks
 
     async def request(self, origin: Origin, method: str, target: str, headers: CIMultiDict[str] | Fields,
                       body: AsyncIterator[bytes] | None = None) -> Response:

@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.http.pool import Origin, UpstreamFailed, UpstreamPool, request_head
 
@@ -55,7 +55,7 @@ def _headers(**values: str) -> CIMultiDict[str]:
 
 async def _get(pool: UpstreamPool, origin: Origin, method: str = "GET", path: str = "/x",
                body: AsyncIterator[bytes] | None = None, headers: CIMultiDict[str] | None = None,
-               ) -> tuple[int, bytes, CIMultiDict[str]]:
+               ) -> tuple[int, bytes, CIMultiDictProxy[str]]:
     resp = await pool.request(origin, method, path, headers if headers is not None else _headers(), body)
     try:
         data = await resp.read()
@@ -94,9 +94,12 @@ async def test_keep_alive_reuses_one_connection() -> None:
     up = Scripted(_ok)
     pool = UpstreamPool()
     async with up as origin:
-        for i in range(5):
-            status, body, headers = await _get(pool, origin, path=f"/n{i}")
-            assert (status, body, headers["X-Seen"]) == (200, b"hello", f"/n{i}")
+        seen = {}
+        for path in ("/n0", "/n1", "/n0", "/n2", "/n3", "/n1"):
+            status, body, headers = await _get(pool, origin, path=path)
+            assert (status, body, headers["X-Seen"]) == (200, b"hello", path)
+            assert isinstance(headers, CIMultiDictProxy)  # read-only: a repeated block is shared
+            assert seen.setdefault(path, headers) is headers  # decoded once per distinct block
         await pool.close()
     assert up.accepted == 1
     assert up.heads[0].startswith(b"GET /n0 HTTP/1.1\r\nHost: 127.0.0.1:")
