@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 from datetime import timedelta
 from pathlib import Path
@@ -190,15 +191,21 @@ async def test_a_failed_store_write_loses_nothing(live: tuple[Service, SessionHu
     assert [e.seq for e in events] == sorted({e.seq for e in events})
 
 
-def test_a_long_run_of_events_is_cut_into_chunks_of_about_a_mib() -> None:
-    items = [(seq, f'{{"seq":{seq},"pad":"{"x" * 1000}"}}\n') for seq in range(1, 2501)]  # ~2.5 MiB
+def test_a_long_run_of_events_is_cut_into_chunks() -> None:
+    big = _CHUNK_CHARS + 10
+    sizes = [1000] * 200 + [big] + [1000] * 3 + [big, big] + [1000] * 150  # lines, in characters
+    items = [(seq, f'{{"seq":{seq},"pad":"{"x" * n}"}}\n') for seq, n in enumerate(sizes, start=1)]
     chunks = _chunks("s_1", items)
-    assert len(chunks) == 3
-    assert all(len(text) <= _CHUNK_CHARS + 1100 for *_, text in chunks)
-    assert [(first, last) for _, first, last, _ in chunks] == [
-        (chunks[0][1], chunks[0][2]), (chunks[0][2] + 1, chunks[1][2]), (chunks[1][2] + 1, 2500)]
-    assert chunks[0][1] == 1
-    assert "".join(text for *_, text in chunks) == "".join(t for _, t in items)
+    assert "".join(text for *_, text in chunks) == "".join(t for _, t in items)  # all, in order, once
+    assert chunks[0][1] == 1 and chunks[-1][2] == len(items)
+    assert all(nxt[1] == prev[2] + 1 for prev, nxt in itertools.pairwise(chunks))  # contiguous
+    lines = {seq: t for seq, t in items}
+    for _, first, last, text in chunks:
+        if len(lines[first]) >= _CHUNK_CHARS:
+            assert first == last and text is lines[first]  # a line that long is its own chunk, not copied
+        else:
+            assert len(text) < _CHUNK_CHARS + 1100  # runs of short lines up to about the limit
+    assert sum(1 for _, first, last, _ in chunks if first == last and len(lines[first]) >= _CHUNK_CHARS) == 3
     assert _chunks("s_1", items[:3]) == [("s_1", 1, 3, "".join(t for _, t in items[:3]))]
 
 
