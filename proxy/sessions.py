@@ -13,7 +13,8 @@ session's spool file with ONE ``os.write`` per session. A crash of hoop therefor
 most the events recorded in the loop iteration that was running (the statements in flight),
 and a torn last line, which :meth:`SessionHub.recover` skips. The encoded lines are kept in
 memory; a background task writes the batch to the store every ``flush_every`` seconds (a
-failed write puts the batch back for the next flush). The spool is a chain of segment files
+failed write puts the batch back for the next flush, which first skips what the store already
+holds, in case the failed write committed and only its answer was lost). The spool is a chain of segment files
 (:mod:`proxy.spool`); a segment whose events are all stored is deleted, so a session that lives
 for days holds about one segment on disk. At start, :meth:`SessionHub.recover` ingests the
 spool segments that a crash left behind.
@@ -181,6 +182,7 @@ class SessionHub:
         #: events recorded in the current loop iteration, spooled by :meth:`_write_tick`
         self._tick: list[tuple[LiveSession, int, datetime, str, dict[str, Any]]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._retrying = False  # the last store write failed: the next one checks what is stored
 
     async def open(self, grant: Grant, resource: str, protocol: str, client_addr: str,
                    on_end: Callable[[str], None]) -> LiveSession:
@@ -250,13 +252,25 @@ class SessionHub:
             return
         try:
             async with self.service.store.tx() as tx:
-                await tx.add_event_chunks([c for s, items in batch for c in _chunks(s.id, items)])
+                chunks = []
+                for s, items in batch:
+                    todo = items
+                    if self._retrying:
+                        # the failed write may have committed before its answer was lost: skip
+                        # what the store already holds, so a retry never duplicates nor fails on it
+                        done = await tx.max_event_seq(s.id)
+                        todo = [item for item in items if item[0] > done]
+                    if todo:
+                        chunks.extend(_chunks(s.id, todo))
+                await tx.add_event_chunks(chunks)
         except BaseException:
             # nothing is lost: the batch goes back in front of what came since, for the next flush
+            self._retrying = True
             for s, items in batch:
                 s._pending[:0] = items
                 self._dirty.add(s)
             raise
+        self._retrying = False
         for s, items in batch:
             if s._spool is not None:
                 s._spool.stored(items[-1][0])  # its finished spool segments are no longer needed

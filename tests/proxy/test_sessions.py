@@ -254,6 +254,34 @@ async def test_recording_chunks_and_recovery_on_each_store(store: Store, config:
     assert all(e.at.tzinfo is not None for e in events)
 
 
+async def test_a_retried_write_skips_what_a_lost_commit_already_stored(
+        live: tuple[Service, SessionHub, RecordingNotifier, Store], config: HoopConfig) -> None:
+    """A store write can commit and still fail for hoop (the answer to COMMIT lost with the
+    connection): the retry must neither store those events twice nor fail on them forever."""
+    service, hub, _, store = live
+    grant, _ = await grant_for(service, config)
+    s = await hub.open(grant, "prod-db", "postgres", "c", lambda r: None)
+    await hub.flush()
+    async with store.tx() as tx:
+        await tx.conn.exec_driver_sql("ALTER TABLE session_event_chunks RENAME TO chunks_away")
+    s.record("statement", {"sql": "SELECT 1"})
+    with pytest.raises(Exception, match="session_event_chunks"):
+        await hub.flush()
+    async with store.tx() as tx:
+        await tx.conn.exec_driver_sql("ALTER TABLE chunks_away RENAME TO session_event_chunks")
+        # what the failed write would have stored had its commit gone through
+        await tx.add_event_chunks([(s.id, 2, 2, s._pending[0][1])])
+    s.record("statement", {"sql": "SELECT 2"})
+    await hub.flush()
+    s.record("statement", {"sql": "SELECT 3"})
+    await hub.flush()  # (back to plain writes)
+    async with store.tx() as tx:
+        events = await tx.events(s.id)
+    assert [e.data.get("sql") for e in events] == [None, "SELECT 1", "SELECT 2", "SELECT 3"]
+    assert [e.seq for e in events] == [1, 2, 3, 4]
+    assert not hub._retrying
+
+
 async def test_review_allowed_refused_and_timeout(live: tuple[Service, SessionHub, RecordingNotifier, Store],
                                                   config: HoopConfig) -> None:
     service, hub, recorder, _ = live
