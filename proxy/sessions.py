@@ -14,16 +14,16 @@ most the events recorded in the loop iteration that was running (the statements 
 and a torn last line, which :meth:`SessionHub.recover` skips. The encoded lines are kept in
 memory; a background task writes the batch to the store every ``flush_every`` seconds (a
 failed write puts the batch back for the next flush, which first skips what the store already
-holds, in case the failed write committed and only its answer was lost). The spool is a chain of segment files
-(:mod:`proxy.spool`); a segment whose events are all stored is deleted, so a session that lives
+holds, in case the failed write committed and only its answer was lost). The spool is a chain
+of segment files (:mod:`proxy.spool`); a segment whose events are all stored is deleted, so a session that lives
 for days holds about one segment on disk. At start, :meth:`SessionHub.recover` ingests the
 spool segments that a crash left behind.
 
 Cost. ``record`` is on every proxy's per-statement path, so it does the least it can: a
 clock read and a list append; each event is encoded once, in the iteration's write, as the JSON
 line (:mod:`broker.eventlines`) that both the spool and the store keep. A flush stores each
-session's pending lines as one chunk row (``session_event_chunks``), so the store's cost does
-not grow with the number of events: a row per event cost the PostgreSQL proxy 3-6 µs of CPU per
+session's pending lines as chunk rows (``session_event_chunks``, runs of ~64 KiB), so the store's
+cost hardly grows with the number of events: a row per event cost the PostgreSQL proxy 3-6 µs of CPU per
 statement, most of it the sqlite3 driver and the loop thread passing the GIL to each other.
 """
 
