@@ -258,8 +258,14 @@ def main() -> None:
                                                                         + entry["proxy_sys_us_per_query"], 1)
                             samples.setdefault((name, f"pgbench_S_{mode}_c{clients}"), []).append(entry)
             for (name, key), got in samples.items():
+                per_round = [e["tps"] for e in got]  # (in round order, before the sort)
                 got.sort(key=lambda x: x["tps"])
-                rows[name][key] = got[len(got) // 2]
+                rows[name][key] = {**got[len(got) // 2], "tps_per_round": per_round}
+            for name in targets:  # each round's ratio to pgbouncer, to show how much a cell moves
+                for key, cell in rows[name].items():
+                    ref = rows["pgbouncer"][key]["tps_per_round"]
+                    cell["x_pgbouncer_per_round"] = [round(a / b, 3) for a, b in zip(cell["tps_per_round"], ref,
+                                                                                      strict=True)]
             large = () if args.no_large else (("masked_500k", "SELECT id, email, card FROM big"),
                                               ("nothing_to_mask_500k", "SELECT id, note FROM big"))
             for label, sql in large:
@@ -310,6 +316,11 @@ def _report(results: dict[str, Any], out: Path) -> None:
     for k in keys:
         print(f"{k + ' x pgbouncer':<28}" + "".join(f"{c[k]['tps'] / bouncer[k]['tps']:>18.2f}"
                                                    for c in configs.values()))
+    if any(len(c[k].get("x_pgbouncer_per_round", ())) > 1 for c in configs.values() for k in keys):
+        for k in keys:
+            cells = [c[k].get("x_pgbouncer_per_round", []) for c in configs.values()]
+            print(f"{k + ' rounds':<28}" + "".join(f"{f'{min(r):.2f}-{max(r):.2f}' if r else '-':>18}"
+                                                  for r in cells))
     summary: dict[str, Any] = {}
     for name in [n for n in configs if n.startswith("hoop")]:
         c = configs[name]
