@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
+import zlib
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
@@ -36,8 +38,22 @@ from broker.model import (
 )
 from broker.store import tables as t
 
+log = logging.getLogger(__name__)
+
 GENESIS = "0" * 64
 _AUDIT_LOCK = 0x686F6F70  # "hoop"
+#: a batch of chunks this long (characters in all) is packed in a worker thread, not on the loop
+_PACK_OFF_LOOP = 256 * 1024
+
+
+def _chunk_rows(chunks: Sequence[tuple[str, int, int, str]]) -> list[dict[str, Any]]:
+    """The rows of ``session_event_chunks`` for these chunks: long ones packed, short ones as text."""
+    rows = []
+    for sid, first, last, lines in chunks:
+        packed = eventlines.pack(lines) if len(lines) >= eventlines.PACK_MIN else None
+        rows.append({"session_id": sid, "first_seq": first, "last_seq": last,
+                     "lines": "" if packed is not None else lines, "packed": packed})
+    return rows
 
 
 def audit_hash(prev_hash: str, seq: int, at: datetime, actor: str, chain: Sequence[str], action: str,
@@ -246,19 +262,32 @@ class Tx:
         await self.add_event_chunks(chunks)
 
     async def add_event_chunks(self, chunks: Sequence[tuple[str, int, int, str]]) -> None:
-        """Store runs of events already encoded: (session id, first seq, last seq, their lines)."""
-        if chunks:
-            await self.conn.execute(insert(t.session_event_chunks), [
-                {"session_id": sid, "first_seq": first, "last_seq": last, "lines": lines}
-                for sid, first, last, lines in chunks])
+        """Store runs of events already encoded: (session id, first seq, last seq, their lines). A chunk
+        of ``eventlines.PACK_MIN`` characters or more is stored packed; a large batch is packed in a
+        worker thread (zlib lets go of the GIL), so the event loop keeps running meanwhile."""
+        if not chunks:
+            return
+        if sum(len(c[3]) for c in chunks) >= _PACK_OFF_LOOP:
+            rows = await asyncio.to_thread(_chunk_rows, chunks)
+        else:
+            rows = _chunk_rows(chunks)
+        await self.conn.execute(insert(t.session_event_chunks), rows)
 
     async def events(self, session_id: str, *, limit: int | None = None) -> list[SessionEvent]:
         """A session's events in order: its chunks, plus any rows a replica older than migration 0003
         stored during a rolling upgrade."""
         c = t.session_event_chunks.c
-        q = select(c.lines).where(c.session_id == session_id).order_by(c.first_seq)
+        q = select(c.lines, c.packed, c.first_seq).where(c.session_id == session_id).order_by(c.first_seq)
         out: list[SessionEvent] = []
-        for (lines,) in await self.conn.execute(q):
+        for stored, packed, first in await self.conn.execute(q):
+            lines: str = stored
+            if packed is not None:
+                try:
+                    lines = eventlines.unpack(packed)
+                except (zlib.error, UnicodeDecodeError) as exc:
+                    log.error("session=%s the recorded chunk from event %s is damaged and is skipped: %s",
+                              session_id, first, exc)
+                    continue
             out.extend(eventlines.decode(session_id, lines))
             if limit is not None and len(out) >= limit:
                 break

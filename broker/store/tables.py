@@ -14,6 +14,7 @@ from sqlalchemy import (
     Dialect,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -119,8 +120,9 @@ sessions = Table(
     Column("stats", JSON, nullable=False),
 )
 
-#: a session's recording: runs of its events, each a chunk of JSON lines (broker/eventlines.py)
-#: (before migration 0003, a row per event in ``session_events``; see below)
+#: a session's recording: runs of its events, each a chunk of JSON lines (broker/eventlines.py),
+#: in ``lines`` as text or, from migration 0004, in ``packed`` (``eventlines.pack``; ``lines`` is
+#: then empty). Before migration 0003, a row per event in ``session_events``; see below.
 session_event_chunks = Table(
     "session_event_chunks", metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
@@ -128,6 +130,7 @@ session_event_chunks = Table(
     Column("first_seq", Integer, nullable=False),
     Column("last_seq", Integer, nullable=False),
     Column("lines", Text, nullable=False),
+    Column("packed", LargeBinary),
     Index("ix_session_event_chunks_session_first", "session_id", "first_seq", unique=True),
 )
 

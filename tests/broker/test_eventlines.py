@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import zlib
 from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
 
 from broker import eventlines
 from broker.model import SessionEvent
@@ -36,3 +39,18 @@ def test_torn_and_foreign_lines_are_skipped() -> None:
                 '{"seq":1,"kind":"k","data":{}}'):
         assert eventlines.parse(bad) is None, bad
     assert [e.seq for e in eventlines.decode("s", good + "garbage\n" + good[:-5])] == [1]
+
+
+def test_packed_chunks_unpack_to_the_same_text_and_damage_is_reported() -> None:
+    at = datetime(2026, 12, 1, 5, 0, tzinfo=UTC)
+    text = "".join(eventlines.line(seq, at.isoformat(timespec="microseconds"), "http",
+                                   eventlines.encode_data({"body": "é \u2028 \U0001f600 " * 50, "raw": "\udcff"}))
+                   for seq in range(1, 30))
+    packed = eventlines.pack(text)
+    assert eventlines.unpack(packed) == text
+    assert len(packed) * 5 < len(text.encode())
+    assert [e.seq for e in eventlines.decode("s", eventlines.unpack(packed))] == list(range(1, 30))
+    with pytest.raises(zlib.error):
+        eventlines.unpack(packed[:-10])
+    with pytest.raises(UnicodeDecodeError):
+        eventlines.unpack(zlib.compress(b"\xff\xfe not utf-8"))

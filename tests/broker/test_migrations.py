@@ -9,12 +9,15 @@ from typing import Any
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import JSON, Integer, String, column, insert, select, table
+from sqlalchemy import JSON, Integer, LargeBinary, String, column, insert, select, table
 
+from broker import eventlines
 from broker.store import Store
 from broker.store import tables as t
 from broker.store.migrate import current, downgrade, upgrade
 from tests.support.pgcluster import PgCluster
+
+HEAD = "0004"
 
 
 async def test_migrations_match_the_tables(store: Store) -> None:
@@ -34,7 +37,7 @@ async def test_replicas_migrating_at_once_on_postgresql(pg: PgCluster) -> None:
     stores = [Store.from_url(url) for _ in range(4)]
     try:
         await asyncio.gather(*(s.migrate() for s in stores))
-        assert await current(stores[0].engine) == "0003"
+        assert await current(stores[0].engine) == HEAD
     finally:
         for s in stores:
             await s.close()
@@ -63,7 +66,7 @@ async def test_0003_moves_recorded_events_into_chunks_and_back(dialect: str, tmp
         async with store.engine.begin() as conn:
             await conn.execute(insert(_OLD_EVENTS), rows)
         await store.migrate()
-        assert await current(store.engine) == "0003"
+        assert await current(store.engine) == HEAD
         for sid in ("s_a", "s_b", "s_c"):
             async with store.tx() as tx:
                 got = await tx.events(sid)
@@ -93,5 +96,82 @@ async def test_0003_moves_recorded_events_into_chunks_and_back(dialect: str, tmp
             back = (await conn.execute(select(_OLD_EVENTS).order_by(_OLD_EVENTS.c.session_id,
                                                                     _OLD_EVENTS.c.seq))).all()
         assert [dict(r._mapping) for r in back] == rows
+    finally:
+        await store.close()
+
+
+_CHUNKS = table("session_event_chunks", column("id", Integer), column("session_id", String),
+                column("first_seq", Integer), column("last_seq", Integer), column("lines", String),
+                column("packed", LargeBinary))
+
+
+def _lines(sid: str, first: int, last: int, pad: int) -> str:
+    at = datetime(2026, 12, 1, 5, 0, 0, 1, tzinfo=UTC)
+    return "".join(eventlines.line(seq, (at + timedelta(seconds=seq)).isoformat(timespec="microseconds"), "http",
+                                   eventlines.encode_data({"path": f"/v1/{sid}/{seq}", "body": "é\u2028x" * pad}))
+                   for seq in range(first, last + 1))
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def test_0004_packs_long_chunks_reads_both_forms_and_unpacks_on_downgrade(
+        dialect: str, tmp_path: Any, request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture) -> None:
+    if dialect == "sqlite":
+        url = f"sqlite+aiosqlite:///{tmp_path / 'packed.db'}"
+    else:
+        pg: PgCluster = request.getfixturevalue("pg")
+        url = pg.sqlalchemy_url(pg.create_database("packed"))
+    store = Store.from_url(url)
+    try:
+        await upgrade(store.engine, "0003")
+        old_text = _lines("s_a", 1, 40, 20)  # written by a replica before 0004: text, however long
+        async with store.engine.begin() as conn:
+            await conn.execute(insert(table("session_event_chunks", column("session_id", String),
+                                            column("first_seq", Integer), column("last_seq", Integer),
+                                            column("lines", String)))
+                               .values(session_id="s_a", first_seq=1, last_seq=40, lines=old_text))
+        await store.migrate()
+        assert await current(store.engine) == HEAD
+
+        long_text, short_text = _lines("s_a", 41, 80, 20), _lines("s_a", 81, 81, 0)
+        assert len(long_text) >= eventlines.PACK_MIN > len(short_text)
+        many = [("s_b", n * 10 + 1, n * 10 + 10, _lines("s_b", n * 10 + 1, n * 10 + 10, 300)) for n in range(30)]
+        assert sum(len(c[3]) for c in many) >= 256 * 1024  # (packed in a worker thread)
+        async with store.tx() as tx:
+            await tx.add_event_chunks([("s_a", 41, 80, long_text), ("s_a", 81, 81, short_text)])
+            await tx.add_event_chunks(many)
+        async with store.engine.connect() as conn:
+            stored = {(r.session_id, r.first_seq): r for r in (await conn.execute(select(_CHUNKS))).all()}
+        assert stored["s_a", 1].packed is None and stored["s_a", 1].lines == old_text
+        assert stored["s_a", 41].lines == "" and eventlines.unpack(stored["s_a", 41].packed) == long_text
+        assert len(stored["s_a", 41].packed) * 5 < len(long_text.encode())
+        assert stored["s_a", 81].packed is None and stored["s_a", 81].lines == short_text
+        assert all(stored["s_b", c[1]].packed is not None for c in many)
+
+        want_a = eventlines.decode("s_a", old_text + long_text + short_text)
+        want_b = eventlines.decode("s_b", "".join(c[3] for c in many))
+        async with store.tx() as tx:
+            assert await tx.events("s_a") == want_a and len(want_a) == 81
+            assert await tx.events("s_b") == want_b and len(want_b) == 300
+            assert await tx.events("s_a", limit=45) == want_a[:45]
+
+        # a damaged packed chunk: logged and skipped, never a failure to read the rest
+        async with store.engine.begin() as conn:
+            await conn.execute(_CHUNKS.update().where(_CHUNKS.c.session_id == "s_b", _CHUNKS.c.first_seq == 11)
+                               .values(packed=b"not zlib at all"))
+        async with store.tx() as tx:
+            got = await tx.events("s_b")
+        assert [e.seq for e in got] == [e.seq for e in want_b if not 11 <= e.seq <= 20]
+        assert "s_b" in caplog.text and "damaged" in caplog.text
+        async with store.engine.begin() as conn:
+            await conn.execute(_CHUNKS.update().where(_CHUNKS.c.session_id == "s_b", _CHUNKS.c.first_seq == 11)
+                               .values(packed=eventlines.pack(many[1][3])))
+
+        await downgrade(store.engine, "0003")
+        old = table("session_event_chunks", column("session_id", String), column("first_seq", Integer),
+                    column("lines", String))
+        async with store.engine.connect() as conn:
+            rows = (await conn.execute(select(old).order_by(old.c.session_id, old.c.first_seq))).all()
+        assert [r.lines for r in rows if r.session_id == "s_a"] == [old_text, long_text, short_text]
+        assert "".join(r.lines for r in rows if r.session_id == "s_b") == "".join(c[3] for c in many)
     finally:
         await store.close()
