@@ -15,7 +15,7 @@ from collections import OrderedDict
 
 from broker.clock import Clock
 from broker.credentials import digest
-from broker.events import Event, GrantEnded
+from broker.events import Event, GrantEnded, GrantExtended
 from broker.model import Grant
 from broker.service import Service
 from proxy.pg.scram import mock_verifier
@@ -59,8 +59,13 @@ class Gate:
         return self.service.authorize(grant, resource)
 
     async def publish(self, event: Event) -> None:
-        """Forget cached bearer credentials of a grant the moment it ends."""
+        """Forget cached bearer credentials of a grant the moment it ends; take an extension at once (a
+        cached copy with the old expiry would refuse the grant in the seconds after its old end)."""
         if isinstance(event, GrantEnded):
             for key, (_, grant) in list(self._bearer.items()):
                 if grant.id == event.grant.id:
                     del self._bearer[key]
+        elif isinstance(event, GrantExtended):
+            for key, (at, grant) in list(self._bearer.items()):
+                if grant.id == event.grant.id:
+                    self._bearer[key] = (at, event.grant)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import json
 from datetime import timedelta
@@ -14,7 +15,14 @@ from broker import policy
 from broker.clock import FakeClock, SystemClock
 from broker.config import HoopConfig
 from broker.errors import Denied
-from broker.events import Broadcast, RecordingNotifier, ReviewRequested, SessionClosed, SessionOpened
+from broker.events import (
+    Broadcast,
+    GrantExtended,
+    RecordingNotifier,
+    ReviewRequested,
+    SessionClosed,
+    SessionOpened,
+)
 from broker.model import Grant, Identity, SessionStatus
 from broker.reviews import Reviews
 from broker.service import Service
@@ -69,6 +77,23 @@ async def test_gate_refusals_and_bearer_cache(service: Service, config: HoopConf
     unknown, verifier = await gate.scram_lookup("ghost.zzzzz")
     assert unknown is None and verifier.startswith("SCRAM-SHA-256$4096:")
     assert verifier == (await gate.scram_lookup("ghost.zzzzz"))[1]
+
+
+async def test_bearer_cache_takes_an_extension_at_once(service: Service, config: HoopConfig,
+                                                        clock: FakeClock) -> None:
+    """A grant extended in its last seconds keeps working through the gate's cache after its old end."""
+    gate = Gate(service, clock)
+    grant, secret = await grant_for(service, config)
+    other, other_secret = await grant_for(service, config)
+    for s in (secret, other_secret):
+        await gate.authenticate_bearer(s, "prod-db")  # both cached now
+    later = dataclasses.replace(grant, expires_at=grant.expires_at + timedelta(minutes=30))
+    await gate.publish(GrantExtended(grant=later, request=None, by=who(config, "alice@example.com")))
+    clock.advance(grant.expires_at - clock.now() + timedelta(minutes=1))
+    assert (await gate.authenticate_bearer(secret, "prod-db")).expires_at == later.expires_at
+    with pytest.raises(Denied) as exc:  # the other grant's cached copy is untouched: it has expired
+        await gate.authenticate_bearer(other_secret, "prod-db")
+    assert exc.value.code == "expired" and other.expires_at < clock.now()
 
 
 async def test_revocation_ends_live_sessions_and_records(live: tuple[Service, SessionHub, RecordingNotifier, Store],
