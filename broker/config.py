@@ -246,12 +246,30 @@ class SshResource(_ResourceBase):
         return self
 
 
+class UpstreamTls(_Model):
+    """How the HTTP proxy checks an https upstream and, optionally, proves itself to it (a Kubernetes API
+    server, say: its certificate comes from the cluster's own CA and it may ask for a client certificate)."""
+
+    ca: Path | None = Field(default=None, description="PEM bundle trusted instead of the system's CAs")
+    server_name: str | None = Field(default=None, description="name checked in the upstream's certificate "
+                                                              "(and sent as SNI) instead of the address's host")
+    client_cert: Path | None = Field(default=None, description="PEM certificate hoop presents (mutual TLS)")
+    client_key: Path | None = Field(default=None, description="its private key (PEM file, kept by hoop)")
+
+    @model_validator(mode="after")
+    def _pair(self) -> UpstreamTls:
+        if (self.client_cert is None) != (self.client_key is None):
+            raise ValueError("tls: client_cert and client_key go together")
+        return self
+
+
 class HttpResource(_ResourceBase):
     kind: Literal["http"]
     auth: Literal["bearer", "basic", "header", "none"] = "bearer"
     header: str | None = Field(default=None, description="header name when auth is 'header'")
     username: str | None = Field(default=None, description="user name when auth is 'basic'")
     max_body_record: int = Field(default=16_384, ge=0)
+    tls: UpstreamTls | None = None
 
     @model_validator(mode="after")
     def _auth(self) -> HttpResource:
@@ -259,6 +277,8 @@ class HttpResource(_ResourceBase):
             raise ValueError("auth: header needs header: NAME")
         if self.auth != "none" and self.credential is None:
             raise ValueError(f"auth: {self.auth} needs credential")
+        if self.tls is not None and not self.address.lower().startswith("https://"):
+            raise ValueError("tls is for an https:// address")
         return self
 
 

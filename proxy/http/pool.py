@@ -24,18 +24,19 @@ import asyncio
 import ssl
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, cast
 from urllib.parse import urlsplit
 
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from broker.errors import UpstreamError
+from broker.errors import ConfigError, UpstreamError
 from proxy.http.flow import Chunks, WriteFlow
 from proxy.http.headers import response_headers
 
-__all__ = ["Fields", "Origin", "Response", "UpstreamFailed", "UpstreamPool"]
+__all__ = ["Fields", "Origin", "Response", "UpstreamFailed", "UpstreamPool", "upstream_tls"]
 
 _HIGH = 256 * 1024  # unread response bytes above which the socket is paused
 _LOW = 64 * 1024
@@ -50,18 +51,25 @@ class _Stale(Exception):
     """A reused connection was closed by the upstream before the answer began."""
 
 
+_Key = tuple[str, str, int, str | None, int]  # scheme, host, port, TLS server name, TLS context
+
+
 @dataclass(frozen=True)
 class Origin:
-    """Where a resource's requests go: ``http(s)://host[:port][/prefix]``, parsed once."""
+    """Where a resource's requests go: ``http(s)://host[:port][/prefix]``, parsed once, and for https the
+    TLS context that checks the upstream (None: the system's CAs) and the name its certificate must hold
+    (None: ``host``)."""
 
     scheme: str
     host: str
     port: int
     prefix: str
     host_header: str
+    tls: ssl.SSLContext | None = field(default=None, compare=False)
+    server_name: str | None = None
 
     @classmethod
-    def parse(cls, base: str) -> Origin:
+    def parse(cls, base: str, *, tls: ssl.SSLContext | None = None, server_name: str | None = None) -> Origin:
         parts = urlsplit(base)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) URL: {base!r}")
@@ -70,7 +78,36 @@ class Origin:
         host = parts.hostname
         shown = f"[{host}]" if ":" in host else host
         return cls(parts.scheme, host, port, parts.path.rstrip("/"),
-                   shown if port == default else f"{shown}:{port}")
+                   shown if port == default else f"{shown}:{port}", tls, server_name)
+
+    @property
+    def key(self) -> _Key:
+        """What pooled connections are shared by: the same place, checked the same way."""
+        return self.scheme, self.host, self.port, self.server_name, id(self.tls) if self.tls is not None else 0
+
+
+def upstream_tls(resource: str, ca: Path | None, client_cert: Path | None, client_key: Path | None) -> ssl.SSLContext:
+    """The client TLS context for an https upstream: certificates checked against ``ca`` (else the
+    system's CAs), hostnames checked, and ``client_cert``/``client_key`` presented when given. Raises
+    :class:`ConfigError` naming the resource and the file (never a key's content)."""
+    try:
+        context = ssl.create_default_context(cafile=str(ca) if ca is not None else None)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"resources.{resource}.tls.ca: cannot load {ca}: {_why(exc)}") from None
+    if client_cert is not None and client_key is not None:
+        try:
+            context.load_cert_chain(str(client_cert), str(client_key))
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"resources.{resource}.tls: cannot load client_cert {client_cert} with client_key "
+                              f"{client_key}: {_why(exc)}") from None
+    context.set_alpn_protocols(["http/1.1"])
+    return context
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(getattr(exc, "reason", None) or type(exc).__name__)
 
 
 class Fields:
@@ -149,7 +186,7 @@ class Response:
 
 
 class _Conn(WriteFlow, asyncio.Protocol):
-    def __init__(self, pool: UpstreamPool, key: tuple[str, str, int]) -> None:
+    def __init__(self, pool: UpstreamPool, key: _Key) -> None:
         self.pool = pool
         self.key = key
         self.loop = asyncio.get_running_loop()  # (each get_running_loop() call costs a getpid syscall)
@@ -301,7 +338,7 @@ class UpstreamPool:
     """Keep-alive connections to the upstreams, up to ``limit`` at once (idle ones included)."""
 
     def __init__(self, *, limit: int = 512, idle: float = 30.0, connect_timeout: float = 10.0) -> None:
-        self._idle: dict[tuple[str, str, int], list[_Conn]] = {}
+        self._idle: dict[_Key, list[_Conn]] = {}
         self._all: set[_Conn] = set()
         self._slots = asyncio.Semaphore(limit)
         self._idle_for = idle
@@ -333,6 +370,9 @@ class UpstreamPool:
             except _Stale:
                 if reused and body is None and attempt == 0:
                     continue
+                if not reused and origin.scheme == "https":  # (the TLS alert itself does not reach asyncio)
+                    raise UpstreamFailed("the upstream closed a new TLS connection before answering (as a "
+                                         "server that refuses hoop's client certificate, or wants one, does)") from None
                 raise UpstreamFailed("the upstream closed the connection") from None
             except BaseException:
                 conn.abort(UpstreamFailed("cancelled"))
@@ -360,7 +400,7 @@ class UpstreamPool:
             conn.abort(exc if isinstance(exc, UpstreamFailed) else UpstreamFailed(f"request body: {exc!r}"))
 
     def _reuse(self, origin: Origin) -> tuple[_Conn | None, bool]:
-        idle = self._idle.get((origin.scheme, origin.host, origin.port))
+        idle = self._idle.get(origin.key)
         now = time.monotonic()
         while idle:
             conn = idle.pop()
@@ -374,17 +414,25 @@ class UpstreamPool:
 
     async def _connect(self, origin: Origin) -> _Conn:
         await self._slots.acquire()
-        key = (origin.scheme, origin.host, origin.port)
+        key = origin.key
         tls = None
         if origin.scheme == "https":
-            if self._tls is None:
-                self._tls = ssl.create_default_context()
-            tls = self._tls
+            if origin.tls is not None:
+                tls = origin.tls
+            else:
+                if self._tls is None:
+                    self._tls = ssl.create_default_context()
+                tls = self._tls
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self._connect_timeout):
                 _, conn = await loop.create_connection(lambda: _Conn(self, key), origin.host, origin.port, ssl=tls,
-                                                       server_hostname=origin.host if tls else None)
+                                                       server_hostname=(origin.server_name or origin.host) if tls
+                                                       else None)
+        except ssl.SSLCertVerificationError as exc:
+            self._slots.release()
+            raise UpstreamFailed(f"the certificate of {origin.host}:{origin.port} was refused: "
+                                 f"{exc.verify_message or 'verification failed'}") from exc
         except (OSError, TimeoutError, ssl.SSLError) as exc:
             self._slots.release()
             raise UpstreamFailed(f"cannot connect to {origin.host}:{origin.port}: {type(exc).__name__}") from exc

@@ -58,7 +58,7 @@ from proxy.http.headers import (
     upstream_headers,
 )
 from proxy.http.live import Hub, SessionPool, Stream
-from proxy.http.pool import Fields, Origin, Response, UpstreamFailed, UpstreamPool
+from proxy.http.pool import Fields, Origin, Response, UpstreamFailed, UpstreamPool, upstream_tls
 from proxy.http.respond import recorded, respond
 from proxy.http.websocket import WsPair, cut, relay
 from proxy.httpguard import HttpGuard
@@ -127,9 +127,15 @@ def _fields(call: Call, up: _Upstream, client_ip: str, credential: str | None) -
     return fields
 
 
-def _origin(base: str) -> Origin | None:
+def _origin(res: HttpResource, base: str) -> Origin | None:
+    """Where ``res`` sends its requests; for https with ``tls`` set, its own TLS context (built now, so a
+    missing or bad file stops hoop at start with a :class:`ConfigError`, not at the first request)."""
+    tls, server_name = None, None
+    if res.tls is not None:
+        t = res.tls
+        tls, server_name = upstream_tls(res.name, t.ca, t.client_cert, t.client_key), t.server_name
     try:
-        return Origin.parse(base)
+        return Origin.parse(base, tls=tls, server_name=server_name)
     except ValueError:
         return None
 
@@ -174,7 +180,7 @@ class HttpProxy:
             if isinstance(res, HttpResource):
                 base = res.address.rstrip("/")
                 self._upstreams[res.name] = _Upstream(res, base, environ, HttpGuard(res.guardrails),
-                                                      Masker(res.masking, key), _origin(base))
+                                                      Masker(res.masking, key), _origin(res, base))
         self._connections = connections
         self._client: aiohttp.ClientSession | None = None  # WebSocket upgrades only
         self._pool: UpstreamPool | None = None
@@ -321,11 +327,15 @@ class HttpProxy:
                                    identity_encoding=False, websocket=True)
         flight.ws = WsPair()
         try:
-            result = await relay(call.request, self._client, self._url(up, rest), headers, up.masker, flight.ws)
+            origin = up.origin
+            result = await relay(call.request, self._client, self._url(up, rest), headers, up.masker, flight.ws,
+                                 tls=origin.tls if origin is not None else None,
+                                 server_name=origin.server_name if origin is not None else None)
         except (aiohttp.ClientError, OSError) as exc:
             record["status"] = 502
+            log.warning("http resource=%s websocket upstream failed: %s", up.resource.name, exc)
             return await call.refuse(502, "upstream_error", f"cannot reach the upstream of {up.resource.name} "
-                                                            f"({type(exc).__name__})")
+                                                            f"({type(exc).__name__}; hoop's log has the cause)")
         record.update(status=result.status, req_bytes=result.up_bytes, resp_bytes=result.down_bytes,
                       websocket={"messages": result.messages, "close_code": result.close_code})
         call.response = result.response
@@ -354,8 +364,9 @@ class HttpProxy:
             record["status"] = 502
             if flight.reason is not None:
                 return await call.refuse(403, "revoked", flight.reason)
+            log.warning("http resource=%s upstream failed: %s", up.resource.name, exc)
             return await call.refuse(502, "upstream_error", f"cannot reach the upstream of {up.resource.name} "
-                                                            f"({type(exc).__name__})")
+                                                            f"({type(exc).__name__}; hoop's log has the cause)")
         finally:
             record["req_bytes"] = req_cap.size
             if req_cap.size:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from dataclasses import dataclass
 
 import aiohttp
@@ -73,12 +74,15 @@ def cut(pair: WsPair, reason: str) -> list[asyncio.Task[None]]:
 
 
 async def relay(request: web.BaseRequest, client: aiohttp.ClientSession, url: URL, headers: CIMultiDict[str],
-                masker: Masker, pair: WsPair) -> WsResult:
-    """Open the upstream socket, accept the client's, and copy both ways until one side closes."""
+                masker: Masker, pair: WsPair, *, tls: ssl.SSLContext | None = None,
+                server_name: str | None = None) -> WsResult:
+    """Open the upstream socket, accept the client's, and copy both ways until one side closes. ``tls`` and
+    ``server_name``: how a ``wss://`` upstream is checked (None: the system's CAs and the URL's host)."""
     offered = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
     try:
         upstream = await client.ws_connect(url, headers=headers, protocols=offered, max_msg_size=_MAX_MSG,
-                                           autoping=True)
+                                           autoping=True, ssl=tls if tls is not None else True,
+                                           server_hostname=server_name)
     except aiohttp.WSServerHandshakeError as exc:
         status = exc.status if 400 <= exc.status < 600 else 502
         body = {"error": "upstream_refused_websocket", "reason": f"the upstream answered the upgrade with {exc.status}"}

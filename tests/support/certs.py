@@ -1,4 +1,5 @@
-"""A throwaway certificate authority and a server certificate for 127.0.0.1 / localhost."""
+"""A throwaway certificate authority, a server certificate for 127.0.0.1 / localhost, and a client
+certificate (CN ``hoop proxy``) for mutual TLS."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ class Pki:
     ca_cert: Path
     server_cert: Path
     server_key: Path
+    client_cert: Path
+    client_key: Path
 
 
 def _name(cn: str) -> x509.Name:
@@ -41,10 +44,19 @@ def make_pki(directory: Path, *, ca_name: str = "hoop test CA") -> Pki:
                                                         x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
                            critical=False)
             .sign(ca_key, hashes.SHA256()))
-    pki = Pki(directory / "ca.crt", directory / "server.crt", directory / "server.key")
+    client_key = ec.generate_private_key(ec.SECP256R1())
+    client = (x509.CertificateBuilder().subject_name(_name("hoop proxy")).issuer_name(ca.subject)
+              .public_key(client_key.public_key()).serial_number(x509.random_serial_number())
+              .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
+              .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+              .sign(ca_key, hashes.SHA256()))
+    pki = Pki(directory / "ca.crt", directory / "server.crt", directory / "server.key",
+              directory / "client.crt", directory / "client.key")
     pki.ca_cert.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    pki.server_cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    pki.server_key.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                 serialization.NoEncryption()))
-    pki.server_key.chmod(0o600)
+    for cert_path, key_path, c, k in ((pki.server_cert, pki.server_key, cert, key),
+                                      (pki.client_cert, pki.client_key, client, client_key)):
+        cert_path.write_bytes(c.public_bytes(serialization.Encoding.PEM))
+        key_path.write_bytes(k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                             serialization.NoEncryption()))
+        key_path.chmod(0o600)
     return pki

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import ssl
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,11 +70,15 @@ def http_resources(address: str) -> list[dict[str, Any]]:
     ]
 
 
-async def make_env(tmp_path: Path, **proxy_kw: Any) -> AsyncIterator[Env]:
+async def make_env(tmp_path: Path, *, upstream_tls: ssl.SSLContext | None = None,
+                   resources: Callable[[str], list[dict[str, Any]]] = http_resources,
+                   **proxy_kw: Any) -> AsyncIterator[Env]:
+    """The whole HTTP path; ``upstream_tls`` serves the upstream over https, ``resources`` makes the
+    HTTP resources from its base URL."""
     upstream = Upstream()
-    address = await upstream.start()
+    address = await upstream.start(upstream_tls)
     data = base_config()
-    data["resources"] = data["resources"] + http_resources(address)
+    data["resources"] = data["resources"] + resources(address)
     config = parse_config(data)
     store = Store.from_url(f"sqlite+aiosqlite:///{tmp_path / 'hoop.db'}")
     await store.migrate()

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import gzip
 import hashlib
+import ssl
 from typing import Any
 
 from aiohttp import WSMsgType, web
@@ -43,20 +44,23 @@ class Upstream:
         app.router.add_get("/cut", self.cut)
         self.app = app
 
-    async def start(self) -> str:
+    async def start(self, tls: ssl.SSLContext | None = None) -> str:
+        """Serve on a free loopback port (https with ``tls``); returns the base URL."""
         self.runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=0.5)
         await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        site = web.TCPSite(self.runner, "127.0.0.1", 0, ssl_context=tls)
         await site.start()
         self.port = self.runner.addresses[0][1]
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
 
     async def stop(self) -> None:
         if self.runner is not None:
             await self.runner.cleanup()
 
     def _seen(self, request: web.Request) -> None:
-        self.seen.append({"method": request.method, "path": request.path_qs, "headers": dict(request.headers)})
+        peer = request.transport.get_extra_info("peercert") if request.transport is not None else None
+        self.seen.append({"method": request.method, "path": request.path_qs, "headers": dict(request.headers),
+                          "peer": dict(x[0] for x in peer["subject"]).get("commonName") if peer else None})
 
     async def echo_headers(self, request: web.Request) -> web.Response:
         self._seen(request)
