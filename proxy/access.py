@@ -35,8 +35,10 @@ class Gate:
         """Raises :class:`broker.errors.Denied` (code bad_credentials|expired|revoked|wrong_resource)."""
         return await self.service.authenticate(login, secret, resource)
 
-    async def authenticate_bearer(self, secret: str, resource: str) -> Grant:
-        key = digest(secret)
+    async def authenticate_bearer(self, secret: str, resource: str, *, key: str | None = None) -> Grant:
+        """``key``: ``digest(secret)`` when the caller already has it (the HTTP proxy keeps it per connection)."""
+        if key is None:
+            key = digest(secret)
         hit = self._bearer.get(key)
         if hit is not None and time.monotonic() - hit[0] < _CACHE_SECONDS:
             return self.service.authorize(hit[1], resource)

@@ -14,6 +14,7 @@ recording.
 
 from __future__ import annotations
 
+import functools
 import zlib
 from typing import Protocol
 
@@ -37,8 +38,10 @@ class BodyFilter(Protocol):
     def flush(self) -> bytes: ...
 
 
+@functools.lru_cache(maxsize=256)
 def body_kind(content_type: str | None) -> str | None:
-    """``"json"``, ``"text"`` or None (pass through) for a ``Content-Type`` header value."""
+    """``"json"``, ``"text"`` or None (pass through) for a ``Content-Type`` header value (kept: an
+    upstream repeats a few)."""
     if not content_type:
         return None
     mime = content_type.split(";", 1)[0].strip().lower()

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
-from collections.abc import Callable
+from typing import Protocol
 
 from broker.clock import Clock
 from broker.model import Grant
@@ -30,14 +30,12 @@ __all__ = ["Hub", "Live", "SessionPool", "Stream"]
 _ENDED_MAX = 10_000
 
 
-class Stream:
-    """One request (or WebSocket) in flight; ``abort(reason)`` cuts it."""
+class Stream(Protocol):
+    """One request (or WebSocket) in flight: ``abort(reason)`` cuts it, and records ``reason``."""
 
-    __slots__ = ("abort", "reason")
+    reason: str | None
 
-    def __init__(self, abort: Callable[[str], None]) -> None:
-        self.abort = abort
-        self.reason: str | None = None
+    def abort(self, reason: str) -> None: ...
 
 
 class _Entry:

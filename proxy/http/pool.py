@@ -21,6 +21,7 @@ than the rest of the proxy (see bench/http_proxy.py).
 from __future__ import annotations
 
 import asyncio
+import functools
 import ssl
 import time
 from collections.abc import AsyncIterator
@@ -80,7 +81,7 @@ class Origin:
         return cls(parts.scheme, host, port, parts.path.rstrip("/"),
                    shown if port == default else f"{shown}:{port}", tls, server_name)
 
-    @property
+    @functools.cached_property
     def key(self) -> _Key:
         """What pooled connections are shared by: the same place, checked the same way."""
         return self.scheme, self.host, self.port, self.server_name, id(self.tls) if self.tls is not None else 0

@@ -45,6 +45,7 @@ from yarl import URL
 
 from broker.clock import Clock
 from broker.config import HoopConfig, HttpResource
+from broker.credentials import digest
 from broker.errors import ConfigError, Denied
 from broker.model import Grant
 from proxy.guard import Decision
@@ -57,7 +58,7 @@ from proxy.http.headers import (
     split_target,
     upstream_headers,
 )
-from proxy.http.live import Hub, SessionPool, Stream
+from proxy.http.live import Hub, SessionPool
 from proxy.http.pool import Fields, Origin, Response, UpstreamFailed, UpstreamPool, upstream_tls
 from proxy.http.respond import recorded, respond
 from proxy.http.websocket import WsPair, cut, relay
@@ -68,14 +69,14 @@ log = logging.getLogger(__name__)
 
 __all__ = ["BearerGate", "HttpProxy"]
 
-_MEMO = 8  # upstream header blocks kept per client connection
+_MEMO = 16  # what is derived from repeated request heads, kept per client connection
 _VERDICTS = 4096  # (method, path) guard decisions kept per resource
 
 
 class BearerGate(Protocol):
     """What the HTTP proxy uses of :class:`proxy.access.Gate`."""
 
-    async def authenticate_bearer(self, secret: str, resource: str) -> Grant: ...
+    async def authenticate_bearer(self, secret: str, resource: str, *, key: str | None = None) -> Grant: ...
 
 
 @dataclass
@@ -125,6 +126,23 @@ def _fields(call: Call, up: _Upstream, client_ip: str, credential: str | None) -
                 memo.clear()
             memo[key] = fields
     return fields
+
+
+def _head(call: Call) -> tuple[tuple[str, str] | None, str | None, str | None]:
+    """The route, the bearer secret and its digest (the gate's key) of a request: pure functions of the
+    target and the header block, so kept per connection, where a client repeats both."""
+    memo, raw = call.memo, call.raw_headers
+    memo_key = ("head", call.raw_path, raw) if memo is not None and raw is not None else None
+    hit: tuple[tuple[str, str] | None, str | None, str | None] | None = \
+        memo.get(memo_key) if memo is not None and memo_key is not None else None
+    if hit is None:
+        secret = bearer_secret(call.headers.get("Authorization"))
+        hit = (split_target(call.raw_path), secret, digest(secret) if secret is not None else None)
+        if memo is not None and memo_key is not None:
+            if len(memo) >= _MEMO:
+                memo.clear()
+            memo[memo_key] = hit
+    return hit
 
 
 def _origin(res: HttpResource, base: str) -> Origin | None:
@@ -236,18 +254,17 @@ class HttpProxy:
         return call.response
 
     async def _serve(self, call: Call) -> None:
-        route = split_target(call.raw_path)
+        route, secret, key = _head(call)
         up = self._upstreams.get(route[0]) if route else None
         if route is None or up is None:
             known = ", ".join(sorted(self._upstreams)) or "none"
             return await call.refuse(404, "unknown_resource", f"use /<resource>/<path>; HTTP resources here: {known}")
         name, rest = route
-        secret = bearer_secret(call.headers.get("Authorization"))
         if secret is None:
             return await call.refuse(401, "unauthenticated",
                                      "present your hoop credential as 'Authorization: Bearer <secret>'")
         try:
-            grant = await self.gate.authenticate_bearer(secret, name)
+            grant = await self.gate.authenticate_bearer(secret, name, key=key)
         except Denied as exc:
             return await call.refuse(401 if exc.code == "bad_credentials" else 403, exc.code, exc.message)
         ended = self.pool.ended(grant.id)
@@ -255,10 +272,9 @@ class HttpProxy:
             return await call.refuse(403, "expired" if "expired" in ended else "revoked", ended)
         method = call.method
         decision, shown_path = up.verdict(method, rest)
-        flight = _Flight(call)
-        stream = Stream(flight.abort)
+        flight = _Flight(call)  # (also the session pool's Stream: abort() cuts it)
         client_ip = call.remote or "unknown"
-        entry = await self.pool.acquire(grant, name, client_ip, stream)
+        entry = await self.pool.acquire(grant, name, client_ip, flight)
         session = entry.session
         record: dict[str, Any] = {"method": method, "path": shown_path, "status": 0, "req_bytes": 0,
                                   "resp_bytes": 0, "req_body": None, "resp_body": None,
@@ -293,7 +309,7 @@ class HttpProxy:
             if flight.reason is not None:
                 record["cut"] = flight.reason
             session.record("http", record)
-            self.pool.release(entry, stream)
+            self.pool.release(entry, flight)
             for task in flight.tasks:
                 with contextlib.suppress(Exception):
                     await task
@@ -344,16 +360,16 @@ class HttpProxy:
                        record: dict[str, Any], client_ip: str, credential: str | None) -> None:
         assert self._pool is not None
         masker = up.masker
-        req_cap = Capture(up.resource.max_body_record)
+        req_cap = Capture(up.resource.max_body_record) if call.body_exists else None
 
-        async def body() -> AsyncIterator[bytes]:
+        async def body(cap: Capture) -> AsyncIterator[bytes]:
             async for chunk in call.body():
                 if flight.reason is not None:
                     raise UpstreamFailed(flight.reason)  # stop forwarding an upload at once
-                req_cap.feed(chunk)
+                cap.feed(chunk)
                 yield chunk
 
-        data = body() if call.body_exists else None
+        data = body(req_cap) if req_cap is not None else None
         if up.origin is None:
             record["status"] = 502
             return await call.refuse(502, "upstream_error", f"the address of {up.resource.name} is not an http(s) URL")
@@ -368,8 +384,8 @@ class HttpProxy:
             return await call.refuse(502, "upstream_error", f"cannot reach the upstream of {up.resource.name} "
                                                             f"({type(exc).__name__}; hoop's log has the cause)")
         finally:
-            record["req_bytes"] = req_cap.size
-            if req_cap.size:
+            if req_cap is not None and req_cap.size:
+                record["req_bytes"] = req_cap.size
                 record["req_body"] = recorded(masker, call.headers.get("Content-Type"), req_cap, masked=False)
         flight.upstream = resp
         if flight.reason is not None:  # the grant ended while the upstream was answering
