@@ -210,6 +210,9 @@ class PostgresResource(_ResourceBase):
     user: str = "postgres"
     sslmode: Literal["disable", "prefer", "require", "verify-full"] = "prefer"
     sslrootcert: Path | None = None
+    #: answer a server's request for a cleartext or md5 password without verify-full TLS (exposes the
+    #: held password to anything between hoop and the database; SCRAM is always used when offered)
+    insecure_password_auth: bool = False
     credentials: Literal["static", "ephemeral"] = "static"
     admin_user: str | None = None
     admin_credential: SecretRef | None = None

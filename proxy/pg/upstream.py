@@ -8,8 +8,10 @@ bytes the Reader still holds, so the hot path never goes through a coroutine.
 
 :func:`connect` logs hoop in to the resource with the held credential: trust, cleartext
 password, md5 and SCRAM-SHA-256 (with tls-server-end-point channel binding over TLS), and
-``sslmode`` disable / prefer / require / verify-full. Every failure is an
-:class:`~broker.errors.UpstreamError` (08006) whose message never contains the password.
+``sslmode`` disable / prefer / require / verify-full. Cleartext and md5 are answered only over
+``verify-full`` TLS or with ``insecure_password_auth: true``, and a SCRAM exchange must end with
+the server's proof. Every failure is an :class:`~broker.errors.UpstreamError` (08006) whose
+message never contains the password.
 """
 
 from __future__ import annotations
@@ -190,6 +192,17 @@ async def open_transport(resource: PostgresResource) -> tuple[asyncio.Transport,
     return transport, reader, None
 
 
+def _may_send_password(resource: PostgresResource, ctx: ssl.SSLContext | None, how: str) -> None:
+    """Cleartext and md5 give the held password (or a hash to crack offline) to whoever answers, so hoop
+    sends them only to a server it has authenticated (``sslmode: verify-full``), or when the resource
+    says ``insecure_password_auth: true``. SCRAM never needs this: it does not reveal the password."""
+    if resource.insecure_password_auth or (ctx is not None and resource.sslmode == "verify-full"):
+        return
+    raise UpstreamError(f"{resource.name} asked for {how} password authentication, which would expose the held "
+                        f"password to anything between hoop and the database; use SCRAM (password_encryption = "
+                        f"scram-sha-256), or sslmode: verify-full, or set insecure_password_auth: true on the resource")
+
+
 def _scrub(text: str, secret: str) -> str:
     return text.replace(secret, "[secret]") if secret else text
 
@@ -207,11 +220,13 @@ async def connect(resource: PostgresResource, user: str, password: str, params: 
             if msg_type == Backend.AUTHENTICATION:
                 auth = decode_authentication(body)
                 if auth.code == Auth.OK:
+                    if scram is not None and scram.state != "done":  # (a server that skipped SASLFinal)
+                        raise UpstreamError(f"{resource.name} ended SCRAM without proving it knows the password")
                     continue
-                if auth.code == Auth.CLEARTEXT_PASSWORD:
-                    reader.write(codec.encode_password(password))
-                elif auth.code == Auth.MD5_PASSWORD:
-                    reader.write(codec.encode_password(md5_password(user, password, auth.salt)))
+                if auth.code in (Auth.CLEARTEXT_PASSWORD, Auth.MD5_PASSWORD):
+                    _may_send_password(resource, ctx, "cleartext" if auth.code == Auth.CLEARTEXT_PASSWORD else "md5")
+                    reader.write(codec.encode_password(password if auth.code == Auth.CLEARTEXT_PASSWORD
+                                                       else md5_password(user, password, auth.salt)))
                 elif auth.code == Auth.SASL:
                     binding = None
                     ssl_object = transport.get_extra_info("ssl_object")
