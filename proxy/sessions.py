@@ -14,7 +14,9 @@ most the events recorded in the loop iteration that was running (the statements 
 and a torn last line, which :meth:`SessionHub.recover` skips. The encoded lines are kept in
 memory; a background task writes the batch to the store every ``flush_every`` seconds (a
 failed write puts the batch back for the next flush, which first skips what the store already
-holds, in case the failed write committed and only its answer was lost). The spool is a chain
+holds, in case the failed write committed and only its answer was lost; flushes run one at a
+time, so that check holds). A session's spool is deleted only once its events and its closed
+row are stored; while the store is down the flush loop keeps retrying. The spool is a chain
 of segment files (:mod:`proxy.spool`); a segment whose events are all stored is deleted, so a session that lives
 for days holds about one segment on disk. At start, :meth:`SessionHub.recover` ingests the
 spool segments that a crash left behind.
@@ -183,6 +185,9 @@ class SessionHub:
         self._tick: list[tuple[LiveSession, int, datetime, str, dict[str, Any]]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._retrying = False  # the last store write failed: the next one checks what is stored
+        self._flush_lock = asyncio.Lock()
+        #: sessions that ended and whose final store writes (events, row) are not all done yet
+        self._closing: dict[str, LiveSession] = {}
 
     async def open(self, grant: Grant, resource: str, protocol: str, client_addr: str,
                    on_end: Callable[[str], None]) -> LiveSession:
@@ -241,6 +246,12 @@ class SessionHub:
                 s._spool.write("".join(chunk).encode(), s._seq)
 
     async def flush(self) -> None:
+        """Store every pending event. One flush at a time: a later flush must never store events past
+        those a failed earlier one puts back (the retry's skip-what-is-stored check relies on it)."""
+        async with self._flush_lock:
+            await self._flush()
+
+    async def _flush(self) -> None:
         self._write_tick()
         batch: list[tuple[LiveSession, list[_Pending]]] = []
         for s in list(self._dirty):
@@ -276,21 +287,39 @@ class SessionHub:
                 s._spool.stored(items[-1][0])  # its finished spool segments are no longer needed
 
     async def _flush_loop(self) -> None:
-        while self._live or self._dirty:
+        while self._live or self._dirty or self._closing:
             await asyncio.sleep(self.flush_every)
             try:
                 await self.flush()
+                for s in list(self._closing.values()):
+                    await self._finish_close(s)
             except Exception:
                 log.exception("flushing session events failed; they stay in the spool")
 
     async def _closed(self, s: LiveSession) -> None:
+        """A session ended: store its events, then its row, then drop its spool and announce it. When the
+        store fails, nothing is dropped: the flush loop retries until the close is complete."""
         self._live.pop(s.id, None)
+        self._closing[s.id] = s
+        try:
+            await self._finish_close(s)
+        except Exception:
+            log.exception("session=%s closing: the store failed; its events stay in the spool, the close is "
+                          "retried", s.id)
+            if self._flusher is None or self._flusher.done():
+                self._flusher = asyncio.create_task(self._flush_loop(), name="session-flusher")
+
+    async def _finish_close(self, s: LiveSession) -> None:
         await self.flush()
+        if s.id not in self._closing:
+            return  # (finished meanwhile by the flush loop)
         async with self.service.store.tx() as tx:
             await tx.update_session(s.row)
             request = await self.service.request_for(tx, s.grant)
+        if self._closing.pop(s.id, None) is None:
+            return
         if s._spool is not None:
-            s._spool.remove()
+            s._spool.remove()  # (every event is stored: the flush above found none pending, or raised)
             s._spool = None
         await self.service.publish([SessionClosed(session=s.row, request=request)])
 
@@ -311,7 +340,7 @@ class SessionHub:
             return 0
         count = 0
         for session_id, paths in leftovers(self.spool_dir).items():
-            if session_id in self._live:
+            if session_id in self._live or session_id in self._closing:
                 continue
             kept: list[_Pending] = []
             for path in paths:

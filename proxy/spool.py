@@ -14,10 +14,13 @@ so the disk holds about one segment plus what is not stored yet per live session
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from pathlib import Path
 
 __all__ = ["SEGMENT_BYTES", "Spool", "leftovers"]
+
+log = logging.getLogger(__name__)
 
 SEGMENT_BYTES = 8 << 20
 
@@ -37,6 +40,7 @@ class Spool:
         self._size = 0
         self._last = 0  # last sequence number written to the current segment
         self._done: list[tuple[int, int]] = []  # finished segments: (number, last sequence number)
+        self.failed = False  # the disk failed a write: the spool stopped
         self._fd: int | None = self._open(0)
 
     def _open(self, n: int) -> int:
@@ -48,16 +52,32 @@ class Spool:
         return [_path(self._dir, self._id, n) for n, _ in self._done] + [_path(self._dir, self._id, self._n)]
 
     def write(self, data: bytes, last_seq: int) -> None:
-        """Append ``data`` (whole lines of events up to ``last_seq``) with one ``os.write``."""
+        """Append ``data`` (whole lines of events up to ``last_seq``) with one ``os.write`` (more only
+        after a short write). A failing disk (full, I/O error) stops the spool, logged once: the events
+        are still kept in memory until stored, but a crash before then would lose them. Stopping
+        (rather than writing on) keeps a torn line at the end of a segment, where recovery skips it."""
         if self._fd is None:
             return
-        if self._size >= self._limit:
-            os.close(self._fd)
-            self._done.append((self._n, self._last))
-            self._n += 1
-            self._size = 0
-            self._fd = self._open(self._n)
-        os.write(self._fd, data)
+        try:
+            if self._size >= self._limit:
+                os.close(self._fd)
+                self._done.append((self._n, self._last))
+                self._n += 1
+                self._size = 0
+                self._fd = None
+                self._fd = self._open(self._n)
+            view = memoryview(data)
+            while view:  # bounded: each pass writes at least one byte or raises
+                view = view[os.write(self._fd, view):]
+        except OSError as exc:
+            log.error("session=%s spool stopped (%s): its events are kept in memory until stored, and a crash "
+                      "before that would lose them", self._id, exc.strerror or type(exc).__name__)
+            self.failed = True
+            if self._fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(self._fd)
+                self._fd = None
+            return
         self._size += len(data)
         self._last = last_seq
 

@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import itertools
 import json
+import os
 from datetime import timedelta
 from pathlib import Path
 
@@ -214,6 +215,78 @@ async def test_a_failed_store_write_loses_nothing(live: tuple[Service, SessionHu
         events = await tx.events(s.id)
     assert [e.data["sql"] for e in events if e.kind == "statement"] == ["SELECT 1", "SELECT 2"]
     assert [e.seq for e in events] == sorted({e.seq for e in events})
+
+
+async def test_a_close_while_the_store_is_down_finishes_once_it_is_back(
+        live: tuple[Service, SessionHub, RecordingNotifier, Store], config: HoopConfig) -> None:
+    """The spool is the only copy while the store is down: it stays until every event and the closed row
+    are stored, and the session is announced closed then, not before and not never."""
+    service, hub, recorder, store = live
+    grant, _ = await grant_for(service, config)
+    s = await hub.open(grant, "prod-db", "postgres", "c", lambda r: None)
+    await hub.flush()
+    async with store.tx() as tx:
+        await tx.conn.exec_driver_sql("ALTER TABLE session_event_chunks RENAME TO chunks_away")
+    s.record("statement", {"sql": "SELECT 1"})
+    await s.close("client gone")  # (does not raise: the flush loop finishes the close later)
+    assert s._spool is not None and all(p.exists() for p in s._spool.segments)
+    assert not recorder.of(SessionClosed)
+    async with store.tx() as tx:
+        row = await tx.get_session(s.id)
+    assert row is not None and row.status is SessionStatus.OPEN
+    async with store.tx() as tx:
+        await tx.conn.exec_driver_sql("ALTER TABLE chunks_away RENAME TO session_event_chunks")
+    async with asyncio.timeout(5):
+        while not recorder.of(SessionClosed):
+            await asyncio.sleep(0.02)
+    async with store.tx() as tx:
+        row = await tx.get_session(s.id)
+        events = await tx.events(s.id)
+    assert row is not None and row.status is SessionStatus.CLOSED and row.close_reason == "client gone"
+    assert [e.kind for e in events] == ["open", "statement", "close"]
+    assert not list((hub.spool_dir or Path()).glob(f"{s.id}*"))
+    assert len(recorder.of(SessionClosed)) == 1
+
+
+async def test_concurrent_flushes_run_one_at_a_time(live: tuple[Service, SessionHub, RecordingNotifier, Store],
+                                                    config: HoopConfig) -> None:
+    service, hub, _, store = live
+    grant, _ = await grant_for(service, config)
+    s = await hub.open(grant, "prod-db", "postgres", "c", lambda r: None)
+    for i in range(50):
+        s.record("statement", {"sql": f"SELECT {i}"})
+        if i % 10 == 9:
+            await asyncio.sleep(0)
+    await asyncio.gather(*(hub.flush() for _ in range(5)), s.close("bye"))
+    async with store.tx() as tx:
+        events = await tx.events(s.id)
+    assert [e.seq for e in events] == list(range(1, 53))  # open, 50 statements, close: each once, in order
+
+
+async def test_a_failing_disk_stops_the_spool_and_loses_nothing_stored(
+        live: tuple[Service, SessionHub, RecordingNotifier, Store], config: HoopConfig,
+        caplog: pytest.LogCaptureFixture) -> None:
+    service, hub, recorder, store = live
+    grant, _ = await grant_for(service, config)
+    s = await hub.open(grant, "prod-db", "postgres", "c", lambda r: None)
+    s.record("statement", {"sql": "SELECT 1"})
+    await asyncio.sleep(0)  # spooled
+    assert s._spool is not None and s._spool._fd is not None
+    full = os.open("/dev/full", os.O_WRONLY)  # the kernel's own "no space left on device"
+    try:
+        os.dup2(full, s._spool._fd)
+    finally:
+        os.close(full)
+    s.record("statement", {"sql": "SELECT 2"})
+    await asyncio.sleep(0)
+    assert s._spool.failed and "spool stopped (No space left on device)" in caplog.text
+    s.record("statement", {"sql": "SELECT 3"})
+    await s.close("done")
+    async with store.tx() as tx:
+        events = await tx.events(s.id)
+        row = await tx.get_session(s.id)
+    assert [e.data.get("sql") for e in events if e.kind == "statement"] == ["SELECT 1", "SELECT 2", "SELECT 3"]
+    assert row is not None and row.status is SessionStatus.CLOSED and len(recorder.of(SessionClosed)) == 1
 
 
 def test_a_long_run_of_events_is_cut_into_chunks() -> None:
