@@ -158,7 +158,8 @@ class SlackBot:
 
     async def _on_command(self, ack: Ack, body: dict[str, Any]) -> None:
         try:
-            cmd = parse(str(body.get("text") or ""))
+            # Slack escapes &, < and > in command text; hoop keeps what was typed and escapes on output
+            cmd = parse(views.unescape(str(body.get("text") or "")))
         except InvalidInput as exc:
             await ack(response_type="ephemeral", text=exc.message)
             return
@@ -191,7 +192,8 @@ class SlackBot:
             channel=channel, content=transcript.text, filename=f"hoop-{session.id}.txt",
             title=f"Transcript of session {session.id}",
             initial_comment=f":scroll: Transcript of session `{session.id}` on {session.resource} "
-                            f"({' → '.join(session.chain)}), asked for by {who.label}: {transcript.summary}")
+                            f"({views.escape(' → '.join(session.chain))}), asked for by {views.escape(who.label)}: "
+                            f"{transcript.summary}")
         return f"Posted the transcript of `{session.id}` in this channel."
 
     async def _answer(self, body: dict[str, Any], text: str) -> None:

@@ -173,4 +173,4 @@ class Commands:
 
     async def _transcript(self, cmd: Command, who: Identity) -> str:
         _, transcript = await self.transcript_for(cmd.args[0], who)
-        return f"{transcript.summary}\n```{transcript.text[:3500]}```"
+        return f"{transcript.summary}\n```{views.escape_clipped(transcript.text, 3500)}```"

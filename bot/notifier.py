@@ -17,6 +17,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from bot import views
 from bot.identity import Directory
+from bot.views import escape
 from broker.clock import Clock
 from broker.config import HoopConfig
 from broker.duration import format_duration
@@ -143,17 +144,17 @@ class SlackNotifier:
         groups = next((a.groups for a in ev.request.approvals if a.approver == ev.approver.email.lower()), ())
         via = "button" if ev.via == "button" else ev.via
         await self._reply(ev.request, ev.request.resource,
-                          f":white_check_mark: {ev.approver.label} approved ({', '.join(groups)}) via {via}")
+                          f":white_check_mark: {escape(ev.approver.label)} approved ({', '.join(groups)}) via {via}")
         await self._update_card(ev.request)
 
     async def _on_ApprovalWithdrawn(self, ev: ApprovalWithdrawn) -> None:
-        await self._reply(ev.request, ev.request.resource, f":leftwards_arrow_with_hook: {ev.approver.label} "
+        await self._reply(ev.request, ev.request.resource, f":leftwards_arrow_with_hook: {escape(ev.approver.label)} "
                                                            "withdrew their approval")
         await self._update_card(ev.request)
 
     async def _on_RequestDenied(self, ev: RequestDenied) -> None:
-        why = f": {ev.reason}" if ev.reason.strip() else ""
-        await self._reply(ev.request, ev.request.resource, f":x: Denied by {ev.by.label}{why}")
+        why = f": {escape(ev.reason)}" if ev.reason.strip() else ""
+        await self._reply(ev.request, ev.request.resource, f":x: Denied by {escape(ev.by.label)}{why}")
         await self._update_card(ev.request)
 
     async def _on_RequestLapsed(self, ev: RequestLapsed) -> None:
@@ -162,7 +163,7 @@ class SlackNotifier:
         await self._update_card(ev.request)
 
     async def _on_RequestCancelled(self, ev: RequestCancelled) -> None:
-        await self._reply(ev.request, ev.request.resource, f":heavy_minus_sign: Cancelled by {ev.by.label}")
+        await self._reply(ev.request, ev.request.resource, f":heavy_minus_sign: Cancelled by {escape(ev.by.label)}")
         await self._update_card(ev.request)
 
     # -- grants -----------------------------------------------------------------------------
@@ -172,7 +173,7 @@ class SlackNotifier:
         if grant.parent_id is not None:
             # a delegation: the secret went to the delegating agent, which hands it to its child
             orig = await self._origin(grant)
-            await self._reply(orig, resource, f":link: Delegated `{grant.id}` to {grant.chain_text()} until "
+            await self._reply(orig, resource, f":link: Delegated `{grant.id}` to {escape(grant.chain_text())} until "
                                               f"{views.hhmm(grant.expires_at)} ({', '.join(grant.resources)})")
             return
         # The secret is shown once, to the requester only: by DM to a Slack requester. An API requester
@@ -181,14 +182,14 @@ class SlackNotifier:
             text, blocks = views.grant_dm(grant, ev.secret, ev.hints)
             await self._dm(req.requester_slack_id, text, blocks)
         if ev.breakglass_by is not None:
-            await self._reply(None, resource, f":rotating_light: *Break-glass*: {ev.breakglass_by.label} granted "
-                                              f"{grant.identity} access to {', '.join(grant.resources)} until "
-                                              f"{views.hhmm(grant.expires_at)} without approval "
-                                              f"(grant `{grant.id}`). Reason: {ev.breakglass_reason or '—'}")
+            by, whom, why = escape(ev.breakglass_by.label), escape(grant.identity), ev.breakglass_reason or "—"
+            await self._reply(None, resource, f":rotating_light: *Break-glass*: {by} granted {whom} access to "
+                                              f"{', '.join(grant.resources)} until {views.hhmm(grant.expires_at)} "
+                                              f"without approval (grant `{grant.id}`). Reason: {escape(why)}")
             return
         await self._reply(req, resource, f":key: Granted until {views.hhmm(grant.expires_at)} "
                                          f"(grant `{grant.id}`, login `{grant.login}`); details sent to "
-                                         f"{grant.identity}" + (" by DM" if req and req.requester_slack_id else
+                                         f"{escape(grant.identity)}" + (" by DM" if req and req.requester_slack_id else
                                                                 " through the API"))
         if req is not None:
             await self._update_card(req, grant)
@@ -196,7 +197,7 @@ class SlackNotifier:
     async def _on_GrantExtended(self, ev: GrantExtended) -> None:
         grant = ev.grant
         orig = await self._origin(grant)
-        await self._reply(orig or ev.request, grant.resources[0], f":arrow_forward: Extended by {ev.by.label} "
+        await self._reply(orig or ev.request, grant.resources[0], f":arrow_forward: Extended by {escape(ev.by.label)} "
                                                                   f"until {views.hhmm(grant.expires_at)}")
         if ev.request is not None and ev.request.extends_grant:
             await self._update_card(ev.request, None)
@@ -219,11 +220,11 @@ class SlackNotifier:
 
     async def _on_GrantEnded(self, ev: GrantEnded) -> None:
         grant = ev.grant
-        label = f"`{grant.id}`" + (f" ({grant.label})" if grant.label else "")
+        label = f"`{grant.id}`" + (f" ({escape(grant.label)})" if grant.label else "")
         if grant.status is GrantStatus.REVOKED:
-            text = f":no_entry_sign: Revoked by {grant.ended_by or 'hoop'}: access {label} ended"
+            text = f":no_entry_sign: Revoked by {escape(grant.ended_by or 'hoop')}: access {label} ended"
             if grant.end_reason and grant.end_reason != "revoked":
-                text += f" ({grant.end_reason})"
+                text += f" ({escape(grant.end_reason)})"
         else:
             text = f":hourglass: Expired: access {label} ended at {views.hhmm(grant.ended_at or grant.expires_at)}"
         await self._reply(ev.request, grant.resources[0], text)
@@ -233,14 +234,14 @@ class SlackNotifier:
     # -- sessions, reviews, transcripts -----------------------------------------------------
     async def _on_SessionOpened(self, ev: SessionOpened) -> None:
         s = ev.session
-        await self._reply(ev.request, s.resource, f":electric_plug: {' → '.join(s.chain)} connected with "
+        await self._reply(ev.request, s.resource, f":electric_plug: {escape(' → '.join(s.chain))} connected with "
                                                   f"{s.protocol} from {s.client_addr} (session `{s.id}`)")
 
     async def _on_SessionClosed(self, ev: SessionClosed) -> None:
         s = ev.session
         length = format_duration((s.closed_at or self.clock.now()) - s.opened_at)
         await self._reply(ev.request, s.resource, f":electric_plug: session `{s.id}` closed after {length}"
-                                                  f"{': ' + s.close_reason if s.close_reason else ''}")
+                                                  f"{': ' + escape(s.close_reason) if s.close_reason else ''}")
 
     async def _on_ReviewRequested(self, ev: ReviewRequested) -> None:
         text, blocks = views.review_message(ev.review)
@@ -259,14 +260,14 @@ class SlackNotifier:
         if review.channel and review.ts:
             text, blocks = views.review_message(review)
             await self.client.chat_update(channel=review.channel, ts=review.ts, text=text, blocks=blocks)
-        by = f" by {review.decided_by}" if review.decided_by else ""
+        by = f" by {escape(review.decided_by)}" if review.decided_by else ""
         await self._reply(ev.request, review.resource, f"review `{review.id}`: {review.status}{by}")
 
     async def _on_TranscriptReady(self, ev: TranscriptReady) -> None:
         channel, thread_ts = await self._thread(ev.request, ev.grant.resources[0])
         if channel is None:
             return
-        await self._reply(ev.request, ev.grant.resources[0], f"*{ev.title}*\n{ev.summary}")
+        await self._reply(ev.request, ev.grant.resources[0], f"*{escape(ev.title)}*\n{escape(ev.summary)}")
         kwargs: dict[str, Any] = {"channel": channel, "content": ev.text, "filename": ev.filename, "title": ev.title}
         if thread_ts:
             kwargs["thread_ts"] = thread_ts

@@ -2,6 +2,11 @@
 
 Nothing here does I/O. Each builder returns ``(text, blocks)`` (``text`` is the fallback
 Slack shows in notifications) or a view dict. The secret appears only in :func:`grant_dm`.
+
+Text people wrote (reasons, labels, names, statements) goes through :func:`escape` before it
+is put into mrkdwn, so ``<!channel>`` or ``<https://evil|runbook>`` in an API request's reason
+shows as typed instead of pinging the channel or posing as a link. Hoop stores such text as
+typed: the Slack edge undoes Slack's own escaping of slash-command text with :func:`unescape`.
 """
 
 from __future__ import annotations
@@ -44,6 +49,29 @@ def help_text() -> str:
     return "*hoop* — time-boxed, approved access to production.\n" + "\n".join(f"• `{u}`" for u in USAGE.values())
 
 
+def escape(text: str) -> str:
+    """Escape user-supplied text for Slack mrkdwn: ``&``, ``<`` and ``>`` become entities, which
+    is all Slack asks for (``*bold*`` and the like are left alone)."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def escape_clipped(text: str, limit: int) -> str:
+    """:func:`escape`, cut to at most ``limit`` characters without splitting an entity (escaping
+    can make a statement up to five times longer, and a section holds 3,000 characters)."""
+    out = escape(text[:limit])
+    if len(out) > limit:
+        out = out[:limit]
+        amp = out.rfind("&")
+        if amp >= 0 and ";" not in out[amp:]:
+            out = out[:amp]
+    return out
+
+
+def unescape(text: str) -> str:
+    """Undo Slack's escaping of text it sends (slash-command text), so hoop keeps what was typed."""
+    return text.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
+
+
 def hhmm(when: datetime) -> str:
     return when.strftime("%H:%M UTC")
 
@@ -65,15 +93,15 @@ def _button(text: str, action_id: str, value: str, style: str | None = None) -> 
 
 
 def _who(req: AccessRequest) -> str:
-    who = f"<@{req.requester_slack_id}>" if req.requester_slack_id else req.requester
+    who = f"<@{req.requester_slack_id}>" if req.requester_slack_id else escape(req.requester)
     if len(req.chain) > 1:
-        who += f" (chain: {' → '.join(req.chain)})"
+        who += f" (chain: {escape(' → '.join(req.chain))})"
     return who
 
 
 def status_line(req: AccessRequest, grant: Grant | None, now: datetime) -> str:
     if grant is not None and grant.status is GrantStatus.REVOKED:
-        return f":no_entry_sign: *Revoked* by {grant.ended_by or 'hoop'} at {hhmm(grant.ended_at or now)}"
+        return f":no_entry_sign: *Revoked* by {escape(grant.ended_by or 'hoop')} at {hhmm(grant.ended_at or now)}"
     if grant is not None and grant.status is GrantStatus.EXPIRED:
         return f":hourglass: *Expired* at {hhmm(grant.ended_at or grant.expires_at)}"
     if req.status is RequestStatus.PENDING:
@@ -82,30 +110,30 @@ def status_line(req: AccessRequest, grant: Grant | None, now: datetime) -> str:
         until = f" — granted until {hhmm(grant.expires_at)}" if grant is not None else ""
         return f":white_check_mark: *Approved*{until}"
     if req.status is RequestStatus.DENIED:
-        why = f": {req.decision_reason}" if req.decision_reason else ""
-        return f":x: *Denied* by {req.decided_by}{why}"
+        why = f": {escape(req.decision_reason)}" if req.decision_reason else ""
+        return f":x: *Denied* by {escape(str(req.decided_by))}{why}"
     if req.status is RequestStatus.LAPSED:
         return f":zzz: *Lapsed* — not approved by {hhmm(req.lapses_at)}"
-    return f":heavy_minus_sign: *Cancelled* by {req.decided_by}"
+    return f":heavy_minus_sign: *Cancelled* by {escape(str(req.decided_by))}"
 
 
 def card(req: AccessRequest, now: datetime, grant: Grant | None = None) -> tuple[str, Blocks]:
     """The request card: who, what, how long, why, each approval step and its fillers, status."""
     kind = f"extend {req.extends_grant} by" if req.extends_grant else "access to"
-    text = f"{req.requester} requests {kind} {req.resource} for {format_duration(req.duration)}"
+    text = f"{escape(req.requester)} requests {kind} {req.resource} for {format_duration(req.duration)}"
     steps = []
     for f in policy.fill(req.steps, req.approvals):
         mark = ":white_check_mark:" if len(f.approvers) >= f.count else ":white_circle:"
-        names = ", ".join(f.approvers) or "—"
+        names = escape(", ".join(f.approvers)) or "—"
         steps.append(f"{mark} {f.count} from *{f.group}*: {names}")
     blocks: Blocks = [
         _section(f"*Access request* `{req.id}`\n{_who(req)} requests {kind} *{req.resource}* "
                  f"for *{format_duration(req.duration)}*"),
         {"type": "section", "fields": [
-            {"type": "mrkdwn", "text": f"*Requester*\n{req.requester}"},
+            {"type": "mrkdwn", "text": f"*Requester*\n{escape(req.requester)}"},
             {"type": "mrkdwn", "text": f"*Resource*\n{req.resource}"},
             {"type": "mrkdwn", "text": f"*Duration*\n{format_duration(req.duration)}"},
-            {"type": "mrkdwn", "text": f"*Reason*\n{req.reason or '—'}"},
+            {"type": "mrkdwn", "text": f"*Reason*\n{escape(req.reason) or '—'}"},
         ]},
         _section("*Approvals*\n" + ("\n".join(steps) or "none required")),
         _section(status_line(req, grant, now)),
@@ -137,16 +165,18 @@ def reminder(grant: Grant, now: datetime) -> tuple[str, Blocks]:
 
 
 def review_message(review: Review) -> tuple[str, Blocks]:
-    text = f"{review.requested_by} wants to run: {review.text[:200]}"
-    blocks: Blocks = [_section(f":raised_hand: *{review.requested_by}* wants to run (rule `{review.rule}`):\n"
-                               f"```{review.text[:2800]}```")]
+    by = escape(review.requested_by)
+    text = f"{by} wants to run: {escape(review.text[:200])}"
+    blocks: Blocks = [_section(f":raised_hand: *{by}* wants to run (rule `{review.rule}`):\n"
+                               f"```{escape_clipped(review.text, 2800)}```")]
     if review.status == "pending":
         blocks.append({"type": "actions", "elements": [
             _button("Allow", REVIEW_ALLOW_ACTION, review.id, "primary"),
             _button("Refuse", REVIEW_REFUSE_ACTION, review.id, "danger")]})
         blocks.append(_context(f"React :white_check_mark: to allow or :x: to refuse before {hhmm(review.deadline)}."))
     else:
-        blocks.append(_context(f"*{review.status}*" + (f" by {review.decided_by}" if review.decided_by else "")))
+        by = f" by {escape(review.decided_by)}" if review.decided_by else ""
+        blocks.append(_context(f"*{review.status}*{by}"))
     return text, blocks
 
 
@@ -164,7 +194,7 @@ def deny_modal(request_id: str) -> dict[str, Any]:
 
 def request_line(r: AccessRequest) -> str:
     return (f"`{r.id}` {r.resource} {format_duration(r.duration)} — {r.status.value}"
-            f"{' (lapses ' + hhmm(r.lapses_at) + ')' if r.status is RequestStatus.PENDING else ''}: {r.reason}")
+            f"{' (lapses ' + hhmm(r.lapses_at) + ')' if r.status is RequestStatus.PENDING else ''}: {escape(r.reason)}")
 
 
 def grant_line(g: Grant, now: datetime) -> str:
@@ -198,7 +228,7 @@ def sessions_text(sessions: Sequence[Session], now: datetime) -> str:
     if not sessions:
         return "No live sessions."
     return "*Live sessions*\n" + "\n".join(
-        f"• `{s.id}` {s.resource} {s.protocol} by {' → '.join(s.chain)} from {s.client_addr}, "
+        f"• `{s.id}` {s.resource} {s.protocol} by {escape(' → '.join(s.chain))} from {s.client_addr}, "
         f"open {format_duration(now - s.opened_at)}" for s in sessions)
 
 
@@ -211,7 +241,8 @@ def home_view(pending: Sequence[AccessRequest], grants: Sequence[Grant], waiting
     blocks.append(_section("*My active grants*\n" + ("\n".join(f"• {grant_line(g, now)}" for g in grants)
                                                      or "none")))
     blocks.append(_section("*Waiting for my approval*\n" + ("\n".join(
-        f"• `{r.id}` {r.requester} → {r.resource} {format_duration(r.duration)}: {r.reason}" for r in waiting)
+        f"• `{r.id}` {escape(r.requester)} → {r.resource} {format_duration(r.duration)}: {escape(r.reason)}"
+        for r in waiting)
         or "none")))
     for r in waiting[:20]:
         blocks.append({"type": "actions", "elements": [

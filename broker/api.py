@@ -55,7 +55,7 @@ from broker.errors import Conflict, Denied, HoopError, NotFound
 from broker.events import Broadcast
 from broker.hints import connection_hints
 from broker.identity import TokenVerifier, Unauthenticated
-from broker.model import Grant, Identity, RequestStatus
+from broker.model import AccessRequest, Grant, Identity, RequestStatus
 from broker.service import Service
 
 log = logging.getLogger(__name__)
@@ -102,10 +102,8 @@ async def whoami(c: Ctx) -> BaseModel:
 
 async def create_request(c: Ctx) -> BaseModel:
     b: RequestCreate = c.body
-    req = await c.api.service.request(c.who, b.resource, b.duration, b.reason)
-    if b.pickup_key is not None:
-        async with c.api.service.store.tx() as tx:
-            await tx.insert_pickup(req.id, b.pickup_key, c.api.clock.now())
+    # the pickup key is stored with the request, so a grant issued at once (no approval steps) is sealed
+    req = await c.api.service.request(c.who, b.resource, b.duration, b.reason, pickup_key=b.pickup_key)
     return RequestOut.of(req)
 
 
@@ -114,19 +112,27 @@ def _mine(who: Identity, requester: str, chain: tuple[str, ...]) -> bool:
     return email == requester.lower() or email in (x.lower() for x in chain)
 
 
+def _may_see_request(config: HoopConfig, who: Identity, r: AccessRequest) -> bool:
+    """The rule for grants (:func:`_may_see`): a request's reason and people are not for every token holder."""
+    return (_mine(who, r.requester, r.chain) or policy.is_admin(config, who)
+            or policy.is_approver_of(config, who, r.resource))
+
+
 async def list_requests(c: Ctx) -> BaseModel:
     q: RequestsQuery = c.query
     async with c.api.service.store.tx() as tx:
         rows = await tx.list_requests(status=q.status, resource=q.resource, limit=q.limit)
     if q.mine:
         rows = [r for r in rows if _mine(c.who, r.requester, r.chain)]
+    else:
+        rows = [r for r in rows if _may_see_request(c.api.config, c.who, r)]
     return RequestList(requests=[RequestOut.of(r) for r in rows])
 
 
 async def get_request(c: Ctx) -> BaseModel:
     async with c.api.service.store.tx() as tx:
         req = await tx.get_request(c.param("id"))
-    if req is None:
+    if req is None or not _may_see_request(c.api.config, c.who, req):
         raise NotFound(f"no request {c.param('id')!r}", code="no_request")
     return RequestOut.of(req)
 
@@ -225,8 +231,9 @@ ROUTES: tuple[Route, ...] = (
     _r("GET", "/me", whoami, "Who the bearer token says I am", WhoAmI, errors=(401,)),
     _r("POST", "/requests", create_request, "Ask for access", RequestOut, status=201, body=RequestCreate,
        errors=(401, 403, 422)),
-    _r("GET", "/requests", list_requests, "List requests", RequestList, query=RequestsQuery, errors=(401, 422)),
-    _r("GET", "/requests/{id}", get_request, "Read a request", RequestOut, errors=(401, 404)),
+    _r("GET", "/requests", list_requests, "List requests I may see (mine, or as approver or admin)", RequestList,
+       query=RequestsQuery, errors=(401, 422)),
+    _r("GET", "/requests/{id}", get_request, "Read a request I may see", RequestOut, errors=(401, 404)),
     _r("POST", "/requests/{id}/approve", approve, "Approve (members of a step's group; same rules as Slack)",
        ApproveOut),
     _r("POST", "/requests/{id}/deny", deny, "Deny", RequestOut, body=Decision),

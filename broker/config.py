@@ -323,6 +323,9 @@ class Oidc(_Model):
     jwks_url: str | None = None
     groups_claim: str = "groups"
     email_claim: str = "email"
+    #: refuse a person's token unless its ``email_verified`` claim is true: with an identity provider
+    #: that lets users sign up with an address they do not own, the email alone names anyone, admins too
+    require_email_verified: bool = True
     agents: list[Agent] = Field(default_factory=list)
 
 

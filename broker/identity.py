@@ -12,8 +12,9 @@ values cannot make hoop hammer the issuer. The cache is also refreshed after ``m
 
 A token whose ``sub`` is a configured agent (``oidc.agents``) becomes an agent identity:
 ``Identity(kind="agent", email=<agent name>, acts_for=..., chain=(acts_for, name))``. Any other
-token is a person, named by the configured email claim; their groups are the config groups
-they are listed in plus configured group names found in the configured groups claim.
+token is a person, named by the configured email claim, which must be verified
+(``email_verified: true``) unless ``oidc.require_email_verified`` is off; their groups are the
+config groups they are listed in plus configured group names found in the configured groups claim.
 
 The HTTP fetch sits behind :class:`JsonFetcher`, so tests and other transports can replace it.
 """
@@ -194,6 +195,10 @@ class TokenVerifier:
         if not isinstance(email, str) or "@" not in email:
             raise Unauthenticated(f"the token has no {self.oidc.email_claim!r} claim and its subject is not a "
                                   "configured agent", code="no_email")
+        if self.oidc.require_email_verified and claims.get("email_verified") is not True:
+            raise Unauthenticated("the token's email_verified claim is not true, so its email may not belong to the "
+                                  "caller; if your identity provider verifies addresses but never sends this "
+                                  "claim, set oidc.require_email_verified: false", code="email_unverified")
         email = email.strip().lower()
         claimed = claims.get(self.oidc.groups_claim) or []
         if isinstance(claimed, str):

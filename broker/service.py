@@ -95,7 +95,11 @@ class Service:
             raise InvalidInput(f"unknown resource {name!r} (known: {known})", code="unknown_resource")
 
     # -- requests ---------------------------------------------------------------------------
-    async def request(self, who: Identity, resource: str, duration: str | None, reason: str) -> AccessRequest:
+    async def request(self, who: Identity, resource: str, duration: str | None, reason: str, *,
+                      pickup_key: str | None = None) -> AccessRequest:
+        """Record a request (and, for an API requester, its ``pickup_key`` in the same transaction:
+        a resource without approval steps is granted inside this call, and the credential is sealed
+        to the key only if the key is stored by then). Raises :class:`Denied` or :class:`InvalidInput`."""
         self._resource(resource)
         policy.may_request(self.config, who, resource)
         length = policy.resolve_duration(self.config, resource, duration)
@@ -110,6 +114,8 @@ class Service:
         )
         async with self.store.tx() as tx:
             await tx.insert_request(req)
+            if pickup_key is not None:
+                await tx.insert_pickup(req.id, pickup_key, now)
             await tx.append_audit(at=now, actor=who.email, chain=who.chain, action="request.created",
                                   request_id=req.id, detail={"resource": resource, "duration": format_duration(length),
                                                              "reason": req.reason})

@@ -83,6 +83,32 @@ async def test_deny_and_cancel(h: Harness) -> None:
     assert [r["id"] for r in body["requests"]] == [req["id"]]
 
 
+async def test_requests_are_seen_only_by_their_people_approvers_and_admins(h: Harness) -> None:
+    _, bobs = await h.call("POST", "/requests", "bob@example.com", json={"resource": "prod-db", "reason": "bob's"})
+    _, agents = await h.call("POST", "/requests", "ci-runner", json={"resource": "prod-db", "reason": "agent's"})
+    both = {bobs["id"], agents["id"]}
+    seen = {
+        "bob@example.com": {bobs["id"]},  # the requester
+        "alice@example.com": {agents["id"]},  # in the chain of ci-runner's request; not an approver of prod-db
+        "dana@example.com": both,  # an approver (dba)
+        "root@example.com": both,  # an admin
+        "carol@example.com": set(),  # eng, like bob, but neither requester nor approver
+        "migration-script": set(),  # another agent
+    }
+    for who, ids in seen.items():
+        status, body = await h.call("GET", "/requests", who)
+        assert status == 200 and {r["id"] for r in body["requests"]} == ids, who
+        for rid in both:
+            status, body = await h.call("GET", f"/requests/{rid}", who)
+            if rid in ids:
+                assert status == 200 and body["id"] == rid, who
+            else:  # as for grants: one not visible is not found, so ids cannot be probed
+                assert (status, body["error"]) == (404, "no_request"), who
+                assert "reason" not in body and "bob's" not in json.dumps(body)
+    status, body = await h.call("GET", "/requests?mine=true", "dana@example.com")
+    assert body["requests"] == []  # mine is still only mine
+
+
 async def test_grants_listing_visibility_and_revoke(h: Harness) -> None:
     _, req = await h.call("POST", "/requests", "ci-runner", json={"resource": "reports-db", "reason": "x"})
     _, appr = await h.call("POST", f"/requests/{req['id']}/approve", "bob@example.com")

@@ -12,8 +12,8 @@ import pytest
 
 from broker.clock import FakeClock
 from broker.identity import HttpFetcher, TokenVerifier, Unauthenticated
-from tests.api.conftest import api_config
-from tests.support.oidc import LocalIssuer
+from tests.api.conftest import AGENTS, api_config
+from tests.support.oidc import AUDIENCE, LocalIssuer
 
 
 @pytest.fixture
@@ -58,6 +58,38 @@ async def test_configured_agent_acts_for_a_human(issuer: LocalIssuer, verifier: 
 
 async def test_unknown_subject_without_email_is_refused(issuer: LocalIssuer, verifier: TokenVerifier) -> None:
     assert await refused(verifier, issuer.mint("client-unknown")) == "no_email"
+
+
+@pytest.mark.parametrize("verified", [False, None, "true", 1], ids=["false", "missing", "string", "one"])
+async def test_unverified_email_is_refused(issuer: LocalIssuer, verifier: TokenVerifier, verified: object) -> None:
+    # an IdP with self sign-up: anyone may claim root@example.com (a hoop admin) without owning it
+    token = issuer.mint("attacker", email="root@example.com", email_verified=verified)  # type: ignore[arg-type]
+    with pytest.raises(Unauthenticated) as exc:
+        await verifier.verify(token)
+    assert exc.value.code == "email_unverified" and exc.value.http_status == 401
+    assert "email_verified" in exc.value.message and "oidc.require_email_verified: false" in exc.value.message
+
+
+async def test_unverified_email_is_accepted_when_the_check_is_off(issuer: LocalIssuer, clock: FakeClock) -> None:
+    config = api_config(issuer.url, oidc={"issuer": issuer.url, "audience": AUDIENCE, "agents": AGENTS,
+                                          "require_email_verified": False})
+    default = api_config(issuer.url).oidc
+    assert default is not None and default.require_email_verified is True
+    fetcher = HttpFetcher()
+    try:
+        verifier = TokenVerifier(config, fetcher, clock)
+        for verified in (False, None):
+            who = await verifier.verify(issuer.mint("u1", email="bob@example.com", email_verified=verified))
+            assert who.email == "bob@example.com" and who.kind == "human"
+    finally:
+        await fetcher.close()
+
+
+async def test_agents_need_no_email_verified(issuer: LocalIssuer, verifier: TokenVerifier) -> None:
+    # a client-credentials token has no email at all; an agent is named by its configured subject
+    for email, verified in ((None, None), ("root@example.com", False)):
+        who = await verifier.verify(issuer.mint("client-ci-runner", email=email, email_verified=verified))
+        assert (who.kind, who.email) == ("agent", "ci-runner")
 
 
 async def test_expired_token(issuer: LocalIssuer, verifier: TokenVerifier, clock: FakeClock) -> None:

@@ -167,3 +167,24 @@ async def test_cli_request_then_collect_later_with_the_kept_key(pair: tuple[Harn
     await h.call("POST", f"/requests/{req['id']}/approve", "bob@example.com")
     result = await asyncio.to_thread(cli, "status", req["id"], "--collect", *conn)
     assert result.exit_code == 1 and "sealed to a pickup key" in result.stderr
+
+
+async def test_a_request_granted_at_once_is_sealed_at_issue(tmp_path: Path) -> None:
+    # no approval steps: the grant is issued inside POST /requests, so the pickup key must be stored by then
+    scratch = {"name": "scratch-db", "kind": "postgres", "address": "127.0.0.1:5432", "credential": {"env": "PGPW"},
+               "request": {"groups": ["eng"]}, "approval": []}
+    async with harness(f"sqlite+aiosqlite:///{tmp_path / 'hoop.db'}",
+                       config_overrides={"resources": [scratch]}) as h:
+        private, public = sealing.new_keypair()
+        status, req = await h.call("POST", "/requests", "ci-runner",
+                                   json={"resource": "scratch-db", "reason": "at once", "pickup_key": public})
+        assert status == 201 and req["status"] == "approved", req
+        async with h.store.engine.connect() as conn:
+            row = (await conn.execute(text("SELECT sealed FROM pickups WHERE request_id = :r"),
+                                      {"r": req["id"]})).one()
+        assert row[0] is not None  # sealed when issued, not left waiting for ever
+        status, cred = await h.call("POST", f"/requests/{req['id']}/credential", "ci-runner")
+        assert status == 200 and cred["secret"] is None and cred["sealed"], cred
+        opened = json.loads(sealing.unseal(private, cred["sealed"], req["id"]))
+        assert (await h.service.authenticate(cred["login"], opened["secret"], "scratch-db")).request_id == req["id"]
+        assert opened["secret"] not in await everything_stored(h.store)

@@ -245,3 +245,31 @@ async def test_malformed_commands_get_precise_ephemeral_usage(hoop: Hoop) -> Non
     assert "/hoop request <resource> <duration>" in json.loads(body)["text"]
     async with hoop.store.tx() as tx:
         assert await tx.list_requests() == []
+
+
+async def test_api_reason_cannot_ping_or_link_from_the_card(hoop: Hoop) -> None:
+    # an API (or agent) requester's text reaches Slack unescaped by Slack: hoop escapes it
+    from broker.model import Identity
+    from broker.policy import groups_of
+
+    bob = Identity(email="bob@example.com", groups=groups_of(hoop.config, "bob@example.com"))
+    req = await hoop.service.request(bob, "prod-db", "30m", "<!channel> routine, see <https://evil|runbook>")
+    await hoop.bot.drain()
+    _, ts = hoop.card()
+    card = json.dumps(hoop.fake.of("chat.postMessage")[0].params)
+    assert "&lt;!channel&gt; routine, see &lt;https://evil|runbook&gt;" in card
+    assert "<!channel>" not in card and "<https://evil" not in card
+    dana = Identity(email="dana@example.com", name="Dana", groups=groups_of(hoop.config, "dana@example.com"))
+    await hoop.service.deny(req.id, dana, "<!here> not now & not <https://x|ever>")
+    await hoop.bot.drain()
+    assert any("Denied by Dana: &lt;!here&gt; not now &amp; not &lt;https://x|ever&gt;" in t for t in hoop.thread(ts))
+    assert "&lt;!here&gt; not now" in _updates(hoop, ts)[-1]
+    assert "<!here>" not in "\n".join(json.dumps(c.params, default=str) for c in hoop.fake.calls)
+
+
+async def test_slash_command_text_is_kept_as_typed_and_escaped_once(hoop: Hoop) -> None:
+    # Slack sends "R&D <b>" typed in /hoop as "R&amp;D &lt;b&gt;"; hoop keeps the typed text
+    rid, _, _ = await _request(hoop, "request prod-db 30m R&amp;D &lt;b&gt; <!channel>")
+    assert (await _stored(hoop, rid)).reason == "R&D <b> <!channel>"
+    card = json.dumps(hoop.fake.of("chat.postMessage")[0].params["blocks"])
+    assert "R&amp;D &lt;b&gt; &lt;!channel&gt;" in card and "&amp;amp;" not in card

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from bot import views
 from bot.commands import Command, parse
 from bot.reactions import emoji_of
 from broker.errors import InvalidInput
-from broker.model import AccessRequest, Approval, Grant, GrantStatus, RequestStatus, StepSpec
+from broker.model import AccessRequest, Approval, Grant, GrantStatus, RequestStatus, Review, StepSpec
 
 NOW = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 
@@ -65,6 +66,45 @@ def test_card_shows_steps_status_and_buttons_only_while_pending() -> None:
                   expires_at=NOW + timedelta(minutes=30), ended_by="dana@example.com", ended_at=NOW)
     _, done = views.card(_req(status=RequestStatus.APPROVED), NOW, grant)
     assert "Revoked* by dana@example.com" in str(done) and views.APPROVE_ACTION not in str(done)
+
+
+def test_user_text_on_the_card_is_escaped_for_mrkdwn() -> None:
+    reason = "<!channel> routine\n*Approvals* see <https://evil|runbook> & co"
+    req = _req(reason=reason, requester="ci-runner", chain=("alice@example.com", "<!here>"),
+               status=RequestStatus.DENIED, decided_by="dana@example.com", decision_reason="no <@U0BOSS> a>b")
+    text, blocks = views.card(req, NOW)
+    flat = json.dumps(blocks, ensure_ascii=False)
+    assert "&lt;!channel&gt; routine" in flat and "&lt;https://evil|runbook&gt; &amp; co" in flat
+    assert "(chain: alice@example.com → &lt;!here&gt;)" in flat
+    assert "Denied* by dana@example.com: no &lt;@U0BOSS&gt; a&gt;b" in flat
+    assert "<!" not in flat + text and "<http" not in flat and "<@U0BOSS" not in flat
+    # ordinary text, mrkdwn the user meant, and hoop's own mention of a Slack requester are unchanged
+    plain = _req(reason="fix invoice 4411 *now* (see `INC-12`)", requester_slack_id="UALICE")
+    flat = json.dumps(views.card(plain, NOW)[1])
+    assert "fix invoice 4411 *now* (see `INC-12`)" in flat and "<@UALICE> requests" in flat
+
+
+@pytest.mark.parametrize("raw", ["", "plain", "<!channel>", "a & b", "&lt; already", "<https://x|y> && <<>>"])
+def test_escape_round_trips_and_leaves_no_markup(raw: str) -> None:
+    out = views.escape(raw)
+    assert "<" not in out and ">" not in out and views.unescape(out) == raw
+
+
+def test_escape_clipped_never_splits_an_entity() -> None:
+    for n in range(1, 40):
+        out = views.escape_clipped("<" * 50, n)
+        assert len(out) <= n and out == "&lt;" * (len(out) // 4)
+    assert views.escape_clipped("plain text", 5) == "plain"
+
+
+def test_review_statement_is_escaped_and_fits_a_section() -> None:
+    review = Review(id="v1", grant_id="g1", session_id="s1", resource="prod-db", rule="delete",
+                    text="SELECT '<!channel>' " + "<" * 3000, requested_by="<!here>", status="pending",
+                    created_at=NOW, deadline=NOW + timedelta(minutes=5))
+    text, blocks = views.review_message(review)
+    section = blocks[0]["text"]["text"]
+    assert len(section) <= 3000 and "&lt;!channel&gt;" in section and "*&lt;!here&gt;* wants" in section
+    assert "<!" not in json.dumps(blocks) + text
 
 
 def test_manifest_matches_the_bot() -> None:

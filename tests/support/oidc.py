@@ -66,13 +66,16 @@ class LocalIssuer:
     def mint(self, sub: str, *, email: str | None = None, groups: list[str] | None = None,
              audience: str | None = None, expires_in: timedelta = timedelta(minutes=10),
              issuer: str | None = None, key: ECKey | None = None, kid: str | None = None,
-             **extra: Any) -> str:
-        """A signed token. ``key`` signs (default: the newest); ``kid`` overrides the header's kid."""
+             email_verified: bool | None = True, **extra: Any) -> str:
+        """A signed token. ``key`` signs (default: the newest); ``kid`` overrides the header's kid.
+        With an ``email``, the token says ``email_verified`` as given (``None`` leaves the claim out)."""
         now = int(self.clock.now().timestamp())
         claims: dict[str, Any] = {"iss": issuer or self.url, "sub": sub, "aud": audience or self.audience,
                                   "iat": now, "exp": now + int(expires_in.total_seconds()), **extra}
         if email is not None:
             claims["email"] = email
+            if email_verified is not None:
+                claims["email_verified"] = email_verified
         if groups is not None:
             claims["groups"] = groups
         signer = key or self.keys[-1]
