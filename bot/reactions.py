@@ -97,7 +97,8 @@ class Approvals:
     @staticmethod
     def _why(exc: HoopError, request_id: str, gesture: str) -> str:
         if isinstance(exc, Denied) and exc.code == "duplicate":
-            return f"You have already approved `{request_id}`; each person counts once."
+            # the message names who already counts: you, or you through one of your agents
+            return f"Your {gesture} on `{request_id}` does not count: {exc.message}."
         if isinstance(exc, Conflict):
             return f"{gesture} on `{request_id}` changes nothing: {exc.message}."
         return f"Your {gesture} on `{request_id}` does not count: {exc.message}."

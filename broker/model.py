@@ -66,12 +66,21 @@ class StepSpec:
 @dataclass
 class Approval:
     """One person's approval. ``groups`` are the approver groups they belonged to when they
-    approved; which step slot they fill is decided by matching (see ``policy.assign``)."""
+    approved; which step slot they fill is decided by matching (see ``policy.assign``).
+    ``chain`` is the approver's chain of identities: for an agent it starts with the human it
+    acts for, so that human counts once however many of their agents approve. Approvals stored
+    before hoop recorded it have an empty chain and stand for their approver alone."""
 
     approver: str
     groups: tuple[str, ...]
     at: datetime
     via: str = "slack"
+    chain: tuple[str, ...] = ()
+
+    @property
+    def principals(self) -> frozenset[str]:
+        """Everyone this approval speaks for, lower-cased: the approver and their chain."""
+        return frozenset(c.lower() for c in (*self.chain, self.approver))
 
 
 @dataclass

@@ -4,6 +4,10 @@ Quorum is a matching problem: every step ``{from: G, count: N}`` is N slots; eac
 may fill at most one slot, in any step whose group they belonged to when they approved.
 A request is met when a matching fills every slot. Bipartite matching (augmenting paths)
 decides it, so a person in two groups is placed where they help most, and counts once.
+
+A person is everyone in their chain (:func:`principals`): an agent acting for alice speaks for
+alice too, so it may not approve a request alice is behind, and alice and her agents fill one
+slot between them.
 """
 
 from __future__ import annotations
@@ -121,26 +125,49 @@ def fill(steps: Sequence[StepSpec], approvals: Sequence[Approval]) -> list[StepF
     return out
 
 
+def principals(who: Identity) -> frozenset[str]:
+    """Everyone ``who`` speaks for, lower-cased: their own name and their whole chain. For an
+    agent that includes the human it acts for; for a sub-agent, every hop that delegated to it."""
+    return frozenset(c.lower() for c in (*who.chain, who.email))
+
+
+def _people(names: Iterable[str]) -> str:
+    return ", ".join(sorted(names))
+
+
 def assign(request: AccessRequest, who: Identity) -> tuple[str, ...]:
     """Check that ``who`` may approve ``request`` now; return their eligible groups.
 
     Raises :class:`Denied` with the reason a person should be told: self-approval, acting
-    for the requester, not in any step's group, already approved, or not needed because
-    the steps they could fill are full.
+    for the requester or anyone in the request's chain, not in any step's group, already
+    approved (by them, or for the same human through an agent), or not needed because the
+    steps they could fill are full. People are compared by :func:`principals`, so a human and
+    the agents acting for them count as one approver.
     """
     email = who.email.lower()
     if email == request.requester.lower():
         raise Denied("you cannot approve your own request", code="self_approval")
-    if email in (c.lower() for c in request.chain):
+    behind = {request.requester.lower(), *(c.lower() for c in request.chain)}
+    if email in behind:
         raise Denied("you are in this request's chain of identities, so you cannot approve it", code="in_chain")
+    mine = principals(who)
+    if shared := mine & behind:
+        raise Denied(f"you act for {_people(shared)}, who is behind this request, so you cannot approve it",
+                     code="in_chain")
     eligible = tuple(s.group for s in request.steps if s.group in who.groups)
     if not eligible:
         groups = ", ".join(sorted({s.group for s in request.steps})) or "nobody"
         raise Denied(f"only members of {groups} can approve this request", code="not_approver")
-    if any(a.approver.lower() == email for a in request.approvals):
-        raise Denied("you have already approved this request; each person counts once", code="duplicate")
+    for a in request.approvals:
+        if a.approver.lower() == email:
+            raise Denied("you have already approved this request; each person counts once", code="duplicate")
+        if shared := mine & a.principals:
+            counted = (f"{a.approver} has already approved this request and you act for them"
+                       if a.approver.lower() in shared else f"{_people(shared)} already counts through {a.approver}")
+            raise Denied(f"{counted}; each person counts once, whether they approve themselves or through an agent",
+                         code="duplicate")
     before = len(match(request.steps, request.approvals))
-    trial = [*request.approvals, Approval(approver=email, groups=eligible, at=request.created_at)]
+    trial = [*request.approvals, Approval(approver=email, groups=eligible, at=request.created_at, chain=who.chain)]
     if len(match(request.steps, trial)) == before:
         raise Denied("the steps you can fill are already filled by others", code="not_needed")
     return eligible

@@ -68,13 +68,26 @@ class Reviews:
 
     async def decide(self, review_id: str, who: Identity, allow: bool) -> Review:
         """An eligible approver (a member of one of the resource's approval groups, or an admin)
-        who is not the one asking decides. Raises :class:`Denied` otherwise."""
+        who is not behind the statement decides. Raises :class:`Denied` otherwise.
+
+        Behind it are the grant's holder and its whole chain: the human an agent acts for, and
+        everyone who delegated to a sub-agent. They are compared with everyone ``who`` speaks
+        for (:func:`policy.principals`), so nobody allows their own statement through an agent.
+        """
         async with self.service.store.tx() as tx:
             review = await tx.get_review(review_id)
+            grant = await tx.get_grant(review.grant_id) if review is not None else None
         if review is None:
             raise NotFound(f"no review {review_id!r}", code="no_review")
         if who.email.lower() == review.requested_by.lower():
             raise Denied("you cannot review your own statement", code="self_approval")
+        behind = {review.requested_by.lower()}
+        if grant is not None:
+            behind |= {grant.identity.lower(), *(c.lower() for c in grant.chain)}
+        if shared := policy.principals(who) & behind:
+            raise Denied(f"{', '.join(sorted(shared))} is behind this statement's grant "
+                         f"({grant.chain_text() if grant else review.requested_by}), so you cannot review it",
+                         code="in_chain")
         config = self.service.config
         if not policy.is_approver_of(config, who, review.resource) and not policy.is_admin(config, who):
             raise Denied(f"only approvers of {review.resource} can decide this review", code="not_approver")

@@ -149,7 +149,7 @@ class Service:
             if now >= req.lapses_at:
                 raise Conflict(f"request {req.id} has lapsed", code="lapsed")
             groups = policy.assign(req, who)
-            approval = Approval(approver=who.email.lower(), groups=groups, at=now, via=via)
+            approval = Approval(approver=who.email.lower(), groups=groups, at=now, via=via, chain=who.chain)
             await tx.add_approval(req.id, approval)
             req.approvals.append(approval)
             await tx.append_audit(at=now, actor=who.email, chain=who.chain, action="request.approval",

@@ -151,7 +151,7 @@ class Tx:
         for row in rows:
             m = row._mapping
             out[m["request_id"]].append(Approval(approver=m["approver"], groups=tuple(m["groups"]),
-                                                 at=m["at"], via=m["via"]))
+                                                 at=m["at"], via=m["via"], chain=tuple(m["chain"] or ())))
         return out
 
     async def get_request(self, request_id: str, *, lock: bool = False) -> AccessRequest | None:
@@ -178,7 +178,8 @@ class Tx:
 
     async def add_approval(self, request_id: str, a: Approval) -> None:
         await self.conn.execute(insert(t.approvals).values(
-            request_id=request_id, approver=a.approver, groups=list(a.groups), at=a.at, via=a.via))
+            request_id=request_id, approver=a.approver, groups=list(a.groups), at=a.at, via=a.via,
+            chain=list(a.chain)))
 
     async def remove_approval(self, request_id: str, approver: str) -> bool:
         res = await self.conn.execute(delete(t.approvals).where(

@@ -77,6 +77,8 @@ approvals = Table(
     Column("groups", JSON, nullable=False),
     Column("at", UtcDateTime, nullable=False),
     Column("via", String(16), nullable=False),
+    # the approver's chain of identities (migration 0005); NULL on rows written before it
+    Column("chain", JSON),
     UniqueConstraint("request_id", "approver", name="uq_approvals_request_approver"),
 )
 

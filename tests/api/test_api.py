@@ -57,6 +57,15 @@ async def test_agent_request_chain_approval_rules_and_pickup(hh: Harness) -> Non
     assert status == 200 and body["status"] == "approved" and body["steps"][0]["approvers"] == ["bob@example.com"]
 
 
+async def test_an_agent_cannot_approve_for_the_human_it_acts_for(h: Harness) -> None:
+    _, req = await h.call("POST", "/requests", "alice@example.com", json={"resource": "reports-db", "reason": "x"})
+    status, body = await h.call("POST", f"/requests/{req['id']}/approve", "ci-runner")  # acts for alice
+    assert (status, body["error"]) == (403, "in_chain") and "alice@example.com" in body["message"]
+    status, body = await h.call("POST", f"/requests/{req['id']}/approve", "stranger-bot")  # acts for nobody here
+    assert status == 200 and body["granted"] is True
+    assert body["request"]["approvals"][0]["approver"] == "stranger-bot"
+
+
 async def test_approval_arriving_elsewhere_reaches_the_api_requester(h: Harness) -> None:
     _, req = await h.call("POST", "/requests", "ci-runner", json={"resource": "reports-db", "reason": "x"})
     status, body = await h.call("POST", f"/requests/{req['id']}/credential", "ci-runner")

@@ -13,14 +13,15 @@ import pytest
 
 from broker.clock import FakeClock
 from broker.events import GrantIssued
-from broker.model import RequestStatus
+from broker.model import Identity, RequestStatus
 from broker.scheduler import Scheduler
 from tests.bot.harness import Hoop
 from tests.support.fakeslack import FakeSlack
 
 
-async def _request(hoop: Hoop, text: str = "request prod-db 30m fix invoice 4411") -> tuple[str, str, str]:
-    status, _ = await hoop.command(text)
+async def _request(hoop: Hoop, text: str = "request prod-db 30m fix invoice 4411",
+                   user: str = "UALICE") -> tuple[str, str, str]:
+    status, _ = await hoop.command(text, user=user)
     assert status == 200
     channel, ts = hoop.card()
     async with hoop.store.tx() as tx:
@@ -119,6 +120,32 @@ async def test_one_person_in_both_groups_counts_once_and_double_click_counts_onc
     assert req.status is RequestStatus.APPROVED
     assert len(hoop.recorder.of(GrantIssued)) == 1
     assert len(hoop.ephemerals("UDANA")) == 1
+
+
+async def test_a_human_and_their_agent_count_once_and_never_review_their_own(hoop: Hoop) -> None:
+    dana_bot = Identity(email="dana-bot", kind="agent", acts_for="dana@example.com", groups=frozenset({"eng", "dba"}))
+    rid, channel, ts = await _request(hoop, user="UBOB")
+    await hoop.service.approve(rid, dana_bot, via="api")  # dana's agent fills the dba slot over the API
+    await hoop.react("UDANA", channel, ts)
+    notes = hoop.ephemerals("UDANA")
+    assert len(notes) == 1 and "dana@example.com already counts through dana-bot;" in notes[0]
+    assert [a.approver for a in (await _stored(hoop, rid)).approvals] == ["dana-bot"]
+
+    # the agent's own request: dana may neither approve it nor allow its held statement
+    agent_req = await hoop.service.request(dana_bot, "prod-db", "30m", "nightly cleanup")
+    await hoop.click("hoop_approve", agent_req.id, "UDANA", channel, ts)
+    assert "you are in this request's chain" in hoop.ephemerals("UDANA")[-1]
+    await hoop.service.approve(agent_req.id, Identity(email="erin@example.com", groups=frozenset({"dba"})))
+    result = await hoop.service.approve(agent_req.id, Identity(email="sam@example.com", groups=frozenset({"security"})))
+    assert result.grant is not None and result.grant.chain == ("dana@example.com", "dana-bot")
+    review = await hoop.reviews.open(session_id="s1", grant=result.grant, resource="prod-db",
+                                     text="DELETE FROM orders", rule="deletes", timeout=timedelta(minutes=5))
+    await hoop.click("hoop_review_allow", review.id, "UDANA", channel, ts)
+    assert "is behind this statement's grant (dana@example.com → dana-bot)" in hoop.ephemerals("UDANA")[-1]
+    await hoop.click("hoop_review_allow", review.id, "UERIN", channel, ts)
+    async with hoop.store.tx() as tx:
+        stored = await tx.get_review(review.id)
+    assert stored is not None and stored.status == "allowed" and stored.decided_by == "erin@example.com"
 
 
 async def test_deny_with_reason_via_modal(hoop: Hoop) -> None:

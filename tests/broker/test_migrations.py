@@ -11,13 +11,15 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import JSON, Integer, LargeBinary, String, column, insert, select, table
 
-from broker import eventlines
+from broker import eventlines, policy
+from broker.errors import Denied
+from broker.model import AccessRequest, Identity, RequestStatus, StepSpec
 from broker.store import Store
 from broker.store import tables as t
 from broker.store.migrate import current, downgrade, upgrade
 from tests.support.pgcluster import PgCluster
 
-HEAD = "0004"
+HEAD = "0005"
 
 
 async def test_migrations_match_the_tables(store: Store) -> None:
@@ -173,5 +175,58 @@ async def test_0004_packs_long_chunks_reads_both_forms_and_unpacks_on_downgrade(
             rows = (await conn.execute(select(old).order_by(old.c.session_id, old.c.first_seq))).all()
         assert [r.lines for r in rows if r.session_id == "s_a"] == [old_text, long_text, short_text]
         assert "".join(r.lines for r in rows if r.session_id == "s_b") == "".join(c[3] for c in many)
+    finally:
+        await store.close()
+
+
+_OLD_APPROVALS = table("approvals", column("request_id", String), column("approver", String),
+                       column("groups", JSON), column("at", t.UtcDateTime()), column("via", String))
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def test_0005_fills_pending_approvals_chains_from_the_audit_log(dialect: str, tmp_path: Any,
+                                                                       request: pytest.FixtureRequest) -> None:
+    if dialect == "sqlite":
+        url = f"sqlite+aiosqlite:///{tmp_path / 'chains.db'}"
+    else:
+        pg: PgCluster = request.getfixturevalue("pg")
+        url = pg.sqlalchemy_url(pg.create_database("chains"))
+    store = Store.from_url(url)
+    at = datetime(2026, 12, 2, 9, 0, tzinfo=UTC)
+    agent_chain = ("alice@example.com", "ci-runner")
+
+    def req(rid: str, status: RequestStatus) -> AccessRequest:
+        return AccessRequest(id=rid, resource="reports-db", requester="bob@example.com", chain=("bob@example.com",),
+                             duration=timedelta(minutes=30), reason="x", status=status, created_at=at,
+                             lapses_at=at + timedelta(hours=1), steps=(StepSpec("eng", 2),))
+
+    try:
+        await upgrade(store.engine, "0004")
+        async with store.tx() as tx:  # as the code before 0005 left them: the chain only in the audit log
+            for rid, status in (("r_pending", RequestStatus.PENDING), ("r_done", RequestStatus.APPROVED)):
+                await tx.insert_request(req(rid, status))
+                await tx.append_audit(at=at, actor="ci-runner", chain=agent_chain, action="request.approval",
+                                      request_id=rid, detail={})
+                await tx.append_audit(at=at, actor="Carol@Example.com", chain=("Carol@Example.com",),
+                                      action="request.approval", request_id=rid, detail={})
+        async with store.engine.begin() as conn:
+            await conn.execute(insert(_OLD_APPROVALS), [
+                {"request_id": rid, "approver": who, "groups": ["eng"], "at": at, "via": "api"}
+                for rid in ("r_pending", "r_done") for who in ("ci-runner", "carol@example.com")])
+        await store.migrate()
+        assert await current(store.engine) == HEAD
+        async with store.tx() as tx:
+            pending, done = await tx.get_request("r_pending"), await tx.get_request("r_done")
+        assert pending is not None and done is not None
+        assert [a.chain for a in pending.approvals] == [agent_chain, ("Carol@Example.com",)]
+        assert [a.chain for a in done.approvals] == [(), ()]  # decided: left NULL, read as the approver alone
+        pending.approvals = pending.approvals[:1]
+        with pytest.raises(Denied) as exc:  # alice already counts through her agent's approval
+            policy.assign(pending, Identity(email="alice@example.com", groups=frozenset({"eng"})))
+        assert exc.value.code == "duplicate"
+
+        await downgrade(store.engine, "0004")
+        async with store.engine.connect() as conn:
+            assert len((await conn.execute(select(_OLD_APPROVALS.c.approver))).all()) == 4
     finally:
         await store.close()

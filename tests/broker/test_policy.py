@@ -26,7 +26,11 @@ def req(steps: tuple[StepSpec, ...], requester: str = "alice@example.com") -> Ac
 
 def approve(r: AccessRequest, identity: Identity) -> None:
     groups = policy.assign(r, identity)
-    r.approvals.append(Approval(approver=identity.email, groups=groups, at=T0))
+    r.approvals.append(Approval(approver=identity.email, groups=groups, at=T0, chain=identity.chain))
+
+
+def agent(name: str, acts_for: str, *groups: str) -> Identity:
+    return Identity(email=name, kind="agent", acts_for=acts_for, groups=frozenset(groups))
 
 
 def test_and_of_groups_needs_each(config: HoopConfig) -> None:
@@ -86,6 +90,55 @@ def test_outsider_and_chain_refused(config: HoopConfig) -> None:
     with pytest.raises(Denied) as exc:
         approve(agent_req, who(config, "dana@example.com"))
     assert exc.value.code == "in_chain"
+
+
+def test_agent_cannot_approve_for_its_human(config: HoopConfig) -> None:
+    r = req((StepSpec("eng", 1),), requester="alice@example.com")
+    with pytest.raises(Denied) as exc:
+        approve(r, agent("ci-runner", "alice@example.com", "eng"))
+    assert exc.value.code == "in_chain" and "alice@example.com" in exc.value.message
+    # nor for anyone in an agent request's chain, through another agent of theirs
+    agent_req = req((StepSpec("eng", 1),), requester="ci-runner")
+    agent_req.chain = ("alice@example.com", "ci-runner")
+    with pytest.raises(Denied) as exc:
+        approve(agent_req, agent("alice-bot", "Alice@Example.com", "eng"))
+    assert exc.value.code == "in_chain"
+    assert agent_req.approvals == [] and r.approvals == []
+
+
+@pytest.mark.parametrize("first, second", [
+    ("human", "agent"),   # alice, then her agent
+    ("agent", "human"),   # her agent, then alice
+    ("agent", "agent2"),  # two agents acting for alice
+])
+def test_one_human_counts_once_through_agents(config: HoopConfig, first: str, second: str) -> None:
+    people = {"human": Identity(email="alice@example.com", groups=frozenset({"eng"})),
+              "agent": agent("ci-runner", "alice@example.com", "eng"),
+              "agent2": agent("nightly-bot", "ALICE@example.com", "eng")}
+    r = req((StepSpec("eng", 2),), requester="bob@example.com")
+    approve(r, people[first])
+    with pytest.raises(Denied) as exc:
+        approve(r, people[second])
+    assert exc.value.code == "duplicate" and "alice@example.com" in exc.value.message.lower()
+    assert [a.approver for a in r.approvals] == [people[first].email]
+    assert not policy.is_met(r.steps, r.approvals)
+
+
+def test_different_humans_and_their_agents_still_count(config: HoopConfig) -> None:
+    r = req((StepSpec("eng", 3),), requester="bob@example.com")
+    approve(r, Identity(email="carol@example.com", groups=frozenset({"eng"})))
+    approve(r, agent("ci-runner", "alice@example.com", "eng"))  # acts for someone else: counts
+    assert not policy.is_met(r.steps, r.approvals)
+    approve(r, agent("stranger-bot", "dave@example.com", "eng"))
+    assert policy.is_met(r.steps, r.approvals)
+
+
+def test_approvals_stored_before_chains_count_as_their_approver(config: HoopConfig) -> None:
+    r = req((StepSpec("eng", 2),), requester="bob@example.com")
+    r.approvals.append(Approval(approver="alice@example.com", groups=("eng",), at=T0))  # no chain recorded
+    with pytest.raises(Denied) as exc:
+        approve(r, agent("ci-runner", "alice@example.com", "eng"))
+    assert exc.value.code == "duplicate"
 
 
 def test_duration_caps(config: HoopConfig) -> None:

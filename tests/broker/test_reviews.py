@@ -1,0 +1,79 @@
+"""Statement reviews: nobody behind a grant (its holder, the human an agent acts for, whoever
+delegated it) may allow its held statement; another approver of the resource may."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+
+from broker import policy
+from broker.config import HoopConfig, parse_config
+from broker.delegation import delegate
+from broker.errors import Denied
+from broker.model import Grant, Identity
+from broker.reviews import Reviews
+from broker.service import Service
+from tests.conftest import base_config
+
+
+@pytest.fixture
+def config() -> HoopConfig:
+    data = base_config()
+    data["groups"]["dba"]["members"] = ["dana@example.com", "erin@example.com", "alice@example.com"]
+    return parse_config(data)  # alice both requests (eng) and approves (dba) prod-db
+
+
+def who(config: HoopConfig, email: str) -> Identity:
+    return Identity(email=email, groups=policy.groups_of(config, email))
+
+
+def agent(name: str, acts_for: str, *groups: str) -> Identity:
+    return Identity(email=name, kind="agent", acts_for=acts_for, groups=frozenset(groups))
+
+
+async def granted(service: Service, config: HoopConfig, requester: Identity) -> Grant:
+    req = await service.request(requester, "prod-db", "1h", "nightly fix")
+    await service.approve(req.id, who(config, "dana@example.com"))
+    result = await service.approve(req.id, who(config, "sam@example.com"))
+    assert result.grant is not None
+    return result.grant
+
+
+async def held(reviews: Reviews, grant: Grant) -> str:
+    review = await reviews.open(session_id="s1", grant=grant, resource="prod-db", text="DELETE FROM orders",
+                                rule="deletes", timeout=timedelta(minutes=5))
+    return review.id
+
+
+async def test_human_cannot_allow_their_agents_statement(service: Service, config: HoopConfig) -> None:
+    grant = await granted(service, config, agent("ci-runner", "alice@example.com", "eng"))
+    assert grant.chain == ("alice@example.com", "ci-runner")
+    reviews = Reviews(service)
+    review_id = await held(reviews, grant)
+    for decider in (who(config, "alice@example.com"), agent("alice-bot", "Alice@Example.com", "dba")):
+        with pytest.raises(Denied) as exc:
+            await reviews.decide(review_id, decider, True)
+        assert exc.value.code == "in_chain" and "alice@example.com" in exc.value.message.lower()
+    decided = await reviews.decide(review_id, who(config, "erin@example.com"), True)
+    assert decided.status == "allowed" and decided.decided_by == "erin@example.com"
+
+
+async def test_delegator_cannot_allow_the_sub_agents_statement(service: Service, config: HoopConfig) -> None:
+    alice = who(config, "alice@example.com")
+    parent = await granted(service, config, alice)
+    child, _ = await delegate(service, parent, alice, ["prod-db"], None, "migration-script")
+    assert child.chain == ("alice@example.com", "migration-script") and child.identity == "migration-script"
+    reviews = Reviews(service)
+    review_id = await held(reviews, child)
+    with pytest.raises(Denied) as exc:
+        await reviews.decide(review_id, alice, True)
+    assert exc.value.code == "in_chain"
+    own = await held(reviews, parent)
+    with pytest.raises(Denied) as exc:
+        await reviews.decide(own, alice, True)
+    assert exc.value.code == "self_approval"
+    # an agent acting for someone else entirely may decide, as any approver may
+    decided = await reviews.decide(review_id, agent("dba-bot", "dana@example.com", "dba"), False)
+    assert decided.status == "refused"
+    assert (await reviews.decide(own, who(config, "dana@example.com"), True)).status == "allowed"
