@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import time
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -245,3 +246,24 @@ async def test_malformed_commands_get_precise_ephemeral_usage(hoop: Hoop) -> Non
     assert "/hoop request <resource> <duration>" in json.loads(body)["text"]
     async with hoop.store.tx() as tx:
         assert await tx.list_requests() == []
+
+
+async def test_second_extension_refused_and_an_overrun_reported(hoop: Hoop, clock: FakeClock) -> None:
+    rid, channel, ts = await _request(hoop, "request prod-db 4h backfill")
+    await hoop.react("UDANA", channel, ts)
+    await hoop.click("hoop_approve", rid, "USAM", channel, ts)
+    gid = (await _stored(hoop, rid)).grant_id
+    clock.advance(timedelta(hours=1))
+    await hoop.command(f"extend {gid} 1h")
+    await hoop.command(f"extend {gid} 1h")  # a second one while the first is pending
+    assert any("already has a pending extension request" in r for r in hoop.responses())
+    async with hoop.store.tx() as tx:
+        first = await tx.pending_extension(gid, clock.now())
+        assert first is not None
+        await tx.insert_request(replace(first, id="rolder"))  # one made before the pending check
+    for ext in (first.id, "rolder"):
+        await hoop.command(f"approve {ext}", user="UDANA")
+        await hoop.command(f"approve {ext}", user="USAM")
+    assert (await _stored(hoop, "rolder")).status is RequestStatus.DENIED
+    assert any("hoop refused it: extension would leave more than prod-db's maximum of 4h" in r
+               for r in hoop.responses())
