@@ -122,6 +122,10 @@ class Commands:
         result = await self.service.approve(cmd.args[0], who, via="command")
         if result.grant is not None:
             return f"Approved `{result.request.id}`: the quorum is met and access is granted."
+        if result.request.status is RequestStatus.DENIED:  # an extension that no longer fits
+            return f"Approved `{result.request.id}`, but hoop refused it: {result.request.decision_reason}."
+        if result.request.status is RequestStatus.APPROVED:
+            return f"Approved `{result.request.id}`: the quorum is met."
         return f"Approved `{result.request.id}`; more approvals are still needed."
 
     async def _deny(self, cmd: Command, who: Identity) -> str:

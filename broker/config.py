@@ -331,6 +331,8 @@ class Oidc(_Model):
 
 class Delegation(_Model):
     max_depth: int = Field(default=3, ge=0, le=10)
+    #: live (active, unexpired) children one grant may have at once; more are refused
+    max_children: int = Field(default=100, ge=1, le=10_000)
 
 
 class Transcripts(_Model):

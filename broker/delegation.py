@@ -1,14 +1,16 @@
 """Nested agents: a grant holder hands a sub-agent a credential that can only narrow.
 
 A child grant's resources are a subset of its parent's, it expires no later than its parent,
-and its depth stays within ``delegation.max_depth``. Its chain is the parent's chain plus the
+its depth stays within ``delegation.max_depth``, and no grant has more than
+``delegation.max_children`` live children at once. Its chain is the parent's chain plus the
 child's label (``alice → ci-runner → migration-script``), so every audit entry and session of
-the child names every hop behind it. An attempt to widen, lengthen or deepen is refused with
-:class:`Denied` (HTTP 403) *and* leaves a ``grant.delegation_refused`` audit entry.
+the child names every hop behind it. An attempt to widen, lengthen, deepen or fan out too far
+is refused with :class:`Denied` (HTTP 403) *and* leaves a ``grant.delegation_refused`` audit
+entry.
 
 The child gets its own login and secret and is an ordinary grant to the proxies: the Gate
-checks any grant. Revoking or expiring a parent ends its children (``Service._end`` walks
-them), and a child's own expiry is scheduled from the :class:`GrantIssued` event.
+checks any grant. Revoking or expiring a parent ends all its descendants (``Service._end``
+walks them), and a child's own expiry is scheduled from the :class:`GrantIssued` event.
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ async def delegate(service: Service, parent: Grant, who: Identity, resources: Se
                                 "duration": format_duration(length) if length else None}
     now = service.clock.now()
     max_depth = service.config.delegation.max_depth
+    max_children = service.config.delegation.max_children
 
     async with service.store.tx() as tx:
         fresh = await tx.get_grant(parent.id, lock=True)
@@ -96,6 +99,9 @@ async def delegate(service: Service, parent: Grant, who: Identity, resources: Se
         elif parent.depth + 1 > max_depth:
             refusal = ("too_deep", f"delegation depth is limited to {max_depth}; grant {parent.id} is at depth "
                                    f"{parent.depth}")
+        elif await tx.live_children(parent.id, now) >= max_children:  # counted under the parent's row lock
+            refusal = ("too_many_children", f"grant {parent.id} already has {max_children} live delegated grants, "
+                                            "the most delegation.max_children allows; revoke one first")
         if refusal is None:
             req = await service.request_for(tx, parent)
             secret = credentials.mint_secret()

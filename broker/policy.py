@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from broker.config import ApprovalStep, HoopConfig
 from broker.duration import format_duration, parse_duration
@@ -70,6 +70,19 @@ def resolve_duration(config: HoopConfig, resource_name: str, text: str | None) -
             code="too_long",
         )
     return duration
+
+
+def extension_overrun(config: HoopConfig, grant: Grant, length: timedelta, now: datetime) -> str | None:
+    """Why extending ``grant`` by ``length`` at ``now`` would leave more than its resource's
+    ``max_duration``, or ``None`` when it fits. Checked when an extension is asked and again
+    when it is approved, since the grant may have been extended in between."""
+    res = config.resource(grant.resources[0])
+    if res is None:
+        return f"unknown resource {grant.resources[0]!r}"
+    limit = res.request.max_duration
+    if length > limit or grant.expires_at + length - now > limit:
+        return f"extension would leave more than {res.name}'s maximum of {format_duration(limit)}"
+    return None
 
 
 def check_reason(config: HoopConfig, resource_name: str, reason: str) -> None:

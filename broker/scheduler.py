@@ -1,4 +1,5 @@
-"""Deadlines: lapse pending requests, send reminders, expire grants.
+"""Deadlines: lapse pending requests, send reminders, expire grants; and decide any request
+whose quorum was met but which was left pending.
 
 :meth:`Scheduler.run_due` is the whole logic: it reads the store, compares with the
 ``Clock`` and acts. Tests advance a fake clock and call it; they never sleep. In production
@@ -18,6 +19,7 @@ from datetime import datetime, timedelta
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
+from broker import policy
 from broker.clock import Clock
 from broker.errors import HoopError
 from broker.events import Event, GrantExtended, GrantIssued, RequestCreated
@@ -30,16 +32,20 @@ log = logging.getLogger(__name__)
 @dataclass
 class DueReport:
     lapsed: list[str] = field(default_factory=list)
+    #: met requests left pending (their approver's process stopped before deciding), now decided
+    decided: list[str] = field(default_factory=list)
     expired: list[str] = field(default_factory=list)
     reminded: list[str] = field(default_factory=list)
 
 
 class Scheduler:
     def __init__(self, service: Service, clock: Clock, *, sweep_every: timedelta = timedelta(seconds=15),
-                 leader: Callable[[], bool] = lambda: True) -> None:
+                 settle_after: timedelta = timedelta(seconds=30), leader: Callable[[], bool] = lambda: True) -> None:
         self.service = service
         self.clock = clock
         self.sweep_every = sweep_every
+        #: how long a met request is left to the approval that met it before the scheduler decides it
+        self.settle_after = settle_after
         #: with several replicas only the leader acts on deadlines (see broker/fanout.py)
         self.leader = leader
         self._aps: AsyncIOScheduler | None = None
@@ -52,7 +58,19 @@ class Scheduler:
             pending = await tx.list_requests(status=RequestStatus.PENDING, limit=100_000)
             active = await tx.list_grants(status=GrantStatus.ACTIVE, limit=100_000)
         for req in pending:
-            if req.lapses_at <= now:
+            if policy.is_met(req.steps, req.approvals):
+                # approved, but the process that took the last approval may have stopped before
+                # deciding. Give it settle_after to decide itself, then decide it here (exactly
+                # once, under the request's lock), and never lapse it.
+                last = max((a.at for a in req.approvals), default=req.created_at)
+                if now < req.lapses_at and now - last < self.settle_after:
+                    continue
+                try:
+                    if (await self.service.decide_met(req.id)).request.status is not RequestStatus.PENDING:
+                        report.decided.append(req.id)
+                except HoopError as exc:
+                    log.warning("deciding %s failed: %s", req.id, exc)
+            elif req.lapses_at <= now:
                 try:
                     await self.service.lapse(req.id)
                     report.lapsed.append(req.id)
@@ -61,8 +79,8 @@ class Scheduler:
         for grant in sorted(active, key=lambda g: g.depth):
             if grant.expires_at <= now:
                 try:
-                    await self.service.expire(grant.id)
-                    report.expired.append(grant.id)
+                    if (await self.service.expire(grant.id)).status is GrantStatus.EXPIRED:
+                        report.expired.append(grant.id)  # not when it was extended since the read above
                 except HoopError as exc:  # ended meanwhile, e.g. with its parent
                     log.debug("expiry of %s skipped: %s", grant.id, exc)
             elif grant.reminded_at is None and grant.parent_id is None and now >= self._remind_at(grant.resources[0],

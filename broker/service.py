@@ -41,6 +41,8 @@ from broker.store import Store, Tx
 log = logging.getLogger(__name__)
 _ID = "abcdefghijkmnpqrstuvwxyz23456789"
 SYSTEM = Identity(email="hoop", name="hoop", chain=("hoop",))
+#: children read per query while a revoke or expiry cascades (memory stays bounded by depth x page)
+_CASCADE_PAGE = 500
 
 
 def new_id(prefix: str) -> str:
@@ -167,10 +169,19 @@ class Service:
             req = await self._get_request(tx, request_id, lock=True)
             if req.status is not RequestStatus.PENDING or not policy.is_met(req.steps, req.approvals):
                 return ApproveResult(request=req)  # another approval got here first
-            req.status = lifecycle.step(lifecycle.REQUEST, req.status, "approve", what="request")
-            req.decided_at, req.decided_by = now, who.email
-            if req.extends_grant:
-                grant = await self._get_grant(tx, req.extends_grant, lock=True)
+            grant = await self._get_grant(tx, req.extends_grant, lock=True) if req.extends_grant else None
+            refusal = self._cannot_extend(grant, req.duration, now) if grant is not None else None
+            if refusal is not None:
+                req.status = lifecycle.step(lifecycle.REQUEST, req.status, "deny", what="request")
+                req.decided_at, req.decided_by, req.decision_reason = now, SYSTEM.email, refusal
+                await tx.update_request(req)
+                await tx.append_audit(at=now, actor=SYSTEM.email, chain=SYSTEM.chain, action="request.denied",
+                                      request_id=req.id, grant_id=req.extends_grant, detail={"reason": refusal})
+                result = ApproveResult(request=req)
+                events.append(RequestDenied(request=req, by=SYSTEM, reason=refusal))
+            elif grant is not None:
+                req.status = lifecycle.step(lifecycle.REQUEST, req.status, "approve", what="request")
+                req.decided_at, req.decided_by = now, who.email
                 req.grant_id = grant.id
                 await tx.update_request(req)
                 await tx.append_audit(at=now, actor=who.email, chain=who.chain, action="request.approved",
@@ -179,6 +190,8 @@ class Service:
                 events.append(GrantExtended(grant=grant, request=req, by=who))
                 result = ApproveResult(request=req, grant=grant)
             else:
+                req.status = lifecycle.step(lifecycle.REQUEST, req.status, "approve", what="request")
+                req.decided_at, req.decided_by = now, who.email
                 grant, secret = self._mint(req.requester, req.chain, (req.resource,), req.duration, now,
                                            request_id=req.id)
                 req.grant_id = grant.id
@@ -201,6 +214,18 @@ class Service:
             await self.hooks.extended(result.grant)
         await self.publish(events)
         return result
+
+    def _cannot_extend(self, grant: Grant, length: timedelta, now: datetime) -> str | None:
+        """Why an approved extension of ``grant`` (locked) cannot be applied now, or ``None``."""
+        if grant.status is not GrantStatus.ACTIVE or grant.expires_at <= now:
+            state = grant.status.value if grant.status is not GrantStatus.ACTIVE else "expired"
+            return f"grant {grant.id} is {state}; request new access instead"
+        return policy.extension_overrun(self.config, grant, length, now)
+
+    async def decide_met(self, request_id: str) -> ApproveResult:
+        """Decide a pending request whose quorum is already met: the process that took its last
+        approval stopped between committing it and deciding. Exactly once, as :meth:`approve`."""
+        return await self._decide(request_id, SYSTEM, "scheduler")
 
     def _mint(self, identity: str, chain: tuple[str, ...], resources: tuple[str, ...], length: timedelta,
               now: datetime, **extra: object) -> tuple[Grant, str]:
@@ -336,15 +361,18 @@ class Service:
                 raise Conflict("a delegated grant cannot be extended; ask its parent for a new one", code="child")
             res = self.config.resource(grant.resources[0])
             assert res is not None
-            limit = res.request.max_duration
-            if length > limit or grant.expires_at + length - now > limit:
-                raise InvalidInput(f"extension would leave more than {res.name}'s maximum of "
-                                   f"{format_duration(limit)}", code="too_long")
+            if (overrun := policy.extension_overrun(self.config, grant, length, now)) is not None:
+                raise InvalidInput(overrun, code="too_long")
             if not res.extension.requires_approval or not res.approval:
                 grant = await self._extend_in(tx, grant, length, who, None)
                 req = await self.request_for(tx, grant)
                 extended = True
             else:
+                # one at a time: each request is bounded against today's expiry, so two pending
+                # ones could together pass max_duration (the decision checks again as well)
+                if (pending := await tx.pending_extension(grant.id, now)) is not None:
+                    raise Conflict(f"grant {grant.id} already has a pending extension request {pending.id}; "
+                                   "wait for its decision or cancel it", code="extension_pending")
                 req = AccessRequest(
                     id=new_id("r"), resource=res.name, requester=grant.identity, chain=grant.chain,
                     duration=length, reason=f"extend {grant.id} by {format_duration(length)}",
@@ -388,33 +416,50 @@ class Service:
         return await self._end(grant_id, "expire", SYSTEM, "expired")
 
     async def _end(self, grant_id: str, event: str, who: Identity, reason: str) -> Grant:
-        """End a grant and, depth first, every active grant delegated from it."""
+        """End a grant and every active grant delegated from it, however many, in one transaction.
+
+        Children are read a page at a time and ended before the next page is read, so the same
+        query moves on by itself; the stack holds at most one page per level of depth. An expiry
+        of a grant that was extended after the scheduler read it is a no-op: it returns the
+        grant, still active."""
         now = self.clock.now()
-        ended: list[tuple[Grant, AccessRequest | None]] = []
+        ended: list[Grant] = []
         async with self.store.tx() as tx:
             root = await self._get_grant(tx, grant_id, lock=True)
-            lifecycle.step(lifecycle.GRANT, root.status, event, what="grant")
-            todo = [(root, event, reason)]
-            while todo and len(ended) < 10_000:
-                grant, ev, why = todo.pop()
-                grant.status = lifecycle.step(lifecycle.GRANT, grant.status, ev, what="grant")
-                grant.ended_at, grant.end_reason = now, why
-                grant.ended_by = who.email if ev == "revoke" else None
-                await tx.update_grant(grant)
-                await tx.append_audit(at=now, actor=who.email, chain=who.chain, action=f"grant.{ev}d"
-                                      if ev == "revoke" else "grant.expired", grant_id=grant.id,
-                                      request_id=grant.request_id, detail={"reason": why, "chain": list(grant.chain)})
-                ended.append((grant, await self.request_for(tx, grant)))
-                for child in await tx.list_grants(parent_id=grant.id, status=GrantStatus.ACTIVE):
-                    todo.append((child, "revoke", f"parent grant {grant.id} ended ({why})"))
+            if event == "expire" and root.status is GrantStatus.ACTIVE and root.expires_at > now:
+                return root
+            req = await self.request_for(tx, root)  # the whole subtree shares its top grant's request
+            await self._end_in(tx, root, event, who, reason, now)
+            ended.append(root)
+            stack = [root]
+            while stack:
+                parent = stack[-1]
+                page = await tx.list_grants(parent_id=parent.id, status=GrantStatus.ACTIVE, limit=_CASCADE_PAGE)
+                if not page:
+                    stack.pop()
+                    continue
+                for child in page:
+                    await self._end_in(tx, child, "revoke", who, f"parent grant {parent.id} ended "
+                                                                f"({parent.end_reason})", now)
+                ended.extend(page)
+                stack.extend(page)
         # sessions are told first (a clear message to each client), then upstream roles go
-        await self.publish([GrantEnded(grant=g, request=r) for g, r in ended])
-        for grant, _ in ended:
+        await self.publish([GrantEnded(grant=g, request=req) for g in ended])
+        for grant in ended:
             try:
                 await self.hooks.ended(grant)
             except Exception:
                 log.exception("cleaning up after grant %s failed", grant.id)
-        return ended[0][0]
+        return root
+
+    async def _end_in(self, tx: Tx, grant: Grant, event: str, who: Identity, reason: str, now: datetime) -> None:
+        grant.status = lifecycle.step(lifecycle.GRANT, grant.status, event, what="grant")
+        grant.ended_at, grant.end_reason = now, reason
+        grant.ended_by = who.email if event == "revoke" else None
+        await tx.update_grant(grant)
+        await tx.append_audit(at=now, actor=who.email, chain=who.chain,
+                              action="grant.revoked" if event == "revoke" else "grant.expired", grant_id=grant.id,
+                              request_id=grant.request_id, detail={"reason": reason, "chain": list(grant.chain)})
 
     async def remind(self, grant_id: str) -> None:
         async with self.store.tx() as tx:

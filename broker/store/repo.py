@@ -176,6 +176,17 @@ class Tx:
         approvals = await self._approvals([r._mapping["id"] for r in rows])
         return [_request(r, approvals[r._mapping["id"]]) for r in rows]
 
+    async def pending_extension(self, grant_id: str, now: datetime) -> AccessRequest | None:
+        """The oldest request to extend ``grant_id`` that is pending and not yet lapsed at ``now``."""
+        q = (select(t.requests)
+             .where(t.requests.c.extends_grant == grant_id, t.requests.c.status == RequestStatus.PENDING.value,
+                    t.requests.c.lapses_at > now)
+             .order_by(t.requests.c.created_at).limit(1))
+        row = (await self.conn.execute(q)).first()
+        if row is None:
+            return None
+        return _request(row, (await self._approvals([row._mapping["id"]]))[row._mapping["id"]])
+
     async def add_approval(self, request_id: str, a: Approval) -> None:
         await self.conn.execute(insert(t.approvals).values(
             request_id=request_id, approver=a.approver, groups=list(a.groups), at=a.at, via=a.via,
@@ -224,6 +235,13 @@ class Tx:
         if parent_id is not None:
             q = q.where(t.grants.c.parent_id == parent_id)
         return [_grant(r) for r in await self.conn.execute(q)]
+
+    async def live_children(self, parent_id: str, now: datetime) -> int:
+        """How many grants delegated from ``parent_id`` are active and unexpired at ``now``."""
+        q = select(func.count()).select_from(t.grants).where(
+            t.grants.c.parent_id == parent_id, t.grants.c.status == GrantStatus.ACTIVE.value,
+            t.grants.c.expires_at > now)
+        return int((await self.conn.execute(q)).scalar_one())
 
     # -- sessions -------------------------------------------------------------------------
     async def insert_session(self, s: Session) -> None:

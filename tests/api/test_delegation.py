@@ -122,6 +122,7 @@ async def test_three_hops_escalations_revocation_and_audit_export(h: Harness) ->
 async def test_expiring_the_parent_ends_children(h: Harness) -> None:
     g1 = await root_grant(h)
     _, g2 = await delegate_via(h, "ci-runner", g1, label="migration-script")
+    h.clock.advance(timedelta(hours=1))  # expiry of a grant not yet due is a no-op
     await h.service.expire(g1["grant"]["id"])
     with pytest.raises(Denied) as exc:
         await h.service.authenticate(g2["login"], g2["secret"], "reports-db")
@@ -158,3 +159,19 @@ async def test_delegate_function_bounds(h: Harness) -> None:
         await delegate(h.service, parent, runner, ["reports-db"], None, "bad label!")
     with pytest.raises(InvalidInput):
         await delegate(h.service, parent, runner, [], None, "s4")
+
+
+async def test_live_children_per_parent_are_capped(tmp_path: Path) -> None:
+    async with harness(f"sqlite+aiosqlite:///{tmp_path / 'cap.db'}",
+                       config_overrides={"delegation": {"max_children": 2}}) as hh:
+        g1 = await root_grant(hh)
+        first = [await delegate_via(hh, "ci-runner", g1, label=f"worker-{i}") for i in range(2)]
+        assert [status for status, _ in first] == [201, 201]
+        status, body = await delegate_via(hh, "ci-runner", g1, label="worker-2")
+        assert (status, body["error"]) == (403, "too_many_children") and "2" in body["message"]
+        refused = [e for e in await audit(hh) if e["action"] == "grant.delegation_refused"]
+        assert [e["detail"]["code"] for e in refused] == ["too_many_children"]
+        # an ended child frees its place; a grandchild counts under its own parent, not the root's
+        await hh.call("POST", f"/grants/{first[0][1]['grant']['id']}/revoke", "ci-runner", json={"reason": "done"})
+        assert (await delegate_via(hh, "ci-runner", g1, label="worker-3"))[0] == 201
+        assert (await delegate_via(hh, "ci-runner", first[1][1], label="helper"))[0] == 201

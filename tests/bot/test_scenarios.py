@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import time
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -300,3 +301,24 @@ async def test_slash_command_text_is_kept_as_typed_and_escaped_once(hoop: Hoop) 
     assert (await _stored(hoop, rid)).reason == "R&D <b> <!channel>"
     card = json.dumps(hoop.fake.of("chat.postMessage")[0].params["blocks"])
     assert "R&amp;D &lt;b&gt; &lt;!channel&gt;" in card and "&amp;amp;" not in card
+
+
+async def test_second_extension_refused_and_an_overrun_reported(hoop: Hoop, clock: FakeClock) -> None:
+    rid, channel, ts = await _request(hoop, "request prod-db 4h backfill")
+    await hoop.react("UDANA", channel, ts)
+    await hoop.click("hoop_approve", rid, "USAM", channel, ts)
+    gid = (await _stored(hoop, rid)).grant_id
+    clock.advance(timedelta(hours=1))
+    await hoop.command(f"extend {gid} 1h")
+    await hoop.command(f"extend {gid} 1h")  # a second one while the first is pending
+    assert any("already has a pending extension request" in r for r in hoop.responses())
+    async with hoop.store.tx() as tx:
+        first = await tx.pending_extension(gid, clock.now())
+        assert first is not None
+        await tx.insert_request(replace(first, id="rolder"))  # one made before the pending check
+    for ext in (first.id, "rolder"):
+        await hoop.command(f"approve {ext}", user="UDANA")
+        await hoop.command(f"approve {ext}", user="USAM")
+    assert (await _stored(hoop, "rolder")).status is RequestStatus.DENIED
+    assert any("hoop refused it: extension would leave more than prod-db's maximum of 4h" in r
+               for r in hoop.responses())

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
+
+import pytest
 
 from broker import policy
 from broker.clock import FakeClock
 from broker.config import HoopConfig
-from broker.events import GrantEnded, GrantReminder, RecordingNotifier
+from broker.errors import Denied
+from broker.events import ApprovalAdded, Event, GrantEnded, GrantIssued, GrantReminder, RecordingNotifier
 from broker.model import GrantStatus, Identity, RequestStatus
 from broker.scheduler import Scheduler
 from broker.service import Service
@@ -57,3 +61,85 @@ async def test_restart_reconciles(config: HoopConfig, store: Store, clock: FakeC
             assert grant is not None and grant.status is GrantStatus.EXPIRED
         assert (await tx.get_request(pending.id)).status is RequestStatus.LAPSED  # type: ignore[union-attr]
     assert (await Scheduler(second, clock).run_due()).expired == []
+
+
+async def test_expiry_after_an_extension_is_a_no_op(service: Service, config: HoopConfig, clock: FakeClock,
+                                                    store: Store, notifier: RecordingNotifier) -> None:
+    """The leader read the grant as due, then an extension committed before ``expire`` took the
+    row lock: the expiry must leave the extended grant alone."""
+    req = await service.request(who(config, "alice@example.com"), "prod-db", "30m", "x")
+    await service.approve(req.id, who(config, "dana@example.com"))
+    grant = (await service.approve(req.id, who(config, "sam@example.com"))).grant
+    assert grant is not None
+    clock.advance(timedelta(minutes=29))
+    ext = await service.extend(grant.id, who(config, "alice@example.com"), "30m")
+    await service.approve(ext.id, who(config, "dana@example.com"))
+    await service.approve(ext.id, who(config, "sam@example.com"))
+    clock.advance(timedelta(minutes=1))  # the original deadline, as a stale snapshot saw it
+
+    after = await service.expire(grant.id)
+
+    assert after.status is GrantStatus.ACTIVE and after.expires_at == clock.now() + timedelta(minutes=30)
+    async with store.tx() as tx:
+        stored = await tx.get_grant(grant.id)
+        actions = [e.action for e in await tx.audit_entries()]
+    assert stored is not None and stored.status is GrantStatus.ACTIVE and stored.ended_at is None
+    assert "grant.expired" not in actions and notifier.of(GrantEnded) == []
+    assert (await Scheduler(service, clock).run_due()).expired == []
+    clock.advance(timedelta(minutes=30))
+    assert (await Scheduler(service, clock).run_due()).expired == [grant.id]
+
+
+class DiesAfterApproval(RecordingNotifier):
+    """The process is killed (its task cancelled) while the approval is being announced, after
+    the approval committed and before the decision."""
+
+    async def publish(self, event: Event) -> None:
+        await super().publish(event)
+        if isinstance(event, ApprovalAdded):
+            raise asyncio.CancelledError
+
+
+async def test_scheduler_decides_a_request_left_undecided(config: HoopConfig, store: Store,
+                                                           clock: FakeClock) -> None:
+    dying = Service(config, store, clock, DiesAfterApproval())
+    req = await dying.request(who(config, "alice@example.com"), "prod-db", "1h", "x")
+    with pytest.raises(asyncio.CancelledError):
+        await dying.approve(req.id, who(config, "dana@example.com"))
+    with pytest.raises(asyncio.CancelledError):
+        await dying.approve(req.id, who(config, "sam@example.com"))  # the quorum is met, then the crash
+    notifier = RecordingNotifier()
+    service = Service(config, store, clock, notifier)  # the restarted process
+    with pytest.raises(Denied) as exc:
+        await service.approve(req.id, who(config, "erin@example.com"))
+    assert exc.value.code == "not_needed"
+
+    assert (await Scheduler(service, clock).run_due()).decided == []  # its approver may still decide it
+    clock.advance(timedelta(seconds=30))
+    report = await Scheduler(service, clock).run_due()
+
+    assert report.decided == [req.id] and report.lapsed == []
+    issued = notifier.of(GrantIssued)
+    assert len(issued) == 1 and issued[0].request.id == req.id
+    async with store.tx() as tx:
+        decided = await tx.get_request(req.id)
+    assert decided is not None and decided.status is RequestStatus.APPROVED
+    assert decided.grant_id == issued[0].grant.id and decided.decided_by == "hoop"
+    clock.advance(timedelta(hours=2))  # past its lapse: decided once, never lapsed
+    report = await Scheduler(service, clock).run_due()
+    assert report.decided == [] and report.lapsed == [] and len(notifier.of(GrantIssued)) == 1
+
+
+async def test_scheduler_decides_a_met_request_instead_of_lapsing_it(config: HoopConfig, store: Store,
+                                                                     clock: FakeClock) -> None:
+    dying = Service(config, store, clock, DiesAfterApproval())
+    req = await dying.request(who(config, "alice@example.com"), "prod-db", "1h", "x")
+    for approver in ("dana@example.com", "sam@example.com"):
+        with pytest.raises(asyncio.CancelledError):
+            await dying.approve(req.id, who(config, approver))
+    clock.advance(timedelta(hours=1, minutes=1))  # hoop was down until after the request's lapse
+    notifier = RecordingNotifier()
+    report = await Scheduler(Service(config, store, clock, notifier), clock).run_due()
+    assert report.decided == [req.id] and report.lapsed == []
+    grant = notifier.of(GrantIssued)[0].grant
+    assert grant.expires_at == clock.now() + timedelta(hours=1)  # the full hour, from the decision

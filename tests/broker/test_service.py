@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import timedelta
 
 import pytest
@@ -19,7 +20,7 @@ from broker.events import (
     RequestDenied,
     RequestLapsed,
 )
-from broker.model import GrantStatus, Identity, RequestStatus
+from broker.model import AccessRequest, Grant, GrantStatus, Identity, RequestStatus
 from broker.scheduler import Scheduler
 from broker.service import Service
 from broker.store import Store
@@ -181,3 +182,83 @@ async def test_withdraw(service: Service, config: HoopConfig) -> None:
     assert after.approvals == []
     await service.approve(req.id, who(config, "dana@example.com"))
     assert (await service.approve(req.id, who(config, "sam@example.com"))).grant is not None
+
+
+async def test_revoking_a_parent_ends_every_descendant_past_a_page(service: Service, config: HoopConfig,
+                                                                    clock: FakeClock, store: Store,
+                                                                    notifier: RecordingNotifier) -> None:
+    """More active children than one page of the store's listing (1,000): every one ends, and
+    so does a grandchild under the oldest child, the one a single page used to miss."""
+    root = who(config, "root@example.com")
+    parent, _ = await service.breakglass(root, "prod-db", "root@example.com", "1h", "outage")
+    async with store.tx() as tx:
+        for i in range(1001):
+            clock.advance(timedelta(milliseconds=1))
+            child = Grant(id=f"gc{i:05d}", login=f"c.{i}", identity="sub", chain=("root@example.com", "sub"),
+                          resources=("prod-db",), status=GrantStatus.ACTIVE, created_at=clock.now(),
+                          expires_at=parent.expires_at, parent_id=parent.id, depth=1, label="sub")
+            await tx.insert_grant(child, secret_digest=f"d{i}", scram_verifier="x")
+        grandchild = Grant(id="gg00000", login="gg.0", identity="subsub", chain=("root@example.com", "sub", "subsub"),
+                           resources=("prod-db",), status=GrantStatus.ACTIVE, created_at=clock.now(),
+                           expires_at=parent.expires_at, parent_id="gc00000", depth=2, label="subsub")
+        await tx.insert_grant(grandchild, secret_digest="dgg", scram_verifier="x")
+
+    await service.revoke(parent.id, root, "contained")
+
+    async with store.tx() as tx:
+        assert await tx.list_grants(parent_id=parent.id, status=GrantStatus.ACTIVE, limit=5000) == []
+        oldest, deepest = await tx.get_grant("gc00000"), await tx.get_grant("gg00000")
+    assert oldest is not None and oldest.status is GrantStatus.REVOKED
+    assert deepest is not None and deepest.status is GrantStatus.REVOKED and "gc00000" in (deepest.end_reason or "")
+    assert len(notifier.of(GrantEnded)) == 1 + 1001 + 1
+
+
+async def test_a_second_extension_waits_for_the_pending_one(service: Service, config: HoopConfig,
+                                                           clock: FakeClock) -> None:
+    _, grant_id, _ = await granted(service, config)
+    alice = who(config, "alice@example.com")
+    first = await service.extend(grant_id, alice, "30m")
+    with pytest.raises(Conflict) as exc:
+        await service.extend(grant_id, alice, "30m")  # a double click on the reminder's button
+    assert exc.value.code == "extension_pending" and getattr(first, "id") in exc.value.message
+    await service.cancel(getattr(first, "id"), alice)
+    assert isinstance(await service.extend(grant_id, alice, "30m"), AccessRequest)  # nothing pending now
+
+
+async def test_extension_bound_is_checked_again_at_approval(service: Service, config: HoopConfig,
+                                                            clock: FakeClock, store: Store,
+                                                            notifier: RecordingNotifier) -> None:
+    """Two extension requests that each fitted when asked (one made before the pending check,
+    or by an older replica): approving both must not leave more than max_duration (4h)."""
+    alice = who(config, "alice@example.com")
+    req = await service.request(alice, "prod-db", "4h", "backfill")
+    await service.approve(req.id, who(config, "dana@example.com"))
+    grant = (await service.approve(req.id, who(config, "sam@example.com"))).grant
+    assert grant is not None
+    clock.advance(timedelta(hours=1))
+    first = await service.extend(grant.id, alice, "1h")
+    assert isinstance(first, AccessRequest)
+    async with store.tx() as tx:
+        await tx.insert_request(replace(first, id="rsecond", approvals=[]))
+
+    for ext in (first.id, "rsecond"):
+        await service.approve(ext, who(config, "dana@example.com"))
+        result = await service.approve(ext, who(config, "sam@example.com"))
+    assert result.grant is None and result.request.status is RequestStatus.DENIED
+    assert result.request.decided_by == "hoop" and "maximum of 4h" in (result.request.decision_reason or "")
+    assert notifier.of(RequestDenied)[-1].request.id == "rsecond"
+    async with store.tx() as tx:
+        after = await tx.get_grant(grant.id)
+    assert after is not None and after.expires_at - clock.now() == timedelta(hours=4)
+
+
+async def test_an_extension_of_an_ended_grant_is_refused_at_approval(service: Service, config: HoopConfig,
+                                                                     store: Store) -> None:
+    _, grant_id, _ = await granted(service, config)
+    alice = who(config, "alice@example.com")
+    ext = await service.extend(grant_id, alice, "30m")
+    await service.approve(getattr(ext, "id"), who(config, "dana@example.com"))
+    await service.revoke(grant_id, who(config, "root@example.com"), "done")
+    result = await service.approve(getattr(ext, "id"), who(config, "sam@example.com"))
+    assert result.grant is None and result.request.status is RequestStatus.DENIED
+    assert "revoked" in (result.request.decision_reason or "")
