@@ -7,7 +7,10 @@ escapes are upper-cased, runs of ``/`` collapse, ``.`` and ``..`` segments are r
 trailing ``/`` is dropped. Spellings whose meaning depends on the upstream cannot be normalised
 safely and are *unparsed* (``on_unparsed``, block by default): an encoded ``/`` (``%2F``), a
 backslash or ``%5C``, NUL, ``%25`` (double encoding), ``;`` path parameters, malformed escapes, ``..`` above the root,
-and anything not starting with ``/`` (``*``, absolute-form URLs).
+``..`` after an empty segment (``/a//../b``: a server that merges slashes serves ``/b``, one that
+resolves RFC 3986 or WHATWG style serves ``/a/b``), and anything not starting with ``/`` (``*``,
+absolute-form URLs). The HTTP proxy refuses dot segments and encoded ``/``, ``.`` and ``\\`` before the guard
+(:func:`proxy.http.headers.ambiguous_path`); the rules here keep the guard safe on its own.
 
 Rules match with :func:`compile_path_glob`: ``*`` matches within one path segment, ``**``
 across any number of segments (``/api/**`` also matches ``/api``), ``?`` one character, other
@@ -58,10 +61,14 @@ def normalise_path(target: str) -> str:
         raise Unnormalisable("backslash, ';' or control character in path")
     path = _ESCAPE.sub(_decode, path)
     out: list[str] = []
-    for seg in path.split("/"):
+    empty = False  # an empty segment came before (the first split piece is the empty root)
+    for seg in path.split("/")[1:]:
         if seg in ("", "."):
+            empty = empty or not seg
             continue
         if seg == "..":
+            if empty:
+                raise Unnormalisable("'..' after an empty segment ('//')")
             if not out:
                 raise Unnormalisable("'..' above the root")
             out.pop()

@@ -8,20 +8,25 @@ JavaScript, form data) through :class:`proxy.mask.StreamMasker` (detectors); eve
 masking cannot tell text from data in it. A body in ``gzip`` or ``deflate`` that would be masked
 is decoded first by :class:`Inflate` (the proxy asks for ``identity``, but an upstream may not
 listen); another encoding (``br``, ``zstd``) of a maskable type cannot be masked and is refused
-by the proxy (fail closed). :class:`Capture` keeps the first ``limit`` bytes of a body for the
-recording.
+by the proxy (fail closed); :class:`Inflate` yields its output in pieces of at most 256 KiB, so a
+small compressed body never sits inflated in memory at once. :class:`Capture` keeps the first
+``limit`` bytes of a body for the recording. :class:`Secrets` knows the resource's held credential in
+the forms it travels in: the answer is searched for them whatever its type (:class:`SecretStream`
+holds back a chunk's tail only while it could be the start of one), replaced by ``[credential]`` in
+headers and in bodies that are masked, and refused in bodies that pass through (fail closed).
 """
 
 from __future__ import annotations
 
 import functools
 import zlib
+from collections.abc import Iterable, Iterator
 from typing import Protocol
 
 from proxy.jsonmask import JsonStreamMasker
 from proxy.mask import Masker
 
-__all__ = ["BodyFilter", "Capture", "Inflate", "body_kind", "response_filter"]
+__all__ = ["BodyFilter", "Capture", "Inflate", "SecretStream", "Secrets", "body_kind", "response_filter"]
 
 _TEXT_TYPES = frozenset({
     "application/xml", "application/javascript", "application/x-www-form-urlencoded", "application/yaml",
@@ -65,7 +70,9 @@ def response_filter(masker: Masker, content_type: str | None) -> BodyFilter | No
 
 
 class Inflate:
-    """Streaming ``gzip``/``deflate`` decoder; each output piece is at most 256 KiB (no bombs)."""
+    """Streaming ``gzip``/``deflate`` decoder: output comes in pieces of at most 256 KiB, one at a time, so
+    a chunk that inflates a thousandfold is never held whole (the caller sends each piece before the next
+    is decoded)."""
 
     def __init__(self, encoding: str) -> None:
         # 47 = 32 + 15: zlib or gzip header, detected; -15: raw deflate (some servers send it)
@@ -77,21 +84,23 @@ class Inflate:
     def supports(encoding: str) -> bool:
         return encoding in ("gzip", "x-gzip", "deflate")
 
-    def feed(self, chunk: bytes) -> list[bytes]:
-        """Decoded pieces of ``chunk``; raises ``zlib.error`` on a corrupt stream."""
+    def feed(self, chunk: bytes) -> Iterator[bytes]:
+        """Decoded pieces of ``chunk``, each decoded only when the previous one was taken; raises
+        ``zlib.error`` on a corrupt stream."""
         if not self._started and self._raw_fallback and chunk:
             self._started = True
             if chunk[0] & 0x0F != 8:  # no zlib header: raw deflate
                 self._d = zlib.decompressobj(-15)
         self._started = True
-        out: list[bytes] = []
         data = chunk
-        while data:
+        while True:
             piece = self._d.decompress(data, _INFLATE_STEP)
             if piece:
-                out.append(piece)
+                yield piece
             data = self._d.unconsumed_tail
-        return out
+            # a full piece may leave output pending inside zlib even when all input was taken
+            if not data and len(piece) < _INFLATE_STEP:
+                return
 
     def flush(self) -> bytes:
         return self._d.flush()
@@ -120,3 +129,77 @@ class Capture:
 
     def data(self) -> bytes:
         return b"".join(self._parts)
+
+
+_MARK = "[credential]"
+
+
+class Secrets:
+    """The held upstream credential in each form it is sent in (longest first), for the answer's side."""
+
+    def __init__(self, forms: Iterable[str]) -> None:
+        self.text = tuple(sorted({f for f in forms if f}, key=len, reverse=True))
+        self.raw = tuple(f.encode() for f in self.text)
+
+    def scrub_text(self, value: str) -> str:
+        """``value`` with every form replaced by ``[credential]``."""
+        for form in self.text:
+            if form in value:
+                value = value.replace(form, _MARK)
+        return value
+
+    def scrub(self, data: bytes) -> bytes:
+        for form in self.raw:
+            if form in data:
+                data = data.replace(form, _MARK.encode())
+        return data
+
+    def found(self, data: bytes) -> bool:
+        return any(form in data for form in self.raw)
+
+    def stream(self) -> SecretStream:
+        return SecretStream(self)
+
+
+class SecretStream:
+    """:meth:`Secrets.scrub` across chunks: a chunk's tail that may be the start of a form is held back
+    until the next chunk (or :meth:`flush`) shows whether it is; ``hits`` counts the forms replaced."""
+
+    __slots__ = ("_held", "_secrets", "hits")
+
+    def __init__(self, secrets: Secrets) -> None:
+        self._secrets = secrets
+        self._held = b""
+        self.hits = 0
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._held)
+
+    def feed(self, chunk: bytes) -> bytes:
+        data = self._held + chunk if self._held else chunk
+        mark = _MARK.encode()
+        for form in self._secrets.raw:
+            if form in data:
+                self.hits += data.count(form)
+                data = data.replace(form, mark)
+        keep = self._start_of_form(data)
+        self._held = data[keep:]
+        return data[:keep]
+
+    def _start_of_form(self, data: bytes) -> int:
+        """Where the longest tail of ``data`` that is the start of a form begins (``len(data)``: none)."""
+        cut = len(data)
+        for form in self._secrets.raw:
+            first = form[:1]
+            pos = data.find(first, max(0, len(data) - len(form) + 1))
+            while pos != -1 and pos < cut:
+                if form.startswith(data[pos:]):
+                    cut = pos
+                    break
+                pos = data.find(first, pos + 1)
+        return cut
+
+    def flush(self) -> bytes:
+        held, self._held = self._held, b""
+        return held

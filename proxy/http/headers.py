@@ -5,7 +5,9 @@ the rest, which is forwarded verbatim (query included) after the resource's base
 client's own ``Authorization`` carries the grant secret; it never goes upstream. In its
 place :func:`upstream_auth` builds the held credential's header. Hop-by-hop headers (the
 fixed RFC 9110 list plus every name listed in ``Connection``) are dropped both ways, and
-``X-Forwarded-For`` gets the client's address appended.
+``X-Forwarded-For`` gets the client's address appended. Because the rest is forwarded verbatim,
+:func:`ambiguous_path` names the spellings that upstreams resolve differently (dot segments, encoded
+``/ . \\``), which the proxy refuses rather than guess what the upstream will serve.
 """
 
 from __future__ import annotations
@@ -15,10 +17,13 @@ import base64
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from broker.config import HttpResource
+from proxy.http.body import Secrets
 
 __all__ = [
     "HOP_BY_HOP",
+    "ambiguous_path",
     "bearer_secret",
+    "credential_forms",
     "is_websocket_upgrade",
     "response_headers",
     "split_target",
@@ -61,6 +66,34 @@ def split_target(raw_path: str) -> tuple[str, str] | None:
     return name, rest
 
 
+_AMBIGUOUS_ESCAPES = (("%2f", "/"), ("%2e", "."), ("%5c", "\\"))
+
+
+def ambiguous_path(rest: str) -> str | None:
+    """Why the path of a forwarded target means different things to different servers, or None.
+
+    A ``.`` or ``..`` segment (``/a//../b`` is ``/b`` where slashes merge and ``/a/b`` under RFC 3986
+    and WHATWG), a percent-encoded ``/``, ``.`` or ``\\`` (decoded by some servers, not by others) and a
+    raw ``\\`` (a separator to WHATWG): the guard would judge one resource and the upstream serve another.
+    """
+    end = len(rest)
+    for sep in "?#":
+        pos = rest.find(sep, 0, end)
+        if pos != -1:
+            end = pos
+    path = rest[:end]
+    if "%" in path:
+        low = path.lower()
+        for escape, char in _AMBIGUOUS_ESCAPES:
+            if escape in low:
+                return f"a percent-encoded {char!r} ({escape.upper()}) in the path"
+    if "\\" in path:
+        return "a backslash in the path"
+    if "." in path and any(seg in (".", "..") for seg in path.split("/")):
+        return "a '.' or '..' segment in the path"
+    return None
+
+
 def bearer_secret(authorization: str | None) -> str | None:
     """The token of ``Authorization: Bearer <token>``; None when absent or another scheme."""
     if not authorization:
@@ -83,6 +116,17 @@ def upstream_auth(resource: HttpResource, credential: str | None) -> tuple[str, 
         return "Authorization", "Basic " + base64.b64encode(raw).decode("ascii")
     assert resource.header is not None  # the config validator guarantees it
     return resource.header, credential
+
+
+def credential_forms(resource: HttpResource, credential: str | None) -> tuple[str, ...]:
+    """Every form in which :func:`upstream_auth` sends the held credential (for ``basic`` also
+    ``user:password`` and its base64), so the answer can be searched for each."""
+    auth = upstream_auth(resource, credential)
+    if auth is None or credential is None:
+        return ()
+    if resource.auth == "basic":
+        return credential, f"{resource.username or ''}:{credential}", auth[1].removeprefix("Basic ")
+    return (credential,)
 
 
 def _connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> frozenset[str]:
@@ -130,10 +174,14 @@ def upstream_headers(incoming: CIMultiDictProxy[str] | CIMultiDict[str], resourc
 
 
 def response_headers(upstream: CIMultiDictProxy[str] | CIMultiDict[str], *, body_changes: bool,
-                     decoded: bool) -> CIMultiDict[str]:
+                     decoded: bool, secrets: Secrets | None = None) -> CIMultiDict[str]:
     """Headers for the client: hop-by-hop out; ``Content-Length`` out when the body may change
-    (the response is then chunked); ``Content-Encoding`` out when the proxy decoded the body."""
-    return _filtered(upstream, _RESPONSE_SKIP[body_changes, decoded])
+    (the response is then chunked); ``Content-Encoding`` out when the proxy decoded the body; each
+    of ``secrets`` (the held credential) replaced by ``[credential]`` wherever an upstream echoed it."""
+    out = _filtered(upstream, _RESPONSE_SKIP[body_changes, decoded])
+    if secrets is not None and any(secrets.scrub_text(v) is not v for v in out.values()):
+        out = CIMultiDict([(name, secrets.scrub_text(value)) for name, value in out.items()])
+    return out
 
 
 def is_websocket_upgrade(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> bool:

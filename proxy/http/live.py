@@ -9,7 +9,10 @@ a request in flight (reason ``"idle"``). Each request in flight is a :class:`Str
 a parent's end) or the proxy's own deadline timer fires, every stream of the session is
 aborted at once (HTTP: the response is cut and the connections closed; WebSocket: close code
 1008 with the reason) and the session is closed. The ended grant is remembered for a while
-so that a new request is refused even before the gate's short cache forgets it.
+so that a new request is refused even before the gate's short cache forgets it; an expiry is
+remembered with the deadline that ended it, and forgotten once the grant (as the gate now returns it,
+which takes ``GrantExtended`` at once) ends later: an extension that lands after the proxy's own
+deadline fired must not leave the grant refused as expired.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
+from datetime import datetime
 from typing import Protocol
 
 from broker.clock import Clock
@@ -61,12 +65,20 @@ class SessionPool:
         self.idle = idle
         self._entries: dict[tuple[str, str, str], _Entry] = {}
         self._opening: dict[tuple[str, str, str], asyncio.Future[_Entry]] = {}
-        self._ended: OrderedDict[str, str] = OrderedDict()
+        self._ended: OrderedDict[str, tuple[str, datetime | None]] = OrderedDict()  # why, and for an expiry when
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def ended(self, grant_id: str) -> str | None:
-        """Why a grant's sessions were ended, if they were (the proxy refuses it at once)."""
-        return self._ended.get(grant_id)
+    def ended(self, grant: Grant) -> str | None:
+        """Why a grant's sessions were ended, if they were (the proxy refuses it at once). An expiry no
+        longer holds once ``grant`` expires after the deadline that ended them (it was extended)."""
+        hit = self._ended.get(grant.id)
+        if hit is None:
+            return None
+        reason, deadline = hit
+        if deadline is not None and grant.expires_at > deadline:
+            del self._ended[grant.id]
+            return None
+        return reason
 
     async def acquire(self, grant: Grant, resource: str, client_ip: str, stream: Stream) -> _Entry:
         """The live session for this grant, resource and client, with ``stream`` registered."""
@@ -124,7 +136,7 @@ class SessionPool:
         if entry is None or entry.ended is not None:
             return
         if reason != "idle" and not reason.startswith("proxy"):
-            self._ended[key[0]] = reason
+            self._ended[key[0]] = (reason, entry.session.deadline if reason == "access expired" else None)
             while len(self._ended) > _ENDED_MAX:
                 self._ended.popitem(last=False)
         self._close(entry, reason)

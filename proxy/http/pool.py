@@ -11,8 +11,11 @@ read with :meth:`Response.readany`; more than 256 KiB unread pauses reading the 
 slow client slows the upstream and memory stays bounded. Interim (1xx) responses are skipped.
 A ``HEAD`` response has no body whatever its headers say (its connection is then not reused).
 A reused connection that the upstream had closed before any byte of the answer arrived is
-retried once on a new connection, when the request had no body. Every failure (connect,
-malformed answer, connection lost mid-answer) is an :class:`UpstreamFailed`.
+retried once on a new connection, when the request had no body. Idle connections count against
+the pool's ``limit``; when every slot is taken, a new connection first closes the longest-idle one
+of any origin (so one busy origin's leftovers never starve the others), and a request that still
+finds no slot within the connect timeout fails. Every failure (connect, no free slot, malformed
+answer, connection lost mid-answer) is an :class:`UpstreamFailed`.
 
 This replaces one ``aiohttp.ClientSession`` request per proxied request, which cost more CPU
 than the rest of the proxy (see bench/http_proxy.py).
@@ -34,6 +37,7 @@ import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from broker.errors import ConfigError, UpstreamError
+from proxy.http.body import Secrets
 from proxy.http.flow import Chunks, WriteFlow
 from proxy.http.headers import response_headers
 
@@ -164,14 +168,17 @@ class Response:
             parts.append(chunk)
         return b"".join(parts)
 
-    def client_headers(self, *, body_changes: bool, decoded: bool) -> CIMultiDictProxy[str]:
+    def client_headers(self, *, body_changes: bool, decoded: bool,
+                       secrets: Secrets | None = None) -> CIMultiDictProxy[str]:
         """The headers to send the client (:func:`proxy.http.headers.response_headers`), read-only. An
-        upstream repeats its header block, so the result is kept per pool for a repeated block."""
+        upstream repeats its header block, so the result is kept per pool for a repeated block (and the
+        resource's ``secrets``: the held credential they must not show)."""
         memo = self._conn.pool.memo
-        key = (self._raw, body_changes, decoded)
+        key = (self._raw, body_changes, decoded, secrets)
         out: CIMultiDictProxy[str] | None = memo.get(key)
         if out is None:
-            out = CIMultiDictProxy(response_headers(self.headers, body_changes=body_changes, decoded=decoded))
+            out = CIMultiDictProxy(response_headers(self.headers, body_changes=body_changes, decoded=decoded,
+                                                    secrets=secrets))
             if len(memo) >= _MEMO:
                 memo.clear()
             memo[key] = out
@@ -414,7 +421,14 @@ class UpstreamPool:
         return None, False
 
     async def _connect(self, origin: Origin) -> _Conn:
-        await self._slots.acquire()
+        if self._slots.locked():
+            self._evict_idle()
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                await self._slots.acquire()
+        except TimeoutError:
+            raise UpstreamFailed(f"no upstream connection free for {origin.host}:{origin.port} within "
+                                 f"{self._connect_timeout:g} s (all {len(self._all)} in use)") from None
         key = origin.key
         tls = None
         if origin.scheme == "https":
@@ -442,6 +456,19 @@ class UpstreamPool:
             raise
         self._all.add(conn)
         return conn
+
+    def _evict_idle(self) -> None:
+        """Close the longest-idle connection of any origin, freeing its slot now (no-op when none is idle)."""
+        oldest: list[_Conn] | None = None
+        for idle in self._idle.values():
+            while idle and idle[0].closed:  # closed by the upstream: its slot is already free
+                idle.pop(0)
+            if idle and (oldest is None or idle[0].idle_since < oldest[0].idle_since):
+                oldest = idle
+        if oldest is not None:
+            conn = oldest.pop(0)
+            conn.abort(UpstreamFailed("evicted"))
+            self._forget(conn)
 
     def _park(self, conn: _Conn) -> None:
         conn.idle_since = time.monotonic()

@@ -7,7 +7,9 @@ masked type is refused with 502 (fail closed). An uncompressed body of known len
 then masked in one pass); a longer, chunked or compressed one is streamed and loses its
 ``Content-Length`` (the response is chunked). Other types pass through unchanged with their
 length. A text stream that holds back a tail (a value that may continue) sends it after
-``_IDLE_FLUSH`` seconds of upstream silence. The recorded bodies are masked and capped; an answer
+``_IDLE_FLUSH`` seconds of upstream silence. The held upstream credential never reaches the client:
+it is replaced by ``[credential]`` in headers and masked bodies, and an unmasked body that holds it is
+withheld (502) or cut. The recorded bodies are masked and capped; an answer
 cut short (grant ended, upstream broke off) closes the client connection, so it never looks whole.
 """
 
@@ -18,7 +20,7 @@ import logging
 from typing import Any, Protocol
 
 from broker.config import HttpResource
-from proxy.http.body import BodyFilter, Capture, Inflate, body_kind, response_filter
+from proxy.http.body import BodyFilter, Capture, Inflate, Secrets, body_kind, response_filter
 from proxy.http.call import Call
 from proxy.http.pool import Response, UpstreamFailed
 from proxy.jsonmask import JsonStreamMasker
@@ -41,9 +43,11 @@ class Flight(Protocol):
 
 
 async def respond(call: Call, masker: Masker, resource: HttpResource, resp: Response, flight: Flight,
-              record: dict[str, Any]) -> None:
+                  record: dict[str, Any], secrets: Secrets | None = None) -> None:
     """Answer ``call`` with the upstream's response ``resp``: masked by type, recorded (masked and
-    capped), streamed or, for a small body of known length, in one write."""
+    capped), streamed or, for a small body of known length, in one write. ``secrets``: the held
+    credential, replaced in headers and masked bodies; a body passed through unmasked that holds it is
+    withheld (502, or the connection cut once the answer has begun)."""
     record["status"] = resp.status
     has_body = call.method != "HEAD" and resp.status not in (204, 304) and resp.status >= 200
     ctype = resp.headers.get("Content-Type")
@@ -56,43 +60,65 @@ async def respond(call: Call, masker: Masker, resource: HttpResource, resp: Resp
             return await call.refuse(502, "unmaskable_encoding",
                                      f"the upstream sent {encoding!r}-encoded {ctype}, which the proxy cannot mask")
         inflate = Inflate(encoding)
+    reason = secrets.scrub_text(resp.reason) if secrets is not None and resp.reason else resp.reason
     length = resp.content_length
     if length is not None and length <= _SMALL_BODY and has_body and inflate is None and flight.reason is None:
         # (a compressed body streams: 256 KiB of gzip may inflate to 256 MB)
-        return await _respond_small(call, masker, resource, resp, filt, ctype, record, flight)
-    await call.start(resp.status, resp.reason, resp.client_headers(body_changes=filt is not None,
-                                                                   decoded=inflate is not None))
+        return await _respond_small(call, masker, resource, resp, filt, ctype, record, flight, secrets, reason)
+    await call.start(resp.status, reason, resp.client_headers(body_changes=filt is not None,
+                                                              decoded=inflate is not None, secrets=secrets))
     cap = Capture(resource.max_body_record)
     text = filt if isinstance(filt, StreamMasker) else None
+    lit = secrets.stream() if secrets is not None and has_body else None
 
     async def send(data: bytes) -> None:
         if data:
             cap.feed(data)
             await call.write(data)
 
+    async def forward(data: bytes) -> None:
+        """Upstream bytes (decoded) to the client: the credential replaced first, then the masking filter;
+        an unmasked body has nowhere to replace it, so finding it there ends the answer."""
+        if lit is not None:
+            data = lit.feed(data)
+            if lit.hits and filt is None:
+                raise _Withheld
+        await send(filt.feed(data) if filt is not None else data)
+
+    async def release_held() -> None:
+        if lit is not None:
+            held = lit.flush()
+            await send(filt.feed(held) if filt is not None else held)
+
     try:
         while True:
-            if text is not None and text.pending:
+            if (text is not None and text.pending) or (lit is not None and lit.pending):
                 try:
                     async with asyncio.timeout(_IDLE_FLUSH):
                         chunk = await resp.readany()
                 except TimeoutError:
-                    await send(text.flush())
+                    await release_held()
+                    if text is not None:
+                        await send(text.flush())
                     continue
             else:
                 chunk = await resp.readany()
             if not chunk or flight.reason is not None:
                 break
-            pieces = inflate.feed(chunk) if inflate is not None else (chunk,)
-            for piece in pieces:
-                await send(filt.feed(piece) if filt is not None else piece)
+            for piece in inflate.feed(chunk) if inflate is not None else (chunk,):
+                await forward(piece)
         if flight.reason is None:
             if inflate is not None:
                 tail = inflate.flush()
                 if tail:
-                    await send(filt.feed(tail) if filt is not None else tail)
+                    await forward(tail)
+            await release_held()
             if filt is not None:
                 await send(filt.flush())
+    except _Withheld:
+        log.warning("http resource=%s the upstream's answer held the credential hoop holds for it; cut",
+                    resource.name)
+        flight.reason = flight.reason or "the upstream's answer held the proxy's credential"
     except (UpstreamFailed, ConnectionError, OSError) as exc:
         if flight.reason is None:
             log.info("http resource=%s stream ended early: %s", resource.name, type(exc).__name__)
@@ -109,8 +135,14 @@ async def respond(call: Call, masker: Masker, resource: HttpResource, resp: Resp
         return
     await call.end()
 
+
+class _Withheld(Exception):
+    """An unmasked body holds the credential: the rest of the answer is not sent."""
+
+
 async def _respond_small(call: Call, masker: Masker, resource: HttpResource, resp: Response,
-                     filt: BodyFilter | None, ctype: str | None, record: dict[str, Any], flight: Flight) -> None:
+                         filt: BodyFilter | None, ctype: str | None, record: dict[str, Any], flight: Flight,
+                         secrets: Secrets | None, reason: str) -> None:
     """An uncompressed body of known length up to 256 KiB: read it whole (bounded) and answer in
     one write, with a correct ``Content-Length`` even when masking changed the body."""
     try:
@@ -122,13 +154,21 @@ async def _respond_small(call: Call, masker: Masker, resource: HttpResource, res
         record["status"] = 502
         return await call.refuse(502, "upstream_error",
                                  f"the upstream of {resource.name} broke off its answer ({exc})")
+    if secrets is not None and secrets.found(raw):
+        if filt is None:  # passed through unmasked: there is no form of it the client may have
+            log.warning("http resource=%s the upstream's answer held the credential hoop holds for it; withheld",
+                        resource.name)
+            record["status"] = 502
+            return await call.refuse(502, "credential_in_answer", f"the upstream of {resource.name} answered "
+                                     "with the credential hoop holds for it; the answer is withheld")
+        raw = secrets.scrub(raw)
     body = filt.feed(raw) + filt.flush() if filt is not None else raw
     cap = Capture(resource.max_body_record)
     cap.feed(body)
     record["resp_bytes"] = cap.size
     if filt is not None or not masker.enabled:
         record["resp_body"] = recorded(masker, ctype, cap, masked=True)
-    await call.send(resp.status, resp.reason, resp.client_headers(body_changes=True, decoded=False),
+    await call.send(resp.status, reason, resp.client_headers(body_changes=True, decoded=False, secrets=secrets),
                     body)
 
 

@@ -1,6 +1,10 @@
 """The HTTP proxy: ``/<resource>/<path>`` to the resource's base URL, with the credential swap.
 
-How this works. Each request passes, in order: routing (an unknown resource is 404), the
+How this works. Each request passes, in order: the method (``TRACE``, ``TRACK`` and ``CONNECT`` are
+405: an upstream answering ``TRACE`` echoes the held credential), routing (an unknown resource is
+404), the target (a path the upstreams resolve differently, :func:`proxy.http.headers.ambiguous_path`,
+is 400: refused rather than guessed, so what the guard judges is what the upstream serves), a
+WebSocket upgrade that is not a ``GET`` (405: the upstream handshake is always a ``GET``), the
 gate (``Authorization: Bearer <grant secret>``; missing or bad is 401, expired, revoked or
 another resource's grant is 403, each with a JSON ``{"error", "reason"}`` that never echoes
 the secret), the guard (:class:`proxy.httpguard.HttpGuard` on method and path: ``block`` is a
@@ -24,7 +28,9 @@ burst of requests costs one session row; each request is recorded as an ``"http"
 masked, capped bodies. Upstream requests go through :class:`proxy.http.pool.UpstreamPool`
 (keep-alive connections on ``asyncio.Protocol``, ``httptools`` parsing): it keeps no cookies
 (cookies of one client must never reach another) and never follows redirects. WebSocket
-upgrades still use an ``aiohttp.ClientSession`` (no cookie jar either).
+upgrades still use an ``aiohttp.ClientSession`` (no cookie jar either), whose redirects are refused
+(:func:`proxy.http.websocket.no_redirects`). The held credential is searched for in every answer
+(:class:`proxy.http.body.Secrets`) and never reaches the client.
 """
 
 from __future__ import annotations
@@ -49,11 +55,13 @@ from broker.credentials import digest
 from broker.errors import ConfigError, Denied
 from broker.model import Grant
 from proxy.guard import Decision
-from proxy.http.body import Capture
+from proxy.http.body import Capture, Secrets
 from proxy.http.call import AioCall, Call
 from proxy.http.front import Front, aio_upgrade_server
 from proxy.http.headers import (
+    ambiguous_path,
     bearer_secret,
+    credential_forms,
     is_websocket_upgrade,
     split_target,
     upstream_headers,
@@ -61,7 +69,7 @@ from proxy.http.headers import (
 from proxy.http.live import Hub, SessionPool
 from proxy.http.pool import Fields, Origin, Response, UpstreamFailed, UpstreamPool, upstream_tls
 from proxy.http.respond import recorded, respond
-from proxy.http.websocket import WsPair, cut, relay
+from proxy.http.websocket import WsPair, cut, no_redirects, relay
 from proxy.httpguard import HttpGuard
 from proxy.mask import Masker
 
@@ -71,6 +79,8 @@ __all__ = ["BearerGate", "HttpProxy"]
 
 _MEMO = 16  # what is derived from repeated request heads, kept per client connection
 _VERDICTS = 4096  # (method, path) guard decisions kept per resource
+#: TRACE/TRACK echo the request, held credential included; CONNECT would make hoop a tunnel
+_REFUSED_METHODS = frozenset({"TRACE", "TRACK", "CONNECT"})
 
 
 class BearerGate(Protocol):
@@ -110,6 +120,12 @@ class _Upstream:
         res = self.resource
         return res.credential.resolve(self.environ) if res.credential is not None and res.auth != "none" else None
 
+    @functools.cached_property
+    def secrets(self) -> Secrets | None:
+        """The held credential in each form it is sent in (after :attr:`credential` resolved)."""
+        forms = credential_forms(self.resource, self.credential)
+        return Secrets(forms) if forms else None
+
 
 def _fields(call: Call, up: _Upstream, client_ip: str, credential: str | None) -> Fields:
     """The upstream request's header fields (the credential swap, hop-by-hop headers out, forwarding
@@ -128,16 +144,21 @@ def _fields(call: Call, up: _Upstream, client_ip: str, credential: str | None) -
     return fields
 
 
-def _head(call: Call) -> tuple[tuple[str, str] | None, str | None, str | None]:
-    """The route, the bearer secret and its digest (the gate's key) of a request: pure functions of the
-    target and the header block, so kept per connection, where a client repeats both."""
+_Head = tuple[tuple[str, str] | None, str | None, str | None, str | None]
+
+
+def _head(call: Call) -> _Head:
+    """The route, why its path is ambiguous (None: it is not), the bearer secret and its digest (the gate's
+    key) of a request: pure functions of the target and the header block, so kept per connection, where a
+    client repeats both."""
     memo, raw = call.memo, call.raw_headers
     memo_key = ("head", call.raw_path, raw) if memo is not None and raw is not None else None
-    hit: tuple[tuple[str, str] | None, str | None, str | None] | None = \
-        memo.get(memo_key) if memo is not None and memo_key is not None else None
+    hit: _Head | None = memo.get(memo_key) if memo is not None and memo_key is not None else None
     if hit is None:
         secret = bearer_secret(call.headers.get("Authorization"))
-        hit = (split_target(call.raw_path), secret, digest(secret) if secret is not None else None)
+        route = split_target(call.raw_path)
+        hit = (route, ambiguous_path(route[1]) if route is not None else None, secret,
+               digest(secret) if secret is not None else None)
         if memo is not None and memo_key is not None:
             if len(memo) >= _MEMO:
                 memo.clear()
@@ -214,7 +235,7 @@ class HttpProxy:
         self._client = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=self._connections, ttl_dns_cache=60),
             auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(), skip_auto_headers=("User-Agent",),
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10))
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10), trace_configs=[no_redirects()])
         self._aio = aio_upgrade_server(self._handle_aio)
         loop = asyncio.get_running_loop()
         aio = self._aio
@@ -254,12 +275,20 @@ class HttpProxy:
         return call.response
 
     async def _serve(self, call: Call) -> None:
-        route, secret, key = _head(call)
+        method = call.method
+        if method in _REFUSED_METHODS:
+            return await call.refuse(405, "method_not_allowed", f"the proxy does not relay {method}")
+        route, ambiguous, secret, key = _head(call)
         up = self._upstreams.get(route[0]) if route else None
         if route is None or up is None:
             known = ", ".join(sorted(self._upstreams)) or "none"
             return await call.refuse(404, "unknown_resource", f"use /<resource>/<path>; HTTP resources here: {known}")
         name, rest = route
+        if ambiguous is not None:
+            return await call.refuse(400, "ambiguous_path", f"{ambiguous}: upstreams resolve it differently, so "
+                                     "the proxy does not guess; send the path as the upstream should see it")
+        if method != "GET" and isinstance(call, AioCall) and is_websocket_upgrade(call.headers):
+            return await call.refuse(405, "method_not_allowed", "a WebSocket upgrade must be a GET")
         if secret is None:
             return await call.refuse(401, "unauthenticated",
                                      "present your hoop credential as 'Authorization: Bearer <secret>'")
@@ -267,10 +296,9 @@ class HttpProxy:
             grant = await self.gate.authenticate_bearer(secret, name, key=key)
         except Denied as exc:
             return await call.refuse(401 if exc.code == "bad_credentials" else 403, exc.code, exc.message)
-        ended = self.pool.ended(grant.id)
+        ended = self.pool.ended(grant)
         if ended is not None:
             return await call.refuse(403, "expired" if "expired" in ended else "revoked", ended)
-        method = call.method
         decision, shown_path = up.verdict(method, rest)
         flight = _Flight(call)  # (also the session pool's Stream: abort() cuts it)
         client_ip = call.remote or "unknown"
@@ -345,7 +373,7 @@ class HttpProxy:
         try:
             origin = up.origin
             result = await relay(call.request, self._client, self._url(up, rest), headers, up.masker, flight.ws,
-                                 tls=origin.tls if origin is not None else None,
+                                 flight, secrets=up.secrets, tls=origin.tls if origin is not None else None,
                                  server_name=origin.server_name if origin is not None else None)
         except (aiohttp.ClientError, OSError) as exc:
             record["status"] = 502
@@ -393,6 +421,6 @@ class HttpProxy:
             record["status"] = 403
             return await call.refuse(403, "revoked", flight.reason)
         try:
-            await respond(call, up.masker, up.resource, resp, flight, record)
+            await respond(call, up.masker, up.resource, resp, flight, record, up.secrets)
         finally:
             resp.release()

@@ -38,7 +38,7 @@ def test_normalise_path(target: str, expected: str) -> None:
 @pytest.mark.parametrize(
     "target",
     ["a/b", "*", "http://x/a", "/..", "/a/../..", "/a%2Fb", "/a%5cb", "/a\\b", "/a;x=1", "/a%00", "/a%zz",
-     "/a%2", "/a%252e%252e", "/a\nb"],
+     "/a%2", "/a%252e%252e", "/a\nb", "/a//../b", "/a/b//..", "/a//./../b", "/a//%2e%2e/b"],
 )
 def test_unnormalisable(target: str) -> None:
     with pytest.raises(Unnormalisable):
@@ -96,6 +96,9 @@ BYPASSES = [
     "/api/v1/namespaces%2fprod",
     "/api/v1/namespaces\\prod",
     "/api/v1/namespaces/%252e%252e/prod",
+    "/api/v1/namespaces//../prod",  # RFC 3986 / WHATWG: /api/v1/namespaces/prod
+    "/api/v1/namespaces/prod//..",
+    "/api/v1/namespaces/x//%2e%2e/prod",
 ]
 
 

@@ -18,16 +18,23 @@ USERS = (b'{"items": [{"name": "Alice", "email": "alice.smith@example.com", "pas
 
 
 class Upstream:
-    """Routes: /echo-headers, /api/v1/namespaces/{ns}, /users (chunked JSON), /users-whole (the same with a
-    Content-Length), /doc (a large JSON document of known length), /text, /big, /slow, /ws, /upload."""
+    """Routes: /echo-headers, /echo (the request head back as ``?type=``, ``?chunked=1`` in small pieces),
+    /redir (302 to ``?to=``), /ws-slow (a WebSocket that takes a second to answer), /api/v1/namespaces/{ns},
+    /users (chunked JSON), /users-whole (the same with a Content-Length), /doc (a large JSON document of
+    known length), /text, /big, /slow, /ws, /upload."""
 
     def __init__(self) -> None:
         self.seen: list[dict[str, Any]] = []
         self.slow_started = asyncio.Event()
+        self.ws_slow_started = asyncio.Event()
+        self.ws_slow_closed: asyncio.Future[int | None] | None = None
         self.runner: web.AppRunner | None = None
         self.port = 0
         app = web.Application()
         app.router.add_route("*", "/echo-headers", self.echo_headers)
+        app.router.add_get("/echo", self.echo)
+        app.router.add_get("/redir", self.redir)
+        app.router.add_get("/ws-slow", self.ws_slow)
         app.router.add_route("*", "/api/v1/namespaces/{ns}", self.namespace)
         app.router.add_get("/users", self.users)
         app.router.add_get("/users-whole", self.users_whole)
@@ -65,6 +72,42 @@ class Upstream:
     async def echo_headers(self, request: web.Request) -> web.Response:
         self._seen(request)
         return web.json_response({"ok": True})
+
+    async def echo(self, request: web.Request) -> web.StreamResponse:
+        """What a TRACE answer or a debug endpoint does: the request head back, with the ``Authorization``
+        it got also in a response header."""
+        self._seen(request)
+        head = f"{request.method} {request.path_qs} HTTP/1.1\r\n" + "".join(
+            f"{n}: {v}\r\n" for n, v in request.headers.items()) + "\r\n"
+        ctype = request.query.get("type", "text/plain")
+        headers = {"Content-Type": ctype, "X-Seen-Auth": request.headers.get("Authorization", "-")}
+        if request.query.get("chunked") != "1":
+            return web.Response(body=head.encode(), headers=headers)
+        resp = web.StreamResponse(headers=headers)
+        await resp.prepare(request)
+        data = head.encode()
+        for i in range(0, len(data), 5):  # the credential spans writes
+            await resp.write(data[i:i + 5])
+        await resp.write_eof()
+        return resp
+
+    async def redir(self, request: web.Request) -> web.Response:
+        self._seen(request)
+        raise web.HTTPFound(request.query["to"])
+
+    async def ws_slow(self, request: web.Request) -> web.WebSocketResponse:
+        """A WebSocket whose handshake takes a second (a kubelet behind the API server)."""
+        self._seen(request)
+        self.ws_slow_closed = asyncio.get_running_loop().create_future()
+        self.ws_slow_started.set()
+        await asyncio.sleep(1.0)
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for msg in ws:
+            if msg.type is WSMsgType.TEXT:
+                await ws.send_str(f"echo: {msg.data}")
+        self.ws_slow_closed.set_result(ws.close_code)
+        return ws
 
     async def namespace(self, request: web.Request) -> web.Response:
         self._seen(request)
