@@ -9,7 +9,10 @@ RowDescription bytes, so a result shape seen before costs one dict lookup.
 DataRows arrive as runs (the framer coalesces them); :mod:`proxy.pg.runs` handles them.
 Binary cells of text-like types (text, varchar, name, json: their binary form is the UTF-8
 text) are masked like text cells, by column rules and detectors. Other binary cells of masked
-columns become NULL: a redacted int4 cannot keep its 4 bytes.
+columns become NULL: a redacted int4 cannot keep its 4 bytes. Other binary cells of unmasked
+columns that may carry text (arrays, records, jsonb, xml, bytea, extension types: anything
+but a fixed-width scalar) are read by the detectors too, and a hit is overwritten in place
+with filler of its length, so the cell keeps its structure (:mod:`proxy.pg.binary`).
 
 When the table-name lookup fails, the table is kept as :data:`UNRESOLVED` and a column whose
 name matches the column part of any ``table.column`` rule is masked by that rule: an
@@ -28,6 +31,7 @@ from dataclasses import dataclass
 from broker.config import Strategy
 from proxy.mask import Masker
 from proxy.pg import codec
+from proxy.pg.binary import mask_binary, scanned
 from proxy.pg.messages import Buf, Field, MalformedMessage, decode_data_row, decode_fields
 
 log = logging.getLogger(__name__)
@@ -45,6 +49,8 @@ class Plan:
     text: tuple[bool, ...]  # text-format cell (detectors may read it)
     binary_text: tuple[bool, ...]  # binary cell of a text-like type
     masked: bool  # some column rule applies: every row is rewritten
+    binary_scan: tuple[bool, ...] = ()  # other binary cell that may carry text: detectors, in place
+    oids: tuple[int, ...] = ()  # type OID per column
 
 
 def formats_for(n: int, result_formats: Sequence[int]) -> tuple[int, ...]:
@@ -79,8 +85,10 @@ def make_plan(masker: Masker, fields: Sequence[Field], formats: Sequence[int], t
     strategies = tuple(_strategy(masker, f, tables) for f in fields)
     text = tuple(fmt == 0 for fmt in formats)
     binary_text = tuple(fmt != 0 and f.type_oid in TEXT_LIKE_OIDS for f, fmt in zip(fields, formats, strict=True))
+    binary_scan = tuple(fmt != 0 and f.type_oid not in TEXT_LIKE_OIDS and scanned(f.type_oid)
+                        for f, fmt in zip(fields, formats, strict=True))
     return Plan(tuple(f.name for f in fields), strategies, text, binary_text,
-                any(s is not None for s in strategies))
+                any(s is not None for s in strategies), binary_scan, tuple(f.type_oid for f in fields))
 
 
 def mask_row(masker: Masker, plan: Plan, body: Buf, detect: bool) -> bytes | None:
@@ -89,21 +97,34 @@ def mask_row(masker: Masker, plan: Plan, body: Buf, detect: bool) -> bytes | Non
     changed = False
     strategies, text, binary_text = plan.strategies, plan.text, plan.binary_text
     width = len(strategies)
+    binary_scan = plan.binary_scan or (False,) * width
     for i, cell in enumerate(cells):
         if cell is None:
             continue
-        strategy = strategies[i] if i < width else None
-        is_text = text[i] if i < width else False
+        if i >= width:  # a row wider than its plan: its format is unknown, mask it in place (fail closed)
+            if detect:
+                hit, new = mask_binary(masker, bytes(cell), 0)
+                if hit:
+                    cells[i] = new
+                    changed = True
+            continue
+        strategy = strategies[i]
+        readable = text[i] or binary_text[i]
         if strategy is not None:
-            if is_text or binary_text[i]:
+            if readable:
                 cells[i] = masker.apply_bytes(bytes(cell), strategy)
             else:
                 cells[i] = None
             changed = True
-        elif detect and (is_text or binary_text[i]):
+        elif detect and readable:
             out = masker.mask_bytes(bytes(cell) if isinstance(cell, bytearray) else cell)
             if out is not None:
                 cells[i] = out
+                changed = True
+        elif detect and binary_scan[i]:
+            hit, new = mask_binary(masker, bytes(cell), plan.oids[i])
+            if hit:
+                cells[i] = new
                 changed = True
     return codec.encode_data_row(cells) if changed else None
 

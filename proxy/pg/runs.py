@@ -1,8 +1,9 @@
 """Runs of DataRows (one coalesced frame of the framer): count, sample, prefilter, rewrite.
 
 How this works. A run whose plan has no masked column is checked with the masker's bytes
-prefilter (:meth:`proxy.mask.Masker.might_contain`) over its readable cells only, joined by
-NUL (:func:`run_might_contain`), and forwarded untouched when nothing can match; otherwise
+prefilter (:meth:`proxy.mask.Masker.might_contain`) over its readable cells only (text cells,
+and binary cells that may carry text: every type but fixed-width scalars), joined by NUL
+(:func:`run_might_contain`), and forwarded untouched when nothing can match; otherwise
 the caller masks it row by row (:func:`proxy.pg.rows.mask_row`, a row is rewritten only when
 a cell changes). A run with a masked column is rewritten in one pass (:func:`rewrite_run`).
 
@@ -81,7 +82,7 @@ def rewrite_run(masker: Masker, plan: Plan, buf: bytes, s: int, e: int, detect: 
 def run_might_contain(masker: Masker, plan: Plan | None, buf: bytes, s: int, e: int) -> bool:
     """Whether the detectors might fire on the DataRow run ``buf[s:e]`` of a result with no masked column.
 
-    Only the cells the detectors read (text, or binary text-like) are looked at, joined by NUL
+    Only the cells the detectors read (text, or binary that may carry text) are looked at, joined by NUL
     as :func:`rewrite_run` does; a run whose rows do not match ``plan`` is looked at whole.
     """
     if plan is not None and plan.strategies:
@@ -140,16 +141,18 @@ def _c_ops(plan: Plan) -> tuple[bytes, tuple[bytes | None, ...], bool, bytes]:
     if hit is None or hit[0] is not plan:
         ops = bytearray()
         fixed: list[bytes | None] = []
-        for st, t, b in zip(plan.strategies, plan.text, plan.binary_text, strict=True):
+        scans = _binary_scan(plan)
+        for st, t, b, x in zip(plan.strategies, plan.text, plan.binary_text, scans, strict=True):
             readable = t or b
             if st is None:
-                ops.append(_SCAN if readable else _SKIP)
+                ops.append(_SCAN if readable or x else _SKIP)
             elif not readable:
                 ops.append(_NULLED)
             else:
                 ops.append(_C_FIXED if st == "redact" else _C_PARTIAL if st == "partial" else _APPLY)
             fixed.append(_LEN(len(RULE)) + RULE if st == "redact" and readable else None)
-        flags = bytes(1 if t or b else 0 for t, b in zip(plan.text, plan.binary_text, strict=True))
+        flags = bytes(1 if t or b or (x and st is None) else 0
+                      for st, t, b, x in zip(plan.strategies, plan.text, plan.binary_text, scans, strict=True))
         if len(_OPS) > 4096:
             _OPS.clear()
         hit = _OPS[id(plan)] = (plan, bytes(ops), tuple(fixed), _SCAN in ops, flags)
@@ -167,9 +170,9 @@ def py_rewrite_run(masker: Masker, plan: Plan, buf: bytes, s: int, e: int, detec
     strategies = plan.strategies
     width = len(strategies)
     # per column: (kind, strategy, the whole replacement cell when it is a constant)
-    ops = tuple(((_APPLY if (t or b) else _NULLED) if st is not None else (_SCAN if (t or b) else _SKIP), st,
+    ops = tuple(((_APPLY if (t or b) else _NULLED) if st is not None else (_SCAN if (t or b or x) else _SKIP), st,
                  _LEN(len(RULE)) + RULE if st == "redact" and (t or b) else None)
-                for st, t, b in zip(strategies, plan.text, plan.binary_text, strict=True))
+                for st, t, b, x in zip(strategies, plan.text, plan.binary_text, _binary_scan(plan), strict=True))
     scanning = detect and any(op[0] == _SCAN for op in ops)
     apply = masker.apply_bytes
     plain: list[bytes] = []
@@ -230,6 +233,11 @@ def py_rewrite_run(masker: Masker, plan: Plan, buf: bytes, s: int, e: int, detec
     if scanning and plain and masker.might_contain(b"\0".join(plain)):
         return None
     return b"".join(parts)
+
+
+def _binary_scan(plan: Plan) -> tuple[bool, ...]:
+    """Per column: a binary cell the detectors read over its raw bytes (:mod:`proxy.pg.binary`)."""
+    return plan.binary_scan or (False,) * len(plan.strategies)
 
 
 RULE = RULE_MARKER.encode()

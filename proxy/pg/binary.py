@@ -1,0 +1,170 @@
+"""Binary-format cells: which types can carry text, and masking detector hits in them in place.
+
+How this works. A client that asks for binary results (asyncpg always does) gets arrays,
+records, jsonb, xml, bytea, citext, hstore and so on in their binary send format, which
+carries any text inside verbatim. Such a cell cannot be rewritten like a text cell: a
+replacement of another length would break the lengths of the array, record or other value
+around it, and the client could no longer decode it. So :func:`mask_binary` overwrites each
+detector hit with filler of the *same* length (the detectors match ASCII spans), and the cell
+keeps its size and its structure.
+
+To find where the text is, the cell is walked (:func:`leaves`): arrays and records describe
+themselves (element and field type OIDs, a length before each value), so they are taken
+apart down to their leaves; a leaf of a known text type is scanned as is, a leaf of a
+fixed-width type is skipped, and any other leaf is scanned as opaque bytes. In an opaque leaf
+a hit next to or across a NUL byte may cover a length inside a structure hoop does not know,
+and a hit in a structure's own bytes (or across two leaves) cannot be masked in place: in
+both cases the whole cell becomes NULL, which every client decodes. Fail closed: after
+masking, the whole cell is scanned once more, and any hit left makes it NULL too.
+
+Cells of fixed-width types (:data:`FIXED_OIDS`, and arrays of them) hold no text and are not
+scanned at all.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from broker.config import Detector
+from proxy.mask import REDACT_MARKERS, Masker
+
+#: fixed-width scalars whose binary form cannot carry text: bool, "char", int8, int2, int4,
+#: oid, tid, xid, cid, point, lseg, box, line, circle, float4, float8, money, cidr, macaddr8,
+#: macaddr, inet, date, time, timestamp, timestamptz, interval, timetz, numeric, uuid, pg_lsn, xid8
+FIXED_OIDS = frozenset({16, 18, 20, 21, 23, 26, 27, 28, 29, 600, 601, 603, 628, 718, 700, 701, 790, 650, 774,
+                        829, 869, 1082, 1083, 1114, 1184, 1186, 1266, 1700, 2950, 3220, 5069})
+#: arrays of those (their elements are fixed-width or NULL)
+FIXED_ARRAY_OIDS = frozenset({1000, 1002, 1016, 1005, 1007, 1028, 1010, 1011, 1012, 1017, 1018, 1020, 629, 719,
+                              1021, 1022, 791, 651, 775, 1040, 1041, 1182, 1183, 1115, 1185, 1187, 1270, 1231,
+                              2951, 3221, 271})
+#: types whose binary form is their bytes or text as is (jsonb and jsonpath after a version
+#: byte): text, varchar, bpchar, name, json, unknown, bytea, xml, jsonb, jsonpath, cstring
+RAW_OIDS = frozenset({25, 1043, 1042, 19, 114, 705, 17, 142, 3802, 4072, 2275})
+
+_I32 = struct.Struct("!i").unpack_from
+_U32 = struct.Struct("!I").unpack_from
+_MAX_DEPTH = 16  # nesting hoop takes apart; deeper values are opaque (and so fail closed on a hit)
+_MAX_DIMS = 6  # PostgreSQL's MAXDIM
+
+#: a leaf: ``(start, end, raw)``; raw leaves have no inner structure a hit could cover
+Leaf = tuple[int, int, bool]
+
+
+def scanned(type_oid: int) -> bool:
+    """Whether a binary cell of ``type_oid`` may carry text (so the detectors read it)."""
+    return type_oid not in FIXED_OIDS and type_oid not in FIXED_ARRAY_OIDS
+
+
+def leaves(buf: bytes, s: int, e: int, type_oid: int, out: list[Leaf], depth: int = 0) -> None:
+    """Append the leaves of the binary value ``buf[s:e]`` of ``type_oid`` that may hold text."""
+    if type_oid in FIXED_OIDS or type_oid in FIXED_ARRAY_OIDS:
+        return
+    if type_oid in RAW_OIDS:
+        out.append((s, e, True))
+        return
+    if depth < _MAX_DEPTH:
+        found = _array(buf, s, e)
+        if found is not None:
+            elem, values = found
+            for vs, ve in values:
+                leaves(buf, vs, ve, elem, out, depth + 1)
+            return
+        fields = _record(buf, s, e)
+        if fields is not None:
+            for oid, vs, ve in fields:
+                leaves(buf, vs, ve, oid, out, depth + 1)
+            return
+    out.append((s, e, False))
+
+
+def _array(buf: bytes, s: int, e: int) -> tuple[int, list[tuple[int, int]]] | None:
+    """The element OID and the non-NULL element spans when ``buf[s:e]`` is exactly a binary array."""
+    if e - s < 12:
+        return None
+    (ndim,) = _I32(buf, s)
+    (flags,) = _I32(buf, s + 4)
+    (elem,) = _U32(buf, s + 8)
+    if not 0 <= ndim <= _MAX_DIMS or flags not in (0, 1) or e - s < 12 + 8 * ndim:
+        return None
+    count = 1 if ndim else 0
+    for d in range(ndim):
+        (size,) = _I32(buf, s + 12 + 8 * d)
+        if size < 0:
+            return None
+        count *= size
+    values = _values(buf, s + 12 + 8 * ndim, e, count, False)
+    return None if values is None else (elem, [(vs, ve) for _, vs, ve in values])
+
+
+def _record(buf: bytes, s: int, e: int) -> list[tuple[int, int, int]] | None:
+    """``(type OID, start, end)`` of the non-NULL fields when ``buf[s:e]`` is exactly a binary record."""
+    if e - s < 4:
+        return None
+    (n,) = _I32(buf, s)
+    if n < 0 or n > (e - s - 4) // 8:
+        return None
+    return _values(buf, s + 4, e, n, True)
+
+
+def _values(buf: bytes, p: int, e: int, n: int, with_oid: bool) -> list[tuple[int, int, int]] | None:
+    """``n`` length-prefixed values (each after its type OID when ``with_oid``) filling ``buf[p:e]`` exactly."""
+    if n > (e - p) // (8 if with_oid else 4):
+        return None
+    out: list[tuple[int, int, int]] = []
+    for _ in range(n):
+        oid = 0
+        if with_oid:
+            if p + 4 > e:
+                return None
+            (oid,) = _U32(buf, p)
+            p += 4
+        if p + 4 > e:
+            return None
+        (size,) = _I32(buf, p)
+        p += 4
+        if size < -1 or p + max(size, 0) > e:
+            return None
+        if size > 0:
+            out.append((oid, p, p + size))
+            p += size
+    return out if p == e else None
+
+
+def filler(masker: Masker, span: bytes, detector: Detector) -> bytes:
+    """ASCII of ``len(span)`` bytes in place of a detector hit, after the resource's strategy:
+    ``[email]***`` (or all ``*`` when shorter than the marker), ``partial`` as for text,
+    ``hash`` cut or padded with ``*``."""
+    n = len(span)
+    if masker.strategy == "redact":
+        marker = REDACT_MARKERS[detector]
+        new: bytes = marker if len(marker) <= n else b""
+    else:
+        new = masker.apply_bytes(span, masker.strategy)
+        if not new.isascii():
+            new = b""
+    return new[:n] + b"*" * (n - len(new))
+
+
+def mask_binary(masker: Masker, cell: bytes, type_oid: int) -> tuple[bool, bytes | None]:
+    """Mask detector hits in the binary cell ``cell`` of ``type_oid`` (0: unknown).
+
+    ``(False, cell)`` when nothing matched; ``(True, new)`` with ``new`` the same length as
+    ``cell``, or None when the cell must become NULL (see the module docstring).
+    """
+    if not masker.might_contain(cell):
+        return False, cell
+    found: list[Leaf] = []
+    leaves(cell, 0, len(cell), type_oid, found)
+    out: bytearray | None = None
+    for s, e, raw in found:
+        part = cell[s:e]
+        for hs, he, detector in masker.scan(part):
+            if not raw and (b"\0" in part[hs:he] or (hs > 0 and part[hs - 1] == 0)):
+                return True, None  # the hit may cover a length of a structure hoop does not know
+            if out is None:
+                out = bytearray(cell)
+            out[s + hs : s + he] = filler(masker, part[hs:he], detector)
+    new = cell if out is None else bytes(out)
+    if masker.might_contain(new) and masker.scan(new):
+        return True, None  # a hit across leaves or in a structure's bytes: not maskable in place
+    return (False, cell) if out is None else (True, new)
