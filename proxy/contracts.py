@@ -7,7 +7,7 @@ hand-written fakes in the tests.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -38,4 +38,4 @@ class Live(Protocol):
 
 class Hub(Protocol):
     async def open(self, grant: Grant, resource: str, protocol: str, client_addr: str,
-                   on_end: Callable[[str], None]) -> Live: ...
+                   on_end: Callable[[str], None], detail: Mapping[str, Any] | None = None) -> Live: ...

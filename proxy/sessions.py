@@ -34,7 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -190,7 +190,7 @@ class SessionHub:
         self._closing: dict[str, LiveSession] = {}
 
     async def open(self, grant: Grant, resource: str, protocol: str, client_addr: str,
-                   on_end: Callable[[str], None]) -> LiveSession:
+                   on_end: Callable[[str], None], detail: Mapping[str, Any] | None = None) -> LiveSession:
         row = Session(id=new_id("s"), grant_id=grant.id, resource=resource, protocol=protocol, login=grant.login,
                       chain=grant.chain, client_addr=client_addr, status=SessionStatus.OPEN,
                       opened_at=self.clock.now())
@@ -201,7 +201,7 @@ class SessionHub:
         live = LiveSession(self, row, grant, on_end)
         self._live[live.id] = live
         live.record("open", {"login": grant.login, "chain": list(grant.chain), "client": client_addr,
-                             "resource": resource, "protocol": protocol})
+                             "resource": resource, "protocol": protocol, **(detail or {})})
         live.arm()
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush_loop(), name="session-flusher")

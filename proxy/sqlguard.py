@@ -29,6 +29,14 @@ Policies worth knowing:
   as without ``WHERE``. Tautologies that name a column (``WHERE id = id``) are not detected.
 - Table and function names compare with :func:`proxy.guard.name_matches` (case-insensitive
   globs; unqualified names are matched pessimistically against qualified patterns).
+- Built-in rules, decided from the tree (so comments, ``U&""`` spellings and quoting are seen
+  through) and stricter than any configured rule: ``hoop-lexer`` blocks SET / RESET /
+  ``SET NAMES`` / ``set_config`` of ``client_encoding``, ``standard_conforming_strings`` or
+  ``backslash_quote`` to anything but the value hoop pins (pglast lexes as UTF-8 with
+  ``standard_conforming_strings=on``; a server lexing otherwise would run statements the guard
+  never saw), and any ``set_config`` whose setting name is not a constant. ``read_only`` (on a
+  read-only resource) blocks ``READ WRITE`` transactions and session characteristics, and SET /
+  RESET / ``set_config`` of a ``*transaction_read_only`` setting other than to a true constant.
 
 Caching: results are cached by exact text (LRU) and, when the text is free of comments,
 backslashes, ``&`` and dollar quotes, by its *shape* (the text with string and number
@@ -57,7 +65,8 @@ try:
 except ImportError:  # not built: the pure-Python shape runs
     _wire = None  # type: ignore[assignment]
 
-__all__ = ["Analysis", "SqlGuard", "Statement", "is_write", "py_shape", "shape"]
+__all__ = ["LEXER_RULE", "LEXER_SETTINGS", "READ_ONLY_RULE", "Analysis", "SqlGuard", "Statement", "is_utf8",
+           "is_write", "py_shape", "shape"]
 
 _MAX_DEPTH = 4
 _MAX_CACHED_LEN = 8192
@@ -69,12 +78,38 @@ _WRITE_KINDS: frozenset[SqlKind] = frozenset(
 )
 
 
+#: the built-in rule that refuses changes to how the server reads SQL text
+LEXER_RULE = "hoop-lexer"
+#: the built-in rule that refuses turning writes back on for a read-only resource
+READ_ONLY_RULE = "read_only"
+#: settings that change how the server lexes a query string; pglast always lexes as UTF-8 with
+#: ``standard_conforming_strings=on``, and hoop pins the server to the same
+LEXER_SETTINGS = frozenset({"client_encoding", "standard_conforming_strings", "backslash_quote"})
+_TRUE = frozenset({"on", "true", "yes", "1", "t", "y"})
+
+
+def is_utf8(encoding: str) -> bool:
+    """Whether an encoding name means UTF-8 (PostgreSQL ignores case and punctuation in it)."""
+    return re.sub(r"[^0-9a-z]", "", encoding.lower()) in ("utf8", "unicode")
+
+
+def _safe_lexer_value(name: str, value: str | None) -> bool:
+    """Whether setting ``name`` to the constant ``value`` keeps the value hoop pins."""
+    if value is None:
+        return False
+    if name == "client_encoding":
+        return is_utf8(value)
+    return name == "standard_conforming_strings" and value.lower() in _TRUE
+
+
 @dataclass(frozen=True, slots=True)
 class Statement:
     """One classified unit. ``index`` is the top-level statement it belongs to (0-based).
 
     ``dynamic`` is set when part of the unit cannot be known statically (computed
-    ``EXECUTE`` in a ``DO`` block); such a unit is decided as unparsed.
+    ``EXECUTE`` in a ``DO`` block); such a unit is decided as unparsed. ``lexer`` says how the
+    unit would change the way the server reads SQL (refused everywhere), ``writes_on`` how it
+    would turn writing back on (refused on a read-only resource).
     """
 
     tag: str
@@ -83,6 +118,8 @@ class Statement:
     functions: frozenset[str]
     index: int
     dynamic: str | None = None
+    lexer: str | None = None
+    writes_on: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,7 +173,7 @@ class _Unparsable(Exception):
 
 
 class _Unit:
-    __slots__ = ("dynamic", "functions", "index", "kinds", "tables", "tag")
+    __slots__ = ("dynamic", "functions", "index", "kinds", "lexer", "tables", "tag", "writes_on")
 
     def __init__(self, tag: str, kinds: set[SqlKind], index: int) -> None:
         self.tag = tag
@@ -145,10 +182,12 @@ class _Unit:
         self.tables: set[str] = set()
         self.functions: set[str] = set()
         self.dynamic: str | None = None
+        self.lexer: str | None = None
+        self.writes_on: str | None = None
 
     def freeze(self) -> Statement:
         return Statement(self.tag, frozenset(self.kinds), frozenset(self.tables),
-                         frozenset(self.functions), self.index, self.dynamic)
+                         frozenset(self.functions), self.index, self.dynamic, self.lexer, self.writes_on)
 
 
 _FIXED: dict[str, tuple[str, frozenset[SqlKind]]] = {
@@ -197,6 +236,43 @@ _ASSIGN_TARGET = re.compile(r'\s*(?:"[^"]*"|[^:="])*?:?=')
 
 def _names(items: list[Any]) -> str:
     return ".".join(i["String"]["sval"] for i in items if "String" in i)
+
+
+def _const(node: Any) -> str | None:
+    """The text of a constant argument (string, number, boolean, or one of these cast), else None."""
+    if not isinstance(node, dict):
+        return None
+    if "TypeCast" in node:
+        node = node["TypeCast"].get("arg")
+        if not isinstance(node, dict):
+            return None
+    c = node.get("A_Const")
+    if c is None:
+        return None
+    if "sval" in c:
+        return str(c["sval"].get("sval", ""))
+    if "ival" in c:
+        return str(c["ival"].get("ival", 0))  # the JSON leaves out a zero
+    if "boolval" in c:
+        return "true" if c["boolval"].get("boolval") else "false"
+    return None
+
+
+def _read_write_option(options: Any) -> bool:
+    """Whether transaction options (``BEGIN``/``SET TRANSACTION``/``SESSION CHARACTERISTICS``) say READ WRITE."""
+    for opt in options or ():
+        d = opt.get("DefElem", {})
+        if d.get("defname") == "transaction_read_only" and (_const(d.get("arg")) or "").lower() not in _TRUE:
+            return True
+    return False
+
+
+def _setting_change(unit: _Unit, name: str, value: str | None, how: str) -> None:
+    """Note on ``unit`` what setting ``name`` to ``value`` (None: not a known constant) would do."""
+    if name in LEXER_SETTINGS and not _safe_lexer_value(name, value):
+        unit.lexer = f"{how} of {name} would change how the server reads SQL"
+    elif name.endswith("transaction_read_only") and (value is None or value.lower() not in _TRUE):
+        unit.writes_on = f"{how} of {name} could turn writing back on"
 
 
 def _mentions_column(obj: Any) -> bool:
@@ -287,11 +363,42 @@ class _Classifier:
         elif typ == "DoStmt":
             self.do_block(f, unit, index, depth)
             return
+        elif typ == "VariableSetStmt":
+            self.variable_set(f, unit)
+        elif typ == "TransactionStmt" and _read_write_option(f.get("options")):
+            unit.writes_on = "a READ WRITE transaction"
         elif typ == "DropStmt" and f.get("removeType") in _TABLE_OBJECTS:
             for obj in f.get("objects", ()):
                 unit.tables.add(_names(obj.get("List", {}).get("items", ())))
         roots = [v for k, v in f.items() if k != skip and type(v) in (dict, list)]
         self.walk(roots, unit, index, depth, typ not in _INERT_BODIES)
+
+    def variable_set(self, f: dict[str, Any], unit: _Unit) -> None:
+        """SET / RESET / SET NAMES / SET TRANSACTION / SET SESSION CHARACTERISTICS."""
+        self.literal_dependent = True  # the decision depends on the value set
+        name = str(f.get("name", "")).lower()
+        kind = f.get("kind", "")
+        if kind == "VAR_SET_MULTI":
+            if _read_write_option(f.get("args")):
+                unit.writes_on = f"SET {name.upper()} ... READ WRITE"
+            return
+        if kind == "VAR_RESET_ALL":
+            return  # back to the values of the session start, which hoop pinned
+        args = f.get("args", ())
+        value = _const(args[0]) if kind == "VAR_SET_VALUE" and len(args) == 1 else None
+        _setting_change(unit, name, value, "SET" if kind == "VAR_SET_VALUE" else "RESET")
+
+    def set_config(self, call: dict[str, Any], unit: _Unit) -> None:
+        """``set_config(name, value, is_local)``: decided like SET when the name is a constant."""
+        self.literal_dependent = True
+        args = call.get("args") or []
+        name = _const(args[0]) if args else None
+        if name is None:
+            # could name any setting: fail closed, everywhere (a pipelined statement would be
+            # read by the server under the new setting before hoop could see it change)
+            unit.lexer = "set_config of a computed setting name"
+            return
+        _setting_change(unit, name.lower(), _const(args[1]) if len(args) > 1 else None, "set_config")
 
     def node(self, wrapped: dict[str, Any], index: int, depth: int) -> None:
         ((typ, fields),) = wrapped.items()
@@ -312,7 +419,10 @@ class _Classifier:
                 parts = (obj.get("catalogname"), obj.get("schemaname"), obj["relname"])
                 unit.tables.add(".".join(p for p in parts if p))
             if "funcname" in obj:
-                unit.functions.add(_names(obj["funcname"]))
+                fn = _names(obj["funcname"])
+                unit.functions.add(fn)
+                if fn[-10:].lower() == "set_config" and fn.rpartition(".")[2].lower() == "set_config":
+                    self.set_config(obj, unit)  # any schema (or db.schema) prefix: fail closed
             for key, val in obj.items():
                 if runs and key in _NESTED_DML:
                     self.statement(key, val, index, depth)
@@ -442,4 +552,13 @@ class SqlGuard:
                    kinds=st.kinds, tables=st.tables, functions=st.functions)
         if st.dynamic:
             d = strictest([d, unparsed(self.guardrails, st.dynamic, subject, st.index)])
+        builtin: str | None = None
+        reason = ""
+        if st.lexer:
+            builtin, reason = LEXER_RULE, f"{st.lexer}; hoop reads SQL as UTF8 with standard_conforming_strings=on"
+        elif st.writes_on and self.guardrails.read_only:
+            builtin, reason = READ_ONLY_RULE, f"the resource is read-only: {st.writes_on}"
+        if builtin is not None:  # built-in rules name the decision even when a rule also blocks
+            d = Decision("block", builtin, f'rule "{builtin}" blocks {subject}: {reason}', subject, st.index,
+                         st.kinds, st.tables, st.functions)
         return d

@@ -29,14 +29,14 @@ ReadyForQuery said ``I``, nothing is in flight and no batch is open) does hoop a
 without a round trip.
 
 On a read-only resource, hoop starts the upstream session with
-``default_transaction_read_only=on`` and refuses, besides every write, any SET or
-transaction statement (or ``set_config`` call) that names ``read write`` or a
-``*transaction_read_only`` setting: the client cannot switch the session back to writing.
+``default_transaction_read_only=on`` and refuses every write; the guard itself refuses, from
+the parse tree, whatever would switch the session back to writing (``READ WRITE``
+transactions, SET or ``set_config`` of a ``*transaction_read_only`` setting, ``set_config`` of
+a computed name).
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -56,7 +56,7 @@ from proxy.pg.messages import (
 from proxy.pg.replies import Replies
 from proxy.pg.rows import formats_for
 from proxy.pg.state import Portal, Rec, Stmt, Suspend
-from proxy.sqlguard import Analysis, is_write
+from proxy.sqlguard import READ_ONLY_RULE, Analysis, is_write
 
 __all__ = ["STAND_IN", "Inspector", "Portal", "Rec", "Stmt", "Suspend"]
 
@@ -64,8 +64,6 @@ _M = TypeVar("_M")
 RAW = codec.RAW
 _F_PASS = frozenset({RAW, Frontend.COPY_DATA, Frontend.COPY_DONE, Frontend.COPY_FAIL, Frontend.FLUSH,
                      Frontend.TERMINATE})
-_SESSION_TAGS = frozenset({"SET", "TRANSACTION"})
-_READ_WRITE = re.compile(r"read[\s_]*write|transaction_read_only", re.IGNORECASE)
 
 
 #: what the server is sent in place of a refused statement: fails with a syntax error (42601)
@@ -74,7 +72,7 @@ _STAND_IN_QUERY = codec.encode_query(STAND_IN)
 
 
 def _read_only(decision: Decision) -> Decision:
-    return Decision("block", "read_only", "the resource is read-only", decision.subject)
+    return Decision("block", READ_ONLY_RULE, "the resource is read-only", decision.subject)
 
 
 class Inspector(Replies):
@@ -90,33 +88,25 @@ class Inspector(Replies):
         decision: Decision | None = None
         kinds: list[str] = []
         if self.guard is not None:
-            kinds, decision = self._verdict(sql, self.guard.analyse(sql))
+            kinds, decision = self._verdict(self.guard.analyse(sql))
         if len(self._texts) > 2048:
             self._texts.clear()
         self._texts[sql] = (text, kinds, decision)
         return text, kinds, decision
 
-    def _verdict(self, sql: str, analysis: Analysis) -> tuple[list[str], Decision]:
+    def _verdict(self, analysis: Analysis) -> tuple[list[str], Decision]:
         """Kinds and decision of an analysis, worked out once per analysis (the guard caches
         analyses by statement shape, so texts differing only in literals share one)."""
         hit = self._verdicts.get(id(analysis))
         if hit is None or hit[0] is not analysis:
             decision = analysis.decision
             kinds: list[str] = sorted({k for st in analysis.statements for k in st.kinds})
-            textual = False
-            if self.read_only and not decision.blocked:
-                if is_write(analysis.statements):
-                    decision = _read_only(decision)
-                else:
-                    textual = any(st.tag in _SESSION_TAGS or "set_config" in st.functions
-                                  for st in analysis.statements)
+            if self.read_only and not decision.blocked and is_write(analysis.statements):
+                decision = _read_only(decision)
             if len(self._verdicts) > 1024:
                 self._verdicts.clear()
-            hit = self._verdicts[id(analysis)] = (analysis, kinds, decision, textual)
-        _, found, decision, textual = hit
-        if textual and _READ_WRITE.search(sql) is not None:
-            decision = _read_only(decision)
-        return found, decision
+            hit = self._verdicts[id(analysis)] = (analysis, kinds, decision)
+        return hit[1], hit[2]
 
     def _decoded(self, t: int, body: memoryview, decode: Callable[[Buf], _M]) -> _M:
         """``decode(body)``, memoised by the raw body: drivers resend the same Parse, Describe,

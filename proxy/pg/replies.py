@@ -20,13 +20,14 @@ from proxy.pg.messages import (
     decode_command_complete,
     decode_copy_response,
     decode_fields,
+    decode_parameter_status,
 )
 from proxy.pg.rows import Catalog, Plan, mask_message_fields, mask_payload, mask_row
 from proxy.pg.runs import rewrite_run, row_spans, run_might_contain, run_sample
 from proxy.pg.state import NO_SHAPE, Rec, Shape, State, Suspend
 
 RAW = codec.RAW
-_B_PASS = frozenset({RAW, Backend.PARAMETER_STATUS, Backend.PARAMETER_DESCRIPTION, Backend.COPY_DONE,
+_B_PASS = frozenset({RAW, Backend.PARAMETER_DESCRIPTION, Backend.COPY_DONE,
                      Backend.COPY_IN_RESPONSE, Backend.COPY_BOTH_RESPONSE, Backend.NEGOTIATE_PROTOCOL_VERSION,
                      Backend.FUNCTION_CALL_RESPONSE})
 _SIMPLE_POPS = {Backend.PARSE_COMPLETE: "parse", Backend.BIND_COMPLETE: "bind", Backend.CLOSE_COMPLETE: "close"}
@@ -167,6 +168,13 @@ class Replies(State):
             elif t == Backend.NOTIFICATION_RESPONSE:
                 if masker is not None:
                     replace = mask_payload(masker, t, body, 4)
+            elif t == Backend.PARAMETER_STATUS:
+                unsafe = unsafe_parameter(*decode_parameter_status(body))
+                if unsafe is not None:  # the guard missed a change of how the server reads SQL
+                    self.abort = unsafe
+                    if run >= 0:
+                        out.append(buf[run:s])
+                    return out, n, None
             elif t in _SIMPLE_POPS:
                 self._pop_to(_SIMPLE_POPS[t])
             elif t in (Backend.BACKEND_KEY_DATA, Backend.AUTHENTICATION):
@@ -224,6 +232,16 @@ class Replies(State):
 
 
 _EMPTY = Plan((), (), (), (), False)
+#: what the server must keep reporting: pglast reads SQL exactly so, and hoop pins both at login
+PINNED = {"client_encoding": "UTF8", "standard_conforming_strings": "on"}
+
+
+def unsafe_parameter(name: str, value: str) -> str | None:
+    """Why the server's report ``name=value`` (ParameterStatus) ends the session, or None."""
+    want = PINNED.get(name)
+    if want is None or value == want:
+        return None
+    return f"the session's {name} is {value!r}: hoop only relays sessions with {name}={want}"
 
 
 def _resolver(catalog: Catalog, missing: list[int]) -> Suspend:

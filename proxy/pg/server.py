@@ -16,7 +16,16 @@ and one task runs its set-up as plain async code, inside ``asyncio.timeout``:
 
 Refusals are ErrorResponses: 28P01 (bad secret / unknown login), 28000 (expired, revoked,
 other resource), 08006 (the database is unreachable or refused hoop; never with its secret),
-08P01 (protocol violations).
+08P01 (protocol violations), 42501 (a start-up parameter hoop does not pass on).
+
+Start-up parameters. Each one becomes a setting of the upstream session with the client's
+priority, so only harmless ones are passed on (:data:`PASSED_PARAMS`); any other is refused
+before anything else happens. hoop then pins upstream what its SQL guard assumes:
+``client_encoding=UTF8`` and ``standard_conforming_strings=on`` (pglast reads SQL exactly so;
+a login where the server reports otherwise is refused, and so is a later change, see
+:mod:`proxy.pg.replies`), and ``options=-c default_transaction_read_only=on`` for a read-only
+resource. A client's ``client_encoding`` is accepted when it means UTF-8 (or SQL_ASCII, which
+asks for no conversion at all) and is then served by the pin.
 """
 
 from __future__ import annotations
@@ -40,15 +49,19 @@ from proxy.pg import codec, upstream
 from proxy.pg.inspect import Inspector, Stmt
 from proxy.pg.messages import Frontend, decode_password, decode_sasl_initial_response
 from proxy.pg.relay import Relay
+from proxy.pg.replies import PINNED, unsafe_parameter
 from proxy.pg.rows import Catalog, qualified_tables
 from proxy.pg.scram import ScramAuthFailed, ScramServer, parse_verifier
 from proxy.pg.tls import ServerTls, server_tls
 from proxy.pg.upstream import Reader, StaticCredentials, UpstreamCredentials
-from proxy.sqlguard import SqlGuard
+from proxy.sqlguard import SqlGuard, is_utf8
 
 log = logging.getLogger(__name__)
 
-_DROPPED_PARAMS = frozenset({"user", "database", "replication", "options"})
+#: start-up parameters passed on to the database, by lower-case name (PostgreSQL ignores case)
+PASSED_PARAMS = frozenset({"application_name", "datestyle", "intervalstyle", "timezone", "extra_float_digits"})
+_LOGIN_PARAMS = frozenset({"user", "database", "replication"})  # read by hoop itself
+_PASSED_TEXT = "application_name, DateStyle, IntervalStyle, TimeZone, extra_float_digits, client_encoding=UTF8"
 _ids = itertools.count(1)
 
 
@@ -183,10 +196,15 @@ class PgProxy:
             raise _Refusal("28000", "hoop: no user name given: use the grant's login")
         if params.get("replication", "false").lower() not in ("false", "0", "off", "no"):
             raise _Refusal("28000", "hoop: replication connections are not allowed")
+        try:
+            passed = startup_params(params)
+        except _Refusal as exc:
+            log.info("conn=%s user=%s refused at start-up: %s", conn, login, exc.message)
+            raise
         grant = await self._authenticate(reader, login, database, tls_on)
         resource = self.config.resource(database)
         assert isinstance(resource, PostgresResource)  # authorize() accepted the name
-        await self._open(reader, grant, resource, params, addr, conn)
+        await self._open(reader, grant, resource, passed, addr, conn)
 
     async def _authenticate(self, reader: Reader, login: str, database: str, tls_on: bool) -> Grant:
         if self.allow_cleartext and tls_on:
@@ -227,7 +245,7 @@ class PgProxy:
             return _Refusal("28P01", f'hoop: password authentication failed for user "{login}"')
         return _Refusal("28000", f"hoop: {exc.message}")
 
-    async def _open(self, reader: Reader, grant: Grant, resource: PostgresResource, params: Mapping[str, str],
+    async def _open(self, reader: Reader, grant: Grant, resource: PostgresResource, passed: dict[str, str],
                     addr: str, conn: str) -> None:
         relay: Relay | None = None
         ended: list[str] = []
@@ -238,13 +256,18 @@ class PgProxy:
             else:
                 ended.append(reason)
 
-        session = await self.hub.open(grant, resource.name, "postgres", addr, on_end)
+        session = await self.hub.open(grant, resource.name, "postgres", addr, on_end, detail={"params": passed})
         try:
             user, password = await self.credentials.for_grant(resource, grant)
-            up_params = {k: v for k, v in params.items() if k not in _DROPPED_PARAMS and not k.startswith("_pq_.")}
+            pins = dict(PINNED)  # as start-up parameters, which poolers know, rather than in options
             if resource.guardrails.read_only:
-                up_params["options"] = "-c default_transaction_read_only=on"
-            up = await upstream.connect(resource, user, password, up_params)
+                pins["options"] = "-c default_transaction_read_only=on"
+            up = await upstream.connect(resource, user, password, {**passed, **pins})
+            unsafe = next(filter(None, (unsafe_parameter(k, up.params.get(k, "(not reported)")) for k in PINNED)),
+                          None)
+            if unsafe is not None:  # e.g. a pooler in between that ignored the pins
+                up.transport.close()
+                raise UpstreamError(unsafe)
         except HoopError as exc:
             await session.close("the database refused hoop")
             raise _Refusal("08006", f"hoop: {exc.message}") from None
@@ -306,6 +329,29 @@ class PgProxy:
             return {int(oid or 0): name or "" for oid, name in rows}
 
         return lookup
+
+
+def startup_params(params: Mapping[str, str]) -> dict[str, str]:
+    """The client's start-up parameters that go upstream; raises a 42501 refusal naming any
+    parameter hoop does not pass on (see the module docstring)."""
+    passed: dict[str, str] = {}
+    for name, value in params.items():
+        key = name.lower()
+        if key in PASSED_PARAMS:
+            passed[name] = value
+        elif key in _LOGIN_PARAMS or key.startswith("_pq_."):  # _pq_: answered by NegotiateProtocolVersion
+            continue
+        elif key == "client_encoding":
+            encoding = value.strip("'\" ")
+            if not is_utf8(encoding) and encoding.lower() != "sql_ascii":
+                raise _Refusal("42501", f"hoop: client_encoding {encoding!r} is not allowed: hoop relays "
+                                        "UTF8 sessions only (set PGCLIENTENCODING=UTF8)")
+        elif key == "options" and not value.strip():
+            continue
+        else:
+            raise _Refusal("42501", f'hoop: start-up parameter "{name}" is not allowed: hoop does not pass it to '
+                                    f"the database (it passes {_PASSED_TEXT})")
+    return passed
 
 
 class _Refusal(HoopError):

@@ -109,8 +109,8 @@ class State:
         self.fatal: str | None = None  # a FATAL error the server sent
         self.abort: str | None = None  # hoop must end the session (cannot mask safely)
         self._texts: dict[str, tuple[str, list[str], Decision | None]] = {}
-        #: id(analysis) -> (analysis, kinds, decision, whether the text decides read-only)
-        self._verdicts: dict[int, tuple[Any, list[str], Decision, bool]] = {}
+        #: id(analysis) -> (analysis, kinds, decision)
+        self._verdicts: dict[int, tuple[Any, list[str], Decision]] = {}
         self._shapes: dict[bytes, Shape] = {}  # raw RowDescription body -> its shape
         self._memo: dict[tuple[int, bytes], Any] = {}  # (type, raw body) -> decoded client message
         #: (Parse body or None, Describe body, Execute body) -> what proxy.pg.fast needs of them

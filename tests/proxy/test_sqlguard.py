@@ -223,3 +223,69 @@ def test_cache_by_shape_shares_results_but_not_for_do_bodies() -> None:
     assert g.analyse("SELECT abalance FROM pgbench_accounts WHERE aid = 2") is a
     assert g.check("DO 'BEGIN NULL; END'").action == "review"
     assert g.check("DO 'BEGIN DROP TABLE t; END'").action == "block"
+
+
+# (sql, the built-in rule that blocks it on a read-only resource, or None): how the server reads
+# SQL (client_encoding, standard_conforming_strings, backslash_quote) is pinned on every resource;
+# turning writes back on is refused on a read-only one. Decided from the parse tree, so comments,
+# U&"" identifiers and computed set_config names are seen through.
+SETTINGS = [
+    ("SET client_encoding = 'SJIS'", "hoop-lexer"),
+    ("SET NAMES 'BIG5'", "hoop-lexer"),
+    ("SET SESSION client_encoding TO gbk", "hoop-lexer"),
+    ("RESET client_encoding", "hoop-lexer"),
+    ("SET client_encoding TO DEFAULT", "hoop-lexer"),
+    ('SET "Client_Encoding" = \'SJIS\'', "hoop-lexer"),
+    ('SET U&"client_encodin\\0067" = \'SJIS\'', "hoop-lexer"),
+    ("SET standard_conforming_strings = off", "hoop-lexer"),
+    ("SET LOCAL standard_conforming_strings TO 0", "hoop-lexer"),
+    ("SET backslash_quote = on", "hoop-lexer"),
+    ("SELECT set_config('standard_conforming_strings', 'off', false)", "hoop-lexer"),
+    ("SELECT pg_catalog.set_config('CLIENT_ENCODING', 'sjis', false)", "hoop-lexer"),
+    ("SELECT x FROM t WHERE set_config('client_' || 'encoding', 'SJIS', false) IS NOT NULL", "hoop-lexer"),
+    ("SELECT set_config(name, 'off', false) FROM pg_settings", "hoop-lexer"),
+    ("SELECT set_config($1, $2, false)", "hoop-lexer"),
+    ("DO $$ BEGIN PERFORM set_config('client_encoding', 'SJIS', false); END $$", "hoop-lexer"),
+    ("SET client_encoding = 'UTF8'", None),
+    ("SET NAMES 'utf-8'", None),
+    ("SET standard_conforming_strings = on", None),
+    ("RESET ALL", None),
+    ("SELECT set_config('search_path', 'public', false)", None),
+    ("SELECT set_config('client_encoding', 'Unicode', false)", None),
+    ("BEGIN READ --x\n WRITE", "read_only"),
+    ("BEGIN READ WRITE", "read_only"),
+    ("START TRANSACTION ISOLATION LEVEL SERIALIZABLE, READ WRITE", "read_only"),
+    ("SET TRANSACTION READ WRITE", "read_only"),
+    ("SET SESSION CHARACTERISTICS AS TRANSACTION READ/**/WRITE", "read_only"),
+    ('SET U&"default_transaction_read_onl\\0079" = off', "read_only"),
+    ("SET default_transaction_read_only = off", "read_only"),
+    ("SET transaction_read_only TO false", "read_only"),
+    ("RESET default_transaction_read_only", "read_only"),
+    ("SELECT set_config('default_transaction_read_only', 'off', false)", "read_only"),
+    ("SELECT set_config('default_transaction_' || 'read_only', 'off', false)", "hoop-lexer"),
+    ("SELECT 1; COMMIT; BEGIN READ WRITE", "read_only"),
+    ("BEGIN", None),
+    ("BEGIN READ ONLY", None),
+    ("BEGIN ISOLATION LEVEL REPEATABLE READ", None),
+    ("SET TRANSACTION READ ONLY", None),
+    ("SET default_transaction_read_only = on", None),
+    ("SELECT set_config('default_transaction_read_only', 'on', false)", None),
+    ("SELECT 'BEGIN READ WRITE', 'transaction_read_only'", None),  # only mentioned, in literals
+]
+
+
+@pytest.mark.parametrize(("sql", "rule"), SETTINGS)
+def test_settings_that_change_how_sql_is_read_or_written(sql: str, rule: str | None) -> None:
+    d = SqlGuard(Guardrails(read_only=True)).check(sql)
+    assert (d.action, d.rule) == (("block", rule) if rule else ("allow", None)), d.reason
+    d = SqlGuard(Guardrails()).check(sql)  # not read-only: only the lexer rule applies
+    assert (d.action, d.rule) == (("block", rule) if rule == "hoop-lexer" else ("allow", None)), d.reason
+
+
+def test_lexer_rule_wins_over_other_rules_and_is_not_shared_by_shape() -> None:
+    g = SqlGuard(Guardrails(rules=[Rule(name="careful-set", action="review", statements=["set"])]))
+    assert (g.check("SET client_encoding = 'SJIS'").rule, g.check("SET client_encoding = 'UTF8'").rule) == \
+        ("hoop-lexer", "careful-set")
+    assert g.check("SET client_encoding = 'UTF8'").rule == "careful-set"  # same shape, other value
+    assert g.check("SELECT set_config('client_encoding', 'SJIS', false)").rule == "hoop-lexer"
+    assert g.check("SELECT set_config('application_name', 'x', false)").action == "allow"
