@@ -78,6 +78,7 @@ async def make_env(tmp_path: Path, *, upstream_tls: ssl.SSLContext | None = None
     upstream = Upstream()
     address = await upstream.start(upstream_tls)
     data = base_config()
+    data["groups"]["admins"]["members"] = [*data["groups"]["admins"]["members"], "ops@example.com"]
     data["resources"] = data["resources"] + resources(address)
     config = parse_config(data)
     store = Store.from_url(f"sqlite+aiosqlite:///{tmp_path / 'hoop.db'}")

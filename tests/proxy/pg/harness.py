@@ -23,6 +23,8 @@ from proxy.sessions import SessionHub
 from tests.support.pgcluster import PgCluster
 
 ROOT = Identity(email="root@example.com", groups=frozenset({"admins"}))
+#: an approver of prod-db who is not behind the harness's break-glass grant (ROOT is: it issued it)
+DBA = Identity(email="dana@example.com", groups=frozenset({"dba"}))
 
 SEED = """
 CREATE TABLE users (id int PRIMARY KEY, name text, email text, card text, note text);
