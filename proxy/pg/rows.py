@@ -92,8 +92,12 @@ def mask_row(masker: Masker, plan: Plan, body: Buf, detect: bool) -> bytes | Non
     for i, cell in enumerate(cells):
         if cell is None:
             continue
-        strategy = strategies[i] if i < width else None
-        is_text = text[i] if i < width else False
+        if i >= width:  # beyond the plan: nothing is known of the cell, so it is withheld
+            cells[i] = None
+            changed = True
+            continue
+        strategy = strategies[i]
+        is_text = text[i]
         if strategy is not None:
             if is_text or binary_text[i]:
                 cells[i] = masker.apply_bytes(bytes(cell), strategy)
