@@ -138,7 +138,9 @@ def fast_request(insp: Inspector, buf: bytes) -> bool:
     else:
         action, rule = decision.action, decision.rule
     insp.stats["statements"] += 1
+    insp._forget(sql, kinds)
     insp.expect.append(("query", Rec(text, kinds, action, rule)))
+    insp.round += 1
     return True
 
 
@@ -200,7 +202,7 @@ def _batch_parts(insp: Inspector, key: tuple[bytes | None, bytes, bytes]) -> tup
 
 
 _MISSING = object()
-_BIND, _SYNC = ("bind", None), ("sync", None)
+_SYNC = ("sync", None)
 
 
 def fast_batch(insp: Inspector, buf: bytes) -> bool:
@@ -225,19 +227,21 @@ def fast_batch(insp: Inspector, buf: bytes) -> bool:
         text, kinds, decision = insp._check(p.sql)
         if decision is not None and (decision.blocked or decision.needs_review):
             return False
-        stmt = insp.statements[statement] = Stmt(p.sql, text, kinds)
+        dynamic = insp._forget(p.sql, kinds)
+        stmt = insp.statements[statement] = Stmt(p.sql, text, kinds, dynamic=dynamic)
         insp.expect.append(("parse", None))
     else:
         found = insp.statements.get(statement)
-        stmt = found if found is not None else Stmt("", "", [])
-    portal = Portal(stmt, result_formats)
-    if stmt.fields is not None:
+        stmt = found if found is not None else insp._unknown(statement)
+    portal = Portal(stmt, result_formats, round=insp.round)
+    if stmt.fields is not None and not stmt.dynamic:
         portal.plan = insp._plan_for(stmt.fields, formats_for(len(stmt.fields.fields), result_formats))
     portal.described = True  # by the Describe of this batch
     insp.portals[portal_name] = portal
     insp.stats["statements"] += 1
-    insp.expect.extend((_BIND, ("describe_p", (portal, False)),
+    insp.expect.extend((("bind", portal), ("describe_p", (portal, False)),
                         ("execute", (portal, Rec(stmt.text, stmt.kinds, "allow", None))), _SYNC))
+    insp.round += 1
     insp.batch_sent = False  # the Sync ends the batch
     return True
 
@@ -304,5 +308,7 @@ def fast_reply(insp: State, buf: bytes) -> bool:
     expect.clear()
     insp.rec = insp.plan = None
     insp.status = chr(status)
+    if status == 0x49 and insp.portals:  # 'I': the transaction ended, and its portals with it
+        insp.portals.clear()
     insp._finish(rec)
     return True

@@ -6,8 +6,9 @@ How this works. The client side (:meth:`Inspector.from_client`, here) and the se
 joined once. They are linked by ``expect`` (:mod:`proxy.pg.state`), a queue of what the
 server will answer, in order: every forwarded Parse, Bind, Describe, Execute, Close, Sync and
 Query pushes an item that the matching server reply pops. That queue is how a DataRow is
-known to belong to portal ``p`` (whose RowDescription came from an earlier Describe, or from
-the statement's), and how answers hoop makes itself (a refusal, its ReadyForQuery) are
+known to belong to portal ``p`` (whose RowDescription came from a Describe in the same round
+trip, or from the statement's; otherwise hoop sends a Describe of its own, see
+:mod:`proxy.pg.state`), and how answers hoop makes itself (a refusal, its ReadyForQuery) are
 slotted in at the right place of a pipeline: an ``inject`` item is sent when it reaches the
 head of the queue.
 
@@ -55,7 +56,7 @@ from proxy.pg.messages import (
 )
 from proxy.pg.replies import Replies
 from proxy.pg.rows import formats_for
-from proxy.pg.state import Portal, Rec, Stmt, Suspend
+from proxy.pg.state import QUERY_SYNC, Portal, Rec, Stmt, Suspend
 from proxy.sqlguard import READ_ONLY_RULE, Analysis, is_write
 
 __all__ = ["STAND_IN", "Inspector", "Portal", "Rec", "Stmt", "Suspend"]
@@ -176,11 +177,14 @@ class Inspector(Replies):
                     else:
                         extra = _STAND_IN_QUERY
                         self._stand_in(self._refusal(decision))
-                        self.expect.append(("sync", None))
+                        self.expect.append(QUERY_SYNC)
+                        self.round += 1
                 else:
                     self.stats["statements"] += 1
+                    self._forget(sql, kinds)
                     self.expect.append(("query", Rec(text, kinds, decision.action if decision else "allow",
                                                      decision.rule if decision else None)))
+                    self.round += 1
             elif t == Frontend.PARSE:
                 p = self._decoded(t, body, decode_parse)
                 text, kinds, decision = self._check(p.sql)
@@ -199,39 +203,46 @@ class Inspector(Replies):
                             self.statements.pop("", None)  # the server drops it before parsing
                     self.discarding = True
                 else:
-                    self.statements[p.statement] = Stmt(p.sql, text, kinds)
+                    dynamic = self._forget(p.sql, kinds)
+                    self.statements[p.statement] = Stmt(p.sql, text, kinds, dynamic=dynamic)
                     self.expect.append(("parse", None))
             elif t == Frontend.BIND:
                 portal_name, statement, result_formats = decode_bind_head(body)
                 stmt = self.statements.get(statement)
                 if stmt is None:
-                    stmt = Stmt("", "", [])  # the server will refuse: unknown statement
-                portal = Portal(stmt, result_formats)
-                if stmt.fields is not None:
+                    stmt = self._unknown(statement)  # SQL PREPARE, or the server will refuse
+                portal = Portal(stmt, result_formats, round=self.round)
+                if stmt.fields is not None and not stmt.dynamic:
                     portal.plan = self._plan_for(stmt.fields, formats_for(len(stmt.fields.fields), result_formats))
                     portal.described = True
                 self.portals[portal_name] = portal
-                self.expect.append(("bind", None))
+                self.expect.append(("bind", portal))
             elif t == Frontend.DESCRIBE:
                 d = self._decoded(t, body, decode_describe)
                 if d.kind == "S":
                     self.expect.append(("describe_s", self.statements.get(d.name)))
                 else:
                     described = self.portals.get(d.name)
-                    if described is not None:
-                        described.described = True
+                    if described is None:  # a SQL cursor, or one the server will say is missing
+                        described = self.portals[d.name] = Portal(self._unknown(d.name, portal=True), ())
+                    described.described = True
+                    described.round = self.round
                     self.expect.append(("describe_p", (described, False)))
             elif t == Frontend.EXECUTE:
                 ex = self._decoded(t, body, decode_execute)
                 found = self.portals.get(ex.portal)
-                if found is not None and not found.described and self.masker is not None:
-                    # never described: ask for the columns ourselves, and keep the answer
+                if found is None:  # a SQL cursor, or one the server will say is missing
+                    found = self.portals[ex.portal] = Portal(self._unknown(ex.portal, portal=True), ())
+                if self.masker is not None and (not found.described or found.round != self.round):
+                    # not described in this round trip (a cursor fetch, a SQL cursor): ask for
+                    # the columns ourselves, and keep the answer
                     found.described = True
+                    found.round = self.round
                     extra = codec.encode_describe("P", ex.portal)
                     self.expect.append(("describe_p", (found, True)))
-                stmt = found.stmt if found is not None else Stmt("", "", [])
+                stmt = found.stmt
                 self.stats["statements"] += 1
-                self.expect.append(("execute", (found, Rec(stmt.text, stmt.kinds, "allow", None))))
+                self._push_execute(found, Rec(stmt.text, stmt.kinds, "allow", None))
             elif t == Frontend.CLOSE:
                 c = self._decoded(t, body, decode_close)
                 (self.statements if c.kind == "S" else self.portals).pop(c.name, None)
@@ -244,6 +255,7 @@ class Inspector(Replies):
                         self._inject(None)
                 if forward:
                     self.expect.append(("sync", None))
+                    self.round += 1
                 self.batch_sent = False
             elif t == Frontend.FUNCTION_CALL:
                 forward = False
@@ -254,7 +266,8 @@ class Inspector(Replies):
                 else:
                     extra = _STAND_IN_QUERY
                     self._stand_in(refusal)
-                    self.expect.append(("sync", None))
+                    self.expect.append(QUERY_SYNC)
+                    self.round += 1
             else:
                 raise MalformedMessage(f"unexpected message type {chr(t)!r} from the client")
             if t in (Frontend.PARSE, Frontend.BIND, Frontend.DESCRIBE, Frontend.EXECUTE, Frontend.CLOSE) and forward:

@@ -7,10 +7,17 @@ rows. A RowDescription is decoded once per distinct shape (cached by its raw byt
 turned into a masking :class:`~proxy.pg.rows.Plan`. When a column's table must be named
 (``table.column`` rules) and the :class:`~proxy.pg.rows.Catalog` does not know it yet, the
 walk suspends at that message until the lookup is done.
+
+After an error of an extended-protocol message the server ignores everything up to the next
+Sync, Queries included; :meth:`Replies._skip_to_sync` pops the same items, so that every later
+answer is still matched with its own statement. Rows that match no known description (no
+plan, or a different number of cells) end the session with 42501: hoop cannot tell which
+column rules apply to them, and after the tracking of :mod:`proxy.pg.state` it never should.
 """
 
 from __future__ import annotations
 
+import struct
 from typing import Any
 
 from proxy.pg import codec
@@ -22,9 +29,9 @@ from proxy.pg.messages import (
     decode_fields,
     decode_parameter_status,
 )
-from proxy.pg.rows import Catalog, Plan, mask_message_fields, mask_payload, mask_row
+from proxy.pg.rows import Catalog, mask_message_fields, mask_payload, mask_row
 from proxy.pg.runs import rewrite_run, row_spans, run_might_contain, run_sample
-from proxy.pg.state import NO_SHAPE, Rec, Shape, State, Suspend
+from proxy.pg.state import NO_SHAPE, QUERY_SYNC, SKIPPED, Rec, Shape, State, Suspend
 
 RAW = codec.RAW
 _B_PASS = frozenset({RAW, Backend.PARAMETER_DESCRIPTION, Backend.COPY_DONE,
@@ -57,7 +64,9 @@ class Replies(State):
                     continue
                 plan = self.plan
                 blob = None
-                if plan is not None and plan.masked:
+                if plan is None:  # rows of no known description: which rules apply is unknown
+                    return self._cannot_mask(out, run, buf, s, n)
+                if plan.masked:
                     blob = rewrite_run(masker, plan, buf, s, e, self.detect)
                 elif not self.detect or not run_might_contain(masker, plan, buf, s, e):
                     # nothing masked, nothing detectable: the run goes on as part of a slice
@@ -72,8 +81,11 @@ class Replies(State):
                     run = -1
                 if blob is None:  # something may be detected: row by row, exactly
                     rows = []
+                    width = len(plan.strategies)
                     for rs, re_ in row_spans(buf, s, e):
-                        new = mask_row(masker, plan or _EMPTY, mv[rs + 5 : re_], self.detect)
+                        if _I16(buf, rs + 5)[0] != width:
+                            return self._cannot_mask(out, -1, buf, s, n)
+                        new = mask_row(masker, plan, mv[rs + 5 : re_], self.detect)
                         rows.append(new if new is not None else buf[rs:re_])
                     blob = b"".join(rows)
                 out.append(blob)
@@ -128,7 +140,11 @@ class Replies(State):
                     self._finish(rec)
                 else:
                     self._pop_to("sync")
+                if self.status == "I":
+                    self._ended()
             elif t in (Backend.ERROR_RESPONSE, Backend.NOTICE_RESPONSE):
+                # an error of an extended-protocol message makes the server skip to Sync
+                skips = t == Backend.ERROR_RESPONSE and self._skips_to_sync()
                 if (t == Backend.ERROR_RESPONSE and self.expect and self.expect[0][0] == "refuse"
                         and decode_fields(body).get("S") == "ERROR"):
                     # the server's error for the stand-in of a refused statement: hoop's refusal instead
@@ -144,14 +160,8 @@ class Replies(State):
                         rec.error = message
                     if fields_.get("S") in ("FATAL", "PANIC"):
                         self.fatal = message
-                    # the server skips to Sync: everything queued before it is answered
-                    if self.expect and self.expect[0][0] != "query":
-                        while self.expect and self.expect[0][0] not in ("sync", "inject", "query"):
-                            k, v = self.expect.popleft()
-                            if k == "execute":
-                                v[1].error = v[1].error or message
-                                self._finish(v[1])
-                        self._head()
+                    if skips:
+                        self._skip_to_sync(message)
             elif t == Backend.COPY_OUT_RESPONSE:
                 self.copy_binary = decode_copy_response(body).overall_format == 1
                 if self.copy_binary and masker is not None:
@@ -199,6 +209,40 @@ class Replies(State):
             out.append(buf if run == 0 and end == len(buf) else buf[run:end])
         return out, n, None
 
+    def _skips_to_sync(self) -> bool:
+        """Whether an ErrorResponse now is that of an extended-protocol message (Parse, Bind,
+        Describe, Execute, Close, or a stand-in Parse), after which the server ignores every
+        message up to the next Sync; not that of a Query, of a Sync's commit, or a FATAL one."""
+        if not self.expect:
+            return False
+        kind = self.expect[0][0]
+        if kind == "refuse":  # a stand-in Query is followed by its own ReadyForQuery
+            return len(self.expect) < 2 or self.expect[1] != QUERY_SYNC
+        return kind not in ("query", "sync", "inject")
+
+    def _skip_to_sync(self, message: str) -> None:
+        """Pop what the server answers no more, as it skips to the next Sync: the failed
+        message, the rest of its batch, and any Query pipelined in it."""
+        while self.expect:
+            k, v = self.expect[0]
+            if k == "inject" or (k == "sync" and v is None):
+                break
+            self.expect.popleft()
+            if k == "execute":
+                v[1].error = v[1].error or message
+                self._finish(v[1])
+            elif k == "query":
+                v.error = SKIPPED
+                self._finish(v)
+        self._head()
+
+    def _cannot_mask(self, out: list[bytes], run: int, buf: bytes, s: int, n: int) -> tuple[list[bytes], int, None]:
+        """End the session (fail closed): rows arrived that do not match any known description."""
+        if run >= 0:
+            out.append(buf[run:s])
+        self.abort = "hoop: a result row does not match its column description; it cannot be masked safely"
+        return out, n, None
+
     def _count(self, buf: bytes, s: int, e: int, count: int, rec: Rec) -> None:
         rec.rows += count
         room = self.sample_rows - len(rec.sample)
@@ -231,7 +275,6 @@ class Replies(State):
         return False
 
 
-_EMPTY = Plan((), (), (), (), False)
 #: what the server must keep reporting: pglast reads SQL exactly so, and hoop pins both at login
 PINNED = {"client_encoding": "UTF8", "standard_conforming_strings": "on"}
 
@@ -242,6 +285,7 @@ def unsafe_parameter(name: str, value: str) -> str | None:
     if want is None or value == want:
         return None
     return f"the session's {name} is {value!r}: hoop only relays sessions with {name}={want}"
+_I16 = struct.Struct("!h").unpack_from
 
 
 def _resolver(catalog: Catalog, missing: list[int]) -> Suspend:

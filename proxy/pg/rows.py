@@ -101,12 +101,9 @@ def mask_row(masker: Masker, plan: Plan, body: Buf, detect: bool) -> bytes | Non
     for i, cell in enumerate(cells):
         if cell is None:
             continue
-        if i >= width:  # a row wider than its plan: its format is unknown, mask it in place (fail closed)
-            if detect:
-                hit, new = mask_binary(masker, bytes(cell), 0)
-                if hit:
-                    cells[i] = new
-                    changed = True
+        if i >= width:  # beyond the plan: nothing is known of the cell, so it is withheld (fail closed)
+            cells[i] = None
+            changed = True
             continue
         strategy = strategies[i]
         readable = text[i] or binary_text[i]

@@ -5,7 +5,17 @@ forwarded Parse, Bind, Describe, Execute, Close, Sync and Query pushes an item t
 matching server reply pops (see :mod:`proxy.pg.inspect` for the client side and
 :mod:`proxy.pg.replies` for the server side); ``inject`` items are answers hoop makes itself,
 ``refuse`` items hoop's refusal to put in place of the server's error for a stand-in.
-``rec``/``plan`` point at the result being streamed, so a DataRow costs no lookup.
+``rec``/``plan`` point at the result being streamed, so a DataRow costs no lookup: they
+are set whenever a result-bearing item becomes the head, by being popped to or by being
+pushed onto an empty queue.
+
+Descriptions go stale. Statements and portals share their namespaces with SQL ``PREPARE``,
+``DEALLOCATE``, ``DECLARE`` and ``CLOSE`` (:mod:`proxy.pg.names` says which entries such a
+text replaces: :meth:`State._forget`), and the server closes every portal when a
+transaction ends (:meth:`State._ended`). So a portal's masking plan is trusted only in the
+round trip (``round``: the Syncs and Queries sent so far) that bound or described it; an
+Execute in a later one, or of a portal hoop never saw bound (a SQL cursor), is preceded by a
+hidden Describe whose answer hoop keeps to itself.
 """
 
 from __future__ import annotations
@@ -19,7 +29,7 @@ from typing import Any
 from broker.config import PostgresResource
 from proxy.guard import Decision
 from proxy.mask import Masker
-from proxy.pg import codec
+from proxy.pg import codec, names
 from proxy.pg.messages import Field, decode_row_description
 from proxy.pg.rows import Catalog, Plan, make_plan
 from proxy.sqlguard import SqlGuard
@@ -40,6 +50,11 @@ class Shape:
 
 
 NO_SHAPE = Shape(())  # NoData
+#: the ``expect`` item of the ReadyForQuery ending a stand-in Query: unlike a Sync's, it is not
+#: sent when an earlier extended-protocol message failed (the server skips a Query until Sync)
+QUERY_SYNC = ("sync", "query")
+#: the error of a statement the server skipped because an earlier one of its batch failed
+SKIPPED = "skipped: an earlier statement of the batch failed"
 _NO_COLUMNS: list[str] = []  # never mutated: replaced by a shape's columns
 
 
@@ -49,6 +64,7 @@ class Stmt:
     text: str  # masked, for records and reviews
     kinds: list[str]
     fields: Shape | None = None  # None: not described yet
+    dynamic: bool = False  # its result shape is decided when it runs (EXECUTE, FETCH): fields are not reused
 
 
 @dataclass(slots=True)
@@ -57,6 +73,7 @@ class Portal:
     formats: tuple[int, ...]
     plan: Plan | None = None
     described: bool = False
+    round: int = -1  # the round trip (``State.round``) in which it was bound or described
 
 
 class Rec:
@@ -103,6 +120,7 @@ class State:
         self.batch_sent = False  # something of the current extended batch reached the server
         self.approved: object = None  # the frame a reviewer allowed (held by reference)
         self.status = "I"  # of the last ReadyForQuery the server sent
+        self.round = 0  # Syncs and Queries sent upstream: a round trip's portals are described in it
         self.plan: Plan | None = None  # of the result being streamed
         self.rec: Rec | None = None
         self.copy_binary = False
@@ -115,6 +133,7 @@ class State:
         self._memo: dict[tuple[int, bytes], Any] = {}  # (type, raw body) -> decoded client message
         #: (Parse body or None, Describe body, Execute body) -> what proxy.pg.fast needs of them
         self._batches: dict[tuple[bytes | None, bytes, bytes], Any] = {}
+        self._effects: dict[str, names.Effect] = {}  # SQL text -> what it does to the namespaces
         self._record = session.record
 
     def _inject(self, data: bytes | None) -> None:
@@ -190,6 +209,53 @@ class State:
         while self.expect and self.expect[0][0] == "inject":
             data = self.expect.popleft()[1]
             out.append(data if data is not None else codec.encode_ready_for_query(self.status))
+        self._head()
+
+    def _push_execute(self, portal: Portal, rec: Rec) -> None:
+        """Expect the result of an Execute; it is streamed next when nothing else is awaited."""
+        self.expect.append(("execute", (portal, rec)))
+        if len(self.expect) == 1:
+            self._head()
+
+    def _forget(self, sql: str, kinds: list[str]) -> bool:
+        """Forget the statements and portals ``sql`` (a Query or a Parse about to go upstream)
+        replaces or destroys; True when its result shape is decided when it runs."""
+        if self.guard is not None and "other" not in kinds:  # every statement of names.TAGS is kind other
+            return False
+        found = self._effects.get(sql)
+        if found is None:
+            tags = [st.tag for st in self.guard.analyse(sql).statements] if self.guard is not None else None
+            found = names.effect(sql, tags)
+            if len(self._effects) > 1024:
+                self._effects.clear()
+            self._effects[sql] = found
+        if found is names.NO_EFFECT:
+            return False
+        for table, gone in ((self.statements, found.statements), (self.portals, found.portals)):
+            if gone is None:
+                table.clear()
+            else:
+                for name in gone:
+                    table.pop(name, None)
+        return found.dynamic
+
+    def _ended(self) -> None:
+        """The server's transaction ended (ReadyForQuery ``I``): it closed every portal, except
+        those bound by messages still awaiting their answer (sent after that point)."""
+        if not self.portals:
+            return
+        if not self.expect:
+            self.portals.clear()
+            return
+        live = {id(v) for k, v in self.expect if k == "bind"}
+        for name in [name for name, p in self.portals.items() if id(p) not in live]:
+            del self.portals[name]
+
+    def _unknown(self, name: str, portal: bool = False) -> Stmt:
+        """What hoop records for a statement (or portal) it did not see prepared (bound): SQL
+        ``PREPARE`` or ``DECLARE``, a function's cursor, or one the server will say is missing."""
+        text = f"FETCH FROM {names.label(name)}" if portal else f"EXECUTE {names.label(name)}"
+        return Stmt("", self.masker.mask_text(text) if self.masker is not None else text, [], dynamic=True)
 
     def _finish(self, rec: Rec) -> None:
         ms = round((time.perf_counter() - rec.t0) * 1000, 3)
