@@ -23,8 +23,8 @@ from proxy.sessions import SessionHub
 from tests.support.pgcluster import PgCluster
 
 ROOT = Identity(email="root@example.com", groups=frozenset({"admins"}))
-#: an approver of prod-db who is not behind the harness's break-glass grant (ROOT is: it issued it)
-DBA = Identity(email="dana@example.com", groups=frozenset({"dba"}))
+#: an admin who may decide reviews of the harness's grant (ROOT may not: it issued that break-glass grant)
+OPS = Identity(email="ops@example.com", groups=frozenset({"admins"}))
 
 SEED = """
 CREATE TABLE users (id int PRIMARY KEY, name text, email text, card text, note text);

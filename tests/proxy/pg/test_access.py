@@ -14,7 +14,7 @@ import pytest
 
 from broker.clock import FakeClock
 from broker.events import ReviewRequested
-from tests.proxy.pg.harness import DBA, ROOT, Hoop, running_hoop, seeded_database
+from tests.proxy.pg.harness import OPS, ROOT, Hoop, running_hoop, seeded_database
 from tests.support.pgcluster import PgCluster
 
 pytestmark = pytest.mark.postgres
@@ -149,7 +149,7 @@ async def test_review_holds_then_runs_or_refuses(hoop: Hoop) -> None:
                 await asyncio.sleep(0.05)
             assert pending and not task.done(), (await hoop.events(), task)
             object.__setattr__(pending[-1], "_seen", True)
-            await hoop.hub.reviews.decide(pending[-1].review.id, DBA, allow)
+            await hoop.hub.reviews.decide(pending[-1].review.id, OPS, allow)
             if expected:
                 assert await task == expected
             else:

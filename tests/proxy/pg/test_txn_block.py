@@ -21,7 +21,7 @@ import pytest
 from broker.events import ReviewRequested
 from proxy.pg import codec
 from proxy.pg.messages import Backend, decode_command_complete, decode_fields
-from tests.proxy.pg.harness import DBA, Hoop
+from tests.proxy.pg.harness import OPS, Hoop
 from tests.proxy.pg.test_protocol_edges import Raw, connect
 from tests.support.pgcluster import PgCluster
 
@@ -285,7 +285,7 @@ async def test_review_refused_inside_a_transaction_fails_it(hoop: Hoop, pg: PgCl
                 break
             await asyncio.sleep(0.05)
         assert pending and not task.done()
-        await hoop.hub.reviews.decide(pending[-1].review.id, DBA, False)
+        await hoop.hub.reviews.decide(pending[-1].review.id, OPS, False)
         with pytest.raises(asyncpg.InsufficientPrivilegeError, match="careful-delete"):
             await task
         with pytest.raises(asyncpg.InFailedSQLTransactionError):
