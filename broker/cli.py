@@ -91,7 +91,8 @@ def _root(version: Annotated[bool, typer.Option("--version", callback=_version, 
                                                 help="print the version and exit")] = False) -> None:
     logging.basicConfig(level=os.environ.get("HOOP_LOG_LEVEL", "INFO").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("alembic", "apscheduler"):
+    # asyncssh logs every exec command line at INFO, in clear: hoop records them masked instead.
+    for noisy in ("alembic", "apscheduler", "asyncssh"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

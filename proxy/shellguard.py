@@ -4,12 +4,16 @@ How this works: a line is tokenised with :mod:`shlex` (POSIX rules, ``punctuatio
 newline as an operator, no comment stripping) and cut into *simple commands* at ``;``,
 ``&&``, ``||``, ``|``, ``&``, newlines and parentheses. Command substitutions (``$(...)``,
 backticks, ``<(...)``) are found in a pre-pass over the raw line and checked as lines of
-their own. Each simple command is unwrapped: leading ``VAR=value`` words and shell keywords
-(``{``, ``!``, ``if``, ``then``, ``do`` ...) are dropped, the program is reduced to its
-basename (``/bin/rm`` is ``rm``), and wrappers (``sudo``, ``env``, ``nohup``, ``time``,
-``exec``, ``command``, ``xargs``, ``timeout N``, ``nice``, ``chroot DIR`` ...) are peeled off
-with their options. ``bash|sh|zsh|dash|ksh -c STRING``, ``su -c STRING`` and ``env -S
-STRING`` are checked recursively (depth 4, deeper is unparsed). ``psql -c SQL`` is checked
+their own; ``$'...'`` is decoded first (:func:`proxy.shellwords.ansi_c`). Each simple command
+is unwrapped: leading ``VAR=value`` words, redirections (``2>/dev/null``), shell keywords
+(``{``, ``!``, ``if``, ``then``, ``do`` ...) and ``function NAME`` are dropped, the program is
+reduced to its basename (``/bin/rm`` is ``rm``), and wrappers (``sudo``, ``env``, ``nohup``,
+``time``, ``exec``, ``command``, ``busybox``, ``xargs``, ``timeout N``, ``nice``, ``chroot DIR``
+...) are peeled off with their options, bundled or not (``sudo -Eu root``).
+``bash|sh|zsh|dash|ksh -c STRING``, ``su -c STRING`` and ``script -c STRING`` are checked
+recursively (depth 4, deeper is unparsed); ``env -S STRING`` too, and it is also unparsed,
+since ``-S`` has its own splitting rules. :meth:`ShellGuard.resolve` lists every command a
+line would run, each marked when it reads commands from its input (``bash``, ``sudo -i``). ``psql -c SQL`` is checked
 with :class:`~proxy.sqlguard.SqlGuard` against the same guardrails when they contain SQL
 selectors, and ``psql -c '\\! cmd'`` as a shell line. Every unit is decided with
 :func:`proxy.guard.decide`; the strictest wins.
@@ -46,20 +50,26 @@ from functools import partial
 
 from broker.config import Guardrails, Rule
 from proxy.guard import Decision, decide, strictest, unparsed
+from proxy.shellwords import SHELLS as _SHELLS
+from proxy.shellwords import Unparsable as _Unparsable
+from proxy.shellwords import ansi_c, options, reads_input
 from proxy.sqlguard import SqlGuard
 
 __all__ = ["Command", "ShellGuard"]
 
 _MAX_DEPTH = 4
-_SHELLS = frozenset({"sh", "bash", "zsh", "dash", "ksh", "mksh", "ash", "fish", "busybox"})
 _KEYWORDS = frozenset({"{", "}", "!", "if", "then", "else", "elif", "fi", "do", "done", "while",
-                       "until", "time", "coproc", "[[", "]]"})
+                       "until", "coproc", "[[", "]]"})
+_ASSIGNMENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=.*", re.DOTALL)
 # wrapper -> (options that take a value, positional words before the wrapped command)
 _WRAPPERS: dict[str, tuple[frozenset[str], int]] = {
-    "sudo": (frozenset({"-u", "-g", "-h", "-p", "-C", "-D", "-r", "-t", "-U", "-T", "--user", "--group"}), 0),
+    "sudo": (frozenset({"-u", "-g", "-h", "-p", "-C", "-D", "-r", "-t", "-U", "-T", "--user", "--group",
+                        "--host", "--prompt", "--close-from", "--chdir", "--role", "--type", "--other-user",
+                        "--command-timeout"}), 0),
     "doas": (frozenset({"-u", "-C"}), 0),
-    "env": (frozenset({"-u", "-C", "--unset", "--chdir"}), 0),
-    "nohup": (frozenset(), 0), "time": (frozenset(), 0), "builtin": (frozenset(), 0),
+    "env": (frozenset({"-u", "-C", "-S", "--unset", "--chdir", "--split-string"}), 0),
+    "nohup": (frozenset(), 0), "builtin": (frozenset(), 0), "busybox": (frozenset(), 0),
+    "time": (frozenset({"-f", "-o", "--format", "--output"}), 0),
     "exec": (frozenset({"-a"}), 0), "command": (frozenset(), 0), "setsid": (frozenset(), 0),
     "nice": (frozenset({"-n", "--adjustment"}), 0), "ionice": (frozenset({"-c", "-n", "-p"}), 0),
     "timeout": (frozenset({"-s", "-k", "--signal", "--kill-after"}), 1),
@@ -80,19 +90,20 @@ _SEPARATOR_CHARS = frozenset(";|()\n")
 
 @dataclass(frozen=True, slots=True)
 class Command:
-    """One unwrapped simple command: ``program`` is the basename, ``args`` the rest."""
+    """One unwrapped simple command: ``program`` is the basename, ``args`` the rest.
+
+    ``dynamic`` says why the command cannot be known from the line (decided with
+    ``on_unparsed``); ``reads_input`` why it would read commands from its standard input.
+    """
 
     program: str
     args: tuple[str, ...]
     dynamic: str | None = None
+    reads_input: str | None = None
 
     @property
     def text(self) -> str:
         return shlex.join((self.program, *self.args))
-
-
-class _Unparsable(Exception):
-    pass
 
 
 def _substitutions(line: str) -> list[str]:
@@ -127,7 +138,7 @@ def _substitutions(line: str) -> list[str]:
 
 
 def _tokens(line: str) -> list[str]:
-    lex = shlex.shlex(line.replace("\\\n", ""), posix=True, punctuation_chars=";&|()<>\n")
+    lex = shlex.shlex(ansi_c(line.replace("\\\n", "")), posix=True, punctuation_chars=";&|()<>\n")
     lex.whitespace = " \t\r"
     lex.whitespace_split = True
     lex.commenters = ""
@@ -141,37 +152,46 @@ def _basename(word: str) -> str:
     return word.rsplit("/", 1)[-1] if "/" in word.rstrip("/") else word
 
 
-def _unwrap(words: list[str]) -> tuple[list[str], str | None]:
-    """Drop assignments, keywords and wrappers; return the real command and an ``-S`` string."""
-    split_string: str | None = None
+@dataclass(slots=True)
+class _Unwrapped:
+    words: list[str]
+    split_string: str | None = None  # the argument of ``env -S``
+    note: str | None = None  # why the command line is unparsed, or reads its input
+
+
+def _unwrap(words: list[str]) -> _Unwrapped:
+    """Drop assignments, keywords, function headers and wrappers with their options."""
+    out = _Unwrapped(words)
     while words:
         head = words[0]
-        if head in _KEYWORDS or re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", head, re.DOTALL):
+        if head in _KEYWORDS or _ASSIGNMENT.fullmatch(head):
             words = words[1:]
+            continue
+        if head == "function":  # function NAME { body; }: the body follows as its own words
+            words = words[2:]
             continue
         name = _basename(head)
         spec = _WRAPPERS.get(name)
         if spec is None:
             break
         takes_value, positional = spec
-        i = 1
-        while i < len(words):
-            w = words[i]
-            if w == "--":
-                i += 1
-                break
-            if name == "env" and w in ("-S", "--split-string") and i + 1 < len(words):
-                split_string = words[i + 1]
-                i += 2
+        i, found = 1, []
+        while True:
+            i, more = options(words, i, takes_value)
+            found += more
+            if name == "env" and i < len(words) and (words[i] == "-" or _ASSIGNMENT.fullmatch(words[i])):
+                i += 1  # "env -" is "env -i"; NAME=value words come before the command
                 continue
-            if name == "env" and "=" in w and not w.startswith("-"):
-                i += 1
-                continue
-            if not w.startswith("-") or w == "-":
-                break
-            i += 2 if w in takes_value else 1
+            break
+        for opt, value in found:
+            if name == "env" and opt in ("-S", "--split-string"):
+                out.split_string = value
+                out.note = "env -S splits its argument into words"
         words = words[i + positional:]
-    return words, split_string
+        if not words and name in ("sudo", "doas") and {o for o, _ in found} & {"-i", "-s", "--login", "--shell"}:
+            out.note = f"{name} -i/-s starts a shell that reads commands from its input"
+    out.words = words
+    return out
 
 
 class ShellGuard:
@@ -201,13 +221,28 @@ class ShellGuard:
         except _Unparsable:
             return ()
 
-    def _line(self, line: str, depth: int, counter: list[int]) -> list[Decision]:
+    def resolve(self, line: str) -> tuple[Command, ...] | None:
+        """Every simple command the line would run, also inside ``sh -c``, ``$(...)`` and ``env -S``.
+
+        None when the line cannot be taken apart (:meth:`check` then gives ``on_unparsed``).
+        """
+        seen: list[Command] = []
+        try:
+            self._line(line, 0, [0], seen)
+        except Exception:  # fail closed, as check() does
+            return None
+        return tuple(seen)
+
+    def _line(self, line: str, depth: int, counter: list[int], seen: list[Command] | None = None
+              ) -> list[Decision]:
         if depth > _MAX_DEPTH:
             raise _Unparsable("commands nested too deeply")
         out: list[Decision] = []
-        for inner in _substitutions(line):
-            out.extend(self._line(inner, depth + 1, counter))
+        for inner in _substitutions(ansi_c(line)):
+            out.extend(self._line(inner, depth + 1, counter, seen))
         for cmd, nested in self._split(_tokens(line)):
+            if seen is not None:
+                seen.append(cmd)
             index = counter[0]
             counter[0] += 1
             d = decide(self.guardrails, partial(_rule_matches, cmd=cmd), cmd.text, index=index,
@@ -217,7 +252,7 @@ class ShellGuard:
             out.append(d)
             for kind, text in nested:
                 if kind == "shell":
-                    out.extend(self._line(text, depth + 1, counter))
+                    out.extend(self._line(text, depth + 1, counter, seen))
                 elif self._has_sql_rules:
                     out.append(self._sql.check(text))
         return out
@@ -239,27 +274,34 @@ class ShellGuard:
                 else:
                     redirected_in = redirected_in or "<" in tok
                     drop_target = True
+                    if words and words[-1].isdigit() and not _unwrap(words[:-1]).words:
+                        words.pop()  # "2>/dev/null reboot": 2 is the redirection's file descriptor
                 continue
             words.append(tok)
         return out
 
     def _command(self, words: list[str], after_pipe: bool, redirected_in: bool
                  ) -> tuple[Command, list[tuple[str, str]]]:
-        real, split_string = _unwrap(words)
-        nested: list[tuple[str, str]] = [("shell", split_string)] if split_string is not None else []
+        unwrapped = _unwrap(words)
+        real, note = unwrapped.words, unwrapped.note
+        nested: list[tuple[str, str]] = []
+        if unwrapped.split_string is not None:
+            nested.append(("shell", unwrapped.split_string))
+            return Command("env", tuple(words[1:]), note), nested
         if not real:
-            return Command(_basename(words[0]) if words else "", tuple(words[1:])), nested
+            return Command(_basename(words[0]) if words else "", tuple(words[1:]), reads_input=note), nested
         program, args = _basename(real[0]), real[1:]
         dynamic: str | None = None
+        reads = reads_input(program, tuple(args))
         if "$" in real[0] or "`" in real[0]:
             dynamic = "program name is computed"
         elif program == "eval":
             dynamic = "eval of computed text"
-        elif program in _SHELLS or program == "su":
+        elif program in _SHELLS or program in ("su", "script"):
             text = _dash_c(args)
             if text is not None:
                 nested.append(("shell", text))
-            elif program != "su" and (after_pipe or redirected_in) and not any(
+            elif program in _SHELLS and (after_pipe or redirected_in) and not any(
                     not a.startswith("-") for a in args):
                 dynamic = f"{program} reads commands from its input"
         elif program == "psql":
@@ -270,7 +312,7 @@ class ShellGuard:
                     nested.append(("sql", text))
         elif program == "watch" and args:
             nested.append(("shell", " ".join(args)))
-        return Command(program, tuple(args), dynamic), nested
+        return Command(program, tuple(args), dynamic, reads), nested
 
 
 def _dash_c(args: list[str]) -> str | None:

@@ -7,16 +7,20 @@ environment, and then relays bytes both ways with flow control (a full client wi
 the upstream channel, and the other way round).
 
 * exec: the command line is decided by :class:`~proxy.shellguard.ShellGuard` before anything
-  reaches the host. ``block`` answers on stderr with exit status 126; ``review`` waits for an
+  reaches the host (:meth:`ChannelContext.check_exec`: a program that would read commands from
+  the exec's input, such as ``bash`` or ``sudo -i``, is refused, since that input is not
+  checked). ``block`` answers on stderr with exit status 126; ``review`` waits for an
   approver (``LiveSession.review``). Exit status and exit signal are passed back as they come.
 * shell with a PTY: keystrokes pass through at once (echo, line editing and completion are the
-  remote shell's), while :class:`~proxy.ssh.lineedit.LineEditor` follows the line. The Enter is
-  held until the guard allows the line; a refused line is killed upstream (``^E^U``) and
-  the user is told why on the terminal. After a password-like prompt the next line is passed
-  unchecked and recorded as ``[hidden]``. Programs that switch to the alternate screen
-  (vim, less, top) are passed through without line checks until they switch back.
+  remote shell's), while :class:`~proxy.ssh.lineedit.LineEditor` follows the line. Every key
+  that could run the line (Enter, ``^O``, ...) is held until the guard allows the line; a
+  refused line is killed upstream (``^E^U^C``), the user is told why on the terminal, and input
+  waits until the remote side prints a fresh line (at most :data:`FRESH_LINE_WAIT`). After a
+  password-like prompt the next line is still checked, but recorded as ``[hidden]``. Programs
+  that switch to the alternate screen (vim, less, top) are passed through without line checks
+  until they switch back.
 * shell without a PTY (commands piped to ``ssh host``): input is buffered per line, and only
-  allowed lines are forwarded.
+  allowed lines are forwarded; the output never switches this off.
 * Output (stdout and stderr): :class:`~proxy.ssh.output.OutputRelay` masks, sends and
   records it (what the client receives is exactly what is recorded); SFTP is relayed as bytes.
 * Bulk output costs no await and no task per chunk: chunks are written as they arrive, and a
@@ -53,6 +57,8 @@ log = logging.getLogger(__name__)
 
 #: Exit status of a refused exec (the shell's "command found but not executable").
 BLOCKED_STATUS = 126
+#: After a refused line, how long input waits for the remote side to print a fresh line.
+FRESH_LINE_WAIT = 2.0
 
 
 class _Upstream(asyncssh.SSHClientSession):  # type: ignore[type-arg]
@@ -98,6 +104,7 @@ class ProxyChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         self._holding = True  # until the upstream channel is open, and while a line is decided
         self._eof = False
         self._decision: Decision | None = None
+        self._newlines = 0  # the output's line feeds when the editor last looked
         self._ending = False
         self._task: asyncio.Task[None] | None = None
 
@@ -216,8 +223,9 @@ class ProxyChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
             session.record("sftp", {"channel": self.number})
         else:
             size = term[1] if term else (80, 24, 0, 0)
-            self.rec.header(size[0], size[1], term[0] if term else None, int(time.time()), self.command)
-        self.out.mode = self.mode
+            command = self.ctx.masker.mask_text(self.command) if self.command is not None else None
+            self.rec.header(size[0], size[1], term[0] if term else None, int(time.time()), command)
+        self.out.mode, self.out.tty = self.mode, self.pty is not None
         log.info("%s %s opened upstream", self.label, self.mode)
         self._release()
 
@@ -257,7 +265,7 @@ class ProxyChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
 
     def _input(self, data: bytes) -> None:
         assert self.up is not None
-        if self.mode != "shell" or self.out.fullscreen:
+        if self.mode != "shell" or (self.pty is not None and self.out.fullscreen):
             self.up.write(data)
             return
         while data:
@@ -269,6 +277,10 @@ class ProxyChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
                 text, self._piped = self._piped.decode("utf-8", "replace"), b""
                 line: Line | None = Line(text.removesuffix("\r"))
             else:
+                if self.out.newlines != self._newlines:
+                    self._newlines = self.out.newlines
+                    self.editor.settled()
+                self.editor.bracketed = self.out.bracketed_paste
                 send, line, rest = self.editor.feed(data)
                 if send:
                     self.up.write(send)
@@ -282,48 +294,77 @@ class ProxyChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
             self._line(Line(text), b"")
 
     def _line(self, line: Line, rest: bytes) -> bool:
-        """Decide one finished line; False when it is held for review (``rest`` queued)."""
+        """Decide one line; False when input is held (for review, or for a fresh line; ``rest`` queued)."""
         assert self.up is not None
-        enter = b"\r" if self.pty is not None else line.text.encode() + b"\n"
-        if self.out.hide_next:
+        enter = line.key if self.pty is not None else line.text.encode() + b"\n"
+        # Only a terminal can have a password prompt; the hidden line is still checked.
+        hidden = self.pty is not None and self.out.hide_next
+        if line.final:
             self.out.hide_next = False
-            self.rec.input("[hidden]\r\n")
+        if not line.text.strip() and not line.opaque and not line.prefix.strip():
             self.up.write(enter)
             return True
-        if not line.text.strip() and not line.opaque:
-            self.up.write(enter)
-            return True
+        guardrails = self.ctx.resource.guardrails
         decision = self.ctx.guard.check(line.text)
+        if line.prefix:
+            decision = strictest([decision, self.ctx.guard.check(line.prefix + line.text)])
         if line.opaque:
-            decision = strictest([decision, unparsed(self.ctx.resource.guardrails, "the line was changed by "
-                                                     "completion, history or editing keys hoop cannot follow; "
-                                                     "type it out in full", line.text[:80])])
-        self.rec.input(self.ctx.masker.mask_text(line.text) + "\r\n")
+            decision = strictest([decision, unparsed(guardrails, "the line was changed by completion, history "
+                                                     "or editing keys hoop cannot follow; type it out in full",
+                                                     line.text[:80])])
+        if hidden and decision.needs_review:
+            decision = Decision("block", decision.rule, "a line typed after a password prompt is not sent for "
+                                "review", "[hidden]")
+        text = "[hidden]" if hidden else self.ctx.masker.mask_text(line.text)
+        if line.final or decision.action != "allow":
+            self.rec.input(text + "\r\n")
         if decision.needs_review:
             self._holding = True
             self._queue.insert(0, rest)
             self._task = asyncio.create_task(self._held_line(line, decision, enter), name=self.label)
             return False
-        self._finish_line(line, decision, enter, decision.reason)
+        if not self._finish_line(line, decision, enter, decision.reason, hidden):
+            self._queue.insert(0, rest)
+            return False
         return True
 
     async def _held_line(self, line: Line, decision: Decision, enter: bytes) -> None:
         allowed = await self._review(decision, line.text)
         if allowed:
             decision = Decision("allow", decision.rule, "approved", decision.subject)
-        self._finish_line(line, decision, enter, "not approved")
-        self._release()
+        if self._finish_line(line, decision, enter, "not approved", False):
+            self._release()
 
-    def _finish_line(self, line: Line, decision: Decision, enter: bytes, why: str) -> None:
+    def _finish_line(self, line: Line, decision: Decision, enter: bytes, why: str, hidden: bool) -> bool:
+        """Send the line's key or refuse it; False when input now waits for a fresh line."""
         assert self.up is not None
-        self._record_command(line.text, decision, None)
+        if line.final or decision.action != "allow":
+            self._record_command("[hidden]" if hidden else line.text, decision, None)
         if decision.action == "allow":
             self.up.write(enter)
-            return
+            return True
         self.ctx.session.stats["blocked"] += 1
-        if self.pty is not None:
-            self.up.write(LINE_KILL + b"\r")
         self._say(f"hoop: line refused: {why}")
+        if self.pty is None:
+            return True
+        # Kill the remote line without an Enter. The kill keys may be remapped (stty, bind), so the
+        # refused text stays in the editor as a prefix until the remote side prints a fresh line.
+        self.up.write(LINE_KILL)
+        self.editor.refused(line)
+        self._holding = True
+        self._task = asyncio.create_task(self._fresh_line(self.out.newlines), name=self.label)
+        return False
+
+    async def _fresh_line(self, newlines: int) -> None:
+        """Hold input until the output shows a line feed after the refusal (or the wait is over)."""
+        try:
+            async with asyncio.timeout(FRESH_LINE_WAIT):
+                while self.out.newlines == newlines:
+                    self.out.printed.clear()
+                    await self.out.printed.wait()
+        except TimeoutError:
+            log.info("%s no fresh line after a refused line; its text stays checked", self.label)
+        self._release()
 
     # -- upstream -> client (data: OutputRelay) ---------------------------------------------
     def upstream_eof(self) -> None:

@@ -6,7 +6,6 @@ session is open; ``upstream`` returns the connection's (shared) upstream SSH con
 
 from __future__ import annotations
 
-import shlex
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
@@ -16,7 +15,7 @@ from broker.config import SshResource
 from proxy.contracts import Live
 from proxy.guard import Decision, strictest
 from proxy.mask import Masker
-from proxy.shellguard import ShellGuard
+from proxy.shellguard import Command, ShellGuard
 
 if TYPE_CHECKING:
     from proxy.ssh.agentx11 import Forwards
@@ -45,15 +44,32 @@ class ChannelContext:
         self.notices = notices if notices is not None else []
 
     def check_exec(self, command: str) -> Decision:
-        """The guard's decision on an exec command line; scp is refused unless ``allow.sftp``."""
-        decision = self.guard.check(command)
-        if not self.resource.allow.sftp:
-            try:
-                words = shlex.split(command)
-            except ValueError:
-                words = []
-            if words and words[0].rsplit("/", 1)[-1] == "scp" and ("-t" in words or "-f" in words):
-                decision = strictest([decision, Decision("block", "allow.sftp", "scp is not allowed on this "
-                                                         "resource (allow.sftp is off)", "scp")])
-        return decision
+        """The guard's decision on an exec command line, with the exec-only refusals.
 
+        An exec's input goes to the host unchecked, so a program that reads commands from its
+        input (``bash``, ``sudo -i``, ``python3``, ``psql``) is refused: the user is sent to an
+        interactive session, whose lines are checked. File transfer servers (``scp -t``,
+        ``sftp-server``) are refused unless ``allow.sftp``. Both look through wrappers and ``sh -c``.
+        """
+        decisions = [self.guard.check(command)]
+        for cmd in self.guard.resolve(command) or ():
+            if cmd.reads_input:
+                decisions.append(Decision(
+                    "block", "interactive-exec", f"{cmd.reads_input}, which hoop does not check on an exec; "
+                    "open an interactive session (ssh without a command) and run it there", cmd.program))
+            if not self.resource.allow.sftp and _transfers_files(cmd):
+                decisions.append(Decision("block", "allow.sftp", f"{cmd.program} file transfer is not allowed on "
+                                          "this resource (allow.sftp is off)", cmd.program))
+        return strictest(decisions)
+
+
+def _transfers_files(cmd: Command) -> bool:
+    """An SCP or SFTP server end (what ``scp``, ``sftp -s`` and ``rsync`` start on the far side)."""
+    if cmd.program in ("sftp-server", "internal-sftp"):
+        return True
+    shorts = "".join(a[1:] for a in cmd.args if a.startswith("-") and not a.startswith("--"))
+    if cmd.program == "scp":
+        return "t" in shorts or "f" in shorts
+    if cmd.program == "sftp":
+        return "s" in shorts or "S" in shorts
+    return cmd.program == "rsync" and "--server" in cmd.args

@@ -8,10 +8,14 @@ is exactly what is recorded. The masker holds back only a trailing piece that co
 become a secret; a short idle timer flushes it. SFTP is relayed as bytes, neither masked nor
 recorded (binary protocol).
 
-For an interactive shell the output also tells the line follower two things: whether a
-full-screen program switched to the alternate screen (:attr:`OutputRelay.fullscreen`), and
-whether the output ends in a password-like prompt (:attr:`OutputRelay.hide_next`: the next
-line is recorded as ``[hidden]``).
+For an interactive shell with a terminal (``tty``) the output also tells the line follower
+what the remote side's terminal is doing: whether a full-screen program switched to the
+alternate screen (:attr:`OutputRelay.fullscreen`), whether it turned bracketed paste on
+(:attr:`OutputRelay.bracketed_paste`), how many line feeds it has printed
+(:attr:`OutputRelay.newlines`: a fresh line after ^C or a refusal), and whether the output ends in
+a password-like prompt (:attr:`OutputRelay.hide_next`: the next line is still checked, but
+recorded as ``[hidden]``). The user controls the output, so none of these may turn a check
+off: without a terminal they are never set.
 
 Flow control is not done here: the channel pauses the upstream channel while the client's
 window is full (asyncssh ``pause_writing``), so nothing is awaited per chunk.
@@ -38,7 +42,10 @@ __all__ = ["OutputRelay"]
 FLUSH_IDLE = 0.1  # how long a possible secret prefix may wait for its rest
 _ALT_ON = (b"\x1b[?1049h", b"\x1b[?1047h", b"\x1b[?47h")
 _ALT_OFF = (b"\x1b[?1049l", b"\x1b[?1047l", b"\x1b[?47l")
-_SECRET_PROMPT = re.compile(rb"(?i)(password|passphrase|passcode|pin)[^\n]{0,40}:\s*$")
+_PASTE_ON, _PASTE_OFF = b"\x1b[?2004h", b"\x1b[?2004l"
+_CSI = re.compile(rb"\x1b\[[0-9;?]*[ -/]*[@-~]")  # terminal control sequences, such as ESC[?2004h
+# a prompt on the current line (no line feed after it), such as "[sudo] password for ann: "
+_SECRET_PROMPT = re.compile(rb"(?i)\b(password|passphrase|passcode|pin)\b[^\n]{0,40}:[ \t]*\Z")
 
 
 class OutputRelay:
@@ -53,9 +60,14 @@ class OutputRelay:
         self.rec = rec
         self.stats = stats
         self.mode = ""  # "shell", "exec" or "sftp", set when the session starts
+        self.tty = False  # the session has a terminal: only then is the screen followed
         self.done = False
         self.fullscreen = False
+        self.bracketed_paste = False
         self.hide_next = False
+        self.newlines = 0
+        self._tail = b""
+        self.printed = asyncio.Event()  # set at each line feed counted in ``newlines``
         self._out = StreamMasker(masker)
         self._err = StreamMasker(masker)
         self._masking = masker.enabled
@@ -83,13 +95,15 @@ class OutputRelay:
             return
         self.chan.write(out, datatype)
         self.rec.output(out)
-        if self.mode == "shell":
+        if self.mode == "shell" and self.tty:
             if b"\x1b[?" in out:
-                if any(s in out for s in _ALT_ON):
-                    self.fullscreen = True
-                if any(s in out for s in _ALT_OFF):
-                    self.fullscreen = False
-            self.hide_next = _SECRET_PROMPT.search(out[-80:]) is not None
+                self.fullscreen = _switched(out, _ALT_ON, _ALT_OFF, self.fullscreen)
+                self.bracketed_paste = _switched(out, (_PASTE_ON,), (_PASTE_OFF,), self.bracketed_paste)
+            if b"\n" in out:
+                self.newlines += out.count(b"\n")
+                self.printed.set()
+            self._tail = (self._tail + out)[-80:]  # the masker may cut a prompt in two
+            self.hide_next = _SECRET_PROMPT.search(_CSI.sub(b"", self._tail)) is not None
 
     def flush(self) -> None:
         """Send (and record) what the maskers hold back."""
@@ -108,3 +122,9 @@ class OutputRelay:
             self._timer.cancel()
             self._timer = None
         self.rec.flush(final=True)
+
+
+def _switched(out: bytes, on: tuple[bytes, ...], off: tuple[bytes, ...], current: bool) -> bool:
+    """A terminal mode after ``out``: the last of its on and off sequences wins."""
+    last_on, last_off = max(out.rfind(x) for x in on), max(out.rfind(x) for x in off)
+    return current if last_on == last_off else last_on > last_off

@@ -97,6 +97,53 @@ BYPASSES = [
     ("eval 'rm -rf /'", "caught"),
     ("$RM -rf /", "caught"),
     ("bash -c 'bash -c \"bash -c \\\"bash -c \\\\\\\"bash -c rm\\\\\\\"\\\"\"'", "caught"),  # too deep
+    # review H4: spellings of a literal command that the guard must see through
+    ("2>/dev/null rm -rf /", "caught"),
+    ("2>/dev/null reboot", "caught"),
+    ("2>&1 rm -rf /", "caught"),
+    ("3>x shutdown -h now", "caught"),
+    ("sudo 2>/dev/null reboot", "caught"),
+    ("sudo -Eu root rm -rf /", "caught"),
+    ("sudo -nu root reboot", "caught"),
+    ("sudo -iu root rm -rf /", "caught"),
+    ("sudo -uroot reboot", "caught"),
+    ("sudo -g wheel -C 3 reboot", "caught"),
+    ("sudo --user=root reboot", "caught"),
+    ("sudo --chdir /tmp reboot", "caught"),
+    ("env - rm -rf /", "caught"),
+    ("env -i -u HOME reboot", "caught"),
+    ("env -uHOME reboot", "caught"),
+    ("env -S'rm -rf /'", "caught"),
+    ("env -Sreboot", "caught"),  # -S splits its argument: on_unparsed
+    ("env --split-string='rm -rf /'", "caught"),
+    ("time -p rm -rf /", "caught"),
+    ("time -f %e reboot", "caught"),
+    ("nice -n 5 reboot", "caught"),
+    ("nice -5 reboot", "caught"),
+    ("nohup reboot", "caught"),
+    ("exec -a x reboot", "caught"),
+    ("command -p reboot", "caught"),
+    ("busybox rm -rf /", "caught"),
+    ("busybox reboot", "caught"),
+    ("busybox sh -c 'reboot'", "caught"),
+    ("function f { rm -rf /; }", "caught"),
+    ("function f() { reboot; }; f", "caught"),
+    ("f() { rm -rf /; }", "caught"),
+    ("f(){ reboot;}", "caught"),
+    ("rm -rf $'/'", "caught"),
+    ("$'reboot'", "caught"),
+    ("$'\\x72eboot'", "caught"),
+    ("$'\\162eboot'", "caught"),
+    ("rm -rf $'\\x2f'", "caught"),
+    ("echo $'a\\'b'; reboot", "caught"),
+    ("$'\\cJreboot'", "caught"),  # control escapes: on_unparsed
+    ("script -qc 'reboot' /dev/null", "caught"),
+    ("echo '2>/dev/null reboot'", "harmless"),
+    ("echo \"$'reboot'\"", "harmless"),
+    ("echo 2 > out.txt", "harmless"),
+    ("sudo -u root ls", "harmless"),
+    ("env -i PATH=/bin ls", "harmless"),
+    ("time ls", "harmless"),
     ("echo 'rm -rf /'", "harmless"),
     ("grep -r 'rm -rf /' .", "harmless"),
     ("echo '; rm -rf /'", "harmless"),
@@ -143,3 +190,33 @@ def test_default_and_on_unparsed_come_from_config() -> None:
     g = ShellGuard(Guardrails(default="review", on_unparsed="review"))
     assert (g.check("ls").action, g.check("ls").rule) == ("review", None)
     assert (g.check("ls '").action, g.check("ls '").rule) == ("review", "on_unparsed")
+
+
+# review H1: on an exec, a program that reads commands from its input gets commands no line check sees
+@pytest.mark.parametrize(("line", "reads"), [
+    ("bash", True), ("sh", True), ("dash -i", True), ("zsh -l", True), ("fish", True), ("ksh", True),
+    ("bash -s arg", True), ("bash -o posix", True), ("bash --rcfile x", True), ("bash -", True),
+    ("busybox sh", True), ("busybox ash -i", True), ("exec bash", True), ("env FOO=1 bash", True),
+    ("env -i bash --norc", True), ("/bin/bash", True), ("nohup sh", True), ("echo hi; sh", True),
+    ("sh -c 'exec bash'", True), ("sudo -i", True), ("sudo -s", True), ("sudo -iu root", True),
+    ("sudo -u root -s", True), ("sudo su", True), ("sudo su -", True), ("su", True), ("su - root", True),
+    ("sudo bash", True), ("doas -s", True), ("python3", True), ("python", True), ("python3 -i x.py", True),
+    ("python3 -", True), ("python3 -W ignore", True), ("perl", True), ("ruby", True), ("irb", True),
+    ("node", True), ("php -a", True), ("lua", True), ("psql -h db", True), ("mysql -uroot db", True),
+    ("ed /etc/passwd", True), ("script -q /dev/null", True), ("$(echo bash)", False),
+    ("bash -c 'ls'", False), ("bash -ic 'ls'", False), ("bash deploy.sh", False), ("sh -lc ls", False),
+    ("su root -c ls", False), ("sudo -s ls", False), ("sudo -u root ls", False), ("python3 x.py", False),
+    ("python3 -c 'print(1)'", False), ("python3 -m http.server", False), ("perl -e 1", False),
+    ("psql -c 'select 1'", False), ("psql db -c 'select 1'", False), ("mysql -e 'select 1'", False),
+    ("ls -la", False), ("vim /etc/hosts", False),
+])
+def test_programs_that_read_commands_from_their_input(guard: ShellGuard, line: str, reads: bool) -> None:
+    cmds = guard.resolve(line)
+    assert cmds is not None
+    assert any(c.reads_input for c in cmds) is reads, cmds
+
+
+def test_resolve_sees_through_nesting_and_fails_closed(guard: ShellGuard) -> None:
+    cmds = guard.resolve("sudo env A=1 sh -c 'echo $(scp -t /x)'")
+    assert cmds is not None and {c.program for c in cmds} >= {"sh", "echo", "scp"}
+    assert guard.resolve("echo 'unbalanced") is None
