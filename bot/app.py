@@ -46,6 +46,28 @@ SLACK_API = "https://slack.com/api/"
 Ack = Callable[..., Awaitable[Any]]
 
 
+def web_client(settings: Settings) -> AsyncWebClient:
+    """The Slack Web API client every part of hoop posts with (``SLACK_API_URL`` may point elsewhere)."""
+    base = settings.slack_api_url or SLACK_API
+    base = base if base.endswith("/") else base + "/"
+    # slack_sdk logs request bodies at DEBUG, and a DM body carries a grant secret: its
+    # logger never goes below INFO, whatever the root level is.
+    web_log = logging.getLogger("bot.slack_web")
+    web_log.setLevel(logging.INFO)
+    return AsyncWebClient(token=settings.slack_bot_token, base_url=base, logger=web_log,
+                          retry_handlers=[AsyncConnectionErrorRetryHandler(),
+                                          AsyncRateLimitErrorRetryHandler(max_retry_count=3)])
+
+
+def command_notifier(config: HoopConfig, settings: Settings, service: Service, clock: Clock) -> SlackNotifier | None:
+    """What a one-shot command (``hoop breakglass``, ``hoop revoke``) posts to Slack with: the same cards,
+    thread replies and DMs as ``hoop serve``, needing only ``SLACK_BOT_TOKEN``; None without it."""
+    if not settings.slack_bot_token:
+        return None
+    client = web_client(settings)
+    return SlackNotifier(client, config, service, clock, Directory(client, config, clock))
+
+
 class SlackBot:
     """Slash commands, reactions, buttons, modals and App Home; and the broker's Slack notifier."""
 
@@ -59,15 +81,7 @@ class SlackBot:
         self.settings = settings
         self.service = service
         self.clock = clock
-        base = settings.slack_api_url or SLACK_API
-        base = base if base.endswith("/") else base + "/"
-        # slack_sdk logs request bodies at DEBUG, and a DM body carries a grant secret: its
-        # logger never goes below INFO, whatever the root level is.
-        web_log = logging.getLogger("bot.slack_web")
-        web_log.setLevel(logging.INFO)
-        self.client = AsyncWebClient(token=settings.slack_bot_token, base_url=base, logger=web_log,
-                                     retry_handlers=[AsyncConnectionErrorRetryHandler(),
-                                                     AsyncRateLimitErrorRetryHandler(max_retry_count=3)])
+        self.client = web_client(settings)
         self.directory = Directory(self.client, config, clock)
         self.notifier = SlackNotifier(self.client, config, service, clock, self.directory)
         self.commands = Commands(config, service, clock)

@@ -63,10 +63,23 @@ def _run(coro_fn: Callable[[], Awaitable[T]]) -> T:
     return uvloop.run(runner())
 
 
-async def _with_runtime(path: Path | None, fn: Callable[[Runtime], Awaitable[T]], *, migrate: bool = True) -> T:
+async def _with_runtime(path: Path | None, fn: Callable[[Runtime], Awaitable[T]], *, migrate: bool = True,
+                        slack: bool = False) -> T:
+    """Run ``fn`` on the broker's object graph. ``slack``: the command changes a grant that Slack must hear
+    of (a break-glass, a revocation): with ``SLACK_BOT_TOKEN`` it posts as ``hoop serve`` would, and
+    without it the user is told that nothing was posted."""
     config, settings = _load(path)
     rt = build_runtime(config, settings)
     try:
+        if slack:
+            from bot.app import command_notifier
+
+            notifier = command_notifier(config, settings, rt.service, rt.clock)
+            if notifier is not None:
+                rt.bus.add(notifier)
+            else:
+                err.print("[yellow]hoop: SLACK_BOT_TOKEN is not set for this command: nothing is posted to Slack "
+                          "(the channel does not hear of this)[/]")
         if migrate:
             await rt.store.migrate()
         return await fn(rt)
@@ -183,7 +196,7 @@ def breakglass(
         return {"grant": grant.id, "login": grant.login, "secret": secret, "resource": resource,
                 "expires_at": grant.expires_at.isoformat(), "hints": connection_hints(rt.config, grant, secret)}
 
-    data = _run(lambda: _with_runtime(config, go))
+    data = _run(lambda: _with_runtime(config, go, slack=True))
     if as_json:
         sys.stdout.write(json.dumps(data) + "\n")
         return
@@ -214,7 +227,7 @@ def revoke(
         g = await rt.service.revoke(grant, _actor(rt, as_), reason)
         return f"grant {g.id} revoked"
 
-    out.print(_run(lambda: _with_runtime(config, go)))
+    out.print(_run(lambda: _with_runtime(config, go, slack=True)))
 
 
 @app.command()

@@ -197,3 +197,43 @@ def test_sessions_transcript_and_replay(home: tuple[Path, dict[str, str]]) -> No
     assert played.returncode == 0 and played.stdout == "KEY=[secret]\ndone\n"  # text mode folds \r\n
     missing = run(["transcript", "nope"], env, cwd)
     assert missing.returncode == 1 and "no session 'nope'" in missing.stderr and "Traceback" not in missing.stderr
+
+
+async def test_breakglass_and_revoke_from_the_command_line_are_posted_to_slack(
+        home: tuple[Path, dict[str, str]]) -> None:
+    """`hoop breakglass` and `hoop revoke` run in their own process: they post to the resource's channel
+    themselves (only SLACK_BOT_TOKEN needed), and say so when they cannot."""
+    import asyncio
+
+    from tests.support.fakeslack import FakeSlack
+
+    cwd, env = home
+    fake = await FakeSlack().start()
+    try:
+        async def hoop(*args: str, slack: bool = True) -> tuple[int, str, str]:
+            extra = {"SLACK_BOT_TOKEN": "xoxb-test", "SLACK_API_URL": fake.api_url} if slack else {}
+            proc = await asyncio.create_subprocess_exec(*HOOP, *args, env={**env, **extra}, cwd=cwd,
+                                                        stdout=asyncio.subprocess.PIPE,
+                                                        stderr=asyncio.subprocess.PIPE)
+            out, errs = await asyncio.wait_for(proc.communicate(), 60)
+            assert proc.returncode is not None
+            return proc.returncode, out.decode(), errs.decode()
+
+        code, out, errs = await hoop("breakglass", "--resource", "prod-db", "--identity", "root@example.com",
+                                     "--duration", "30m", "--reason", "db on fire", "--json")
+        assert code == 0, errs
+        grant = json.loads(out)
+        posts = [c.params for c in fake.of("chat.postMessage")]
+        assert [p["channel"] for p in posts] == [base_config()["resources"][0]["channel"]]
+        assert "Break-glass" in posts[0]["text"] and "db on fire" in posts[0]["text"]
+        assert all(grant["secret"] not in json.dumps(c.params) + c.body.decode("utf-8", "replace") for c in fake.calls)
+
+        code, out, errs = await hoop("revoke", grant["grant"], "--as", "root@example.com", "--reason", "fixed")
+        assert code == 0 and "revoked" in out, errs
+        assert any("Revoked by root@example.com" in c.params.get("text", "") for c in fake.of("chat.postMessage"))
+
+        code, out, errs = await hoop("breakglass", "--resource", "prod-db", "--identity", "root@example.com",
+                                     "--duration", "30m", "--reason", "again", slack=False)
+        assert code == 0 and "nothing is posted to Slack" in errs
+    finally:
+        await fake.stop()

@@ -28,6 +28,8 @@ from tests.support.sshd import Sshd, sshd
 pytestmark = pytest.mark.ssh
 
 ADMIN = Identity(email="root@example.com", groups=frozenset({"admins"}))
+#: another admin, who may decide reviews of the grants ADMIN issues (ADMIN may not: it is behind them)
+OPS = Identity(email="ops@example.com", groups=frozenset({"admins"}))
 SECRET_TEXT = "card 4111 1111 1111 1111 mail alice@example.com\n"
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from broker.events import ReviewRequested
-from tests.proxy.ssh.conftest import ADMIN, Env, make_config, ssh_resource, start_env, stop_env
+from tests.proxy.ssh.conftest import OPS, Env, make_config, ssh_resource, start_env, stop_env
 from tests.proxy.ssh.test_shell import shell
 from tests.support.sshd import Sshd
 
@@ -57,7 +57,7 @@ async def test_reviewed_exec_waits_for_the_approver(renv: Env, allow: bool) -> N
     assert event.review.text == f"touch {marker}; echo ran" and event.review.rule == "hold-touch"
     await asyncio.sleep(0.2)
     assert not run.done() and not marker.exists()  # held: nothing reached the host yet
-    await renv.hub.reviews.decide(event.review.id, ADMIN, allow)
+    await renv.hub.reviews.decide(event.review.id, OPS, allow)
     code, out, err = await run
     assert b"held for review" in err
     if allow:
@@ -95,14 +95,14 @@ async def test_reviewed_interactive_line_waits_for_the_approver(renv: Env) -> No
         term.proc.stdin.write("echo TYPED$((2+2))\r")  # typed while held: waits behind the held line
         await asyncio.sleep(0.2)
         assert "TYPED4" not in term.buf
-        await renv.hub.reviews.decide(event.review.id, ADMIN, True)
+        await renv.hub.reviews.decide(event.review.id, OPS, True)
         await term.expect("DONE2")
         await term.expect("TYPED4")
         assert allowed.exists()
 
         term.proc.stdin.write(f"touch {refused}\r")
         event = await _held(renv, 1)
-        await renv.hub.reviews.decide(event.review.id, ADMIN, False)
+        await renv.hub.reviews.decide(event.review.id, OPS, False)
         out = await term.expect("line refused: not approved")
         await term.run("echo AFTER$((3+3))", "AFTER6")
         term.proc.stdin.write("exit\r")
