@@ -4,7 +4,9 @@ and decisions on statement reviews.
 A reaction is looked up by the message it is on: a request card (``tx.request_by_card``)
 or a review message (``reviews.by_message``). A gesture that does not count (the requester,
 someone outside the step's groups, a second approval by the same person) changes nothing
-and its author gets an ephemeral note saying why.
+and its author gets an ephemeral note saying why. Taking an approve emoji away withdraws only
+an approval given by reaction, and only when no other approve emoji of that person is left on
+the card (Slack's ``reactions.get`` says which are).
 """
 
 from __future__ import annotations
@@ -82,17 +84,30 @@ class Approvals:
         item = event.get("item") or {}
         if emoji not in APPROVE or item.get("type") != "message":
             return
+        channel, ts, user = str(item.get("channel")), str(item.get("ts")), str(event.get("user"))
         async with self.service.store.tx() as tx:
-            req = await tx.request_by_card(str(item.get("channel")), str(item.get("ts")))
-        if req is None:
+            req = await tx.request_by_card(channel, ts)
+        if req is None or await self._still_approving(channel, ts, user):
             return
         try:
-            who = await self.directory.identify(str(event.get("user")))
-            await self.service.withdraw(req.id, who)
+            who = await self.directory.identify(user)
+            await self.service.withdraw(req.id, who, via="reaction")
         except (NotFound, Conflict):
-            return  # nothing to withdraw (never counted, or already decided): nothing changes
+            return  # nothing to withdraw (never counted, given by button, or decided): nothing changes
         except HoopError as exc:
-            await self.note(str(item.get("channel")), str(event.get("user")), exc.message)
+            await self.note(channel, user, exc.message)
+
+    async def _still_approving(self, channel: str, ts: str, user: str) -> bool:
+        """Whether ``user`` still has an approve emoji on the message (they reacted with two and
+        took one away). When Slack cannot say, the removal is taken at its word."""
+        try:
+            resp = await self.client.reactions_get(channel=channel, timestamp=ts, full=True)
+        except Exception:
+            log.warning("reading the reactions on %s/%s failed; withdrawing", channel, ts, exc_info=True)
+            return False
+        reactions = (resp.get("message") or {}).get("reactions") or []
+        return any(emoji_of(str(r.get("name", ""))) in APPROVE and user in (r.get("users") or [])
+                   for r in reactions)
 
     @staticmethod
     def _why(exc: HoopError, request_id: str, gesture: str) -> str:

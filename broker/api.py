@@ -24,7 +24,7 @@ import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
@@ -57,6 +57,7 @@ from broker.hints import connection_hints
 from broker.identity import TokenVerifier, Unauthenticated
 from broker.model import AccessRequest, Grant, Identity, RequestStatus
 from broker.service import Service
+from broker.store import Tx
 
 log = logging.getLogger(__name__)
 GRANT_HEADER = "X-Hoop-Grant"
@@ -64,6 +65,17 @@ GRANT_HEADER = "X-Hoop-Grant"
 FIELD_OF = {"unknown_resource": "resource", "too_long": "duration", "reason": "reason", "label": "label",
             "resources": "resources", "duration": "duration", "wider": "resources", "longer": "duration",
             "no_grant_secret": GRANT_HEADER, "bad_credentials": GRANT_HEADER}
+#: list endpoints filter by visibility and then limit: rows read per query, and at most in all
+_SCAN_PAGE = 500
+_SCAN_MAX = 20_000
+
+
+class _Row(Protocol):
+    @property
+    def id(self) -> str: ...
+
+
+T = TypeVar("T", bound=_Row)
 
 
 @dataclass(frozen=True)
@@ -118,14 +130,31 @@ def _may_see_request(config: HoopConfig, who: Identity, r: AccessRequest) -> boo
             or policy.is_approver_of(config, who, r.resource))
 
 
+async def _visible(c: Ctx, read: Callable[[Tx, int], Awaitable[list[T]]], keep: Callable[[T], bool],
+                   limit: int) -> list[T]:
+    """The newest ``limit`` rows the caller may see: filtered first, then limited, reading the
+    store a page at a time. At most :data:`_SCAN_MAX` rows are read, so a caller who may see
+    few rows cannot make one listing read a whole table; older rows are then left out."""
+    out: dict[str, T] = {}  # by id: a row inserted meanwhile shifts the pages, and one may repeat
+    async with c.api.service.store.tx() as tx:
+        for offset in range(0, _SCAN_MAX, _SCAN_PAGE):
+            page = await read(tx, offset)
+            out.update((x.id, x) for x in page if keep(x))
+            if len(out) >= limit or len(page) < _SCAN_PAGE:
+                break
+    return list(out.values())[:limit]
+
+
 async def list_requests(c: Ctx) -> BaseModel:
     q: RequestsQuery = c.query
-    async with c.api.service.store.tx() as tx:
-        rows = await tx.list_requests(status=q.status, resource=q.resource, limit=q.limit)
-    if q.mine:
-        rows = [r for r in rows if _mine(c.who, r.requester, r.chain)]
-    else:
-        rows = [r for r in rows if _may_see_request(c.api.config, c.who, r)]
+
+    def keep(r: AccessRequest) -> bool:
+        return _mine(c.who, r.requester, r.chain) if q.mine else _may_see_request(c.api.config, c.who, r)
+
+    async def read(tx: Tx, offset: int) -> list[AccessRequest]:
+        return await tx.list_requests(status=q.status, resource=q.resource, limit=_SCAN_PAGE, offset=offset)
+
+    rows = await _visible(c, read, keep, q.limit)
     return RequestList(requests=[RequestOut.of(r) for r in rows])
 
 
@@ -183,12 +212,14 @@ def _may_see(config: HoopConfig, who: Identity, g: Grant) -> bool:
 
 async def list_grants(c: Ctx) -> BaseModel:
     q: GrantsQuery = c.query
-    async with c.api.service.store.tx() as tx:
-        rows = await tx.list_grants(status=q.status, limit=q.limit)
-    if q.mine:
-        rows = [g for g in rows if _mine(c.who, g.identity, g.chain)]
-    else:
-        rows = [g for g in rows if _may_see(c.api.config, c.who, g)]
+
+    def keep(g: Grant) -> bool:
+        return _mine(c.who, g.identity, g.chain) if q.mine else _may_see(c.api.config, c.who, g)
+
+    async def read(tx: Tx, offset: int) -> list[Grant]:
+        return await tx.list_grants(status=q.status, limit=_SCAN_PAGE, offset=offset)
+
+    rows = await _visible(c, read, keep, q.limit)
     now = c.api.clock.now()
     return GrantList(grants=[GrantOut.of(g, now) for g in rows])
 

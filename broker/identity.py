@@ -9,6 +9,10 @@ The JWKS comes from ``oidc.jwks_url`` or, when that is unset, from the ``jwks_ur
 issuer's discovery document. It is cached; an unknown ``kid`` (the issuer rotated its keys)
 triggers one refresh, at most once per ``refresh_interval`` so a stream of forged ``kid``
 values cannot make hoop hammer the issuer. The cache is also refreshed after ``max_age``.
+A fetch that fails is not retried before ``refresh_interval``, doubled after each further
+failure up to ``max_backoff``; meanwhile the cached keys stay in use, for at most
+``stale_grace`` past ``max_age``, and every failure is logged. Without usable keys a token
+cannot be checked: :class:`UpstreamError`.
 
 A token whose ``sub`` is a configured agent (``oidc.agents``) becomes an agent identity:
 ``Identity(kind="agent", email=<agent name>, acts_for=..., chain=(acts_for, name))``. Any other
@@ -87,6 +91,7 @@ class TokenVerifier:
 
     def __init__(self, config: HoopConfig, fetcher: JsonFetcher, clock: Clock, *,
                  refresh_interval: timedelta = timedelta(seconds=30), max_age: timedelta = timedelta(hours=1),
+                 stale_grace: timedelta = timedelta(hours=6), max_backoff: timedelta = timedelta(minutes=5),
                  leeway: timedelta = timedelta(seconds=30)) -> None:
         if config.oidc is None:
             raise ConfigError("the API needs an oidc: section (issuer, audience) to check bearer tokens")
@@ -96,9 +101,13 @@ class TokenVerifier:
         self.clock = clock
         self.refresh_interval = refresh_interval
         self.max_age = max_age
+        self.stale_grace = stale_grace
+        self.max_backoff = max_backoff
         self.leeway = leeway
         self._keys: KeySet | None = None
-        self._fetched_at: datetime | None = None
+        self._fetched_at: datetime | None = None  # the last fetch that worked
+        self._tried_at: datetime | None = None  # the last fetch, whether it worked or not
+        self._failures = 0  # fetches that failed since the last one that worked
         self._lock = asyncio.Lock()
         #: how many times the JWKS was fetched (for operators' metrics and for tests)
         self.fetches = 0
@@ -117,31 +126,60 @@ class TokenVerifier:
             raise UpstreamError(f"identity provider: discovery document at {url} has no jwks_uri", code="idp")
         return jwks_uri
 
-    async def _refresh(self, *, forced: bool) -> KeySet:
-        """Fetch the JWKS unless another caller just did, or the rate limit forbids it."""
+    def _may_fetch(self, now: datetime) -> bool:
+        if self._tried_at is None:
+            return True
+        wait = self.refresh_interval
+        if self._failures:  # back off: the interval, doubled per further failure, up to max_backoff
+            wait = max(min(self.refresh_interval * 2 ** min(self._failures - 1, 20), self.max_backoff), wait)
+        return now - self._tried_at >= wait
+
+    def _usable(self, now: datetime) -> KeySet | None:
+        """The cached keys, unless they are older than ``max_age`` plus ``stale_grace``."""
+        if self._keys is None or self._fetched_at is None:
+            return None
+        return self._keys if now - self._fetched_at < self.max_age + self.stale_grace else None
+
+    async def _refresh(self) -> None:
+        """Fetch the JWKS, unless another caller just tried (the rate limit, and the back-off
+        after failures). A failure is logged and leaves the cached keys as they are."""
         async with self._lock:
             now = self.clock.now()
-            fresh = self._fetched_at is not None and now - self._fetched_at < self.refresh_interval
-            if self._keys is not None and (fresh or not forced):
-                return self._keys
-            doc = await self.fetcher.fetch_json(await self._jwks_url())
+            if not self._may_fetch(now):
+                return
+            self._tried_at = now
             try:
-                keys = KeySet.import_key_set(doc)  # type: ignore[arg-type]
-            except (JoseError, ValueError, TypeError, KeyError):
-                raise UpstreamError("identity provider: the JWKS document is not a valid key set", code="idp") from None
-            self._keys, self._fetched_at = keys, now
+                doc = await self.fetcher.fetch_json(await self._jwks_url())
+                try:
+                    keys = KeySet.import_key_set(doc)  # type: ignore[arg-type]
+                except (JoseError, ValueError, TypeError, KeyError):
+                    raise UpstreamError("identity provider: the JWKS document is not a valid key set",
+                                        code="idp") from None
+            except UpstreamError as exc:
+                self._failures += 1
+                if self._fetched_at is None:
+                    kept = "no keys were ever fetched, so no token can be checked"
+                else:
+                    kept = (f"keeping the keys fetched at {self._fetched_at.isoformat()} until "
+                            f"{(self._fetched_at + self.max_age + self.stale_grace).isoformat()}")
+                log.warning("%s (%d failure(s) in a row); %s", exc.message, self._failures, kept)
+                return
+            self._keys, self._fetched_at, self._failures = keys, now, 0
             self.fetches += 1
-            return keys
 
     async def _key_for(self, kid: str | None) -> Any:
-        keys = self._keys
-        stale = self._fetched_at is None or self.clock.now() - self._fetched_at >= self.max_age
-        if keys is None or stale:
-            keys = await self._refresh(forced=True)
-        key = _find(keys, kid)
+        if self._fetched_at is None or self.clock.now() - self._fetched_at >= self.max_age:
+            await self._refresh()
+        keys = self._usable(self.clock.now())
+        key = _find(keys, kid) if keys is not None else None
         if key is None:
-            keys = await self._refresh(forced=True)  # a rotation; rate-limited inside
-            key = _find(keys, kid)
+            await self._refresh()  # a rotation; rate-limited inside
+            keys = self._usable(self.clock.now())
+            key = _find(keys, kid) if keys is not None else None
+        if key is None and (keys is None or self._failures):
+            # no keys, or a kid that may be a rotation hoop could not fetch: not the caller's fault
+            raise UpstreamError("identity provider: its signing keys could not be fetched, so the token cannot be "
+                                "checked; try again later", code="idp")
         if key is None:
             raise Unauthenticated("the token is signed with a key the issuer does not publish", code="unknown_key")
         return key

@@ -43,7 +43,8 @@ class Reviews:
         return review
 
     async def wait(self, review: Review) -> bool:
-        """True when allowed; False when refused or timed out (and then marked timed_out)."""
+        """True when allowed; False when refused or timed out (and then marked timed_out). A
+        decision another replica stored after the last poll, before the deadline, is returned."""
         fut = self._waiters.get(review.id)
         clock = self.service.clock
         try:
@@ -61,7 +62,13 @@ class Reviews:
                     current = await tx.get_review(review.id)
                 if current is not None and current.status != "pending":
                     return current.status == "allowed"
-            await self._finish(review.id, "timed_out", None)
+            try:
+                await self._finish(review.id, "timed_out", None)
+            except Conflict:
+                # decided after the last poll, before the deadline: that decision stands
+                async with self.service.store.tx() as tx:
+                    current = await tx.get_review(review.id)
+                return current is not None and current.status == "allowed"
             return False
         finally:
             self._waiters.pop(review.id, None)
@@ -96,7 +103,7 @@ class Reviews:
     async def _finish(self, review_id: str, status: str, who: Identity | None) -> Review:
         now = self.service.clock.now()
         async with self.service.store.tx() as tx:
-            review = await tx.get_review(review_id)
+            review = await tx.get_review(review_id, lock=True)  # a decision and the timeout: one wins
             if review is None:
                 raise NotFound(f"no review {review_id!r}", code="no_review")
             if review.status != "pending":

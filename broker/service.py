@@ -41,8 +41,6 @@ from broker.store import Store, Tx
 log = logging.getLogger(__name__)
 _ID = "abcdefghijkmnpqrstuvwxyz23456789"
 SYSTEM = Identity(email="hoop", name="hoop", chain=("hoop",))
-#: children read per query while a revoke or expiry cascades (memory stays bounded by depth x page)
-_CASCADE_PAGE = 500
 
 
 def new_id(prefix: str) -> str:
@@ -249,13 +247,15 @@ class Service:
             grant = replace(grant, db_role=role)
         return grant
 
-    async def withdraw(self, request_id: str, who: Identity) -> AccessRequest:
+    async def withdraw(self, request_id: str, who: Identity, via: str | None = None) -> AccessRequest:
+        """Take back ``who``'s approval; with ``via``, only one given that way (un-reacting does
+        not take back an approval given by button)."""
         now = self.clock.now()
         async with self.store.tx() as tx:
             req = await self._get_request(tx, request_id, lock=True)
             if req.status is not RequestStatus.PENDING:
                 raise Conflict(f"request {req.id} is already {req.status.value}", code=req.status.value)
-            if not await tx.remove_approval(req.id, who.email.lower()):
+            if not await tx.remove_approval(req.id, who.email.lower(), via=via):
                 raise NotFound("you have no approval on this request to withdraw", code="no_approval")
             req.approvals = [a for a in req.approvals if a.approver != who.email.lower()]
             await tx.append_audit(at=now, actor=who.email, chain=who.chain, action="request.approval_withdrawn",
@@ -418,31 +418,29 @@ class Service:
     async def _end(self, grant_id: str, event: str, who: Identity, reason: str) -> Grant:
         """End a grant and every active grant delegated from it, however many, in one transaction.
 
-        Children are read a page at a time and ended before the next page is read, so the same
-        query moves on by itself; the stack holds at most one page per level of depth. An expiry
-        of a grant that was extended after the scheduler read it is a no-op: it returns the
-        grant, still active."""
+        Every row of the subtree is locked, parents before children, before the first audit
+        entry is appended. Appending takes the audit lock, and a delegation or an expiry holds a
+        descendant's row while it waits for that lock; locking a descendant after it would
+        deadlock with them. A locked parent also gets no new children meanwhile. An expiry of a
+        grant that was extended after the scheduler read it is a no-op: it returns the grant,
+        still active."""
         now = self.clock.now()
-        ended: list[Grant] = []
         async with self.store.tx() as tx:
             root = await self._get_grant(tx, grant_id, lock=True)
             if event == "expire" and root.status is GrantStatus.ACTIVE and root.expires_at > now:
                 return root
             req = await self.request_for(tx, root)  # the whole subtree shares its top grant's request
+            ended = [root]
+            for parent in ended:  # breadth first: the list grows as it is walked
+                ended.extend(await tx.list_grants(parent_id=parent.id, status=GrantStatus.ACTIVE, limit=None,
+                                                  lock=True))
             await self._end_in(tx, root, event, who, reason, now)
-            ended.append(root)
-            stack = [root]
-            while stack:
-                parent = stack[-1]
-                page = await tx.list_grants(parent_id=parent.id, status=GrantStatus.ACTIVE, limit=_CASCADE_PAGE)
-                if not page:
-                    stack.pop()
-                    continue
-                for child in page:
-                    await self._end_in(tx, child, "revoke", who, f"parent grant {parent.id} ended "
-                                                                f"({parent.end_reason})", now)
-                ended.extend(page)
-                stack.extend(page)
+            by_id = {root.id: root}
+            for child in ended[1:]:
+                parent = by_id[child.parent_id or ""]
+                await self._end_in(tx, child, "revoke", who, f"parent grant {parent.id} ended "
+                                                            f"({parent.end_reason})", now)
+                by_id[child.id] = child
         # sessions are told first (a clear message to each client), then upstream roles go
         await self.publish([GrantEnded(grant=g, request=req) for g in ended])
         for grant in ended:

@@ -1,7 +1,10 @@
 """The repository: dataclasses in and out, SQL inside, one transaction per ``tx()``.
 
 Concurrency: on PostgreSQL, ``lock=True`` reads take ``SELECT ... FOR UPDATE`` and audit
-appends take a transaction-scoped advisory lock, so replicas serialise where they must.
+appends take a transaction-scoped advisory lock, so replicas serialise where they must. The
+lock order is rows first (a request, then grants, parents before children), the audit lock
+last: a transaction that appended audit takes no further row lock, or it could wait for a row
+whose holder waits for the audit lock. ``lock=True`` after an append raises to keep it so.
 SQLite has one writer anyway; an asyncio lock serialises our transactions so they never
 meet "database is locked".
 """
@@ -132,6 +135,15 @@ class Tx:
     def __init__(self, conn: AsyncConnection) -> None:
         self.conn = conn
         self.postgres = conn.dialect.name == "postgresql"
+        self._audited = False
+
+    def _row_lock(self) -> bool:
+        """Whether a ``lock=True`` read takes row locks (PostgreSQL). Refuses one after this
+        transaction appended audit, on every database: on PostgreSQL that order can deadlock
+        (see the module doc)."""
+        if self._audited:
+            raise RuntimeError("a row lock after the audit lock can deadlock; lock rows before appending audit")
+        return self.postgres
 
     # -- requests -------------------------------------------------------------------------
     async def insert_request(self, r: AccessRequest) -> None:
@@ -156,7 +168,7 @@ class Tx:
 
     async def get_request(self, request_id: str, *, lock: bool = False) -> AccessRequest | None:
         q = select(t.requests).where(t.requests.c.id == request_id)
-        if lock and self.postgres:
+        if lock and self._row_lock():
             q = q.with_for_update()
         row = (await self.conn.execute(q)).first()
         if row is None:
@@ -164,8 +176,9 @@ class Tx:
         return _request(row, (await self._approvals([request_id]))[request_id])
 
     async def list_requests(self, *, status: RequestStatus | None = None, requester: str | None = None,
-                            resource: str | None = None, limit: int = 500) -> list[AccessRequest]:
-        q = select(t.requests).order_by(t.requests.c.created_at.desc()).limit(limit)
+                            resource: str | None = None, limit: int = 500, offset: int = 0) -> list[AccessRequest]:
+        q = (select(t.requests).order_by(t.requests.c.created_at.desc(), t.requests.c.id.desc())
+             .limit(limit).offset(offset))
         if status is not None:
             q = q.where(t.requests.c.status == status.value)
         if requester is not None:
@@ -192,10 +205,11 @@ class Tx:
             request_id=request_id, approver=a.approver, groups=list(a.groups), at=a.at, via=a.via,
             chain=list(a.chain)))
 
-    async def remove_approval(self, request_id: str, approver: str) -> bool:
-        res = await self.conn.execute(delete(t.approvals).where(
-            t.approvals.c.request_id == request_id, t.approvals.c.approver == approver))
-        return bool(res.rowcount)
+    async def remove_approval(self, request_id: str, approver: str, *, via: str | None = None) -> bool:
+        q = delete(t.approvals).where(t.approvals.c.request_id == request_id, t.approvals.c.approver == approver)
+        if via is not None:
+            q = q.where(t.approvals.c.via == via)
+        return bool((await self.conn.execute(q)).rowcount)
 
     # -- grants ---------------------------------------------------------------------------
     async def insert_grant(self, g: Grant, *, secret_digest: str, scram_verifier: str) -> None:
@@ -209,7 +223,7 @@ class Tx:
 
     async def get_grant(self, grant_id: str, *, lock: bool = False) -> Grant | None:
         q = select(t.grants).where(t.grants.c.id == grant_id)
-        if lock and self.postgres:
+        if lock and self._row_lock():
             q = q.with_for_update()
         row = (await self.conn.execute(q)).first()
         return _grant(row) if row is not None else None
@@ -226,8 +240,13 @@ class Tx:
         return _grant(row) if row is not None else None
 
     async def list_grants(self, *, status: GrantStatus | None = None, identity: str | None = None,
-                          parent_id: str | None = None, limit: int = 1000) -> list[Grant]:
-        q = select(t.grants).order_by(t.grants.c.created_at.desc()).limit(limit)
+                          parent_id: str | None = None, limit: int | None = 1000, offset: int = 0,
+                          lock: bool = False) -> list[Grant]:
+        """Newest first; ties by id, so pages by ``offset`` keep one order."""
+        q = (select(t.grants).order_by(t.grants.c.created_at.desc(), t.grants.c.id.desc())
+             .limit(limit).offset(offset))
+        if lock and self._row_lock():
+            q = q.with_for_update()
         if status is not None:
             q = q.where(t.grants.c.status == status.value)
         if identity is not None:
@@ -334,8 +353,11 @@ class Tx:
         await self.conn.execute(update(t.reviews).where(t.reviews.c.id == r.id).values(
             **{k: getattr(r, k) for k in _REVIEW_FIELDS if k != "id"}))
 
-    async def get_review(self, review_id: str) -> Review | None:
-        row = (await self.conn.execute(select(t.reviews).where(t.reviews.c.id == review_id))).first()
+    async def get_review(self, review_id: str, *, lock: bool = False) -> Review | None:
+        q = select(t.reviews).where(t.reviews.c.id == review_id)
+        if lock and self._row_lock():
+            q = q.with_for_update()
+        row = (await self.conn.execute(q)).first()
         return Review(**{k: row._mapping[k] for k in _REVIEW_FIELDS}) if row is not None else None
 
     async def review_by_message(self, channel: str, ts: str) -> Review | None:
@@ -352,8 +374,9 @@ class Tx:
     async def append_audit(self, *, at: datetime, actor: str, chain: Sequence[str], action: str,
                            request_id: str | None = None, grant_id: str | None = None,
                            detail: dict[str, Any] | None = None) -> AuditEntry:
-        if self.postgres:
+        if self.postgres and not self._audited:
             await self.conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _AUDIT_LOCK})
+        self._audited = True
         last = (await self.conn.execute(
             select(t.audit_log.c.seq, t.audit_log.c.hash).order_by(t.audit_log.c.seq.desc()).limit(1))).first()
         seq, prev = (last[0] + 1, last[1]) if last is not None else (1, GENESIS)

@@ -13,6 +13,7 @@ import pytest
 from broker.api import ROUTES
 from broker.api_models import RequestCreate
 from broker.errors import Denied
+from broker.model import AccessRequest, Grant, GrantStatus, RequestStatus, StepSpec
 from tests.api.conftest import Harness, harness, store_url
 
 
@@ -142,6 +143,36 @@ async def test_grants_listing_visibility_and_revoke(h: Harness) -> None:
     async with h.store.tx() as tx:
         grant = await tx.get_grant(gid)
     assert grant is not None and grant.end_reason == "done"
+
+
+async def test_listings_limit_what_the_caller_may_see_not_what_the_store_holds(h: Harness) -> None:
+    """Carol's two requests and grants are older than 600 of bob's. Lists used to take the
+    newest ``limit`` rows and then drop those carol may not see, so she got none of hers."""
+    _, first = await h.call("POST", "/requests", "carol@example.com", json={"resource": "reports-db", "reason": "a"})
+    _, appr = await h.call("POST", f"/requests/{first['id']}/approve", "bob@example.com")
+    h.clock.advance(timedelta(seconds=1))
+    _, second = await h.call("POST", "/requests", "carol@example.com", json={"resource": "prod-db", "reason": "b"})
+    async with h.store.tx() as tx:
+        for i in range(600):
+            h.clock.advance(timedelta(milliseconds=1))
+            now = h.clock.now()
+            await tx.insert_request(AccessRequest(
+                id=f"rb{i:04d}", resource="prod-db", requester="bob@example.com", chain=("bob@example.com",),
+                duration=timedelta(hours=1), reason="bob's", status=RequestStatus.PENDING, created_at=now,
+                lapses_at=now + timedelta(hours=1), steps=(StepSpec("dba", 1),)))
+            await tx.insert_grant(Grant(
+                id=f"gb{i:04d}", login=f"bob.{i}", identity="bob@example.com", chain=("bob@example.com",),
+                resources=("prod-db",), status=GrantStatus.ACTIVE, created_at=now,
+                expires_at=now + timedelta(hours=1)), secret_digest=f"d{i}", scram_verifier="x")
+    for mine in ("false", "true"):
+        status, body = await h.call("GET", f"/requests?mine={mine}", "carol@example.com")
+        assert status == 200 and [r["id"] for r in body["requests"]] == [second["id"], first["id"]], mine
+        status, body = await h.call("GET", f"/requests?mine={mine}&limit=1", "carol@example.com")
+        assert [r["id"] for r in body["requests"]] == [second["id"]], mine
+        status, body = await h.call("GET", f"/grants?mine={mine}", "carol@example.com")
+        assert status == 200 and [g["id"] for g in body["grants"]] == [appr["grant"]["id"]], mine
+    status, body = await h.call("GET", "/requests?limit=500", "dana@example.com")  # an approver sees them all
+    assert len(body["requests"]) == 500 and body["requests"][0]["id"] == "rb0599"
 
 
 async def test_tokens_are_required_and_checked(h: Harness) -> None:

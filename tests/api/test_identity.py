@@ -11,6 +11,7 @@ from datetime import timedelta
 import pytest
 
 from broker.clock import FakeClock
+from broker.errors import UpstreamError
 from broker.identity import HttpFetcher, TokenVerifier, Unauthenticated
 from tests.api.conftest import AGENTS, api_config
 from tests.support.oidc import AUDIENCE, LocalIssuer
@@ -116,6 +117,36 @@ async def test_unknown_key_is_refused_and_refetching_is_rate_limited(
     clock.advance(timedelta(seconds=31))
     assert await refused(verifier, forged) == "unknown_key"
     assert verifier.fetches == 2  # one refresh once the interval passed, still no such key
+
+
+async def test_an_unreachable_issuer_leaves_the_cached_keys_in_use_and_is_retried_with_back_off(
+        issuer: LocalIssuer, verifier: TokenVerifier, clock: FakeClock, caplog: pytest.LogCaptureFixture) -> None:
+    """A failed fetch used to count as no fetch: after max_age every token failed while the
+    issuer was down, and every request (and every unknown kid) fetched again."""
+    await verifier.verify(issuer.mint("u1", email="bob@example.com"))
+    issuer.down = True
+    clock.advance(timedelta(hours=1, seconds=1))  # past max_age: a refresh is due, and fails
+    for _ in range(5):
+        assert (await verifier.verify(issuer.mint("u1", email="bob@example.com"))).email == "bob@example.com"
+    forged = issuer.mint("u1", email="bob@example.com", key=LocalIssuer.stranger_key())
+    with pytest.raises(UpstreamError):  # maybe a rotation hoop could not fetch: not the caller's fault
+        await verifier.verify(forged)
+    assert issuer.discovery_hits == 2  # the first fetch, then one try for all of these
+    assert "HTTP 503 (1 failure(s) in a row); keeping the keys fetched at" in caplog.text
+    clock.advance(timedelta(seconds=31))
+    await verifier.verify(issuer.mint("u1", email="bob@example.com"))
+    assert issuer.discovery_hits == 3
+    clock.advance(timedelta(seconds=31))  # after two failures the next try waits 60s
+    await verifier.verify(issuer.mint("u1", email="bob@example.com"))
+    assert issuer.discovery_hits == 3
+    clock.advance(timedelta(hours=6))  # past max_age and the grace: the cached keys are not used any more
+    with pytest.raises(UpstreamError) as exc:
+        await verifier.verify(issuer.mint("u1", email="bob@example.com"))
+    assert exc.value.code == "idp" and issuer.discovery_hits == 4
+    issuer.down = False
+    clock.advance(timedelta(minutes=5))
+    assert (await verifier.verify(issuer.mint("u1", email="bob@example.com"))).email == "bob@example.com"
+    assert verifier.fetches == 2 and issuer.discovery_hits == 5
 
 
 async def test_known_kid_with_a_foreign_signature(issuer: LocalIssuer, verifier: TokenVerifier) -> None:

@@ -122,6 +122,7 @@ class Hoop:
 
     async def react(self, user: str, channel: str, ts: str, reaction: str = "white_check_mark",
                     removed: bool = False) -> tuple[int, str]:
+        self.fake.set_reaction(channel, ts, reaction, user, present=not removed)  # Slack has it before the event
         return await self.event({"type": "reaction_removed" if removed else "reaction_added", "user": user,
                                  "reaction": reaction, "item_user": "UBOT",
                                  "item": {"type": "message", "channel": channel, "ts": ts},

@@ -61,6 +61,36 @@ async def test_reaction_removed_withdraws_approval(hoop: Hoop) -> None:
     assert hoop.ephemerals("UBOB") == []
 
 
+async def test_removing_one_emoji_keeps_an_approval_given_otherwise(hoop: Hoop) -> None:
+    """Un-reacting used to withdraw whatever approval its author had: one still shown by a
+    second approve emoji, or one given by button."""
+    await hoop.command("request prod-db 30m fix invoice 4411")
+    channel, ts = hoop.card()
+
+    async def approvers() -> list[str]:
+        async with hoop.store.tx() as tx:
+            req = await tx.request_by_card(channel, ts)
+        assert req is not None and req.status is RequestStatus.PENDING
+        return [a.approver for a in req.approvals]
+
+    await hoop.react("USAM", channel, ts, "thumbsup")
+    await hoop.react("USAM", channel, ts, "heavy_check_mark")  # counts once
+    await hoop.react("USAM", channel, ts, "thumbsup", removed=True)
+    assert await approvers() == ["sam@example.com"]
+    assert not any("withdrew" in t for t in hoop.thread(ts))
+    await hoop.react("USAM", channel, ts, "heavy_check_mark", removed=True)  # the last one goes: withdrawn
+    assert await approvers() == []
+    assert any("withdrew" in t for t in hoop.thread(ts))
+
+    async with hoop.store.tx() as tx:
+        req = await tx.request_by_card(channel, ts)
+    assert req is not None
+    await hoop.click("hoop_approve", req.id, "UDANA", channel, ts)
+    await hoop.react("UDANA", channel, ts, "+1")
+    await hoop.react("UDANA", channel, ts, "+1", removed=True)
+    assert await approvers() == ["dana@example.com"]
+
+
 async def test_revoke_status_list_and_card(hoop: Hoop) -> None:
     _rid, gid, _channel, ts = await _granted(hoop)
     await hoop.command("status")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from sqlalchemy import delete, update
 
 from broker import policy
@@ -53,3 +54,16 @@ async def test_deleted_row_is_found(service: Service, config: HoopConfig, store:
     async with store.tx() as tx:
         await tx.conn.execute(delete(t.audit_log).where(t.audit_log.c.seq >= 4))
     assert (await verify(store)).ok  # truncating the tail is only detectable with an external anchor
+
+
+async def test_no_row_lock_after_an_audit_append(service: Service, config: HoopConfig, store: Store) -> None:
+    """Rows are locked before the audit lock, never after (the order that can deadlock on
+    PostgreSQL); the store refuses the other order on every database, so tests catch it."""
+    await _history(service, config)
+    async with store.tx() as tx:
+        grant = (await tx.list_grants())[0]
+        await tx.get_grant(grant.id, lock=True)
+        await tx.append_audit(at=grant.created_at, actor="test", chain=("test",), action="test.order")
+        await tx.get_grant(grant.id)  # a plain read is fine
+        with pytest.raises(RuntimeError, match="deadlock"):
+            await tx.get_grant(grant.id, lock=True)

@@ -8,6 +8,7 @@ from datetime import timedelta
 import pytest
 
 from broker import policy
+from broker.clock import FakeClock
 from broker.config import HoopConfig, parse_config
 from broker.delegation import delegate
 from broker.errors import Denied
@@ -77,3 +78,19 @@ async def test_delegator_cannot_allow_the_sub_agents_statement(service: Service,
     decided = await reviews.decide(review_id, agent("dba-bot", "dana@example.com", "dba"), False)
     assert decided.status == "refused"
     assert (await reviews.decide(own, who(config, "dana@example.com"), True)).status == "allowed"
+
+
+async def test_a_decision_just_before_the_deadline_reaches_the_waiting_proxy(service: Service, config: HoopConfig,
+                                                                             clock: FakeClock) -> None:
+    """Another replica allows the statement after the proxy's last poll; the deadline then
+    passes. Marking the review timed out used to raise Conflict into the proxy."""
+    grant = await granted(service, config, who(config, "bob@example.com"))
+    waiting, elsewhere = Reviews(service), Reviews(service)  # the proxy's replica, and the deciding one
+    review = await waiting.open(session_id="s1", grant=grant, resource="prod-db", text="DELETE FROM orders",
+                                rule="deletes", timeout=timedelta(minutes=5))
+    await elsewhere.decide(review.id, who(config, "dana@example.com"), True)
+    clock.advance(timedelta(minutes=5))
+    assert await waiting.wait(review) is True
+    async with service.store.tx() as tx:
+        stored = await tx.get_review(review.id)
+    assert stored is not None and stored.status == "allowed"

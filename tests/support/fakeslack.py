@@ -7,7 +7,8 @@ and answers with plausible Slack payloads. Point ``AsyncWebClient(base_url=fake.
 - ``usergroups`` maps Slack user group ids to member user ids;
 - :meth:`rate_limit_once` makes the next call of a method answer 429 with ``Retry-After``;
 - ``socket_url`` is returned by ``apps.connections.open`` (Socket Mode tests);
-- ``/respond/<id>`` is a response_url endpoint; its posts are recorded as method ``respond``.
+- ``/respond/<id>`` is a response_url endpoint; its posts are recorded as method ``respond``;
+- :meth:`set_reaction` keeps the reactions on a message, which ``reactions.get`` answers with.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ class FakeSlack:
     #: Socket Mode: envelopes sent after ``hello`` to each connection, and the acks received
     socket_envelopes: list[dict[str, Any]] = field(default_factory=list)
     socket_acks: list[dict[str, Any]] = field(default_factory=list)
+    #: (channel, ts) -> emoji name -> users who reacted with it
+    reactions: dict[tuple[str, str], dict[str, list[str]]] = field(default_factory=dict)
 
     @property
     def api_url(self) -> str:
@@ -82,6 +85,13 @@ class FakeSlack:
                 self.changed.clear()
                 await self.changed.wait()
         return self.socket_acks
+
+    def set_reaction(self, channel: str, ts: str, name: str, user: str, *, present: bool = True) -> None:
+        users = self.reactions.setdefault((channel, ts), {}).setdefault(name, [])
+        if present and user not in users:
+            users.append(user)
+        elif not present and user in users:
+            users.remove(user)
 
     def rate_limit_once(self, method: str, retry_after: int = 0) -> None:
         self._limits[method] = retry_after
@@ -167,6 +177,11 @@ class FakeSlack:
         if method == "files.completeUploadExternal":
             files = p.get("files") or []
             return {**ok, "files": [{"id": f.get("id"), "title": f.get("title")} for f in files]}
+        if method == "reactions.get":
+            channel, ts = str(p.get("channel")), str(p.get("timestamp"))
+            on = self.reactions.get((channel, ts), {})
+            return {**ok, "type": "message", "channel": channel, "message": {"ts": ts, "reactions": [
+                {"name": name, "users": users, "count": len(users)} for name, users in on.items() if users]}}
         if method == "apps.connections.open":
             return {**ok, "url": self.socket_url}
         return ok

@@ -23,6 +23,8 @@ class LocalIssuer:
         self._n = 0
         self.jwks_hits = 0
         self.discovery_hits = 0
+        #: while set, the discovery document and the JWKS answer HTTP 503 (an outage)
+        self.down = False
         self._runner: web.AppRunner | None = None
         self.url = ""
         self.rotate()
@@ -56,11 +58,15 @@ class LocalIssuer:
 
     async def _discovery(self, request: web.Request) -> web.Response:
         self.discovery_hits += 1
+        if self.down:
+            return web.Response(status=503)
         return web.json_response({"issuer": self.url, "jwks_uri": f"{self.url}/jwks",
                                   "id_token_signing_alg_values_supported": ["ES256"]})
 
     async def _jwks(self, request: web.Request) -> web.Response:
         self.jwks_hits += 1
+        if self.down:
+            return web.Response(status=503)
         return web.json_response({"keys": [k.as_dict(private=False) for k in self.keys]})
 
     def mint(self, sub: str, *, email: str | None = None, groups: list[str] | None = None,
