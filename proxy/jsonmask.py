@@ -27,11 +27,20 @@ detector hit (the chunk is scanned once). Only what may change takes the exact p
 gives the same bytes (``fast=False`` forces it, ``whole=False`` turns the one-pass path off;
 tests compare them).
 
+What JSON producers add is accepted: a byte order mark and an XSSI guard (``)]}'``, ``)]}',``,
+``while(1);``, ``for(;;);``) at the start pass unchanged, and ``NaN``, ``Infinity`` and
+``-Infinity`` are scalars (Python's ``json.dumps`` writes them by default). Several top-level
+values in a row (JSON lines) are accepted.
+
 Invalid JSON never raises. At the first byte that cannot be JSON (or past ``max_depth``
-nesting), the rest of the stream, including any unsent part of the current token, goes
-through a :class:`proxy.mask.StreamMasker`, i.e. text detector masking, and
-:attr:`JsonStreamMasker.fallback` becomes True. Several top-level values in a row (JSON
-lines) are accepted.
+nesting), the masker has lost track of which key a value belongs to, and
+:attr:`JsonStreamMasker.fallback` becomes True. The rest of the stream, including any unsent
+part of the current token, then goes through text detector masking
+(:class:`proxy.mask.StreamMasker`) when there are no key rules; with key rules it goes
+through :class:`_Lost`, which fails closed: every string and every bare word (numbers
+included, ``true``/``false``/``null`` excepted) becomes ``"[masked]"``, whatever key it may
+be under. A value of a ruled key can then not leak, at the price of an unreadable rest in a
+body that was not JSON anyway; detectors alone would let ``"password": "..."`` through.
 """
 
 from __future__ import annotations
@@ -56,11 +65,16 @@ from proxy.mask import RULE_MARKER, Masker, StreamMasker
 
 _WS = re.compile(rb"[ \t\r\n]*")
 _SCALAR = re.compile(rb"[-+.0-9A-Za-z]*")
-_SCALAR_OK = re.compile(rb"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?|true|false|null")
+_SCALAR_OK = re.compile(rb"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?|true|false|null|NaN|-?Infinity")
 _SCALAR_MAX = 4096
 _QUOTE, _BACKSLASH = 0x22, 0x5C
 _LBRACE, _RBRACE, _LBRACKET, _RBRACKET, _COLON, _COMMA = b"{}[]:,"
-_SCALAR_START = frozenset(b"-0123456789tfn")
+_SCALAR_START = frozenset(b"-0123456789tfnNI")
+# what may come before the value: a byte order mark, then an XSSI guard
+_BOM = b"\xef\xbb\xbf"
+_GUARDS = (b")]}',", b"while(1);", b"for(;;);")
+_LEAD = re.compile(rb"(?:\xef\xbb\xbf)?(?:[ \t\r\n]*(?:\)\]\}',?|while\(1\);|for\(;;\);))?")
+_LEAD_MAX = 64  # the first bytes are held at most this long while they may still become one
 
 # what the tokenizer expects next
 _VALUE, _KEY, _KEY_OR_END, _VALUE_OR_END, _COLON_NEXT, _AFTER = range(6)
@@ -94,7 +108,8 @@ class JsonStreamMasker:
         self._crossed = False  # the current token began in an earlier chunk
         self._bs_odd = False  # the string so far ends in an odd run of backslashes
         self._overflow = False
-        self._text: StreamMasker | None = None
+        self._text: StreamMasker | _Lost | None = None
+        self._lead: bytes | None = b""  # the body's first bytes while they may be a BOM or XSSI guard
         globs = tuple(r.match for r in masker.config.json_keys)
         self._fast = fast_patterns(globs, max_string) if masker.enabled and fast else None
         self._ruled = self._fast[2] if self._fast is not None else None
@@ -115,6 +130,23 @@ class JsonStreamMasker:
             return chunk
         if self._text is not None:
             return self._text.feed(chunk)
+        if self._lead is not None:
+            return self._start(chunk, final=False)
+        return self._value(chunk)
+
+    def _start(self, chunk: bytes, *, final: bool) -> bytes:
+        """The body's first bytes: a BOM or XSSI guard passes unchanged, then the JSON begins."""
+        assert self._lead is not None
+        data = self._lead + chunk if self._lead else chunk
+        if not final and len(data) < _LEAD_MAX and _may_lead(data):
+            self._lead = data
+            return b""
+        self._lead = None
+        m = _LEAD.match(data)
+        end = m.end() if m is not None else 0
+        return data[:end] + self._value(data[end:]) if end else self._value(data)
+
+    def _value(self, chunk: bytes) -> bytes:
         if (self._fast is not None and not self._stack and self._state == _STRUCT and len(chunk) <= self._whole_max
                 and self._expect in (_VALUE, _AFTER) and chunk.rstrip(b" \t\r\n")[-1:] in _WHOLE_ENDS):
             whole = mask_document(self._m, chunk, self._ruled, self._max_depth)
@@ -127,6 +159,8 @@ class JsonStreamMasker:
         """End of body: return whatever is still held (an unterminated token goes out masked)."""
         if not self._m.enabled:
             return b""
+        if self._lead is not None:
+            return self._start(b"", final=True) + self.flush()
         if self._text is not None:
             return self._text.flush()
         held = bytes(self._buf)
@@ -141,8 +175,8 @@ class JsonStreamMasker:
         if self._state == _STRING and self._crossed:  # truncated body: mask what we have as text
             self._crossed = False
             self._state = _STRUCT
-            if self._overflow:
-                return _OVERFLOW[:-1]
+            if self._overflow or (not self._is_key and self._strategy() is not None):
+                return _OVERFLOW[:-1]  # a ruled value cut short: masked whole, as the rule would have
             return self._m.mask_bytes(b'"' + held) or b'"' + held
         return b""
 
@@ -451,7 +485,7 @@ class JsonStreamMasker:
         return encode_string(self._m.apply(raw.decode("ascii"), strategy))
 
     def _fall_back(self, chunk: bytes, out: list[bytes], emit: int) -> bytes:
-        self._text = StreamMasker(self._m)
+        self._text = _Lost() if self._m.config.json_keys else StreamMasker(self._m)
         held = b""  # the token began in an earlier chunk, and nothing of it was sent
         if self._crossed and self._overflow:
             held = _OVERFLOW[:-1]
@@ -462,6 +496,90 @@ class JsonStreamMasker:
         return b"".join(out)
 
 
+def _may_lead(data: bytes) -> bool:
+    """True while ``data`` (the body's first bytes) may still grow into a BOM or an XSSI guard."""
+    if len(data) < len(_BOM) and _BOM.startswith(data):
+        return True
+    rest = data.removeprefix(_BOM).lstrip(b" \t\r\n")
+    return any(guard.startswith(rest) for guard in _GUARDS)
+
+
 def _match_end(pattern: re.Pattern[bytes], data: bytes, pos: int) -> int:
     m = pattern.match(data, pos)
     return pos if m is None else m.end()
+
+
+class _Lost:
+    """The rest of a body in which :class:`JsonStreamMasker` lost track of the keys, with key rules in
+    force: every string (escapes followed across chunks) and every bare word other than ``true``,
+    ``false`` and ``null`` becomes ``"[masked]"``; structure and whitespace pass. Holds at most one
+    word of up to 4 KiB (a longer one is masked at once)."""
+
+    __slots__ = ("_in_string", "_odd", "_word")
+
+    def __init__(self) -> None:
+        self._in_string = False
+        self._odd = False  # the string so far ends in an odd run of backslashes
+        self._word = b""  # a bare word that may go on in the next chunk
+
+    def feed(self, chunk: bytes) -> bytes:
+        out: list[bytes] = []
+        i, n = 0, len(chunk)
+        if self._word:
+            end = _match_end(_WORD, chunk, 0)
+            if end == n and len(self._word) + n <= _SCALAR_MAX:
+                self._word += chunk
+                return b""
+            out.append(self._word_out(self._word + chunk[:end]))
+            self._word, i = b"", end
+        while i < n:
+            if self._in_string:
+                q = self._closing_quote(chunk, i)
+                if q == -1:
+                    return b"".join(out)
+                self._in_string = False
+                out.append(_OVERFLOW)
+                i = q + 1
+                continue
+            end = _match_end(_PUNCT, chunk, i)
+            out.append(chunk[i:end])
+            i = end
+            if i == n:
+                break
+            if chunk[i] == _QUOTE:
+                self._in_string, self._odd = True, False
+                i += 1
+                continue
+            end = _match_end(_WORD, chunk, i)
+            if end == n:
+                self._word = chunk[i:]
+                break
+            out.append(self._word_out(chunk[i:end]))
+            i = end
+        return b"".join(out)
+
+    def flush(self) -> bytes:
+        if self._in_string:
+            self._in_string = False
+            return _OVERFLOW[:-1]
+        word, self._word = self._word, b""
+        return self._word_out(word) if word else b""
+
+    def _closing_quote(self, chunk: bytes, i: int) -> int:
+        """The unescaped quote ending the string, or -1 (the backslash parity is kept for the next chunk)."""
+        odd = self._odd
+        for j in range(i, len(chunk)):
+            c = chunk[j]
+            if c == _QUOTE and not odd:
+                return j
+            odd = c == _BACKSLASH and not odd
+        self._odd = odd
+        return -1
+
+    @staticmethod
+    def _word_out(word: bytes) -> bytes:
+        return word if word in (b"true", b"false", b"null") else _OVERFLOW
+
+
+_PUNCT = re.compile(rb'[{}\[\]:, \t\r\n]*')
+_WORD = re.compile(rb'[^{}\[\]:, \t\r\n"]*')

@@ -206,6 +206,15 @@ class SessionHub:
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush_loop(), name="session-flusher")
         await self.service.publish([SessionOpened(session=row, request=request)])
+        # A grant ended (or extended) while the row was being written reached no session: read it again now
+        # that this one is registered (any later change reaches it as an event).
+        async with self.service.store.tx() as tx:
+            current = await tx.get_grant(grant.id)
+        if current is not None and current.status is not GrantStatus.ACTIVE:
+            await self.publish(GrantEnded(grant=current, request=None))
+        elif current is not None and current.expires_at != live.deadline and not live.closed:
+            live.deadline, live.grant = current.expires_at, current
+            live.arm()
         return live
 
     def live(self, resource: str | None = None) -> list[LiveSession]:

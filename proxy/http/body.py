@@ -2,37 +2,48 @@
 
 How this works. :func:`response_filter` picks what a response body goes through from its
 ``Content-Type``: JSON (``application/json`` or any ``+json``, JSON lines included) through
-:class:`proxy.jsonmask.JsonStreamMasker` (key rules and detectors), ``text/*`` (and XML,
-JavaScript, form data) through :class:`proxy.mask.StreamMasker` (detectors); every other type
-(images, archives, ``application/octet-stream``, protobuf) passes through untouched, because
-masking cannot tell text from data in it. A body in ``gzip`` or ``deflate`` that would be masked
+:class:`proxy.jsonmask.JsonStreamMasker` (key rules and detectors), ``text/*`` (and XML, JavaScript,
+form data) through :class:`proxy.mask.StreamMasker` (detectors). The client steers the type with
+``Accept``, so a body of another type, or of none, is not trusted to be data: :func:`sniff_kind`
+looks at its first bytes, and one that reads as UTF-8 text is masked as text (as JSON when it opens
+like JSON); one with bytes that text does not have (NUL and other controls, invalid UTF-8: images,
+archives, protobuf) passes through untouched. A body in ``gzip`` or ``deflate`` that would be masked
 is decoded first by :class:`Inflate` (the proxy asks for ``identity``, but an upstream may not
-listen); another encoding (``br``, ``zstd``) of a maskable type cannot be masked and is refused
-by the proxy (fail closed); :class:`Inflate` yields its output in pieces of at most 256 KiB, so a
-small compressed body never sits inflated in memory at once. :class:`Capture` keeps the first
-``limit`` bytes of a body for the recording. :class:`Secrets` knows the resource's held credential in
-the forms it travels in: the answer is searched for them whatever its type (:class:`SecretStream`
-holds back a chunk's tail only while it could be the start of one), replaced by ``[credential]`` in
+listen); another encoding (``br``, ``zstd``) of a maskable type cannot be masked and is refused by
+the proxy (fail closed); :class:`Inflate` yields its output in pieces of at most 256 KiB, so a small
+compressed body never sits inflated in memory at once. :class:`Capture` keeps the first ``limit``
+bytes of a body for the recording. :class:`Secrets` knows the resource's held credential in the
+forms it travels in: the answer is searched for them whatever its type (:class:`SecretStream` holds
+back a chunk's tail only while it could be the start of one), replaced by ``[credential]`` in
 headers and in bodies that are masked, and refused in bodies that pass through (fail closed).
 """
 
 from __future__ import annotations
 
 import functools
+import re
 import zlib
 from collections.abc import Iterable, Iterator
 from typing import Protocol
+from urllib.parse import unquote_to_bytes
 
 from proxy.jsonmask import JsonStreamMasker
 from proxy.mask import Masker
 
-__all__ = ["BodyFilter", "Capture", "Inflate", "SecretStream", "Secrets", "body_kind", "response_filter"]
+__all__ = ["BodyFilter", "Capture", "Inflate", "SecretStream", "Secrets", "body_filter", "body_kind", "form_decoded",
+           "response_filter", "sniff_kind"]
 
 _TEXT_TYPES = frozenset({
     "application/xml", "application/javascript", "application/x-www-form-urlencoded", "application/yaml",
     "application/x-yaml", "application/x-ndjson", "application/jsonl", "application/graphql",
 })
 _INFLATE_STEP = 256 * 1024
+_SNIFF = 1024  # bytes of a body of unknown type looked at to tell text from data
+# bytes that text does not hold (the WHATWG MIME sniffing "binary data bytes")
+_BINARY = re.compile(rb"[\x00-\x08\x0b\x0e-\x1a\x1c-\x1f]")
+# the start of a JSON document: an object or array opened with what may follow its bracket (a text line
+# that begins with "[INFO]" is text), or an XSSI guard
+_JSON_START = re.compile(rb"(?:\xef\xbb\xbf)?[ \t\r\n]*(?:\{[ \t\r\n]*[\"}]|\[[ \t\r\n]*[\[{\"\]0-9tfn-]|\)\]\}')")
 
 
 class BodyFilter(Protocol):
@@ -58,15 +69,41 @@ def body_kind(content_type: str | None) -> str | None:
 
 
 def response_filter(masker: Masker, content_type: str | None) -> BodyFilter | None:
-    """The masking filter for a body of this type, or None when it passes through unchanged."""
+    """The masking filter for a body of this type, or None when it passes through unchanged (or its
+    first bytes must decide: :func:`sniff_kind`)."""
     if not masker.enabled:
         return None
-    kind = body_kind(content_type)
+    return body_filter(masker, body_kind(content_type))
+
+
+def body_filter(masker: Masker, kind: str | None) -> BodyFilter | None:
+    """The masking filter for a body of ``kind`` (``"json"``, ``"text"``; None: no filter)."""
     if kind == "json":
         return JsonStreamMasker(masker)
     if kind == "text":
         return masker.stream()
     return None
+
+
+def sniff_kind(data: bytes) -> str | None:
+    """What a body of unknown or missing type is, from its first bytes: ``"json"`` when it opens like a
+    JSON document, ``"text"`` when it is UTF-8 text, None for data (a byte that text does not hold, or
+    invalid UTF-8 before the cut)."""
+    head = data[:_SNIFF]
+    if not head or _BINARY.search(head):
+        return None
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.end < len(head) or len(head) - exc.start > 3:  # invalid, not merely cut at the end
+            return None
+    return "json" if _JSON_START.match(head) else "text"
+
+
+def form_decoded(data: bytes) -> bytes:
+    """A ``application/x-www-form-urlencoded`` body (or a query) decoded for the detectors: ``+`` is a
+    space, ``%XX`` its byte; ``alice%40example.com`` is an email only once decoded."""
+    return unquote_to_bytes(data.replace(b"+", b" ")) if b"%" in data or b"+" in data else data
 
 
 class Inflate:

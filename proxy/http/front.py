@@ -33,6 +33,8 @@ import asyncio
 import collections
 import contextlib
 import logging
+import socket
+import struct
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
@@ -230,6 +232,17 @@ class Front(WriteFlow, asyncio.Protocol):
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
+
+    def reset(self) -> None:
+        """End the connection with a TCP reset (what is still buffered is dropped): the client sees an error,
+        not the end of a body delimited by the connection's end."""
+        if self.transport is None or self.lost:
+            return
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.transport.abort()
 
     def _pause_reading(self) -> None:
         if not self._paused_reading and self.transport is not None and not self.lost:

@@ -4,7 +4,8 @@ arrives, and the answer written back (no socket of its own: it writes through it
 How this works. :class:`FrontCall` implements :class:`proxy.http.call.Call`. ``send`` writes a
 whole answer with its ``Content-Length`` in one write; ``start``/``write``/``end`` stream one with
 ``Content-Length`` framing when the headers carry it, chunked framing otherwise, and a
-connection-delimited body for an HTTP/1.0 client. ``100 Continue`` is sent only when the handler
+connection-delimited body for an HTTP/1.0 client (cut short, that one ends with a reset, not a
+close: a close is its normal end). ``100 Continue`` is sent only when the handler
 starts reading the body, so a refused request never makes the client upload. An answer that
 begins before the request body was read whole says ``Connection: close`` (the rest of that body
 cannot be skipped safely). :func:`response_head` renders a status line and headers, dropping a
@@ -47,6 +48,8 @@ class Connection(Protocol):
     def close(self) -> None: ...
 
     def body_consumed(self) -> None: ...
+
+    def reset(self) -> None: ...
 
 
 class _Date:
@@ -107,8 +110,8 @@ class FrontCall(Refusing):
     """One request on a :class:`Front` connection: its head, its body as it arrives, and the
     answer being written."""
 
-    __slots__ = ("_chunks", "_continue", "_front", "body_done", "chunked", "done", "headers", "keep_alive", "memo",
-                 "method", "raw_headers", "raw_path", "remote", "started", "version")
+    __slots__ = ("_chunks", "_continue", "_front", "body_done", "by_close", "chunked", "done", "headers", "keep_alive",
+                 "memo", "method", "raw_headers", "raw_path", "remote", "started", "version")
 
     def __init__(self, front: Connection, method: str, raw_path: str, headers: CIMultiDictProxy[str],
                  version: str, keep_alive: bool, raw_headers: tuple[tuple[bytes, bytes], ...]) -> None:
@@ -126,6 +129,7 @@ class FrontCall(Refusing):
         self.body_done = False
         self.started = False  # the status line went out
         self.chunked = False
+        self.by_close = False  # the body's end is the connection's end (HTTP/1.0, no length)
         self.done = False  # the answer is complete
 
     # -- the request body --------------------------------------------------------------------
@@ -185,6 +189,7 @@ class FrontCall(Refusing):
                 framing = "Transfer-Encoding: chunked\r\n"
             else:
                 self.keep_alive = False
+                self.by_close = True
         self._front.write(self._head(status, reason, headers, framing))
         await self._front.drain()
 
@@ -201,9 +206,13 @@ class FrontCall(Refusing):
         self.done = True
 
     def cut(self) -> None:
-        """Close the connection now: an answer cut short must never look complete."""
+        """Close the connection now: an answer cut short must never look complete. A body whose end is the
+        connection's end would look complete after a close, so that connection is reset instead."""
         self.keep_alive = False
-        self._front.close()
+        if self.by_close:
+            self._front.reset()
+        else:
+            self._front.close()
 
     def _head(self, status: int, reason: str | None, headers: Headers, framing: str) -> bytes:
         if self.started:

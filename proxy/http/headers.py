@@ -1,13 +1,19 @@
 """Pure helpers of the HTTP proxy: routing, the credential swap and header filtering (no I/O).
 
-How this works. A request target ``/<resource>/<rest>`` is split into the resource name and
-the rest, which is forwarded verbatim (query included) after the resource's base URL. The
-client's own ``Authorization`` carries the grant secret; it never goes upstream. In its
-place :func:`upstream_auth` builds the held credential's header. Hop-by-hop headers (the
-fixed RFC 9110 list plus every name listed in ``Connection``) are dropped both ways, and
-``X-Forwarded-For`` gets the client's address appended. Because the rest is forwarded verbatim,
-:func:`ambiguous_path` names the spellings that upstreams resolve differently (dot segments, encoded
-``/ . \\``), which the proxy refuses rather than guess what the upstream will serve.
+How this works. A request target ``/<resource>/<rest>`` is split into the resource name and the
+rest, which is forwarded verbatim (query included) after the resource's base URL. The client's own
+``Authorization`` carries the grant secret; it never goes upstream. In its place
+:func:`upstream_auth` builds the held credential's header. Hop-by-hop headers (the fixed RFC 9110
+list plus every name listed in ``Connection``) are dropped both ways. Headers that claim who the
+client is or where it came from (``Forwarded``, ``X-Forwarded-*``, ``X-Real-IP``, ``X-Remote-User``,
+...) are dropped too: upstreams trust them for identity and logs, and a client must not choose them;
+hoop sets its own ``X-Forwarded-For``, ``-Proto`` and ``-Host``. :func:`refused_header` names a
+header that would change what the upstream does past what the guard judged (Kubernetes
+``Impersonate-*``, method and URL overrides): the proxy refuses such a request rather than drop the
+header, since dropping it would run the request as another identity or method than the client asked
+for. Because the rest is forwarded verbatim, :func:`ambiguous_path` names the spellings that
+upstreams resolve differently (dot segments, encoded ``/ . \\``), which the proxy refuses rather
+than guess what the upstream will serve.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ __all__ = [
     "bearer_secret",
     "credential_forms",
     "is_websocket_upgrade",
+    "refused_header",
     "response_headers",
     "split_target",
     "upstream_auth",
@@ -41,7 +48,20 @@ _REQUEST_OWN = frozenset({"authorization", "host", "accept-encoding", "content-l
 #: Headers the WebSocket client handshake generates itself.
 _WS_OWN = frozenset({"sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions",
                      "sec-websocket-protocol", "sec-websocket-accept"})
-_REQUEST_SKIP = HOP_BY_HOP | _REQUEST_OWN
+#: Headers that claim the client's identity or origin (its own say-so): never forwarded. Upstreams and
+#: the authenticating proxies in front of them trust these (Kubernetes' front proxy ``X-Remote-*``,
+#: oauth2-proxy ``X-Auth-Request-*``/``X-Forwarded-User``, Grafana ``X-WEBAUTH-USER``, client address
+#: headers of load balancers and CDNs).
+_CLAIMS = frozenset({"forwarded", "x-real-ip", "x-client-ip", "true-client-ip", "cf-connecting-ip",
+                     "x-cluster-client-ip", "fastly-client-ip", "remote-user", "x-remote-user", "x-remote-group",
+                     "x-webauth-user", "x-user", "x-email"})
+_CLAIM_PREFIXES = ("x-forwarded-", "x-remote-extra-", "x-auth-request-")
+#: Headers that make the upstream act as another user, another method or on another URL than the one
+#: the guard judged: the request is refused (:func:`refused_header`).
+_OVERRIDES = frozenset({"x-http-method-override", "x-http-method", "x-method-override", "x-original-url",
+                        "x-rewrite-url", "x-original-method"})
+_OVERRIDE_PREFIXES = ("impersonate-",)
+_REQUEST_SKIP = HOP_BY_HOP | _REQUEST_OWN | _CLAIMS
 _WS_SKIP = _REQUEST_SKIP | _WS_OWN
 _RESPONSE_SKIP = {(changes, decoded): HOP_BY_HOP | ({"content-length"} if changes else set())
                   | ({"content-encoding"} if decoded else set())
@@ -136,23 +156,38 @@ def _connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> fro
     return frozenset(tokens)
 
 
-def _filtered(headers: CIMultiDictProxy[str] | CIMultiDict[str], skip: frozenset[str]) -> CIMultiDict[str]:
-    """``headers`` without the names in ``skip`` (lower case) and those listed in ``Connection``."""
+def _filtered(headers: CIMultiDictProxy[str] | CIMultiDict[str], skip: frozenset[str],
+              prefixes: tuple[str, ...] = ()) -> CIMultiDict[str]:
+    """``headers`` without the names in ``skip`` (lower case), those starting with one of ``prefixes``
+    and those listed in ``Connection``."""
     if "Connection" in headers:
         skip = skip | _connection_tokens(headers)
-    return CIMultiDict([(name, value) for name, value in headers.items() if name.lower() not in skip])
+    return CIMultiDict([(name, value) for name, value in headers.items()
+                        if (low := name.lower()) not in skip and not low.startswith(prefixes)])
+
+
+def refused_header(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> str | None:
+    """The first request header that would make the upstream act as another user (Kubernetes
+    ``Impersonate-*``), with another method or on another URL than the guard judged; None when none."""
+    for name in headers:
+        low = name.lower()
+        if low in _OVERRIDES or low.startswith(_OVERRIDE_PREFIXES):
+            return name
+    return None
 
 
 def upstream_headers(incoming: CIMultiDictProxy[str] | CIMultiDict[str], resource: HttpResource, credential: str | None,
-                     client_ip: str, *, identity_encoding: bool, websocket: bool = False) -> CIMultiDict[str]:
-    """Headers for the upstream request: hop-by-hop and the client's credential out, ours in.
+                     client_ip: str, *, identity_encoding: bool, websocket: bool = False,
+                     proto: str = "http") -> CIMultiDict[str]:
+    """Headers for the upstream request: hop-by-hop, identity claims and the client's credential out,
+    ours in (``proto``: the scheme the client spoke to hoop, for ``X-Forwarded-Proto``).
 
     The client's ``Content-Length`` is kept (the body is forwarded unchanged) so the upstream
     sees the same framing. With ``identity_encoding`` the upstream is asked for an
     uncompressed body (``Accept-Encoding: identity``) so masking sees plain text; otherwise
     the client's ``Accept-Encoding`` passes through.
     """
-    out = _filtered(incoming, _WS_SKIP if websocket else _REQUEST_SKIP)
+    out = _filtered(incoming, _WS_SKIP if websocket else _REQUEST_SKIP, _CLAIM_PREFIXES)
     if not websocket:
         length = incoming.get("Content-Length")
         if length is not None and "chunked" not in incoming.get("Transfer-Encoding", "").lower():
@@ -165,11 +200,10 @@ def upstream_headers(incoming: CIMultiDictProxy[str] | CIMultiDict[str], resourc
     if auth is not None:
         out.popall(auth[0], None)
         out[auth[0]] = auth[1]
-    previous = ", ".join(incoming.getall("X-Forwarded-For", ()))
-    out["X-Forwarded-For"] = f"{previous}, {client_ip}" if previous else client_ip
-    out.setdefault("X-Forwarded-Proto", "http")
+    out["X-Forwarded-For"] = client_ip  # (the client's own list is its say-so: not kept)
+    out["X-Forwarded-Proto"] = proto
     if "Host" in incoming:
-        out.setdefault("X-Forwarded-Host", incoming["Host"])
+        out["X-Forwarded-Host"] = incoming["Host"]
     return out
 
 

@@ -12,7 +12,9 @@ aborted at once (HTTP: the response is cut and the connections closed; WebSocket
 so that a new request is refused even before the gate's short cache forgets it; an expiry is
 remembered with the deadline that ended it, and forgotten once the grant (as the gate now returns it,
 which takes ``GrantExtended`` at once) ends later: an extension that lands after the proxy's own
-deadline fired must not leave the grant refused as expired.
+deadline fired must not leave the grant refused as expired. A grant that ends while its session is
+being opened (the hub re-reads it once the session is registered) ends the new entry at once, and the
+request that opened it is refused.
 """
 
 from __future__ import annotations
@@ -81,7 +83,8 @@ class SessionPool:
         return reason
 
     async def acquire(self, grant: Grant, resource: str, client_ip: str, stream: Stream) -> _Entry:
-        """The live session for this grant, resource and client, with ``stream`` registered."""
+        """The live session for this grant, resource and client, with ``stream`` registered. The entry may
+        have ``ended`` already (the grant ended while it was opening): the caller refuses the request."""
         key = (grant.id, resource, client_ip)
         entry = self._entries.get(key)
         if entry is None or entry.ended is not None:
@@ -91,13 +94,23 @@ class SessionPool:
             else:
                 fut: asyncio.Future[_Entry] = asyncio.get_running_loop().create_future()
                 self._opening[key] = fut
+                early: list[str] = []  # the grant ended while the session was opening (no entry to end yet)
+
+                def on_end(reason: str) -> None:
+                    if fut.done():
+                        self.end(key, reason)
+                    else:
+                        early.append(reason)
+
                 try:
-                    live: Live = await self.hub.open(grant, resource, "http", client_ip,
-                                                     lambda reason: self.end(key, reason))
+                    live: Live = await self.hub.open(grant, resource, "http", client_ip, on_end)
                     entry = _Entry(key, live)
                     self._entries[key] = entry
-                    self._arm(entry)
                     fut.set_result(entry)
+                    if early:
+                        self.end(key, early[0])  # the caller sees entry.ended and refuses
+                    else:
+                        self._arm(entry)
                 except asyncio.CancelledError:
                     fut.cancel()
                     raise

@@ -1,17 +1,20 @@
 """The HTTP proxy's upstream side: keep-alive HTTP/1.1 connections on ``asyncio.Protocol``.
 
-How this works. :class:`UpstreamPool` keeps idle connections per origin (scheme, host, port)
-and hands one to each request; a connection whose response ended cleanly and that both sides
-allow to be kept alive goes back to the pool on :meth:`Response.release`, any other is closed.
-The request head is built in one piece and sent with one ``transport.write``; a request body
-is pumped by a task (``Content-Length`` framing when the client gave one, else chunked), with
-``pause_writing``/``resume_writing`` backpressure. The response is parsed by ``httptools``
-(llhttp): the head completes :meth:`UpstreamPool.request`, the body is buffered per chunk and
-read with :meth:`Response.readany`; more than 256 KiB unread pauses reading the socket, so a
-slow client slows the upstream and memory stays bounded. Interim (1xx) responses are skipped.
-A ``HEAD`` response has no body whatever its headers say (its connection is then not reused).
-A reused connection that the upstream had closed before any byte of the answer arrived is
-retried once on a new connection, when the request had no body. Idle connections count against
+How this works. :class:`UpstreamPool` keeps idle connections per origin (scheme, host, port) and
+hands one to each request; a connection whose response ended cleanly and that both sides allow to be
+kept alive goes back to the pool on :meth:`Response.release`, any other is closed. The request head
+is built in one piece and sent with one ``transport.write``; a request body is pumped by a task
+(``Content-Length`` framing when the client gave one, else chunked), with
+``pause_writing``/``resume_writing`` backpressure. The response is parsed by ``httptools`` (llhttp):
+the head completes :meth:`UpstreamPool.request`, the body is buffered per chunk and read with
+:meth:`Response.readany`; more than 256 KiB unread pauses reading the socket, so a slow client slows
+the upstream and memory stays bounded. Interim (1xx) responses are skipped. A ``HEAD`` response has
+no body whatever its headers say (its connection is then not reused). A reused connection that the
+upstream had closed before any byte of the answer arrived is retried once on a new connection, when
+the request had no body and its method is idempotent (RFC 9110 9.2.2: the upstream may have acted on
+a ``POST`` before it closed). A body delimited by the connection's end is complete only when the
+connection ended cleanly: a reset is a cut answer (asyncio reports a TLS connection that ends
+without its closing alert as a clean end, so that cut is not seen). Idle connections count against
 the pool's ``limit``; when every slot is taken, a new connection first closes the longest-idle one
 of any origin (so one busy origin's leftovers never starve the others), and a request that still
 finds no slot within the connect timeout fails. Every failure (connect, no free slot, malformed
@@ -46,6 +49,8 @@ __all__ = ["Fields", "Origin", "Response", "UpstreamFailed", "UpstreamPool", "up
 _HIGH = 256 * 1024  # unread response bytes above which the socket is paused
 _LOW = 64 * 1024
 _MEMO = 64  # distinct upstream header blocks kept (Date changes every second)
+#: methods whose request may be sent again (RFC 9110 9.2.2); TRACE and CONNECT the proxy refuses
+_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 
 
 class UpstreamFailed(UpstreamError):
@@ -243,7 +248,7 @@ class _Conn(WriteFlow, asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         if self.response is not None and not self.done:
-            if self.response.done() and self._until_close and self.error is None:
+            if self.response.done() and self._until_close and self.error is None and exc is None:
                 self.done = True  # a body delimited by the connection's end
                 self._chunks.wake()
             elif not self.started and not self.response.done():
@@ -376,7 +381,7 @@ class UpstreamPool:
                 resp: Response = await fut
                 return resp
             except _Stale:
-                if reused and body is None and attempt == 0:
+                if reused and body is None and attempt == 0 and method in _IDEMPOTENT:
                     continue
                 if not reused and origin.scheme == "https":  # (the TLS alert itself does not reach asyncio)
                     raise UpstreamFailed("the upstream closed a new TLS connection before answering (as a "

@@ -1,16 +1,19 @@
 """The HTTP proxy's answer to a client from the upstream's response: masking, recording, framing.
 
-How this works. With masking on, JSON and text bodies go through :mod:`proxy.http.body`'s
-filters; a ``gzip``/``deflate`` body of a masked type is decoded first, and another encoding of a
-masked type is refused with 502 (fail closed). An uncompressed body of known length up to
-256 KiB is read whole and answered with the ``Content-Length`` of its masked form (a JSON one is
-then masked in one pass); a longer, chunked or compressed one is streamed and loses its
-``Content-Length`` (the response is chunked). Other types pass through unchanged with their
-length. A text stream that holds back a tail (a value that may continue) sends it after
-``_IDLE_FLUSH`` seconds of upstream silence. The held upstream credential never reaches the client:
-it is replaced by ``[credential]`` in headers and masked bodies, and an unmasked body that holds it is
-withheld (502) or cut. The recorded bodies are masked and capped; an answer
-cut short (grant ended, upstream broke off) closes the client connection, so it never looks whole.
+How this works. With masking on, JSON and text bodies go through :mod:`proxy.http.body`'s filters,
+and so does an uncompressed body of another type (or none) whose first bytes read as text
+(:func:`proxy.http.body.sniff_kind`: the client chooses the type with ``Accept``); a
+``gzip``/``deflate`` body of a masked type is decoded first, and another encoding of a masked type
+is refused with 502 (fail closed). An uncompressed body of known length up to 256 KiB is read whole
+and answered with the ``Content-Length`` of its masked form (a JSON one is then masked in one pass);
+a longer, chunked or compressed one is streamed and loses its ``Content-Length`` (the response is
+chunked). Other types pass through unchanged with their length. A text stream that holds back a tail
+(a value that may continue) sends it after ``_IDLE_FLUSH`` seconds of upstream silence. The held
+upstream credential never reaches the client: it is replaced by ``[credential]`` in headers and
+masked bodies, and an unmasked body that holds it is withheld (502) or cut. The recorded bodies are
+masked, then capped (a request body is capped first, so the value the cap cuts in two is left out,
+never recorded in part); an answer cut short (grant ended, upstream broke off) closes the client
+connection, so it never looks whole.
 """
 
 from __future__ import annotations
@@ -18,17 +21,27 @@ from __future__ import annotations
 import asyncio
 import logging
 from typing import Any, Protocol
+from urllib.parse import unquote, unquote_plus
 
 from broker.config import HttpResource
-from proxy.http.body import BodyFilter, Capture, Inflate, Secrets, body_kind, response_filter
+from proxy.http.body import (
+    BodyFilter,
+    Capture,
+    Inflate,
+    Secrets,
+    body_filter,
+    body_kind,
+    form_decoded,
+    response_filter,
+    sniff_kind,
+)
 from proxy.http.call import Call
 from proxy.http.pool import Response, UpstreamFailed
-from proxy.jsonmask import JsonStreamMasker
 from proxy.mask import Masker, StreamMasker
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Flight", "recorded", "respond"]
+__all__ = ["Flight", "recorded", "respond", "shown_target"]
 
 _IDLE_FLUSH = 0.2  # seconds a held text tail may wait for more bytes before it is sent
 # A body of known length up to this is read whole and relayed in one write; a JSON body that
@@ -54,6 +67,8 @@ async def respond(call: Call, masker: Masker, resource: HttpResource, resp: Resp
     filt = response_filter(masker, ctype) if has_body else None
     inflate: Inflate | None = None
     encoding = resp.headers.get("Content-Encoding", "identity").strip().lower()
+    # a type that is not masked (or none): its first bytes say whether it is text (a compressed one passes)
+    sniff = filt is None and has_body and masker.enabled and encoding in ("", "identity")
     if filt is not None and encoding not in ("", "identity"):
         if not Inflate.supports(encoding):
             record["status"] = 502
@@ -64,7 +79,17 @@ async def respond(call: Call, masker: Masker, resource: HttpResource, resp: Resp
     length = resp.content_length
     if length is not None and length <= _SMALL_BODY and has_body and inflate is None and flight.reason is None:
         # (a compressed body streams: 256 KiB of gzip may inflate to 256 MB)
-        return await _respond_small(call, masker, resource, resp, filt, ctype, record, flight, secrets, reason)
+        return await _respond_small(call, masker, resource, resp, filt, ctype, record, flight, secrets, reason,
+                                    sniff)
+    kind = body_kind(ctype)
+    first = b""
+    if sniff:
+        try:
+            first = await resp.readany()
+        except UpstreamFailed as exc:
+            return await _broke_off(call, resource, record, flight, exc)
+        kind = sniff_kind(first)
+        filt = body_filter(masker, kind)
     await call.start(resp.status, reason, resp.client_headers(body_changes=filt is not None,
                                                               decoded=inflate is not None, secrets=secrets))
     cap = Capture(resource.max_body_record)
@@ -91,6 +116,8 @@ async def respond(call: Call, masker: Masker, resource: HttpResource, resp: Resp
             await send(filt.feed(held) if filt is not None else held)
 
     try:
+        if first and flight.reason is None:
+            await forward(first)
         while True:
             if (text is not None and text.pending) or (lit is not None and lit.pending):
                 try:
@@ -129,7 +156,7 @@ async def respond(call: Call, masker: Masker, resource: HttpResource, resp: Resp
     finally:
         record["resp_bytes"] = cap.size
         if filt is not None or not masker.enabled:
-            record["resp_body"] = recorded(masker, ctype, cap, masked=True)
+            record["resp_body"] = recorded(masker, ctype, cap, masked=True, kind=kind)
     if flight.reason is not None:
         call.cut()  # never end an incomplete body as if it were complete
         return
@@ -142,18 +169,17 @@ class _Withheld(Exception):
 
 async def _respond_small(call: Call, masker: Masker, resource: HttpResource, resp: Response,
                          filt: BodyFilter | None, ctype: str | None, record: dict[str, Any], flight: Flight,
-                         secrets: Secrets | None, reason: str) -> None:
+                         secrets: Secrets | None, reason: str, sniff: bool) -> None:
     """An uncompressed body of known length up to 256 KiB: read it whole (bounded) and answer in
     one write, with a correct ``Content-Length`` even when masking changed the body."""
     try:
         raw = await resp.read()
     except UpstreamFailed as exc:
-        if flight.reason is not None:  # the grant ended while the body was arriving
-            record["status"] = 403
-            return await call.refuse(403, "revoked", flight.reason)
-        record["status"] = 502
-        return await call.refuse(502, "upstream_error",
-                                 f"the upstream of {resource.name} broke off its answer ({exc})")
+        return await _broke_off(call, resource, record, flight, exc)
+    kind = body_kind(ctype)
+    if sniff:
+        kind = sniff_kind(raw)
+        filt = body_filter(masker, kind)
     if secrets is not None and secrets.found(raw):
         if filt is None:  # passed through unmasked: there is no form of it the client may have
             log.warning("http resource=%s the upstream's answer held the credential hoop holds for it; withheld",
@@ -167,21 +193,50 @@ async def _respond_small(call: Call, masker: Masker, resource: HttpResource, res
     cap.feed(body)
     record["resp_bytes"] = cap.size
     if filt is not None or not masker.enabled:
-        record["resp_body"] = recorded(masker, ctype, cap, masked=True)
+        record["resp_body"] = recorded(masker, ctype, cap, masked=True, kind=kind)
     await call.send(resp.status, reason, resp.client_headers(body_changes=True, decoded=False, secrets=secrets),
                     body)
 
 
-def recorded(masker: Masker, content_type: str | None, cap: Capture, *, masked: bool) -> str | None:
-    """A body as the recording keeps it: masked, capped, text only (None for other types)."""
-    kind = body_kind(content_type)
+async def _broke_off(call: Call, resource: HttpResource, record: dict[str, Any], flight: Flight,
+                     exc: UpstreamFailed) -> None:
+    """The upstream failed before the answer began: 403 when the grant ended meanwhile, else 502."""
+    if flight.reason is not None:  # the grant ended while the body was arriving
+        record["status"] = 403
+        return await call.refuse(403, "revoked", flight.reason)
+    record["status"] = 502
+    return await call.refuse(502, "upstream_error", f"the upstream of {resource.name} broke off its answer ({exc})")
+
+
+def recorded(masker: Masker, content_type: str | None, cap: Capture, *, masked: bool,
+             kind: str | None = None) -> str | None:
+    """A body as the recording keeps it: masked, capped, text only (None for other types). ``masked``:
+    ``cap`` holds masked bytes already; else they are masked here, a form body decoded first (the
+    detectors do not read ``%40``), and a capped body loses what the masker holds back at the cut (a value
+    the cap cut in two: neither rules nor detectors can tell what it was). ``kind``: the body's kind when
+    its first bytes decided it (:func:`proxy.http.body.sniff_kind`), else taken from ``content_type``."""
+    kind = kind or body_kind(content_type)
     raw = cap.data()
-    if not raw:
-        return None
-    if kind is None:
+    if not raw or kind is None:
         return None
     if not masked and masker.enabled:
-        filt = JsonStreamMasker(masker) if kind == "json" else masker.stream()
-        raw = filt.feed(raw) + filt.flush()
+        if content_type is not None and "x-www-form-urlencoded" in content_type.lower():
+            raw = form_decoded(raw)
+        filt = body_filter(masker, kind)
+        assert filt is not None
+        raw = filt.feed(raw) if cap.truncated else filt.feed(raw) + filt.flush()
     text = raw.decode("utf-8", "replace")
     return text + "…" if cap.truncated else text
+
+
+def shown_target(masker: Masker, target: str) -> str:
+    """A request target as the recording and a review message show it: masked by the detectors, which also
+    read it percent-decoded (a query's ``+`` as a space: ``?email=alice%40example.com``); shown decoded when
+    only that finds something. What is forwarded is the target as sent."""
+    masked = masker.mask_text(target)
+    if not masker.enabled or ("%" not in target and "+" not in target):
+        return masked
+    path, sep, query = target.partition("?")
+    decoded = unquote(path) + sep + unquote_plus(query)
+    shown = masker.mask_text(decoded)
+    return masked if shown == decoded else shown

@@ -2,17 +2,20 @@
 
 How this works. Each request passes, in order: the method (``TRACE``, ``TRACK`` and ``CONNECT`` are
 405: an upstream answering ``TRACE`` echoes the held credential), routing (an unknown resource is
-404), the target (a path the upstreams resolve differently, :func:`proxy.http.headers.ambiguous_path`,
-is 400: refused rather than guessed, so what the guard judges is what the upstream serves), a
-WebSocket upgrade that is not a ``GET`` (405: the upstream handshake is always a ``GET``), the
-gate (``Authorization: Bearer <grant secret>``; missing or bad is 401, expired, revoked or
-another resource's grant is 403, each with a JSON ``{"error", "reason"}`` that never echoes
-the secret), the guard (:class:`proxy.httpguard.HttpGuard` on method and path: ``block`` is a
-403 JSON naming the rule, ``review`` holds the request until an approver decides in the
-thread), then the relay. The relay strips the client's credential and the hop-by-hop headers,
-adds the held upstream credential and ``X-Forwarded-For``, and streams both bodies chunk by
-chunk (constant memory; backpressure both ways: :mod:`proxy.http.front`'s flow control towards
-the client, :mod:`proxy.http.pool`'s towards the upstream). A WebSocket upgrade is relayed by
+404), the target (a path the upstreams resolve differently,
+:func:`proxy.http.headers.ambiguous_path`, is 400: refused rather than guessed, so what the guard
+judges is what the upstream serves), a header that would make the upstream act as another user,
+method or URL (Kubernetes ``Impersonate-*``, ``X-HTTP-Method-Override``, ``X-Original-URL``: 403), a
+WebSocket upgrade that is not a ``GET`` (405: the upstream handshake is always a ``GET``), the gate
+(``Authorization: Bearer <grant secret>``; missing or bad is 401, expired, revoked or another
+resource's grant is 403, each with a JSON ``{"error", "reason"}`` that never echoes the secret), the
+guard (:class:`proxy.httpguard.HttpGuard` on method and path: ``block`` is a 403 JSON naming the
+rule, ``review`` holds the request until an approver decides in the thread), then the relay (refused
+when the grant ended while its session opened). The relay strips the client's credential, the
+hop-by-hop headers and the client's identity and forwarding claims, adds the held upstream
+credential and hoop's own ``X-Forwarded-For``/``-Proto``/``-Host``, and streams both bodies chunk by
+chunk (constant memory; backpressure both ways: :mod:`proxy.http.front`'s flow control towards the
+client, :mod:`proxy.http.pool`'s towards the upstream). A WebSocket upgrade is relayed by
 :mod:`proxy.http.websocket`.
 
 Servers. Plain requests arrive on hoop's own HTTP/1.1 server (:mod:`proxy.http.front`,
@@ -23,14 +26,14 @@ aiohttp's server protocol, which carries WebSockets. The handler works on either
 Masking and framing of the answer are :mod:`proxy.http.respond`'s (JSON and text bodies masked
 by type, a small body of known length in one write, others streamed).
 
-Sessions are shared per grant, resource and client address (:mod:`proxy.http.live`), so a
-burst of requests costs one session row; each request is recorded as an ``"http"`` event with
-masked, capped bodies. Upstream requests go through :class:`proxy.http.pool.UpstreamPool`
-(keep-alive connections on ``asyncio.Protocol``, ``httptools`` parsing): it keeps no cookies
-(cookies of one client must never reach another) and never follows redirects. WebSocket
-upgrades still use an ``aiohttp.ClientSession`` (no cookie jar either), whose redirects are refused
-(:func:`proxy.http.websocket.no_redirects`). The held credential is searched for in every answer
-(:class:`proxy.http.body.Secrets`) and never reaches the client.
+Sessions are shared per grant, resource and client address (:mod:`proxy.http.live`), so a burst of
+requests costs one session row; each request is recorded as an ``"http"`` event with masked, capped
+bodies (the path as the detectors read it percent-decoded). Upstream requests go through
+:class:`proxy.http.pool.UpstreamPool` (keep-alive connections on ``asyncio.Protocol``, ``httptools``
+parsing): it keeps no cookies (cookies of one client must never reach another) and never follows
+redirects. WebSocket upgrades still use an ``aiohttp.ClientSession`` (no cookie jar either), whose
+redirects are refused (:func:`proxy.http.websocket.no_redirects`). The held credential is searched
+for in every answer (:class:`proxy.http.body.Secrets`) and never reaches the client.
 """
 
 from __future__ import annotations
@@ -63,12 +66,13 @@ from proxy.http.headers import (
     bearer_secret,
     credential_forms,
     is_websocket_upgrade,
+    refused_header,
     split_target,
     upstream_headers,
 )
 from proxy.http.live import Hub, SessionPool
 from proxy.http.pool import Fields, Origin, Response, UpstreamFailed, UpstreamPool, upstream_tls
-from proxy.http.respond import recorded, respond
+from proxy.http.respond import recorded, respond, shown_target
 from proxy.http.websocket import WsPair, cut, no_redirects, relay
 from proxy.httpguard import HttpGuard
 from proxy.mask import Masker
@@ -108,7 +112,7 @@ class _Upstream:
         key = (method, rest)
         hit = self._verdicts.get(key)
         if hit is None:
-            hit = (self.guard.check(method, rest), self.masker.mask_text(rest))
+            hit = (self.guard.check(method, rest), shown_target(self.masker, rest))
             if len(self._verdicts) >= _VERDICTS:
                 self._verdicts.clear()
             self._verdicts[key] = hit
@@ -127,7 +131,7 @@ class _Upstream:
         return Secrets(forms) if forms else None
 
 
-def _fields(call: Call, up: _Upstream, client_ip: str, credential: str | None) -> Fields:
+def _fields(call: Call, up: _Upstream, client_ip: str, credential: str | None, proto: str) -> Fields:
     """The upstream request's header fields (the credential swap, hop-by-hop headers out, forwarding
     headers in), rendered once per distinct client header block on a connection: a keep-alive client
     repeats the same headers, and building them was the largest part of the proxy's own work."""
@@ -136,7 +140,7 @@ def _fields(call: Call, up: _Upstream, client_ip: str, credential: str | None) -
     fields: Fields | None = memo.get(key) if memo is not None and raw is not None else None
     if fields is None:
         fields = Fields(upstream_headers(call.headers, up.resource, credential, client_ip,
-                                         identity_encoding=up.masker.enabled))
+                                         identity_encoding=up.masker.enabled, proto=proto))
         if memo is not None and raw is not None:
             if len(memo) >= _MEMO:
                 memo.clear()
@@ -144,13 +148,13 @@ def _fields(call: Call, up: _Upstream, client_ip: str, credential: str | None) -
     return fields
 
 
-_Head = tuple[tuple[str, str] | None, str | None, str | None, str | None]
+_Head = tuple[tuple[str, str] | None, str | None, str | None, str | None, str | None]
 
 
 def _head(call: Call) -> _Head:
     """The route, why its path is ambiguous (None: it is not), the bearer secret and its digest (the gate's
-    key) of a request: pure functions of the target and the header block, so kept per connection, where a
-    client repeats both."""
+    key), and a header the proxy refuses (:func:`refused_header`) of a request: pure functions of the target
+    and the header block, so kept per connection, where a client repeats both."""
     memo, raw = call.memo, call.raw_headers
     memo_key = ("head", call.raw_path, raw) if memo is not None and raw is not None else None
     hit: _Head | None = memo.get(memo_key) if memo is not None and memo_key is not None else None
@@ -158,7 +162,7 @@ def _head(call: Call) -> _Head:
         secret = bearer_secret(call.headers.get("Authorization"))
         route = split_target(call.raw_path)
         hit = (route, ambiguous_path(route[1]) if route is not None else None, secret,
-               digest(secret) if secret is not None else None)
+               digest(secret) if secret is not None else None, refused_header(call.headers))
         if memo is not None and memo_key is not None:
             if len(memo) >= _MEMO:
                 memo.clear()
@@ -225,6 +229,7 @@ class HttpProxy:
         self._pool: UpstreamPool | None = None
         self._keepalive = keepalive  # seconds an idle client connection is kept
         self._tls = tls  # https on the proxy's own port
+        self._proto = "https" if tls is not None else "http"  # X-Forwarded-Proto
         self._server: asyncio.Server | None = None
         self._aio: web.Server | None = None  # takes the connections that upgrade (WebSocket)
         self._fronts: set[Front] = set()
@@ -278,7 +283,7 @@ class HttpProxy:
         method = call.method
         if method in _REFUSED_METHODS:
             return await call.refuse(405, "method_not_allowed", f"the proxy does not relay {method}")
-        route, ambiguous, secret, key = _head(call)
+        route, ambiguous, secret, key, refused = _head(call)
         up = self._upstreams.get(route[0]) if route else None
         if route is None or up is None:
             known = ", ".join(sorted(self._upstreams)) or "none"
@@ -287,6 +292,9 @@ class HttpProxy:
         if ambiguous is not None:
             return await call.refuse(400, "ambiguous_path", f"{ambiguous}: upstreams resolve it differently, so "
                                      "the proxy does not guess; send the path as the upstream should see it")
+        if refused is not None:
+            return await call.refuse(403, "header_refused", f"the proxy does not relay {refused}: it would make the "
+                                     "upstream act as another user, method or URL than the guard judged")
         if method != "GET" and isinstance(call, AioCall) and is_websocket_upgrade(call.headers):
             return await call.refuse(405, "method_not_allowed", "a WebSocket upgrade must be a GET")
         if secret is None:
@@ -309,8 +317,9 @@ class HttpProxy:
                                   "decision": decision.action, "rule": decision.rule}
         stats = session.stats
         try:
-            if not self.pool.check_deadline(entry):
-                return await call.refuse(403, "expired", "access expired")
+            if entry.ended is not None or not self.pool.check_deadline(entry):  # (ended while it opened)
+                why = entry.ended or "access expired"
+                return await call.refuse(403, "expired" if "expired" in why else "revoked", why)
             stats["statements"] = stats.get("statements", 0) + 1
             if decision.blocked:
                 stats["blocked"] = stats.get("blocked", 0) + 1
@@ -368,7 +377,7 @@ class HttpProxy:
                          record: dict[str, Any], client_ip: str, credential: str | None) -> None:
         assert self._client is not None
         headers = upstream_headers(call.headers, up.resource, credential, client_ip,
-                                   identity_encoding=False, websocket=True)
+                                   identity_encoding=False, websocket=True, proto=self._proto)
         flight.ws = WsPair()
         try:
             origin = up.origin
@@ -403,7 +412,7 @@ class HttpProxy:
             return await call.refuse(502, "upstream_error", f"the address of {up.resource.name} is not an http(s) URL")
         try:
             resp = await self._pool.request(up.origin, call.method, rest,
-                                            _fields(call, up, client_ip, credential), data)
+                                            _fields(call, up, client_ip, credential, self._proto), data)
         except (UpstreamFailed, OSError) as exc:
             record["status"] = 502
             if flight.reason is not None:

@@ -129,11 +129,16 @@ def test_long_string_in_one_chunk_is_redacted_too() -> None:
     ],
 )
 def test_invalid_json_falls_back_to_text_masking(src: bytes) -> None:
+    detectors_only = Masker(Masking(), b"k" * 32)  # no key rules: the detectors lose nothing
     for k in (0, 5, len(src)):
-        out, j = run([src[:k], src[k:]])
+        out, j = run([src[:k], src[k:]], detectors_only)
         assert j.fallback
         assert b"bob@x.com" not in out
         assert b"[email]" in out
+        out, j = run([src[:k], src[k:]])  # key rules: every string and word after the loss is masked
+        assert j.fallback
+        assert b"bob" not in out and b"x.com" not in out
+        assert b'"[masked]"' in out
 
 
 def test_too_deep_falls_back() -> None:
@@ -180,3 +185,44 @@ def test_fast_path_gives_the_same_bytes_as_the_exact_path() -> None:
             outs.append(b"".join(parts) + j.flush())
         assert outs[0] == outs[1], data
         json.loads(outs[0])
+
+
+# -- review M3/M4: what JSON producers add, what the masker cannot follow, a ruled value cut short ----------
+
+
+@pytest.mark.parametrize(
+    ("src", "expected"),
+    [
+        (b'[{"score": NaN, "password": "hunter2"}, {"n": -Infinity, "db_password": Infinity}]',
+         b'[{"score": NaN, "password": "[masked]"}, {"n": -Infinity, "db_password": "[masked]"}]'),
+        (b'\xef\xbb\xbf{"password": "hunter2"}', b'\xef\xbb\xbf{"password": "[masked]"}'),
+        (b')]}\'\n{"password": "hunter2"}', b')]}\'\n{"password": "[masked]"}'),
+        (b")]}',\n[\"bob@x.com\"]", b")]}',\n[\"[email]\"]"),
+        (b'while(1);{"password": "hunter2"}', b'while(1);{"password": "[masked]"}'),
+    ],
+)
+def test_nan_bom_and_xssi_guards_keep_key_rules(src: bytes, expected: bytes) -> None:
+    for k in range(len(src) + 1):
+        out, j = run([src[:k], src[k:]])
+        assert out == expected, k
+        assert not j.fallback
+
+
+@pytest.mark.parametrize("src", [
+    b'{"a": undefined, "password": "hunter2", "pin": 123456, "ok": true}',
+    b"{'password': 'hunter2'}",
+    b'{"a": 1} garbage {"password": "hun\\"ter2"}',
+])
+def test_lost_track_with_key_rules_masks_every_string_and_word(src: bytes) -> None:
+    for k in range(len(src) + 1):
+        out, j = run([src[:k], src[k:]])
+        assert j.fallback
+        assert b"hunter2" not in out and b"hun" not in out and b"123456" not in out, (k, out)
+
+
+def test_truncated_ruled_value_is_masked_whole() -> None:
+    j = JsonStreamMasker(MASKER)
+    out = j.feed(b'{"user": "bob", "db_password": "correct-horse-batt') + j.flush()
+    assert out == b'{"user": "bob", "db_password": "[masked]'
+    j = JsonStreamMasker(MASKER)  # a capped recording feeds without flushing: the value is left out
+    assert j.feed(b'{"user": "bob", "db_password": "correct-horse-batt') == b'{"user": "bob", "db_password": '

@@ -33,7 +33,7 @@ async def test_credential_swap_seen_by_upstream(env: Env) -> None:
     assert headers["Authorization"] == f"Bearer {UPSTREAM_TOKEN}"
     assert all(secret not in v for v in headers.values())
     assert "Proxy-Authorization" not in headers and "X-Hop" not in headers
-    assert headers["X-Forwarded-For"] == "10.9.9.9, 127.0.0.1"
+    assert headers["X-Forwarded-For"] == "127.0.0.1"  # the client's own list is dropped (review L5)
     assert headers["Host"] == f"127.0.0.1:{env.upstream.port}"
 
     _, basic_secret = await env.grant("basic-api")
