@@ -217,6 +217,9 @@ class PostgresResource(_ResourceBase):
     admin_user: str | None = None
     admin_credential: SecretRef | None = None
     roles: list[str] = Field(default_factory=list, description="roles an ephemeral login is granted")
+    #: with masking on, the largest result row (DataRow or COPY row, in bytes) hoop holds whole to mask;
+    #: a larger one ends the session with SQLSTATE 54000 (without masking, rows are streamed, no limit)
+    max_row_bytes: int = Field(default=64 << 20, ge=1 << 20, le=1 << 30)
 
     @model_validator(mode="after")
     def _ephemeral(self) -> PostgresResource:

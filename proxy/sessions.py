@@ -348,20 +348,21 @@ class SessionHub:
         if self.spool_dir is None:
             return 0
         count = 0
-        for session_id, paths in leftovers(self.spool_dir).items():
+        for session_id, paths in leftovers(self.spool_dir):
             if session_id in self._live or session_id in self._closing:
                 continue
-            kept: list[_Pending] = []
-            for path in paths:
+            for path in paths:  # one segment at a time: memory stays about one segment
+                kept: list[_Pending] = []
                 for raw in path.read_text(encoding="utf-8", errors="replace").split("\n"):
                     got = parse(raw)
                     if got is not None:  # (not: a torn last line, the event that was in flight)
                         kept.append((got[0], raw + "\n"))
+                async with self.service.store.tx() as tx:
+                    done = await tx.max_event_seq(session_id)
+                    kept = [item for item in kept if item[0] > done]
+                    if kept:
+                        await tx.add_event_chunks(_chunks(session_id, kept))
             async with self.service.store.tx() as tx:
-                done = await tx.max_event_seq(session_id)
-                kept = [item for item in kept if item[0] > done]
-                if kept:
-                    await tx.add_event_chunks(_chunks(session_id, kept))
                 row = await tx.get_session(session_id)
                 if row is not None and row.status is SessionStatus.OPEN:
                     row.status, row.closed_at, row.close_reason = SessionStatus.CLOSED, self.clock.now(), \

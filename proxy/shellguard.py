@@ -29,7 +29,9 @@ path word also matches arguments that normalise to it: ``//``, ``/.``, ``/tmp/..
 
 Fails closed (``on_unparsed``): unbalanced quotes or substitutions, nesting deeper than 4,
 ``eval``, a program name built from ``$`` or backticks, a shell reading commands from a pipe
-or redirect (``curl x | sh``, ``base64 -d | bash``, ``bash < f``).
+or redirect (``curl x | sh``, ``base64 -d | bash``, ``bash < f``). A line containing a NUL byte
+is always blocked: shells drop NUL from their input and a server may cut the line there, so
+what would run is not what was read.
 
 Limits, by design: aliases and shell functions defined earlier, variables in arguments
 (``rm -rf $DIR``), relative paths and ``~``, brace and glob expansion, scripts run from
@@ -204,6 +206,8 @@ class ShellGuard:
 
     def check(self, line: str) -> Decision:
         """The decision for one command line (strictest simple command wins)."""
+        if "\0" in line:  # a shell drops NUL bytes, a server may cut the line there: not what was checked
+            return Decision("block", "nul-byte", "the command line contains a NUL byte", line[:80].replace("\0", "\\0"))
         try:
             decisions = self._line(line, 0, [0])
         except _Unparsable as exc:

@@ -13,9 +13,11 @@ so the disk holds about one segment plus what is not stored yet per live session
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 __all__ = ["SEGMENT_BYTES", "Spool", "leftovers"]
@@ -99,11 +101,36 @@ class Spool:
         self._done.clear()
 
 
-def leftovers(directory: Path, limit: int = 100_000) -> dict[str, list[Path]]:
-    """Spool segments in ``directory``, grouped by session id, each group oldest first."""
-    found: dict[str, list[tuple[int, Path]]] = {}
-    for path in sorted(directory.glob("*.jsonl"))[:limit]:
-        session_id, _, rest = path.name[: -len(".jsonl")].partition(".")
-        n = int(rest) if rest.isdigit() else 0
-        found.setdefault(session_id, []).append((n, path))
-    return {sid: [p for _, p in sorted(items)] for sid, items in found.items()}
+def leftovers(directory: Path, batch: int = 10_000) -> Iterator[tuple[str, list[Path]]]:
+    """The spool segments in ``directory``: ``(session id, its segments oldest first)``, by session id.
+
+    Every segment of every session is found, whatever their number, in bounded memory: each pass
+    over the directory keeps only the ``batch`` lowest session ids after the last one given out
+    (with their segment numbers), so a directory of S sessions is read about S / ``batch`` times.
+    The caller may delete what it was given before it asks for the next session.
+    """
+    after: str | None = None
+    while True:
+        ids: list[str] = []  # sorted; at most ``batch``
+        found: dict[str, list[tuple[int, str]]] = {}
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                if not entry.name.endswith(".jsonl"):
+                    continue
+                session_id, _, rest = entry.name[: -len(".jsonl")].partition(".")
+                if after is not None and session_id <= after:
+                    continue
+                segment = (int(rest) if rest.isdigit() else 0, entry.name)
+                segments = found.get(session_id)
+                if segments is not None:
+                    segments.append(segment)
+                elif len(ids) < batch or session_id < ids[-1]:
+                    bisect.insort(ids, session_id)
+                    found[session_id] = [segment]
+                    if len(ids) > batch:
+                        del found[ids.pop()]
+        for session_id in ids:
+            yield session_id, [directory / name for _, name in sorted(found[session_id])]
+        if len(ids) < batch:
+            return
+        after = ids[-1]

@@ -87,7 +87,11 @@ Frame = tuple[int, int, int]
 
 
 class MessageTooLong(MalformedMessage):
-    """A length field below the minimum or above the configured maximum."""
+    """A length field below the minimum or above the configured maximum (``length``, as on the wire)."""
+
+    def __init__(self, message: str, *, length: int = 0) -> None:
+        super().__init__(message)
+        self.length = length
 
 
 class UnsupportedProtocol(MalformedMessage):
@@ -230,7 +234,7 @@ def split(buf: Buf, pos: int, max_length: int, out: list[Frame], coalesce_rows: 
         return py_split(buf, pos, max_length, out, coalesce_rows)
     consumed, need, bad = _wire.split(buf, pos, max_length, out, coalesce_rows)
     if bad >= 0:
-        raise MessageTooLong(f"invalid message length {need} for type {chr(bad)!r}")
+        raise MessageTooLong(f"invalid message length {need} for type {chr(bad)!r}", length=need)
     return consumed, need
 
 
@@ -243,7 +247,7 @@ def py_split(buf: Buf, pos: int, max_length: int, out: list[Frame], coalesce_row
     while end - pos >= HEADER_SIZE:
         msg_type, length = unpack(buf, pos)
         if length < 4 or length > max_length:
-            raise MessageTooLong(f"invalid message length {length} for type {chr(msg_type)!r}")
+            raise MessageTooLong(f"invalid message length {length} for type {chr(msg_type)!r}", length=length)
         stop = pos + 1 + length
         if stop > end:
             return pos, 1 + length
@@ -254,7 +258,7 @@ def py_split(buf: Buf, pos: int, max_length: int, out: list[Frame], coalesce_row
             while end - pos >= HEADER_SIZE and buf[pos] == 0x44:
                 (length,) = length_at(buf, pos + 1)
                 if length < 4 or length > max_length:
-                    raise MessageTooLong(f"invalid message length {length} for type 'D'")
+                    raise MessageTooLong(f"invalid message length {length} for type 'D'", length=length)
                 stop = pos + 1 + length
                 if stop > end:
                     break

@@ -11,7 +11,12 @@ Backpressure: when a transport's write buffer passes its high-water mark, asynci
 ``pause_writing`` on that side's protocol and the relay pauses *reading* on the other side;
 ``resume_writing`` undoes it. A statement held for review pauses reading from the client the
 same way, and so does a table-name lookup for the server side: the chunk being processed is
-kept with the index of the message that waits, and processing resumes there.
+kept with the index of the message that waits, and processing resumes there (reading resumes
+only once nothing is held any more: a replayed chunk may start a new hold).
+
+Row size: with masking on, a DataRow (or CopyData) is held whole until it can be inspected.
+``max_row`` caps that: the framer refuses a longer message as soon as its header arrives, so
+the cap costs nothing per row, and the session ends with SQLSTATE 54000.
 
 The end: ``end(reason)`` (the hub's ``on_end``, the local deadline timer, or a fault) sends
 the client a FATAL ErrorResponse, closes both transports and closes the session.
@@ -68,7 +73,7 @@ class Relay:
 
     def __init__(self, client: asyncio.Transport, up: Upstream, inspector: Inspector, session: Any,
                  clock: Clock, *, conn: str, stream_rows: bool, on_closed: Callable[[Relay], None],
-                 fast: bool = True) -> None:
+                 fast: bool = True, max_row: int = codec.SERVER_MAX_MESSAGE) -> None:
         self.client = client
         self.up = up
         self.server = up.transport
@@ -81,7 +86,9 @@ class Relay:
         self.fast = fast  # False: every chunk takes the general path (the tests' twin)
         self.c_framer = codec.Framer(codec.CLIENT_MAX_MESSAGE, stream_types=frozenset({Frontend.COPY_DATA}))
         stream = frozenset({Backend.DATA_ROW, Backend.COPY_DATA}) if stream_rows else frozenset()
-        self.s_framer = codec.Framer(codec.SERVER_MAX_MESSAGE, stream_types=stream, coalesce_rows=True)
+        #: the longest server message held whole (rows are streamed instead when nothing is masked)
+        self.max_row = codec.SERVER_MAX_MESSAGE if stream_rows else min(max_row, codec.SERVER_MAX_MESSAGE)
+        self.s_framer = codec.Framer(self.max_row, stream_types=stream, coalesce_rows=True)
         self._paused: dict[str, set[str]] = {"client": set(), "server": set()}
         self._held: dict[str, list[bytes] | None] = {"client": None, "server": None}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -169,6 +176,14 @@ class Relay:
             buf, frames = self.s_framer.feed(data)
             if frames:
                 self._run("server", buf, frames, 0)
+        except codec.MessageTooLong as exc:
+            if self.max_row < exc.length <= codec.SERVER_MAX_MESSAGE:
+                log.warning("conn=%s a server message of %d bytes is over max_row_bytes (%d)", self.conn,
+                            exc.length, self.max_row)
+                self.end(f"hoop: a result row of {exc.length} bytes is larger than hoop holds to mask it "
+                         f"(max_row_bytes: {self.max_row}); the session ends", sqlstate="54000")
+            else:
+                self.fault(exc, server=True)
         except HoopError as exc:
             self.fault(exc, server=True)
         except Exception:
@@ -221,7 +236,8 @@ class Relay:
         if self._held[side] is None:  # not suspended again
             for data in held:
                 (self.from_client if side == "client" else self.from_server)(data)
-            self._resume(side, "hold")
+            if self._held[side] is None:  # a replayed chunk may have started a new hold: keep reading paused
+                self._resume(side, "hold")
         else:
             self._held[side] = held + (self._held[side] or [])
 

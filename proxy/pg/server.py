@@ -292,7 +292,7 @@ class PgProxy:
         insp = Inspector(resource, guard, masker, self._catalogs.get(resource.name), session, client.write, review)
         stream_rows = not masker.enabled
         relay = Relay(client, up, insp, session, self.clock, conn=conn, stream_rows=stream_rows,
-                      on_closed=self._closed)
+                      on_closed=self._closed, max_row=resource.max_row_bytes)
         relay.cancel_key = (pid, key)  # type: ignore[attr-defined]
         self._relays.add(relay)
         self._cancel[(pid, key)] = (resource, up.pid, up.key)

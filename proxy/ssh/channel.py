@@ -21,6 +21,13 @@ the upstream channel, and the other way round).
   until they switch back.
 * shell without a PTY (commands piped to ``ssh host``): input is buffered per line, and only
   allowed lines are forwarded; the output never switches this off.
+* Memory: while input is held (the host connection is being made, a line or an exec waits for
+  review, or for a fresh line) reading from the client is paused, so the client's SSH window
+  fills up instead of hoop's memory. A line longer than :data:`~proxy.ssh.lineedit.LINE_MAX`
+  (piped, or typed at a terminal) is not followed past that size: it is refused, and its
+  further bytes are not forwarded.
+* Environment: only locale and terminal variables (:data:`ENV_NAMES`) with plain values go to
+  the host; what passed and the names that did not are recorded (``env`` event).
 * Output (stdout and stderr): :class:`~proxy.ssh.output.OutputRelay` masks, sends and
   records it (what the client receives is exactly what is recorded); SFTP is relayed as bytes.
 * Bulk output costs no await and no task per chunk: chunks are written as they arrive, and a
@@ -31,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -41,7 +49,7 @@ from broker.errors import HoopError
 from proxy.guard import Decision, strictest, unparsed
 from proxy.ssh import tuning
 from proxy.ssh.context import ChannelContext
-from proxy.ssh.lineedit import LINE_KILL, Line, LineEditor
+from proxy.ssh.lineedit import LINE_KILL, LINE_MAX, Line, LineEditor
 from proxy.ssh.output import OutputRelay
 from proxy.ssh.recording import Recorder
 
@@ -51,7 +59,7 @@ if TYPE_CHECKING:
 else:
     UpChan = DownChan = Any
 
-__all__ = ["BLOCKED_STATUS", "ChannelContext", "ProxyChannel"]
+__all__ = ["BLOCKED_STATUS", "ENV_NAMES", "ChannelContext", "ProxyChannel"]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +67,10 @@ log = logging.getLogger(__name__)
 BLOCKED_STATUS = 126
 #: After a refused line, how long input waits for the remote side to print a fresh line.
 FRESH_LINE_WAIT = 2.0
+#: Client environment variables passed to the host: locale and terminal, nothing a shell runs.
+ENV_NAMES = re.compile(r"LANG|LANGUAGE|LC_[A-Z]+|TERM|COLORTERM|TZ")
+#: ... and only with a plain value (a locale, a terminal type, a zone): no spaces, quotes or ``$``.
+_ENV_VALUE = re.compile(r"[A-Za-z0-9_.,:@+/=-]{0,128}")
 
 
 class _Upstream(asyncssh.SSHClientSession):  # type: ignore[type-arg]
@@ -76,10 +88,10 @@ class _Upstream(asyncssh.SSHClientSession):  # type: ignore[type-arg]
         self._owner.upstream_closed()
 
     def pause_writing(self) -> None:
-        self._owner.chan.pause_reading()
+        self._owner._pause("upstream-slow")
 
     def resume_writing(self) -> None:
-        self._owner.chan.resume_reading()
+        self._owner._resume("upstream-slow")
 
 
 class ProxyChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
@@ -99,9 +111,11 @@ class ProxyChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         self.out: OutputRelay  # set by connection_made
         self.editor = LineEditor()
         self.closed = asyncio.get_running_loop().create_future()
-        self._queue: list[bytes] = []
-        self._piped = b""
+        self._queue: list[bytes] = []  # input that came in the chunk a hold started in
+        self._piped = bytearray()
+        self._piped_long = False  # the piped line grew past LINE_MAX: the rest of it is dropped
         self._holding = True  # until the upstream channel is open, and while a line is decided
+        self._paused: set[str] = set()  # why reading from the client is paused
         self._eof = False
         self._decision: Decision | None = None
         self._newlines = 0  # the output's line feeds when the editor last looked
@@ -141,8 +155,9 @@ class ProxyChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
 
     def data_received(self, data: bytes, datatype: int | None) -> None:
         self.ctx.session.stats["bytes_in"] += len(data)
-        if self._holding:
+        if self._holding:  # (asyncssh starts reading right after session_started: pause here)
             self._queue.append(data)
+            self._pause("hold")
         else:
             self._input(data)
 
@@ -201,15 +216,23 @@ class ProxyChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
                 return self._refuse_exec(decision, "not approved")
             if decision.blocked:
                 return self._refuse_exec(decision, decision.reason)
+            if self._ending:  # the grant ended while the exec waited for its approver
+                return self._refuse_exec(decision, "the session ended")
+        env = self._env()
         try:
             conn = await self.ctx.upstream()
+            if self._ending:  # ended while the host connection was made: open nothing on the host
+                return
             term = self.pty
             self.up, _ = await self.ctx.forwards.create_session(
                 conn, self.chan, self.number, lambda: _Upstream(self), self.command if self.mode == "exec" else None,
-                subsystem="sftp" if self.mode == "sftp" else None, env=self._env(),
+                subsystem="sftp" if self.mode == "sftp" else None, env=env,
                 term_type=term[0] if term else None, term_size=term[1] if term else None,
                 term_modes=term[2] if term else {}, encoding=None,
                 window=tuning.UPSTREAM_WINDOW, max_pktsize=tuning.UPSTREAM_MAX_PKTSIZE)
+            if self._ending:  # end() ran while the channel was being opened, before self.up was set
+                self.up.close()
+                return
         except HoopError as exc:
             self._say(f"hoop: {exc.message}")
             self._exit(255)
@@ -224,13 +247,30 @@ class ProxyChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         else:
             size = term[1] if term else (80, 24, 0, 0)
             command = self.ctx.masker.mask_text(self.command) if self.command is not None else None
-            self.rec.header(size[0], size[1], term[0] if term else None, int(time.time()), command)
+            self.rec.header(size[0], size[1], term[0] if term else None, int(time.time()), command,
+                            {k: self.ctx.masker.mask_text(v) for k, v in env.items()})
         self.out.mode, self.out.tty = self.mode, self.pty is not None
         log.info("%s %s opened upstream", self.label, self.mode)
         self._release()
 
-    def _env(self) -> dict[bytes | str, bytes | str]:
-        return {k: v for k, v in self.chan.get_environment().items()}
+    def _env(self) -> dict[str, str]:
+        """The client's environment variables that go to the host; what was sent is recorded."""
+        sent = self.chan.get_environment_bytes()
+        if not sent:
+            return {}
+        passed: dict[str, str] = {}
+        dropped: list[str] = []
+        for raw_name, raw_value in sent.items():
+            name, value = raw_name.decode("utf-8", "replace"), raw_value.decode("utf-8", "replace")
+            if ENV_NAMES.fullmatch(name) and _ENV_VALUE.fullmatch(value):
+                passed[name] = value
+            else:
+                dropped.append(name[:64])
+        masked = {k: self.ctx.masker.mask_text(v) for k, v in passed.items()}
+        self.ctx.session.record("env", {"channel": self.number, "passed": masked, "dropped": dropped[:100]})
+        if dropped:
+            log.info("%s environment not passed to the host: %s", self.label, ", ".join(dropped[:20]))
+        return passed
 
     def _refuse_exec(self, decision: Decision, why: str) -> None:
         self.ctx.session.stats["blocked"] += 1
@@ -250,6 +290,22 @@ class ProxyChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
                                             "exit_status": exit_status})
 
     # -- client -> upstream ----------------------------------------------------------------
+    def _pause(self, reason: str) -> None:
+        if not self._paused:
+            self.chan.pause_reading()
+        self._paused.add(reason)
+
+    def _resume(self, reason: str) -> None:
+        if reason in self._paused:
+            self._paused.discard(reason)
+            if not self._paused:
+                self.chan.resume_reading()  # may deliver buffered input at once (data_received)
+
+    def _hold(self) -> None:
+        """Input waits (a line under review, or for a fresh line): stop reading from the client."""
+        self._holding = True
+        self._pause("hold")
+
     def _release(self) -> None:
         queue, self._queue = self._queue, []
         self._holding = False
@@ -262,6 +318,8 @@ class ProxyChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
             self._piped_eof()
             if not self._holding:
                 self.up.write_eof()
+        if not self._holding:  # a replayed line may have started a new hold: then reading stays paused
+            self._resume("hold")
 
     def _input(self, data: bytes) -> None:
         assert self.up is not None
@@ -271,27 +329,32 @@ class ProxyChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         while data:
             if self.pty is None:  # piped input: whole lines, forwarded only when allowed
                 head, nl, rest = data.partition(b"\n")
-                self._piped += head
+                room = LINE_MAX - len(self._piped)
+                self._piped += head[:room]
+                self._piped_long = self._piped_long or len(head) > room
                 if not nl:
                     return
-                text, self._piped = self._piped.decode("utf-8", "replace"), b""
-                line: Line | None = Line(text.removesuffix("\r"))
+                line: Line | None = self._piped_line()
             else:
                 if self.out.newlines != self._newlines:
                     self._newlines = self.out.newlines
                     self.editor.settled()
                 self.editor.bracketed = self.out.bracketed_paste
                 send, line, rest = self.editor.feed(data)
-                if send:
+                if send and not self.editor.overlong:  # past LINE_MAX the line is refused: keep it short
                     self.up.write(send)
             if line is None or not self._line(line, rest):
                 return
             data = rest
 
+    def _piped_line(self) -> Line:
+        text = self._piped.decode("utf-8", "replace").removesuffix("\r")
+        long, self._piped, self._piped_long = self._piped_long, bytearray(), False
+        return Line(text, opaque=long, overlong=long)
+
     def _piped_eof(self) -> None:
-        if self.mode == "shell" and self.pty is None and self._piped:
-            text, self._piped = self._piped.decode("utf-8", "replace"), b""
-            self._line(Line(text), b"")
+        if self.mode == "shell" and self.pty is None and (self._piped or self._piped_long):
+            self._line(self._piped_line(), b"")
 
     def _line(self, line: Line, rest: bytes) -> bool:
         """Decide one line; False when input is held (for review, or for a fresh line; ``rest`` queued)."""
@@ -308,6 +371,9 @@ class ProxyChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         decision = self.ctx.guard.check(line.text)
         if line.prefix:
             decision = strictest([decision, self.ctx.guard.check(line.prefix + line.text)])
+        if line.overlong:  # hoop saw only the start of it, and did not forward the rest
+            decision = strictest([Decision("block", "line-length", f"the line is longer than {LINE_MAX // 1024} "
+                                           "KiB, which hoop does not check", line.text[:80]), decision])
         if line.opaque:
             decision = strictest([decision, unparsed(guardrails, "the line was changed by completion, history "
                                                      "or editing keys hoop cannot follow; type it out in full",
@@ -319,7 +385,7 @@ class ProxyChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         if line.final or decision.action != "allow":
             self.rec.input(text + "\r\n")
         if decision.needs_review:
-            self._holding = True
+            self._hold()
             self._queue.insert(0, rest)
             self._task = asyncio.create_task(self._held_line(line, decision, enter), name=self.label)
             return False
@@ -330,6 +396,8 @@ class ProxyChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
 
     async def _held_line(self, line: Line, decision: Decision, enter: bytes) -> None:
         allowed = await self._review(decision, line.text)
+        if self._ending:  # the grant ended while the line waited: nothing more goes to the host
+            return
         if allowed:
             decision = Decision("allow", decision.rule, "approved", decision.subject)
         if self._finish_line(line, decision, enter, "not approved", False):
@@ -351,7 +419,7 @@ class ProxyChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         # refused text stays in the editor as a prefix until the remote side prints a fresh line.
         self.up.write(LINE_KILL)
         self.editor.refused(line)
-        self._holding = True
+        self._hold()
         self._task = asyncio.create_task(self._fresh_line(self.out.newlines), name=self.label)
         return False
 

@@ -25,26 +25,34 @@ them is marked ``opaque``; the proxy decides such a line with the resource's ``o
 action (block by default) and tells the user to type the command out in full. ``^C`` and a
 refused line may leave text in the remote line (``stty -isig``, a remapped kill key): that
 text is kept as :attr:`Line.prefix`, checked in front of the next line, until the caller
-sees the remote start a fresh line (:meth:`LineEditor.settled`). Full-screen programs (after
-the alternate-screen switch in the output) are passed through without line checks; see
-:mod:`proxy.ssh.channel`.
+sees the remote start a fresh line (:meth:`LineEditor.settled`). A line (or that prefix) that
+grows past :data:`LINE_MAX` characters is not followed further: it is marked ``overlong``, which
+the proxy refuses, and the model keeps only its first :data:`LINE_MAX` characters (4 bytes
+each). Full-screen programs (after the alternate-screen switch in the output) are passed
+through without line checks; see :mod:`proxy.ssh.channel`.
 """
 
 from __future__ import annotations
 
 import codecs
+import sys
+from array import array
 from dataclasses import dataclass
 
-__all__ = ["LINE_KILL", "Line", "LineEditor"]
+__all__ = ["LINE_KILL", "LINE_MAX", "Line", "LineEditor"]
 
 #: Sent upstream instead of the key of a refused line: end of line, kill to start, interrupt.
 LINE_KILL = b"\x05\x15\x03"
+#: The longest line hoop follows and checks (characters; for piped input, bytes).
+LINE_MAX = 64 * 1024
 
 _CR, _LF, _CTRL_D, _CTRL_O, _CTRL_X = 0x0D, 0x0A, 0x04, 0x0F, 0x18
 _SUBMIT = frozenset({_CR, _LF, _CTRL_D, _CTRL_O, _CTRL_X})
 
 _PASTE_START = "\x1b[200~"
 _PASTE_END = "\x1b[201~"
+_BLANKS = (0x20, 0x09)
+_UTF32 = "utf-32-le" if sys.byteorder == "little" else "utf-32-be"  # the layout of array("I")
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +62,7 @@ class Line:
     ``key`` is the byte that submits it (sent only when allowed). ``final`` is False when the
     line goes on after the key (a line feed inside a paste, ``^D``, ``^X``). ``prefix`` is text the
     remote line may still hold from before a ``^C`` or a refusal: it runs in front of ``text``.
+    ``overlong``: the line grew past :data:`LINE_MAX`; ``text`` is only its start.
     """
 
     text: str
@@ -61,40 +70,55 @@ class Line:
     key: bytes = b"\r"
     final: bool = True
     prefix: str = ""
+    overlong: bool = False
 
 
 class LineEditor:
     """The model of one interactive command line, fed the client's input bytes."""
 
     def __init__(self) -> None:
-        self._buf: list[str] = []
+        self._buf = array("I")  # code points: 4 bytes a character, at most LINE_MAX of them
         self._cur = 0
         self._opaque = False
+        self._long = False  # the line grew past LINE_MAX
         self._esc = ""  # an escape sequence in progress
         self._paste = False
         self._prefix = ""
         self._prefix_opaque = False
+        self._prefix_long = False
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
         #: The remote side has turned bracketed paste on (``ESC[?2004h`` in its output).
         self.bracketed = False
 
     @property
     def text(self) -> str:
-        return "".join(self._buf)
+        return self._buf.tobytes().decode(_UTF32)
+
+    @property
+    def overlong(self) -> bool:
+        """The line being typed grew past :data:`LINE_MAX` (its keys need not be forwarded)."""
+        return self._long
 
     def reset(self) -> None:
         """The remote line is empty (after an allowed Enter)."""
-        self._buf, self._cur, self._opaque, self._esc, self._paste = [], 0, False, "", False
-        self._prefix, self._prefix_opaque = "", False
+        self._buf, self._cur, self._opaque, self._long, self._esc, self._paste = array("I"), 0, False, False, "", False
+        self.settled()
 
     def settled(self) -> None:
         """The remote side started a fresh line: text before a ^C or a refusal is gone."""
-        self._prefix, self._prefix_opaque = "", False
+        self._prefix, self._prefix_opaque, self._prefix_long = "", False, False
 
     def refused(self, line: Line) -> None:
         """``line`` was refused and :data:`LINE_KILL` sent; keep its text as a prefix until settled."""
         self.reset()
-        self._prefix, self._prefix_opaque = line.prefix + line.text, line.opaque
+        self._keep(line.prefix + line.text, line.opaque, line.overlong)
+
+    def _keep(self, text: str, opaque: bool, long: bool) -> None:
+        """Add ``text`` to the prefix (what the remote line may still hold), up to LINE_MAX."""
+        prefix = self._prefix + text
+        self._prefix = prefix[:LINE_MAX]
+        self._prefix_opaque = self._prefix_opaque or opaque
+        self._prefix_long = self._prefix_long or long or len(prefix) > LINE_MAX
 
     def feed(self, data: bytes) -> tuple[bytes, Line | None, bytes]:
         """Consume ``data`` up to the first key that could submit the line.
@@ -127,7 +151,8 @@ class LineEditor:
             self._opaque = True  # ^X^E, ^X^R ...: the remote side takes over the line
         pasted = self._paste and byte in (_CR, _LF)
         final = byte in (_CR, _LF, _CTRL_O) and not pasted
-        line = Line(self.text, self._opaque or self._prefix_opaque, bytes([byte]), final, self._prefix)
+        line = Line(self.text, self._opaque or self._prefix_opaque, bytes([byte]), final, self._prefix,
+                    self._long or self._prefix_long)
         if final:
             self.reset()
             self._opaque = byte == _CTRL_O  # bash then shows the next history line
@@ -166,16 +191,15 @@ class LineEditor:
             del self._buf[self._cur:]
         elif ch == "\x17":  # ^W
             start = self._cur
-            while start and self._buf[start - 1] in " \t":
+            while start and self._buf[start - 1] in _BLANKS:
                 start -= 1
-            while start and self._buf[start - 1] not in " \t":
+            while start and self._buf[start - 1] not in _BLANKS:
                 start -= 1
             del self._buf[start:self._cur]
             self._cur = start
         elif ch == "\x03":  # ^C abandons the line, unless the terminal does not interrupt (stty -isig)
-            self._prefix += self.text
-            self._prefix_opaque = self._prefix_opaque or self._opaque
-            self._buf, self._cur, self._opaque = [], 0, False
+            self._keep(self.text, self._opaque, self._long)
+            self._buf, self._cur, self._opaque, self._long = array("I"), 0, False, False
         elif ch == "\x04":
             if self._cur < len(self._buf):
                 del self._buf[self._cur]
@@ -193,7 +217,10 @@ class LineEditor:
             self._opaque = True
 
     def _insert(self, ch: str) -> None:
-        self._buf.insert(self._cur, ch)
+        if len(self._buf) >= LINE_MAX:
+            self._long = self._opaque = True  # not followed further: the proxy refuses the line
+            return
+        self._buf.insert(self._cur, ord(ch))
         self._cur += 1
 
     def _escape(self, ch: str) -> None:

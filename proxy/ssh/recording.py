@@ -2,11 +2,12 @@
 
 Each channel with a terminal (or an exec) is recorded as one asciicast stream: a header
 event ``kind="asciicast"`` with ``{"channel", "header": {"version": 2, "width", "height",
-"timestamp", "env": {"TERM"}, "command"?}}``, then ``kind="output"`` events ``{"channel",
-"t", "data"}`` (asciicast ``"o"``) and ``kind="input"`` events (asciicast ``"i"``: the
-command lines the guard checked, never raw keystrokes, so no-echo password prompts are not
-recorded key by key), and ``kind="resize"`` ``{"channel", "t", "size": "COLSxROWS"}``.
-Callers pass bytes that are already masked; this module never sees clear output.
+"timestamp", "env": {"TERM", ...}, "command"?}}`` (``env``: the variables passed to the
+host), then ``kind="output"`` events ``{"channel", "t", "data"}`` (asciicast ``"o"``) and
+``kind="input"`` events (asciicast ``"i"``: the command lines the guard checked, never raw
+keystrokes, so no-echo password prompts are not recorded key by key), and
+``kind="resize"`` ``{"channel", "t", "size": "COLSxROWS"}``. Callers pass bytes that are
+already masked; this module never sees clear output.
 
 :func:`asciicast` turns stored events back into the text of an asciicast v2 file (one JSON
 header line, then ``[t, code, data]`` lines), and :func:`cast_events` into
@@ -18,7 +19,7 @@ from __future__ import annotations
 import codecs
 import json
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from broker.model import SessionEvent
@@ -56,9 +57,11 @@ class Recorder:
         self._at = 0.0
 
     def header(self, width: int, height: int, term: str | None, timestamp: int,
-               command: str | None = None) -> None:
+               command: str | None = None, env: Mapping[str, str] | None = None) -> None:
+        """The stream's header; ``env``: the (masked) environment variables passed to the host."""
+        env = env or {}
         header: dict[str, Any] = {"version": 2, "width": width or 80, "height": height or 24,
-                                  "timestamp": timestamp, "env": {"TERM": term or ""}}
+                                  "timestamp": timestamp, "env": {**env, "TERM": term or env.get("TERM", "")}}
         if command is not None:
             header["command"] = command
         self._session.record("asciicast", {"channel": self._channel, "header": header})

@@ -237,10 +237,13 @@ class _Connection(asyncssh.SSHServer):
         async def tunnel() -> Any:
             await asyncio.shield(self._ready)
             assert self.conn is not None
-            if self.session is None:
+            if self.session is None or self._ending is not None:
+                raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, "hoop: the session is not open")
+            up = await self.upstream()
+            if self._ending is not None:  # the grant ended while the host connection was made
                 raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, "hoop: the session is not open")
             self.session.record("forward", {"dest": f"{dest_host}:{dest_port}"})
-            return await self.conn.forward_tunneled_connection(await self.upstream(), dest_host, dest_port)
+            return await self.conn.forward_tunneled_connection(up, dest_host, dest_port)
         return tunnel()
 
     def server_requested(self, listen_host: str, listen_port: int) -> Any:

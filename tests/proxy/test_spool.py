@@ -29,6 +29,25 @@ def test_segments_rotate_free_and_remove(tmp_path: Path) -> None:
 def test_leftovers_groups_sessions_in_segment_order(tmp_path: Path) -> None:
     for name in ("s_b.jsonl", "s_a.10.jsonl", "s_a.jsonl", "s_a.2.jsonl", "s_a.1.jsonl"):
         (tmp_path / name).write_text("{}\n")
-    found = leftovers(tmp_path)
+    found = dict(leftovers(tmp_path))
     assert list(found) == ["s_a", "s_b"]
     assert [p.name for p in found["s_a"]] == ["s_a.jsonl", "s_a.1.jsonl", "s_a.2.jsonl", "s_a.10.jsonl"]
+
+
+def test_leftovers_finds_every_segment_of_every_session_in_bounded_batches(tmp_path: Path) -> None:
+    """Review L4: a cut by file name could split a session; batches of sessions never do."""
+    sessions = [f"s_{i:03d}" for i in range(25)]
+    for sid in reversed(sessions):
+        for n in range(12):
+            (tmp_path / (f"{sid}.jsonl" if n == 0 else f"{sid}.{n}.jsonl")).write_text(f"{n}\n")
+    (tmp_path / "unrelated.txt").write_text("x")
+    seen = []
+    for sid, paths in leftovers(tmp_path, batch=4):  # 7 passes over the directory, 4 sessions each
+        assert [int(p.read_text()) for p in paths] == list(range(12))
+        seen.append(sid)
+        if sid != "s_010":  # recover() deletes what it stored; a live session's files stay
+            for p in paths:
+                p.unlink()
+    assert seen == sessions
+    assert sorted(p.name for p in tmp_path.iterdir())[:2] == ["s_010.1.jsonl", "s_010.10.jsonl"]
+    assert [sid for sid, _ in leftovers(tmp_path, batch=1)] == ["s_010"]
