@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -61,6 +62,23 @@ async def refused(term: Term, count: int = 1) -> None:
         raise AssertionError(f"no refusal in {term.buf[-300:]!r}") from None
 
 
+async def exec_dash(term: Term) -> None:
+    """Replace the shell with dash and wait for dash's own prompt. (Not ``run(term, "exec dash", "$ ")``:
+    the buffer already holds an earlier "$ ", and a line typed before dash starts is flushed with the
+    terminal settings bash restores on exec.)"""
+    start = len(term.buf)
+    term.proc.stdin.write("exec dash\r")
+    try:
+        async with asyncio.timeout(10):
+            while not re.search(r"exec dash\r\n.*\$ ", term.buf[start:], re.S):
+                chunk = await term.proc.stdout.read(4096)
+                if not chunk:
+                    raise EOFError(term.buf)
+                term.buf += chunk
+    except TimeoutError:
+        raise AssertionError(f"no dash prompt in {term.buf[-400:]!r}") from None
+
+
 async def run(term: Term, line: str, marker: str) -> None:
     try:
         await term.run(line, marker)
@@ -107,7 +125,7 @@ async def test_canonical_mode_enter_inside_escape_or_fake_paste(renv: Env, reque
     mark = marker(renv, request)
     conn, term = await pty_shell(renv)
     async with conn:
-        await run(term, "exec dash", "$ ")  # canonical mode: any CR ends the line
+        await exec_dash(term)  # canonical mode: any CR ends the line
         await run(term, "echo DASH$((2+2))", "DASH4")
         term.proc.stdin.write(keys.format(m=mark))
         await refused(term)
@@ -120,7 +138,7 @@ async def test_refusal_with_remapped_kill_and_no_interrupt(renv: Env, request: p
     mark = marker(renv, request)
     conn, term = await pty_shell(renv)
     async with conn:
-        await run(term, "exec dash", "$ ")
+        await exec_dash(term)
         await run(term, "stty kill '^X' -isig; echo SET$((1+1))", "SET2")
         term.proc.stdin.write(f"touch {mark} #\r")  # ^E^U^C no longer clear the line upstream
         await refused(term)
@@ -134,7 +152,7 @@ async def test_ctrl_c_without_isig_keeps_the_line(renv: Env, request: pytest.Fix
     mark = marker(renv, request)
     conn, term = await pty_shell(renv)
     async with conn:
-        await run(term, "exec dash", "$ ")  # bash's readline clears the line on ^C even without isig
+        await exec_dash(term)  # bash's readline clears the line on ^C even without isig
         await run(term, "stty -isig; echo SET$((1+1))", "SET2")
         term.proc.stdin.write(f"touch {mark} #")
         await asyncio.sleep(0.3)
