@@ -186,8 +186,8 @@ class SlackBot:
         async def work() -> None:
             try:
                 who = await self.directory.identify(user)
-                if cmd.verb == "transcript" and body.get("channel_id"):
-                    text = await self._post_transcript(str(body["channel_id"]), cmd.args[0], who)
+                if cmd.verb == "transcript":
+                    text = await self._post_transcript(cmd.args[0], who)
                 else:
                     text = await self.commands.run(cmd, who)
             except HoopError as exc:
@@ -199,16 +199,23 @@ class SlackBot:
 
         self._spawn(work())
 
-    async def _post_transcript(self, channel: str, session_id: str, who: Identity) -> str:
-        """`/hoop transcript`: the summary and the masked transcript file, in the channel where it was asked."""
+    async def _post_transcript(self, session_id: str, who: Identity) -> str:
+        """`/hoop transcript`: the masked transcript file goes into the thread of the session's request,
+        whose audience already gets that session's transcript when it closes; never into the channel
+        the command was typed in, whose audience nobody checked. A session without a request thread
+        (break-glass) gets the clipped text in the asker's ephemeral answer instead."""
         session, transcript = await self.commands.transcript_for(session_id, who)
+        thread = await self.commands.thread_of(session)
+        if thread is None:
+            return self.commands.transcript_text(transcript)
+        channel, thread_ts = thread
         await self.client.files_upload_v2(
-            channel=channel, content=transcript.text, filename=f"hoop-{session.id}.txt",
+            channel=channel, thread_ts=thread_ts, content=transcript.text, filename=f"hoop-{session.id}.txt",
             title=f"Transcript of session {session.id}",
             initial_comment=f":scroll: Transcript of session `{session.id}` on {session.resource} "
                             f"({views.escape(' → '.join(session.chain))}), asked for by {views.escape(who.label)}: "
                             f"{transcript.summary}")
-        return f"Posted the transcript of `{session.id}` in this channel."
+        return f"Posted the transcript of `{session.id}` in its request's thread in <#{channel}>."
 
     async def _answer(self, body: dict[str, Any], text: str) -> None:
         """The ephemeral reply to a slash command: its response_url, else chat.postEphemeral."""

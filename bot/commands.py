@@ -22,12 +22,16 @@ from broker.service import Service
 from broker.transcript import Transcript
 
 _ARITY: dict[str, tuple[int, int | None]] = {  # (min, max) positional words; None: rest is free text
-    "request": (2, None), "approve": (1, 1), "deny": (1, None), "revoke": (1, None), "extend": (2, 2),
+    "request": (2, None), "approve": (1, 1), "deny": (1, None), "cancel": (1, 1), "revoke": (1, None),
+    "extend": (2, 2),
     "status": (0, 0), "list": (0, 0), "sessions": (0, 1), "transcript": (1, 1), "help": (0, None),
 }
 _NAMES = {"request": "a resource and a duration", "approve": "a request id", "deny": "a request id",
-          "revoke": "a grant id", "extend": "a grant id and a duration", "transcript": "a session id"}
+          "cancel": "a request id", "revoke": "a grant id", "extend": "a grant id and a duration",
+          "transcript": "a session id"}
 _DURATION = re.compile(r"^\d")
+#: open sessions read for ``/hoop sessions`` before keeping those the asker may see
+_SESSIONS_SCAN = 1000
 
 
 @dataclass(frozen=True)
@@ -132,6 +136,10 @@ class Commands:
         req = await self.service.deny(cmd.args[0], who, cmd.rest)
         return f"Denied `{req.id}`."
 
+    async def _cancel(self, cmd: Command, who: Identity) -> str:
+        req = await self.service.cancel(cmd.args[0], who)
+        return f"Cancelled `{req.id}`."
+
     async def _revoke(self, cmd: Command, who: Identity) -> str:
         grant = await self.service.revoke(cmd.args[0], who, cmd.rest)
         return f"Revoked `{grant.id}` ({', '.join(grant.resources)})."
@@ -163,18 +171,37 @@ class Commands:
         if resource is not None and self.config.resource(resource) is None:
             raise InvalidInput(f"unknown resource {resource!r}\nUsage: `{views.USAGE['sessions']}`", code="usage")
         async with self.service.store.tx() as tx:
-            live = await tx.list_sessions(status=SessionStatus.OPEN, resource=resource, limit=50)
-        return views.sessions_text(live, self.clock.now())
+            live = await tx.list_sessions(status=SessionStatus.OPEN, resource=resource, limit=_SESSIONS_SCAN)
+        visible = [s for s in live if self.may_see(who, s)][:50]
+        return views.sessions_text(visible, self.clock.now())
+
+    def may_see(self, who: Identity, session: Session) -> bool:
+        """The API's rule for grants and requests: the session's own chain, an approver of its
+        resource, or an admin. Its chain, client address and statements are not for everyone."""
+        mine = who.email.lower() in (c.lower() for c in session.chain)
+        return mine or policy.is_admin(self.config, who) or policy.is_approver_of(self.config, who, session.resource)
 
     async def transcript_for(self, session_id: str, who: Identity) -> tuple[Session, Transcript]:
         """The masked transcript of a session, for its owner, an approver of its resource or an admin."""
         session, transcript = await session_transcript(self.service, session_id)
-        mine = who.email.lower() in (c.lower() for c in session.chain)
-        if not (mine or policy.is_admin(self.config, who) or policy.is_approver_of(self.config, who, session.resource)):
+        if not self.may_see(who, session):
             raise Denied("only the session's owner, an approver of its resource or an admin can read its transcript",
                          code="not_allowed")
         return session, transcript
 
+    async def thread_of(self, session: Session) -> tuple[str, str] | None:
+        """The channel and ts of the card of the request behind a session's grant, if it has one."""
+        async with self.service.store.tx() as tx:
+            grant = await tx.get_grant(session.grant_id) if session.grant_id else None
+            req = await self.service.request_for(tx, grant) if grant is not None else None
+        if req is None or not (req.card_channel and req.card_ts):
+            return None
+        return req.card_channel, req.card_ts
+
+    @staticmethod
+    def transcript_text(transcript: Transcript) -> str:
+        return f"{transcript.summary}\n```{views.escape_clipped(transcript.text, 3500)}```"
+
     async def _transcript(self, cmd: Command, who: Identity) -> str:
         _, transcript = await self.transcript_for(cmd.args[0], who)
-        return f"{transcript.summary}\n```{views.escape_clipped(transcript.text, 3500)}```"
+        return self.transcript_text(transcript)

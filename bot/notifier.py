@@ -5,19 +5,26 @@ resource's channel and saves its channel and ts in the store (``service.set_card
 replica, or this one after a restart, updates the same card with ``chat.update``. Every
 later event is a reply in the card's thread, and changes that alter the card update it in
 place. ``GrantIssued`` is the only event with the secret: it goes to the requester's DM and
-nowhere else. Events without a card (break-glass grants) go to the resource's channel.
+nowhere else. A DM that fails for a passing reason is tried again; one that still fails does
+not keep the thread reply and the card update from happening, and the reply says the
+credential was not delivered (never the secret). Events without a card (break-glass grants)
+go to the resource's channel.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Sequence
 from typing import Any
 
+import aiohttp
+from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot import views
 from bot.identity import Directory
-from bot.views import escape
+from bot.views import escape, escape_clipped
 from broker.clock import Clock
 from broker.config import HoopConfig
 from broker.duration import format_duration
@@ -44,17 +51,22 @@ from broker.service import Service
 
 log = logging.getLogger(__name__)
 
+#: Slack errors worth another try; any other (``cannot_dm_bot``, ``user_disabled``, ...) will not change
+_TRANSIENT = frozenset({"ratelimited", "internal_error", "fatal_error", "service_unavailable", "request_timeout"})
+
 
 class SlackNotifier:
     """Posts and updates cards, thread replies, DMs and transcript uploads."""
 
     def __init__(self, client: AsyncWebClient, config: HoopConfig, service: Service, clock: Clock,
-                 directory: Directory) -> None:
+                 directory: Directory, *, dm_retry_delays: Sequence[float] = (2.0, 10.0)) -> None:
         self.client = client
         self.config = config
         self.service = service
         self.clock = clock
         self.directory = directory
+        #: pauses between tries of a credential DM that failed for a passing reason
+        self.dm_retry_delays = tuple(dm_retry_delays)
 
     async def publish(self, event: Event) -> None:
         handler = getattr(self, "_on_" + type(event).__name__, None)
@@ -121,6 +133,26 @@ class SlackNotifier:
             kwargs["blocks"] = blocks
         await self.client.chat_postMessage(**kwargs)
 
+    async def _deliver_secret(self, user_id: str, grant: Grant, text: str, blocks: list[dict[str, Any]]) -> str | None:
+        """DM the credential, trying again after a passing failure (the web client has already
+        retried 429s and connection errors). ``None`` once delivered; else Slack's reason, which
+        never contains the secret."""
+        for delay in (*self.dm_retry_delays, None):
+            try:
+                await self._dm(user_id, text, blocks)
+                return None
+            except SlackApiError as exc:
+                error = str(exc.response.get("error") or "slack_error")
+                passing = error in _TRANSIENT
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                error, passing = type(exc).__name__, True
+            if delay is None or not passing:
+                log.warning("grant %s: the credential DM could not be delivered (%s)", grant.id, error)
+                return error
+            log.warning("grant %s: the credential DM failed (%s); trying again in %.0fs", grant.id, error, delay)
+            await asyncio.sleep(delay)
+        return None  # not reached: the last delay is None
+
     # -- requests ---------------------------------------------------------------------------
     async def _on_RequestCreated(self, ev: RequestCreated) -> None:
         req = ev.request
@@ -153,7 +185,7 @@ class SlackNotifier:
         await self._update_card(ev.request)
 
     async def _on_RequestDenied(self, ev: RequestDenied) -> None:
-        why = f": {escape(ev.reason)}" if ev.reason.strip() else ""
+        why = f": {escape_clipped(ev.reason, 2500)}" if ev.reason.strip() else ""
         await self._reply(ev.request, ev.request.resource, f":x: Denied by {escape(ev.by.label)}{why}")
         await self._update_card(ev.request)
 
@@ -178,19 +210,26 @@ class SlackNotifier:
             return
         # The secret is shown once, to the requester only: by DM to a Slack requester. An API requester
         # collects it from the API; break-glass prints it to the admin's terminal.
+        # A failed DM must not keep the thread and the card from saying the request was granted.
+        undelivered: str | None = None
         if req is not None and req.requester_slack_id is not None:
             text, blocks = views.grant_dm(grant, ev.secret, ev.hints)
-            await self._dm(req.requester_slack_id, text, blocks)
+            undelivered = await self._deliver_secret(req.requester_slack_id, grant, text, blocks)
         if ev.breakglass_by is not None:
             by, whom, why = escape(ev.breakglass_by.label), escape(grant.identity), ev.breakglass_reason or "—"
             await self._reply(None, resource, f":rotating_light: *Break-glass*: {by} granted {whom} access to "
                                               f"{', '.join(grant.resources)} until {views.hhmm(grant.expires_at)} "
                                               f"without approval (grant `{grant.id}`). Reason: {escape(why)}")
             return
-        await self._reply(req, resource, f":key: Granted until {views.hhmm(grant.expires_at)} "
-                                         f"(grant `{grant.id}`, login `{grant.login}`); details sent to "
-                                         f"{escape(grant.identity)}" + (" by DM" if req and req.requester_slack_id else
-                                                                " through the API"))
+        granted = f":key: Granted until {views.hhmm(grant.expires_at)} (grant `{grant.id}`, login `{grant.login}`)"
+        if undelivered is not None:
+            granted += (f". :warning: The credential could not be sent to {escape(grant.identity)} by DM "
+                        f"(Slack: {escape(undelivered)}). It is shown only once: revoke the grant "
+                        f"(`/hoop revoke {grant.id}`) and request access again.")
+        else:
+            granted += (f"; details sent to {escape(grant.identity)}"
+                        + (" by DM" if req and req.requester_slack_id else " through the API"))
+        await self._reply(req, resource, granted)
         if req is not None:
             await self._update_card(req, grant)
 
@@ -224,7 +263,7 @@ class SlackNotifier:
         if grant.status is GrantStatus.REVOKED:
             text = f":no_entry_sign: Revoked by {escape(grant.ended_by or 'hoop')}: access {label} ended"
             if grant.end_reason and grant.end_reason != "revoked":
-                text += f" ({escape(grant.end_reason)})"
+                text += f" ({escape_clipped(grant.end_reason, 2500)})"
         else:
             text = f":hourglass: Expired: access {label} ended at {views.hhmm(grant.ended_at or grant.expires_at)}"
         await self._reply(ev.request, grant.resources[0], text)

@@ -7,6 +7,11 @@ Text people wrote (reasons, labels, names, statements) goes through :func:`escap
 is put into mrkdwn, so ``<!channel>`` or ``<https://evil|runbook>`` in an API request's reason
 shows as typed instead of pinging the channel or posing as a link. Hoop stores such text as
 typed: the Slack edge undoes Slack's own escaping of slash-command text with :func:`unescape`.
+
+Slack refuses a whole message (``invalid_blocks``) when one block is too long, so user text is
+also clipped (:func:`escape_clipped`), with "…", to fit Block Kit's limits: 3,000 characters of
+section text, 2,000 per section field, 50 blocks per message and 100 per App Home view. A
+section also clips its whole text (:func:`clip`) in case hoop's own words push it over.
 """
 
 from __future__ import annotations
@@ -31,10 +36,21 @@ DENY_MODAL = "hoop_deny_modal"
 DENY_REASON_BLOCK = "reason"
 DENY_REASON_INPUT = "reason_input"
 
+#: Block Kit limits (Slack answers ``invalid_blocks`` beyond them)
+SECTION_TEXT_MAX = 3000
+SECTION_FIELD_MAX = 2000
+MESSAGE_BLOCKS_MAX = 50
+VIEW_BLOCKS_MAX = 100
+#: how much of a reason a one-line summary (status, App Home) shows
+LINE_REASON_MAX = 200
+#: how many entries each App Home list shows
+HOME_LIST_MAX = 20
+
 USAGE = {
     "request": "/hoop request <resource> <duration> [reason…]   e.g. /hoop request prod-db 30m fix invoice 4411",
     "approve": "/hoop approve <request-id>",
     "deny": "/hoop deny <request-id> [reason…]",
+    "cancel": "/hoop cancel <request-id>",
     "revoke": "/hoop revoke <grant-id> [reason…]",
     "extend": "/hoop extend <grant-id> <duration>",
     "status": "/hoop status",
@@ -55,16 +71,23 @@ def escape(text: str) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
+def clip(mrkdwn: str, limit: int) -> str:
+    """``mrkdwn`` cut to at most ``limit`` characters, ending in "…" when cut, without splitting
+    an entity (``&amp;``) or a mention or link (``<@U1>``)."""
+    if len(mrkdwn) <= limit:
+        return mrkdwn
+    out = mrkdwn[:max(limit - 1, 0)]
+    for opener, closer in (("&", ";"), ("<", ">")):
+        at = out.rfind(opener)
+        if at >= 0 and closer not in out[at:]:
+            out = out[:at]
+    return out + "…" if limit > 0 else ""
+
+
 def escape_clipped(text: str, limit: int) -> str:
-    """:func:`escape`, cut to at most ``limit`` characters without splitting an entity (escaping
-    can make a statement up to five times longer, and a section holds 3,000 characters)."""
-    out = escape(text[:limit])
-    if len(out) > limit:
-        out = out[:limit]
-        amp = out.rfind("&")
-        if amp >= 0 and ";" not in out[amp:]:
-            out = out[:amp]
-    return out
+    """:func:`escape`, cut to at most ``limit`` characters, ending in "…" when cut, without
+    splitting an entity (escaping can make text up to five times longer)."""
+    return clip(escape(text[:limit + 1]), limit)
 
 
 def unescape(text: str) -> str:
@@ -77,7 +100,11 @@ def hhmm(when: datetime) -> str:
 
 
 def _section(text: str) -> dict[str, Any]:
-    return {"type": "section", "text": {"type": "mrkdwn", "text": text}}
+    return {"type": "section", "text": {"type": "mrkdwn", "text": clip(text, SECTION_TEXT_MAX)}}
+
+
+def _field(title: str, value: str) -> dict[str, Any]:
+    return {"type": "mrkdwn", "text": clip(f"*{title}*\n{value}", SECTION_FIELD_MAX)}
 
 
 def _context(text: str) -> dict[str, Any]:
@@ -95,7 +122,7 @@ def _button(text: str, action_id: str, value: str, style: str | None = None) -> 
 def _who(req: AccessRequest) -> str:
     who = f"<@{req.requester_slack_id}>" if req.requester_slack_id else escape(req.requester)
     if len(req.chain) > 1:
-        who += f" (chain: {escape(' → '.join(req.chain))})"
+        who += f" (chain: {escape_clipped(' → '.join(req.chain), 1000)})"
     return who
 
 
@@ -110,7 +137,7 @@ def status_line(req: AccessRequest, grant: Grant | None, now: datetime) -> str:
         until = f" — granted until {hhmm(grant.expires_at)}" if grant is not None else ""
         return f":white_check_mark: *Approved*{until}"
     if req.status is RequestStatus.DENIED:
-        why = f": {escape(req.decision_reason)}" if req.decision_reason else ""
+        why = f": {escape_clipped(req.decision_reason, 2500)}" if req.decision_reason else ""
         return f":x: *Denied* by {escape(str(req.decided_by))}{why}"
     if req.status is RequestStatus.LAPSED:
         return f":zzz: *Lapsed* — not approved by {hhmm(req.lapses_at)}"
@@ -130,10 +157,10 @@ def card(req: AccessRequest, now: datetime, grant: Grant | None = None) -> tuple
         _section(f"*Access request* `{req.id}`\n{_who(req)} requests {kind} *{req.resource}* "
                  f"for *{format_duration(req.duration)}*"),
         {"type": "section", "fields": [
-            {"type": "mrkdwn", "text": f"*Requester*\n{escape(req.requester)}"},
-            {"type": "mrkdwn", "text": f"*Resource*\n{req.resource}"},
-            {"type": "mrkdwn", "text": f"*Duration*\n{format_duration(req.duration)}"},
-            {"type": "mrkdwn", "text": f"*Reason*\n{escape(req.reason) or '—'}"},
+            _field("Requester", escape_clipped(req.requester, 500)),
+            _field("Resource", req.resource),
+            _field("Duration", format_duration(req.duration)),
+            _field("Reason", escape_clipped(req.reason, SECTION_FIELD_MAX - 20) or "—"),
         ]},
         _section("*Approvals*\n" + ("\n".join(steps) or "none required")),
         _section(status_line(req, grant, now)),
@@ -194,7 +221,8 @@ def deny_modal(request_id: str) -> dict[str, Any]:
 
 def request_line(r: AccessRequest) -> str:
     return (f"`{r.id}` {r.resource} {format_duration(r.duration)} — {r.status.value}"
-            f"{' (lapses ' + hhmm(r.lapses_at) + ')' if r.status is RequestStatus.PENDING else ''}: {escape(r.reason)}")
+            f"{' (lapses ' + hhmm(r.lapses_at) + ')' if r.status is RequestStatus.PENDING else ''}: "
+            f"{escape_clipped(r.reason, LINE_REASON_MAX)}")
 
 
 def grant_line(g: Grant, now: datetime) -> str:
@@ -228,24 +256,41 @@ def sessions_text(sessions: Sequence[Session], now: datetime) -> str:
     if not sessions:
         return "No live sessions."
     return "*Live sessions*\n" + "\n".join(
-        f"• `{s.id}` {s.resource} {s.protocol} by {escape(' → '.join(s.chain))} from {s.client_addr}, "
+        f"• `{s.id}` {s.resource} {s.protocol} by {escape_clipped(' → '.join(s.chain), 300)} from {s.client_addr}, "
         f"open {format_duration(now - s.opened_at)}" for s in sessions)
 
 
 def home_view(pending: Sequence[AccessRequest], grants: Sequence[Grant], waiting: Sequence[AccessRequest],
               now: datetime) -> dict[str, Any]:
-    """App Home: my pending requests, my active grants with time left, requests waiting for me."""
+    """App Home: my pending requests, my active grants with time left, requests waiting for me.
+
+    Each list shows its newest :data:`HOME_LIST_MAX` entries, then "and K more"; its lines are
+    packed into as many sections as their length needs."""
     blocks: Blocks = [{"type": "header", "text": {"type": "plain_text", "text": "hoop"}}]
-    blocks.append(_section("*My pending requests*\n" + ("\n".join(f"• {request_line(r)}" for r in pending)
-                                                        or "none")))
-    blocks.append(_section("*My active grants*\n" + ("\n".join(f"• {grant_line(g, now)}" for g in grants)
-                                                     or "none")))
-    blocks.append(_section("*Waiting for my approval*\n" + ("\n".join(
-        f"• `{r.id}` {escape(r.requester)} → {r.resource} {format_duration(r.duration)}: {escape(r.reason)}"
-        for r in waiting)
-        or "none")))
-    for r in waiting[:20]:
+    blocks += _listing("My pending requests", [f"• {request_line(r)}" for r in pending], "see `/hoop status`")
+    blocks += _listing("My active grants", [f"• {grant_line(g, now)}" for g in grants], "see `/hoop status`")
+    blocks += _listing("Waiting for my approval", [
+        f"• `{r.id}` {escape_clipped(r.requester, 200)} → {r.resource} {format_duration(r.duration)}: "
+        f"{escape_clipped(r.reason, LINE_REASON_MAX)}" for r in waiting],
+        "the older ones wait in their resources' channels")
+    for r in waiting[:HOME_LIST_MAX]:
         blocks.append({"type": "actions", "elements": [
             _button(f"Approve {r.id}", APPROVE_ACTION, r.id, "primary"),
             _button(f"Deny {r.id}", DENY_ACTION, r.id, "danger")]})
-    return {"type": "home", "blocks": blocks}
+    return {"type": "home", "blocks": blocks[:VIEW_BLOCKS_MAX]}
+
+
+def _listing(title: str, lines: Sequence[str], rest: str) -> Blocks:
+    """A titled list as sections of at most :data:`SECTION_TEXT_MAX` characters each."""
+    shown = list(lines[:HOME_LIST_MAX]) or ["none"]
+    if len(lines) > HOME_LIST_MAX:
+        shown.append(f"… and {len(lines) - HOME_LIST_MAX} more; {rest}")
+    out: Blocks = []
+    text = f"*{title}*"
+    for line in shown:
+        if len(text) + 1 + len(line) > SECTION_TEXT_MAX:
+            out.append(_section(text))
+            text = ""
+        text = f"{text}\n{line}" if text else line
+    out.append(_section(text))
+    return out

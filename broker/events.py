@@ -68,7 +68,8 @@ class GrantIssued(Event):
     grant: Grant
     request: AccessRequest | None
     secret: str = field(repr=False)
-    hints: dict[str, str] = field(default_factory=dict)
+    #: connection hints embed the secret (``PGPASSWORD=…``, ``Authorization: Bearer …``)
+    hints: dict[str, str] = field(default_factory=dict, repr=False)
     breakglass_by: Identity | None = None
     breakglass_reason: str | None = None
 

@@ -10,13 +10,14 @@ read back from the store, which is the truth, and the local event is handed to `
 the local parts that enforce access (the session hub, the gate's credential cache).
 
 The same connection holds a session-level advisory lock. The replica that holds it is the
-scheduler leader, so reminders and expiries are acted on once. When a leader dies, its
-connection closes and the lock goes with it; a follower takes it at its next try. A dropped
-connection is re-made with backoff. Notifications sent meanwhile are lost, so every
-(re)connect, and every ``resync_every`` seconds in any case, the grants of this replica's live
-sessions are re-read from the store. This sweep alone covers a single process on SQLite,
-where another process (``hoop revoke``) changes the store. Proxies also enforce expiry on
-local timers, so a lost notification never extends access.
+scheduler leader, so reminders and expiries are acted on once. asyncpg runs one operation at
+a time on a connection, so NOTIFYs and the lock check take turns under one ``asyncio.Lock``.
+When a leader dies, its connection closes and the lock goes with it; a follower takes it at
+its next try. A dropped connection is re-made with backoff. Notifications sent meanwhile are
+lost, so every (re)connect, and every ``resync_every`` seconds in any case, the grants of this
+replica's live sessions are re-read from the store. This sweep alone covers a single process
+on SQLite, where another process (``hoop revoke``) changes the store. Proxies also enforce
+expiry on local timers, so a lost notification never extends access.
 """
 
 from __future__ import annotations
@@ -91,6 +92,10 @@ class Replicas:
         self.replica = secrets.token_hex(6)
         self._connect: Connect = connect or asyncpg.connect
         self._conn: Any = None
+        # asyncpg runs one operation at a time on a connection and refuses a second one
+        # ("another operation is in progress"); NOTIFYs from concurrent publishers and the
+        # follower's lock check take turns on the LISTEN connection under this lock.
+        self._conn_busy = asyncio.Lock()
         self._leader = dsn is None
         self._tasks: list[asyncio.Task[None]] = []
         self._inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=10_000)
@@ -143,7 +148,10 @@ class Replicas:
         conn = self._conn
         try:
             if conn is not None:
-                await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, text)
+                async with self._conn_busy:
+                    if conn is not self._conn:  # dropped while waiting: the resync sweep covers it
+                        return
+                    await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, text)
             elif not self._tasks:  # a one-shot command (hoop revoke): a connection of its own
                 once = await asyncio.wait_for(self._connect(self.dsn), timeout=10)
                 try:
@@ -259,7 +267,11 @@ class Replicas:
     async def _try_lead(self) -> None:
         if self._leader or self._conn is None:
             return
-        got = bool(await self._conn.fetchval("SELECT pg_try_advisory_lock($1)", LEADER_LOCK))
+        async with self._conn_busy:  # not around on_leader: its catch-up publishes, and NOTIFY takes the lock
+            conn = self._conn
+            if conn is None:
+                return
+            got = bool(await conn.fetchval("SELECT pg_try_advisory_lock($1)", LEADER_LOCK))
         if got:
             self._leader = True
             log.info("replica %s is now the scheduler leader", self.replica)

@@ -117,8 +117,9 @@ class ResourceCredentials:
         return result
 
 
-async def serve_forever(config: HoopConfig, settings: Settings, say: Callable[[str], None]) -> None:
-    """Run until SIGINT or SIGTERM, then stop cleanly."""
+async def serve_forever(config: HoopConfig, settings: Settings, say: Callable[[str], None], *,
+                        stop: asyncio.Event | None = None) -> None:
+    """Run until SIGINT or SIGTERM (or until ``stop`` is set), then stop cleanly."""
     from bot.app import SlackBot
     from broker.api import build_api
     from broker.api_inbox import SecretInbox
@@ -135,7 +136,7 @@ async def serve_forever(config: HoopConfig, settings: Settings, say: Callable[[s
     environ = settings.environ
     roles = EphemeralRoles(config, environ, load_role_key(config.state_dir))
     rt = build_runtime(config, settings, hooks=roles)
-    stop = asyncio.Event()
+    stop = stop if stop is not None else asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
@@ -160,16 +161,10 @@ async def serve_forever(config: HoopConfig, settings: Settings, say: Callable[[s
             say("hoop: this replica is now the scheduler leader")
             await rt.scheduler.kick()
 
-        replicas.on_leader = lead
         for sub in (hub, gate, recap):
             rt.bus.add(sub)
         rt.closers.append(recap.drain)
-        await replicas.start()
-        rt.closers.append(replicas.close)
-        if replicas.dsn is not None:
-            say("hoop: replica fan-out on PostgreSQL LISTEN/NOTIFY ("
-                + ("scheduler leader" if replicas.is_leader else "follower; another replica leads the scheduler")
-                + ")")
+        rt.closers.append(replicas.close)  # here, so shutdown closes it after the Slack bot, as before
 
         web_app = build_web(rt.store, rt.metrics)
         if config.oidc is not None:
@@ -191,6 +186,17 @@ async def serve_forever(config: HoopConfig, settings: Settings, say: Callable[[s
                 + ")")
         else:
             say("hoop: Slack disabled (set SLACK_BOT_TOKEN and SLACK_SIGNING_SECRET or SLACK_APP_TOKEN)")
+
+        # Only now, with every subscriber on the bus: a replica that takes the lead here acts at
+        # once on what fell due while hoop was down (grants issued for met quorums, expiries,
+        # lapses, reminders), and an event published before the Slack notifier is on the bus is
+        # lost for good (the credential DM is shown once).
+        replicas.on_leader = lead
+        await replicas.start()
+        if replicas.dsn is not None:
+            say("hoop: replica fan-out on PostgreSQL LISTEN/NOTIFY ("
+                + ("scheduler leader" if replicas.is_leader else "follower; another replica leads the scheduler")
+                + ")")
         runner, port = await _listen(web_app, config.listen.host, config.listen.http)
         rt.closers.append(runner.cleanup)
         say(f"hoop: HTTP on http://{config.listen.host}:{port} (/healthz, /metrics)")

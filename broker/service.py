@@ -268,7 +268,8 @@ class Service:
         async with self.store.tx() as tx:
             req = await self._get_request(tx, request_id, lock=True)
             if who.email.lower() == req.requester.lower():
-                raise Denied("you cannot deny your own request; cancel it instead", code="self_deny")
+                raise Denied(f"you cannot deny your own request; cancel it instead (`/hoop cancel {req.id}` in "
+                             f"Slack, POST /api/v1/requests/{req.id}/cancel in the API)", code="self_deny")
             if not any(s.group in who.groups for s in req.steps) and not policy.is_admin(self.config, who):
                 groups = ", ".join(sorted({s.group for s in req.steps})) or "admins"
                 raise Denied(f"only members of {groups} can deny this request", code="not_approver")

@@ -162,16 +162,22 @@ async def test_sessions_reviews_and_transcript_in_thread(hoop: Hoop) -> None:
     await hoop.bus.publish(SessionOpened(session=session, request=req))
     assert any("alice@example.com connected with postgres from 10.1.2.3" in t for t in hoop.thread(ts))
 
-    await hoop.command("sessions prod-db", user="UDANA")
+    await hoop.command("sessions prod-db", user="UDANA")  # an approver of prod-db
     assert "s1" in hoop.responses()[-1]
+    await hoop.command("sessions", user="UALICE")  # her own
+    assert "s1" in hoop.responses()[-1]
+    await hoop.command("sessions", user="UBOB")  # neither: not even that it exists
+    assert hoop.responses()[-1] == "No live sessions."
     await hoop.command("transcript s1", user="UBOB")
     assert "only the session's owner" in hoop.responses()[-1]
-    await hoop.command("transcript s1", user="UDANA")
-    assert "Posted the transcript of `s1`" in hoop.responses()[-1]
+    await hoop.command("transcript s1", user="UDANA")  # typed in CCMD: the file goes to the request's thread
+    assert f"Posted the transcript of `s1` in its request's thread in <#{channel}>" in hoop.responses()[-1]
     upload = hoop.fake.of("upload")[-1]
     assert b"SELECT email FROM users" in upload.body
     done = hoop.fake.of("files.completeUploadExternal")[-1]
-    assert done.params["channel_id"] == "CCMD" and "1 statement(s)" in done.params["initial_comment"]
+    assert done.params["channel_id"] == channel and done.params["thread_ts"] == ts
+    assert "1 statement(s)" in done.params["initial_comment"]
+    assert not [c for c in hoop.fake.calls if "CCMD" in (c.params.get("channel"), c.params.get("channel_id"))]
 
     review = await hoop.reviews.open(session_id="s1", grant=grant, resource="prod-db",
                                      text="DELETE FROM orders WHERE id = 1", rule="deletes",
@@ -205,3 +211,20 @@ async def test_sessions_reviews_and_transcript_in_thread(hoop: Hoop) -> None:
     done = hoop.fake.of("files.completeUploadExternal")[-1]
     assert done.params["channel_id"] == channel and done.params["thread_ts"] == ts
     assert req.status is RequestStatus.APPROVED
+
+
+async def test_transcript_of_a_session_without_a_thread_is_answered_to_the_asker_only(hoop: Hoop) -> None:
+    """A break-glass grant has no request card: the transcript is the asker's ephemeral answer,
+    not a file in the channel the command was typed in."""
+    admin = Identity(email="root@example.com", name="Root", groups=frozenset({"admins"}))
+    grant, _secret = await hoop.service.breakglass(admin, "prod-db", "alice@example.com", "15m", "INC-9")
+    now = hoop.clock.now()
+    async with hoop.store.tx() as tx:
+        await tx.insert_session(Session(id="s9", grant_id=grant.id, resource="prod-db", protocol="postgres",
+                                        login=grant.login, chain=grant.chain, client_addr="10.1.2.3",
+                                        status=SessionStatus.OPEN, opened_at=now))
+        await tx.add_events([SessionEvent("s9", 1, now, "statement", {"sql": "SELECT 1", "decision": "allow"})])
+    hoop.fake.clear()
+    await hoop.command("transcript s9", user="UDANA")
+    assert "SELECT 1" in hoop.responses()[-1]
+    assert hoop.fake.of("files.completeUploadExternal") == [] and hoop.fake.of("chat.postMessage") == []

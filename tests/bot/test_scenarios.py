@@ -322,3 +322,67 @@ async def test_second_extension_refused_and_an_overrun_reported(hoop: Hoop, cloc
     assert (await _stored(hoop, "rolder")).status is RequestStatus.DENIED
     assert any("hoop refused it: extension would leave more than prod-db's maximum of 4h" in r
                for r in hoop.responses())
+
+
+async def test_failed_credential_dm_still_marks_the_thread_and_card(hoop: Hoop) -> None:
+    """Slack refuses the DM for good: the thread still says granted, names the failure without the
+    secret and says how to recover, and the card no longer offers Approve/Deny."""
+    hoop.fake.refuse("conversations.open", "cannot_dm_bot")
+    rid, channel, ts = await _request(hoop)
+    await hoop.react("UDANA", channel, ts)
+    await hoop.click("hoop_approve", rid, "USAM", channel, ts)
+    req = await _stored(hoop, rid)
+    assert req.status is RequestStatus.APPROVED and req.grant_id
+    secret = hoop.recorder.of(GrantIssued)[0].secret
+    granted = [t for t in hoop.thread(ts) if ":key: Granted" in t]
+    assert len(granted) == 1
+    assert "could not be sent" in granted[0] and "cannot_dm_bot" in granted[0]
+    assert f"/hoop revoke {req.grant_id}" in granted[0]
+    final = _updates(hoop, ts)[-1]
+    assert "Approved" in final and "hoop_approve" not in final
+    assert secret not in json.dumps([c.params for c in hoop.fake.calls])
+
+
+async def test_credential_dm_tried_again_after_a_passing_failure(hoop: Hoop) -> None:
+    hoop.bot.notifier.dm_retry_delays = (0.0, 0.0)
+    rid, channel, ts = await _request(hoop)
+    await hoop.react("UDANA", channel, ts)
+    hoop.fake.refuse("conversations.open", "service_unavailable", times=2)
+    await hoop.click("hoop_approve", rid, "USAM", channel, ts)
+    secret = hoop.recorder.of(GrantIssued)[0].secret
+    dms = [c for c in hoop.fake.of("chat.postMessage") if c.params["channel"] == "DUALICE"]
+    assert len(dms) == 1 and secret in json.dumps(dms[0].params)
+    assert len(hoop.fake.of("conversations.open")) == 3
+    assert any("details sent to alice@example.com by DM" in t for t in hoop.thread(ts))
+
+
+async def test_long_reasons_fit_slack_and_the_card_still_follows_the_request(hoop: Hoop) -> None:
+    """The fake Slack refuses blocks over Block Kit's limits as Slack does: a long, escaping-heavy
+    reason still gets a card, a long denial still updates it, and a busy App Home still publishes."""
+    rid, channel, ts = await _request(hoop, "request prod-db 30m " + "R&amp;D &lt;b&gt; " * 300)
+    assert channel == "C1" and not [c for c in hoop.fake.calls if not c.response.get("ok", True)]
+    await hoop.command(f"deny {rid} " + "not now & not like this; " * 200, user="UDANA")
+    assert (await _stored(hoop, rid)).status is RequestStatus.DENIED
+    final = _updates(hoop, ts)[-1]
+    assert "Denied* by dana@example.com: not now &amp; not" in final and "hoop_approve" not in final
+    for i in range(25):
+        await hoop.service.request(Identity(email="bob@example.com", groups=frozenset({"eng"})), "prod-db", "30m",
+                                   f"ticket {i} " + "fix invoice batch; " * 20)
+    await hoop.event({"type": "app_home_opened", "user": "UDANA", "tab": "home"})
+    published = hoop.fake.of("views.publish")[-1]
+    assert published.response["ok"] and "and 5 more" in json.dumps(published.params)
+    assert not [c for c in hoop.fake.calls if not c.response.get("ok", True)]
+
+
+async def test_a_requester_told_to_cancel_can_cancel_from_slack(hoop: Hoop) -> None:
+    rid, channel, ts = await _request(hoop)
+    await hoop.react("UALICE", channel, ts, "x")
+    note = hoop.ephemerals("UALICE")[-1]
+    assert f"cancel it instead (`/hoop cancel {rid}`" in note
+    await hoop.command(f"cancel {rid}", user="UBOB")
+    assert "only the requester or an admin can cancel" in hoop.responses()[-1]
+    await hoop.command(f"cancel {rid}")
+    assert hoop.responses()[-1] == f"Cancelled `{rid}`."
+    assert (await _stored(hoop, rid)).status is RequestStatus.CANCELLED
+    assert any("Cancelled by Alice" in t for t in hoop.thread(ts))
+    assert "Cancelled" in _updates(hoop, ts)[-1] and "hoop_approve" not in _updates(hoop, ts)[-1]

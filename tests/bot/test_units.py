@@ -14,6 +14,7 @@ from bot.commands import Command, parse
 from bot.reactions import emoji_of
 from broker.errors import InvalidInput
 from broker.model import AccessRequest, Approval, Grant, GrantStatus, RequestStatus, Review, StepSpec
+from tests.support.fakeslack import MESSAGE_BLOCKS_MAX, VIEW_BLOCKS_MAX, block_limit_errors
 
 NOW = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 
@@ -93,8 +94,37 @@ def test_escape_round_trips_and_leaves_no_markup(raw: str) -> None:
 def test_escape_clipped_never_splits_an_entity() -> None:
     for n in range(1, 40):
         out = views.escape_clipped("<" * 50, n)
-        assert len(out) <= n and out == "&lt;" * (len(out) // 4)
-    assert views.escape_clipped("plain text", 5) == "plain"
+        assert len(out) <= n and out.endswith("…") and out[:-1] == "&lt;" * (len(out[:-1]) // 4)
+    assert views.escape_clipped("plain text", 5) == "plai…"
+    assert views.escape_clipped("plain", 5) == "plain" and views.escape_clipped("a<b", 9) == "a&lt;b"
+    assert views.clip("see <@U123|dana> now", 12) == "see …"  # nor a mention or link hoop wrote
+
+
+def _limits(blocks: list[dict[str, object]], most: int = MESSAGE_BLOCKS_MAX) -> list[str]:
+    return block_limit_errors(blocks, most)
+
+
+@pytest.mark.parametrize("reason", ["x" * 2000, "R&D <b> " * 400, "&" * 5000])
+def test_card_fits_block_kit_whatever_the_reason(reason: str) -> None:
+    _, blocks = views.card(_req(reason=reason, chain=("alice@example.com", "a<gent>" * 500)), NOW)
+    assert _limits(blocks) == []
+    field = blocks[1]["fields"][3]["text"]
+    assert field.endswith("…") and field.startswith("*Reason*\n" + views.escape(reason[:10]))
+    denied = _req(status=RequestStatus.DENIED, decided_by="dana@example.com", decision_reason=reason + "y" * 3000)
+    _, blocks = views.card(denied, NOW)
+    assert _limits(blocks) == [] and "*Denied* by dana@example.com: " in json.dumps(blocks)
+
+
+def test_app_home_fits_block_kit_when_busy() -> None:
+    waiting = [_req(id=f"r{i}", reason="fix invoice batch; " * 8) for i in range(20)]
+    view = views.home_view([], [], waiting, NOW)
+    assert _limits(view["blocks"], VIEW_BLOCKS_MAX) == []
+    flat = json.dumps(view)
+    assert all(f"`r{i}`" in flat for i in range(20))
+    many = [_req(id=f"r{i}", reason="&" * 2000) for i in range(500)]
+    view = views.home_view(many[:50], [], many, NOW)
+    assert _limits(view["blocks"], VIEW_BLOCKS_MAX) == []
+    assert "and 480 more" in json.dumps(view)
 
 
 def test_review_statement_is_escaped_and_fits_a_section() -> None:

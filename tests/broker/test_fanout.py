@@ -225,3 +225,25 @@ async def test_only_the_leader_scheduler_acts(tmp_path: Path) -> None:
     finally:
         sched.shutdown()
         await r.close()
+
+
+@pytest.mark.postgres
+async def test_concurrent_notifications_all_leave_and_keep_the_connection(
+        two: tuple[Replica, Replica, PgCluster, str]) -> None:
+    """Grant changes published at once from several tasks share the one LISTEN connection: each
+    NOTIFY waits its turn, none is refused, and the healthy connection (with the lead) is kept."""
+    a, b, _pg, _db = two
+    config = a.service.config
+    grants = [await breakglass(a, config) for _ in range(5)]
+    for g in grants:
+        await a.service.revoke(g.id, who(config, "root@example.com"), "x")
+    await eventually(lambda: len(b.seen.of(GrantEnded)) == 5)
+    b.seen.events.clear()
+    conn = a.replicas._conn
+    ended = [GrantEnded(grant=g, request=None) for g in grants]
+    await asyncio.gather(*(a.replicas.publish(e) for e in ended), *(b.replicas.publish(e) for e in ended))
+    await eventually(lambda: len(b.seen.of(GrantEnded)) == 5)
+    assert sorted(e.grant.id for e in b.seen.of(GrantEnded)) == sorted(g.id for g in grants)
+    await asyncio.sleep(0.5)  # b's lock check runs every 0.2 s alongside its own NOTIFYs
+    assert a.replicas._conn is conn and a.replicas.is_leader and a.led == 1
+    assert b.replicas.connected and not b.replicas.is_leader

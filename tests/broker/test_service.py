@@ -47,7 +47,8 @@ async def test_full_flow_issues_grant_once(service: Service, config: HoopConfig,
     assert len(notifier.of(ApprovalAdded)) == 2
     issued = notifier.of(GrantIssued)
     assert len(issued) == 1 and issued[0].secret == secret
-    assert "psql" in issued[0].hints["prod-db"]
+    assert "psql" in issued[0].hints["prod-db"] and secret in issued[0].hints["prod-db"]
+    assert secret not in repr(issued[0]) and secret not in str(issued[0])  # hints embed it too
     async with store.tx() as tx:
         req = await tx.get_request(req_id)
         grant = await tx.get_grant(grant_id)

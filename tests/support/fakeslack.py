@@ -8,7 +8,10 @@ and answers with plausible Slack payloads. Point ``AsyncWebClient(base_url=fake.
 - :meth:`rate_limit_once` makes the next call of a method answer 429 with ``Retry-After``;
 - ``socket_url`` is returned by ``apps.connections.open`` (Socket Mode tests);
 - ``/respond/<id>`` is a response_url endpoint; its posts are recorded as method ``respond``;
-- :meth:`set_reaction` keeps the reactions on a message, which ``reactions.get`` answers with.
+- :meth:`set_reaction` keeps the reactions on a message, which ``reactions.get`` answers with;
+- :meth:`refuse` makes a method answer ``{"ok": false, "error": ...}``, every time or ``times`` times;
+- messages and views over Block Kit's limits are refused with ``invalid_blocks``, as Slack does
+  (:func:`block_limit_errors` says which limit was crossed).
 """
 
 from __future__ import annotations
@@ -22,6 +25,36 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+
+#: Block Kit limits Slack enforces (https://api.slack.com/reference/block-kit/blocks)
+SECTION_TEXT_MAX = 3000
+SECTION_FIELD_MAX = 2000
+SECTION_FIELDS_MAX = 10
+MESSAGE_BLOCKS_MAX = 50
+VIEW_BLOCKS_MAX = 100
+_BLOCK_METHODS = {"chat.postMessage": MESSAGE_BLOCKS_MAX, "chat.update": MESSAGE_BLOCKS_MAX,
+                  "chat.postEphemeral": MESSAGE_BLOCKS_MAX, "views.publish": VIEW_BLOCKS_MAX,
+                  "views.open": VIEW_BLOCKS_MAX, "views.update": VIEW_BLOCKS_MAX}
+
+
+def block_limit_errors(blocks: Any, max_blocks: int = MESSAGE_BLOCKS_MAX) -> list[str]:
+    """What in ``blocks`` crosses a Block Kit limit; empty when Slack would take them."""
+    if not isinstance(blocks, list):
+        return []
+    errors = [f"{len(blocks)} blocks > {max_blocks}"] if len(blocks) > max_blocks else []
+    for i, block in enumerate(blocks):
+        if not isinstance(block, dict) or block.get("type") != "section":
+            continue
+        text = (block.get("text") or {}).get("text", "")
+        if len(text) > SECTION_TEXT_MAX:
+            errors.append(f"block {i}: section text {len(text)} > {SECTION_TEXT_MAX}")
+        fields = block.get("fields") or []
+        if len(fields) > SECTION_FIELDS_MAX:
+            errors.append(f"block {i}: {len(fields)} fields > {SECTION_FIELDS_MAX}")
+        for j, f in enumerate(fields):
+            if len(f.get("text", "")) > SECTION_FIELD_MAX:
+                errors.append(f"block {i} field {j}: {len(f['text'])} > {SECTION_FIELD_MAX}")
+    return errors
 
 
 @dataclass
@@ -44,6 +77,8 @@ class FakeSlack:
     calls: list[Call] = field(default_factory=list)
     _ts: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     _limits: dict[str, int] = field(default_factory=dict)
+    #: method -> (error, how many more times; None: always)
+    _refusals: dict[str, tuple[str, int | None]] = field(default_factory=dict)
     _runner: web.AppRunner | None = None
     url: str = ""
     #: set on every recorded call (the bench waits on it)
@@ -96,6 +131,28 @@ class FakeSlack:
     def rate_limit_once(self, method: str, retry_after: int = 0) -> None:
         self._limits[method] = retry_after
 
+    def refuse(self, method: str, error: str, times: int | None = None) -> None:
+        """Answer ``method`` with ``{"ok": false, "error": error}``, ``times`` times or always."""
+        self._refusals[method] = (error, times)
+
+    def _refusal(self, method: str, p: dict[str, Any]) -> dict[str, Any] | None:
+        if method in self._refusals:
+            error, times = self._refusals[method]
+            if times is not None:
+                if times <= 1:
+                    del self._refusals[method]
+                else:
+                    self._refusals[method] = (error, times - 1)
+            return {"ok": False, "error": error}
+        if method in _BLOCK_METHODS:
+            view = p.get("view")
+            blocks = (view.get("blocks") if isinstance(view, dict) else None) if method.startswith("views.") \
+                else p.get("blocks")
+            errors = block_limit_errors(blocks, _BLOCK_METHODS[method])
+            if errors:
+                return {"ok": False, "error": "invalid_blocks", "errors": errors}
+        return None
+
     # -- queries for tests ------------------------------------------------------------------
     def of(self, method: str) -> list[Call]:
         return [c for c in self.calls if c.method == method]
@@ -133,7 +190,7 @@ class FakeSlack:
             self._record(method + "#429", params)
             return web.json_response({"ok": False, "error": "ratelimited"}, status=429,
                                      headers={"Retry-After": str(retry_after)})
-        answer = self._answer(method, params, request)
+        answer = self._refusal(method, params) or self._answer(method, params, request)
         self._record(method, params)
         self.calls[-1].response = answer
         return web.json_response(answer)

@@ -1,0 +1,89 @@
+"""``hoop serve`` restarting on PostgreSQL: the replica takes the scheduler lead at start-up and
+acts at once on what fell due while hoop was down. Everything that must hear those events (the
+Slack notifier above all: the credential DM is shown once) is on the bus before that happens."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from broker.clock import FakeClock
+from broker.config import Settings, parse_config
+from broker.events import Broadcast
+from broker.model import Approval, Identity
+from broker.runtime import serve_forever
+from broker.service import Service
+from broker.store import Store
+from tests.conftest import base_config
+from tests.support.fakeslack import FakeSlack
+from tests.support.pgcluster import PgCluster
+
+pytestmark = pytest.mark.postgres
+
+ALICE = Identity(email="alice@example.com", groups=frozenset({"eng"}), slack_id="UALICE")
+DANA = Identity(email="dana@example.com", groups=frozenset({"dba"}), slack_id="UDANA")
+SAM = Identity(email="sam@example.com", groups=frozenset({"security"}), slack_id="USAM")
+
+
+async def _left_by_the_last_process(url: str, config_data: dict[str, object]) -> None:
+    """An overdue grant (card 100.1) and a request whose quorum was committed but not yet
+    decided when the process stopped (card 200.1)."""
+    config = parse_config(config_data)
+    past = FakeClock(datetime.now(UTC) - timedelta(hours=2))
+    store = Store.from_url(url)
+    await store.migrate()
+    try:
+        svc = Service(config, store, past, Broadcast())
+        r1 = await svc.request(ALICE, "prod-db", "30m", "r1")
+        await svc.set_card(r1.id, "C1", "100.1")
+        await svc.approve(r1.id, DANA)
+        await svc.approve(r1.id, SAM)  # granted for 30 minutes, two hours ago
+        past.set(datetime.now(UTC) - timedelta(minutes=5))
+        r2 = await svc.request(ALICE, "prod-db", "30m", "r2")
+        await svc.set_card(r2.id, "C1", "200.1")
+        async with store.tx() as tx:
+            for who, groups in ((DANA, ("dba",)), (SAM, ("security",))):
+                await tx.add_approval(r2.id, Approval(approver=who.email, groups=groups, at=past.now(),
+                                                      via="reaction", chain=who.chain))
+    finally:
+        await store.close()
+
+
+async def test_leader_catch_up_at_start_reaches_slack(pg: PgCluster, tmp_path: Path) -> None:
+    url = pg.sqlalchemy_url(pg.create_database("startup"))
+    data = base_config(state_dir=str(tmp_path / "state"), listen={"http": 0, "postgres": 0, "ssh": 0,
+                                                                 "http_proxy": 0})
+    await _left_by_the_last_process(url, data)
+    fake = await FakeSlack(users={"UALICE": {"email": "alice@example.com", "name": "Alice"}}).start()
+    settings = Settings(database_url=url, slack_bot_token="xoxb-t", slack_signing_secret="s",
+                        slack_api_url=fake.api_url, environ={"PGPW": "pw"})
+    said: list[str] = []
+    ready, stop = asyncio.Event(), asyncio.Event()
+
+    def say(line: str) -> None:
+        said.append(line)
+        if line == "hoop: ready":
+            ready.set()
+
+    task = asyncio.create_task(serve_forever(parse_config(data), settings, say, stop=stop))
+    try:
+        await asyncio.wait_for(ready.wait(), 60)
+        assert "hoop: this replica is now the scheduler leader" in said
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 60)
+        await fake.stop()
+
+    posts = fake.of("chat.postMessage")
+    dms = [c for c in posts if c.params.get("channel") == "DUALICE"]
+    assert [c.params["users"] for c in fake.of("conversations.open")] == ["UALICE"]
+    assert len(dms) == 1 and "Access granted" in dms[0].params["text"]
+    assert any("Granted until" in str(c.params.get("text")) for c in posts if c.params.get("thread_ts") == "200.1")
+    assert any("Expired" in str(c.params.get("text")) for c in posts if c.params.get("thread_ts") == "100.1")
+    updated = {c.params["ts"]: json.dumps(c.params) for c in fake.of("chat.update")}
+    assert "Approved" in updated["200.1"] and "hoop_approve" not in updated["200.1"]
+    assert "Expired" in updated["100.1"]
