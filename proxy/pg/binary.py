@@ -18,12 +18,14 @@ both cases the whole cell becomes NULL, which every client decodes. Fail closed:
 masking, the whole cell is scanned once more, and any hit left makes it NULL too.
 
 Cells of fixed-width types (:data:`FIXED_OIDS`, and arrays of them) hold no text and are not
-scanned at all.
+scanned at all, except int8, float8 and numeric: their text form is scanned (:func:`number_hit`).
 """
 
 from __future__ import annotations
 
+import math
 import struct
+from decimal import Decimal
 
 from broker.config import Detector
 from proxy.mask import REDACT_MARKERS, Masker
@@ -168,3 +170,112 @@ def mask_binary(masker: Masker, cell: bytes, type_oid: int) -> tuple[bool, bytes
     if masker.might_contain(new) and masker.scan(new):
         return True, None  # a hit across leaves or in a structure's bytes: not maskable in place
     return (False, cell) if out is None else (True, new)
+
+
+# ---- numbers read as text ------------------------------------------------------------------
+#
+# A number holds no text, but the text form psql shows of it can be a detector hit: the
+# ``card`` detector matches a run of 13 to 19 digits, and int8, float8 (13 to 15 digits
+# before the point, or a long fraction) and numeric print such runs. So with the detectors on
+# these binary cells are rendered as PostgreSQL prints them and scanned; a hit makes the cell
+# NULL (a number cannot be masked in place). The other fixed-width types cannot print a hit:
+# int2 and int4 print at most 10 digits, float4 at most 9 significant digits and a few zeros,
+# money groups its digits by three, and no number prints the separators, letters or "@" the
+# other detectors need (an SSN or phone number needs ``-``, ``.``, `` ``, ``(`` or ``+``).
+
+#: int8, float8, numeric
+NUMBER_OIDS = frozenset({20, 701, 1700})
+#: arrays of those -> their element type
+NUMBER_ARRAY_OIDS = {1016: 20, 1022: 701, 1231: 1700}
+
+_F8 = struct.Struct("!d").unpack_from
+_NUMERIC_HEAD = struct.Struct("!hhHh").unpack_from
+_NUMERIC_SIGNS = {0x0000: "", 0x4000: "-"}
+_NUMERIC_SPECIAL = {0xC000: "NaN", 0xD000: "Infinity", 0xF000: "-Infinity"}
+
+
+def number_texts(cell: bytes, type_oid: int) -> list[str] | None:
+    """The text forms, as PostgreSQL prints them, of the binary int8, float8 or numeric value
+    ``cell`` (of an array of them: of each non-NULL element); None when it is malformed."""
+    elem = NUMBER_ARRAY_OIDS.get(type_oid)
+    if elem is None:
+        one = _number_text(cell, type_oid)
+        return None if one is None else [one]
+    found = _array(cell, 0, len(cell))
+    if found is None or found[0] != elem:
+        return None
+    out: list[str] = []
+    for vs, ve in found[1]:
+        text = _number_text(cell[vs:ve], elem)
+        if text is None:
+            return None
+        out.append(text)
+    return out
+
+
+def number_hit(masker: Masker, cell: bytes, type_oid: int) -> bool:
+    """Whether the binary number ``cell`` (see :func:`number_texts`) must become NULL: its text
+    form holds a detector hit, or it cannot be read (fail closed)."""
+    if type_oid == 20 and len(cell) == 8 and -10**12 < int.from_bytes(cell, "big", signed=True) < 10**12:
+        return False  # 12 digits at most: no detector matches (the common case, decided cheaply)
+    texts = number_texts(cell, type_oid)
+    if texts is None:
+        return True
+    data = "\0".join(texts).encode("ascii")
+    return masker.might_contain(data) and bool(masker.scan(data))
+
+
+def _number_text(cell: bytes, type_oid: int) -> str | None:
+    if type_oid == 20:
+        return str(int.from_bytes(cell, "big", signed=True)) if len(cell) == 8 else None
+    if type_oid == 701:
+        return float8_text(_F8(cell)[0]) if len(cell) == 8 else None
+    if type_oid == 1700:
+        return numeric_text(cell)
+    return None
+
+
+def float8_text(x: float) -> str:
+    """``x`` as PostgreSQL (12 and later, ``extra_float_digits`` > 0) prints a float8: the
+    shortest exact digits, in fixed notation for decimal exponents -4 to 14, else ``1.5e+15``."""
+    if math.isnan(x):
+        return "NaN"
+    if x in (math.inf, -math.inf):
+        return "Infinity" if x > 0 else "-Infinity"
+    if x == 0:
+        return "-0" if math.copysign(1.0, x) < 0 else "0"
+    t = Decimal(repr(x)).as_tuple()
+    raw = "".join(map(str, t.digits))
+    digits = raw.rstrip("0")
+    exp = len(raw) + int(t.exponent) - 1  # of the first digit
+    sign = "-" if t.sign else ""
+    if -4 <= exp < 15:
+        if exp < 0:
+            return f"{sign}0.{'0' * (-exp - 1)}{digits}"
+        whole, frac = digits[: exp + 1].ljust(exp + 1, "0"), digits[exp + 1 :]
+        return f"{sign}{whole}.{frac}" if frac else f"{sign}{whole}"
+    mantissa = digits[0] + ("." + digits[1:] if len(digits) > 1 else "")
+    return f"{sign}{mantissa}e{'+' if exp >= 0 else '-'}{abs(exp):02d}"
+
+
+def numeric_text(cell: bytes) -> str | None:
+    """The binary numeric ``cell`` as PostgreSQL prints it (``-12.50``); None when malformed."""
+    if len(cell) < 8:
+        return None
+    ndigits, weight, sign, dscale = _NUMERIC_HEAD(cell)
+    if sign in _NUMERIC_SPECIAL:
+        return _NUMERIC_SPECIAL[sign] if len(cell) == 8 else None
+    if sign not in _NUMERIC_SIGNS or ndigits < 0 or dscale < 0 or len(cell) != 8 + 2 * ndigits:
+        return None
+    groups = struct.unpack_from(f"!{ndigits}h", cell, 8)
+    if any(not 0 <= g <= 9999 for g in groups):
+        return None
+
+    def group(k: int) -> str:
+        return f"{groups[k]:04d}" if 0 <= k < ndigits else "0000"
+
+    whole = str(int("".join(group(k) for k in range(weight + 1)))) if weight >= 0 else "0"
+    if dscale == 0:
+        return _NUMERIC_SIGNS[sign] + whole
+    frac = "".join(group(k) for k in range(weight + 1, weight + 1 + (dscale + 3) // 4))[:dscale]
+    return f"{_NUMERIC_SIGNS[sign]}{whole}.{frac}"

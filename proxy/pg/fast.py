@@ -39,6 +39,7 @@ from proxy.pg.messages import (
     decode_execute,
     decode_parse,
 )
+from proxy.pg.names import NO_EFFECT
 from proxy.pg.rows import formats_for
 from proxy.pg.runs import run_might_contain, run_sample
 from proxy.pg.state import Portal, Rec, State, Stmt
@@ -125,7 +126,7 @@ def fast_request(insp: Inspector, buf: bytes) -> bool:
     False to leave it, untouched, to the general path."""
     if buf[:1] != b"Q":
         return buf[:1] in (b"P", b"B") and fast_batch(insp, buf)
-    if insp.discarding or len(buf) < 6 or buf[-1] != 0:
+    if insp.discarding or insp.skipping or insp.copy_in or len(buf) < 6 or buf[-1] != 0:
         return False
     if _I32(buf, 1)[0] != len(buf) - 1 or buf.find(b"\0", 5) != len(buf) - 1:
         return False
@@ -209,7 +210,7 @@ def fast_batch(insp: Inspector, buf: bytes) -> bool:
     """Handle ``buf`` when it is exactly one extended-protocol statement: [Parse] Bind
     Describe(portal) Execute Sync of one portal, with a Parse the guard allows. True when done
     (forward ``buf`` whole), False to leave it, untouched, to the general path."""
-    if insp.discarding:
+    if insp.discarding or insp.skipping or insp.copy_in:
         return False
     got = batch(buf)
     if got is None:
@@ -227,8 +228,8 @@ def fast_batch(insp: Inspector, buf: bytes) -> bool:
         text, kinds, decision = insp._check(p.sql)
         if decision is not None and (decision.blocked or decision.needs_review):
             return False
-        dynamic = insp._forget(p.sql, kinds)
-        stmt = insp.statements[statement] = Stmt(p.sql, text, kinds, dynamic=dynamic)
+        effect = insp._forget(p.sql, kinds)
+        stmt = insp.statements[statement] = Stmt(p.sql, text, kinds, dynamic=effect.dynamic, effect=effect)
         insp.expect.append(("parse", None))
     else:
         found = insp.statements.get(statement)
@@ -238,6 +239,8 @@ def fast_batch(insp: Inspector, buf: bytes) -> bool:
         portal.plan = insp._plan_for(stmt.fields, formats_for(len(stmt.fields.fields), result_formats))
     portal.described = True  # by the Describe of this batch
     insp.portals[portal_name] = portal
+    if stmt.effect is not NO_EFFECT:  # the Execute runs it: as Inspector.from_client does
+        insp._ran(stmt.effect)
     insp.stats["statements"] += 1
     insp.expect.extend((("bind", portal), ("describe_p", (portal, False)),
                         ("execute", (portal, Rec(stmt.text, stmt.kinds, "allow", None))), _SYNC))

@@ -54,17 +54,20 @@ from proxy.pg.messages import (
     decode_parse,
     decode_query,
 )
+from proxy.pg.names import NO_EFFECT
 from proxy.pg.replies import Replies
 from proxy.pg.rows import formats_for
-from proxy.pg.state import QUERY_SYNC, Portal, Rec, Stmt, Suspend
+from proxy.pg.state import QUERY_SYNC, SKIPPED, Portal, Rec, Stmt, Suspend
 from proxy.sqlguard import READ_ONLY_RULE, Analysis, is_write
 
 __all__ = ["STAND_IN", "Inspector", "Portal", "Rec", "Stmt", "Suspend"]
 
 _M = TypeVar("_M")
 RAW = codec.RAW
-_F_PASS = frozenset({RAW, Frontend.COPY_DATA, Frontend.COPY_DONE, Frontend.COPY_FAIL, Frontend.FLUSH,
-                     Frontend.TERMINATE})
+_F_PASS = frozenset({RAW, Frontend.COPY_DATA, Frontend.FLUSH, Frontend.TERMINATE})
+#: what the server ignores while it skips to Sync (hoop then drops it: see Inspector._skipped)
+_F_SKIPPED = frozenset({Frontend.QUERY, Frontend.PARSE, Frontend.BIND, Frontend.DESCRIBE, Frontend.EXECUTE,
+                        Frontend.CLOSE, Frontend.FUNCTION_CALL, Frontend.COPY_DONE, Frontend.COPY_FAIL})
 
 
 #: what the server is sent in place of a refused statement: fails with a syntax error (42601)
@@ -160,6 +163,13 @@ class Inspector(Replies):
                 i += 1
                 continue
             body = mv[s + 5 : e]
+            if self.skipping and t in _F_SKIPPED:
+                if run >= 0:
+                    out.append(buf[run:s])
+                    run = -1
+                self._skipped(t, body)
+                i += 1
+                continue
             extra: bytes | None = None
             forward = True
             if t == Frontend.QUERY:
@@ -203,8 +213,8 @@ class Inspector(Replies):
                             self.statements.pop("", None)  # the server drops it before parsing
                     self.discarding = True
                 else:
-                    dynamic = self._forget(p.sql, kinds)
-                    self.statements[p.statement] = Stmt(p.sql, text, kinds, dynamic=dynamic)
+                    effect = self._forget(p.sql, kinds)
+                    self.statements[p.statement] = Stmt(p.sql, text, kinds, dynamic=effect.dynamic, effect=effect)
                     self.expect.append(("parse", None))
             elif t == Frontend.BIND:
                 portal_name, statement, result_formats = decode_bind_head(body)
@@ -243,11 +253,21 @@ class Inspector(Replies):
                 stmt = found.stmt
                 self.stats["statements"] += 1
                 self._push_execute(found, Rec(stmt.text, stmt.kinds, "allow", None))
+                if stmt.effect is not NO_EFFECT:
+                    self._ran(stmt.effect)
             elif t == Frontend.CLOSE:
                 c = self._decoded(t, body, decode_close)
                 (self.statements if c.kind == "S" else self.portals).pop(c.name, None)
                 self.expect.append(("close", None))
+            elif t in (Frontend.COPY_DONE, Frontend.COPY_FAIL):
+                self.copy_in = False
             elif t == Frontend.SYNC:
+                self.skipping = False
+                if self.copy_in:  # eaten by the COPY: answered by nothing
+                    if run < 0:
+                        run = s
+                    i += 1
+                    continue
                 if self.discarding:
                     self.discarding = False
                     if not self.batch_sent:
@@ -288,6 +308,24 @@ class Inspector(Replies):
             end = frames[-1][2]  # bytes after it are an incomplete message the framer keeps
             out.append(buf if run == 0 and end == len(buf) else buf[run:end])
         return out, n, None
+
+    def _skipped(self, t: int, body: memoryview) -> None:
+        """A message the server ignores, as it skips to the client's next Sync: it is not sent
+        (nothing of it runs, nothing of hoop's state changes); a Query or Execute is recorded
+        as skipped."""
+        if t == Frontend.QUERY:
+            text, kinds, decision = self._check(decode_query(body).sql)
+            rec = Rec(text, kinds, decision.action if decision else "allow", decision.rule if decision else None)
+        elif t == Frontend.EXECUTE:
+            name = self._decoded(t, body, decode_execute).portal
+            found = self.portals.get(name)
+            stmt = found.stmt if found is not None else self._unknown(name, portal=True)
+            rec = Rec(stmt.text, stmt.kinds, "allow", None)
+        else:
+            return
+        self.stats["statements"] += 1
+        rec.error = SKIPPED
+        self._finish(rec)
 
     def _hold(self, out: list[bytes], run: int, buf: bytes, s: int, i: int, frames: list[codec.Frame],
               stmt: Stmt, decision: Decision) -> tuple[list[bytes], int, Suspend]:

@@ -10,9 +10,13 @@ walk suspends at that message until the lookup is done.
 
 After an error of an extended-protocol message the server ignores everything up to the next
 Sync, Queries included; :meth:`Replies._skip_to_sync` pops the same items, so that every later
-answer is still matched with its own statement. Rows that match no known description (no
-plan, or a different number of cells) end the session with 42501: hoop cannot tell which
-column rules apply to them, and after the tracking of :mod:`proxy.pg.state` it never should.
+answer is still matched with its own statement. When the client has not sent that Sync yet,
+``skipping`` makes the client side treat what it sends until then as skipped too. An
+extended-protocol ``COPY FROM STDIN`` eats the Syncs sent before its CopyDone (``copy_in``).
+
+Rows that match no known description (no plan, or a different number of cells) end the
+session with 42501: hoop cannot tell which column rules apply to them, and after the
+tracking of :mod:`proxy.pg.state` it never should.
 """
 
 from __future__ import annotations
@@ -34,8 +38,9 @@ from proxy.pg.runs import rewrite_run, row_spans, run_might_contain, run_sample
 from proxy.pg.state import NO_SHAPE, QUERY_SYNC, SKIPPED, Rec, Shape, State, Suspend
 
 RAW = codec.RAW
+_SYNC = ("sync", None)
 _B_PASS = frozenset({RAW, Backend.PARAMETER_DESCRIPTION, Backend.COPY_DONE,
-                     Backend.COPY_IN_RESPONSE, Backend.COPY_BOTH_RESPONSE, Backend.NEGOTIATE_PROTOCOL_VERSION,
+                     Backend.COPY_BOTH_RESPONSE, Backend.NEGOTIATE_PROTOCOL_VERSION,
                      Backend.FUNCTION_CALL_RESPONSE})
 _SIMPLE_POPS = {Backend.PARSE_COMPLETE: "parse", Backend.BIND_COMPLETE: "bind", Backend.CLOSE_COMPLETE: "close"}
 
@@ -160,8 +165,12 @@ class Replies(State):
                         rec.error = message
                     if fields_.get("S") in ("FATAL", "PANIC"):
                         self.fatal = message
+                    self.copy_in = False  # an error ends a COPY: the next Sync is answered
                     if skips:
                         self._skip_to_sync(message)
+            elif t == Backend.COPY_IN_RESPONSE:
+                if self.expect and self.expect[0][0] == "execute":
+                    self._copy_in()
             elif t == Backend.COPY_OUT_RESPONSE:
                 self.copy_binary = decode_copy_response(body).overall_format == 1
                 if self.copy_binary and masker is not None:
@@ -234,7 +243,17 @@ class Replies(State):
             elif k == "query":
                 v.error = SKIPPED
                 self._finish(v)
+        # no Sync on its way: the server skips what the client sends next, up to its Sync
+        self.skipping = _SYNC not in self.expect
         self._head()
+
+    def _copy_in(self) -> None:
+        """An extended-protocol Execute started COPY FROM STDIN: the server ignores every Sync
+        until CopyDone or CopyFail (libpq sends one with the batch, before it knows it is a COPY),
+        so the Syncs already queued behind the Execute are answered by nothing."""
+        self.copy_in = True
+        while len(self.expect) > 1 and self.expect[1] == _SYNC:
+            del self.expect[1]
 
     def _cannot_mask(self, out: list[bytes], run: int, buf: bytes, s: int, n: int) -> tuple[list[bytes], int, None]:
         """End the session (fail closed): rows arrived that do not match any known description."""

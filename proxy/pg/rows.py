@@ -12,7 +12,9 @@ text) are masked like text cells, by column rules and detectors. Other binary ce
 columns become NULL: a redacted int4 cannot keep its 4 bytes. Other binary cells of unmasked
 columns that may carry text (arrays, records, jsonb, xml, bytea, extension types: anything
 but a fixed-width scalar) are read by the detectors too, and a hit is overwritten in place
-with filler of its length, so the cell keeps its structure (:mod:`proxy.pg.binary`).
+with filler of its length, so the cell keeps its structure (:mod:`proxy.pg.binary`). Binary
+int8, float8 and numeric cells (and arrays of them) are read by the detectors in their text
+form, and become NULL on a hit: a card number stored as a bigint is withheld, as psql shows ``[card]``.
 
 When the table-name lookup fails, the table is kept as :data:`UNRESOLVED` and a column whose
 name matches the column part of any ``table.column`` rule is masked by that rule: an
@@ -31,7 +33,7 @@ from dataclasses import dataclass
 from broker.config import Strategy
 from proxy.mask import Masker
 from proxy.pg import codec
-from proxy.pg.binary import mask_binary, scanned
+from proxy.pg.binary import NUMBER_ARRAY_OIDS, NUMBER_OIDS, mask_binary, number_hit, scanned
 from proxy.pg.messages import Buf, Field, MalformedMessage, decode_data_row, decode_fields
 
 log = logging.getLogger(__name__)
@@ -51,6 +53,8 @@ class Plan:
     masked: bool  # some column rule applies: every row is rewritten
     binary_scan: tuple[bool, ...] = ()  # other binary cell that may carry text: detectors, in place
     oids: tuple[int, ...] = ()  # type OID per column
+    #: binary int8/float8/numeric cell (or array of them): detectors read its text form; a hit is NULL
+    binary_number: tuple[bool, ...] = ()
 
 
 def formats_for(n: int, result_formats: Sequence[int]) -> tuple[int, ...]:
@@ -87,8 +91,11 @@ def make_plan(masker: Masker, fields: Sequence[Field], formats: Sequence[int], t
     binary_text = tuple(fmt != 0 and f.type_oid in TEXT_LIKE_OIDS for f, fmt in zip(fields, formats, strict=True))
     binary_scan = tuple(fmt != 0 and f.type_oid not in TEXT_LIKE_OIDS and scanned(f.type_oid)
                         for f, fmt in zip(fields, formats, strict=True))
+    binary_number = tuple(fmt != 0 and (f.type_oid in NUMBER_OIDS or f.type_oid in NUMBER_ARRAY_OIDS)
+                          for f, fmt in zip(fields, formats, strict=True))
     return Plan(tuple(f.name for f in fields), strategies, text, binary_text,
-                any(s is not None for s in strategies), binary_scan, tuple(f.type_oid for f in fields))
+                any(s is not None for s in strategies), binary_scan, tuple(f.type_oid for f in fields),
+                binary_number if True in binary_number else ())
 
 
 def mask_row(masker: Masker, plan: Plan, body: Buf, detect: bool) -> bytes | None:
@@ -98,6 +105,7 @@ def mask_row(masker: Masker, plan: Plan, body: Buf, detect: bool) -> bytes | Non
     strategies, text, binary_text = plan.strategies, plan.text, plan.binary_text
     width = len(strategies)
     binary_scan = plan.binary_scan or (False,) * width
+    binary_number = plan.binary_number or (False,) * width
     for i, cell in enumerate(cells):
         if cell is None:
             continue
@@ -123,6 +131,9 @@ def mask_row(masker: Masker, plan: Plan, body: Buf, detect: bool) -> bytes | Non
             if hit:
                 cells[i] = new
                 changed = True
+        elif detect and binary_number[i] and number_hit(masker, bytes(cell), plan.oids[i]):
+            cells[i] = None
+            changed = True
     return codec.encode_data_row(cells) if changed else None
 
 

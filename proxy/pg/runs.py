@@ -6,6 +6,8 @@ and binary cells that may carry text: every type but fixed-width scalars), joine
 (:func:`run_might_contain`), and forwarded untouched when nothing can match; otherwise
 the caller masks it row by row (:func:`proxy.pg.rows.mask_row`, a row is rewritten only when
 a cell changes). A run with a masked column is rewritten in one pass (:func:`rewrite_run`).
+Binary number cells (int8, float8, numeric) are read in their text form, row by row
+(:func:`numbers_might_hit`); a run with a hit is masked row by row too.
 
 The loops over rows and cells run in C (:mod:`proxy.pg._wire`, built by ``pip install -e .``)
 when it is built; each has a pure-Python twin here (``py_*``) that gives the same bytes and
@@ -17,6 +19,7 @@ from __future__ import annotations
 import struct
 
 from proxy.mask import RULE_MARKER, Masker
+from proxy.pg.binary import number_hit
 from proxy.pg.messages import MalformedMessage
 from proxy.pg.rows import Plan, row_text_at
 
@@ -69,6 +72,8 @@ def rewrite_run(masker: Masker, plan: Plan, buf: bytes, s: int, e: int, detect: 
     (see there for how). Returns None when the detectors' prefilter hits the readable cells
     of unmasked columns: the caller then masks row by row, exactly.
     """
+    if detect and plan.binary_number and numbers_might_hit(masker, plan, buf, s, e):
+        return None
     if _wire is None:
         return py_rewrite_run(masker, plan, buf, s, e, detect)
     ops, fixed, scan, _ = _c_ops(plan)
@@ -85,11 +90,38 @@ def run_might_contain(masker: Masker, plan: Plan | None, buf: bytes, s: int, e: 
     Only the cells the detectors read (text, or binary that may carry text) are looked at, joined by NUL
     as :func:`rewrite_run` does; a run whose rows do not match ``plan`` is looked at whole.
     """
+    if plan is not None and plan.binary_number and numbers_might_hit(masker, plan, buf, s, e):
+        return True
     if plan is not None and plan.strategies:
         cells = text_cells(buf, s, e, _c_ops(plan)[3])
         if cells is not None:
             return masker.might_contain(cells)
     return masker.might_contain(memoryview(buf)[s:e])
+
+
+def numbers_might_hit(masker: Masker, plan: Plan, buf: bytes, s: int, e: int) -> bool:
+    """Whether a binary int8/float8/numeric cell (or array of them) of the DataRow run ``buf[s:e]``
+    reads as a detector hit (:func:`proxy.pg.binary.number_hit`); a row that does not match
+    ``plan`` counts as a hit too, so the caller looks at it row by row, exactly."""
+    flags, oids = plan.binary_number, plan.oids
+    width = len(flags)
+    try:
+        for rs, re_ in row_spans(buf, s, e):
+            if _I16(buf, rs + 5)[0] != width:
+                return True
+            p = rs + 7
+            for i in range(width):
+                (size,) = _I32(buf, p)
+                p += 4
+                if size > 0:
+                    if flags[i] and number_hit(masker, buf[p : p + size], oids[i]):
+                        return True
+                    p += size
+            if p != re_:
+                return True
+    except struct.error:
+        return True
+    return False
 
 
 def text_cells(buf: bytes, s: int, e: int, readable: bytes) -> bytes | None:

@@ -11,7 +11,8 @@ pushed onto an empty queue.
 
 Descriptions go stale. Statements and portals share their namespaces with SQL ``PREPARE``,
 ``DEALLOCATE``, ``DECLARE`` and ``CLOSE`` (:mod:`proxy.pg.names` says which entries such a
-text replaces: :meth:`State._forget`), and the server closes every portal when a
+text replaces: :meth:`State._forget`; a parsed statement's :attr:`Stmt.effect` is applied again
+when a portal of it is executed, which is when the server applies it), and the server closes every portal when a
 transaction ends (:meth:`State._ended`). So a portal's masking plan is trusted only in the
 round trip (``round``: the Syncs and Queries sent so far) that bound or described it; an
 Execute in a later one, or of a portal hoop never saw bound (a SQL cursor), is preceded by a
@@ -65,6 +66,8 @@ class Stmt:
     kinds: list[str]
     fields: Shape | None = None  # None: not described yet
     dynamic: bool = False  # its result shape is decided when it runs (EXECUTE, FETCH): fields are not reused
+    #: what running it does to the namespaces: applied at each Execute of a portal bound to it
+    effect: names.Effect = names.NO_EFFECT
 
 
 @dataclass(slots=True)
@@ -118,6 +121,11 @@ class State:
         self.expect: deque[tuple[str, Any]] = deque()
         self.discarding = False  # after a refused Parse, until Sync
         self.batch_sent = False  # something of the current extended batch reached the server
+        #: the server skips every message up to the client's next Sync (an extended-protocol
+        #: error came when no Sync was on its way): what the client sends until then is not run
+        self.skipping = False
+        #: an extended-protocol Execute is in COPY FROM STDIN: the server eats Syncs until CopyDone/CopyFail
+        self.copy_in = False
         self.approved: object = None  # the frame a reviewer allowed (held by reference)
         self.status = "I"  # of the last ReadyForQuery the server sent
         self.round = 0  # Syncs and Queries sent upstream: a round trip's portals are described in it
@@ -217,11 +225,13 @@ class State:
         if len(self.expect) == 1:
             self._head()
 
-    def _forget(self, sql: str, kinds: list[str]) -> bool:
+    def _forget(self, sql: str, kinds: list[str]) -> names.Effect:
         """Forget the statements and portals ``sql`` (a Query or a Parse about to go upstream)
-        replaces or destroys; True when its result shape is decided when it runs."""
+        replaces or destroys, and return that effect (its ``dynamic``: its result shape is
+        decided when it runs). For a Parse this is only a fail-safe: the server changes its
+        namespaces when a portal of the statement is executed, which :meth:`_ran` follows."""
         if self.guard is not None and "other" not in kinds:  # every statement of names.TAGS is kind other
-            return False
+            return names.NO_EFFECT
         found = self._effects.get(sql)
         if found is None:
             tags = [st.tag for st in self.guard.analyse(sql).statements] if self.guard is not None else None
@@ -229,15 +239,20 @@ class State:
             if len(self._effects) > 1024:
                 self._effects.clear()
             self._effects[sql] = found
-        if found is names.NO_EFFECT:
-            return False
-        for table, gone in ((self.statements, found.statements), (self.portals, found.portals)):
+        if found is not names.NO_EFFECT:
+            self._ran(found)
+        return found
+
+    def _ran(self, effect: names.Effect) -> None:
+        """A statement with ``effect`` is run now (in client order, which is the server's order
+        of execution): forget what it replaces or destroys, so that a later Bind or Execute of
+        those names is described again."""
+        for table, gone in ((self.statements, effect.statements), (self.portals, effect.portals)):
             if gone is None:
                 table.clear()
             else:
                 for name in gone:
                     table.pop(name, None)
-        return found.dynamic
 
     def _ended(self) -> None:
         """The server's transaction ended (ReadyForQuery ``I``): it closed every portal, except
