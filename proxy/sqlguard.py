@@ -30,13 +30,21 @@ Policies worth knowing:
 - Table and function names compare with :func:`proxy.guard.name_matches` (case-insensitive
   globs; unqualified names are matched pessimistically against qualified patterns).
 - Built-in rules, decided from the tree (so comments, ``U&""`` spellings and quoting are seen
-  through) and stricter than any configured rule: ``hoop-lexer`` blocks SET / RESET /
-  ``SET NAMES`` / ``set_config`` of ``client_encoding``, ``standard_conforming_strings`` or
-  ``backslash_quote`` to anything but the value hoop pins (pglast lexes as UTF-8 with
+  through) and stricter than any configured rule: ``hoop-lexer`` blocks SET / ``SET NAMES`` /
+  ``set_config`` of ``client_encoding``, ``standard_conforming_strings`` or ``backslash_quote``
+  to anything but the value hoop pins (pglast lexes as UTF-8 with
   ``standard_conforming_strings=on``; a server lexing otherwise would run statements the guard
-  never saw), and any ``set_config`` whose setting name is not a constant. ``read_only`` (on a
-  read-only resource) blocks ``READ WRITE`` transactions and session characteristics, and SET /
-  RESET / ``set_config`` of a ``*transaction_read_only`` setting other than to a true constant.
+  never saw), RESET / ``TO DEFAULT`` of ``backslash_quote`` (the other two go back to the pin),
+  any ``set_config`` whose setting name is not a constant (a column, a parameter, an
+  expression: it could name any setting), and any INSERT / UPDATE / DELETE / MERGE of
+  ``pg_settings`` (its rule calls ``set_config``). ``read_only`` (on a read-only resource)
+  blocks ``READ WRITE`` transactions and session characteristics, and SET / RESET /
+  ``set_config`` of a ``*transaction_read_only`` setting other than to a true constant.
+- A text holding a backslash is also read as a server with ``standard_conforming_strings=off``
+  reads it (:mod:`proxy.escapes`), in case a function changed that setting unseen just before:
+  when that reading fails or yields other statements, the text is unparsed (``on_unparsed``)
+  unless a rule applied to either reading is stricter. A regex such as ``'^\\d+$'`` only
+  changes value, so it passes; ``'C:\\'`` cannot be read so and is unparsed.
 
 Caching: results are cached by exact text (LRU) and, when the text is free of comments,
 backslashes, ``&`` and dollar quotes, by its *shape* (the text with string and number
@@ -58,6 +66,7 @@ from typing import Any
 from pglast import parser as pg
 
 from broker.config import Guardrails, Rule, SqlKind
+from proxy.escapes import Unreadable, off_reading
 from proxy.guard import Decision, decide, name_matches, strictest, unparsed
 
 try:
@@ -85,6 +94,8 @@ READ_ONLY_RULE = "read_only"
 #: settings that change how the server lexes a query string; pglast always lexes as UTF-8 with
 #: ``standard_conforming_strings=on``, and hoop pins the server to the same
 LEXER_SETTINGS = frozenset({"client_encoding", "standard_conforming_strings", "backslash_quote"})
+#: lexer settings hoop pins at login: RESET (or SET ... TO DEFAULT) goes back to the pinned value
+_PINNED_SETTINGS = frozenset({"client_encoding", "standard_conforming_strings"})
 _TRUE = frozenset({"on", "true", "yes", "1", "t", "y"})
 
 
@@ -275,6 +286,12 @@ def _setting_change(unit: _Unit, name: str, value: str | None, how: str) -> None
         unit.writes_on = f"{how} of {name} could turn writing back on"
 
 
+def _is_pg_settings(relation: Any) -> bool:
+    """Whether a statement's target relation is (or, unqualified, may be) ``pg_catalog.pg_settings``."""
+    return (isinstance(relation, dict) and relation.get("relname") == "pg_settings"
+            and relation.get("schemaname") in (None, "pg_catalog"))
+
+
 def _mentions_column(obj: Any) -> bool:
     if isinstance(obj, dict):
         if "ColumnRef" in obj or "CurrentOfExpr" in obj:
@@ -332,15 +349,20 @@ def _kinds_and_tag(typ: str, f: dict[str, Any]) -> tuple[str, set[SqlKind]]:
 
 
 class _Classifier:
-    """One classification run: builds units from a parse tree."""
+    """One classification run: builds units from a parse tree. With ``off``, every text (the
+    query, a ``DO`` body, a constant ``EXECUTE`` string) is read as a server with
+    ``standard_conforming_strings=off`` reads it (:mod:`proxy.escapes`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, off: bool = False) -> None:
         self.units: list[_Unit] = []
         self.literal_dependent = False
+        self.off = off
 
     def sql(self, text: str, index: int | None, depth: int) -> None:
         if depth > _MAX_DEPTH:
             raise _Unparsable("SQL nested too deeply")
+        if self.off:
+            text = off_reading(text) or text
         tree = json.loads(pg.parse_sql_json(text))
         for i, raw in enumerate(tree.get("stmts", ())):
             ((typ, fields),) = raw["stmt"].items()
@@ -367,6 +389,9 @@ class _Classifier:
             self.variable_set(f, unit)
         elif typ == "TransactionStmt" and _read_write_option(f.get("options")):
             unit.writes_on = "a READ WRITE transaction"
+        elif typ in _NESTED_DML and _is_pg_settings(f.get("relation")):
+            # its rules call set_config: any setting, from values the guard cannot follow
+            unit.lexer = f"{tag} of pg_settings can change any setting"
         elif typ == "DropStmt" and f.get("removeType") in _TABLE_OBJECTS:
             for obj in f.get("objects", ()):
                 unit.tables.add(_names(obj.get("List", {}).get("items", ())))
@@ -382,7 +407,7 @@ class _Classifier:
             if _read_write_option(f.get("args")):
                 unit.writes_on = f"SET {name.upper()} ... READ WRITE"
             return
-        if kind == "VAR_RESET_ALL":
+        if kind == "VAR_RESET_ALL" or (kind in ("VAR_RESET", "VAR_SET_DEFAULT") and name in _PINNED_SETTINGS):
             return  # back to the values of the session start, which hoop pinned
         args = f.get("args", ())
         value = _const(args[0]) if kind == "VAR_SET_VALUE" and len(args) == 1 else None
@@ -437,6 +462,8 @@ class _Classifier:
         if language != "plpgsql":
             unit.dynamic = f"DO block in language {language}"
             return
+        if self.off:
+            body = off_reading(body) or body  # plpgsql lexes the body with the session's setting
         quote = "$hoop$"
         while quote in body:
             quote = quote[:-1] + "x$"
@@ -540,7 +567,32 @@ class SqlGuard:
         statements = tuple(u.freeze() for u in run.units)
         if not statements:
             return Analysis((), Decision("allow", None, "empty query", "empty query")), False
-        return Analysis(statements, strictest(self._decide(st) for st in statements)), run.literal_dependent
+        decision = strictest(self._decide(st) for st in statements)
+        if "\\" in sql:
+            decision = self._read_off(sql, statements, decision)
+        return Analysis(statements, decision), run.literal_dependent
+
+    def _read_off(self, sql: str, statements: tuple[Statement, ...], decision: Decision) -> Decision:
+        """The decision once ``sql`` is also read as a server with ``standard_conforming_strings=off``
+        would read it: a setting hoop pins, but which a function could change unseen just before."""
+        gr = self.guardrails
+        run = _Classifier(off=True)
+        try:
+            if off_reading(sql) is None and all(st.tag != "DO" for st in statements):
+                return decision  # read alike, and no body that the server reads again later
+            run.sql(sql, None, 0)
+        except Exception as exc:  # Unreadable, a syntax error, anything: fail closed
+            why = exc.args[0] if isinstance(exc, (Unreadable, pg.ParseError)) and exc.args else type(exc).__name__
+            return strictest([decision, unparsed(gr, f"with standard_conforming_strings=off: {why}")])
+        off = tuple(u.freeze() for u in run.units)
+        if off == statements:  # the same statements: only literal values differ (a regex's \d)
+            return decision
+        decisions = [decision, unparsed(gr, "standard_conforming_strings=off reads it as other statements")]
+        decisions += [self._decide(st) for st in off]
+        if gr.read_only and is_write(off):
+            decisions.append(Decision("block", READ_ONLY_RULE, "the resource is read-only: "
+                                      "standard_conforming_strings=off reads it as a write"))
+        return strictest(decisions)
 
     def _decide(self, st: Statement) -> Decision:
         subject = st.tag

@@ -87,11 +87,13 @@ Frame = tuple[int, int, int]
 
 
 class MessageTooLong(MalformedMessage):
-    """A length field below the minimum or above the configured maximum (``length``, as on the wire)."""
+    """A length field below the minimum or above the configured maximum (``length``, as on the
+    wire, of a message of type ``msg_type``; -1 for a start-up packet)."""
 
-    def __init__(self, message: str, *, length: int = 0) -> None:
+    def __init__(self, message: str, *, length: int = 0, msg_type: int = -1) -> None:
         super().__init__(message)
         self.length = length
+        self.msg_type = msg_type
 
 
 class UnsupportedProtocol(MalformedMessage):
@@ -234,7 +236,7 @@ def split(buf: Buf, pos: int, max_length: int, out: list[Frame], coalesce_rows: 
         return py_split(buf, pos, max_length, out, coalesce_rows)
     consumed, need, bad = _wire.split(buf, pos, max_length, out, coalesce_rows)
     if bad >= 0:
-        raise MessageTooLong(f"invalid message length {need} for type {chr(bad)!r}", length=need)
+        raise MessageTooLong(f"invalid message length {need} for type {chr(bad)!r}", length=need, msg_type=bad)
     return consumed, need
 
 
@@ -247,7 +249,8 @@ def py_split(buf: Buf, pos: int, max_length: int, out: list[Frame], coalesce_row
     while end - pos >= HEADER_SIZE:
         msg_type, length = unpack(buf, pos)
         if length < 4 or length > max_length:
-            raise MessageTooLong(f"invalid message length {length} for type {chr(msg_type)!r}", length=length)
+            raise MessageTooLong(f"invalid message length {length} for type {chr(msg_type)!r}", length=length,
+                                 msg_type=msg_type)
         stop = pos + 1 + length
         if stop > end:
             return pos, 1 + length
@@ -258,7 +261,7 @@ def py_split(buf: Buf, pos: int, max_length: int, out: list[Frame], coalesce_row
             while end - pos >= HEADER_SIZE and buf[pos] == 0x44:
                 (length,) = length_at(buf, pos + 1)
                 if length < 4 or length > max_length:
-                    raise MessageTooLong(f"invalid message length {length} for type 'D'", length=length)
+                    raise MessageTooLong(f"invalid message length {length} for type 'D'", length=length, msg_type=0x44)
                 stop = pos + 1 + length
                 if stop > end:
                     break

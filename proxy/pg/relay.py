@@ -14,12 +14,14 @@ same way, and so does a table-name lookup for the server side: the chunk being p
 kept with the index of the message that waits, and processing resumes there (reading resumes
 only once nothing is held any more: a replayed chunk may start a new hold).
 
-Row size: with masking on, a DataRow (or CopyData) is held whole until it can be inspected.
-``max_row`` caps that: the framer refuses a longer message as soon as its header arrives, so
-the cap costs nothing per row, and the session ends with SQLSTATE 54000.
+Row size: with masking on, a DataRow (or CopyData) is held whole until it can be inspected,
+and so is every other server message (an error, a notice, a RowDescription). ``max_row`` caps
+that for every type: the framer refuses a longer message as soon as its header arrives, so the
+cap costs nothing per row, and the session ends with SQLSTATE 54000 naming the message type.
 
-The end: ``end(reason)`` (the hub's ``on_end``, the local deadline timer, or a fault) sends
-the client a FATAL ErrorResponse, closes both transports and closes the session.
+The end: ``end(reason)`` (the hub's ``on_end``, the local deadline timer, or a fault) records
+the statements still in flight (the server may have run them), sends the client a FATAL
+ErrorResponse, closes both transports and closes the session.
 """
 
 from __future__ import annotations
@@ -38,6 +40,14 @@ from proxy.pg.messages import Backend, Frontend
 from proxy.pg.upstream import Upstream
 
 log = logging.getLogger(__name__)
+
+#: how the end of a session names a server message over ``max_row`` (the cap holds every type whole)
+_MESSAGE_NAMES = {
+    Backend.DATA_ROW: "a result row (DataRow)", Backend.COPY_DATA: "a COPY data row (CopyData)",
+    Backend.ERROR_RESPONSE: "an error (ErrorResponse)", Backend.NOTICE_RESPONSE: "a notice (NoticeResponse)",
+    Backend.ROW_DESCRIPTION: "a result description (RowDescription)",
+    Backend.NOTIFICATION_RESPONSE: "a notification (NotificationResponse)",
+}
 
 
 class _Side(asyncio.Protocol):
@@ -178,10 +188,11 @@ class Relay:
                 self._run("server", buf, frames, 0)
         except codec.MessageTooLong as exc:
             if self.max_row < exc.length <= codec.SERVER_MAX_MESSAGE:
-                log.warning("conn=%s a server message of %d bytes is over max_row_bytes (%d)", self.conn,
-                            exc.length, self.max_row)
-                self.end(f"hoop: a result row of {exc.length} bytes is larger than hoop holds to mask it "
-                         f"(max_row_bytes: {self.max_row}); the session ends", sqlstate="54000")
+                what = _MESSAGE_NAMES.get(exc.msg_type) or f"a message of type {chr(exc.msg_type)!r}"
+                log.warning("conn=%s %s of %d bytes from the database is over max_row_bytes (%d)", self.conn,
+                            what, exc.length, self.max_row)
+                self.end(f"hoop: {what} of {exc.length} bytes from the database is larger than hoop holds to "
+                         f"inspect a message (max_row_bytes: {self.max_row}); the session ends", sqlstate="54000")
             else:
                 self.fault(exc, server=True)
         except HoopError as exc:
@@ -254,6 +265,7 @@ class Relay:
         if self.closing:
             return
         self.end_reason = reason
+        self.insp.end_in_flight(reason)
         try:
             self.client.write(codec.encode_error(sqlstate, reason, severity="FATAL"))
         except Exception:  # the client may be gone already

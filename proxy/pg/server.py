@@ -19,8 +19,9 @@ other resource), 08006 (the database is unreachable or refused hoop; never with 
 08P01 (protocol violations), 42501 (a start-up parameter hoop does not pass on).
 
 Start-up parameters. Each one becomes a setting of the upstream session with the client's
-priority, so only harmless ones are passed on (:data:`PASSED_PARAMS`); any other is refused
-before anything else happens. hoop then pins upstream what its SQL guard assumes:
+priority, so only harmless ones are passed on, including those in ``options``
+(:mod:`proxy.pg.params`); any other is refused before anything else happens. hoop then pins
+upstream what its SQL guard assumes:
 ``client_encoding=UTF8`` and ``standard_conforming_strings=on`` (pglast reads SQL exactly so;
 a login where the server reports otherwise is refused, and so is a later change, see
 :mod:`proxy.pg.replies`), and ``options=-c default_transaction_read_only=on`` for a read-only
@@ -48,20 +49,18 @@ from proxy.mask import Masker
 from proxy.pg import codec, upstream
 from proxy.pg.inspect import Inspector, Stmt
 from proxy.pg.messages import Frontend, decode_password, decode_sasl_initial_response
+from proxy.pg.params import Refusal as _Refusal
+from proxy.pg.params import startup_params
 from proxy.pg.relay import Relay
 from proxy.pg.replies import PINNED, unsafe_parameter
 from proxy.pg.rows import Catalog, qualified_tables
 from proxy.pg.scram import ScramAuthFailed, ScramServer, parse_verifier
 from proxy.pg.tls import ServerTls, server_tls
 from proxy.pg.upstream import Reader, StaticCredentials, UpstreamCredentials
-from proxy.sqlguard import SqlGuard, is_utf8
+from proxy.sqlguard import SqlGuard
 
 log = logging.getLogger(__name__)
 
-#: start-up parameters passed on to the database, by lower-case name (PostgreSQL ignores case)
-PASSED_PARAMS = frozenset({"application_name", "datestyle", "intervalstyle", "timezone", "extra_float_digits"})
-_LOGIN_PARAMS = frozenset({"user", "database", "replication"})  # read by hoop itself
-_PASSED_TEXT = "application_name, DateStyle, IntervalStyle, TimeZone, extra_float_digits, client_encoding=UTF8"
 _ids = itertools.count(1)
 
 
@@ -329,34 +328,3 @@ class PgProxy:
             return {int(oid or 0): name or "" for oid, name in rows}
 
         return lookup
-
-
-def startup_params(params: Mapping[str, str]) -> dict[str, str]:
-    """The client's start-up parameters that go upstream; raises a 42501 refusal naming any
-    parameter hoop does not pass on (see the module docstring)."""
-    passed: dict[str, str] = {}
-    for name, value in params.items():
-        key = name.lower()
-        if key in PASSED_PARAMS:
-            passed[name] = value
-        elif key in _LOGIN_PARAMS or key.startswith("_pq_."):  # _pq_: answered by NegotiateProtocolVersion
-            continue
-        elif key == "client_encoding":
-            encoding = value.strip("'\" ")
-            if not is_utf8(encoding) and encoding.lower() != "sql_ascii":
-                raise _Refusal("42501", f"hoop: client_encoding {encoding!r} is not allowed: hoop relays "
-                                        "UTF8 sessions only (set PGCLIENTENCODING=UTF8)")
-        elif key == "options" and not value.strip():
-            continue
-        else:
-            raise _Refusal("42501", f'hoop: start-up parameter "{name}" is not allowed: hoop does not pass it to '
-                                    f"the database (it passes {_PASSED_TEXT})")
-    return passed
-
-
-class _Refusal(HoopError):
-    """A refusal during set-up with its own SQLSTATE."""
-
-    def __init__(self, sqlstate: str, message: str) -> None:
-        super().__init__(message, code=sqlstate)
-        self.sqlstate = sqlstate

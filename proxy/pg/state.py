@@ -283,6 +283,18 @@ class State:
             data["rows_sample"] = {"columns": rec.columns, "rows": rec.sample}
         self._record("statement", data)
 
+    def end_in_flight(self, reason: str) -> None:
+        """Record the statements still awaiting their answer: hoop is ending the session
+        (the server may have run them, and the audit trail must show what was sent)."""
+        error = f"session ended by hoop: {reason}"
+        while self.expect:
+            k, v = self.expect.popleft()
+            rec = v if k == "query" else v[1] if k == "execute" else None
+            if rec is not None:
+                rec.error = rec.error or error
+                self._finish(rec)
+        self.rec, self.plan = None, None
+
     def _result_rec(self) -> Rec | None:
         if not self.expect:
             return None

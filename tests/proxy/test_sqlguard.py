@@ -233,8 +233,12 @@ SETTINGS = [
     ("SET client_encoding = 'SJIS'", "hoop-lexer"),
     ("SET NAMES 'BIG5'", "hoop-lexer"),
     ("SET SESSION client_encoding TO gbk", "hoop-lexer"),
-    ("RESET client_encoding", "hoop-lexer"),
-    ("SET client_encoding TO DEFAULT", "hoop-lexer"),
+    ("RESET client_encoding", None),  # back to the value hoop pinned at login, like RESET ALL
+    ("SET client_encoding TO DEFAULT", None),
+    ("RESET standard_conforming_strings", None),
+    ("SET SESSION standard_conforming_strings TO DEFAULT", None),
+    ("RESET backslash_quote", "hoop-lexer"),  # not pinned: its start-up value is the server's
+    ("SET backslash_quote = safe_encoding", "hoop-lexer"),
     ('SET "Client_Encoding" = \'SJIS\'', "hoop-lexer"),
     ('SET U&"client_encodin\\0067" = \'SJIS\'', "hoop-lexer"),
     ("SET standard_conforming_strings = off", "hoop-lexer"),
@@ -244,6 +248,14 @@ SETTINGS = [
     ("SELECT pg_catalog.set_config('CLIENT_ENCODING', 'sjis', false)", "hoop-lexer"),
     ("SELECT x FROM t WHERE set_config('client_' || 'encoding', 'SJIS', false) IS NOT NULL", "hoop-lexer"),
     ("SELECT set_config(name, 'off', false) FROM pg_settings", "hoop-lexer"),
+    ("SELECT set_config(name, setting, false) FROM pg_settings WHERE name = 'search_path'", "hoop-lexer"),
+    ("UPDATE pg_settings SET setting = 'off' WHERE name = 'standard_conforming_strings'", "hoop-lexer"),
+    ("UPDATE pg_catalog.pg_settings SET setting = 'SJIS' WHERE name = 'client_encoding'", "hoop-lexer"),
+    ("update PG_SETTINGS set setting = 'x' where name = 'search_path'", "hoop-lexer"),
+    ("WITH a AS (UPDATE pg_settings SET setting = 'off' RETURNING 1) SELECT * FROM a", "hoop-lexer"),
+    ("INSERT INTO pg_settings (name, setting) VALUES ('standard_conforming_strings', 'off')", "hoop-lexer"),
+    ("DELETE FROM pg_catalog.pg_settings WHERE name = 'x'", "hoop-lexer"),
+    ("SELECT name, setting FROM pg_settings WHERE name = 'standard_conforming_strings'", None),
     ("SELECT set_config($1, $2, false)", "hoop-lexer"),
     ("DO $$ BEGIN PERFORM set_config('client_encoding', 'SJIS', false); END $$", "hoop-lexer"),
     ("SET client_encoding = 'UTF8'", None),
@@ -289,3 +301,36 @@ def test_lexer_rule_wins_over_other_rules_and_is_not_shared_by_shape() -> None:
     assert g.check("SET client_encoding = 'UTF8'").rule == "careful-set"  # same shape, other value
     assert g.check("SELECT set_config('client_encoding', 'SJIS', false)").rule == "hoop-lexer"
     assert g.check("SELECT set_config('application_name', 'x', false)").action == "allow"
+
+
+# (sql, action, rule): a text with a backslash in a plain literal is also read as a server with
+# standard_conforming_strings=off would (a function may have turned it off just before); when
+# the two readings differ in their statements the text is unparsed, or blocked by a stricter
+# rule of either reading. Values alone may differ: a regex's \d is still allowed.
+SCS_OFF = [
+    (r"SELECT 'x\''; DROP TABLE big; --'", "block", "on_unparsed"),
+    (r"SELECT 'x\''; SELECT 1; --'", "block", "on_unparsed"),
+    (r"SELECT 1 WHERE 'a1' ~ '^a\d$'", "allow", None),
+    (r"SELECT regexp_replace(x, '\s+', ' ', 'g'), x LIKE 'a\%' FROM t", "allow", None),
+    (r"SELECT date'2020-01-01', N'a\b', E'c\'d', $$e\$$", "allow", None),
+    (r"SELECT 'C:\'", "block", "on_unparsed"),  # unterminated when read so: fails closed
+    (r"SELECT 'a\', 'b'", "block", "on_unparsed"),
+    (r"DO $$BEGIN PERFORM 'x\d'; END$$", "review", "do"),
+    (r"DO $$BEGIN PERFORM 'x\''; DROP TABLE big; --'; END$$", "block", "on_unparsed"),
+    (r"DO $$BEGIN EXECUTE 'SELECT ''x\''''; DROP TABLE big; --'''; END$$", "block", "on_unparsed"),
+]
+
+
+@pytest.mark.parametrize(("sql", "action", "rule"), SCS_OFF)
+def test_a_backslash_in_a_plain_literal_is_also_read_with_standard_conforming_strings_off(
+        sql: str, action: str, rule: str | None) -> None:
+    d = SqlGuard(RULES).check(sql)
+    assert (d.action, d.rule) == (action, rule), d.reason
+
+
+def test_a_rule_of_the_other_reading_decides_when_unparsed_input_is_allowed() -> None:
+    g = SqlGuard(Guardrails(on_unparsed="allow", rules=[Rule(name="no-drop", action="block", statements=["drop"])]))
+    assert g.check(r"SELECT 'x\''; DROP TABLE big; --'").rule == "no-drop"
+    ro = SqlGuard(Guardrails(on_unparsed="allow", read_only=True))
+    d = ro.check(r"SELECT 'x\''; DELETE FROM t; --'")
+    assert (d.action, d.rule) == ("block", "read_only"), d.reason

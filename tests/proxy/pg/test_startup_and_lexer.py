@@ -135,7 +135,7 @@ async def test_client_encoding_sjis_cannot_smuggle_a_statement(hoop: Hoop) -> No
     hoop.cluster.psql("CREATE TABLE IF NOT EXISTS victim_sjis (x int)", database=hoop.database)
     c = await Raw.connect(hoop)
     try:
-        for sql in (b"SET client_encoding = 'SJIS'", b"SET NAMES 'BIG5'", b"RESET client_encoding",
+        for sql in (b"SET client_encoding = 'SJIS'", b"SET NAMES 'BIG5'", b"SET client_encoding = 'SQL_ASCII'",
                     b"SELECT set_config('client_encoding', 'GBK', false)",
                     b"SELECT set_config('client_' || 'encoding', 'SJIS', false)"):
             refused = _errors(await c.query(sql))
@@ -217,9 +217,13 @@ LOGIN = {"user": "u", "database": "d"}
     ({"client_encoding": "LATIN1"}, None),
     ({"standard_conforming_strings": "on"}, None),
     ({"Default_Transaction_Read_Only": "off"}, None),
-    ({"options": "-c search_path=x"}, None),
-    ({"search_path": "x"}, None),
+    ({"options": "-c search_path=x"}, {"search_path": "x"}),
+    ({"search_path": "x", "Statement_Timeout": "5s", "enable_seqscan": "off"},
+     {"search_path": "x", "Statement_Timeout": "5s", "enable_seqscan": "off"}),
+    ({"options": "-c default_transaction_read_only=off"}, None),
     ({"role": "x"}, None),
+    ({"session_authorization": "x"}, None),
+    ({"backslash_quote": "on"}, None),
 ])
 def test_startup_params(params: dict[str, str], passed: dict[str, str] | None) -> None:
     if passed is None:
@@ -239,14 +243,14 @@ def test_unsafe_parameter() -> None:
 
 
 async def test_session_changing_start_up_parameters_are_refused(hoop: Hoop) -> None:
-    for settings in ({"search_path": "pg_catalog"}, {"role": "postgres"}, {"session_authorization": "postgres"},
-                     {"statement_timeout": "0"}):
+    for settings in ({"role": "postgres"}, {"session_authorization": "postgres"},
+                     {"default_transaction_read_only": "off"}, {"myapp.tenant": "1"}):
         with pytest.raises(asyncpg.PostgresError) as info:
             conn = await asyncpg.connect(hoop.dsn(), server_settings=settings)
             await conn.close()
         assert info.value.sqlstate == "42501" and next(iter(settings)) in str(info.value), str(info.value)
-    rc, _, err = await _psql(hoop, "SELECT 1", PGOPTIONS="-c search_path=pg_catalog")
-    assert rc != 0 and b"options" in err, err
+    rc, _, err = await _psql(hoop, "SELECT 1", PGOPTIONS="-c search_path=public -c role=postgres")
+    assert rc != 0 and b"options" in err and b'"role"' in err, err
 
 
 async def test_ordinary_clients_connect_with_harmless_parameters(hoop: Hoop) -> None:
