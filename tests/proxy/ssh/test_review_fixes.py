@@ -62,15 +62,32 @@ async def refused(term: Term, count: int = 1) -> None:
         raise AssertionError(f"no refusal in {term.buf[-300:]!r}") from None
 
 
+async def at_prompt(term: Term, since: int = 0, *, after: str = "") -> None:
+    """Wait until the shell shows a prompt after ``since`` (and after ``after``, when given): what is typed
+    next is read as a new line, not typed ahead (a typed-ahead line may be flushed by a ^C or a shell's
+    terminal reset)."""
+    try:
+        async with asyncio.timeout(15):
+            while not (term.buf[since:].endswith("$ ") and after in term.buf[since:]
+                       and term.buf.rindex("$ ") > term.buf.find(after, since)):
+                chunk = await term.proc.stdout.read(4096)
+                if not chunk:
+                    raise EOFError(term.buf)
+                term.buf += chunk
+    except TimeoutError:
+        raise AssertionError(f"no prompt in {term.buf[-400:]!r}") from None
+
+
 async def exec_dash(term: Term) -> None:
     """Replace the shell with dash and wait for dash's own prompt. (Not ``run(term, "exec dash", "$ ")``:
     the buffer already holds an earlier "$ ", and a line typed before dash starts is flushed with the
     terminal settings bash restores on exec.)"""
+    await at_prompt(term)
     start = len(term.buf)
     term.proc.stdin.write("exec dash\r")
     try:
-        async with asyncio.timeout(10):
-            while not re.search(r"exec dash\r\n.*\$ ", term.buf[start:], re.S):
+        async with asyncio.timeout(15):
+            while not re.search(r"exec dash\r\n(\x1b\[\?2004l\r)?\$ ", term.buf[start:]):
                 chunk = await term.proc.stdout.read(4096)
                 if not chunk:
                     raise EOFError(term.buf)
