@@ -99,8 +99,9 @@ _DIGIT_GATE = re.compile(
 # the regex at about 120 MB/s, so the regex runs only around these.
 _DIGIT_LITERALS = (b"0000000000000", b"00s0000", b"(000)", b"+0")
 
-# An email is (?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]{1,64}@ and this domain; the local part is
-# found on a shape of the buffer (Scanner._scan_email), the domain with this regex.
+# An email is (?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]{1,64}@ and this domain (or the last 64
+# characters of a longer run, see py_email_hits); the local part is found on a shape of the
+# buffer, the domain with this regex.
 _DOMAIN = re.compile(rb"[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,63}")
 _AT_DOMAIN = re.compile(b"@" + _DOMAIN.pattern)
 _CARD = re.compile(
@@ -128,7 +129,9 @@ _SECRETS_ANYWHERE: tuple[tuple[bytes, bytes | None, re.Pattern[bytes], int], ...
         ),
         0,
     ),
-    (b"eyJ", b"J", re.compile(rb"eyJ[A-Za-z0-9_-]{4,}\.eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*"), 0),
+    # possessive: no segment can give back a character to the "." after it, so a failed
+    # attempt costs one pass over the run (and _match_at_literal then skips the run)
+    (b"eyJ", b"J", re.compile(rb"eyJ[A-Za-z0-9_-]{4,}+\.eyJ[A-Za-z0-9_-]{4,}+\.[A-Za-z0-9_-]*+"), 0),
     (b"earer", None, _BEARER, 1),
     (b"EARER", b"R", _BEARER, 1),
 )
@@ -147,6 +150,11 @@ _AWS_SECRET = re.compile(
 _PEM_BEGIN = b"-----BEGIN"
 # might_contain needs only these literals: AWS key ids, AWS secret values and hoop grant
 # secrets are all runs of 20+ token characters, which _RUN20 finds on the token shape.
+# A failed JWT match at an "eyJ" fails at every later "eyJ" of the same run of these characters
+# (each reaches the same end of the run): the search resumes past the run, which keeps a run
+# full of "eyJ" and no "." linear (trying each one would rescan the rest of the run).
+_JWT_RUN = re.compile(rb"[A-Za-z0-9_-]*+")
+_SKIP_ON_FAIL = {b"eyJ": _JWT_RUN}
 _SECRET_GATES = tuple((lit, rare) for lit, rare, _, _ in _SECRETS_ANYWHERE)
 _SECRET_LITERALS_RE = re.compile(b"|".join(re.escape(lit) for lit, _ in _SECRET_GATES))
 _RUN20 = re.compile(b"x" * 20)
@@ -205,6 +213,7 @@ def _match_at_literal(data: bytes, lit: bytes, pattern: re.Pattern[bytes], group
     pattern at every position (a lookbehind or case-insensitive start defeats ``re``'s
     literal-prefix search).
     """
+    skip = _SKIP_ON_FAIL.get(lit)
     pos = data.find(lit)
     while pos != -1:
         nxt = pos + 1
@@ -214,6 +223,9 @@ def _match_at_literal(data: bytes, lit: bytes, pattern: re.Pattern[bytes], group
                 hits.append((m.start(group), m.end(group), "secret"))
                 nxt = max(nxt, m.end())
                 break
+        else:
+            if skip is not None:
+                nxt = skip.match(data, pos).end()  # type: ignore[union-attr]
         pos = data.find(lit, nxt)
 
 
@@ -246,11 +258,24 @@ def _phone_ok(candidate: bytes) -> bool:
     return bool(phonenumbers.is_valid_number(number))
 
 
+# letters -> their IBAN check values (A=10 ... Z=35), for the mod-97 check in C
+_IBAN_NUMBERS = str.maketrans({c: str(int(c, 36)) for c in _UPPER.decode()})
+
+
+def _iban_checksum_ok(candidate: str) -> bool:
+    """The ISO 13616 mod-97 check, which every valid IBAN passes: a cheap filter before
+    ``stdnum.iban`` (whose own check is a Python loop per character), so that text full of
+    IBAN starts (``DE89 DE89 …``) is not a few microseconds per byte."""
+    compact = candidate.replace(" ", "")
+    return int((compact[4:] + compact[:4]).translate(_IBAN_NUMBERS)) % 97 == 1
+
+
 def _iban_hit(data: bytes, m: re.Match[bytes]) -> int:
     """Return the end of the longest valid IBAN at ``m.start()``, or -1."""
     start, end = m.span()
     while end - start >= 15:
-        if _iban.is_valid(data[start:end].decode("ascii")):
+        candidate = data[start:end].decode("ascii")
+        if _iban_checksum_ok(candidate) and _iban.is_valid(candidate):
             return end
         cut = data.rfind(b" ", start, end)
         if cut == -1:
@@ -393,15 +418,18 @@ def py_email_hits(data: bytes, hits: list[Hit], label: Detector = "email") -> No
     An email's local part is the whole run of local-part characters before its "@" (no such
     character may precede it), found with rfind on a shape of the buffer instead of a regex
     searching across a window. "@" is not a local-part character, so an email starts at the
-    run's start exactly when the run is 1 to 64 long and a domain follows. The C twin
+    run's start when the run is 1 to 64 long and a domain follows. A longer run (a URL-encoded
+    query string: "%", ".", "-" and "+" are local-part characters) fails closed: its last 64
+    characters are taken as the local part, so the address in it is masked. The C twin
     (``proxy.pg._wire.email_hits``) runs when built; tests/proxy/test_mask.py checks both agree.
     """
     rfind = data.translate(_LOCAL_SHAPE).rfind
     done = 0  # end of the last hit: an email never starts inside it
     for m in _AT_DOMAIN.finditer(data):  # (a domain holds no "@": no "@" is skipped)
         pos, end = m.span()
-        start = rfind(b" ", pos - 65 if pos > 65 else 0, pos) + 1
-        if done <= start and 0 < pos - start <= 64:
+        lo = pos - 64 if pos > 64 else 0
+        start = rfind(b" ", lo, pos) + 1 or lo
+        if done <= start < pos:
             if end > pos + 256:  # a domain is looked for in the 255 bytes after the "@" only
                 short = _DOMAIN.match(data, pos + 1, pos + 256)
                 if short is None:

@@ -95,6 +95,7 @@ def mask_document(masker: Masker, doc: bytes, ruled_key: re.Pattern[bytes] | Non
         hits = masker.scan(doc)
         if hits and not _hit_edits(masker, doc, shape, hits, with_escapes, edits):
             _detector_edits(masker, doc, shape, hits, with_escapes, edits)
+            _number_edits(masker, doc, shape, hits, edits)
     for a, b in with_escapes.items():
         if a not in edits:
             text = decode_string(doc[a + 1 : b])
@@ -334,6 +335,33 @@ def _hit_edits(masker: Masker, doc: bytes, shape: bytes, hits: list[Hit], escape
             found[hs] = (he, REDACT_MARKERS[det] if strategy == "redact" else masker.apply_bytes(doc[hs:he], strategy))
     edits.update(found)
     return True
+
+
+_NUMBER_CHARS = frozenset(b"-+.0123456789eE")
+_NUMBER_TOKEN = re.compile(rb"-?[0-9][-+.0-9eE]*")
+
+
+def _number_edits(masker: Masker, doc: bytes, shape: bytes, hits: list[Hit], edits: Edits) -> None:
+    """Mask each number a hit touches on its own, as a JSON string of its masked text (what the
+    tokenizer does with every number); a number a rule replaced is left to the rule.
+
+    Runs only when some hit is not inside one string, which is where a hit in a number ends up.
+    """
+    parity = _Parity(shape)
+    done = 0
+    for hs, he, _ in hits:
+        lo = max(hs, done)
+        while lo > done and doc[lo - 1] in _NUMBER_CHARS:  # the number the hit starts in
+            lo -= 1
+        for m in _NUMBER_TOKEN.finditer(shape, lo, he):
+            ns, ne = m.span()
+            ne = _NUMBER_END.match(doc, ns).end()  # type: ignore[union-attr]
+            done = max(done, ne)
+            if parity.inside(ns) or ns in edits or (ns > 0 and doc[ns - 1] in _NUMBER_CHARS):
+                continue  # digits in a string, a ruled value, or the middle of a token
+            masked = masker.mask_bytes(doc[ns:ne])
+            if masked is not None:
+                edits[ns] = (ne, encode_string(masked.decode("ascii")))
 
 
 def _detector_edits(masker: Masker, doc: bytes, shape: bytes, hits: list[Hit], escaped: dict[int, int],

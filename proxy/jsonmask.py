@@ -13,7 +13,9 @@ What is masked:
   rule's strategy and is written as a JSON string (``"[masked]"``, ``"h:…"``, ``"****1234"``);
   ``true``/``false``/``null`` are left alone. Scalars in an array under such a key get
   the same treatment; an object under it does not (its own keys decide).
-* every other string, keys included, goes through the detectors (``Masker.mask_text``).
+* every other string, keys included, goes through the detectors (``Masker.mask_text``); so does
+  every other number, on its own, and one they fire on becomes a JSON string of its masked
+  text (``4111111111111111`` -> ``"[card]"``).
 * a string longer than ``max_string`` bytes (1 MiB by default) is not held: it is
   replaced whole by ``"[masked]"``.
 
@@ -67,6 +69,11 @@ _WS = re.compile(rb"[ \t\r\n]*")
 _SCALAR = re.compile(rb"[-+.0-9A-Za-z]*")
 _SCALAR_OK = re.compile(rb"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?|true|false|null|NaN|-?Infinity")
 _SCALAR_MAX = 4096
+# a number shorter than this holds no detector's value (the shortest, a phone number, has 7 digits
+# and a separator or "+", which a JSON number cannot have): not worth a scan
+_NUMBER_MIN = 8
+# in a run of members: the strings (escape-free, see jsonfast.STRINGS) and the numbers
+_RUN_TOKENS = re.compile(STRINGS.pattern + rb"|-?[0-9][-+.0-9eE]*")
 _QUOTE, _BACKSLASH = 0x22, 0x5C
 _LBRACE, _RBRACE, _LBRACKET, _RBRACKET, _COLON, _COMMA = b"{}[]:,"
 _SCALAR_START = frozenset(b"-0123456789tfnNI")
@@ -348,8 +355,11 @@ class JsonStreamMasker:
         raw = chunk[i:end]
         if b"\\" in raw:
             # escapes could hide a value from a scan of the raw bytes: only the coarse check,
-            # and the keys are checked decoded
-            if b"\\u" in raw or self._m.might_contain(raw):
+            # and the keys are checked decoded. "\/" is the one short escape that can: its
+            # backslash splits a run of token characters ("/" is one) that decoded is a single
+            # secret; the other escapes are letters after the backslash, or not token characters
+            # either way.
+            if b"\\u" in raw or self._m.might_contain(raw.replace(b"\\/", b"/")):
                 return -1
             if self._ruled is not None and has_ruled_key(value, self._m.json_key_strategy):
                 return -1
@@ -369,17 +379,24 @@ class JsonStreamMasker:
         return k < len(self._hits) and self._hits[k][0] < end
 
     def _detect_run(self, chunk: bytes, start: int, end: int, out: list[bytes], emit: int) -> int:
-        """Mask detector hits in the strings of a run (every quote in a run delimits a string)."""
+        """Mask detector hits in the strings and numbers of a run (every quote in a run delimits a string)."""
         if not self._hit_in(chunk, start, end):
             return emit
         assert self._hits is not None
         hits, k = self._hits, bisect_right(self._hit_ends, start)
-        for m in STRINGS.finditer(chunk, start, end):
+        for m in _RUN_TOKENS.finditer(chunk, start, end):
             a, b = m.span()
             k = bisect_right(self._hit_ends, a, k)
             if k == len(hits) or hits[k][0] >= end:
                 break
             if hits[k][0] >= b:
+                continue
+            if chunk[a] != _QUOTE:  # a number: masked on its own, as the exact path does
+                number = _mask_number(self._m, chunk[a:b])
+                if number is not None:
+                    out.append(chunk[emit:a])
+                    out.append(number)
+                    emit = b
                 continue
             inside = []
             for h in hits[k:]:
@@ -480,7 +497,9 @@ class JsonStreamMasker:
         if not _SCALAR_OK.fullmatch(raw):
             raise _Invalid
         strategy = self._strategy()
-        if strategy is None or raw[0] in b"tfn":
+        if strategy is None:
+            return _mask_number(self._m, raw)
+        if raw[0] in b"tfn":
             return None
         return encode_string(self._m.apply(raw.decode("ascii"), strategy))
 
@@ -494,6 +513,16 @@ class JsonStreamMasker:
         self._buf.clear()
         out.append(self._text.feed(held + chunk[emit:]))
         return b"".join(out)
+
+
+def _mask_number(masker: Masker, raw: bytes) -> bytes | None:
+    """A number (outside ruled keys) the detectors fire on, as a JSON string of its masked text
+    (``4111111111111111`` -> ``"[card]"``); None to keep it. Every path masks a number this way,
+    on its own, so that a card number is masked whether it was written as a string or not."""
+    if len(raw) < _NUMBER_MIN:
+        return None
+    masked = masker.mask_bytes(raw)
+    return None if masked is None else encode_string(masked.decode("ascii"))
 
 
 def _may_lead(data: bytes) -> bool:

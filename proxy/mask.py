@@ -26,8 +26,9 @@ is proportional to the piece, not to the chunk. A piece counts when it could sti
 an email (has ``@``), a card/phone/SSN (3+ digits with separators), an IBAN, a keyword
 secret (``eyJ``, ``AKIA``, ``hoop_``, ``Bearer …``, ``aws_secret_access_key=…``), a long
 token (16+ characters), or a private-key PEM block. Any other trailing word is held only
-when the chunk cut it (there is other text before it in the buffer), so a chunk ending in
-mid-word of bulk output is held, but typed characters, echoed one per chunk, are not.
+when the chunk may have cut it (there is other text before it in the buffer, or the chunk is
+longer than the echo of one typed key), so a chunk ending in mid-word of bulk output, or
+output written a field at a time, is held, but typed characters, echoed one per chunk, are not.
 """
 
 from __future__ import annotations
@@ -45,6 +46,10 @@ RULE_MARKER = "[masked]"
 #: Characters kept in clear by ``partial``.
 PARTIAL_KEEP = 4
 _HASH_CACHE_MAX = 65_536
+# only values up to this size are cached (repeated emails, ids: what the cache is for), so the
+# cache holds at most about 65,536 x 256 bytes; a big cell (a document hashed by a column rule)
+# would otherwise be kept whole
+_HASH_CACHE_VALUE_MAX = 256
 #: What ``redact`` puts in place of a detector hit.
 REDACT_MARKERS: dict[Detector, bytes] = {
     d: f"[{d}]".encode() for d in ("email", "card", "ssn", "iban", "phone", "secret")
@@ -198,9 +203,10 @@ class Masker:
         out = self._hashes.get(value)
         if out is None:
             out = b"h:" + hmac.digest(self._key, value, "sha256")[:8].hex().encode("ascii")
-            if len(self._hashes) >= _HASH_CACHE_MAX:
-                self._hashes.clear()
-            self._hashes[value] = out
+            if len(value) <= _HASH_CACHE_VALUE_MAX:
+                if len(self._hashes) >= _HASH_CACHE_MAX:
+                    self._hashes.clear()
+                self._hashes[value] = out
         return out
 
     # -- rules -------------------------------------------------------------------------
@@ -315,6 +321,7 @@ _REV_TOKEN = re.compile(rb"[" + _TOK + rb"]+")
 _STRONG_WORDS = (b"Jye", b"AIKA", b"AISA", b"_pooh")
 _STRONG_TOKEN = 16
 _LINE_END = b"\r\n"
+_ECHO_MAX = 3  # bytes of terminal echo for one key (a UTF-8 character, or the CR LF of Enter)
 
 
 def _utf8_incomplete(buf: bytes) -> int:
@@ -346,6 +353,10 @@ def _cut(buf: bytes, max_hold: int, *, continuing: bool) -> tuple[int, bool]:
     rev = buf[max(0, cut - max_hold) : cut][::-1]
     if not rev or _REV_CSI.match(rev) or rev.startswith(b"-----YEK ETAVIRP"):
         return cut, False
+    # a word may go on in the next chunk when a chunk cut it: when other text comes before it,
+    # when it continues a held word, or when the chunk is longer than typed echo (1 to 3 bytes a
+    # key); output written in pieces ("alice.smith", then "@example.com") is held like that
+    cut_word = continuing or len(buf) > _ECHO_MAX
     hold = 0
     m = _REV_EMAIL.match(rev)
     if m:
@@ -353,7 +364,7 @@ def _cut(buf: bytes, max_hold: int, *, continuing: bool) -> tuple[int, bool]:
     m = _REV_DIGITS.match(rev)
     if m:
         digits = len(m.group()) - len(m.group().translate(None, b"0123456789"))
-        if digits >= 3 or m.end() < len(rev) or continuing:
+        if digits >= 3 or m.end() < len(rev) or cut_word:
             hold = max(hold, m.end())
     for pattern in (_REV_IBAN, _REV_CONTEXT):
         m = pattern.match(rev)
@@ -362,7 +373,7 @@ def _cut(buf: bytes, max_hold: int, *, continuing: bool) -> tuple[int, bool]:
     m = _REV_TOKEN.match(rev)
     if m:
         token = m.group()
-        weak = m.end() < len(rev) or continuing
+        weak = m.end() < len(rev) or cut_word
         if weak or len(token) >= _STRONG_TOKEN or any(w in token for w in _STRONG_WORDS):
             hold = max(hold, m.end())
     if 0 < hold < len(rev):  # never cut a word in two: hold from its start

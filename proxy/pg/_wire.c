@@ -619,14 +619,15 @@ static PyObject *wire_email_hits(PyObject *Py_UNUSED(self), PyObject *args) {
             continue;
         }
         p = end;
-        Py_ssize_t lo = pos > 65 ? pos - 65 : 0, start = 0;
+        /* a run of local-part characters longer than 64: its last 64 (fail closed) */
+        Py_ssize_t lo = pos > 64 ? pos - 64 : 0, start = lo;
         for (Py_ssize_t i = pos - 1; i >= lo; i--) {
             if (!is_local(s[i])) {
                 start = i + 1;
                 break;
             }
         }
-        if (done <= start && pos - start > 0 && pos - start <= 64) {
+        if (done <= start && start < pos) {
             if (end > pos + 256) {
                 end = domain_end(s, pos + 1, n < pos + 256 ? n : pos + 256);
                 if (end < 0) continue;

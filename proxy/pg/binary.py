@@ -12,10 +12,13 @@ To find where the text is, the cell is walked (:func:`leaves`): arrays and recor
 themselves (element and field type OIDs, a length before each value), so they are taken
 apart down to their leaves; a leaf of a known text type is scanned as is, a leaf of a
 fixed-width type is skipped, and any other leaf is scanned as opaque bytes. In an opaque leaf
-a hit next to or across a NUL byte may cover a length inside a structure hoop does not know,
-and a hit in a structure's own bytes (or across two leaves) cannot be masked in place: in
-both cases the whole cell becomes NULL, which every client decodes. Fail closed: after
-masking, the whole cell is scanned once more, and any hit left makes it NULL too.
+a hit across a NUL byte, or with a byte that is not text (a NUL, another control byte, a byte
+of 0x80 or more) among the 4 bytes before it or right after it, may cover a length inside a
+structure hoop does not know (``00 00 01 41`` is the length 321 and "A"), unless those 4
+bytes are a length whose value holds the whole hit; and a hit in a structure's own bytes (or
+across two leaves) cannot be masked in place: in both cases the whole cell becomes NULL,
+which every client decodes. Fail closed: after masking, the whole cell is scanned once more,
+and any hit left makes it NULL too.
 
 Cells of fixed-width types (:data:`FIXED_OIDS`, and arrays of them) hold no text and are not
 scanned at all, except int8, float8 and numeric: their text form is scanned (:func:`number_hit`).
@@ -147,6 +150,31 @@ def filler(masker: Masker, span: bytes, detector: Detector) -> bytes:
     return new[:n] + b"*" * (n - len(new))
 
 
+# the bytes printable ASCII text is made of (tab, line ends and space to "~")
+_TEXT_BYTES = bytes([9, 10, 13, *range(0x20, 0x7F)])
+
+
+def _near_structure(part: bytes, hs: int, he: int) -> bool:
+    """True when a hit ``part[hs:he]`` of an opaque leaf may have taken in bytes of a binary field.
+
+    A big-endian int32 below 2**24 (or an int16) whose low bytes are local-part or token
+    characters joins the hit, and then a byte that is no text (a NUL, another control byte, or
+    a high byte such as tsvector's weight bits) is among the 4 bytes before it; a field after
+    the hit whose high bytes joined it leaves such a byte right after the hit. Either way, what
+    the hit covers cannot be told apart from text, so the cell fails closed, unless the 4 bytes
+    before the hit are a length whose value holds the whole hit (a value that starts with the
+    hit, as in an hstore pair): then no byte of a field is in it.
+    """
+    near = part[max(0, hs - 4) : hs] + part[he : he + 1]
+    if not near.translate(None, _TEXT_BYTES):
+        return False
+    if hs >= 4:
+        (n,) = _I32(part, hs - 4)
+        if he <= hs + n <= len(part):
+            return False
+    return True
+
+
 def mask_binary(masker: Masker, cell: bytes, type_oid: int) -> tuple[bool, bytes | None]:
     """Mask detector hits in the binary cell ``cell`` of ``type_oid`` (0: unknown).
 
@@ -161,7 +189,7 @@ def mask_binary(masker: Masker, cell: bytes, type_oid: int) -> tuple[bool, bytes
     for s, e, raw in found:
         part = cell[s:e]
         for hs, he, detector in masker.scan(part):
-            if not raw and (b"\0" in part[hs:he] or (hs > 0 and part[hs - 1] == 0)):
+            if not raw and (b"\0" in part[hs:he] or _near_structure(part, hs, he)):
                 return True, None  # the hit may cover a length of a structure hoop does not know
             if out is None:
                 out = bytearray(cell)

@@ -37,6 +37,9 @@ def _utf8_incomplete(buf: bytes) -> int:
     return 0
 
 
+_ECHO_MAX = 3  # (since the review fix: a chunk longer than this may cut a word)
+
+
 def _cut(buf: bytes, max_hold: int, *, continuing: bool) -> tuple[int, bool]:
     """Where to cut ``buf``: before the cut may be sent, after it is held.
 
@@ -51,6 +54,10 @@ def _cut(buf: bytes, max_hold: int, *, continuing: bool) -> tuple[int, bool]:
     rev = buf[max(0, cut - max_hold) : cut][::-1]
     if not rev or _REV_CSI.match(rev) or rev.startswith(b"-----YEK ETAVIRP"):
         return cut, False
+    # a word may go on in the next chunk when a chunk cut it: when other text comes before it,
+    # when it continues a held word, or when the chunk is longer than typed echo (1 to 3 bytes a
+    # key); output written in pieces ("alice.smith", then "@example.com") is held like that
+    cut_word = continuing or len(buf) > _ECHO_MAX
     hold = 0
     m = _REV_EMAIL.match(rev)
     if m:
@@ -58,7 +65,7 @@ def _cut(buf: bytes, max_hold: int, *, continuing: bool) -> tuple[int, bool]:
     m = _REV_DIGITS.match(rev)
     if m:
         digits = len(m.group()) - len(m.group().translate(None, b"0123456789"))
-        if digits >= 3 or m.end() < len(rev) or continuing:
+        if digits >= 3 or m.end() < len(rev) or cut_word:
             hold = max(hold, m.end())
     for pattern in (_REV_IBAN, _REV_CONTEXT):
         m = pattern.match(rev)
@@ -67,7 +74,7 @@ def _cut(buf: bytes, max_hold: int, *, continuing: bool) -> tuple[int, bool]:
     m = _REV_TOKEN.match(rev)
     if m:
         token = m.group()
-        weak = m.end() < len(rev) or continuing
+        weak = m.end() < len(rev) or cut_word
         if weak or len(token) >= _STRONG_TOKEN or any(w in token for w in _STRONG_WORDS):
             hold = max(hold, m.end())
     if 0 < hold < len(rev):  # never cut a word in two: hold from its start

@@ -65,6 +65,7 @@ _DIGIT_LITERALS = (b"0000000000000", b"00s0000", b"(000)", b"+0")
 _EMAIL = re.compile(
     rb"(?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,63}"
 )
+_EMAIL_AT = re.compile(_EMAIL.pattern.removeprefix(rb"(?<![A-Za-z0-9._%+-])"))
 _CARD = re.compile(
     rb"(?<![0-9])(?:[2-6][0-9]{12,18}"
     rb"|[2-6][0-9]{3}([ -])[0-9]{4}\1[0-9]{4}\1[0-9]{1,4}(?:\1[0-9]{1,3})?"
@@ -312,9 +313,11 @@ class Scanner:
         done = 0  # end of the last hit: an email never starts inside it
         while pos != -1:
             nxt = pos + 1
-            start = shape.rfind(b" ", max(0, pos - 65), pos) + 1
-            if start > 0 or pos <= 64:
-                m = _EMAIL.match(data, start, min(n, pos + 256)) if start >= done and start < pos else None
+            # (since the review fix: the last 64 characters of a longer run, without the lookbehind)
+            lo = max(0, pos - 64)
+            start = shape.rfind(b" ", lo, pos) + 1 or lo
+            if True:
+                m = _EMAIL_AT.match(data, start, min(n, pos + 256)) if start >= done and start < pos else None
                 if m is not None:
                     done = m.end()
                     hits.append((start, done, "email"))

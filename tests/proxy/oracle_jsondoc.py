@@ -2,6 +2,8 @@
 below), over the oracle scanner of :mod:`tests.proxy.oracle_detectors`.
 
 tests/proxy/test_jsondiff.py checks that the current code gives exactly the bytes this one gives.
+Added since, with the behaviour it checks: :func:`_number_edits` (numbers go through the
+detectors too), written the plain way: every number of the document is masked on its own.
 """
 
 # ruff: noqa
@@ -86,6 +88,7 @@ def mask_document(masker: Masker, doc: bytes, ruled_key: re.Pattern[bytes] | Non
         hits = masker.scan(doc)
         if hits:
             _detector_edits(masker, doc, shape, hits, with_escapes, edits)
+            _number_edits(masker, doc, shape, edits)
     for a, b in with_escapes.items():
         if a not in edits:
             text = decode_string(doc[a + 1 : b])
@@ -255,3 +258,17 @@ def _detector_edits(masker: Masker, doc: bytes, shape: bytes, hits: list[Hit], e
         masked = masker.replace(raw, inside, masker.strategy) if whole else masker.mask_bytes(raw)
         if masked is not None:
             edits[a] = (b + 1, b'"' + masked + b'"')
+
+
+_NUMBER = re.compile(rb'"[^"]*"|-?[0-9][-+.0-9eE]*')
+
+
+def _number_edits(masker: Masker, doc: bytes, shape: bytes, edits: Edits) -> None:
+    """Every number outside a rule's value, masked on its own: a JSON string of its masked text."""
+    for m in _NUMBER.finditer(shape):
+        a, b = m.span()
+        if shape[a] == 0x22 or a in edits:
+            continue
+        masked = masker.mask_bytes(doc[a:b])
+        if masked is not None:
+            edits[a] = (b, encode_string(masked.decode("ascii")))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from typing import Any
 
 import pytest
@@ -226,3 +227,44 @@ def test_truncated_ruled_value_is_masked_whole() -> None:
     assert out == b'{"user": "bob", "db_password": "[masked]'
     j = JsonStreamMasker(MASKER)  # a capped recording feeds without flushing: the value is left out
     assert j.feed(b'{"user": "bob", "db_password": "correct-horse-batt') == b'{"user": "bob", "db_password": '
+
+
+# -- masking review: escapes, numbers, hostile input ------------------------------------------------------------
+
+
+def test_secret_split_by_escaped_slashes_is_masked_when_streamed() -> None:
+    """PHP's json_encode writes "/" as "\\/": the backslashes cut the secret into short raw runs."""
+    sec = "aB3dE5fG7hJ9kL1/mN3pQ5rS7tU9vW1/xZ"
+    assert MASKER.mask_text("tok " + sec) == "tok [secret]"
+    doc = b'{"items":[{"name":"a","token":"' + sec.replace("/", "\\/").encode() + b'"}],"pad":"y"}'
+    for k in range(1, len(doc)):
+        out, _ = run([doc[:k], doc[k:]])
+        assert b"aB3dE5fG7hJ9kL1" not in out, k
+        assert json.loads(out)["items"][0]["token"] == "[secret]"
+
+
+@pytest.mark.parametrize(("src", "expected"), [
+    (b'{"pan": 4111111111111111, "n": 12, "id": 1700000000000}',
+     b'{"pan": "[card]", "n": 12, "id": 1700000000000}'),
+    (b'[4111111111111111]', b'["[card]"]'),
+    (b'{"a": [1, {"b": -5105105105105100}], "c": "x 4111111111111111"}',
+     b'{"a": [1, {"b": "-[card]"}], "c": "x [card]"}'),
+    (b'{"password": 4111111111111111}', b'{"password": "[masked]"}'),  # a rule still decides its value
+])
+def test_card_written_as_a_json_number_is_masked(src: bytes, expected: bytes) -> None:
+    """Every path (one pass, the tokenizer with and without its C shortcuts) at every cut."""
+    for whole, fast in ((True, True), (False, True), (False, False)):
+        for k in range(1, len(src) + 1):
+            j = JsonStreamMasker(MASKER, whole=whole, fast=fast)
+            out = j.feed(src[:k]) + j.feed(src[k:]) + j.flush()
+            assert out == expected, (whole, fast, k)
+
+
+def test_hostile_string_is_masked_in_linear_time() -> None:
+    """A 1 MB string of JWT starts with no "." (quadratic in the JWT detector before the fix: minutes)."""
+    doc = b'{"a":"' + b"eyJ" * 333_333 + b'"}'
+    for chunks in ([doc], [doc[:100], doc[100:]]):
+        t = time.perf_counter()
+        out, _ = run(chunks)
+        assert time.perf_counter() - t < 2.0
+        assert out == doc

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 
 import pytest
 
@@ -346,3 +347,64 @@ def test_mask_rows_batch_matches_single_rows() -> None:
     assert m.mask_rows(rows, strategies) == [m.mask_row(r, strategies) for r in rows]
     assert m.mask_rows(rows, strategies)[1] == [b"2", None, b"ssn [ssn]"]
     assert m.mask_rows([[b"1", None, b"x"]], strategies) == [None]
+
+
+# About 1 MB each, shaped to make a detector retry: a linear scan takes well under 0.1 s, a
+# quadratic one minutes (the bound is loose so that only that fails, not a busy machine).
+HOSTILE = [
+    b"x " + b"eyJ" * 333_334,  # JWT starts, no "."
+    b"eyJabcd.eyJ" * 90_000,
+    b"bearer " * 140_000,
+    b"-----BEGIN " + b"A " * 500_000,
+    b"aws_secret_access_key " * 45_000 + b"x" * 45,
+    b"@" + b"a" * 1_000_000,
+    b"a@" * 500_000,
+    (b"a" * 70 + b"@") * 14_000,
+    b"hoop_" * 200_000,
+    b"4" * 1_000_000,
+]
+
+
+@pytest.mark.parametrize("data", HOSTILE, ids=[repr(d[:12]) for d in HOSTILE])
+def test_scan_is_linear_on_hostile_input(data: bytes) -> None:
+    m = masker()
+    t = time.perf_counter()
+    m.mask_bytes(data)
+    assert time.perf_counter() - t < 2.0
+
+
+def test_hash_cache_does_not_keep_big_values() -> None:
+    m = masker(strategy="hash")
+    outs = {m.apply_bytes(bytes([i]) + b"x" * 100_000, "hash") for i in range(50)}
+    assert len(outs) == 50
+    assert m.apply_bytes(b"\0" + b"x" * 100_000, "hash") in outs  # the same value, the same hash, uncached
+    assert sum(map(len, m._hashes)) < 1_000_000
+    assert m.apply_bytes(b"a@x.io", "hash") == m.apply_bytes(b"a@x.io", "hash") and b"a@x.io" in m._hashes
+
+
+@pytest.mark.parametrize("text", [
+    "q=" + "%2F" * 30 + "alice@example.com",
+    "GET /login?next=%2Faccount%2Fsettings%2Fnotifications%3Ftab%3Demail%26user%3Dalice.smith@example.com HTTP/1.1",
+    "a" * 65 + "@ex.com",
+])
+def test_email_after_a_long_local_run_is_masked(text: str) -> None:
+    """A run of local-part characters longer than 64 (a URL-encoded query) fails closed: its last
+    64 characters and the domain are masked."""
+    out = masker().mask_text(text)
+    assert "example.com" not in out and "ex.com" not in out and "alice" not in out, out
+    assert "[email]" in out
+
+
+@pytest.mark.parametrize("chunks", [
+    [b"id\r\n", b"alice.smith", b"@example.com\r\n"],
+    [b"id\r\n", b"Bearer", b" abcdefghijkl\r\n"],
+    [b"alice", b".smith@example.com\r\n"],
+])
+def test_stream_holds_a_word_written_in_pieces(chunks: list[bytes]) -> None:
+    """Output written a field at a time (printf, echo -n): a chunk that is only the start of a
+    word is held, even right after a line end, so the value it begins is still masked."""
+    m = masker()
+    s = m.stream()
+    out = b"".join(s.feed(c) for c in chunks) + s.flush()
+    assert out == m.mask_bytes(b"".join(chunks))
+    assert b"alice" not in out and b"abcdefghijkl" not in out

@@ -154,13 +154,34 @@ def test_in_place_masking_keeps_the_structure() -> None:
 def test_what_cannot_be_masked_in_place_becomes_null() -> None:
     # opaque bytes of an unknown type, a NUL just before the hit: its "x" may be the low byte of a length
     assert binary.mask_binary(MASKER, b"\0\0\0xa@b.example", 99999) == (True, None)
+    # a length just before the hit whose value holds the whole hit: masked in place
     assert binary.mask_binary(MASKER, b"\0\0\0\x0ba@b.example", 99999) == (True, b"\0\0\0\x0b[email]****")
+    # ...otherwise a byte that is not text among the 4 before it: 0x0b may be the high byte of the length 0x0b61
+    assert binary.mask_binary(MASKER, b"\0\0\0\x0ab@b.example", 99999) == (True, None)
+    # text around the hit: masked in place
+    assert binary.mask_binary(MASKER, b"\0\0\0\x0fsee a@b.example.", 99999) == (
+        True, b"\0\0\0\x0fsee [email]****.")
     # raw bytea has no structure: the same bytes are masked in place
     assert binary.mask_binary(MASKER, b"\0\0\0xa@b.example", 17) == (True, b"\0\0\0[email]*****")
     # an email spread over a structure's own bytes (an int8 field) is caught by the last scan
     assert binary.mask_binary(MASKER, _record([(20, b"x@ab.com")]), 2249) == (True, None)
     # fixed-width types are not read at all
     assert not binary.scanned(23) and not binary.scanned(1007) and binary.scanned(1009) and binary.scanned(17)
+
+
+def test_binary_hit_does_not_eat_a_length_byte() -> None:
+    """An hstore-shaped cell: the value length 0x141 is 00 00 01 41, and 0x41 ("A"... here "l") joins the email."""
+    val = b"lice@example.com " + b"x" * (0x141 - 17)
+    cell = struct.pack("!i", 1) + struct.pack("!i", 3) + b"key" + struct.pack("!i", 0x141) + val
+    assert cell[14:15] == b"A"
+    hit, new = binary.mask_binary(MASKER, cell, 99999)
+    assert hit and new is None
+    # a tsvector-like uint16 with weight bits (0xC0) before a low byte that is a letter
+    hit, new = binary.mask_binary(MASKER, b"word\0\0\x01\xc0bob@corp.example", 99999)
+    assert hit and new is None
+    # and a field after the hit whose high bytes joined it
+    hit, new = binary.mask_binary(MASKER, b"see bob@corp.example\x01\x02", 99999)
+    assert hit and new is None
 
 
 def test_plans_read_binary_cells_that_may_carry_text() -> None:

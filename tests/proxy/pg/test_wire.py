@@ -189,6 +189,7 @@ def _email_text(rnd: random.Random) -> bytes:
     b"bob@example.com and x.y+z@a-b.c.museum1 or q@a.b", b"a@b.cd@e.fg", b"a" * 64 + b"@x.io", b"a" * 65 + b"@x.io",
     b" " + b"a" * 64 + b"@x.io", b"x@" + b"a" * 300 + b".io", b"x@" + b"a." * 200 + b"io", b"x@a." + b"q" * 80,
     b"x@ab" + b".c" * 130 + b".de", "é@ü.de ü@é.de a@b.dé".encode(),
+    b"q=" + b"%2F" * 30 + b"alice@example.com", b"a@b.co" + b"x" * 70 + b"@c.de", b"a" * 200 + b"@x.io",
 ])
 def test_email_hits_match_python_on_edge_cases(text: bytes) -> None:
     got: list[tuple[int, int, str]] = []
