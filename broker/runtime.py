@@ -8,7 +8,7 @@ import gc
 import logging
 import secrets
 import signal
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,7 +16,7 @@ from aiohttp import web
 
 from broker.clock import Clock, SystemClock
 from broker.config import HoopConfig, PostgresResource, Settings
-from broker.errors import HoopError
+from broker.errors import ConfigError, HoopError
 from broker.events import Broadcast
 from broker.fanout import Replicas, asyncpg_dsn
 from broker.metrics import Metrics
@@ -75,6 +75,17 @@ def build_runtime(config: HoopConfig, settings: Settings, *, clock: Clock | None
     bus.add(scheduler)
     return Runtime(config=config, settings=settings, store=store, clock=clock, bus=bus, metrics=metrics,
                    service=service, scheduler=scheduler, replicas=replicas)
+
+
+@contextlib.contextmanager
+def _listening(key: str, host: str, port: int) -> Iterator[None]:
+    """A listener that cannot bind is a clear start-up error naming the setting, not a traceback."""
+    try:
+        yield
+    except OSError as exc:
+        why = exc.strerror or type(exc).__name__
+        raise ConfigError(f"{key}: cannot listen on {host}:{port}: {why} (another process may hold the port; "
+                          f"choose another in the config or with its HOOP_*_PORT variable)") from None
 
 
 async def _listen(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
@@ -197,7 +208,8 @@ async def serve_forever(config: HoopConfig, settings: Settings, say: Callable[[s
             say("hoop: replica fan-out on PostgreSQL LISTEN/NOTIFY ("
                 + ("scheduler leader" if replicas.is_leader else "follower; another replica leads the scheduler")
                 + ")")
-        runner, port = await _listen(web_app, config.listen.host, config.listen.http)
+        with _listening("listen.http", config.listen.host, config.listen.http):
+            runner, port = await _listen(web_app, config.listen.host, config.listen.http)
         rt.closers.append(runner.cleanup)
         say(f"hoop: HTTP on http://{config.listen.host}:{port} (/healthz, /metrics)")
 
@@ -224,8 +236,10 @@ async def serve_forever(config: HoopConfig, settings: Settings, say: Callable[[s
                     "clear; set tls.http_proxy: true or put a TLS terminator in front of it")
             proxies.append(("HTTP", HttpProxy(config, gate, hub, rt.clock, environ, hash_key=masking_key,
                                               tls=https), config.listen.http_proxy))
+        keys = {"PostgreSQL": "listen.postgres", "SSH": "listen.ssh", "HTTP": "listen.http_proxy"}
         for name, proxy, want in proxies:
-            bound = await proxy.start(config.listen.host, want)
+            with _listening(keys[name], config.listen.host, want):
+                bound = await proxy.start(config.listen.host, want)
             rt.closers.append(proxy.stop)
             say(f"hoop: {name} proxy on {config.listen.host}:{bound}")
         rt.closers.append(hub.close_all)

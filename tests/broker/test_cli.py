@@ -237,3 +237,19 @@ async def test_breakglass_and_revoke_from_the_command_line_are_posted_to_slack(
         assert code == 0 and "nothing is posted to Slack" in errs
     finally:
         await fake.stop()
+
+
+def test_serve_on_a_port_in_use_is_a_message_not_a_traceback(home: tuple[Path, dict[str, str]]) -> None:
+    import socket
+
+    cwd, env = home
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        out = subprocess.run([*HOOP, "serve"], env={**env, "HOOP_HTTP_PORT": str(port), "HOOP_PG_PORT": "0",
+                                                   "HOOP_SSH_PORT": "0", "HOOP_HTTP_PROXY_PORT": "0"},
+                             cwd=cwd, capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 2, out.stderr
+    assert f"listen.http: cannot listen on 127.0.0.1:{port}" in out.stderr
+    assert "Traceback" not in out.stderr + out.stdout

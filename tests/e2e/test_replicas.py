@@ -43,10 +43,13 @@ async def test_revocation_reaches_a_session_on_another_replica(pg: PgCluster, tm
         home = tmp_path / name
         home.mkdir()
         (home / "hoop.yaml").write_text(yaml.safe_dump(data))
+        # every listener on a port chosen here: a port-0 listener of replica a could otherwise take the
+        # ephemeral port just picked for replica b
         pg_port = free_port()
         env = {**os.environ, "HOOP_DATABASE_URL": pg.sqlalchemy_url(store_db), "PGPW": pg.password,
-               "HOOP_HTTP_PORT": str(free_port()), "HOOP_PG_PORT": str(pg_port), "HOOP_SSH_PORT": "0",
-               "HOOP_HTTP_PROXY_PORT": "0", "PYTHONPATH": str(Path(__file__).parents[2])}
+               "HOOP_HTTP_PORT": str(free_port()), "HOOP_PG_PORT": str(pg_port),
+               "HOOP_SSH_PORT": str(free_port()), "HOOP_HTTP_PROXY_PORT": str(free_port()),
+               "PYTHONPATH": str(Path(__file__).parents[2])}
         for key in ("SLACK_APP_TOKEN", "SLACK_BOT_TOKEN", "SLACK_SIGNING_SECRET"):
             env.pop(key, None)
         replicas.append((home, env, pg_port))

@@ -48,7 +48,7 @@ async def start_serve(env: dict[str, str], cwd: Path, http_port: int, log_name: 
     log.close()
     began: float | None = None
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and proc.returncode is None:
         text = path.read_text()
         if began is None and "hoop: " in text:
             began = time.monotonic()
@@ -56,7 +56,8 @@ async def start_serve(env: dict[str, str], cwd: Path, http_port: int, log_name: 
             assert began is not None
             return proc, began
         await asyncio.sleep(0.02)
-    proc.kill()
+    if proc.returncode is None:
+        proc.kill()
     await proc.wait()
     raise AssertionError("hoop serve did not start:\n" + path.read_text())
 
