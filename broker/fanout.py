@@ -13,7 +13,17 @@ The same connection holds a session-level advisory lock. The replica that holds 
 scheduler leader, so reminders and expiries are acted on once. asyncpg runs one operation at
 a time on a connection, so NOTIFYs and the lock check take turns under one ``asyncio.Lock``.
 When a leader dies, its connection closes and the lock goes with it; a follower takes it at
-its next try. A dropped connection is re-made with backoff. Notifications sent meanwhile are
+its next try. A dropped connection is re-made with backoff.
+
+A connection can also die silently (a NAT or conntrack entry expires, a failover sends no RST).
+So every operation on it is bounded by ``op_timeout``, and one that times out counts as a lost
+connection: leadership is dropped at once and the connection is re-made. Every ``retry_every``
+seconds each replica probes its connection: a follower tries the lock, and the leader checks
+that its backend still holds it. The leader therefore gives up within ``retry_every +
+op_timeout`` of its last good answer. The server side is bounded by the TCP keepalive and user
+timeout settings sent at connect (:data:`SERVER_SETTINGS`). They let PostgreSQL end a vanished
+leader's backend, and so free the lock, within about 30 s. That is later than the old leader
+gives up, so two replicas never lead at once. Notifications sent meanwhile are
 lost, so every (re)connect, and every ``resync_every`` seconds in any case, the grants of this
 replica's live sessions are re-read from the store. This sweep alone covers a single process
 on SQLite, where another process (``hoop revoke``) changes the store. Proxies also enforce
@@ -44,7 +54,18 @@ CHANNEL = "hoop_grants"
 #: the advisory lock key of the scheduler leader ("hoop" + "lead" in ASCII)
 LEADER_LOCK = 0x686F6F706C656164
 
-Connect = Callable[[str], Awaitable[Any]]
+Connect = Callable[..., Awaitable[Any]]
+
+#: sent in the startup packet of the fan-out connection so that PostgreSQL notices a vanished
+#: replica (keepalives when idle; tcp_user_timeout, PostgreSQL 12+, when a NOTIFY sent to it
+#: goes unacknowledged) and frees its leader lock in about 30 s instead of 15 min to 2 h.
+#: asyncpg offers no client-side keepalive option; the periodic probe covers that side.
+SERVER_SETTINGS = {"tcp_keepalives_idle": "10", "tcp_keepalives_interval": "5", "tcp_keepalives_count": "3",
+                   "tcp_user_timeout": "30000"}
+#: the leader's check that its backend still holds :data:`LEADER_LOCK` (pg_locks splits the key)
+_HOLDS_LOCK = ("SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted"
+               " AND pid = pg_backend_pid() AND classid = ($1::bigint >> 32)::oid"
+               " AND objid = ($1::bigint & 4294967295)::oid AND objsubid = 1)")
 
 
 #: query parameters of SQLAlchemy's asyncpg dialect that are not libpq/asyncpg DSN parameters
@@ -80,7 +101,8 @@ class Replicas:
                  live: Callable[[], Iterable[Grant]] = tuple,
                  on_deadline: Callable[[datetime], None] | None = None,
                  on_leader: Callable[[], Awaitable[None]] | None = None,
-                 resync_every: float = 5.0, retry_every: float = 2.0, connect: Connect | None = None) -> None:
+                 resync_every: float = 5.0, retry_every: float = 2.0, op_timeout: float = 5.0,
+                 connect: Connect | None = None) -> None:
         self.store = store
         self.dsn = dsn
         self.targets = list(targets)
@@ -89,6 +111,7 @@ class Replicas:
         self.on_leader = on_leader
         self.resync_every = resync_every
         self.retry_every = retry_every
+        self.op_timeout = op_timeout
         self.replica = secrets.token_hex(6)
         self._connect: Connect = connect or asyncpg.connect
         self._conn: Any = None
@@ -113,7 +136,7 @@ class Replicas:
         """Connect (when there is PostgreSQL) and start the background tasks; a failed first
         connect is logged and retried, it does not stop the replica from serving."""
         if self.dsn is not None:
-            with contextlib.suppress(OSError, asyncpg.PostgresError, TimeoutError):
+            with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
                 await self._open()
             self._tasks.append(asyncio.create_task(self._keep_connected(), name="replicas-connection"))
             self._tasks.append(asyncio.create_task(self._consume(), name="replicas-inbox"))
@@ -148,22 +171,18 @@ class Replicas:
         conn = self._conn
         try:
             if conn is not None:
-                async with self._conn_busy:
-                    if conn is not self._conn:  # dropped while waiting: the resync sweep covers it
-                        return
-                    await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, text)
+                await self._on(conn, "execute", "SELECT pg_notify($1, $2)", CHANNEL, text)
             elif not self._tasks:  # a one-shot command (hoop revoke): a connection of its own
                 once = await asyncio.wait_for(self._connect(self.dsn), timeout=10)
                 try:
-                    await once.execute("SELECT pg_notify($1, $2)", CHANNEL, text)
+                    async with asyncio.timeout(self.op_timeout):
+                        await once.execute("SELECT pg_notify($1, $2)", CHANNEL, text)
                 finally:
-                    await once.close()
+                    await _close(once, self.op_timeout)
             # else: reconnecting; the others' resync sweep and local timers cover it
         except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             log.warning("replica fan-out: NOTIFY failed (%s); the other replicas' resync sweep covers it",
                         type(exc).__name__)
-            if conn is not None:
-                self._lost.set()
 
     # -- incoming ---------------------------------------------------------------------------
     def _heard(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
@@ -248,12 +267,14 @@ class Replicas:
     # -- the connection and the leader lock ---------------------------------------------------
     async def _open(self) -> None:
         assert self.dsn is not None
-        conn = await asyncio.wait_for(self._connect(self.dsn), timeout=10)
+        conn = await asyncio.wait_for(self._connect(self.dsn, server_settings=SERVER_SETTINGS), timeout=10)
         try:
-            await conn.add_listener(CHANNEL, self._heard)
-            conn.add_termination_listener(lambda _c: self._lost.set())
+            async with asyncio.timeout(self.op_timeout):
+                await conn.add_listener(CHANNEL, self._heard)
+            # only for the current connection: a dropped one also reports its close
+            conn.add_termination_listener(lambda c: self._lose() if c is self._conn else None)
         except BaseException:
-            await conn.close()
+            await _close(conn, self.op_timeout)
             raise
         self._conn = conn
         self._lost.clear()
@@ -264,14 +285,39 @@ class Replicas:
         except Exception:
             log.exception("resync after connecting failed; the sweep retries")
 
+    async def _on(self, conn: Any, method: str, *args: Any) -> Any:
+        """One operation on the LISTEN connection, in turn and bounded by ``op_timeout``. A
+        timeout or a connection error means the connection is lost: leadership goes at once
+        (another replica may soon hold the lock) and ``_keep_connected`` re-makes it."""
+        async with self._conn_busy:
+            if conn is not self._conn or self._lost.is_set():  # dropped while waiting
+                raise asyncpg.InterfaceError("the fan-out connection was lost")
+            try:
+                async with asyncio.timeout(self.op_timeout):
+                    return await getattr(conn, method)(*args)
+            except (TimeoutError, OSError, asyncpg.InterfaceError):
+                self._lose()
+                raise
+
+    def _lose(self) -> None:
+        if self.dsn is not None and self._leader:
+            self._leader = False
+            log.warning("replica %s gives up the scheduler lead: its connection is lost", self.replica)
+        self._lost.set()
+
     async def _try_lead(self) -> None:
-        if self._leader or self._conn is None:
+        """The periodic probe of the connection: a follower tries to take the lock, the leader
+        checks that its backend still holds it."""
+        conn = self._conn
+        if self.dsn is None or conn is None:
             return
-        async with self._conn_busy:  # not around on_leader: its catch-up publishes, and NOTIFY takes the lock
-            conn = self._conn
-            if conn is None:
-                return
-            got = bool(await conn.fetchval("SELECT pg_try_advisory_lock($1)", LEADER_LOCK))
+        if self._leader:
+            if not await self._on(conn, "fetchval", _HOLDS_LOCK, LEADER_LOCK):
+                log.warning("replica %s lost the leader lock; giving up the lead", self.replica)
+                self._lose()
+            return
+        # not around on_leader: its catch-up publishes, and NOTIFY takes the connection in turn
+        got = bool(await self._on(conn, "fetchval", "SELECT pg_try_advisory_lock($1)", LEADER_LOCK))
         if got:
             self._leader = True
             log.info("replica %s is now the scheduler leader", self.replica)
@@ -283,8 +329,7 @@ class Replicas:
         if self.dsn is not None:
             self._leader = False  # the lock lived on that connection
         if conn is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(conn.close(), timeout=5)
+            await _close(conn, self.op_timeout)
 
     async def _keep_connected(self) -> None:
         backoff = self.retry_every
@@ -307,5 +352,14 @@ class Replicas:
                 continue
             try:
                 await self._try_lead()
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
-                self._lost.set()
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+                self._lose()
+
+
+async def _close(conn: Any, timeout: float) -> None:
+    """Close politely (the server then frees the lock at once); abort if the peer does not answer."""
+    try:
+        await asyncio.wait_for(conn.close(), timeout=timeout)
+    except Exception:
+        with contextlib.suppress(Exception):
+            conn.terminate()
