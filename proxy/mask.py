@@ -29,6 +29,14 @@ token (16+ characters), or a private-key PEM block. Any other trailing word is h
 when the chunk may have cut it (there is other text before it in the buffer, or the chunk is
 longer than the echo of one typed key), so a chunk ending in mid-word of bulk output, or
 output written a field at a time, is held, but typed characters, echoed one per chunk, are not.
+
+Terminal escapes. ``grep --color`` and prompts put CSI (``ESC [ ... final``) and OSC
+(``ESC ] ... BEL`` or ``ESC ] ... ESC \\``) sequences inside values. When the data holds ESC,
+:meth:`Masker.mask_bytes` scans a copy with those sequences removed and replaces each hit's
+original span (the escapes inside it are written again after the marker, so colours still
+reset); OSC payloads (window titles) are masked on their own. The stream cut likewise looks
+through SGR/EL sequences (which do not move the cursor, so the word goes on after them) and
+holds an escape sequence the chunk cut in two. Data without ESC takes the old path unchanged.
 """
 
 from __future__ import annotations
@@ -101,10 +109,43 @@ class Masker:
         if not self.enabled:
             return None
         raw = data.tobytes() if isinstance(data, memoryview) else data
+        if b"\x1b" in raw:
+            return self._mask_escaped(raw)
         hits = self._scanner.scan(raw)  # gated per detector: as cheap as might_contain
         if not hits:
             return None
         return self.replace(raw, hits, self.strategy)
+
+    def _mask_escaped(self, raw: bytes) -> bytes | None:
+        """:meth:`mask_bytes` for data holding terminal escapes: scan it with them removed."""
+        plain = _ESC_SEQ.sub(b"", raw)
+        hits = self._scanner.scan(plain)
+        osc = b"\x1b]" in raw
+        if not hits and not osc:
+            return None
+        ends = [p for start, end, _ in hits for p in (start, end - 1)]
+        spans = _raw_offsets(raw, ends)
+        parts: list[bytes] = []
+        last = 0
+        for k, (start, end, detector) in enumerate(hits):
+            o_start, o_end = spans[2 * k], spans[2 * k + 1] + 1
+            parts.append(raw[last:o_start])
+            if self.strategy == "redact":
+                parts.append(REDACT_MARKERS[detector])
+            else:
+                parts.append(self.apply_bytes(plain[start:end], self.strategy))
+            # the escapes inside the value follow the marker: a colour opened before it still ends
+            parts.extend(m.group() for m in _ESC_SEQ.finditer(raw, o_start, o_end))
+            last = o_end
+        parts.append(raw[last:])
+        out = b"".join(parts)
+        if osc:  # a title is scanned on its own: it is not part of the text around it
+            out = _OSC.sub(self._mask_osc, out)
+        return None if out == raw else out
+
+    def _mask_osc(self, m: re.Match[bytes]) -> bytes:
+        payload = self.mask_bytes(m[2])
+        return m[0] if payload is None else m[1] + payload + m[3]
 
     def mask_text(self, s: str) -> str:
         """Mask ``s`` with the enabled detectors and the resource's default strategy."""
@@ -307,9 +348,16 @@ class StreamMasker:
         return data if out is None else out
 
 
+# CSI: ESC [ parameters intermediates final; OSC: ESC ] payload, ended by BEL or ESC \\
+_ESC_SEQ = re.compile(rb"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)")
+_OSC = re.compile(rb"(\x1b\])([^\x07\x1b]*)(\x07|\x1b\\)")
+# the start of an escape sequence a chunk cut in two (an OSC may stop between ESC and \\)
+_ESC_OPEN = re.compile(rb"\x1b(?:\[[0-?]*[ -/]*|\][^\x07\x1b]*\x1b?)?")
+# a CSI ending the buffer, reversed; group 1 is its final byte
+_REV_CSI_END = re.compile(rb"([@-~])[ -/]*[0-?]*\[\x1b")
+_SAME_LINE = b"mK"  # SGR and EL finals: they do not move the cursor, so a word goes on after them
 _TOK = rb"A-Za-z0-9._+/=~-"
 # Reversed patterns, matched at offset 0 of the reversed tail.
-_REV_CSI = re.compile(rb"[@-~][ -/]*[0-9;?]*\[\x1b")
 _REV_EMAIL = re.compile(rb"[A-Za-z0-9.-]*@[A-Za-z0-9._%+-]*")
 _REV_DIGITS = re.compile(rb"[0-9 ().-]*[0-9(+]")
 _REV_IBAN = re.compile(rb"[A-Z0-9 ]*[0-9]{2}[A-Z]{2}")
@@ -337,6 +385,32 @@ def _utf8_incomplete(buf: bytes) -> int:
     return 0
 
 
+def _raw_offsets(raw: bytes, plain: list[int]) -> list[int]:
+    """Map ascending indexes into ``raw`` with :data:`_ESC_SEQ` removed to indexes into ``raw``."""
+    out: list[int] = []
+    removed = 0
+    seqs = _ESC_SEQ.finditer(raw)
+    m = next(seqs, None)
+    for p in plain:
+        while m is not None and m.start() - removed <= p:  # a sequence before character p
+            removed += m.end() - m.start()
+            m = next(seqs, None)
+        out.append(p + removed)
+    return out
+
+
+def _esc_open(buf: bytes, lo: int, end: int) -> int:
+    """Start of an escape sequence cut off at ``end`` (searched from ``lo``), or ``end``."""
+    i = buf.rfind(b"\x1b", lo, end)
+    if i == -1:
+        return end
+    if i + 1 == end:  # a lone ESC may be the first half of an OSC's ESC \\
+        j = buf.rfind(b"\x1b", lo, i)
+        if j != -1 and _ESC_OPEN.fullmatch(buf, j, end):
+            return j
+    return i if _ESC_OPEN.fullmatch(buf, i, end) else end
+
+
 def _cut(buf: bytes, max_hold: int, *, continuing: bool) -> tuple[int, bool]:
     """Where to cut ``buf``: before the cut may be sent, after it is held.
 
@@ -350,13 +424,38 @@ def _cut(buf: bytes, max_hold: int, *, continuing: bool) -> tuple[int, bool]:
         return min(pem, cut), True
     if buf[-1] in _LINE_END:  # no reversed pattern can start there: nothing to hold (the common case)
         return cut, False
-    rev = buf[max(0, cut - max_hold) : cut][::-1]
-    if not rev or _REV_CSI.match(rev) or rev.startswith(b"-----YEK ETAVIRP"):
-        return cut, False
+    lo = max(0, cut - max_hold)
+    if buf.find(b"\x1b", lo, cut) != -1:
+        return _cut_escaped(buf, lo, cut, continuing), False
     # a word may go on in the next chunk when a chunk cut it: when other text comes before it,
     # when it continues a held word, or when the chunk is longer than typed echo (1 to 3 bytes a
     # key); output written in pieces ("alice.smith", then "@example.com") is held like that
-    cut_word = continuing or len(buf) > _ECHO_MAX
+    return cut - _hold(buf[lo:cut][::-1], continuing or len(buf) > _ECHO_MAX), False
+
+
+def _cut_escaped(buf: bytes, lo: int, cut: int, continuing: bool) -> int:
+    """:func:`_cut` when ``buf[lo:cut]`` holds ESC: judge the tail with the escapes removed."""
+    end = _esc_open(buf, lo, cut)
+    at_esc = end < cut
+    if not at_esc:
+        m = _REV_CSI_END.match(buf[lo:cut][::-1])
+        if m and m[1] not in _SAME_LINE:  # the cursor moved (or a query): the word is over
+            return cut
+        at_esc = m is not None or buf[cut - 1] == 0x07 or buf.endswith(b"\x1b\\", lo, cut)
+    plain = _ESC_SEQ.sub(b"", buf[lo:end])
+    # a typed key echoed in colour ("ESC[1m" l "ESC[0m") ends in an escape: count its text only;
+    # a chunk ending in text after escapes was cut like any long chunk
+    size = lo + len(plain) if at_esc else len(buf)
+    hold = _hold(plain[::-1], continuing or size > _ECHO_MAX)
+    if not hold:
+        return end
+    return lo + _raw_offsets(buf[lo:end], [len(plain) - hold])[0]
+
+
+def _hold(rev: bytes, cut_word: bool) -> int:
+    """How many bytes at the start of ``rev`` (a reversed tail) could still become a value."""
+    if not rev or rev.startswith(b"-----YEK ETAVIRP"):
+        return 0
     hold = 0
     m = _REV_EMAIL.match(rev)
     if m:
@@ -380,4 +479,4 @@ def _cut(buf: bytes, max_hold: int, *, continuing: bool) -> tuple[int, bool]:
         m = _REV_TOKEN.match(rev, hold)
         if m:
             hold = m.end()
-    return cut - hold, False
+    return hold

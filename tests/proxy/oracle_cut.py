@@ -1,5 +1,8 @@
 """Test-only oracle: the stream masker's cut (proxy.mask._cut) as it was before the line-end
 shortcut (kept verbatim below). tests/proxy/test_jsondiff.py checks the current one against it.
+
+Since the terminal-escape fix, a tail holding ESC is judged with its escapes removed
+(``_cut_escaped`` below, written with an explicit index map rather than offset counting).
 """
 
 # ruff: noqa
@@ -51,13 +54,50 @@ def _cut(buf: bytes, max_hold: int, *, continuing: bool) -> tuple[int, bool]:
     pem = pem_open(buf)
     if pem != -1:
         return min(pem, cut), True
+    lo = max(0, cut - max_hold)
+    if b"\x1b" in buf[lo:cut]:
+        return _cut_escaped(buf, lo, cut, continuing), False
     rev = buf[max(0, cut - max_hold) : cut][::-1]
+    return cut - _hold(rev, continuing or len(buf) > _ECHO_MAX), False
+
+
+_ESC = re.compile(rb"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)")
+_OPEN = re.compile(rb"\x1b\[[0-?]*[ -/]*|\x1b\][^\x07\x1b]*\x1b?|\x1b")
+_CSI_END = re.compile(rb"\x1b\[[0-?]*[ -/]*([@-~])\Z")
+
+
+def _cut_escaped(buf: bytes, lo: int, cut: int, continuing: bool) -> int:
+    window = buf[lo:cut]
+    end = cut
+    for i in range(len(window)):  # the first ESC from which the rest is an unfinished sequence
+        if window[i] == 0x1b and _OPEN.fullmatch(window, i):
+            end = lo + i
+            break
+    if end == cut:
+        m = _CSI_END.search(window)
+        if m and m[1] not in b"mK":
+            return cut
+        at_esc = m is not None or window.endswith(b"\x07") or window.endswith(b"\x1b\\")
+    else:
+        at_esc = True
+    idx: list[int] = []  # raw index of each byte left when the escapes are removed
+    pos = lo
+    for m in _ESC.finditer(buf, lo, end):
+        idx.extend(range(pos, m.start()))
+        pos = m.end()
+    idx.extend(range(pos, end))
+    plain = bytes(buf[i] for i in idx)
+    size = lo + len(plain) if at_esc else len(buf)
+    hold = _hold(plain[::-1], continuing or size > _ECHO_MAX)
+    return idx[len(plain) - hold] if hold else end
+
+
+def _hold(rev: bytes, cut_word: bool) -> int:
     if not rev or _REV_CSI.match(rev) or rev.startswith(b"-----YEK ETAVIRP"):
-        return cut, False
+        return 0
     # a word may go on in the next chunk when a chunk cut it: when other text comes before it,
     # when it continues a held word, or when the chunk is longer than typed echo (1 to 3 bytes a
     # key); output written in pieces ("alice.smith", then "@example.com") is held like that
-    cut_word = continuing or len(buf) > _ECHO_MAX
     hold = 0
     m = _REV_EMAIL.match(rev)
     if m:
@@ -81,4 +121,4 @@ def _cut(buf: bytes, max_hold: int, *, continuing: bool) -> tuple[int, bool]:
         m = _REV_TOKEN.match(rev, hold)
         if m:
             hold = m.end()
-    return cut - hold, False
+    return hold

@@ -182,7 +182,8 @@ def test_text_masking_matches_the_oracle(strategy: str) -> None:
 def test_stream_cut_matches_the_oracle() -> None:
     """Where the stream masker cuts a buffer (what it sends now, what it holds) is unchanged."""
     ends = [b"", b"\n", b"\r\n", b" ", b"\x1b[0m", b"\xe2\x82", b"user@", b"4111 ", b"Bearer ",
-            b"aws_secret_access_key="]
+            b"aws_secret_access_key=", b"\x1b[m\x1b[K", b"\x1b[01;31m\x1b[K", b"\x1b[3", b"\x1b",
+            b"\x1b[H", b"\x1b]0;t\x07", b"\x1b]0;t\x1b"]
     for seed in range(4000):
         rng = random.Random(seed)
         buf = _text(rng).encode() + rng.choice(ends) + rng.choice([b"", b"\n"])

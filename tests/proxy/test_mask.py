@@ -408,3 +408,56 @@ def test_stream_holds_a_word_written_in_pieces(chunks: list[bytes]) -> None:
     out = b"".join(s.feed(c) for c in chunks) + s.flush()
     assert out == m.mask_bytes(b"".join(chunks))
     assert b"alice" not in out and b"abcdefghijkl" not in out
+
+
+GREP_LINES = [  # grep --color=auto wraps the matched part of a value in SGR and EL sequences
+    b"\x1b[01;31m\x1b[K4111\x1b[m\x1b[K 1111 1111 1111\r\n",
+    b"\x1b[01;31m\x1b[K123-45\x1b[m\x1b[K-6789\r\n",
+    b"7,alice\x1b[01;31m\x1b[K@example\x1b[m\x1b[K.com,x\r\n",
+    b"x 4111\x1b]0;title\x07 1111 1111 1111\r\n",  # an OSC (window title) inside a value
+]
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (GREP_LINES[0], b"\x1b[01;31m\x1b[K[card]\x1b[m\x1b[K\r\n"),
+        (GREP_LINES[1], b"\x1b[01;31m\x1b[K[ssn]\x1b[m\x1b[K\r\n"),
+        (GREP_LINES[2], b"7,[email]\x1b[01;31m\x1b[K\x1b[m\x1b[K,x\r\n"),
+        (GREP_LINES[3], b"x [card]\x1b]0;title\x07\r\n"),
+        (b"\x1b]0;bob@example.com\x1b\\$ ", b"\x1b]0;[email]\x1b\\$ "),
+    ],
+)
+def test_value_split_by_terminal_escapes_is_masked(data: bytes, expected: bytes) -> None:
+    assert masker().mask_bytes(data) == expected
+
+
+@pytest.mark.parametrize("data", GREP_LINES)
+def test_stream_escape_split_value_at_every_byte(data: bytes) -> None:
+    m = masker()
+    expected = m.mask_bytes(data)
+    for k in range(len(data) + 1):
+        s = m.stream()
+        assert s.feed(data[:k]) + s.feed(data[k:]) + s.flush() == expected, k
+
+
+def test_stream_holds_an_escape_cut_in_two() -> None:
+    s = masker().stream()
+    assert s.feed(b"ok \x1b[01;3") == b"ok "
+    assert s.feed(b"1m\x1b[Kdone\x1b[m\r\n") == b"\x1b[01;31m\x1b[Kdone\x1b[m\r\n"
+    assert s.pending == 0
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"\x1b[0m\x1b[01;34mdir\x1b[0m  \x1b[01;32mrun.sh\x1b[0m  notes.txt\r\n",
+        b"\x1b]0;user@host: ~\x07\x1b[01;32muser@host\x1b[00m:\x1b[01;34m~\x1b[00m$ ",
+        b"\x1b[?1049h\x1b[1;1H\x1b[7m  GNU nano 7.2  \x1b[27m\x1b[24;1H",
+    ],
+)
+def test_clean_coloured_text_is_unchanged(data: bytes) -> None:
+    m = masker()
+    assert m.mask_bytes(data) is None
+    s = m.stream()
+    assert s.feed(data) + s.flush() == data
