@@ -44,6 +44,17 @@ async def grant_for(service: Service, config: HoopConfig, duration: str = "1h") 
     return result.grant, result.secret
 
 
+async def _break_store(store: Store) -> None:
+    """A real store failure: the events table goes away, so every write of events fails."""
+    async with store.tx() as tx:
+        await tx.conn.exec_driver_sql("ALTER TABLE session_event_chunks RENAME TO chunks_away")
+
+
+async def _mend_store(store: Store) -> None:
+    async with store.tx() as tx:
+        await tx.conn.exec_driver_sql("ALTER TABLE chunks_away RENAME TO session_event_chunks")
+
+
 @pytest.fixture
 async def live(config: HoopConfig, tmp_path: Path) -> tuple[Service, SessionHub, RecordingNotifier, Store]:
     store = Store.from_url(f"sqlite+aiosqlite:///{tmp_path / 'h.db'}")
@@ -202,14 +213,12 @@ async def test_a_failed_store_write_loses_nothing(live: tuple[Service, SessionHu
     grant, _ = await grant_for(service, config)
     s = await hub.open(grant, "prod-db", "postgres", "c", lambda r: None)
     await hub.flush()
-    async with store.tx() as tx:  # the store breaks: its events table is gone for a while
-        await tx.conn.exec_driver_sql("ALTER TABLE session_event_chunks RENAME TO chunks_away")
+    await _break_store(store)  # its events table is gone for a while
     s.record("statement", {"sql": "SELECT 1"})
     with pytest.raises(Exception, match="session_event_chunks"):
         await hub.flush()
     s.record("statement", {"sql": "SELECT 2"})
-    async with store.tx() as tx:
-        await tx.conn.exec_driver_sql("ALTER TABLE chunks_away RENAME TO session_event_chunks")
+    await _mend_store(store)
     await hub.flush()
     async with store.tx() as tx:
         events = await tx.events(s.id)
@@ -225,8 +234,7 @@ async def test_a_close_while_the_store_is_down_finishes_once_it_is_back(
     grant, _ = await grant_for(service, config)
     s = await hub.open(grant, "prod-db", "postgres", "c", lambda r: None)
     await hub.flush()
-    async with store.tx() as tx:
-        await tx.conn.exec_driver_sql("ALTER TABLE session_event_chunks RENAME TO chunks_away")
+    await _break_store(store)
     s.record("statement", {"sql": "SELECT 1"})
     await s.close("client gone")  # (does not raise: the flush loop finishes the close later)
     assert s._spool is not None and all(p.exists() for p in s._spool.segments)
@@ -234,8 +242,7 @@ async def test_a_close_while_the_store_is_down_finishes_once_it_is_back(
     async with store.tx() as tx:
         row = await tx.get_session(s.id)
     assert row is not None and row.status is SessionStatus.OPEN
-    async with store.tx() as tx:
-        await tx.conn.exec_driver_sql("ALTER TABLE chunks_away RENAME TO session_event_chunks")
+    await _mend_store(store)
     async with asyncio.timeout(5):
         while not recorder.of(SessionClosed):
             await asyncio.sleep(0.02)
@@ -360,14 +367,12 @@ async def test_a_retried_write_skips_what_a_lost_commit_already_stored(
     grant, _ = await grant_for(service, config)
     s = await hub.open(grant, "prod-db", "postgres", "c", lambda r: None)
     await hub.flush()
-    async with store.tx() as tx:
-        await tx.conn.exec_driver_sql("ALTER TABLE session_event_chunks RENAME TO chunks_away")
+    await _break_store(store)
     s.record("statement", {"sql": "SELECT 1"})
     with pytest.raises(Exception, match="session_event_chunks"):
         await hub.flush()
-    async with store.tx() as tx:
-        await tx.conn.exec_driver_sql("ALTER TABLE chunks_away RENAME TO session_event_chunks")
-        # what the failed write would have stored had its commit gone through
+    await _mend_store(store)
+    async with store.tx() as tx:  # what the failed write would have stored had its commit gone through
         await tx.add_event_chunks([(s.id, 2, 2, s._pending[0][1])])
     s.record("statement", {"sql": "SELECT 2"})
     await hub.flush()

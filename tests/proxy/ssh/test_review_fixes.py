@@ -196,17 +196,22 @@ async def test_line_after_password_prompt_is_still_checked(renv: Env, request: p
     assert "[hidden]" in inputs and str(mark) not in inputs
 
 
-async def test_password_prompt_does_nothing_without_a_terminal(renv: Env, request: pytest.FixtureRequest) -> None:
-    mark = marker(renv, request)
+async def _piped_touch_after(renv: Env, first: str, shown: str, mark: Path) -> None:
+    """Without a terminal: run ``first``, see ``shown`` in its output, then pipe ``touch mark``."""
     grant, secret = await renv.grant()
     async with await renv.client(grant.login, secret) as conn:
         proc = await conn.create_process()
-        proc.stdin.write("printf 'Password: '\n")
+        proc.stdin.write(first + "\n")
         async with asyncio.timeout(10):
-            assert "Password:" in await proc.stdout.read(100)
+            assert shown in await proc.stdout.read(100)
         proc.stdin.write(f"touch {mark}\n")
         proc.stdin.write_eof()
         await asyncio.wait_for(proc.wait_closed(), 10)
+
+
+async def test_password_prompt_does_nothing_without_a_terminal(renv: Env, request: pytest.FixtureRequest) -> None:
+    mark = marker(renv, request)
+    await _piped_touch_after(renv, "printf 'Password: '", "Password:", mark)
     assert not mark.exists()
     commands = await _events(renv, "command")
     assert any(c["decision"] == "block" and str(mark) in c["command"] for c in commands)
@@ -215,15 +220,7 @@ async def test_password_prompt_does_nothing_without_a_terminal(renv: Env, reques
 # -- H5: no alternate screen without a terminal ---------------------------------------------------
 async def test_piped_shell_ignores_alternate_screen(renv: Env, request: pytest.FixtureRequest) -> None:
     mark = marker(renv, request)
-    grant, secret = await renv.grant()
-    async with await renv.client(grant.login, secret) as conn:
-        proc = await conn.create_process()
-        proc.stdin.write("printf '\\033[?1049h'\n")
-        async with asyncio.timeout(10):
-            assert "\x1b[?1049h" in await proc.stdout.read(100)
-        proc.stdin.write(f"touch {mark}\n")
-        proc.stdin.write_eof()
-        await asyncio.wait_for(proc.wait_closed(), 10)
+    await _piped_touch_after(renv, "printf '\\033[?1049h'", "\x1b[?1049h", mark)
     assert not mark.exists()
 
 
