@@ -240,3 +240,40 @@ class SecretStream:
     def flush(self) -> bytes:
         held, self._held = self._held, b""
         return held
+
+
+class EncodedProbe:
+    """Searches a ``gzip``/``deflate`` body that passes through unchanged for the held credential: a
+    decoded copy goes through a :class:`SecretStream` and is dropped, so an upstream that echoes the
+    credential in a compressed answer is caught as in a plain one. :meth:`feed` decodes in pieces of at
+    most 256 KiB (see :class:`Inflate`) and yields after each, so the caller can let other work run while
+    a body that inflates a thousandfold is searched; ``pending``: the decoded tail may be the start of
+    the credential (the caller holds the encoded bytes back until it knows)."""
+
+    __slots__ = ("_inflate", "_lit")
+
+    def __init__(self, secrets: Secrets, encoding: str) -> None:
+        self._inflate = Inflate(encoding)
+        self._lit = secrets.stream()
+
+    @property
+    def found(self) -> bool:
+        return self._lit.hits > 0
+
+    @property
+    def pending(self) -> bool:
+        return self._lit.pending
+
+    def feed(self, chunk: bytes) -> Iterator[None]:
+        """Decode ``chunk`` and search it, one piece per step; raises ``zlib.error`` on a corrupt stream."""
+        for piece in self._inflate.feed(chunk):
+            self._lit.feed(piece)
+            yield None
+
+    def finish(self) -> bool:
+        """The end of the body: search what zlib still held; True when the credential was found."""
+        tail = self._inflate.flush()
+        if tail:
+            self._lit.feed(tail)
+        self._lit.flush()
+        return self.found

@@ -31,6 +31,7 @@ __all__ = [
     "bearer_secret",
     "credential_forms",
     "is_websocket_upgrade",
+    "readable_encodings",
     "refused_header",
     "response_headers",
     "split_target",
@@ -176,6 +177,19 @@ def refused_header(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> str | N
     return None
 
 
+#: the content codings hoop decodes (proxy.http.body.Inflate)
+_READABLE_CODINGS = frozenset({"gzip", "x-gzip", "deflate", "identity"})
+
+
+def readable_encodings(accept_encoding: str) -> str:
+    """A client's ``Accept-Encoding`` with only the codings hoop can decode (``br``, ``zstd`` and ``*`` out;
+    ``identity`` when none is left), so an answer that passes through compressed can still be searched
+    for the held credential."""
+    kept = [item.strip() for item in accept_encoding.split(",")
+            if item.split(";", 1)[0].strip().lower() in _READABLE_CODINGS]
+    return ", ".join(kept) if kept else "identity"
+
+
 def upstream_headers(incoming: CIMultiDictProxy[str] | CIMultiDict[str], resource: HttpResource, credential: str | None,
                      client_ip: str, *, identity_encoding: bool, websocket: bool = False,
                      proto: str = "http") -> CIMultiDict[str]:
@@ -185,7 +199,8 @@ def upstream_headers(incoming: CIMultiDictProxy[str] | CIMultiDict[str], resourc
     The client's ``Content-Length`` is kept (the body is forwarded unchanged) so the upstream
     sees the same framing. With ``identity_encoding`` the upstream is asked for an
     uncompressed body (``Accept-Encoding: identity``) so masking sees plain text; otherwise
-    the client's ``Accept-Encoding`` passes through.
+    the client's ``Accept-Encoding`` passes through, keeping only the codings hoop can decode when it
+    holds a credential (:func:`readable_encodings`: the answer is searched for it).
     """
     out = _filtered(incoming, _WS_SKIP if websocket else _REQUEST_SKIP, _CLAIM_PREFIXES)
     if not websocket:
@@ -195,7 +210,8 @@ def upstream_headers(incoming: CIMultiDictProxy[str] | CIMultiDict[str], resourc
         if identity_encoding:
             out["Accept-Encoding"] = "identity"
         elif "Accept-Encoding" in incoming:
-            out["Accept-Encoding"] = incoming["Accept-Encoding"]
+            offered = incoming["Accept-Encoding"]
+            out["Accept-Encoding"] = readable_encodings(offered) if credential is not None else offered
     auth = upstream_auth(resource, credential)
     if auth is not None:
         out.popall(auth[0], None)

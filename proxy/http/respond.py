@@ -10,7 +10,9 @@ a longer, chunked or compressed one is streamed and loses its ``Content-Length``
 chunked). Other types pass through unchanged with their length. A text stream that holds back a tail
 (a value that may continue) sends it after ``_IDLE_FLUSH`` seconds of upstream silence. The held
 upstream credential never reaches the client: it is replaced by ``[credential]`` in headers and
-masked bodies, and an unmasked body that holds it is withheld (502) or cut. The recorded bodies are
+masked bodies, and an unmasked body that holds it is withheld (502) or cut; a ``gzip``/``deflate`` body
+that passes through compressed is searched in a decoded copy (:class:`~proxy.http.body.EncodedProbe`),
+and another coding is refused (502) when a credential is held. The recorded bodies are
 masked, then capped (a request body is capped first, so the value the cap cuts in two is left out,
 never recorded in part); an answer cut short (grant ended, upstream broke off) closes the client
 connection, so it never looks whole.
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import zlib
 from typing import Any, Protocol
 from urllib.parse import unquote, unquote_plus
 
@@ -27,6 +30,7 @@ from broker.config import HttpResource
 from proxy.http.body import (
     BodyFilter,
     Capture,
+    EncodedProbe,
     Inflate,
     Secrets,
     body_filter,
@@ -75,12 +79,20 @@ async def respond(call: Call, masker: Masker, resource: HttpResource, resp: Resp
             return await call.refuse(502, "unmaskable_encoding",
                                      f"the upstream sent {encoding!r}-encoded {ctype}, which the proxy cannot mask")
         inflate = Inflate(encoding)
+    # passed through compressed: searched for the credential in a decoded copy, so the encoding must be one
+    # hoop reads (the upstream was offered no other: proxy.http.headers.readable_encodings)
+    encoded = has_body and filt is None and encoding not in ("", "identity") and secrets is not None
+    if encoded and not Inflate.supports(encoding):
+        record["status"] = 502
+        return await call.refuse(502, "unreadable_encoding",
+                                 f"the upstream sent a {encoding!r}-encoded answer, which the proxy cannot decode to "
+                                 "check it for the credential it holds; the answer is withheld")
     reason = secrets.scrub_text(resp.reason) if secrets is not None and resp.reason else resp.reason
     length = resp.content_length
     if length is not None and length <= _SMALL_BODY and has_body and inflate is None and flight.reason is None:
         # (a compressed body streams: 256 KiB of gzip may inflate to 256 MB)
         return await _respond_small(call, masker, resource, resp, filt, ctype, record, flight, secrets, reason,
-                                    sniff)
+                                    sniff, encoding if encoded else None)
     kind = body_kind(ctype)
     first = b""
     if sniff:
@@ -94,7 +106,9 @@ async def respond(call: Call, masker: Masker, resource: HttpResource, resp: Resp
                                                               decoded=inflate is not None, secrets=secrets))
     cap = Capture(resource.max_body_record)
     text = filt if isinstance(filt, StreamMasker) else None
-    lit = secrets.stream() if secrets is not None and has_body else None
+    probe = EncodedProbe(secrets, encoding) if encoded and secrets is not None else None
+    lit = secrets.stream() if secrets is not None and has_body and probe is None else None
+    enc_held: list[bytes] = []  # encoded bytes whose decoded tail may be the start of the credential
 
     async def send(data: bytes) -> None:
         if data:
@@ -110,7 +124,22 @@ async def respond(call: Call, masker: Masker, resource: HttpResource, resp: Resp
                 raise _Withheld
         await send(filt.feed(data) if filt is not None else data)
 
+    async def probed(chunk: bytes) -> bytes:
+        """An encoded chunk searched (decoded) for the credential: what may be sent now."""
+        assert probe is not None
+        await _search(probe, chunk)
+        enc_held.append(chunk)
+        if probe.pending:
+            return b""
+        out = b"".join(enc_held)
+        enc_held.clear()
+        return out
+
     async def release_held() -> None:
+        if enc_held:
+            out = b"".join(enc_held)
+            enc_held.clear()
+            await send(out)
         if lit is not None:
             held = lit.flush()
             await send(filt.feed(held) if filt is not None else held)
@@ -119,7 +148,7 @@ async def respond(call: Call, masker: Masker, resource: HttpResource, resp: Resp
         if first and flight.reason is None:
             await forward(first)
         while True:
-            if (text is not None and text.pending) or (lit is not None and lit.pending):
+            if (text is not None and text.pending) or (lit is not None and lit.pending) or enc_held:
                 try:
                     async with asyncio.timeout(_IDLE_FLUSH):
                         chunk = await resp.readany()
@@ -132,9 +161,14 @@ async def respond(call: Call, masker: Masker, resource: HttpResource, resp: Resp
                 chunk = await resp.readany()
             if not chunk or flight.reason is not None:
                 break
+            if probe is not None:
+                await send(await probed(chunk))
+                continue
             for piece in inflate.feed(chunk) if inflate is not None else (chunk,):
                 await forward(piece)
         if flight.reason is None:
+            if probe is not None and probe.finish():
+                raise _Withheld
             if inflate is not None:
                 tail = inflate.flush()
                 if tail:
@@ -169,9 +203,10 @@ class _Withheld(Exception):
 
 async def _respond_small(call: Call, masker: Masker, resource: HttpResource, resp: Response,
                          filt: BodyFilter | None, ctype: str | None, record: dict[str, Any], flight: Flight,
-                         secrets: Secrets | None, reason: str, sniff: bool) -> None:
-    """An uncompressed body of known length up to 256 KiB: read it whole (bounded) and answer in
-    one write, with a correct ``Content-Length`` even when masking changed the body."""
+                         secrets: Secrets | None, reason: str, sniff: bool, encoding: str | None) -> None:
+    """A body of known length up to 256 KiB that is not decoded: read it whole (bounded) and answer in
+    one write, with a correct ``Content-Length`` even when masking changed the body. ``encoding``: the body
+    passes through compressed (unmasked), so a decoded copy is what is searched for the credential."""
     try:
         raw = await resp.read()
     except UpstreamFailed as exc:
@@ -180,7 +215,17 @@ async def _respond_small(call: Call, masker: Masker, resource: HttpResource, res
     if sniff:
         kind = sniff_kind(raw)
         filt = body_filter(masker, kind)
-    if secrets is not None and secrets.found(raw):
+    found = False
+    if secrets is not None and encoding is not None:
+        try:
+            found = await _encoded_holds(secrets, encoding, raw)
+        except zlib.error:
+            record["status"] = 502
+            return await call.refuse(502, "undecodable_body", f"the upstream's {encoding}-encoded answer is corrupt, "
+                                     "so the proxy cannot check it for the credential it holds; it is withheld")
+    elif secrets is not None:
+        found = secrets.found(raw)
+    if found and secrets is not None:
         if filt is None:  # passed through unmasked: there is no form of it the client may have
             log.warning("http resource=%s the upstream's answer held the credential hoop holds for it; withheld",
                         resource.name)
@@ -196,6 +241,28 @@ async def _respond_small(call: Call, masker: Masker, resource: HttpResource, res
         record["resp_body"] = recorded(masker, ctype, cap, masked=True, kind=kind)
     await call.send(resp.status, reason, resp.client_headers(body_changes=True, decoded=False, secrets=secrets),
                     body)
+
+
+async def _search(probe: EncodedProbe, chunk: bytes) -> None:
+    """Search an encoded chunk, letting other work run between its decoded pieces; ``_Withheld`` when the
+    credential is in it."""
+    first = True
+    for _ in probe.feed(chunk):
+        if probe.found:
+            raise _Withheld
+        if not first:
+            await asyncio.sleep(0)
+        first = False
+
+
+async def _encoded_holds(secrets: Secrets, encoding: str, raw: bytes) -> bool:
+    """Whether a whole compressed body holds the credential once decoded; ``zlib.error`` when it is corrupt."""
+    probe = EncodedProbe(secrets, encoding)
+    try:
+        await _search(probe, raw)
+        return probe.finish()
+    except _Withheld:
+        return True
 
 
 async def _broke_off(call: Call, resource: HttpResource, record: dict[str, Any], flight: Flight,

@@ -7,6 +7,7 @@ import base64
 import gzip
 import hashlib
 import ssl
+import zlib
 from typing import Any
 
 from aiohttp import WSMsgType, web
@@ -81,11 +82,16 @@ class Upstream:
             f"{n}: {v}\r\n" for n, v in request.headers.items()) + "\r\n"
         ctype = request.query.get("type", "text/plain")
         headers = {"Content-Type": ctype, "X-Seen-Auth": request.headers.get("Authorization", "-")}
+        data = head.encode()
+        encoding = request.query.get("encoding")  # sent compressed whatever the request asked for
+        if encoding is not None:
+            headers["Content-Encoding"] = encoding
+            data = gzip.compress(data) if encoding == "gzip" else zlib.compress(data) if encoding == "deflate" \
+                else b"\x0b\x02\x80" + data  # (br: only the label; the proxy must not pass it)
         if request.query.get("chunked") != "1":
-            return web.Response(body=head.encode(), headers=headers)
+            return web.Response(body=data, headers=headers)
         resp = web.StreamResponse(headers=headers)
         await resp.prepare(request)
-        data = head.encode()
         for i in range(0, len(data), 5):  # the credential spans writes
             await resp.write(data[i:i + 5])
         await resp.write_eof()
