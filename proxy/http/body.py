@@ -243,37 +243,45 @@ class SecretStream:
 
 
 class EncodedProbe:
-    """Searches a ``gzip``/``deflate`` body that passes through unchanged for the held credential: a
-    decoded copy goes through a :class:`SecretStream` and is dropped, so an upstream that echoes the
-    credential in a compressed answer is caught as in a plain one. :meth:`feed` decodes in pieces of at
-    most 256 KiB (see :class:`Inflate`) and yields after each, so the caller can let other work run while
-    a body that inflates a thousandfold is searched; ``pending``: the decoded tail may be the start of
-    the credential (the caller holds the encoded bytes back until it knows)."""
+    """A decoded copy of a ``gzip``/``deflate`` body that passes through unchanged: searched for the held
+    credential (``secrets``), so an upstream that echoes it in a compressed answer is caught as in a plain
+    one, and kept for the recording (``capture``), which would otherwise hold compressed bytes. :meth:`feed`
+    decodes in pieces of at most 256 KiB (see :class:`Inflate`) and yields after each, so the caller can let
+    other work run while a body that inflates a thousandfold is decoded; ``pending``: the decoded tail may
+    be the start of the credential (the caller holds the encoded bytes back until it knows)."""
 
-    __slots__ = ("_inflate", "_lit")
+    __slots__ = ("_inflate", "_lit", "capture")
 
-    def __init__(self, secrets: Secrets, encoding: str) -> None:
+    def __init__(self, secrets: Secrets | None, encoding: str, capture: Capture | None = None) -> None:
         self._inflate = Inflate(encoding)
-        self._lit = secrets.stream()
+        self._lit = secrets.stream() if secrets is not None else None
+        self.capture = capture
 
     @property
     def found(self) -> bool:
-        return self._lit.hits > 0
+        return self._lit is not None and self._lit.hits > 0
 
     @property
     def pending(self) -> bool:
-        return self._lit.pending
+        return self._lit is not None and self._lit.pending
 
     def feed(self, chunk: bytes) -> Iterator[None]:
-        """Decode ``chunk`` and search it, one piece per step; raises ``zlib.error`` on a corrupt stream."""
+        """Decode ``chunk``, one piece per step; raises ``zlib.error`` on a corrupt stream."""
         for piece in self._inflate.feed(chunk):
-            self._lit.feed(piece)
+            self._take(piece)
             yield None
 
+    def _take(self, piece: bytes) -> None:
+        if self._lit is not None:
+            self._lit.feed(piece)
+        if self.capture is not None:
+            self.capture.feed(piece)
+
     def finish(self) -> bool:
-        """The end of the body: search what zlib still held; True when the credential was found."""
+        """The end of the body: decode what zlib still held; True when the credential was found."""
         tail = self._inflate.flush()
         if tail:
-            self._lit.feed(tail)
-        self._lit.flush()
+            self._take(tail)
+        if self._lit is not None:
+            self._lit.flush()
         return self.found

@@ -79,10 +79,10 @@ async def respond(call: Call, masker: Masker, resource: HttpResource, resp: Resp
             return await call.refuse(502, "unmaskable_encoding",
                                      f"the upstream sent {encoding!r}-encoded {ctype}, which the proxy cannot mask")
         inflate = Inflate(encoding)
-    # passed through compressed: searched for the credential in a decoded copy, so the encoding must be one
-    # hoop reads (the upstream was offered no other: proxy.http.headers.readable_encodings)
-    encoded = has_body and filt is None and encoding not in ("", "identity") and secrets is not None
-    if encoded and not Inflate.supports(encoding):
+    # passed through compressed: a decoded copy is searched for the credential (so the encoding must be one
+    # hoop reads; the upstream was offered no other: proxy.http.headers.readable_encodings) and recorded
+    encoded = has_body and filt is None and encoding not in ("", "identity")
+    if encoded and secrets is not None and not Inflate.supports(encoding):
         record["status"] = 502
         return await call.refuse(502, "unreadable_encoding",
                                  f"the upstream sent a {encoding!r}-encoded answer, which the proxy cannot decode to "
@@ -93,6 +93,7 @@ async def respond(call: Call, masker: Masker, resource: HttpResource, resp: Resp
         # (a compressed body streams: 256 KiB of gzip may inflate to 256 MB)
         return await _respond_small(call, masker, resource, resp, filt, ctype, record, flight, secrets, reason,
                                     sniff, encoding if encoded else None)
+    kept = filt is not None or not masker.enabled  # the body is recorded (when it is text)
     kind = body_kind(ctype)
     first = b""
     if sniff:
@@ -106,7 +107,7 @@ async def respond(call: Call, masker: Masker, resource: HttpResource, resp: Resp
                                                               decoded=inflate is not None, secrets=secrets))
     cap = Capture(resource.max_body_record)
     text = filt if isinstance(filt, StreamMasker) else None
-    probe = EncodedProbe(secrets, encoding) if encoded and secrets is not None else None
+    probe = _probe(secrets, encoding, resource, masker, ctype) if encoded else None
     lit = secrets.stream() if secrets is not None and has_body and probe is None else None
     enc_held: list[bytes] = []  # encoded bytes whose decoded tail may be the start of the credential
 
@@ -125,9 +126,17 @@ async def respond(call: Call, masker: Masker, resource: HttpResource, resp: Resp
         await send(filt.feed(data) if filt is not None else data)
 
     async def probed(chunk: bytes) -> bytes:
-        """An encoded chunk searched (decoded) for the credential: what may be sent now."""
+        """An encoded chunk decoded (searched for the credential, kept for the recording): what may be sent now.
+        A corrupt stream cuts the answer when a credential is searched for; else it passes as it came."""
+        nonlocal probe
         assert probe is not None
-        await _search(probe, chunk)
+        try:
+            await _search(probe, chunk)
+        except zlib.error:
+            if secrets is not None:
+                raise
+            probe = None  # recorded without its body
+            return chunk
         enc_held.append(chunk)
         if probe.pending:
             return b""
@@ -164,10 +173,13 @@ async def respond(call: Call, masker: Masker, resource: HttpResource, resp: Resp
             if probe is not None:
                 await send(await probed(chunk))
                 continue
+            if encoded:
+                await send(chunk)
+                continue
             for piece in inflate.feed(chunk) if inflate is not None else (chunk,):
                 await forward(piece)
         if flight.reason is None:
-            if probe is not None and probe.finish():
+            if probe is not None and _finished(probe, secrets is not None):
                 raise _Withheld
             if inflate is not None:
                 tail = inflate.flush()
@@ -189,8 +201,9 @@ async def respond(call: Call, masker: Masker, resource: HttpResource, resp: Resp
         flight.reason = "undecodable body"
     finally:
         record["resp_bytes"] = cap.size
-        if filt is not None or not masker.enabled:
-            record["resp_body"] = recorded(masker, ctype, cap, masked=True, kind=kind)
+        if kept and not (encoded and (probe is None or probe.capture is None)):  # (compressed bytes are not kept)
+            shown = probe.capture if probe is not None and probe.capture is not None else cap
+            record["resp_body"] = recorded(masker, ctype, shown, masked=True, kind=kind)
     if flight.reason is not None:
         call.cut()  # never end an incomplete body as if it were complete
         return
@@ -216,14 +229,18 @@ async def _respond_small(call: Call, masker: Masker, resource: HttpResource, res
         kind = sniff_kind(raw)
         filt = body_filter(masker, kind)
     found = False
-    if secrets is not None and encoding is not None:
+    probe = _probe(secrets, encoding, resource, masker, ctype) if encoding is not None else None
+    if probe is not None:
         try:
-            found = await _encoded_holds(secrets, encoding, raw)
+            found = await _decoded(probe, raw)
         except zlib.error:
-            record["status"] = 502
-            return await call.refuse(502, "undecodable_body", f"the upstream's {encoding}-encoded answer is corrupt, "
-                                     "so the proxy cannot check it for the credential it holds; it is withheld")
-    elif secrets is not None:
+            if secrets is not None:
+                record["status"] = 502
+                return await call.refuse(502, "undecodable_body", f"the upstream's {encoding}-encoded answer is "
+                                         "corrupt, so the proxy cannot check it for the credential it holds; it is "
+                                         "withheld")
+            probe = None  # (nothing to search: passed as it came, not recorded)
+    elif secrets is not None and encoding is None:
         found = secrets.found(raw)
     if found and secrets is not None:
         if filt is None:  # passed through unmasked: there is no form of it the client may have
@@ -237,8 +254,9 @@ async def _respond_small(call: Call, masker: Masker, resource: HttpResource, res
     cap = Capture(resource.max_body_record)
     cap.feed(body)
     record["resp_bytes"] = cap.size
-    if filt is not None or not masker.enabled:
-        record["resp_body"] = recorded(masker, ctype, cap, masked=True, kind=kind)
+    if (filt is not None or not masker.enabled) and (encoding is None or (probe is not None and probe.capture)):
+        shown = probe.capture if probe is not None and probe.capture is not None else cap
+        record["resp_body"] = recorded(masker, ctype, shown, masked=True, kind=kind)
     await call.send(resp.status, reason, resp.client_headers(body_changes=True, decoded=False, secrets=secrets),
                     body)
 
@@ -255,14 +273,35 @@ async def _search(probe: EncodedProbe, chunk: bytes) -> None:
         first = False
 
 
-async def _encoded_holds(secrets: Secrets, encoding: str, raw: bytes) -> bool:
-    """Whether a whole compressed body holds the credential once decoded; ``zlib.error`` when it is corrupt."""
-    probe = EncodedProbe(secrets, encoding)
+async def _decoded(probe: EncodedProbe, raw: bytes) -> bool:
+    """Decode a whole compressed body through ``probe``: whether it holds the credential; ``zlib.error``
+    when it is corrupt."""
     try:
         await _search(probe, raw)
         return probe.finish()
     except _Withheld:
         return True
+
+
+def _finished(probe: EncodedProbe, searched: bool) -> bool:
+    """The end of a streamed compressed body: whether it held the credential. A stream that ends corrupt
+    raises ``zlib.error`` when it was searched; else its recording keeps what was decoded."""
+    try:
+        return probe.finish()
+    except zlib.error:
+        if searched:
+            raise
+        return False
+
+
+def _probe(secrets: Secrets | None, encoding: str, resource: HttpResource, masker: Masker,
+           ctype: str | None) -> EncodedProbe | None:
+    """The decoded copy a compressed pass-through body needs: searched when a credential is held, kept when
+    the body is recorded (masking off, a text type); None when neither, or for a coding hoop cannot decode."""
+    record = not masker.enabled and body_kind(ctype) is not None
+    if not Inflate.supports(encoding) or (secrets is None and not record):
+        return None
+    return EncodedProbe(secrets, encoding, Capture(resource.max_body_record) if record else None)
 
 
 async def _broke_off(call: Call, resource: HttpResource, record: dict[str, Any], flight: Flight,

@@ -218,10 +218,21 @@ class Upstream:
         return web.json_response({"size": n, "sha256": h.hexdigest(),
                                   "content_length": request.headers.get("Content-Length")})
 
-    async def gz(self, request: web.Request) -> web.Response:
-        """Compressed although the proxy asked for identity (some upstreams do that)."""
+    async def gz(self, request: web.Request) -> web.StreamResponse:
+        """Compressed although the proxy asked for identity (some upstreams do that); ``chunked=1`` streams it
+        in small writes, ``corrupt=1`` damages the stream after its first bytes."""
         body = gzip.compress(b'{"email": "dave@example.com", "password": "p4ss", "n": 1}')
-        return web.Response(body=body, headers={"Content-Type": "application/json", "Content-Encoding": "gzip"})
+        if request.query.get("corrupt") == "1":
+            body = body[:12] + b"\xff" * 8 + body[20:]
+        headers = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
+        if request.query.get("chunked") != "1":
+            return web.Response(body=body, headers=headers)
+        resp = web.StreamResponse(headers=headers)
+        await resp.prepare(request)
+        for i in range(0, len(body), 7):
+            await resp.write(body[i:i + 7])
+        await resp.write_eof()
+        return resp
 
     async def br(self, request: web.Request) -> web.Response:
         return web.Response(body=b"\x0b\x02\x80not-really-brotli",
