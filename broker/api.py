@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -68,6 +69,11 @@ FIELD_OF = {"unknown_resource": "resource", "too_long": "duration", "reason": "r
 #: list endpoints filter by visibility and then limit: rows read per query, and at most in all
 _SCAN_PAGE = 500
 _SCAN_MAX = 20_000
+#: a request body larger than this is refused with 413 (the app hosting the API allows more, for Slack)
+MAX_BODY = 256 * 1024
+#: what a path id can be (``new_id``: a letter and eight more); anything else names nothing, and
+#: PostgreSQL would refuse some of it (a NUL) with an error rather than find no row
+_ID = re.compile(r"[A-Za-z0-9_-]{1,32}")
 
 
 class _Row(Protocol):
@@ -308,6 +314,10 @@ def _endpoint(route: Route) -> Callable[[web.Request], Awaitable[web.StreamRespo
         if scheme.lower() != "bearer" or not token.strip():
             raise Unauthenticated("send Authorization: Bearer <OIDC token>", code="no_token")
         who = await api.verifier.verify(token.strip())
+        for value in request.match_info.values():
+            if not _ID.fullmatch(value):
+                kind = doc.path.split("/")[1].removesuffix("s")  # /requests/{id} -> request
+                raise NotFound(f"no {kind} {value[:40]!r}", code=f"no_{kind}")
         query = body = None
         if doc.query is not None:
             try:
@@ -315,7 +325,8 @@ def _endpoint(route: Route) -> Callable[[web.Request], Awaitable[web.StreamRespo
             except ValidationError as exc:
                 raise _BadInput(_fields(exc, "query")) from None
         if doc.body is not None:
-            raw = await request.read()
+            # the request's own limit is the hosting app's, not this sub-application's
+            raw = await request.clone(client_max_size=MAX_BODY).read()
             try:
                 body = doc.body.model_validate_json(raw) if raw.strip() else doc.body.model_validate({})
             except ValidationError as exc:
@@ -366,7 +377,7 @@ def build_api(service: Service, config: HoopConfig, verifier: TokenVerifier, clo
         else:
             log.warning("API credential pickup works only for approvals made through the API: "
                         "the service's notifier is not a Broadcast")
-    app = web.Application(middlewares=[errors], client_max_size=256 * 1024)
+    app = web.Application(middlewares=[errors], client_max_size=MAX_BODY)
     app[API_KEY] = Api(service=service, config=config, verifier=verifier, clock=clock, inbox=inbox)
     spec = json.dumps(openapi([r.doc for r in ROUTES]), sort_keys=True)
 

@@ -7,9 +7,9 @@ with them, and ``/api/v1/openapi.json`` is generated from their JSON schemas.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from broker import policy, sealing
 from broker.duration import format_duration, parse_duration
@@ -43,6 +43,14 @@ Name = Annotated[str, Field(min_length=1, max_length=63, pattern=r"^[a-z0-9][a-z
 
 class _In(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    @field_validator("*")
+    @classmethod
+    def _no_nul(cls, value: Any) -> Any:
+        # PostgreSQL cannot store a NUL in text: refuse it here, naming the field, not later with a 500
+        if isinstance(value, str) and "\x00" in value:
+            raise ValueError("must not contain a NUL character")
+        return value
 
 
 class _Out(BaseModel):

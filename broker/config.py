@@ -8,6 +8,7 @@ and the reason.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from datetime import timedelta
@@ -16,6 +17,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -28,6 +30,8 @@ from pydantic import (
 from broker.duration import parse_duration
 from broker.errors import ConfigError, InvalidInput
 
+_MAX_SECONDS = 366 * 86400
+
 
 def _duration(value: object) -> object:
     if isinstance(value, str):
@@ -36,6 +40,11 @@ def _duration(value: object) -> object:
         except InvalidInput as exc:
             raise ValueError(exc.message) from None
     if isinstance(value, int | float) and not isinstance(value, bool):
+        # a bare number is seconds, held to the bounds of the text form (and timedelta's range)
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(f"duration {value!r} is not a positive number of seconds; use e.g. 30m, 2h, 1h30m")
+        if value > _MAX_SECONDS:
+            raise ValueError(f"duration {value!r} is longer than a year")
         return timedelta(seconds=value)
     return value
 
@@ -74,9 +83,14 @@ class SecretRef(_Model):
             return value
         assert self.file is not None
         try:
-            return self.file.read_text(encoding="utf-8").strip()
+            value = self.file.read_text(encoding="utf-8").strip()
         except OSError as exc:
             raise ConfigError(f"credential reference file:{self.file} cannot be read: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"credential reference file:{self.file} is not UTF-8 text") from None
+        if not value:  # as for an unset variable: an empty secret is a mistake, never a credential
+            raise ConfigError(f"credential reference file:{self.file} is empty")
+        return value
 
 
 class Group(_Model):
@@ -204,8 +218,20 @@ class _ResourceBase(_Model):
         return host.strip("[]"), int(port)
 
 
+def _host_port(address: str) -> str:
+    """``host`` or ``host:port`` as :meth:`_ResourceBase.host_port` reads it: a port that is not a number
+    fails at start, naming the key, not when the first client connects."""
+    host, sep, port = address.rpartition(":")
+    if sep and not (port.isdigit() and 1 <= int(port) <= 65535):
+        raise ValueError(f"address {address!r}: port {port!r} is not a number from 1 to 65535")
+    if not (host if sep else address).strip("[] "):
+        raise ValueError(f"address {address!r} has no host")
+    return address
+
+
 class PostgresResource(_ResourceBase):
     kind: Literal["postgres"]
+    address: Annotated[str, AfterValidator(_host_port)]
     database: str = "postgres"
     user: str = "postgres"
     sslmode: Literal["disable", "prefer", "require", "verify-full"] = "prefer"
@@ -237,6 +263,7 @@ class SshAllow(_Model):
 
 class SshResource(_ResourceBase):
     kind: Literal["ssh"]
+    address: Annotated[str, AfterValidator(_host_port)]
     user: str
     password: SecretRef | None = None
     host_key: str | None = Field(default=None, description="pinned upstream host key, 'ssh-ed25519 AAAA...'")
@@ -419,15 +446,17 @@ def parse_config(data: Any, *, source: str = "hoop.yaml", environ: Mapping[str, 
         raise ConfigError(f"{source}: the top level must be a mapping of keys (admins, groups, resources, ...)")
     data = dict(data)
     env = environ or {}
-    listen = dict(data.get("listen") or {})
-    for var, key in _PORT_ENV.items():
-        if var in env:
-            try:
-                listen[key] = int(env[var])
-            except ValueError:
-                raise ConfigError(f"{source}: environment {var}={env[var]!r} is not a port number") from None
-    if listen:
-        data["listen"] = listen
+    listen = data.get("listen") or {}
+    if isinstance(listen, dict):  # anything else is left for the model to report: listen is not a mapping
+        listen = dict(listen)
+        for var, key in _PORT_ENV.items():
+            if var in env:
+                try:
+                    listen[key] = int(env[var])
+                except ValueError:
+                    raise ConfigError(f"{source}: environment {var}={env[var]!r} is not a port number") from None
+        if listen:
+            data["listen"] = listen
     try:
         return HoopConfig.model_validate(data)
     except ValidationError as exc:
@@ -447,6 +476,8 @@ def load_config(path: str | Path, *, environ: Mapping[str, str] | None = None) -
         raise ConfigError(f"{source}: no such file (set --config or HOOP_CONFIG)") from None
     except OSError as exc:
         raise ConfigError(f"{source}: cannot be read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{source}: not UTF-8 text (byte {exc.start})") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from broker.events import Event, GrantEnded, GrantIssued, SessionClosed, SessionOpened
+from broker.events import Event, SessionClosed, SessionOpened
 
 
 class Metrics:
@@ -12,7 +12,9 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self.events = Counter("hoop_events_total", "Broker events published, by kind", ["kind"],
                               registry=self.registry)
-        self.grants_active = Gauge("hoop_grants_active", "Grants issued and not yet ended by this process",
+        # set from the store at each scrape (broker/web.py): counted from this process's events, it went
+        # negative after a restart or when another replica had issued the grant this one ended
+        self.grants_active = Gauge("hoop_grants_active", "Grants active in the store (all replicas)",
                                    registry=self.registry)
         self.sessions_open = Gauge("hoop_sessions_open", "Proxy sessions open", ["protocol"],
                                    registry=self.registry)
@@ -23,11 +25,7 @@ class Metrics:
 
     async def publish(self, event: Event) -> None:
         self.events.labels(kind=type(event).__name__).inc()
-        if isinstance(event, GrantIssued):
-            self.grants_active.inc()
-        elif isinstance(event, GrantEnded):
-            self.grants_active.dec()
-        elif isinstance(event, SessionOpened):
+        if isinstance(event, SessionOpened):
             self.sessions_open.labels(protocol=event.session.protocol).inc()
         elif isinstance(event, SessionClosed):
             self.sessions_open.labels(protocol=event.session.protocol).dec()

@@ -11,8 +11,10 @@ import signal
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import parse_qsl
 
 from aiohttp import web
+from sqlalchemy.exc import ArgumentError
 
 from broker.clock import Clock, SystemClock
 from broker.config import HoopConfig, PostgresResource, Settings
@@ -63,7 +65,12 @@ def build_runtime(config: HoopConfig, settings: Settings, *, clock: Clock | None
     clock = clock or SystemClock()
     if hooks is None:
         hooks = EphemeralRoles(config, settings.environ, load_role_key(config.state_dir))
-    store = Store.from_url(settings.database_url)
+    try:
+        store = Store.from_url(settings.database_url)
+    except (ArgumentError, ValueError, ImportError) as exc:  # a malformed URL, a bad port, an unknown driver
+        raise ConfigError(f"HOOP_DATABASE_URL {_redact_url(settings.database_url)} is not a usable store URL "
+                          f"({type(exc).__name__}: {exc}); e.g. postgresql+asyncpg://USER:PASSWORD@HOST/DB "
+                          "or sqlite+aiosqlite:///hoop.db") from None
     bus = Broadcast()
     metrics = Metrics()
     bus.add(metrics)
@@ -268,10 +275,15 @@ async def serve_forever(config: HoopConfig, settings: Settings, say: Callable[[s
 
 
 def _redact_url(url: str) -> str:
-    """Hide a password in a database URL before printing it."""
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
+    """Hide a password in a database URL before printing it: in the user part, and in the query
+    (``?password=...``, which libpq-style URLs also take)."""
+    base, qmark, query = url.partition("?")
+    scheme, sep, rest = base.partition("://") if "://" in base else ("", "", base)
+    if "@" in rest:
         creds, host = rest.rsplit("@", 1)
         user = creds.split(":", 1)[0]
-        return f"{scheme}://{user}:***@{host}"
-    return url
+        base = f"{scheme}{sep}{user}:***@{host}"
+    if qmark:
+        pairs = [(k, "***" if "pass" in k.lower() else v) for k, v in parse_qsl(query, keep_blank_values=True)]
+        query = "&".join(f"{k}={v}" for k, v in pairs)
+    return base + qmark + query

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+
 from aiohttp import web
 
 from broker.metrics import Metrics
+from broker.model import GrantStatus
 from broker.store import Store
+
+log = logging.getLogger(__name__)
 
 METRICS_KEY = web.AppKey("metrics", Metrics)
 STORE_KEY = web.AppKey("store", Store)
@@ -22,7 +27,13 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    body = request.app[METRICS_KEY].render()
+    metrics_ = request.app[METRICS_KEY]
+    try:
+        async with request.app[STORE_KEY].tx() as tx:
+            metrics_.grants_active.set(await tx.count_grants(status=GrantStatus.ACTIVE))
+    except Exception:  # the other metrics still help while the store is away; /healthz reports it
+        log.warning("metrics: the store is unreachable; hoop_grants_active keeps its last value")
+    body = metrics_.render()
     return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
 

@@ -255,6 +255,10 @@ class Tx:
             q = q.where(t.grants.c.parent_id == parent_id)
         return [_grant(r) for r in await self.conn.execute(q)]
 
+    async def count_grants(self, *, status: GrantStatus) -> int:
+        q = select(func.count()).select_from(t.grants).where(t.grants.c.status == status.value)
+        return int((await self.conn.execute(q)).scalar_one())
+
     async def live_children(self, parent_id: str, now: datetime) -> int:
         """How many grants delegated from ``parent_id`` are active and unexpired at ``now``."""
         q = select(func.count()).select_from(t.grants).where(

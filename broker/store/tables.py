@@ -66,7 +66,9 @@ requests = Table(
     Column("decision_reason", Text),
     Column("decided_at", UtcDateTime),
     Column("grant_id", String(32)),
-    Column("extends_grant", String(32)),
+    Column("extends_grant", String(32), index=True),
+    # a reaction or a button is looked up by the message it is on (migration 0006)
+    Index("ix_requests_card", "card_channel", "card_ts"),
 )
 
 approvals = Table(
@@ -165,6 +167,7 @@ reviews = Table(
     Column("decided_by", String(320)),
     Column("channel", String(64)),
     Column("ts", String(32)),
+    Index("ix_reviews_message", "channel", "ts"),
 )
 
 audit_log = Table(

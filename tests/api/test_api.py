@@ -253,3 +253,30 @@ async def test_openapi_is_generated_from_the_models(h: Harness) -> None:
     params = {p["name"] for p in doc["paths"]["/requests"]["get"]["parameters"]}
     assert params == {"status", "resource", "mine", "limit"}
     assert "secret" not in schemas["GrantOut"]["properties"]
+
+
+async def test_ids_and_text_postgresql_cannot_hold_are_4xx_not_500(hh: Harness) -> None:
+    """A NUL in a path id, a query or a body once reached PostgreSQL, which refused it: a 500."""
+    h = hh
+    for method, path in (("GET", "/requests/%00"), ("POST", "/requests/r%00x/approve"),
+                         ("POST", "/requests/%00/credential"), ("GET", "/grants/g%00"),
+                         ("POST", "/grants/%00/revoke"), ("GET", "/requests/" + "x" * 33)):
+        status, body = await h.call(method, path, "carol@example.com")
+        kind = path.split("/")[1].removesuffix("s")
+        assert (status, body["error"]) == (404, f"no_{kind}"), (method, path, body)
+    status, body = await h.call("GET", "/requests?resource=prod%00", "carol@example.com")
+    assert (status, body["fields"][0]["loc"]) == (422, ["query", "resource"]), body
+    status, body = await h.call("POST", "/requests", "carol@example.com",
+                                json={"resource": "prod-db", "reason": "fix\u0000"})
+    assert (status, body["field"]) == (422, "reason") and "NUL" in body["message"], body
+    status, body = await h.call("POST", "/requests", "carol@example.com", json={"resource": "prod-db", "reason": "x"})
+    assert status == 201, body
+    status, body = await h.call("POST", f"/requests/{body['id']}/deny", "dana@example.com", json={"reason": "\u0000"})
+    assert (status, body["field"]) == (422, "reason"), body
+
+
+async def test_request_bodies_are_capped_by_the_api_not_only_by_the_hosting_app(h: Harness) -> None:
+    big = b'{"resource":"prod-db","reason":"' + b"x" * (300 * 1024) + b'"}'
+    status, body = await h.call("POST", "/requests", "carol@example.com", data=big,
+                                headers={"Content-Type": "application/json"})
+    assert (status, body["error"]) == (413, "request_entity_too_large"), body

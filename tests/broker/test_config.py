@@ -37,6 +37,13 @@ def _with_resource(**changes: Any) -> dict[str, Any]:
     ({**base_config(), "admins": "root"}, "admins names group 'root'"),
     ({**base_config(), "resources": [base_config()["resources"][0]] * 2}, "resource name 'prod-db' is used twice"),
     ({**base_config(), "listen": {"http": 70000}}, "listen.http: Input should be less than or equal to 65535"),
+    # once tracebacks (TypeError, OverflowError) or accepted, to fail when the first client connected
+    ({**base_config(), "listen": 8080}, "listen: Input should be a valid dictionary"),
+    (_with_resource(pending_ttl=10**30), "resources[0](prod-db).pending_ttl: duration 10000"),
+    (_with_resource(pending_ttl=-60), "resources[0](prod-db).pending_ttl: duration -60 is not a positive number"),
+    (_with_resource(reminder_before=0), "resources[0](prod-db).reminder_before: duration 0 is not a positive"),
+    (_with_resource(address="db.internal:543x"), "resources[0](prod-db).address: address 'db.internal:543x': port"),
+    (_with_resource(address=":5432"), "resources[0](prod-db).address: address ':5432' has no host"),
 ])
 def test_config_errors_name_key_and_reason(data: dict[str, Any], expected: str) -> None:
     with pytest.raises(ConfigError) as exc:
@@ -49,6 +56,13 @@ def test_yaml_syntax_error_has_line(tmp_path: Path) -> None:
     path = tmp_path / "hoop.yaml"
     path.write_text("admins: [a\ngroups: {}\n")
     with pytest.raises(ConfigError, match=r"hoop.yaml: line \d+, column \d+"):
+        load_config(path)
+
+
+def test_a_file_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "hoop.yaml"
+    path.write_bytes(b"admins: \xff\xfe\n")
+    with pytest.raises(ConfigError, match=r"hoop.yaml: not UTF-8 text \(byte 8\)"):
         load_config(path)
 
 
@@ -83,6 +97,19 @@ def test_secret_ref_resolution_never_shows_value(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as exc:
         ref.resolve({})
     assert "env:PGPW is not set" in exc.value.message
+
+
+def test_secret_file_that_is_empty_or_not_text_is_refused(tmp_path: Path) -> None:
+    data = base_config()
+    data["resources"][0]["credential"] = {"file": str(tmp_path / "pw")}
+    ref = parse_config(data).resources[0].credential
+    assert ref is not None
+    (tmp_path / "pw").write_text("\n")
+    with pytest.raises(ConfigError, match=r"file:.*pw is empty"):
+        ref.resolve({})
+    (tmp_path / "pw").write_bytes(b"\xff\xfe")
+    with pytest.raises(ConfigError, match=r"file:.*pw is not UTF-8 text"):
+        ref.resolve({})
 
 
 @pytest.mark.parametrize(("text", "seconds"), [("30m", 1800), ("2h", 7200), ("1h30m", 5400), ("45s", 45),

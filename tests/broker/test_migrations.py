@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import JSON, Integer, LargeBinary, String, column, insert, select, table
+from sqlalchemy import JSON, Integer, LargeBinary, String, column, insert, select, table, text
 
 from broker import eventlines, policy
 from broker.errors import Denied
@@ -19,7 +19,7 @@ from broker.store import tables as t
 from broker.store.migrate import current, downgrade, upgrade
 from tests.support.pgcluster import PgCluster
 
-HEAD = "0005"
+HEAD = "0006"
 
 
 async def test_migrations_match_the_tables(store: Store) -> None:
@@ -228,5 +228,38 @@ async def test_0005_fills_pending_approvals_chains_from_the_audit_log(dialect: s
         await downgrade(store.engine, "0004")
         async with store.engine.connect() as conn:
             assert len((await conn.execute(select(_OLD_APPROVALS.c.approver))).all()) == 4
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def test_0006_reaction_and_extension_lookups_use_an_index(dialect: str, tmp_path: Any,
+                                                                 request: pytest.FixtureRequest) -> None:
+    """Every Slack reaction looks up the card or review message it is on: a scan of every request
+    and review ever made, before 0006."""
+    if dialect == "sqlite":
+        url = f"sqlite+aiosqlite:///{tmp_path / 'ix.db'}"
+        explain = "EXPLAIN QUERY PLAN "
+    else:
+        pg: PgCluster = request.getfixturevalue("pg")
+        url = pg.sqlalchemy_url(pg.create_database("ix"))
+        explain = "EXPLAIN "
+    store = Store.from_url(url)
+    lookups = {
+        "ix_requests_card": "SELECT id FROM requests WHERE card_channel = 'C1' AND card_ts = '1.2'",
+        "ix_requests_extends_grant": "SELECT id FROM requests WHERE extends_grant = 'g1' AND status = 'pending'",
+        "ix_reviews_message": "SELECT id FROM reviews WHERE channel = 'C1' AND ts = '1.2'",
+    }
+    try:
+        await store.migrate()
+        async with store.engine.begin() as conn:
+            if dialect == "postgres":  # on a small table PostgreSQL rightly prefers a scan
+                await conn.execute(text("SET LOCAL enable_seqscan = off"))
+            for index, sql in lookups.items():
+                plan = " ".join(str(r) for r in (await conn.execute(text(explain + sql))).all())
+                assert index in plan, (index, plan)
+        await downgrade(store.engine, "0005")
+        assert await current(store.engine) == "0005"
+        await store.migrate()
     finally:
         await store.close()

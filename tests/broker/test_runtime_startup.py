@@ -13,9 +13,10 @@ import pytest
 
 from broker.clock import FakeClock
 from broker.config import Settings, parse_config
+from broker.errors import ConfigError
 from broker.events import Broadcast
 from broker.model import Approval, Identity
-from broker.runtime import serve_forever
+from broker.runtime import _redact_url, build_runtime, serve_forever
 from broker.service import Service
 from broker.store import Store
 from tests.conftest import base_config
@@ -87,3 +88,24 @@ async def test_leader_catch_up_at_start_reaches_slack(pg: PgCluster, tmp_path: P
     updated = {c.params["ts"]: json.dumps(c.params) for c in fake.of("chat.update")}
     assert "Approved" in updated["200.1"] and "hoop_approve" not in updated["200.1"]
     assert "Expired" in updated["100.1"]
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("postgresql+asyncpg://hoop:s3cret@db/hoop", "postgresql+asyncpg://hoop:***@db/hoop"),
+    ("postgresql+asyncpg://db/hoop?user=hoop&password=s3cret&ssl=require",
+     "postgresql+asyncpg://db/hoop?user=hoop&password=***&ssl=require"),
+    ("postgresql+asyncpg://hoop@db/hoop?sslpassword=s3cret", "postgresql+asyncpg://hoop:***@db/hoop?sslpassword=***"),
+    ("sqlite+aiosqlite:///hoop.db", "sqlite+aiosqlite:///hoop.db"),
+])
+def test_the_printed_store_url_hides_every_password(url: str, shown: str) -> None:
+    assert _redact_url(url) == shown
+
+
+@pytest.mark.parametrize("url", ["postgresql+asyncpg://hoop:s3cret@db:54x2/hoop", "postgres://hoop:s3cret@db/hoop",
+                                 "hoop:s3cret@db", "mysql://hoop:s3cret@db/hoop"])
+def test_an_unusable_store_url_is_a_config_error_naming_the_variable(url: str, tmp_path: Path) -> None:
+    """Once a traceback (ValueError, ArgumentError, ModuleNotFoundError) at every command."""
+    config = parse_config(base_config(state_dir=str(tmp_path / "state")))
+    with pytest.raises(ConfigError) as exc:
+        build_runtime(config, Settings(database_url=url, environ={"PGPW": "pw"}))
+    assert exc.value.message.startswith("HOOP_DATABASE_URL ") and "s3cret" not in exc.value.message
