@@ -55,6 +55,9 @@ _Pending = tuple[int, str]
 #: a chunk (one store row) holds about this many characters of lines (SQLite writes 1 MiB values
 #: ~10% slower per byte than 64 KiB ones)
 _CHUNK_CHARS = 1 << 16
+#: the event kinds that carry a guard decision (hoop_statements_total): a SQL statement, an HTTP request,
+#: an SSH exec command
+_DECIDED = frozenset({"statement", "http", "command"})
 
 
 def _chunks(session_id: str, items: list[_Pending]) -> list[tuple[str, int, int, str]]:
@@ -240,14 +243,22 @@ class SessionHub:
         if not tick:
             return
         lines: dict[LiveSession, list[str]] = {}
+        decided: dict[tuple[str, str], int] | None = {} if self.metrics is not None else None
         for s, seq, at, kind, data in tick:
             text = line(seq, at.isoformat(timespec="microseconds"), kind, encode_data(data))
+            if decided is not None and kind in _DECIDED:
+                key = (s.protocol, str(data.get("decision") or "allow"))
+                decided[key] = decided.get(key, 0) + 1
             s._pending.append((seq, text))
             got = lines.get(s)
             if got is None:
                 lines[s] = [text]
             else:
                 got.append(text)
+        if decided:
+            assert self.metrics is not None
+            for (protocol, decision), n in decided.items():
+                self.metrics.statements.labels(protocol=protocol, decision=decision).inc(n)
         dirty = self._dirty
         for s, chunk in lines.items():
             dirty.add(s)

@@ -416,3 +416,32 @@ async def test_review_allowed_refused_and_timeout(live: tuple[Service, SessionHu
     assert refused is False
     assert await s.review("TRUNCATE t", "review-ddl", 0.2) is False  # nobody answers
     await s.close("done")
+
+
+async def test_statements_counter_follows_the_recorded_decisions(config: HoopConfig, tmp_path: Path) -> None:
+    """hoop_statements_total counts each recorded statement, request or command by protocol and decision
+    (it was declared, and stayed 0)."""
+    from broker.metrics import Metrics
+
+    store = Store.from_url(f"sqlite+aiosqlite:///{tmp_path / 'h.db'}")
+    await store.migrate()
+    metrics = Metrics()
+    service = Service(config, store, SystemClock(), Broadcast([]))
+    hub = SessionHub(service, SystemClock(), spool_dir=tmp_path / "spool", flush_every=0.05, metrics=metrics)
+    try:
+        grant, _ = await grant_for(service, config)
+        pg = await hub.open(grant, "prod-db", "postgres", "127.0.0.1", lambda _: None)
+        for decision in ("allow", "allow", "block", "review"):
+            pg.record("statement", {"sql": "select 1", "decision": decision})
+        pg.record("notice", {"text": "not a statement"})
+        web = await hub.open(grant, "prod-db", "http", "127.0.0.1", lambda _: None)
+        web.record("http", {"method": "GET", "decision": "allow"})
+        await hub.flush()
+        text = metrics.render().decode()
+        assert 'hoop_statements_total{decision="allow",protocol="postgres"} 2.0' in text
+        assert 'hoop_statements_total{decision="block",protocol="postgres"} 1.0' in text
+        assert 'hoop_statements_total{decision="review",protocol="postgres"} 1.0' in text
+        assert 'hoop_statements_total{decision="allow",protocol="http"} 1.0' in text
+    finally:
+        await hub.close_all()
+        await store.close()
