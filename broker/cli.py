@@ -102,7 +102,10 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                                 help="print the version and exit")] = False) -> None:
-    logging.basicConfig(level=os.environ.get("HOOP_LOG_LEVEL", "INFO").upper(),
+    level = os.environ.get("HOOP_LOG_LEVEL", "INFO").upper()
+    if level not in logging.getLevelNamesMapping():
+        raise ConfigError(f"HOOP_LOG_LEVEL: unknown level {level!r}; use DEBUG, INFO, WARNING or ERROR")
+    logging.basicConfig(level=level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # asyncssh logs every exec command line at INFO, in clear: hoop records them masked instead.
     for noisy in ("alembic", "apscheduler", "asyncssh"):
@@ -231,14 +234,14 @@ def revoke(
 
 
 @app.command()
-def requests(status: Annotated[str | None, typer.Option(help="pending|approved|denied|lapsed|cancelled")] = None,
+def requests(status: Annotated[RequestStatus | None, typer.Option(help="only requests in this state")] = None,
              as_json: JsonOpt = False, config: ConfigOpt = None) -> None:
     """List access requests."""
     from broker.render import request_row, requests_table
 
     async def go(rt: Runtime) -> list[dict[str, Any]]:
         async with rt.store.tx() as tx:
-            rows = await tx.list_requests(status=RequestStatus(status) if status else None)
+            rows = await tx.list_requests(status=status)
         return [request_row(r) for r in rows]
 
     rows = _run(lambda: _with_runtime(config, go))
@@ -249,14 +252,14 @@ def requests(status: Annotated[str | None, typer.Option(help="pending|approved|d
 
 
 @app.command()
-def grants(status: Annotated[str | None, typer.Option(help="active|expired|revoked")] = None,
+def grants(status: Annotated[GrantStatus | None, typer.Option(help="only grants in this state")] = None,
            as_json: JsonOpt = False, config: ConfigOpt = None) -> None:
     """List grants (never their secrets)."""
     from broker.render import grant_row, grants_table
 
     async def go(rt: Runtime) -> list[dict[str, Any]]:
         async with rt.store.tx() as tx:
-            rows = await tx.list_grants(status=GrantStatus(status) if status else None)
+            rows = await tx.list_grants(status=status)
         now = rt.clock.now()
         return [grant_row(g, now) for g in rows]
 

@@ -253,3 +253,17 @@ def test_serve_on_a_port_in_use_is_a_message_not_a_traceback(home: tuple[Path, d
     assert out.returncode == 2, out.stderr
     assert f"listen.http: cannot listen on 127.0.0.1:{port}" in out.stderr
     assert "Traceback" not in out.stderr + out.stdout
+
+
+@pytest.mark.parametrize(("args", "env_extra", "says"), [
+    (["requests", "--status", "bogus"], {}, "'bogus' is not one of"),
+    (["grants", "--status", "gone"], {}, "'gone' is not one of"),
+    (["check"], {"HOOP_LOG_LEVEL": "loud"}, "HOOP_LOG_LEVEL: unknown level 'LOUD'"),
+])
+def test_bad_options_are_messages_not_tracebacks(home: tuple[Path, dict[str, str]], args: list[str],
+                                                 env_extra: dict[str, str], says: str) -> None:
+    cwd, env = home
+    out = run(args, {**env, **env_extra}, cwd)
+    assert out.returncode == 2, out.stderr
+    assert says in " ".join(out.stderr.replace("│", " ").split())
+    assert "Traceback" not in out.stderr + out.stdout
