@@ -210,10 +210,11 @@ def _load_key(folder: Path, request_id: str) -> str | None:
 def _show_credential(cred: dict[str, Any]) -> None:
     g = cred["grant"]
     _out.print(f"granted: {g['id']} for {', '.join(g['resources'])} until {g['expires_at']}", markup=False)
-    _out.print(f"login:  {cred['login']}\nsecret: {cred['secret']}   (shown once)", markup=False)
+    # soft_wrap: a secret or a connection command folded at the terminal's width breaks when pasted
+    _out.print(f"login:  {cred['login']}\nsecret: {cred['secret']}   (shown once)", markup=False, soft_wrap=True)
     for key, hint in cred["hints"].items():
         if key != "login":
-            _out.print(f"{key}: {hint}", markup=False)
+            _out.print(f"{key}: {hint}", markup=False, soft_wrap=True)
 
 
 def request_cmd(

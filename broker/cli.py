@@ -204,10 +204,11 @@ def breakglass(
         sys.stdout.write(json.dumps(data) + "\n")
         return
     out.print(f"[bold red]BREAK-GLASS[/] grant {data['grant']} for {identity} on {resource} until {data['expires_at']}")
-    out.print(f"login:  {data['login']}\nsecret: {data['secret']}   (shown once)")
+    # soft_wrap: a secret or a connection command folded at the terminal's width breaks when pasted
+    out.print(f"login:  {data['login']}\nsecret: {data['secret']}   (shown once)", markup=False, soft_wrap=True)
     for key, hint in data["hints"].items():
         if key != "login":
-            out.print(f"{key}: {hint}")
+            out.print(f"{key}: {hint}", markup=False, soft_wrap=True)
 
 
 @app.command()

@@ -267,3 +267,14 @@ def test_bad_options_are_messages_not_tracebacks(home: tuple[Path, dict[str, str
     assert out.returncode == 2, out.stderr
     assert says in " ".join(out.stderr.replace("│", " ").split())
     assert "Traceback" not in out.stderr + out.stdout
+
+
+def test_breakglass_prints_the_connection_command_on_one_line(home: tuple[Path, dict[str, str]]) -> None:
+    """Folded at the terminal's width (80 columns when piped), the psql command would run as two
+    commands when pasted."""
+    cwd, env = home
+    out = run(["breakglass", "--resource", "prod-db", "--identity", "root@example.com", "--duration", "30m",
+               "--reason", "outage"], env, cwd)
+    assert out.returncode == 0, out.stderr
+    (hint,) = [line for line in out.stdout.splitlines() if line.startswith("prod-db: ")]
+    assert hint.startswith("prod-db: PGPASSWORD='hoop_") and hint.endswith('dbname=prod-db sslmode=prefer"')
