@@ -301,12 +301,15 @@ def sessions(resource: Annotated[str | None, typer.Option(help="only this resour
 
 
 @app.command()
-def transcript(session: Annotated[str, typer.Argument(help="session id")], config: ConfigOpt = None) -> None:
-    """Print a session's masked transcript (capped at transcripts.max_bytes; the cut is stated)."""
+def transcript(session: Annotated[str, typer.Argument(help="session id")],
+               full: Annotated[bool, typer.Option("--full", help="every event, not capped at transcripts.max_bytes")]
+               = False,
+               config: ConfigOpt = None) -> None:
+    """Print a session's masked transcript (capped at transcripts.max_bytes, the cut stated; --full: all of it)."""
     from broker.recap import session_transcript
 
     async def go(rt: Runtime) -> tuple[str, str]:
-        _, t = await session_transcript(rt.service, session)
+        _, t = await session_transcript(rt.service, session, full=full)
         return t.summary, t.text
 
     summary, text = _run(lambda: _with_runtime(config, go))

@@ -153,7 +153,7 @@ def render(grant: Grant | None, sessions: Sequence[tuple[Session, Sequence[Sessi
     if truncated:
         cut = raw[:max_bytes].decode("utf-8", "ignore")
         cut = cut[: cut.rfind("\n") + 1] or cut
-        hint = f"hoop transcript {sessions[0][0].id}" if len(sessions) == 1 else "hoop transcript <session>"
+        hint = f"hoop transcript {sessions[0][0].id if len(sessions) == 1 else '<session>'} --full"
         text = cut + f"\n[transcript cut at {max_bytes} bytes of {len(raw)}; the full recording: {hint}]\n"
     summary = (f"{len(sessions)} session(s) · {counts.statements} statement(s)/command(s) · {counts.rows} row(s) · "
                f"{counts.blocked} blocked · {counts.reviewed} reviewed · {counts.errors} error(s) · "

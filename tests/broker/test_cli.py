@@ -278,3 +278,37 @@ def test_breakglass_prints_the_connection_command_on_one_line(home: tuple[Path, 
     assert out.returncode == 0, out.stderr
     (hint,) = [line for line in out.stdout.splitlines() if line.startswith("prod-db: ")]
     assert hint.startswith("prod-db: PGPASSWORD='hoop_") and hint.endswith('dbname=prod-db sslmode=prefer"')
+
+
+def test_transcript_full_prints_what_the_cap_cut(home: tuple[Path, dict[str, str]]) -> None:
+    """The cut transcript points at the command that prints the rest; that command must print it."""
+    import asyncio
+    from datetime import UTC, datetime, timedelta
+
+    from broker.model import Session, SessionEvent, SessionStatus
+    from broker.store import Store
+
+    cwd, env = home
+    (cwd / "hoop.yaml").write_text(yaml.safe_dump(base_config(transcripts={"max_bytes": 1024})))
+    assert run(["db", "upgrade"], env, cwd).returncode == 0
+    t0 = datetime(2030, 1, 1, 12, tzinfo=UTC)
+
+    async def seed() -> None:
+        store = Store.from_url(env["HOOP_DATABASE_URL"])
+        async with store.tx() as tx:
+            await tx.insert_session(Session(id="s2", grant_id="g1", resource="prod-db", protocol="postgres",
+                                            login="a.b", chain=("alice@example.com",), client_addr="10.0.0.9:5",
+                                            status=SessionStatus.CLOSED, opened_at=t0,
+                                            closed_at=t0 + timedelta(seconds=5), close_reason="client quit"))
+            await tx.add_events([SessionEvent("s2", i, t0, "statement", {"sql": f"SELECT {i} AS n", "rows": 1})
+                                 for i in range(1, 101)])
+        await store.close()
+
+    asyncio.run(seed())
+    capped = run(["transcript", "s2"], env, cwd)
+    assert capped.returncode == 0 and "SELECT 100 AS n" not in capped.stdout
+    assert "the full recording: hoop transcript s2 --full]" in capped.stdout
+    full = run(["transcript", "s2", "--full"], env, cwd)
+    assert full.returncode == 0, full.stderr
+    assert "SELECT 100 AS n" in full.stdout and "transcript cut" not in full.stdout
+    assert "100 statement(s)" in full.stderr

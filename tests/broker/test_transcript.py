@@ -52,7 +52,7 @@ def test_cap_is_stated() -> None:
     events = [ev(i, "statement", sql=f"SELECT {i} -- " + "x" * 100, rows=1) for i in range(1, 200)]
     t = render(GRANT, [(session(), events)], max_bytes=2048)
     assert t.truncated and len(t.text.encode()) < 2048 + 200
-    assert "[transcript cut at 2048 bytes of" in t.text and "hoop transcript s1" in t.text
+    assert "[transcript cut at 2048 bytes of" in t.text and "hoop transcript s1 --full" in t.text
 
 
 def test_ssh_output_as_text() -> None:
