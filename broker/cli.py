@@ -21,6 +21,7 @@ from rich.console import Console
 from broker import __version__
 from broker.apiclient import register as register_api_commands
 from broker.apiclient import revoke_via_api
+from broker.audit import Verdict
 from broker.config import HoopConfig, Settings, load_config, load_settings
 from broker.errors import ConfigError, HoopError, InvalidInput
 from broker.model import GrantStatus, Identity, RequestStatus
@@ -326,28 +327,40 @@ def audit_verify(config: ConfigOpt = None) -> None:
     if verdict.ok:
         out.print(f"audit log intact: {verdict.checked} entries verified")
         return
-    err.print(f"[bold red]audit log broken[/] at entry {verdict.broken_at}: {verdict.reason} "
-              f"({verdict.checked} entries before it verified)")
+    _say_broken(verdict)
     raise typer.Exit(1)
+
+
+def _say_broken(verdict: Verdict) -> None:
+    err.print("[bold red]audit log broken[/] ", end="")  # the reason may quote edited text: no markup
+    err.print(f"at entry {verdict.broken_at}: {verdict.reason} ({verdict.checked} entries before it verified)",
+              markup=False)
 
 
 @audit_app.command("export")
 def audit_export(fmt: Annotated[str, typer.Option("--format", help="jsonl")] = "jsonl",
                  config: ConfigOpt = None) -> None:
-    """Write every audit entry, one JSON object per line, to stdout."""
+    """Write every audit entry, one JSON object per line, to stdout. The hash chain is checked on
+    the way: a broken chain is reported and the exit status is 1 (the entries are still written)."""
     if fmt != "jsonl":
         raise HoopError(f"unknown format {fmt!r}; supported: jsonl")
-    from broker.audit import export_jsonl
+    from broker.audit import Chain, export_jsonl
+
+    chain = Chain()
 
     async def go(rt: Runtime) -> int:
         n = 0
-        async for line in export_jsonl(rt.store):
+        async for line in export_jsonl(rt.store, chain):
             sys.stdout.write(line + "\n")
             n += 1
         return n
 
     n = _run(lambda: _with_runtime(config, go))
     err.print(f"{n} entries exported")
+    verdict = chain.verdict()
+    if not verdict.ok:
+        _say_broken(verdict)
+        raise typer.Exit(1)
 
 
 register_api_commands(app)  # request and status through the API; the local revoke above also takes --api

@@ -95,6 +95,17 @@ def test_breakglass_json_then_listing_and_audit(home: tuple[Path, dict[str, str]
     db.close()
     broken = run(["audit", "verify"], env, cwd)
     assert broken.returncode == 1 and "broken" in broken.stderr and "entry 1" in broken.stderr
+    exported = run(["audit", "export"], env, cwd)  # written out all the same, but not as if intact
+    assert exported.returncode == 1 and "broken" in exported.stderr and "entry 1" in exported.stderr
+    assert json.loads(exported.stdout.splitlines()[0])["actor"] == "mallory"
+    db = sqlite3.connect(cwd / "hoop.db")
+    db.execute("UPDATE audit_log SET at = '[/]' WHERE seq = 1")  # (rich markup, were it read as such)
+    db.commit()
+    db.close()
+    for args in (["audit", "verify"], ["audit", "export"]):
+        unreadable = run(args, env, cwd)
+        assert unreadable.returncode == 1 and "cannot be read (altered)" in " ".join(unreadable.stderr.split())
+        assert "Traceback" not in unreadable.stderr
 
 
 def _serve_until(env: dict[str, str], cwd: Path, probe: Callable[[], T | None]) -> tuple[T | None, str, str]:
