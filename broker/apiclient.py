@@ -147,7 +147,7 @@ TokenOpt = Annotated[str, typer.Option("--token", envvar="HOOP_TOKEN", help="OID
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON")]
 KeysOpt = Annotated[Path | None, typer.Option(
     "--pickup-dir", envvar="HOOP_PICKUP_DIR",
-    help="where pickup keys of requests made without --wait are kept (default ~/.local/state/hoop/pickup)")]
+    help="where pickup keys are kept until the credential is collected (default ~/.local/state/hoop/pickup)")]
 _out = Console(highlight=False)
 _err = Console(stderr=True, highlight=False)
 
@@ -180,12 +180,25 @@ def _keys_dir(given: Path | None) -> Path:
     return Path(state) / "hoop" / "pickup"
 
 
+def _key_folder(folder: Path) -> Path:
+    """Make the pickup folder (0700) before a request is sent, so a folder that cannot be written is
+    a message, not a request whose credential nobody can open."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise InvalidInput(f"cannot use pickup folder {folder}: {exc.strerror}", code="pickup_dir") from None
+    return folder
+
+
 def _save_key(folder: Path, request_id: str, private: str) -> Path:
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     path = folder / f"{request_id}.key"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(private + "\n")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(private + "\n")
+    except OSError as exc:
+        raise InvalidInput(f"request {request_id} was made, but its pickup key could not be kept in {path} "
+                           f"({exc.strerror}); its credential cannot be collected", code="pickup_dir") from None
     return path
 
 
@@ -197,10 +210,11 @@ def _load_key(folder: Path, request_id: str) -> str | None:
 def _show_credential(cred: dict[str, Any]) -> None:
     g = cred["grant"]
     _out.print(f"granted: {g['id']} for {', '.join(g['resources'])} until {g['expires_at']}", markup=False)
-    _out.print(f"login:  {cred['login']}\nsecret: {cred['secret']}   (shown once)", markup=False)
+    # soft_wrap: a secret or a connection command folded at the terminal's width breaks when pasted
+    _out.print(f"login:  {cred['login']}\nsecret: {cred['secret']}   (shown once)", markup=False, soft_wrap=True)
     for key, hint in cred["hints"].items():
         if key != "login":
-            _out.print(f"{key}: {hint}", markup=False)
+            _out.print(f"{key}: {hint}", markup=False, soft_wrap=True)
 
 
 def request_cmd(
@@ -219,18 +233,31 @@ def request_cmd(
     private, public = sealing.new_keypair()
 
     async def go(client: ApiClient) -> dict[str, Any]:
+        folder = _key_folder(_keys_dir(pickup_dir))
         req = await client.create_request(resource, duration, " ".join(reason or []), pickup_key=public)
+        # kept even with --wait: a wait that times out or is interrupted can still be collected later
+        key_file = _save_key(folder, req["id"], private)
         if not wait:
-            _save_key(_keys_dir(pickup_dir), req["id"], private)
             return {"request": req}
+        later = f"hoop status {req['id']} --collect"
         if req["status"] == "pending":
             if not as_json:
                 _err.print(f"request {req['id']} is waiting for approval ({req['chain_text']})", markup=False)
-            req = await client.wait(req["id"], poll=poll, timeout=timeout)
+            try:
+                req = await client.wait(req["id"], poll=poll, timeout=timeout)
+            except Conflict as exc:
+                raise Conflict(f"{exc.message}; collect the credential once approved: {later}",
+                               code=exc.code) from None
+            except asyncio.CancelledError:  # Ctrl-C
+                _err.print(f"stopped waiting; collect the credential once approved: {later}", markup=False)
+                raise
         if req["status"] != "approved":
+            key_file.unlink(missing_ok=True)
             raise Denied(f"request {req['id']} was {req['status']}"
                          + (f": {req['decision_reason']}" if req.get("decision_reason") else ""), code=req["status"])
-        return {"request": req, "credential": await client.collect(req["id"], private)}
+        credential = await client.collect(req["id"], private)
+        key_file.unlink(missing_ok=True)  # shown once: the key has no further use
+        return {"request": req, "credential": credential}
 
     data = _go(api, token, go)
     if as_json:

@@ -21,6 +21,7 @@ from rich.console import Console
 from broker import __version__
 from broker.apiclient import register as register_api_commands
 from broker.apiclient import revoke_via_api
+from broker.audit import Verdict
 from broker.config import HoopConfig, Settings, load_config, load_settings
 from broker.errors import ConfigError, HoopError, InvalidInput
 from broker.model import GrantStatus, Identity, RequestStatus
@@ -102,7 +103,10 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                                 help="print the version and exit")] = False) -> None:
-    logging.basicConfig(level=os.environ.get("HOOP_LOG_LEVEL", "INFO").upper(),
+    level = os.environ.get("HOOP_LOG_LEVEL", "INFO").upper()
+    if level not in logging.getLevelNamesMapping():
+        raise ConfigError(f"HOOP_LOG_LEVEL: unknown level {level!r}; use DEBUG, INFO, WARNING or ERROR")
+    logging.basicConfig(level=level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # asyncssh logs every exec command line at INFO, in clear: hoop records them masked instead.
     for noisy in ("alembic", "apscheduler", "asyncssh"):
@@ -201,10 +205,11 @@ def breakglass(
         sys.stdout.write(json.dumps(data) + "\n")
         return
     out.print(f"[bold red]BREAK-GLASS[/] grant {data['grant']} for {identity} on {resource} until {data['expires_at']}")
-    out.print(f"login:  {data['login']}\nsecret: {data['secret']}   (shown once)")
+    # soft_wrap: a secret or a connection command folded at the terminal's width breaks when pasted
+    out.print(f"login:  {data['login']}\nsecret: {data['secret']}   (shown once)", markup=False, soft_wrap=True)
     for key, hint in data["hints"].items():
         if key != "login":
-            out.print(f"{key}: {hint}")
+            out.print(f"{key}: {hint}", markup=False, soft_wrap=True)
 
 
 @app.command()
@@ -231,14 +236,14 @@ def revoke(
 
 
 @app.command()
-def requests(status: Annotated[str | None, typer.Option(help="pending|approved|denied|lapsed|cancelled")] = None,
+def requests(status: Annotated[RequestStatus | None, typer.Option(help="only requests in this state")] = None,
              as_json: JsonOpt = False, config: ConfigOpt = None) -> None:
     """List access requests."""
     from broker.render import request_row, requests_table
 
     async def go(rt: Runtime) -> list[dict[str, Any]]:
         async with rt.store.tx() as tx:
-            rows = await tx.list_requests(status=RequestStatus(status) if status else None)
+            rows = await tx.list_requests(status=status)
         return [request_row(r) for r in rows]
 
     rows = _run(lambda: _with_runtime(config, go))
@@ -249,14 +254,14 @@ def requests(status: Annotated[str | None, typer.Option(help="pending|approved|d
 
 
 @app.command()
-def grants(status: Annotated[str | None, typer.Option(help="active|expired|revoked")] = None,
+def grants(status: Annotated[GrantStatus | None, typer.Option(help="only grants in this state")] = None,
            as_json: JsonOpt = False, config: ConfigOpt = None) -> None:
     """List grants (never their secrets)."""
     from broker.render import grant_row, grants_table
 
     async def go(rt: Runtime) -> list[dict[str, Any]]:
         async with rt.store.tx() as tx:
-            rows = await tx.list_grants(status=GrantStatus(status) if status else None)
+            rows = await tx.list_grants(status=status)
         now = rt.clock.now()
         return [grant_row(g, now) for g in rows]
 
@@ -297,12 +302,15 @@ def sessions(resource: Annotated[str | None, typer.Option(help="only this resour
 
 
 @app.command()
-def transcript(session: Annotated[str, typer.Argument(help="session id")], config: ConfigOpt = None) -> None:
-    """Print a session's masked transcript (capped at transcripts.max_bytes; the cut is stated)."""
+def transcript(session: Annotated[str, typer.Argument(help="session id")],
+               full: Annotated[bool, typer.Option("--full", help="every event, not capped at transcripts.max_bytes")]
+               = False,
+               config: ConfigOpt = None) -> None:
+    """Print a session's masked transcript (capped at transcripts.max_bytes, the cut stated; --full: all of it)."""
     from broker.recap import session_transcript
 
     async def go(rt: Runtime) -> tuple[str, str]:
-        _, t = await session_transcript(rt.service, session)
+        _, t = await session_transcript(rt.service, session, full=full)
         return t.summary, t.text
 
     summary, text = _run(lambda: _with_runtime(config, go))
@@ -319,28 +327,40 @@ def audit_verify(config: ConfigOpt = None) -> None:
     if verdict.ok:
         out.print(f"audit log intact: {verdict.checked} entries verified")
         return
-    err.print(f"[bold red]audit log broken[/] at entry {verdict.broken_at}: {verdict.reason} "
-              f"({verdict.checked} entries before it verified)")
+    _say_broken(verdict)
     raise typer.Exit(1)
+
+
+def _say_broken(verdict: Verdict) -> None:
+    err.print("[bold red]audit log broken[/] ", end="")  # the reason may quote edited text: no markup
+    err.print(f"at entry {verdict.broken_at}: {verdict.reason} ({verdict.checked} entries before it verified)",
+              markup=False)
 
 
 @audit_app.command("export")
 def audit_export(fmt: Annotated[str, typer.Option("--format", help="jsonl")] = "jsonl",
                  config: ConfigOpt = None) -> None:
-    """Write every audit entry, one JSON object per line, to stdout."""
+    """Write every audit entry, one JSON object per line, to stdout. The hash chain is checked on
+    the way: a broken chain is reported and the exit status is 1 (the entries are still written)."""
     if fmt != "jsonl":
         raise HoopError(f"unknown format {fmt!r}; supported: jsonl")
-    from broker.audit import export_jsonl
+    from broker.audit import Chain, export_jsonl
+
+    chain = Chain()
 
     async def go(rt: Runtime) -> int:
         n = 0
-        async for line in export_jsonl(rt.store):
+        async for line in export_jsonl(rt.store, chain):
             sys.stdout.write(line + "\n")
             n += 1
         return n
 
     n = _run(lambda: _with_runtime(config, go))
     err.print(f"{n} entries exported")
+    verdict = chain.verdict()
+    if not verdict.ok:
+        _say_broken(verdict)
+        raise typer.Exit(1)
 
 
 register_api_commands(app)  # request and status through the API; the local revoke above also takes --api

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
@@ -20,16 +21,19 @@ from broker.transcript import Transcript, render
 log = logging.getLogger(__name__)
 
 
-async def session_transcript(service: Service, session_id: str) -> tuple[Session, Transcript]:
+async def session_transcript(service: Service, session_id: str, *,
+                             full: bool = False) -> tuple[Session, Transcript]:
+    """A session's transcript, capped at ``transcripts.max_bytes``; ``full``: every event, uncapped."""
     from broker.errors import NotFound
 
     async with service.store.tx() as tx:
         session = await tx.get_session(session_id)
         if session is None:
             raise NotFound(f"no session {session_id!r}", code="no_session")
-        events = await tx.events(session_id, limit=200_000)
+        events = await tx.events(session_id, limit=None if full else 200_000)
         grant = await tx.get_grant(session.grant_id)
-    return session, render(grant, [(session, events)], max_bytes=service.config.transcripts.max_bytes,
+    return session, render(grant, [(session, events)],
+                           max_bytes=sys.maxsize if full else service.config.transcripts.max_bytes,
                            title=f"transcript of session {session.id}")
 
 

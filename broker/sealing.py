@@ -44,6 +44,10 @@ def public_key(text: str) -> bytes:
     raw = _unb64(text, "pickup key")
     if len(raw) != 32:
         raise InvalidInput("pickup key must be a raw X25519 public key (32 bytes, base64url)", code="bad_pickup_key")
+    try:  # a low-order point (all zeros, ...) gives no shared key: refuse it now, not when the grant is sealed
+        X25519PrivateKey.generate().exchange(X25519PublicKey.from_public_bytes(raw))
+    except ValueError:
+        raise InvalidInput("pickup key is not a usable X25519 public key", code="bad_pickup_key") from None
     return raw
 
 
@@ -72,15 +76,19 @@ def seal(recipient: str, plaintext: bytes, context: str) -> str:
 def unseal(private: str, sealed: str, context: str) -> bytes:
     """Open a box made by :func:`seal`; raises :class:`InvalidInput` when it is not for this key
     and this context, or was altered."""
-    priv = X25519PrivateKey.from_private_bytes(_unb64(private, "pickup private key"))
+    priv_raw = _unb64(private, "pickup private key")
+    if len(priv_raw) != 32:
+        raise InvalidInput("pickup private key must be 32 bytes (base64url); the key file is damaged",
+                           code="bad_pickup_private_key")
+    priv = X25519PrivateKey.from_private_bytes(priv_raw)
     raw = _unb64(sealed, "sealed credential")
     if len(raw) < 32 + 12 + 16:
         raise InvalidInput("sealed credential is truncated", code="bad_sealed")
     eph_pub, nonce, box = raw[:32], raw[32:44], raw[44:]
     recipient_pub = priv.public_key().public_bytes(_RAW, serialization.PublicFormat.Raw)
-    shared = priv.exchange(X25519PublicKey.from_public_bytes(eph_pub))
     try:
+        shared = priv.exchange(X25519PublicKey.from_public_bytes(eph_pub))  # ValueError: a low-order point
         return AESGCM(_key(shared, eph_pub, recipient_pub)).decrypt(nonce, box, context.encode())
-    except InvalidTag:
+    except (InvalidTag, ValueError):
         raise InvalidInput("sealed credential does not open with this key (wrong key, request or altered)",
                            code="bad_sealed") from None

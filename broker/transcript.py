@@ -17,6 +17,18 @@ from broker.model import Grant, Session, SessionEvent
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[@-Z\\-_]")
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+# What a session user typed (SQL, commands, paths, bodies) must not steer the reader's terminal:
+# C0 and C1 controls (ESC, CR, the 8-bit CSI) and bidi overrides are shown as escapes, not sent.
+_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def _escape(m: re.Match[str]) -> str:
+    code = ord(m.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def _visible(text: str) -> str:
+    return _UNSAFE.sub(_escape, text.replace("\r\n", "\n"))
 
 
 @dataclass(frozen=True)
@@ -135,13 +147,13 @@ def render(grant: Grant | None, sessions: Sequence[tuple[Session, Sequence[Sessi
         total += end - session.opened_at
     if not sessions:
         lines.append("no sessions were opened with this grant")
-    text = "\n".join(lines) + "\n"
+    text = _visible("\n".join(lines) + "\n")
     raw = text.encode("utf-8")
     truncated = len(raw) > max_bytes
     if truncated:
         cut = raw[:max_bytes].decode("utf-8", "ignore")
         cut = cut[: cut.rfind("\n") + 1] or cut
-        hint = f"hoop transcript {sessions[0][0].id}" if len(sessions) == 1 else "hoop transcript <session>"
+        hint = f"hoop transcript {sessions[0][0].id if len(sessions) == 1 else '<session>'} --full"
         text = cut + f"\n[transcript cut at {max_bytes} bytes of {len(raw)}; the full recording: {hint}]\n"
     summary = (f"{len(sessions)} session(s) · {counts.statements} statement(s)/command(s) · {counts.rows} row(s) · "
                f"{counts.blocked} blocked · {counts.reviewed} reviewed · {counts.errors} error(s) · "

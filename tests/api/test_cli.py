@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 import typer
 from typer.testing import CliRunner, Result
@@ -28,9 +29,11 @@ async def run(args: list[str]) -> Result:
     return await asyncio.to_thread(CliRunner().invoke, cli(), args, catch_exceptions=False)
 
 
-async def test_request_wait_collect_status_and_revoke(h: Harness) -> None:
+async def test_request_wait_collect_status_and_revoke(h: Harness, tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
     conn = ["--api", h.url.removesuffix("/api/v1"), "--token", h.token("ci-runner")]
     waiting = asyncio.create_task(run(["request", "reports-db", "20m", "nightly", "migration", *conn,
+                                       "--pickup-dir", str(keys),
                                        "--wait", "--poll", "0.05", "--timeout", "30", "--json"]))
     for _ in range(400):
         async with h.store.tx() as tx:
@@ -48,6 +51,7 @@ async def test_request_wait_collect_status_and_revoke(h: Harness) -> None:
     cred = data["credential"]
     grant = await h.service.authenticate(cred["login"], cred["secret"], "reports-db")
     assert grant.id == data["request"]["grant_id"]
+    assert list(keys.iterdir()) == []  # collected: the pickup key is gone
 
     result = await run(["status", *conn, "--json"])
     assert result.exit_code == 0, result.output
@@ -73,3 +77,32 @@ async def test_cli_errors_are_messages_not_tracebacks(h: Harness) -> None:
     assert result.exit_code == 1 and "cannot reach the hoop API" in result.stderr
     result = await run(["status"])
     assert result.exit_code == 2 and "--api" in result.stderr
+
+
+async def test_a_wait_that_times_out_can_still_be_collected(h: Harness, tmp_path: Path) -> None:
+    """The credential is sealed to this run's pickup key: when `--wait` gives up (or is interrupted),
+    the key must outlive it, or the approved credential can never be opened."""
+    keys = tmp_path / "keys"
+    conn = ["--api", h.url, "--token", h.token("ci-runner"), "--pickup-dir", str(keys)]
+    result = await run(["request", "reports-db", "20m", "slow", "approver", *conn,
+                        "--wait", "--poll", "0.05", "--timeout", "0.2"])
+    assert result.exit_code == 1 and "still pending after 0.2s" in result.stderr
+    async with h.store.tx() as tx:
+        (req,) = await tx.list_requests(requester="ci-runner")
+    assert f"hoop status {req.id} --collect" in " ".join(result.stderr.split())
+    status, _ = await h.call("POST", f"/requests/{req.id}/approve", "bob@example.com")
+    assert status == 200
+    result = await run(["status", req.id, "--collect", *conn, "--json"])
+    assert result.exit_code == 0, result.output
+    cred = json.loads(result.stdout)["credential"]
+    assert (await h.service.authenticate(cred["login"], cred["secret"], "reports-db")).id == cred["grant"]["id"]
+    assert list(keys.iterdir()) == []
+
+
+async def test_an_unusable_pickup_folder_is_a_message_before_any_request(h: Harness, tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("not a folder")
+    conn = ["--api", h.url, "--token", h.token("ci-runner"), "--pickup-dir", str(tmp_path / "file" / "keys")]
+    result = await run(["request", "reports-db", "20m", "x", *conn])
+    assert result.exit_code == 1 and "cannot use pickup folder" in result.stderr
+    async with h.store.tx() as tx:
+        assert await tx.list_requests(requester="ci-runner") == []

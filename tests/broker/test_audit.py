@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from sqlalchemy import delete, update
+from sqlalchemy import delete, text, update
 
 from broker import policy
-from broker.audit import export_jsonl, verify
+from broker.audit import Chain, Unreadable, Verdict, export_jsonl, verify
 from broker.config import HoopConfig
 from broker.model import Identity
 from broker.service import Service
@@ -67,3 +67,32 @@ async def test_no_row_lock_after_an_audit_append(service: Service, config: HoopC
         await tx.get_grant(grant.id)  # a plain read is fine
         with pytest.raises(RuntimeError, match="deadlock"):
             await tx.get_grant(grant.id, lock=True)
+
+
+@pytest.mark.parametrize(("column", "value"), [("chain", "not json"), ("chain", "5"), ("at", "yesterday")])
+async def test_an_entry_edited_into_nonsense_is_reported_not_raised(
+        service: Service, config: HoopConfig, store: Store, column: str, value: str) -> None:
+    """An edit that makes a row undecodable (SQLite stores JSON and times as text) is tampering too:
+    verify says where, instead of failing with a decoding error."""
+    if store.postgres:
+        pytest.skip("PostgreSQL's column types refuse these values")
+    await _history(service, config)
+    async with store.tx() as tx:
+        await tx.conn.execute(text(f"UPDATE audit_log SET {column} = :v WHERE seq = 3"), {"v": value})
+    verdict = await verify(store)
+    assert not verdict.ok and verdict.broken_at == 3 and verdict.checked == 2 and "cannot be read" in verdict.reason
+    verdict = await verify(store, page=1)
+    assert not verdict.ok and verdict.broken_at == 3 and verdict.checked == 2
+    with pytest.raises(Unreadable):
+        _ = [line async for line in export_jsonl(store)]
+
+
+async def test_paged_walk_and_export_check_the_chain(service: Service, config: HoopConfig, store: Store) -> None:
+    await _history(service, config)
+    assert await verify(store, page=4) == Verdict(True, 6)
+    async with store.tx() as tx:
+        await tx.conn.execute(update(t.audit_log).where(t.audit_log.c.seq == 5).values(action="grant.nothing"))
+    chain = Chain()
+    lines = [line async for line in export_jsonl(store, chain)]
+    assert len(lines) == 6  # everything is exported, and the break is known
+    assert chain.verdict() == Verdict(False, 4, 5, "entry 5 was altered (hash mismatch)")

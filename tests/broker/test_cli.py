@@ -95,6 +95,17 @@ def test_breakglass_json_then_listing_and_audit(home: tuple[Path, dict[str, str]
     db.close()
     broken = run(["audit", "verify"], env, cwd)
     assert broken.returncode == 1 and "broken" in broken.stderr and "entry 1" in broken.stderr
+    exported = run(["audit", "export"], env, cwd)  # written out all the same, but not as if intact
+    assert exported.returncode == 1 and "broken" in exported.stderr and "entry 1" in exported.stderr
+    assert json.loads(exported.stdout.splitlines()[0])["actor"] == "mallory"
+    db = sqlite3.connect(cwd / "hoop.db")
+    db.execute("UPDATE audit_log SET at = '[/]' WHERE seq = 1")  # (rich markup, were it read as such)
+    db.commit()
+    db.close()
+    for args in (["audit", "verify"], ["audit", "export"]):
+        unreadable = run(args, env, cwd)
+        assert unreadable.returncode == 1 and "cannot be read (altered)" in " ".join(unreadable.stderr.split())
+        assert "Traceback" not in unreadable.stderr
 
 
 def _serve_until(env: dict[str, str], cwd: Path, probe: Callable[[], T | None]) -> tuple[T | None, str, str]:
@@ -253,3 +264,62 @@ def test_serve_on_a_port_in_use_is_a_message_not_a_traceback(home: tuple[Path, d
     assert out.returncode == 2, out.stderr
     assert f"listen.http: cannot listen on 127.0.0.1:{port}" in out.stderr
     assert "Traceback" not in out.stderr + out.stdout
+
+
+@pytest.mark.parametrize(("args", "env_extra", "says"), [
+    (["requests", "--status", "bogus"], {}, "'bogus' is not one of"),
+    (["grants", "--status", "gone"], {}, "'gone' is not one of"),
+    (["check"], {"HOOP_LOG_LEVEL": "loud"}, "HOOP_LOG_LEVEL: unknown level 'LOUD'"),
+])
+def test_bad_options_are_messages_not_tracebacks(home: tuple[Path, dict[str, str]], args: list[str],
+                                                 env_extra: dict[str, str], says: str) -> None:
+    cwd, env = home
+    out = run(args, {**env, **env_extra}, cwd)
+    assert out.returncode == 2, out.stderr
+    assert says in " ".join(out.stderr.replace("│", " ").split())
+    assert "Traceback" not in out.stderr + out.stdout
+
+
+def test_breakglass_prints_the_connection_command_on_one_line(home: tuple[Path, dict[str, str]]) -> None:
+    """Folded at the terminal's width (80 columns when piped), the psql command would run as two
+    commands when pasted."""
+    cwd, env = home
+    out = run(["breakglass", "--resource", "prod-db", "--identity", "root@example.com", "--duration", "30m",
+               "--reason", "outage"], env, cwd)
+    assert out.returncode == 0, out.stderr
+    (hint,) = [line for line in out.stdout.splitlines() if line.startswith("prod-db: ")]
+    assert hint.startswith("prod-db: PGPASSWORD='hoop_") and hint.endswith('dbname=prod-db sslmode=prefer"')
+
+
+def test_transcript_full_prints_what_the_cap_cut(home: tuple[Path, dict[str, str]]) -> None:
+    """The cut transcript points at the command that prints the rest; that command must print it."""
+    import asyncio
+    from datetime import UTC, datetime, timedelta
+
+    from broker.model import Session, SessionEvent, SessionStatus
+    from broker.store import Store
+
+    cwd, env = home
+    (cwd / "hoop.yaml").write_text(yaml.safe_dump(base_config(transcripts={"max_bytes": 1024})))
+    assert run(["db", "upgrade"], env, cwd).returncode == 0
+    t0 = datetime(2030, 1, 1, 12, tzinfo=UTC)
+
+    async def seed() -> None:
+        store = Store.from_url(env["HOOP_DATABASE_URL"])
+        async with store.tx() as tx:
+            await tx.insert_session(Session(id="s2", grant_id="g1", resource="prod-db", protocol="postgres",
+                                            login="a.b", chain=("alice@example.com",), client_addr="10.0.0.9:5",
+                                            status=SessionStatus.CLOSED, opened_at=t0,
+                                            closed_at=t0 + timedelta(seconds=5), close_reason="client quit"))
+            await tx.add_events([SessionEvent("s2", i, t0, "statement", {"sql": f"SELECT {i} AS n", "rows": 1})
+                                 for i in range(1, 101)])
+        await store.close()
+
+    asyncio.run(seed())
+    capped = run(["transcript", "s2"], env, cwd)
+    assert capped.returncode == 0 and "SELECT 100 AS n" not in capped.stdout
+    assert "the full recording: hoop transcript s2 --full]" in capped.stdout
+    full = run(["transcript", "s2", "--full"], env, cwd)
+    assert full.returncode == 0, full.stderr
+    assert "SELECT 100 AS n" in full.stdout and "transcript cut" not in full.stdout
+    assert "100 statement(s)" in full.stderr

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+
 import pytest
 
 from broker import sealing
@@ -16,7 +18,8 @@ def test_round_trip_and_fresh_boxes() -> None:
     assert sealing.unseal(private, a, "r-1") == b"hoop_secret"
 
 
-@pytest.mark.parametrize("case", ["other key", "other request", "altered", "truncated", "not base64"])
+@pytest.mark.parametrize("case", ["other key", "other request", "altered", "truncated", "not base64",
+                                  "low-order ephemeral key", "damaged private key"])
 def test_boxes_that_must_not_open(case: str) -> None:
     private, public = sealing.new_keypair()
     box = sealing.seal(public, b"hoop_secret", "r-1")
@@ -29,6 +32,11 @@ def test_boxes_that_must_not_open(case: str) -> None:
         box = box[:-2] + ("A" if box[-2] != "A" else "B") + box[-1]
     elif case == "truncated":
         box = box[:40]
+    elif case == "low-order ephemeral key":  # a box whose key agreement yields no shared secret
+        raw = base64.urlsafe_b64decode(box + "=" * (-len(box) % 4))
+        box = base64.urlsafe_b64encode(bytes(32) + raw[32:]).rstrip(b"=").decode()
+    elif case == "damaged private key":  # a pickup key file cut short
+        key = private[:20]
     else:
         box = "***"
     with pytest.raises(InvalidInput) as err:
@@ -36,7 +44,8 @@ def test_boxes_that_must_not_open(case: str) -> None:
     assert "hoop_secret" not in err.value.message
 
 
-@pytest.mark.parametrize("key", ["", "abc", "!!!!", "A" * 60])
+# all zeros and 1 are low-order X25519 points: no shared key comes of them, so sealing would fail later
+@pytest.mark.parametrize("key", ["", "abc", "!!!!", "A" * 60, "A" * 43, "AQ" + "A" * 41])
 def test_bad_public_keys_are_refused(key: str) -> None:
     with pytest.raises(InvalidInput) as err:
         sealing.public_key(key)

@@ -52,7 +52,7 @@ def test_cap_is_stated() -> None:
     events = [ev(i, "statement", sql=f"SELECT {i} -- " + "x" * 100, rows=1) for i in range(1, 200)]
     t = render(GRANT, [(session(), events)], max_bytes=2048)
     assert t.truncated and len(t.text.encode()) < 2048 + 200
-    assert "[transcript cut at 2048 bytes of" in t.text and "hoop transcript s1" in t.text
+    assert "[transcript cut at 2048 bytes of" in t.text and "hoop transcript s1 --full" in t.text
 
 
 def test_ssh_output_as_text() -> None:
@@ -67,3 +67,17 @@ def test_every_action_line_names_an_agent_chain() -> None:
     t = render(GRANT, [(session(), events)], max_bytes=10_000)
     lines = [line for line in t.text.splitlines() if "SELECT" in line]
     assert len(lines) == 2 and all("[alice@example.com → ci-runner]" in line for line in lines)
+
+
+def test_what_a_session_user_typed_cannot_steer_the_readers_terminal() -> None:
+    """A statement or command with escape sequences, a carriage return or a bidi override would, printed
+    raw by `hoop transcript`, hide or rewrite lines (a BLOCKED one) on the reviewer's terminal."""
+    events = [ev(1, "statement", sql="DROP TABLE audit\r\x1b[2KSELECT 1", decision="block", rule="no-drop"),
+              ev(2, "command", command="rm -rf /data \x1b]52;c;aGk=\x07\x9b1A", decision="allow"),
+              ev(3, "http", method="GET", path="/x\u202egnp.exe", status=200, resp_body="ok\x1b[8m"),
+              ev(4, "output", data="plain\r\nout\x1b[31mput\r\n")]
+    t = render(GRANT, [(session(), events)], max_bytes=10_000)
+    assert "\x1b" not in t.text and "\r" not in t.text and "\x9b" not in t.text and "\u202e" not in t.text
+    assert "BLOCKED DROP TABLE audit\\x0d\\x1b[2KSELECT 1 [rule no-drop]" in t.text
+    assert "$ rm -rf /data \\x1b]52;c;aGk=\\x07\\x9b1A" in t.text and "/x\\u202egnp.exe" in t.text
+    assert "         plain\n         output" in t.text  # terminal output is still shown as plain text
