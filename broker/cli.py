@@ -42,6 +42,14 @@ err = Console(stderr=True, highlight=False)
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="hoop.yaml (default: $HOOP_CONFIG, hoop.yaml)")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON")]
+LimitOpt = Annotated[int, typer.Option("--limit", min=1, max=100_000, help="show at most this many, newest first")]
+
+
+def _newest(rows: list[Any], limit: int, what: str) -> list[Any]:
+    """The first ``limit`` of ``rows`` (read with one more), saying on stderr when more were left out."""
+    if len(rows) > limit:
+        err.print(f"hoop: showing the newest {limit} {what}; there are more (--limit N shows more)", markup=False)
+    return rows[:limit]
 
 
 def _config_path(path: Path | None) -> Path:
@@ -237,14 +245,14 @@ def revoke(
 
 @app.command()
 def requests(status: Annotated[RequestStatus | None, typer.Option(help="only requests in this state")] = None,
-             as_json: JsonOpt = False, config: ConfigOpt = None) -> None:
+             limit: LimitOpt = 200, as_json: JsonOpt = False, config: ConfigOpt = None) -> None:
     """List access requests."""
     from broker.render import request_row, requests_table
 
     async def go(rt: Runtime) -> list[dict[str, Any]]:
         async with rt.store.tx() as tx:
-            rows = await tx.list_requests(status=status)
-        return [request_row(r) for r in rows]
+            rows = await tx.list_requests(status=status, limit=limit + 1)
+        return [request_row(r) for r in _newest(rows, limit, "requests")]
 
     rows = _run(lambda: _with_runtime(config, go))
     if as_json:
@@ -255,15 +263,15 @@ def requests(status: Annotated[RequestStatus | None, typer.Option(help="only req
 
 @app.command()
 def grants(status: Annotated[GrantStatus | None, typer.Option(help="only grants in this state")] = None,
-           as_json: JsonOpt = False, config: ConfigOpt = None) -> None:
+           limit: LimitOpt = 200, as_json: JsonOpt = False, config: ConfigOpt = None) -> None:
     """List grants (never their secrets)."""
     from broker.render import grant_row, grants_table
 
     async def go(rt: Runtime) -> list[dict[str, Any]]:
         async with rt.store.tx() as tx:
-            rows = await tx.list_grants(status=status)
+            rows = await tx.list_grants(status=status, limit=limit + 1)
         now = rt.clock.now()
-        return [grant_row(g, now) for g in rows]
+        return [grant_row(g, now) for g in _newest(rows, limit, "grants")]
 
     rows = _run(lambda: _with_runtime(config, go))
     if as_json:
@@ -275,13 +283,14 @@ def grants(status: Annotated[GrantStatus | None, typer.Option(help="only grants 
 @app.command()
 def sessions(resource: Annotated[str | None, typer.Option(help="only this resource")] = None,
              live: Annotated[bool, typer.Option("--live", help="only open sessions")] = False,
-             as_json: JsonOpt = False, config: ConfigOpt = None) -> None:
+             limit: LimitOpt = 200, as_json: JsonOpt = False, config: ConfigOpt = None) -> None:
     """List proxy sessions (newest first) with who, from where, and why they closed."""
     from broker.model import SessionStatus
 
     async def go(rt: Runtime) -> list[dict[str, Any]]:
         async with rt.store.tx() as tx:
-            rows = await tx.list_sessions(status=SessionStatus.OPEN if live else None, resource=resource)
+            rows = _newest(await tx.list_sessions(status=SessionStatus.OPEN if live else None, resource=resource,
+                                                  limit=limit + 1), limit, "sessions")
         return [{"id": s.id, "resource": s.resource, "protocol": s.protocol, "chain": list(s.chain),
                  "client": s.client_addr, "status": s.status.value, "opened_at": s.opened_at.isoformat(),
                  "closed_at": s.closed_at.isoformat() if s.closed_at else None, "close_reason": s.close_reason,

@@ -323,3 +323,20 @@ def test_transcript_full_prints_what_the_cap_cut(home: tuple[Path, dict[str, str
     assert full.returncode == 0, full.stderr
     assert "SELECT 100 AS n" in full.stdout and "transcript cut" not in full.stdout
     assert "100 statement(s)" in full.stderr
+
+
+def test_lists_show_the_newest_and_say_when_more_were_left_out(home: tuple[Path, dict[str, str]]) -> None:
+    cwd, env = home
+    for _ in range(3):
+        made = run(["breakglass", "--resource", "prod-db", "--identity", "root@example.com", "--duration", "30m",
+                    "--reason", "outage", "--json"], env, cwd)
+        assert made.returncode == 0, made.stderr
+    cut = run(["grants", "--limit", "2", "--json"], env, cwd)
+    assert cut.returncode == 0 and len(json.loads(cut.stdout)) == 2
+    assert "showing the newest 2 grants; there are more" in cut.stderr
+    whole = run(["grants", "--limit", "3", "--json"], env, cwd)
+    assert len(json.loads(whole.stdout)) == 3 and "there are more" not in whole.stderr
+    bad = run(["grants", "--limit", "0"], env, cwd)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert run(["requests", "--limit", "1", "--json"], env, cwd).returncode == 0
+    assert run(["sessions", "--limit", "1", "--json"], env, cwd).returncode == 0
