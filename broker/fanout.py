@@ -28,6 +28,13 @@ lost, so every (re)connect, and every ``resync_every`` seconds in any case, the 
 replica's live sessions are re-read from the store. This sweep alone covers a single process
 on SQLite, where another process (``hoop revoke``) changes the store. Proxies also enforce
 expiry on local timers, so a lost notification never extends access.
+
+The same channel carries PostgreSQL CancelRequests that reached a replica not holding the
+session (:meth:`Replicas.ask_cancel`): only a digest of the cancel key, at most
+``cancel_rate`` per second from each replica (a CancelRequest has no authentication beyond its
+key, so forged ones must not become a NOTIFY storm). They are acted on as they arrive
+(``on_cancel``), not queued behind grant changes, and never retried: like PostgreSQL, a lost
+cancel is simply lost.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ import contextlib
 import json
 import logging
 import secrets
+import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import datetime
 from typing import Any
@@ -46,6 +54,7 @@ import asyncpg
 
 from broker.events import Event, GrantEnded, GrantExtended, GrantIssued, Notifier, RequestCreated
 from broker.model import Grant, GrantStatus, Identity
+from broker.ratebound import RateBound
 from broker.store import Store
 
 log = logging.getLogger(__name__)
@@ -94,14 +103,19 @@ class Replicas:
     ``dsn`` is ``None`` for a single process (SQLite): then this replica is always the leader
     and only the resync sweep runs. ``live`` returns the grants of this replica's live
     sessions; ``on_deadline`` schedules a wake-up of the local scheduler; ``on_leader`` runs
-    when this replica becomes the leader (to act at once on what became due).
+    when this replica becomes the leader (to act at once on what became due); ``on_cancel``
+    gets the digest of a CancelRequest another replica could not place (the PostgreSQL proxy's
+    :meth:`~proxy.pg.server.PgProxy.cancel_by_digest`).
     """
 
     def __init__(self, store: Store, dsn: str | None, targets: Sequence[Notifier], *,
                  live: Callable[[], Iterable[Grant]] = tuple,
                  on_deadline: Callable[[datetime], None] | None = None,
                  on_leader: Callable[[], Awaitable[None]] | None = None,
+                 on_cancel: Callable[[bytes, str], None] | None = None,
                  resync_every: float = 5.0, retry_every: float = 2.0, op_timeout: float = 5.0,
+                 cancel_rate: float = 20.0, cancel_burst: int = 50,
+                 monotonic: Callable[[], float] = time.monotonic,
                  connect: Connect | None = None) -> None:
         self.store = store
         self.dsn = dsn
@@ -109,6 +123,8 @@ class Replicas:
         self.live = live
         self.on_deadline = on_deadline
         self.on_leader = on_leader
+        self.on_cancel = on_cancel
+        self.cancels = RateBound(cancel_rate, cancel_burst, now=monotonic)
         self.resync_every = resync_every
         self.retry_every = retry_every
         self.op_timeout = op_timeout
@@ -184,6 +200,29 @@ class Replicas:
             log.warning("replica fan-out: NOTIFY failed (%s); the other replicas' resync sweep covers it",
                         type(exc).__name__)
 
+    async def ask_cancel(self, digest: bytes, key_id: str = "") -> bool:
+        """Hand the digest of a CancelRequest that no session here holds to the other replicas;
+        ``False`` when it was not sent: no fan-out (SQLite, one process), no connection right
+        now, or over the rate bound (then counted, and logged once per interval)."""
+        conn = self._conn
+        if self.dsn is None or conn is None:
+            return False
+        allowed = self.cancels.take()
+        dropped = self.cancels.report()
+        if dropped:
+            log.warning("replica fan-out: %d CancelRequest(s) for unknown keys not passed on to the other replicas "
+                        "(over %g/s, bursts of %d): forged CancelRequests?", dropped, self.cancels.rate,
+                        int(self.cancels.burst))
+        if not allowed:
+            return False
+        text = json.dumps({"k": "cancel", "d": digest.hex(), "f": key_id, "r": self.replica})
+        try:
+            await self._on(conn, "execute", "SELECT pg_notify($1, $2)", CHANNEL, text)
+        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.warning("replica fan-out: passing on a CancelRequest failed (%s)", type(exc).__name__)
+            return False
+        return True
+
     # -- incoming ---------------------------------------------------------------------------
     def _heard(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
         try:
@@ -193,10 +232,28 @@ class Replicas:
             return
         if not isinstance(message, dict) or message.get("r") == self.replica:
             return
+        if message.get("k") == "cancel":
+            self._heard_cancel(message.get("d"), message.get("f"))
+            return
         try:
             self._inbox.put_nowait(message)
         except asyncio.QueueFull:
             log.warning("replica fan-out: inbox full; the resync sweep will catch up")
+
+    def _heard_cancel(self, digest: Any, key_id: Any) -> None:
+        # at once, not through the inbox: a cancel is worth nothing once it waits behind store reads
+        if self.on_cancel is None or not isinstance(digest, str) or len(digest) != 64:
+            return
+        if not isinstance(key_id, str) or len(key_id) > 64:
+            key_id = ""
+        try:
+            raw = bytes.fromhex(digest)
+        except ValueError:
+            return
+        try:
+            self.on_cancel(raw, key_id)
+        except Exception:
+            log.exception("replica fan-out: acting on a CancelRequest failed")
 
     async def _consume(self) -> None:
         while True:

@@ -224,9 +224,11 @@ async def serve_forever(config: HoopConfig, settings: Settings, say: Callable[[s
         proxies: list[tuple[str, Any, int]] = []
         if "postgres" in kinds:
             creds = ResourceCredentials(StaticCredentials(environ), roles)
-            proxies.append(("PostgreSQL", PgProxy(config, gate, hub, rt.clock, environ, credentials=creds,
-                                                  hash_key=masking_key, allow_cleartext=config.tls.cleartext_in_tls),
-                            config.listen.postgres))
+            pg_proxy = PgProxy(config, gate, hub, rt.clock, environ, credentials=creds, hash_key=masking_key,
+                               allow_cleartext=config.tls.cleartext_in_tls, peers=replicas)
+            # a CancelRequest that reached another replica is for a session here, if any
+            replicas.on_cancel = pg_proxy.cancel_by_digest
+            proxies.append(("PostgreSQL", pg_proxy, config.listen.postgres))
         if "ssh" in kinds:
             proxies.append(("SSH", SshProxy(config, gate, hub, rt.clock, environ, config.state_dir,
                                             hash_key=masking_key),

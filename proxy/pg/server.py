@@ -5,7 +5,9 @@ and one task runs its set-up as plain async code, inside ``asyncio.timeout``:
 
 1. SSLRequest is answered ``S`` and TLS starts (``N`` without TLS); GSSENCRequest gets ``N``;
    a CancelRequest is looked up in the table of live connections and sent to the upstream
-   backend it stands for; a newer protocol minor gets NegotiateProtocolVersion.
+   backend it stands for, or, when no session here holds its key, handed to the other
+   replicas as a digest (:mod:`proxy.pg.cancel`); a newer protocol minor gets
+   NegotiateProtocolVersion.
 2. The client logs in with user = grant login, database = resource name, password = grant
    secret: SCRAM-SHA-256 against the grant's stored verifier (a mock verifier for unknown
    logins, so both fail alike and as slowly), or a cleartext password inside TLS when
@@ -47,6 +49,7 @@ from broker.model import Grant
 from proxy.guard import Decision
 from proxy.mask import Masker
 from proxy.pg import codec, upstream
+from proxy.pg.cancel import CancelKeys, CancelPeers, could_be_ours
 from proxy.pg.inspect import Inspector, Stmt
 from proxy.pg.messages import Frontend, decode_password, decode_sasl_initial_response
 from proxy.pg.params import Refusal as _Refusal
@@ -74,13 +77,23 @@ class _Accepted(Reader):
         self.proxy._accept(self)
 
 
+#: what a cancel key stands for: the resource, the upstream backend's pid and key, the connection's log name
+_Target = tuple[PostgresResource, int, bytes, str]
+
+
 class PgProxy:
-    """hoop's PostgreSQL endpoint for every ``kind: postgres`` resource of ``config``."""
+    """hoop's PostgreSQL endpoint for every ``kind: postgres`` resource of ``config``.
+
+    ``peers`` are the other replicas: a CancelRequest for a session not held here goes to them
+    (as a digest; ``None``, one process, drops it as before). ``hash_key`` must be the same on
+    every replica: the cancel digests are keyed from it too.
+    """
 
     def __init__(self, config: HoopConfig, gate: Any, hub: Any, clock: Clock, environ: Mapping[str, str], *,
                  state_dir: Path | None = None, tls: ServerTls | None = None,
                  credentials: UpstreamCredentials | None = None, hash_key: bytes | None = None,
-                 allow_cleartext: bool = False, setup_timeout: float = 30.0) -> None:
+                 allow_cleartext: bool = False, setup_timeout: float = 30.0,
+                 peers: CancelPeers | None = None) -> None:
         self.config = config
         self.gate = gate
         self.hub = hub
@@ -105,7 +118,10 @@ class PgProxy:
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._relays: set[Relay] = set()
-        self._cancel: dict[tuple[int, bytes], tuple[PostgresResource, int, bytes]] = {}
+        self.peers = peers
+        self._cancel: CancelKeys[_Target] = CancelKeys(hash_key)
+        self._cancel_keys: dict[Relay, tuple[int, bytes]] = {}
+        self._foreign_keys: set[str] = set()  # key ids of other replicas' cancel digests already warned of
 
     # ---- lifecycle ----------------------------------------------------------------------
 
@@ -179,7 +195,7 @@ class PgProxy:
             elif isinstance(packet, codec.GSSENCRequest):
                 reader.write(b"N")
             elif isinstance(packet, codec.CancelRequest):
-                await self._cancel_request(packet)
+                await self._cancel_request(packet, reader)
                 assert reader.transport is not None
                 reader.transport.close()
                 return
@@ -292,22 +308,51 @@ class PgProxy:
         stream_rows = not masker.enabled
         relay = Relay(client, up, insp, session, self.clock, conn=conn, stream_rows=stream_rows,
                       on_closed=self._closed, max_row=resource.max_row_bytes)
-        relay.cancel_key = (pid, key)  # type: ignore[attr-defined]
         self._relays.add(relay)
-        self._cancel[(pid, key)] = (resource, up.pid, up.key)
+        self._cancel_keys[relay] = (pid, key)
+        self._cancel.add(pid, key, (resource, up.pid, up.key, conn))
         relay.start(reader.take(), up.reader.take())
         if ended or getattr(session, "end_reason", None):
             relay.end(ended[0] if ended else session.end_reason)
 
     def _closed(self, relay: Relay) -> None:
         self._relays.discard(relay)
-        self._cancel.pop(getattr(relay, "cancel_key", (0, b"")), None)
+        found = self._cancel_keys.pop(relay, None)
+        if found is not None:
+            self._cancel.remove(*found)
 
-    async def _cancel_request(self, packet: codec.CancelRequest) -> None:
-        target = self._cancel.get((packet.pid, packet.key))
+    async def _cancel_request(self, packet: codec.CancelRequest, reader: Reader) -> None:
+        target = self._cancel.get(packet.pid, packet.key)
+        if target is not None:
+            await self._cancel_upstream(target)
+            return
+        # Not a session of this replica. Like PostgreSQL, answer nothing either way: the client
+        # learns only that the connection closed, before the other replicas are asked.
+        assert reader.transport is not None
+        reader.transport.close()
+        if self.peers is not None and could_be_ours(packet.pid, packet.key):
+            await self.peers.ask_cancel(self._cancel.digest(packet.pid, packet.key), self._cancel.key_id)
+
+    def cancel_by_digest(self, digest: bytes, key_id: str) -> None:
+        """Another replica's CancelRequest: cancel upstream if a session here has that key."""
+        if key_id != self._cancel.key_id:
+            if key_id not in self._foreign_keys and len(self._foreign_keys) < 16:
+                self._foreign_keys.add(key_id)
+                log.warning("a replica digests PostgreSQL cancel keys under key id %r, this one under %r: their "
+                            "masking keys differ, so a CancelRequest sent to one for a session on the other does "
+                            "nothing (share one state_dir Secret made by `hoop state init`, or one masking_key)",
+                            key_id, self._cancel.key_id)
+            return
+        target = self._cancel.by_digest(digest)
         if target is None:
             return
-        resource, pid, key = target
+        log.info("conn=%s cancel request received by another replica", target[3])
+        task = asyncio.get_running_loop().create_task(self._cancel_upstream(target))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _cancel_upstream(self, target: _Target) -> None:
+        resource, pid, key, _conn = target
         try:
             await upstream.cancel(resource, pid, key)
         except UpstreamError as exc:

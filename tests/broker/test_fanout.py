@@ -9,6 +9,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 
 from broker import policy
@@ -247,3 +248,26 @@ async def test_concurrent_notifications_all_leave_and_keep_the_connection(
     await asyncio.sleep(0.5)  # b's lock check runs every 0.2 s alongside its own NOTIFYs
     assert a.replicas._conn is conn and a.replicas.is_leader and a.led == 1
     assert b.replicas.connected and not b.replicas.is_leader
+
+
+@pytest.mark.postgres
+async def test_cancel_digests_reach_the_other_replica_only(two: tuple[Replica, Replica, PgCluster, str]) -> None:
+    a, b, pg, db = two
+    got_a: list[bytes] = []
+    got_b: list[tuple[bytes, str]] = []
+    a.replicas.on_cancel = lambda d, _f: got_a.append(d)
+    b.replicas.on_cancel = lambda d, f: got_b.append((d, f))
+    digest = bytes(range(32))
+    assert await a.replicas.ask_cancel(digest, "k1")
+    await eventually(lambda: got_b == [(digest, "k1")])
+    # malformed cancel notifications (made by hand on the store) are ignored
+    conn = await asyncpg.connect(asyncpg_dsn(pg.sqlalchemy_url(db)))
+    try:
+        for payload in ('{"k": "cancel"}', '{"k": "cancel", "d": "zz"}', '{"k": "cancel", "d": 5}',
+                        '{"k": "cancel", "d": "' + "g" * 64 + '"}', '{"k": "cancel", "d": "' + "ab" * 16 + '"}'):
+            await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, payload)
+    finally:
+        await conn.close()
+    assert await b.replicas.ask_cancel(b"\x01" * 32)
+    await eventually(lambda: got_a == [b"\x01" * 32])
+    assert got_b == [(digest, "k1")]  # nothing more, and a replica never hears its own

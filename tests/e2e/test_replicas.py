@@ -1,12 +1,14 @@
-"""Two real `hoop serve` replicas on one PostgreSQL store: `hoop revoke` in a third process cuts a
-live psql session held open by the replica that did not revoke, at once (LISTEN/NOTIFY); exactly
-one replica leads the scheduler, and the other takes over when the leader stops."""
+"""Two real `hoop serve` replicas on one PostgreSQL store: psql's Ctrl-C that a balancer sends to
+the replica not holding the session still cancels the query; `hoop revoke` in a third process
+cuts a live psql session held open by the replica that did not revoke, at once (LISTEN/NOTIFY);
+exactly one replica leads the scheduler, and the other takes over when the leader stops."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ from broker.model import Session, SessionStatus
 from broker.store import Store
 from tests.conftest import base_config
 from tests.e2e.test_restart import run, start_serve, stop_serve
+from tests.support.balancer import RoundRobin
 from tests.support.pgcluster import PgCluster, free_port
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
@@ -38,6 +41,7 @@ async def test_revocation_reaches_a_session_on_another_replica(pg: PgCluster, tm
     data: dict[str, Any] = base_config()
     data["resources"][0].update(address=f"127.0.0.1:{pg.port}", database=upstream, user=pg.user,
                                 credential={"env": "PGPW"}, sslmode="disable")
+    data["masking_key"] = {"env": "MASKKEY"}  # replicas share it (hoop state init): cancel digests are keyed by it
     replicas: list[tuple[Path, dict[str, str], int]] = []
     for name in ("a", "b"):
         home = tmp_path / name
@@ -46,14 +50,14 @@ async def test_revocation_reaches_a_session_on_another_replica(pg: PgCluster, tm
         # every listener on a port chosen here: a port-0 listener of replica a could otherwise take the
         # ephemeral port just picked for replica b
         pg_port = free_port()
-        env = {**os.environ, "HOOP_DATABASE_URL": pg.sqlalchemy_url(store_db), "PGPW": pg.password,
+        env = {**os.environ, "HOOP_DATABASE_URL": pg.sqlalchemy_url(store_db), "PGPW": pg.password, "MASKKEY": "m" * 32,
                "HOOP_HTTP_PORT": str(free_port()), "HOOP_PG_PORT": str(pg_port),
                "HOOP_SSH_PORT": str(free_port()), "HOOP_HTTP_PROXY_PORT": str(free_port()),
                "PYTHONPATH": str(Path(__file__).parents[2])}
         for key in ("SLACK_APP_TOKEN", "SLACK_BOT_TOKEN", "SLACK_SIGNING_SECRET"):
             env.pop(key, None)
         replicas.append((home, env, pg_port))
-    (home_a, env_a, _), (home_b, env_b, port_b) = replicas
+    (home_a, env_a, port_a), (home_b, env_b, port_b) = replicas
     await run("db", "upgrade", env=env_a, cwd=home_a)
     procs: list[asyncio.subprocess.Process] = []
     psql: asyncio.subprocess.Process | None = None
@@ -74,6 +78,25 @@ async def test_revocation_reaches_a_session_on_another_replica(pg: PgCluster, tm
         await psql.stdin.drain()
         assert (await asyncio.wait_for(psql.stdout.readline(), 20)).strip() == b"1"
 
+        # psql's Ctrl-C through a balancer: the session is on b, the CancelRequest lands on a
+        lb = RoundRobin([port_b, port_a])
+        await lb.start()
+        try:
+            sleeper = await asyncio.create_subprocess_exec(
+                "psql", "-X", "-At", "-c", "SELECT pg_sleep(30)",
+                f"host=127.0.0.1 port={lb.port} user={grant['login']} dbname=prod-db sslmode=disable",
+                env={**os.environ, "PGPASSWORD": grant["secret"]}, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE)
+            await asyncio.sleep(1.5)  # let the query start upstream
+            sleeper.send_signal(signal.SIGINT)
+            began = time.monotonic()
+            _, err = await asyncio.wait_for(sleeper.communicate(), 10)
+            assert b"canceling statement due to user request" in err, err
+            assert time.monotonic() - began < 3.0
+            assert lb.routed == [port_b, port_a]
+        finally:
+            await lb.close()
+
         began = time.monotonic()
         await run("revoke", grant["grant"], "--as", "root@example.com", "--reason", "replica test",
                   env=env_a, cwd=home_a)
@@ -83,7 +106,9 @@ async def test_revocation_reaches_a_session_on_another_replica(pg: PgCluster, tm
             for _ in range(200):
                 async with store.tx() as tx:
                     rows = await tx.list_sessions(status=SessionStatus.CLOSED)
-                closed = next((r for r in rows if r.grant_id == grant["grant"]), None)
+                # not the Ctrl-C session above, which its client closed
+                closed = next((r for r in rows if r.grant_id == grant["grant"]
+                               and r.close_reason != "client closed the connection"), None)
                 if closed is not None:
                     break
                 await asyncio.sleep(0.05)
