@@ -31,7 +31,9 @@ async def behind_proxy(pg: PgCluster) -> AsyncIterator[tuple[Replica, Replica, S
     await proxy.start()
     config = config_without_extension_approval()
     clock = FakeClock()
-    timing = {"retry_every": 0.2, "resync_every": 3600, "op_timeout": 0.5}
+    # op_timeout: short, so a stall is found quickly, but with room for a loaded machine (a healthy probe
+    # slower than it counts as a lost connection and drops the lead)
+    timing = {"retry_every": 0.2, "resync_every": 3600, "op_timeout": 1.0}
     a = Replica(config, url, dsn.replace(f":{pg.port}/", f":{proxy.port}/"), clock, **timing)
     b = Replica(config, url, dsn, clock, **timing)
     await a.store.migrate()
