@@ -13,9 +13,10 @@ acts; the others keep their jobs and skip them, so a new leader has the schedule
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import TypeVar
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
@@ -23,10 +24,21 @@ from broker import policy
 from broker.clock import Clock
 from broker.errors import HoopError
 from broker.events import Event, GrantExtended, GrantIssued, RequestCreated
-from broker.model import GrantStatus, RequestStatus
+from broker.model import AccessRequest, Grant, GrantStatus, RequestStatus
 from broker.service import Service
+from broker.store.repo import Tx
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+#: rows read per query when the scheduler walks pending requests or grants, and the most pages one walk
+#: reads (a million rows; the rest wait for the next sweep, which a warning says)
+_PAGE = 1000
+_MAX_PAGES = 1000
+#: Slack retries an event for minutes (3 times, the last about 5 minutes on): the ids of processed events
+#: are kept a day, then forgotten, at most once an hour
+KEEP_EVENT_IDS = timedelta(days=1)
+_PRUNE_EVERY = timedelta(hours=1)
 
 
 @dataclass
@@ -40,7 +52,8 @@ class DueReport:
 
 class Scheduler:
     def __init__(self, service: Service, clock: Clock, *, sweep_every: timedelta = timedelta(seconds=15),
-                 settle_after: timedelta = timedelta(seconds=30), leader: Callable[[], bool] = lambda: True) -> None:
+                 settle_after: timedelta = timedelta(seconds=30), leader: Callable[[], bool] = lambda: True,
+                 page: int = _PAGE) -> None:
         self.service = service
         self.clock = clock
         self.sweep_every = sweep_every
@@ -49,14 +62,38 @@ class Scheduler:
         #: with several replicas only the leader acts on deadlines (see broker/fanout.py)
         self.leader = leader
         self._aps: AsyncIOScheduler | None = None
+        self._pruned_at: datetime | None = None
+        #: the earliest a reminder is due before its grant's end, over every resource (5 min: a removed one)
+        self._remind_ahead = max([r.reminder_before for r in service.config.resources] + [timedelta(minutes=5)])
+        self.page = page
+
+    async def _walk(self, read: Callable[[Tx, int], Awaitable[list[_T]]], what: str) -> list[_T]:
+        """Every row ``read`` gives, page by page in one transaction (a row another replica changes meanwhile
+        may be read twice, which the actions tolerate, or missed until the next sweep)."""
+        out: list[_T] = []
+        async with self.service.store.tx() as tx:
+            for page in range(_MAX_PAGES):
+                rows = await read(tx, page * self.page)
+                out.extend(rows)
+                if len(rows) < self.page:
+                    return out
+        log.warning("scheduler: more than %d %s; the rest wait for the next sweep", len(out), what)
+        return out
+
+    async def _pending(self) -> list[AccessRequest]:
+        return await self._walk(lambda tx, offset: tx.list_requests(
+            status=RequestStatus.PENDING, limit=self.page, offset=offset), "pending requests")
+
+    async def _active(self, expires_by: datetime | None = None) -> list[Grant]:
+        return await self._walk(lambda tx, offset: tx.list_grants(
+            status=GrantStatus.ACTIVE, expires_by=expires_by, limit=self.page, offset=offset), "active grants")
 
     async def run_due(self) -> DueReport:
         """Act on every deadline that has passed. Safe to call at any time, from any replica."""
         now = self.clock.now()
         report = DueReport()
-        async with self.service.store.tx() as tx:
-            pending = await tx.list_requests(status=RequestStatus.PENDING, limit=100_000)
-            active = await tx.list_grants(status=GrantStatus.ACTIVE, limit=100_000)
+        pending = await self._pending()
+        active = await self._active(expires_by=now + self._remind_ahead)  # due to end, or to be reminded
         for req in pending:
             if policy.is_met(req.steps, req.approvals):
                 # approved, but the process that took the last approval may have stopped before
@@ -87,7 +124,22 @@ class Scheduler:
                                                                                                    grant.expires_at):
                 await self.service.remind(grant.id)
                 report.reminded.append(grant.id)
+        await self._prune(now)
         return report
+
+    async def _prune(self, now: datetime) -> None:
+        """Forget old Slack event ids (the table grew by one row per event, for ever)."""
+        if self._pruned_at is not None and now - self._pruned_at < _PRUNE_EVERY:
+            return
+        self._pruned_at = now
+        try:
+            async with self.service.store.tx() as tx:
+                gone = await tx.prune_processed(now - KEEP_EVENT_IDS)
+        except Exception:
+            log.exception("pruning processed Slack event ids failed; tried again in an hour")
+            return
+        if gone:
+            log.info("scheduler: forgot %d Slack event ids older than %s", gone, KEEP_EVENT_IDS)
 
     def _remind_at(self, resource: str, expires_at: datetime) -> datetime:
         res = self.service.config.resource(resource)
@@ -102,9 +154,8 @@ class Scheduler:
         self._aps.add_job(self._tick, "interval", seconds=self.sweep_every.total_seconds(), id="sweep",
                           max_instances=1, coalesce=True)
         self._aps.start()
-        async with self.service.store.tx() as tx:
-            pending = await tx.list_requests(status=RequestStatus.PENDING, limit=100_000)
-            active = await tx.list_grants(status=GrantStatus.ACTIVE, limit=100_000)
+        pending = await self._pending()
+        active = await self._active()
         for req in pending:
             self.at(req.lapses_at)
         for grant in active:

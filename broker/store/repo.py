@@ -240,9 +240,10 @@ class Tx:
         return _grant(row) if row is not None else None
 
     async def list_grants(self, *, status: GrantStatus | None = None, identity: str | None = None,
-                          parent_id: str | None = None, limit: int | None = 1000, offset: int = 0,
-                          lock: bool = False) -> list[Grant]:
-        """Newest first; ties by id, so pages by ``offset`` keep one order."""
+                          parent_id: str | None = None, expires_by: datetime | None = None,
+                          limit: int | None = 1000, offset: int = 0, lock: bool = False) -> list[Grant]:
+        """Newest first; ties by id, so pages by ``offset`` keep one order. ``expires_by``: only grants whose
+        ``expires_at`` is at or before it."""
         q = (select(t.grants).order_by(t.grants.c.created_at.desc(), t.grants.c.id.desc())
              .limit(limit).offset(offset))
         if lock and self._row_lock():
@@ -253,6 +254,8 @@ class Tx:
             q = q.where(t.grants.c.identity == identity)
         if parent_id is not None:
             q = q.where(t.grants.c.parent_id == parent_id)
+        if expires_by is not None:
+            q = q.where(t.grants.c.expires_at <= expires_by)
         return [_grant(r) for r in await self.conn.execute(q)]
 
     async def count_grants(self, *, status: GrantStatus) -> int:
@@ -450,6 +453,11 @@ class Tx:
         except IntegrityError:
             return False
         return True
+
+    async def prune_processed(self, before: datetime) -> int:
+        """Forget the keys recorded before ``before`` (Slack retries an event within minutes); how many."""
+        done = await self.conn.execute(delete(t.processed_events).where(t.processed_events.c.at < before))
+        return int(done.rowcount or 0)
 
 
 class Store:

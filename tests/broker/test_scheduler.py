@@ -143,3 +143,54 @@ async def test_scheduler_decides_a_met_request_instead_of_lapsing_it(config: Hoo
     assert report.decided == [req.id] and report.lapsed == []
     grant = notifier.of(GrantIssued)[0].grant
     assert grant.expires_at == clock.now() + timedelta(hours=1)  # the full hour, from the decision
+
+
+async def test_every_due_grant_and_request_is_read_page_by_page(config: HoopConfig, store: Store,
+                                                                 clock: FakeClock) -> None:
+    """The scheduler read at most 100,000 rows, so past that grants were never expired by it; it now walks
+    the rows in pages (two rows here) and reads only grants due to end or to be reminded."""
+    service = Service(config, store, clock, RecordingNotifier())
+    ids = []
+    for i in range(5):
+        req = await service.request(who(config, "alice@example.com"), "prod-db", "10m", f"n{i}")
+        await service.approve(req.id, who(config, "dana@example.com"))
+        result = await service.approve(req.id, who(config, "sam@example.com"))
+        assert result.grant is not None
+        ids.append(result.grant.id)
+    later = await service.request(who(config, "bob@example.com"), "prod-db", "1h", "not yet due")
+    await service.approve(later.id, who(config, "dana@example.com"))
+    lasting = (await service.approve(later.id, who(config, "sam@example.com"))).grant
+    assert lasting is not None
+    lapsing = [await service.request(who(config, "bob@example.com"), "prod-db", "1h", f"p{i}") for i in range(3)]
+    clock.advance(timedelta(minutes=11))
+    async with store.tx() as tx:  # what the sweep reads: the due grants, not the one ending in 49 minutes
+        due = await tx.list_grants(status=GrantStatus.ACTIVE, expires_by=clock.now() + timedelta(minutes=5))
+    assert sorted(g.id for g in due) == sorted(ids)
+    clock.advance(config.resource("prod-db").pending_ttl)  # type: ignore[union-attr]
+    report = await Scheduler(service, clock, page=2).run_due()
+    assert sorted(report.expired) == sorted([*ids, lasting.id])
+    assert sorted(report.lapsed) == sorted(r.id for r in lapsing)
+
+
+async def test_old_slack_event_ids_are_forgotten_hourly(config: HoopConfig, store: Store, clock: FakeClock) -> None:
+    service = Service(config, store, clock, RecordingNotifier())
+    async with store.tx() as tx:
+        assert await tx.mark_processed("Ev-old", clock.now())
+    clock.advance(timedelta(hours=23))
+    async with store.tx() as tx:
+        assert await tx.mark_processed("Ev-new", clock.now())
+    sched = Scheduler(service, clock)
+    clock.advance(timedelta(hours=2))  # Ev-old is 25 h old, Ev-new 2 h
+    await sched.run_due()
+    async with store.tx() as tx:
+        assert await tx.mark_processed("Ev-old", clock.now())  # forgotten: new again
+        assert not await tx.mark_processed("Ev-new", clock.now())  # kept: still a duplicate
+        assert await tx.mark_processed("Ev-late", clock.now() - timedelta(days=2))
+    clock.advance(timedelta(minutes=30))
+    await sched.run_due()  # within the hour: no second prune
+    async with store.tx() as tx:
+        assert not await tx.mark_processed("Ev-late", clock.now())
+    clock.advance(timedelta(minutes=31))
+    await sched.run_due()
+    async with store.tx() as tx:
+        assert await tx.mark_processed("Ev-late", clock.now())
