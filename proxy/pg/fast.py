@@ -15,7 +15,9 @@ forwarded whole, in one write.
 They never decide anything the general path would not: the guard still sees every
 statement through ``Inspector._check`` (its cache holds a decision per identical statement
 text, and the guard's own cache per provably decision-preserving shape); anything other
-than a plain allow, anything that must be masked or looked at more closely (a masked column,
+than a plain allow (a statement the guard sends to review is held at each execution, so a
+batch binding a name that may hold one, or one that may EXECUTE or replace such a name, is
+left to the general path), anything that must be masked or looked at more closely (a masked column,
 a detector prefilter hit, an unknown table, a refusal to slot in, a hidden Describe), and
 any chunk or state that is not exactly the expected one returns False *before* changing
 anything, and the general path handles the chunk as before. Every statement is still
@@ -138,6 +140,8 @@ def fast_request(insp: Inspector, buf: bytes) -> bool:
         return False
     else:
         action, rule = decision.action, decision.rule
+    if insp.marks and "other" in kinds:  # it may EXECUTE, DEALLOCATE or PREPARE a statement under review
+        return False
     insp.stats["statements"] += 1
     insp._forget(sql, kinds)
     insp.expect.append(("query", Rec(text, kinds, action, rule)))
@@ -228,12 +232,16 @@ def fast_batch(insp: Inspector, buf: bytes) -> bool:
         text, kinds, decision = insp._check(p.sql)
         if decision is not None and (decision.blocked or decision.needs_review):
             return False
+        if insp.marks and (statement in insp.marks or "other" in kinds):  # see inspect: marks
+            return False
         effect = insp._forget(p.sql, kinds)
         stmt = insp.statements[statement] = Stmt(p.sql, text, kinds, dynamic=effect.dynamic, effect=effect)
         insp.expect.append(("parse", None))
     else:
         found = insp.statements.get(statement)
         stmt = found if found is not None else insp._unknown(statement)
+        if insp.marks and (statement in insp.marks or None in insp.marks or "other" in stmt.kinds):
+            return False  # each execution of a statement under review is held (see inspect: marks)
     portal = Portal(stmt, result_formats, round=insp.round)
     if stmt.fields is not None and not stmt.dynamic:
         portal.plan = insp._plan_for(stmt.fields, formats_for(len(stmt.fields.fields), result_formats))

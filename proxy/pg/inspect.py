@@ -14,8 +14,14 @@ head of the queue.
 
 A statement the guard blocks never reaches the server: a Query gets ErrorResponse 42501 and
 ReadyForQuery; a Parse gets ErrorResponse and the rest of its batch is discarded up to Sync,
-as the server itself would. A statement under review stops the client side: the relay
-pauses reading and resumes at that very message once the reviewer has decided.
+as the server itself would. A statement under review stops the client side at each
+execution: the relay pauses reading and resumes at that very message once the reviewer has
+decided. A review decides one execution: a Query, or one Execute of a portal (the Executes
+that fetch more of an allowed portal are part of it); a Parse or ``PREPARE`` of such a
+statement runs nothing and passes unasked, and each Bind of it is reviewed with its
+parameters (:mod:`proxy.pg.review`), as is each SQL ``EXECUTE`` of a name that may hold it
+(:meth:`~proxy.pg.state.State._marks_of`). A refused execution is refused like a blocked
+statement; the next one is asked again.
 
 A refusal must also do to the session what a real error does: inside a transaction block
 (``BEGIN ...``) or an extended-protocol batch, an error aborts the transaction, so that the
@@ -47,6 +53,7 @@ from proxy.pg.messages import (
     Buf,
     Frontend,
     MalformedMessage,
+    decode_bind,
     decode_bind_head,
     decode_close,
     decode_describe,
@@ -54,10 +61,11 @@ from proxy.pg.messages import (
     decode_parse,
     decode_query,
 )
-from proxy.pg.names import NO_EFFECT
+from proxy.pg.names import NO_EFFECT, Effect, label
 from proxy.pg.replies import Replies
+from proxy.pg.review import parameters
 from proxy.pg.rows import formats_for
-from proxy.pg.state import QUERY_SYNC, SKIPPED, Portal, Rec, Stmt, Suspend
+from proxy.pg.state import QUERY_SYNC, SKIPPED, Mark, Portal, Rec, Stmt, Suspend
 from proxy.sqlguard import READ_ONLY_RULE, Analysis, is_write
 
 __all__ = ["STAND_IN", "Inspector", "Portal", "Rec", "Stmt", "Suspend"]
@@ -73,10 +81,32 @@ _F_SKIPPED = frozenset({Frontend.QUERY, Frontend.PARSE, Frontend.BIND, Frontend.
 #: what the server is sent in place of a refused statement: fails with a syntax error (42601)
 STAND_IN = "hoop refused this statement"
 _STAND_IN_QUERY = codec.encode_query(STAND_IN)
+#: in place of a refused Execute: a named Parse that fails in the parser changes no statement
+_STAND_IN_PARSE = codec.encode_parse("hoop_refused", STAND_IN)
 
 
 def _read_only(decision: Decision) -> Decision:
     return Decision("block", READ_ONLY_RULE, "the resource is read-only", decision.subject)
+
+
+def _refused(decision: Decision) -> Decision:
+    return Decision("block", decision.rule, "review refused", decision.subject)
+
+
+def _shown(text: str, marks: tuple[Mark, ...] | list[Mark], name: str) -> str:
+    """A review's text: the statement, then what the name it runs may hold (when that is not itself)."""
+    seen = {text}
+    for m in marks:
+        if m.stmt.text not in seen:
+            seen.add(m.stmt.text)
+            text += f"\n-- {name} may run: {m.stmt.text}"
+    return text
+
+
+def _review(marks: tuple[Mark, ...] | list[Mark]) -> Decision:
+    review = marks[0].stmt.review
+    assert review is not None  # only statements needing review are marked
+    return review
 
 
 class Inspector(Replies):
@@ -175,10 +205,19 @@ class Inspector(Replies):
             if t == Frontend.QUERY:
                 sql = decode_query(body).sql
                 text, kinds, decision = self._check(sql)
-                if decision is not None and decision.needs_review and frames[i] is not self.approved:
-                    return self._hold(out, run, buf, s, i, frames, Stmt(sql, text, kinds), decision)
-                if decision is not None and (decision.blocked or (decision.needs_review
-                                                                   and frames[i] is not self.approved)):
+                effect = self._effect(sql, kinds) if kinds else NO_EFFECT
+                own = decision if decision is not None and decision.needs_review else None
+                held = self._held_query(text, effect, decision)
+                if held is not None:
+                    if frames[i] is self.refused:
+                        decision = _refused(held[1])
+                    elif frames[i] is not self.approved:
+                        return self._hold(out, run, buf, s, i, frames, Stmt(sql, held[0], kinds), held[1])
+                    else:
+                        decision = held[1]
+                elif own is not None:  # nothing but PREPAREs: each EXECUTE is reviewed
+                    decision = None
+                if decision is not None and decision.blocked:
                     forward = False
                     self._blocked(text, kinds, decision)
                     if self._idle():
@@ -192,14 +231,15 @@ class Inspector(Replies):
                 else:
                     self.stats["statements"] += 1
                     self._forget(sql, kinds)
-                    self.expect.append(("query", Rec(text, kinds, decision.action if decision else "allow",
-                                                     decision.rule if decision else None)))
+                    rec = Rec(text, kinds, decision.action if decision else "allow",
+                              decision.rule if decision else None)
+                    if effect is not NO_EFFECT:
+                        self._ran_prepares(effect, own, text, rec)
+                    self.expect.append(("query", rec))
                     self.round += 1
             elif t == Frontend.PARSE:
                 p = self._decoded(t, body, decode_parse)
                 text, kinds, decision = self._check(p.sql)
-                if decision is not None and decision.needs_review and frames[i] is not self.approved:
-                    return self._hold(out, run, buf, s, i, frames, Stmt(p.sql, text, kinds), decision)
                 if decision is not None and decision.blocked:
                     forward = False
                     self._blocked(text, kinds, decision)
@@ -214,14 +254,23 @@ class Inspector(Replies):
                     self.discarding = True
                 else:
                     effect = self._forget(p.sql, kinds)
-                    self.statements[p.statement] = Stmt(p.sql, text, kinds, dynamic=effect.dynamic, effect=effect)
-                    self.expect.append(("parse", None))
+                    review = decision if decision is not None and decision.needs_review else None
+                    stmt = self.statements[p.statement] = Stmt(p.sql, text, kinds, dynamic=effect.dynamic,
+                                                               effect=effect, review=review)
+                    seq = self._supersede(p.statement)
+                    if review is not None and not effect.only_prepare:
+                        self._mark(p.statement, stmt)
+                    self.expect.append(("parse", None if seq is None else (frozenset((p.statement,)), seq)))
             elif t == Frontend.BIND:
                 portal_name, statement, result_formats = decode_bind_head(body)
-                stmt = self.statements.get(statement)
-                if stmt is None:
-                    stmt = self._unknown(statement)  # SQL PREPARE, or the server will refuse
+                known = self.statements.get(statement)
+                stmt = known if known is not None else self._unknown(statement)  # SQL PREPARE, or missing
                 portal = Portal(stmt, result_formats, round=self.round)
+                if self.marks:
+                    portal.marks = self._marks_of(statement)
+                    portal.name = label(statement)
+                    b = decode_bind(body)
+                    portal.params = parameters(self.masker, b.param_formats, b.params)
                 if stmt.fields is not None and not stmt.dynamic:
                     portal.plan = self._plan_for(stmt.fields, formats_for(len(stmt.fields.fields), result_formats))
                     portal.described = True
@@ -243,22 +292,36 @@ class Inspector(Replies):
                 found = self.portals.get(ex.portal)
                 if found is None:  # a SQL cursor, or one the server will say is missing
                     found = self.portals[ex.portal] = Portal(self._unknown(ex.portal, portal=True), ())
-                if self.masker is not None and (not found.described or found.round != self.round):
+                stmt = found.stmt
+                rec = Rec(stmt.text, stmt.kinds, "allow", None)
+                held = self._held_portal(found) if (found.marks or self.marks) and not found.approved else None
+                if held is not None:
+                    if frames[i] is self.refused:
+                        forward = False
+                        extra = self._refuse_execute(stmt, _refused(held[1]))
+                    elif frames[i] is not self.approved:
+                        return self._hold(out, run, buf, s, i, frames, Stmt(stmt.sql, held[0], stmt.kinds), held[1])
+                    else:
+                        found.approved = True
+                        rec.decision, rec.rule = "review", held[1].rule
+                if forward and self.masker is not None and (not found.described or found.round != self.round):
                     # not described in this round trip (a cursor fetch, a SQL cursor): ask for
                     # the columns ourselves, and keep the answer
                     found.described = True
                     found.round = self.round
                     extra = codec.encode_describe("P", ex.portal)
                     self.expect.append(("describe_p", (found, True)))
-                stmt = found.stmt
-                self.stats["statements"] += 1
-                self._push_execute(found, Rec(stmt.text, stmt.kinds, "allow", None))
-                if stmt.effect is not NO_EFFECT:
-                    self._ran(stmt.effect)
+                if forward:
+                    self.stats["statements"] += 1
+                    if stmt.effect is not NO_EFFECT:
+                        self._ran(stmt.effect)
+                        self._ran_prepares(stmt.effect, stmt.review, stmt.text, rec)
+                    self._push_execute(found, rec)
             elif t == Frontend.CLOSE:
                 c = self._decoded(t, body, decode_close)
                 (self.statements if c.kind == "S" else self.portals).pop(c.name, None)
-                self.expect.append(("close", None))
+                seq = self._supersede(c.name) if c.kind == "S" else None
+                self.expect.append(("close", None if seq is None else (frozenset((c.name,)), seq)))
             elif t in (Frontend.COPY_DONE, Frontend.COPY_FAIL):
                 self.copy_in = False
             elif t == Frontend.SYNC:
@@ -335,12 +398,53 @@ class Inspector(Replies):
 
         async def wait() -> None:
             allowed = await self.review(stmt, decision)
-            if allowed:
-                self.approved = key
-            else:
-                # refused: decide again as a block
-                self._texts[stmt.sql] = (stmt.text, stmt.kinds, Decision("block", decision.rule, "review refused",
-                                                                          decision.subject))
-                self.approved = None
+            # one execution is decided: the next one is asked again
+            self.approved, self.refused = (key, None) if allowed else (None, key)
 
         return out, i, wait
+
+    def _held_query(self, text: str, effect: Effect, decision: Decision | None) -> tuple[str, Decision] | None:
+        """(review text, decision) when a Query must be reviewed: its own text is sent to review
+        (unless it only PREPAREs), or it EXECUTEs a name that may hold such a statement."""
+        if decision is not None and decision.blocked:
+            return None
+        if decision is not None and decision.needs_review and not effect.only_prepare:
+            return text, decision
+        return self._executes(text, effect)
+
+    def _executes(self, text: str, effect: Effect) -> tuple[str, Decision] | None:
+        """(review text, decision) when ``effect`` EXECUTEs a name that may hold a statement needing review."""
+        if not self.marks or effect.executes == frozenset():
+            return None
+        runs = effect.executes if effect.executes is not None else [n for n in self.marks if n is not None]
+        for name in runs:
+            marks = self._marks_of(name)
+            if marks:
+                return _shown(text, marks, label(name)), _review(marks)
+        anyname = self.marks.get(None)
+        if effect.executes is None and anyname:  # a nested EXECUTE: its name is unknown
+            return _shown(text, anyname, "a nested EXECUTE"), _review(anyname)
+        return None
+
+    def _held_portal(self, portal: Portal) -> tuple[str, Decision] | None:
+        """(review text, decision) when executing ``portal`` must be reviewed: it was bound to a
+        statement needing review, or its statement EXECUTEs one."""
+        stmt = portal.stmt
+        if portal.marks:
+            own = stmt.review is not None and not stmt.effect.only_prepare
+            review = stmt.review if own and stmt.review is not None else _review(portal.marks)
+            return _shown(stmt.text, portal.marks, portal.name) + portal.params, review
+        got = self._executes(stmt.text, stmt.effect)
+        return None if got is None else (got[0] + portal.params, got[1])
+
+    def _refuse_execute(self, stmt: Stmt, decision: Decision) -> bytes | None:
+        """Refuse an Execute whose review was refused: the rest of its batch is not run (the
+        server's own stand-in error aborts it, and the transaction, as a real error would)."""
+        self._blocked(stmt.text, stmt.kinds, decision)
+        self.discarding = True
+        if self._idle():
+            self._inject(self._refusal(decision))
+            return None
+        self._stand_in(self._refusal(decision))
+        self.batch_sent = True
+        return _STAND_IN_PARSE

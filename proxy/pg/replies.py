@@ -195,7 +195,9 @@ class Replies(State):
                         out.append(buf[run:s])
                     return out, n, None
             elif t in _SIMPLE_POPS:
-                self._pop_to(_SIMPLE_POPS[t])
+                done = self._pop_to(_SIMPLE_POPS[t])
+                if done is not None and t != Backend.BIND_COMPLETE:  # a Parse or Close replaced marked names
+                    self._confirm(*done)
             elif t in (Backend.BACKEND_KEY_DATA, Backend.AUTHENTICATION):
                 raise MalformedMessage("unexpected start-up message from the server")
             if replace is None and not drop:

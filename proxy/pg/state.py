@@ -17,6 +17,15 @@ transaction ends (:meth:`State._ended`). So a portal's masking plan is trusted o
 round trip (``round``: the Syncs and Queries sent so far) that bound or described it; an
 Execute in a later one, or of a portal hoop never saw bound (a SQL cursor), is preceded by a
 hidden Describe whose answer hoop keeps to itself.
+
+Reviews are per execution. A statement the guard sends to review is parsed (and PREPAREd)
+without asking, and every execution of it is held (:mod:`proxy.pg.inspect`). Which names may
+run such a statement is kept in ``marks``, by name, from the moment its definition is sent
+until the server confirms a later message replaced or dropped it (ParseComplete,
+CloseComplete, a successful ``DEALLOCATE``): hoop's own view of a name is what the client
+sent last, but a message the server skips (after an error in its batch) or refuses leaves the
+earlier definition in place. Only a Bind in the same batch as the replacing message can trust
+that message (if it failed, the server skips the Bind too).
 """
 
 from __future__ import annotations
@@ -68,6 +77,15 @@ class Stmt:
     dynamic: bool = False  # its result shape is decided when it runs (EXECUTE, FETCH): fields are not reused
     #: what running it does to the namespaces: applied at each Execute of a portal bound to it
     effect: names.Effect = names.NO_EFFECT
+    review: Decision | None = None  # the guard sends it to review: each execution is held
+
+
+@dataclass(slots=True)
+class Mark:
+    """A definition needing review that the server may hold under a statement name."""
+
+    stmt: Stmt
+    seq: int
 
 
 @dataclass(slots=True)
@@ -77,13 +95,18 @@ class Portal:
     plan: Plan | None = None
     described: bool = False
     round: int = -1  # the round trip (``State.round``) in which it was bound or described
+    marks: tuple[Mark, ...] = ()  # the definitions needing review it may run (found at Bind)
+    params: str = ""  # its parameters as a review shows them (only when it may need one)
+    name: str = ""  # its statement's name as a review shows it (with ``marks``)
+    approved: bool = False  # a reviewer allowed its execution: later Executes (cursor fetches) are part of it
 
 
 class Rec:
     """One statement being executed, recorded when its result is complete (a plain class: one
     is made per statement, and a dataclass with default factories costs twice as much)."""
 
-    __slots__ = ("columns", "command", "decision", "error", "kinds", "rows", "rule", "sample", "t0", "text")
+    __slots__ = ("columns", "command", "decision", "error", "kinds", "rows", "rule", "sample", "t0", "text",
+                 "unmark")
 
     def __init__(self, text: str, kinds: list[str], decision: str, rule: str | None) -> None:
         self.text = text
@@ -96,6 +119,8 @@ class Rec:
         self.command: str | None = None  # set when the server ended the transaction with ROLLBACK
         self.columns: list[str] = _NO_COLUMNS
         self.sample: list[list[str | None]] = []
+        #: when it succeeds, marks it replaces or drops are gone: (names, None for all; last seq it replaces)
+        self.unmark: tuple[frozenset[str] | None, int] | None = None
 
 
 
@@ -127,6 +152,13 @@ class State:
         #: an extended-protocol Execute is in COPY FROM STDIN: the server eats Syncs until CopyDone/CopyFail
         self.copy_in = False
         self.approved: object = None  # the frame a reviewer allowed (held by reference)
+        self.refused: object = None  # the frame a reviewer refused, or whose review timed out
+        #: statement name -> definitions needing review the server may hold (None: a name hoop
+        #: could not read, a PREPARE nested in a DO block: it applies to every name)
+        self.marks: dict[str | None, list[Mark]] = {}
+        #: name -> (round, seq) of the last message sent that replaces or drops its definitions
+        self._superseded: dict[str | None, tuple[int, int]] = {}
+        self._seq = 0
         self.status = "I"  # of the last ReadyForQuery the server sent
         self.round = 0  # Syncs and Queries sent upstream: a round trip's portals are described in it
         self.plan: Plan | None = None  # of the result being streamed
@@ -225,11 +257,8 @@ class State:
         if len(self.expect) == 1:
             self._head()
 
-    def _forget(self, sql: str, kinds: list[str]) -> names.Effect:
-        """Forget the statements and portals ``sql`` (a Query or a Parse about to go upstream)
-        replaces or destroys, and return that effect (its ``dynamic``: its result shape is
-        decided when it runs). For a Parse this is only a fail-safe: the server changes its
-        namespaces when a portal of the statement is executed, which :meth:`_ran` follows."""
+    def _effect(self, sql: str, kinds: list[str]) -> names.Effect:
+        """What ``sql`` does to the namespaces (cached per text)."""
         if self.guard is not None and "other" not in kinds:  # every statement of names.TAGS is kind other
             return names.NO_EFFECT
         found = self._effects.get(sql)
@@ -239,6 +268,63 @@ class State:
             if len(self._effects) > 1024:
                 self._effects.clear()
             self._effects[sql] = found
+        return found
+
+    # ---- marks: which statement names may run a statement needing review --------------------
+
+    def _supersede(self, name: str | None) -> int | None:
+        """A message replacing or dropping ``name`` (None: every name) is sent: returns the last
+        seq it replaces, to confirm with :meth:`_confirm` once the server ran it; None when no
+        mark is concerned."""
+        if not self.marks or (name is not None and name not in self.marks):
+            return None
+        for key in (list(self.marks) if name is None else [name]):
+            self._superseded[key] = (self.round, self._seq)
+        return self._seq
+
+    def _confirm(self, gone: frozenset[str] | None, seq: int) -> None:
+        """The server ran a message that replaced or dropped ``gone`` (None: every name)."""
+        for key in (list(self.marks) if gone is None else gone):
+            kept = [m for m in self.marks.get(key, ()) if m.seq > seq]
+            if kept:
+                self.marks[key] = kept
+            else:
+                self.marks.pop(key, None)
+                self._superseded.pop(key, None)
+
+    def _mark(self, name: str | None, stmt: Stmt) -> None:
+        self._seq += 1
+        self.marks.setdefault(name, []).append(Mark(stmt, self._seq))
+
+    def _marks_of(self, name: str) -> tuple[Mark, ...]:
+        """The definitions needing review that running statement ``name`` now may run."""
+        got = self.marks.get(name)
+        sup = self._superseded.get(name)
+        if got and sup is not None and sup[0] == self.round:  # replaced in this very batch: trust it
+            got = [m for m in got if m.seq > sup[1]]
+        anyname = self.marks.get(None)
+        return (*(got or ()), *(anyname or ()))
+
+    def _ran_prepares(self, effect: names.Effect, review: Decision | None, text: str, rec: Rec) -> None:
+        """A text with ``effect`` is sent to run (a Query, or the Execute of a parsed statement):
+        what it deallocates or replaces is gone once it succeeds, what it PREPAREs under review
+        is marked now."""
+        gone = effect.statements
+        if self.marks and (gone is None or any(n in self.marks for n in gone)):
+            seqs = [q for n in ((None,) if gone is None else gone) if (q := self._supersede(n)) is not None]
+            if seqs:
+                rec.unmark = (gone, max(seqs))
+        if review is not None and effect.prepares != frozenset():
+            marker = Stmt("", text, [], dynamic=True, review=review)
+            for name in (None,) if effect.prepares is None else effect.prepares:
+                self._mark(name, marker)
+
+    def _forget(self, sql: str, kinds: list[str]) -> names.Effect:
+        """Forget the statements and portals ``sql`` (a Query or a Parse about to go upstream)
+        replaces or destroys, and return that effect (its ``dynamic``: its result shape is
+        decided when it runs). For a Parse this is only a fail-safe: the server changes its
+        namespaces when a portal of the statement is executed, which :meth:`_ran` follows."""
+        found = self._effect(sql, kinds)
         if found is not names.NO_EFFECT:
             self._ran(found)
         return found
@@ -279,6 +365,8 @@ class State:
                                 "ms": ms, "rows": rec.rows, "error": rec.error}
         if rec.command is not None:
             data["command"] = rec.command
+        if rec.unmark is not None and rec.error is None:
+            self._confirm(*rec.unmark)
         if rec.sample:
             data["rows_sample"] = {"columns": rec.columns, "rows": rec.sample}
         self._record("statement", data)

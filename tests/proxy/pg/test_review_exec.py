@@ -1,0 +1,170 @@
+"""Reviews decide one execution (README Limits, "Reviews of prepared statements"): a cached
+prepared statement, a second Bind, SQL PREPARE/EXECUTE are each reviewed again; a cursor fetch
+of an allowed portal is not; a refused execution refuses only itself. Real clients, real cluster."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import asyncpg
+import psycopg
+import pytest
+
+from broker.events import ReviewRequested
+from tests.proxy.pg.harness import OPS, Hoop
+from tests.proxy.pg.test_txn_block import new_table, rows
+from tests.support.pgcluster import PgCluster
+
+pytestmark = pytest.mark.postgres
+
+
+class Reviewer:
+    """Decides the hub's reviews as they come, in order, and keeps their texts."""
+
+    def __init__(self, hoop: Hoop) -> None:
+        self.hoop = hoop
+        self.seen = 0
+        self.texts: list[str] = []
+
+    async def decide(self, allow: bool) -> str:
+        for _ in range(200):
+            found = [e for e in self.hoop.notifier.events if isinstance(e, ReviewRequested)]
+            if len(found) > self.seen:
+                review = found[self.seen].review
+                self.seen += 1
+                self.texts.append(review.text)
+                await self.hoop.hub.reviews.decide(review.id, OPS, allow)
+                return review.text
+            await asyncio.sleep(0.05)
+        raise AssertionError("no review was asked for")
+
+    def count(self) -> int:
+        return len([e for e in self.hoop.notifier.events if isinstance(e, ReviewRequested)])
+
+
+async def reviewed(reviewer: Reviewer, call: Any, allow: bool = True) -> tuple[Any, str]:
+    task = asyncio.ensure_future(call)
+    text = await reviewer.decide(allow)
+    return await task, text
+
+
+async def test_asyncpg_same_statement_twice_is_reviewed_twice(hoop: Hoop, pg: PgCluster, pgdb: str) -> None:
+    t = new_table(pg, pgdb)
+    pg.psql(f"INSERT INTO {t} SELECT generate_series(1, 5)", database=pgdb)
+    reviewer = Reviewer(hoop)
+    conn = await asyncpg.connect(hoop.dsn())
+    try:
+        sql = f"DELETE FROM {t} WHERE id > $1"
+        got, text = await reviewed(reviewer, conn.execute(sql, 4))  # asyncpg prepares and caches it
+        assert got == "DELETE 1" and text.startswith(sql) and "$1 = [binary, 4 bytes]" in text
+        got, _ = await reviewed(reviewer, conn.execute(sql, 3))  # the cached statement: Bind/Execute only
+        assert got == "DELETE 1"
+        assert reviewer.count() == 2
+        stmt = await conn.prepare(sql)
+        for n in (2, 1):
+            got, _ = await reviewed(reviewer, stmt.fetch(n))
+        assert reviewer.count() == 4
+        assert await conn.fetchval("SELECT 1") == 1  # plain statements are not reviewed
+        assert reviewer.count() == 4
+    finally:
+        await conn.close()
+    assert rows(pg, pgdb, t) == [1]
+
+
+async def test_second_bind_is_reviewed_with_its_masked_parameters(hoop: Hoop, pg: PgCluster, pgdb: str) -> None:
+    t = new_table(pg, pgdb)
+    pg.psql(f"INSERT INTO {t} SELECT generate_series(1, 3)", database=pgdb)
+    reviewer = Reviewer(hoop)
+    # psycopg sends text-format parameters; prepare=True makes it a named, reused statement
+    conn = await psycopg.AsyncConnection.connect(hoop.dsn(), autocommit=True)
+    try:
+        sql = f"DELETE FROM {t} WHERE id = %t AND %t <> 'x'"  # %t: text format
+        for n, note in ((1, "bob@example.com"), (2, "line1\nline2 " + "y" * 500)):
+            cur, text = await reviewed(reviewer, conn.execute(sql, [n, note], prepare=True))
+            assert cur.rowcount == 1
+            assert text.startswith(f"DELETE FROM {t} WHERE id = $1 AND $2 <> 'x'"), text
+            assert f"$1 = '{n}'" in text
+        first, second = reviewer.texts
+        assert "bob@example.com" not in first and "[email]" in first  # masked before it is posted
+        assert "\\x0a" in second and "\nline2" not in second and "… (" in second and "y" * 201 not in second
+        recorded = [e.get("text", "") for e in await hoop.events("review")]
+        assert not any("bob@example.com" in r for r in recorded)
+    finally:
+        await conn.close()
+    assert rows(pg, pgdb, t) == [3]
+
+
+async def test_cursor_fetches_of_an_allowed_portal_are_not_reviewed_again(hoop: Hoop, pg: PgCluster,
+                                                                         pgdb: str) -> None:
+    t = new_table(pg, pgdb)
+    pg.psql(f"INSERT INTO {t} SELECT generate_series(1, 10)", database=pgdb)
+    reviewer = Reviewer(hoop)
+    conn = await asyncpg.connect(hoop.dsn())
+    try:
+        async with conn.transaction():
+            cur = await conn.cursor(f"DELETE FROM {t} WHERE id > $1 RETURNING id", 0)  # Bind only: runs nothing
+            assert reviewer.count() == 0
+            first, _ = await reviewed(reviewer, cur.fetch(3))  # the first Execute (with max_rows) is reviewed
+            more = await cur.fetch(3)  # later Executes of the same portal
+            rest = await cur.fetch(10)
+        assert sorted(r["id"] for r in [*first, *more, *rest]) == list(range(1, 11))
+        assert reviewer.count() == 1
+    finally:
+        await conn.close()
+    assert rows(pg, pgdb, t) == []
+
+
+async def test_sql_prepare_is_reviewed_at_each_execute(hoop: Hoop, pg: PgCluster, pgdb: str) -> None:
+    t = new_table(pg, pgdb)
+    pg.psql(f"INSERT INTO {t} SELECT generate_series(1, 5)", database=pgdb)
+    reviewer = Reviewer(hoop)
+    conn = await asyncpg.connect(hoop.dsn())
+    try:
+        await conn.execute(f"PREPARE d(int) AS DELETE FROM {t} WHERE id >= $1")
+        assert reviewer.count() == 0  # PREPARE runs nothing: not held
+        got, text = await reviewed(reviewer, conn.execute("EXECUTE d(5)"))
+        assert got == "DELETE 1" and text.startswith("EXECUTE d(5)")
+        assert f"d may run: PREPARE d(int) AS DELETE FROM {t}" in text
+        got, _ = await reviewed(reviewer, conn.execute("EXECUTE d(4)"))  # the same again: asked again
+        assert got == "DELETE 1"
+        with pytest.raises(asyncpg.InsufficientPrivilegeError, match="careful-delete"):
+            await reviewed(reviewer, conn.execute("EXECUTE d(3)"), allow=False)
+        assert rows(pg, pgdb, t) == [1, 2, 3]
+        # through the extended protocol too, and bound by name
+        got, _ = await reviewed(reviewer, conn.fetch("EXPLAIN ANALYZE EXECUTE d(1)"))
+        assert rows(pg, pgdb, t) == []
+        await conn.execute("DEALLOCATE d")
+        await conn.execute("PREPARE d(int) AS SELECT $1")
+        assert await conn.fetchval("EXECUTE d(3)") == 3
+        assert reviewer.count() == 4
+    finally:
+        await conn.close()
+
+
+async def test_refused_second_execution_refuses_only_itself(hoop: Hoop, pg: PgCluster, pgdb: str) -> None:
+    t = new_table(pg, pgdb)
+    pg.psql(f"INSERT INTO {t} SELECT generate_series(1, 3)", database=pgdb)
+    reviewer = Reviewer(hoop)
+    conn = await asyncpg.connect(hoop.dsn())
+    try:
+        sql = f"DELETE FROM {t} WHERE id = $1"
+        assert (await reviewed(reviewer, conn.execute(sql, 1)))[0] == "DELETE 1"
+        with pytest.raises(asyncpg.InsufficientPrivilegeError, match="careful-delete"):
+            await reviewed(reviewer, conn.execute(sql, 2), allow=False)
+        assert await conn.fetchval("SELECT count(*) FROM " + t) == 2  # the session goes on
+        assert (await reviewed(reviewer, conn.execute(sql, 3)))[0] == "DELETE 1"  # asked again, not blocked
+        tx = conn.transaction()  # inside a transaction the refusal aborts it, like any refusal
+        await tx.start()
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await reviewed(reviewer, conn.execute(sql, 2), allow=False)
+        with pytest.raises(asyncpg.InFailedSQLTransactionError):
+            await conn.execute("SELECT 1")
+        await tx.rollback()
+        assert await conn.fetchval("SELECT 1") == 1
+    finally:
+        await conn.close()
+    assert rows(pg, pgdb, t) == [2]
+    statements = await hoop.events("statement")
+    assert any(s["decision"] == "block" and s["rule"] == "careful-delete" for s in statements)
+    assert any(s["decision"] == "review" and s["rule"] == "careful-delete" for s in statements)
