@@ -75,5 +75,9 @@ class UpstreamError(HoopError):
     sqlstate = "08006"
 
 
+class StoreUnavailable(UpstreamError):
+    """hoop's own store cannot be reached or logged in to."""
+
+
 class ConfigError(HoopError):
     """The configuration is invalid. ``str()`` names the file, key path and reason."""

@@ -11,7 +11,6 @@ import signal
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qsl
 
 from aiohttp import web
 from sqlalchemy.exc import ArgumentError
@@ -28,6 +27,7 @@ from broker.roles import load_key as load_role_key
 from broker.scheduler import Scheduler
 from broker.service import GrantHooks, Service
 from broker.store import Store
+from broker.store.urls import redact_url
 from broker.web import build_web
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ def build_runtime(config: HoopConfig, settings: Settings, *, clock: Clock | None
     try:
         store = Store.from_url(settings.database_url)
     except (ArgumentError, ValueError, ImportError) as exc:  # a malformed URL, a bad port, an unknown driver
-        raise ConfigError(f"HOOP_DATABASE_URL {_redact_url(settings.database_url)} is not a usable store URL "
+        raise ConfigError(f"HOOP_DATABASE_URL {redact_url(settings.database_url)} is not a usable store URL "
                           f"({type(exc).__name__}: {exc}); e.g. postgresql+asyncpg://USER:PASSWORD@HOST/DB "
                           "or sqlite+aiosqlite:///hoop.db") from None
     bus = Broadcast()
@@ -160,7 +160,7 @@ async def serve_forever(config: HoopConfig, settings: Settings, say: Callable[[s
         loop.add_signal_handler(sig, stop.set)
     try:
         await rt.store.migrate()
-        say(f"hoop: store {_redact_url(settings.database_url)} (schema up to date)")
+        say(f"hoop: store {redact_url(settings.database_url)} (schema up to date)")
         masking_key = load_masking_key(config, environ)
         reviews = Reviews(rt.service)
         hub = SessionHub(rt.service, rt.clock, spool_dir=config.state_dir / "spool", reviews=reviews,
@@ -274,18 +274,3 @@ async def serve_forever(config: HoopConfig, settings: Settings, say: Callable[[s
                 loop.remove_signal_handler(sig)
         await rt.close()
     say("hoop: stopped")
-
-
-def _redact_url(url: str) -> str:
-    """Hide a password in a database URL before printing it: in the user part, and in the query
-    (``?password=...``, which libpq-style URLs also take)."""
-    base, qmark, query = url.partition("?")
-    scheme, sep, rest = base.partition("://") if "://" in base else ("", "", base)
-    if "@" in rest:
-        creds, host = rest.rsplit("@", 1)
-        user = creds.split(":", 1)[0]
-        base = f"{scheme}{sep}{user}:***@{host}"
-    if qmark:
-        pairs = [(k, "***" if "pass" in k.lower() else v) for k, v in parse_qsl(query, keep_blank_values=True)]
-        query = "&".join(f"{k}={v}" for k, v in pairs)
-    return base + qmark + query

@@ -19,13 +19,15 @@ import zlib
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Row, delete, event, func, insert, select, text, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from broker import eventlines
+from broker.errors import StoreUnavailable
 from broker.model import (
     AccessRequest,
     Approval,
@@ -40,6 +42,7 @@ from broker.model import (
     StepSpec,
 )
 from broker.store import tables as t
+from broker.store.urls import redact_url
 
 log = logging.getLogger(__name__)
 
@@ -483,9 +486,26 @@ class Store:
             engine = create_async_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
         return cls(engine)
 
+    async def reachable(self) -> None:
+        """Connect once: a store that cannot be reached or logged in to is a :class:`StoreUnavailable`
+        naming it (password hidden) and why, not a driver's traceback."""
+        shown = redact_url(self.engine.url.render_as_string(hide_password=False))
+        path = self.engine.url.database if self.engine.dialect.name == "sqlite" else None
+        if path and path != ":memory:" and not path.startswith("file:") and not Path(path).parent.is_dir():
+            # (checked first: aiosqlite's thread outlives a failed open and reports into a closed loop)
+            raise StoreUnavailable(f"cannot reach the store {shown}: the folder {Path(path).parent} does not exist")
+        try:
+            async with self.engine.connect():
+                pass
+        except (OSError, DBAPIError) as exc:
+            cause = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
+            why = (str(cause).strip().splitlines() or [""])[0][:300] or type(cause).__name__
+            raise StoreUnavailable(f"cannot reach the store {shown}: {type(cause).__name__}: {why}") from exc
+
     async def migrate(self) -> None:
         from broker.store.migrate import upgrade
 
+        await self.reachable()
         await upgrade(self.engine)
 
     async def close(self) -> None:

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from tests.conftest import base_config
-from tests.support.pgcluster import free_port
+from tests.support.pgcluster import PgCluster, free_port
 
 T = TypeVar("T")
 
@@ -340,3 +340,21 @@ def test_lists_show_the_newest_and_say_when_more_were_left_out(home: tuple[Path,
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert run(["requests", "--limit", "1", "--json"], env, cwd).returncode == 0
     assert run(["sessions", "--limit", "1", "--json"], env, cwd).returncode == 0
+
+
+@pytest.mark.postgres
+def test_a_store_hoop_cannot_reach_is_a_message(home: tuple[Path, dict[str, str]], pg: PgCluster) -> None:
+    cwd, env = home
+    wrong = f"postgresql+asyncpg://{pg.user}:not-the-password@{pg.host}:{pg.port}/postgres"
+    cases = {
+        f"postgresql+asyncpg://hoop:s3cret-pw@127.0.0.1:{free_port()}/hoop?password=s3cret-q": "ConnectionRefused",
+        wrong: "password authentication failed",
+        f"sqlite+aiosqlite:///{cwd / 'missing' / 'hoop.db'}": "does not exist",
+    }
+    for url, why in cases.items():
+        for args in (["grants"], ["serve"]):
+            out = run(args, {**env, "HOOP_DATABASE_URL": url}, cwd)
+            said = out.stdout + out.stderr
+            assert out.returncode == 1, said
+            assert "cannot reach the store" in said and why in " ".join(said.split()), said
+            assert "Traceback" not in said and "s3cret" not in said and "not-the-password" not in said

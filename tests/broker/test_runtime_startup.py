@@ -16,9 +16,10 @@ from broker.config import Settings, parse_config
 from broker.errors import ConfigError
 from broker.events import Broadcast
 from broker.model import Approval, Identity
-from broker.runtime import _redact_url, build_runtime, serve_forever
+from broker.runtime import build_runtime, serve_forever
 from broker.service import Service
 from broker.store import Store
+from broker.store.urls import redact_url
 from tests.conftest import base_config
 from tests.support.fakeslack import FakeSlack
 from tests.support.pgcluster import PgCluster
@@ -98,7 +99,7 @@ async def test_leader_catch_up_at_start_reaches_slack(pg: PgCluster, tmp_path: P
     ("sqlite+aiosqlite:///hoop.db", "sqlite+aiosqlite:///hoop.db"),
 ])
 def test_the_printed_store_url_hides_every_password(url: str, shown: str) -> None:
-    assert _redact_url(url) == shown
+    assert redact_url(url) == shown
 
 
 @pytest.mark.parametrize("url", ["postgresql+asyncpg://hoop:s3cret@db:54x2/hoop", "postgres://hoop:s3cret@db/hoop",
