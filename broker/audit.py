@@ -1,22 +1,37 @@
 """The append-only, hash-chained audit log: verification and export.
 
 Each entry's hash covers the previous entry's hash and its own fields, so editing a row
-breaks its own hash, and deleting one breaks the link (``prev_hash``) or the sequence.
+breaks its own hash, and deleting one breaks the link (``prev_hash``) or the sequence. Deleting
+the newest entries leaves a shorter chain that still holds: only an anchor kept outside hoop (an
+entry's number and hash, which ``hoop audit verify`` prints as the head) shows that. Given one,
+the walk checks that the entry is still there with the same hash.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
+import re
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from broker.errors import UpstreamError
+from broker.errors import InvalidInput, UpstreamError
 from broker.model import AuditEntry
 from broker.store import Store
 from broker.store.repo import GENESIS, audit_hash
 
 _PAGE = 2000
+_ANCHOR = re.compile(r"([1-9][0-9]{0,17}):([0-9a-f]{64})")
+
+
+def parse_anchor(text: str) -> tuple[int, str]:
+    """``SEQ:HASH`` as ``hoop audit verify`` prints the head; :class:`InvalidInput` otherwise."""
+    m = _ANCHOR.fullmatch(text.strip().lower())
+    if m is None:
+        raise InvalidInput(f"--anchor {text!r}: expected ENTRY:HASH, an entry number and its 64 hex digits, as "
+                           "'hoop audit verify' prints the head")
+    return int(m.group(1)), m.group(2)
 
 
 @dataclass(frozen=True)
@@ -25,6 +40,8 @@ class Verdict:
     checked: int
     broken_at: int | None = None
     reason: str = ""
+    #: the last entry verified: its number and hash (an anchor to keep outside hoop)
+    head: tuple[int, str] = field(default=(0, GENESIS), compare=False)
 
 
 async def entries(store: Store, *, page: int = _PAGE) -> AsyncIterator[AuditEntry]:
@@ -59,9 +76,11 @@ class Unreadable(UpstreamError):
 class Chain:
     """Checks entries one by one, in order: :meth:`check` returns the first break, then keeps it."""
 
-    def __init__(self) -> None:
+    def __init__(self, anchor: tuple[int, str] | None = None) -> None:
         self.prev_hash, self.expected_seq, self.checked = GENESIS, 1, 0
         self.broken: Verdict | None = None
+        #: an entry's number and hash kept outside hoop: it must still be there, unchanged
+        self.anchor = anchor
 
     def check(self, e: AuditEntry) -> Verdict | None:
         if self.broken is None:
@@ -80,19 +99,27 @@ class Chain:
                             e.grant_id, e.detail)
         if digest != e.hash:
             return Verdict(False, self.checked, e.seq, f"entry {e.seq} was altered (hash mismatch)")
+        if self.anchor is not None and e.seq == self.anchor[0] and not hmac.compare_digest(e.hash, self.anchor[1]):
+            return Verdict(False, self.checked, e.seq, f"entry {e.seq} is not the anchored one (its hash differs): "
+                                                       "the log was rewritten from there on")
         return None
 
     def verdict(self) -> Verdict:
-        return self.broken or Verdict(True, self.checked)
+        if self.broken is None and self.anchor is not None and self.anchor[0] >= self.expected_seq:
+            self.broken = Verdict(False, self.checked, self.expected_seq,
+                                  f"the log ends at entry {self.expected_seq - 1}, before the anchored entry "
+                                  f"{self.anchor[0]}: entries were removed")
+        return self.broken or Verdict(True, self.checked, head=(self.expected_seq - 1, self.prev_hash))
 
     def unreadable(self, exc: Unreadable) -> Verdict:
         self.broken = self.broken or Verdict(False, self.checked, exc.after + 1, exc.message)
         return self.broken
 
 
-async def verify(store: Store, *, page: int = _PAGE) -> Verdict:
-    """Walk the chain; report the first entry whose link or hash does not hold, or that cannot be read."""
-    chain = Chain()
+async def verify(store: Store, *, page: int = _PAGE, anchor: tuple[int, str] | None = None) -> Verdict:
+    """Walk the chain; report the first entry whose link or hash does not hold, or that cannot be read, or
+    where it differs from ``anchor`` (an entry's number and hash kept outside hoop)."""
+    chain = Chain(anchor)
     try:
         async for e in entries(store, page=page):
             if chain.check(e) is not None:

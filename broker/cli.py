@@ -328,13 +328,24 @@ def transcript(session: Annotated[str, typer.Argument(help="session id")],
 
 
 @audit_app.command("verify")
-def audit_verify(config: ConfigOpt = None) -> None:
-    """Check the hash chain; report the first broken link."""
-    from broker.audit import verify
+def audit_verify(config: ConfigOpt = None,
+                 anchor: Annotated[str | None, typer.Option(
+                     "--anchor", help="ENTRY:HASH from an earlier run, kept outside hoop: that entry must still be "
+                                      "there, unchanged (catches removed newest entries)")] = None) -> None:
+    """Check the hash chain; report the first broken link. Prints the head (the last entry's number and
+    hash): keep it outside hoop and pass it to --anchor later."""
+    from broker.audit import parse_anchor, verify
 
-    verdict = _run(lambda: _with_runtime(config, lambda rt: verify(rt.store)))
+    try:
+        kept = parse_anchor(anchor) if anchor is not None else None
+    except InvalidInput as exc:
+        err.print(exc.message, markup=False)
+        raise typer.Exit(2) from None
+    verdict = _run(lambda: _with_runtime(config, lambda rt: verify(rt.store, anchor=kept)))
     if verdict.ok:
-        out.print(f"audit log intact: {verdict.checked} entries verified")
+        seq, digest = verdict.head
+        out.print(f"audit log intact: {verdict.checked} entries verified", markup=False)
+        out.print(f"head: {seq}:{digest}", markup=False, soft_wrap=True)
         return
     _say_broken(verdict)
     raise typer.Exit(1)

@@ -10,6 +10,7 @@ from sqlalchemy import delete, text, update
 from broker import policy
 from broker.audit import Chain, Unreadable, Verdict, export_jsonl, verify
 from broker.config import HoopConfig
+from broker.errors import InvalidInput
 from broker.model import Identity
 from broker.service import Service
 from broker.store import Store
@@ -96,3 +97,27 @@ async def test_paged_walk_and_export_check_the_chain(service: Service, config: H
     lines = [line async for line in export_jsonl(store, chain)]
     assert len(lines) == 6  # everything is exported, and the break is known
     assert chain.verdict() == Verdict(False, 4, 5, "entry 5 was altered (hash mismatch)")
+
+
+async def test_an_anchor_kept_outside_finds_removed_newest_entries(service: Service, config: HoopConfig,
+                                                                   store: Store) -> None:
+    """Deleting the newest entries leaves a shorter chain that still holds; the head printed earlier and
+    kept outside hoop shows it."""
+    from broker.audit import parse_anchor
+
+    await _history(service, config)
+    first = await verify(store)
+    assert first.ok and first.head[0] == 6 and len(first.head[1]) == 64
+    assert (await verify(store, anchor=first.head)).ok
+    earlier = await verify(store, anchor=(3, "0" * 64))  # entry 3 is there, but not with this hash
+    assert not earlier.ok and earlier.broken_at == 3 and "not the anchored one" in earlier.reason
+    async with store.tx() as tx:
+        await tx.conn.execute(delete(t.audit_log).where(t.audit_log.c.seq >= 5))
+    cut = await verify(store)
+    assert cut.ok and cut.head[0] == 4  # without the anchor the shorter chain looks whole
+    anchored = await verify(store, anchor=first.head)
+    assert not anchored.ok and anchored.broken_at == 5 and "ends at entry 4" in anchored.reason
+    assert parse_anchor(f" 6:{first.head[1].upper()} ") == first.head
+    for bad in ("6", "x:" + "0" * 64, "0:" + "0" * 64, "6:" + "0" * 63):
+        with pytest.raises(InvalidInput):
+            parse_anchor(bad)

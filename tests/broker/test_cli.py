@@ -358,3 +358,24 @@ def test_a_store_hoop_cannot_reach_is_a_message(home: tuple[Path, dict[str, str]
             assert out.returncode == 1, said
             assert "cannot reach the store" in said and why in " ".join(said.split()), said
             assert "Traceback" not in said and "s3cret" not in said and "not-the-password" not in said
+
+
+def test_audit_verify_prints_the_head_and_checks_an_anchor(home: tuple[Path, dict[str, str]]) -> None:
+    cwd, env = home
+    for _ in range(2):
+        made = run(["breakglass", "--resource", "prod-db", "--identity", "root@example.com", "--duration", "30m",
+                    "--reason", "outage", "--json"], env, cwd)
+        assert made.returncode == 0, made.stderr
+    first = run(["audit", "verify"], env, cwd)
+    assert first.returncode == 0, first.stderr
+    head = first.stdout.split("head: ", 1)[1].split()[0]
+    assert run(["audit", "verify", "--anchor", head], env, cwd).returncode == 0
+    db = sqlite3.connect(cwd / "hoop.db")
+    db.execute("DELETE FROM audit_log WHERE seq = (SELECT max(seq) FROM audit_log)")
+    db.commit()
+    db.close()
+    assert run(["audit", "verify"], env, cwd).returncode == 0  # a shorter chain that holds
+    cut = run(["audit", "verify", "--anchor", head], env, cwd)
+    assert cut.returncode == 1 and "entries were removed" in " ".join(cut.stderr.split())
+    bad = run(["audit", "verify", "--anchor", "nonsense"], env, cwd)
+    assert bad.returncode == 2 and "ENTRY:HASH" in bad.stderr and "Traceback" not in bad.stderr
