@@ -143,7 +143,9 @@ class ApiClient:
 
 # -- commands ---------------------------------------------------------------------------------
 ApiOpt = Annotated[str, typer.Option("--api", envvar="HOOP_API", help="hoop API URL (https://hoop.example.com)")]
-TokenOpt = Annotated[str, typer.Option("--token", envvar="HOOP_TOKEN", help="OIDC bearer token")]
+#: (a token on the command line shows in other users' ``ps``: the help points to the variable)
+_TOKEN_HELP = "OIDC bearer token; prefer HOOP_TOKEN, since a value on the command line shows in ps"
+TokenOpt = Annotated[str, typer.Option("--token", envvar="HOOP_TOKEN", help=_TOKEN_HELP)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON")]
 KeysOpt = Annotated[Path | None, typer.Option(
     "--pickup-dir", envvar="HOOP_PICKUP_DIR",

@@ -226,7 +226,9 @@ def revoke(
     as_: Annotated[str, typer.Option("--as", help="your email (requester, approver or admin), for local use")] = "",
     reason: Annotated[str, typer.Option(help="why")] = "",
     api: Annotated[str, typer.Option("--api", envvar="HOOP_API", help="revoke through the API at URL")] = "",
-    token: Annotated[str, typer.Option("--token", envvar="HOOP_TOKEN", help="bearer token for --api")] = "",
+    token: Annotated[str, typer.Option("--token", envvar="HOOP_TOKEN",
+                                       help="bearer token for --api; prefer HOOP_TOKEN, since a value on the "
+                                            "command line shows in ps")] = "",
     config: ConfigOpt = None,
 ) -> None:
     """Revoke a grant now; its live sessions are closed. Locally with --as, or through --api."""
