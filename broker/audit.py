@@ -12,7 +12,7 @@ from __future__ import annotations
 import hmac
 import json
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -116,14 +116,18 @@ class Chain:
         return self.broken
 
 
-async def verify(store: Store, *, page: int = _PAGE, anchor: tuple[int, str] | None = None) -> Verdict:
+async def verify(store: Store, *, page: int = _PAGE, anchor: tuple[int, str] | None = None,
+                 progress: Callable[[int], None] | None = None, every: int = 1000) -> Verdict:
     """Walk the chain; report the first entry whose link or hash does not hold, or that cannot be read, or
-    where it differs from ``anchor`` (an entry's number and hash kept outside hoop)."""
+    where it differs from ``anchor`` (an entry's number and hash kept outside hoop). ``progress`` hears the
+    number of the entry reached, every ``every`` entries."""
     chain = Chain(anchor)
     try:
         async for e in entries(store, page=page):
             if chain.check(e) is not None:
                 break
+            if progress is not None and e.seq % every == 0:
+                progress(e.seq)
     except Unreadable as exc:
         return chain.unreadable(exc)
     return chain.verdict()

@@ -7,11 +7,12 @@ own errors into a clear message and a non-zero exit, never a traceback.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -343,7 +344,12 @@ def audit_verify(config: ConfigOpt = None,
     except InvalidInput as exc:
         err.print(exc.message, markup=False)
         raise typer.Exit(2) from None
-    verdict = _run(lambda: _with_runtime(config, lambda rt: verify(rt.store, anchor=kept)))
+
+    async def go(rt: Runtime) -> Verdict:
+        with _progress(await _audit_length(rt), "verifying") as step:
+            return await verify(rt.store, anchor=kept, progress=step)
+
+    verdict = _run(lambda: _with_runtime(config, go))
     if verdict.ok:
         seq, digest = verdict.head
         out.print(f"audit log intact: {verdict.checked} entries verified", markup=False)
@@ -351,6 +357,29 @@ def audit_verify(config: ConfigOpt = None,
         return
     _say_broken(verdict)
     raise typer.Exit(1)
+
+
+async def _audit_length(rt: Runtime) -> int:
+    """The newest audit entry's number, for a progress bar (0: no bar, stderr is not a terminal)."""
+    if not err.is_terminal:
+        return 0
+    async with rt.store.tx() as tx:
+        return await tx.audit_last_seq()
+
+
+@contextlib.contextmanager
+def _progress(total: int, what: str) -> Iterator[Callable[[int], None]]:
+    """A progress bar on stderr for a walk of a long audit log (``total`` entries; none under 10,000, or
+    when stderr is not a terminal): yields the function to call with the entry reached."""
+    if total < 10_000:
+        yield lambda _: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn(f"{what} the audit log"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=err, transient=True) as bar:
+        task = bar.add_task(what, total=total)
+        yield lambda seq: bar.update(task, completed=seq)
 
 
 def _say_broken(verdict: Verdict) -> None:
@@ -372,9 +401,12 @@ def audit_export(fmt: Annotated[str, typer.Option("--format", help="jsonl")] = "
 
     async def go(rt: Runtime) -> int:
         n = 0
-        async for line in export_jsonl(rt.store, chain):
-            sys.stdout.write(line + "\n")
-            n += 1
+        with _progress(await _audit_length(rt), "exporting") as step:
+            async for line in export_jsonl(rt.store, chain):
+                sys.stdout.write(line + "\n")
+                n += 1
+                if n % 1000 == 0:
+                    step(n)
         return n
 
     n = _run(lambda: _with_runtime(config, go))

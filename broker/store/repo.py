@@ -398,6 +398,10 @@ class Tx:
         return AuditEntry(seq=seq, at=at, actor=actor, chain=tuple(chain), action=action,
                           request_id=request_id, grant_id=grant_id, detail=detail, prev_hash=prev, hash=digest)
 
+    async def audit_last_seq(self) -> int:
+        """The newest entry's number (0 when the log is empty): how long a walk of the log is."""
+        return int((await self.conn.execute(select(func.max(t.audit_log.c.seq)))).scalar_one() or 0)
+
     async def audit_entries(self, *, after: int = 0, limit: int = 10_000) -> list[AuditEntry]:
         rows = await self.conn.execute(select(t.audit_log).where(t.audit_log.c.seq > after)
                                        .order_by(t.audit_log.c.seq).limit(limit))

@@ -121,3 +121,12 @@ async def test_an_anchor_kept_outside_finds_removed_newest_entries(service: Serv
     for bad in ("6", "x:" + "0" * 64, "0:" + "0" * 64, "6:" + "0" * 63):
         with pytest.raises(InvalidInput):
             parse_anchor(bad)
+
+
+async def test_verify_reports_its_progress(service: Service, config: HoopConfig, store: Store) -> None:
+    await _history(service, config)
+    reached: list[int] = []
+    assert (await verify(store, page=4, progress=reached.append, every=2)).ok
+    assert reached == [2, 4, 6]
+    async with store.tx() as tx:
+        assert await tx.audit_last_seq() == 6
