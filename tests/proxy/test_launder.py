@@ -11,7 +11,8 @@ from __future__ import annotations
 import pytest
 
 from broker.config import Guardrails, Masking, MaskRule, Rule
-from proxy.launder import MASKED_COLUMNS_RULE, MaskedColumns
+from proxy.launder import MASKED_COLUMNS_RULE
+from proxy.maskcols import MaskedColumns
 from proxy.sqlguard import SqlGuard
 
 MASKING = Masking(columns=[MaskRule(match="users.ssn"), MaskRule(match="public.accounts.iban"),
