@@ -65,9 +65,10 @@ from typing import Any
 
 from pglast import parser as pg
 
-from broker.config import Guardrails, Rule, SqlKind
+from broker.config import Guardrails, Masking, Rule, SqlKind
 from proxy.escapes import Unreadable, off_reading
 from proxy.guard import Decision, decide, name_matches, strictest, unparsed
+from proxy.launder import MASKED_COLUMNS_RULE, Launder, MaskedColumns
 
 try:
     from proxy.pg import _wire
@@ -120,7 +121,8 @@ class Statement:
     ``dynamic`` is set when part of the unit cannot be known statically (computed
     ``EXECUTE`` in a ``DO`` block); such a unit is decided as unparsed. ``lexer`` says how the
     unit would change the way the server reads SQL (refused everywhere), ``writes_on`` how it
-    would turn writing back on (refused on a read-only resource).
+    would turn writing back on (refused on a read-only resource), ``launders`` how it would
+    copy a column a ``table.column`` masking rule covers out of that rule (refused).
     """
 
     tag: str
@@ -131,6 +133,7 @@ class Statement:
     dynamic: str | None = None
     lexer: str | None = None
     writes_on: str | None = None
+    launders: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,7 +187,7 @@ class _Unparsable(Exception):
 
 
 class _Unit:
-    __slots__ = ("dynamic", "functions", "index", "kinds", "lexer", "tables", "tag", "writes_on")
+    __slots__ = ("dynamic", "functions", "index", "kinds", "launders", "lexer", "tables", "tag", "writes_on")
 
     def __init__(self, tag: str, kinds: set[SqlKind], index: int) -> None:
         self.tag = tag
@@ -195,10 +198,11 @@ class _Unit:
         self.dynamic: str | None = None
         self.lexer: str | None = None
         self.writes_on: str | None = None
+        self.launders: str | None = None
 
     def freeze(self) -> Statement:
-        return Statement(self.tag, frozenset(self.kinds), frozenset(self.tables),
-                         frozenset(self.functions), self.index, self.dynamic, self.lexer, self.writes_on)
+        return Statement(self.tag, frozenset(self.kinds), frozenset(self.tables), frozenset(self.functions),
+                         self.index, self.dynamic, self.lexer, self.writes_on, self.launders)
 
 
 _FIXED: dict[str, tuple[str, frozenset[SqlKind]]] = {
@@ -351,12 +355,17 @@ def _kinds_and_tag(typ: str, f: dict[str, Any]) -> tuple[str, set[SqlKind]]:
 class _Classifier:
     """One classification run: builds units from a parse tree. With ``off``, every text (the
     query, a ``DO`` body, a constant ``EXECUTE`` string) is read as a server with
-    ``standard_conforming_strings=off`` reads it (:mod:`proxy.escapes`)."""
+    ``standard_conforming_strings=off`` reads it (:mod:`proxy.escapes`). With ``launder``,
+    each unit is also checked for copying masked columns (:mod:`proxy.launder`); ``body``
+    counts the ``DO`` / function bodies the walk is inside, where plain queries count too."""
 
-    def __init__(self, off: bool = False) -> None:
+    def __init__(self, off: bool = False, launder: Launder | None = None) -> None:
         self.units: list[_Unit] = []
         self.literal_dependent = False
         self.off = off
+        self.launder = launder
+        self.body = 0
+        self.source = ""  # the text of the top-level statement being walked (function bodies need it)
 
     def sql(self, text: str, index: int | None, depth: int) -> None:
         if depth > _MAX_DEPTH:
@@ -364,14 +373,24 @@ class _Classifier:
         if self.off:
             text = off_reading(text) or text
         tree = json.loads(pg.parse_sql_json(text))
+        data = text.encode() if self.launder is not None else b""
         for i, raw in enumerate(tree.get("stmts", ())):
             ((typ, fields),) = raw["stmt"].items()
+            if typ == "CreateFunctionStmt" and data:  # locations count bytes; 0 length: to the end
+                start = raw.get("stmt_location", 0)
+                end = start + raw["stmt_len"] if raw.get("stmt_len") else len(data)
+                self.source = data[start:end].decode()
             self.statement(typ, fields, i if index is None else index, depth)
 
     def statement(self, typ: str, f: dict[str, Any], index: int, depth: int) -> None:
         tag, kinds = _kinds_and_tag(typ, f)
         unit = _Unit(tag, kinds, index)
         self.units.append(unit)
+        if self.launder is not None:
+            if typ == "CreateFunctionStmt":
+                unit.launders = self.function_body(f, depth)
+            else:
+                unit.launders = self.launder.check(typ, f, strict=self.body > 0)
         skip: str | None = None
         if typ == "ExplainStmt":
             skip = "query"
@@ -468,7 +487,44 @@ class _Classifier:
         while quote in body:
             quote = quote[:-1] + "x$"
         source = f"CREATE FUNCTION hoop_do() RETURNS void LANGUAGE plpgsql AS {quote}{body}{quote}"
-        self.plpgsql(json.loads(pg.parse_plpgsql_json(source)), unit, index, depth + 1)
+        self.body += 1
+        try:
+            self.plpgsql(json.loads(pg.parse_plpgsql_json(source)), unit, index, depth + 1)
+        finally:
+            self.body -= 1
+
+    def function_body(self, f: dict[str, Any], depth: int) -> str | None:
+        """How a ``CREATE FUNCTION`` / ``PROCEDURE`` body would copy masked columns, or None.
+
+        The body is walked like a ``DO`` block (plain queries count: a function's result carries
+        no table OID) by a classifier of its own, whose units are dropped: the body runs later."""
+        assert self.launder is not None
+        self.literal_dependent = True  # the body is a string literal
+        opts = {o["DefElem"]["defname"]: o["DefElem"].get("arg") for o in f.get("options", ())}
+        language = str((opts.get("language") or {}).get("String", {}).get("sval", "sql")).lower()
+        sub = _Classifier(self.off, self.launder)
+        sub.body = 1
+        body = f.get("sql_body")
+        if body is not None:  # BEGIN ATOMIC ... END, or RETURN expr
+            if "ReturnStmt" in body:
+                val = body["ReturnStmt"].get("returnval")
+                sub.statement("SelectStmt", {"targetList": [{"ResTarget": {"val": val}}]}, 0, depth + 1)
+            else:
+                for stmts in body.get("List", {}).get("items", ()):
+                    for stmt in stmts.get("List", {}).get("items", ()):
+                        sub.node(stmt, 0, depth + 1)
+        elif language == "sql":
+            items = (opts.get("as") or {}).get("List", {}).get("items", ())
+            sub.sql(items[0]["String"]["sval"] if items else "", 0, depth + 1)
+        elif language == "plpgsql":
+            sub.units.append(_Unit("BODY", set(), 0))  # a computed EXECUTE marks it dynamic
+            sub.plpgsql(json.loads(pg.parse_plpgsql_json(self.source)), sub.units[-1], 0, depth + 1)
+        elif language not in ("c", "internal"):
+            return f"a function in language {language} could read any masked column; hoop cannot see into it"
+        for u in sub.units:
+            if u.launders or u.dynamic:
+                return u.launders or "the body runs a computed EXECUTE string, which could read any masked column"
+        return None
 
     def plpgsql(self, obj: Any, unit: _Unit, index: int, depth: int, dynamic: bool = False) -> None:
         if isinstance(obj, list):
@@ -524,8 +580,11 @@ class SqlGuard:
     pure and cached; a guard is cheap to share between sessions of the same resource.
     """
 
-    def __init__(self, guardrails: Guardrails, *, cache_size: int = 4096) -> None:
+    def __init__(self, guardrails: Guardrails, *, masking: Masking | None = None, cache_size: int = 4096) -> None:
         self.guardrails = guardrails
+        masked = MaskedColumns(masking) if masking is not None else None
+        #: refuses copying ``table.column``-masked values elsewhere (:mod:`proxy.launder`)
+        self.launder = Launder(masked) if masked else None
         self._cache_size = cache_size
         self._by_text = lru_cache(maxsize=cache_size)(self._analyse_text)
         self._by_shape: OrderedDict[str, Analysis] = OrderedDict()
@@ -557,7 +616,7 @@ class SqlGuard:
 
     def _analyse_uncached(self, sql: str) -> tuple[Analysis, bool]:
         gr = self.guardrails
-        run = _Classifier()
+        run = _Classifier(launder=self.launder)
         try:
             run.sql(sql, None, 0)
         except pg.ParseError as exc:
@@ -576,7 +635,7 @@ class SqlGuard:
         """The decision once ``sql`` is also read as a server with ``standard_conforming_strings=off``
         would read it: a setting hoop pins, but which a function could change unseen just before."""
         gr = self.guardrails
-        run = _Classifier(off=True)
+        run = _Classifier(off=True, launder=self.launder)
         try:
             if off_reading(sql) is None and all(st.tag != "DO" for st in statements):
                 return decision  # read alike, and no body that the server reads again later
@@ -608,6 +667,9 @@ class SqlGuard:
         reason = ""
         if st.lexer:
             builtin, reason = LEXER_RULE, f"{st.lexer}; hoop reads SQL as UTF8 with standard_conforming_strings=on"
+        elif st.launders:
+            builtin, reason = MASKED_COLUMNS_RULE, (f"{st.launders}; hoop masks that column only in query "
+                                                    "results, so a copy would leave the rule behind")
         elif st.writes_on and self.guardrails.read_only:
             builtin, reason = READ_ONLY_RULE, f"the resource is read-only: {st.writes_on}"
         if builtin is not None:  # built-in rules name the decision even when a rule also blocks

@@ -111,7 +111,7 @@ class PgProxy:
         self._catalogs: dict[str, Catalog] = {}
         for res in config.resources:
             if isinstance(res, PostgresResource):
-                self._guards[res.name] = SqlGuard(res.guardrails)
+                self._guards[res.name] = SqlGuard(res.guardrails, masking=res.masking)
                 self._maskers[res.name] = Masker(res.masking, hash_key)
                 if qualified_tables(self._maskers[res.name]):
                     self._catalogs[res.name] = Catalog(self._lookup_for(res))

@@ -1,0 +1,58 @@
+"""Copying a ``table.column``-masked value into a relation hoop cannot attribute is refused.
+
+Through the real proxy with real clients against the throwaway cluster: the harness masks
+``users.note`` by a table rule. A temp table, ``SELECT INTO`` or ``INSERT ... SELECT`` built
+from that column would come back unmasked (the rule follows the table OID), so hoop refuses it
+with 42501 and the session goes on; the same statements without the column run.
+"""
+
+from __future__ import annotations
+
+import asyncpg
+import pytest
+
+from proxy.launder import MASKED_COLUMNS_RULE
+from tests.proxy.pg.harness import Hoop
+from tests.proxy.pg.test_txn_block import through_hoop
+
+pytestmark = pytest.mark.postgres
+
+
+async def test_psql_temp_table_from_a_masked_column_is_refused(hoop: Hoop) -> None:
+    got = await through_hoop(hoop, "\n".join([
+        "CREATE TEMP TABLE t AS SELECT note FROM users;",
+        "SELECT ssn INTO TEMP t FROM (SELECT note AS ssn FROM users) s;",
+        "SELECT count(*) FROM pg_class WHERE relname = 't' AND relpersistence = 't';",
+        "SELECT note FROM users WHERE id = 1;",
+        "CREATE TEMP TABLE t AS SELECT id, name FROM users WHERE id <= 2;",
+        "SELECT name FROM t ORDER BY id;",
+        "BEGIN;",
+        "CREATE TEMP TABLE u AS SELECT * FROM users;",
+        "ROLLBACK;",
+        "SELECT 42;",
+    ]))
+    assert got == ["ERROR:  42501", "ERROR:  42501", "0", "[masked]", "SELECT 2", "user1", "user2",
+                   "BEGIN", "ERROR:  42501", "ROLLBACK", "42"]
+    blocked = [e for e in await hoop.events("statement") if e["decision"] == "block"]
+    assert [e["rule"] for e in blocked] == [MASKED_COLUMNS_RULE] * 3
+    assert blocked[0]["sql"] == "CREATE TEMP TABLE t AS SELECT note FROM users;"
+
+
+async def test_asyncpg_refusal_names_the_column(hoop: Hoop) -> None:
+    conn = await asyncpg.connect(hoop.dsn())
+    try:
+        await conn.execute("CREATE TEMP TABLE log (v text)")
+        with pytest.raises(asyncpg.InsufficientPrivilegeError) as err:
+            await conn.execute("INSERT INTO log SELECT n.note FROM users n WHERE id = $1", 1)
+        assert MASKED_COLUMNS_RULE in str(err.value)
+        assert 'users.note, masked by the column rule "users.note"' in (err.value.detail or "")
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await conn.execute("UPDATE log SET v = (SELECT note FROM users WHERE id = 1)")
+        # ordinary writes, and writes from unmasked columns, still run
+        await conn.execute("INSERT INTO log SELECT name FROM users WHERE id = $1", 1)
+        await conn.execute("UPDATE users SET name = name WHERE id = $1", 1)
+        await conn.execute("UPDATE users SET note = upper(note) WHERE id = 0")  # stays in its masked column
+        assert await conn.fetchval("SELECT v FROM log") == "user1"
+        assert await conn.fetchval("SELECT note FROM users WHERE id = 2") == "[masked]"
+    finally:
+        await conn.close()
