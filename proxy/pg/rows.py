@@ -3,7 +3,10 @@
 How this works. A RowDescription (with the result formats the client asked for in Bind)
 becomes a :class:`Plan`: per column, the strategy of the first column rule that matches its
 name or ``table.column`` (tables resolved from the table OID by :class:`Catalog`), and
-whether its cells are text, so the detectors may read them. Plans are cached by the raw
+whether its cells are text, so the detectors may read them. A column that comes straight from a
+table column carries that column's number; :class:`Catalog` resolves it to the column's own
+name, so a rule matches it under an alias too (``SELECT ssn AS x FROM users``: either name
+matching a rule masks it). Plans are cached by the raw
 RowDescription bytes, so a result shape seen before costs one dict lookup.
 
 DataRows arrive as runs (the framer coalesces them); :mod:`proxy.pg.runs` handles them.
@@ -27,7 +30,7 @@ import asyncio
 import fnmatch
 import logging
 import struct
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from broker.config import Strategy
@@ -70,10 +73,15 @@ def formats_for(n: int, result_formats: Sequence[int]) -> tuple[int, ...]:
 UNRESOLVED = "?"
 
 
-def _strategy(masker: Masker, f: Field, tables: dict[int, str]) -> Strategy | None:
+def _strategy(masker: Masker, f: Field, tables: Mapping[int, str],
+              columns: Mapping[tuple[int, int], str]) -> Strategy | None:
     table = tables.get(f.table_oid)
     if table != UNRESOLVED:
-        return masker.column_strategy(f.name, table)
+        found = masker.column_strategy(f.name, table)
+        real = columns.get((f.table_oid, f.attnum)) if f.attnum > 0 else None
+        if found is None and real is not None and real != f.name:  # an alias: the column's own name too
+            found = masker.column_strategy(real, table)
+        return found
     # fail closed: an unknown table may be the one a ``table.column`` rule names
     found = masker.column_strategy(f.name)
     if found is not None:
@@ -85,8 +93,9 @@ def _strategy(masker: Masker, f: Field, tables: dict[int, str]) -> Strategy | No
     return None
 
 
-def make_plan(masker: Masker, fields: Sequence[Field], formats: Sequence[int], tables: dict[int, str]) -> Plan:
-    strategies = tuple(_strategy(masker, f, tables) for f in fields)
+def make_plan(masker: Masker, fields: Sequence[Field], formats: Sequence[int], tables: Mapping[int, str],
+              columns: Mapping[tuple[int, int], str] | None = None) -> Plan:
+    strategies = tuple(_strategy(masker, f, tables, columns or {}) for f in fields)
     text = tuple(fmt == 0 for fmt in formats)
     binary_text = tuple(fmt != 0 and f.type_oid in TEXT_LIKE_OIDS for f, fmt in zip(fields, formats, strict=True))
     binary_scan = tuple(fmt != 0 and f.type_oid not in TEXT_LIKE_OIDS and scanned(f.type_oid)
@@ -200,19 +209,23 @@ def mask_payload(masker: Masker, msg_type: int, body: memoryview | bytes, prefix
     return codec.frame(msg_type, bytes(body[:prefix]) + out)
 
 
-def qualified_tables(masker: Masker) -> bool:
-    """Whether any column rule names a table (so RowDescription table OIDs must be resolved)."""
-    return masker.enabled and any("." in r.match for r in masker.config.columns)
+def needs_catalog(masker: Masker) -> bool:
+    """Whether any column rule exists (so RowDescription table OIDs and column numbers must be resolved:
+    a ``table.column`` rule needs the table, and every rule the column's own name under an alias)."""
+    return masker.enabled and bool(masker.config.columns)
 
 
-Lookup = Callable[[Sequence[int]], Awaitable[dict[int, str]]]
+#: table OIDs -> (``schema.table``, column number -> column name) for those found
+Lookup = Callable[[Sequence[int]], Awaitable[dict[int, tuple[str, dict[int, str]]]]]
 
 
 class Catalog:
-    """Table OID -> ``schema.table`` for one resource, cached; misses resolved in one query."""
+    """Table OID -> ``schema.table``, and (table OID, column number) -> column name, for one resource,
+    cached; misses resolved in one query."""
 
     def __init__(self, lookup: Lookup) -> None:
         self.names: dict[int, str] = {}
+        self.columns: dict[tuple[int, int], str] = {}
         self._lookup = lookup
         self._lock = asyncio.Lock()
 
@@ -232,7 +245,10 @@ class Catalog:
                     self.names[oid] = UNRESOLVED
                 return
             for oid in todo:
-                self.names[oid] = found.get(oid, "")
+                name, columns = found.get(oid, ("", {}))
+                self.names[oid] = name
+                for attnum, attname in columns.items():
+                    self.columns[oid, attnum] = attname
 
 
 _I16 = struct.Struct("!h").unpack_from

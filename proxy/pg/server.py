@@ -56,7 +56,7 @@ from proxy.pg.params import Refusal as _Refusal
 from proxy.pg.params import startup_params
 from proxy.pg.relay import Relay
 from proxy.pg.replies import PINNED, unsafe_parameter
-from proxy.pg.rows import Catalog, qualified_tables
+from proxy.pg.rows import Catalog, needs_catalog
 from proxy.pg.scram import ScramAuthFailed, ScramServer, parse_verifier
 from proxy.pg.tls import ServerTls, server_tls
 from proxy.pg.upstream import Reader, StaticCredentials, UpstreamCredentials
@@ -113,7 +113,7 @@ class PgProxy:
             if isinstance(res, PostgresResource):
                 self._guards[res.name] = SqlGuard(res.guardrails, masking=res.masking)
                 self._maskers[res.name] = Masker(res.masking, hash_key)
-                if qualified_tables(self._maskers[res.name]):
+                if needs_catalog(self._maskers[res.name]):
                     self._catalogs[res.name] = Catalog(self._lookup_for(res))
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -359,17 +359,24 @@ class PgProxy:
             log.warning("cancel for %s failed: %s", resource.name, exc.message)
 
     def _lookup_for(self, resource: PostgresResource) -> Any:
-        async def lookup(oids: list[int]) -> dict[int, str]:
+        async def lookup(oids: list[int]) -> dict[int, tuple[str, dict[int, str]]]:
             user, password = await self.credentials.for_grant(resource, None)
             up = await upstream.connect(resource, user, password, {"application_name": "hoop catalog"})
             try:
                 ids = ",".join(str(int(o)) for o in oids)
                 rows = await upstream.simple_query(
-                    up, "SELECT c.oid, n.nspname || '.' || c.relname FROM pg_catalog.pg_class c "
-                        f"JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.oid IN ({ids})")
+                    up, "SELECT c.oid, n.nspname || '.' || c.relname, a.attnum, a.attname FROM pg_catalog.pg_class c "
+                        "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+                        "LEFT JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 "
+                        f"AND NOT a.attisdropped WHERE c.oid IN ({ids})")
             finally:
                 up.transport.write(codec.TERMINATE)
                 up.transport.close()
-            return {int(oid or 0): name or "" for oid, name in rows}
+            found: dict[int, tuple[str, dict[int, str]]] = {}
+            for oid, name, attnum, attname in rows:
+                _, columns = found.setdefault(int(oid or 0), (name or "", {}))
+                if attnum is not None and attname is not None:
+                    columns[int(attnum)] = attname
+            return found
 
         return lookup

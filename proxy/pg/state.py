@@ -201,9 +201,9 @@ class State:
         except KeyError:
             pass
         fields = shape.fields
-        tables = self.catalog.names if self.catalog is not None else {}
+        catalog = self.catalog
         plan = make_plan(self.masker, fields, formats if formats is not None else tuple([f.format for f in fields]),
-                         tables)
+                         catalog.names if catalog is not None else {}, catalog.columns if catalog is not None else None)
         if len(shape.plans) < 64:
             shape.plans[formats] = plan
         return plan

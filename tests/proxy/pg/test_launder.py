@@ -56,3 +56,25 @@ async def test_asyncpg_refusal_names_the_column(hoop: Hoop) -> None:
         assert await conn.fetchval("SELECT note FROM users WHERE id = 2") == "[masked]"
     finally:
         await conn.close()
+
+
+async def test_a_column_alias_keeps_its_rule(hoop: Hoop) -> None:
+    """A rule matched the output column's name, so an alias (``note AS x``) read the column unmasked. The
+    column's own name, resolved from its table OID and column number, is matched too: a ``table.column``
+    rule (``users.note``) and a name rule (``card``) both follow it, through a subquery as well."""
+    got = await through_hoop(hoop, "\n".join([
+        "SELECT note AS x FROM users WHERE id = 1;",
+        "SELECT x FROM (SELECT note AS x FROM users) s WHERE x IS NOT NULL LIMIT 1;",
+        'SELECT u.note AS "NOTE" FROM users u WHERE id = 2;',
+        "SELECT card AS c FROM users WHERE id = 3;",
+        "SELECT name AS note FROM users WHERE id = 4;",  # another column named like a masked one: still masked
+        "SELECT name AS n FROM users WHERE id = 5;",  # no rule: passes
+    ]))
+    assert got[:3] == ["[masked]", "[masked]", "[masked]"]
+    assert got[3] != "4111 1111 1111 1111" and got[3].endswith("1111")  # partial
+    assert got[4:] == ["[masked]", "user5"]
+    conn = await asyncpg.connect(hoop.dsn())  # binary results, the extended protocol
+    try:
+        assert await conn.fetchval("SELECT note AS x FROM users WHERE id = $1", 6) == "[masked]"
+    finally:
+        await conn.close()
