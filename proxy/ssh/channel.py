@@ -341,7 +341,9 @@ class ProxyChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
                     self.editor.settled()
                 self.editor.bracketed = self.out.bracketed_paste
                 send, line, rest = self.editor.feed(data)
-                if send and not self.editor.overlong:  # past LINE_MAX the line is refused: keep it short
+                # past LINE_MAX the line is refused: keep it short (the line the Enter ended says so: the
+                # editor itself has moved on to a fresh line)
+                if send and not self.editor.overlong and not (line is not None and line.overlong):
                     self.up.write(send)
             if line is None or not self._line(line, rest):
                 return

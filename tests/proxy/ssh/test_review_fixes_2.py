@@ -80,19 +80,29 @@ async def test_piped_line_longer_than_the_cap_is_refused(renv: Env) -> None:
     assert any(c["rule"] == "line-length" and c["decision"] == "block" for c in commands)
 
 
-async def test_typed_line_longer_than_the_cap_is_refused(renv: Env) -> None:
+@pytest.mark.parametrize("enter_apart", [False, True])
+async def test_typed_line_longer_than_the_cap_is_refused(renv: Env, request: pytest.FixtureRequest,
+                                                         enter_apart: bool) -> None:
+    """Keys past LINE_MAX are not forwarded, also when the Enter comes in the chunk that crosses the cap
+    (the editor had moved on to a fresh line, and that chunk went out). What reached the host is counted
+    by ``cat`` into a file, the terminal in non-canonical mode, so every forwarded byte lands there."""
+    sink = marker(renv, request)
     conn, term = await pty_shell(renv)
     async with conn:
         # dash, not bash: readline redraws a 64 KiB line in steps that grow with it (seconds of CPU on a busy
-        # machine), while the terminal's own line editing just drops what is past its 4 KiB buffer
+        # machine)
         await exec_dash(term)
-        term.proc.stdin.write("echo " + "z" * (LINE_MAX + 1000) + "\r")
+        await run(term, f"stty -icanon -echo; echo CAT$((2+2)); cat > {sink}", "CAT4")
+        term.proc.stdin.write("z" * (LINE_MAX - 10))
+        await asyncio.sleep(0.2)
+        term.proc.stdin.write("z" * 1010 + ("" if enter_apart else "\r"))
+        if enter_apart:
+            await asyncio.sleep(0.2)
+            term.proc.stdin.write("\r")
         await refused(term)
-        # wait until the shell has taken hoop's ^C (its echo) and shows a prompt after it, so the next line
-        # is not typed ahead
-        await at_prompt(term, term.buf.index("line refused"), after="^C")
-        await run(term, "echo AFTER$((3+3))", "AFTER6")
-    assert "z" * LINE_MAX not in term.buf  # not forwarded past the cap, so never echoed whole
+        await at_prompt(term, term.buf.index("line refused"))  # hoop's ^C ended cat
+        await run(term, "stty sane; echo AFTER$((3+3))", "AFTER6")
+    assert 0 < sink.stat().st_size <= LINE_MAX  # not forwarded past the cap
 
 
 def test_line_editor_memory_is_bounded() -> None:
