@@ -32,6 +32,7 @@ import logging
 import struct
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from broker.config import Strategy
 from proxy.mask import Masker
@@ -73,15 +74,19 @@ def formats_for(n: int, result_formats: Sequence[int]) -> tuple[int, ...]:
 UNRESOLVED = "?"
 
 
-def _strategy(masker: Masker, f: Field, tables: Mapping[int, str],
-              columns: Mapping[tuple[int, int], str]) -> Strategy | None:
+def _strategy(masker: Masker, f: Field, tables: Mapping[int, str], columns: Mapping[tuple[int, int], str],
+              parents: Mapping[int, tuple[str, ...]]) -> Strategy | None:
     table = tables.get(f.table_oid)
     if table != UNRESOLVED:
-        found = masker.column_strategy(f.name, table)
         real = columns.get((f.table_oid, f.attnum)) if f.attnum > 0 else None
-        if found is None and real is not None and real != f.name:  # an alias: the column's own name too
-            found = masker.column_strategy(real, table)
-        return found
+        names = (f.name,) if real is None or real == f.name else (f.name, real)  # an alias: its own name too
+        # a partition (or inheritance child) is read under its own name: its ancestors' rules apply too
+        for owner in (table, *parents.get(f.table_oid, ())):
+            for name in names:
+                found = masker.column_strategy(name, owner)
+                if found is not None:
+                    return found
+        return None
     # fail closed: an unknown table may be the one a ``table.column`` rule names
     found = masker.column_strategy(f.name)
     if found is not None:
@@ -94,8 +99,9 @@ def _strategy(masker: Masker, f: Field, tables: Mapping[int, str],
 
 
 def make_plan(masker: Masker, fields: Sequence[Field], formats: Sequence[int], tables: Mapping[int, str],
-              columns: Mapping[tuple[int, int], str] | None = None) -> Plan:
-    strategies = tuple(_strategy(masker, f, tables, columns or {}) for f in fields)
+              columns: Mapping[tuple[int, int], str] | None = None,
+              parents: Mapping[int, tuple[str, ...]] | None = None) -> Plan:
+    strategies = tuple(_strategy(masker, f, tables, columns or {}, parents or {}) for f in fields)
     text = tuple(fmt == 0 for fmt in formats)
     binary_text = tuple(fmt != 0 and f.type_oid in TEXT_LIKE_OIDS for f, fmt in zip(fields, formats, strict=True))
     binary_scan = tuple(fmt != 0 and f.type_oid not in TEXT_LIKE_OIDS and scanned(f.type_oid)
@@ -215,17 +221,26 @@ def needs_catalog(masker: Masker) -> bool:
     return masker.enabled and bool(masker.config.columns)
 
 
-#: table OIDs -> (``schema.table``, column number -> column name) for those found
-Lookup = Callable[[Sequence[int]], Awaitable[dict[int, tuple[str, dict[int, str]]]]]
+class Table(NamedTuple):
+    """What the catalog knows of one table OID."""
+
+    name: str  # ``schema.table``
+    columns: dict[int, str]  # column number -> column name
+    parents: tuple[str, ...] = ()  # ``schema.table`` of each ancestor: partitioned parents, inheritance
+
+
+#: table OIDs -> what is known of each one found
+Lookup = Callable[[Sequence[int]], Awaitable[dict[int, Table]]]
 
 
 class Catalog:
-    """Table OID -> ``schema.table``, and (table OID, column number) -> column name, for one resource,
-    cached; misses resolved in one query."""
+    """Table OID -> ``schema.table`` (and its ancestors' names), and (table OID, column number) -> column
+    name, for one resource, cached; misses resolved in one lookup."""
 
     def __init__(self, lookup: Lookup) -> None:
         self.names: dict[int, str] = {}
         self.columns: dict[tuple[int, int], str] = {}
+        self.parents: dict[int, tuple[str, ...]] = {}
         self._lookup = lookup
         self._lock = asyncio.Lock()
 
@@ -245,9 +260,11 @@ class Catalog:
                     self.names[oid] = UNRESOLVED
                 return
             for oid in todo:
-                name, columns = found.get(oid, ("", {}))
-                self.names[oid] = name
-                for attnum, attname in columns.items():
+                table = found.get(oid, Table("", {}))
+                self.names[oid] = table.name
+                if table.parents:
+                    self.parents[oid] = table.parents
+                for attnum, attname in table.columns.items():
                     self.columns[oid, attnum] = attname
 
 

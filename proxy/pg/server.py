@@ -56,7 +56,7 @@ from proxy.pg.params import Refusal as _Refusal
 from proxy.pg.params import startup_params
 from proxy.pg.relay import Relay
 from proxy.pg.replies import PINNED, unsafe_parameter
-from proxy.pg.rows import Catalog, needs_catalog
+from proxy.pg.rows import Catalog, Table, needs_catalog
 from proxy.pg.scram import ScramAuthFailed, ScramServer, parse_verifier
 from proxy.pg.tls import ServerTls, server_tls
 from proxy.pg.upstream import Reader, StaticCredentials, UpstreamCredentials
@@ -359,7 +359,7 @@ class PgProxy:
             log.warning("cancel for %s failed: %s", resource.name, exc.message)
 
     def _lookup_for(self, resource: PostgresResource) -> Any:
-        async def lookup(oids: list[int]) -> dict[int, tuple[str, dict[int, str]]]:
+        async def lookup(oids: list[int]) -> dict[int, Table]:
             user, password = await self.credentials.for_grant(resource, None)
             up = await upstream.connect(resource, user, password, {"application_name": "hoop catalog"})
             try:
@@ -369,14 +369,30 @@ class PgProxy:
                         "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
                         "LEFT JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 "
                         f"AND NOT a.attisdropped WHERE c.oid IN ({ids})")
+                # ancestors: the partitioned tables (or inheritance parents) above each one, nearest first
+                up_rows = await upstream.simple_query(
+                    up, "WITH RECURSIVE up(child, parent, depth) AS ("
+                        f"SELECT inhrelid, inhparent, 1 FROM pg_catalog.pg_inherits WHERE inhrelid IN ({ids}) "
+                        "UNION ALL SELECT up.child, i.inhparent, up.depth + 1 FROM up "
+                        "JOIN pg_catalog.pg_inherits i ON i.inhrelid = up.parent WHERE up.depth < 32) "
+                        "SELECT up.child, n.nspname || '.' || c.relname FROM up "
+                        "JOIN pg_catalog.pg_class c ON c.oid = up.parent "
+                        "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace ORDER BY up.child, up.depth")
             finally:
                 up.transport.write(codec.TERMINATE)
                 up.transport.close()
-            found: dict[int, tuple[str, dict[int, str]]] = {}
+            names: dict[int, str] = {}
+            columns: dict[int, dict[int, str]] = {}
             for oid, name, attnum, attname in rows:
-                _, columns = found.setdefault(int(oid or 0), (name or "", {}))
+                key = int(oid or 0)
+                names[key] = name or ""
+                cols = columns.setdefault(key, {})
                 if attnum is not None and attname is not None:
-                    columns[int(attnum)] = attname
-            return found
+                    cols[int(attnum)] = attname
+            parents: dict[int, list[str]] = {}
+            for child, parent in up_rows:
+                if parent:
+                    parents.setdefault(int(child or 0), []).append(parent)
+            return {oid: Table(name, columns.get(oid, {}), tuple(parents.get(oid, ()))) for oid, name in names.items()}
 
         return lookup

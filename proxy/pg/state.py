@@ -203,7 +203,8 @@ class State:
         fields = shape.fields
         catalog = self.catalog
         plan = make_plan(self.masker, fields, formats if formats is not None else tuple([f.format for f in fields]),
-                         catalog.names if catalog is not None else {}, catalog.columns if catalog is not None else None)
+                         catalog.names if catalog is not None else {}, catalog.columns if catalog is not None else None,
+                         catalog.parents if catalog is not None else None)
         if len(shape.plans) < 64:
             shape.plans[formats] = plan
         return plan

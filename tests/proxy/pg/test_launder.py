@@ -8,12 +8,15 @@ with 42501 and the session goes on; the same statements without the column run.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import asyncpg
 import pytest
 
 from proxy.launder import MASKED_COLUMNS_RULE
-from tests.proxy.pg.harness import Hoop
+from tests.proxy.pg.harness import Hoop, running_hoop
 from tests.proxy.pg.test_txn_block import through_hoop
+from tests.support.pgcluster import PgCluster
 
 pytestmark = pytest.mark.postgres
 
@@ -78,3 +81,28 @@ async def test_a_column_alias_keeps_its_rule(hoop: Hoop) -> None:
         assert await conn.fetchval("SELECT note AS x FROM users WHERE id = $1", 6) == "[masked]"
     finally:
         await conn.close()
+
+
+async def test_partitions_and_inheritance_children_keep_their_ancestors_rules(pg: PgCluster, tmp_path: Path) -> None:
+    """A partition (or an inheritance child) is read under its own name; a ``table.column`` rule on the
+    partitioned table (or the parent) applies to it too, at any depth."""
+    db = pg.create_database("parts")
+    pg.psql("""
+        CREATE TABLE events (id int, who text, note text) PARTITION BY RANGE (id);
+        CREATE TABLE events_low PARTITION OF events FOR VALUES FROM (0) TO (100) PARTITION BY RANGE (id);
+        CREATE TABLE events_low_a PARTITION OF events_low FOR VALUES FROM (0) TO (50);
+        INSERT INTO events VALUES (1, 'w1', 'secret-1');
+        CREATE TABLE people (id int, note text);
+        CREATE TABLE people_old () INHERITS (people);
+        INSERT INTO people_old VALUES (2, 'secret-2');
+    """, database=db)
+    masking = {"columns": [{"match": "events.note", "strategy": "redact"},
+                           {"match": "public.people.note", "strategy": "redact"}]}
+    async with running_hoop(pg, db, tmp_path, masking=masking) as h:
+        got = await through_hoop(h, "\n".join([
+            "SELECT note FROM events_low_a;",
+            "SELECT note AS n FROM events_low;",
+            "SELECT note FROM people_old;",
+            "SELECT who FROM events_low_a;",
+        ]))
+    assert got == ["[masked]", "[masked]", "[masked]", "w1"]
