@@ -256,7 +256,7 @@ class Inspector(Replies):
                     effect = self._forget(p.sql, kinds)
                     review = decision if decision is not None and decision.needs_review else None
                     stmt = self.statements[p.statement] = Stmt(p.sql, text, kinds, dynamic=effect.dynamic,
-                                                               effect=effect, review=review)
+                                                               effect=effect, review=review, param_types=p.param_oids)
                     seq = self._supersede(p.statement)
                     if review is not None and not effect.only_prepare:
                         self._mark(p.statement, stmt)
@@ -270,7 +270,7 @@ class Inspector(Replies):
                     portal.marks = self._marks_of(statement)
                     portal.name = label(statement)
                     b = decode_bind(body)
-                    portal.params = parameters(self.masker, b.param_formats, b.params)
+                    portal.params = parameters(self.masker, b.param_formats, b.params, stmt.param_types)
                 if stmt.fields is not None and not stmt.dynamic:
                     portal.plan = self._plan_for(stmt.fields, formats_for(len(stmt.fields.fields), result_formats))
                     portal.described = True

@@ -21,6 +21,7 @@ tracking of :mod:`proxy.pg.state` it never should.
 
 from __future__ import annotations
 
+import contextlib
 import struct
 from typing import Any
 
@@ -31,6 +32,7 @@ from proxy.pg.messages import (
     decode_command_complete,
     decode_copy_response,
     decode_fields,
+    decode_parameter_description,
     decode_parameter_status,
 )
 from proxy.pg.rows import Catalog, mask_message_fields, mask_payload, mask_row
@@ -99,6 +101,8 @@ class Replies(State):
                 i += 1
                 continue
             if t in _B_PASS:
+                if t == Backend.PARAMETER_DESCRIPTION and self.expect and self.expect[0][0] == "describe_s":
+                    self._parameter_types(mv[s + 5 : e])
                 if run < 0:
                     run = s
                 i += 1
@@ -269,6 +273,13 @@ class Replies(State):
         room = self.sample_rows - len(rec.sample)
         if room > 0:
             rec.sample.extend(run_sample(buf, s, e, room, self.plan))
+
+    def _parameter_types(self, body: memoryview) -> None:
+        """The server's types of a described statement's parameters: a review then shows binary values."""
+        stmt = self.expect[0][1]
+        if stmt is not None and stmt.review is not None:
+            with contextlib.suppress(MalformedMessage):  # (passed on as it came: the client judges it)
+                stmt.param_types = decode_parameter_description(body)
 
     def _row_description(self, shape: Shape) -> bool:
         """Attach a RowDescription to its statement/portal/result; True to keep it from the client."""

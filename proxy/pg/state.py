@@ -78,6 +78,8 @@ class Stmt:
     #: what running it does to the namespaces: applied at each Execute of a portal bound to it
     effect: names.Effect = names.NO_EFFECT
     review: Decision | None = None  # the guard sends it to review: each execution is held
+    #: parameter type OIDs (Parse's, then the server's ParameterDescription): a review shows binary values
+    param_types: tuple[int, ...] = ()
 
 
 @dataclass(slots=True)

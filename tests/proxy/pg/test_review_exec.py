@@ -5,6 +5,9 @@ of an allowed portal is not; a refused execution refuses only itself. Real clien
 from __future__ import annotations
 
 import asyncio
+import decimal
+import uuid
+from datetime import UTC, date, datetime
 from typing import Any
 
 import asyncpg
@@ -57,7 +60,7 @@ async def test_asyncpg_same_statement_twice_is_reviewed_twice(hoop: Hoop, pg: Pg
     try:
         sql = f"DELETE FROM {t} WHERE id > $1"
         got, text = await reviewed(reviewer, conn.execute(sql, 4))  # asyncpg prepares and caches it
-        assert got == "DELETE 1" and text.startswith(sql) and "$1 = [binary, 4 bytes]" in text
+        assert got == "DELETE 1" and text.startswith(sql) and "$1 = '4'" in text  # binary int4, typed by the server
         got, _ = await reviewed(reviewer, conn.execute(sql, 3))  # the cached statement: Bind/Execute only
         assert got == "DELETE 1"
         assert reviewer.count() == 2
@@ -168,3 +171,38 @@ async def test_refused_second_execution_refuses_only_itself(hoop: Hoop, pg: PgCl
     statements = await hoop.events("statement")
     assert any(s["decision"] == "block" and s["rule"] == "careful-delete" for s in statements)
     assert any(s["decision"] == "review" and s["rule"] == "careful-delete" for s in statements)
+
+
+async def test_binary_parameters_of_common_types_are_shown_masked(hoop: Hoop, pg: PgCluster, pgdb: str) -> None:
+    """asyncpg binds every value in binary; the review shows them decoded by the types the server described,
+    masked like text, and a placeholder with the type for the rest."""
+    t = new_table(pg, pgdb)
+    pg.psql(f"INSERT INTO {t} VALUES (1)", database=pgdb)
+    reviewer = Reviewer(hoop)
+    conn = await asyncpg.connect(hoop.dsn())
+    try:
+        sql = (f"DELETE FROM {t} WHERE id = $1 AND $2::text IS NOT NULL AND $3::bigint > 0 AND $4::numeric < 0 "
+               "AND $5::uuid IS NOT NULL AND $6::timestamptz IS NOT NULL AND $7::bool AND $8::bytea IS NOT NULL "
+               "AND $9::date IS NOT NULL AND $10::float8 > 0")
+        ident = uuid.UUID("12345678-1234-5678-1234-567812345678")
+        got, text = await reviewed(reviewer, conn.execute(
+            sql, 1, "mail alice@example.com", 4111111111111111, decimal.Decimal("-12.50"), ident,
+            datetime(2026, 12, 1, 8, 0, tzinfo=UTC), True, b"\x00\x01", date(2026, 12, 1), 2.5))
+    finally:
+        await conn.close()
+    assert got == "DELETE 1"
+    params = text.split("-- parameters: ", 1)[1]
+    assert "alice@example.com" not in params and "4111111111111111" not in params
+    for shown in ("$1 = '1'", "$4 = '-12.50'", f"$5 = '{ident}'", "$6 = '2026-12-01 08:00:00+00'", "$7 = 'true'",
+                  "$8 = [binary, type 17, 2 bytes]", "$9 = '2026-12-01'", "$10 = '2.5'"):
+        assert shown in params, (shown, params)
+    assert "$2 = 'mail [email" in params and "$3 = '[card" in params
+
+
+def test_binary_decoders_refuse_what_they_cannot_read() -> None:
+    from proxy.pg.review import parameters
+
+    shown = parameters(None, [1], [b"\x00\x00\x00", b"\x00\x02\x00\x00\x00\x00\x00\x02\x00\x01\x13\x88",
+                                    b"\x02{}"], [23, 1700, 3802])
+    assert shown == ("\n-- parameters: $1 = [binary, type 23, 3 bytes], $2 = '1.50', "
+                     "$3 = [binary, type 3802, 3 bytes]")
