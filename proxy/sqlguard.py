@@ -36,7 +36,8 @@ Policies worth knowing:
   ``standard_conforming_strings=on``; a server lexing otherwise would run statements the guard
   never saw), RESET / ``TO DEFAULT`` of ``backslash_quote`` (the other two go back to the pin),
   any ``set_config`` whose setting name is not a constant (a column, a parameter, an
-  expression: it could name any setting), and any INSERT / UPDATE / DELETE / MERGE of
+  expression: it could name any setting; pg_dump's ``set_config(name, …) FROM pg_settings
+  WHERE name = 'x'`` counts as naming ``x``), and any INSERT / UPDATE / DELETE / MERGE of
   ``pg_settings`` (its rule calls ``set_config``). ``read_only`` (on a read-only resource)
   blocks ``READ WRITE`` transactions and session characteristics, and SET / RESET /
   ``set_config`` of a ``*transaction_read_only`` setting other than to a true constant.
@@ -296,6 +297,47 @@ def _is_pg_settings(relation: Any) -> bool:
             and relation.get("schemaname") in (None, "pg_catalog"))
 
 
+def _settings_row_calls(select: dict[str, Any]) -> dict[int, tuple[dict[str, Any], str]]:
+    """``SELECT set_config(name, …) FROM pg_settings WHERE name = 'setting'`` (pg_dump sends it):
+    each such call in the target list (by ``id``) and the setting it names.
+
+    Only that exact shape: one unaliased or aliased ``pg_settings``, a ``WHERE`` that is a
+    single ``name = 'constant'``, and the call's first argument the bare ``name`` column; anything
+    else is left to the computed-name refusal. (A user-defined ``=`` earlier in ``search_path``
+    could match other rows: the settings that matter are then caught by the server's
+    ParameterStatus reports, see :func:`proxy.pg.replies.unsafe_parameter`.)
+    """
+    frm: list[dict[str, Any]] = select.get("fromClause") or []
+    if len(frm) != 1 or not _is_pg_settings(frm[0].get("RangeVar")):
+        return {}
+    alias = str(frm[0]["RangeVar"].get("alias", {}).get("aliasname", "pg_settings"))
+    where = select.get("whereClause", {}).get("A_Expr", {})
+    if where.get("kind") != "AEXPR_OP" or _names(where.get("name", ())) != "=":
+        return {}
+    sides = (where.get("lexpr"), where.get("rexpr"))
+    setting = next((c for c in map(_string_const, sides) if c is not None), None)
+    if setting is None or not any(_is_name_column(side, alias) for side in sides):
+        return {}
+    calls = {}
+    for target in select.get("targetList") or ():
+        call = target.get("ResTarget", {}).get("val", {}).get("FuncCall")
+        if (call is not None and _names(call.get("funcname", ())).lower() in ("set_config", "pg_catalog.set_config")
+                and call.get("args") and _is_name_column(call["args"][0], alias)):
+            calls[id(call)] = (call, setting)
+    return calls
+
+
+def _string_const(node: Any) -> str | None:
+    c = node.get("A_Const") if isinstance(node, dict) else None
+    return str(c["sval"].get("sval", "")) if isinstance(c, dict) and "sval" in c else None
+
+
+def _is_name_column(node: Any, alias: str) -> bool:
+    fields = node.get("ColumnRef", {}).get("fields") if isinstance(node, dict) else None
+    return fields is not None and _names(fields) in ("name", f"{alias}.name") and len(fields) == len(
+        _names(fields).split("."))
+
+
 def _mentions_column(obj: Any) -> bool:
     if isinstance(obj, dict):
         if "ColumnRef" in obj or "CurrentOfExpr" in obj:
@@ -366,6 +408,8 @@ class _Classifier:
         self.launder = launder
         self.body = 0
         self.source = ""  # the text of the top-level statement being walked (function bodies need it)
+        # id(set_config call) -> (the call, kept so its id stays its own; the one pg_settings row it reads)
+        self.row_settings: dict[int, tuple[dict[str, Any], str]] = {}
 
     def sql(self, text: str, index: int | None, depth: int) -> None:
         if depth > _MAX_DEPTH:
@@ -406,6 +450,8 @@ class _Classifier:
             return
         elif typ == "VariableSetStmt":
             self.variable_set(f, unit)
+        elif typ == "SelectStmt":
+            self.row_settings.update(_settings_row_calls(f))
         elif typ == "TransactionStmt" and _read_write_option(f.get("options")):
             unit.writes_on = "a READ WRITE transaction"
         elif typ in _NESTED_DML and _is_pg_settings(f.get("relation")):
@@ -437,6 +483,9 @@ class _Classifier:
         self.literal_dependent = True
         args = call.get("args") or []
         name = _const(args[0]) if args else None
+        if name is None:
+            known = self.row_settings.get(id(call))
+            name = known[1] if known is not None and known[0] is call else None
         if name is None:
             # could name any setting: fail closed, everywhere (a pipelined statement would be
             # read by the server under the new setting before hoop could see it change)

@@ -192,7 +192,7 @@ class Replies(State):
                 if masker is not None:
                     replace = mask_payload(masker, t, body, 4)
             elif t == Backend.PARAMETER_STATUS:
-                unsafe = unsafe_parameter(*decode_parameter_status(body))
+                unsafe = unsafe_parameter(*decode_parameter_status(body), read_only=self.read_only)
                 if unsafe is not None:  # the guard missed a change of how the server reads SQL
                     self.abort = unsafe
                     if run >= 0:
@@ -311,9 +311,13 @@ class Replies(State):
 PINNED = {"client_encoding": "UTF8", "standard_conforming_strings": "on"}
 
 
-def unsafe_parameter(name: str, value: str) -> str | None:
-    """Why the server's report ``name=value`` (ParameterStatus) ends the session, or None."""
-    want = PINNED.get(name)
+def unsafe_parameter(name: str, value: str, *, read_only: bool = False) -> str | None:
+    """Why the server's report ``name=value`` (ParameterStatus) ends the session, or None.
+
+    On a ``read_only`` resource ``default_transaction_read_only`` must stay on too (servers from
+    PostgreSQL 14 report it), whatever turned it off.
+    """
+    want = PINNED.get(name) or ("on" if read_only and name == "default_transaction_read_only" else None)
     if want is None or value == want:
         return None
     return f"the session's {name} is {value!r}: hoop only relays sessions with {name}={want}"

@@ -280,6 +280,9 @@ class PgProxy:
             up = await upstream.connect(resource, user, password, {**passed, **pins})
             unsafe = next(filter(None, (unsafe_parameter(k, up.params.get(k, "(not reported)")) for k in PINNED)),
                           None)
+            if unsafe is None and "default_transaction_read_only" in up.params:
+                unsafe = unsafe_parameter("default_transaction_read_only", up.params["default_transaction_read_only"],
+                                          read_only=resource.guardrails.read_only)
             if unsafe is not None:  # e.g. a pooler in between that ignored the pins
                 up.transport.close()
                 raise UpstreamError(unsafe)

@@ -248,7 +248,27 @@ SETTINGS = [
     ("SELECT pg_catalog.set_config('CLIENT_ENCODING', 'sjis', false)", "hoop-lexer"),
     ("SELECT x FROM t WHERE set_config('client_' || 'encoding', 'SJIS', false) IS NOT NULL", "hoop-lexer"),
     ("SELECT set_config(name, 'off', false) FROM pg_settings", "hoop-lexer"),
-    ("SELECT set_config(name, setting, false) FROM pg_settings WHERE name = 'search_path'", "hoop-lexer"),
+    # one pg_settings row named by a constant (pg_dump sends this): decided by that name
+    ("SELECT set_config(name, 'view, foreign-table', false) FROM pg_settings "
+     "WHERE name = 'restrict_nonsystem_relation_kind'", None),
+    ("SELECT set_config(name, setting, false) FROM pg_settings WHERE name = 'search_path'", None),
+    ("SELECT pg_catalog.set_config(s.name, 'on', false) FROM pg_catalog.pg_settings s "
+     "WHERE 'standard_conforming_strings' = s.name", None),
+    ("SELECT set_config(name, 'off', false) FROM pg_settings WHERE name = 'standard_conforming_strings'",
+     "hoop-lexer"),
+    ("SELECT set_config(name, 'off', false) FROM pg_settings WHERE name = 'default_transaction_read_only'",
+     "read_only"),
+    ("SELECT set_config(name, 'x', false) FROM pg_settings WHERE name = 'a' OR name = 'client_encoding'",
+     "hoop-lexer"),
+    ("SELECT set_config(name, 'x', false) FROM pg_settings WHERE name <> 'a'", "hoop-lexer"),
+    ("SELECT set_config(name, 'x', false) FROM pg_settings, users WHERE name = 'a'", "hoop-lexer"),
+    ("SELECT set_config(name, 'x', false) FROM users WHERE name = 'a'", "hoop-lexer"),
+    ("SELECT set_config(upper(name), 'x', false) FROM pg_settings WHERE name = 'a'", "hoop-lexer"),
+    ("SELECT set_config(t.name, 'x', false) FROM pg_settings s, (SELECT 'client_encoding' AS name) t "
+     "WHERE s.name = 'a'", "hoop-lexer"),
+    ("SELECT (SELECT set_config(name, 'x', false) FROM users) FROM pg_settings WHERE name = 'a'", "hoop-lexer"),
+    ("SELECT set_config(name, 'x', false) FROM pg_settings WHERE name = 'a' "
+     "UNION SELECT set_config(name, 'x', false) FROM pg_settings", "hoop-lexer"),
     ("UPDATE pg_settings SET setting = 'off' WHERE name = 'standard_conforming_strings'", "hoop-lexer"),
     ("UPDATE pg_catalog.pg_settings SET setting = 'SJIS' WHERE name = 'client_encoding'", "hoop-lexer"),
     ("update PG_SETTINGS set setting = 'x' where name = 'search_path'", "hoop-lexer"),

@@ -170,6 +170,30 @@ async def test_a_setting_changed_behind_the_guard_ends_the_session(hoop: Hoop, s
 # ---- read-only resources -------------------------------------------------------------------------
 
 
+async def test_read_only_turned_off_behind_the_guard_ends_the_session(pg: PgCluster, pgdb: str,
+                                                                     tmp_path: Path) -> None:
+    # a function made outside hoop turns writes back on; the server reports the change (PostgreSQL 14+)
+    pg.psql("CREATE OR REPLACE FUNCTION hoop_writes_on() RETURNS text LANGUAGE sql "
+            "AS $$ SELECT set_config('default_transaction_read_only', 'off', false) $$", database=pgdb)
+    async with running_hoop(pg, pgdb, tmp_path, guardrails={"read_only": True}) as h:
+        c = await Raw.connect(h)
+        try:
+            msgs = await c.query(b"SELECT hoop_writes_on()")
+        finally:
+            await c.close()
+        fatal = _errors(msgs)
+        assert fatal and fatal[-1]["S"] == "FATAL" and fatal[-1]["C"] == "42501", msgs
+        assert "default_transaction_read_only" in fatal[-1]["M"] and msgs[-1][0] == "EOF"
+    (tmp_path / "rw").mkdir()
+    async with running_hoop(pg, pgdb, tmp_path / "rw") as h:  # where writes are allowed, nothing to catch
+        conn = await asyncpg.connect(h.dsn())
+        try:
+            assert await conn.fetchval("SELECT hoop_writes_on()") == "off"
+        finally:
+            await conn.close()
+
+
+
 async def test_read_only_cannot_be_undone(pg: PgCluster, pgdb: str, tmp_path: Path) -> None:
     async with running_hoop(pg, pgdb, tmp_path, guardrails={"read_only": True}) as h:
         for name in ("default_transaction_read_only", "transaction_read_only"):
