@@ -26,6 +26,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Any, NamedTuple
 
+from broker.config import Strategy
+from proxy.copyrows import CopyFormatError, CopyOut, copy_format
 from proxy.maskcols import CLEAN, MaskedColumns, Table, Taint
 
 __all__ = ["MASKED_COLUMNS_RULE", "Launder", "MaskedColumns"]
@@ -96,6 +98,24 @@ def _strs(items: Any) -> list[str]:
     return [i["String"]["sval"].lower() for i in items or () if "String" in i]
 
 
+def _column_names(tree: Any) -> set[str | None]:
+    """The column names a query mentions anywhere (None for ``*`` or ``t.*``): a rule without a
+    table could apply to any of them."""
+    found: set[str | None] = set()
+    stack = [tree]
+    while stack:
+        obj = stack.pop()
+        if isinstance(obj, list):
+            stack.extend(obj)
+        elif isinstance(obj, dict):
+            ref = obj.get("ColumnRef")
+            if isinstance(ref, dict):
+                last = (ref.get("fields") or [{}])[-1]
+                found.add(str(last["String"]["sval"]).lower() if "String" in last else None)
+            stack.extend(v for v in obj.values() if isinstance(v, (dict, list)))
+    return found
+
+
 def _table(rv: dict[str, Any]) -> _Table:
     schema = rv.get("schemaname")
     return (schema.lower() if schema else None, str(rv.get("relname", "")).lower())
@@ -124,6 +144,41 @@ class Launder:
         if not self.masked:
             return None
         return next(self._findings(typ, f, strict, ()), None)
+
+    def copy_out(self, f: dict[str, Any]) -> tuple[str | None, CopyOut | None]:
+        """``COPY … TO STDOUT`` (``f``): why it is refused, or how to mask its rows (None: nothing to mask).
+
+        Its rows carry no column names or table OIDs, so hoop applies the column rules (with a
+        table or without) itself, field by field, when the statement names the table's columns
+        (``COPY users (id, ssn) TO STDOUT``, as pg_dump writes it). Without a column list, or from
+        a query, hoop cannot tell which field is which: refused when a rule could apply."""
+        what = "COPY TO STDOUT sends rows without column names"
+        cols = _strs(f.get("attlist")) if f.get("relation") else []
+        if cols:
+            table = _table(f["relation"])
+            per_column = [self.masked.reads(table, c) | self.masked.by_name(c) for c in cols]
+            strategies = tuple(self._strictest(t) for t in per_column)
+            if not any(strategies):
+                return None, None
+            try:
+                return None, copy_format(f.get("options"), strategies)
+            except CopyFormatError as exc:
+                found = next(self._taints(what, [_union(per_column)]), "")
+                return f"{found} ({exc})", None
+        if f.get("query"):
+            taint = self._copy_source(f, _Env(([],), {})) if self.masked else _CLEAN
+            taint |= _union(self.masked.by_name(n) for n in _column_names(f["query"]))
+            fix = "; SELECT it instead, or COPY the table's unmasked columns by name"
+        else:
+            taint = self.masked.reads(_table(f["relation"]), None) | self.masked.by_name(None)
+            fix = "; name the columns (COPY table (a, b) TO STDOUT) so hoop can mask them"
+        refused = next(self._taints(what, [taint]), None)
+        return (refused + fix if refused else None), None
+
+    def _strictest(self, taint: Taint) -> Strategy | None:
+        """The strategy of the rules in ``taint``: theirs when they agree, else ``redact``."""
+        found = {self.masked.strategy[p] for _, p in taint}
+        return found.pop() if len(found) == 1 else ("redact" if found else None)
 
     def _findings(self, typ: str, f: dict[str, Any], strict: bool, extra: tuple[_Item, ...]) -> Iterator[str]:
         env = _Env((list(extra),), {})

@@ -103,11 +103,24 @@ class MaskedColumns:
         self._all = tuple((re.compile(fnmatch.translate(r.match), re.IGNORECASE), _tokens(r.match), r.strategy)
                           for r in rules)
         self._dotted = tuple((r.match, _tokens(r.match)) for r in rules if "." in r.match)
+        #: rules with no table (``ssn``): they follow a result column's name, wherever it comes from
+        self._bare = tuple((re.compile(fnmatch.translate(r.match), re.IGNORECASE), r.match)
+                           for r in rules if "." not in r.match)
         self.strategy: dict[str, Strategy] = {r.match: r.strategy for r in reversed(rules)}
         self._reads: dict[tuple[Table | None, str | None], Taint] = {}
 
     def __bool__(self) -> bool:
         return bool(self._dotted)
+
+    @property
+    def any_rule(self) -> bool:
+        """Whether any column rule exists, with a table or without."""
+        return bool(self._dotted or self._bare)
+
+    def by_name(self, column: str | None) -> Taint:
+        """The rules without a table that mask a column named ``column`` (None: a name not known)."""
+        shown = f"a column {column}" if column is not None else "columns hoop cannot name"
+        return frozenset((shown, p) for regex, p in self._bare if column is None or regex.match(column))
 
     def reads(self, table: Table | None, column: str | None) -> Taint:
         """The rules that could mask ``column`` (None: any) of ``table`` (None: any table)."""

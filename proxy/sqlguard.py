@@ -67,6 +67,7 @@ from typing import Any
 from pglast import parser as pg
 
 from broker.config import Guardrails, Masking, Rule, SqlKind
+from proxy.copyrows import CopyOut
 from proxy.escapes import Unreadable, off_reading
 from proxy.guard import Decision, decide, name_matches, strictest, unparsed
 from proxy.launder import MASKED_COLUMNS_RULE, Launder, MaskedColumns
@@ -124,6 +125,7 @@ class Statement:
     unit would change the way the server reads SQL (refused everywhere), ``writes_on`` how it
     would turn writing back on (refused on a read-only resource), ``launders`` how it would
     copy a column a ``table.column`` masking rule covers out of that rule (refused).
+    ``copy_out`` is how the proxy masks the rows of a ``COPY … TO STDOUT`` field by field.
     """
 
     tag: str
@@ -135,6 +137,7 @@ class Statement:
     lexer: str | None = None
     writes_on: str | None = None
     launders: str | None = None
+    copy_out: CopyOut | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,7 +191,8 @@ class _Unparsable(Exception):
 
 
 class _Unit:
-    __slots__ = ("dynamic", "functions", "index", "kinds", "launders", "lexer", "tables", "tag", "writes_on")
+    __slots__ = ("copy_out", "dynamic", "functions", "index", "kinds", "launders", "lexer", "tables", "tag",
+                 "writes_on")
 
     def __init__(self, tag: str, kinds: set[SqlKind], index: int) -> None:
         self.tag = tag
@@ -200,10 +204,11 @@ class _Unit:
         self.lexer: str | None = None
         self.writes_on: str | None = None
         self.launders: str | None = None
+        self.copy_out: CopyOut | None = None
 
     def freeze(self) -> Statement:
         return Statement(self.tag, frozenset(self.kinds), frozenset(self.tables), frozenset(self.functions),
-                         self.index, self.dynamic, self.lexer, self.writes_on, self.launders)
+                         self.index, self.dynamic, self.lexer, self.writes_on, self.launders, self.copy_out)
 
 
 _FIXED: dict[str, tuple[str, frozenset[SqlKind]]] = {
@@ -432,7 +437,10 @@ class _Classifier:
         self.units.append(unit)
         if self.launder is not None:
             if typ == "CreateFunctionStmt":
-                unit.launders = self.function_body(f, depth)
+                unit.launders = self.function_body(f, depth) if self.launder.masked else None
+            elif typ == "CopyStmt" and not f.get("is_from") and not f.get("is_program") and f.get("filename") is None:
+                self.literal_dependent = True  # its options (delimiter, null string) shape the rows
+                unit.launders, unit.copy_out = self.launder.copy_out(f)
             else:
                 unit.launders = self.launder.check(typ, f, strict=self.body > 0)
         skip: str | None = None
@@ -633,7 +641,7 @@ class SqlGuard:
         self.guardrails = guardrails
         masked = MaskedColumns(masking) if masking is not None else None
         #: refuses copying ``table.column``-masked values elsewhere (:mod:`proxy.launder`)
-        self.launder = Launder(masked) if masked else None
+        self.launder = Launder(masked) if masked is not None and masked.any_rule else None
         self._cache_size = cache_size
         self._by_text = lru_cache(maxsize=cache_size)(self._analyse_text)
         self._by_shape: OrderedDict[str, Analysis] = OrderedDict()
@@ -641,6 +649,11 @@ class SqlGuard:
     def check(self, sql: str) -> Decision:
         """The decision for ``sql`` (one or more statements; strictest statement wins)."""
         return self.analyse(sql).decision
+
+    def copy_out(self, sql: str) -> CopyOut | None:
+        """How to mask the rows of ``sql``, a ``COPY … TO STDOUT`` the guard allowed (None: nothing
+        to mask). Such a COPY is allowed only as a query of its own, so its plan is the only one."""
+        return next((st.copy_out for st in self.analyse(sql).statements if st.copy_out is not None), None)
 
     def analyse(self, sql: str) -> Analysis:
         """Classification and decision for ``sql``; classification is empty when unparsed."""
@@ -672,6 +685,12 @@ class SqlGuard:
             return Analysis((), unparsed(gr, f"syntax error: {exc.args[0] if exc.args else exc}")), False
         except Exception as exc:  # fail closed on anything the walker did not expect
             return Analysis((), unparsed(gr, f"{type(exc).__name__} while classifying")), False
+        if len(run.units) > 1:
+            for u in run.units:
+                if u.copy_out is not None:  # the proxy matches a COPY's rows to their statement by query
+                    u.launders = ("COPY TO STDOUT of masked columns must be sent as a query of its own, so that "
+                                  "hoop can match its rows to it")
+                    u.copy_out = None
         statements = tuple(u.freeze() for u in run.units)
         if not statements:
             return Analysis((), Decision("allow", None, "empty query", "empty query")), False
@@ -716,6 +735,8 @@ class SqlGuard:
         reason = ""
         if st.lexer:
             builtin, reason = LEXER_RULE, f"{st.lexer}; hoop reads SQL as UTF8 with standard_conforming_strings=on"
+        elif st.launders and st.launders.startswith("COPY TO STDOUT"):
+            builtin, reason = MASKED_COLUMNS_RULE, st.launders
         elif st.launders:
             builtin, reason = MASKED_COLUMNS_RULE, (f"{st.launders}; hoop masks that column only in query "
                                                     "results, so a copy would leave the rule behind")

@@ -144,7 +144,7 @@ def fast_request(insp: Inspector, buf: bytes) -> bool:
         return False
     insp.stats["statements"] += 1
     insp._forget(sql, kinds)
-    insp.expect.append(("query", Rec(text, kinds, action, rule)))
+    insp.expect.append(("query", Rec(text, kinds, action, rule, sql)))
     insp.round += 1
     return True
 
@@ -251,7 +251,7 @@ def fast_batch(insp: Inspector, buf: bytes) -> bool:
         insp._ran(stmt.effect)
     insp.stats["statements"] += 1
     insp.expect.extend((("bind", portal), ("describe_p", (portal, False)),
-                        ("execute", (portal, Rec(stmt.text, stmt.kinds, "allow", None))), _SYNC))
+                        ("execute", (portal, Rec(stmt.text, stmt.kinds, "allow", None, stmt.sql))), _SYNC))
     insp.round += 1
     insp.batch_sent = False  # the Sync ends the batch
     return True

@@ -232,7 +232,7 @@ class Inspector(Replies):
                     self.stats["statements"] += 1
                     self._forget(sql, kinds)
                     rec = Rec(text, kinds, decision.action if decision else "allow",
-                              decision.rule if decision else None)
+                              decision.rule if decision else None, sql)
                     if effect is not NO_EFFECT:
                         self._ran_prepares(effect, own, text, rec)
                     self.expect.append(("query", rec))
@@ -293,7 +293,7 @@ class Inspector(Replies):
                 if found is None:  # a SQL cursor, or one the server will say is missing
                     found = self.portals[ex.portal] = Portal(self._unknown(ex.portal, portal=True), ())
                 stmt = found.stmt
-                rec = Rec(stmt.text, stmt.kinds, "allow", None)
+                rec = Rec(stmt.text, stmt.kinds, "allow", None, stmt.sql)
                 held = self._held_portal(found) if (found.marks or self.marks) and not found.approved else None
                 if held is not None:
                     if frames[i] is self.refused:
@@ -377,13 +377,14 @@ class Inspector(Replies):
         (nothing of it runs, nothing of hoop's state changes); a Query or Execute is recorded
         as skipped."""
         if t == Frontend.QUERY:
-            text, kinds, decision = self._check(decode_query(body).sql)
-            rec = Rec(text, kinds, decision.action if decision else "allow", decision.rule if decision else None)
+            sql = decode_query(body).sql
+            text, kinds, decision = self._check(sql)
+            rec = Rec(text, kinds, decision.action if decision else "allow", decision.rule if decision else None, sql)
         elif t == Frontend.EXECUTE:
             name = self._decoded(t, body, decode_execute).portal
             found = self.portals.get(name)
             stmt = found.stmt if found is not None else self._unknown(name, portal=True)
-            rec = Rec(stmt.text, stmt.kinds, "allow", None)
+            rec = Rec(stmt.text, stmt.kinds, "allow", None, stmt.sql)
         else:
             return
         self.stats["statements"] += 1

@@ -25,6 +25,7 @@ import contextlib
 import struct
 from typing import Any
 
+from proxy.copyrows import mask_copy_row
 from proxy.pg import codec
 from proxy.pg.messages import (
     Backend,
@@ -176,18 +177,27 @@ class Replies(State):
                 if self.expect and self.expect[0][0] == "execute":
                     self._copy_in()
             elif t == Backend.COPY_OUT_RESPONSE:
-                self.copy_binary = decode_copy_response(body).overall_format == 1
-                if self.copy_binary and masker is not None:
-                    self.abort = "binary COPY output cannot be masked"
-                    if run >= 0:
-                        out.append(buf[run:s])
-                    return out, n, None
+                copying = decode_copy_response(body)
+                self.copy_binary = copying.overall_format == 1
+                if masker is not None:
+                    self.abort = "binary COPY output cannot be masked" if self.copy_binary else self._copy_plan(
+                        len(copying.column_formats))
+                    if self.abort is not None:
+                        if run >= 0:
+                            out.append(buf[run:s])
+                        return out, n, None
             elif t == Backend.COPY_DATA:
                 if masker is not None:
-                    replace = mask_payload(masker, t, body, 0)
-                rec = self._result_rec()
-                if rec is not None:
-                    rec.rows += 1
+                    copy_plan = self.copy_plan
+                    if copy_plan is not None and not self.copy_header:
+                        row = mask_copy_row(copy_plan, bytes(body), masker.apply_bytes)
+                        if row is None:
+                            return self._cannot_mask(out, run, buf, s, n, "a COPY row does not match its column list")
+                        replace = mask_payload(masker, t, row, 0) or codec.frame(t, row)
+                    else:
+                        replace = mask_payload(masker, t, body, 0)
+                    self.copy_header = False
+                # (rows are counted from the CommandComplete: COPY n)
             elif t == Backend.NOTIFICATION_RESPONSE:
                 if masker is not None:
                     replace = mask_payload(masker, t, body, 4)
@@ -261,12 +271,31 @@ class Replies(State):
         while len(self.expect) > 1 and self.expect[1] == _SYNC:
             del self.expect[1]
 
-    def _cannot_mask(self, out: list[bytes], run: int, buf: bytes, s: int, n: int) -> tuple[list[bytes], int, None]:
+    def _cannot_mask(self, out: list[bytes], run: int, buf: bytes, s: int, n: int,
+                     what: str = "a result row does not match its column description") -> tuple[list[bytes], int, None]:
         """End the session (fail closed): rows arrived that do not match any known description."""
         if run >= 0:
             out.append(buf[run:s])
-        self.abort = "hoop: a result row does not match its column description; it cannot be masked safely"
+        self.abort = f"hoop: {what}; it cannot be masked safely"
         return out, n, None
+
+    def _copy_plan(self, columns: int) -> str | None:
+        """At a CopyOutResponse: how to mask the rows of the COPY (:mod:`proxy.copyrows`), or why
+        the session must end. The guard allowed the statement only as a query of its own
+        when its column rules must be applied field by field."""
+        self.copy_plan = None
+        self.copy_header = False
+        if self.guard is None or self.guard.launder is None:
+            return None  # no column rule: detectors only
+        rec = self._result_rec()
+        if rec is None:
+            return "hoop: a COPY's rows cannot be matched to their statement; they cannot be masked safely"
+        plan = self.guard.copy_out(rec.sql)
+        if plan is not None and len(plan.strategies) != columns:
+            return "hoop: a COPY's columns do not match its column list; they cannot be masked safely"
+        self.copy_plan = plan
+        self.copy_header = plan is not None and plan.header
+        return None
 
     def _count(self, buf: bytes, s: int, e: int, count: int, rec: Rec) -> None:
         rec.rows += count

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from broker.config import PostgresResource
+from proxy.copyrows import CopyOut
 from proxy.guard import Decision
 from proxy.mask import Masker
 from proxy.pg import codec, names
@@ -107,11 +108,12 @@ class Rec:
     """One statement being executed, recorded when its result is complete (a plain class: one
     is made per statement, and a dataclass with default factories costs twice as much)."""
 
-    __slots__ = ("columns", "command", "decision", "error", "kinds", "rows", "rule", "sample", "t0", "text",
+    __slots__ = ("columns", "command", "decision", "error", "kinds", "rows", "rule", "sample", "sql", "t0", "text",
                  "unmark")
 
-    def __init__(self, text: str, kinds: list[str], decision: str, rule: str | None) -> None:
+    def __init__(self, text: str, kinds: list[str], decision: str, rule: str | None, sql: str) -> None:
         self.text = text
+        self.sql = sql  # as sent (``text`` is masked): a COPY's rows are matched to their statement
         self.kinds = kinds
         self.decision = decision
         self.rule = rule
@@ -166,6 +168,8 @@ class State:
         self.plan: Plan | None = None  # of the result being streamed
         self.rec: Rec | None = None
         self.copy_binary = False
+        self.copy_plan: CopyOut | None = None  # the COPY TO STDOUT being relayed, when masked field by field
+        self.copy_header = False  # its next row is the header line
         self.fatal: str | None = None  # a FATAL error the server sent
         self.abort: str | None = None  # hoop must end the session (cannot mask safely)
         self._texts: dict[str, tuple[str, list[str], Decision | None]] = {}

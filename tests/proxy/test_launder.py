@@ -26,6 +26,12 @@ def guard() -> SqlGuard:
 
 
 REFUSED = [
+    # COPY TO STDOUT rows carry no column names: refused unless the columns are named
+    "COPY (SELECT ssn FROM users) TO STDOUT",
+    "COPY (SELECT name, email FROM other) TO STDOUT",  # a name-only rule: COPY has no names for it to follow
+    "COPY users TO STDOUT",
+    "COPY other TO STDOUT",  # could have an email column
+    "COPY users (id, ssn) TO STDOUT (FORMAT binary)",
     # the README's limit: a relation made in the session from a masked column
     "CREATE TEMP TABLE t AS SELECT ssn FROM users",
     "CREATE TEMPORARY TABLE t AS SELECT ssn FROM users WITH DATA",
@@ -160,8 +166,9 @@ ALLOWED = [
     "SELECT ssn FROM users",
     "SELECT * FROM users",
     "SELECT u.* FROM users u JOIN orders o ON o.uid = u.id",
-    "COPY (SELECT ssn FROM users) TO STDOUT",
-    "COPY users TO STDOUT",
+    "COPY users (id, ssn, email) TO STDOUT",  # the proxy masks its fields (tests/proxy/pg/test_copy_out.py)
+    "COPY users (id, name) TO STDOUT",
+    "COPY (SELECT id, name FROM users WHERE ssn LIKE '1%') TO STDOUT",
     "DECLARE c CURSOR FOR SELECT ssn FROM users",
     "WITH c AS (SELECT ssn FROM users) SELECT * FROM c",
     "EXPLAIN CREATE TABLE t AS SELECT ssn FROM users",  # EXPLAIN alone does not run it
@@ -243,9 +250,25 @@ def test_it_beats_a_configured_allow_rule() -> None:
     assert d.blocked and d.rule == MASKED_COLUMNS_RULE
 
 
+def test_copy_out_plans_fields(guard: SqlGuard) -> None:
+    plan = guard.copy_out("COPY users (id, ssn, email, secret_key) TO STDOUT (FORMAT csv)")
+    assert plan is not None and plan.strategies == (None, "redact", "partial", "hash") and plan.csv
+    # an unqualified table may be any schema's: rules that could apply and disagree mask as strictly as redact
+    both = SqlGuard(Guardrails(), masking=Masking(columns=[MaskRule(match="a.t.c", strategy="hash"),
+                                                           MaskRule(match="b.t.c", strategy="partial")]))
+    assert (plan := both.copy_out("COPY t (c) TO STDOUT")) is not None and plan.strategies == ("redact",)
+    assert (plan := both.copy_out("COPY a.t (c) TO STDOUT")) is not None and plan.strategies == ("hash",)
+    assert guard.copy_out("COPY users (id, name) TO STDOUT") is None
+    # the options are part of the plan: texts differing only in them must not share one
+    assert (p1 := guard.copy_out("COPY users (ssn) TO STDOUT (DELIMITER ',')")) is not None and p1.delimiter == b","
+    assert (p2 := guard.copy_out("COPY users (ssn) TO STDOUT (DELIMITER ';')")) is not None and p2.delimiter == b";"
+
+
 def test_no_check_without_table_rules_or_with_masking_off() -> None:
     sql = "CREATE TEMP TABLE t AS SELECT ssn FROM users"
     assert not SqlGuard(Guardrails(), masking=Masking(columns=[MaskRule(match="ssn")])).check(sql).blocked
+    name_only_off = Masking(enabled=False, columns=[MaskRule(match="ssn")])
+    assert not SqlGuard(Guardrails(), masking=name_only_off).check("COPY users TO STDOUT").blocked
     off = Masking(enabled=False, columns=[MaskRule(match="users.ssn")])
     assert not SqlGuard(Guardrails(), masking=off).check(sql).blocked
     assert not SqlGuard(Guardrails()).check(sql).blocked  # the SSH guard: no masking given

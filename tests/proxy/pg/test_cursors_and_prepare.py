@@ -133,7 +133,7 @@ def test_what_a_text_does_to_the_namespaces(sql: str, statements: set[str] | Non
 def test_rows_of_no_known_description_end_the_session() -> None:
     insp = _inspector()
     framer = codec.Framer(codec.SERVER_MAX_MESSAGE, coalesce_rows=True)
-    rec = Rec("FETCH FROM p", [], "allow", None)
+    rec = Rec("FETCH FROM p", [], "allow", None, "FETCH FROM p")
     insp._push_execute(None, rec)  # type: ignore[arg-type]  # a result hoop has no description of
     buf, frames = framer.feed(codec.encode_data_row([b"bob@corp.example"]) + codec.encode_command_complete("FETCH 1"))
     out, _, _ = insp.from_server(buf, frames, 0)

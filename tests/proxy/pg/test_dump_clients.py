@@ -32,6 +32,14 @@ async def test_pg_dump_inserts_are_masked(hoop: Hoop) -> None:
     assert settings and all(e["decision"] == "allow" for e in settings), settings
 
 
+async def test_pg_dump_copy_blocks_are_masked(hoop: Hoop) -> None:
+    rc, out, err = await _pg_dump(hoop, "-t", "users")  # data as COPY ... TO stdout, column by column
+    assert rc == 0, err
+    assert "COPY public.users (id, name, email, card, note) FROM stdin;" in out
+    assert "7\tuser7\t[email]\t***************1111\t[masked]\n" in out
+    assert "@example.com" not in out and "4111 1111" not in out and "\tn7\n" not in out
+
+
 async def test_pg_dump_custom_format_to_a_file(hoop: Hoop, tmp_path: Path) -> None:
     target = tmp_path / "users.dump"
     rc, _, err = await _pg_dump(hoop, "-Fc", "-t", "users", "-f", str(target))
@@ -41,4 +49,5 @@ async def test_pg_dump_custom_format_to_a_file(hoop: Hoop, tmp_path: Path) -> No
         str(hoop.cluster.bindir / "pg_restore"), "-f", "-", str(target), stdout=asyncio.subprocess.PIPE)
     text, _ = await restore.communicate()
     assert restore.returncode == 0 and b"COPY public.users" in text
-    assert b"@example.com" not in text and b"4111 1111" not in text
+    assert b"@example.com" not in text and b"4111 1111" not in text and b"\tn7\n" not in text
+    assert b"7\tuser7\t[email]\t***************1111\t[masked]\n" in text
