@@ -101,13 +101,20 @@ class Reviews:
         return await self._finish(review_id, "allowed" if allow else "refused", who)
 
     async def _finish(self, review_id: str, status: str, who: Identity | None) -> Review:
+        """Record a decision, or the timeout (``who`` None). A decision taken at or after the
+        deadline records the timeout instead and raises :class:`Conflict`: the waiter may notice
+        its deadline up to a poll late, or not at all if its process died, and must not then
+        find the statement allowed."""
         now = self.service.clock.now()
+        late = False
         async with self.service.store.tx() as tx:
             review = await tx.get_review(review_id, lock=True)  # a decision and the timeout: one wins
             if review is None:
                 raise NotFound(f"no review {review_id!r}", code="no_review")
             if review.status != "pending":
                 raise Conflict(f"review {review_id} is already {review.status}", code=review.status)
+            if who is not None and now >= review.deadline:
+                status, who, late = "timed_out", None, True
             review.status = status  # type: ignore[assignment]
             review.decided_by = who.email if who else None
             await tx.update_review(review)
@@ -120,6 +127,9 @@ class Reviews:
         if fut is not None and not fut.done():
             fut.set_result(status == "allowed")
         await self.service.publish([ReviewDecided(review=review, request=request)])
+        if late:
+            raise Conflict(f"review {review_id} timed out at {review.deadline:%H:%M:%S} UTC, so the statement "
+                           "was refused", code="timed_out")
         return review
 
     async def set_message(self, review_id: str, channel: str, ts: str) -> None:
