@@ -84,7 +84,7 @@ class SlackBot:
         self.client = web_client(settings)
         self.directory = Directory(self.client, config, clock)
         self.notifier = SlackNotifier(self.client, config, service, clock, self.directory)
-        self.commands = Commands(config, service, clock)
+        self.commands = Commands(config, service, clock, self.notifier.card_failure)
         self.approvals = Approvals(service, self.directory, self.client, reviews)
         self.home = Home(service, self.directory, self.client)
         self.socket_mode = bool(settings.slack_app_token)

@@ -8,6 +8,7 @@ runs a parsed command for an identity and returns the ephemeral reply text.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from bot import views
@@ -95,10 +96,13 @@ class Commands:
     """Runs parsed commands. Every method returns the ephemeral reply; errors propagate as
     :class:`HoopError` for the caller to show."""
 
-    def __init__(self, config: HoopConfig, service: Service, clock: Clock) -> None:
+    def __init__(self, config: HoopConfig, service: Service, clock: Clock,
+                 card_failure: Callable[[str], tuple[str, str] | None] | None = None) -> None:
         self.config = config
         self.service = service
         self.clock = clock
+        #: the channel and Slack's error when a request's card could not be posted
+        self.card_failure = card_failure or (lambda _request_id: None)
 
     async def run(self, cmd: Command, who: Identity) -> str:
         method = getattr(self, "_" + cmd.verb)
@@ -116,9 +120,15 @@ class Commands:
     def _requested(self, req: AccessRequest) -> str:
         if req.status is RequestStatus.APPROVED:
             return f"Request `{req.id}` for {req.resource} was granted at once; see your DMs."
+        quorum = " and ".join(f"{s.count} from {s.group}" for s in req.steps)
+        if (failed := self.card_failure(req.id)) is not None:
+            channel, error = failed
+            return (f"Request `{req.id}` for *{req.resource}* is recorded, but hoop could not post the card of "
+                    f"`{req.id}` in <#{channel}> (Slack: {views.escape(error)}), so nobody sees it there. "
+                    f"Approvers ({quorum}) can still approve it from hoop's App Home or with "
+                    f"`/hoop approve {req.id}`; the error is logged for the operators (is hoop in that channel?).")
         res = self.config.resource(req.resource)
         where = f" in <#{res.channel}>" if res is not None and res.channel else ""
-        quorum = " and ".join(f"{s.count} from {s.group}" for s in req.steps)
         return (f"Request `{req.id}` for *{req.resource}* ({format_duration(req.duration)}) posted{where}; "
                 f"it needs {quorum} and lapses at {views.hhmm(req.lapses_at)}.")
 

@@ -53,6 +53,15 @@ log = logging.getLogger(__name__)
 
 #: Slack errors worth another try; any other (``cannot_dm_bot``, ``user_disabled``, ...) will not change
 _TRANSIENT = frozenset({"ratelimited", "internal_error", "fatal_error", "service_unavailable", "request_timeout"})
+#: how many failed card posts :meth:`SlackNotifier.card_failure` remembers
+_CARD_FAILURES_KEPT = 200
+
+
+def _slack_error(exc: Exception) -> str:
+    """Slack's error code of a failed Web API call, or the kind of transport failure."""
+    if isinstance(exc, SlackApiError):
+        return str(exc.response.get("error") or "slack_error")
+    return type(exc).__name__
 
 
 class SlackNotifier:
@@ -67,6 +76,8 @@ class SlackNotifier:
         self.directory = directory
         #: pauses between tries of a credential DM that failed for a passing reason
         self.dm_retry_delays = tuple(dm_retry_delays)
+        #: request id -> (channel, Slack error) of cards that could not be posted, newest last
+        self._card_failures: dict[str, tuple[str, str]] = {}
 
     async def publish(self, event: Event) -> None:
         handler = getattr(self, "_on_" + type(event).__name__, None)
@@ -168,9 +179,22 @@ class SlackNotifier:
         kwargs: dict[str, Any] = {"channel": channel, "text": text, "blocks": blocks}
         if thread_ts:
             kwargs["thread_ts"] = thread_ts
-        resp = await self.client.chat_postMessage(**kwargs)
+        try:
+            resp = await self.client.chat_postMessage(**kwargs)
+        except (SlackApiError, aiohttp.ClientError, TimeoutError) as exc:
+            error = _slack_error(exc)
+            log.error("request %s: its card could not be posted in %s (Slack: %s); approvers can still find it "
+                      "in their App Home or approve it with /hoop approve", req.id, channel, error)
+            self._card_failures[req.id] = (channel, error)
+            while len(self._card_failures) > _CARD_FAILURES_KEPT:
+                del self._card_failures[next(iter(self._card_failures))]
+            return
         await self.service.set_card(req.id, str(resp["channel"]), str(resp["ts"]))
         req.card_channel, req.card_ts = str(resp["channel"]), str(resp["ts"])
+
+    def card_failure(self, request_id: str) -> tuple[str, str] | None:
+        """The channel and Slack's error when this process could not post a request's card."""
+        return self._card_failures.get(request_id)
 
     async def _on_ApprovalAdded(self, ev: ApprovalAdded) -> None:
         groups = next((a.groups for a in ev.request.approvals if a.approver == ev.approver.email.lower()), ())

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from datetime import timedelta
 
+import pytest
+
 from broker.clock import FakeClock
 from broker.events import GrantIssued
 from broker.model import Grant
@@ -44,3 +46,18 @@ async def test_a_review_click_after_its_deadline_does_not_allow_the_statement(ho
     updated = [c for c in hoop.fake.of("chat.update") if c.params["ts"] == review.ts]
     assert updated and "timed_out" in json.dumps(updated[-1].params) and "hoop_review_allow" not in json.dumps(
         updated[-1].params)
+
+
+async def test_a_card_slack_refused_is_not_reported_as_posted(hoop: Hoop, caplog: pytest.LogCaptureFixture) -> None:
+    """hoop not invited to the resource's channel: the request is stored but nobody sees a card.
+    The requester used to be told it was "posted in #C1" and wait until it lapsed."""
+    hoop.fake.refuse("chat.postMessage", "not_in_channel", times=1)
+    await hoop.command("request prod-db 30m fix invoice 4411")
+    async with hoop.store.tx() as tx:
+        (req,) = await tx.list_requests()
+    reply = hoop.responses()[-1]
+    assert "posted in" not in reply
+    assert f"could not post the card of `{req.id}` in <#C1> (Slack: not_in_channel)" in reply
+    assert f"/hoop approve {req.id}" in reply
+    assert any(r.levelname == "ERROR" and req.id in r.getMessage() and "not_in_channel" in r.getMessage()
+               for r in caplog.records)
