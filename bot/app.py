@@ -92,6 +92,8 @@ class SlackBot:
                             process_before_response=True, request_verification_enabled=not self.socket_mode,
                             raise_error_for_unhandled_request=False, logger=log)
         self._tasks: set[asyncio.Task[None]] = set()
+        #: how long a deny modal's submission waits for the deny before closing (Slack waits 3 s)
+        self.modal_wait = 2.0
         self._socket: AsyncSocketModeHandler | None = None
         self._session: aiohttp.ClientSession | None = None
         self._register()
@@ -244,14 +246,27 @@ class SlackBot:
         channel = (body.get("channel") or {}).get("id") or (body.get("container") or {}).get("channel_id")
         return str((body.get("user") or {}).get("id")), channel
 
+    @staticmethod
+    def _from_home(body: dict[str, Any]) -> bool:
+        return (body.get("view") or {}).get("type") == "home"
+
+    async def _then_home(self, work: Coroutine[Any, Any, None], user: str) -> None:
+        """Do ``work``, then re-publish the clicker's App Home, whose lists it may have changed."""
+        try:
+            await work
+        finally:
+            await self.home.publish(user)
+
     async def _on_approve(self, ack: Ack, body: dict[str, Any], action: dict[str, Any]) -> None:
         await ack()
         user, channel = self._where(body)
-        self._spawn(self.approvals.approve_button(str(action.get("value")), user, channel))
+        work = self.approvals.approve_button(str(action.get("value")), user, channel)
+        self._spawn(self._then_home(work, user) if self._from_home(body) else work)
 
     async def _on_deny(self, ack: Ack, body: dict[str, Any], action: dict[str, Any]) -> None:
         await ack()
-        self._spawn(self.approvals.open_deny_modal(str(action.get("value")), str(body.get("trigger_id"))))
+        self._spawn(self.approvals.open_deny_modal(str(action.get("value")), str(body.get("trigger_id")),
+                                                   from_home=self._from_home(body)))
 
     async def _on_extend(self, ack: Ack, body: dict[str, Any], action: dict[str, Any]) -> None:
         await ack()
@@ -269,8 +284,30 @@ class SlackBot:
         self._spawn(self.approvals.decide_review(str(action.get("value")), user, False, channel))
 
     async def _on_deny_submitted(self, ack: Ack, body: dict[str, Any], view: dict[str, Any]) -> None:
-        await ack()
+        """Deny within the ack when it is quick, so a refusal shows in the modal itself (Slack's
+        ``response_action: errors``); past :attr:`modal_wait` the modal closes and a refusal is
+        noted beside the card instead."""
         values = (view.get("state") or {}).get("values") or {}
         reason = ((values.get(views.DENY_REASON_BLOCK) or {}).get(views.DENY_REASON_INPUT) or {}).get("value") or ""
         user = str((body.get("user") or {}).get("id"))
-        self._spawn(self.approvals.deny_submitted(str(view.get("private_metadata")), user, str(reason)))
+        request_id, from_home = views.deny_modal_origin(str(view.get("private_metadata") or ""))
+        task = asyncio.get_running_loop().create_task(self._deny(request_id, user, str(reason)))
+        done, _ = await asyncio.wait({task}, timeout=self.modal_wait)
+        if task in done and (why := task.result()) is not None:
+            await ack(response_action="errors", errors={views.DENY_REASON_BLOCK: views.clip(why, 1000)})
+            return
+        await ack()
+
+        async def rest() -> None:
+            why = await task
+            if why is not None:
+                await self.approvals.deny_refused_late(request_id, user, why)
+
+        self._spawn(self._then_home(rest(), user) if from_home else rest())
+
+    async def _deny(self, request_id: str, user: str, reason: str) -> str | None:
+        try:
+            return await self.approvals.deny_submitted(request_id, user, reason)
+        except Exception:
+            log.exception("denying %s from the modal failed", request_id)
+            return f"Denying `{request_id}` failed inside hoop; the error is logged for the operators."

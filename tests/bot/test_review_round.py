@@ -16,7 +16,8 @@ from tests.bot.harness import Hoop
 async def _request(hoop: Hoop, text: str = "request prod-db 30m fix invoice 4411",
                    user: str = "UALICE") -> tuple[str, str, str]:
     await hoop.command(text, user=user)
-    channel, ts = hoop.card()
+    post = [c for c in hoop.fake.of("chat.postMessage") if "thread_ts" not in c.params and c.response.get("ok")][-1]
+    channel, ts = str(post.params["channel"]), str(post.response["ts"])
     async with hoop.store.tx() as tx:
         req = await tx.request_by_card(channel, ts)
     assert req is not None
@@ -61,3 +62,82 @@ async def test_a_card_slack_refused_is_not_reported_as_posted(hoop: Hoop, caplog
     assert f"/hoop approve {req.id}" in reply
     assert any(r.levelname == "ERROR" and req.id in r.getMessage() and "not_in_channel" in r.getMessage()
                for r in caplog.records)
+
+
+def _home_click(action_id: str, value: str, user: str) -> dict[str, object]:
+    """A button clicked in the App Home tab: the payload names a view, and no channel."""
+    return {"type": "block_actions", "user": {"id": user}, "trigger_id": "trig-home",
+            "container": {"type": "view", "view_id": "VHOME"},
+            "view": {"id": "VHOME", "type": "home", "blocks": [], "private_metadata": ""},
+            "actions": [{"type": "button", "action_id": action_id, "block_id": "b", "value": value,
+                         "action_ts": "1"}]}
+
+
+async def test_app_home_buttons_answer_the_clicker_and_refresh_the_home(hoop: Hoop) -> None:
+    """A click in App Home has no channel: a refusal used to go nowhere, and the Home kept
+    offering Approve for a request the clicker had already approved."""
+    rid, _channel, ts = await _request(hoop)
+    await hoop.event({"type": "app_home_opened", "user": "UDANA", "tab": "home"})
+    assert rid in json.dumps(hoop.fake.of("views.publish")[-1].params["view"])
+
+    await hoop.interact(_home_click("hoop_approve", rid, "UDANA"))
+    async with hoop.store.tx() as tx:
+        req = await tx.get_request(rid)
+    assert req is not None and [a.approver for a in req.approvals] == ["dana@example.com"]
+    home = hoop.fake.of("views.publish")[-1]
+    assert home.params["user_id"] == "UDANA" and f"Approve {rid}" not in json.dumps(home.params["view"])
+
+    await hoop.interact(_home_click("hoop_approve", rid, "UDANA"))  # a stale Home clicked again
+    dms = [c for c in hoop.fake.of("chat.postMessage") if c.params["channel"] == "DUDANA"]
+    assert len(dms) == 1 and "already approved" in dms[0].params["text"]
+    assert not any("already approved" in t for t in hoop.thread(ts))
+
+    await hoop.interact(_home_click("hoop_approve", rid, "UBOB"))  # not an approver
+    dms = [c for c in hoop.fake.of("chat.postMessage") if c.params["channel"] == "DUBOB"]
+    assert len(dms) == 1 and "only members of dba, security can approve" in dms[0].params["text"]
+
+
+def _deny_submission(meta: str, user: str, reason: str = "") -> dict[str, object]:
+    return {"type": "view_submission", "user": {"id": user}, "trigger_id": "trig-x",
+            "view": {"id": "V1", "type": "modal", "callback_id": "hoop_deny_modal", "private_metadata": meta,
+                     "state": {"values": {"reason": {"reason_input": {"type": "plain_text_input",
+                                                                      "value": reason}}}}}}
+
+
+async def test_a_refused_deny_shows_in_the_modal_as_slack_errors(hoop: Hoop) -> None:
+    """A refused deny used to close the modal and post an ephemeral note in the card's channel,
+    which the denier may not even be in; Slack shows ``response_action: errors`` in the modal."""
+    rid, _channel, _ts = await _request(hoop)
+    status, body = await hoop.interact(_deny_submission(rid, "UBOB", "no"))
+    assert status == 200
+    answer = json.loads(body)
+    assert answer["response_action"] == "errors"
+    assert "only members of dba, security can deny" in answer["errors"]["reason"]
+    assert hoop.ephemerals("UBOB") == []
+
+    await hoop.command(f"cancel {rid}")
+    status, body = await hoop.interact(_deny_submission(rid, "UDANA", "too late"))
+    assert "cannot deny request while it is cancelled" in json.loads(body)["errors"]["reason"]
+
+    rid2, _, _ = await _request(hoop, "request prod-db 1h second")
+    status, body = await hoop.interact(_deny_submission(f"{rid2}|home", "UDANA", "not today"))
+    assert status == 200 and body == ""  # closes the modal
+    async with hoop.store.tx() as tx:
+        req = await tx.get_request(rid2)
+    assert req is not None and req.status.value == "denied" and req.decision_reason == "not today"
+    assert hoop.fake.of("views.publish")[-1].params["user_id"] == "UDANA"  # opened from App Home: refreshed
+
+
+async def test_a_deny_slower_than_the_modal_waits_is_answered_beside_the_card(hoop: Hoop) -> None:
+    rid, channel, _ts = await _request(hoop)
+    hoop.bot.modal_wait = 0.0
+    status, body = await hoop.interact(_deny_submission(rid, "UBOB"))
+    assert status == 200 and body == ""
+    assert "only members of dba, security can deny" in hoop.ephemerals("UBOB")[-1]
+    assert [c.params["channel"] for c in hoop.fake.of("chat.postEphemeral")] == [channel]
+
+
+async def test_the_deny_button_in_app_home_marks_its_modal(hoop: Hoop) -> None:
+    rid, _channel, _ts = await _request(hoop)
+    await hoop.interact(_home_click("hoop_deny", rid, "UDANA"))
+    assert hoop.fake.of("views.open")[-1].params["view"]["private_metadata"] == f"{rid}|home"
