@@ -8,7 +8,7 @@ from datetime import timedelta
 import pytest
 
 from broker.clock import FakeClock
-from broker.events import GrantIssued
+from broker.events import GrantIssued, TranscriptReady
 from broker.model import Grant
 from tests.bot.harness import Hoop
 
@@ -141,3 +141,40 @@ async def test_the_deny_button_in_app_home_marks_its_modal(hoop: Hoop) -> None:
     rid, _channel, _ts = await _request(hoop)
     await hoop.interact(_home_click("hoop_deny", rid, "UDANA"))
     assert hoop.fake.of("views.open")[-1].params["view"]["private_metadata"] == f"{rid}|home"
+
+
+async def test_a_lost_thread_reply_does_not_keep_the_card_or_transcript_from_slack(
+        hoop: Hoop, caplog: pytest.LogCaptureFixture) -> None:
+    """Slack refusing the revocation notice used to end the notifier's work: the card kept saying
+    "granted", and the only trace was a generic traceback. A passing failure is tried again."""
+    hoop.bot.notifier.post_retry_delays = (0.0, 0.0)
+    _rid, grant, _channel, ts = await _granted(hoop)
+    hoop.fake.refuse("chat.postMessage", "service_unavailable", times=1)  # passes: tried again
+    await hoop.command(f"revoke {grant.id} done", user="UDANA")
+    posted = [c for c in hoop.fake.of("chat.postMessage") if c.params.get("thread_ts") == ts and c.response["ok"]]
+    assert sum("Revoked by dana@example.com" in c.params["text"] for c in posted) == 1
+
+    rid2, channel2, ts2 = await _request(hoop, "request prod-db 1h again")
+    await hoop.react("UDANA", channel2, ts2)
+    await hoop.react("USAM", channel2, ts2)
+    grant2 = hoop.recorder.of(GrantIssued)[-1].grant
+    hoop.fake.refuse("chat.postMessage", "not_in_channel")  # for good
+    await hoop.command(f"revoke {grant2.id} done", user="UDANA")
+    final = [c for c in hoop.fake.of("chat.update") if c.params["ts"] == ts2][-1]
+    assert "Revoked" in json.dumps(final.params)
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert any(f"request {rid2}" in e and "Revoked by dana@example.com" in e and "not_in_channel" in e
+               for e in errors), errors
+
+    # the transcript file still goes up when its summary line cannot, and a lost file is named
+    async with hoop.store.tx() as tx:
+        req2 = await tx.get_request(rid2)
+    await hoop.bus.publish(TranscriptReady(request=req2, grant=grant2, title="Revoked", summary="1 statement",
+                                           text="SELECT 1\n", filename="hoop-s7.txt", extra={"session": "s7"}))
+    assert hoop.fake.of("upload")[-1].body == b"SELECT 1\n"
+    hoop.fake.refuse("files.completeUploadExternal", "channel_not_found")
+    await hoop.bus.publish(TranscriptReady(request=req2, grant=grant2, title="Revoked", summary="1 statement",
+                                           text="SELECT 2\n", filename="hoop-s8.txt", extra={"session": "s8"}))
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert any(f"grant {grant2.id}: the transcript file hoop-s8.txt" in e and "/hoop transcript s8" in e
+               and "channel_not_found" in e for e in errors), errors
