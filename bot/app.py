@@ -223,10 +223,14 @@ class SlackBot:
         """The ephemeral reply to a slash command: its response_url, else chat.postEphemeral."""
         url = body.get("response_url")
         if url and self._session is not None:
-            async with self._session.post(url, json={"response_type": "ephemeral", "text": text}) as resp:
-                if resp.status < 300:
-                    return
-                log.warning("response_url answered %s", resp.status)
+            try:
+                async with self._session.post(url, json={"response_type": "ephemeral", "text": text},
+                                              timeout=aiohttp.ClientTimeout(total=10)) as resp:
+                    if resp.status < 300:
+                        return
+                    log.warning("response_url answered %s; answering with chat.postEphemeral", resp.status)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                log.warning("response_url failed (%s); answering with chat.postEphemeral", type(exc).__name__)
         await self.approvals.note(body.get("channel_id"), str(body.get("user_id")), text)
 
     async def _on_reaction_added(self, body: dict[str, Any], event: dict[str, Any]) -> None:

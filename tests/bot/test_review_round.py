@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from datetime import timedelta
+from urllib.parse import urlencode
 
 import pytest
 
@@ -178,3 +179,16 @@ async def test_a_lost_thread_reply_does_not_keep_the_card_or_transcript_from_sla
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert any(f"grant {grant2.id}: the transcript file hoop-s8.txt" in e and "/hoop transcript s8" in e
                and "channel_not_found" in e for e in errors), errors
+
+
+async def test_an_unreachable_response_url_falls_back_to_an_ephemeral(hoop: Hoop) -> None:
+    """A response_url that cannot be reached raised out of the command's work: the asker got nothing."""
+    form = {"token": "t", "team_id": "T1", "channel_id": "CCMD", "user_id": "UBOB", "command": "/hoop",
+            "text": "request prod-db 30m x", "response_url": "http://127.0.0.1:9/respond/closed",
+            "trigger_id": "trig-z", "api_app_id": "A1"}
+    status, _ = await hoop.post(urlencode(form).encode(), "application/x-www-form-urlencoded")
+    await hoop.bot.drain()
+    assert status == 200
+    notes = hoop.ephemerals("UBOB")
+    assert len(notes) == 1 and "Request `r" in notes[0]
+    assert hoop.fake.of("chat.postEphemeral")[-1].params["channel"] == "CCMD"
