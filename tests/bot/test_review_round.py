@@ -192,3 +192,18 @@ async def test_an_unreachable_response_url_falls_back_to_an_ephemeral(hoop: Hoop
     notes = hoop.ephemerals("UBOB")
     assert len(notes) == 1 and "Request `r" in notes[0]
     assert hoop.fake.of("chat.postEphemeral")[-1].params["channel"] == "CCMD"
+
+
+async def test_a_transient_user_group_failure_is_not_taken_as_not_a_member(hoop: Hoop, clock: FakeClock) -> None:
+    """usergroups.users.list failing once used to count as an empty group, cached for five
+    minutes: sam (security by Slack user group) was told he is no approver, again and again."""
+    rid, channel, ts = await _request(hoop)
+    clock.advance(timedelta(minutes=6))  # past the directory's cache of the group read for alice
+    hoop.fake.refuse("usergroups.users.list", "service_unavailable", times=1)
+    await hoop.react("USAM", channel, ts)
+    note = hoop.ephemerals("USAM")[-1]
+    assert "only members of" not in note and "service_unavailable" in note and "try again" in note
+    await hoop.react("USAM", channel, ts, "+1")  # Slack is back: no five-minute memory of the failure
+    async with hoop.store.tx() as tx:
+        req = await tx.get_request(rid)
+    assert req is not None and [a.approver for a in req.approvals] == ["sam@example.com"]
