@@ -19,7 +19,7 @@ from broker.duration import format_duration, parse_duration
 from broker.errors import Denied, HoopError, InvalidInput
 from broker.model import AccessRequest, GrantStatus, Identity, RequestStatus, Session, SessionStatus
 from broker.recap import session_transcript
-from broker.service import Service
+from broker.service import SYSTEM, Service
 from broker.transcript import Transcript
 
 _ARITY: dict[str, tuple[int, int | None]] = {  # (min, max) positional words; None: rest is free text
@@ -136,10 +136,14 @@ class Commands:
         result = await self.service.approve(cmd.args[0], who, via="command")
         if result.grant is not None:
             return f"Approved `{result.request.id}`: the quorum is met and access is granted."
-        if result.request.status is RequestStatus.DENIED:  # an extension that no longer fits
-            return f"Approved `{result.request.id}`, but hoop refused it: {result.request.decision_reason}."
-        if result.request.status is RequestStatus.APPROVED:
-            return f"Approved `{result.request.id}`: the quorum is met."
+        req = result.request
+        if req.status is RequestStatus.DENIED and req.decided_by == SYSTEM.email:  # an extension that no longer fits
+            return f"Approved `{req.id}`, but hoop refused it: {req.decision_reason}."
+        if req.status is RequestStatus.APPROVED:
+            return f"Approved `{req.id}`: the quorum is met."
+        if req.status is not RequestStatus.PENDING:  # a denial or cancellation landed between approval and decision
+            by = f" by {views.escape(req.decided_by)}" if req.decided_by else ""
+            return f"Your approval was recorded, but `{req.id}` was {req.status.value}{by} before it was decided."
         return f"Approved `{result.request.id}`; more approvals are still needed."
 
     async def _deny(self, cmd: Command, who: Identity) -> str:

@@ -9,8 +9,8 @@ from urllib.parse import urlencode
 import pytest
 
 from broker.clock import FakeClock
-from broker.events import GrantIssued, TranscriptReady
-from broker.model import Grant
+from broker.events import ApprovalAdded, GrantIssued, TranscriptReady
+from broker.model import Grant, Identity
 from tests.bot.harness import Hoop
 
 
@@ -207,3 +207,33 @@ async def test_a_transient_user_group_failure_is_not_taken_as_not_a_member(hoop:
     async with hoop.store.tx() as tx:
         req = await tx.get_request(rid)
     assert req is not None and [a.approver for a in req.approvals] == ["sam@example.com"]
+
+
+class _DenyOnFirstApproval:
+    """A bus subscriber that denies a request between an approval's commit and its decision:
+    the window in which another approver's ❌ or Deny lands."""
+
+    def __init__(self, hoop: Hoop) -> None:
+        self.hoop = hoop
+        self.done = False
+
+    async def publish(self, event: object) -> None:
+        if isinstance(event, ApprovalAdded) and not self.done:
+            self.done = True
+            erin = Identity(email="erin@example.com", name="Erin", groups=frozenset({"dba", "security"}))
+            await self.hoop.service.deny(event.request.id, erin, "")
+
+
+async def test_an_approval_that_loses_to_a_denial_says_who_denied(hoop: Hoop) -> None:
+    """A human denial racing the last approval was reported as "hoop refused it: None"."""
+    rid, channel, ts = await _request(hoop)
+    await hoop.react("USAM", channel, ts)  # security; dana's dba approval will meet the quorum
+    hoop.bus.add(_DenyOnFirstApproval(hoop))
+    await hoop.command(f"approve {rid}", user="UDANA")
+    async with hoop.store.tx() as tx:
+        req = await tx.get_request(rid)
+    assert req is not None and req.status.value == "denied" and req.grant_id is None
+    reply = hoop.responses()[-1]
+    assert "None" not in reply and "hoop refused" not in reply
+    assert f"`{rid}` was denied by erin@example.com before it was decided" in reply
+    assert hoop.recorder.of(GrantIssued) == []
