@@ -21,6 +21,7 @@ from aiohttp import web
 from slack_bolt.adapter.aiohttp import to_aiohttp_response, to_bolt_request
 from slack_bolt.adapter.socket_mode.aiohttp import AsyncSocketModeHandler
 from slack_bolt.app.async_app import AsyncApp
+from slack_sdk.errors import SlackApiError
 from slack_sdk.http_retry.builtin_async_handlers import (
     AsyncConnectionErrorRetryHandler,
     AsyncRateLimitErrorRetryHandler,
@@ -194,6 +195,11 @@ class SlackBot:
                     text = await self.commands.run(cmd, who)
             except HoopError as exc:
                 text = exc.message
+            except SlackApiError as exc:  # Slack, not hoop: say what it answered (not_in_channel, ...)
+                error = exc.response.get("error") or "an error"
+                log.warning("/hoop %s: Slack answered %s", cmd.verb, error)
+                text = (f"`/hoop {cmd.verb}` could not finish: Slack refused it ({views.escape(str(error))}). "
+                        "If it says not_in_channel, invite hoop to the request's channel.")
             except Exception:
                 log.exception("/hoop %s failed", cmd.verb)
                 text = f"`/hoop {cmd.verb}` failed inside hoop; the error is logged for the operators."

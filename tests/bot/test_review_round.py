@@ -10,7 +10,7 @@ import pytest
 
 from broker.clock import FakeClock
 from broker.events import ApprovalAdded, GrantIssued, TranscriptReady
-from broker.model import Grant, Identity
+from broker.model import Grant, Identity, Session, SessionEvent, SessionStatus
 from tests.bot.harness import Hoop
 
 
@@ -237,3 +237,18 @@ async def test_an_approval_that_loses_to_a_denial_says_who_denied(hoop: Hoop) ->
     assert "None" not in reply and "hoop refused" not in reply
     assert f"`{rid}` was denied by erin@example.com before it was decided" in reply
     assert hoop.recorder.of(GrantIssued) == []
+
+
+async def test_a_transcript_upload_slack_refuses_is_explained_to_the_asker(hoop: Hoop) -> None:
+    _rid, grant, _channel, _ts = await _granted(hoop)
+    now = hoop.clock.now()
+    async with hoop.store.tx() as tx:
+        await tx.insert_session(Session(id="s1", grant_id=grant.id, resource="prod-db", protocol="postgres",
+                                        login=grant.login, chain=grant.chain, client_addr="10.1.2.3",
+                                        status=SessionStatus.OPEN, opened_at=now))
+        await tx.add_events([SessionEvent("s1", 1, now, "statement", {"sql": "SELECT 1", "decision": "allow"})])
+    hoop.fake.refuse("files.completeUploadExternal", "not_in_channel")
+    await hoop.command("transcript s1", user="UDANA")
+    reply = hoop.responses()[-1]
+    assert "failed inside hoop" not in reply
+    assert "Slack refused it (not_in_channel)" in reply
