@@ -252,3 +252,27 @@ async def test_a_transcript_upload_slack_refuses_is_explained_to_the_asker(hoop:
     reply = hoop.responses()[-1]
     assert "failed inside hoop" not in reply
     assert "Slack refused it (not_in_channel)" in reply
+
+
+async def test_a_review_whose_session_or_grant_ended_cannot_be_allowed(hoop: Hoop) -> None:
+    """The client quit while its statement was held: nothing waits on the review any more, yet an
+    Allow click recorded "allowed by dana" in the thread and the audit."""
+    _rid, grant, channel, ts = await _granted(hoop)
+    now = hoop.clock.now()
+    session = Session(id="s1", grant_id=grant.id, resource="prod-db", protocol="postgres", login=grant.login,
+                      chain=grant.chain, client_addr="10.1.2.3", status=SessionStatus.OPEN, opened_at=now)
+    async with hoop.store.tx() as tx:
+        await tx.insert_session(session)
+    review = await hoop.reviews.open(session_id="s1", grant=grant, resource="prod-db", text="DELETE FROM orders",
+                                     rule="deletes", timeout=timedelta(minutes=5))
+    session.status, session.closed_at, session.close_reason = SessionStatus.CLOSED, now, "client quit"
+    async with hoop.store.tx() as tx:
+        await tx.update_session(session)
+    await hoop.click("hoop_review_allow", review.id, "UDANA", channel, ts)
+    async with hoop.store.tx() as tx:
+        stored = await tx.get_review(review.id)
+    assert stored is not None and stored.status == "timed_out" and stored.decided_by is None
+    assert "session `s1` closed" in hoop.ephemerals("UDANA")[-1]
+    assert not any("allowed by" in t for t in hoop.thread(ts))
+    await hoop.click("hoop_review_allow", review.id, "USAM", channel, ts)  # a second click: told it is over
+    assert "already timed_out" in hoop.ephemerals("USAM")[-1]
