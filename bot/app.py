@@ -3,6 +3,8 @@
 How it works: every listener acknowledges at once (the ack is all Slack waits for, well
 inside its 3 seconds) and hands the slow part, identity look-ups and service calls, to a
 task the bot owns (``_spawn``); :meth:`SlackBot.drain` waits for them (tests, shutdown).
+The deny modal's submission is the exception: it waits up to ``modal_wait`` for the deny, so
+a refusal can be shown in the modal (``response_action: errors``) rather than elsewhere.
 Events are deduplicated by event id in the store (``tx.mark_processed``), so Slack's
 retries and duplicate deliveries act once on any replica. Bolt checks request signatures
 and timestamps (forged or stale: 401). The Web API client retries 429s after
@@ -198,8 +200,9 @@ class SlackBot:
             except SlackApiError as exc:  # Slack, not hoop: say what it answered (not_in_channel, ...)
                 error = exc.response.get("error") or "an error"
                 log.warning("/hoop %s: Slack answered %s", cmd.verb, error)
-                text = (f"`/hoop {cmd.verb}` could not finish: Slack refused it ({views.escape(str(error))}). "
-                        "If it says not_in_channel, invite hoop to the request's channel.")
+                text = f"`/hoop {cmd.verb}` could not finish: Slack refused it ({views.escape(str(error))})."
+                if error in ("not_in_channel", "channel_not_found"):
+                    text += " Ask an operator to invite hoop to the request's channel."
             except Exception:
                 log.exception("/hoop %s failed", cmd.verb)
                 text = f"`/hoop {cmd.verb}` failed inside hoop; the error is logged for the operators."
