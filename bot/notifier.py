@@ -7,8 +7,11 @@ later event is a reply in the card's thread, and changes that alter the card upd
 place. ``GrantIssued`` is the only event with the secret: it goes to the requester's DM and
 nowhere else. A DM that fails for a passing reason is tried again; one that still fails does
 not keep the thread reply and the card update from happening, and the reply says the
-credential was not delivered (never the secret). Events without a card (break-glass grants)
-go to the resource's channel.
+credential was not delivered (never the secret). Thread replies, card updates and uploads are
+tried again the same way; one that still fails is logged as an error naming the request or
+grant, and the posts after it still happen. A card Slack refuses is remembered
+(:meth:`SlackNotifier.card_failure`) so the requester is told. Events without a card
+(break-glass grants) go to the resource's channel.
 """
 
 from __future__ import annotations
