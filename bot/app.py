@@ -3,6 +3,8 @@
 How it works: every listener acknowledges at once (the ack is all Slack waits for, well
 inside its 3 seconds) and hands the slow part, identity look-ups and service calls, to a
 task the bot owns (``_spawn``); :meth:`SlackBot.drain` waits for them (tests, shutdown).
+The deny modal's submission is the exception: it waits up to ``modal_wait`` for the deny, so
+a refusal can be shown in the modal (``response_action: errors``) rather than elsewhere.
 Events are deduplicated by event id in the store (``tx.mark_processed``), so Slack's
 retries and duplicate deliveries act once on any replica. Bolt checks request signatures
 and timestamps (forged or stale: 401). The Web API client retries 429s after
@@ -21,6 +23,7 @@ from aiohttp import web
 from slack_bolt.adapter.aiohttp import to_aiohttp_response, to_bolt_request
 from slack_bolt.adapter.socket_mode.aiohttp import AsyncSocketModeHandler
 from slack_bolt.app.async_app import AsyncApp
+from slack_sdk.errors import SlackApiError
 from slack_sdk.http_retry.builtin_async_handlers import (
     AsyncConnectionErrorRetryHandler,
     AsyncRateLimitErrorRetryHandler,
@@ -84,7 +87,7 @@ class SlackBot:
         self.client = web_client(settings)
         self.directory = Directory(self.client, config, clock)
         self.notifier = SlackNotifier(self.client, config, service, clock, self.directory)
-        self.commands = Commands(config, service, clock)
+        self.commands = Commands(config, service, clock, self.notifier.card_failure)
         self.approvals = Approvals(service, self.directory, self.client, reviews)
         self.home = Home(service, self.directory, self.client)
         self.socket_mode = bool(settings.slack_app_token)
@@ -92,6 +95,8 @@ class SlackBot:
                             process_before_response=True, request_verification_enabled=not self.socket_mode,
                             raise_error_for_unhandled_request=False, logger=log)
         self._tasks: set[asyncio.Task[None]] = set()
+        #: how long a deny modal's submission waits for the deny before closing (Slack waits 3 s)
+        self.modal_wait = 2.0
         self._socket: AsyncSocketModeHandler | None = None
         self._session: aiohttp.ClientSession | None = None
         self._register()
@@ -192,6 +197,12 @@ class SlackBot:
                     text = await self.commands.run(cmd, who)
             except HoopError as exc:
                 text = exc.message
+            except SlackApiError as exc:  # Slack, not hoop: say what it answered (not_in_channel, ...)
+                error = exc.response.get("error") or "an error"
+                log.warning("/hoop %s: Slack answered %s", cmd.verb, error)
+                text = f"`/hoop {cmd.verb}` could not finish: Slack refused it ({views.escape(str(error))})."
+                if error in ("not_in_channel", "channel_not_found"):
+                    text += " Ask an operator to invite hoop to the request's channel."
             except Exception:
                 log.exception("/hoop %s failed", cmd.verb)
                 text = f"`/hoop {cmd.verb}` failed inside hoop; the error is logged for the operators."
@@ -221,10 +232,14 @@ class SlackBot:
         """The ephemeral reply to a slash command: its response_url, else chat.postEphemeral."""
         url = body.get("response_url")
         if url and self._session is not None:
-            async with self._session.post(url, json={"response_type": "ephemeral", "text": text}) as resp:
-                if resp.status < 300:
-                    return
-                log.warning("response_url answered %s", resp.status)
+            try:
+                async with self._session.post(url, json={"response_type": "ephemeral", "text": text},
+                                              timeout=aiohttp.ClientTimeout(total=10)) as resp:
+                    if resp.status < 300:
+                        return
+                    log.warning("response_url answered %s; answering with chat.postEphemeral", resp.status)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                log.warning("response_url failed (%s); answering with chat.postEphemeral", type(exc).__name__)
         await self.approvals.note(body.get("channel_id"), str(body.get("user_id")), text)
 
     async def _on_reaction_added(self, body: dict[str, Any], event: dict[str, Any]) -> None:
@@ -244,14 +259,27 @@ class SlackBot:
         channel = (body.get("channel") or {}).get("id") or (body.get("container") or {}).get("channel_id")
         return str((body.get("user") or {}).get("id")), channel
 
+    @staticmethod
+    def _from_home(body: dict[str, Any]) -> bool:
+        return (body.get("view") or {}).get("type") == "home"
+
+    async def _then_home(self, work: Coroutine[Any, Any, None], user: str) -> None:
+        """Do ``work``, then re-publish the clicker's App Home, whose lists it may have changed."""
+        try:
+            await work
+        finally:
+            await self.home.publish(user)
+
     async def _on_approve(self, ack: Ack, body: dict[str, Any], action: dict[str, Any]) -> None:
         await ack()
         user, channel = self._where(body)
-        self._spawn(self.approvals.approve_button(str(action.get("value")), user, channel))
+        work = self.approvals.approve_button(str(action.get("value")), user, channel)
+        self._spawn(self._then_home(work, user) if self._from_home(body) else work)
 
     async def _on_deny(self, ack: Ack, body: dict[str, Any], action: dict[str, Any]) -> None:
         await ack()
-        self._spawn(self.approvals.open_deny_modal(str(action.get("value")), str(body.get("trigger_id"))))
+        self._spawn(self.approvals.open_deny_modal(str(action.get("value")), str(body.get("trigger_id")),
+                                                   from_home=self._from_home(body)))
 
     async def _on_extend(self, ack: Ack, body: dict[str, Any], action: dict[str, Any]) -> None:
         await ack()
@@ -269,8 +297,30 @@ class SlackBot:
         self._spawn(self.approvals.decide_review(str(action.get("value")), user, False, channel))
 
     async def _on_deny_submitted(self, ack: Ack, body: dict[str, Any], view: dict[str, Any]) -> None:
-        await ack()
+        """Deny within the ack when it is quick, so a refusal shows in the modal itself (Slack's
+        ``response_action: errors``); past :attr:`modal_wait` the modal closes and a refusal is
+        noted beside the card instead."""
         values = (view.get("state") or {}).get("values") or {}
         reason = ((values.get(views.DENY_REASON_BLOCK) or {}).get(views.DENY_REASON_INPUT) or {}).get("value") or ""
         user = str((body.get("user") or {}).get("id"))
-        self._spawn(self.approvals.deny_submitted(str(view.get("private_metadata")), user, str(reason)))
+        request_id, from_home = views.deny_modal_origin(str(view.get("private_metadata") or ""))
+        task = asyncio.get_running_loop().create_task(self._deny(request_id, user, str(reason)))
+        done, _ = await asyncio.wait({task}, timeout=self.modal_wait)
+        if task in done and (why := task.result()) is not None:
+            await ack(response_action="errors", errors={views.DENY_REASON_BLOCK: views.clip(why, 1000)})
+            return
+        await ack()
+
+        async def rest() -> None:
+            why = await task
+            if why is not None:
+                await self.approvals.deny_refused_late(request_id, user, why)
+
+        self._spawn(self._then_home(rest(), user) if from_home else rest())
+
+    async def _deny(self, request_id: str, user: str, reason: str) -> str | None:
+        try:
+            return await self.approvals.deny_submitted(request_id, user, reason)
+        except Exception:
+            log.exception("denying %s from the modal failed", request_id)
+            return f"Denying `{request_id}` failed inside hoop; the error is logged for the operators."

@@ -8,6 +8,7 @@ runs a parsed command for an identity and returns the ephemeral reply text.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from bot import views
@@ -18,7 +19,7 @@ from broker.duration import format_duration, parse_duration
 from broker.errors import Denied, HoopError, InvalidInput
 from broker.model import AccessRequest, GrantStatus, Identity, RequestStatus, Session, SessionStatus
 from broker.recap import session_transcript
-from broker.service import Service
+from broker.service import SYSTEM, Service
 from broker.transcript import Transcript
 
 _ARITY: dict[str, tuple[int, int | None]] = {  # (min, max) positional words; None: rest is free text
@@ -95,10 +96,13 @@ class Commands:
     """Runs parsed commands. Every method returns the ephemeral reply; errors propagate as
     :class:`HoopError` for the caller to show."""
 
-    def __init__(self, config: HoopConfig, service: Service, clock: Clock) -> None:
+    def __init__(self, config: HoopConfig, service: Service, clock: Clock,
+                 card_failure: Callable[[str], tuple[str, str] | None] | None = None) -> None:
         self.config = config
         self.service = service
         self.clock = clock
+        #: the channel and Slack's error when a request's card could not be posted
+        self.card_failure = card_failure or (lambda _request_id: None)
 
     async def run(self, cmd: Command, who: Identity) -> str:
         method = getattr(self, "_" + cmd.verb)
@@ -116,9 +120,15 @@ class Commands:
     def _requested(self, req: AccessRequest) -> str:
         if req.status is RequestStatus.APPROVED:
             return f"Request `{req.id}` for {req.resource} was granted at once; see your DMs."
+        quorum = " and ".join(f"{s.count} from {s.group}" for s in req.steps)
+        if (failed := self.card_failure(req.id)) is not None:
+            channel, error = failed
+            return (f"Request `{req.id}` for *{req.resource}* is recorded, but hoop could not post the card of "
+                    f"`{req.id}` in <#{channel}> (Slack: {views.escape(error)}), so nobody sees it there. "
+                    f"Approvers ({quorum}) can still approve it from hoop's App Home or with "
+                    f"`/hoop approve {req.id}`; the error is logged for the operators (is hoop in that channel?).")
         res = self.config.resource(req.resource)
         where = f" in <#{res.channel}>" if res is not None and res.channel else ""
-        quorum = " and ".join(f"{s.count} from {s.group}" for s in req.steps)
         return (f"Request `{req.id}` for *{req.resource}* ({format_duration(req.duration)}) posted{where}; "
                 f"it needs {quorum} and lapses at {views.hhmm(req.lapses_at)}.")
 
@@ -126,10 +136,14 @@ class Commands:
         result = await self.service.approve(cmd.args[0], who, via="command")
         if result.grant is not None:
             return f"Approved `{result.request.id}`: the quorum is met and access is granted."
-        if result.request.status is RequestStatus.DENIED:  # an extension that no longer fits
-            return f"Approved `{result.request.id}`, but hoop refused it: {result.request.decision_reason}."
-        if result.request.status is RequestStatus.APPROVED:
-            return f"Approved `{result.request.id}`: the quorum is met."
+        req = result.request
+        if req.status is RequestStatus.DENIED and req.decided_by == SYSTEM.email:  # an extension that no longer fits
+            return f"Approved `{req.id}`, but hoop refused it: {req.decision_reason}."
+        if req.status is RequestStatus.APPROVED:
+            return f"Approved `{req.id}`: the quorum is met."
+        if req.status is not RequestStatus.PENDING:  # a denial or cancellation landed between approval and decision
+            by = f" by {views.escape(req.decided_by)}" if req.decided_by else ""
+            return f"Your approval was recorded, but `{req.id}` was {req.status.value}{by} before it was decided."
         return f"Approved `{result.request.id}`; more approvals are still needed."
 
     async def _deny(self, cmd: Command, who: Identity) -> str:

@@ -2,7 +2,8 @@
 
 Groups come from member emails and from Slack user groups (``usergroups.users.list`` for
 each ``slack_usergroup`` the config names). Both lookups are cached for ``ttl`` on the
-injected clock, so a burst of reactions costs one Web API call per person and group.
+injected clock, so a burst of reactions costs one Web API call per person and group. A
+failed lookup is not cached: it raises :class:`UpstreamError`, and the next call asks again.
 """
 
 from __future__ import annotations
@@ -91,9 +92,14 @@ class Directory:
             return hit[1]
         try:
             resp = await self.client.usergroups_users_list(usergroup=usergroup)
-            members = frozenset(resp.get("users") or [])
         except SlackApiError as exc:
-            log.warning("usergroups.users.list %s failed: %s", usergroup, exc.response.get("error"))
-            members = frozenset()
+            # Neither "nobody is in it" (an approver would be told they are none, for a whole TTL)
+            # nor the last answer (someone removed from the group would keep approving): a failure
+            # is said as one, and the next gesture asks Slack again.
+            error = exc.response.get("error")
+            log.warning("usergroups.users.list %s failed: %s", usergroup, error)
+            raise UpstreamError(f"Slack could not say who is in user group {usergroup} ({error}), so hoop cannot "
+                                "tell your groups; try again in a moment") from None
+        members = frozenset(resp.get("users") or [])
         self._groups[usergroup] = (now + self.ttl, members)
         return members

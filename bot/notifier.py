@@ -7,15 +7,18 @@ later event is a reply in the card's thread, and changes that alter the card upd
 place. ``GrantIssued`` is the only event with the secret: it goes to the requester's DM and
 nowhere else. A DM that fails for a passing reason is tried again; one that still fails does
 not keep the thread reply and the card update from happening, and the reply says the
-credential was not delivered (never the secret). Events without a card (break-glass grants)
-go to the resource's channel.
+credential was not delivered (never the secret). Thread replies, card updates and uploads are
+tried again the same way; one that still fails is logged as an error naming the request or
+grant, and the posts after it still happen. A card Slack refuses is remembered
+(:meth:`SlackNotifier.card_failure`) so the requester is told. Events without a card
+(break-glass grants) go to the resource's channel.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import aiohttp
@@ -53,13 +56,23 @@ log = logging.getLogger(__name__)
 
 #: Slack errors worth another try; any other (``cannot_dm_bot``, ``user_disabled``, ...) will not change
 _TRANSIENT = frozenset({"ratelimited", "internal_error", "fatal_error", "service_unavailable", "request_timeout"})
+#: how many failed card posts :meth:`SlackNotifier.card_failure` remembers
+_CARD_FAILURES_KEPT = 200
+
+
+def _slack_error(exc: Exception) -> str:
+    """Slack's error code of a failed Web API call, or the kind of transport failure."""
+    if isinstance(exc, SlackApiError):
+        return str(exc.response.get("error") or "slack_error")
+    return type(exc).__name__
 
 
 class SlackNotifier:
     """Posts and updates cards, thread replies, DMs and transcript uploads."""
 
     def __init__(self, client: AsyncWebClient, config: HoopConfig, service: Service, clock: Clock,
-                 directory: Directory, *, dm_retry_delays: Sequence[float] = (2.0, 10.0)) -> None:
+                 directory: Directory, *, dm_retry_delays: Sequence[float] = (2.0, 10.0),
+                 post_retry_delays: Sequence[float] = (2.0, 10.0)) -> None:
         self.client = client
         self.config = config
         self.service = service
@@ -67,6 +80,10 @@ class SlackNotifier:
         self.directory = directory
         #: pauses between tries of a credential DM that failed for a passing reason
         self.dm_retry_delays = tuple(dm_retry_delays)
+        #: pauses between tries of a thread reply, card update or upload that failed for a passing reason
+        self.post_retry_delays = tuple(post_retry_delays)
+        #: request id -> (channel, Slack error) of cards that could not be posted, newest last
+        self._card_failures: dict[str, tuple[str, str]] = {}
 
     async def publish(self, event: Event) -> None:
         handler = getattr(self, "_on_" + type(event).__name__, None)
@@ -102,19 +119,39 @@ class SlackNotifier:
                 return req.card_channel, req.card_ts
         return self._channel_of(resource), None
 
+    async def _post(self, what: str, call: Callable[[], Awaitable[Any]]) -> Any | None:
+        """Make one Web API call, trying again after a passing failure (the web client has already
+        retried 429s and connection errors). Its answer, or ``None`` once it has failed for good,
+        which is logged as an error naming ``what``: one lost post must not stop the next ones
+        (a failed thread reply used to leave the card offering Approve after a grant)."""
+        for delay in (*self.post_retry_delays, None):
+            try:
+                return await call()
+            except (SlackApiError, aiohttp.ClientError, TimeoutError) as exc:
+                error = _slack_error(exc)
+                passing = error in _TRANSIENT or not isinstance(exc, SlackApiError)
+            if delay is None or not passing:
+                log.error("%s could not be posted to Slack (%s)", what, error)
+                return None
+            log.warning("%s failed (%s); trying again in %.0fs", what, error, delay)
+            await asyncio.sleep(delay)
+        return None  # not reached: the last delay is None
+
     async def _reply(self, req: AccessRequest | None, resource: str, text: str,
                      blocks: list[dict[str, Any]] | None = None) -> tuple[str, str] | None:
         channel, thread_ts = await self._thread(req, resource)
+        about = f"request {req.id}" if req is not None else f"resource {resource}"
         if channel is None:
-            log.info("no channel for %s; dropping %r", resource, text[:60])
+            log.warning("%s: no channel to post %r in (the resource has none)", about, text[:80])
             return None
         kwargs: dict[str, Any] = {"channel": channel, "text": text}
         if thread_ts:
             kwargs["thread_ts"] = thread_ts
         if blocks:
             kwargs["blocks"] = blocks
-        resp = await self.client.chat_postMessage(**kwargs)
-        return str(resp["channel"]), str(resp["ts"])
+        resp = await self._post(f"{about}: the message {text[:80]!r} in {channel}",
+                                lambda: self.client.chat_postMessage(**kwargs))
+        return (str(resp["channel"]), str(resp["ts"])) if resp is not None else None
 
     async def _update_card(self, req: AccessRequest, grant: Grant | None = None) -> None:
         req = await self._fresh(req)
@@ -124,7 +161,9 @@ class SlackNotifier:
             async with self.service.store.tx() as tx:
                 grant = await tx.get_grant(req.grant_id)
         text, blocks = views.card(req, self.clock.now(), grant)
-        await self.client.chat_update(channel=req.card_channel, ts=req.card_ts, text=text, blocks=blocks)
+        channel, ts = req.card_channel, req.card_ts
+        await self._post(f"request {req.id}: the card update ({req.status.value}) of {channel}/{ts}",
+                         lambda: self.client.chat_update(channel=channel, ts=ts, text=text, blocks=blocks))
 
     async def _dm(self, user_id: str, text: str, blocks: list[dict[str, Any]] | None = None) -> None:
         opened = await self.client.conversations_open(users=user_id)
@@ -168,9 +207,22 @@ class SlackNotifier:
         kwargs: dict[str, Any] = {"channel": channel, "text": text, "blocks": blocks}
         if thread_ts:
             kwargs["thread_ts"] = thread_ts
-        resp = await self.client.chat_postMessage(**kwargs)
+        try:
+            resp = await self.client.chat_postMessage(**kwargs)
+        except (SlackApiError, aiohttp.ClientError, TimeoutError) as exc:
+            error = _slack_error(exc)
+            log.error("request %s: its card could not be posted in %s (Slack: %s); approvers can still find it "
+                      "in their App Home or approve it with /hoop approve", req.id, channel, error)
+            self._card_failures[req.id] = (channel, error)
+            while len(self._card_failures) > _CARD_FAILURES_KEPT:
+                del self._card_failures[next(iter(self._card_failures))]
+            return
         await self.service.set_card(req.id, str(resp["channel"]), str(resp["ts"]))
         req.card_channel, req.card_ts = str(resp["channel"]), str(resp["ts"])
+
+    def card_failure(self, request_id: str) -> tuple[str, str] | None:
+        """The channel and Slack's error when this process could not post a request's card."""
+        return self._card_failures.get(request_id)
 
     async def _on_ApprovalAdded(self, ev: ApprovalAdded) -> None:
         groups = next((a.groups for a in ev.request.approvals if a.approver == ev.approver.email.lower()), ())
@@ -255,7 +307,8 @@ class SlackNotifier:
         if user_id is None:
             user_id = await self.directory.user_id_for(ev.grant.identity)
         if user_id is not None:
-            await self._dm(user_id, text, blocks)
+            dm_to = user_id
+            await self._post(f"grant {ev.grant.id}: the reminder DM to {dm_to}", lambda: self._dm(dm_to, text, blocks))
 
     async def _on_GrantEnded(self, ev: GrantEnded) -> None:
         grant = ev.grant
@@ -298,7 +351,9 @@ class SlackNotifier:
         review = ev.review
         if review.channel and review.ts:
             text, blocks = views.review_message(review)
-            await self.client.chat_update(channel=review.channel, ts=review.ts, text=text, blocks=blocks)
+            channel, ts = review.channel, review.ts
+            await self._post(f"review {review.id}: the update ({review.status}) of {channel}/{ts}",
+                             lambda: self.client.chat_update(channel=channel, ts=ts, text=text, blocks=blocks))
         by = f" by {escape(review.decided_by)}" if review.decided_by else ""
         await self._reply(ev.request, review.resource, f"review `{review.id}`: {review.status}{by}")
 
@@ -310,4 +365,7 @@ class SlackNotifier:
         kwargs: dict[str, Any] = {"channel": channel, "content": ev.text, "filename": ev.filename, "title": ev.title}
         if thread_ts:
             kwargs["thread_ts"] = thread_ts
-        await self.client.files_upload_v2(**kwargs)
+        session = ev.extra.get("session")
+        again = f"/hoop transcript {session} posts it again" if session else "the audit log and recording keep it"
+        await self._post(f"grant {ev.grant.id}: the transcript file {ev.filename} in {channel} ({again})",
+                         lambda: self.client.files_upload_v2(**kwargs))

@@ -50,13 +50,16 @@ class Approvals:
         self.reviews = reviews
 
     async def note(self, channel: str | None, user: str, text: str) -> None:
-        """An ephemeral note to one person; never raises (a note is best effort)."""
-        if not channel:
-            return
+        """An ephemeral note to one person, or a DM when the gesture came from no channel (App
+        Home, a modal); never raises (a note is best effort)."""
         try:
-            await self.client.chat_postEphemeral(channel=channel, user=user, text=text)
+            if channel:
+                await self.client.chat_postEphemeral(channel=channel, user=user, text=text)
+            else:
+                opened = await self.client.conversations_open(users=user)
+                await self.client.chat_postMessage(channel=opened["channel"]["id"], text=text)
         except Exception:
-            log.warning("ephemeral note to %s in %s failed", user, channel, exc_info=True)
+            log.warning("note to %s in %s failed", user, channel or "a DM", exc_info=True)
 
     # -- reactions --------------------------------------------------------------------------
     async def reaction_added(self, event: dict[str, Any]) -> None:
@@ -144,18 +147,23 @@ class Approvals:
         except HoopError as exc:
             await self.note(channel, user, self._why(exc, request_id, "Approve"))
 
-    async def open_deny_modal(self, request_id: str, trigger_id: str) -> None:
-        await self.client.views_open(trigger_id=trigger_id, view=views.deny_modal(request_id))
+    async def open_deny_modal(self, request_id: str, trigger_id: str, *, from_home: bool = False) -> None:
+        await self.client.views_open(trigger_id=trigger_id, view=views.deny_modal(request_id, from_home=from_home))
 
-    async def deny_submitted(self, request_id: str, user: str, reason: str) -> None:
+    async def deny_submitted(self, request_id: str, user: str, reason: str) -> str | None:
+        """Deny from the modal. ``None`` when denied; else why not, for the modal's error line."""
         try:
             who = await self.directory.identify(user)
             await self.service.deny(request_id, who, reason)
         except HoopError as exc:
-            async with self.service.store.tx() as tx:
-                req = await tx.get_request(request_id)
-            channel = req.card_channel if req is not None else None
-            await self.note(channel, user, self._why(exc, request_id, "Deny"))
+            return self._why(exc, request_id, "Deny")
+        return None
+
+    async def deny_refused_late(self, request_id: str, user: str, why: str) -> None:
+        """Tell the person, beside the card, why a deny the modal stopped waiting for did not count."""
+        async with self.service.store.tx() as tx:
+            req = await tx.get_request(request_id)
+        await self.note(req.card_channel if req is not None else None, user, why)
 
     async def extend_button(self, grant_id: str, user: str, channel: str | None) -> None:
         try:

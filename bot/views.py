@@ -207,9 +207,10 @@ def review_message(review: Review) -> tuple[str, Blocks]:
     return text, blocks
 
 
-def deny_modal(request_id: str) -> dict[str, Any]:
+def deny_modal(request_id: str, *, from_home: bool = False) -> dict[str, Any]:
+    """The deny modal; its ``private_metadata`` is the request id, then ``|home`` when opened from App Home."""
     return {
-        "type": "modal", "callback_id": DENY_MODAL, "private_metadata": request_id,
+        "type": "modal", "callback_id": DENY_MODAL, "private_metadata": request_id + ("|home" if from_home else ""),
         "title": {"type": "plain_text", "text": "Deny request"},
         "submit": {"type": "plain_text", "text": "Deny"},
         "close": {"type": "plain_text", "text": "Cancel"},
@@ -217,6 +218,12 @@ def deny_modal(request_id: str) -> dict[str, Any]:
                     "label": {"type": "plain_text", "text": f"Why deny {request_id}?"},
                     "element": {"type": "plain_text_input", "action_id": DENY_REASON_INPUT, "multiline": True}}],
     }
+
+
+def deny_modal_origin(private_metadata: str) -> tuple[str, bool]:
+    """The request id in a deny modal's ``private_metadata``, and whether it was opened from App Home."""
+    request_id, _, origin = private_metadata.partition("|")
+    return request_id, origin == "home"
 
 
 def request_line(r: AccessRequest) -> str:

@@ -15,7 +15,7 @@ from datetime import timedelta
 from broker import policy
 from broker.errors import Conflict, Denied, NotFound
 from broker.events import ReviewDecided, ReviewRequested
-from broker.model import Grant, Identity, Review
+from broker.model import Grant, Identity, Review, Session, SessionStatus
 from broker.service import Service, new_id
 
 _POLL_SECONDS = 1.0
@@ -84,6 +84,7 @@ class Reviews:
         async with self.service.store.tx() as tx:
             review = await tx.get_review(review_id)
             grant = await tx.get_grant(review.grant_id) if review is not None else None
+            session = await tx.get_session(review.session_id) if review is not None else None
         if review is None:
             raise NotFound(f"no review {review_id!r}", code="no_review")
         if who.email.lower() == review.requested_by.lower():
@@ -98,16 +99,38 @@ class Reviews:
         config = self.service.config
         if not policy.is_approver_of(config, who, review.resource) and not policy.is_admin(config, who):
             raise Denied(f"only approvers of {review.resource} can decide this review", code="not_approver")
+        if review.status == "pending" and (gone := self._gone(session)) is not None:
+            # nothing waits on it any more: close it as the waiter would have, and allow nothing
+            with contextlib.suppress(Conflict):
+                await self._finish(review_id, "timed_out", None)
+            raise Conflict(f"nothing waits on review {review_id} any more: {gone}, so the statement did not run",
+                           code="gone")
         return await self._finish(review_id, "allowed" if allow else "refused", who)
 
+    @staticmethod
+    def _gone(session: Session | None) -> str | None:
+        """Why the proxy that held a statement no longer waits for its review, or None. (Ending a
+        grant closes its sessions; until the close is recorded, the proxy refuses the statement.)"""
+        if session is not None and session.status is SessionStatus.CLOSED:
+            why = f" ({session.close_reason})" if session.close_reason else ""
+            return f"session `{session.id}` closed{why}"
+        return None
+
     async def _finish(self, review_id: str, status: str, who: Identity | None) -> Review:
+        """Record a decision, or the timeout (``who`` None). A decision taken at or after the
+        deadline records the timeout instead and raises :class:`Conflict`: the waiter may notice
+        its deadline up to a poll late, or not at all if its process died, and must not then
+        find the statement allowed."""
         now = self.service.clock.now()
+        late = False
         async with self.service.store.tx() as tx:
             review = await tx.get_review(review_id, lock=True)  # a decision and the timeout: one wins
             if review is None:
                 raise NotFound(f"no review {review_id!r}", code="no_review")
             if review.status != "pending":
                 raise Conflict(f"review {review_id} is already {review.status}", code=review.status)
+            if who is not None and now >= review.deadline:
+                status, who, late = "timed_out", None, True
             review.status = status  # type: ignore[assignment]
             review.decided_by = who.email if who else None
             await tx.update_review(review)
@@ -120,6 +143,9 @@ class Reviews:
         if fut is not None and not fut.done():
             fut.set_result(status == "allowed")
         await self.service.publish([ReviewDecided(review=review, request=request)])
+        if late:
+            raise Conflict(f"review {review_id} timed out at {review.deadline:%H:%M:%S} UTC, so the statement "
+                           "was refused", code="timed_out")
         return review
 
     async def set_message(self, review_id: str, channel: str, ts: str) -> None:
