@@ -44,7 +44,8 @@ class Reviews:
 
     async def wait(self, review: Review) -> bool:
         """True when allowed; False when refused or timed out (and then marked timed_out). A
-        decision another replica stored after the last poll, before the deadline, is returned."""
+        decision another replica stored after the last poll, before the deadline, is returned.
+        A waiter that is cancelled marks the review timed out too."""
         fut = self._waiters.get(review.id)
         clock = self.service.clock
         try:
@@ -70,6 +71,12 @@ class Reviews:
                     current = await tx.get_review(review.id)
                 return current is not None and current.status == "allowed"
             return False
+        except asyncio.CancelledError:
+            # the proxy stopped waiting (the client left, the session closed): close the review, so
+            # its message stops offering Allow for a statement that can no longer run
+            with contextlib.suppress(Conflict, NotFound):
+                await asyncio.shield(self._finish(review.id, "timed_out", None))
+            raise
         finally:
             self._waiters.pop(review.id, None)
 

@@ -3,6 +3,7 @@ delegated it) may allow its held statement; another approver of the resource may
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 
 import pytest
@@ -11,7 +12,7 @@ from broker import policy
 from broker.clock import FakeClock
 from broker.config import HoopConfig, parse_config
 from broker.delegation import delegate
-from broker.errors import Denied
+from broker.errors import Conflict, Denied
 from broker.model import Grant, Identity
 from broker.reviews import Reviews
 from broker.service import Service
@@ -94,3 +95,23 @@ async def test_a_decision_just_before_the_deadline_reaches_the_waiting_proxy(ser
     async with service.store.tx() as tx:
         stored = await tx.get_review(review.id)
     assert stored is not None and stored.status == "allowed"
+
+
+async def test_a_review_whose_waiter_is_cancelled_is_closed(service: Service, config: HoopConfig) -> None:
+    """The client left while its statement waited: the review must not keep offering Allow."""
+    grant = await granted(service, config, who(config, "bob@example.com"))
+    reviews = Reviews(service)
+    review = await reviews.open(session_id="s1", grant=grant, resource="prod-db", text="DELETE FROM orders",
+                                rule="deletes", timeout=timedelta(minutes=5))
+    waiter = asyncio.create_task(reviews.wait(review))
+    await asyncio.sleep(0.05)
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    async with service.store.tx() as tx:
+        stored = await tx.get_review(review.id)
+        audit = [e.action for e in await tx.audit_entries()]
+    assert stored is not None and stored.status == "timed_out" and stored.decided_by is None
+    assert "review.timed_out" in audit
+    with pytest.raises(Conflict):
+        await reviews.decide(review.id, who(config, "dana@example.com"), True)
