@@ -35,7 +35,7 @@ from bot.commands import Commands, parse
 from bot.home import Home
 from bot.identity import Directory
 from bot.notifier import SlackNotifier
-from bot.reactions import Approvals, Reviews
+from bot.reactions import Approvals, Reviews, acts_on
 from broker.clock import Clock
 from broker.config import HoopConfig, Settings
 from broker.errors import ConfigError, HoopError, InvalidInput
@@ -243,11 +243,12 @@ class SlackBot:
         await self.approvals.note(body.get("channel_id"), str(body.get("user_id")), text)
 
     async def _on_reaction_added(self, body: dict[str, Any], event: dict[str, Any]) -> None:
-        if await self._first(body):
+        # every reaction in hoop's channels arrives here: only gestures cost a store write
+        if acts_on(event) and await self._first(body):
             self._spawn(self.approvals.reaction_added(event))
 
     async def _on_reaction_removed(self, body: dict[str, Any], event: dict[str, Any]) -> None:
-        if await self._first(body):
+        if acts_on(event, removed=True) and await self._first(body):
             self._spawn(self.approvals.reaction_removed(event))
 
     async def _on_home(self, body: dict[str, Any], event: dict[str, Any]) -> None:

@@ -36,6 +36,13 @@ class Reviews(Protocol):
     async def by_message(self, channel: str, ts: str) -> Review | None: ...
 
 
+def acts_on(event: dict[str, Any], *, removed: bool = False) -> bool:
+    """Whether a reaction event is a gesture hoop answers: an approve emoji added or taken away, or
+    a deny emoji added, on a message. Others are not even recorded."""
+    emoji = emoji_of(str(event.get("reaction", "")))
+    return emoji in (APPROVE if removed else APPROVE | DENY) and (event.get("item") or {}).get("type") == "message"
+
+
 def emoji_of(reaction: str) -> str:
     """``+1::skin-tone-3`` -> ``+1``."""
     return reaction.split("::", 1)[0]
@@ -65,7 +72,7 @@ class Approvals:
     async def reaction_added(self, event: dict[str, Any]) -> None:
         emoji = emoji_of(str(event.get("reaction", "")))
         item = event.get("item") or {}
-        if emoji not in APPROVE | DENY or item.get("type") != "message":
+        if not acts_on(event):
             return
         channel, ts, user = str(item.get("channel")), str(item.get("ts")), str(event.get("user"))
         async with self.service.store.tx() as tx:
@@ -83,9 +90,8 @@ class Approvals:
             await self.note(channel, user, self._why(exc, req.id, f":{emoji}:"))
 
     async def reaction_removed(self, event: dict[str, Any]) -> None:
-        emoji = emoji_of(str(event.get("reaction", "")))
         item = event.get("item") or {}
-        if emoji not in APPROVE or item.get("type") != "message":
+        if not acts_on(event, removed=True):
             return
         channel, ts, user = str(item.get("channel")), str(item.get("ts")), str(event.get("user"))
         async with self.service.store.tx() as tx:

@@ -386,3 +386,13 @@ async def test_a_requester_told_to_cancel_can_cancel_from_slack(hoop: Hoop) -> N
     assert (await _stored(hoop, rid)).status is RequestStatus.CANCELLED
     assert any("Cancelled by Alice" in t for t in hoop.thread(ts))
     assert "Cancelled" in _updates(hoop, ts)[-1] and "hoop_approve" not in _updates(hoop, ts)[-1]
+
+
+async def test_only_gestures_are_recorded_as_processed(hoop: Hoop) -> None:
+    """Every reaction in hoop's channels reaches it; only approve/deny gestures cost a store write."""
+    _, channel, ts = await _request(hoop)
+    for emoji in ("tada", "eyes", "thumbsup::skin-tone-2"):
+        await hoop.react("UDANA", channel, ts, reaction=emoji)
+    await hoop.react("UDANA", channel, ts, reaction="x", removed=True)  # taking a deny emoji away: no gesture
+    async with hoop.store.tx() as tx:
+        assert await tx.prune_processed(hoop.clock.now() + timedelta(days=1)) == 1  # the 👍 only
