@@ -161,6 +161,10 @@ class Commands:
     async def _extend(self, cmd: Command, who: Identity) -> str:
         out = await self.service.extend(cmd.args[0], who, cmd.args[1])
         if isinstance(out, AccessRequest):
+            if (failed := self.card_failure(out.id)) is not None:
+                return (f"Extending `{cmd.args[0]}` needs approval: request `{out.id}` is recorded, but hoop could "
+                        f"not post its card in <#{failed[0]}> (Slack: {views.escape(failed[1])}). Approvers can "
+                        f"still approve it from hoop's App Home or with `/hoop approve {out.id}`.")
             return f"Extending `{cmd.args[0]}` needs approval: request `{out.id}` was posted in the thread."
         return f"Extended `{out.id}` until {views.hhmm(out.expires_at)}."
 

@@ -276,3 +276,20 @@ async def test_a_review_whose_session_or_grant_ended_cannot_be_allowed(hoop: Hoo
     assert not any("allowed by" in t for t in hoop.thread(ts))
     await hoop.click("hoop_review_allow", review.id, "USAM", channel, ts)  # a second click: told it is over
     assert "already timed_out" in hoop.ephemerals("USAM")[-1]
+
+
+async def test_an_extension_card_slack_refused_is_not_reported_as_posted(hoop: Hoop, clock: FakeClock) -> None:
+    await hoop.command("request prod-db 4h backfill")
+    channel, ts = hoop.card()
+    async with hoop.store.tx() as tx:
+        (req,) = await tx.list_requests()
+    await hoop.react("UDANA", channel, ts)
+    await hoop.click("hoop_approve", req.id, "USAM", channel, ts)
+    async with hoop.store.tx() as tx:
+        granted = await tx.get_request(req.id)
+    assert granted is not None and granted.grant_id is not None
+    clock.advance(timedelta(hours=1))
+    hoop.fake.refuse("chat.postMessage", "not_in_channel", times=1)
+    await hoop.command(f"extend {granted.grant_id} 1h")
+    reply = hoop.responses()[-1]
+    assert "was posted in the thread" not in reply and "not_in_channel" in reply and "/hoop approve" in reply
