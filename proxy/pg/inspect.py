@@ -190,6 +190,8 @@ class Inspector(Replies):
             if t in _F_PASS:
                 if run < 0:
                     run = s
+                if t == Frontend.TERMINATE:
+                    self.said_goodbye = True
                 i += 1
                 continue
             body = mv[s + 5 : e]

@@ -274,7 +274,7 @@ class Relay:
 
     def lost(self, side: str) -> None:
         if not self.closing:
-            if side == "server":
+            if side == "server" and not self.insp.said_goodbye:
                 self._shutdown(self.insp.fatal or "the database closed the connection")
             else:
                 self._shutdown("client closed the connection")

@@ -171,6 +171,7 @@ class State:
         self.copy_plan: CopyOut | None = None  # the COPY TO STDOUT being relayed, when masked field by field
         self.copy_header = False  # its next row is the header line
         self.fatal: str | None = None  # a FATAL error the server sent
+        self.said_goodbye = False  # the client sent Terminate: the server closing next is the client's doing
         self.abort: str | None = None  # hoop must end the session (cannot mask safely)
         self._texts: dict[str, tuple[str, list[str], Decision | None]] = {}
         #: id(analysis) -> (analysis, kinds, decision)

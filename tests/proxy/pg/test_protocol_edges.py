@@ -114,3 +114,20 @@ async def test_slow_client_applies_backpressure(hoop: Hoop) -> None:
         assert peak < 32 * 1024 * 1024, peak
     finally:
         await raw.close()
+
+
+async def test_terminate_then_the_servers_close_is_the_clients_doing(hoop: Hoop) -> None:
+    """A client sends Terminate and keeps its socket open: the database closes first, yet the
+    session ended because the client said goodbye (CI once saw "the database closed the connection")."""
+    raw = await connect(hoop)
+    try:
+        await raw.login(hoop)
+        raw.writer.write(codec.TERMINATE)
+        await raw.writer.drain()
+        assert await asyncio.wait_for(raw.reader.read(), 10) == b""  # hoop closes once the server has
+    finally:
+        await raw.close()
+    await hoop.hub.flush()
+    async with hoop.store.tx() as tx:
+        sessions = await tx.list_sessions()
+    assert [s.close_reason for s in sessions] == ["client closed the connection"]
