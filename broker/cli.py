@@ -318,16 +318,23 @@ def transcript(session: Annotated[str, typer.Argument(help="session id")],
                full: Annotated[bool, typer.Option("--full", help="every event, not capped at transcripts.max_bytes")]
                = False,
                config: ConfigOpt = None) -> None:
-    """Print a session's masked transcript (capped at transcripts.max_bytes, the cut stated; --full: all of it)."""
-    from broker.recap import session_transcript
+    """Print a session's masked transcript (capped at transcripts.max_bytes, the cut stated; --full: all of it,
+    printed as it is read)."""
+    from broker.recap import full_session_transcript, session_transcript
+    from broker.transcript import Counts
 
-    async def go(rt: Runtime) -> tuple[str, str]:
-        _, t = await session_transcript(rt.service, session, full=full)
-        return t.summary, t.text
+    async def go(rt: Runtime) -> str:
+        if not full:
+            _, t = await session_transcript(rt.service, session)
+            sys.stdout.write(t.text)
+            return t.summary
+        counts = Counts()
+        async for text in full_session_transcript(rt.service, session, counts):
+            sys.stdout.write(text)
+            sys.stdout.flush()  # a page at a time, to a pager or a file, not at the end
+        return counts.summary()
 
-    summary, text = _run(lambda: _with_runtime(config, go))
-    sys.stdout.write(text)
-    err.print(summary)
+    err.print(_run(lambda: _with_runtime(config, go)))
 
 
 @audit_app.command("verify")

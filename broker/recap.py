@@ -2,39 +2,74 @@
 
 Runs as a broker ``Notifier``. Rendering happens in background tasks so the event that
 triggered it is not held up; at a grant's end it first waits (bounded) for that grant's
-live sessions to close, so the grant's transcript includes them.
+live sessions to close, so the grant's transcript includes them. :func:`full_session_transcript`
+is the uncapped one (``hoop transcript --full``): read and rendered a page of events at a time.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import sys
-from collections.abc import Coroutine, Sequence
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from typing import Any
 
 from broker.events import Event, GrantEnded, SessionClosed, TranscriptReady
 from broker.model import Grant, Session, SessionEvent, SessionStatus
 from broker.service import Service
-from broker.transcript import Transcript, render
+from broker.transcript import Counts, SessionLines, Transcript, heading, render, session_end, visible_text
 
 log = logging.getLogger(__name__)
+#: events read and rendered at a time by :func:`full_session_transcript`
+PAGE = 2000
 
 
-async def session_transcript(service: Service, session_id: str, *,
-                             full: bool = False) -> tuple[Session, Transcript]:
-    """A session's transcript, capped at ``transcripts.max_bytes``; ``full``: every event, uncapped."""
+async def session_transcript(service: Service, session_id: str) -> tuple[Session, Transcript]:
+    """A session's transcript, capped at ``transcripts.max_bytes`` (uncapped: :func:`full_session_transcript`)."""
     from broker.errors import NotFound
 
     async with service.store.tx() as tx:
         session = await tx.get_session(session_id)
         if session is None:
             raise NotFound(f"no session {session_id!r}", code="no_session")
-        events = await tx.events(session_id, limit=None if full else 200_000)
+        events = await tx.events(session_id, limit=200_000)
         grant = await tx.get_grant(session.grant_id)
     return session, render(grant, [(session, events)],
-                           max_bytes=sys.maxsize if full else service.config.transcripts.max_bytes,
+                           max_bytes=service.config.transcripts.max_bytes,
                            title=f"transcript of session {session.id}")
+
+
+async def full_session_transcript(service: Service, session_id: str, counts: Counts, *,
+                                  page: int = PAGE) -> AsyncIterator[str]:
+    """A session's whole transcript, uncapped, as text: the heading, then each page of ``page`` events as
+    it is read and rendered, so a long recording is never held in memory (nor waited for) as a whole.
+    Events recorded meanwhile are in it up to the last page read. ``counts`` gathers the summary's
+    numbers (:meth:`Counts.summary`), complete once the iteration ends."""
+    from broker.errors import NotFound
+
+    async with service.store.tx() as tx:
+        session = await tx.get_session(session_id)
+        if session is None:
+            raise NotFound(f"no session {session_id!r}", code="no_session")
+        grant = await tx.get_grant(session.grant_id)
+        last: SessionEvent | None = None
+        if session.closed_at is None:  # the heading shows an open session until its last event so far
+            newest = await tx.max_event_seq(session_id)
+            tail = await tx.events_after(session_id, after=newest - 1, limit=1) if newest else []
+            last = tail[0] if tail else None
+    lines = SessionLines(session, counts)
+    yield visible_text([*heading(grant, f"transcript of session {session.id}"),
+                        lines.header(session_end(session, last))])
+    after = 0
+    while True:
+        async with service.store.tx() as tx:
+            events = await tx.events_after(session_id, after=after, limit=page)
+        if not events:
+            break
+        rendered = lines.feed(events)
+        if rendered:
+            yield visible_text(rendered)
+        after = events[-1].seq
+    lines.close()
 
 
 async def grant_transcript(service: Service, grant: Grant) -> Transcript:

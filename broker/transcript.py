@@ -8,7 +8,7 @@ cuts, the transcript says so and how to get the rest.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -51,11 +51,20 @@ def terminal_text(data: str) -> str:
 
 @dataclass
 class Counts:
+    """The summary's numbers, gathered as sessions and their events are rendered."""
+
+    sessions: int = 0
     statements: int = 0
     rows: int = 0
     blocked: int = 0
     reviewed: int = 0
     errors: int = 0
+    connected: timedelta = timedelta(0)
+
+    def summary(self) -> str:
+        return (f"{self.sessions} session(s) · {self.statements} statement(s)/command(s) · {self.rows} row(s) · "
+                f"{self.blocked} blocked · {self.reviewed} reviewed · {self.errors} error(s) · "
+                f"{format_duration(self.connected)} connected")
 
 
 def _sample_lines(rows: object) -> list[str]:
@@ -66,17 +75,53 @@ def _sample_lines(rows: object) -> list[str]:
             for row in rows[:5] if isinstance(row, list)]
 
 
-def _session_lines(session: Session, events: Sequence[SessionEvent], counts: Counts) -> list[str]:
-    chain = " → ".join(session.chain)
-    end = session.closed_at or (events[-1].at if events else session.opened_at)
-    lines = [f"== session {session.id} · {session.protocol} · {session.resource} · {chain} · from "
-             f"{session.client_addr} · {_hms(session.opened_at)}–{_hms(end)} UTC"
-             f" ({format_duration(end - session.opened_at)})"]
-    # with a chain of agents, every action line names it too, so a line quoted alone still says who
-    who = f" [{chain}]" if len(session.chain) > 1 else ""
-    for e in events:
-        d = e.data
-        t = _hms(e.at) + (who if e.kind in ("statement", "command", "http", "blocked", "review") else "")
+def heading(grant: Grant | None, title: str = "") -> list[str]:
+    """The lines above the sessions: the title, then the grant's."""
+    lines = [title] if title else []
+    if grant is not None:
+        lines.append(f"grant {grant.id} · {grant.login} · {' → '.join(grant.chain)} · {', '.join(grant.resources)}"
+                     f" · {grant.status.value}")
+    return lines
+
+
+def session_end(session: Session, last: SessionEvent | None) -> datetime:
+    """When the session ended: when it closed, else (still open) its last event, else when it opened."""
+    return session.closed_at or (last.at if last is not None else session.opened_at)
+
+
+class SessionLines:
+    """One session's transcript lines, made as its events arrive: all at once for a capped transcript,
+    a page at a time for ``hoop transcript --full``, which must not hold a long recording in memory.
+    Counts go to ``counts``. The lines are raw: :func:`visible_text` makes them safe to print."""
+
+    def __init__(self, session: Session, counts: Counts) -> None:
+        self.session = session
+        self.counts = counts
+        self.chain = " → ".join(session.chain)
+        # with a chain of agents, every action line names it too, so a line quoted alone still says who
+        self.who = f" [{self.chain}]" if len(session.chain) > 1 else ""
+        self.last: SessionEvent | None = None
+
+    def header(self, end: datetime) -> str:
+        s = self.session
+        return (f"== session {s.id} · {s.protocol} · {s.resource} · {self.chain} · from {s.client_addr} · "
+                f"{_hms(s.opened_at)}–{_hms(end)} UTC ({format_duration(end - s.opened_at)})")
+
+    def feed(self, events: Iterable[SessionEvent]) -> list[str]:
+        lines: list[str] = []
+        for e in events:
+            self._event(e, lines)
+            self.last = e
+        return lines
+
+    def close(self) -> None:
+        """The session is rendered: it counts toward the summary."""
+        self.counts.sessions += 1
+        self.counts.connected += session_end(self.session, self.last) - self.session.opened_at
+
+    def _event(self, e: SessionEvent, lines: list[str]) -> None:
+        counts, d = self.counts, e.data
+        t = _hms(e.at) + (self.who if e.kind in ("statement", "command", "http", "blocked", "review") else "")
         if e.kind == "statement":
             counts.statements += 1
             rows = d.get("rows")
@@ -127,27 +172,26 @@ def _session_lines(session: Session, events: Sequence[SessionEvent], counts: Cou
             lines.append(f"{t} BLOCKED {d.get('text', '')} [rule {d.get('rule')}]")
         elif e.kind == "close":
             lines.append(f"{t} session closed: {d.get('reason', '')}")
-    return lines
+
+
+def visible_text(lines: Sequence[str]) -> str:
+    """Lines as text to print: one per line, what users typed in them shown as escapes."""
+    return _visible("\n".join(lines) + "\n")
 
 
 def render(grant: Grant | None, sessions: Sequence[tuple[Session, Sequence[SessionEvent]]], *,
            max_bytes: int, title: str = "") -> Transcript:
     """One transcript for a session or for all sessions of a grant."""
     counts = Counts()
-    lines: list[str] = []
-    if title:
-        lines.append(title)
-    if grant is not None:
-        lines.append(f"grant {grant.id} · {grant.login} · {' → '.join(grant.chain)} · {', '.join(grant.resources)}"
-                     f" · {grant.status.value}")
-    total = timedelta(0)
+    lines = heading(grant, title)
     for session, events in sessions:
-        lines.extend(_session_lines(session, events, counts))
-        end = session.closed_at or (events[-1].at if events else session.opened_at)
-        total += end - session.opened_at
+        rendered = SessionLines(session, counts)
+        lines.append(rendered.header(session_end(session, events[-1] if events else None)))
+        lines.extend(rendered.feed(events))
+        rendered.close()
     if not sessions:
         lines.append("no sessions were opened with this grant")
-    text = _visible("\n".join(lines) + "\n")
+    text = visible_text(lines)
     raw = text.encode("utf-8")
     truncated = len(raw) > max_bytes
     if truncated:
@@ -155,7 +199,4 @@ def render(grant: Grant | None, sessions: Sequence[tuple[Session, Sequence[Sessi
         cut = cut[: cut.rfind("\n") + 1] or cut
         hint = f"hoop transcript {sessions[0][0].id if len(sessions) == 1 else '<session>'} --full"
         text = cut + f"\n[transcript cut at {max_bytes} bytes of {len(raw)}; the full recording: {hint}]\n"
-    summary = (f"{len(sessions)} session(s) · {counts.statements} statement(s)/command(s) · {counts.rows} row(s) · "
-               f"{counts.blocked} blocked · {counts.reviewed} reviewed · {counts.errors} error(s) · "
-               f"{format_duration(total)} connected")
-    return Transcript(summary=summary, text=text, truncated=truncated)
+    return Transcript(summary=counts.summary(), text=text, truncated=truncated)

@@ -50,6 +50,8 @@ GENESIS = "0" * 64
 _AUDIT_LOCK = 0x686F6F70  # "hoop"
 #: a batch of chunks this long (characters in all) is packed in a worker thread, not on the loop
 _PACK_OFF_LOOP = 256 * 1024
+#: chunks fetched per query by a paged read of a recording (a chunk holds up to ~64 KiB of events)
+_CHUNKS_PER_READ = 8
 
 
 def _chunk_rows(chunks: Sequence[tuple[str, int, int, str]]) -> list[dict[str, Any]]:
@@ -130,6 +132,23 @@ def _session_values(s: Session) -> dict[str, Any]:
 
 _REVIEW_FIELDS = ("id", "session_id", "grant_id", "resource", "text", "rule", "requested_by", "created_at",
                   "deadline", "status", "decided_by", "channel", "ts")
+
+
+def _chunk_events(session_id: str, stored: str, packed: bytes | None, first: int) -> list[SessionEvent]:
+    """The events of one stored chunk; none for a damaged one (logged: the rest of the recording still reads)."""
+    lines = stored
+    if packed is not None:
+        try:
+            lines = eventlines.unpack(packed)
+        except (zlib.error, UnicodeDecodeError) as exc:
+            log.error("session=%s the recorded chunk from event %s is damaged and is skipped: %s",
+                      session_id, first, exc)
+            return []
+    return eventlines.decode(session_id, lines)
+
+
+def _legacy_event(r: Row[Any]) -> SessionEvent:
+    return SessionEvent(session_id=r.session_id, seq=r.seq, at=r.at, kind=r.kind, data=r.data)
 
 
 class Tx:
@@ -328,26 +347,43 @@ class Tx:
         q = select(c.lines, c.packed, c.first_seq).where(c.session_id == session_id).order_by(c.first_seq)
         out: list[SessionEvent] = []
         for stored, packed, first in await self.conn.execute(q):
-            lines: str = stored
-            if packed is not None:
-                try:
-                    lines = eventlines.unpack(packed)
-                except (zlib.error, UnicodeDecodeError) as exc:
-                    log.error("session=%s the recorded chunk from event %s is damaged and is skipped: %s",
-                              session_id, first, exc)
-                    continue
-            out.extend(eventlines.decode(session_id, lines))
+            out.extend(_chunk_events(session_id, stored, packed, first))
             if limit is not None and len(out) >= limit:
                 break
         old = t.session_events.c
-        q = select(t.session_events).where(old.session_id == session_id).order_by(old.seq)
-        legacy = [SessionEvent(session_id=r.session_id, seq=r.seq, at=r.at, kind=r.kind, data=r.data)
-                  for r in await self.conn.execute(q if limit is None else q.limit(limit))]
+        rows = select(t.session_events).where(old.session_id == session_id).order_by(old.seq)
+        legacy = [_legacy_event(r) for r in await self.conn.execute(rows if limit is None else rows.limit(limit))]
         if legacy:
             merged = {e.seq: e for e in legacy}
             merged.update((e.seq, e) for e in out)
             out = [merged[seq] for seq in sorted(merged)]
         return out[:limit] if limit is not None else out
+
+    async def events_after(self, session_id: str, *, after: int = 0, limit: int = 2000) -> list[SessionEvent]:
+        """One page of a session's events: the first ``limit`` numbered above ``after``, in order. A long
+        recording is read page by page (the next page starts after this page's last event), so whoever
+        prints it holds one page, not the session. Chunks are read a few at a time for the same reason."""
+        c = t.session_event_chunks.c
+        out: list[SessionEvent] = []
+        read_to = after  # chunks are runs of increasing numbers: the next read starts past the last one read
+        while len(out) < limit:
+            q = (select(c.lines, c.packed, c.first_seq, c.last_seq)
+                 .where(c.session_id == session_id, c.last_seq > read_to)
+                 .order_by(c.first_seq).limit(_CHUNKS_PER_READ))
+            rows = (await self.conn.execute(q)).all()
+            for stored, packed, first, last in rows:
+                out.extend(e for e in _chunk_events(session_id, stored, packed, first) if e.seq > after)
+                read_to = max(read_to, last)
+                if len(out) >= limit:
+                    break
+            if len(rows) < _CHUNKS_PER_READ:
+                break
+        old = t.session_events.c
+        legacy = (select(t.session_events).where(old.session_id == session_id, old.seq > after)
+                  .order_by(old.seq).limit(limit))
+        merged = {e.seq: e for e in map(_legacy_event, await self.conn.execute(legacy))}
+        merged.update((e.seq, e) for e in out)  # (a chunk holds the newer copy of an event both hold)
+        return [merged[seq] for seq in sorted(merged)[:limit]]
 
     async def max_event_seq(self, session_id: str) -> int:
         c, old = t.session_event_chunks.c, t.session_events.c

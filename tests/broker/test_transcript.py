@@ -1,11 +1,20 @@
-"""Transcript rendering: summary counts, terminal text, and the stated cap."""
+"""Transcript rendering: summary counts, terminal text, the stated cap, and the uncapped transcript
+read a page at a time."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
+from sqlalchemy import insert
+
+from broker import eventlines
 from broker.model import Grant, GrantStatus, Session, SessionEvent, SessionStatus
-from broker.transcript import render, terminal_text
+from broker.recap import full_session_transcript
+from broker.service import Service
+from broker.store import Store
+from broker.store import tables as t
+from broker.transcript import Counts, render, terminal_text
 
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 
@@ -81,3 +90,60 @@ def test_what_a_session_user_typed_cannot_steer_the_readers_terminal() -> None:
     assert "BLOCKED DROP TABLE audit\\x0d\\x1b[2KSELECT 1 [rule no-drop]" in t.text
     assert "$ rm -rf /data \\x1b]52;c;aGk=\\x07\\x9b1A" in t.text and "/x\\u202egnp.exe" in t.text
     assert "         plain\n         output" in t.text  # terminal output is still shown as plain text
+
+
+def _statements(first: int, last: int, sid: str = "s1") -> list[SessionEvent]:
+    return [SessionEvent(sid, i, T0 + timedelta(seconds=i), "statement", {"sql": f"SELECT {i}", "rows": 1})
+            for i in range(first, last + 1)]
+
+
+async def test_a_recording_is_read_a_page_at_a_time(store: Store) -> None:
+    """Chunks (one packed), a page boundary inside a chunk, and rows a pre-0003 replica stored (one also in a
+    chunk): pages read in turn give exactly what the whole read gives, never more than asked for."""
+    long_run = [replace(e, data={**e.data, "pad": "x" * 200}) for e in _statements(1, 40)]
+    async with store.tx() as tx:
+        await tx.add_event_chunks([("s1", 1, 40, eventlines.join(long_run))])  # packed
+        await tx.add_events(_statements(41, 55))
+        await tx.add_events(_statements(56, 56))
+    legacy = [{"session_id": "s1", "seq": seq, "at": T0, "kind": "statement", "data": {"sql": f"old {seq}"}}
+              for seq in (5, 57, 58)]
+    async with store.engine.begin() as conn:
+        await conn.execute(insert(t.session_events), legacy)
+    async with store.tx() as tx:
+        whole = await tx.events("s1")
+    assert [e.seq for e in whole] == list(range(1, 59)) and whole[4].data["sql"] == "SELECT 5"
+    pages, after = [], 0
+    while True:
+        async with store.tx() as tx:
+            page = await tx.events_after("s1", after=after, limit=7)
+        if not page:
+            break
+        assert len(page) <= 7 and page[0].seq == after + 1
+        pages.append(page)
+        after = page[-1].seq
+    assert [e for page in pages for e in page] == whole and len(pages) == 9
+    async with store.tx() as tx:
+        assert await tx.events_after("s1", after=58) == []
+        assert await tx.events_after("other") == []
+
+
+async def test_the_full_transcript_is_printed_as_it_is_read(service: Service) -> None:
+    """`hoop transcript --full` renders page by page: what a live session records while the first
+    pages are printed is in the pages read later (read all at once, it would be missing)."""
+    opened = Session(id="s1", grant_id="g1", resource="prod-db", protocol="postgres", login="alice.abcde",
+                     chain=("alice@example.com",), client_addr="127.0.0.1:1", status=SessionStatus.OPEN,
+                     opened_at=T0)
+    async with service.store.tx() as tx:
+        await tx.insert_session(opened)
+        await tx.add_events(_statements(1, 25))
+    counts = Counts()
+    texts = full_session_transcript(service, "s1", counts, page=10)
+    head = await anext(texts)
+    assert head.startswith("transcript of session s1\n== session s1 ·") and "12:00:00–12:00:25 UTC" in head
+    first = await anext(texts)
+    assert [line.split()[2] for line in first.splitlines()] == [str(i) for i in range(1, 11)]
+    async with service.store.tx() as tx:
+        await tx.add_events(_statements(26, 30))
+    rest = [text async for text in texts]
+    assert len(rest) == 2 and "SELECT 30" in rest[-1] and "SELECT 31" not in rest[-1]
+    assert counts.summary().startswith("1 session(s) · 30 statement(s)/command(s) · 30 row(s)")
