@@ -56,7 +56,7 @@ async def full_session_transcript(service: Service, session_id: str, counts: Cou
             newest = await tx.max_event_seq(session_id)
             tail = await tx.events_after(session_id, after=newest - 1, limit=1) if newest else []
             last = tail[0] if tail else None
-    lines = SessionLines(session, counts)
+    lines = SessionLines(session, counts, full=True)
     yield visible_text([*heading(grant, f"transcript of session {session.id}"),
                         lines.header(session_end(session, last))])
     after = 0

@@ -2,7 +2,10 @@
 
 Transcripts are rendered only from what the proxies recorded, and the proxies record only
 masked data, so a transcript is masked by construction. Output is capped; where the cap
-cuts, the transcript says so and how to get the rest.
+cuts, the transcript says so and how to get the rest. Times are times of day in UTC: the
+session's line gives its date, and a marker line says when a later event is on another day.
+Sample rows and response bodies are shortened (not with ``--full``), and each says how much more
+was recorded.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 
 from broker.duration import format_duration
 from broker.model import Grant, Session, SessionEvent
@@ -38,8 +41,17 @@ class Transcript:
     truncated: bool
 
 
+#: sample rows and body characters a shortened transcript shows (``--full``: all that was recorded)
+SAMPLE_ROWS = 5
+BODY_CHARS = 500
+
+
 def _hms(at: datetime) -> str:
-    return at.strftime("%H:%M:%S")
+    return at.astimezone(UTC).strftime("%H:%M:%S")
+
+
+def _day(at: datetime) -> date:
+    return at.astimezone(UTC).date()
 
 
 def terminal_text(data: str) -> str:
@@ -67,12 +79,23 @@ class Counts:
                 f"{format_duration(self.connected)} connected")
 
 
-def _sample_lines(rows: object) -> list[str]:
-    """The first few (masked) sample rows of a statement's result, one line each."""
+def _sample_lines(rows: object, *, full: bool) -> list[str]:
+    """The (masked) sample rows of a statement's result, one line each: the first few unless ``full``,
+    then how many more were recorded."""
     if not isinstance(rows, list):
         return []
-    return [f"         | {' | '.join('NULL' if c is None else str(c) for c in row)}"
-            for row in rows[:5] if isinstance(row, list)]
+    rows = [row for row in rows if isinstance(row, list)]
+    shown = rows if full else rows[:SAMPLE_ROWS]
+    lines = [f"         | {' | '.join('NULL' if c is None else str(c) for c in row)}" for row in shown]
+    if len(rows) > len(shown):
+        lines.append(f"         | … {len(rows) - len(shown)} more sample row(s) recorded (--full shows them)")
+    return lines
+
+
+def _body_line(body: str, *, full: bool) -> str:
+    if full or len(body) <= BODY_CHARS:
+        return f"         {body}"
+    return f"         {body[:BODY_CHARS]}… ({len(body) - BODY_CHARS} more character(s) recorded; --full shows them)"
 
 
 def heading(grant: Grant | None, title: str = "") -> list[str]:
@@ -94,9 +117,13 @@ class SessionLines:
     a page at a time for ``hoop transcript --full``, which must not hold a long recording in memory.
     Counts go to ``counts``. The lines are raw: :func:`visible_text` makes them safe to print."""
 
-    def __init__(self, session: Session, counts: Counts) -> None:
+    def __init__(self, session: Session, counts: Counts, *, full: bool = False) -> None:
         self.session = session
         self.counts = counts
+        #: sample rows and bodies in full, not shortened
+        self.full = full
+        #: the day of the lines so far: an event on another gets a marker line first
+        self.day = _day(session.opened_at)
         self.chain = " → ".join(session.chain)
         # with a chain of agents, every action line names it too, so a line quoted alone still says who
         self.who = f" [{self.chain}]" if len(session.chain) > 1 else ""
@@ -104,14 +131,20 @@ class SessionLines:
 
     def header(self, end: datetime) -> str:
         s = self.session
+        opened = f"{_day(s.opened_at)} {_hms(s.opened_at)}"
+        span = f"{opened}–{_hms(end)}" if _day(end) == _day(s.opened_at) else f"{opened} – {_day(end)} {_hms(end)}"
         return (f"== session {s.id} · {s.protocol} · {s.resource} · {self.chain} · from {s.client_addr} · "
-                f"{_hms(s.opened_at)}–{_hms(end)} UTC ({format_duration(end - s.opened_at)})")
+                f"{span} UTC ({format_duration(end - s.opened_at)})")
 
     def feed(self, events: Iterable[SessionEvent]) -> list[str]:
         lines: list[str] = []
         for e in events:
+            before = len(lines)
             self._event(e, lines)
             self.last = e
+            if len(lines) > before and _day(e.at) != self.day:
+                self.day = _day(e.at)
+                lines.insert(before, f"-- {self.day} (UTC) --")
         return lines
 
     def close(self) -> None:
@@ -139,9 +172,9 @@ class SessionLines:
             lines.append(f"{t} {tag}{d.get('sql', '')}{rule} {' · '.join(x for x in extra if x)}{err}".rstrip())
             sample = d.get("rows_sample")
             if isinstance(sample, dict):
-                lines.extend(_sample_lines(sample.get("rows")))
+                lines.extend(_sample_lines(sample.get("rows"), full=self.full))
         elif e.kind == "rows":  # recordings made before the sample moved into "statement"
-            lines.extend(_sample_lines(d.get("rows")))
+            lines.extend(_sample_lines(d.get("rows"), full=self.full))
         elif e.kind == "command":
             counts.statements += 1
             if d.get("decision") == "block":
@@ -160,7 +193,7 @@ class SessionLines:
             lines.append(f"{t} {d.get('method')} {d.get('path')} → {d.get('status')} "
                          f"({d.get('req_bytes', 0)} B in, {d.get('resp_bytes', 0)} B out)")
             if d.get("resp_body"):
-                lines.append(f"         {str(d['resp_body'])[:500]}")
+                lines.append(_body_line(str(d["resp_body"]), full=self.full))
         elif e.kind == "review":
             if "decision" in d:
                 lines.append(f"{t} review {d.get('review')}: {d['decision']}")

@@ -147,3 +147,48 @@ async def test_the_full_transcript_is_printed_as_it_is_read(service: Service) ->
     rest = [text async for text in texts]
     assert len(rest) == 2 and "SELECT 30" in rest[-1] and "SELECT 31" not in rest[-1]
     assert counts.summary().startswith("1 session(s) · 30 statement(s)/command(s) · 30 row(s)")
+
+
+def test_a_day_marker_when_events_pass_midnight_utc() -> None:
+    """Lines show only the time of day: across midnight, a line would seem to come before the ones above it."""
+    at = T0.replace(hour=23, minute=59, second=58)
+    late = replace(session(), opened_at=at, closed_at=at + timedelta(days=1, seconds=12))
+    events = [SessionEvent("s1", 1, at, "statement", {"sql": "SELECT 1", "rows": 1}),
+              SessionEvent("s1", 2, at + timedelta(seconds=1), "statement", {"sql": "SELECT 2", "rows": 1}),
+              SessionEvent("s1", 3, at + timedelta(seconds=3), "output", {"data": "   "}),  # no line, no marker
+              SessionEvent("s1", 4, at + timedelta(seconds=4), "statement", {"sql": "SELECT 3", "rows": 1}),
+              SessionEvent("s1", 5, at + timedelta(seconds=5), "statement", {"sql": "SELECT 4", "rows": 1}),
+              SessionEvent("s1", 6, at + timedelta(days=1, seconds=10), "close", {"reason": "client quit"})]
+    lines = render(GRANT, [(late, events)], max_bytes=10_000).text.splitlines()
+    (header,) = [line for line in lines if line.startswith("== session")]
+    assert "· 2030-01-01 23:59:58 – 2030-01-03 00:00:10 UTC (" in header
+    body = lines[lines.index(header) + 1:]
+    assert [line.replace(" [alice@example.com → ci-runner]", "") for line in body] == [
+        "23:59:58 SELECT 1 1 rows", "23:59:59 SELECT 2 1 rows", "-- 2030-01-02 (UTC) --",
+        "00:00:02 SELECT 3 1 rows", "00:00:03 SELECT 4 1 rows", "-- 2030-01-03 (UTC) --",
+        "00:00:08 session closed: client quit"]
+    same_day = render(GRANT, [(session(), events[:2])], max_bytes=10_000).text
+    assert "· 2030-01-01 12:00:00–12:03:00 UTC (3m)" in same_day and "\n-- " not in same_day
+
+
+def test_shortened_samples_and_bodies_say_how_much_more_was_recorded() -> None:
+    sample = {"columns": ["n"], "rows": [[str(i)] for i in range(20)]}
+    events = [ev(1, "statement", sql="SELECT n FROM t", rows=900, rows_sample=sample),
+              ev(2, "http", method="GET", path="/big", status=200, resp_body="a" * 500 + "b" * 700),
+              ev(3, "http", method="GET", path="/small", status=200, resp_body="c" * 500)]
+    text = render(GRANT, [(session(), events)], max_bytes=100_000).text
+    assert "         | 4\n         | … 15 more sample row(s) recorded (--full shows them)\n" in text
+    assert "| 5\n" not in text
+    assert ("         " + "a" * 500 + "… (700 more character(s) recorded; --full shows them)\n") in text
+    assert "         " + "c" * 500 + "\n" in text  # not shortened: nothing said
+
+
+async def test_the_full_transcript_shows_whole_samples_and_bodies(service: Service) -> None:
+    async with service.store.tx() as tx:
+        await tx.insert_session(session())
+        await tx.add_events([ev(1, "statement", sql="SELECT n FROM t", rows=20,
+                                rows_sample={"columns": ["n"], "rows": [[str(i)] for i in range(20)]}),
+                             ev(2, "http", method="GET", path="/big", status=200, resp_body="a" * 1200)])
+    text = "".join([t async for t in full_session_transcript(service, "s1", Counts())])
+    assert "         | 19\n" in text and "more sample" not in text
+    assert "         " + "a" * 1200 + "\n" in text and "more character" not in text
