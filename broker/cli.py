@@ -289,28 +289,19 @@ def sessions(resource: Annotated[str | None, typer.Option(help="only this resour
              limit: LimitOpt = 200, as_json: JsonOpt = False, config: ConfigOpt = None) -> None:
     """List proxy sessions (newest first) with who, from where, and why they closed."""
     from broker.model import SessionStatus
+    from broker.render import session_row, sessions_table
 
     async def go(rt: Runtime) -> list[dict[str, Any]]:
         async with rt.store.tx() as tx:
-            rows = _newest(await tx.list_sessions(status=SessionStatus.OPEN if live else None, resource=resource,
-                                                  limit=limit + 1), limit, "sessions")
-        return [{"id": s.id, "resource": s.resource, "protocol": s.protocol, "chain": list(s.chain),
-                 "client": s.client_addr, "status": s.status.value, "opened_at": s.opened_at.isoformat(),
-                 "closed_at": s.closed_at.isoformat() if s.closed_at else None, "close_reason": s.close_reason,
-                 "grant_id": s.grant_id} for s in rows]
+            rows = await tx.list_sessions(status=SessionStatus.OPEN if live else None, resource=resource,
+                                          limit=limit + 1)
+        return [session_row(s) for s in _newest(rows, limit, "sessions")]
 
     rows = _run(lambda: _with_runtime(config, go))
     if as_json:
         sys.stdout.write(json.dumps(rows) + "\n")
-        return
-    from rich.table import Table
-
-    table = Table("id", "resource", "protocol", "chain", "client", "status", "opened", "closed because",
-                  title="sessions")
-    for r in rows:
-        table.add_row(r["id"], r["resource"], r["protocol"], " → ".join(r["chain"]), r["client"], r["status"],
-                      r["opened_at"], r["close_reason"] or "")
-    out.print(table)
+    else:
+        out.print(sessions_table(rows))
 
 
 @app.command()

@@ -1,4 +1,10 @@
-"""Plain rows and rich tables for the CLI's listings."""
+"""Plain rows and rich tables for the CLI's listings.
+
+The rows are the exact data (``--json`` prints them). The tables show them to a person: every cell
+is plain text, never rich markup, with what users wrote in it (reasons, chains, names, close reasons)
+escaped by :func:`broker.terminal.visible`; long cells wrap, and words longer than their column (ids,
+times, emails) fold onto the next line instead of being cut with an ellipsis.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +12,11 @@ from datetime import datetime
 from typing import Any
 
 from rich.table import Table
+from rich.text import Text
 
 from broker.duration import format_duration
-from broker.model import AccessRequest, Grant
+from broker.model import AccessRequest, Grant, Session
+from broker.terminal import visible
 
 
 def request_row(r: AccessRequest) -> dict[str, Any]:
@@ -28,17 +36,45 @@ def grant_row(g: Grant, now: datetime) -> dict[str, Any]:
             "end_reason": g.end_reason}
 
 
+def session_row(s: Session) -> dict[str, Any]:
+    return {"id": s.id, "resource": s.resource, "protocol": s.protocol, "chain": list(s.chain),
+            "client": s.client_addr, "status": s.status.value, "opened_at": s.opened_at.isoformat(),
+            "closed_at": s.closed_at.isoformat() if s.closed_at else None, "close_reason": s.close_reason,
+            "grant_id": s.grant_id}
+
+
+def cell(value: object) -> Text:
+    """A table cell: plain text (a ``[`` in a reason is not markup), its controls shown as escapes."""
+    return Text(visible("" if value is None else str(value)))
+
+
+def _table(title: str, *columns: str) -> Table:
+    table = Table(title=title)
+    for name in columns:
+        table.add_column(name, overflow="fold")
+    return table
+
+
 def requests_table(rows: list[dict[str, Any]]) -> Table:
-    table = Table("id", "resource", "requester", "status", "duration", "approvals", "reason", title="requests")
+    table = _table("requests", "id", "resource", "requester", "status", "duration", "approvals", "reason")
     for r in rows:
-        table.add_row(r["id"], r["resource"], r["requester"], r["status"], r["duration"],
-                      ", ".join(r["approvals"]), r["reason"])
+        table.add_row(*map(cell, (r["id"], r["resource"], r["requester"], r["status"], r["duration"],
+                                  ", ".join(r["approvals"]), r["reason"])))
     return table
 
 
 def grants_table(rows: list[dict[str, Any]]) -> Table:
-    table = Table("id", "login", "chain", "resources", "status", "expires_at", "left", title="grants")
+    table = _table("grants", "id", "login", "chain", "resources", "status", "expires_at", "left")
     for g in rows:
-        table.add_row(g["id"], g["login"], " → ".join(g["chain"]), ", ".join(g["resources"]), g["status"],
-                      g["expires_at"], g["remaining"])
+        table.add_row(*map(cell, (g["id"], g["login"], " → ".join(g["chain"]), ", ".join(g["resources"]),
+                                  g["status"], g["expires_at"], g["remaining"])))
+    return table
+
+
+def sessions_table(rows: list[dict[str, Any]]) -> Table:
+    table = _table("sessions", "id", "resource", "protocol", "chain", "client", "status", "opened",
+                   "closed because")
+    for r in rows:
+        table.add_row(*map(cell, (r["id"], r["resource"], r["protocol"], " → ".join(r["chain"]), r["client"],
+                                  r["status"], r["opened_at"], r["close_reason"])))
     return table

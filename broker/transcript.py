@@ -17,21 +17,10 @@ from datetime import UTC, date, datetime, timedelta
 
 from broker.duration import format_duration
 from broker.model import Grant, Session, SessionEvent
+from broker.terminal import visible
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[@-Z\\-_]")
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
-# What a session user typed (SQL, commands, paths, bodies) must not steer the reader's terminal:
-# C0 and C1 controls (ESC, CR, the 8-bit CSI) and bidi overrides are shown as escapes, not sent.
-_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
-
-
-def _escape(m: re.Match[str]) -> str:
-    code = ord(m.group())
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
-
-
-def _visible(text: str) -> str:
-    return _UNSAFE.sub(_escape, text.replace("\r\n", "\n"))
 
 
 @dataclass(frozen=True)
@@ -208,8 +197,9 @@ class SessionLines:
 
 
 def visible_text(lines: Sequence[str]) -> str:
-    """Lines as text to print: one per line, what users typed in them shown as escapes."""
-    return _visible("\n".join(lines) + "\n")
+    """Lines as text to print: one per line, what a session user typed (SQL, commands, paths, bodies) shown
+    with its controls as escapes (:mod:`broker.terminal`), so it cannot steer the reader's terminal."""
+    return visible("\n".join(lines) + "\n")
 
 
 def render(grant: Grant | None, sessions: Sequence[tuple[Session, Sequence[SessionEvent]]], *,

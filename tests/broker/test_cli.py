@@ -379,3 +379,74 @@ def test_audit_verify_prints_the_head_and_checks_an_anchor(home: tuple[Path, dic
     assert cut.returncode == 1 and "entries were removed" in " ".join(cut.stderr.split())
     bad = run(["audit", "verify", "--anchor", "nonsense"], env, cwd)
     assert bad.returncode == 2 and "ENTRY:HASH" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def _column(table: Any, name: str, width: int) -> tuple[str, str]:
+    """The text of one column of a one-row rich table printed ``width`` columns wide (its lines joined, spaces
+    dropped), and the whole output."""
+    import io
+
+    from rich.console import Console
+
+    console = Console(file=io.StringIO(), width=width, highlight=False, color_system=None)
+    console.print(table)
+    shown = console.file.getvalue()  # type: ignore[attr-defined]
+    lines = shown.splitlines()
+    at = [c.header for c in table.columns].index(name) + 1
+    body = lines[next(i for i, line in enumerate(lines) if line.startswith("┡")) + 1:-1]
+    return "".join("".join(line.split("│")[at].split()) for line in body), shown
+
+
+def test_tables_escape_what_users_wrote_and_wrap_long_cells() -> None:
+    """A reason or close reason is typed by users: printed raw, an escape sequence or a bidi override would
+    rewrite the reader's terminal, and '[/]' was read as rich markup (a traceback). Long cells were cut
+    with '…' at the terminal's width."""
+    from datetime import UTC, datetime, timedelta
+
+    from broker.model import AccessRequest, RequestStatus, Session, SessionStatus, StepSpec
+    from broker.render import request_row, requests_table, session_row, sessions_table
+
+    t0 = datetime(2030, 1, 1, 12, tzinfo=UTC)
+    reason = "fix [bold]it[/] \x1b[2Jnow\r\x9b1A " + "because-" * 12 + "\u202eexe.txt"
+    req = AccessRequest(id="r" * 30, resource="prod-db", requester="alice@example.com",
+                        chain=("alice@example.com",), duration=timedelta(minutes=30), reason=reason,
+                        status=RequestStatus.PENDING, created_at=t0, lapses_at=t0, steps=(StepSpec("dba", 1),))
+    want = "fix[bold]it[/]\\x1b[2Jnow\\x0d\\x9b1A" + "because-" * 12 + "\\u202eexe.txt"
+    for width in (60, 300):
+        got, shown = _column(requests_table([request_row(req)]), "reason", width)
+        assert got == want and "…" not in shown and "\x1b" not in shown and "\u202e" not in shown
+        assert _column(requests_table([request_row(req)]), "id", width)[0] == "r" * 30
+    s = Session(id="s1", grant_id="g1", resource="prod-db", protocol="postgres", login="a.b",
+                chain=("alice@example.com", "bot\x1b]0;owned\x07"), client_addr="10.0.0.9:5",
+                status=SessionStatus.CLOSED, opened_at=t0, closed_at=t0, close_reason="[/] server said \x1b[31m")
+    assert _column(sessions_table([session_row(s)]), "chain", 50)[0] == "alice@example.com→bot\\x1b]0;owned\\x07"
+    assert _column(sessions_table([session_row(s)]), "closed because", 50)[0] == "[/]serversaid\\x1b[31m"
+
+
+def test_listings_print_users_text_escaped_and_json_exact(home: tuple[Path, dict[str, str]]) -> None:
+    import asyncio
+    from datetime import UTC, datetime
+
+    from broker.model import Session, SessionStatus
+    from broker.store import Store
+
+    cwd, env = home
+    assert run(["db", "upgrade"], env, cwd).returncode == 0
+    reason = "[/] upstream said \x1b[2J\u202egnp.exe"
+
+    async def seed() -> None:
+        store = Store.from_url(env["HOOP_DATABASE_URL"])
+        async with store.tx() as tx:
+            t0 = datetime(2030, 1, 1, 12, tzinfo=UTC)
+            await tx.insert_session(Session(id="s1", grant_id="g1", resource="prod-db", protocol="postgres",
+                                            login="a.b", chain=("alice@example.com",), client_addr="10.0.0.9:5",
+                                            status=SessionStatus.CLOSED, opened_at=t0, closed_at=t0,
+                                            close_reason=reason))
+        await store.close()
+
+    asyncio.run(seed())
+    shown = run(["sessions"], {**env, "COLUMNS": "300"}, cwd)
+    assert shown.returncode == 0 and "Traceback" not in shown.stderr, shown.stderr
+    assert "[/] upstream said \\x1b[2J\\u202egnp.exe" in shown.stdout and "\x1b" not in shown.stdout
+    exact = run(["sessions", "--json"], env, cwd)
+    assert json.loads(exact.stdout)[0]["close_reason"] == reason
