@@ -11,6 +11,10 @@ broker stores the credential sealed to it, so any replica can hand it out and on
 client can open it. Without ``--wait`` the private half is kept in a 0600 file under the
 pickup directory until ``hoop status ID --collect`` uses it (and deletes it).
 :func:`register` adds the commands to the ``hoop`` Typer app.
+
+What the API answers is another party's text (reasons, chains of agent names, error messages):
+it is printed one record a line with its controls escaped (:mod:`broker.terminal`); ``--json``
+prints it exactly.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from rich.console import Console
 
 from broker import sealing
 from broker.errors import Conflict, Denied, HoopError, InvalidInput, NotFound, UpstreamError
+from broker.terminal import one_line, visible
 
 T = TypeVar("T")
 _BY_STATUS: dict[int, type[HoopError]] = {401: Denied, 403: Denied, 404: NotFound, 409: Conflict, 422: InvalidInput}
@@ -167,12 +172,17 @@ def _go(api: str, token: str, fn: Callable[[ApiClient], Awaitable[T]]) -> T:
         return asyncio.run(runner())
     except HoopError as exc:
         _err.print("[bold red]error:[/] ", end="")
-        _err.print(exc.message, markup=False)
+        _err.print(one_line(exc.message), markup=False, soft_wrap=True)
         raise typer.Exit(1) from None
 
 
 def _print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data) + "\n")
+
+
+def _say(line: str, *, err: bool = False) -> None:
+    """One line of what the API answered, as one line with its controls escaped, never folded."""
+    (_err if err else _out).print(one_line(line), markup=False, soft_wrap=True)
 
 
 def _keys_dir(given: Path | None) -> Path:
@@ -211,12 +221,13 @@ def _load_key(folder: Path, request_id: str) -> str | None:
 
 def _show_credential(cred: dict[str, Any]) -> None:
     g = cred["grant"]
-    _out.print(f"granted: {g['id']} for {', '.join(g['resources'])} until {g['expires_at']}", markup=False)
+    _say(f"granted: {g['id']} for {', '.join(g['resources'])} until {g['expires_at']}")
     # soft_wrap: a secret or a connection command folded at the terminal's width breaks when pasted
-    _out.print(f"login:  {cred['login']}\nsecret: {cred['secret']}   (shown once)", markup=False, soft_wrap=True)
+    _out.print(visible(f"login:  {cred['login']}\nsecret: {cred['secret']}   (shown once)"), markup=False,
+               soft_wrap=True)
     for key, hint in cred["hints"].items():
         if key != "login":
-            _out.print(f"{key}: {hint}", markup=False, soft_wrap=True)
+            _say(f"{key}: {hint}")
 
 
 def request_cmd(
@@ -244,14 +255,14 @@ def request_cmd(
         later = f"hoop status {req['id']} --collect"
         if req["status"] == "pending":
             if not as_json:
-                _err.print(f"request {req['id']} is waiting for approval ({req['chain_text']})", markup=False)
+                _say(f"request {req['id']} is waiting for approval ({req['chain_text']})", err=True)
             try:
                 req = await client.wait(req["id"], poll=poll, timeout=timeout)
             except Conflict as exc:
                 raise Conflict(f"{exc.message}; collect the credential once approved: {later}",
                                code=exc.code) from None
             except asyncio.CancelledError:  # Ctrl-C
-                _err.print(f"stopped waiting; collect the credential once approved: {later}", markup=False)
+                _say(f"stopped waiting; collect the credential once approved: {later}", err=True)
                 raise
         if req["status"] != "approved":
             key_file.unlink(missing_ok=True)
@@ -266,12 +277,11 @@ def request_cmd(
         _print_json(data)
         return
     req = data["request"]
-    _out.print(f"request {req['id']}: {req['resource']} for {req['duration']} ({req['status']}), "
-               f"chain {req['chain_text']}", markup=False)
+    _say(f"request {req['id']}: {req['resource']} for {req['duration']} ({req['status']}), chain {req['chain_text']}")
     if "credential" in data:
         _show_credential(data["credential"])
     else:
-        _out.print(f"collect the credential once approved: hoop status {req['id']} --collect", markup=False)
+        _say(f"collect the credential once approved: hoop status {req['id']} --collect")
 
 
 def status_cmd(
@@ -301,11 +311,11 @@ def status_cmd(
         return
     for req in data.get("requests", [data["request"]] if "request" in data else []):
         steps = "; ".join(f"{s['group']} {len(s['approvers'])}/{s['count']}" for s in req["steps"])
-        _out.print(f"{req['id']}  {req['resource']}  {req['status']}  {req['duration']}  [{steps}]  "
-                   f"{req['chain_text']}  grant={req['grant_id'] or '-'}", markup=False)
+        _say(f"{req['id']}  {req['resource']}  {req['status']}  {req['duration']}  [{steps}]  "
+             f"{req['chain_text']}  grant={req['grant_id'] or '-'}")
     for g in data.get("grants", []):
-        _out.print(f"{g['id']}  {g['login']}  {', '.join(g['resources'])}  {g['status']}  "
-                   f"{g['remaining_seconds']}s left  {g['chain_text']}", markup=False)
+        _say(f"{g['id']}  {g['login']}  {', '.join(g['resources'])}  {g['status']}  "
+             f"{g['remaining_seconds']}s left  {g['chain_text']}")
     if "credential" in data:
         _show_credential(data["credential"])
 
@@ -327,7 +337,7 @@ def revoke_cmd(
     if as_json:
         _print_json(g)
     else:
-        _out.print(f"grant {g['id']} revoked", markup=False)
+        _say(f"grant {g['id']} revoked")
 
 
 def register(app: typer.Typer, *, revoke_name: str = "revoke") -> None:

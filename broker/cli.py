@@ -27,6 +27,7 @@ from broker.config import HoopConfig, Settings, load_config, load_settings
 from broker.errors import ConfigError, HoopError, InvalidInput
 from broker.model import GrantStatus, Identity, RequestStatus
 from broker.runtime import Runtime, build_runtime, serve_forever
+from broker.terminal import one_line
 from proxy.ssh.replay import replay_command
 
 T = TypeVar("T")
@@ -234,7 +235,7 @@ def revoke(
 ) -> None:
     """Revoke a grant now; its live sessions are closed. Locally with --as, or through --api."""
     if api:
-        out.print(f"grant {revoke_via_api(api, token, grant, reason)['id']} revoked")
+        out.print(one_line(f"grant {revoke_via_api(api, token, grant, reason)['id']} revoked"), markup=False)
         return
     if not as_:
         raise InvalidInput("say who you are with --as EMAIL (local), or use --api URL --token T")

@@ -106,3 +106,50 @@ async def test_an_unusable_pickup_folder_is_a_message_before_any_request(h: Harn
     assert result.exit_code == 1 and "cannot use pickup folder" in result.stderr
     async with h.store.tx() as tx:
         assert await tx.list_requests(requester="ci-runner") == []
+
+
+async def test_status_prints_the_apis_text_escaped_on_one_line(h: Harness) -> None:
+    """A chain's names (an agent's, an identity provider's email) reach `hoop status` from the API: printed
+    raw, an escape sequence or a bidi override in one would rewrite the terminal, a line feed fake a line."""
+    from datetime import timedelta
+
+    from broker.model import AccessRequest, RequestStatus, StepSpec
+
+    now = h.clock.now()
+    chain = ("carol@example.com", "bot\x1b]0;owned\x07\u202eexe", "next\nr9  prod-db  approved")
+    async with h.store.tx() as tx:
+        await tx.insert_request(AccessRequest(
+            id="r1", resource="prod-db", requester="carol@example.com", chain=chain, duration=timedelta(minutes=30),
+            reason="x", status=RequestStatus.PENDING, created_at=now, lapses_at=now + timedelta(hours=1),
+            steps=(StepSpec("dba", 1),)))
+    conn = ["--api", h.url, "--token", h.token("carol@example.com")]
+    result = await run(["status", *conn])
+    assert result.exit_code == 0, result.output
+    (line,) = result.stdout.splitlines()
+    assert line.startswith("r1  prod-db  pending  30m  [dba 0/1]  ")
+    assert "bot\\x1b]0;owned\\x07\\u202eexe → next; r9  prod-db  approved  grant=-" in line
+    exact = json.loads((await run(["status", *conn, "--json"])).stdout)
+    assert exact["requests"][0]["chain"] == list(chain)
+
+
+async def test_an_apis_error_message_is_one_escaped_line(tmp_path: Path) -> None:
+    """The API's error message is another party's text: shown on one line, its controls escaped."""
+    from aiohttp import web
+
+    async def refuse(_: web.Request) -> web.Response:
+        return web.json_response({"error": "denied", "message": "no:\n\x1b[2J\x1b[Hall clear\u202e " + "x" * 200},
+                                 status=403)
+
+    app = web.Application()
+    app.router.add_get("/api/v1/requests", refuse)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        port = runner.addresses[0][1]
+        result = await run(["status", "--api", f"http://127.0.0.1:{port}", "--token", "t"])
+    finally:
+        await runner.cleanup()
+    assert result.exit_code == 1
+    assert result.stderr == "error: no:; \\x1b[2J\\x1b[Hall clear\\u202e " + "x" * 200 + "\n"
