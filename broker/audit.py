@@ -20,6 +20,7 @@ from broker.errors import InvalidInput, UpstreamError
 from broker.model import AuditEntry
 from broker.store import Store
 from broker.store.repo import GENESIS, audit_hash
+from broker.terminal import json_visible
 
 _PAGE = 2000
 _ANCHOR = re.compile(r"([1-9][0-9]{0,17}):([0-9a-f]{64})")
@@ -140,8 +141,10 @@ def to_json(e: AuditEntry) -> dict[str, Any]:
 
 
 async def export_jsonl(store: Store, chain: Chain | None = None) -> AsyncIterator[str]:
-    """Every entry as a JSON line; with ``chain``, each is also checked (see :meth:`Chain.verdict`)."""
+    """Every entry as a JSON line; with ``chain``, each is also checked (see :meth:`Chain.verdict`).
+    Text stays readable UTF-8, but the controls JSON leaves raw (DEL, C1, bidi) are written as ``\\u``
+    escapes: a reason read with ``cat`` or ``grep`` cannot steer the terminal, and decodes the same."""
     async for e in entries(store):
         if chain is not None:
             chain.check(e)
-        yield json.dumps(to_json(e), ensure_ascii=False, sort_keys=True)
+        yield json_visible(json.dumps(to_json(e), ensure_ascii=False, sort_keys=True))

@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 from collections.abc import Awaitable, Callable, Iterator
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -387,13 +388,16 @@ def _say_broken(verdict: Verdict) -> None:
               markup=False)
 
 
+class ExportFormat(StrEnum):
+    JSONL = "jsonl"
+
+
 @audit_app.command("export")
-def audit_export(fmt: Annotated[str, typer.Option("--format", help="jsonl")] = "jsonl",
+def audit_export(fmt: Annotated[ExportFormat, typer.Option("--format", help="one JSON object per line")]
+                 = ExportFormat.JSONL,
                  config: ConfigOpt = None) -> None:
     """Write every audit entry, one JSON object per line, to stdout. The hash chain is checked on
     the way: a broken chain is reported and the exit status is 1 (the entries are still written)."""
-    if fmt != "jsonl":
-        raise HoopError(f"unknown format {fmt!r}; supported: jsonl")
     from broker.audit import Chain, export_jsonl
 
     chain = Chain()

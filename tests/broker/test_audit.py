@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 
 import pytest
 from sqlalchemy import delete, text, update
@@ -130,3 +131,19 @@ async def test_verify_reports_its_progress(service: Service, config: HoopConfig,
     assert reached == [2, 4, 6]
     async with store.tx() as tx:
         assert await tx.audit_last_seq() == 6
+
+
+async def test_export_escapes_the_controls_json_leaves_raw(store: Store) -> None:
+    """JSON escapes C0 controls but not DEL, C1 (the 8-bit CSI) or bidi overrides: written raw, a reason
+    read with `cat` or `grep` steers the terminal. Escaped, the line still decodes to the same entry."""
+    from broker.audit import to_json
+
+    reason = "fix\x1b[2J\x9b1A\x7f\u202egnp.exe\u2066 é ✓"
+    async with store.tx() as tx:
+        entry = await tx.append_audit(at=datetime(2030, 1, 1, tzinfo=UTC), actor="alice@example.com",
+                                      chain=("alice@example.com", "bot\u200f"), action="request.created",
+                                      detail={"reason": reason})
+    (line,) = [line async for line in export_jsonl(store)]
+    assert not any(c in line for c in "\x1b\x9b\x7f\u202e\u2066\u200f")
+    assert "\\u009b1A\\u007f\\u202egnp.exe\\u2066 é ✓" in line  # readable text stays as it is
+    assert json.loads(line) == to_json(entry) and json.loads(line)["detail"]["reason"] == reason

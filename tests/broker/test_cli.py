@@ -450,3 +450,10 @@ def test_listings_print_users_text_escaped_and_json_exact(home: tuple[Path, dict
     assert "[/] upstream said \\x1b[2J\\u202egnp.exe" in shown.stdout and "\x1b" not in shown.stdout
     exact = run(["sessions", "--json"], env, cwd)
     assert json.loads(exact.stdout)[0]["close_reason"] == reason
+
+
+def test_audit_export_refuses_an_unknown_format_as_a_usage_error(home: tuple[Path, dict[str, str]]) -> None:
+    cwd, env = home
+    out = run(["audit", "export", "--format", "csv"], env, cwd)
+    assert out.returncode == 2 and out.stdout == "", out.stderr
+    assert "'csv' is not one of 'jsonl'" in out.stderr and "Traceback" not in out.stderr
