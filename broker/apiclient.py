@@ -156,7 +156,7 @@ KeysOpt = Annotated[Path | None, typer.Option(
     "--pickup-dir", envvar="HOOP_PICKUP_DIR",
     help="where pickup keys are kept until the credential is collected (default ~/.local/state/hoop/pickup)")]
 _out = Console(highlight=False)
-_err = Console(stderr=True, highlight=False)
+_err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def _go(api: str, token: str, fn: Callable[[ApiClient], Awaitable[T]]) -> T:
@@ -172,7 +172,7 @@ def _go(api: str, token: str, fn: Callable[[ApiClient], Awaitable[T]]) -> T:
         return asyncio.run(runner())
     except HoopError as exc:
         _err.print("[bold red]error:[/] ", end="")
-        _err.print(one_line(exc.message), markup=False, soft_wrap=True)
+        _err.print(one_line(exc.message), markup=False)
         raise typer.Exit(1) from None
 
 

@@ -1,13 +1,17 @@
 """The ``hoop`` command, and the composition root: the one place that builds and wires things.
 
 Every command loads config and environment once, builds what it needs, and turns hoop's
-own errors into a clear message and a non-zero exit, never a traceback.
+own errors into a clear message and a non-zero exit, never a traceback. A message is one line
+on stderr (never folded at the terminal's width; a problem per line for a config), with what
+users or other parties wrote in it escaped (:mod:`broker.terminal`). A reader that goes away
+(``hoop transcript ID | head``) ends the command quietly, with exit status 1.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import logging
 import os
@@ -41,7 +45,7 @@ app.add_typer(db_app, name="db")
 app.add_typer(audit_app, name="audit")
 app.add_typer(state_app, name="state")
 out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)  # (a message folded at 80 columns is two to grep)
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="hoop.yaml (default: $HOOP_CONFIG, hoop.yaml)")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON")]
@@ -327,7 +331,7 @@ def transcript(session: Annotated[str, typer.Argument(help="session id")],
             sys.stdout.flush()  # a page at a time, to a pager or a file, not at the end
         return counts.summary()
 
-    err.print(_run(lambda: _with_runtime(config, go)))
+    err.print(_run(lambda: _with_runtime(config, go)), markup=False)
 
 
 @audit_app.command("verify")
@@ -342,7 +346,7 @@ def audit_verify(config: ConfigOpt = None,
     try:
         kept = parse_anchor(anchor) if anchor is not None else None
     except InvalidInput as exc:
-        err.print(exc.message, markup=False)
+        err.print(one_line(exc.message), markup=False)
         raise typer.Exit(2) from None
 
     async def go(rt: Runtime) -> Verdict:
@@ -384,8 +388,8 @@ def _progress(total: int, what: str) -> Iterator[Callable[[int], None]]:
 
 def _say_broken(verdict: Verdict) -> None:
     err.print("[bold red]audit log broken[/] ", end="")  # the reason may quote edited text: no markup
-    err.print(f"at entry {verdict.broken_at}: {verdict.reason} ({verdict.checked} entries before it verified)",
-              markup=False)
+    err.print(one_line(f"at entry {verdict.broken_at}: {verdict.reason} ({verdict.checked} entries before it "
+                       "verified)"), markup=False)
 
 
 class ExportFormat(StrEnum):
@@ -426,18 +430,49 @@ app.command("replay")(replay_command)
 
 def main() -> None:
     """Entry point: hoop's own errors become a message and an exit code, not a traceback."""
+    _whole_writes()
     try:
         app()
+        status: int | str | None = 0
+    except SystemExit as exc:  # (typer ends every command so)
+        status = exc.code
     except ConfigError as exc:
         err.print("[bold red]configuration error[/]")
-        err.print(exc.message, markup=False)
-        sys.exit(2)
+        for problem in exc.message.splitlines():
+            err.print(one_line(problem), markup=False)
+        status = 2
     except HoopError as exc:
         err.print("[bold red]error:[/] ", end="")
-        err.print(exc.message, markup=False)
-        sys.exit(1)
+        err.print(one_line(exc.message), markup=False)
+        status = 1
     except KeyboardInterrupt:
-        sys.exit(130)
+        status = 130
+    except BrokenPipeError:
+        status = 1
+    sys.exit(_flushed(status))
+
+
+def _whole_writes() -> None:
+    """Under PYTHONUNBUFFERED (the container image sets it) stdout writes straight to its file descriptor,
+    and the part of a write a pipe did not take (its reader went away) is dropped without an error: hoop
+    went on and exited 0. A buffered writer writes all of it or raises BrokenPipeError; flushing at each
+    line keeps the output as prompt as before."""
+    if isinstance(getattr(sys.stdout, "buffer", None), io.FileIO):
+        sys.stdout = io.TextIOWrapper(io.BufferedWriter(sys.stdout.buffer), encoding=sys.stdout.encoding,
+                                      errors=sys.stdout.errors, line_buffering=True)
+
+
+def _flushed(status: int | str | None) -> int | str | None:
+    """``status``, or 1 when stdout's reader has gone (``| head``): then stdout is pointed at /dev/null, so
+    the interpreter's own last flush does not fail too and print "Exception ignored ... BrokenPipeError"."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        pass
+    else:
+        return status
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 1
 
 
 if __name__ == "__main__":

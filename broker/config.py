@@ -29,6 +29,7 @@ from pydantic import (
 
 from broker.duration import parse_duration
 from broker.errors import ConfigError, InvalidInput
+from broker.terminal import one_line
 
 _MAX_SECONDS = 366 * 86400
 
@@ -463,7 +464,7 @@ def parse_config(data: Any, *, source: str = "hoop.yaml", environ: Mapping[str, 
         lines = []
         for err in exc.errors():
             reason = err["msg"].removeprefix("Value error, ")
-            lines.append(f"{source}: {_loc(data, tuple(err['loc']))}: {reason}")
+            lines.append(one_line(f"{source}: {_loc(data, tuple(err['loc']))}: {reason}"))  # (a problem a line)
         raise ConfigError("\n".join(lines)) from None
 
 

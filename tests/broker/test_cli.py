@@ -457,3 +457,69 @@ def test_audit_export_refuses_an_unknown_format_as_a_usage_error(home: tuple[Pat
     out = run(["audit", "export", "--format", "csv"], env, cwd)
     assert out.returncode == 2 and out.stdout == "", out.stderr
     assert "'csv' is not one of 'jsonl'" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_messages_on_stderr_are_one_line_each(home: tuple[Path, dict[str, str]]) -> None:
+    """A message folded at 80 columns (stderr piped) is two lines to grep and to log collectors, and a
+    config problem quoting a key with an escape sequence in it rewrote the terminal."""
+    cwd, env = home
+    refused = run(["breakglass", "--resource", "prod-db", "--identity", "alice@example.com", "--duration", "30m",
+                   "--reason", "fire"], env, cwd)
+    assert refused.returncode == 1
+    assert refused.stderr.splitlines() == [
+        "hoop: SLACK_BOT_TOKEN is not set for this command: nothing is posted to Slack (the channel does not "
+        "hear of this)", "error: break-glass is limited to members of admins"]
+    data = base_config()
+    data["groups"]["ops\x1b[2J"] = {"members": ["x@example.com"], "colour": "red"}
+    data["resources"][0]["approval"] = [{"from": "dba", "count": "many"}]
+    (cwd / "bad.yaml").write_text(yaml.safe_dump(data))
+    bad = run(["check", "--config", "bad.yaml"], env, cwd)
+    assert bad.returncode == 2 and "\x1b" not in bad.stderr
+    head, *problems = bad.stderr.splitlines()
+    assert head == "configuration error" and len(problems) == 2
+    assert problems[0] == "bad.yaml: groups.ops\\x1b[2J.colour: Extra inputs are not permitted"
+    assert problems[1].startswith("bad.yaml: resources[0](prod-db).approval[0].count: Input should be a valid")
+
+
+@pytest.mark.parametrize("unbuffered", ["", "1"])
+def test_a_reader_that_goes_away_ends_the_command_quietly(home: tuple[Path, dict[str, str]], unbuffered: str) -> None:
+    """`hoop transcript ID | head -1`: exit status 1, no traceback, no "Exception ignored" from the last
+    flush. The container image sets PYTHONUNBUFFERED, where a write the pipe took only part of went unnoticed
+    (exit 0)."""
+    import asyncio
+    from datetime import UTC, datetime
+
+    from broker.model import Session, SessionEvent, SessionStatus
+    from broker.store import Store
+
+    cwd, env = home
+    env = {**env, "PYTHONUNBUFFERED": unbuffered}
+    assert run(["db", "upgrade"], env, cwd).returncode == 0
+    t0 = datetime(2030, 1, 1, 12, tzinfo=UTC)
+
+    async def seed() -> None:
+        store = Store.from_url(env["HOOP_DATABASE_URL"])
+        async with store.tx() as tx:
+            await tx.insert_session(Session(id="s1", grant_id="g1", resource="prod-db", protocol="postgres",
+                                            login="a.b", chain=("alice@example.com",), client_addr="10.0.0.9:5",
+                                            status=SessionStatus.CLOSED, opened_at=t0, closed_at=t0))
+            await tx.add_events([SessionEvent("s1", i, t0, "statement", {"sql": f"SELECT {i} AS n", "rows": 1})
+                                 for i in range(1, 4001)])  # (more than a pipe holds: 64 KiB)
+        await store.close()
+
+    asyncio.run(seed())
+    for args in (["transcript", "s1"], ["transcript", "s1", "--full"]):
+        with subprocess.Popen([*HOOP, *args], env=env, cwd=cwd, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE) as proc:
+            assert proc.stdout is not None and proc.stderr is not None
+            assert proc.stdout.readline() == b"transcript of session s1\n"
+            proc.stdout.close()
+            errs = proc.stderr.read()
+            assert proc.wait(timeout=60) == 1 and errs == b"", errs
+    for args in (["sessions", "--json"], ["sessions"]):  # the reader is gone before hoop writes
+        with subprocess.Popen([*HOOP, *args], env=env, cwd=cwd, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE) as proc:
+            assert proc.stdout is not None and proc.stderr is not None
+            proc.stdout.close()
+            errs = proc.stderr.read()
+            assert proc.wait(timeout=60) == 1 and errs == b"", errs
