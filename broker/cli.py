@@ -31,7 +31,7 @@ from broker.audit import Verdict
 from broker.config import HoopConfig, Settings, load_config, load_settings
 from broker.errors import ConfigError, HoopError, InvalidInput
 from broker.model import GrantStatus, Identity, RequestStatus
-from broker.runtime import Runtime, build_runtime, serve_forever
+from broker.runtime import Runtime, build_runtime, open_store, serve_forever
 from broker.terminal import one_line
 from proxy.ssh.replay import replay_command
 
@@ -181,13 +181,12 @@ def state_init(config: ConfigOpt = None,
 
 @db_app.command("upgrade")
 def db_upgrade(config: ConfigOpt = None) -> None:
-    """Apply database migrations (also done automatically by `hoop serve`)."""
-    settings = load_settings()
+    """Apply database migrations (also done automatically by `hoop serve`) to the store at HOOP_DATABASE_URL.
+    Like every command, it reads and checks the config first (--config, $HOOP_CONFIG, hoop.yaml)."""
+    _, settings = _load(config)
 
     async def go() -> None:
-        from broker.store import Store
-
-        store = Store.from_url(settings.database_url)
+        store = open_store(settings)
         try:
             await store.migrate()
         finally:
@@ -242,8 +241,10 @@ def revoke(
     if api:
         out.print(one_line(f"grant {revoke_via_api(api, token, grant, reason)['id']} revoked"), markup=False)
         return
-    if not as_:
-        raise InvalidInput("say who you are with --as EMAIL (local), or use --api URL --token T")
+    if not as_:  # a usage error (exit 2), as 'hoop status' without --api is: nobody is assumed to be revoking
+        err.print("error: say who you are with --as EMAIL (revoking locally), or revoke through the API with "
+                  "--api URL (or HOOP_API) and HOOP_TOKEN", markup=False)
+        raise typer.Exit(2)
 
     async def go(rt: Runtime) -> str:
         g = await rt.service.revoke(grant, _actor(rt, as_), reason)

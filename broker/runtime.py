@@ -58,6 +58,17 @@ class Runtime:
         await self.store.close()
 
 
+def open_store(settings: Settings) -> Store:
+    """The store at ``HOOP_DATABASE_URL``, for every command alike: a URL that cannot be used is a
+    :class:`ConfigError` naming it (password hidden), not a driver's traceback."""
+    try:
+        return Store.from_url(settings.database_url)
+    except (ArgumentError, ValueError, ImportError) as exc:  # a malformed URL, a bad port, an unknown driver
+        raise ConfigError(f"HOOP_DATABASE_URL {redact_url(settings.database_url)} is not a usable store URL "
+                          f"({type(exc).__name__}: {exc}); e.g. postgresql+asyncpg://USER:PASSWORD@HOST/DB "
+                          "or sqlite+aiosqlite:///hoop.db") from None
+
+
 def build_runtime(config: HoopConfig, settings: Settings, *, clock: Clock | None = None,
                   hooks: GrantHooks | None = None) -> Runtime:
     """The broker's object graph; every command (serve, breakglass, revoke, ...) uses the same one, so
@@ -65,12 +76,7 @@ def build_runtime(config: HoopConfig, settings: Settings, *, clock: Clock | None
     clock = clock or SystemClock()
     if hooks is None:
         hooks = EphemeralRoles(config, settings.environ, load_role_key(config.state_dir))
-    try:
-        store = Store.from_url(settings.database_url)
-    except (ArgumentError, ValueError, ImportError) as exc:  # a malformed URL, a bad port, an unknown driver
-        raise ConfigError(f"HOOP_DATABASE_URL {redact_url(settings.database_url)} is not a usable store URL "
-                          f"({type(exc).__name__}: {exc}); e.g. postgresql+asyncpg://USER:PASSWORD@HOST/DB "
-                          "or sqlite+aiosqlite:///hoop.db") from None
+    store = open_store(settings)
     bus = Broadcast()
     metrics = Metrics()
     bus.add(metrics)

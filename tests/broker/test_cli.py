@@ -523,3 +523,29 @@ def test_a_reader_that_goes_away_ends_the_command_quietly(home: tuple[Path, dict
             proc.stdout.close()
             errs = proc.stderr.read()
             assert proc.wait(timeout=60) == 1 and errs == b"", errs
+
+
+def test_db_upgrade_reads_the_config_and_store_url_as_every_command_does(home: tuple[Path, dict[str, str]]) -> None:
+    """`db upgrade --config X` ignored X (a missing or broken config went unnoticed), and a store URL it
+    could not use was a driver's traceback; the other commands say both."""
+    cwd, env = home
+    missing = run(["db", "upgrade", "--config", "nope.yaml"], env, cwd)
+    assert missing.returncode == 2 and "nope.yaml: no such file" in missing.stderr, missing.stderr
+    (cwd / "broken.yaml").write_text("admins: [")
+    assert run(["db", "upgrade", "--config", "broken.yaml"], env, cwd).returncode == 2
+    assert run(["db", "upgrade"], {**env, "HOOP_CONFIG": "nope.yaml"}, cwd).returncode == 2
+    for url in ("bogus://x/y", "postgresql+asyncpg://u:s3cret@h:notaport/db"):
+        bad = run(["db", "upgrade"], {**env, "HOOP_DATABASE_URL": url}, cwd)
+        assert bad.returncode == 2 and "is not a usable store URL" in bad.stderr, bad.stderr
+        assert "Traceback" not in bad.stderr and "s3cret" not in bad.stderr
+    (cwd / "hoop.yaml").rename(cwd / "elsewhere.yaml")
+    done = run(["db", "upgrade", "--config", "elsewhere.yaml"], env, cwd)
+    assert done.returncode == 0 and "database schema is up to date" in done.stdout, done.stderr
+
+
+def test_revoke_without_as_or_api_is_a_usage_error(home: tuple[Path, dict[str, str]]) -> None:
+    cwd, env = home
+    out = run(["revoke", "g1"], env, cwd)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr == ("error: say who you are with --as EMAIL (revoking locally), or revoke through the API "
+                          "with --api URL (or HOOP_API) and HOOP_TOKEN\n")
