@@ -7,10 +7,13 @@ from dataclasses import dataclass
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from broker.config import HoopConfig
 from broker.duration import format_duration
 from broker.errors import ConfigError
+from broker.render import cell
+from broker.terminal import one_line
 
 
 @dataclass(frozen=True)
@@ -68,17 +71,21 @@ def render_check(config: HoopConfig, environ: Mapping[str, str], console: Consol
     table = Table("resource", "kind", "who can request", "who approves (quorum)", "max duration", title="hoop check")
     for res in config.resources:
         requesters = ", ".join(res.request.groups) or "any group"
-        steps = " AND ".join(f"{s.count} of {s.from_}" for s in res.approval) or "[red]nobody: no approval[/]"
-        table.add_row(res.name, res.kind, requesters, steps, format_duration(res.request.max_duration))
+        steps = " AND ".join(f"{s.count} of {s.from_}" for s in res.approval)
+        # (cells are plain text: a '[' in a group's name is not rich markup)
+        table.add_row(cell(res.name), cell(res.kind), cell(requesters),
+                      cell(steps) if steps else Text("nobody: no approval", style="red"),
+                      cell(format_duration(res.request.max_duration)))
     console.print(table)
     found = findings(config, environ)
     errors = 0
     for f in found:
         if f.level == "error":
             errors += 1
-            console.print(f"[bold red]ERROR[/]   {f.resource}: {f.message}")
+            console.print("[bold red]ERROR[/]   ", end="")
         else:
-            console.print(f"[bold yellow]WARNING[/] {f.resource}: {f.message}")
+            console.print("[bold yellow]WARNING[/] ", end="")
+        console.print(one_line(f"{f.resource}: {f.message}"), markup=False, soft_wrap=True)
     if not found:
         console.print("[green]no problems found[/]")
     console.print(f"{errors} error(s), {len(found) - errors} warning(s)")

@@ -132,7 +132,7 @@ def _root(version: Annotated[bool, typer.Option("--version", callback=_version, 
 def serve(config: ConfigOpt = None) -> None:
     """Run the broker: HTTP server (health, metrics, Slack, API), proxies and scheduler."""
     cfg, settings = _load(config)
-    _run(lambda: serve_forever(cfg, settings, out.print))
+    _run(lambda: serve_forever(cfg, settings, lambda line: out.print(line, markup=False)))  # (URLs, hosts: no markup)
 
 
 @app.command()
@@ -162,12 +162,15 @@ def state_init(config: ConfigOpt = None,
     folder = directory or cfg.state_dir
     names = ["roles.key", "masking.key", KEY_FILE, "pg-tls.crt", "pg-tls.key"]
     before = {n for n in names if (folder / n).exists()}
-    load_role_key(folder)
-    if cfg.masking_key is None:
-        load_masking_key(cfg.model_copy(update={"state_dir": folder}), settings.environ)
-    ssh_key = ensure_host_key(folder)
-    tls = server_tls(cfg.tls.model_copy(update={"cert": None, "key": None}) if cfg.tls.cert is None else cfg.tls,
-                     folder)
+    try:
+        load_role_key(folder)
+        if cfg.masking_key is None:
+            load_masking_key(cfg.model_copy(update={"state_dir": folder}), settings.environ)
+        ssh_key = ensure_host_key(folder)
+        tls = server_tls(cfg.tls.model_copy(update={"cert": None, "key": None}) if cfg.tls.cert is None else cfg.tls,
+                         folder)
+    except (OSError, ValueError) as exc:  # a folder that cannot be written, a key file that is not one
+        raise ConfigError(f"{folder}: cannot make or read the keys there: {exc}") from None
     for name in names:
         if (folder / name).exists():
             out.print(f"{'kept   ' if name in before else 'created'} {folder / name}", markup=False)
@@ -218,7 +221,9 @@ def breakglass(
     if as_json:
         sys.stdout.write(json.dumps(data) + "\n")
         return
-    out.print(f"[bold red]BREAK-GLASS[/] grant {data['grant']} for {identity} on {resource} until {data['expires_at']}")
+    out.print("[bold red]BREAK-GLASS[/] ", end="")
+    out.print(one_line(f"grant {data['grant']} for {identity} on {resource} until {data['expires_at']}"),
+              markup=False)
     # soft_wrap: a secret or a connection command folded at the terminal's width breaks when pasted
     out.print(f"login:  {data['login']}\nsecret: {data['secret']}   (shown once)", markup=False, soft_wrap=True)
     for key, hint in data["hints"].items():

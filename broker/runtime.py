@@ -10,6 +10,7 @@ import secrets
 import signal
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -58,6 +59,17 @@ class Runtime:
         await self.store.close()
 
 
+def _role_key(state_dir: Path) -> bytes:
+    """The ephemeral-role key kept in ``state_dir``: a folder hoop cannot write, or a key file that is not
+    one, is a :class:`ConfigError` naming it (every command builds the runtime), not a traceback."""
+    try:
+        return load_role_key(state_dir)
+    except OSError as exc:
+        raise ConfigError(f"state_dir {state_dir}: cannot keep roles.key there ({exc.strerror or exc})") from None
+    except ValueError:
+        raise ConfigError(f"state_dir {state_dir}: roles.key is not a key hoop wrote (hex digits)") from None
+
+
 def open_store(settings: Settings) -> Store:
     """The store at ``HOOP_DATABASE_URL``, for every command alike: a URL that cannot be used is a
     :class:`ConfigError` naming it (password hidden), not a driver's traceback."""
@@ -75,7 +87,7 @@ def build_runtime(config: HoopConfig, settings: Settings, *, clock: Clock | None
     ephemeral roles are created and dropped whichever command issues or ends a grant."""
     clock = clock or SystemClock()
     if hooks is None:
-        hooks = EphemeralRoles(config, settings.environ, load_role_key(config.state_dir))
+        hooks = EphemeralRoles(config, settings.environ, _role_key(config.state_dir))
     store = open_store(settings)
     bus = Broadcast()
     metrics = Metrics()

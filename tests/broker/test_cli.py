@@ -549,3 +549,24 @@ def test_revoke_without_as_or_api_is_a_usage_error(home: tuple[Path, dict[str, s
     assert out.returncode == 2 and out.stdout == ""
     assert out.stderr == ("error: say who you are with --as EMAIL (revoking locally), or revoke through the API "
                           "with --api URL (or HOOP_API) and HOOP_TOKEN\n")
+
+
+def test_names_in_the_config_are_not_markup_and_a_state_dir_hoop_cannot_use_is_a_message(
+        home: tuple[Path, dict[str, str]]) -> None:
+    """A group named '[/]' made `hoop check` die with rich's MarkupError; a state_dir hoop cannot write made
+    every command (they all keep a key there) die with an OSError traceback."""
+    cwd, env = home
+    data = base_config()
+    data["groups"]["[/]"] = data["groups"].pop("dba")
+    data["resources"][0]["approval"][0]["from"] = "[/]"
+    data["resources"][0]["credential"] = {"env": "NOPE[/]"}
+    (cwd / "marks.yaml").write_text(yaml.safe_dump(data))
+    checked = run(["check", "--config", "marks.yaml"], {**env, "COLUMNS": "200"}, cwd)
+    assert checked.returncode == 1 and "Traceback" not in checked.stderr, checked.stderr
+    assert "1 of [/] AND 1 of security" in checked.stdout and "env:NOPE[/] is not set" in checked.stdout
+    (cwd / "file").write_text("")
+    (cwd / "ro.yaml").write_text(yaml.safe_dump(base_config(state_dir=str(cwd / "file" / "state"))))
+    for args in (["grants", "--config", "ro.yaml"], ["state", "init", "--config", "ro.yaml"]):
+        out = run(args, env, cwd)
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+        assert str(cwd / "file" / "state") in out.stderr and "Not a directory" in out.stderr
