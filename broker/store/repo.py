@@ -362,18 +362,24 @@ class Tx:
     async def events_after(self, session_id: str, *, after: int = 0, limit: int = 2000) -> list[SessionEvent]:
         """One page of a session's events: the first ``limit`` numbered above ``after``, in order. A long
         recording is read page by page (the next page starts after this page's last event), so whoever
-        prints it holds one page, not the session. Chunks are read a few at a time for the same reason."""
+        prints it holds one page, not the session. Chunks are read a few at a time for the same reason,
+        each read walking the (session, first event) index from where the last one ended."""
         c = t.session_event_chunks.c
+        columns = (c.lines, c.packed, c.first_seq)
         out: list[SessionEvent] = []
-        read_to = after  # chunks are runs of increasing numbers: the next read starts past the last one read
+        # the chunk holding event after + 1 may begin at or before it: the last chunk to begin there
+        holder = (await self.conn.execute(select(*columns, c.last_seq).where(
+            c.session_id == session_id, c.first_seq <= after).order_by(c.first_seq.desc()).limit(1))).first()
+        if holder is not None and holder.last_seq > after:
+            out.extend(e for e in _chunk_events(session_id, holder.lines, holder.packed, holder.first_seq)
+                       if e.seq > after)
+        begun = after
         while len(out) < limit:
-            q = (select(c.lines, c.packed, c.first_seq, c.last_seq)
-                 .where(c.session_id == session_id, c.last_seq > read_to)
-                 .order_by(c.first_seq).limit(_CHUNKS_PER_READ))
-            rows = (await self.conn.execute(q)).all()
-            for stored, packed, first, last in rows:
+            rows = (await self.conn.execute(select(*columns).where(c.session_id == session_id, c.first_seq > begun)
+                                            .order_by(c.first_seq).limit(_CHUNKS_PER_READ))).all()
+            for stored, packed, first in rows:
                 out.extend(e for e in _chunk_events(session_id, stored, packed, first) if e.seq > after)
-                read_to = max(read_to, last)
+                begun = first
                 if len(out) >= limit:
                     break
             if len(rows) < _CHUNKS_PER_READ:

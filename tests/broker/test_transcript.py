@@ -98,8 +98,9 @@ def _statements(first: int, last: int, sid: str = "s1") -> list[SessionEvent]:
 
 
 async def test_a_recording_is_read_a_page_at_a_time(store: Store) -> None:
-    """Chunks (one packed), a page boundary inside a chunk, and rows a pre-0003 replica stored (one also in a
-    chunk): pages read in turn give exactly what the whole read gives, never more than asked for."""
+    """Chunks (one packed, and more than one read fetches), a page boundary inside a chunk, and rows a pre-0003
+    replica stored (one also in a chunk): pages read in turn give exactly what the whole read gives, never
+    more than asked for."""
     long_run = [replace(e, data={**e.data, "pad": "x" * 200}) for e in _statements(1, 40)]
     async with store.tx() as tx:
         await tx.add_event_chunks([("s1", 1, 40, eventlines.join(long_run))])  # packed
@@ -109,9 +110,13 @@ async def test_a_recording_is_read_a_page_at_a_time(store: Store) -> None:
               for seq in (5, 57, 58)]
     async with store.engine.begin() as conn:
         await conn.execute(insert(t.session_events), legacy)
+    for seq in range(59, 79):  # a chunk each
+        async with store.tx() as tx:
+            await tx.add_events(_statements(seq, seq))
     async with store.tx() as tx:
         whole = await tx.events("s1")
-    assert [e.seq for e in whole] == list(range(1, 59)) and whole[4].data["sql"] == "SELECT 5"
+        assert await tx.events_after("s1", after=58, limit=15) == whole[58:73]
+    assert [e.seq for e in whole] == list(range(1, 79)) and whole[4].data["sql"] == "SELECT 5"
     pages, after = [], 0
     while True:
         async with store.tx() as tx:
@@ -121,9 +126,9 @@ async def test_a_recording_is_read_a_page_at_a_time(store: Store) -> None:
         assert len(page) <= 7 and page[0].seq == after + 1
         pages.append(page)
         after = page[-1].seq
-    assert [e for page in pages for e in page] == whole and len(pages) == 9
+    assert [e for page in pages for e in page] == whole and len(pages) == 12
     async with store.tx() as tx:
-        assert await tx.events_after("s1", after=58) == []
+        assert await tx.events_after("s1", after=78) == []
         assert await tx.events_after("other") == []
 
 
