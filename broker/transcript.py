@@ -68,23 +68,24 @@ class Counts:
                 f"{format_duration(self.connected)} connected")
 
 
-def _sample_lines(rows: object, *, full: bool) -> list[str]:
-    """The (masked) sample rows of a statement's result, one line each: the first few unless ``full``,
-    then how many more were recorded."""
+def _sample_lines(rows: object, rest: str | None) -> list[str]:
+    """The (masked) sample rows of a statement's result, one line each: all of them, or with ``rest`` (where
+    to see the others) the first few and how many more were recorded."""
     if not isinstance(rows, list):
         return []
     rows = [row for row in rows if isinstance(row, list)]
-    shown = rows if full else rows[:SAMPLE_ROWS]
+    shown = rows if rest is None else rows[:SAMPLE_ROWS]
     lines = [f"         | {' | '.join('NULL' if c is None else str(c) for c in row)}" for row in shown]
     if len(rows) > len(shown):
-        lines.append(f"         | … {len(rows) - len(shown)} more sample row(s) recorded (--full shows them)")
+        lines.append(f"         | … {len(rows) - len(shown)} more sample row(s) recorded ({rest})")
     return lines
 
 
-def _body_line(body: str, *, full: bool) -> str:
-    if full or len(body) <= BODY_CHARS:
+def _body_line(body: str, rest: str | None) -> str:
+    """A response body: whole, or with ``rest`` its start and how much more was recorded."""
+    if rest is None or len(body) <= BODY_CHARS:
         return f"         {body}"
-    return f"         {body[:BODY_CHARS]}… ({len(body) - BODY_CHARS} more character(s) recorded; --full shows them)"
+    return f"         {body[:BODY_CHARS]}… ({len(body) - BODY_CHARS} more character(s) recorded; {rest})"
 
 
 def heading(grant: Grant | None, title: str = "") -> list[str]:
@@ -109,8 +110,8 @@ class SessionLines:
     def __init__(self, session: Session, counts: Counts, *, full: bool = False) -> None:
         self.session = session
         self.counts = counts
-        #: sample rows and bodies in full, not shortened
-        self.full = full
+        #: where a shortened sample or body is whole (None: they are, here)
+        self.rest = None if full else f"hoop transcript {session.id} --full shows them"
         #: the day of the lines so far: an event on another gets a marker line first
         self.day = _day(session.opened_at)
         self.chain = " → ".join(session.chain)
@@ -161,9 +162,9 @@ class SessionLines:
             lines.append(f"{t} {tag}{d.get('sql', '')}{rule} {' · '.join(x for x in extra if x)}{err}".rstrip())
             sample = d.get("rows_sample")
             if isinstance(sample, dict):
-                lines.extend(_sample_lines(sample.get("rows"), full=self.full))
+                lines.extend(_sample_lines(sample.get("rows"), self.rest))
         elif e.kind == "rows":  # recordings made before the sample moved into "statement"
-            lines.extend(_sample_lines(d.get("rows"), full=self.full))
+            lines.extend(_sample_lines(d.get("rows"), self.rest))
         elif e.kind == "command":
             counts.statements += 1
             if d.get("decision") == "block":
@@ -182,7 +183,7 @@ class SessionLines:
             lines.append(f"{t} {d.get('method')} {d.get('path')} → {d.get('status')} "
                          f"({d.get('req_bytes', 0)} B in, {d.get('resp_bytes', 0)} B out)")
             if d.get("resp_body"):
-                lines.append(_body_line(str(d["resp_body"]), full=self.full))
+                lines.append(_body_line(str(d["resp_body"]), self.rest))
         elif e.kind == "review":
             if "decision" in d:
                 lines.append(f"{t} review {d.get('review')}: {d['decision']}")

@@ -182,9 +182,10 @@ def test_shortened_samples_and_bodies_say_how_much_more_was_recorded() -> None:
               ev(2, "http", method="GET", path="/big", status=200, resp_body="a" * 500 + "b" * 700),
               ev(3, "http", method="GET", path="/small", status=200, resp_body="c" * 500)]
     text = render(GRANT, [(session(), events)], max_bytes=100_000).text
-    assert "         | 4\n         | … 15 more sample row(s) recorded (--full shows them)\n" in text
+    assert "         | 4\n         | … 15 more sample row(s) recorded (hoop transcript s1 --full shows them)\n" in text
     assert "| 5\n" not in text
-    assert ("         " + "a" * 500 + "… (700 more character(s) recorded; --full shows them)\n") in text
+    assert ("         " + "a" * 500 + "… (700 more character(s) recorded; hoop transcript s1 --full shows them)\n"
+            in text)
     assert "         " + "c" * 500 + "\n" in text  # not shortened: nothing said
 
 
