@@ -16,14 +16,24 @@ from typing import Any
 from broker.events import Event, GrantEnded, SessionClosed, TranscriptReady
 from broker.model import Grant, Session, SessionEvent, SessionStatus
 from broker.service import Service
+from broker.store import Tx
 from broker.transcript import Counts, SessionLines, Transcript, heading, render, session_end, visible_text
 
 log = logging.getLogger(__name__)
 #: events read and rendered at a time by :func:`full_session_transcript`
 PAGE = 2000
+#: events of one session a capped transcript reads (its byte cap cuts long before, unless raised a lot)
+READ_MAX = 200_000
 
 
-async def session_transcript(service: Service, session_id: str) -> tuple[Session, Transcript]:
+async def _first_events(tx: Tx, session_id: str, read_max: int) -> tuple[list[SessionEvent], bool]:
+    """The first ``read_max`` events of a session, and whether there are more."""
+    events = await tx.events(session_id, limit=read_max + 1)
+    return events[:read_max], len(events) > read_max
+
+
+async def session_transcript(service: Service, session_id: str, *,
+                             read_max: int = READ_MAX) -> tuple[Session, Transcript]:
     """A session's transcript, capped at ``transcripts.max_bytes`` (uncapped: :func:`full_session_transcript`)."""
     from broker.errors import NotFound
 
@@ -31,11 +41,11 @@ async def session_transcript(service: Service, session_id: str) -> tuple[Session
         session = await tx.get_session(session_id)
         if session is None:
             raise NotFound(f"no session {session_id!r}", code="no_session")
-        events = await tx.events(session_id, limit=200_000)
+        events, more = await _first_events(tx, session_id, read_max)
         grant = await tx.get_grant(session.grant_id)
     return session, render(grant, [(session, events)],
                            max_bytes=service.config.transcripts.max_bytes,
-                           title=f"transcript of session {session.id}")
+                           title=f"transcript of session {session.id}", unread={session.id} if more else ())
 
 
 async def full_session_transcript(service: Service, session_id: str, counts: Counts, *,
@@ -76,10 +86,14 @@ async def grant_transcript(service: Service, grant: Grant) -> Transcript:
     async with service.store.tx() as tx:
         sessions = await tx.list_sessions(grant_id=grant.id)
         pairs: list[tuple[Session, Sequence[SessionEvent]]] = []
+        unread: set[str] = set()
         for s in reversed(sessions):
-            pairs.append((s, await tx.events(s.id, limit=200_000)))
+            events, more = await _first_events(tx, s.id, READ_MAX)
+            pairs.append((s, events))
+            if more:
+                unread.add(s.id)
     return render(grant, pairs, max_bytes=service.config.transcripts.max_bytes,
-                  title=f"transcript of grant {grant.id}")
+                  title=f"transcript of grant {grant.id}", unread=unread)
 
 
 class Recap:

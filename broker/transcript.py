@@ -11,7 +11,7 @@ was recorded.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 
@@ -204,8 +204,9 @@ def visible_text(lines: Sequence[str]) -> str:
 
 
 def render(grant: Grant | None, sessions: Sequence[tuple[Session, Sequence[SessionEvent]]], *,
-           max_bytes: int, title: str = "") -> Transcript:
-    """One transcript for a session or for all sessions of a grant."""
+           max_bytes: int, title: str = "", unread: Collection[str] = ()) -> Transcript:
+    """One transcript for a session or for all sessions of a grant. ``unread``: the sessions whose events
+    were read only in part (the first ones): the transcript says so after theirs."""
     counts = Counts()
     lines = heading(grant, title)
     for session, events in sessions:
@@ -213,6 +214,9 @@ def render(grant: Grant | None, sessions: Sequence[tuple[Session, Sequence[Sessi
         lines.append(rendered.header(session_end(session, events[-1] if events else None)))
         lines.extend(rendered.feed(events))
         rendered.close()
+        if session.id in unread:
+            lines.append(f"[only the first {len(events)} events of session {session.id} are read here; "
+                         f"all of them: hoop transcript {session.id} --full]")
     if not sessions:
         lines.append("no sessions were opened with this grant")
     text = visible_text(lines)

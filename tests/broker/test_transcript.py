@@ -10,7 +10,7 @@ from sqlalchemy import insert
 
 from broker import eventlines
 from broker.model import Grant, GrantStatus, Session, SessionEvent, SessionStatus
-from broker.recap import full_session_transcript
+from broker.recap import full_session_transcript, session_transcript
 from broker.service import Service
 from broker.store import Store
 from broker.store import tables as t
@@ -198,3 +198,17 @@ async def test_the_full_transcript_shows_whole_samples_and_bodies(service: Servi
     text = "".join([t async for t in full_session_transcript(service, "s1", Counts())])
     assert "         | 19\n" in text and "more sample" not in text
     assert "         " + "a" * 1200 + "\n" in text and "more character" not in text
+
+
+async def test_a_capped_transcript_says_when_it_read_only_the_first_events(service: Service) -> None:
+    """A capped transcript reads a bounded number of events; with a byte cap raised above what they make,
+    the transcript ended there without a word."""
+    async with service.store.tx() as tx:
+        await tx.insert_session(session())
+        await tx.add_events(_statements(1, 12))
+    _, t = await session_transcript(service, "s1", read_max=10)
+    assert "SELECT 10" in t.text and "SELECT 11" not in t.text and not t.truncated
+    assert t.text.endswith("[only the first 10 events of session s1 are read here; all of them: "
+                           "hoop transcript s1 --full]\n")
+    _, whole = await session_transcript(service, "s1", read_max=12)
+    assert "SELECT 12" in whole.text and "only the first" not in whole.text
