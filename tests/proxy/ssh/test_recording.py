@@ -11,7 +11,7 @@ import pytest
 
 from broker.model import SessionEvent
 from proxy.ssh.recording import Recorder, asciicast, cast_events
-from proxy.ssh.replay import replay
+from proxy.ssh.replay import ScreenOnly, replay
 
 
 class FakeLive:
@@ -95,3 +95,70 @@ async def test_replay_paces_output_by_speed_and_caps_idle() -> None:
     assert slept == [0.5, 2.0]  # 1s/2 then 1s/2 were split by the "i" event; 58s/2 capped at 2
     with pytest.raises(ValueError):
         await replay(events, 0, out.append, sleep)
+
+
+ESC = "\x1b"
+DRAWING = [  # what only draws passes as it is
+    f"{ESC}[1;31mred{ESC}[0m", f"{ESC}[38:2:1:2:3mrgb", f"{ESC}[2J{ESC}[H", f"{ESC}[10;5H", f"{ESC}[K",
+    f"{ESC}[3A{ESC}[2C", f"{ESC}[1;24r", f"{ESC}[?25l{ESC}[?25h", f"{ESC}[?1049h", f"{ESC}[?2004h",
+    f"{ESC}7{ESC}8", f"{ESC}(0q{ESC}(B", f"{ESC}[2 q", "tab\there\r\nline\x08\x07", "ünïcode ✓",
+]
+ACTING = [  # what would act on the reader's terminal is dropped
+    f"{ESC}]52;c;cm0gLXJmIH4K{ESC}\\",  # OSC 52: write the clipboard
+    f"{ESC}]0;title\x07",  # OSC: window title (reported back by CSI 21 t on some terminals)
+    f"{ESC}]8;;https://evil.example/{ESC}\\",  # hyperlink
+    f"{ESC}[6n", f"{ESC}[c", f"{ESC}[>c", f"{ESC}[21t", f"{ESC}[14t", f"{ESC}[?1$p", f"{ESC}[x",  # requests
+    f"{ESC}P$q\"p{ESC}\\", f"{ESC}_payload{ESC}\\", f"{ESC}^pm{ESC}\\", f"{ESC}Xsos{ESC}\\",  # strings
+    f"{ESC}[?1000h", f"{ESC}[?1;1000h",  # mouse reports would reach the shell's input
+    "\x0e", "\x00", f"{ESC}[5b",  # shift-out, NUL, repeat
+]
+
+
+@pytest.mark.parametrize("seq", DRAWING)
+def test_replay_passes_what_only_draws(seq: str) -> None:
+    assert ScreenOnly().feed(f"a{seq}b") == f"a{seq}b"
+
+
+@pytest.mark.parametrize("seq", ACTING)
+def test_replay_drops_what_acts_on_the_readers_terminal(seq: str) -> None:
+    screen = ScreenOnly()
+    assert screen.feed(f"before{seq}after") + screen.finish() == "beforeafter"
+
+
+def test_replay_drops_c1_controls_leaving_their_parameters_as_text() -> None:
+    assert ScreenOnly().feed("a\x9b6nb\x9d52;c;eA==\x07c\x90q") == "a6nb52;c;eA==\x07cq"
+
+
+def test_replay_holds_a_sequence_split_between_events() -> None:
+    screen = ScreenOnly()
+    assert screen.feed(f"x{ESC}]52;c;") == "x"  # an OSC whose end is still to come
+    assert screen.feed("cm0gLXJmIH4K") == ""
+    assert screen.feed(f"\x07y{ESC}[3") == "y"  # then a colour cut after its parameter
+    assert screen.feed("1mz") == f"{ESC}[31mz"
+    assert screen.feed(f"{ESC}") == ""
+    assert screen.feed("[6nw") == "w"
+    assert screen.finish() == f"{ESC}[0m"
+
+
+def test_replay_undoes_the_modes_the_host_left_on() -> None:
+    screen = ScreenOnly()
+    screen.feed(f"{ESC}[?1049h{ESC}[?25l{ESC}[?2004h{ESC}[?2004l")
+    assert screen.finish() == f"{ESC}[?1049l{ESC}[?25h"
+    assert screen.finish() == ""
+
+
+def test_replay_drops_an_unfinished_string_past_its_cap() -> None:
+    screen = ScreenOnly()
+    shown = screen.feed(f"{ESC}]52;c;" + "A" * (70 * 1024))
+    assert ESC not in shown and shown.startswith("]52;c;")  # the ESC is dropped: what follows is plain text
+
+
+async def test_replay_writes_through_the_filter() -> None:
+    out: list[str] = []
+
+    async def sleep(s: float) -> None:
+        pass
+
+    events = [(0.0, "o", f"{ESC}[?1049hvim{ESC}]52;c;"), (0.1, "o", f"eA==\x07{ESC}[6n")]
+    assert await replay(events, 1.0, out.append, sleep) == 2
+    assert "".join(out) == f"{ESC}[?1049hvim{ESC}[?1049l"
