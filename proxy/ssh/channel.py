@@ -10,10 +10,15 @@ the upstream channel, and the other way round).
   reaches the host (:meth:`ChannelContext.check_exec`: a program that would read commands from
   the exec's input, such as ``bash`` or ``sudo -i``, is refused, since that input is not
   checked). ``block`` answers on stderr with exit status 126; ``review`` waits for an
-  approver (``LiveSession.review``). Exit status and exit signal are passed back as they come.
+  approver (``LiveSession.review``). A command that is not UTF-8 is refused the same way
+  (asyncssh would refuse it with a bare request failure: :class:`~proxy.ssh.agentx11.RequestChannel`
+  hands it over instead). Exit status and exit signal are passed back as they come; an exec cut
+  short by the grant's end or by the client leaving is recorded with ``ended`` and the reason.
 * shell: every input line is decided before it runs (:class:`~proxy.ssh.lines.LineGate`, with a
   PTY or without one). Programs that switch to the alternate screen (vim, less, top) are passed
   through without line checks until they switch back.
+* subsystem: only SFTP, and only with ``allow.sftp``; any other request is answered with the
+  reason on stderr and exit status 126, not a silent refusal.
 * Memory: while input is held (the host connection is being made, a line or an exec waits for
   review, or for a fresh line) reading from the client is paused, so the client's SSH window
   fills up instead of hoop's memory.
@@ -54,7 +59,7 @@ __all__ = ["BLOCKED_STATUS", "ENV_NAMES", "ChannelContext", "ProxyChannel"]
 
 log = logging.getLogger(__name__)
 
-#: Exit status of a refused exec (the shell's "command found but not executable").
+#: Exit status of a refused exec or subsystem (the shell's "command found but not executable").
 BLOCKED_STATUS = 126
 #: Client environment variables passed to the host: locale and terminal, nothing a shell runs.
 ENV_NAMES = re.compile(r"LANG|LANGUAGE|LC_[A-Z]+|TERM|COLORTERM|TZ")
@@ -110,6 +115,8 @@ class ProxyChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         self._paused: set[str] = set()  # why reading from the client is paused
         self._eof = False
         self._decision: Decision | None = None
+        self._refusal: Decision | None = None  # refused when it was requested (not UTF-8, a subsystem)
+        self._exec_recorded = False  # the exec's end (or refusal) is recorded once
 
     # -- requests from the client ---------------------------------------------------------
     def connection_made(self, chan: DownChan) -> None:
@@ -128,16 +135,26 @@ class ProxyChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
 
     def exec_requested(self, command: str) -> bool:
         self.mode, self.command = "exec", command
+        try:
+            command.encode("utf-8")
+        except UnicodeEncodeError:  # RequestChannel passes undecodable bytes as surrogates: refuse them
+            self.command = command.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+            self._refusal = Decision("block", "not-utf8", "the command is not valid UTF-8, which hoop cannot "
+                                     "check", self.command[:80])
         return True
 
     def subsystem_requested(self, subsystem: str) -> bool:
+        self.mode = "sftp"
         if subsystem == "sftp" and self.ctx.resource.allow.sftp:
-            self.mode = "sftp"
             return True
-        log.info("%s subsystem %r refused (allow.sftp is off)", self.label, subsystem)
-        self.ctx.session.record("blocked", {"what": f"subsystem {subsystem}", "reason": "not allowed"})
+        rule, why = ("allow.sftp", "allow.sftp is off on this resource") if subsystem == "sftp" else (
+            "unsupported", "hoop relays no other subsystem")
+        log.info("%s subsystem %r refused: %s", self.label, subsystem[:64], why)
+        what = f"subsystem {subsystem[:64]}"
+        self.ctx.session.record("blocked", {"what": what, "reason": why, "text": f"{what}: {why}", "rule": rule})
         self.ctx.session.stats["blocked"] += 1
-        return False
+        self._refusal = Decision("block", rule, why, what)
+        return True  # answered in _start, on stderr with exit status 126: a request failure carries no reason
 
     def session_started(self) -> None:
         self.task = asyncio.create_task(self._start(), name=self.label)
@@ -179,6 +196,7 @@ class ProxyChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
             self.up.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._record_end("client disconnected")
         self.out.done = True
         self.rec.flush(final=True)
         self.ctx.channels.discard(self)
@@ -195,9 +213,12 @@ class ProxyChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         notices, self.ctx.notices[:] = list(self.ctx.notices), []
         for notice in notices:
             self.say(notice)
+        if self.mode == "sftp" and self._refusal is not None:
+            self.say(f"hoop: {self._refusal.subject} refused: {self._refusal.reason}")
+            return self._exit(BLOCKED_STATUS)
         if self.mode == "exec":
             assert self.command is not None
-            decision = self.ctx.check_exec(self.command)
+            decision = self._refusal or self.ctx.check_exec(self.command)
             self._decision = decision
             if decision.needs_review and not await self.review(decision, self.command):
                 return self._refuse_exec(decision, "not approved")
@@ -221,11 +242,13 @@ class ProxyChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
                 self.up.close()
                 return
         except HoopError as exc:
+            self._record_end(f"the host could not be reached: {exc.message}")
             self.say(f"hoop: {exc.message}")
             self._exit(255)
             return
         except (asyncssh.Error, OSError) as exc:
             log.warning("%s upstream channel failed: %s", self.label, type(exc).__name__)
+            self._record_end(f"{res.name} refused the session channel")
             self.say(f"hoop: {res.name} refused the session channel")
             self._exit(255)
             return
@@ -262,8 +285,16 @@ class ProxyChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
     def _refuse_exec(self, decision: Decision, why: str) -> None:
         self.ctx.session.stats["blocked"] += 1
         self.say(f"hoop: command refused: {why}")
-        self.record_command(self.command or "", decision, BLOCKED_STATUS)
+        if not self._exec_recorded:
+            self._exec_recorded = True
+            self.record_command(self.command or "", decision, BLOCKED_STATUS)
         self._exit(BLOCKED_STATUS)
+
+    def _record_end(self, reason: str) -> None:
+        """An exec that was allowed (or held) and has not ended is recorded as cut short, with why."""
+        if self.mode == "exec" and self._decision is not None and not self._exec_recorded:
+            self._exec_recorded = True
+            self.record_command(self.command or "", self._decision, None, ended=reason)
 
     async def review(self, decision: Decision, text: str) -> bool:
         """Hold ``text`` for an approver (the user is told); True when it was allowed."""
@@ -272,11 +303,14 @@ class ProxyChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         timeout = self.ctx.resource.guardrails.review_timeout.total_seconds()
         return await self.ctx.session.review(masked, decision.rule or "default", timeout)
 
-    def record_command(self, command: str, decision: Decision, exit_status: int | None) -> None:
-        """A ``command`` event: an exec or a line, its decision and exit status."""
-        self.ctx.session.record("command", {"channel": self.number, "command": self.ctx.masker.mask_text(command),
-                                            "decision": decision.action, "rule": decision.rule,
-                                            "exit_status": exit_status})
+    def record_command(self, command: str, decision: Decision, exit_status: int | None, *,
+                       ended: str | None = None) -> None:
+        """A ``command`` event: an exec or a line, its decision, and how it ended."""
+        data = {"channel": self.number, "command": self.ctx.masker.mask_text(command), "decision": decision.action,
+                "rule": decision.rule, "exit_status": exit_status}
+        if ended is not None:
+            data["ended"] = ended
+        self.ctx.session.record("command", data)
 
     # -- client -> upstream ----------------------------------------------------------------
     def _pause(self, reason: str) -> None:
@@ -335,8 +369,10 @@ class ProxyChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         if up is None or self.ending:
             return
         status, signal = up.get_exit_status(), up.get_exit_signal()
-        if self.mode == "exec" and self._decision is not None:
-            self.record_command(self.command or "", self._decision, status)
+        if self.mode == "exec" and self._decision is not None and not self._exec_recorded:
+            self._exec_recorded = True
+            self.record_command(self.command or "", self._decision, status,
+                                ended=None if status is not None or signal is not None else "the host closed it")
         if self.out.done:
             return
         self.out.done = True
@@ -365,6 +401,7 @@ class ProxyChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
 
     def end(self, reason: str) -> None:
         """The session is over (grant ended): tell the user, close both halves."""
+        self._record_end(reason)
         self.ending = True
         self.out.close()
         self.say(f"hoop: session closed: {reason}")

@@ -81,3 +81,13 @@ def test_what_a_session_user_typed_cannot_steer_the_readers_terminal() -> None:
     assert "BLOCKED DROP TABLE audit\\x0d\\x1b[2KSELECT 1 [rule no-drop]" in t.text
     assert "$ rm -rf /data \\x1b]52;c;aGk=\\x07\\x9b1A" in t.text and "/x\\u202egnp.exe" in t.text
     assert "         plain\n         output" in t.text  # terminal output is still shown as plain text
+
+
+def test_a_command_cut_short_says_how_it_ended() -> None:
+    events = [ev(1, "command", command="sleep 600", decision="allow", exit_status=None, ended="access expired"),
+              ev(2, "command", command="tail -f log", decision="allow", exit_status=None, ended="client disconnected"),
+              ev(3, "command", command="true", decision="allow", exit_status=0)]
+    text = render(GRANT, [(session("ssh"), events)], max_bytes=10_000).text
+    assert "$ sleep 600 → ended: access expired" in text
+    assert "$ tail -f log → ended: client disconnected" in text
+    assert "$ true → exit 0\n" in text

@@ -9,15 +9,19 @@ import asyncio
 import os
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 
 import asyncssh
 import pytest
 
 from broker.model import Grant
+from broker.transcript import render
 from proxy.access import Gate
 from proxy.ssh.server import REFUSED_BANNER
 from tests.proxy.ssh.conftest import ADMIN, Env, make_config, ssh_resource, start_env, stop_env
+from tests.proxy.ssh.test_exec import _events
+from tests.proxy.ssh.test_review_fixes import marker
 from tests.support.sshd import Sshd
 
 pytestmark = pytest.mark.ssh
@@ -122,3 +126,79 @@ async def test_a_grant_for_the_second_resource_is_checked_once(genv: tuple[Env, 
     async with await env.client(grant.login, secret) as conn:
         result = await conn.run("echo in-web2", check=True)
     assert result.stdout == "in-web2\n" and gate.checks == 1
+
+
+# -- item 7: a command that is not UTF-8 is refused with a reason -----------------------------------------
+async def test_exec_of_a_command_that_is_not_utf8_is_refused_with_a_reason(genv: tuple[Env, CountingGate],
+                                                                          request: pytest.FixtureRequest) -> None:
+    env, _ = genv
+    mark = marker(env, request)
+    grant, secret = await env.grant()
+    proc = await asyncio.create_subprocess_exec(*env.ssh_argv(grant.login), f"echo \xff; touch {mark}".encode(
+        "latin-1"), stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "SSHPASS": secret})
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert (proc.returncode, out) == (126, b"")
+    assert err == b"hoop: command refused: the command is not valid UTF-8, which hoop cannot check\n"
+    assert not mark.exists()
+    commands = await _events(env, "command")
+    assert [(c["decision"], c["rule"], c["exit_status"], c["command"]) for c in commands] == [
+        ("block", "not-utf8", 126, f"echo \ufffd; touch {mark}")]
+
+
+# -- item 4: an exec cut short is recorded with how it ended -----------------------------------------------
+async def _transcript(env: Env) -> str:
+    for _ in range(100):
+        async with env.service.store.tx() as tx:
+            sessions = await tx.list_sessions()
+            if sessions and sessions[0].closed_at is not None:
+                events = await tx.events(sessions[0].id)
+                return render(None, [(sessions[0], events)], max_bytes=100_000).text
+        await asyncio.sleep(0.05)
+    raise AssertionError("the session was not closed")
+
+
+async def test_exec_cut_by_grant_expiry_is_recorded_as_ended(genv: tuple[Env, CountingGate]) -> None:
+    env, _ = genv
+    grant, secret = await env.grant()
+    async with await env.client(grant.login, secret) as conn:
+        proc = await conn.create_process("echo started; sleep 20")
+        assert await asyncio.wait_for(proc.stdout.readline(), 10) == "started\n"
+        live = env.hub.live("web")[0]
+        live.deadline = env.service.clock.now() + timedelta(seconds=0.5)
+        live.arm()
+        await asyncio.wait_for(proc.wait_closed(), 10)
+        assert proc.exit_status == 255
+    commands = await _events(env, "command")
+    assert [(c["command"], c["exit_status"], c.get("ended")) for c in commands] == [
+        ("echo started; sleep 20", None, "access expired")]
+    assert "$ echo started; sleep 20 → ended: access expired" in await _transcript(env)
+
+
+async def test_exec_cut_by_the_client_leaving_is_recorded_as_ended(genv: tuple[Env, CountingGate]) -> None:
+    env, _ = genv
+    grant, secret = await env.grant()
+    conn = await env.client(grant.login, secret)
+    proc = await conn.create_process("echo started; sleep 20")
+    assert await asyncio.wait_for(proc.stdout.readline(), 10) == "started\n"
+    conn.abort()
+    text = await _transcript(env)
+    commands = await _events(env, "command")
+    assert [(c["exit_status"], c.get("ended")) for c in commands] == [(None, "client disconnected")]
+    assert "$ echo started; sleep 20 → ended: client disconnected" in text
+
+
+async def test_exec_held_for_review_when_the_grant_ends_is_recorded(upstream: Sshd, tmp_path: Path) -> None:
+    rules = {"review_timeout": 30, "rules": [{"name": "hold-wc", "action": "review", "commands": ["wc"]}]}
+    env, store = await start_env(upstream, tmp_path, make_config(upstream, ssh_resource(upstream, guardrails=rules)))
+    try:
+        grant, secret = await env.grant()
+        async with await env.client(grant.login, secret) as conn:
+            proc = await conn.create_process("wc -c")
+            assert "held for review" in await asyncio.wait_for(proc.stderr.readline(), 10)
+            await env.service.revoke(grant.id, ADMIN, "incident over")
+            await asyncio.wait_for(proc.wait_closed(), 10)
+        commands = await _events(env, "command")
+        assert [(c["decision"], c.get("ended")) for c in commands] == [("review", "access revoked: incident over")]
+    finally:
+        await stop_env(env, store)
