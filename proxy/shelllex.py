@@ -316,7 +316,7 @@ _HISTORY = re.compile(r"![^\s=(\"]")
 def history_note(line: str) -> str | None:
     """Why an interactive shell would replace part of ``line`` with earlier history (``!!``, ``!$``, ``^a^b``)."""
     if line.lstrip().startswith("^"):
-        return "^old^new reruns the previous command line with a substitution"
+        return "^old^new history substitution reruns the previous command line"
     quote = ""
     for i, c in enumerate(line):
         if c == "\\" and quote != "'":

@@ -7,9 +7,10 @@ How this works. :class:`LineGate` is the input half of a shell channel (:class:`
   that could run the line (Enter, ``^O``, ...) is held until the guard allows the line; a
   refused line is killed upstream (``^E^U^C``), the user is told why on the terminal, and input
   waits until the remote side prints a fresh line (at most :data:`FRESH_LINE_WAIT`). After a
-  password-like prompt the next line is still checked, but recorded as ``[hidden]``. Programs
-  that switch to the alternate screen (vim, less, top) are passed through without line checks
-  until they switch back (the channel does not call the gate).
+  password-like prompt the next line is still checked, but recorded as ``[hidden]``. The line
+  is checked as typed at an interactive shell, whose history expansion (``!!``) would rerun
+  earlier text. Programs that switch to the alternate screen (vim, less, top) are passed
+  through without line checks until they switch back (the channel does not call the gate).
 * Without a PTY (commands piped to ``ssh host``), input is buffered per line, and only allowed
   lines are forwarded; the output never switches this off.
 * A line longer than :data:`~proxy.ssh.lineedit.LINE_MAX` (piped, or typed at a terminal) is
@@ -99,9 +100,9 @@ class LineGate:
             owner.up.write(enter)
             return True
         guardrails = ctx.resource.guardrails
-        decision = ctx.guard.check(line.text)
+        decision = ctx.guard.check(line.text, history=tty)
         if line.prefix:
-            decision = strictest([decision, ctx.guard.check(line.prefix + line.text)])
+            decision = strictest([decision, ctx.guard.check(line.prefix + line.text, history=tty)])
         if line.overlong:  # hoop saw only the start of it, and did not forward the rest
             decision = strictest([Decision("block", "line-length", f"the line is longer than {LINE_MAX // 1024} "
                                            "KiB, which hoop does not check", line.text[:80]), decision])

@@ -21,7 +21,7 @@ from proxy.access import Gate
 from proxy.ssh.server import REFUSED_BANNER
 from tests.proxy.ssh.conftest import ADMIN, Env, make_config, ssh_resource, start_env, stop_env
 from tests.proxy.ssh.test_exec import _events
-from tests.proxy.ssh.test_review_fixes import marker
+from tests.proxy.ssh.test_review_fixes import at_prompt, marker, pty_shell, refused
 from tests.support.sshd import Sshd
 
 pytestmark = pytest.mark.ssh
@@ -202,3 +202,22 @@ async def test_exec_held_for_review_when_the_grant_ends_is_recorded(upstream: Ss
         assert [(c["decision"], c.get("ended")) for c in commands] == [("review", "access revoked: incident over")]
     finally:
         await stop_env(env, store)
+
+
+# -- interactive shells expand history: a refused command must not come back through it --------------------
+@pytest.mark.parametrize("recall", ["^echo ^", "!!:s/echo //"], ids=["caret", "substitute"])
+async def test_history_expansion_cannot_rerun_a_blocked_command(genv: tuple[Env, CountingGate],
+                                                                request: pytest.FixtureRequest,
+                                                                recall: str) -> None:
+    env, _ = genv
+    mark = marker(env, request)
+    conn, term = await pty_shell(env)
+    async with conn:
+        await at_prompt(term)
+        await term.run(f"echo touch {mark}", f"touch {mark}\r\n")
+        await at_prompt(term)
+        term.proc.stdin.write(f"{recall}\r")
+        await refused(term)
+        assert "history" in term.buf.rsplit("line refused", 1)[1]
+        await asyncio.sleep(0.5)  # what bash would have run has had time to run
+    assert not mark.exists()
