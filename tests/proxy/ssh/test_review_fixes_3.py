@@ -221,3 +221,37 @@ async def test_history_expansion_cannot_rerun_a_blocked_command(genv: tuple[Env,
         assert "history" in term.buf.rsplit("line refused", 1)[1]
         await asyncio.sleep(0.5)  # what bash would have run has had time to run
     assert not mark.exists()
+
+
+# -- the shell guard end to end: a bypass would create the marker on the host ------------------------------
+BYPASSES = [
+    "find {dir} -maxdepth 0 -exec touch {mark} ';'", "flock {dir}/lock -c 'touch {mark}'",
+    "echo touch {mark} | xargs -I{{}} sh -c {{}}", "source <(printf 'touch %s' {mark})", "{{touch,{mark}}}",
+    "/usr/bin/tou?h {mark}", "env 'BASH_FUNC_f%%=() {{ touch {mark}; }}' bash -c f",
+    "x='a[$(touch {mark})]'; echo $((x))", "trap 'touch {mark}' EXIT", "timeout --sig KILL 5 touch {mark}",
+]
+
+
+@pytest.mark.parametrize("line", BYPASSES, ids=[f"bypass{i}" for i in range(len(BYPASSES))])
+async def test_guard_bypasses_are_refused_on_exec(genv: tuple[Env, CountingGate], request: pytest.FixtureRequest,
+                                                  line: str) -> None:
+    env, _ = genv
+    mark = marker(env, request)
+    grant, secret = await env.grant()
+    code, out, err = await env.ssh(grant.login, secret, line.format(dir=env.up.dir, mark=mark))
+    assert code == 126 and b"command refused" in err, (out, err)
+    assert not mark.exists()
+
+
+async def test_prompt_command_cannot_run_a_blocked_command(genv: tuple[Env, CountingGate],
+                                                           request: pytest.FixtureRequest) -> None:
+    env, _ = genv
+    mark = marker(env, request)
+    conn, term = await pty_shell(env)
+    async with conn:
+        await at_prompt(term)
+        term.proc.stdin.write(f"PROMPT_COMMAND='touch {mark}'\r")
+        await refused(term)
+        await term.run("echo next-$((2+2))", "next-4")
+        await asyncio.sleep(0.3)
+    assert not mark.exists()
