@@ -10,6 +10,7 @@ builtin runs later to ``nested`` (``complete -C CMD``). A builtin is flagged whe
 * evaluates a value as arithmetic, where bash runs ``$(...)`` hidden in a variable's value
   (``let``, ``declare -i``, ``[[ x -eq y ]]``, ``NAME[i]`` subscripts of ``read``, ``unset``,
   ``printf -v`` ...), or makes a name stand for another variable (``declare -n``);
+* runs a string later (``complete -C CMD``, ``mapfile -C CMD``): checked as a line;
 * sets a variable the shell runs as code later (``read PS1``, ``printf -v PROMPT_COMMAND``,
   ``for PS1 in``; ``declare``/``export`` assignments go through
   :func:`~proxy.shellwrap.assignment_note`).
@@ -25,7 +26,7 @@ from itertools import pairwise
 
 from proxy.shelllex import arithmetic_note, plain
 from proxy.shellwords import Unparsable, getopt, options, opts
-from proxy.shellwrap import CODE_VARIABLE, Nested, assignment_note
+from proxy.shellwrap import CODE_VARIABLE, Nested, assignment_note, code_variable_note
 
 __all__ = ["builtin_notes", "dash_c", "expand_braces", "psql_commands", "test_notes"]
 
@@ -39,6 +40,7 @@ _INTEGER = re.compile(r"\s*[+-]?[0-9]*\s*|[@*]")
 _SEQUENCE = re.compile(r"(-?[0-9]+|[A-Za-z])\.\.(-?[0-9]+|[A-Za-z])(?:\.\.(-?[0-9]+))?")
 _BIND = opts("lpsvPSVXm:f:q:u:r:x:")
 _COMPLETE = frozenset({"-o", "-A", "-G", "-W", "-P", "-S", "-X", "-F", "-C"})
+_MAPFILE = frozenset({"-d", "-n", "-O", "-s", "-u", "-C", "-c"})
 _SUBSCRIPT_WHY = "an array subscript is evaluated as arithmetic, which runs code hidden in variables"
 
 
@@ -104,8 +106,10 @@ def builtin_notes(program: str, args: tuple[str, ...], nested: list[Nested]) -> 
         operands, found = getopt(args, _BIND)
         if operands or {o for o, _ in found} & {"-x", "-f"}:
             notes.append("bind makes keys run commands or type text that hoop does not see")
-    elif program in ("complete", "compgen"):
+    elif program in ("complete", "compgen"):  # -C CMD runs at completion time
         nested += [Nested("shell", v) for o, v in options(list(args), 0, _COMPLETE)[1] if o == "-C"]
+    elif program in ("mapfile", "readarray"):  # -C CMD is evaluated every -c lines
+        nested += [Nested("shell", v) for o, v in options(list(args), 0, _MAPFILE)[1] if o == "-C"]
     elif program == "let":
         note = arithmetic_note(" ".join(args))
         if note:
@@ -120,7 +124,7 @@ def builtin_notes(program: str, args: tuple[str, ...], nested: list[Nested]) -> 
             if m and m.group(2) is not None and not _INTEGER.fullmatch(m.group(2)):
                 note = _SUBSCRIPT_WHY
             elif m and program in _SETS and CODE_VARIABLE.fullmatch(m.group(1)):
-                note = f"{program} sets {m.group(1)}, which holds code the shell runs later"
+                note = f"{program} sets {code_variable_note(m.group(1))}"
             if note:
                 notes.append(note)
     return notes

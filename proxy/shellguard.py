@@ -83,7 +83,7 @@ _FLAG_ALIASES: dict[str, dict[str, str]] = {
     "cp": {"R": "r", "--recursive": "r", "--force": "f"},
 }
 _SHORT = re.compile(r"-[A-Za-z0-9]+")
-_GLOB = re.compile(r"[*?]|\[.*\]")
+_GLOB = re.compile(r"[*?]|\[.*\]|[@!+]\(")
 _REDIRECT = re.compile(r"([0-9]+|\{\w+\})?(?:[<>]|&>).*")
 
 

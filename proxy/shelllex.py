@@ -3,7 +3,8 @@
 How this works. :func:`lex` reads a line the way bash's tokeniser does, as far as the guard
 needs. Blanks separate words. ``;`` ``&`` ``|`` ``(`` ``)`` ``<`` ``>`` and newline, alone or in
 bash's combinations (``&&``, ``;;``, ``<<<``, ``>&`` ...), are operators, returned as :class:`Op`.
-Quotes and backslashes are removed, and a quoted operator character stays part of its word:
+Quotes and backslashes are removed, and a quoted operator character stays part of its word (so does
+an extglob group: ``re@(boot)``):
 ``find -exec x \\;`` ends in the word ``;``, not in an operator. Quoted ``* ? [ ] { } ,`` are
 kept apart from live ones (:data:`QUOTED`; :func:`plain` undoes it), so brace expansion and globs
 are seen exactly where bash sees them.
@@ -46,6 +47,7 @@ _UNQUOTE = str.maketrans({v: k for k, v in QUOTED.items()})
 _PRIVATE = re.compile("[\ue000-\ue006]")
 _PLAIN = re.compile(r"[^\s\\'\"$`;&|()<>]+")
 _DQ_PLAIN = re.compile(r'[^"\\$`]+')
+_EXTGLOB = frozenset("@!?*+")  # before "(": an extglob pattern, such as @(a|b) or !(x)
 _FD = re.compile(r"[0-9]+|\{[A-Za-z_]\w*\}")
 _CASE = re.compile(r"(?:^|[\s;&|(])case\s")
 # literals arithmetic may hold without reading a variable: 0x1f, 8#17, 10, $? $# $$ $!
@@ -157,6 +159,10 @@ class _Lexer:
             if c in " \t\r":
                 self._end()
                 self.i += 1
+            elif c == "(" and self.word and self.word[-1][-1:] in _EXTGLOB:
+                j = _close(s, self.i + 1)  # re@(boot): an extglob group is part of its word
+                self._add(s[self.i:j + 1], False)
+                self.i = j + 1
             elif c in _OP_START and not (c in "<>" and s.startswith("(", self.i + 1)):
                 m = _OPERATOR.match(s, self.i)
                 assert m is not None  # c starts an operator

@@ -30,10 +30,19 @@ from dataclasses import dataclass, field
 from proxy.shelllex import plain
 from proxy.shellwords import Opts, getopt, opts
 
-__all__ = ["CODE_VARIABLE", "WRAPPERS", "Inner", "Nested", "assignment_note"]
+__all__ = ["CODE_VARIABLE", "WRAPPERS", "Inner", "Nested", "assignment_note", "code_variable_note"]
 
-#: variables whose value the shell later runs as code (prompts, hooks, startup files, functions, aliases)
-CODE_VARIABLE = re.compile(r"PROMPT_COMMAND|PS[0-4]|BASH_ENV|ENV|BASH_FUNC_.*|BASH_ALIASES|BASH_CMDS")
+#: variables whose value the shell later runs as code (prompts, hooks, startup files, functions, aliases), or
+#: that change which text the shell reruns or which keys type text (history characters, readline's bindings)
+CODE_VARIABLE = re.compile(r"PROMPT_COMMAND|PS[0-4]|BASH_ENV|ENV|BASH_FUNC_.*|BASH_ALIASES|BASH_CMDS|histchars|INPUTRC")
+_CODE_VARIABLE_WHY = (
+    (re.compile(r"PROMPT_COMMAND|PS[0-4]"), "is expanded or run at every prompt"),
+    (re.compile(r"BASH_ENV|ENV"), "names a file that a new shell runs first"),
+    (re.compile(r"BASH_FUNC_.*"), "passes a shell function through the environment"),
+    (re.compile(r"BASH_ALIASES|BASH_CMDS"), "makes a command name run other text"),
+    (re.compile(r"histchars"), "changes the character that reruns earlier command lines"),
+    (re.compile(r"INPUTRC"), "loads key bindings that can type and run lines hoop does not see"),
+)
 _NAME_VALUE = re.compile(r"([^=\[+]+)(\[[^]]*\])?\+?=(.*)", re.DOTALL)
 _PROMPT = re.compile(r"PS[0-4]")
 # what runs code in a prompt: $(...), `...`, $((...)), $[...] and ${...} (subscripts, ${x@P}); $NAME does not
@@ -75,7 +84,13 @@ def assignment_note(word: str) -> str | None:
         return f"the subscript of {name}[...] is evaluated as arithmetic, which runs code hidden in variables"
     if not CODE_VARIABLE.fullmatch(name) or (_PROMPT.fullmatch(name) and not _LIVE_PROMPT.search(value)):
         return None
-    return f"{name} holds code the shell runs later (a prompt, a hook, a startup file or a function)"
+    return code_variable_note(name)
+
+
+def code_variable_note(name: str) -> str:
+    """Why setting ``name`` (one of :data:`CODE_VARIABLE`) is decided with ``on_unparsed``."""
+    why = next((why for pattern, why in _CODE_VARIABLE_WHY if pattern.fullmatch(name)), "holds code run later")
+    return f"{name} {why}"
 
 
 def _starts_shell(name: str) -> str:
@@ -98,7 +113,7 @@ def _runs(spec: Opts, *, skip: int = 0, empty_shell: bool = False, assignments: 
         while assignments and i < len(operands) and (operands[i] == "-" or "=" in operands[i][1:]):
             note = assignment_note(operands[i])
             if note or operands[i].startswith("BASH_FUNC_"):
-                inner.notes.append(note or "a shell function passed through the environment")
+                inner.notes.append(note or code_variable_note("BASH_FUNC_"))
             i += 1
         inner.argv = operands[i:]
         if not inner.argv and empty_shell:

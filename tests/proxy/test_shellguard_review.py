@@ -72,6 +72,8 @@ CODE_VARIABLES = [
 
 # other ways to hide a command from a line check
 HIDDEN = [
+    "/sbin/re@(boot)", "/sbin/reboo+(t)", "rm -rf /!(x)", "mapfile -C reboot -c 1 x < f",
+    "readarray -C 'rm -rf /' x", "histchars='%^#'", "read histchars", "INPUTRC=/tmp/x bash -i",
     "alias x=reboot", "alias r=rm; r -rf /", "hash -p /sbin/reboot ls", "BASH_ALIASES[x]=reboot",
     "x='a[$(reboot)]'; echo $((x))", "echo $[x]", "(( x ))", "for ((i=0; i<n; i++)); do :; done", "let i++",
     "declare -i n", "[[ x -lt 3 ]]", "[ -v 'a[$i]' ]", "echo ${a[$i]}", "echo ${a[i]}", "echo ${s:$n}",
@@ -82,6 +84,7 @@ HIDDEN = [
 ]
 
 HARMLESS = [
+    "ls @(a|b).txt", "rm -f !(keep).log", "mapfile -t lines < f", "echo $(( 2*(3+4) ))", "(( 1 + 2 ))",
     "ls -la", "echo $((40+2))", "echo $((0x1f + 8#17))", "echo $(( $# + $? ))", "sudo -u root ls",
     "PS1='\\u@\\h:\\w\\$ '", "export PS1='> '", "export PS1='$ '", "PS1='$PWD> '", "export PATH=$PATH:/opt/bin",
     "FOO=1 ls",

@@ -229,6 +229,7 @@ BYPASSES = [
     "echo touch {mark} | xargs -I{{}} sh -c {{}}", "source <(printf 'touch %s' {mark})", "{{touch,{mark}}}",
     "/usr/bin/tou?h {mark}", "env 'BASH_FUNC_f%%=() {{ touch {mark}; }}' bash -c f",
     "x='a[$(touch {mark})]'; echo $((x))", "trap 'touch {mark}' EXIT", "timeout --sig KILL 5 touch {mark}",
+    "shopt -s extglob\n/usr/bin/tou@(ch) {mark}", "mapfile -C 'touch {mark}' -c 1 x <<< a",
 ]
 
 
