@@ -475,12 +475,20 @@ class Service:
         """Secret + login + resource + now -> the grant, or :class:`Denied` with a reason code:
         ``bad_credentials`` (unknown login or wrong secret: indistinguishable), ``expired``,
         ``revoked``, ``wrong_resource``."""
+        return self.authorize(await self.identify(login, secret), resource)
+
+    async def identify(self, login: str, secret: str) -> Grant:
+        """The credential check alone: the grant whose login and secret these are, whatever its state.
+
+        Raises :class:`Denied` ``bad_credentials``. An unknown login costs the same lookup and digest
+        comparison as a wrong secret; :meth:`authorize` then decides state and resource without I/O.
+        """
         async with self.store.tx() as tx:
             found = await tx.grant_by_login(login)
         ok = credentials.matches(secret, found[1] if found else credentials.digest(""))
         if found is None or not ok:
             raise Denied(f"authentication failed for {login!r}", code="bad_credentials")
-        return self.authorize(found[0], resource)
+        return found[0]
 
     async def authenticate_secret(self, secret: str, resource: str) -> Grant:
         """For bearer credentials (HTTP proxy, API): the secret alone identifies the grant."""

@@ -170,6 +170,8 @@ class SessionLines:
             if d.get("decision") == "block":
                 counts.blocked += 1
             status = f" → exit {d['exit_status']}" if d.get("exit_status") is not None else ""
+            if d.get("ended"):  # cut short: the grant ended, the client left, the host went away
+                status += f" → ended: {d['ended']}"
             tag = "BLOCKED " if d.get("decision") == "block" else ""
             lines.append(f"{t} {tag}$ {d.get('command', '')}{status}")
         elif e.kind == "output":

@@ -35,6 +35,10 @@ class Gate:
         """Raises :class:`broker.errors.Denied` (code bad_credentials|expired|revoked|wrong_resource)."""
         return await self.service.authenticate(login, secret, resource)
 
+    async def identify(self, login: str, secret: str) -> Grant:
+        """The credential check alone (Denied ``bad_credentials``); then :meth:`authorize` per resource."""
+        return await self.service.identify(login, secret)
+
     async def authenticate_bearer(self, secret: str, resource: str, *, key: str | None = None) -> Grant:
         """``key``: ``digest(secret)`` when the caller already has it (the HTTP proxy keeps it per connection)."""
         if key is None:

@@ -1,21 +1,21 @@
 """The shell guard: decide SSH exec command lines and interactive lines.
 
-How this works: a line is tokenised with :mod:`shlex` (POSIX rules, ``punctuation_chars``,
-newline as an operator, no comment stripping) and cut into *simple commands* at ``;``,
+How this works: a line is lexed (:mod:`proxy.shelllex`: quotes, operators, substitutions; a
+quoted operator such as find's ``\\;`` stays a word) and cut into *simple commands* at ``;``,
 ``&&``, ``||``, ``|``, ``&``, newlines and parentheses. Command substitutions (``$(...)``,
-backticks, ``<(...)``) are found in a pre-pass over the raw line and checked as lines of
-their own; ``$'...'`` is decoded first (:func:`proxy.shellwords.ansi_c`). Each simple command
-is unwrapped: leading ``VAR=value`` words, redirections (``2>/dev/null``), shell keywords
-(``{``, ``!``, ``if``, ``then``, ``do`` ...) and ``function NAME`` are dropped, the program is
-reduced to its basename (``/bin/rm`` is ``rm``), and wrappers (``sudo``, ``env``, ``nohup``,
-``time``, ``exec``, ``command``, ``busybox``, ``xargs``, ``timeout N``, ``nice``, ``chroot DIR``
-...) are peeled off with their options, bundled or not (``sudo -Eu root``).
-``bash|sh|zsh|dash|ksh -c STRING``, ``su -c STRING`` and ``script -c STRING`` are checked
-recursively (depth 4, deeper is unparsed); ``env -S STRING`` too, and it is also unparsed,
-since ``-S`` has its own splitting rules. :meth:`ShellGuard.resolve` lists every command a
-line would run, each marked when it reads commands from its input (``bash``, ``sudo -i``). ``psql -c SQL`` is checked
-with :class:`~proxy.sqlguard.SqlGuard` against the same guardrails when they contain SQL
-selectors, and ``psql -c '\\! cmd'`` as a shell line. Every unit is decided with
+backticks, ``<(...)``) are checked as lines of their own; ``$'...'`` is decoded first
+(:func:`proxy.shellwords.ansi_c`). Words are brace-expanded where bash would (``{rm,-rf,/}``).
+Each simple command is unwrapped: leading ``VAR=value`` words, redirections (``2>/dev/null``),
+shell keywords (``{``, ``!``, ``if``, ``then``, ``do``, ``coproc`` ...) and ``function NAME`` are
+dropped, the program is reduced to its basename (``/bin/rm`` is ``rm``), and wrappers are peeled
+off by :mod:`proxy.shellwrap`, which knows each wrapper's options and where its command is
+(``sudo -Eu root CMD``, ``timeout 5 CMD``, ``xargs CMD``, ``su -c STRING``, ``find -exec CMD ;``).
+Shell strings (``sh -c``, ``su -c``, ``flock -c``, ``trap``, ``watch``) are checked recursively
+(depth 4, deeper is unparsed), so are ``env -S`` (also unparsed: its own splitting rules) and
+:mod:`proxy.shellcode`'s findings. :meth:`ShellGuard.resolve` lists every command a line would
+run, each marked when it reads commands from its input (``bash``, ``sudo -i``). ``psql -c SQL``
+is checked with :class:`~proxy.sqlguard.SqlGuard` against the same guardrails when they contain
+SQL selectors, and ``psql -c '\\! cmd'`` as a shell line. Every unit is decided with
 :func:`proxy.guard.decide`; the strictest wins.
 
 Patterns (``Rule.commands``) are shell words. The first is a glob on the program basename
@@ -24,21 +24,30 @@ ignored (so ``dd * of=/dev/*`` reads "dd with an argument ``of=/dev/*``"). A sho
 (``-rf``) matches when every letter is present among the command's short flags, bundled or
 not (``-r -f``, ``-fr``); per-program aliases map ``rm -R`` and ``--recursive`` to ``r``,
 ``--force`` to ``f`` (and ``-R``/``--recursive`` for chmod, chown, chgrp, cp). An absolute
-path word also matches arguments that normalise to it: ``//``, ``/.``, ``/tmp/..`` and
-``/*`` all match ``/``.
+path word also matches arguments that normalise to it: ``//``, ``/.``, ``/tmp/..``, ``/*`` and
+other trailing globs (``/[a-z]*``) all match ``/``. ``find PATH -delete`` is also checked as
+``rm -rf PATH``.
 
 Fails closed (``on_unparsed``): unbalanced quotes or substitutions, nesting deeper than 4,
-``eval``, a program name built from ``$`` or backticks, a shell reading commands from a pipe
-or redirect (``curl x | sh``, ``base64 -d | bash``, ``bash < f``). A line containing a NUL byte
-is always blocked: shells drop NUL from their input and a server may cut the line there, so
-what would run is not what was read.
+``eval``, ``alias NAME=...``, ``hash -p``, a program name that is computed (``$X``, ``$(...)``),
+a glob (``/sbin/reb??t``) or filled in from input (``find -exec {} ;``, ``xargs sudo``), a
+wrapper option hoop does not know, a program reading commands from a pipe or redirect
+(``curl x | sh``, ``bash < f``, ``python3 <<< CODE``) or its script from stdin, a descriptor or
+a process substitution (``bash <(curl x)``, ``sh /dev/stdin``), variables whose value the shell
+runs later (``PROMPT_COMMAND``, ``PS0``-``PS4`` with expansions, ``BASH_ENV``, ``ENV``,
+``BASH_FUNC_*``), arithmetic on variables and ``${x@P}``/``${!x}`` (bash runs code hidden in a
+value there), key bindings that run commands (``bind -x``), ``fc``, and, in an interactive
+terminal, history expansion (``!!``, ``^a^b``). A line containing a NUL byte is always blocked:
+shells drop NUL from their input and a server may cut the line there, so what would run is not
+what was read.
 
-Limits, by design: aliases and shell functions defined earlier, variables in arguments
-(``rm -rf $DIR``), relative paths and ``~``, brace and glob expansion, scripts run from
-files (``bash x.sh``, ``source x``), interpreters with inline code (``python -c``, ``perl
--e``), remote commands (``ssh host cmd``), subcommand aliases (``kubectl delete ns``).
-Quoted operators (``echo ';'``) and ``#`` comments are treated as if live: this can only
-make the guard stricter, never looser.
+Limits, by design: variables in arguments (``rm -rf $DIR``, also through function parameters),
+relative paths and ``~``, scripts run from files (``bash x.sh``, ``source x``), programs renamed
+on the host (a symlink or copy of ``reboot``, ``PATH``), interpreters with inline code
+(``python -c``, ``perl -e``), programs that run commands given in their own options
+(``ssh -o ProxyCommand=``, ``tar --to-command``, ``git -c core.pager=``, ``awk 'BEGIN{system()}'``),
+remote commands (``ssh host cmd``), subcommand aliases (``kubectl delete ns``). ``#`` comments
+and here-document bodies are checked as if they were commands: this can only make the guard stricter.
 """
 
 from __future__ import annotations
@@ -47,47 +56,35 @@ import fnmatch
 import posixpath
 import re
 import shlex
-from dataclasses import dataclass
-from functools import partial
+from dataclasses import dataclass, field
+from functools import lru_cache, partial
 
 from broker.config import Guardrails, Rule
 from proxy.guard import Decision, decide, strictest, unparsed
+from proxy.shellcode import builtin_notes, dash_c, expand_braces, psql_commands, test_notes
+from proxy.shelllex import Op, history_note, lex, plain
 from proxy.shellwords import SHELLS as _SHELLS
 from proxy.shellwords import Unparsable as _Unparsable
-from proxy.shellwords import ansi_c, options, reads_input
+from proxy.shellwords import ansi_c, hidden_script, reads_input
+from proxy.shellwrap import WRAPPERS, Nested, assignment_note
 from proxy.sqlguard import SqlGuard
 
 __all__ = ["Command", "ShellGuard"]
 
 _MAX_DEPTH = 4
+#: commands decided for one line, nested ones included; past it the line is unparsed
+_MAX_UNITS = 16384
 _KEYWORDS = frozenset({"{", "}", "!", "if", "then", "else", "elif", "fi", "do", "done", "while",
-                       "until", "coproc", "[[", "]]"})
-_ASSIGNMENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=.*", re.DOTALL)
-# wrapper -> (options that take a value, positional words before the wrapped command)
-_WRAPPERS: dict[str, tuple[frozenset[str], int]] = {
-    "sudo": (frozenset({"-u", "-g", "-h", "-p", "-C", "-D", "-r", "-t", "-U", "-T", "--user", "--group",
-                        "--host", "--prompt", "--close-from", "--chdir", "--role", "--type", "--other-user",
-                        "--command-timeout"}), 0),
-    "doas": (frozenset({"-u", "-C"}), 0),
-    "env": (frozenset({"-u", "-C", "-S", "--unset", "--chdir", "--split-string"}), 0),
-    "nohup": (frozenset(), 0), "builtin": (frozenset(), 0), "busybox": (frozenset(), 0),
-    "time": (frozenset({"-f", "-o", "--format", "--output"}), 0),
-    "exec": (frozenset({"-a"}), 0), "command": (frozenset(), 0), "setsid": (frozenset(), 0),
-    "nice": (frozenset({"-n", "--adjustment"}), 0), "ionice": (frozenset({"-c", "-n", "-p"}), 0),
-    "timeout": (frozenset({"-s", "-k", "--signal", "--kill-after"}), 1),
-    "xargs": (frozenset({"-I", "-n", "-P", "-d", "-E", "-L", "-s", "-a", "--max-args", "--delimiter",
-                         "--max-procs", "--arg-file"}), 0),
-    "stdbuf": (frozenset({"-i", "-o", "-e"}), 0), "chroot": (frozenset(), 1), "flock": (frozenset(), 1),
-    "unbuffer": (frozenset(), 0), "watch": (frozenset({"-n", "-d"}), 0),
-}
+                       "until", "[[", "]]"})
+_ASSIGNMENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\[[^]]*\])?\+?=.*", re.DOTALL)
 _FLAG_ALIASES: dict[str, dict[str, str]] = {
     "rm": {"R": "r", "--recursive": "r", "--force": "f"},
     **{p: {"r": "R", "--recursive": "R"} for p in ("chmod", "chown", "chgrp")},
     "cp": {"R": "r", "--recursive": "r", "--force": "f"},
 }
 _SHORT = re.compile(r"-[A-Za-z0-9]+")
-_OPERATOR_CHARS = frozenset(";&|()<>\n")
-_SEPARATOR_CHARS = frozenset(";|()\n")
+_GLOB = re.compile(r"[*?]|\[.*\]|[@!+]\(")
+_REDIRECT = re.compile(r"([0-9]+|\{\w+\})?(?:[<>]|&>).*")
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,48 +105,6 @@ class Command:
         return shlex.join((self.program, *self.args))
 
 
-def _substitutions(line: str) -> list[str]:
-    """Bodies of ``$(...)``, ``<(...)``, ``>(...)`` and backticks outside single quotes."""
-    out: list[str] = []
-    i, n, quote = 0, len(line), ""
-    while i < n:
-        c = line[i]
-        if c == "\\" and quote != "'":
-            i += 2
-            continue
-        if c == "'" and quote != '"':
-            quote = "" if quote == "'" else "'"
-        elif c == '"' and quote != "'":
-            quote = "" if quote == '"' else '"'
-        elif quote != "'" and c == "`":
-            end = line.find("`", i + 1)
-            if end < 0:
-                raise _Unparsable("unbalanced backtick")
-            out.append(line[i + 1:end])
-            i = end
-        elif quote != "'" and c in "$<>" and line.startswith("(", i + 1) and not line.startswith("((", i + 1):
-            depth, j = 1, i + 2
-            while j < n and depth:
-                depth += {"(": 1, ")": -1}.get(line[j], 0)
-                j += 1
-            if depth:
-                raise _Unparsable("unbalanced $(")
-            out.append(line[i + 2:j - 1])
-        i += 1
-    return out
-
-
-def _tokens(line: str) -> list[str]:
-    lex = shlex.shlex(ansi_c(line.replace("\\\n", "")), posix=True, punctuation_chars=";&|()<>\n")
-    lex.whitespace = " \t\r"
-    lex.whitespace_split = True
-    lex.commenters = ""
-    try:
-        return list(lex)
-    except ValueError as exc:
-        raise _Unparsable(str(exc)) from None
-
-
 def _basename(word: str) -> str:
     return word.rsplit("/", 1)[-1] if "/" in word.rstrip("/") else word
 
@@ -157,8 +112,11 @@ def _basename(word: str) -> str:
 @dataclass(slots=True)
 class _Unwrapped:
     words: list[str]
-    split_string: str | None = None  # the argument of ``env -S``
-    note: str | None = None  # why the command line is unparsed, or reads its input
+    nested: list[Nested] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    reads: str | None = None  # a wrapper without a command starts a shell (sudo -i, chroot DIR)
+    fill: tuple[str, ...] = ()
+    wrappers: list[str] = field(default_factory=list)
 
 
 def _unwrap(words: list[str]) -> _Unwrapped:
@@ -167,31 +125,30 @@ def _unwrap(words: list[str]) -> _Unwrapped:
     while words:
         head = words[0]
         if head in _KEYWORDS or _ASSIGNMENT.fullmatch(head):
+            note = assignment_note(head) if head not in _KEYWORDS else None
+            if note:
+                out.notes.append(note)
             words = words[1:]
             continue
         if head == "function":  # function NAME { body; }: the body follows as its own words
             words = words[2:]
             continue
-        name = _basename(head)
-        spec = _WRAPPERS.get(name)
-        if spec is None:
+        if head == "coproc":  # coproc NAME { body; }, or coproc COMMAND
+            words = words[2:] if len(words) > 2 and words[2] == "{" else words[1:]
+            continue
+        name = _basename(plain(head))
+        resolver = WRAPPERS.get(name)
+        if resolver is None:
             break
-        takes_value, positional = spec
-        i, found = 1, []
-        while True:
-            i, more = options(words, i, takes_value)
-            found += more
-            if name == "env" and i < len(words) and (words[i] == "-" or _ASSIGNMENT.fullmatch(words[i])):
-                i += 1  # "env -" is "env -i"; NAME=value words come before the command
-                continue
+        inner = resolver(name, words[1:])
+        out.wrappers.append(name)
+        out.nested += inner.nested
+        out.notes += inner.notes
+        out.fill += inner.fill
+        out.reads = out.reads or inner.reads
+        if inner.argv is None:  # the wrapper is the command; what it runs is nested
             break
-        for opt, value in found:
-            if name == "env" and opt in ("-S", "--split-string"):
-                out.split_string = value
-                out.note = "env -S splits its argument into words"
-        words = words[i + positional:]
-        if not words and name in ("sudo", "doas") and {o for o, _ in found} & {"-i", "-s", "--login", "--shell"}:
-            out.note = f"{name} -i/-s starts a shell that reads commands from its input"
+        words = inner.argv
     out.words = words
     return out
 
@@ -204,12 +161,18 @@ class ShellGuard:
         self._sql = SqlGuard(guardrails)
         self._has_sql_rules = any(r.statements or r.tables or r.functions for r in guardrails.rules)
 
-    def check(self, line: str) -> Decision:
-        """The decision for one command line (strictest simple command wins)."""
+    def check(self, line: str, *, history: bool = False) -> Decision:
+        """The decision for one command line (strictest simple command wins).
+
+        ``history``: the line is typed at an interactive shell, which expands ``!`` history references.
+        """
         if "\0" in line:  # a shell drops NUL bytes, a server may cut the line there: not what was checked
             return Decision("block", "nul-byte", "the command line contains a NUL byte", line[:80].replace("\0", "\\0"))
         try:
             decisions = self._line(line, 0, [0])
+            note = history_note(line) if history else None
+            if note:
+                decisions.append(unparsed(self.guardrails, note, line[:80]))
         except _Unparsable as exc:
             return unparsed(self.guardrails, str(exc), line[:80])
         except Exception as exc:  # fail closed
@@ -221,7 +184,7 @@ class ShellGuard:
     def commands(self, line: str) -> tuple[Command, ...]:
         """The simple commands of a line after unwrapping (not recursing into ``-c``); for recording."""
         try:
-            return tuple(cmd for cmd, _ in self._split(_tokens(line)))
+            return tuple(cmd for cmd, _ in self._split(lex(ansi_c(line)).tokens))
         except _Unparsable:
             return ()
 
@@ -237,117 +200,115 @@ class ShellGuard:
             return None
         return tuple(seen)
 
-    def _line(self, line: str, depth: int, counter: list[int], seen: list[Command] | None = None
-              ) -> list[Decision]:
+    def _line(self, line: str, depth: int, counter: list[int], seen: list[Command] | None = None,
+              fill: tuple[str, ...] = ()) -> list[Decision]:
         if depth > _MAX_DEPTH:
             raise _Unparsable("commands nested too deeply")
+        lexed = lex(ansi_c(line))
         out: list[Decision] = []
-        for inner in _substitutions(ansi_c(line)):
+        for inner in lexed.subs:
             out.extend(self._line(inner, depth + 1, counter, seen))
-        for cmd, nested in self._split(_tokens(line)):
-            if seen is not None:
-                seen.append(cmd)
-            index = counter[0]
-            counter[0] += 1
-            d = decide(self.guardrails, partial(_rule_matches, cmd=cmd), cmd.text, index=index,
-                       kinds=frozenset({cmd.program}))
-            if cmd.dynamic:
-                d = strictest([d, unparsed(self.guardrails, cmd.dynamic, cmd.text, index)])
-            out.append(d)
-            for kind, text in nested:
-                if kind == "shell":
-                    out.extend(self._line(text, depth + 1, counter, seen))
-                elif self._has_sql_rules:
-                    out.append(self._sql.check(text))
+        out.extend(unparsed(self.guardrails, note, line[:80], counter[0]) for note in dict.fromkeys(lexed.notes))
+        for cmd, nested in self._split(lexed.tokens, fill):
+            out.extend(self._decide(cmd, nested, depth, counter, seen))
         return out
 
-    def _split(self, tokens: list[str]) -> list[tuple[Command, list[tuple[str, str]]]]:
-        out: list[tuple[Command, list[tuple[str, str]]]] = []
+    def _decide(self, cmd: Command, nested: list[Nested], depth: int, counter: list[int],
+                seen: list[Command] | None) -> list[Decision]:
+        if seen is not None:
+            seen.append(cmd)
+        index = counter[0]
+        counter[0] += 1
+        if counter[0] > _MAX_UNITS:
+            raise _Unparsable("too many commands to check")
+        d = decide(self.guardrails, partial(_rule_matches, cmd=cmd), cmd.text, index=index,
+                   kinds=frozenset({cmd.program}))
+        if cmd.dynamic:
+            d = strictest([d, unparsed(self.guardrails, cmd.dynamic, cmd.text, index)])
+        out = [d]
+        for item in nested:
+            if item.kind == "shell":
+                out.extend(self._line(plain(item.text), depth + 1, counter, seen, item.fill))
+            elif item.kind == "argv":
+                if depth + 1 > _MAX_DEPTH:
+                    raise _Unparsable("commands nested too deeply")
+                inner, more = self._command(list(item.words), False, False, item.fill)
+                out.extend(self._decide(inner, more, depth + 1, counter, seen))
+            elif self._has_sql_rules:
+                out.append(self._sql.check(item.text))
+        return out
+
+    def _split(self, tokens: list[str], fill: tuple[str, ...] = ()) -> list[tuple[Command, list[Nested]]]:
+        out: list[tuple[Command, list[Nested]]] = []
         words: list[str] = []
         redirected_in = after_pipe = drop_target = False
-        for tok in [*tokens, ";"]:
-            if drop_target and not (tok and set(tok) <= _OPERATOR_CHARS):
-                drop_target = False  # a redirection's target is not an argument
-                continue
-            if tok and set(tok) <= _OPERATOR_CHARS:
-                if set(tok) & _SEPARATOR_CHARS or tok in ("&", "&&"):
-                    if words:
-                        out.append(self._command(words, after_pipe, redirected_in))
-                    after_pipe = tok in ("|", "|&")
-                    words, redirected_in = [], False
+        for tok in [*tokens, Op(";")]:
+            if not isinstance(tok, Op):
+                if drop_target:  # a redirection's target is not an argument
+                    drop_target = False
                 else:
-                    redirected_in = redirected_in or "<" in tok
-                    drop_target = True
-                    if words and words[-1].isdigit() and not _unwrap(words[:-1]).words:
-                        words.pop()  # "2>/dev/null reboot": 2 is the redirection's file descriptor
-                continue
-            words.append(tok)
+                    words.append(tok)
+            elif m := _REDIRECT.fullmatch(tok):
+                redirected_in = redirected_in or ("<" in tok and m.group(1) in (None, "0"))  # standard input
+                drop_target = True
+            else:
+                if words:
+                    out.append(self._command(words, after_pipe, redirected_in, fill))
+                after_pipe = tok in ("|", "|&")
+                words, redirected_in, drop_target = [], False, False
         return out
 
-    def _command(self, words: list[str], after_pipe: bool, redirected_in: bool
-                 ) -> tuple[Command, list[tuple[str, str]]]:
+    def _command(self, words: list[str], after_pipe: bool, redirected_in: bool, fill: tuple[str, ...] = ()
+                 ) -> tuple[Command, list[Nested]]:
+        words = expand_braces(words)
         unwrapped = _unwrap(words)
-        real, note = unwrapped.words, unwrapped.note
-        nested: list[tuple[str, str]] = []
-        if unwrapped.split_string is not None:
-            nested.append(("shell", unwrapped.split_string))
-            return Command("env", tuple(words[1:]), note), nested
+        real, nested, notes = unwrapped.words, unwrapped.nested, unwrapped.notes + test_notes(words)
+        fill += unwrapped.fill
         if not real:
-            return Command(_basename(words[0]) if words else "", tuple(words[1:]), reads_input=note), nested
-        program, args = _basename(real[0]), real[1:]
-        dynamic: str | None = None
-        reads = reads_input(program, tuple(args))
-        if "$" in real[0] or "`" in real[0]:
-            dynamic = "program name is computed"
-        elif program == "eval":
-            dynamic = "eval of computed text"
-        elif program in _SHELLS or program in ("su", "script"):
-            text = _dash_c(args)
+            if unwrapped.wrappers[-1:] == ["exec"] and redirected_in:
+                notes.append("exec < FILE makes the shell read its next commands from FILE")
+            if unwrapped.reads and (after_pipe or redirected_in):
+                notes.append(f"{unwrapped.reads}, here from a pipe or redirection hoop does not see")
+            args = tuple(plain(w) for w in words[1:])
+            return Command(_basename(plain(words[0])) if words else "", args, notes[0] if notes else None,
+                           unwrapped.reads), nested
+        head = plain(real[0])
+        program, args = _basename(head), tuple(plain(a) for a in real[1:])
+        if "$" in head:
+            notes.append("program name is computed")
+        elif _GLOB.search(real[0]):
+            notes.append("program name is a glob pattern")
+        elif fill and any(f in head for f in fill):
+            notes.append("program name is filled in from the input")
+        elif head.startswith(("/dev/", "/proc/")):
+            notes.append("program is read from a descriptor")
+        notes += builtin_notes(program, args, nested)
+        if program in _SHELLS:
+            text = dash_c(args)
             if text is not None:
-                nested.append(("shell", text))
-            elif program in _SHELLS and (after_pipe or redirected_in) and not any(
-                    not a.startswith("-") for a in args):
-                dynamic = f"{program} reads commands from its input"
+                nested.append(Nested("shell", text))
         elif program == "psql":
-            for text in _psql_commands(args):
+            for text in psql_commands(args):
                 if text.lstrip().startswith("\\!"):
-                    nested.append(("shell", text.lstrip()[2:]))
+                    nested.append(Nested("shell", text.lstrip()[2:]))
                 elif not text.lstrip().startswith("\\"):
-                    nested.append(("sql", text))
-        elif program == "watch" and args:
-            nested.append(("shell", " ".join(args)))
-        return Command(program, tuple(args), dynamic, reads), nested
-
-
-def _dash_c(args: list[str]) -> str | None:
-    """The command string of ``sh -c STRING`` (also ``-lc``, ``-ec``, ``--login -c``)."""
-    seen_c = False
-    for a in args:
-        if a.startswith("-") and not a.startswith("--") and "c" in a[1:]:
-            seen_c = True
-        elif a.startswith("-"):
-            continue
-        elif seen_c:
-            return a
-    return None
-
-
-def _psql_commands(args: list[str]) -> list[str]:
-    out: list[str] = []
-    for i, a in enumerate(args):
-        if a in ("-c", "--command") and i + 1 < len(args):
-            out.append(args[i + 1])
-        elif a.startswith("--command="):
-            out.append(a.split("=", 1)[1])
-        elif a.startswith("-c") and len(a) > 2:
-            out.append(a[2:])
-    return out
+                    nested.append(Nested("sql", text))
+        if fill and any(n.kind == "shell" and any(f in plain(n.text) for f in fill) for n in nested):
+            notes.append("the command text is filled in from the input")
+        hidden = hidden_script(program, args)
+        if hidden:
+            notes.append(hidden)
+        reads = reads_input(program, args) or unwrapped.reads
+        if reads and (after_pipe or redirected_in):
+            notes.append(f"{reads}, here from a pipe or redirection hoop does not see")
+        return Command(program, args, notes[0] if notes else None, reads), nested
 
 
 def _norm_path(word: str) -> str:
+    """An absolute path as a rule sees it: what a trailing glob or ``.`` would reach is the directory itself."""
     path = re.sub("/+", "/", word)
-    while path.endswith(("/*", "/.")):
-        path = path[:-2] or "/"
+    while path.startswith("/") and path != "/" and (path.endswith("/.") or _GLOB.search(path.rsplit("/", 1)[1])):
+        path = path.rsplit("/", 1)[0] or "/"
     return posixpath.normpath(path) if path.startswith("/") else path
 
 
@@ -364,11 +325,16 @@ def _flags(cmd: Command) -> set[str]:
     return flags
 
 
-def _pattern_matches(pattern: str, cmd: Command) -> bool:
+@lru_cache(maxsize=1024)
+def _pattern_words(pattern: str) -> tuple[str, ...]:
     try:
-        words = shlex.split(pattern)
+        return tuple(shlex.split(pattern))
     except ValueError:
-        words = pattern.split()
+        return tuple(pattern.split())
+
+
+def _pattern_matches(pattern: str, cmd: Command) -> bool:
+    words = _pattern_words(pattern)
     if not words or not fnmatch.fnmatchcase(cmd.program, _basename(words[0])):
         return False
     flags: set[str] | None = None

@@ -1,8 +1,13 @@
 """Word-level helpers of the shell guard: option scanning, ANSI-C quotes, programs that read commands.
 
-How this works. :func:`options` walks a wrapper's or an interpreter's options the way getopt
-does: bundled short options (``-Eu root``: ``E``, then ``u`` whose value is the next word, or
-the rest of the word as in ``-uroot``), ``--long=value`` and ``--long value``, and ``--``.
+How this works. :func:`getopt` reads a wrapper's options exactly as glibc's ``getopt_long``
+does, from a table (:func:`opts`): bundled short options (``-Eu root``: ``E``, then ``u`` whose
+value is the next word, or the rest of the word as in ``-uroot``), optional values (only
+attached: ``-d`` never takes the next word), ``--long=value`` and ``--long value``, unique
+abbreviations (``--us`` is ``--user``), ``--``, and options after operands unless the optstring
+starts with ``+``. An option the table does not know is :class:`Unparsable`: guessing its arity
+would let ``X`` in ``--new-option X reboot`` pass for the command. :func:`options` is the lenient
+scan used for interpreters, whose unknown options are only flags for the guard's purposes.
 :func:`ansi_c` rewrites ``$'...'`` into an ordinary single-quoted word holding the decoded
 text, so that :mod:`shlex` sees what bash would pass (``$'/'`` is ``/``). :func:`reads_input`
 says whether a command, once unwrapped, reads commands line by line from its standard input
@@ -14,9 +19,11 @@ from __future__ import annotations
 
 import re
 import shlex
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["SHELLS", "Unparsable", "ansi_c", "options", "reads_input"]
+__all__ = ["SHELLS", "Opts", "Unparsable", "ansi_c", "getopt", "hidden_script", "options", "opts",
+           "reads_input"]
 
 SHELLS = frozenset({"sh", "bash", "rbash", "zsh", "dash", "ksh", "mksh", "ash", "fish", "csh", "tcsh",
                     "yash", "posh"})
@@ -24,6 +31,100 @@ SHELLS = frozenset({"sh", "bash", "rbash", "zsh", "dash", "ksh", "mksh", "ash", 
 
 class Unparsable(Exception):
     """A line the guard cannot take apart; decided with ``on_unparsed``."""
+
+
+@dataclass(frozen=True, slots=True)
+class Opts:
+    """A program's options as ``getopt_long`` reads them: arity 0 (flag), 1 (value) or 2 (optional, attached).
+
+    ``long`` maps a long name to its arity and the name it is reported as (``-u`` for ``--user``).
+    ``numeric``: ``-5``, ``--5`` and ``-+5`` are options too (``nice``).
+    """
+
+    short: dict[str, int]
+    long: dict[str, tuple[int, str]]
+    permute: bool
+    numeric: bool = False
+
+
+def opts(short: str, long: str = "", *, numeric: bool = False) -> Opts:
+    """An :class:`Opts` from a getopt optstring (``"+c:d::"``) and long names (``"command=c fast version"``).
+
+    A long name ``name=x`` is another spelling of ``-x``; ``name:`` takes a value, ``name::`` an optional one.
+    """
+    table: dict[str, int] = {}
+    for found in re.finditer(r"(.)(:{0,2})", short.lstrip("+")):
+        table[found.group(1)] = len(found.group(2))
+    longs: dict[str, tuple[int, str]] = {}
+    for item in long.split():
+        m = re.fullmatch(r"([\w-]+)(?:=(.))?(:{0,2})", item)
+        if m is None:
+            raise ValueError(f"bad long option {item!r}")
+        name, alias, colons = m.groups()
+        longs[name] = (table[alias], "-" + alias) if alias else (len(colons), "--" + name)
+    return Opts(table, longs, not short.startswith("+"), numeric)
+
+
+_NUMERIC_OPTION = re.compile(r"--?\+?[0-9]+")
+
+
+def _long(spec: Opts, name: str) -> tuple[int, str]:
+    if name in spec.long:
+        return spec.long[name]
+    found = {spec.long[k] for k in spec.long if k.startswith(name)} if name else set()
+    if len(found) != 1:
+        raise Unparsable(f"{'ambiguous' if found else 'unknown'} option --{name}")
+    return found.pop()
+
+
+def getopt(words: Sequence[str], spec: Opts) -> tuple[list[str], list[tuple[str, str]]]:
+    """``(operands, [(option, value), ...])`` of a program's arguments under ``spec``.
+
+    Raises :class:`Unparsable` for an unknown or ambiguous option, or a value that is missing.
+    """
+    operands: list[str] = []
+    found: list[tuple[str, str]] = []
+    i = 0
+    while i < len(words):
+        w = words[i]
+        i += 1
+        if w == "--":
+            operands += words[i:]
+            break
+        if spec.numeric and _NUMERIC_OPTION.fullmatch(w):
+            found.append(("-n", w.lstrip("-")))
+        elif w.startswith("--"):
+            name, eq, value = w[2:].partition("=")
+            arity, canonical = _long(spec, name)
+            if arity == 0 and eq:
+                raise Unparsable(f"option --{name} takes no value")
+            if arity == 1 and not eq:
+                if i >= len(words):
+                    raise Unparsable(f"option --{name} needs a value")
+                value, i = words[i], i + 1
+            found.append((canonical, value))
+        elif w.startswith("-") and len(w) > 1:
+            for j, ch in enumerate(w[1:], 2):
+                if ch not in spec.short:
+                    raise Unparsable(f"unknown option -{ch}")
+                arity = spec.short[ch]
+                if arity == 0:
+                    found.append(("-" + ch, ""))
+                    continue
+                if j < len(w) or arity == 2:
+                    found.append(("-" + ch, w[j:]))
+                elif i < len(words):
+                    found.append(("-" + ch, words[i]))
+                    i += 1
+                else:
+                    raise Unparsable(f"option -{ch} needs a value")
+                break
+        elif spec.permute:
+            operands.append(w)
+        else:
+            operands += words[i - 1:]
+            break
+    return operands, found
 
 
 def options(words: list[str], i: int, takes_value: frozenset[str], plus: bool = False
@@ -167,8 +268,11 @@ _READERS: dict[str, _Reader] = {
     "mysql": _reader("e", "uhPDS", operand=False, long_code=("--execute",)),
     "ed": _reader(operand=False), "ex": _reader(operand=False), "dc": _reader("ef", operand=False),
     "ftp": _reader(operand=False), "sftp": _reader("b", operand=False), "gdb": _reader(operand=False),
+    # schedulers read the commands they will run later from their input
+    "at": _reader("f", "qt", operand=False), "batch": _reader("f", "q", operand=False),
+    "crontab": _reader("lre", "uisc"), "newgrp": _reader(operand=False),
 }
-_ALIASES = {"nodejs": "node", "mariadb": "mysql", "luajit": "lua", "red": "ed"}
+_ALIASES = {"nodejs": "node", "mariadb": "mysql", "luajit": "lua", "red": "ed", "runuser": "su"}
 _PYTHON = re.compile(r"(python|pypy)[0-9.]*")
 _PYTHON_READER = _reader("cm", "WXQ", "i")
 
@@ -193,3 +297,26 @@ def reads_input(program: str, args: tuple[str, ...]) -> str | None:
     if reader.operand and operands and operands[0] != "-":
         return None
     return f"{program} reads commands from its input"
+
+
+_READ_FROM_INPUT = re.compile(r"/dev/(stdin|tty|fd/\d+|pts/\d+|tcp/.*|udp/.*)|/proc/[^/]+/(task/[^/]+/)?fd/\d+")
+_SCRIPT_RUNNERS = frozenset({"source", ".", "awk", "gawk", "mawk", "nawk", "sed"})
+_SCRIPT_OPTIONS = frozenset({"-f", "--file", "-b", "--rcfile", "--init-file", "-x"})  # "-" is standard input
+
+
+def hidden_script(program: str, args: tuple[str, ...]) -> str | None:
+    """Why the code ``program args`` runs is read where the guard cannot see it, or None.
+
+    A script named ``/dev/stdin``, ``/dev/fd/N`` (what bash passes for ``<(curl ...)``),
+    ``/proc/self/fd/N`` or ``/dev/tty`` is read from a pipe, a descriptor or the terminal:
+    ``bash <(curl ...)``, ``sh /dev/stdin``, ``source /proc/self/fd/0``.
+    """
+    if not (program in _SCRIPT_RUNNERS or _PYTHON.fullmatch(program)
+            or _ALIASES.get(program, program) in _READERS):
+        return None
+    for i, a in enumerate(args):
+        value = a.partition("=")[2] if a.startswith("--") else a
+        if _READ_FROM_INPUT.fullmatch(value) or (
+                (a in _SCRIPT_OPTIONS and args[i + 1:i + 2] == ("-",)) or a in {f"{o}=-" for o in _SCRIPT_OPTIONS}):
+            return f"{program} runs code read from {value or '-'}, which hoop does not see"
+    return None

@@ -87,7 +87,8 @@ class RequestChannel(asyncssh.SSHServerChannel[bytes]):
     asyncssh dispatches a channel request to the method ``_process_<request>_request``; these
     two replace asyncssh's own handlers (which would open listeners on hoop's host). Should a
     later asyncssh stop calling them, its own handlers answer, and with the server's
-    ``agent_forwarding``/``x11_forwarding`` off they refuse: this fails closed.
+    ``agent_forwarding``/``x11_forwarding`` off they refuse: this fails closed. The exec and
+    subsystem handlers also pass on what asyncssh cannot decode, for the session to refuse with a reason.
     """
 
     def __init__(self, conn: asyncssh.SSHServerConnection, forwards: Callable[[], Forwards | None]) -> None:
@@ -123,6 +124,19 @@ class RequestChannel(asyncssh.SSHServerChannel[bytes]):
             return False
         self.x11 = request
         return True
+
+    # asyncssh answers an exec that is not UTF-8 (or a subsystem name that is not ASCII) with a bare
+    # request failure, which the client reports without a reason. These hand the request to the session
+    # instead, undecodable bytes as surrogates, so that it is refused with a message and exit status 126.
+    def _process_exec_request(self, packet: SSHPacket) -> bool:
+        command = packet.get_string()
+        packet.check_end()
+        return self._start_session(command=command.decode("utf-8", "surrogateescape"))
+
+    def _process_subsystem_request(self, packet: SSHPacket) -> bool:
+        subsystem = packet.get_string()
+        packet.check_end()
+        return self._start_session(subsystem=subsystem.decode("ascii", "replace"))
 
 
 class _Relay(SSHForwarder):

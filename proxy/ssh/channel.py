@@ -10,22 +10,18 @@ the upstream channel, and the other way round).
   reaches the host (:meth:`ChannelContext.check_exec`: a program that would read commands from
   the exec's input, such as ``bash`` or ``sudo -i``, is refused, since that input is not
   checked). ``block`` answers on stderr with exit status 126; ``review`` waits for an
-  approver (``LiveSession.review``). Exit status and exit signal are passed back as they come.
-* shell with a PTY: keystrokes pass through at once (echo, line editing and completion are the
-  remote shell's), while :class:`~proxy.ssh.lineedit.LineEditor` follows the line. Every key
-  that could run the line (Enter, ``^O``, ...) is held until the guard allows the line; a
-  refused line is killed upstream (``^E^U^C``), the user is told why on the terminal, and input
-  waits until the remote side prints a fresh line (at most :data:`FRESH_LINE_WAIT`). After a
-  password-like prompt the next line is still checked, but recorded as ``[hidden]``. Programs
-  that switch to the alternate screen (vim, less, top) are passed through without line checks
-  until they switch back.
-* shell without a PTY (commands piped to ``ssh host``): input is buffered per line, and only
-  allowed lines are forwarded; the output never switches this off.
+  approver (``LiveSession.review``). A command that is not UTF-8 is refused the same way
+  (asyncssh would refuse it with a bare request failure: :class:`~proxy.ssh.agentx11.RequestChannel`
+  hands it over instead). Exit status and exit signal are passed back as they come; an exec cut
+  short by the grant's end or by the client leaving is recorded with ``ended`` and the reason.
+* shell: every input line is decided before it runs (:class:`~proxy.ssh.lines.LineGate`, with a
+  PTY or without one). Programs that switch to the alternate screen (vim, less, top) are passed
+  through without line checks until they switch back.
+* subsystem: only SFTP, and only with ``allow.sftp``; any other request is answered with the
+  reason on stderr and exit status 126, not a silent refusal.
 * Memory: while input is held (the host connection is being made, a line or an exec waits for
   review, or for a fresh line) reading from the client is paused, so the client's SSH window
-  fills up instead of hoop's memory. A line longer than :data:`~proxy.ssh.lineedit.LINE_MAX`
-  (piped, or typed at a terminal) is not followed past that size: it is refused, and its
-  further bytes are not forwarded.
+  fills up instead of hoop's memory.
 * Environment: only locale and terminal variables (:data:`ENV_NAMES`) with plain values go to
   the host; what passed and the names that did not are recorded (``env`` event).
 * Output (stdout and stderr): :class:`~proxy.ssh.output.OutputRelay` masks, sends and
@@ -46,10 +42,10 @@ from typing import TYPE_CHECKING, Any
 import asyncssh
 
 from broker.errors import HoopError
-from proxy.guard import Decision, strictest, unparsed
+from proxy.guard import Decision
 from proxy.ssh import tuning
 from proxy.ssh.context import ChannelContext
-from proxy.ssh.lineedit import LINE_KILL, LINE_MAX, Line, LineEditor
+from proxy.ssh.lines import LineGate
 from proxy.ssh.output import OutputRelay
 from proxy.ssh.recording import Recorder
 
@@ -63,10 +59,8 @@ __all__ = ["BLOCKED_STATUS", "ENV_NAMES", "ChannelContext", "ProxyChannel"]
 
 log = logging.getLogger(__name__)
 
-#: Exit status of a refused exec (the shell's "command found but not executable").
+#: Exit status of a refused exec or subsystem (the shell's "command found but not executable").
 BLOCKED_STATUS = 126
-#: After a refused line, how long input waits for the remote side to print a fresh line.
-FRESH_LINE_WAIT = 2.0
 #: Client environment variables passed to the host: locale and terminal, nothing a shell runs.
 ENV_NAMES = re.compile(r"LANG|LANGUAGE|LC_[A-Z]+|TERM|COLORTERM|TZ")
 #: ... and only with a plain value (a locale, a terminal type, a zone): no spaces, quotes or ``$``.
@@ -109,18 +103,20 @@ class ProxyChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         self.pty: tuple[str, tuple[int, int, int, int], dict[int, int]] | None = None
         self.rec = Recorder(ctx.session, self.number, defer=asyncio.get_running_loop().call_soon)
         self.out: OutputRelay  # set by connection_made
-        self.editor = LineEditor()
+        self.lines = LineGate(self)
         self.closed = asyncio.get_running_loop().create_future()
-        self._queue: list[bytes] = []  # input that came in the chunk a hold started in
-        self._piped = bytearray()
-        self._piped_long = False  # the piped line grew past LINE_MAX: the rest of it is dropped
+        #: input that came in the chunk a hold started in (a held line puts the rest of its chunk first)
+        self.queue: list[bytes] = []
+        #: the grant ended (or hoop stops): nothing more goes to the host
+        self.ending = False
+        #: the channel's running step (opening upstream, a review, a wait for a fresh line)
+        self.task: asyncio.Task[None] | None = None
         self._holding = True  # until the upstream channel is open, and while a line is decided
         self._paused: set[str] = set()  # why reading from the client is paused
         self._eof = False
         self._decision: Decision | None = None
-        self._newlines = 0  # the output's line feeds when the editor last looked
-        self._ending = False
-        self._task: asyncio.Task[None] | None = None
+        self._refusal: Decision | None = None  # refused when it was requested (not UTF-8, a subsystem)
+        self._exec_recorded = False  # the exec's end (or refusal) is recorded once
 
     # -- requests from the client ---------------------------------------------------------
     def connection_made(self, chan: DownChan) -> None:
@@ -139,24 +135,34 @@ class ProxyChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
 
     def exec_requested(self, command: str) -> bool:
         self.mode, self.command = "exec", command
+        try:
+            command.encode("utf-8")
+        except UnicodeEncodeError:  # RequestChannel passes undecodable bytes as surrogates: refuse them
+            self.command = command.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+            self._refusal = Decision("block", "not-utf8", "the command is not valid UTF-8, which hoop cannot "
+                                     "check", self.command[:80])
         return True
 
     def subsystem_requested(self, subsystem: str) -> bool:
+        self.mode = "sftp"
         if subsystem == "sftp" and self.ctx.resource.allow.sftp:
-            self.mode = "sftp"
             return True
-        log.info("%s subsystem %r refused (allow.sftp is off)", self.label, subsystem)
-        self.ctx.session.record("blocked", {"what": f"subsystem {subsystem}", "reason": "not allowed"})
+        rule, why = ("allow.sftp", "allow.sftp is off on this resource") if subsystem == "sftp" else (
+            "unsupported", "hoop relays no other subsystem")
+        log.info("%s subsystem %r refused: %s", self.label, subsystem[:64], why)
+        what = f"subsystem {subsystem[:64]}"
+        self.ctx.session.record("blocked", {"what": what, "reason": why, "text": f"{what}: {why}", "rule": rule})
         self.ctx.session.stats["blocked"] += 1
-        return False
+        self._refusal = Decision("block", rule, why, what)
+        return True  # answered in _start, on stderr with exit status 126: a request failure carries no reason
 
     def session_started(self) -> None:
-        self._task = asyncio.create_task(self._start(), name=self.label)
+        self.task = asyncio.create_task(self._start(), name=self.label)
 
     def data_received(self, data: bytes, datatype: int | None) -> None:
         self.ctx.session.stats["bytes_in"] += len(data)
         if self._holding:  # (asyncssh starts reading right after session_started: pause here)
-            self._queue.append(data)
+            self.queue.append(data)
             self._pause("hold")
         else:
             self._input(data)
@@ -164,9 +170,7 @@ class ProxyChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
     def eof_received(self) -> bool:
         self._eof = True
         if not self._holding and self.up is not None:
-            self._piped_eof()
-            if not self._holding:
-                self.up.write_eof()
+            self._input_eof()
         return True
 
     def terminal_size_changed(self, width: int, height: int, pixwidth: int, pixheight: int) -> None:
@@ -192,11 +196,12 @@ class ProxyChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
             self.up.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._record_end("client disconnected")
         self.out.done = True
         self.rec.flush(final=True)
         self.ctx.channels.discard(self)
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
         if self.up is not None:
             self.up.close()
         if not self.closed.done():
@@ -207,21 +212,24 @@ class ProxyChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         session, res = self.ctx.session, self.ctx.resource
         notices, self.ctx.notices[:] = list(self.ctx.notices), []
         for notice in notices:
-            self._say(notice)
+            self.say(notice)
+        if self.mode == "sftp" and self._refusal is not None:
+            self.say(f"hoop: {self._refusal.subject} refused: {self._refusal.reason}")
+            return self._exit(BLOCKED_STATUS)
         if self.mode == "exec":
             assert self.command is not None
-            decision = self.ctx.check_exec(self.command)
+            decision = self._refusal or self.ctx.check_exec(self.command)
             self._decision = decision
-            if decision.needs_review and not await self._review(decision, self.command):
+            if decision.needs_review and not await self.review(decision, self.command):
                 return self._refuse_exec(decision, "not approved")
             if decision.blocked:
                 return self._refuse_exec(decision, decision.reason)
-            if self._ending:  # the grant ended while the exec waited for its approver
+            if self.ending:  # the grant ended while the exec waited for its approver
                 return self._refuse_exec(decision, "the session ended")
         env = self._env()
         try:
             conn = await self.ctx.upstream()
-            if self._ending:  # ended while the host connection was made: open nothing on the host
+            if self.ending:  # ended while the host connection was made: open nothing on the host
                 return
             term = self.pty
             self.up, _ = await self.ctx.forwards.create_session(
@@ -230,16 +238,18 @@ class ProxyChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
                 term_type=term[0] if term else None, term_size=term[1] if term else None,
                 term_modes=term[2] if term else {}, encoding=None,
                 window=tuning.UPSTREAM_WINDOW, max_pktsize=tuning.UPSTREAM_MAX_PKTSIZE)
-            if self._ending:  # end() ran while the channel was being opened, before self.up was set
+            if self.ending:  # end() ran while the channel was being opened, before self.up was set
                 self.up.close()
                 return
         except HoopError as exc:
-            self._say(f"hoop: {exc.message}")
+            self._record_end(f"the host could not be reached: {exc.message}")
+            self.say(f"hoop: {exc.message}")
             self._exit(255)
             return
         except (asyncssh.Error, OSError) as exc:
             log.warning("%s upstream channel failed: %s", self.label, type(exc).__name__)
-            self._say(f"hoop: {res.name} refused the session channel")
+            self._record_end(f"{res.name} refused the session channel")
+            self.say(f"hoop: {res.name} refused the session channel")
             self._exit(255)
             return
         if self.mode == "sftp":
@@ -251,7 +261,7 @@ class ProxyChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
                             {k: self.ctx.masker.mask_text(v) for k, v in env.items()})
         self.out.mode, self.out.tty = self.mode, self.pty is not None
         log.info("%s %s opened upstream", self.label, self.mode)
-        self._release()
+        self.release()
 
     def _env(self) -> dict[str, str]:
         """The client's environment variables that go to the host; what was sent is recorded."""
@@ -274,20 +284,33 @@ class ProxyChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
 
     def _refuse_exec(self, decision: Decision, why: str) -> None:
         self.ctx.session.stats["blocked"] += 1
-        self._say(f"hoop: command refused: {why}")
-        self._record_command(self.command or "", decision, BLOCKED_STATUS)
+        self.say(f"hoop: command refused: {why}")
+        if not self._exec_recorded:
+            self._exec_recorded = True
+            self.record_command(self.command or "", decision, BLOCKED_STATUS)
         self._exit(BLOCKED_STATUS)
 
-    async def _review(self, decision: Decision, text: str) -> bool:
+    def _record_end(self, reason: str) -> None:
+        """An exec that was allowed (or held) and has not ended is recorded as cut short, with why."""
+        if self.mode == "exec" and self._decision is not None and not self._exec_recorded:
+            self._exec_recorded = True
+            self.record_command(self.command or "", self._decision, None, ended=reason)
+
+    async def review(self, decision: Decision, text: str) -> bool:
+        """Hold ``text`` for an approver (the user is told); True when it was allowed."""
         masked = self.ctx.masker.mask_text(text)
-        self._say(f"hoop: held for review ({decision.reason}); waiting for an approver…")
+        self.say(f"hoop: held for review ({decision.reason}); waiting for an approver…")
         timeout = self.ctx.resource.guardrails.review_timeout.total_seconds()
         return await self.ctx.session.review(masked, decision.rule or "default", timeout)
 
-    def _record_command(self, command: str, decision: Decision, exit_status: int | None) -> None:
-        self.ctx.session.record("command", {"channel": self.number, "command": self.ctx.masker.mask_text(command),
-                                            "decision": decision.action, "rule": decision.rule,
-                                            "exit_status": exit_status})
+    def record_command(self, command: str, decision: Decision, exit_status: int | None, *,
+                       ended: str | None = None) -> None:
+        """A ``command`` event: an exec or a line, its decision, and how it ended."""
+        data = {"channel": self.number, "command": self.ctx.masker.mask_text(command), "decision": decision.action,
+                "rule": decision.rule, "exit_status": exit_status}
+        if ended is not None:
+            data["ended"] = ended
+        self.ctx.session.record("command", data)
 
     # -- client -> upstream ----------------------------------------------------------------
     def _pause(self, reason: str) -> None:
@@ -301,23 +324,22 @@ class ProxyChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
             if not self._paused:
                 self.chan.resume_reading()  # may deliver buffered input at once (data_received)
 
-    def _hold(self) -> None:
+    def hold(self) -> None:
         """Input waits (a line under review, or for a fresh line): stop reading from the client."""
         self._holding = True
         self._pause("hold")
 
-    def _release(self) -> None:
-        queue, self._queue = self._queue, []
+    def release(self) -> None:
+        """Input flows again: what was queued is fed first, then reading from the client resumes."""
+        queue, self.queue = self.queue, []
         self._holding = False
         for data in queue:
             if self._holding:
-                self._queue.append(data)
+                self.queue.append(data)
             else:
                 self._input(data)
         if self._eof and not self._holding and self.up is not None:
-            self._piped_eof()
-            if not self._holding:
-                self.up.write_eof()
+            self._input_eof()
         if not self._holding:  # a replayed line may have started a new hold: then reading stays paused
             self._resume("hold")
 
@@ -325,116 +347,15 @@ class ProxyChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         assert self.up is not None
         if self.mode != "shell" or (self.pty is not None and self.out.fullscreen):
             self.up.write(data)
-            return
-        while data:
-            if self.pty is None:  # piped input: whole lines, forwarded only when allowed
-                head, nl, rest = data.partition(b"\n")
-                room = LINE_MAX - len(self._piped)
-                self._piped += head[:room]
-                self._piped_long = self._piped_long or len(head) > room
-                if not nl:
-                    return
-                line: Line | None = self._piped_line()
-            else:
-                if self.out.newlines != self._newlines:
-                    self._newlines = self.out.newlines
-                    self.editor.settled()
-                self.editor.bracketed = self.out.bracketed_paste
-                send, line, rest = self.editor.feed(data)
-                # past LINE_MAX the line is refused: keep it short (the line the Enter ended says so: the
-                # editor itself has moved on to a fresh line)
-                if send and not self.editor.overlong and not (line is not None and line.overlong):
-                    self.up.write(send)
-            if line is None or not self._line(line, rest):
-                return
-            data = rest
+        else:
+            self.lines.feed(data)
 
-    def _piped_line(self) -> Line:
-        text = self._piped.decode("utf-8", "replace").removesuffix("\r")
-        long, self._piped, self._piped_long = self._piped_long, bytearray(), False
-        return Line(text, opaque=long, overlong=long)
-
-    def _piped_eof(self) -> None:
-        if self.mode == "shell" and self.pty is None and (self._piped or self._piped_long):
-            self._line(self._piped_line(), b"")
-
-    def _line(self, line: Line, rest: bytes) -> bool:
-        """Decide one line; False when input is held (for review, or for a fresh line; ``rest`` queued)."""
+    def _input_eof(self) -> None:
         assert self.up is not None
-        enter = line.key if self.pty is not None else line.text.encode() + b"\n"
-        # Only a terminal can have a password prompt; the hidden line is still checked.
-        hidden = self.pty is not None and self.out.hide_next
-        if line.final:
-            self.out.hide_next = False
-        if not line.text.strip() and not line.opaque and not line.prefix.strip():
-            self.up.write(enter)
-            return True
-        guardrails = self.ctx.resource.guardrails
-        decision = self.ctx.guard.check(line.text)
-        if line.prefix:
-            decision = strictest([decision, self.ctx.guard.check(line.prefix + line.text)])
-        if line.overlong:  # hoop saw only the start of it, and did not forward the rest
-            decision = strictest([Decision("block", "line-length", f"the line is longer than {LINE_MAX // 1024} "
-                                           "KiB, which hoop does not check", line.text[:80]), decision])
-        if line.opaque:
-            decision = strictest([decision, unparsed(guardrails, "the line was changed by completion, history "
-                                                     "or editing keys hoop cannot follow; type it out in full",
-                                                     line.text[:80])])
-        if hidden and decision.needs_review:
-            decision = Decision("block", decision.rule, "a line typed after a password prompt is not sent for "
-                                "review", "[hidden]")
-        text = "[hidden]" if hidden else self.ctx.masker.mask_text(line.text)
-        if line.final or decision.action != "allow":
-            self.rec.input(text + "\r\n")
-        if decision.needs_review:
-            self._hold()
-            self._queue.insert(0, rest)
-            self._task = asyncio.create_task(self._held_line(line, decision, enter), name=self.label)
-            return False
-        if not self._finish_line(line, decision, enter, decision.reason, hidden):
-            self._queue.insert(0, rest)
-            return False
-        return True
-
-    async def _held_line(self, line: Line, decision: Decision, enter: bytes) -> None:
-        allowed = await self._review(decision, line.text)
-        if self._ending:  # the grant ended while the line waited: nothing more goes to the host
-            return
-        if allowed:
-            decision = Decision("allow", decision.rule, "approved", decision.subject)
-        if self._finish_line(line, decision, enter, "not approved", False):
-            self._release()
-
-    def _finish_line(self, line: Line, decision: Decision, enter: bytes, why: str, hidden: bool) -> bool:
-        """Send the line's key or refuse it; False when input now waits for a fresh line."""
-        assert self.up is not None
-        if line.final or decision.action != "allow":
-            self._record_command("[hidden]" if hidden else line.text, decision, None)
-        if decision.action == "allow":
-            self.up.write(enter)
-            return True
-        self.ctx.session.stats["blocked"] += 1
-        self._say(f"hoop: line refused: {why}")
-        if self.pty is None:
-            return True
-        # Kill the remote line without an Enter. The kill keys may be remapped (stty, bind), so the
-        # refused text stays in the editor as a prefix until the remote side prints a fresh line.
-        self.up.write(LINE_KILL)
-        self.editor.refused(line)
-        self._hold()
-        self._task = asyncio.create_task(self._fresh_line(self.out.newlines), name=self.label)
-        return False
-
-    async def _fresh_line(self, newlines: int) -> None:
-        """Hold input until the output shows a line feed after the refusal (or the wait is over)."""
-        try:
-            async with asyncio.timeout(FRESH_LINE_WAIT):
-                while self.out.newlines == newlines:
-                    self.out.printed.clear()
-                    await self.out.printed.wait()
-        except TimeoutError:
-            log.info("%s no fresh line after a refused line; its text stays checked", self.label)
-        self._release()
+        if self.mode == "shell":
+            self.lines.eof()
+        if not self._holding:
+            self.up.write_eof()
 
     # -- upstream -> client (data: OutputRelay) ---------------------------------------------
     def upstream_eof(self) -> None:
@@ -445,11 +366,13 @@ class ProxyChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
     def upstream_closed(self) -> None:
         self.out.close()
         up = self.up
-        if up is None or self._ending:
+        if up is None or self.ending:
             return
         status, signal = up.get_exit_status(), up.get_exit_signal()
-        if self.mode == "exec" and self._decision is not None:
-            self._record_command(self.command or "", self._decision, status)
+        if self.mode == "exec" and self._decision is not None and not self._exec_recorded:
+            self._exec_recorded = True
+            self.record_command(self.command or "", self._decision, status,
+                                ended=None if status is not None or signal is not None else "the host closed it")
         if self.out.done:
             return
         self.out.done = True
@@ -462,7 +385,8 @@ class ProxyChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
             self.chan.close()
 
     # -- helpers -----------------------------------------------------------------------------
-    def _say(self, text: str) -> None:
+    def say(self, text: str) -> None:
+        """Tell the user: on the terminal, or on stderr without one."""
         if self.out.done:
             return
         if self.pty is not None:
@@ -477,9 +401,10 @@ class ProxyChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
 
     def end(self, reason: str) -> None:
         """The session is over (grant ended): tell the user, close both halves."""
-        self._ending = True
+        self._record_end(reason)
+        self.ending = True
         self.out.close()
-        self._say(f"hoop: session closed: {reason}")
+        self.say(f"hoop: session closed: {reason}")
         if self.up is not None:
             self.up.close()
         if not self.out.done:

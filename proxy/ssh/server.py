@@ -6,8 +6,11 @@ Each client connection is a :class:`_Connection` (asyncssh's ``SSHServer`` hooks
 
 * Login: the SSH user name is the grant's login, optionally ``login+resource`` to pick one of
   several SSH resources; the password (or the single keyboard-interactive answer) is the
-  grant's secret. Both go to the gate (the broker's single access check). Any refusal is a
-  plain SSH authentication failure, so it tells a guesser nothing; the reason is logged.
+  grant's secret. Each attempt makes exactly one credential check (``gate.identify``), whether
+  or not the login exists, the resource is known, or the grant matches the first resource tried;
+  the grant's state and resources are then checked without I/O. Every refusal is the same SSH
+  authentication failure with the same banner (:data:`REFUSED_BANNER`), so it tells a guesser
+  nothing; the reason is logged.
 * After login: the session is opened on the hub (``on_end`` ends it) and the upstream
   connection is started (:mod:`proxy.ssh.upstream`); channels wait for it. A local timer at
   ``session.deadline`` ends the session too, even if no broker event arrives.
@@ -45,9 +48,13 @@ from proxy.ssh.channel import ProxyChannel
 from proxy.ssh.context import ChannelContext
 from proxy.ssh.hostkey import ensure_host_key
 
-__all__ = ["SshProxy"]
+__all__ = ["REFUSED_BANNER", "SshProxy"]
 
 log = logging.getLogger(__name__)
+
+#: What every refused login is told (once per connection), whatever the reason.
+REFUSED_BANNER = ("hoop: login refused: unknown login or wrong secret, or the grant has ended or is not for "
+                  "this resource\n")
 
 
 class SshProxy:
@@ -124,6 +131,7 @@ class _Connection(asyncssh.SSHServer):
         self._ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._early: list[dict[str, Any]] = []  # refusals seen before the session was open
         self.notices: list[str] = []  # told to the client on its next session channel
+        self._told_refusal = False  # the refusal banner goes out once per connection
 
     # -- authentication ----------------------------------------------------------------------
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
@@ -151,14 +159,20 @@ class _Connection(asyncssh.SSHServer):
         return "hoop", "Password: the secret of your hoop grant.", "", [("Password: ", False)]
 
     async def validate_kbdint_response(self, username: str, responses: Sequence[str]) -> bool:
-        return len(responses) == 1 and await self._login(username, responses[0])
+        # the credential check runs even for a malformed answer: a refusal costs the same either way
+        ok = await self._login(username, responses[0] if len(responses) == 1 else "")
+        return ok and len(responses) == 1
 
     async def _login(self, username: str, secret: str) -> bool:
         login, names = self.proxy.candidates(username)
-        why = "bad_credentials"
+        try:
+            grant = await self.proxy.gate.identify(login, secret)
+            why = "wrong_resource"
+        except Denied as exc:
+            names, why = [], exc.code
         for name in names:
             try:
-                self.grant = await self.proxy.gate.authenticate(login, secret, name)
+                self.grant = self.proxy.gate.authorize(grant, name)
             except Denied as exc:
                 why = exc.code
                 if exc.code == "wrong_resource":
@@ -169,6 +183,9 @@ class _Connection(asyncssh.SSHServer):
             log.info("%s login to %s from %s", self.label, name, self.peer)
             return True
         log.info("%s login refused for %r from %s: %s", self.label, login[:64], self.peer, why)
+        if not self._told_refusal and self.conn is not None:
+            self._told_refusal = True
+            self.conn.send_auth_banner(REFUSED_BANNER)
         return False
 
     async def auth_completed(self) -> None:

@@ -212,3 +212,13 @@ async def test_a_capped_transcript_says_when_it_read_only_the_first_events(servi
                            "hoop transcript s1 --full]\n")
     _, whole = await session_transcript(service, "s1", read_max=12)
     assert "SELECT 12" in whole.text and "only the first" not in whole.text
+
+
+def test_a_command_cut_short_says_how_it_ended() -> None:
+    events = [ev(1, "command", command="sleep 600", decision="allow", exit_status=None, ended="access expired"),
+              ev(2, "command", command="tail -f log", decision="allow", exit_status=None, ended="client disconnected"),
+              ev(3, "command", command="true", decision="allow", exit_status=0)]
+    text = render(GRANT, [(session("ssh"), events)], max_bytes=10_000).text
+    assert "$ sleep 600 → ended: access expired" in text
+    assert "$ tail -f log → ended: client disconnected" in text
+    assert "$ true → exit 0\n" in text

@@ -147,10 +147,10 @@ BYPASSES = [
     ("echo 'rm -rf /'", "harmless"),
     ("grep -r 'rm -rf /' .", "harmless"),
     ("echo '; rm -rf /'", "harmless"),
-    ("echo ';' rm -rf /", "caught"),  # a quoted lone operator is treated as live: stricter, never looser
+    ("echo ';' rm -rf /", "harmless"),  # a quoted operator is a word: bash runs only echo
     ("rm -rf $DIR/", "limit"),
     ("cd / && rm -rf *", "limit"),
-    ("alias x='rm -rf /'; x", "limit"),
+    ("alias x='rm -rf /'; x", "caught"),  # an alias definition goes to on_unparsed
     ("bash deploy.sh", "limit"),
     ("python3 -c 'import shutil; shutil.rmtree(\"/\")'", "limit"),
     ("ssh other 'rm -rf /'", "limit"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ from broker.model import Grant, Identity
 from broker.service import Service
 from broker.store import Store
 from proxy.access import Gate
+from proxy.contracts import AccessGate
 from proxy.sessions import SessionHub
 from proxy.ssh.server import SshProxy
 from tests.conftest import base_config
@@ -95,7 +96,9 @@ class Env:
                                       preferred_auth=("password",))
 
 
-async def start_env(up: Sshd, tmp: Path, config: HoopConfig) -> tuple[Env, Store]:
+async def start_env(up: Sshd, tmp: Path, config: HoopConfig,
+                    wrap_gate: Callable[[Gate], AccessGate] | None = None) -> tuple[Env, Store]:
+    """Start hoop's SSH proxy against ``up``; ``wrap_gate`` puts a test's gate around the real one."""
     store = Store.from_url(f"sqlite+aiosqlite:///{tmp / 'hoop.db'}")
     await store.migrate()
     clock = SystemClock()
@@ -108,7 +111,7 @@ async def start_env(up: Sshd, tmp: Path, config: HoopConfig) -> tuple[Env, Store
     bus.add(hub)
     bus.add(gate)
     environ = {"UPKEY": up.client_key.read_text()}
-    proxy = SshProxy(config, gate, hub, clock, environ, tmp / "state")
+    proxy = SshProxy(config, wrap_gate(gate) if wrap_gate else gate, hub, clock, environ, tmp / "state")
     port = await proxy.start("127.0.0.1", 0)
     return Env(up, config, service, hub, proxy, port, tmp / "state", notifier), store
 

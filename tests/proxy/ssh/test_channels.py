@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 from pathlib import Path
 
 import asyncssh
@@ -16,10 +18,31 @@ pytestmark = pytest.mark.ssh
 async def test_sftp_refused_by_default(env: Env) -> None:
     grant, secret = await env.grant()
     async with await env.client(grant.login, secret) as conn:
-        with pytest.raises(asyncssh.ChannelOpenError):
+        with pytest.raises(asyncssh.SFTPError):
             await conn.start_sftp_client()
     code, _, err = await env.ssh(grant.login, secret, f"scp -f {env.up.dir / 'secret.txt'}")
     assert code == 126 and b"allow.sftp" in err
+
+
+@pytest.mark.parametrize(("subsystem", "reason"), [("sftp", "allow.sftp is off on this resource"),
+                                                   ("netconf", "hoop relays no other subsystem")])
+async def test_refused_subsystem_gets_its_reason_and_126(env: Env, subsystem: str, reason: str) -> None:
+    grant, secret = await env.grant()
+    async with await env.client(grant.login, secret) as conn:
+        proc = await conn.create_process(subsystem=subsystem, encoding=None)
+        err = await asyncio.wait_for(proc.stderr.read(), 10)
+        await proc.wait_closed()
+    assert (proc.exit_status, err) == (126, f"hoop: subsystem {subsystem} refused: {reason}\n".encode())
+    argv = env.ssh_argv(grant.login, tty=False)
+    proc2 = await asyncio.create_subprocess_exec(*argv[:-1], "-s", argv[-1], subsystem,
+                                                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                                                 stderr=asyncio.subprocess.PIPE, env={**os.environ, "SSHPASS": secret})
+    _, err2 = await asyncio.wait_for(proc2.communicate(), 30)
+    assert proc2.returncode == 126 and reason.encode() in err2
+    await env.hub.flush()
+    async with env.service.store.tx() as tx:
+        events = [e for s in await tx.list_sessions() for e in await tx.events(s.id) if e.kind == "blocked"]
+    assert len(events) == 2 and all(reason in e.data["text"] for e in events)
 
 
 async def test_sftp_allowed_by_config(upstream: Sshd, tmp_path: Path) -> None:
