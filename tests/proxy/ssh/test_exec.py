@@ -46,7 +46,8 @@ async def test_exec_exit_signal_with_asyncssh(env: Env) -> None:
 async def test_blocked_exec_gets_126_and_never_runs(env: Env) -> None:
     grant, secret = await env.grant()
     marker = env.up.dir / "touched"
-    code, out, err = await env.ssh(grant.login, secret, f"touch {marker}; sudo rm -rf /")
+    # the test sshd runs as root on this machine: --preserve-root keeps a guard regression harmless
+    code, out, err = await env.ssh(grant.login, secret, f"touch {marker}; sudo rm -rf --preserve-root /")
     assert code == 126
     assert b"no-rm-root" in err and out == b""
     assert not marker.exists()
