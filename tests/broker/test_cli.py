@@ -570,3 +570,30 @@ def test_names_in_the_config_are_not_markup_and_a_state_dir_hoop_cannot_use_is_a
         out = run(args, env, cwd)
         assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
         assert str(cwd / "file" / "state") in out.stderr and "Not a directory" in out.stderr
+
+
+def test_what_serve_and_state_init_print_is_one_line_each(home: tuple[Path, dict[str, str]]) -> None:
+    """With stdout no terminal (a container, a pipe), rich folded these lines at 80 columns: `hoop serve`'s
+    start-up lines reached log collectors as two or three records, and `state init` split the TLS
+    fingerprint operators compare and the kubectl command they paste."""
+    cwd, env = home
+    made = run(["state", "init", "--dir", "keys"], env, cwd)
+    assert made.returncode == 0, made.stderr
+    lines = made.stdout.splitlines()
+    (tls,) = [line for line in lines if line.startswith("PostgreSQL TLS certificate ")]
+    assert len(tls.removeprefix("PostgreSQL TLS certificate SHA256:").split(":")) == 32, made.stdout
+    assert "several replicas: kubectl create secret generic hoop-state --from-file=keys (then see " \
+           "manifests/kubernetes/)" in lines
+    port = free_port()
+    env = {**env, "HOOP_HTTP_PORT": str(port), "HOOP_PG_PORT": "0", "HOOP_SSH_PORT": "0", "HOOP_HTTP_PROXY_PORT": "0"}
+
+    def probe() -> bool | None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2):
+                return True
+        except OSError:
+            return None
+
+    _, out, _ = _serve_until(env, cwd, probe)
+    assert "hoop: Slack disabled (set SLACK_BOT_TOKEN and SLACK_SIGNING_SECRET or SLACK_APP_TOKEN)" \
+           in out.splitlines(), out
