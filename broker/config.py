@@ -338,6 +338,14 @@ class Tls(_Model):
     #: secret as a bearer token, which must not cross a network in clear
     http_proxy: bool = False
 
+    @model_validator(mode="after")
+    def _pair(self) -> Tls:
+        # one without the other was ignored: hoop served a generated self-signed pair instead, and the
+        # clients that pinned the configured certificate failed with nothing in the config to say why
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("cert and key go together: set both, or neither for a generated self-signed pair")
+        return self
+
 
 class Agent(_Model):
     """A service identity (OIDC client-credentials subject) that may act as an agent."""

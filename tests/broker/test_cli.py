@@ -597,3 +597,26 @@ def test_what_serve_and_state_init_print_is_one_line_each(home: tuple[Path, dict
     _, out, _ = _serve_until(env, cwd, probe)
     assert "hoop: Slack disabled (set SLACK_BOT_TOKEN and SLACK_SIGNING_SECRET or SLACK_APP_TOKEN)" \
            in out.splitlines(), out
+
+
+def test_a_tls_pair_hoop_cannot_load_stops_serve_with_a_message(home: tuple[Path, dict[str, str]]) -> None:
+    """A configured certificate or key that is missing, or not one, was a FileNotFoundError or SSLError
+    traceback from the PostgreSQL proxy's start, after hoop had said it serves HTTP."""
+    cwd, env = home
+    env = {**env, "HOOP_HTTP_PORT": "0", "HOOP_PG_PORT": "0", "HOOP_SSH_PORT": "0", "HOOP_HTTP_PROXY_PORT": "0"}
+    assert run(["state", "init", "--dir", "pair"], env, cwd).returncode == 0
+    cert, key = cwd / "pair" / "pg-tls.crt", cwd / "pair" / "pg-tls.key"
+    (cwd / "junk.pem").write_text("not a certificate\n")
+    assert run(["state", "init", "--dir", "other"], env, cwd).returncode == 0
+    cases = [(cwd / "missing.crt", key, f"the certificate {cwd / 'missing.crt'}: No such file or directory"),
+             (cwd / "junk.pem", key, f"the certificate {cwd / 'junk.pem'}: not a PEM certificate"),
+             (cert, cwd / "missing.key", f"the key {cwd / 'missing.key'} of the certificate {cert}: No such file"),
+             (cert, cwd / "junk.pem", f"the key {cwd / 'junk.pem'} of the certificate {cert}: no PEM private key"),
+             (cert, cwd / "other" / "pg-tls.key",
+              f"the key {cwd / 'other' / 'pg-tls.key'} of the certificate {cert}: it is not this certificate's key")]
+    for cert_path, key_path, why in cases:
+        (cwd / "tls.yaml").write_text(yaml.safe_dump({**base_config(),
+                                                      "tls": {"cert": str(cert_path), "key": str(key_path)}}))
+        out = run(["serve", "--config", "tls.yaml"], env, cwd)
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+        assert f"tls: cannot load {why}" in out.stderr, out.stderr

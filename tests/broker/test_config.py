@@ -44,6 +44,9 @@ def _with_resource(**changes: Any) -> dict[str, Any]:
     (_with_resource(reminder_before=0), "resources[0](prod-db).reminder_before: duration 0 is not a positive"),
     (_with_resource(address="db.internal:543x"), "resources[0](prod-db).address: address 'db.internal:543x': port"),
     (_with_resource(address=":5432"), "resources[0](prod-db).address: address ':5432' has no host"),
+    # once ignored: hoop served a generated self-signed pair instead of the configured certificate
+    ({**base_config(), "tls": {"cert": "/etc/hoop/tls.crt"}}, "tls: cert and key go together"),
+    ({**base_config(), "tls": {"key": "/etc/hoop/tls.key"}}, "tls: cert and key go together"),
 ])
 def test_config_errors_name_key_and_reason(data: dict[str, Any], expected: str) -> None:
     with pytest.raises(ConfigError) as exc:
