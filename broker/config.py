@@ -35,12 +35,14 @@ _MAX_SECONDS = 366 * 86400
 
 
 def _duration(value: object) -> object:
+    if isinstance(value, bool):  # (pydantic would take true as 1 second: YAML reads yes, on and true so)
+        raise ValueError(f"duration {value!r} is not a duration; use e.g. 30m, 2h, 1h30m, or a number of seconds")
     if isinstance(value, str):
         try:
             return parse_duration(value)
         except InvalidInput as exc:
             raise ValueError(exc.message) from None
-    if isinstance(value, int | float) and not isinstance(value, bool):
+    if isinstance(value, int | float):
         # a bare number is seconds, held to the bounds of the text form (and timedelta's range)
         if not math.isfinite(value) or value <= 0:
             raise ValueError(f"duration {value!r} is not a positive number of seconds; use e.g. 30m, 2h, 1h30m")

@@ -42,6 +42,8 @@ def _with_resource(**changes: Any) -> dict[str, Any]:
     (_with_resource(pending_ttl=10**30), "resources[0](prod-db).pending_ttl: duration 10000"),
     (_with_resource(pending_ttl=-60), "resources[0](prod-db).pending_ttl: duration -60 is not a positive number"),
     (_with_resource(reminder_before=0), "resources[0](prod-db).reminder_before: duration 0 is not a positive"),
+    # once taken as 1 second (YAML reads `yes` and `on` as true too)
+    (_with_resource(request={"max_duration": True}), "request.max_duration: duration True is not a duration"),
     (_with_resource(address="db.internal:543x"), "resources[0](prod-db).address: address 'db.internal:543x': port"),
     (_with_resource(address=":5432"), "resources[0](prod-db).address: address ':5432' has no host"),
     # once ignored: hoop served a generated self-signed pair instead of the configured certificate
