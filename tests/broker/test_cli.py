@@ -196,16 +196,25 @@ def test_sessions_transcript_and_replay(home: tuple[Path, dict[str, str]]) -> No
                 SessionEvent("s1", 1, t0, "command", {"command": "cat app.env", "decision": "allow", "channel": 0}),
                 SessionEvent("s1", 2, t0, "output", {"t": 0.1, "data": "KEY=[secret]\r\n", "channel": 0}),
                 SessionEvent("s1", 3, t0, "output", {"t": 0.2, "data": "done\r\n", "channel": 0})])
+            await tx.insert_session(Session(id="s2", grant_id="g1", resource="prod-db", protocol="postgres",
+                                            login="a.b", chain=("alice@example.com",), client_addr="10.0.0.9:5000",
+                                            status=SessionStatus.CLOSED, opened_at=t0))
         await store.close()
 
     asyncio.run(seed())
-    listed = json.loads(run(["sessions", "--json"], env, cwd).stdout)
+    listed = json.loads(run(["sessions", "--resource", "web-1", "--json"], env, cwd).stdout)
     assert listed[0]["id"] == "s1" and listed[0]["close_reason"] == "access expired"
     shown = run(["transcript", "s1"], env, cwd)
     assert shown.returncode == 0 and "$ cat app.env" in shown.stdout and "KEY=[secret]" in shown.stdout
     assert "1 session(s)" in shown.stderr
     played = run(["replay", "s1", "--speed", "50"], env, cwd)
     assert played.returncode == 0 and played.stdout == "KEY=[secret]\ndone\n"  # text mode folds \r\n
+    # nothing to play was once an empty exit 0, as if played
+    for args, why in ((["s2"], "session s2 is a postgres session: only SSH sessions have a terminal recording"),
+                      (["s1", "--channel", "7"], "session s1 recorded no terminal output on channel 7")):
+        nothing = run(["replay", *args], env, cwd)
+        assert nothing.returncode == 1 and nothing.stdout == "", nothing.stdout
+        assert why in nothing.stderr and "Traceback" not in nothing.stderr, nothing.stderr
     missing = run(["transcript", "nope"], env, cwd)
     assert missing.returncode == 1 and "no session 'nope'" in missing.stderr and "Traceback" not in missing.stderr
 
