@@ -61,10 +61,16 @@ def test_check_warns_and_fails(home: tuple[Path, dict[str, str]]) -> None:
     data = base_config()
     data["resources"][0]["approval"] = [{"from": "dba", "count": 2}]
     data["resources"].append({"name": "open-db", "kind": "postgres", "address": "h:1", "credential": {"env": "NOPE"}})
+    # a block rule with another protocol's selector blocks nothing (once said nowhere)
+    data["resources"][0]["guardrails"] = {"rules": [{"name": "no-rm", "action": "block", "commands": ["rm *"]},
+                                                    {"name": "no-drop", "action": "block", "statements": ["drop"]}]}
     (cwd / "c.yaml").write_text(yaml.safe_dump(data))
     out = run(["check", "--config", "c.yaml"], env, cwd)
     assert out.returncode == 1
     text = " ".join(out.stdout.split())
+    assert ("prod-db: guardrails rule 'no-rm' never matches: commands is not read on a postgres resource (its "
+            "rules use statements, tables, functions)") in text
+    assert "'no-drop'" not in text
     assert "1 of dba" not in text and "2 of dba" in text
     assert "open-db: reachable WITHOUT approval" in text
     assert "env:NOPE is not set" in text
