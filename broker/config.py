@@ -68,6 +68,16 @@ class SecretRef(_Model):
     env: str | None = None
     file: Path | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _a_reference(cls, value: object) -> object:
+        # pydantic said "Input should be a valid dictionary or instance of SecretRef"; the value itself is
+        # never repeated, since what was written inline may well be the secret
+        if isinstance(value, str | int | float | bool | list):
+            raise ValueError("a secret is given by reference, {env: NAME} or {file: PATH}, never written in the "
+                             "config")
+        return value
+
     @model_validator(mode="after")
     def _exactly_one(self) -> SecretRef:
         if (self.env is None) == (self.file is None):

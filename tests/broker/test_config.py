@@ -25,7 +25,9 @@ def _with_resource(**changes: Any) -> dict[str, Any]:
     (_with_resource(approval=[{"from": "nobody", "count": 1}]), "approval step names unknown group 'nobody'"),
     (_with_resource(approval=[{"from": "dba", "count": 0}]), "resources[0](prod-db).approval[0].count"),
     (_with_resource(credential={"env": "X", "file": "/y"}), "exactly one of {env: NAME} or {file: PATH}"),
-    (_with_resource(credential="hunter2"), "resources[0](prod-db).credential"),
+    (_with_resource(credential="hunter2"), "resources[0](prod-db).credential: a secret is given by reference, "
+                                           "{env: NAME} or {file: PATH}, never written in the config"),
+    ({**base_config(), "masking_key": 12345}, "masking_key: a secret is given by reference"),
     (_with_resource(request={"max_duration": "10x"}), "resources[0](prod-db).request.max_duration: duration '10x'"),
     (_with_resource(request={"default_duration": "5h", "max_duration": "1h"}), "default_duration is longer"),
     (_with_resource(guardrails={"rules": [{"name": "r", "action": "block"}]}), "rule 'r' has no selector"),
@@ -55,6 +57,7 @@ def test_config_errors_name_key_and_reason(data: dict[str, Any], expected: str) 
         parse_config(data, source="hoop.yaml")
     assert exc.value.message.startswith("hoop.yaml: ")
     assert expected in exc.value.message
+    assert "hunter2" not in exc.value.message and "12345" not in exc.value.message
 
 
 def test_yaml_syntax_error_has_line(tmp_path: Path) -> None:
