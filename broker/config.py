@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -242,6 +243,22 @@ def _host_port(address: str) -> str:
     return address
 
 
+def _base_url(address: str) -> str:
+    """An http resource's ``http(s)://host[:port][/prefix]``, as the HTTP proxy reads it: anything else was
+    accepted and made every request a 502, so it fails at start instead, naming the key."""
+    parts = urlsplit(address)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"address {address!r} is not an http:// or https:// base URL (e.g. "
+                         "https://api.internal:8443/v1)")
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0:
+        raise ValueError(f"address {address!r}: the port is not a number from 1 to 65535")
+    return address
+
+
 class PostgresResource(_ResourceBase):
     kind: Literal["postgres"]
     address: Annotated[str, AfterValidator(_host_port)]
@@ -311,6 +328,7 @@ class UpstreamTls(_Model):
 
 class HttpResource(_ResourceBase):
     kind: Literal["http"]
+    address: Annotated[str, AfterValidator(_base_url)]
     auth: Literal["bearer", "basic", "header", "none"] = "bearer"
     header: str | None = Field(default=None, description="header name when auth is 'header'")
     username: str | None = Field(default=None, description="user name when auth is 'basic'")

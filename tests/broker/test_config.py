@@ -48,6 +48,12 @@ def _with_resource(**changes: Any) -> dict[str, Any]:
     (_with_resource(request={"max_duration": True}), "request.max_duration: duration True is not a duration"),
     (_with_resource(address="db.internal:543x"), "resources[0](prod-db).address: address 'db.internal:543x': port"),
     (_with_resource(address=":5432"), "resources[0](prod-db).address: address ':5432' has no host"),
+    # once accepted, and every request through the HTTP proxy was a 502
+    *[({**base_config(), "resources": [{"name": "api", "kind": "http", "address": address, "auth": "none"}]},
+       f"resources[0](api).address: address {address!r}{why}")
+      for address, why in (("api.internal:8443", " is not an http:// or https:// base URL"),
+                           ("ftp://files.internal", " is not an http:// or https:// base URL"),
+                           ("https://api.internal:99999", ": the port is not a number from 1 to 65535"))],
     # once ignored: hoop served a generated self-signed pair instead of the configured certificate
     ({**base_config(), "tls": {"cert": "/etc/hoop/tls.crt"}}, "tls: cert and key go together"),
     ({**base_config(), "tls": {"key": "/etc/hoop/tls.key"}}, "tls: cert and key go together"),
