@@ -15,6 +15,10 @@ from broker.errors import ConfigError
 from broker.render import cell
 from broker.terminal import one_line
 
+#: the rule selectors each kind of resource's guard reads; a rule naming another kind's never matches
+_SELECTORS = {"postgres": ("statements", "tables", "functions"), "ssh": ("commands",), "http": ("methods", "paths")}
+_ALL_SELECTORS = tuple(name for names in _SELECTORS.values() for name in names)
+
 
 @dataclass(frozen=True)
 class Finding:
@@ -59,6 +63,15 @@ def findings(config: HoopConfig, environ: Mapping[str, str]) -> list[Finding]:
                 out.append(Finding("error", res.name, f"{key}: {exc.message}"))
         if not res.channel:
             out.append(Finding("warning", res.name, "no Slack channel: request cards have nowhere to go"))
+        for rule in res.guardrails.rules:
+            # (the guard skips such a rule by design: a commands rule says nothing about SQL; but a block
+            # rule written with the wrong selector then blocks nothing, and nothing said so)
+            foreign = [name for name in _ALL_SELECTORS if getattr(rule, name) and name not in _SELECTORS[res.kind]]
+            if foreign:
+                out.append(Finding("warning", res.name,
+                                   f"guardrails rule {rule.name!r} never matches: {' and '.join(foreign)} "
+                                   f"{'is' if len(foreign) == 1 else 'are'} not read on a {res.kind} resource "
+                                   f"(its rules use {', '.join(_SELECTORS[res.kind])})"))
         if res.kind == "postgres" and res.guardrails.on_unparsed == "allow":
             out.append(Finding("warning", res.name, "guardrails.on_unparsed is allow: unparseable SQL passes"))
     if not config.groups[config.admins].members and not config.groups[config.admins].slack_usergroup:

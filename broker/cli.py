@@ -132,7 +132,14 @@ def _root(version: Annotated[bool, typer.Option("--version", callback=_version, 
 def serve(config: ConfigOpt = None) -> None:
     """Run the broker: HTTP server (health, metrics, Slack, API), proxies and scheduler."""
     cfg, settings = _load(config)
-    _run(lambda: serve_forever(cfg, settings, lambda line: out.print(line, markup=False)))  # (URLs, hosts: no markup)
+    _run(lambda: serve_forever(cfg, settings, _say))
+
+
+def _say(line: str) -> None:
+    """One line of what a command did, whole: a log collector (``hoop serve`` in a container, where stdout
+    is no terminal and rich folds at 80 columns) keeps each line as one record, and a fingerprint or a
+    command folded in two cannot be compared or pasted. No markup: URLs, hosts and paths are not rich's."""
+    out.print(line, markup=False, soft_wrap=True)
 
 
 @app.command()
@@ -173,13 +180,13 @@ def state_init(config: ConfigOpt = None,
         raise ConfigError(f"{folder}: cannot make or read the keys there: {exc}") from None
     for name in names:
         if (folder / name).exists():
-            out.print(f"{'kept   ' if name in before else 'created'} {folder / name}", markup=False)
+            _say(f"{'kept   ' if name in before else 'created'} {folder / name}")
     if cfg.masking_key is not None:
-        out.print("masking key: from the config (masking_key), not a file", markup=False)
-    out.print(f"SSH host key {ssh_key.get_fingerprint()}\nPostgreSQL TLS certificate {tls.fingerprint}",
-              markup=False)
-    out.print(f"several replicas: kubectl create secret generic hoop-state --from-file={folder} "
-              "(then see manifests/kubernetes/)", markup=False)
+        _say("masking key: from the config (masking_key), not a file")
+    _say(f"SSH host key {ssh_key.get_fingerprint()}")
+    _say(f"PostgreSQL TLS certificate {tls.fingerprint}")
+    _say(f"several replicas: kubectl create secret generic hoop-state --from-file={folder} "
+         "(then see manifests/kubernetes/)")
 
 
 @db_app.command("upgrade")
@@ -222,8 +229,7 @@ def breakglass(
         sys.stdout.write(json.dumps(data) + "\n")
         return
     out.print("[bold red]BREAK-GLASS[/] ", end="")
-    out.print(one_line(f"grant {data['grant']} for {identity} on {resource} until {data['expires_at']}"),
-              markup=False)
+    _say(one_line(f"grant {data['grant']} for {identity} on {resource} until {data['expires_at']}"))
     # soft_wrap: a secret or a connection command folded at the terminal's width breaks when pasted
     out.print(f"login:  {data['login']}\nsecret: {data['secret']}   (shown once)", markup=False, soft_wrap=True)
     for key, hint in data["hints"].items():
@@ -244,7 +250,7 @@ def revoke(
 ) -> None:
     """Revoke a grant now; its live sessions are closed. Locally with --as, or through --api."""
     if api:
-        out.print(one_line(f"grant {revoke_via_api(api, token, grant, reason)['id']} revoked"), markup=False)
+        _say(one_line(f"grant {revoke_via_api(api, token, grant, reason)['id']} revoked"))
         return
     if not as_:  # a usage error (exit 2), as 'hoop status' without --api is: nobody is assumed to be revoking
         err.print("error: say who you are with --as EMAIL (revoking locally), or revoke through the API with "
@@ -255,7 +261,7 @@ def revoke(
         g = await rt.service.revoke(grant, _actor(rt, as_), reason)
         return f"grant {g.id} revoked"
 
-    out.print(_run(lambda: _with_runtime(config, go, slack=True)))
+    _say(_run(lambda: _with_runtime(config, go, slack=True)))
 
 
 @app.command()

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -35,12 +36,14 @@ _MAX_SECONDS = 366 * 86400
 
 
 def _duration(value: object) -> object:
+    if isinstance(value, bool):  # (pydantic would take true as 1 second: YAML reads yes, on and true so)
+        raise ValueError(f"duration {value!r} is not a duration; use e.g. 30m, 2h, 1h30m, or a number of seconds")
     if isinstance(value, str):
         try:
             return parse_duration(value)
         except InvalidInput as exc:
             raise ValueError(exc.message) from None
-    if isinstance(value, int | float) and not isinstance(value, bool):
+    if isinstance(value, int | float):
         # a bare number is seconds, held to the bounds of the text form (and timedelta's range)
         if not math.isfinite(value) or value <= 0:
             raise ValueError(f"duration {value!r} is not a positive number of seconds; use e.g. 30m, 2h, 1h30m")
@@ -65,6 +68,16 @@ class SecretRef(_Model):
 
     env: str | None = None
     file: Path | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _a_reference(cls, value: object) -> object:
+        # pydantic said "Input should be a valid dictionary or instance of SecretRef"; the value itself is
+        # never repeated, since what was written inline may well be the secret
+        if isinstance(value, str | int | float | bool | list):
+            raise ValueError("a secret is given by reference, {env: NAME} or {file: PATH}, never written in the "
+                             "config")
+        return value
 
     @model_validator(mode="after")
     def _exactly_one(self) -> SecretRef:
@@ -230,6 +243,22 @@ def _host_port(address: str) -> str:
     return address
 
 
+def _base_url(address: str) -> str:
+    """An http resource's ``http(s)://host[:port][/prefix]``, as the HTTP proxy reads it: anything else was
+    accepted and made every request a 502, so it fails at start instead, naming the key."""
+    parts = urlsplit(address)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"address {address!r} is not an http:// or https:// base URL (e.g. "
+                         "https://api.internal:8443/v1)")
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0:
+        raise ValueError(f"address {address!r}: the port is not a number from 1 to 65535")
+    return address
+
+
 class PostgresResource(_ResourceBase):
     kind: Literal["postgres"]
     address: Annotated[str, AfterValidator(_host_port)]
@@ -299,6 +328,7 @@ class UpstreamTls(_Model):
 
 class HttpResource(_ResourceBase):
     kind: Literal["http"]
+    address: Annotated[str, AfterValidator(_base_url)]
     auth: Literal["bearer", "basic", "header", "none"] = "bearer"
     header: str | None = Field(default=None, description="header name when auth is 'header'")
     username: str | None = Field(default=None, description="user name when auth is 'basic'")
@@ -337,6 +367,14 @@ class Tls(_Model):
     #: serve the HTTP proxy over TLS (https) with the same certificate: its clients present their grant
     #: secret as a bearer token, which must not cross a network in clear
     http_proxy: bool = False
+
+    @model_validator(mode="after")
+    def _pair(self) -> Tls:
+        # one without the other was ignored: hoop served a generated self-signed pair instead, and the
+        # clients that pinned the configured certificate failed with nothing in the config to say why
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("cert and key go together: set both, or neither for a generated self-signed pair")
+        return self
 
 
 class Agent(_Model):

@@ -155,6 +155,10 @@ class Reviews:
                            "was refused", code="timed_out")
         return review
 
+    async def get(self, review_id: str) -> Review | None:
+        async with self.service.store.tx() as tx:
+            return await tx.get_review(review_id)
+
     async def set_message(self, review_id: str, channel: str, ts: str) -> None:
         async with self.service.store.tx() as tx:
             review = await tx.get_review(review_id)

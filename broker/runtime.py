@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, InvalidRequestError
 
 from broker.clock import Clock, SystemClock
 from broker.config import HoopConfig, PostgresResource, Settings
@@ -75,7 +75,9 @@ def open_store(settings: Settings) -> Store:
     :class:`ConfigError` naming it (password hidden), not a driver's traceback."""
     try:
         return Store.from_url(settings.database_url)
-    except (ArgumentError, ValueError, ImportError) as exc:  # a malformed URL, a bad port, an unknown driver
+    except (ArgumentError, InvalidRequestError, ValueError, ImportError) as exc:
+        # a malformed URL, a bad port, an unknown driver, or a driver that is not async
+        # (sqlite:///hoop.db loads pysqlite, which the asyncio engine refuses)
         raise ConfigError(f"HOOP_DATABASE_URL {redact_url(settings.database_url)} is not a usable store URL "
                           f"({type(exc).__name__}: {exc}); e.g. postgresql+asyncpg://USER:PASSWORD@HOST/DB "
                           "or sqlite+aiosqlite:///hoop.db") from None

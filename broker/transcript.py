@@ -188,7 +188,9 @@ class SessionLines:
                 lines.append(_body_line(str(d["resp_body"]), self.rest))
         elif e.kind == "review":
             if "decision" in d:
-                lines.append(f"{t} review {d.get('review')}: {d['decision']}")
+                by = f" by {d['by']}" if d.get("by") else ""
+                said = "timed out: no approver decided in time" if d["decision"] == "timed_out" else d["decision"]
+                lines.append(f"{t} review {d.get('review')}: {said}{by}")
             else:
                 counts.reviewed += 1
                 lines.append(f"{t} HELD for review [rule {d.get('rule')}]: {d.get('text', '')}")

@@ -148,7 +148,15 @@ class LiveSession:
                                     rule=rule, timeout=timedelta(seconds=timeout))
         self.record("review", {"review": review.id, "text": text, "rule": rule})
         allowed = await reviews.wait(review)
-        self.record("review", {"review": review.id, "decision": "allowed" if allowed else "refused"})
+        # the review's own record says how it ended: a timeout was once recorded as "refused", and the
+        # transcript then told its reader an approver had refused what nobody had looked at
+        decided = await reviews.get(review.id)
+        outcome: dict[str, Any] = {"review": review.id, "decision": "allowed" if allowed else "refused"}
+        if not allowed and decided is not None and decided.status == "timed_out":
+            outcome["decision"] = "timed_out"
+        elif decided is not None and decided.decided_by:
+            outcome["by"] = decided.decided_by
+        self.record("review", outcome)
         return allowed
 
     async def close(self, reason: str) -> None:

@@ -90,7 +90,9 @@ def _read_only(decision: Decision) -> Decision:
 
 
 def _refused(decision: Decision) -> Decision:
-    return Decision("block", decision.rule, "review refused", decision.subject)
+    # (as the SSH and HTTP proxies say it: the wait may have ended with no approver deciding in time)
+    return Decision("block", decision.rule, "not approved: refused, or no approver decided within the review "
+                                            "timeout", decision.subject)
 
 
 def _shown(text: str, marks: tuple[Mark, ...] | list[Mark], name: str) -> str:

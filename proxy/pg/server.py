@@ -287,7 +287,12 @@ class PgProxy:
                 up.transport.close()
                 raise UpstreamError(unsafe)
         except HoopError as exc:
-            await session.close("the database refused hoop")
+            # said to the operator too, and kept as the session's close reason: once only the client heard
+            # why (a credential variable missing from hoop serve's environment, a database down), and the
+            # session said "the database refused hoop" whatever the cause
+            log.warning("conn=%s grant=%s user=%s resource=%s upstream session not opened: %s", conn, grant.id,
+                        grant.login, resource.name, exc.message)
+            await session.close(f"upstream session not opened: {exc.message}")
             raise _Refusal("08006", f"hoop: {exc.message}") from None
         except BaseException:
             await session.close("set-up interrupted")

@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from broker.config import Tls
+from broker.errors import ConfigError
 from proxy.pg.scram import tls_server_end_point
 
 log = logging.getLogger(__name__)
@@ -52,8 +53,21 @@ def _generate(cert_path: Path, key_path: Path) -> None:
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
 
+def _why(exc: Exception) -> str:
+    """What went wrong with a file, in words (OpenSSL's own reason when it gives one)."""
+    if isinstance(exc, ssl.SSLError):
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            return "it is not this certificate's key"
+        return str(exc.reason) if exc.reason else "no PEM private key in it"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return "not a PEM certificate"
+
+
 def server_tls(config: Tls, state_dir: Path) -> ServerTls:
-    """Load ``config.cert``/``config.key``, or generate (once) a self-signed pair in ``state_dir``."""
+    """Load ``config.cert``/``config.key``, or generate (once) a self-signed pair in ``state_dir``. A pair that
+    cannot be loaded is a :class:`ConfigError` naming both files (never a key's content), so ``hoop serve``
+    stops at start with a message, not a traceback."""
     if config.cert is not None and config.key is not None:
         cert_path, key_path = config.cert, config.key
     else:
@@ -63,8 +77,15 @@ def server_tls(config: Tls, state_dir: Path) -> ServerTls:
             log.info("generated a self-signed certificate for the PostgreSQL proxy: %s", cert_path)
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(cert_path, key_path)
-    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    try:
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    except (OSError, ValueError) as exc:  # missing, unreadable, not PEM
+        raise ConfigError(f"tls: cannot load the certificate {cert_path}: {_why(exc)}") from None
+    try:
+        ctx.load_cert_chain(cert_path, key_path)
+    except OSError as exc:  # (ssl.SSLError too) missing, unreadable, no key, another certificate's key
+        raise ConfigError(f"tls: cannot load the key {key_path} of the certificate {cert_path}: {_why(exc)}") \
+            from None
     der = cert.public_bytes(serialization.Encoding.DER)
     digest = hashlib.sha256(der).hexdigest()
     fingerprint = "SHA256:" + ":".join(digest[i:i + 2] for i in range(0, len(digest), 2))

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, cast
 
 from broker.config import PostgresResource
-from broker.errors import UpstreamError
+from broker.errors import ConfigError, UpstreamError
 from broker.model import Grant
 from proxy.pg import codec
 from proxy.pg.messages import (
@@ -134,6 +134,9 @@ class StaticCredentials:
             return resource.user, ""
         try:
             return resource.user, resource.credential.resolve(self.environ)
+        except ConfigError as exc:  # names the reference (env:NAME, file:PATH) and why, never a value
+            raise UpstreamError(f"the upstream credential of {resource.name} is not available: {exc.message}") \
+                from None
         except Exception:
             raise UpstreamError(f"the upstream credential of {resource.name} is not available") from None
 

@@ -165,13 +165,24 @@ def replay_command(
 ) -> None:
     """Play a recorded SSH session in this terminal (masked, as it was recorded)."""
     from broker.cli import _run, _with_runtime
-    from broker.errors import NotFound
+    from broker.errors import InvalidInput, NotFound
 
     async def go(rt: Runtime) -> list[tuple[float, str, str]]:
+        # (a session with nothing to play said nothing and exited 0, as if it had been played)
         async with rt.store.tx() as tx:
-            if await tx.get_session(session) is None:
+            row = await tx.get_session(session)
+            if row is None:
                 raise NotFound(f"no session {session!r}", code="no_session")
-            return cast_events(await tx.events(session), channel)
+            if row.protocol != "ssh":
+                raise InvalidInput(f"session {session} is a {row.protocol} session: only SSH sessions have a terminal "
+                                   f"recording to replay; hoop transcript {session} prints what it did",
+                                   code="not_ssh")
+            events = cast_events(await tx.events(session), channel)
+        if not events:
+            on = f" on channel {channel}" if channel is not None else ""
+            raise NotFound(f"session {session} recorded no terminal output{on}; hoop transcript {session} prints "
+                           "what it did", code="no_output")
+        return events
 
     events = _run(lambda: _with_runtime(config, go))
 

@@ -61,10 +61,16 @@ def test_check_warns_and_fails(home: tuple[Path, dict[str, str]]) -> None:
     data = base_config()
     data["resources"][0]["approval"] = [{"from": "dba", "count": 2}]
     data["resources"].append({"name": "open-db", "kind": "postgres", "address": "h:1", "credential": {"env": "NOPE"}})
+    # a block rule with another protocol's selector blocks nothing (once said nowhere)
+    data["resources"][0]["guardrails"] = {"rules": [{"name": "no-rm", "action": "block", "commands": ["rm *"]},
+                                                    {"name": "no-drop", "action": "block", "statements": ["drop"]}]}
     (cwd / "c.yaml").write_text(yaml.safe_dump(data))
     out = run(["check", "--config", "c.yaml"], env, cwd)
     assert out.returncode == 1
     text = " ".join(out.stdout.split())
+    assert ("prod-db: guardrails rule 'no-rm' never matches: commands is not read on a postgres resource (its "
+            "rules use statements, tables, functions)") in text
+    assert "'no-drop'" not in text
     assert "1 of dba" not in text and "2 of dba" in text
     assert "open-db: reachable WITHOUT approval" in text
     assert "env:NOPE is not set" in text
@@ -196,16 +202,25 @@ def test_sessions_transcript_and_replay(home: tuple[Path, dict[str, str]]) -> No
                 SessionEvent("s1", 1, t0, "command", {"command": "cat app.env", "decision": "allow", "channel": 0}),
                 SessionEvent("s1", 2, t0, "output", {"t": 0.1, "data": "KEY=[secret]\r\n", "channel": 0}),
                 SessionEvent("s1", 3, t0, "output", {"t": 0.2, "data": "done\r\n", "channel": 0})])
+            await tx.insert_session(Session(id="s2", grant_id="g1", resource="prod-db", protocol="postgres",
+                                            login="a.b", chain=("alice@example.com",), client_addr="10.0.0.9:5000",
+                                            status=SessionStatus.CLOSED, opened_at=t0))
         await store.close()
 
     asyncio.run(seed())
-    listed = json.loads(run(["sessions", "--json"], env, cwd).stdout)
+    listed = json.loads(run(["sessions", "--resource", "web-1", "--json"], env, cwd).stdout)
     assert listed[0]["id"] == "s1" and listed[0]["close_reason"] == "access expired"
     shown = run(["transcript", "s1"], env, cwd)
     assert shown.returncode == 0 and "$ cat app.env" in shown.stdout and "KEY=[secret]" in shown.stdout
     assert "1 session(s)" in shown.stderr
     played = run(["replay", "s1", "--speed", "50"], env, cwd)
     assert played.returncode == 0 and played.stdout == "KEY=[secret]\ndone\n"  # text mode folds \r\n
+    # nothing to play was once an empty exit 0, as if played
+    for args, why in ((["s2"], "session s2 is a postgres session: only SSH sessions have a terminal recording"),
+                      (["s1", "--channel", "7"], "session s1 recorded no terminal output on channel 7")):
+        nothing = run(["replay", *args], env, cwd)
+        assert nothing.returncode == 1 and nothing.stdout == "", nothing.stdout
+        assert why in nothing.stderr and "Traceback" not in nothing.stderr, nothing.stderr
     missing = run(["transcript", "nope"], env, cwd)
     assert missing.returncode == 1 and "no session 'nope'" in missing.stderr and "Traceback" not in missing.stderr
 
@@ -570,3 +585,53 @@ def test_names_in_the_config_are_not_markup_and_a_state_dir_hoop_cannot_use_is_a
         out = run(args, env, cwd)
         assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
         assert str(cwd / "file" / "state") in out.stderr and "Not a directory" in out.stderr
+
+
+def test_what_serve_and_state_init_print_is_one_line_each(home: tuple[Path, dict[str, str]]) -> None:
+    """With stdout no terminal (a container, a pipe), rich folded these lines at 80 columns: `hoop serve`'s
+    start-up lines reached log collectors as two or three records, and `state init` split the TLS
+    fingerprint operators compare and the kubectl command they paste."""
+    cwd, env = home
+    made = run(["state", "init", "--dir", "keys"], env, cwd)
+    assert made.returncode == 0, made.stderr
+    lines = made.stdout.splitlines()
+    (tls,) = [line for line in lines if line.startswith("PostgreSQL TLS certificate ")]
+    assert len(tls.removeprefix("PostgreSQL TLS certificate SHA256:").split(":")) == 32, made.stdout
+    assert "several replicas: kubectl create secret generic hoop-state --from-file=keys (then see " \
+           "manifests/kubernetes/)" in lines
+    port = free_port()
+    env = {**env, "HOOP_HTTP_PORT": str(port), "HOOP_PG_PORT": "0", "HOOP_SSH_PORT": "0", "HOOP_HTTP_PROXY_PORT": "0"}
+
+    def probe() -> bool | None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2):
+                return True
+        except OSError:
+            return None
+
+    _, out, _ = _serve_until(env, cwd, probe)
+    assert "hoop: Slack disabled (set SLACK_BOT_TOKEN and SLACK_SIGNING_SECRET or SLACK_APP_TOKEN)" \
+           in out.splitlines(), out
+
+
+def test_a_tls_pair_hoop_cannot_load_stops_serve_with_a_message(home: tuple[Path, dict[str, str]]) -> None:
+    """A configured certificate or key that is missing, or not one, was a FileNotFoundError or SSLError
+    traceback from the PostgreSQL proxy's start, after hoop had said it serves HTTP."""
+    cwd, env = home
+    env = {**env, "HOOP_HTTP_PORT": "0", "HOOP_PG_PORT": "0", "HOOP_SSH_PORT": "0", "HOOP_HTTP_PROXY_PORT": "0"}
+    assert run(["state", "init", "--dir", "pair"], env, cwd).returncode == 0
+    cert, key = cwd / "pair" / "pg-tls.crt", cwd / "pair" / "pg-tls.key"
+    (cwd / "junk.pem").write_text("not a certificate\n")
+    assert run(["state", "init", "--dir", "other"], env, cwd).returncode == 0
+    cases = [(cwd / "missing.crt", key, f"the certificate {cwd / 'missing.crt'}: No such file or directory"),
+             (cwd / "junk.pem", key, f"the certificate {cwd / 'junk.pem'}: not a PEM certificate"),
+             (cert, cwd / "missing.key", f"the key {cwd / 'missing.key'} of the certificate {cert}: No such file"),
+             (cert, cwd / "junk.pem", f"the key {cwd / 'junk.pem'} of the certificate {cert}: no PEM private key"),
+             (cert, cwd / "other" / "pg-tls.key",
+              f"the key {cwd / 'other' / 'pg-tls.key'} of the certificate {cert}: it is not this certificate's key")]
+    for cert_path, key_path, why in cases:
+        (cwd / "tls.yaml").write_text(yaml.safe_dump({**base_config(),
+                                                      "tls": {"cert": str(cert_path), "key": str(key_path)}}))
+        out = run(["serve", "--config", "tls.yaml"], env, cwd)
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+        assert f"tls: cannot load {why}" in out.stderr, out.stderr

@@ -25,7 +25,9 @@ def _with_resource(**changes: Any) -> dict[str, Any]:
     (_with_resource(approval=[{"from": "nobody", "count": 1}]), "approval step names unknown group 'nobody'"),
     (_with_resource(approval=[{"from": "dba", "count": 0}]), "resources[0](prod-db).approval[0].count"),
     (_with_resource(credential={"env": "X", "file": "/y"}), "exactly one of {env: NAME} or {file: PATH}"),
-    (_with_resource(credential="hunter2"), "resources[0](prod-db).credential"),
+    (_with_resource(credential="hunter2"), "resources[0](prod-db).credential: a secret is given by reference, "
+                                           "{env: NAME} or {file: PATH}, never written in the config"),
+    ({**base_config(), "masking_key": 12345}, "masking_key: a secret is given by reference"),
     (_with_resource(request={"max_duration": "10x"}), "resources[0](prod-db).request.max_duration: duration '10x'"),
     (_with_resource(request={"default_duration": "5h", "max_duration": "1h"}), "default_duration is longer"),
     (_with_resource(guardrails={"rules": [{"name": "r", "action": "block"}]}), "rule 'r' has no selector"),
@@ -42,14 +44,26 @@ def _with_resource(**changes: Any) -> dict[str, Any]:
     (_with_resource(pending_ttl=10**30), "resources[0](prod-db).pending_ttl: duration 10000"),
     (_with_resource(pending_ttl=-60), "resources[0](prod-db).pending_ttl: duration -60 is not a positive number"),
     (_with_resource(reminder_before=0), "resources[0](prod-db).reminder_before: duration 0 is not a positive"),
+    # once taken as 1 second (YAML reads `yes` and `on` as true too)
+    (_with_resource(request={"max_duration": True}), "request.max_duration: duration True is not a duration"),
     (_with_resource(address="db.internal:543x"), "resources[0](prod-db).address: address 'db.internal:543x': port"),
     (_with_resource(address=":5432"), "resources[0](prod-db).address: address ':5432' has no host"),
+    # once accepted, and every request through the HTTP proxy was a 502
+    *[({**base_config(), "resources": [{"name": "api", "kind": "http", "address": address, "auth": "none"}]},
+       f"resources[0](api).address: address {address!r}{why}")
+      for address, why in (("api.internal:8443", " is not an http:// or https:// base URL"),
+                           ("ftp://files.internal", " is not an http:// or https:// base URL"),
+                           ("https://api.internal:99999", ": the port is not a number from 1 to 65535"))],
+    # once ignored: hoop served a generated self-signed pair instead of the configured certificate
+    ({**base_config(), "tls": {"cert": "/etc/hoop/tls.crt"}}, "tls: cert and key go together"),
+    ({**base_config(), "tls": {"key": "/etc/hoop/tls.key"}}, "tls: cert and key go together"),
 ])
 def test_config_errors_name_key_and_reason(data: dict[str, Any], expected: str) -> None:
     with pytest.raises(ConfigError) as exc:
         parse_config(data, source="hoop.yaml")
     assert exc.value.message.startswith("hoop.yaml: ")
     assert expected in exc.value.message
+    assert "hunter2" not in exc.value.message and "12345" not in exc.value.message
 
 
 def test_yaml_syntax_error_has_line(tmp_path: Path) -> None:

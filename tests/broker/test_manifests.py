@@ -115,3 +115,39 @@ def test_every_referenced_secret_is_in_the_secret_and_nothing_runs_as_root() -> 
         assert c["securityContext"]["allowPrivilegeEscalation"] is False
         assert c["securityContext"]["readOnlyRootFilesystem"] is True
         assert {"secretRef": {"name": secret["metadata"]["name"]}} in c["envFrom"]
+
+
+#: the bot scope each Slack Web API method hoop calls needs (docs.slack.dev/reference/methods); views.open
+#: and views.publish need none
+_METHOD_SCOPES = {
+    "chat_postMessage": "chat:write", "chat_postEphemeral": "chat:write", "chat_update": "chat:write",
+    "conversations_open": "im:write", "users_info": "users:read", "users_lookupByEmail": "users:read.email",
+    "usergroups_users_list": "usergroups:read", "reactions_get": "reactions:read", "files_upload_v2": "files:write",
+    "views_open": None, "views_publish": None,
+}
+#: the scope each event the bot listens to needs
+_EVENT_SCOPES = {"reaction_added": "reactions:read", "reaction_removed": "reactions:read", "app_home_opened": None}
+
+
+def test_the_slack_manifest_asks_for_what_bot_handles_and_no_more() -> None:
+    """The manifest asked for channels:history and groups:history, which no code uses (reaction events
+    need reactions:read only): they let hoop's token read every message in every channel it is in."""
+    import re
+
+    manifest = yaml.safe_load((ROOT / "manifests" / "slack-app.yaml").read_text())
+    source = "\n".join(p.read_text() for p in sorted((ROOT / "bot").glob("*.py")))
+    methods = set(re.findall(r"client\.([a-zA-Z_0-9]+)\(", source)) - {"session"}
+    events = set(re.findall(r'app\.event\("([a-z_]+)"\)', source))
+    commands = set(re.findall(r'app\.command\("(/[a-z]+)"\)', source))
+    assert methods <= set(_METHOD_SCOPES), methods - set(_METHOD_SCOPES)  # a new method: add its scope above
+    assert events <= set(_EVENT_SCOPES), events - set(_EVENT_SCOPES)
+    needed = {_METHOD_SCOPES[m] for m in methods} | {_EVENT_SCOPES[e] for e in events} | {"commands"}
+    needed.discard(None)
+    assert set(manifest["oauth_config"]["scopes"]["bot"]) == needed
+    settings = manifest["settings"]
+    assert set(settings["event_subscriptions"]["bot_events"]) == events
+    assert [c["command"] for c in manifest["features"]["slash_commands"]] == sorted(commands)
+    urls = {settings["event_subscriptions"]["request_url"], settings["interactivity"]["request_url"],
+            *(c["url"] for c in manifest["features"]["slash_commands"])}
+    assert {u.rsplit("/", 2)[-2:] == ["slack", "events"] for u in urls} == {True}  # HTTP mode: one endpoint
+    assert settings["interactivity"]["is_enabled"] is True and manifest["features"]["app_home"]["home_tab_enabled"]

@@ -103,9 +103,10 @@ def test_the_printed_store_url_hides_every_password(url: str, shown: str) -> Non
 
 
 @pytest.mark.parametrize("url", ["postgresql+asyncpg://hoop:s3cret@db:54x2/hoop", "postgres://hoop:s3cret@db/hoop",
-                                 "hoop:s3cret@db", "mysql://hoop:s3cret@db/hoop"])
+                                 "hoop:s3cret@db", "mysql://hoop:s3cret@db/hoop", "sqlite:///hoop.db"])
 def test_an_unusable_store_url_is_a_config_error_naming_the_variable(url: str, tmp_path: Path) -> None:
-    """Once a traceback (ValueError, ArgumentError, ModuleNotFoundError) at every command."""
+    """Once a traceback (ValueError, ArgumentError, ModuleNotFoundError) at every command; a sync driver
+    (``sqlite:///``, the URL a SQLite user writes first) still was: InvalidRequestError."""
     config = parse_config(base_config(state_dir=str(tmp_path / "state")))
     with pytest.raises(ConfigError) as exc:
         build_runtime(config, Settings(database_url=url, environ={"PGPW": "pw"}))

@@ -66,7 +66,6 @@ def http_resources(address: str) -> list[dict[str, Any]]:
         {"name": "header-api", "kind": "http", "address": address + "/", "auth": "header", "header": "X-Api-Key",
          "credential": {"env": "K8S_TOKEN"}, "masking": {"enabled": False}},
         {"name": "unset-api", "kind": "http", "address": address, "credential": {"env": "UNSET_TOKEN"}},
-        {"name": "no-scheme-api", "kind": "http", "address": "127.0.0.1:9", "auth": "none"},
     ]
 
 

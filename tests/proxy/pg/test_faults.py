@@ -156,3 +156,19 @@ async def test_copy_to_stdout_is_masked_by_detectors(hoop: Hoop) -> None:
     assert out.stdout.strip().split("\n") == ["1\t[email]", "2\t[email]"]
     binary = await hoop.psql("-c", "COPY (SELECT id, email FROM users) TO STDOUT (FORMAT binary)")
     assert binary.returncode != 0 and "binary COPY output cannot be masked" in binary.stderr
+
+
+async def test_an_upstream_session_hoop_cannot_open_is_logged_and_kept_as_the_close_reason(
+        pg: PgCluster, pgdb: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A credential variable missing from hoop serve's environment: the client heard "not available", the
+    operator's log said nothing, and the session's close reason was "the database refused hoop"."""
+    async with running_hoop(pg, pgdb, tmp_path, credential={"env": "HOOP_TEST_UNSET"}) as hoop:
+        with caplog.at_level("WARNING", logger="proxy.pg.server"):
+            out = await hoop.psql("-c", "SELECT 1")
+        why = "the upstream credential of prod-db is not available: credential reference env:HOOP_TEST_UNSET is not set"
+        assert out.returncode == 2 and f"FATAL:  hoop: {why}" in out.stderr, out.stderr
+        assert f"grant={hoop.grant.id} user={hoop.grant.login} resource=prod-db upstream session not opened: " \
+               f"{why}" in caplog.text
+        async with hoop.store.tx() as tx:
+            (session,) = await tx.list_sessions()
+        assert session.close_reason == f"upstream session not opened: {why}"

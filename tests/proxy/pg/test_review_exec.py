@@ -8,6 +8,7 @@ import asyncio
 import decimal
 import uuid
 from datetime import UTC, date, datetime
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -15,7 +16,7 @@ import psycopg
 import pytest
 
 from broker.events import ReviewRequested
-from tests.proxy.pg.harness import OPS, Hoop
+from tests.proxy.pg.harness import OPS, Hoop, running_hoop
 from tests.proxy.pg.test_txn_block import new_table, rows
 from tests.support.pgcluster import PgCluster
 
@@ -206,3 +207,31 @@ def test_binary_decoders_refuse_what_they_cannot_read() -> None:
                                     b"\x02{}"], [23, 1700, 3802])
     assert shown == ("\n-- parameters: $1 = [binary, type 23, 3 bytes], $2 = '1.50', "
                      "$3 = [binary, type 3802, 3 bytes]")
+
+
+async def test_a_review_records_who_refused_and_a_timeout_as_a_timeout(pg: PgCluster, pgdb: str,
+                                                                        tmp_path: Path) -> None:
+    """A review that nobody decided was recorded as "refused", so the transcript said an approver had
+    refused a statement nobody had looked at, and psql was told "review refused"."""
+    from broker.recap import session_transcript
+
+    guardrails = {"review_timeout": "1s",
+                  "rules": [{"name": "careful-delete", "action": "review", "statements": ["delete"]}]}
+    async with running_hoop(pg, pgdb, tmp_path, guardrails=guardrails) as hoop:
+        t = new_table(pg, pgdb)
+        pg.psql(f"INSERT INTO {t} SELECT generate_series(1, 3)", database=pgdb)
+        reviewer = Reviewer(hoop)
+        refused, _ = await reviewed(reviewer, hoop.psql("-c", f"DELETE FROM {t} WHERE id = 1"), allow=False)
+        timed_out = await hoop.psql("-c", f"DELETE FROM {t} WHERE id = 2")  # nobody decides
+        for out in (refused, timed_out):
+            assert out.returncode == 1 and "not approved: refused, or no approver decided" in out.stderr, out.stderr
+        decided = [e for e in await hoop.events("review") if "decision" in e]
+        assert sorted((e["decision"], e.get("by") or "") for e in decided) == [("refused", OPS.email),
+                                                                               ("timed_out", "")]
+        async with hoop.store.tx() as tx:
+            sessions = await tx.list_sessions()
+        text = "".join([(await session_transcript(hoop.service, s.id))[1].text for s in sessions])
+        by_kind = {e["decision"]: e["review"] for e in decided}
+        assert f"review {by_kind['refused']}: refused by {OPS.email}" in text
+        assert f"review {by_kind['timed_out']}: timed out: no approver decided in time" in text
+    assert rows(pg, pgdb, t) == [1, 2, 3]
