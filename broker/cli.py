@@ -120,7 +120,7 @@ def _root(version: Annotated[bool, typer.Option("--version", callback=_version, 
                                                 help="print the version and exit")] = False) -> None:
     level = os.environ.get("HOOP_LOG_LEVEL", "INFO").upper()
     if level not in logging.getLevelNamesMapping():
-        raise ConfigError(f"HOOP_LOG_LEVEL: unknown level {level!r}; use DEBUG, INFO, WARNING or ERROR")
+        raise ConfigError(f"HOOP_LOG_LEVEL: unknown level {level!r}; use DEBUG, INFO, WARNING, ERROR or CRITICAL")
     logging.basicConfig(level=level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # asyncssh logs every exec command line at INFO, in clear: hoop records them masked instead.

@@ -8,8 +8,11 @@ and the reason.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import math
 import os
+import struct
 from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
@@ -243,6 +246,48 @@ def _host_port(address: str) -> str:
     return address
 
 
+#: the OpenSSH public key types an upstream host may present (certificates are not pinned by key)
+_HOST_KEY_TYPES = frozenset({
+    "ssh-ed25519", "ssh-rsa", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384", "ecdsa-sha2-nistp521", "ssh-ed448",
+    "sk-ssh-ed25519@openssh.com", "sk-ecdsa-sha2-nistp256@openssh.com",
+})
+
+
+def _ssh_fields(blob: bytes) -> list[bytes]:
+    """An SSH wire-format key blob as its length-prefixed fields (RFC 4253 §6.6); ValueError if it is not."""
+    fields: list[bytes] = []
+    pos = 0
+    while pos < len(blob) and len(fields) < 8:
+        (length,) = struct.unpack_from(">I", blob, pos)
+        if pos + 4 + length > len(blob):
+            raise ValueError("a field runs past the end")
+        fields.append(blob[pos + 4:pos + 4 + length])
+        pos += 4 + length
+    if pos != len(blob) or len(fields) < 2:
+        raise ValueError("not a key blob")
+    return fields
+
+
+def _openssh_public_key(value: str) -> str:
+    """``host_key`` as an OpenSSH public key line (``ssh-ed25519 AAAA… [comment]``): a garbled or
+    mis-pasted key passed ``hoop check`` and failed only when the first user connected."""
+    fields = value.split()
+    if fields and fields[0] not in _HOST_KEY_TYPES and len(fields) >= 3 and fields[1] in _HOST_KEY_TYPES:
+        raise ValueError(f"it starts with {one_line(fields[0])[:64]!r}, a host name as in known_hosts: "
+                         "give the key alone ('ssh-ed25519 AAAA...'), or use known_hosts")
+    if len(fields) < 2 or fields[0] not in _HOST_KEY_TYPES:
+        raise ValueError("not an OpenSSH public key line ('ssh-ed25519 AAAA...'); key types: "
+                         + ", ".join(sorted(_HOST_KEY_TYPES)))
+    try:
+        blob = _ssh_fields(base64.b64decode(fields[1], validate=True))
+        inner = blob[0].decode("ascii")
+    except (binascii.Error, struct.error, ValueError):  # UnicodeDecodeError is a ValueError
+        raise ValueError(f"the {fields[0]} key's data is not the base64 of an SSH public key") from None
+    if inner != fields[0]:
+        raise ValueError(f"the key's data is a {one_line(inner)[:64]!r} key, not {fields[0]}")
+    return value
+
+
 def _base_url(address: str) -> str:
     """An http resource's ``http(s)://host[:port][/prefix]``, as the HTTP proxy reads it: anything else was
     accepted and made every request a 502, so it fails at start instead, naming the key."""
@@ -296,7 +341,8 @@ class SshResource(_ResourceBase):
     address: Annotated[str, AfterValidator(_host_port)]
     user: str
     password: SecretRef | None = None
-    host_key: str | None = Field(default=None, description="pinned upstream host key, 'ssh-ed25519 AAAA...'")
+    host_key: Annotated[str, AfterValidator(_openssh_public_key)] | None = Field(
+        default=None, description="pinned upstream host key, 'ssh-ed25519 AAAA...'")
     known_hosts: Path | None = None
     allow: SshAllow = Field(default_factory=SshAllow)
 

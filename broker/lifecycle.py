@@ -36,5 +36,7 @@ def step(table: dict[tuple[S, str], S], state: S, event: str, *, what: str = "")
     try:
         return table[(state, event)]
     except KeyError:
-        subject = f"{what} " if what else ""
-        raise InvalidTransition(f"cannot {event} {subject}while it is {state.value}", code=f"{state.value}") from None
+        subject = f" {what}" if what else ""
+        already = "already " if any(e == event and to == state for (_, e), to in table.items()) else ""
+        raise InvalidTransition(f"cannot {event}{subject}: it is {already}{state.value}",
+                                code=f"{state.value}") from None

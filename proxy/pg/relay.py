@@ -297,6 +297,8 @@ class Relay:
         task.add_done_callback(self._tasks.discard)
 
     async def _close_session(self, reason: str) -> None:
+        log.info("conn=%s session closed: %r (%d statements, %d bytes in, %d out)", self.conn, reason,
+                 self.stats.get("statements", 0), self.stats.get("bytes_in", 0), self.stats.get("bytes_out", 0))
         try:
             await self.session.close(reason)
         except Exception:

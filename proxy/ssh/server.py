@@ -38,7 +38,7 @@ import asyncssh
 
 from broker.clock import Clock
 from broker.config import HoopConfig, SshResource
-from broker.errors import Denied, HoopError
+from broker.errors import ConfigError, Denied, HoopError
 from broker.model import Grant
 from proxy.contracts import AccessGate, Hub, Live
 from proxy.mask import Masker
@@ -84,6 +84,7 @@ class SshProxy:
         return key
 
     async def start(self, host: str, port: int) -> int:
+        self.check_pinned_keys()
         key = self.host_key()
         # Agent and X11 requests are handled by agentx11.RequestChannel, not by asyncssh's listeners.
         self._server = await asyncssh.create_server(
@@ -93,6 +94,17 @@ class SshProxy:
         bound = int(self._server.sockets[0].getsockname()[1])
         log.info("ssh proxy listening on %s:%d, host key %s", host, bound, self.fingerprint)
         return bound
+
+    def check_pinned_keys(self) -> None:
+        """Every ssh resource's pinned host key must be readable now, as the HTTP proxy's TLS files are:
+        a missing known_hosts file, or one with no entry for the host, used to fail only when a user
+        connected. Raises :class:`ConfigError` naming the resource."""
+        for res in self.config.resources:
+            if isinstance(res, SshResource):
+                address, port = res.host_port(22)
+                if not upstream.pinned_keys(res, address, port):
+                    raise ConfigError(f"resource {res.name}: {res.known_hosts} has no key for {address}:{port}; "
+                                      "add the host's key there, or set host_key")
 
     async def stop(self) -> None:
         if self._server is not None:

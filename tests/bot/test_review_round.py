@@ -118,7 +118,7 @@ async def test_a_refused_deny_shows_in_the_modal_as_slack_errors(hoop: Hoop) -> 
 
     await hoop.command(f"cancel {rid}")
     status, body = await hoop.interact(_deny_submission(rid, "UDANA", "too late"))
-    assert "cannot deny request while it is cancelled" in json.loads(body)["errors"]["reason"]
+    assert "cannot deny request: it is cancelled" in json.loads(body)["errors"]["reason"]
 
     rid2, _, _ = await _request(hoop, "request prod-db 1h second")
     status, body = await hoop.interact(_deny_submission(f"{rid2}|home", "UDANA", "not today"))

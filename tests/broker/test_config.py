@@ -13,6 +13,15 @@ from broker.duration import format_duration, parse_duration
 from broker.errors import ConfigError, InvalidInput
 from tests.conftest import base_config
 
+#: a real ed25519 public key (its private half was thrown away)
+_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIC7lmSI4NyIHf4bTaoNNhQnJpNyElvWNrV/DNPIjjMDg"
+
+
+def test_a_well_formed_host_key_is_accepted() -> None:
+    data = {**base_config(), "resources": [{"name": "web", "kind": "ssh", "address": "web.internal", "user": "u",
+                                            "credential": {"env": "K"}, "host_key": f"{_KEY} web@example"}]}
+    assert parse_config(data).resources[0].host_key == f"{_KEY} web@example"  # type: ignore[union-attr]
+
 
 def _with_resource(**changes: Any) -> dict[str, Any]:
     data = base_config()
@@ -54,6 +63,15 @@ def _with_resource(**changes: Any) -> dict[str, Any]:
       for address, why in (("api.internal:8443", " is not an http:// or https:// base URL"),
                            ("ftp://files.internal", " is not an http:// or https:// base URL"),
                            ("https://api.internal:99999", ": the port is not a number from 1 to 65535"))],
+    # once accepted by `hoop check`, to fail only when the first user connected through the SSH proxy
+    *[({**base_config(), "resources": [{"name": "web", "kind": "ssh", "address": "web.internal", "user": "u",
+                                        "credential": {"env": "K"}, "host_key": key}]},
+       f"resources[0](web).host_key: {why}")
+      for key, why in (("garbage", "not an OpenSSH public key line"),
+                       (f"web.internal {_KEY}", "it starts with 'web.internal', a host name as in known_hosts"),
+                       ("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIEXAMPLE", "the ssh-ed25519 key's data is not the"),
+                       ("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIEXAMPL", "the ssh-ed25519 key's data is not the"),
+                       (_KEY.replace("ssh-ed25519", "ssh-rsa"), "the key's data is a 'ssh-ed25519' key, not ssh-rsa"))],
     # once ignored: hoop served a generated self-signed pair instead of the configured certificate
     ({**base_config(), "tls": {"cert": "/etc/hoop/tls.crt"}}, "tls: cert and key go together"),
     ({**base_config(), "tls": {"key": "/etc/hoop/tls.key"}}, "tls: cert and key go together"),

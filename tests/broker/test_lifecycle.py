@@ -38,3 +38,11 @@ def test_session_moves() -> None:
         lifecycle.step(lifecycle.SESSION, SessionStatus.CLOSED, "close")
     with pytest.raises(InvalidTransition):
         lifecycle.step(lifecycle.REQUEST, RequestStatus.PENDING, "explode")
+
+
+def test_a_repeated_move_says_already() -> None:
+    """Once "cannot revoke grant while it is revoked"."""
+    with pytest.raises(InvalidTransition, match=r"^cannot revoke grant: it is already revoked$"):
+        lifecycle.step(lifecycle.GRANT, GrantStatus.REVOKED, "revoke", what="grant")
+    with pytest.raises(InvalidTransition, match=r"^cannot revoke grant: it is expired$"):
+        lifecycle.step(lifecycle.GRANT, GrantStatus.EXPIRED, "revoke", what="grant")

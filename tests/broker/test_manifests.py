@@ -151,3 +151,13 @@ def test_the_slack_manifest_asks_for_what_bot_handles_and_no_more() -> None:
             *(c["url"] for c in manifest["features"]["slash_commands"])}
     assert {u.rsplit("/", 2)[-2:] == ["slack", "events"] for u in urls} == {True}  # HTTP mode: one endpoint
     assert settings["interactivity"]["is_enabled"] is True and manifest["features"]["app_home"]["home_tab_enabled"]
+
+
+def test_the_slash_commands_usage_hint_names_every_verb() -> None:
+    """Slack shows the hint as the user types /hoop; it once named six of the ten verbs."""
+    from bot.commands import _ARITY
+
+    manifest = yaml.safe_load((ROOT / "manifests" / "slack-app.yaml").read_text())
+    (command,) = manifest["features"]["slash_commands"]
+    hint = command["usage_hint"]
+    assert [verb for verb in _ARITY if verb not in hint] == []

@@ -4,6 +4,7 @@ backpressure: a client that stops reading a 100 MB result does not make the prox
 from __future__ import annotations
 
 import asyncio
+import logging
 import tracemalloc
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -116,9 +117,11 @@ async def test_slow_client_applies_backpressure(hoop: Hoop) -> None:
         await raw.close()
 
 
-async def test_terminate_then_the_servers_close_is_the_clients_doing(hoop: Hoop) -> None:
+async def test_terminate_then_the_servers_close_is_the_clients_doing(hoop: Hoop,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
     """A client sends Terminate and keeps its socket open: the database closes first, yet the
     session ended because the client said goodbye (CI once saw "the database closed the connection")."""
+    caplog.set_level(logging.INFO, logger="proxy.pg.relay")
     raw = await connect(hoop)
     try:
         await raw.login(hoop)
@@ -131,3 +134,5 @@ async def test_terminate_then_the_servers_close_is_the_clients_doing(hoop: Hoop)
     async with hoop.store.tx() as tx:
         sessions = await tx.list_sessions()
     assert [s.close_reason for s in sessions] == ["client closed the connection"]
+    # hoop serve's log says when and why a session ended, as it says when one opened
+    assert "session closed: 'client closed the connection' (0 statements" in caplog.text

@@ -112,7 +112,12 @@ async def start_env(up: Sshd, tmp: Path, config: HoopConfig,
     bus.add(gate)
     environ = {"UPKEY": up.client_key.read_text()}
     proxy = SshProxy(config, wrap_gate(gate) if wrap_gate else gate, hub, clock, environ, tmp / "state")
-    port = await proxy.start("127.0.0.1", 0)
+    try:
+        port = await proxy.start("127.0.0.1", 0)
+    except BaseException:
+        await hub.close_all()
+        await store.close()
+        raise
     return Env(up, config, service, hub, proxy, port, tmp / "state", notifier), store
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import asyncssh
 import pytest
 
+from broker.errors import ConfigError
 from tests.proxy.ssh.conftest import Env, make_config, ssh_resource, start_env, stop_env
 from tests.support.sshd import Sshd
 
@@ -110,6 +111,22 @@ async def test_known_hosts_file_pins_the_key(upstream: Sshd, tmp_path: Path) -> 
         assert (code, out) == (0, b"pinned\n")
     finally:
         await stop_env(env, store)
+
+
+@pytest.mark.parametrize("case", ["no entry for the host", "no such file"])
+async def test_a_known_hosts_without_the_hosts_key_stops_the_proxy_at_start(upstream: Sshd, tmp_path: Path,
+                                                                            case: str) -> None:
+    """Once found only when the first user connected; now the proxy does not start, naming the resource."""
+    known = tmp_path / "known_hosts"
+    if case == "no entry for the host":
+        known.write_text(upstream.known_hosts_file().read_text().replace("127.0.0.1", "10.9.9.9"))
+    res = ssh_resource(upstream, known_hosts=str(known))
+    del res["host_key"]
+    with pytest.raises(ConfigError) as exc:
+        await start_env(upstream, tmp_path, make_config(upstream, res))
+    expected = (f"resource web: {known} has no key for {upstream.address}" if case == "no entry for the host"
+                else "resource web: pinned host key cannot be read")
+    assert expected in exc.value.message, exc.value.message
 
 
 async def test_host_key_persists_across_restarts(upstream: Sshd, tmp_path: Path) -> None:
