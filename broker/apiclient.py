@@ -155,8 +155,8 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON")]
 KeysOpt = Annotated[Path | None, typer.Option(
     "--pickup-dir", envvar="HOOP_PICKUP_DIR",
     help="where pickup keys are kept until the credential is collected (default ~/.local/state/hoop/pickup)")]
-_out = Console(highlight=False)
-_err = Console(stderr=True, highlight=False, soft_wrap=True)
+_out = Console(highlight=False, emoji=False)
+_err = Console(stderr=True, highlight=False, emoji=False, soft_wrap=True)
 
 
 def _go(api: str, token: str, fn: Callable[[ApiClient], Awaitable[T]]) -> T:

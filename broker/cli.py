@@ -44,8 +44,10 @@ state_app = typer.Typer(help="Keys kept in state_dir.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(audit_app, name="audit")
 app.add_typer(state_app, name="state")
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False, soft_wrap=True)  # (a message folded at 80 columns is two to grep)
+# emoji off: a fingerprint's ":cd:" (or a name's) printed as an emoji; soft_wrap: a message folded at 80
+# columns is two to grep
+out = Console(highlight=False, emoji=False)
+err = Console(stderr=True, highlight=False, emoji=False, soft_wrap=True)
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="hoop.yaml (default: $HOOP_CONFIG, hoop.yaml)")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON")]

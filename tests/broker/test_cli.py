@@ -572,13 +572,15 @@ def test_names_in_the_config_are_not_markup_and_a_state_dir_hoop_cannot_use_is_a
     every command (they all keep a key there) die with an OSError traceback."""
     cwd, env = home
     data = base_config()
-    data["groups"]["[/]"] = data["groups"].pop("dba")
-    data["resources"][0]["approval"][0]["from"] = "[/]"
+    data["groups"]["[/]:cd:"] = data["groups"].pop("dba")  # rich once printed ":cd:" as an emoji
+    data["resources"][0]["approval"][0]["from"] = "[/]:cd:"
     data["resources"][0]["credential"] = {"env": "NOPE[/]"}
     (cwd / "marks.yaml").write_text(yaml.safe_dump(data))
     checked = run(["check", "--config", "marks.yaml"], {**env, "COLUMNS": "200"}, cwd)
     assert checked.returncode == 1 and "Traceback" not in checked.stderr, checked.stderr
-    assert "1 of [/] AND 1 of security" in checked.stdout and "env:NOPE[/] is not set" in checked.stdout
+    assert "1 of [/]:cd: AND 1 of security" in checked.stdout and "env:NOPE[/] is not set" in checked.stdout
+    missing = run(["transcript", ":cd:", "--config", "marks.yaml"], env, cwd)
+    assert missing.returncode == 1 and "no session ':cd:'" in missing.stderr, missing.stderr
     (cwd / "file").write_text("")
     (cwd / "ro.yaml").write_text(yaml.safe_dump(base_config(state_dir=str(cwd / "file" / "state"))))
     for args in (["grants", "--config", "ro.yaml"], ["state", "init", "--config", "ro.yaml"]):
