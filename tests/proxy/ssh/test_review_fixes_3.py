@@ -21,7 +21,7 @@ from proxy.access import Gate
 from proxy.ssh.server import REFUSED_BANNER
 from tests.proxy.ssh.conftest import ADMIN, Env, make_config, ssh_resource, start_env, stop_env
 from tests.proxy.ssh.test_exec import _events
-from tests.proxy.ssh.test_review_fixes import at_prompt, marker, pty_shell, refused
+from tests.proxy.ssh.test_review_fixes import at_prompt, marker, prompt_after_refusal, pty_shell, refused
 from tests.support.sshd import Sshd
 
 pytestmark = pytest.mark.ssh
@@ -253,6 +253,7 @@ async def test_prompt_command_cannot_run_a_blocked_command(genv: tuple[Env, Coun
         await at_prompt(term)
         term.proc.stdin.write(f"PROMPT_COMMAND='touch {mark}'\r")
         await refused(term)
+        await prompt_after_refusal(term)
         await term.run("echo next-$((2+2))", "next-4")
         await asyncio.sleep(0.3)
     assert not mark.exists()

@@ -29,16 +29,24 @@ class Term:
                 self.buf += chunk
         return self.buf
 
-    async def prompt_after(self, text: str, timeout: float = 10) -> None:
-        """Wait for a fresh prompt after ``text``: after a refused line hoop holds what is typed next
-        until the shell shows a fresh line (at most 2 s; past that the refused text is checked in front
-        of the next line), so a test types on only once the prompt is back."""
-        async with asyncio.timeout(timeout):
-            while not self.buf[self.buf.index(text):].endswith("$ "):
-                chunk = await self.proc.stdout.read(4096)
-                if not chunk:
-                    raise EOFError(self.buf)
-                self.buf += chunk
+    async def prompt_after(self, text: str) -> None:
+        """Wait for a fresh prompt after ``text`` (a refusal). hoop holds what is typed next until the
+        shell shows a fresh line, and kills the remote line with ^E^U^C; when part of the typed line
+        reached the host's terminal only after the ^C flushed its input, bash shows that remnant and no
+        prompt. A user presses ^C then, and so does this."""
+        for key in ("", "\x03"):
+            self.proc.stdin.write(key)
+            try:
+                async with asyncio.timeout(3 if not key else 10):
+                    while not self.buf[self.buf.index(text):].endswith("$ "):
+                        chunk = await self.proc.stdout.read(4096)
+                        if not chunk:
+                            raise EOFError(self.buf)
+                        self.buf += chunk
+                return
+            except TimeoutError:
+                if key:
+                    raise
 
     async def run(self, line: str, marker: str) -> str:
         self.proc.stdin.write(line + "\r")
