@@ -19,7 +19,7 @@ from typing import Any
 from broker.errors import InvalidInput, UpstreamError
 from broker.model import AuditEntry
 from broker.store import Store
-from broker.store.repo import GENESIS, audit_hash
+from broker.store.audit import GENESIS, audit_hash
 from broker.terminal import json_visible
 
 _PAGE = 2000
