@@ -639,3 +639,6 @@ def test_a_tls_pair_hoop_cannot_load_stops_serve_with_a_message(home: tuple[Path
         out = run(["serve", "--config", "tls.yaml"], env, cwd)
         assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
         assert f"tls: cannot load {why}" in out.stderr, out.stderr
+        # hoop check says the same, before any start (the same loader)
+        checked = run(["check", "--config", "tls.yaml"], {**env, "COLUMNS": "300"}, cwd)
+        assert checked.returncode == 1 and f"ERROR   tls: cannot load {why}" in checked.stdout, checked.stdout
