@@ -1,33 +1,36 @@
-"""``hoop check``: who can request and approve what, and the foot-guns in a config."""
+"""``hoop check``: who can request and approve what, the foot-guns in a config, and everything
+``hoop serve`` would load at start from what the config names (:mod:`broker.preflight`)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+import datetime as dt
 
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from broker.config import HoopConfig
+from broker.config import HoopConfig, Settings
 from broker.duration import format_duration
-from broker.errors import ConfigError
+from broker.preflight import Finding, Probe, preflight
 from broker.render import cell
 from broker.terminal import one_line
 
 #: the rule selectors each kind of resource's guard reads; a rule naming another kind's never matches
 _SELECTORS = {"postgres": ("statements", "tables", "functions"), "ssh": ("commands",), "http": ("methods", "paths")}
 _ALL_SELECTORS = tuple(name for names in _SELECTORS.values() for name in names)
+_LABELS = {"error": "[bold red]ERROR[/]   ", "warning": "[bold yellow]WARNING[/] ", "info": "[cyan]INFO[/]    "}
 
 
-@dataclass(frozen=True)
-class Finding:
-    level: str  # "error" or "warning"
-    resource: str
-    message: str
+def findings(config: HoopConfig, settings: Settings, *, probes: tuple[Probe, ...] = (),
+             now: dt.datetime | None = None) -> list[Finding]:
+    """The foot-guns of the config's policy, then :func:`~broker.preflight.preflight`: what ``hoop serve``
+    would load at start (``probes`` check the proxies' files; ``now`` dates certificates)."""
+    out = _policy(config)
+    out.extend(preflight(config, settings, now or dt.datetime.now(dt.UTC), probes))
+    return out
 
 
-def findings(config: HoopConfig, environ: Mapping[str, str]) -> list[Finding]:
+def _policy(config: HoopConfig) -> list[Finding]:
     out: list[Finding] = []
     for res in config.resources:
         if not res.approval:
@@ -49,18 +52,6 @@ def findings(config: HoopConfig, environ: Mapping[str, str]) -> list[Finding]:
                                        f"approval step from {step.from_} needs {step.count} but only "
                                        f"{len(pool)} member(s) can approve{who}"))
                     break
-        refs = [("credential", res.credential)]
-        if res.kind == "postgres":
-            refs.append(("admin_credential", res.admin_credential))
-        if res.kind == "ssh":
-            refs.append(("password", res.password))
-        for key, ref in refs:
-            if ref is None:
-                continue
-            try:
-                ref.resolve(environ)
-            except ConfigError as exc:
-                out.append(Finding("error", res.name, f"{key}: {exc.message}"))
         if not res.channel:
             out.append(Finding("warning", res.name, "no Slack channel: request cards have nowhere to go"))
         for rule in res.guardrails.rules:
@@ -79,8 +70,9 @@ def findings(config: HoopConfig, environ: Mapping[str, str]) -> list[Finding]:
     return out
 
 
-def render_check(config: HoopConfig, environ: Mapping[str, str], console: Console) -> int:
-    """Print the per-resource table and findings; return the number of errors."""
+def render_check(config: HoopConfig, settings: Settings, console: Console, *, probes: tuple[Probe, ...] = (),
+                 now: dt.datetime | None = None) -> int:
+    """Print the per-resource table and findings, one a line; return the number of errors."""
     table = Table("resource", "kind", "who can request", "who approves (quorum)", "max duration", title="hoop check")
     for res in config.resources:
         requesters = ", ".join(res.request.groups) or "any group"
@@ -90,16 +82,14 @@ def render_check(config: HoopConfig, environ: Mapping[str, str], console: Consol
                       cell(steps) if steps else Text("nobody: no approval", style="red"),
                       cell(format_duration(res.request.max_duration)))
     console.print(table)
-    found = findings(config, environ)
-    errors = 0
+    found = findings(config, settings, probes=probes, now=now)
     for f in found:
-        if f.level == "error":
-            errors += 1
-            console.print("[bold red]ERROR[/]   ", end="")
-        else:
-            console.print("[bold yellow]WARNING[/] ", end="")
-        console.print(one_line(f"{f.resource}: {f.message}"), markup=False, soft_wrap=True)
-    if not found:
+        console.print(_LABELS[f.level], end="")
+        where = "" if f.resource == "-" else f"{f.resource}: "  # (a finding about the whole config)
+        console.print(one_line(where + f.message), markup=False, soft_wrap=True)
+    errors = sum(f.level == "error" for f in found)
+    warnings = sum(f.level == "warning" for f in found)
+    if not errors and not warnings:
         console.print("[green]no problems found[/]")
-    console.print(f"{errors} error(s), {len(found) - errors} warning(s)")
+    console.print(f"{errors} error(s), {warnings} warning(s)")
     return errors

@@ -146,11 +146,13 @@ def _say(line: str) -> None:
 
 @app.command()
 def check(config: ConfigOpt = None) -> None:
-    """Validate the config and show who can request and approve what; warn about foot-guns."""
+    """Validate the config and show who can request and approve what; warn about foot-guns; load, as
+    `hoop serve` would at start, every file and secret the config names (nothing is started or written)."""
     from broker.checks import render_check
+    from proxy.preflight import proxy_findings
 
     cfg, settings = _load(config)
-    errors = render_check(cfg, settings.environ, out)
+    errors = render_check(cfg, settings, out, probes=(proxy_findings,))
     if errors:
         raise typer.Exit(1)
 

@@ -17,7 +17,6 @@ import base64
 import hashlib
 import hmac
 import logging
-import secrets
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -25,23 +24,19 @@ import asyncpg
 
 from broker.config import HoopConfig, PostgresResource
 from broker.errors import UpstreamError
+from broker.keyfiles import hex_key
 from broker.model import Grant, GrantStatus
 from broker.store import Store
 
 log = logging.getLogger(__name__)
 PREFIX = "hoop_"
+KEY_FILE = "roles.key"
 
 
 def load_key(state_dir: Path) -> bytes:
-    """The key behind role passwords, created (mode 0600) on first use."""
-    path = state_dir / "roles.key"
-    if path.exists():
-        return bytes.fromhex(path.read_text().strip())
-    state_dir.mkdir(parents=True, exist_ok=True)
-    key = secrets.token_bytes(32)
-    path.touch(mode=0o600)
-    path.write_text(key.hex())
-    return key
+    """The key behind role passwords, created (mode 0600) on first use. A folder hoop cannot write, or a
+    key file that is not one, is a :class:`~broker.errors.ConfigError` naming it."""
+    return hex_key(state_dir, KEY_FILE)
 
 
 def _ident(name: str) -> str:

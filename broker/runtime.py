@@ -6,11 +6,9 @@ import asyncio
 import contextlib
 import gc
 import logging
-import secrets
 import signal
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -21,6 +19,7 @@ from broker.config import HoopConfig, PostgresResource, Settings
 from broker.errors import ConfigError, HoopError
 from broker.events import Broadcast
 from broker.fanout import Replicas, asyncpg_dsn
+from broker.keyfiles import hex_key
 from broker.metrics import Metrics
 from broker.model import Grant
 from broker.roles import EphemeralRoles
@@ -59,17 +58,6 @@ class Runtime:
         await self.store.close()
 
 
-def _role_key(state_dir: Path) -> bytes:
-    """The ephemeral-role key kept in ``state_dir``: a folder hoop cannot write, or a key file that is not
-    one, is a :class:`ConfigError` naming it (every command builds the runtime), not a traceback."""
-    try:
-        return load_role_key(state_dir)
-    except OSError as exc:
-        raise ConfigError(f"state_dir {state_dir}: cannot keep roles.key there ({exc.strerror or exc})") from None
-    except ValueError:
-        raise ConfigError(f"state_dir {state_dir}: roles.key is not a key hoop wrote (hex digits)") from None
-
-
 def open_store(settings: Settings) -> Store:
     """The store at ``HOOP_DATABASE_URL``, for every command alike: a URL that cannot be used is a
     :class:`ConfigError` naming it (password hidden), not a driver's traceback."""
@@ -89,7 +77,7 @@ def build_runtime(config: HoopConfig, settings: Settings, *, clock: Clock | None
     ephemeral roles are created and dropped whichever command issues or ends a grant."""
     clock = clock or SystemClock()
     if hooks is None:
-        hooks = EphemeralRoles(config, settings.environ, _role_key(config.state_dir))
+        hooks = EphemeralRoles(config, settings.environ, load_role_key(config.state_dir))
     store = open_store(settings)
     bus = Broadcast()
     metrics = Metrics()
@@ -125,19 +113,15 @@ async def _listen(app: web.Application, host: str, port: int) -> tuple[web.AppRu
     return runner, int(bound)
 
 
+MASKING_KEY_FILE = "masking.key"
+
+
 def load_masking_key(config: HoopConfig, environ: Mapping[str, str]) -> bytes:
     """The key behind ``hash`` masking: configured, or generated once in ``state_dir`` so hashed
     values stay stable across restarts and proxies."""
     if config.masking_key is not None:
         return config.masking_key.resolve(environ).encode()
-    path = config.state_dir / "masking.key"
-    if path.exists():
-        return bytes.fromhex(path.read_text().strip())
-    config.state_dir.mkdir(parents=True, exist_ok=True)
-    key = secrets.token_bytes(32)
-    path.touch(mode=0o600)
-    path.write_text(key.hex())
-    return key
+    return hex_key(config.state_dir, MASKING_KEY_FILE)
 
 
 class ResourceCredentials:
@@ -165,7 +149,7 @@ async def serve_forever(config: HoopConfig, settings: Settings, say: Callable[[s
     from broker.recap import Recap
     from broker.reviews import Reviews
     from proxy.access import Gate
-    from proxy.http.server import HttpProxy
+    from proxy.http.server import PLAIN_HTTP, HttpProxy
     from proxy.pg.server import PgProxy
     from proxy.pg.upstream import StaticCredentials
     from proxy.sessions import SessionHub
@@ -261,8 +245,7 @@ async def serve_forever(config: HoopConfig, settings: Settings, say: Callable[[s
                 https = server_tls(config.tls, config.state_dir).context
                 https.set_alpn_protocols(["http/1.1"])  # HTTP/2 clients (kubectl) fall back to 1.1
             else:
-                say("hoop: warning: the HTTP proxy serves plain http, so bearer credentials cross the network in "
-                    "clear; set tls.http_proxy: true or put a TLS terminator in front of it")
+                say(f"hoop: warning: {PLAIN_HTTP}")
             proxies.append(("HTTP", HttpProxy(config, gate, hub, rt.clock, environ, hash_key=masking_key,
                                               tls=https), config.listen.http_proxy))
         keys = {"PostgreSQL": "listen.postgres", "SSH": "listen.ssh", "HTTP": "listen.http_proxy"}

@@ -40,6 +40,7 @@ import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from broker.errors import ConfigError, UpstreamError
+from proxy.certs import file_error
 from proxy.http.body import Secrets
 from proxy.http.flow import Chunks, WriteFlow
 from proxy.http.headers import response_headers
@@ -103,21 +104,15 @@ def upstream_tls(resource: str, ca: Path | None, client_cert: Path | None, clien
     try:
         context = ssl.create_default_context(cafile=str(ca) if ca is not None else None)
     except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"resources.{resource}.tls.ca: cannot load {ca}: {_why(exc)}") from None
+        raise ConfigError(f"resources.{resource}.tls.ca: cannot load {ca}: {file_error(exc)}") from None
     if client_cert is not None and client_key is not None:
         try:
             context.load_cert_chain(str(client_cert), str(client_key))
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError(f"resources.{resource}.tls: cannot load client_cert {client_cert} with client_key "
-                              f"{client_key}: {_why(exc)}") from None
+                              f"{client_key}: {file_error(exc)}") from None
     context.set_alpn_protocols(["http/1.1"])
     return context
-
-
-def _why(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return str(getattr(exc, "reason", None) or type(exc).__name__)
 
 
 class Fields:

@@ -78,6 +78,9 @@ from proxy.httpguard import HttpGuard
 from proxy.mask import Masker
 
 log = logging.getLogger(__name__)
+#: what ``hoop serve`` (and ``hoop check``) says when the proxy serves plain http
+PLAIN_HTTP = ("the HTTP proxy serves plain http, so bearer credentials cross the network in clear; set "
+              "tls.http_proxy: true or put a TLS terminator in front of it")
 
 __all__ = ["BearerGate", "HttpProxy"]
 

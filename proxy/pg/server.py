@@ -363,7 +363,7 @@ class PgProxy:
         resource, pid, key, _conn = target
         try:
             await upstream.cancel(resource, pid, key)
-        except UpstreamError as exc:
+        except HoopError as exc:  # (a ConfigError too: an sslrootcert that no longer loads)
             log.warning("cancel for %s failed: %s", resource.name, exc.message)
 
     def _lookup_for(self, resource: PostgresResource) -> Any:

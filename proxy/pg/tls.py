@@ -20,6 +20,7 @@ from cryptography.x509.oid import NameOID
 
 from broker.config import Tls
 from broker.errors import ConfigError
+from proxy.certs import validity
 from proxy.pg.scram import tls_server_end_point
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ class ServerTls:
     context: ssl.SSLContext
     fingerprint: str  # "SHA256:ab:cd:..."
     end_point: bytes  # tls-server-end-point channel-binding data
+    certificate: x509.Certificate
 
 
 def _generate(cert_path: Path, key_path: Path) -> None:
@@ -64,17 +66,37 @@ def _why(exc: Exception) -> str:
     return "not a PEM certificate"
 
 
+def tls_files(config: Tls, state_dir: Path) -> tuple[Path, Path, bool]:
+    """The certificate and key the listener serves, and whether they are the pair hoop generates in
+    ``state_dir`` (no ``tls.cert``/``tls.key`` configured)."""
+    if config.cert is not None and config.key is not None:
+        return config.cert, config.key, False
+    return state_dir / "pg-tls.crt", state_dir / "pg-tls.key", True
+
+
 def server_tls(config: Tls, state_dir: Path) -> ServerTls:
     """Load ``config.cert``/``config.key``, or generate (once) a self-signed pair in ``state_dir``. A pair that
     cannot be loaded is a :class:`ConfigError` naming both files (never a key's content), so ``hoop serve``
     stops at start with a message, not a traceback."""
-    if config.cert is not None and config.key is not None:
-        cert_path, key_path = config.cert, config.key
-    else:
-        cert_path, key_path = state_dir / "pg-tls.crt", state_dir / "pg-tls.key"
-        if not (cert_path.exists() and key_path.exists()):
+    cert_path, key_path, generated = tls_files(config, state_dir)
+    if generated and not (cert_path.exists() and key_path.exists()):
+        try:
             _generate(cert_path, key_path)
-            log.info("generated a self-signed certificate for the PostgreSQL proxy: %s", cert_path)
+        except OSError as exc:
+            raise ConfigError(f"state_dir {state_dir}: cannot keep {cert_path.name} there "
+                              f"({exc.strerror or exc})") from None
+        log.info("generated a self-signed certificate for the PostgreSQL proxy: %s", cert_path)
+    served = load_server_tls(cert_path, key_path)
+    problem = validity(served.certificate, datetime.datetime.now(datetime.UTC))
+    if problem is not None:  # served all the same: hoop check reports it, as an error when it is one
+        log.warning("tls: the certificate %s %s", cert_path, problem[1])
+    log.info("PostgreSQL proxy TLS certificate fingerprint %s", served.fingerprint)
+    return served
+
+
+def load_server_tls(cert_path: Path, key_path: Path) -> ServerTls:
+    """A server context for the pair; :class:`ConfigError` naming the file that cannot be loaded (missing,
+    unreadable, not PEM, or a key that is not the certificate's)."""
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
@@ -89,6 +111,5 @@ def server_tls(config: Tls, state_dir: Path) -> ServerTls:
     der = cert.public_bytes(serialization.Encoding.DER)
     digest = hashlib.sha256(der).hexdigest()
     fingerprint = "SHA256:" + ":".join(digest[i:i + 2] for i in range(0, len(digest), 2))
-    log.info("PostgreSQL proxy TLS certificate fingerprint %s", fingerprint)
     algo = cert.signature_hash_algorithm
-    return ServerTls(ctx, fingerprint, tls_server_end_point(der, algo.name if algo else "sha256"))
+    return ServerTls(ctx, fingerprint, tls_server_end_point(der, algo.name if algo else "sha256"), cert)

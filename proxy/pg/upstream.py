@@ -25,6 +25,7 @@ from typing import Protocol, cast
 from broker.config import PostgresResource
 from broker.errors import ConfigError, UpstreamError
 from broker.model import Grant
+from proxy.certs import file_error
 from proxy.pg import codec
 from proxy.pg.messages import (
     Auth,
@@ -156,11 +157,16 @@ class Upstream:
 
 
 def client_tls(resource: PostgresResource) -> ssl.SSLContext | None:
-    """The client TLS context for ``sslmode`` (None for disable)."""
+    """The client TLS context for ``sslmode`` (None for disable). An ``sslrootcert`` that cannot be loaded is
+    a :class:`ConfigError` naming the resource and the file."""
     if resource.sslmode == "disable":
         return None
     if resource.sslmode == "verify-full":
-        return ssl.create_default_context(cafile=str(resource.sslrootcert) if resource.sslrootcert else None)
+        try:
+            return ssl.create_default_context(cafile=str(resource.sslrootcert) if resource.sslrootcert else None)
+        except (OSError, ssl.SSLError) as exc:  # missing, unreadable, no PEM certificate in it
+            raise ConfigError(f"resources.{resource.name}.sslrootcert: cannot load {resource.sslrootcert}: "
+                              f"{file_error(exc)}") from None
     ctx = ssl.create_default_context()
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
@@ -171,11 +177,11 @@ async def open_transport(resource: PostgresResource) -> tuple[asyncio.Transport,
     """TCP connect, then negotiate TLS as ``sslmode`` asks."""
     loop = asyncio.get_running_loop()
     host, port = resource.host_port(5432)
+    ctx = client_tls(resource)  # (first: a bad sslrootcert once escaped as an OSError and left the socket open)
     try:
         transport, reader = await loop.create_connection(Reader, host, port)
     except OSError as exc:
         raise UpstreamError(f"cannot reach {resource.name} ({exc.strerror or type(exc).__name__})") from None
-    ctx = client_tls(resource)
     if ctx is None:
         return transport, reader, None
     try:

@@ -38,7 +38,7 @@ import asyncssh
 
 from broker.clock import Clock
 from broker.config import HoopConfig, SshResource
-from broker.errors import ConfigError, Denied, HoopError
+from broker.errors import Denied, HoopError
 from broker.model import Grant
 from proxy.contracts import AccessGate, Hub, Live
 from proxy.mask import Masker
@@ -101,10 +101,7 @@ class SshProxy:
         connected. Raises :class:`ConfigError` naming the resource."""
         for res in self.config.resources:
             if isinstance(res, SshResource):
-                address, port = res.host_port(22)
-                if not upstream.pinned_keys(res, address, port):
-                    raise ConfigError(f"resource {res.name}: {res.known_hosts} has no key for {address}:{port}; "
-                                      "add the host's key there, or set host_key")
+                upstream.check_pinned(res)
 
     async def stop(self) -> None:
         if self._server is not None:

@@ -28,7 +28,7 @@ from broker.config import SshResource
 from broker.errors import ConfigError, UpstreamError
 from proxy.ssh import tuning
 
-__all__ = ["FEED", "connect", "pinned_keys"]
+__all__ = ["FEED", "check_pinned", "client_key", "connect", "pinned_keys"]
 
 log = logging.getLogger(__name__)
 
@@ -96,9 +96,34 @@ def pinned_keys(res: SshResource, host: str, port: int) -> list[asyncssh.SSHKey]
         if res.known_hosts is not None:
             known = asyncssh.read_known_hosts(str(res.known_hosts))
             keys.extend(known.match(host, host, port)[0])
-    except (OSError, asyncssh.KeyImportError, ValueError) as exc:
+    except OSError as exc:
+        raise ConfigError(f"resource {res.name}: pinned host key cannot be read: known_hosts {res.known_hosts}: "
+                          f"{exc.strerror or exc}") from None
+    except (asyncssh.KeyImportError, ValueError) as exc:
         raise ConfigError(f"resource {res.name}: pinned host key cannot be read: {exc}") from None
     return keys
+
+
+def check_pinned(res: SshResource) -> None:
+    """``res``'s pinned host key must be readable, and known_hosts must hold a key for its host: checked at
+    start (and by ``hoop check``), not when the first user connects. Raises :class:`ConfigError` naming the
+    resource."""
+    address, port = res.host_port(22)
+    if not pinned_keys(res, address, port):
+        raise ConfigError(f"resource {res.name}: {res.known_hosts} has no key for {address}:{port}; "
+                          "add the host's key there, or set host_key")
+
+
+def client_key(res: SshResource, environ: Mapping[str, str]) -> asyncssh.SSHKey | None:
+    """The private key hoop logs in with (``credential``), or None. :class:`ConfigError` names the reference
+    when it cannot be resolved or is not a private key (without a passphrase); never the key."""
+    if res.credential is None:
+        return None
+    try:
+        return asyncssh.import_private_key(res.credential.resolve(environ))
+    except (asyncssh.KeyImportError, ValueError):
+        raise ConfigError(f"resource {res.name}: credential {res.credential.describe()} "
+                          "is not a readable private key") from None
 
 
 class _Client(asyncssh.SSHClient):
@@ -124,14 +149,9 @@ async def connect(res: SshResource, environ: Mapping[str, str], *, timeout: floa
         raise UpstreamError(f"no pinned host key for {res.name} ({host}:{port}); refusing to connect",
                             code="host_key")
     client = _Client(pinned)
-    keys: list[asyncssh.SSHKey] = []
+    key = client_key(res, environ)
+    keys = [key] if key is not None else []
     password: str | None = None
-    if res.credential is not None:
-        try:
-            keys.append(asyncssh.import_private_key(res.credential.resolve(environ)))
-        except (asyncssh.KeyImportError, ValueError):
-            raise ConfigError(f"resource {res.name}: credential {res.credential.describe()} "
-                              "is not a readable private key") from None
     if res.password is not None:
         password = res.password.resolve(environ)
     algs = list(dict.fromkeys(a.decode() for k in pinned for a in k.sig_algorithms))

@@ -583,7 +583,9 @@ def test_names_in_the_config_are_not_markup_and_a_state_dir_hoop_cannot_use_is_a
     assert missing.returncode == 1 and "no session ':cd:'" in missing.stderr, missing.stderr
     (cwd / "file").write_text("")
     (cwd / "ro.yaml").write_text(yaml.safe_dump(base_config(state_dir=str(cwd / "file" / "state"))))
-    for args in (["grants", "--config", "ro.yaml"], ["state", "init", "--config", "ro.yaml"]):
+    # (hoop serve too: it died with a NotADirectoryError traceback)
+    for args in (["grants", "--config", "ro.yaml"], ["state", "init", "--config", "ro.yaml"],
+                 ["serve", "--config", "ro.yaml"]):
         out = run(args, env, cwd)
         assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
         assert str(cwd / "file" / "state") in out.stderr and "Not a directory" in out.stderr
@@ -637,3 +639,6 @@ def test_a_tls_pair_hoop_cannot_load_stops_serve_with_a_message(home: tuple[Path
         out = run(["serve", "--config", "tls.yaml"], env, cwd)
         assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
         assert f"tls: cannot load {why}" in out.stderr, out.stderr
+        # hoop check says the same, before any start (the same loader)
+        checked = run(["check", "--config", "tls.yaml"], {**env, "COLUMNS": "300"}, cwd)
+        assert checked.returncode == 1 and f"ERROR   tls: cannot load {why}" in checked.stdout, checked.stdout

@@ -60,3 +60,20 @@ def make_pki(directory: Path, *, ca_name: str = "hoop test CA") -> Pki:
                                              serialization.NoEncryption()))
         key_path.chmod(0o600)
     return pki
+
+
+def self_signed(directory: Path, name: str, *, valid_from: dt.datetime, valid_until: dt.datetime) -> tuple[Path, Path]:
+    """A self-signed certificate for ``localhost`` with the given dates, and its key: ``NAME.crt``, ``NAME.key``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (x509.CertificateBuilder().subject_name(_name(name)).issuer_name(_name(name))
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(valid_from).not_valid_after(valid_until)
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = directory / f"{name}.crt", directory / f"{name}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    key_path.chmod(0o600)
+    return cert_path, key_path
