@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from broker import policy
 from broker.errors import Conflict, Denied, NotFound
 from broker.events import ReviewDecided, ReviewRequested
-from broker.model import Grant, Identity, Review, Session, SessionStatus
+from broker.model import Grant, GrantStatus, Identity, Review, Session, SessionStatus
 from broker.service import Service, new_id
 
 _POLL_SECONDS = 1.0
@@ -106,7 +106,8 @@ class Reviews:
         config = self.service.config
         if not policy.is_approver_of(config, who, review.resource) and not policy.is_admin(config, who):
             raise Denied(f"only approvers of {review.resource} can decide this review", code="not_approver")
-        if review.status == "pending" and (gone := self._gone(session)) is not None:
+        gone = self._gone(session, grant, self.service.clock.now())
+        if review.status == "pending" and gone is not None:
             # nothing waits on it any more: close it as the waiter would have, and allow nothing
             with contextlib.suppress(Conflict):
                 await self._finish(review_id, "timed_out", None)
@@ -115,12 +116,18 @@ class Reviews:
         return await self._finish(review_id, "allowed" if allow else "refused", who)
 
     @staticmethod
-    def _gone(session: Session | None) -> str | None:
+    def _gone(session: Session | None, grant: Grant | None, now: datetime) -> str | None:
         """Why the proxy that held a statement no longer waits for its review, or None. (Ending a
-        grant closes its sessions; until the close is recorded, the proxy refuses the statement.)"""
+        grant closes its sessions; until the close is recorded, the proxy refuses the statement.)
+        A grant past its end counts as ended before the scheduler or the proxy's timer acts on it:
+        an Allow given in that moment must not run the statement after the grant's end."""
         if session is not None and session.status is SessionStatus.CLOSED:
             why = f" ({session.close_reason})" if session.close_reason else ""
             return f"session `{session.id}` closed{why}"
+        if grant is not None and grant.status is not GrantStatus.ACTIVE:
+            return f"its grant `{grant.id}` ended ({grant.status.value})"
+        if grant is not None and grant.expires_at <= now:
+            return f"its grant `{grant.id}` ended at {grant.expires_at:%H:%M:%S} UTC"
         return None
 
     async def _finish(self, review_id: str, status: str, who: Identity | None) -> Review:

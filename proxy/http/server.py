@@ -196,6 +196,7 @@ class _Flight:
         self.cut: asyncio.Event | None = None  # made by a review, the one wait that must end with the grant
         self.reason: str | None = None
         self.tasks: list[asyncio.Task[None]] = []
+        self.sent = False  # the request went to the upstream: its body may still be coming, its answer not yet
 
     def abort(self, reason: str) -> None:
         self.reason = reason
@@ -207,6 +208,10 @@ class _Flight:
         if self.upstream is not None:
             self.upstream.close()
             self.call.cut()  # mid-body: cutting the connection is the only way to say "incomplete"
+        elif self.sent:
+            # an upload in progress, or a request awaiting its answer: the body stopped at the client's next
+            # chunk, which a client that stops sending never sends, and the connection stayed open for ever
+            self.call.cut()
 
 
 class HttpProxy:
@@ -413,6 +418,7 @@ class HttpProxy:
         if up.origin is None:
             record["status"] = 502
             return await call.refuse(502, "upstream_error", f"the address of {up.resource.name} is not an http(s) URL")
+        flight.sent = True
         try:
             resp = await self._pool.request(up.origin, call.method, rest,
                                             _fields(call, up, client_ip, credential, self._proto), data)

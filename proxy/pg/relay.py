@@ -21,14 +21,20 @@ cap costs nothing per row, and the session ends with SQLSTATE 54000 naming the m
 
 The end: ``end(reason)`` (the hub's ``on_end``, the local deadline timer, or a fault) records
 the statements still in flight (the server may have run them), sends the client a FATAL
-ErrorResponse, closes both transports and closes the session.
+ErrorResponse, closes both transports and closes the session. A statement still running upstream
+is cancelled (``cancel``, a CancelRequest for the upstream backend): PostgreSQL notices a closed
+socket only when it next reads or writes, so a long write would otherwise run on, and commit,
+after the grant ended. The cancel is sent again after :data:`RECANCEL_AFTER` seconds, in case the
+first reached the backend before it had read the statement (a cancel of an idle backend is dropped).
+So is a statement in flight when the client goes without a Terminate: nothing hoop recorded as
+closed keeps running on the database.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from broker.clock import Clock
@@ -48,6 +54,8 @@ _MESSAGE_NAMES = {
     Backend.ROW_DESCRIPTION: "a result description (RowDescription)",
     Backend.NOTIFICATION_RESPONSE: "a notification (NotificationResponse)",
 }
+#: seconds after the first cancel of a statement in flight at the end that the second one is sent
+RECANCEL_AFTER = 1.0
 
 
 class _Side(asyncio.Protocol):
@@ -83,7 +91,8 @@ class Relay:
 
     def __init__(self, client: asyncio.Transport, up: Upstream, inspector: Inspector, session: Any,
                  clock: Clock, *, conn: str, stream_rows: bool, on_closed: Callable[[Relay], None],
-                 fast: bool = True, max_row: int = codec.SERVER_MAX_MESSAGE) -> None:
+                 fast: bool = True, max_row: int = codec.SERVER_MAX_MESSAGE,
+                 cancel: Callable[[], Awaitable[None]] | None = None) -> None:
         self.client = client
         self.up = up
         self.server = up.transport
@@ -93,6 +102,7 @@ class Relay:
         self.conn = conn
         self.stats: dict[str, int] = session.stats
         self.on_closed = on_closed
+        self.cancel = cancel  # a CancelRequest for the upstream backend (None: nothing is cancelled)
         self.fast = fast  # False: every chunk takes the general path (the tests' twin)
         self.c_framer = codec.Framer(codec.CLIENT_MAX_MESSAGE, stream_types=frozenset({Frontend.COPY_DATA}))
         stream = frozenset({Backend.DATA_ROW, Backend.COPY_DATA}) if stream_rows else frozenset()
@@ -103,6 +113,7 @@ class Relay:
         self._held: dict[str, list[bytes] | None] = {"client": None, "server": None}
         self._tasks: set[asyncio.Task[None]] = set()
         self._timer: asyncio.TimerHandle | None = None
+        self._canceller: asyncio.Task[None] | None = None
         self.closing = False
         self.end_reason: str | None = None
         self.done = asyncio.get_running_loop().create_future()
@@ -265,21 +276,24 @@ class Relay:
         if self.closing:
             return
         self.end_reason = reason
+        running = bool(self.insp.expect)
         self.insp.end_in_flight(reason)
         try:
             self.client.write(codec.encode_error(sqlstate, reason, severity="FATAL"))
         except Exception:  # the client may be gone already
             log.debug("conn=%s could not send the FATAL error", self.conn)
-        self._shutdown(reason)
+        self._shutdown(reason, cancel=running)
 
     def lost(self, side: str) -> None:
         if not self.closing:
             if side == "server" and not self.insp.said_goodbye:
                 self._shutdown(self.insp.fatal or "the database closed the connection")
             else:
-                self._shutdown("client closed the connection")
+                # a client that vanished mid-statement (no Terminate) leaves nothing running in hoop's name
+                self._shutdown("client closed the connection",
+                               cancel=side == "client" and bool(self.insp.expect) and not self.insp.said_goodbye)
 
-    def _shutdown(self, reason: str) -> None:
+    def _shutdown(self, reason: str, *, cancel: bool = False) -> None:
         self.closing = True
         if self._timer is not None:
             self._timer.cancel()
@@ -292,9 +306,23 @@ class Relay:
                 log.debug("conn=%s could not send Terminate", self.conn)
             self.server.close()
         self.client.close()
-        task = asyncio.get_running_loop().create_task(self._close_session(reason))
+        loop = asyncio.get_running_loop()
+        if cancel and self.cancel is not None:
+            self._canceller = loop.create_task(self._cancel_upstream())
+        task = loop.create_task(self._close_session(reason))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def _cancel_upstream(self) -> None:
+        assert self.cancel is not None
+        log.info("conn=%s a statement was still running upstream: cancelling it", self.conn)
+        for attempt in range(2):
+            if attempt:
+                await asyncio.sleep(RECANCEL_AFTER)
+            try:
+                await self.cancel()
+            except Exception:
+                log.exception("conn=%s cancelling the statement still running upstream failed", self.conn)
 
     async def _close_session(self, reason: str) -> None:
         log.info("conn=%s session closed: %r (%d statements, %d bytes in, %d out)", self.conn, reason,
@@ -304,6 +332,8 @@ class Relay:
         except Exception:
             log.exception("conn=%s closing the session failed", self.conn)
         finally:
+            if self._canceller is not None:  # done only once nothing of the session runs upstream
+                await self._canceller
             self.on_closed(self)
             if not self.done.done():
                 self.done.set_result(None)

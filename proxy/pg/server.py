@@ -315,13 +315,18 @@ class PgProxy:
         insp = Inspector(resource, guard, masker, self._catalogs.get(resource.name), session, client.write, review)
         stream_rows = not masker.enabled
         relay = Relay(client, up, insp, session, self.clock, conn=conn, stream_rows=stream_rows,
-                      on_closed=self._closed, max_row=resource.max_row_bytes)
+                      on_closed=self._closed, max_row=resource.max_row_bytes,
+                      cancel=lambda: self._cancel_upstream((resource, up.pid, up.key, conn)))
         self._relays.add(relay)
         self._cancel_keys[relay] = (pid, key)
         self._cancel.add(pid, key, (resource, up.pid, up.key, conn))
-        relay.start(reader.take(), up.reader.take())
         if ended or getattr(session, "end_reason", None):
+            # the grant ended while hoop logged in upstream: what the client pipelined behind its login is
+            # never read (it once reached the server ahead of the Terminate, and ran)
+            relay.start(b"", b"")
             relay.end(ended[0] if ended else session.end_reason)
+            return
+        relay.start(reader.take(), up.reader.take())
 
     def _closed(self, relay: Relay) -> None:
         self._relays.discard(relay)

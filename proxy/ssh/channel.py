@@ -13,7 +13,8 @@ the upstream channel, and the other way round).
   approver (``LiveSession.review``). A command that is not UTF-8 is refused the same way
   (asyncssh would refuse it with a bare request failure: :class:`~proxy.ssh.agentx11.RequestChannel`
   hands it over instead). Exit status and exit signal are passed back as they come; an exec cut
-  short by the grant's end or by the client leaving is recorded with ``ended`` and the reason.
+  short by the grant's end or by the client leaving is recorded with ``ended`` and the reason, and
+  its process group on the host is killed (:meth:`ProxyChannel._close_upstream`).
 * shell: every input line is decided before it runs (:class:`~proxy.ssh.lines.LineGate`, with a
   PTY or without one). Programs that switch to the alternate screen (vim, less, top) are passed
   through without line checks until they switch back.
@@ -202,10 +203,24 @@ class ProxyChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         self.ctx.channels.discard(self)
         if self.task is not None and not self.task.done():
             self.task.cancel()
-        if self.up is not None:
-            self.up.close()
+        self._close_upstream()
         if not self.closed.done():
             self.closed.set_result(None)
+
+    def _close_upstream(self) -> None:
+        """Close the host's channel, and what runs on it. sshd leaves a command running when its channel
+        closes (one without a PTY; with a PTY, one that ignores SIGHUP), so an exec, or a shell without a
+        PTY, has its process group killed first (sshd's ``signal`` request is a killpg). A shell with a PTY
+        is left to the hangup: bash passes SIGHUP on to its jobs, which killing it first would prevent."""
+        up = self.up
+        if up is None:
+            return
+        if self.mode == "exec" or (self.mode == "shell" and self.pty is None):
+            try:
+                up.send_signal("KILL")
+            except Exception:  # (the channel closed already: nothing runs on it)
+                log.debug("%s could not signal the host's channel", self.label)
+        up.close()
 
     # -- opening the upstream channel ------------------------------------------------------
     async def _start(self) -> None:
@@ -405,8 +420,7 @@ class ProxyChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         self.ending = True
         self.out.close()
         self.say(f"hoop: session closed: {reason}")
-        if self.up is not None:
-            self.up.close()
+        self._close_upstream()
         if not self.out.done:
             self.out.done = True
             if self.mode == "exec":

@@ -80,11 +80,12 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 @contextlib.contextmanager
-def sshd(base: Path, *, x11: bool = False) -> Iterator[Sshd]:
+def sshd(base: Path, *, x11: bool = False, use_pam: bool = False) -> Iterator[Sshd]:
     """Start sshd under ``base``; yield it; stop it by PID.
 
     ``x11``: ``X11Forwarding yes`` (needs ``xauth``), with sessions' ``XAUTHORITY`` under ``base``
-    (so the test user's own ``~/.Xauthority`` is left alone).
+    (so the test user's own ``~/.Xauthority`` is left alone). ``use_pam``: ``UsePAM yes``, without which
+    sshd refuses a login to an account whose password is locked (a system account such as ``postgres``).
     """
     binary = shutil.which("sshd") or "/usr/sbin/sshd"
     base.mkdir(parents=True, exist_ok=True)
@@ -101,7 +102,7 @@ def sshd(base: Path, *, x11: bool = False) -> Iterator[Sshd]:
         cfg = base / "sshd_config"
         cfg.write_text("\n".join([
             f"Port {port}", "ListenAddress 127.0.0.1", f"HostKey {host_key}",
-            f"AuthorizedKeysFile {base / 'authorized_keys'}", "UsePAM no", "StrictModes no",
+            f"AuthorizedKeysFile {base / 'authorized_keys'}", f"UsePAM {'yes' if use_pam else 'no'}", "StrictModes no",
             "PermitRootLogin prohibit-password", "PasswordAuthentication no", "KbdInteractiveAuthentication no",
             "PubkeyAuthentication yes", f"PidFile {base / 'sshd.pid'}", "Subsystem sftp internal-sftp",
             "MaxStartups 300", "MaxSessions 100", "PrintMotd no", "PrintLastLog no", "LogLevel ERROR",

@@ -1,0 +1,79 @@
+"""The grant's end against HTTP requests in flight: a body upload half sent, and a keep-alive connection
+whose next request comes after the end (refused with 403 ``expired``)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from datetime import timedelta
+
+from broker.model import SessionStatus
+from tests.proxy.http.conftest import Env
+
+
+async def _close_reason(env: Env, within: float = 10) -> str | None:
+    end = time.monotonic() + within
+    while time.monotonic() < end:
+        async with env.service.store.tx() as tx:
+            sessions = await tx.list_sessions()
+        if sessions and sessions[0].status is SessionStatus.CLOSED:
+            return sessions[0].close_reason
+        await asyncio.sleep(0.05)
+    return None
+
+
+async def _answer(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    status = int(head.split(b" ", 2)[1])
+    length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                  if line.lower().startswith(b"content-length:"))
+    return status, await asyncio.wait_for(reader.readexactly(length), 10)
+
+
+async def test_an_upload_half_sent_at_the_deadline_is_cut(env: Env) -> None:
+    grant, secret = await env.grant()
+    env.clock.set(grant.expires_at - timedelta(seconds=1))
+    reader, writer = await asyncio.open_connection("127.0.0.1", env.port)
+    try:
+        writer.write(b"POST /k8s/upload HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + secret.encode() +
+                     b"\r\nContent-Type: application/octet-stream\r\nContent-Length: 1000000\r\n\r\n" + b"a" * 1000)
+        await writer.drain()
+        end = time.monotonic() + 10
+        while not env.upstream.seen and time.monotonic() < end:  # forwarded: the upstream reads the body
+            await asyncio.sleep(0.02)
+        assert env.upstream.seen
+        async with asyncio.timeout(10):  # cut: EOF or a reset, never a complete answer from the upstream
+            got = b""
+            try:
+                while chunk := await reader.read(65536):
+                    got += chunk
+            except ConnectionError:
+                pass
+        assert b'"sha256"' not in got
+    finally:
+        writer.close()
+    assert await _close_reason(env) == "access expired"
+
+
+async def test_a_keep_alive_request_after_the_deadline_is_refused(env: Env) -> None:
+    grant, secret = await env.grant()
+    env.clock.set(grant.expires_at - timedelta(seconds=1))
+    request = b"GET /k8s/echo-headers HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + secret.encode() + b"\r\n\r\n"
+    reader, writer = await asyncio.open_connection("127.0.0.1", env.port)
+    try:
+        writer.write(request)
+        assert (await _answer(reader))[0] == 200
+        assert await _close_reason(env) == "access expired"  # the proxy's own timer, a second later
+        env.clock.set(grant.expires_at + timedelta(seconds=1))
+        seen = len(env.upstream.seen)
+        try:
+            writer.write(request)
+            status, body = await _answer(reader)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            status, body = 0, b""  # (the connection was closed with the session: also refused)
+        if status:
+            assert status == 403 and json.loads(body)["error"] == "expired"
+        assert len(env.upstream.seen) == seen
+    finally:
+        writer.close()

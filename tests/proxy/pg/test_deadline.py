@@ -1,0 +1,315 @@
+"""The grant's end against sessions in the states a relay is least likely to check: a statement running
+upstream, a COPY FROM STDIN mid-stream, a statement held for review, a client that does not read, a
+LISTEN session, and a grant ended while the upstream login is still being made."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from broker.clock import FakeClock
+from broker.config import PostgresResource
+from broker.errors import Conflict
+from broker.events import ReviewRequested
+from broker.model import Grant
+from proxy.pg import codec
+from proxy.pg.messages import Backend, decode_authentication
+from proxy.pg.scram import ScramClient
+from proxy.pg.upstream import Reader
+from tests.proxy.pg.harness import OPS, ROOT, Hoop, running_hoop, seeded_database
+from tests.support.pgcluster import PgCluster
+
+pytestmark = pytest.mark.postgres
+
+
+@pytest.fixture(scope="module")
+def pgdb(pg: PgCluster) -> str:
+    return seeded_database(pg)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+async def hoop(pg: PgCluster, pgdb: str, tmp_path: Path, clock: FakeClock) -> AsyncIterator[Hoop]:
+    async with running_hoop(pg, pgdb, tmp_path, clock=clock) as h:
+        yield h
+
+
+def _expire_in(hoop: Hoop, clock: FakeClock, seconds: float) -> None:
+    """Move the fake clock so that the grant ends ``seconds`` of real time from now (the proxy's timers
+    are armed in real time from what the clock says when the session opens)."""
+    clock.set(hoop.grant.expires_at - timedelta(seconds=seconds))
+
+
+async def _direct(hoop: Hoop) -> asyncpg.Connection:
+    return await asyncpg.connect(hoop.cluster.dsn(hoop.database))
+
+
+async def _backends(hoop: Hoop, marker: str) -> list[str]:
+    """The states of the upstream backends running a query that contains ``marker``."""
+    conn = await _direct(hoop)
+    try:
+        rows = await conn.fetch("SELECT state FROM pg_stat_activity WHERE query LIKE '%' || $1 || '%' "
+                                "AND pid <> pg_backend_pid()", marker)
+    finally:
+        await conn.close()
+    return [r["state"] for r in rows]
+
+
+async def _closed(hoop: Hoop, within: float = 10) -> str:
+    """The close reason of the harness's session, once recorded (bounded wait)."""
+    end = time.monotonic() + within
+    while time.monotonic() < end:
+        closes = await hoop.events("close")
+        if closes:
+            return str(closes[-1]["reason"])
+        await asyncio.sleep(0.05)
+    raise AssertionError("the session was not closed")
+
+
+async def test_a_statement_running_at_the_deadline_is_cancelled_upstream(hoop: Hoop, clock: FakeClock) -> None:
+    """The client is gone at the deadline, but PostgreSQL notices a closed socket only when it next reads or
+    writes: a write that was still running committed after the grant ended."""
+    marker = f"probe_{secrets.token_hex(4)}"
+    direct = await _direct(hoop)
+    try:
+        await direct.execute(f"CREATE TABLE {marker} (a int)")
+        _expire_in(hoop, clock, 1.5)
+        conn = await asyncpg.connect(hoop.dsn())
+        try:
+            with pytest.raises((asyncpg.PostgresError, asyncpg.exceptions.ConnectionDoesNotExistError)):
+                await conn.execute(f"INSERT INTO {marker} SELECT 1 FROM pg_sleep(20)")
+        finally:
+            conn.terminate()
+        assert await _closed(hoop) == "access expired"
+        end = time.monotonic() + 5
+        while await _backends(hoop, f"INSERT INTO {marker}") and time.monotonic() < end:
+            await asyncio.sleep(0.1)
+        assert await _backends(hoop, f"INSERT INTO {marker}") == []  # (without the cancel: 20 s more)
+        assert await direct.fetchval(f"SELECT count(*) FROM {marker}") == 0
+        statements = await hoop.events("statement")
+        assert [s["error"] for s in statements if marker in s["sql"]] == ["session ended by hoop: access expired"]
+    finally:
+        await direct.execute(f"DROP TABLE IF EXISTS {marker}")
+        await direct.close()
+
+
+async def test_copy_from_stdin_mid_stream_is_ended_and_nothing_is_copied(hoop: Hoop, clock: FakeClock) -> None:
+    marker = f"copy_{secrets.token_hex(4)}"
+    direct = await _direct(hoop)
+    try:
+        await direct.execute(f"CREATE TABLE {marker} (a int)")
+        _expire_in(hoop, clock, 1.5)
+        proc = await asyncio.create_subprocess_exec(
+            str(hoop.cluster.bindir / "psql"), "-X", "-At", "-c", f"COPY {marker} FROM STDIN", env=hoop.env(),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        assert proc.stdin is not None and proc.stderr is not None
+        try:
+            proc.stdin.write(b"".join(b"%d\n" % i for i in range(1000)))  # rows, no end: the COPY stays open
+            await proc.stdin.drain()
+            assert await _closed(hoop) == "access expired"
+            # psql notices only when it writes again; what it sends now, and its end of data, go nowhere
+            proc.stdin.write(b"".join(b"%d\n" % i for i in range(1000)) + b"\\.\n")
+            proc.stdin.close()
+            async with asyncio.timeout(10):
+                err = await proc.stderr.read()
+                await proc.wait()
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        assert b"access expired" in err and proc.returncode != 0
+        assert await _closed(hoop) == "access expired"
+        end = time.monotonic() + 10
+        while await _backends(hoop, f"COPY {marker}") and time.monotonic() < end:
+            await asyncio.sleep(0.1)
+        assert await _backends(hoop, f"COPY {marker}") == []
+        assert await direct.fetchval(f"SELECT count(*) FROM {marker}") == 0
+    finally:
+        await direct.execute(f"DROP TABLE IF EXISTS {marker}")
+        await direct.close()
+
+
+async def test_a_statement_held_for_review_at_the_deadline_never_runs(hoop: Hoop, clock: FakeClock) -> None:
+    marker = f"held_{secrets.token_hex(4)}"
+    direct = await _direct(hoop)
+    try:
+        await direct.execute(f"CREATE TABLE {marker} (a int); INSERT INTO {marker} VALUES (1), (2)")
+        _expire_in(hoop, clock, 1.5)
+        conn = await asyncpg.connect(hoop.dsn())
+        try:
+            task = asyncio.create_task(conn.execute(f"DELETE FROM {marker}"))
+            for _ in range(100):
+                pending = [e.review for e in hoop.notifier.events if isinstance(e, ReviewRequested)]
+                if pending:
+                    break
+                await asyncio.sleep(0.05)
+            assert pending and not task.done()
+            with pytest.raises((asyncpg.PostgresError, asyncpg.exceptions.ConnectionDoesNotExistError)) as info:
+                await asyncio.wait_for(task, 10)
+            assert "expired" in str(info.value) or isinstance(info.value,
+                                                              asyncpg.exceptions.ConnectionDoesNotExistError)
+        finally:
+            conn.terminate()
+        assert await _closed(hoop) == "access expired"
+        review = await hoop.hub.reviews.get(pending[0].id)
+        assert review is not None and review.status == "timed_out"
+        with pytest.raises(Conflict, match=r"already timed_out"):  # a late Allow changes nothing
+            await hoop.hub.reviews.decide(pending[0].id, OPS, True)
+        assert await direct.fetchval(f"SELECT count(*) FROM {marker}") == 2
+    finally:
+        await direct.execute(f"DROP TABLE IF EXISTS {marker}")
+        await direct.close()
+
+
+async def test_a_listen_session_is_ended_and_hears_nothing_after(hoop: Hoop, clock: FakeClock) -> None:
+    _expire_in(hoop, clock, 1.0)
+    conn = await asyncpg.connect(hoop.dsn())
+    heard: list[str] = []
+    try:
+        await conn.add_listener("hoop_probe", lambda *args: heard.append(args[-1]))
+        assert await _closed(hoop) == "access expired"
+        direct = await _direct(hoop)
+        try:
+            await direct.execute("NOTIFY hoop_probe, 'after'")
+        finally:
+            await direct.close()
+        await asyncio.sleep(0.3)
+        assert conn.is_closed() and heard == []
+        assert await _backends(hoop, "LISTEN") == []
+    finally:
+        conn.terminate()
+
+
+async def test_a_late_allow_of_a_review_after_the_grant_ended_is_refused(hoop: Hoop, clock: FakeClock) -> None:
+    """The grant's end and an approver's Allow arrive together: the Allow must not count."""
+    marker = f"late_{secrets.token_hex(4)}"
+    direct = await _direct(hoop)
+    try:
+        await direct.execute(f"CREATE TABLE {marker} (a int); INSERT INTO {marker} VALUES (1)")
+        # the review's own deadline (5 minutes) lies past the grant's end; the proxy's timers, armed in real
+        # time, fire in a minute, so nothing but the decision itself can see that the grant has ended
+        _expire_in(hoop, clock, 60)
+        conn = await asyncpg.connect(hoop.dsn())
+        task = asyncio.create_task(conn.execute(f"DELETE FROM {marker}"))
+        try:
+            for _ in range(100):
+                pending = [e.review for e in hoop.notifier.events if isinstance(e, ReviewRequested)]
+                if pending:
+                    break
+                await asyncio.sleep(0.05)
+            assert pending and not task.done()
+            clock.set(hoop.grant.expires_at + timedelta(milliseconds=1))
+            with pytest.raises(Conflict, match="ended"):
+                await hoop.hub.reviews.decide(pending[0].id, OPS, True)
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):  # refused as for a review that timed out
+                await asyncio.wait_for(task, 10)
+            assert await direct.fetchval(f"SELECT count(*) FROM {marker}") == 1
+            review = await hoop.hub.reviews.get(pending[0].id)
+            assert review is not None and review.status == "timed_out"
+        finally:
+            conn.terminate()
+            with contextlib.suppress(Exception):
+                await task
+    finally:
+        await direct.execute(f"DROP TABLE IF EXISTS {marker}")
+        await direct.close()
+
+
+async def test_a_client_gone_mid_statement_leaves_nothing_running_upstream(hoop: Hoop) -> None:
+    """psql killed while its statement runs: hoop records the session closed, and the statement must not
+    run on (and commit) under a session, or a grant, that is over."""
+    marker = f"gone_{secrets.token_hex(4)}"
+    direct = await _direct(hoop)
+    try:
+        await direct.execute(f"CREATE TABLE {marker} (a int)")
+        proc = await asyncio.create_subprocess_exec(
+            str(hoop.cluster.bindir / "psql"), "-X", "-At", "-c", f"INSERT INTO {marker} SELECT 1 FROM pg_sleep(20)",
+            env=hoop.env(), stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+        try:
+            end = time.monotonic() + 10
+            while not await _backends(hoop, f"INSERT INTO {marker}") and time.monotonic() < end:
+                await asyncio.sleep(0.05)
+            assert await _backends(hoop, f"INSERT INTO {marker}") == ["active"]
+        finally:
+            proc.kill()
+            await proc.wait()
+        assert await _closed(hoop) == "client closed the connection"
+        end = time.monotonic() + 5
+        while await _backends(hoop, f"INSERT INTO {marker}") and time.monotonic() < end:
+            await asyncio.sleep(0.1)
+        assert await _backends(hoop, f"INSERT INTO {marker}") == []
+        assert await direct.fetchval(f"SELECT count(*) FROM {marker}") == 0
+    finally:
+        await direct.execute(f"DROP TABLE IF EXISTS {marker}")
+        await direct.close()
+
+
+class _RevokeWhileConnecting:
+    """The real credentials, with the grant revoked while hoop is about to log in upstream (after the
+    client's authentication, before the relay starts)."""
+
+    def __init__(self, hoop: Hoop) -> None:
+        self.hoop = hoop
+        self.inner = hoop.proxy.credentials
+
+    async def for_grant(self, resource: PostgresResource, grant: Grant | None) -> tuple[str, str]:
+        if grant is not None:
+            await self.hoop.service.revoke(grant.id, ROOT, "incident over")
+        return await self.inner.for_grant(resource, grant)
+
+
+async def _pipelined_login(hoop: Hoop, then: bytes) -> Reader:
+    """Log in with SCRAM as a client that sends ``then`` with its last SCRAM message, without waiting for
+    ReadyForQuery (as a pipelining client may); returns the connection."""
+    loop = asyncio.get_running_loop()
+    _, reader = await loop.create_connection(Reader, "127.0.0.1", hoop.port)
+    reader.write(codec.encode_startup({"user": hoop.grant.login, "database": "prod-db"}))
+    auth = decode_authentication((await reader.message())[1])
+    scram = ScramClient(hoop.secret, offered=auth.mechanisms)
+    reader.write(codec.encode_sasl_initial_response(scram.mechanism, scram.client_first()))
+    auth = decode_authentication((await reader.message())[1])
+    reader.write(codec.encode_sasl_response(scram.handle_server_first(auth.data)) + then)
+    return reader
+
+
+async def test_a_statement_pipelined_behind_the_login_does_not_run_when_the_grant_ends_meanwhile(
+        hoop: Hoop) -> None:
+    marker = f"early_{secrets.token_hex(4)}"
+    direct = await _direct(hoop)
+    try:
+        await direct.execute(f"CREATE TABLE {marker} (a int)")
+        hoop.proxy.credentials = _RevokeWhileConnecting(hoop)
+        reader = await _pipelined_login(hoop, codec.encode_query(f"INSERT INTO {marker} VALUES (1)"))
+        try:
+            fatal = b""
+            async with asyncio.timeout(10):
+                while True:
+                    msg_type, body = await reader.message(1 << 20)
+                    if msg_type == Backend.ERROR_RESPONSE:
+                        fatal = body
+                        break
+                    assert msg_type != Backend.COMMAND_COMPLETE, "the statement ran"
+        finally:
+            assert reader.transport is not None
+            reader.transport.close()
+        assert b"revoked" in fatal
+        assert await _closed(hoop) == "access revoked: incident over"
+        await asyncio.sleep(0.3)
+        assert await direct.fetchval(f"SELECT count(*) FROM {marker}") == 0
+        statements = await hoop.events("statement")
+        assert [s for s in statements if marker in s["sql"]] == []
+    finally:
+        await direct.execute(f"DROP TABLE IF EXISTS {marker}")
+        await direct.close()
