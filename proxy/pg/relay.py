@@ -19,15 +19,16 @@ and so is every other server message (an error, a notice, a RowDescription). ``m
 that for every type: the framer refuses a longer message as soon as its header arrives, so the
 cap costs nothing per row, and the session ends with SQLSTATE 54000 naming the message type.
 
-The end: ``end(reason)`` (the hub's ``on_end``, the local deadline timer, or a fault) records
-the statements still in flight (the server may have run them), sends the client a FATAL
-ErrorResponse, closes both transports and closes the session. A statement still running upstream
-is cancelled (``cancel``, a CancelRequest for the upstream backend): PostgreSQL notices a closed
-socket only when it next reads or writes, so a long write would otherwise run on, and commit,
-after the grant ended. The cancel is sent again after :data:`RECANCEL_AFTER` seconds, in case the
-first reached the backend before it had read the statement (a cancel of an idle backend is dropped).
-So is a statement in flight when the client goes without a Terminate: nothing hoop recorded as
-closed keeps running on the database.
+The end: ``end(reason)`` (the hub's ``on_end``, the local deadline timer, or a fault) records the
+statements still in flight (the server may have run them), sends the client a FATAL ErrorResponse,
+closes both transports and closes the session. A side that has not taken in what was still queued
+for it :data:`CLOSE_GRACE` seconds later (a client that stopped reading) is reset. A statement still
+running upstream is cancelled (``cancel``, a CancelRequest for the upstream backend): PostgreSQL
+notices a closed socket only when it next reads or writes, so a long write would otherwise run on,
+and commit, after the grant ended. The cancel is sent again after :data:`RECANCEL_AFTER` seconds, in
+case the first reached the backend before it had read the statement (a cancel of an idle backend is
+dropped). So is a statement in flight when the client goes without a Terminate: nothing hoop
+recorded as closed keeps running on the database.
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ _MESSAGE_NAMES = {
 }
 #: seconds after the first cancel of a statement in flight at the end that the second one is sent
 RECANCEL_AFTER = 1.0
+#: seconds a side closed at the end has to take in what was still queued for it before it is cut (reset)
+CLOSE_GRACE = 5.0
 
 
 class _Side(asyncio.Protocol):
@@ -92,7 +95,7 @@ class Relay:
     def __init__(self, client: asyncio.Transport, up: Upstream, inspector: Inspector, session: Any,
                  clock: Clock, *, conn: str, stream_rows: bool, on_closed: Callable[[Relay], None],
                  fast: bool = True, max_row: int = codec.SERVER_MAX_MESSAGE,
-                 cancel: Callable[[], Awaitable[None]] | None = None) -> None:
+                 cancel: Callable[[], Awaitable[None]] | None = None, close_grace: float = CLOSE_GRACE) -> None:
         self.client = client
         self.up = up
         self.server = up.transport
@@ -114,6 +117,9 @@ class Relay:
         self._tasks: set[asyncio.Task[None]] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._canceller: asyncio.Task[None] | None = None
+        self.close_grace = close_grace
+        self._gone: set[str] = set()  # the sides whose connection is lost
+        self._cutter: asyncio.TimerHandle | None = None
         self.closing = False
         self.end_reason: str | None = None
         self.done = asyncio.get_running_loop().create_future()
@@ -285,6 +291,9 @@ class Relay:
         self._shutdown(reason, cancel=running)
 
     def lost(self, side: str) -> None:
+        self._gone.add(side)
+        if len(self._gone) == 2 and self._cutter is not None:
+            self._cutter.cancel()
         if not self.closing:
             if side == "server" and not self.insp.said_goodbye:
                 self._shutdown(self.insp.fatal or "the database closed the connection")
@@ -307,11 +316,21 @@ class Relay:
             self.server.close()
         self.client.close()
         loop = asyncio.get_running_loop()
+        self._cutter = loop.call_later(self.close_grace, self._cut)
         if cancel and self.cancel is not None:
             self._canceller = loop.create_task(self._cancel_upstream())
         task = loop.create_task(self._close_session(reason))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _cut(self) -> None:
+        """Reset a side that, closed at the end, still has not taken in what was queued for it: a
+        client that stopped reading would otherwise keep its connection (and hoop's buffer) open."""
+        for side in ("client", "server"):
+            if side not in self._gone:
+                log.info("conn=%s the %s did not take in the end of the session within %.0f s: connection reset",
+                         self.conn, side, self.close_grace)
+                self._transport(side).abort()
 
     async def _cancel_upstream(self) -> None:
         assert self.cancel is not None

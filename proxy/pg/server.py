@@ -54,7 +54,7 @@ from proxy.pg.inspect import Inspector, Stmt
 from proxy.pg.messages import Frontend, decode_password, decode_sasl_initial_response
 from proxy.pg.params import Refusal as _Refusal
 from proxy.pg.params import startup_params
-from proxy.pg.relay import Relay
+from proxy.pg.relay import CLOSE_GRACE, Relay
 from proxy.pg.replies import PINNED, unsafe_parameter
 from proxy.pg.rows import Catalog, Table, needs_catalog
 from proxy.pg.scram import ScramAuthFailed, ScramServer, parse_verifier
@@ -106,6 +106,8 @@ class PgProxy:
                         else secrets.token_bytes(32))
         self.allow_cleartext = allow_cleartext
         self.setup_timeout = setup_timeout
+        #: seconds a session's sides have, once it ended, to take in what is queued for them (then reset)
+        self.close_grace = CLOSE_GRACE
         self._guards: dict[str, SqlGuard] = {}
         self._maskers: dict[str, Masker] = {}
         self._catalogs: dict[str, Catalog] = {}
@@ -316,7 +318,8 @@ class PgProxy:
         stream_rows = not masker.enabled
         relay = Relay(client, up, insp, session, self.clock, conn=conn, stream_rows=stream_rows,
                       on_closed=self._closed, max_row=resource.max_row_bytes,
-                      cancel=lambda: self._cancel_upstream((resource, up.pid, up.key, conn)))
+                      cancel=lambda: self._cancel_upstream((resource, up.pid, up.key, conn)),
+                      close_grace=self.close_grace)
         self._relays.add(relay)
         self._cancel_keys[relay] = (pid, key)
         self._cancel.add(pid, key, (resource, up.pid, up.key, conn))

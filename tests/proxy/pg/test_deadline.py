@@ -313,3 +313,31 @@ async def test_a_statement_pipelined_behind_the_login_does_not_run_when_the_gran
     finally:
         await direct.execute(f"DROP TABLE IF EXISTS {marker}")
         await direct.close()
+
+
+async def test_a_client_that_stopped_reading_is_cut_after_the_grace(hoop: Hoop) -> None:
+    """A client that asked for a large result and stopped reading: at the grant's end hoop queues the
+    FATAL behind the rows it holds, and a close would wait for the client forever. After the grace the
+    connection is reset, so the queued rows and the FATAL never arrive and nothing stays open."""
+    hoop.proxy.close_grace = 0.5
+    reader = await _pipelined_login(hoop, b"")
+    transport = reader.transport
+    assert transport is not None
+    try:
+        async with asyncio.timeout(10):
+            while (await reader.message(1 << 20))[0] != Backend.READY_FOR_QUERY:
+                pass
+        transport.pause_reading()
+        reader.write(codec.encode_query("SELECT repeat('x', 10000) FROM generate_series(1, 3000)"))
+        await asyncio.sleep(1.0)  # the answer fills the socket buffers, and hoop's own
+        await hoop.service.revoke(hoop.grant.id, ROOT, "incident over")
+        assert await _closed(hoop) == "access revoked: incident over"
+        await asyncio.sleep(1.5)  # past the grace
+        transport.resume_reading()
+        async with asyncio.timeout(20):
+            while not reader.closed:
+                await asyncio.sleep(0.05)
+                del reader.buf[:-4096]  # keep only the tail: the FATAL, when it came, is at the very end
+        assert b"access revoked" not in bytes(reader.buf)
+    finally:
+        transport.close()
