@@ -4,7 +4,7 @@
  *
  * How this works. Each function mirrors a pure-Python twin (codec._py_split,
  * rows._py_rewrite_run, rows._py_text_cells, fast.py_reply_stretch,
- * fast.py_batch, sqlguard.py_shape) byte for byte; the tests run both on the
+ * fast.py_batch, sqlshape.py_shape) byte for byte; the tests run both on the
  * same inputs, malformed ones included. Nothing here keeps state or does I/O: buffers
  * come in through the buffer protocol and results go out as new bytes objects.
  */
@@ -394,7 +394,7 @@ none:
 }
 
 /* ---- shape ------------------------------------------------------------------------------
- * shape(sql) -> str | None, for an ASCII str only (see sqlguard.py_shape, its twin): None when
+ * shape(sql) -> str | None, for an ASCII str only (see sqlshape.py_shape, its twin): None when
  * the text holds a comment, a backslash, '&' or a '$' not followed by a digit; else the text
  * with each '...' literal and each number literal replaced by '?', "..." identifiers kept.
  * A number is the longest digits[.digits][(e|E)[+|-]digits] at a position not preceded by a
