@@ -23,6 +23,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 
 from broker import __version__
 from broker.apiclient import register as register_api_commands
@@ -32,11 +33,38 @@ from broker.config import HoopConfig, Settings, load_config, load_settings
 from broker.errors import ConfigError, HoopError, InvalidInput
 from broker.model import GrantStatus, Identity, RequestStatus
 from broker.runtime import Runtime, build_runtime, open_store, serve_forever
-from broker.terminal import one_line
+from broker.terminal import one_line, visible
 from proxy.ssh.replay import replay_command
 
 T = TypeVar("T")
-app = typer.Typer(name="hoop", help="hoop: a ChatOps access broker.", no_args_is_help=True,
+
+
+class _Escaped(TyperGroup):
+    """The root command group: a usage error (an unknown option or command, a bad value, extra arguments)
+    quotes what was typed, and click prints it as it is; so its message has its control and bidi
+    characters escaped first (:func:`broker.terminal.visible`), as hoop's own messages do. Parsing and
+    running every subcommand go through these two methods, so one group catches them all. (``Any``: the
+    contexts are click's, which typer vendors privately.)"""
+
+    def make_context(self, info_name: str | None, args: list[str], parent: Any = None, **extra: Any) -> Any:
+        with _escaped():
+            return super().make_context(info_name, args, parent, **extra)
+
+    def invoke(self, ctx: Any) -> Any:
+        with _escaped():
+            return super().invoke(ctx)
+
+
+@contextlib.contextmanager
+def _escaped() -> Iterator[None]:
+    try:
+        yield
+    except typer.TyperException as exc:  # click's errors (typer's own click), whose message click prints
+        exc.message = visible(exc.message)
+        raise
+
+
+app = typer.Typer(name="hoop", help="hoop: a ChatOps access broker.", no_args_is_help=True, cls=_Escaped,
                   pretty_exceptions_enable=False, add_completion=False)
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 audit_app = typer.Typer(help="The hash-chained audit log.", no_args_is_help=True)
