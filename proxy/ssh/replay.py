@@ -228,7 +228,7 @@ def replay_command(
     config: Annotated[Path | None, typer.Option("--config", "-c", help="hoop.yaml")] = None,
 ) -> None:
     """Play a recorded SSH session in this terminal (masked, as it was recorded)."""
-    from broker.cli import _run, _with_runtime
+    from broker.commands.base import _run, _with_runtime
 
     def write(data: str) -> None:
         sys.stdout.write(data)
