@@ -5,104 +5,71 @@ own errors into a clear message and a non-zero exit, never a traceback. A messag
 on stderr (never folded at the terminal's width; a problem per line for a config), with what
 users or other parties wrote in it escaped (:mod:`broker.terminal`). A reader that goes away
 (``hoop transcript ID | head``) ends the command quietly, with exit status 1.
+
+This module holds the app, the commands that issue, revoke or set things up, and :func:`main`;
+the plumbing they share, the read-only listings and the audit commands are in :mod:`broker.commands`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import io
 import json
 import logging
 import os
 import sys
-from collections.abc import Awaitable, Callable, Iterator
-from enum import StrEnum
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
+from typer.core import TyperGroup
 
 from broker import __version__
 from broker.apiclient import register as register_api_commands
 from broker.apiclient import revoke_via_api
-from broker.audit import Verdict
-from broker.config import HoopConfig, Settings, load_config, load_settings
-from broker.errors import ConfigError, HoopError, InvalidInput
-from broker.model import GrantStatus, Identity, RequestStatus
-from broker.runtime import Runtime, build_runtime, open_store, serve_forever
-from broker.terminal import one_line
+from broker.commands import lists
+from broker.commands.audit import audit_app
+from broker.commands.base import ConfigOpt, JsonOpt, _load, _run, _say, _with_runtime, err, out
+from broker.errors import ConfigError, HoopError
+from broker.model import Identity
+from broker.runtime import Runtime, open_store, serve_forever
+from broker.terminal import one_line, visible
 from proxy.ssh.replay import replay_command
 
-T = TypeVar("T")
-app = typer.Typer(name="hoop", help="hoop: a ChatOps access broker.", no_args_is_help=True,
+
+class _Escaped(TyperGroup):
+    """The root command group: a usage error (an unknown option or command, a bad value, extra arguments)
+    quotes what was typed, and click prints it as it is; so its message has its control and bidi
+    characters escaped first (:func:`broker.terminal.visible`), as hoop's own messages do. Parsing and
+    running every subcommand go through these two methods, so one group catches them all. (``Any``: the
+    contexts are click's, which typer vendors privately.)"""
+
+    def make_context(self, info_name: str | None, args: list[str], parent: Any = None, **extra: Any) -> Any:
+        with _escaped():
+            return super().make_context(info_name, args, parent, **extra)
+
+    def invoke(self, ctx: Any) -> Any:
+        with _escaped():
+            return super().invoke(ctx)
+
+
+@contextlib.contextmanager
+def _escaped() -> Iterator[None]:
+    try:
+        yield
+    except typer.TyperException as exc:  # click's errors (typer's own click), whose message click prints
+        exc.message = visible(exc.message)
+        raise
+
+
+app = typer.Typer(name="hoop", help="hoop: a ChatOps access broker.", no_args_is_help=True, cls=_Escaped,
                   pretty_exceptions_enable=False, add_completion=False)
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
-audit_app = typer.Typer(help="The hash-chained audit log.", no_args_is_help=True)
 state_app = typer.Typer(help="Keys kept in state_dir.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(audit_app, name="audit")
 app.add_typer(state_app, name="state")
-# emoji off: a fingerprint's ":cd:" (or a name's) printed as an emoji; soft_wrap: a message folded at 80
-# columns is two to grep
-out = Console(highlight=False, emoji=False)
-err = Console(stderr=True, highlight=False, emoji=False, soft_wrap=True)
-
-ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="hoop.yaml (default: $HOOP_CONFIG, hoop.yaml)")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON")]
-LimitOpt = Annotated[int, typer.Option("--limit", min=1, max=100_000, help="show at most this many, newest first")]
-
-
-def _newest(rows: list[Any], limit: int, what: str) -> list[Any]:
-    """The first ``limit`` of ``rows`` (read with one more), saying on stderr when more were left out."""
-    if len(rows) > limit:
-        err.print(f"hoop: showing the newest {limit} {what}; there are more (--limit N shows more)", markup=False)
-    return rows[:limit]
-
-
-def _config_path(path: Path | None) -> Path:
-    return path or Path(os.environ.get("HOOP_CONFIG") or "hoop.yaml")
-
-
-def _load(path: Path | None) -> tuple[HoopConfig, Settings]:
-    settings = load_settings()
-    return load_config(_config_path(path), environ=settings.environ), settings
-
-
-def _run(coro_fn: Callable[[], Awaitable[T]]) -> T:
-    async def runner() -> T:
-        return await coro_fn()
-
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - platforms without uvloop
-        return asyncio.run(runner())
-    return uvloop.run(runner())
-
-
-async def _with_runtime(path: Path | None, fn: Callable[[Runtime], Awaitable[T]], *, migrate: bool = True,
-                        slack: bool = False) -> T:
-    """Run ``fn`` on the broker's object graph. ``slack``: the command changes a grant that Slack must hear
-    of (a break-glass, a revocation): with ``SLACK_BOT_TOKEN`` it posts as ``hoop serve`` would, and
-    without it the user is told that nothing was posted."""
-    config, settings = _load(path)
-    rt = build_runtime(config, settings)
-    try:
-        if slack:
-            from bot.app import command_notifier
-
-            notifier = command_notifier(config, settings, rt.service, rt.clock)
-            if notifier is not None:
-                rt.bus.add(notifier)
-            else:
-                err.print("[yellow]hoop: SLACK_BOT_TOKEN is not set for this command: nothing is posted to Slack "
-                          "(the channel does not hear of this)[/]")
-        if migrate:
-            await rt.store.migrate()
-        return await fn(rt)
-    finally:
-        await rt.close()
 
 
 def _actor(rt: Runtime, email: str) -> Identity:
@@ -135,13 +102,6 @@ def serve(config: ConfigOpt = None) -> None:
     """Run the broker: HTTP server (health, metrics, Slack, API), proxies and scheduler."""
     cfg, settings = _load(config)
     _run(lambda: serve_forever(cfg, settings, _say))
-
-
-def _say(line: str) -> None:
-    """One line of what a command did, whole: a log collector (``hoop serve`` in a container, where stdout
-    is no terminal and rich folds at 80 columns) keeps each line as one record, and a fingerprint or a
-    command folded in two cannot be compared or pasted. No markup: URLs, hosts and paths are not rich's."""
-    out.print(line, markup=False, soft_wrap=True)
 
 
 @app.command()
@@ -268,178 +228,7 @@ def revoke(
     _say(_run(lambda: _with_runtime(config, go, slack=True)))
 
 
-@app.command()
-def requests(status: Annotated[RequestStatus | None, typer.Option(help="only requests in this state")] = None,
-             limit: LimitOpt = 200, as_json: JsonOpt = False, config: ConfigOpt = None) -> None:
-    """List access requests."""
-    from broker.render import request_row, requests_table
-
-    async def go(rt: Runtime) -> list[dict[str, Any]]:
-        async with rt.store.tx() as tx:
-            rows = await tx.list_requests(status=status, limit=limit + 1)
-        return [request_row(r) for r in _newest(rows, limit, "requests")]
-
-    rows = _run(lambda: _with_runtime(config, go))
-    if as_json:
-        sys.stdout.write(json.dumps(rows) + "\n")
-    else:
-        out.print(requests_table(rows))
-
-
-@app.command()
-def grants(status: Annotated[GrantStatus | None, typer.Option(help="only grants in this state")] = None,
-           limit: LimitOpt = 200, as_json: JsonOpt = False, config: ConfigOpt = None) -> None:
-    """List grants (never their secrets)."""
-    from broker.render import grant_row, grants_table
-
-    async def go(rt: Runtime) -> list[dict[str, Any]]:
-        async with rt.store.tx() as tx:
-            rows = await tx.list_grants(status=status, limit=limit + 1)
-        now = rt.clock.now()
-        return [grant_row(g, now) for g in _newest(rows, limit, "grants")]
-
-    rows = _run(lambda: _with_runtime(config, go))
-    if as_json:
-        sys.stdout.write(json.dumps(rows) + "\n")
-    else:
-        out.print(grants_table(rows))
-
-
-@app.command()
-def sessions(resource: Annotated[str | None, typer.Option(help="only this resource")] = None,
-             live: Annotated[bool, typer.Option("--live", help="only open sessions")] = False,
-             limit: LimitOpt = 200, as_json: JsonOpt = False, config: ConfigOpt = None) -> None:
-    """List proxy sessions (newest first) with who, from where, and why they closed."""
-    from broker.model import SessionStatus
-    from broker.render import session_row, sessions_table
-
-    async def go(rt: Runtime) -> list[dict[str, Any]]:
-        async with rt.store.tx() as tx:
-            rows = await tx.list_sessions(status=SessionStatus.OPEN if live else None, resource=resource,
-                                          limit=limit + 1)
-        return [session_row(s) for s in _newest(rows, limit, "sessions")]
-
-    rows = _run(lambda: _with_runtime(config, go))
-    if as_json:
-        sys.stdout.write(json.dumps(rows) + "\n")
-    else:
-        out.print(sessions_table(rows))
-
-
-@app.command()
-def transcript(session: Annotated[str, typer.Argument(help="session id")],
-               full: Annotated[bool, typer.Option("--full", help="every event, not capped at transcripts.max_bytes")]
-               = False,
-               config: ConfigOpt = None) -> None:
-    """Print a session's masked transcript (capped at transcripts.max_bytes, the cut stated; --full: all of it,
-    printed as it is read)."""
-    from broker.recap import full_session_transcript, session_transcript
-    from broker.transcript import Counts
-
-    async def go(rt: Runtime) -> str:
-        if not full:
-            _, t = await session_transcript(rt.service, session)
-            sys.stdout.write(t.text)
-            return t.summary
-        counts = Counts()
-        async for text in full_session_transcript(rt.service, session, counts):
-            sys.stdout.write(text)
-            sys.stdout.flush()  # a page at a time, to a pager or a file, not at the end
-        return counts.summary()
-
-    err.print(_run(lambda: _with_runtime(config, go)), markup=False)
-
-
-@audit_app.command("verify")
-def audit_verify(config: ConfigOpt = None,
-                 anchor: Annotated[str | None, typer.Option(
-                     "--anchor", help="ENTRY:HASH from an earlier run, kept outside hoop: that entry must still be "
-                                      "there, unchanged (catches removed newest entries)")] = None) -> None:
-    """Check the hash chain; report the first broken link. Prints the head (the last entry's number and
-    hash): keep it outside hoop and pass it to --anchor later."""
-    from broker.audit import parse_anchor, verify
-
-    try:
-        kept = parse_anchor(anchor) if anchor is not None else None
-    except InvalidInput as exc:
-        err.print(one_line(exc.message), markup=False)
-        raise typer.Exit(2) from None
-
-    async def go(rt: Runtime) -> Verdict:
-        with _progress(await _audit_length(rt), "verifying") as step:
-            return await verify(rt.store, anchor=kept, progress=step)
-
-    verdict = _run(lambda: _with_runtime(config, go))
-    if verdict.ok:
-        seq, digest = verdict.head
-        out.print(f"audit log intact: {verdict.checked} entries verified", markup=False)
-        out.print(f"head: {seq}:{digest}", markup=False, soft_wrap=True)
-        return
-    _say_broken(verdict)
-    raise typer.Exit(1)
-
-
-async def _audit_length(rt: Runtime) -> int:
-    """The newest audit entry's number, for a progress bar (0: no bar, stderr is not a terminal)."""
-    if not err.is_terminal:
-        return 0
-    async with rt.store.tx() as tx:
-        return await tx.audit_last_seq()
-
-
-@contextlib.contextmanager
-def _progress(total: int, what: str) -> Iterator[Callable[[int], None]]:
-    """A progress bar on stderr for a walk of a long audit log (``total`` entries; none under 10,000, or
-    when stderr is not a terminal): yields the function to call with the entry reached."""
-    if total < 10_000:
-        yield lambda _: None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    with Progress(TextColumn(f"{what} the audit log"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=err, transient=True) as bar:
-        task = bar.add_task(what, total=total)
-        yield lambda seq: bar.update(task, completed=seq)
-
-
-def _say_broken(verdict: Verdict) -> None:
-    err.print("[bold red]audit log broken[/] ", end="")  # the reason may quote edited text: no markup
-    err.print(one_line(f"at entry {verdict.broken_at}: {verdict.reason} ({verdict.checked} entries before it "
-                       "verified)"), markup=False)
-
-
-class ExportFormat(StrEnum):
-    JSONL = "jsonl"
-
-
-@audit_app.command("export")
-def audit_export(fmt: Annotated[ExportFormat, typer.Option("--format", help="one JSON object per line")]
-                 = ExportFormat.JSONL,
-                 config: ConfigOpt = None) -> None:
-    """Write every audit entry, one JSON object per line, to stdout. The hash chain is checked on
-    the way: a broken chain is reported and the exit status is 1 (the entries are still written)."""
-    from broker.audit import Chain, export_jsonl
-
-    chain = Chain()
-
-    async def go(rt: Runtime) -> int:
-        n = 0
-        with _progress(await _audit_length(rt), "exporting") as step:
-            async for line in export_jsonl(rt.store, chain):
-                sys.stdout.write(line + "\n")
-                n += 1
-                if n % 1000 == 0:
-                    step(n)
-        return n
-
-    n = _run(lambda: _with_runtime(config, go))
-    err.print(f"{n} entries exported")
-    verdict = chain.verdict()
-    if not verdict.ok:
-        _say_broken(verdict)
-        raise typer.Exit(1)
-
-
+lists.register(app)  # requests, grants, sessions, transcript
 register_api_commands(app)  # request and status through the API; the local revoke above also takes --api
 app.command("replay")(replay_command)
 

@@ -11,7 +11,8 @@ already masked; this module never sees clear output.
 
 :func:`asciicast` turns stored events back into the text of an asciicast v2 file (one JSON
 header line, then ``[t, code, data]`` lines), and :func:`cast_events` into
-``(t, code, data)`` tuples for :mod:`proxy.ssh.replay`.
+``(t, code, data)`` tuples for :mod:`proxy.ssh.replay` (which reads them a page at a time, the
+channel fixed by :func:`cast_channel` on the first page that has one).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any
 from broker.model import SessionEvent
 from proxy.contracts import Live
 
-__all__ = ["Recorder", "asciicast", "cast_events"]
+__all__ = ["Recorder", "asciicast", "cast_channel", "cast_events"]
 
 _CODES = {"output": "o", "input": "i", "resize": "r"}
 
@@ -99,6 +100,11 @@ class Recorder:
         if self._parts:
             self.flush()
         self._session.record("resize", {"channel": self._channel, "t": self._t(), "size": f"{width}x{height}"})
+
+
+def cast_channel(events: Iterable[SessionEvent]) -> int | None:
+    """The channel of the first asciicast event among ``events`` (None: there is none)."""
+    return next((e.data.get("channel") for e in events if e.kind in _CODES), None)
 
 
 def cast_events(events: Iterable[SessionEvent], channel: int | None = None) -> list[tuple[float, str, str]]:

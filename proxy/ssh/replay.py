@@ -3,7 +3,10 @@
 :func:`replay` is pure timing over asciicast events with injected ``write`` and ``sleep``,
 so it is tested without a terminal or a clock. Pauses longer than ``max_idle`` seconds
 (after dividing by the speed) are shortened to it, like ``asciinema play -i``.
-:func:`replay_command` is the typer command; ``broker/cli.py`` registers it.
+:func:`recorded` reads the events from the store a page at a time as they are played (a long
+session's recording is never held whole), each page in its own short transaction so none is
+open while the replay waits. :func:`replay_command` is the typer command; ``broker/cli.py``
+registers it.
 
 The recording is what a remote host printed, and the host may be hostile: its output must not
 act on the reviewer's terminal beyond drawing. :class:`ScreenOnly` passes text and the escape
@@ -21,16 +24,21 @@ from __future__ import annotations
 import asyncio
 import re
 import sys
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from broker.errors import InvalidInput, NotFound
 from broker.runtime import Runtime
-from proxy.ssh.recording import cast_events
+from broker.store import Store
+from proxy.ssh.recording import cast_channel, cast_events
 
-__all__ = ["ScreenOnly", "replay", "replay_command"]
+__all__ = ["PAGE", "ScreenOnly", "recorded", "replay", "replay_command"]
+
+#: events read from the store at a time while a session is replayed
+PAGE = 2000
 
 #: one token: a run of text, an allowed bare control, a whole escape sequence, or another control
 _TOKEN = re.compile(
@@ -129,7 +137,63 @@ class ScreenOnly:
         return reset + undo
 
 
-async def replay(events: Iterable[tuple[float, str, str]], speed: float, write: Callable[[str], None],
+Cast = tuple[float, str, str]
+
+
+async def recorded(store: Store, session: str, channel: int | None = None, *,
+                   page: int = PAGE) -> AsyncIterator[Cast]:
+    """The ``(t, code, data)`` events of one channel of an SSH session (the first recorded if None), read
+    ``page`` stored events at a time as they are iterated. Raises, before returning, :class:`NotFound` for
+    an unknown session or one that recorded nothing on the channel, and :class:`InvalidInput` for a
+    session that is not SSH: so nothing is played when there is nothing to play."""
+    async with store.tx() as tx:
+        row = await tx.get_session(session)
+    if row is None:
+        raise NotFound(f"no session {session!r}", code="no_session")
+    if row.protocol != "ssh":
+        raise InvalidInput(f"session {session} is a {row.protocol} session: only SSH sessions have a terminal "
+                           f"recording to replay; hoop transcript {session} prints what it did", code="not_ssh")
+    after = 0
+    while True:  # the first page with something on the channel (pages before it hold other channels)
+        async with store.tx() as tx:
+            events = await tx.events_after(session, after=after, limit=page)
+        if not events:  # (it once said nothing and exited 0, as if it had been played)
+            on = f" on channel {channel}" if channel is not None else ""
+            raise NotFound(f"session {session} recorded no terminal output{on}; hoop transcript {session} prints "
+                           "what it did", code="no_output")
+        if channel is None:
+            channel = cast_channel(events)
+        first = cast_events(events, channel)
+        if first:
+            return _pages(store, session, channel, first, events[-1].seq, page)
+        after = events[-1].seq
+
+
+async def _pages(store: Store, session: str, channel: int | None, first: list[Cast], after: int,
+                 page: int) -> AsyncIterator[Cast]:
+    for item in first:
+        yield item
+    del first  # (held by this frame until the replay ends otherwise)
+    while True:
+        async with store.tx() as tx:
+            events = await tx.events_after(session, after=after, limit=page)
+        if not events:
+            return
+        for item in cast_events(events, channel):
+            yield item
+        after = events[-1].seq
+
+
+async def _each(events: Iterable[Cast] | AsyncIterable[Cast]) -> AsyncIterator[Cast]:
+    if isinstance(events, AsyncIterable):
+        async for item in events:
+            yield item
+    else:
+        for item in events:
+            yield item
+
+
+async def replay(events: Iterable[Cast] | AsyncIterable[Cast], speed: float, write: Callable[[str], None],
                  sleep: Callable[[float], Awaitable[None]], *, max_idle: float = 2.0) -> int:
     """Write the ``"o"`` events at their pace divided by ``speed``, through :class:`ScreenOnly`.
     Returns the number of events written."""
@@ -139,7 +203,7 @@ async def replay(events: Iterable[tuple[float, str, str]], speed: float, write: 
     last = 0.0
     count = 0
     try:
-        for t, code, data in events:
+        async for t, code, data in _each(events):
             delay = min(max(t - last, 0.0) / speed, max_idle)
             last = max(last, t)
             if code != "o":
@@ -164,30 +228,13 @@ def replay_command(
     config: Annotated[Path | None, typer.Option("--config", "-c", help="hoop.yaml")] = None,
 ) -> None:
     """Play a recorded SSH session in this terminal (masked, as it was recorded)."""
-    from broker.cli import _run, _with_runtime
-    from broker.errors import InvalidInput, NotFound
-
-    async def go(rt: Runtime) -> list[tuple[float, str, str]]:
-        # (a session with nothing to play said nothing and exited 0, as if it had been played)
-        async with rt.store.tx() as tx:
-            row = await tx.get_session(session)
-            if row is None:
-                raise NotFound(f"no session {session!r}", code="no_session")
-            if row.protocol != "ssh":
-                raise InvalidInput(f"session {session} is a {row.protocol} session: only SSH sessions have a terminal "
-                                   f"recording to replay; hoop transcript {session} prints what it did",
-                                   code="not_ssh")
-            events = cast_events(await tx.events(session), channel)
-        if not events:
-            on = f" on channel {channel}" if channel is not None else ""
-            raise NotFound(f"session {session} recorded no terminal output{on}; hoop transcript {session} prints "
-                           "what it did", code="no_output")
-        return events
-
-    events = _run(lambda: _with_runtime(config, go))
+    from broker.commands.base import _run, _with_runtime
 
     def write(data: str) -> None:
         sys.stdout.write(data)
         sys.stdout.flush()
 
-    _run(lambda: replay(events, speed, write, asyncio.sleep))
+    async def go(rt: Runtime) -> int:
+        return await replay(await recorded(rt.store, session, channel), speed, write, asyncio.sleep)
+
+    _run(lambda: _with_runtime(config, go))

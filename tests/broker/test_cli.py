@@ -474,6 +474,30 @@ def test_audit_export_refuses_an_unknown_format_as_a_usage_error(home: tuple[Pat
     assert "'csv' is not one of 'jsonl'" in out.stderr and "Traceback" not in out.stderr
 
 
+RLO, LRI, BEL = "\u202e", "\u2066", "\x07"
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["transcript", "s1", f"x{RLO}y"], "Got unexpected extra argument(s) (x\\u202ey)"),  # extra argument
+    ([f"--bad{RLO}"], "No such option: --bad\\u202e"),  # unknown option, before any command
+    (["breakglass", f"--resource{LRI}=db"], "No such option: --resource\\u2066 (Possible options:"),
+    (["requests", "--status", f"{RLO}approved"], "'\\u202eapproved' is not one of 'pending'"),  # bad value
+    (["audit", f"verify{RLO}"], "No such command 'verify\\u202e'."),  # unknown command, in a sub-group
+    ([f"serve{BEL}"], "No such command 'serve\\x07'."),
+    (["revoke", "--reason", f"{RLO}why"], "Missing argument 'grant'."),  # missing argument
+])
+def test_usage_errors_print_what_was_typed_escaped(home: tuple[Path, dict[str, str]], args: list[str],
+                                                   says: str) -> None:
+    """click quotes what was typed in a usage error as it is: a bidi override or a control pasted into
+    an argument reached the operator's terminal."""
+    cwd, env = home
+    out = run(args, env, cwd)
+    assert out.returncode == 2 and out.stdout == "", out.stderr
+    assert says in " ".join(out.stderr.replace("│", " ").split()), out.stderr
+    assert not {RLO, LRI, BEL, "\x1b"} & set(out.stderr), out.stderr
+    assert "Traceback" not in out.stderr
+
+
 def test_messages_on_stderr_are_one_line_each(home: tuple[Path, dict[str, str]]) -> None:
     """A message folded at 80 columns (stderr piped) is two lines to grep and to log collectors, and a
     config problem quoting a key with an escape sequence in it rewrote the terminal."""

@@ -1,4 +1,4 @@
-"""asciicast v2 recording and replay timing, without a terminal or a clock."""
+"""asciicast v2 recording and replay timing, without a terminal or a clock (and a store for paging)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ from typing import Any
 
 import pytest
 
-from broker.model import SessionEvent
+from broker.errors import InvalidInput, NotFound
+from broker.model import Session, SessionEvent, SessionStatus
+from broker.store import Store
 from proxy.ssh.recording import Recorder, asciicast, cast_events
-from proxy.ssh.replay import ScreenOnly, replay
+from proxy.ssh.replay import ScreenOnly, recorded, replay
 
 
 class FakeLive:
@@ -162,3 +164,58 @@ async def test_replay_writes_through_the_filter() -> None:
     events = [(0.0, "o", f"{ESC}[?1049hvim{ESC}]52;c;"), (0.1, "o", f"eA==\x07{ESC}[6n")]
     assert await replay(events, 1.0, out.append, sleep) == 2
     assert "".join(out) == f"{ESC}[?1049hvim{ESC}[?1049l"
+
+
+def _session(sid: str, protocol: str = "ssh") -> Session:
+    at = datetime(2030, 1, 1, tzinfo=UTC)
+    return Session(id=sid, grant_id="g1", resource="web-1", protocol=protocol, login="a.b",
+                   chain=("alice@example.com",), client_addr="10.0.0.9:2200", status=SessionStatus.OPEN, opened_at=at)
+
+
+def _out(seq: int, channel: int, t: float, data: str, kind: str = "output") -> SessionEvent:
+    return SessionEvent("s1", seq, datetime(2030, 1, 1, tzinfo=UTC), kind, {"channel": channel, "t": t, "data": data})
+
+
+async def test_replay_reads_the_recording_a_page_at_a_time_as_it_plays(store: Store) -> None:
+    """Pages of 3 events: the first two hold nothing of channel 3 (it is found on the third), pages cut
+    between events of other kinds and channels, and events recorded while the replay runs (the session is
+    still open) are played too: they were not there when the replay began, so only a reader that reads as
+    it plays can show them."""
+    at = datetime(2030, 1, 1, tzinfo=UTC)
+    first = [SessionEvent("s1", 1, at, "asciicast", {"channel": 3, "header": {"version": 2}}),
+             *(SessionEvent("s1", seq, at, "command", {"channel": 3, "command": "ls"}) for seq in range(2, 7)),
+             _out(7, 3, 0.1, "a"), _out(8, 4, 0.2, "other channel"), _out(9, 3, 0.3, "ls\r\n", "input"),
+             _out(10, 3, 0.4, "b"), _out(11, 3, 0.5, "c"), _out(12, 3, 0.6, "d")]
+    async with store.tx() as tx:
+        await tx.insert_session(_session("s1"))
+        await tx.add_events(first)
+    out: list[str] = []
+    slept: list[float] = []
+
+    async def sleep(s: float) -> None:
+        slept.append(s)
+        if len(slept) == 2:  # "a" was written: the host prints more
+            async with store.tx() as tx:
+                await tx.add_events([_out(13, 3, 0.7, "e"), _out(14, 4, 0.8, "x"), _out(15, 3, 0.9, "f")])
+
+    assert await replay(await recorded(store, "s1", page=3), 1.0, out.append, sleep) == 6
+    assert out == ["a", "b", "c", "d", "e", "f"]
+    assert slept == pytest.approx([0.1, 0.1, 0.1, 0.1, 0.1, 0.2])  # timed on channel 3's events only
+    other: list[str] = []
+    assert await replay(await recorded(store, "s1", 4, page=3), 1.0, other.append, sleep) == 2
+    assert other == ["other channel", "x"]
+
+
+async def test_replay_refuses_before_playing_what_has_nothing_to_play(store: Store) -> None:
+    async with store.tx() as tx:
+        await tx.insert_session(_session("s1"))
+        await tx.insert_session(_session("s2", "postgres"))
+        await tx.insert_session(_session("s3"))
+        await tx.add_events([_out(seq, 0, 0.1 * seq, "out") for seq in range(1, 8)])
+    for sid, channel, code in (("nope", None, "no_session"), ("s1", 5, "no_output"), ("s3", None, "no_output")):
+        with pytest.raises(NotFound) as caught:
+            await recorded(store, sid, channel, page=3)
+        assert caught.value.code == code
+    with pytest.raises(InvalidInput) as refused:
+        await recorded(store, "s2", page=3)
+    assert refused.value.code == "not_ssh"
