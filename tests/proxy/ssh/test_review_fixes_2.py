@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from broker.errors import Conflict
 from broker.events import ReviewRequested
 from proxy.ssh.lineedit import LINE_MAX, LineEditor
 from tests.proxy.ssh.conftest import ADMIN, OPS, Env, make_config, ssh_resource, start_env, stop_env
@@ -136,7 +137,8 @@ async def test_exec_approved_after_revocation_does_not_run(renv: Env, request: p
     try:
         await renv.service.revoke(grant.id, ADMIN, "test")
         await asyncio.sleep(0.3)
-        await renv.hub.reviews.decide(event.review.id, OPS, True)
+        with pytest.raises(Conflict, match="ended"):  # an Allow after the grant's end does not count
+            await renv.hub.reviews.decide(event.review.id, OPS, True)
         await asyncio.sleep(1)
     finally:
         os.kill(ssh, signal.SIGCONT)
