@@ -1,10 +1,12 @@
 """What both directions of the PostgreSQL v3 protocol share: the buffer type, the string
-encoding, the integer layouts, :class:`MalformedMessage`, and the readers of a body's
-primitive values (NUL-terminated strings, counted int16 arrays, counted values). No I/O.
+encoding, the integer layouts, the errors (:class:`MalformedMessage`, :class:`MessageTooLong`),
+and the readers and writers of primitive values (NUL-terminated strings, counted int16 arrays,
+counted values). No I/O.
 
-Strings are read as UTF-8 with ``surrogateescape`` (see :mod:`proxy.pg.messages`). The
-helpers with a leading underscore are shared with :mod:`proxy.pg.frontend` and
-:mod:`proxy.pg.backend` only.
+Strings are read and written as UTF-8 with ``surrogateescape`` (see :mod:`proxy.pg.messages`).
+The helpers with a leading underscore are shared with the other modules of the codec
+(:mod:`proxy.pg.frontend`, :mod:`proxy.pg.backend`, :mod:`proxy.pg.startup`,
+:mod:`proxy.pg.codec`) only.
 """
 
 from __future__ import annotations
@@ -23,10 +25,21 @@ I16: Final = struct.Struct("!h")
 I32: Final = struct.Struct("!i")
 U32: Final = struct.Struct("!I")
 I32I32: Final = struct.Struct("!ii")
+_i32 = I32.pack
 
 
 class MalformedMessage(PeerProtocolError):
     """A message that does not follow the PostgreSQL v3 wire format (SQLSTATE 08P01)."""
+
+
+class MessageTooLong(MalformedMessage):
+    """A length field below the minimum or above the configured maximum (``length``, as on the
+    wire, of a message of type ``msg_type``; -1 for a start-up packet)."""
+
+    def __init__(self, message: str, *, length: int = 0, msg_type: int = -1) -> None:
+        super().__init__(message)
+        self.length = length
+        self.msg_type = msg_type
 
 
 # ---- primitive readers ---------------------------------------------------------------
@@ -98,3 +111,14 @@ def _one_cstring(body: Buf, what: str) -> str:
 def expect_empty(body: Buf, what: str) -> None:
     """Check a body that must be empty (Sync, Flush, Terminate, NoData, ParseComplete, ...)."""
     _end(body, 0, what)
+
+
+# ---- primitive writers ---------------------------------------------------------------
+
+
+def _enc(s: str) -> bytes:
+    return s.encode(ENCODING, ERRORS)
+
+
+def _cstr(s: str) -> bytes:
+    return s.encode(ENCODING, ERRORS) + b"\0"
