@@ -43,52 +43,55 @@ through :class:`_Lost`, which fails closed: every string and every bare word (nu
 included, ``true``/``false``/``null`` excepted) becomes ``"[masked]"``, whatever key it may
 be under. A value of a ruled key can then not leak, at the price of an unreadable rest in a
 body that was not JSON anyway; detectors alone would let ``"password": "..."`` through.
+
+Where the code is: this module holds the tokenizer; its fast paths are the base class
+:class:`proxy.jsonskip._FastPaths`, :class:`_Lost` lives in :mod:`proxy.jsonlost`, and the
+vocabulary all three share (structural bytes, tokenizer states) in :mod:`proxy.jsontokens`.
 """
 
 from __future__ import annotations
 
-import json
 import re
-from bisect import bisect_right
 
 from broker.config import Strategy
 from proxy.detectors import Hit
 from proxy.jsondoc import mask_document
-from proxy.jsonfast import (
-    STRINGS,
-    Fast,
-    decode_string,
-    encode_string,
-    fast_patterns,
-    has_ruled_key,
-    reject_constant,
+from proxy.jsonfast import decode_string, encode_string, fast_patterns
+from proxy.jsonlost import _Lost
+from proxy.jsonskip import _FastPaths, _mask_number
+from proxy.jsontokens import (
+    _AFTER,
+    _BACKSLASH,
+    _COLON,
+    _COLON_NEXT,
+    _COMMA,
+    _KEY,
+    _KEY_OR_END,
+    _LBRACE,
+    _LBRACKET,
+    _OVERFLOW,
+    _QUOTE,
+    _RBRACE,
+    _RBRACKET,
+    _SCALAR_MAX,
+    _SCALAR_TOK,
+    _STRING,
+    _STRUCT,
+    _VALUE,
+    _VALUE_OR_END,
+    _match_end,
 )
-from proxy.mask import RULE_MARKER, Masker, StreamMasker
+from proxy.mask import Masker, StreamMasker
 
 _WS = re.compile(rb"[ \t\r\n]*")
 _SCALAR = re.compile(rb"[-+.0-9A-Za-z]*")
 _SCALAR_OK = re.compile(rb"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?|true|false|null|NaN|-?Infinity")
-_SCALAR_MAX = 4096
-# a number shorter than this holds no detector's value (the shortest, a phone number, has 7 digits
-# and a separator or "+", which a JSON number cannot have): not worth a scan
-_NUMBER_MIN = 8
-# in a run of members: the strings (escape-free, see jsonfast.STRINGS) and the numbers
-_RUN_TOKENS = re.compile(STRINGS.pattern + rb"|-?[0-9][-+.0-9eE]*")
-_QUOTE, _BACKSLASH = 0x22, 0x5C
-_LBRACE, _RBRACE, _LBRACKET, _RBRACKET, _COLON, _COMMA = b"{}[]:,"
 _SCALAR_START = frozenset(b"-0123456789tfnNI")
 # what may come before the value: a byte order mark, then an XSSI guard
 _BOM = b"\xef\xbb\xbf"
 _GUARDS = (b")]}',", b"while(1);", b"for(;;);")
 _LEAD = re.compile(rb"(?:\xef\xbb\xbf)?(?:[ \t\r\n]*(?:\)\]\}',?|while\(1\);|for\(;;\);))?")
 _LEAD_MAX = 64  # the first bytes are held at most this long while they may still become one
-
-# what the tokenizer expects next
-_VALUE, _KEY, _KEY_OR_END, _VALUE_OR_END, _COLON_NEXT, _AFTER = range(6)
-# what it is inside of
-_STRUCT, _STRING, _SCALAR_TOK = range(3)
-_OVERFLOW = ('"' + RULE_MARKER + '"').encode()
-_DECODER = json.JSONDecoder(parse_constant=reject_constant)  # stateless: one for all maskers
 _WHOLE_MAX = 256 * 1024  # a chunk that is one whole value up to this size takes mask_document
 # ...and ends like a container or a string (a number could go on in the next chunk: "1" then "e5")
 _WHOLE_ENDS = (b"}", b"]", b'"')
@@ -98,7 +101,7 @@ class _Invalid(Exception):
     pass
 
 
-class JsonStreamMasker:
+class JsonStreamMasker(_FastPaths):
     """Rewrites a JSON byte stream, masking values as they pass. See the module docstring."""
 
     def __init__(self, masker: Masker, *, max_string: int = 1 << 20, max_depth: int = 512, fast: bool = True,
@@ -307,112 +310,6 @@ class JsonStreamMasker:
         out.append(chunk[emit:])
         return b"".join(out)
 
-    def _skip(self, fast: Fast, chunk: bytes, i: int) -> int:
-        """Consume a run of members that no key rule applies to (validated by the regex, in C).
-
-        Returns the end of the run (``i`` when there is none) and updates the state as the
-        exact path would have: after ``member,`` a key (or value) is expected; after the
-        closing bracket the container is popped.
-        """
-        is_object, strategy = self._stack[-1]
-        if len(self._stack) >= self._max_depth - 1:
-            return i
-        if is_object:
-            if self._expect not in (_KEY, _KEY_OR_END):
-                return i
-            m = fast[0].match(chunk, i)
-        else:
-            if strategy is not None or self._expect not in (_VALUE, _VALUE_OR_END):
-                return i
-            m = fast[1].match(chunk, i)
-        if m is None:
-            return i
-        end = m.end()
-        if is_object and m.group("open") is not None:  # a key (no rule) whose value is a container
-            self._key_strategy = None
-            self._expect = _VALUE
-            return end
-        if m.group("close") is not None:
-            self._stack.pop()
-            self._expect = _AFTER
-        elif chunk.rfind(b",", i, end) != -1:
-            self._expect = _KEY if is_object else _VALUE
-        else:
-            return i  # only whitespace: let the exact path take the next token
-        return end
-
-    def _skip_container(self, chunk: bytes, text: str, i: int) -> int:
-        """End of the container starting at ``i`` when it is whole in this chunk and needs no
-        change (no key rule inside, no detector hit); -1 otherwise (the exact path takes it).
-
-        The C JSON decoder validates it and finds its end; its keys are checked against the
-        rules on the decoded value, its raw bytes against the detectors.
-        """
-        try:
-            value, end = _DECODER.raw_decode(text, i)
-        except (ValueError, RecursionError):
-            return -1
-        raw = chunk[i:end]
-        if b"\\" in raw:
-            # escapes could hide a value from a scan of the raw bytes: only the coarse check,
-            # and the keys are checked decoded. "\/" is the one short escape that can: its
-            # backslash splits a run of token characters ("/" is one) that decoded is a single
-            # secret; the other escapes are letters after the backslash, or not token characters
-            # either way.
-            if b"\\u" in raw or self._m.might_contain(raw.replace(b"\\/", b"/")):
-                return -1
-            if self._ruled is not None and has_ruled_key(value, self._m.json_key_strategy):
-                return -1
-            return end
-        if self._hit_in(chunk, i, end):
-            return -1
-        if self._ruled is not None and self._ruled.search(chunk, i, end):
-            return -1  # without escapes every quote delimits a string: this finds exactly the ruled keys
-        return end
-
-    def _hit_in(self, chunk: bytes, start: int, end: int) -> bool:
-        """True when a detector hit of the chunk (scanned once) overlaps ``chunk[start:end]``."""
-        if self._hits is None:
-            self._hits = self._m.scan(chunk)
-            self._hit_ends = [h[1] for h in self._hits]
-        k = bisect_right(self._hit_ends, start)
-        return k < len(self._hits) and self._hits[k][0] < end
-
-    def _detect_run(self, chunk: bytes, start: int, end: int, out: list[bytes], emit: int) -> int:
-        """Mask detector hits in the strings and numbers of a run (every quote in a run delimits a string)."""
-        if not self._hit_in(chunk, start, end):
-            return emit
-        assert self._hits is not None
-        hits, k = self._hits, bisect_right(self._hit_ends, start)
-        for m in _RUN_TOKENS.finditer(chunk, start, end):
-            a, b = m.span()
-            k = bisect_right(self._hit_ends, a, k)
-            if k == len(hits) or hits[k][0] >= end:
-                break
-            if hits[k][0] >= b:
-                continue
-            if chunk[a] != _QUOTE:  # a number: masked on its own, as the exact path does
-                number = _mask_number(self._m, chunk[a:b])
-                if number is not None:
-                    out.append(chunk[emit:a])
-                    out.append(number)
-                    emit = b
-                continue
-            inside = []
-            for h in hits[k:]:
-                if h[0] >= b:
-                    break
-                inside.append((h[0] - a - 1, h[1] - a - 1, h[2]))
-            if inside[0][0] >= 0 and inside[-1][1] <= b - a - 2:  # the chunk's hits, no rescan
-                masked: bytes | None = self._m.replace(chunk[a + 1 : b - 1], inside, self._m.strategy)
-            else:
-                masked = self._m.mask_bytes(chunk[a + 1 : b - 1])
-            if masked is not None:
-                out.append(chunk[emit:a])
-                out.append(b'"' + masked + b'"')
-                emit = b
-        return emit
-
     def _open_value(self, *, is_key: bool) -> None:
         """Check a value (or key) may start here and move the expectation past it."""
         if is_key:
@@ -515,100 +412,9 @@ class JsonStreamMasker:
         return b"".join(out)
 
 
-def _mask_number(masker: Masker, raw: bytes) -> bytes | None:
-    """A number (outside ruled keys) the detectors fire on, as a JSON string of its masked text
-    (``4111111111111111`` -> ``"[card]"``); None to keep it. Every path masks a number this way,
-    on its own, so that a card number is masked whether it was written as a string or not."""
-    if len(raw) < _NUMBER_MIN:
-        return None
-    masked = masker.mask_bytes(raw)
-    return None if masked is None else encode_string(masked.decode("ascii"))
-
-
 def _may_lead(data: bytes) -> bool:
     """True while ``data`` (the body's first bytes) may still grow into a BOM or an XSSI guard."""
     if len(data) < len(_BOM) and _BOM.startswith(data):
         return True
     rest = data.removeprefix(_BOM).lstrip(b" \t\r\n")
     return any(guard.startswith(rest) for guard in _GUARDS)
-
-
-def _match_end(pattern: re.Pattern[bytes], data: bytes, pos: int) -> int:
-    m = pattern.match(data, pos)
-    return pos if m is None else m.end()
-
-
-class _Lost:
-    """The rest of a body in which :class:`JsonStreamMasker` lost track of the keys, with key rules in
-    force: every string (escapes followed across chunks) and every bare word other than ``true``,
-    ``false`` and ``null`` becomes ``"[masked]"``; structure and whitespace pass. Holds at most one
-    word of up to 4 KiB (a longer one is masked at once)."""
-
-    __slots__ = ("_in_string", "_odd", "_word")
-
-    def __init__(self) -> None:
-        self._in_string = False
-        self._odd = False  # the string so far ends in an odd run of backslashes
-        self._word = b""  # a bare word that may go on in the next chunk
-
-    def feed(self, chunk: bytes) -> bytes:
-        out: list[bytes] = []
-        i, n = 0, len(chunk)
-        if self._word:
-            end = _match_end(_WORD, chunk, 0)
-            if end == n and len(self._word) + n <= _SCALAR_MAX:
-                self._word += chunk
-                return b""
-            out.append(self._word_out(self._word + chunk[:end]))
-            self._word, i = b"", end
-        while i < n:
-            if self._in_string:
-                q = self._closing_quote(chunk, i)
-                if q == -1:
-                    return b"".join(out)
-                self._in_string = False
-                out.append(_OVERFLOW)
-                i = q + 1
-                continue
-            end = _match_end(_PUNCT, chunk, i)
-            out.append(chunk[i:end])
-            i = end
-            if i == n:
-                break
-            if chunk[i] == _QUOTE:
-                self._in_string, self._odd = True, False
-                i += 1
-                continue
-            end = _match_end(_WORD, chunk, i)
-            if end == n:
-                self._word = chunk[i:]
-                break
-            out.append(self._word_out(chunk[i:end]))
-            i = end
-        return b"".join(out)
-
-    def flush(self) -> bytes:
-        if self._in_string:
-            self._in_string = False
-            return _OVERFLOW[:-1]
-        word, self._word = self._word, b""
-        return self._word_out(word) if word else b""
-
-    def _closing_quote(self, chunk: bytes, i: int) -> int:
-        """The unescaped quote ending the string, or -1 (the backslash parity is kept for the next chunk)."""
-        odd = self._odd
-        for j in range(i, len(chunk)):
-            c = chunk[j]
-            if c == _QUOTE and not odd:
-                return j
-            odd = c == _BACKSLASH and not odd
-        self._odd = odd
-        return -1
-
-    @staticmethod
-    def _word_out(word: bytes) -> bytes:
-        return word if word in (b"true", b"false", b"null") else _OVERFLOW
-
-
-_PUNCT = re.compile(rb'[{}\[\]:, \t\r\n]*')
-_WORD = re.compile(rb'[^{}\[\]:, \t\r\n"]*')

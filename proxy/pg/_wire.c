@@ -2,8 +2,8 @@
  * fast paths (one statement, its whole answer) and the guard's literal shape; see
  * proxy/pg/_wire.pyi.
  *
- * How this works. Each function mirrors a pure-Python twin (codec._py_split,
- * rows._py_rewrite_run, rows._py_text_cells, fast.py_reply_stretch,
+ * How this works. Each function mirrors a pure-Python twin (framer.py_split,
+ * runs.py_rewrite_run, runs.py_text_cells, fast.py_reply_stretch,
  * fast.py_batch, sqlshape.py_shape) byte for byte; the tests run both on the
  * same inputs, malformed ones included. Nothing here keeps state or does I/O: buffers
  * come in through the buffer protocol and results go out as new bytes objects.
@@ -647,8 +647,8 @@ static PyObject *wire_email_hits(PyObject *Py_UNUSED(self), PyObject *args) {
 }
 
 static PyMethodDef methods[] = {
-    {"split", wire_split, METH_VARARGS, "Frames of a typed message stream (see codec.split)."},
-    {"rewrite_run", wire_rewrite_run, METH_VARARGS, "A masked DataRow run rewritten (see rows.rewrite_run)."},
+    {"split", wire_split, METH_VARARGS, "Frames of a typed message stream (see framer.split)."},
+    {"rewrite_run", wire_rewrite_run, METH_VARARGS, "A masked DataRow run rewritten (see runs.rewrite_run)."},
     {"text_cells", wire_text_cells, METH_VARARGS, "Readable cells of a DataRow run joined by NUL."},
     {"batch", wire_batch, METH_VARARGS, "One extended-protocol statement (see fast.batch)."},
     {"shape", wire_shape, METH_O, "A statement's text with its literals replaced (see sqlguard.shape)."},

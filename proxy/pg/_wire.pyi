@@ -1,6 +1,6 @@
 """C twins of the relay's hot loops (proxy/pg/_wire.c).
 
-See codec.split, rows.rewrite_run, fast.batch, fast.reply_stretch, sqlguard.shape and
+See framer.split, runs.rewrite_run, fast.batch, fast.reply_stretch, sqlshape.shape and
 detectors.py_email_hits.
 """
 

@@ -2,7 +2,7 @@
 
 How this works. The client side (:meth:`Inspector.from_client`, here) and the server side
 (:meth:`~proxy.pg.replies.Replies.from_server`) each get a buffer and its frames from a
-:class:`~proxy.pg.codec.Framer` and return the bytes to send on, as slices of unchanged runs
+:class:`~proxy.pg.framer.Framer` and return the bytes to send on, as slices of unchanged runs
 joined once. They are linked by ``expect`` (:mod:`proxy.pg.state`), a queue of what the
 server will answer, in order: every forwarded Parse, Bind, Describe, Execute, Close, Sync and
 Query pushes an item that the matching server reply pops. That queue is how a DataRow is

@@ -2,7 +2,7 @@
 
 How this works. After set-up, :class:`Relay` swaps its :class:`ClientSide` and
 :class:`ServerSide` protocols onto the two transports. Each received chunk goes through a
-:class:`~proxy.pg.codec.Framer`, then through the :class:`~proxy.pg.inspect.Inspector`,
+:class:`~proxy.pg.framer.Framer`, then through the :class:`~proxy.pg.inspect.Inspector`,
 which returns the bytes to send as slices; they go out in ONE ``transport.write``. A chunk
 that is exactly one statement or its whole answer, and needs nothing changed, takes the
 fast path of :mod:`proxy.pg.fast` instead and is forwarded as it came.

@@ -10,7 +10,7 @@ from broker.config import Masking
 from proxy import detectors
 from proxy.detectors import py_email_hits
 from proxy.mask import Masker
-from proxy.pg import _wire, codec, rows, runs
+from proxy.pg import _wire, codec, framer, rows, runs
 from proxy.pg.messages import Field, MalformedMessage
 
 MASKER = Masker(Masking(columns=[{"match": "email", "strategy": "redact"}, {"match": "card", "strategy": "partial"},
@@ -45,7 +45,7 @@ def _mangle(rnd: random.Random, wire: bytes) -> bytes:
 
 
 def test_the_c_twins_are_built() -> None:
-    assert codec._wire is _wire and runs._wire is _wire and detectors._email_hits is _wire.email_hits
+    assert framer._wire is _wire and runs._wire is _wire and detectors._email_hits is _wire.email_hits
 
 
 def _split_both(buf: bytes, pos: int, max_length: int, coalesce: bool) -> None:
