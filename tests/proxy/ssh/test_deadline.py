@@ -210,3 +210,59 @@ async def test_a_command_whose_client_vanished_dies_on_the_host(env: Env, comman
         await proc.wait()
     assert await close_reason(env) == "client disconnected"
     assert await gone(f"sleep {naptime}") == []
+
+
+async def _answered(host: str, port: int, held: tuple[asyncio.StreamReader, asyncio.StreamWriter]) -> list[str]:
+    """Ping over the ``held`` stream and over a fresh connection to ``host:port``; which of them answered."""
+    answered = []
+    for name in ("held", "new"):
+        writer = None
+        try:
+            async with asyncio.timeout(0.5):
+                reader, writer = held if name == "held" else await asyncio.open_connection(host, port)
+                writer.write(b"ping\n")
+                if await reader.readline() == b"ping\n":
+                    answered.append(name)
+        except (OSError, TimeoutError):
+            pass
+        finally:
+            if name == "new" and writer is not None:
+                writer.close()
+    return answered
+
+
+@pytest.mark.parametrize("forward", ["-L", "-R"])
+async def test_the_port_forwards_of_a_client_that_stopped_reading_end_at_the_deadline(fenv: Env,
+                                                                                      forward: str) -> None:
+    """The client does not read its session's output, which the host filled: it cannot take in the end of the
+    session channel, and hoop waits up to 2 s for it before disconnecting; its forwards end at the deadline."""
+    server = await asyncio.start_server(_echo, "127.0.0.1", 0)
+    port = _free_port()
+    grant, secret = await fenv.grant()
+    target = int(server.sockets[0].getsockname()[1])
+    proc = await spawn(fenv, grant.login, secret, "-o", "ExitOnForwardFailure=yes",
+                       forward, f"127.0.0.1:{port}:127.0.0.1:{target}",
+                       "echo up >&2; yes | head -c 8000000; sleep 900")
+    try:
+        assert proc.stderr is not None
+        assert await asyncio.wait_for(proc.stderr.readline(), 10) == b"up\n"  # (stdout is never read)
+        held = await asyncio.open_connection("127.0.0.1", port)
+        assert await _answered("127.0.0.1", port, held) == ["held", "new"]
+        deadline = time.monotonic() + 0.5
+        expire_soon(fenv, 0.5)
+        late = []
+        while time.monotonic() < deadline + 3:
+            answered = await _answered("127.0.0.1", port, held)
+            if answered and time.monotonic() > deadline + 0.3:
+                late.append(answered)
+            await asyncio.sleep(0.1)
+        held[1].close()
+        assert late == [], "the forward outlived the grant"
+        assert await close_reason(fenv) == "access expired"
+        await finish(proc)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        server.close()
+        await server.wait_closed()
