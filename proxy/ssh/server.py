@@ -241,7 +241,8 @@ class _Connection(asyncssh.SSHServer):
             return
         remaining = (self.session.deadline - self.proxy.clock.now()).total_seconds()
         if remaining <= 0:
-            self.end("access expired")
+            self.session.deadline_passed()  # (it ends the session, through self.end, unless the grant was extended)
+            self._timer = asyncio.get_running_loop().call_later(1.5, self._arm)
             return
         self._timer = asyncio.get_running_loop().call_later(min(remaining, 3600.0), self._arm)
 
