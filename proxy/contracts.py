@@ -37,6 +37,10 @@ class Live(Protocol):
 
     async def close(self, reason: str) -> None: ...
 
+    def deadline_passed(self) -> None:
+        """The proxy's own timer saw the deadline pass: the session ends unless the grant was extended."""
+        ...
+
 
 class Hub(Protocol):
     async def open(self, grant: Grant, resource: str, protocol: str, client_addr: str,

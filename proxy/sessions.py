@@ -3,7 +3,9 @@
 How this works. A proxy opens a :class:`LiveSession` once its client is authenticated. The
 hub stores the session row, announces it, and arms a timer at the grant's absolute expiry.
 It is also a broker ``Notifier``: a ``GrantEnded`` event (expiry, revocation, or a parent's
-end) calls every affected session's ``on_end`` at once; ``GrantExtended`` moves the timer.
+end) calls every affected session's ``on_end`` at once; ``GrantExtended`` moves the timer. When the timer
+fires, the grant is read from the store first: an extension stored before the old end but announced after
+it moves the deadline instead (a store that does not answer within 1 s ends the session).
 
 Recording is crash-safe without a database round trip per statement. ``record()`` only
 appends a compact tuple (session, seq, time, kind, data) to the hub's list for the current
@@ -103,6 +105,7 @@ class LiveSession:
         self._seq = 0
         self._pending: list[_Pending] = []
         self._timer: asyncio.TimerHandle | None = None
+        self._rechecking: asyncio.Task[None] | None = None  # the store is asked whether the grant was extended
         self._spool = Spool(hub.spool_dir, self.id, segment_bytes=hub.segment_bytes) \
             if hub.spool_dir is not None else None
 
@@ -128,7 +131,36 @@ class LiveSession:
             self._timer.cancel()
         loop = asyncio.get_running_loop()
         delay = max((self.deadline - self.hub.clock.now()).total_seconds(), 0.0)
-        self._timer = loop.call_at(loop.time() + delay, self.end, "access expired")
+        self._timer = loop.call_at(loop.time() + delay, self.deadline_passed)
+
+    def deadline_passed(self) -> None:
+        """The deadline has passed: end the session ("access expired") once the store confirms that the grant
+        was not extended. An extension is stored before it is announced (after its side effects, or late on
+        another replica), and must not lose a session whose old end falls in between. A store that does not
+        answer within 1 s does not keep the session open."""
+        if self.closed or self.end_reason is not None or self._rechecking is not None:
+            return
+        self._rechecking = asyncio.create_task(self._recheck(), name=f"session={self.id} deadline")
+
+    async def _recheck(self) -> None:
+        current: Grant | None = None
+        try:
+            async with asyncio.timeout(1):
+                async with self.hub.service.store.tx() as tx:
+                    current = await tx.get_grant(self.grant.id)
+        except Exception as exc:
+            log.warning("session=%s grant=%s the grant could not be read at its end (%s): ending the session",
+                        self.id, self.grant.id, type(exc).__name__)
+        finally:
+            self._rechecking = None
+        now = self.hub.clock.now()
+        if current is not None and current.status is GrantStatus.ACTIVE and current.expires_at > now \
+                and current.expires_at > self.grant.expires_at:  # extended: its announcement is on its way
+            self.deadline, self.grant = current.expires_at, current
+        if self.deadline > now:
+            self.arm()
+            return
+        self.end("access expired")
 
     def end(self, reason: str) -> None:
         """Ask the proxy to end this session (it sends its protocol's message, then calls close)."""
@@ -165,6 +197,8 @@ class LiveSession:
             return
         if self._timer is not None:
             self._timer.cancel()
+        if self._rechecking is not None and self._rechecking is not asyncio.current_task():
+            self._rechecking.cancel()
         reason = self.end_reason or reason
         self.record("close", {"reason": reason, "stats": dict(self.stats)})
         self.closed = True

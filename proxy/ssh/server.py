@@ -241,7 +241,8 @@ class _Connection(asyncssh.SSHServer):
             return
         remaining = (self.session.deadline - self.proxy.clock.now()).total_seconds()
         if remaining <= 0:
-            self.end("access expired")
+            self.session.deadline_passed()  # (it ends the session, through self.end, unless the grant was extended)
+            self._timer = asyncio.get_running_loop().call_later(1.5, self._arm)
             return
         self._timer = asyncio.get_running_loop().call_later(min(remaining, 3600.0), self._arm)
 
@@ -343,11 +344,18 @@ class _Connection(asyncssh.SSHServer):
                 log.info("%s ending: %s", self.label, reason)
                 for ch in channels:
                     ch.end(reason)
+                # The host is cut off now, not once the client has taken in the end of its channels: one that
+                # does not read its output takes up to the 2 s below, while its agent, X11 and port forwards
+                # would still be relayed.
+                if self.forwards is not None:
+                    self.forwards.close()
+                cut = asyncio.create_task(self._cut_host(channels))
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(2):
                         await asyncio.gather(*(ch.closed for ch in channels))
                 if self.conn is not None:
                     self.conn.disconnect(asyncssh.DISC_BY_APPLICATION, f"hoop: {reason}")
+                await cut
             if self._upstream is not None:
                 # Let a connect in flight finish and close it: cancelling asyncssh mid-handshake leaks its socket.
                 up: asyncssh.SSHClientConnection | None = None
@@ -367,6 +375,17 @@ class _Connection(asyncssh.SSHServer):
                 self._ready.set_result(None)
             if not self._done.done():
                 self._done.set_result(None)
+
+    async def _cut_host(self, channels: list[ProxyChannel]) -> None:
+        """Close the host connection (and with it every forward) once the host has closed the ended channels,
+        or after 2 s: closing it drops what it has not sent yet, such as the kill of an exec's processes."""
+        task = self._upstream
+        if task is None or not task.done() or task.cancelled() or task.exception() is not None:
+            return  # (a connect still in flight is closed by _shutdown once it is done)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(2):
+                await asyncio.gather(*(ch.up.wait_closed() for ch in channels if ch.up is not None))
+        task.result().close()
 
     async def finished(self) -> None:
         if self._ending is None:

@@ -80,12 +80,13 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 @contextlib.contextmanager
-def sshd(base: Path, *, x11: bool = False, use_pam: bool = False) -> Iterator[Sshd]:
+def sshd(base: Path, *, x11: bool = False, use_pam: bool = False, sftp: str = "internal-sftp") -> Iterator[Sshd]:
     """Start sshd under ``base``; yield it; stop it by PID.
 
     ``x11``: ``X11Forwarding yes`` (needs ``xauth``), with sessions' ``XAUTHORITY`` under ``base``
     (so the test user's own ``~/.Xauthority`` is left alone). ``use_pam``: ``UsePAM yes``, without which
     sshd refuses a login to an account whose password is locked (a system account such as ``postgres``).
+    ``sftp``: the program of the sftp subsystem (an external server runs as a process of its own).
     """
     binary = shutil.which("sshd") or "/usr/sbin/sshd"
     base.mkdir(parents=True, exist_ok=True)
@@ -104,7 +105,7 @@ def sshd(base: Path, *, x11: bool = False, use_pam: bool = False) -> Iterator[Ss
             f"Port {port}", "ListenAddress 127.0.0.1", f"HostKey {host_key}",
             f"AuthorizedKeysFile {base / 'authorized_keys'}", f"UsePAM {'yes' if use_pam else 'no'}", "StrictModes no",
             "PermitRootLogin prohibit-password", "PasswordAuthentication no", "KbdInteractiveAuthentication no",
-            "PubkeyAuthentication yes", f"PidFile {base / 'sshd.pid'}", "Subsystem sftp internal-sftp",
+            "PubkeyAuthentication yes", f"PidFile {base / 'sshd.pid'}", f"Subsystem sftp {sftp}",
             "MaxStartups 300", "MaxSessions 100", "PrintMotd no", "PrintLastLog no", "LogLevel ERROR",
             "AllowTcpForwarding yes", "UseDNS no", "AcceptEnv LANG LC_*",
             *(["X11Forwarding yes", "X11UseLocalhost yes", f"SetEnv XAUTHORITY={base / 'Xauthority'}"] if x11

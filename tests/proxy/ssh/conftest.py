@@ -13,11 +13,11 @@ from typing import Any
 import asyncssh
 import pytest
 
-from broker.clock import SystemClock
+from broker.clock import Clock, SystemClock
 from broker.config import HoopConfig, parse_config
 from broker.events import Broadcast, RecordingNotifier
 from broker.model import Grant, Identity
-from broker.service import Service
+from broker.service import GrantHooks, Service
 from broker.store import Store
 from proxy.access import Gate
 from proxy.contracts import AccessGate
@@ -97,15 +97,17 @@ class Env:
 
 
 async def start_env(up: Sshd, tmp: Path, config: HoopConfig,
-                    wrap_gate: Callable[[Gate], AccessGate] | None = None) -> tuple[Env, Store]:
-    """Start hoop's SSH proxy against ``up``; ``wrap_gate`` puts a test's gate around the real one."""
+                    wrap_gate: Callable[[Gate], AccessGate] | None = None, *, clock: Clock | None = None,
+                    hooks: GrantHooks | None = None) -> tuple[Env, Store]:
+    """Start hoop's SSH proxy against ``up``; ``wrap_gate`` puts a test's gate around the real one; ``clock``
+    (the system's by default) and ``hooks`` go to the service."""
     store = Store.from_url(f"sqlite+aiosqlite:///{tmp / 'hoop.db'}")
     await store.migrate()
-    clock = SystemClock()
+    clock = clock or SystemClock()
     bus = Broadcast()
     notifier = RecordingNotifier()
     bus.add(notifier)
-    service = Service(config, store, clock, bus)
+    service = Service(config, store, clock, bus, hooks)
     hub = SessionHub(service, clock, spool_dir=tmp / "spool", flush_every=0.05)
     gate = Gate(service, clock)
     bus.add(hub)
