@@ -87,6 +87,31 @@ def test_ports_and_probes_match_what_hoop_serves() -> None:
         assert container[probe]["httpGet"]["port"] == "http"
 
 
+async def test_liveness_does_not_depend_on_the_store_but_readiness_does() -> None:
+    """Both probes asked /healthz, which answers 503 while the store is away: a store outage past the
+    liveness threshold made Kubernetes restart every replica, ending every live session."""
+    import aiohttp
+    from aiohttp import web
+
+    from tests.support.pgcluster import free_port
+
+    (container,) = deployment()["spec"]["template"]["spec"]["containers"]
+    away = Store.from_url(f"postgresql+asyncpg://hoop:x@127.0.0.1:{free_port()}/hoop")  # nothing listens there
+    runner = web.AppRunner(build_web(away, Metrics()), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(url + container["livenessProbe"]["httpGet"]["path"]) as resp:
+                assert resp.status == 200
+            async with http.get(url + container["readinessProbe"]["httpGet"]["path"]) as resp:
+                assert resp.status == 503
+    finally:
+        await runner.cleanup()
+        await away.close()
+
+
 def test_the_shared_keys_are_mounted_where_hoop_looks(tmp_path: Path) -> None:
     config = cluster_config()
     (tmp_path / "hoop.yaml").write_text(yaml.safe_dump(yaml.safe_load(
