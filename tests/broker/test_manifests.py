@@ -186,3 +186,36 @@ def test_the_slash_commands_usage_hint_names_every_verb() -> None:
     (command,) = manifest["features"]["slash_commands"]
     hint = command["usage_hint"]
     assert [verb for verb in _ARITY if verb not in hint] == []
+
+
+def test_connection_hints_of_the_cluster_config_reach_the_proxies_through_the_services() -> None:
+    """The hints a requester gets name `listen.advertise` and hoop's listen ports; the proxy Service
+    published 5432, 22 and 443 instead (so every hint named a port nothing answered on), and the HTTP
+    hint said http:// while the cluster config serves the HTTP proxy as https (tls.http_proxy)."""
+    import re
+    from datetime import UTC, datetime, timedelta
+
+    from broker.hints import connection_hints
+    from broker.model import Grant, GrantStatus
+
+    config = cluster_config()
+    (container,) = deployment()["spec"]["template"]["spec"]["containers"]
+    by_name = {p["name"]: p["containerPort"] for p in container["ports"]}
+    proxy = next(s for s in docs("service.yaml") if s["metadata"]["name"] == "hoop-proxy")
+    published = {by_name[p["targetPort"]]: p["port"] for p in proxy["spec"]["ports"]}
+    assert published == {port: port for port in published}, "a hint names the listen port: publish the same one"
+    http_res = {"name": "api", "kind": "http", "address": "https://k8s.internal:6443", "channel": "C1",
+                "credential": {"env": "K"}}
+    config = parse_config({**yaml.safe_load(docs("configmap.yaml")[0]["data"]["hoop.yaml"]),
+                           "resources": [r.model_dump(mode="json", exclude_defaults=True) for r in config.resources]
+                           + [http_res]})
+    now = datetime.now(UTC)
+    grant = Grant(id="g1", login="a.b", identity="alice@example.com", chain=("alice@example.com",),
+                  resources=tuple(r.name for r in config.resources), status=GrantStatus.ACTIVE, created_at=now,
+                  expires_at=now + timedelta(minutes=5))
+    hints = connection_hints(config, grant, "hoop_x")
+    assert config.listen.advertise is not None and config.tls.http_proxy
+    assert re.search(rf"host={config.listen.advertise} port=(\d+)", hints["prod-db"]).group(1) in map(str, published)
+    assert f"https://{config.listen.advertise}:{config.listen.http_proxy}/api/" in hints["api"]
+    assert config.listen.http_proxy in published and config.listen.postgres in published
+    assert config.listen.ssh in published
