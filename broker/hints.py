@@ -19,7 +19,8 @@ def connection_hints(config: HoopConfig, grant: Grant, secret: str) -> dict[str,
                          f"user={grant.login} dbname={name} sslmode=prefer\"")
         elif res.kind == "ssh":
             out[name] = f"ssh -p {config.listen.ssh} {grant.login}@{host}   # password: the secret"
-        else:
+        else:  # https when the proxy serves it (tls.http_proxy): a bearer secret sent to http:// would leak
+            scheme = "https" if config.tls.http_proxy else "http"
             out[name] = (f"curl -H 'Authorization: Bearer {secret}' "
-                         f"http://{host}:{config.listen.http_proxy}/{name}/")
+                         f"{scheme}://{host}:{config.listen.http_proxy}/{name}/")
     return out

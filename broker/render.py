@@ -49,9 +49,11 @@ def cell(value: object) -> Text:
 
 
 def _table(title: str, *columns: str) -> Table:
+    """The first column is the row's id, which is never folded: it is what the next command takes
+    (``hoop transcript``, ``hoop revoke``), and a folded one is copied in half."""
     table = Table(title=title)
-    for name in columns:
-        table.add_column(name, overflow="fold")
+    for i, name in enumerate(columns):
+        table.add_column(name, overflow="fold", no_wrap=i == 0)
     return table
 
 

@@ -222,7 +222,7 @@ async def serve_forever(config: HoopConfig, settings: Settings, say: Callable[[s
         with _listening("listen.http", config.listen.host, config.listen.http):
             runner, port = await _listen(web_app, config.listen.host, config.listen.http)
         rt.closers.append(runner.cleanup)
-        say(f"hoop: HTTP on http://{config.listen.host}:{port} (/healthz, /metrics)")
+        say(f"hoop: HTTP on http://{config.listen.host}:{port} (/healthz, /livez, /metrics)")
 
         kinds = {r.kind for r in config.resources}
         proxies: list[tuple[str, Any, int]] = []

@@ -49,6 +49,16 @@ class DueReport:
     expired: list[str] = field(default_factory=list)
     reminded: list[str] = field(default_factory=list)
 
+    def summary(self, most: int = 20) -> str:
+        """One line for the log (an operator asks what the leader did after a restart or a take-over)."""
+        parts = []
+        for what, ids in (("expired grant", self.expired), ("lapsed request", self.lapsed),
+                          ("decided met request", self.decided), ("reminded grant", self.reminded)):
+            if ids:
+                more = f" and {len(ids) - most} more" if len(ids) > most else ""
+                parts.append(f"{what}(s) {', '.join(ids[:most])}{more}")
+        return "; ".join(parts)
+
 
 class Scheduler:
     def __init__(self, service: Service, clock: Clock, *, sweep_every: timedelta = timedelta(seconds=15),
@@ -125,6 +135,8 @@ class Scheduler:
                 await self.service.remind(grant.id)
                 report.reminded.append(grant.id)
         await self._prune(now)
+        if report.lapsed or report.decided or report.expired or report.reminded:
+            log.info("scheduler: %s", report.summary())
         return report
 
     async def _prune(self, now: datetime) -> None:

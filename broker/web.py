@@ -1,4 +1,9 @@
-"""The broker's HTTP server: health, metrics; the Slack bot and the REST API mount here too."""
+"""The broker's HTTP server: health, metrics; the Slack bot and the REST API mount here too.
+
+Two health endpoints, for two questions. ``/healthz`` (readiness) answers 503 while the store is
+unreachable: this replica cannot let anyone in then. ``/livez`` (liveness) only says the process
+answers: restarting every replica because the store is away would end every live session, which
+the proxies keep enforcing (and ending at their grants' expiry) on their own."""
 
 from __future__ import annotations
 
@@ -26,6 +31,11 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+async def livez(request: web.Request) -> web.Response:
+    """The event loop answers; the store is not asked (see the module's docstring)."""
+    return web.json_response({"status": "ok"})
+
+
 async def metrics(request: web.Request) -> web.Response:
     metrics_ = request.app[METRICS_KEY]
     try:
@@ -42,5 +52,6 @@ def build_web(store: Store, metrics_: Metrics) -> web.Application:
     app[STORE_KEY] = store
     app[METRICS_KEY] = metrics_
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/livez", livez)
     app.router.add_get("/metrics", metrics)
     return app

@@ -48,7 +48,7 @@ from broker.metrics import Metrics
 from broker.model import Grant, GrantStatus, Session, SessionStatus
 from broker.reviews import Reviews
 from broker.service import Service, new_id
-from proxy.spool import SEGMENT_BYTES, Spool, leftovers
+from proxy.spool import SEGMENT_BYTES, Spool, claimed, leftovers
 
 log = logging.getLogger(__name__)
 
@@ -397,31 +397,48 @@ class SessionHub:
         await self.flush()
 
     async def recover(self) -> int:
-        """Ingest spool files a crash left behind; close their sessions. Returns sessions recovered."""
+        """Ingest spool files a crash left behind; close their sessions. Returns sessions recovered.
+        A session whose spool a running hoop still holds (a replica sharing ``state_dir``) is left to it."""
         if self.spool_dir is None:
             return 0
         count = 0
-        for session_id, paths in leftovers(self.spool_dir):
+        for session_id, _ in leftovers(self.spool_dir):
             if session_id in self._live or session_id in self._closing:
                 continue
-            for path in paths:  # one segment at a time: memory stays about one segment
-                kept: list[_Pending] = []
-                for raw in path.read_text(encoding="utf-8", errors="replace").split("\n"):
-                    got = parse(raw)
-                    if got is not None:  # (not: a torn last line, the event that was in flight)
-                        kept.append((got[0], raw + "\n"))
-                async with self.service.store.tx() as tx:
-                    done = await tx.max_event_seq(session_id)
-                    kept = [item for item in kept if item[0] > done]
-                    if kept:
-                        await tx.add_event_chunks(_chunks(session_id, kept))
-            async with self.service.store.tx() as tx:
-                row = await tx.get_session(session_id)
-                if row is not None and row.status is SessionStatus.OPEN:
-                    row.status, row.closed_at, row.close_reason = SessionStatus.CLOSED, self.clock.now(), \
-                        "hoop stopped while the session was open"
-                    await tx.update_session(row)
-            for path in paths:
-                path.unlink()
-            count += 1
+            with claimed(self.spool_dir, session_id) as paths:
+                if paths is None:
+                    log.info("session=%s: its spool is written by a running hoop (a replica sharing state_dir); "
+                             "left to it", session_id)
+                elif paths:
+                    await self._ingest(session_id, paths)
+                    count += 1
         return count
+
+    async def _ingest(self, session_id: str, paths: list[Path]) -> None:
+        """Store what ``paths`` hold that the store lacks, close the session at its last event with a
+        ``close`` event saying why, then delete the files."""
+        last: tuple[int, datetime | None] = (0, None)
+        for path in paths:  # one segment at a time: memory stays about one segment
+            kept: list[_Pending] = []
+            for raw in path.read_text(encoding="utf-8", errors="replace").split("\n"):
+                got = parse(raw)
+                if got is not None:  # (not: a torn last line, the event that was in flight)
+                    kept.append((got[0], raw + "\n"))
+                    last = max(last, got[:2], key=lambda item: item[0])
+            async with self.service.store.tx() as tx:
+                done = await tx.max_event_seq(session_id)
+                last = max(last, (done, last[1]), key=lambda item: item[0])
+                kept = [item for item in kept if item[0] > done]
+                if kept:
+                    await tx.add_event_chunks(_chunks(session_id, kept))
+        async with self.service.store.tx() as tx:
+            row = await tx.get_session(session_id)
+            if row is not None and row.status is SessionStatus.OPEN:
+                # the crash's time is unknown: the last event recorded is the latest hoop knows it was open
+                at, reason = last[1] or row.opened_at, "hoop stopped while the session was open"
+                close = line(last[0] + 1, at.isoformat(), "close", encode_data({"reason": reason, "stats": {}}))
+                await tx.add_event_chunks(_chunks(session_id, [(last[0] + 1, close)]))
+                row.status, row.closed_at, row.close_reason = SessionStatus.CLOSED, at, reason
+                await tx.update_session(row)
+        for path in paths:
+            path.unlink()

@@ -9,18 +9,25 @@ one started when the current one passes ``segment_bytes``. When the hub has stor
 to some sequence number, :meth:`Spool.stored` deletes the finished segments holding nothing later,
 so the disk holds about one segment plus what is not stored yet per live session. At start,
 :func:`leftovers` finds what a crash left behind, grouped per session and in order.
+
+Replicas may share one spool directory (one ``state_dir`` for several ``hoop serve`` on a host, or
+on a shared volume), so what one finds there at start may be another's live session. A spool
+holds an exclusive ``flock`` on the segment it writes, which the kernel lets go when the process
+dies, however it dies; :func:`claimed` takes every segment of a session under the same lock
+before recovery reads it, and gives up on a session whose newest segment is still held.
 """
 
 from __future__ import annotations
 
 import bisect
 import contextlib
+import fcntl
 import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["SEGMENT_BYTES", "Spool", "leftovers"]
+__all__ = ["SEGMENT_BYTES", "Spool", "claimed", "leftovers"]
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +53,9 @@ class Spool:
         self._fd: int | None = self._open(0)
 
     def _open(self, n: int) -> int:
-        return os.open(_path(self._dir, self._id, n), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        fd = os.open(_path(self._dir, self._id, n), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        _lock(fd)  # held while this process lives: the segment is not a crash's leftover
+        return fd
 
     @property
     def segments(self) -> list[Path]:
@@ -62,12 +71,12 @@ class Spool:
             return
         try:
             if self._size >= self._limit:
+                fd = self._open(self._n + 1)  # locked before the old one is let go: one is always held
                 os.close(self._fd)
+                self._fd = fd
                 self._done.append((self._n, self._last))
                 self._n += 1
                 self._size = 0
-                self._fd = None
-                self._fd = self._open(self._n)
             view = memoryview(data)
             while view:  # bounded: each pass writes at least one byte or raises
                 view = view[os.write(self._fd, view):]
@@ -90,6 +99,12 @@ class Spool:
             with contextlib.suppress(FileNotFoundError):
                 _path(self._dir, self._id, n).unlink()
 
+    def close(self) -> None:
+        """Stop writing and let go of the lock, keeping every segment: what a crash leaves behind."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
     def remove(self) -> None:
         """The session is closed and stored: close and delete every segment."""
         if self._fd is not None:
@@ -99,6 +114,56 @@ class Spool:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
         self._done.clear()
+
+
+def _lock(fd: int) -> bool:
+    """Take ``fd``'s exclusive lock without waiting; False if another open file holds it. A file system
+    without locks counts as unlocked: a spool there is recovered as before (do not share it)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:
+        pass
+    return True
+
+
+def _segments(directory: Path, session_id: str) -> list[Path]:
+    """The segments of ``session_id`` that exist now, oldest first."""
+    found = []
+    for path in directory.glob(f"{session_id}.*"):
+        rest = path.name[len(session_id) + 1:]
+        if rest == "jsonl":
+            found.append((0, path))
+        elif rest.endswith(".jsonl") and rest[: -len(".jsonl")].isdigit():
+            found.append((int(rest[: -len(".jsonl")]), path))
+    return [path for _, path in sorted(found)]
+
+
+@contextlib.contextmanager
+def claimed(directory: Path, session_id: str) -> Iterator[list[Path] | None]:
+    """Hold every segment of ``session_id`` under its lock, for recovery: yields them oldest first
+    (those another recovery removed meanwhile left out), or None when a running hoop still writes the
+    session (it holds its newest segment). The locks are let go on leaving."""
+    held: dict[Path, int] = {}
+    try:
+        while True:  # again after locking: a live spool may have started a newer segment meanwhile
+            new = [path for path in _segments(directory, session_id) if path not in held]
+            if not new:
+                break
+            for path in new:
+                try:
+                    fd = os.open(path, os.O_RDONLY)
+                except FileNotFoundError:
+                    continue
+                held[path] = fd
+                if not _lock(fd):
+                    yield None
+                    return
+        yield [path for path in _segments(directory, session_id) if path in held]
+    finally:
+        for fd in held.values():
+            os.close(fd)
 
 
 def leftovers(directory: Path, batch: int = 10_000) -> Iterator[tuple[str, list[Path]]]:

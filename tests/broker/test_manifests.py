@@ -87,6 +87,31 @@ def test_ports_and_probes_match_what_hoop_serves() -> None:
         assert container[probe]["httpGet"]["port"] == "http"
 
 
+async def test_liveness_does_not_depend_on_the_store_but_readiness_does() -> None:
+    """Both probes asked /healthz, which answers 503 while the store is away: a store outage past the
+    liveness threshold made Kubernetes restart every replica, ending every live session."""
+    import aiohttp
+    from aiohttp import web
+
+    from tests.support.pgcluster import free_port
+
+    (container,) = deployment()["spec"]["template"]["spec"]["containers"]
+    away = Store.from_url(f"postgresql+asyncpg://hoop:x@127.0.0.1:{free_port()}/hoop")  # nothing listens there
+    runner = web.AppRunner(build_web(away, Metrics()), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(url + container["livenessProbe"]["httpGet"]["path"]) as resp:
+                assert resp.status == 200
+            async with http.get(url + container["readinessProbe"]["httpGet"]["path"]) as resp:
+                assert resp.status == 503
+    finally:
+        await runner.cleanup()
+        await away.close()
+
+
 def test_the_shared_keys_are_mounted_where_hoop_looks(tmp_path: Path) -> None:
     config = cluster_config()
     (tmp_path / "hoop.yaml").write_text(yaml.safe_dump(yaml.safe_load(
@@ -161,3 +186,36 @@ def test_the_slash_commands_usage_hint_names_every_verb() -> None:
     (command,) = manifest["features"]["slash_commands"]
     hint = command["usage_hint"]
     assert [verb for verb in _ARITY if verb not in hint] == []
+
+
+def test_connection_hints_of_the_cluster_config_reach_the_proxies_through_the_services() -> None:
+    """The hints a requester gets name `listen.advertise` and hoop's listen ports; the proxy Service
+    published 5432, 22 and 443 instead (so every hint named a port nothing answered on), and the HTTP
+    hint said http:// while the cluster config serves the HTTP proxy as https (tls.http_proxy)."""
+    import re
+    from datetime import UTC, datetime, timedelta
+
+    from broker.hints import connection_hints
+    from broker.model import Grant, GrantStatus
+
+    config = cluster_config()
+    (container,) = deployment()["spec"]["template"]["spec"]["containers"]
+    by_name = {p["name"]: p["containerPort"] for p in container["ports"]}
+    proxy = next(s for s in docs("service.yaml") if s["metadata"]["name"] == "hoop-proxy")
+    published = {by_name[p["targetPort"]]: p["port"] for p in proxy["spec"]["ports"]}
+    assert published == {port: port for port in published}, "a hint names the listen port: publish the same one"
+    http_res = {"name": "api", "kind": "http", "address": "https://k8s.internal:6443", "channel": "C1",
+                "credential": {"env": "K"}}
+    config = parse_config({**yaml.safe_load(docs("configmap.yaml")[0]["data"]["hoop.yaml"]),
+                           "resources": [r.model_dump(mode="json", exclude_defaults=True) for r in config.resources]
+                           + [http_res]})
+    now = datetime.now(UTC)
+    grant = Grant(id="g1", login="a.b", identity="alice@example.com", chain=("alice@example.com",),
+                  resources=tuple(r.name for r in config.resources), status=GrantStatus.ACTIVE, created_at=now,
+                  expires_at=now + timedelta(minutes=5))
+    hints = connection_hints(config, grant, "hoop_x")
+    assert config.listen.advertise is not None and config.tls.http_proxy
+    assert re.search(rf"host={config.listen.advertise} port=(\d+)", hints["prod-db"]).group(1) in map(str, published)
+    assert f"https://{config.listen.advertise}:{config.listen.http_proxy}/api/" in hints["api"]
+    assert config.listen.http_proxy in published and config.listen.postgres in published
+    assert config.listen.ssh in published

@@ -38,8 +38,10 @@ async def test_reminder_then_expiry(service: Service, config: HoopConfig, clock:
     assert len(notifier.of(GrantReminder)) == 1 and notifier.of(GrantEnded)[0].grant.status is GrantStatus.EXPIRED
 
 
-async def test_restart_reconciles(config: HoopConfig, store: Store, clock: FakeClock) -> None:
-    """A first 'process' issues grants and stops; time passes; a second one reconciles from the store."""
+async def test_restart_reconciles(config: HoopConfig, store: Store, clock: FakeClock,
+                                  caplog: pytest.LogCaptureFixture) -> None:
+    """A first 'process' issues grants and stops; time passes; a second one reconciles from the store,
+    and says in its log what it did (it once acted in silence: an operator could not tell)."""
     first = Service(config, store, clock, RecordingNotifier())
     ids = []
     for minutes in ("10m", "1h"):
@@ -53,14 +55,20 @@ async def test_restart_reconciles(config: HoopConfig, store: Store, clock: FakeC
     clock.advance(timedelta(minutes=61))  # hoop was down
     notifier = RecordingNotifier()
     second = Service(config, store, clock, notifier)
-    report = await Scheduler(second, clock).run_due()
+    with caplog.at_level("INFO", logger="broker.scheduler"):
+        report = await Scheduler(second, clock).run_due()
     assert sorted(report.expired) == sorted(ids) and report.lapsed == [pending.id]
+    (said,) = [r.getMessage() for r in caplog.records if r.name == "broker.scheduler"]
+    assert said == (f"scheduler: expired grant(s) {', '.join(report.expired)}; lapsed request(s) {pending.id}")
     async with store.tx() as tx:
         for i in ids:
             grant = await tx.get_grant(i)
             assert grant is not None and grant.status is GrantStatus.EXPIRED
         assert (await tx.get_request(pending.id)).status is RequestStatus.LAPSED  # type: ignore[union-attr]
-    assert (await Scheduler(second, clock).run_due()).expired == []
+    caplog.clear()
+    with caplog.at_level("INFO", logger="broker.scheduler"):
+        assert (await Scheduler(second, clock).run_due()).expired == []
+    assert not caplog.records  # nothing done, nothing said
 
 
 async def test_expiry_after_an_extension_is_a_no_op(service: Service, config: HoopConfig, clock: FakeClock,

@@ -55,6 +55,16 @@ async def _mend_store(store: Store) -> None:
         await tx.conn.exec_driver_sql("ALTER TABLE chunks_away RENAME TO session_event_chunks")
 
 
+def crash(hub: SessionHub) -> None:
+    """What a crash leaves: the spool files, with their locks let go (the kernel closes a dead process's
+    files), and nothing flushed."""
+    for s in hub._live.values():
+        if s._spool is not None:
+            s._spool.close()
+    hub._live.clear()
+    hub._dirty.clear()
+
+
 @pytest.fixture
 async def live(config: HoopConfig, tmp_path: Path) -> tuple[Service, SessionHub, RecordingNotifier, Store]:
     store = Store.from_url(f"sqlite+aiosqlite:///{tmp_path / 'h.db'}")
@@ -163,8 +173,7 @@ async def test_spool_recovers_after_crash(live: tuple[Service, SessionHub, Recor
     assert len(spool.read_text(errors="surrogateescape").split("\n")) == 7
     # "crash": a new hub over the same spool directory, the old one never flushed
     hub2 = SessionHub(service, SystemClock(), spool_dir=tmp_path / "spool")
-    hub._live.clear()
-    hub._dirty.clear()
+    crash(hub)
     assert await hub2.recover() == 1
     async with store.tx() as tx:
         events = await tx.events(s.id)
@@ -195,8 +204,7 @@ async def test_spool_segments_are_freed_once_stored_and_all_recovered_after_a_cr
         s.record("statement", {"sql": f"SELECT {i:04d}", "pad": "x" * 60})
         await asyncio.sleep(0)
     # "crash" with 40 events in the spool only (2+ segments); a new hub recovers each event once
-    hub._live.clear()
-    hub._dirty.clear()
+    crash(hub)
     hub2 = SessionHub(service, SystemClock(), spool_dir=spool_dir)
     assert len(list(spool_dir.glob(f"{s.id}*.jsonl"))) >= 2
     assert await hub2.recover() == 1
@@ -345,15 +353,15 @@ async def test_recording_chunks_and_recovery_on_each_store(store: Store, config:
     for i in range(300, 340):
         s.record("statement", {"sql": f"SELECT {i}"})
         await asyncio.sleep(0)
-    hub._live.clear()  # "crash": 40 events only in the spool
-    hub._dirty.clear()
+    crash(hub)  # 40 events only in the spool
     assert await SessionHub(service, SystemClock(), spool_dir=spool_dir).recover() == 1
     async with store.tx() as tx:
         events = await tx.events(s.id)
-        assert await tx.max_event_seq(s.id) == 341
+        assert await tx.max_event_seq(s.id) == 342  # open, 340 statements, and the close recovery adds
         first = await tx.events(s.id, limit=5)
-    assert [e.data["sql"] for e in events[1:]] == [f"SELECT {i}" for i in range(340)]
-    assert [e.seq for e in events] == list(range(1, 342))
+    assert [e.data["sql"] for e in events[1:-1]] == [f"SELECT {i}" for i in range(340)]
+    assert events[-1].kind == "close"
+    assert [e.seq for e in events] == list(range(1, 343))
     assert events[1].data["rows_sample"] == {"columns": ["e"], "rows": [["[email]"]]}
     assert [e.seq for e in first] == [1, 2, 3, 4, 5]
     assert all(e.at.tzinfo is not None for e in events)
@@ -445,3 +453,47 @@ async def test_statements_counter_follows_the_recorded_decisions(config: HoopCon
     finally:
         await hub.close_all()
         await store.close()
+
+
+async def test_a_replica_sharing_the_spool_leaves_live_sessions_alone(
+        live: tuple[Service, SessionHub, RecordingNotifier, Store], config: HoopConfig, tmp_path: Path) -> None:
+    """Two `hoop serve` on one state_dir: the one that (re)starts recovered the other's live session,
+    closed its row ("hoop stopped") and deleted its spool while its client went on working."""
+    service, hub, _, store = live
+    grant, _ = await grant_for(service, config)
+    s = await hub.open(grant, "prod-db", "postgres", "c", lambda r: None)
+    s.record("statement", {"sql": "SELECT 1"})
+    await asyncio.sleep(0)
+    other = SessionHub(service, SystemClock(), spool_dir=tmp_path / "spool")  # the replica starting
+    assert await other.recover() == 0
+    async with store.tx() as tx:
+        row = await tx.get_session(s.id)
+    assert row is not None and row.status is SessionStatus.OPEN
+    assert [p.name for p in (tmp_path / "spool").glob(f"{s.id}*")] == [f"{s.id}.jsonl"]
+    s.record("statement", {"sql": "SELECT 2"})
+    await hub.close_all()
+    async with store.tx() as tx:
+        events = await tx.events(s.id)
+    assert [e.data.get("sql") for e in events if e.kind == "statement"] == ["SELECT 1", "SELECT 2"]
+
+
+async def test_a_recovered_session_ends_at_its_last_event_and_says_why(
+        live: tuple[Service, SessionHub, RecordingNotifier, Store], config: HoopConfig, tmp_path: Path) -> None:
+    """A recovered session was closed at the time of the restart (a pod down an hour: "1h connected")
+    and its transcript ended without saying why."""
+    service, hub, _, store = live
+    grant, _ = await grant_for(service, config)
+    s = await hub.open(grant, "prod-db", "postgres", "c", lambda r: None)
+    s.record("statement", {"sql": "SELECT 1"})
+    await asyncio.sleep(0)
+    crash(hub)
+    await asyncio.sleep(0.05)
+    assert await SessionHub(service, SystemClock(), spool_dir=tmp_path / "spool").recover() == 1
+    async with store.tx() as tx:
+        events = await tx.events(s.id)
+        row = await tx.get_session(s.id)
+    assert [e.kind for e in events][-2:] == ["statement", "close"]
+    assert events[-1].data["reason"] == "hoop stopped while the session was open"
+    assert [e.seq for e in events] == list(range(1, len(events) + 1))
+    assert row is not None and row.closed_at == events[-2].at == events[-1].at
+    assert row.close_reason == "hoop stopped while the session was open"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from proxy.spool import Spool, leftovers
+from proxy.spool import Spool, claimed, leftovers
 
 
 def test_segments_rotate_free_and_remove(tmp_path: Path) -> None:
@@ -51,3 +51,22 @@ def test_leftovers_finds_every_segment_of_every_session_in_bounded_batches(tmp_p
     assert seen == sessions
     assert sorted(p.name for p in tmp_path.iterdir())[:2] == ["s_010.1.jsonl", "s_010.10.jsonl"]
     assert [sid for sid, _ in leftovers(tmp_path, batch=1)] == ["s_010"]
+
+
+def test_a_live_spool_is_never_claimed_and_a_dead_one_is_whole(tmp_path: Path) -> None:
+    """Replicas sharing a state_dir: one's recovery at start once took the other's live sessions (closed
+    their rows, deleted their spool). A live spool holds its newest segment's lock, across rotations."""
+    spool = Spool(tmp_path, "s_live", segment_bytes=100)
+    for seq in range(1, 8):
+        spool.write(b"%d %s\n" % (seq, b"x" * 40), seq)
+        with claimed(tmp_path, "s_live") as paths:
+            assert paths is None  # held at every point, rotations included
+    spool.close()  # what a crash leaves: every segment, no lock
+    with claimed(tmp_path, "s_live") as paths:
+        assert paths is not None
+        assert [p.name for p in paths] == ["s_live.jsonl", "s_live.1.jsonl", "s_live.2.jsonl"]
+        with claimed(tmp_path, "s_live") as again:
+            assert again is None  # a second recovery (another replica starting) waits its turn
+    with claimed(tmp_path, "s_gone") as nothing:
+        assert nothing == []
+
