@@ -140,9 +140,12 @@ class LiveSession:
         answer within 1 s does not keep the session open."""
         if self.closed or self.end_reason is not None or self._rechecking is not None:
             return
-        self._rechecking = asyncio.create_task(self._recheck(), name=f"session={self.id} deadline")
+        self._rechecking = asyncio.create_task(self._recheck(self.deadline), name=f"session={self.id} deadline")
 
-    async def _recheck(self) -> None:
+    async def _recheck(self, passed: datetime) -> None:
+        """Whether the end moved past ``passed``, the deadline the caller saw pass (its timer was armed in real
+        time from the clock, so the clock is not asked again: a clock set by a test or stepped meanwhile must
+        not keep a passed deadline open)."""
         current: Grant | None = None
         try:
             async with asyncio.timeout(1):
@@ -153,11 +156,10 @@ class LiveSession:
                         self.id, self.grant.id, type(exc).__name__)
         finally:
             self._rechecking = None
-        now = self.hub.clock.now()
-        if current is not None and current.status is GrantStatus.ACTIVE and current.expires_at > now \
+        if current is not None and current.status is GrantStatus.ACTIVE and current.expires_at > passed \
                 and current.expires_at > self.grant.expires_at:  # extended: its announcement is on its way
             self.deadline, self.grant = current.expires_at, current
-        if self.deadline > now:
+        if self.deadline > passed:  # moved, by the store or by the announcement meanwhile
             self.arm()
             return
         self.end("access expired")

@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 __all__ = ["Hub", "Live", "SessionPool", "Stream"]
 
 _ENDED_MAX = 10_000
+#: seconds after the deadline passed that the timer looks again (the session read the grant from the store)
+_RECHECK_AFTER = 1.5
 
 
 class Stream(Protocol):
@@ -174,12 +176,16 @@ class SessionPool:
         task.add_done_callback(self._tasks.discard)
 
     def _arm(self, entry: _Entry) -> None:
-        """The proxy's own deadline timer: a lost notification cannot extend access."""
+        """The proxy's own deadline timer: a lost notification cannot extend access. Once the deadline
+        passed, the session reads the grant from the store (an extension stored before the old end but
+        announced after it keeps the session) and ends it through ``on_end`` otherwise; the timer looks
+        again soon after, at the deadline the session then holds."""
         delay = (entry.session.deadline - self.clock.now()).total_seconds()
-        if delay <= 0:
-            self.end(entry.key, "access expired")
-            return
         loop = asyncio.get_running_loop()
+        if delay <= 0:
+            entry.session.deadline_passed()
+            entry.timer = loop.call_later(_RECHECK_AFTER, self._deadline, entry)
+            return
         entry.timer = loop.call_later(min(delay, 3600.0), self._deadline, entry)
 
     def _deadline(self, entry: _Entry) -> None:
@@ -187,9 +193,10 @@ class SessionPool:
             self._arm(entry)  # re-reads the deadline: an extension moved it
 
     def check_deadline(self, entry: _Entry) -> bool:
-        """Per request: False (and the session ended) when the deadline has passed."""
+        """Per request: False when the deadline has passed (the request is refused; the session ends
+        unless the store says the grant was extended, see :meth:`_arm`)."""
         if self.clock.now() >= entry.session.deadline:
-            self.end(entry.key, "access expired")
+            entry.session.deadline_passed()
             return False
         return True
 

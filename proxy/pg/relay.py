@@ -57,6 +57,8 @@ _MESSAGE_NAMES = {
 }
 #: seconds after the first cancel of a statement in flight at the end that the second one is sent
 RECANCEL_AFTER = 1.0
+#: seconds after the deadline passed that the relay looks again (the session read the grant from the store)
+RECHECK_AFTER = 1.5
 #: seconds a side closed at the end has to take in what was still queued for it before it is cut (reset)
 CLOSE_GRACE = 5.0
 
@@ -162,10 +164,16 @@ class Relay:
         self._timer = loop.call_later(delay, self._deadline, deadline)
 
     def _deadline(self, scheduled: Any) -> None:
+        if self.closing:
+            return
         if self.session.deadline > scheduled:  # extended meanwhile
             self._arm()
-        else:
-            self.end("access expired")
+            return
+        # the session asks the store first: an extension stored before the old end but announced after it
+        # keeps the session; otherwise it ends it, through the hub's on_end (self.end). Checked again soon,
+        # at the deadline the session then holds.
+        self.session.deadline_passed()
+        self._timer = asyncio.get_running_loop().call_later(RECHECK_AFTER, self._deadline, scheduled)
 
     # ---- data ---------------------------------------------------------------------------
 

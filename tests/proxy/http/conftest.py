@@ -16,7 +16,7 @@ from broker.clock import FakeClock
 from broker.config import HoopConfig, parse_config
 from broker.events import Broadcast, RecordingNotifier
 from broker.model import Grant, Identity
-from broker.service import Service
+from broker.service import GrantHooks, Service
 from broker.store import Store
 from proxy.access import Gate
 from proxy.http import HttpProxy
@@ -71,6 +71,7 @@ def http_resources(address: str) -> list[dict[str, Any]]:
 
 async def make_env(tmp_path: Path, *, upstream_tls: ssl.SSLContext | None = None,
                    resources: Callable[[str], list[dict[str, Any]]] = http_resources,
+                   clock: FakeClock | None = None, hooks: GrantHooks | None = None,
                    **proxy_kw: Any) -> AsyncIterator[Env]:
     """The whole HTTP path; ``upstream_tls`` serves the upstream over https, ``resources`` makes the
     HTTP resources from its base URL."""
@@ -82,10 +83,10 @@ async def make_env(tmp_path: Path, *, upstream_tls: ssl.SSLContext | None = None
     config = parse_config(data)
     store = Store.from_url(f"sqlite+aiosqlite:///{tmp_path / 'hoop.db'}")
     await store.migrate()
-    clock = FakeClock()
+    clock = clock or FakeClock()
     recorder = RecordingNotifier()
     bus = Broadcast([recorder])
-    service = Service(config, store, clock, bus)
+    service = Service(config, store, clock, bus, hooks)
     gate = Gate(service, clock)
     hub = SessionHub(service, clock, spool_dir=tmp_path / "spool", flush_every=0.05)
     bus.add(gate)

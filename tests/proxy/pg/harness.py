@@ -15,7 +15,7 @@ from broker.clock import Clock, SystemClock
 from broker.config import parse_config
 from broker.events import Broadcast, RecordingNotifier
 from broker.model import Grant, Identity
-from broker.service import Service
+from broker.service import GrantHooks, Service
 from broker.store import Store
 from proxy.access import Gate
 from proxy.pg.server import PgProxy
@@ -109,7 +109,8 @@ def seeded_database(cluster: PgCluster) -> str:
 
 @asynccontextmanager
 async def running_hoop(cluster: PgCluster, database: str, tmp: Path, *, clock: Clock | None = None,
-                       duration: str = "1h", **resource_extra: Any) -> AsyncIterator[Hoop]:
+                       duration: str = "1h", hooks: GrantHooks | None = None,
+                       **resource_extra: Any) -> AsyncIterator[Hoop]:
     from tests.conftest import base_config
 
     config = parse_config(base_config(resources=[resource(cluster, database, **resource_extra)],
@@ -119,7 +120,7 @@ async def running_hoop(cluster: PgCluster, database: str, tmp: Path, *, clock: C
     clock = clock or SystemClock()
     notifier = RecordingNotifier()
     broadcast = Broadcast()
-    service = Service(config, store, clock, broadcast)
+    service = Service(config, store, clock, broadcast, hooks)
     gate = Gate(service, clock)
     hub = SessionHub(service, clock, flush_every=0.05)
     for sub in (notifier, gate, hub):

@@ -25,6 +25,7 @@ from proxy.pg.messages import Backend, decode_authentication
 from proxy.pg.scram import ScramClient
 from proxy.pg.upstream import Reader
 from tests.proxy.pg.harness import OPS, ROOT, Hoop, running_hoop, seeded_database
+from tests.support.lateclock import ShiftedClock, SlowExtendHooks
 from tests.support.pgcluster import PgCluster
 
 pytestmark = pytest.mark.postgres
@@ -341,3 +342,30 @@ async def test_a_client_that_stopped_reading_is_cut_after_the_grace(hoop: Hoop) 
         assert b"access revoked" not in bytes(reader.buf)
     finally:
         transport.close()
+
+
+@pytest.mark.parametrize("announced", ["before", "after"], ids=["announced-before", "announced-after"])
+async def test_a_grant_extended_shortly_before_its_end_keeps_its_session_until_the_new_end(
+        pg: PgCluster, pgdb: str, tmp_path: Path, announced: str) -> None:
+    """``announced-after``: the extension is stored before the old end but announced only after it (its side
+    effects took that long, or on another replica its notification came late). The relay's own timer must
+    not end the session at the old end: the session reads the grant from the store first."""
+    clock, hooks = ShiftedClock(), SlowExtendHooks()
+    async with running_hoop(pg, pgdb, tmp_path, clock=clock, hooks=hooks) as hoop:
+        clock.offset = hoop.grant.expires_at - clock.now() - timedelta(seconds=2)  # the grant ends in 2 s
+        conn = await asyncpg.connect(hoop.dsn())
+        try:
+            old_end = time.monotonic() + (hoop.grant.expires_at - clock.now()).total_seconds()
+            await asyncio.sleep(old_end - time.monotonic() - 0.5)
+            hooks.delay = 1.5 if announced == "after" else 0.0
+            extended = await hoop.service.extend(hoop.grant.id, ROOT, "4s")
+            assert isinstance(extended, Grant) and extended.expires_at == hoop.grant.expires_at + timedelta(seconds=4)
+            await asyncio.sleep(max(old_end + 1.5 - time.monotonic(), 0))
+            assert await conn.fetchval("SELECT 1") == 1, "the session ended at the grant's old end"
+            assert await _closed(hoop, within=6) == "access expired"
+            ended = time.monotonic()
+            with pytest.raises((asyncpg.PostgresError, ConnectionError, asyncpg.InterfaceError)):
+                await conn.fetchval("SELECT 1")
+        finally:
+            await conn.close(timeout=2)
+    assert old_end + 4 - 0.1 < ended < old_end + 4 + 1.5, "the session did not end at the grant's new end"

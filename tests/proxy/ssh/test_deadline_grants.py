@@ -11,41 +11,21 @@ import asyncio
 import secrets
 import time
 from collections.abc import AsyncIterator, Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
 from broker.delegation import delegate
 from broker.model import Grant, Identity
-from broker.service import NoHooks
 from tests.proxy.ssh.conftest import ADMIN, Env, make_config, ssh_resource, start_env, stop_env
 from tests.proxy.ssh.deadline import LOGIN, close_reason, finish, gone, host_sshd, running, spawn, wait_live
+from tests.support.lateclock import ShiftedClock, SlowExtendHooks
 from tests.support.sshd import Sshd
 
 pytestmark = pytest.mark.ssh
 
 ALICE = Identity(email="alice@example.com", groups=frozenset({"eng"}))
-
-
-class ShiftedClock:
-    """The system's clock, ``offset`` ahead."""
-
-    def __init__(self) -> None:
-        self.offset = timedelta(0)
-
-    def now(self) -> datetime:
-        return datetime.now(UTC) + self.offset
-
-
-class SlowExtendHooks(NoHooks):
-    """The extension's side effects take ``delay`` seconds: it is stored before it is announced."""
-
-    def __init__(self) -> None:
-        self.delay = 0.0
-
-    async def extended(self, grant: Grant) -> None:
-        await asyncio.sleep(self.delay)
 
 
 @pytest.fixture(scope="module")
