@@ -133,6 +133,12 @@ def state_init(config: ConfigOpt = None,
     folder = directory or cfg.state_dir
     names = ["roles.key", "masking.key", KEY_FILE, "pg-tls.crt", "pg-tls.key"]
     before = {n for n in names if (folder / n).exists()}
+    # what the loaders log at INFO ("generated …", the fingerprint) is what this command prints below: once
+    quiet = [logging.getLogger(name)
+             for name in ("broker.roles", "broker.runtime", "proxy.pg.tls", "proxy.ssh.hostkey")]
+    levels = [logger.level for logger in quiet]
+    for logger in quiet:
+        logger.setLevel(max(logger.getEffectiveLevel(), logging.WARNING))
     try:
         load_role_key(folder)
         if cfg.masking_key is None:
@@ -142,6 +148,9 @@ def state_init(config: ConfigOpt = None,
                          folder)
     except (OSError, ValueError) as exc:  # a folder that cannot be written, a key file that is not one
         raise ConfigError(f"{folder}: cannot make or read the keys there: {exc}") from None
+    finally:
+        for logger, level in zip(quiet, levels, strict=True):
+            logger.setLevel(level)
     for name in names:
         if (folder / name).exists():
             _say(f"{'kept   ' if name in before else 'created'} {folder / name}")
@@ -149,8 +158,8 @@ def state_init(config: ConfigOpt = None,
         _say("masking key: from the config (masking_key), not a file")
     _say(f"SSH host key {ssh_key.get_fingerprint()}")
     _say(f"PostgreSQL TLS certificate {tls.fingerprint}")
-    _say(f"several replicas: kubectl create secret generic hoop-state --from-file={folder} "
-         "(then see manifests/kubernetes/)")
+    _say(f"several replicas: kubectl -n hoop create secret generic hoop-state --from-file={folder} "
+         "(the namespace of manifests/kubernetes/; then see its kustomization.yaml)")
 
 
 @db_app.command("upgrade")
@@ -159,15 +168,23 @@ def db_upgrade(config: ConfigOpt = None) -> None:
     Like every command, it reads and checks the config first (--config, $HOOP_CONFIG, hoop.yaml)."""
     _, settings = _load(config)
 
-    async def go() -> None:
+    async def go() -> tuple[str | None, str | None]:
+        from broker.store.migrate import current
+
         store = open_store(settings)
         try:
+            await store.reachable()
+            was = await current(store.engine)
             await store.migrate()
+            return was, await current(store.engine)
         finally:
             await store.close()
 
-    _run(go)
-    out.print("database schema is up to date")
+    was, now = _run(go)
+    if was == now:
+        _say(f"database schema is up to date (already at {now})")
+    else:
+        _say(f"database schema upgraded: {was or 'empty'} -> {now}")
 
 
 @app.command()

@@ -579,7 +579,9 @@ def test_db_upgrade_reads_the_config_and_store_url_as_every_command_does(home: t
         assert "Traceback" not in bad.stderr and "s3cret" not in bad.stderr
     (cwd / "hoop.yaml").rename(cwd / "elsewhere.yaml")
     done = run(["db", "upgrade", "--config", "elsewhere.yaml"], env, cwd)
-    assert done.returncode == 0 and "database schema is up to date" in done.stdout, done.stderr
+    assert done.returncode == 0 and done.stdout == "database schema upgraded: empty -> 0006\n", done.stderr
+    again = run(["db", "upgrade", "--config", "elsewhere.yaml"], env, cwd)
+    assert again.returncode == 0 and again.stdout == "database schema is up to date (already at 0006)\n"
 
 
 def test_revoke_without_as_or_api_is_a_usage_error(home: tuple[Path, dict[str, str]]) -> None:
@@ -625,8 +627,9 @@ def test_what_serve_and_state_init_print_is_one_line_each(home: tuple[Path, dict
     lines = made.stdout.splitlines()
     (tls,) = [line for line in lines if line.startswith("PostgreSQL TLS certificate ")]
     assert len(tls.removeprefix("PostgreSQL TLS certificate SHA256:").split(":")) == 32, made.stdout
-    assert "several replicas: kubectl create secret generic hoop-state --from-file=keys (then see " \
-           "manifests/kubernetes/)" in lines
+    assert "several replicas: kubectl -n hoop create secret generic hoop-state --from-file=keys (the namespace " \
+           "of manifests/kubernetes/; then see its kustomization.yaml)" in lines
+    assert "fingerprint" not in made.stderr and "generated" not in made.stderr, made.stderr  # printed once, above
     port = free_port()
     env = {**env, "HOOP_HTTP_PORT": str(port), "HOOP_PG_PORT": "0", "HOOP_SSH_PORT": "0", "HOOP_HTTP_PROXY_PORT": "0"}
 
