@@ -23,6 +23,7 @@ from aiohttp import web
 from slack_bolt.adapter.aiohttp import to_aiohttp_response, to_bolt_request
 from slack_bolt.adapter.socket_mode.aiohttp import AsyncSocketModeHandler
 from slack_bolt.app.async_app import AsyncApp
+from slack_bolt.logger.messages import warning_client_prioritized_and_token_skipped
 from slack_sdk.errors import SlackApiError
 from slack_sdk.http_retry.builtin_async_handlers import (
     AsyncConnectionErrorRetryHandler,
@@ -44,6 +45,20 @@ from broker.model import Identity
 from broker.service import Service
 
 log = logging.getLogger(__name__)
+
+
+class _ClientGiven(logging.Filter):
+    """Drops bolt's start-up warning that the ``SLACK_BOT_TOKEN`` it reads from the environment itself is
+    unused because a client was given: hoop builds that client from the same token, so every start of a
+    correctly configured replica warned about nothing."""
+
+    TEXT = warning_client_prioritized_and_token_skipped()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != self.TEXT
+
+
+log.addFilter(_ClientGiven())
 
 SLACK_API = "https://slack.com/api/"
 Ack = Callable[..., Awaitable[Any]]

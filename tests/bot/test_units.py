@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -12,9 +13,11 @@ import yaml
 from bot import views
 from bot.commands import Command, parse
 from bot.reactions import emoji_of
+from broker.clock import FakeClock
 from broker.errors import InvalidInput
 from broker.model import AccessRequest, Approval, Grant, GrantStatus, RequestStatus, Review, StepSpec
-from tests.support.fakeslack import MESSAGE_BLOCKS_MAX, VIEW_BLOCKS_MAX, block_limit_errors
+from tests.bot.harness import Hoop
+from tests.support.fakeslack import MESSAGE_BLOCKS_MAX, VIEW_BLOCKS_MAX, FakeSlack, block_limit_errors
 
 NOW = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 
@@ -145,3 +148,18 @@ def test_manifest_matches_the_bot() -> None:
     scopes = set(manifest["oauth_config"]["scopes"]["bot"])
     assert {"commands", "chat:write", "users:read.email", "usergroups:read", "files:write", "reactions:read"} <= scopes
     assert manifest["settings"]["interactivity"]["is_enabled"] is True
+
+
+async def test_a_bot_token_in_the_environment_starts_the_bot_without_bolts_warning(
+        fake: FakeSlack, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """bolt reads SLACK_BOT_TOKEN itself and warned, at every start of a correctly configured replica, that
+    the token was unused because hoop gives it a client (made from that very token). Other warnings pass."""
+    monkeypatch.setenv("SLACK_BOT_TOKEN", "xoxb-test")
+    caplog.set_level(logging.WARNING)
+    running = await Hoop(fake=fake, db=tmp_path / "hoop.db", clock=FakeClock()).start()
+    try:
+        logging.getLogger("bot.app").warning("something else")
+    finally:
+        await running.close()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warnings == ["something else"], warnings
