@@ -65,6 +65,11 @@ def _policy(config: HoopConfig) -> list[Finding]:
                                    f"(its rules use {', '.join(_SELECTORS[res.kind])})"))
         if res.kind == "postgres" and res.guardrails.on_unparsed == "allow":
             out.append(Finding("warning", res.name, "guardrails.on_unparsed is allow: unparseable SQL passes"))
+    host = config.listen.host
+    if config.listen.advertise is None and host in ("0.0.0.0", "::"):  # (every address: no name to give users)
+        out.append(Finding("warning", "listen", f"host is {host} and advertise is not set: connection hints would "
+                                                f"tell users to connect to {host}; set listen.advertise to the "
+                                                "name users reach hoop by"))
     if not config.groups[config.admins].members and not config.groups[config.admins].slack_usergroup:
         out.append(Finding("warning", "-", f"admins group {config.admins!r} has no members"))
     return out

@@ -308,3 +308,15 @@ def test_serve_still_serves_an_expired_certificate_and_logs_what_check_reports(
     assert served.fingerprint.startswith("SHA256:")
     assert f"tls: the certificate {cert} expired on {(NOW - dt.timedelta(days=1)):%Y-%m-%d %H:%M} UTC" \
            in caplog.messages
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::"])
+def test_listening_on_every_address_without_advertise_is_a_warning(tmp_path: Path, host: str) -> None:
+    """Connection hints name listen.advertise, else listen.host: behind `host: 0.0.0.0` they told users to
+    connect to 0.0.0.0."""
+    _, lines = _check(_config(tmp_path, listen={"host": host}))
+    assert [line for line in lines if line.startswith("WARNING listen")] == [
+        f"WARNING listen: host is {host} and advertise is not set: connection hints would tell users to connect "
+        f"to {host}; set listen.advertise to the name users reach hoop by"]
+    _, lines = _check(_config(tmp_path, listen={"host": host, "advertise": "hoop.example.com"}))
+    assert [line for line in lines if line.startswith("WARNING listen")] == []
