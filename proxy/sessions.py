@@ -20,7 +20,7 @@ holds, in case the failed write committed and only its answer was lost; flushes 
 time, so that check holds). A session's spool is deleted only once its events and its closed
 row are stored; while the store is down the flush loop keeps retrying. The spool is a chain
 of segment files (:mod:`proxy.spool`); a segment whose events are all stored is deleted, so a session that lives
-for days holds about one segment on disk. At start, :meth:`SessionHub.recover` ingests the
+for days holds about one segment on disk. At start, :meth:`SessionHub.recover` (:mod:`proxy.recovery`) ingests the
 spool segments that a crash left behind.
 
 Cost. ``record`` is on every proxy's per-statement path, so it does the least it can: a
@@ -42,47 +42,21 @@ from pathlib import Path
 from typing import Any
 
 from broker.clock import Clock
-from broker.eventlines import encode_data, line, parse
+from broker.eventlines import encode_data, line
 from broker.events import Event, GrantEnded, GrantExtended, SessionClosed, SessionOpened
 from broker.metrics import Metrics
 from broker.model import Grant, GrantStatus, Session, SessionStatus
 from broker.reviews import Reviews
 from broker.service import Service, new_id
-from proxy.spool import SEGMENT_BYTES, Spool, claimed, leftovers
+from proxy.chunks import Pending, as_chunks
+from proxy.recovery import recover
+from proxy.spool import SEGMENT_BYTES, Spool
 
 log = logging.getLogger(__name__)
 
-#: a session's events not stored yet: (seq, its JSON line)
-_Pending = tuple[int, str]
-#: a chunk (one store row) holds about this many characters of lines (SQLite writes 1 MiB values
-#: ~10% slower per byte than 64 KiB ones)
-_CHUNK_CHARS = 1 << 16
 #: the event kinds that carry a guard decision (hoop_statements_total): a SQL statement, an HTTP request,
 #: an SSH exec command
 _DECIDED = frozenset({"statement", "http", "command"})
-
-
-def _chunks(session_id: str, items: list[_Pending]) -> list[tuple[str, int, int, str]]:
-    """A session's pending events as store chunks (session id, first seq, last seq, lines): runs of
-    lines up to ``_CHUNK_CHARS``, each line copied once; a line that long is a chunk of its own,
-    not copied at all (an SSH session records a megabyte of output per event)."""
-    texts = [t for _, t in items]
-    if sum(map(len, texts)) <= _CHUNK_CHARS:
-        return [(session_id, items[0][0], items[-1][0], "".join(texts))]
-    out: list[tuple[str, int, int, str]] = []
-    start, size = 0, 0
-    for i, text in enumerate(texts):
-        if len(text) >= _CHUNK_CHARS:
-            if start < i:
-                out.append((session_id, items[start][0], items[i - 1][0], "".join(texts[start:i])))
-            out.append((session_id, items[i][0], items[i][0], text))
-            start, size = i + 1, 0
-            continue
-        size += len(text)
-        if size >= _CHUNK_CHARS or i == len(texts) - 1:
-            out.append((session_id, items[start][0], items[i][0], "".join(texts[start:i + 1])))
-            start, size = i + 1, 0
-    return out
 
 
 class LiveSession:
@@ -103,7 +77,7 @@ class LiveSession:
         self.end_reason: str | None = None
         self._on_end = on_end
         self._seq = 0
-        self._pending: list[_Pending] = []
+        self._pending: list[Pending] = []
         self._timer: asyncio.TimerHandle | None = None
         self._rechecking: asyncio.Task[None] | None = None  # the store is asked whether the grant was extended
         self._spool = Spool(hub.spool_dir, self.id, segment_bytes=hub.segment_bytes) \
@@ -317,7 +291,7 @@ class SessionHub:
 
     async def _flush(self) -> None:
         self._write_tick()
-        batch: list[tuple[LiveSession, list[_Pending]]] = []
+        batch: list[tuple[LiveSession, list[Pending]]] = []
         for s in list(self._dirty):
             if s._pending:
                 batch.append((s, s._pending))
@@ -336,7 +310,7 @@ class SessionHub:
                         done = await tx.max_event_seq(s.id)
                         todo = [item for item in items if item[0] > done]
                     if todo:
-                        chunks.extend(_chunks(s.id, todo))
+                        chunks.extend(as_chunks(s.id, todo))
                 await tx.add_event_chunks(chunks)
         except BaseException:
             # nothing is lost: the batch goes back in front of what came since, for the next flush
@@ -399,48 +373,6 @@ class SessionHub:
         await self.flush()
 
     async def recover(self) -> int:
-        """Ingest spool files a crash left behind; close their sessions. Returns sessions recovered.
-        A session whose spool a running hoop still holds (a replica sharing ``state_dir``) is left to it."""
-        if self.spool_dir is None:
-            return 0
-        count = 0
-        for session_id, _ in leftovers(self.spool_dir):
-            if session_id in self._live or session_id in self._closing:
-                continue
-            with claimed(self.spool_dir, session_id) as paths:
-                if paths is None:
-                    log.info("session=%s: its spool is written by a running hoop (a replica sharing state_dir); "
-                             "left to it", session_id)
-                elif paths:
-                    await self._ingest(session_id, paths)
-                    count += 1
-        return count
-
-    async def _ingest(self, session_id: str, paths: list[Path]) -> None:
-        """Store what ``paths`` hold that the store lacks, close the session at its last event with a
-        ``close`` event saying why, then delete the files."""
-        last: tuple[int, datetime | None] = (0, None)
-        for path in paths:  # one segment at a time: memory stays about one segment
-            kept: list[_Pending] = []
-            for raw in path.read_text(encoding="utf-8", errors="replace").split("\n"):
-                got = parse(raw)
-                if got is not None:  # (not: a torn last line, the event that was in flight)
-                    kept.append((got[0], raw + "\n"))
-                    last = max(last, got[:2], key=lambda item: item[0])
-            async with self.service.store.tx() as tx:
-                done = await tx.max_event_seq(session_id)
-                last = max(last, (done, last[1]), key=lambda item: item[0])
-                kept = [item for item in kept if item[0] > done]
-                if kept:
-                    await tx.add_event_chunks(_chunks(session_id, kept))
-        async with self.service.store.tx() as tx:
-            row = await tx.get_session(session_id)
-            if row is not None and row.status is SessionStatus.OPEN:
-                # the crash's time is unknown: the last event recorded is the latest hoop knows it was open
-                at, reason = last[1] or row.opened_at, "hoop stopped while the session was open"
-                close = line(last[0] + 1, at.isoformat(), "close", encode_data({"reason": reason, "stats": {}}))
-                await tx.add_event_chunks(_chunks(session_id, [(last[0] + 1, close)]))
-                row.status, row.closed_at, row.close_reason = SessionStatus.CLOSED, at, reason
-                await tx.update_session(row)
-        for path in paths:
-            path.unlink()
+        """Ingest spool files a crash left behind; close their sessions (:func:`proxy.recovery.recover`).
+        Returns the number of sessions recovered."""
+        return await recover(self.spool_dir, self.service.store, busy=set(self._live) | set(self._closing))

@@ -29,7 +29,8 @@ from broker.reviews import Reviews
 from broker.service import Service
 from broker.store import Store
 from proxy.access import Gate
-from proxy.sessions import _CHUNK_CHARS, SessionHub, _chunks
+from proxy.chunks import CHUNK_CHARS, as_chunks
+from proxy.sessions import SessionHub
 
 
 def who(config: HoopConfig, email: str) -> Identity:
@@ -305,21 +306,21 @@ async def test_a_failing_disk_stops_the_spool_and_loses_nothing_stored(
 
 
 def test_a_long_run_of_events_is_cut_into_chunks() -> None:
-    big = _CHUNK_CHARS + 10
+    big = CHUNK_CHARS + 10
     sizes = [1000] * 200 + [big] + [1000] * 3 + [big, big] + [1000] * 150  # lines, in characters
     items = [(seq, f'{{"seq":{seq},"pad":"{"x" * n}"}}\n') for seq, n in enumerate(sizes, start=1)]
-    chunks = _chunks("s_1", items)
+    chunks = as_chunks("s_1", items)
     assert "".join(text for *_, text in chunks) == "".join(t for _, t in items)  # all, in order, once
     assert chunks[0][1] == 1 and chunks[-1][2] == len(items)
     assert all(nxt[1] == prev[2] + 1 for prev, nxt in itertools.pairwise(chunks))  # contiguous
     lines = {seq: t for seq, t in items}
     for _, first, last, text in chunks:
-        if len(lines[first]) >= _CHUNK_CHARS:
+        if len(lines[first]) >= CHUNK_CHARS:
             assert first == last and text is lines[first]  # a line that long is its own chunk, not copied
         else:
-            assert len(text) < _CHUNK_CHARS + 1100  # runs of short lines up to about the limit
-    assert sum(1 for _, first, last, _ in chunks if first == last and len(lines[first]) >= _CHUNK_CHARS) == 3
-    assert _chunks("s_1", items[:3]) == [("s_1", 1, 3, "".join(t for _, t in items[:3]))]
+            assert len(text) < CHUNK_CHARS + 1100  # runs of short lines up to about the limit
+    assert sum(1 for _, first, last, _ in chunks if first == last and len(lines[first]) >= CHUNK_CHARS) == 3
+    assert as_chunks("s_1", items[:3]) == [("s_1", 1, 3, "".join(t for _, t in items[:3]))]
 
 
 @pytest.mark.parametrize("count", [1, 2, 700])

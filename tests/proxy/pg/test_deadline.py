@@ -68,6 +68,29 @@ async def _backends(hoop: Hoop, marker: str) -> list[str]:
     return [r["state"] for r in rows]
 
 
+@contextlib.asynccontextmanager
+async def _table(hoop: Hoop, prefix: str, *, then: str = "") -> AsyncIterator[tuple[asyncpg.Connection, str]]:
+    """A fresh table ``(a int)`` named ``prefix_…`` (``then``, with ``{table}`` for its name, runs after its
+    creation), with a direct connection to the database; dropped at the end."""
+    marker = f"{prefix}_{secrets.token_hex(4)}"
+    direct = await _direct(hoop)
+    try:
+        await direct.execute(f"CREATE TABLE {marker} (a int)" + (f"; {then.format(table=marker)}" if then else ""))
+        yield direct, marker
+    finally:
+        await direct.execute(f"DROP TABLE IF EXISTS {marker}")
+        await direct.close()
+
+
+async def _until_no_backend(hoop: Hoop, marker: str, within: float = 10) -> list[str]:
+    """The states of the backends running a query containing ``marker``, once there are none or ``within``
+    seconds passed (bounded)."""
+    end = time.monotonic() + within
+    while await _backends(hoop, marker) and time.monotonic() < end:
+        await asyncio.sleep(0.1)
+    return await _backends(hoop, marker)
+
+
 async def _closed(hoop: Hoop, within: float = 10) -> str:
     """The close reason of the harness's session, once recorded (bounded wait)."""
     end = time.monotonic() + within
@@ -82,10 +105,7 @@ async def _closed(hoop: Hoop, within: float = 10) -> str:
 async def test_a_statement_running_at_the_deadline_is_cancelled_upstream(hoop: Hoop, clock: FakeClock) -> None:
     """The client is gone at the deadline, but PostgreSQL notices a closed socket only when it next reads or
     writes: a write that was still running committed after the grant ended."""
-    marker = f"probe_{secrets.token_hex(4)}"
-    direct = await _direct(hoop)
-    try:
-        await direct.execute(f"CREATE TABLE {marker} (a int)")
+    async with _table(hoop, "probe") as (direct, marker):
         _expire_in(hoop, clock, 1.5)
         conn = await asyncpg.connect(hoop.dsn())
         try:
@@ -94,23 +114,15 @@ async def test_a_statement_running_at_the_deadline_is_cancelled_upstream(hoop: H
         finally:
             conn.terminate()
         assert await _closed(hoop) == "access expired"
-        end = time.monotonic() + 5
-        while await _backends(hoop, f"INSERT INTO {marker}") and time.monotonic() < end:
-            await asyncio.sleep(0.1)
-        assert await _backends(hoop, f"INSERT INTO {marker}") == []  # (without the cancel: 20 s more)
+        # (without the cancel: 20 s more)
+        assert await _until_no_backend(hoop, f"INSERT INTO {marker}", within=5) == []
         assert await direct.fetchval(f"SELECT count(*) FROM {marker}") == 0
         statements = await hoop.events("statement")
         assert [s["error"] for s in statements if marker in s["sql"]] == ["session ended by hoop: access expired"]
-    finally:
-        await direct.execute(f"DROP TABLE IF EXISTS {marker}")
-        await direct.close()
 
 
 async def test_copy_from_stdin_mid_stream_is_ended_and_nothing_is_copied(hoop: Hoop, clock: FakeClock) -> None:
-    marker = f"copy_{secrets.token_hex(4)}"
-    direct = await _direct(hoop)
-    try:
-        await direct.execute(f"CREATE TABLE {marker} (a int)")
+    async with _table(hoop, "copy") as (direct, marker):
         _expire_in(hoop, clock, 1.5)
         proc = await asyncio.create_subprocess_exec(
             str(hoop.cluster.bindir / "psql"), "-X", "-At", "-c", f"COPY {marker} FROM STDIN", env=hoop.env(),
@@ -132,21 +144,12 @@ async def test_copy_from_stdin_mid_stream_is_ended_and_nothing_is_copied(hoop: H
                 await proc.wait()
         assert b"access expired" in err and proc.returncode != 0
         assert await _closed(hoop) == "access expired"
-        end = time.monotonic() + 10
-        while await _backends(hoop, f"COPY {marker}") and time.monotonic() < end:
-            await asyncio.sleep(0.1)
-        assert await _backends(hoop, f"COPY {marker}") == []
+        assert await _until_no_backend(hoop, f"COPY {marker}", within=10) == []
         assert await direct.fetchval(f"SELECT count(*) FROM {marker}") == 0
-    finally:
-        await direct.execute(f"DROP TABLE IF EXISTS {marker}")
-        await direct.close()
 
 
 async def test_a_statement_held_for_review_at_the_deadline_never_runs(hoop: Hoop, clock: FakeClock) -> None:
-    marker = f"held_{secrets.token_hex(4)}"
-    direct = await _direct(hoop)
-    try:
-        await direct.execute(f"CREATE TABLE {marker} (a int); INSERT INTO {marker} VALUES (1), (2)")
+    async with _table(hoop, "held", then="INSERT INTO {table} VALUES (1), (2)") as (direct, marker):
         _expire_in(hoop, clock, 1.5)
         conn = await asyncpg.connect(hoop.dsn())
         try:
@@ -169,9 +172,6 @@ async def test_a_statement_held_for_review_at_the_deadline_never_runs(hoop: Hoop
         with pytest.raises(Conflict, match=r"already timed_out"):  # a late Allow changes nothing
             await hoop.hub.reviews.decide(pending[0].id, OPS, True)
         assert await direct.fetchval(f"SELECT count(*) FROM {marker}") == 2
-    finally:
-        await direct.execute(f"DROP TABLE IF EXISTS {marker}")
-        await direct.close()
 
 
 async def test_a_listen_session_is_ended_and_hears_nothing_after(hoop: Hoop, clock: FakeClock) -> None:
@@ -195,10 +195,7 @@ async def test_a_listen_session_is_ended_and_hears_nothing_after(hoop: Hoop, clo
 
 async def test_a_late_allow_of_a_review_after_the_grant_ended_is_refused(hoop: Hoop, clock: FakeClock) -> None:
     """The grant's end and an approver's Allow arrive together: the Allow must not count."""
-    marker = f"late_{secrets.token_hex(4)}"
-    direct = await _direct(hoop)
-    try:
-        await direct.execute(f"CREATE TABLE {marker} (a int); INSERT INTO {marker} VALUES (1)")
+    async with _table(hoop, "late", then="INSERT INTO {table} VALUES (1)") as (direct, marker):
         # the review's own deadline (5 minutes) lies past the grant's end; the proxy's timers, armed in real
         # time, fire in a minute, so nothing but the decision itself can see that the grant has ended
         _expire_in(hoop, clock, 60)
@@ -223,18 +220,12 @@ async def test_a_late_allow_of_a_review_after_the_grant_ended_is_refused(hoop: H
             conn.terminate()
             with contextlib.suppress(Exception):
                 await task
-    finally:
-        await direct.execute(f"DROP TABLE IF EXISTS {marker}")
-        await direct.close()
 
 
 async def test_a_client_gone_mid_statement_leaves_nothing_running_upstream(hoop: Hoop) -> None:
     """psql killed while its statement runs: hoop records the session closed, and the statement must not
     run on (and commit) under a session, or a grant, that is over."""
-    marker = f"gone_{secrets.token_hex(4)}"
-    direct = await _direct(hoop)
-    try:
-        await direct.execute(f"CREATE TABLE {marker} (a int)")
+    async with _table(hoop, "gone") as (direct, marker):
         proc = await asyncio.create_subprocess_exec(
             str(hoop.cluster.bindir / "psql"), "-X", "-At", "-c", f"INSERT INTO {marker} SELECT 1 FROM pg_sleep(20)",
             env=hoop.env(), stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
@@ -247,14 +238,8 @@ async def test_a_client_gone_mid_statement_leaves_nothing_running_upstream(hoop:
             proc.kill()
             await proc.wait()
         assert await _closed(hoop) == "client closed the connection"
-        end = time.monotonic() + 5
-        while await _backends(hoop, f"INSERT INTO {marker}") and time.monotonic() < end:
-            await asyncio.sleep(0.1)
-        assert await _backends(hoop, f"INSERT INTO {marker}") == []
+        assert await _until_no_backend(hoop, f"INSERT INTO {marker}", within=5) == []
         assert await direct.fetchval(f"SELECT count(*) FROM {marker}") == 0
-    finally:
-        await direct.execute(f"DROP TABLE IF EXISTS {marker}")
-        await direct.close()
 
 
 class _RevokeWhileConnecting:
@@ -287,10 +272,7 @@ async def _pipelined_login(hoop: Hoop, then: bytes) -> Reader:
 
 async def test_a_statement_pipelined_behind_the_login_does_not_run_when_the_grant_ends_meanwhile(
         hoop: Hoop) -> None:
-    marker = f"early_{secrets.token_hex(4)}"
-    direct = await _direct(hoop)
-    try:
-        await direct.execute(f"CREATE TABLE {marker} (a int)")
+    async with _table(hoop, "early") as (direct, marker):
         hoop.proxy.credentials = _RevokeWhileConnecting(hoop)
         reader = await _pipelined_login(hoop, codec.encode_query(f"INSERT INTO {marker} VALUES (1)"))
         try:
@@ -311,9 +293,6 @@ async def test_a_statement_pipelined_behind_the_login_does_not_run_when_the_gran
         assert await direct.fetchval(f"SELECT count(*) FROM {marker}") == 0
         statements = await hoop.events("statement")
         assert [s for s in statements if marker in s["sql"]] == []
-    finally:
-        await direct.execute(f"DROP TABLE IF EXISTS {marker}")
-        await direct.close()
 
 
 async def test_a_client_that_stopped_reading_is_cut_after_the_grace(hoop: Hoop) -> None:
