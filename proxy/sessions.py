@@ -121,15 +121,21 @@ class LiveSession:
         time from the clock, so the clock is not asked again: a clock set by a test or stepped meanwhile must
         not keep a passed deadline open)."""
         current: Grant | None = None
+        # The read runs as a task of its own, waited for 1 s: a timeout around it would wait for its clean-up
+        # too (the rollback of a cancelled transaction, on a store connection that hangs, takes as long).
+        read = asyncio.create_task(self._read_grant(), name=f"session={self.id} grant read")
+        read.add_done_callback(lambda task: task.cancelled() or task.exception())  # (one abandoned fails quietly)
         try:
-            async with asyncio.timeout(1):
-                async with self.hub.service.store.tx() as tx:
-                    current = await tx.get_grant(self.grant.id)
+            await asyncio.wait([read], timeout=1)
+            if not read.done():
+                raise TimeoutError  # (the read is cancelled below; its clean-up ends in the background)
+            current = read.result()
         except Exception as exc:
             log.warning("session=%s grant=%s the grant could not be read at its end (%s): ending the session",
                         self.id, self.grant.id, type(exc).__name__)
         finally:
             self._rechecking = None
+            read.cancel()
         if current is not None and current.status is GrantStatus.ACTIVE and current.expires_at > passed \
                 and current.expires_at > self.grant.expires_at:  # extended: its announcement is on its way
             self.deadline, self.grant = current.expires_at, current
@@ -137,6 +143,10 @@ class LiveSession:
             self.arm()
             return
         self.end("access expired")
+
+    async def _read_grant(self) -> Grant | None:
+        async with self.hub.service.store.tx() as tx:
+            return await tx.get_grant(self.grant.id)
 
     def end(self, reason: str) -> None:
         """Ask the proxy to end this session (it sends its protocol's message, then calls close)."""

@@ -498,3 +498,65 @@ async def test_a_recovered_session_ends_at_its_last_event_and_says_why(
     assert [e.seq for e in events] == list(range(1, len(events) + 1))
     assert row is not None and row.closed_at == events[-2].at == events[-1].at
     assert row.close_reason == "hoop stopped while the session was open"
+
+
+class _StalledStore:
+    """The real store, until ``stall`` is set: then a transaction never answers, and its clean-up (the
+    rollback a cancelled transaction makes, on a connection to a database that stopped answering) waits
+    as long. Everything else goes to the real store."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self.stall = False
+        self.answer = asyncio.Event()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._store, name)
+
+    def tx(self) -> object:
+        return self._Stalled(self) if self.stall else self._store.tx()
+
+    class _Stalled:
+        def __init__(self, outer: _StalledStore) -> None:
+            self.outer = outer
+
+        async def __aenter__(self) -> _StalledStore._Stalled:
+            return self
+
+        def __getattr__(self, name: str) -> object:  # every query (a read of the grant, a flush's write)
+            async def query(*args: object) -> None:
+                await self.outer.answer.wait()
+            return query
+
+        async def __aexit__(self, *exc: object) -> None:
+            await self.outer.answer.wait()
+
+
+async def test_a_store_that_stops_answering_keeps_no_session_past_its_end(
+        config: HoopConfig, tmp_path: Path) -> None:
+    """The deadline's read of the grant was bounded by a timeout around the transaction, which then waited
+    for the transaction's clean-up as well: a store that stopped answering kept the session open past its
+    end for as long, and every later recheck was skipped as already running."""
+    real = Store.from_url(f"sqlite+aiosqlite:///{tmp_path / 'h.db'}")
+    await real.migrate()
+    store = _StalledStore(real)
+    service = Service(config, store, SystemClock(), Broadcast([]))  # type: ignore[arg-type]
+    hub = SessionHub(service, SystemClock(), spool_dir=tmp_path / "spool", flush_every=0.05)
+    grant, _ = await grant_for(service, config)
+    ended: list[str] = []
+    s = await hub.open(grant, "prod-db", "postgres", "c", ended.append)
+    store.stall = True
+    try:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        s.deadline_passed()
+        for _ in range(60):  # bounded: 3 s
+            if ended:
+                break
+            await asyncio.sleep(0.05)
+        assert ended == ["access expired"] and loop.time() - started < 1.5
+    finally:
+        store.stall = False
+        store.answer.set()
+        await hub.close_all()
+        await real.close()
