@@ -359,8 +359,10 @@ class Relay:
         except Exception:
             log.exception("conn=%s closing the session failed", self.conn)
         finally:
-            if self._canceller is not None:  # done only once nothing of the session runs upstream
-                await self._canceller
-            self.on_closed(self)
-            if not self.done.done():
-                self.done.set_result(None)
+            try:
+                if self._canceller is not None:  # done only once nothing of the session runs upstream
+                    await self._canceller
+            finally:  # (also when the canceller was cancelled: the relay is still let go of)
+                self.on_closed(self)
+                if not self.done.done():
+                    self.done.set_result(None)

@@ -195,6 +195,9 @@ async def open_transport(resource: PostgresResource) -> tuple[asyncio.Transport,
     except (OSError, ssl.SSLError, ConnectionResetError) as exc:
         transport.close()
         raise UpstreamError(f"TLS with {resource.name} failed: {type(exc).__name__}") from None
+    except asyncio.CancelledError:  # (a caller's timeout: the socket must not outlive it)
+        transport.close()
+        raise
     if resource.sslmode in ("require", "verify-full"):
         transport.close()
         raise UpstreamError(f"{resource.name} does not accept TLS but sslmode is {resource.sslmode}")
@@ -293,12 +296,19 @@ async def simple_query(up: Upstream, sql: str) -> list[tuple[str | None, ...]]:
             return rows
 
 
-async def cancel(resource: PostgresResource, pid: int, key: bytes) -> None:
-    """Send a CancelRequest for upstream backend ``pid`` (TLS if sslmode asks)."""
-    transport, reader, _ = await open_transport(resource)
+async def cancel(resource: PostgresResource, pid: int, key: bytes, *, timeout: float = 5.0) -> None:
+    """Send a CancelRequest for upstream backend ``pid`` (TLS if sslmode asks). Reaching the server is bounded
+    by ``timeout`` too: a host that drops the connect, or stalls its TLS answer, would otherwise hold the end
+    of a session (and hoop's stop, which waits for it) for the kernel's connect timeout, about 2 min."""
+    try:
+        async with asyncio.timeout(timeout):
+            transport, reader, _ = await open_transport(resource)
+    except TimeoutError:
+        raise UpstreamError(f"cannot reach {resource.name} to cancel a statement (no answer within "
+                            f"{timeout:g} s)") from None
     try:
         reader.write(codec.encode_cancel_request(pid, key))
-        async with asyncio.timeout(5):
+        async with asyncio.timeout(timeout):
             while not reader.closed:
                 await reader._more()
     except (TimeoutError, ConnectionResetError):

@@ -72,3 +72,32 @@ async def test_single_process_drops_an_unknown_key_silently(hoop: Hoop) -> None:
     alone = Replicas(store, None, [])
     assert await alone.ask_cancel(bytes(32)) is False  # no fan-out on SQLite: nothing is sent
     await store.close()
+
+
+async def test_a_cancel_to_an_upstream_that_does_not_answer_is_bounded() -> None:
+    """The end of a session with a statement running sends a CancelRequest upstream; only its last read
+    was bounded, so a host that stalled the connect or its TLS answer held the end (and hoop's stop) for
+    as long as it liked. Here it accepts and says nothing, not even to the SSLRequest."""
+    from broker.config.resources import PostgresResource
+    from broker.errors import UpstreamError
+    from proxy.pg import upstream
+
+    held: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    resource = PostgresResource(kind="postgres", name="db", address=f"127.0.0.1:{port}", sslmode="require")
+    try:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(UpstreamError) as info:
+            await asyncio.wait_for(upstream.cancel(resource, 7, b"abcd", timeout=0.3), 5)
+        assert loop.time() - started < 2 and "abcd" not in info.value.message
+    finally:
+        for writer in held:
+            writer.close()
+        server.close()
+        await server.wait_closed()
