@@ -7,6 +7,7 @@ on the segment it writes, see :mod:`proxy.spool`) is left to it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Collection
 from datetime import datetime
@@ -67,4 +68,5 @@ async def _ingest(store: Store, session_id: str, paths: list[Path]) -> None:
             row.status, row.closed_at, row.close_reason = SessionStatus.CLOSED, at, reason
             await tx.update_session(row)
     for path in paths:
-        path.unlink()
+        with contextlib.suppress(FileNotFoundError):  # (deleted meanwhile by a hoop that does not lock)
+            path.unlink()

@@ -24,7 +24,7 @@ import contextlib
 import fcntl
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 __all__ = ["SEGMENT_BYTES", "Spool", "claimed", "leftovers"]
@@ -41,8 +41,10 @@ def _path(directory: Path, session_id: str, n: int) -> Path:
 class Spool:
     """One session's spool segments; ``write`` appends, ``stored`` frees, ``remove`` deletes all."""
 
-    def __init__(self, directory: Path, session_id: str, *, segment_bytes: int = SEGMENT_BYTES) -> None:
+    def __init__(self, directory: Path, session_id: str, *, segment_bytes: int = SEGMENT_BYTES,
+                 lock: Callable[[int], bool] | None = None) -> None:
         self._dir = directory
+        self._lock = lock or _lock  # (a test's: to look at the directory while a new segment is locked)
         self._id = session_id
         self._limit = segment_bytes
         self._n = 0
@@ -53,8 +55,20 @@ class Spool:
         self._fd: int | None = self._open(0)
 
     def _open(self, n: int) -> int:
-        fd = os.open(_path(self._dir, self._id, n), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        _lock(fd)  # held while this process lives: the segment is not a crash's leftover
+        # Locked under a name recovery does not read, then renamed: a segment is never seen under its own
+        # name unlocked, where a replica's recovery could claim it (and close the live session) before
+        # the lock is taken. The lock is held while this process lives: the segment is not a leftover.
+        path = _path(self._dir, self._id, n)
+        new = path.with_name(path.name + ".new")
+        fd = os.open(new, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            self._lock(fd)
+            os.rename(new, path)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                new.unlink()
+            raise
         return fd
 
     @property
@@ -67,7 +81,7 @@ class Spool:
         after a short write). A failing disk (full, I/O error) stops the spool, logged once: the events
         are still kept in memory until stored, but a crash before then would lose them. Stopping
         (rather than writing on) keeps a torn line at the end of a segment, where recovery skips it."""
-        if self._fd is None:
+        if self._fd is None or self.failed:
             return
         try:
             if self._size >= self._limit:
@@ -83,11 +97,7 @@ class Spool:
         except OSError as exc:
             log.error("session=%s spool stopped (%s): its events are kept in memory until stored, and a crash "
                       "before that would lose them", self._id, exc.strerror or type(exc).__name__)
-            self.failed = True
-            if self._fd is not None:
-                with contextlib.suppress(OSError):
-                    os.close(self._fd)
-                self._fd = None
+            self.failed = True  # (the segment stays open: its lock says the session is live, not a leftover)
             return
         self._size += len(data)
         self._last = last_seq
@@ -106,14 +116,15 @@ class Spool:
             self._fd = None
 
     def remove(self) -> None:
-        """The session is closed and stored: close and delete every segment."""
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        """The session is closed and stored: delete every segment, then close (the lock is held until every
+        segment is gone, so a replica's recovery never claims one that is being deleted)."""
         for path in self.segments:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
         self._done.clear()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def _lock(fd: int) -> bool:

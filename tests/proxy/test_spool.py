@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from proxy.spool import Spool, claimed, leftovers
+from proxy.spool import Spool, _lock, claimed, leftovers
 
 
 def test_segments_rotate_free_and_remove(tmp_path: Path) -> None:
@@ -70,3 +70,45 @@ def test_a_live_spool_is_never_claimed_and_a_dead_one_is_whole(tmp_path: Path) -
     with claimed(tmp_path, "s_gone") as nothing:
         assert nothing == []
 
+
+
+def test_a_new_segment_is_never_seen_under_its_name_before_it_is_locked(tmp_path: Path) -> None:
+    """A segment was created under its own name and locked just after: a replica's recovery in between
+    claimed it, closed the live session in the store and deleted its spool, and the spool wrote on
+    without a lock. Here a recovery looks at the spool at that very moment, at the start and at each
+    rotation."""
+    seen: list[list[Path] | None] = []
+
+    def lock(fd: int) -> bool:
+        with claimed(tmp_path, "s_new") as paths:
+            seen.append(paths)
+        return _lock(fd)
+
+    spool = Spool(tmp_path, "s_new", segment_bytes=100, lock=lock)
+    for seq in range(1, 8):
+        spool.write(b"%d %s\n" % (seq, b"x" * 40), seq)
+    assert len(seen) == 3 and seen[0] == [] and seen[1:] == [None, None]  # nothing to claim, then held
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s_new.1.jsonl", "s_new.2.jsonl", "s_new.jsonl"]
+    spool.remove()
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_spool_stopped_by_a_failing_disk_still_holds_its_lock(tmp_path: Path) -> None:
+    """A failed write closed the segment, and with it the lock, while the session lived on: a replica
+    starting then closed that live session in the store as if hoop had crashed. Here the disk fails as
+    the spool starts its second segment."""
+    def lock(fd: int) -> bool:
+        if Path(f"/proc/self/fd/{fd}").resolve().name.startswith("s_full.1."):
+            raise OSError(28, "No space left on device")
+        return _lock(fd)
+
+    spool = Spool(tmp_path, "s_full", segment_bytes=10, lock=lock)
+    spool.write(b"1 xxxxxxxxxx\n", 1)
+    spool.write(b"2 xxxxxxxxxx\n", 2)
+    assert spool.failed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s_full.jsonl"]
+    with claimed(tmp_path, "s_full") as paths:
+        assert paths is None
+    spool.write(b"3 x\n", 3)  # stopped: ignored
+    spool.remove()
+    assert not list(tmp_path.iterdir())
