@@ -56,6 +56,7 @@ from broker.events import Event, GrantEnded, GrantExtended, GrantIssued, Notifie
 from broker.model import Grant, GrantStatus, Identity
 from broker.ratebound import RateBound
 from broker.store import Store
+from broker.store.urls import DIALECT_ONLY
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +78,6 @@ _HOLDS_LOCK = ("SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory
                " AND objid = ($1::bigint & 4294967295)::oid AND objsubid = 1)")
 
 
-#: query parameters of SQLAlchemy's asyncpg dialect that are not libpq/asyncpg DSN parameters
-_DIALECT_ONLY = {"prepared_statement_cache_size", "prepared_statement_name_func", "async_fallback"}
-
-
 def asyncpg_dsn(database_url: str) -> str | None:
     """The libpq-style DSN of a PostgreSQL store URL; ``None`` for other stores (SQLite).
     The dialect's ``ssl=`` becomes ``sslmode=``; dialect-only parameters are dropped."""
@@ -89,7 +86,7 @@ def asyncpg_dsn(database_url: str) -> str | None:
         return None
     base, _, query = rest.partition("?")
     params = [(("sslmode" if k == "ssl" else k), v) for k, v in parse_qsl(query, keep_blank_values=True)
-              if k not in _DIALECT_ONLY]
+              if k not in DIALECT_ONLY]
     return f"postgresql://{base}" + (f"?{urlencode(params)}" if params else "")
 
 

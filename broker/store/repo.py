@@ -28,7 +28,7 @@ from broker.store.recordings import RecordingOps
 from broker.store.requests import RequestOps
 from broker.store.reviews import ReviewOps
 from broker.store.sessions import SessionOps
-from broker.store.urls import redact_url
+from broker.store.urls import engine_args, redact_url
 
 
 class Tx(RequestOps, GrantOps, SessionOps, RecordingOps, ReviewOps, AuditOps, PickupOps, DedupOps):
@@ -55,7 +55,9 @@ class Store:
                 cur.execute("PRAGMA synchronous=NORMAL")
                 cur.close()
         else:
-            engine = create_async_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+            target, connect_args = engine_args(url)
+            engine = create_async_engine(target, connect_args=connect_args, pool_size=10, max_overflow=20,
+                                         pool_pre_ping=True)
         return cls(engine)
 
     async def reachable(self) -> None:

@@ -13,13 +13,13 @@ import pytest
 
 from broker.clock import FakeClock
 from broker.config import Settings, parse_config
-from broker.errors import ConfigError
+from broker.errors import ConfigError, StoreUnavailable
 from broker.events import Broadcast
 from broker.model import Approval, Identity
 from broker.runtime import build_runtime, serve_forever
 from broker.service import Service
 from broker.store import Store
-from broker.store.urls import redact_url
+from broker.store.urls import engine_args, redact_url
 from tests.conftest import base_config
 from tests.support.fakeslack import FakeSlack
 from tests.support.pgcluster import PgCluster
@@ -102,7 +102,7 @@ def test_the_printed_store_url_hides_every_password(url: str, shown: str) -> Non
     assert redact_url(url) == shown
 
 
-@pytest.mark.parametrize("url", ["postgresql+asyncpg://hoop:s3cret@db:54x2/hoop", "postgres://hoop:s3cret@db/hoop",
+@pytest.mark.parametrize("url", ["postgresql+asyncpg://hoop:s3cret@db:54x2/hoop", "postgres://hoop:s3cret@db:54x2/hoop",
                                  "hoop:s3cret@db", "mysql://hoop:s3cret@db/hoop", "sqlite:///hoop.db"])
 def test_an_unusable_store_url_is_a_config_error_naming_the_variable(url: str, tmp_path: Path) -> None:
     """Once a traceback (ValueError, ArgumentError, ModuleNotFoundError) at every command; a sync driver
@@ -111,3 +111,38 @@ def test_an_unusable_store_url_is_a_config_error_naming_the_variable(url: str, t
     with pytest.raises(ConfigError) as exc:
         build_runtime(config, Settings(database_url=url, environ={"PGPW": "pw"}))
     assert exc.value.message.startswith("HOOP_DATABASE_URL ") and "s3cret" not in exc.value.message
+
+
+def test_a_libpq_style_store_url_is_handed_to_asyncpg_whole() -> None:
+    assert engine_args("postgres://u:p@h/db") == ("postgresql+asyncpg://u:p@h/db", {})
+    url = "postgresql://u:p@h:5/db?sslmode=verify-full&sslrootcert=/ca.pem&prepared_statement_cache_size=0"
+    assert engine_args(url) == ("postgresql+asyncpg://u:p@h:5/db?prepared_statement_cache_size=0",
+            {"dsn": "postgresql://?sslmode=verify-full&sslrootcert=%2Fca.pem"})
+    assert engine_args("postgresql+asyncpg://u:p@h/db?ssl=require") == \
+        ("postgresql+asyncpg://u:p@h/db", {"dsn": "postgresql://?sslmode=require"})
+    assert engine_args("sqlite+aiosqlite:///hoop.db") == ("sqlite+aiosqlite:///hoop.db", {})
+
+
+async def test_a_store_url_as_a_cloud_console_prints_it_works(pg: PgCluster) -> None:
+    """``postgresql://…?sslmode=…&application_name=…``: the dialect passed every query parameter to asyncpg
+    as a keyword argument, and ``sslmode`` (on nearly every managed PostgreSQL's URL) was a TypeError
+    traceback at every command. libpq's parameters now reach asyncpg as a DSN, read as libpq reads them."""
+    database = pg.create_database("libpqurl")
+    plain = pg.sqlalchemy_url(database).replace("postgresql+asyncpg://", "postgresql://")
+    store = Store.from_url(plain + "?sslmode=disable&application_name=hoop-store-test")
+    try:
+        await store.migrate()
+        async with store.tx() as tx:
+            assert await tx.list_sessions() == []
+            names = (await tx.conn.exec_driver_sql("SELECT application_name FROM pg_stat_activity "
+                                                   "WHERE pid = pg_backend_pid()")).scalar_one()
+        assert names == "hoop-store-test"
+    finally:
+        await store.close()
+    away = Store.from_url(plain.replace("postgresql://", "postgres://") + "?sslmode=require")  # no TLS here
+    try:
+        with pytest.raises(StoreUnavailable) as exc:
+            await away.reachable()
+        assert "cannot reach the store" in exc.value.message and pg.password not in exc.value.message
+    finally:
+        await away.close()
