@@ -340,6 +340,14 @@ class Relay:
                          self.conn, side, self.close_grace)
                 self._transport(side).abort()
 
+    def give_up_cancel(self) -> None:
+        """hoop stops: a cancel still trying to reach a database that does not answer is given up (each of its
+        stages is bounded, but two attempts can take about 20 s)."""
+        if self._canceller is not None and not self._canceller.done():
+            log.warning("conn=%s hoop stops: the cancel of the statement still running upstream is given up",
+                        self.conn)
+            self._canceller.cancel()
+
     async def _cancel_upstream(self) -> None:
         assert self.cancel is not None
         log.info("conn=%s a statement was still running upstream: cancelling it", self.conn)

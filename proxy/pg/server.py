@@ -147,6 +147,11 @@ class PgProxy:
         done = [r.done for r in self._relays]
         if done:
             await asyncio.wait(done, timeout=5)
+        left = [r for r in self._relays if not r.done.done()]
+        for relay in left:
+            relay.give_up_cancel()
+        if left:
+            await asyncio.wait([r.done for r in left], timeout=1)
         if self._server is not None:
             await self._server.wait_closed()
             self._server = None

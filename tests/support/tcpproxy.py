@@ -16,6 +16,7 @@ class StallingProxy:
         self.upstream = upstream
         self.port = 0
         self.refusing = False
+        self.silent = False
         self._flowing: list[asyncio.Event] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._writers: list[asyncio.StreamWriter] = []
@@ -25,8 +26,11 @@ class StallingProxy:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
         self.port = self._server.sockets[0].getsockname()[1]
 
-    def stall(self) -> None:
+    def stall(self, *, silent: bool = False) -> None:
+        """Freeze the connections made so far; refuse new ones, or with ``silent`` accept them and say
+        nothing (a host that takes the connect and never answers)."""
         self.refusing = True
+        self.silent = silent
         for flowing in self._flowing:
             flowing.clear()
 
@@ -41,7 +45,8 @@ class StallingProxy:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.append(writer)
         if self.refusing:
-            writer.close()
+            if not self.silent:
+                writer.close()
             return
         up_reader, up_writer = await asyncio.open_connection(self.host, self.upstream)
         self._writers.append(up_writer)

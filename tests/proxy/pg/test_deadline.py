@@ -27,6 +27,7 @@ from proxy.pg.upstream import Reader
 from tests.proxy.pg.harness import OPS, ROOT, Hoop, running_hoop, seeded_database
 from tests.support.lateclock import ShiftedClock, SlowExtendHooks
 from tests.support.pgcluster import PgCluster
+from tests.support.tcpproxy import StallingProxy
 
 pytestmark = pytest.mark.postgres
 
@@ -54,7 +55,11 @@ def _expire_in(hoop: Hoop, clock: FakeClock, seconds: float) -> None:
 
 
 async def _direct(hoop: Hoop) -> asyncpg.Connection:
-    return await asyncpg.connect(hoop.cluster.dsn(hoop.database))
+    return await _direct_to(hoop.cluster, hoop.database)
+
+
+async def _direct_to(cluster: PgCluster, database: str) -> asyncpg.Connection:
+    return await asyncpg.connect(cluster.dsn(database))
 
 
 async def _backends(hoop: Hoop, marker: str) -> list[str]:
@@ -348,3 +353,39 @@ async def test_a_grant_extended_shortly_before_its_end_keeps_its_session_until_t
         finally:
             await conn.close(timeout=2)
     assert old_end + 4 - 0.1 < ended < old_end + 4 + 1.5, "the session did not end at the grant's new end"
+
+
+async def test_hoop_stops_in_bounded_time_when_the_database_takes_a_cancel_and_never_answers(
+        pg: PgCluster, pgdb: str, tmp_path: Path) -> None:
+    """A statement running when hoop stops is cancelled upstream; a database host that accepts the cancel's
+    connection and never answers held that cancel (two attempts, each stage bounded: about 20 s) past
+    ``stop``, which returned with the relay still waiting on it. The cancel is now given up."""
+    stalling = StallingProxy(pg.host, pg.port)
+    await stalling.start()
+    marker = f"stopping_{secrets.token_hex(4)}"
+    try:
+        async with running_hoop(pg, pgdb, tmp_path, address=f"127.0.0.1:{stalling.port}") as hoop:
+            conn = await asyncpg.connect(hoop.dsn())
+            query = asyncio.ensure_future(conn.execute(f"SELECT pg_sleep(30) /* {marker} */"))
+            try:
+                end = time.monotonic() + 10
+                while await _backends(hoop, marker) != ["active"] and time.monotonic() < end:
+                    await asyncio.sleep(0.05)
+                assert await _backends(hoop, marker) == ["active"]
+                relays = list(hoop.proxy._relays)
+                stalling.stall(silent=True)  # the session's connection freezes; a cancel's is taken, unanswered
+                started = time.monotonic()
+                await hoop.proxy.stop()
+                assert time.monotonic() - started < 8
+                assert relays and all(relay.done.done() for relay in relays)
+            finally:
+                query.cancel()
+                conn.terminate()
+    finally:
+        direct = await _direct_to(pg, pgdb)
+        try:
+            await direct.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                 "WHERE query LIKE '%' || $1 || '%' AND pid <> pg_backend_pid()", marker)
+        finally:
+            await direct.close()
+        await stalling.close()
