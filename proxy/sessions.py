@@ -225,11 +225,17 @@ class SessionHub:
         row = Session(id=new_id("s"), grant_id=grant.id, resource=resource, protocol=protocol, login=grant.login,
                       chain=grant.chain, client_addr=client_addr, status=SessionStatus.OPEN,
                       opened_at=self.clock.now())
-        async with self.service.store.tx() as tx:
-            await tx.insert_session(row)
-            request = await self.service.request_for(tx, grant)
-        self._loop = asyncio.get_running_loop()
+        # the spool first: a disk hoop cannot write fails the open before the store says the session is open
         live = LiveSession(self, row, grant, on_end)
+        try:
+            async with self.service.store.tx() as tx:
+                await tx.insert_session(row)
+                request = await self.service.request_for(tx, grant)
+        except BaseException:
+            if live._spool is not None:
+                live._spool.remove()
+            raise
+        self._loop = asyncio.get_running_loop()
         self._live[live.id] = live
         live.record("open", {"login": grant.login, "chain": list(grant.chain), "client": client_addr,
                              "resource": resource, "protocol": protocol, **(detail or {})})

@@ -160,6 +160,21 @@ async def test_deadline_timer_ends_session(live: tuple[Service, SessionHub, Reco
     await s.close("x")
 
 
+async def test_a_spool_hoop_cannot_write_fails_the_open_before_the_store_says_open(
+        live: tuple[Service, SessionHub, RecordingNotifier, Store], config: HoopConfig, tmp_path: Path) -> None:
+    """The spool was made after the session's row was stored as open: a disk hoop cannot write (read-only,
+    gone) failed the open and left a row saying open forever, which no recovery closes (it has no spool)."""
+    service, _, _, store = live
+    grant, _ = await grant_for(service, config)
+    spool = tmp_path / "gone"
+    hub = SessionHub(service, SystemClock(), spool_dir=spool, flush_every=0.05)
+    spool.rmdir()  # (as root, a read-only mode would not stop the writes: the folder goes instead)
+    with pytest.raises(OSError):
+        await hub.open(grant, "prod-db", "postgres", "c", lambda reason: None)
+    async with store.tx() as tx:
+        assert await tx.list_sessions() == []
+
+
 async def test_spool_recovers_after_crash(live: tuple[Service, SessionHub, RecordingNotifier, Store],
                                           config: HoopConfig, tmp_path: Path) -> None:
     service, hub, _, store = live
