@@ -41,7 +41,8 @@ from proxy.ssh.replay import replay_command
 class _Escaped(TyperGroup):
     """The root command group: a usage error (an unknown option or command, a bad value, extra arguments)
     quotes what was typed, and click prints it as it is; so its message has its control and bidi
-    characters escaped first (:func:`broker.terminal.visible`), as hoop's own messages do. Parsing and
+    characters escaped first (:func:`broker.terminal.visible`), as hoop's own messages do, and it is
+    printed as one line (``error: …``), as they are. Parsing and
     running every subcommand go through these two methods, so one group catches them all. (``Any``: the
     contexts are click's, which typer vendors privately.)"""
 
@@ -60,7 +61,16 @@ def _escaped() -> Iterator[None]:
         yield
     except typer.TyperException as exc:  # click's errors (typer's own click), whose message click prints
         exc.message = visible(exc.message)
-        raise
+        ctx = getattr(exc, "ctx", None)
+        if getattr(exc, "exit_code", 1) != 2 or type(exc).__name__ == "NoArgsIsHelpError":
+            raise  # (not a usage error, or `hoop` alone, which shows the help)
+        # a usage error is one line on stderr, as hoop's own errors are (click drew a box, folded at the
+        # terminal's width), with the command's usage in it
+        where = (f" (usage: {one_line(ctx.get_usage()).removeprefix('Usage: ')}; see '{ctx.command_path} --help')"
+                 if ctx is not None else "")
+        err.print("[bold red]error:[/] ", end="")
+        err.print(one_line(exc.format_message()) + where, markup=False)
+        raise SystemExit(2) from None
 
 
 app = typer.Typer(name="hoop", help="hoop: a ChatOps access broker.", no_args_is_help=True, cls=_Escaped,
@@ -254,7 +264,7 @@ def main() -> None:
     """Entry point: hoop's own errors become a message and an exit code, not a traceback."""
     _whole_writes()
     try:
-        app()
+        app(prog_name="hoop")  # (usage lines say hoop, however it was started; argv[0] is not printed raw)
         status: int | str | None = 0
     except SystemExit as exc:  # (typer ends every command so)
         status = exc.code
