@@ -13,18 +13,8 @@ import pytest
 
 from broker.model import Grant, SessionStatus
 from tests.proxy.http.conftest import Env, make_env
+from tests.support.closing import close_reason
 from tests.support.lateclock import ShiftedClock, SlowExtendHooks
-
-
-async def _close_reason(env: Env, within: float = 10) -> str | None:
-    end = time.monotonic() + within
-    while time.monotonic() < end:
-        async with env.service.store.tx() as tx:
-            sessions = await tx.list_sessions()
-        if sessions and sessions[0].status is SessionStatus.CLOSED:
-            return sessions[0].close_reason
-        await asyncio.sleep(0.05)
-    return None
 
 
 async def _answer(reader: asyncio.StreamReader) -> tuple[int, bytes]:
@@ -57,7 +47,7 @@ async def test_an_upload_half_sent_at_the_deadline_is_cut(env: Env) -> None:
         assert b'"sha256"' not in got
     finally:
         writer.close()
-    assert await _close_reason(env) == "access expired"
+    assert await close_reason(env) == "access expired"
 
 
 async def test_a_keep_alive_request_after_the_deadline_is_refused(env: Env) -> None:
@@ -68,7 +58,7 @@ async def test_a_keep_alive_request_after_the_deadline_is_refused(env: Env) -> N
     try:
         writer.write(request)
         assert (await _answer(reader))[0] == 200
-        assert await _close_reason(env) == "access expired"  # the proxy's own timer, a second later
+        assert await close_reason(env) == "access expired"  # the proxy's own timer, a second later
         env.clock.set(grant.expires_at + timedelta(seconds=1))
         seen = len(env.upstream.seen)
         try:
@@ -109,7 +99,7 @@ async def test_a_grant_extended_shortly_before_its_end_keeps_its_session_until_t
             async with env.service.store.tx() as tx:
                 sessions = await tx.list_sessions()
             assert [x.status for x in sessions] == [SessionStatus.OPEN], "the session ended at the grant's old end"
-            assert await _close_reason(env, within=6) == "access expired"
+            assert await close_reason(env, within=6) == "access expired"
             ended = time.monotonic()
         finally:
             writer.close()

@@ -21,7 +21,6 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from broker.model import SessionStatus
 from tests.proxy.ssh.conftest import Env, make_config, ssh_resource, start_env, stop_env
 from tests.support.sshd import Sshd, sshd
 
@@ -122,18 +121,6 @@ def expire_soon(env: Env, seconds: float = 0.5) -> None:
     live = env.hub.live()[0]
     live.deadline = env.service.clock.now() + timedelta(seconds=seconds)
     live.arm()
-
-
-async def close_reason(env: Env, within: float = 10) -> str | None:
-    """The close reason of the (first) session, once it is recorded closed; None if not within ``within``."""
-    end = time.monotonic() + within
-    while time.monotonic() < end:
-        async with env.service.store.tx() as tx:
-            sessions = await tx.list_sessions()
-        if sessions and sessions[0].status is SessionStatus.CLOSED:
-            return sessions[0].close_reason
-        await asyncio.sleep(0.05)
-    return None
 
 
 async def spawn(env: Env, login: str, secret: str, *args: str, tty: bool = False,

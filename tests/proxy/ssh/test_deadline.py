@@ -15,7 +15,6 @@ import pytest
 
 from tests.proxy.ssh.conftest import Env
 from tests.proxy.ssh.deadline import (
-    close_reason,
     env_for,
     expire_soon,
     finish,
@@ -25,6 +24,7 @@ from tests.proxy.ssh.deadline import (
     spawn,
     wait_live,
 )
+from tests.support.closing import close_reason
 from tests.support.sshd import Sshd
 
 pytestmark = pytest.mark.ssh

@@ -21,7 +21,6 @@ import pytest
 from tests.proxy.ssh.conftest import Env
 from tests.proxy.ssh.deadline import (
     alive,
-    close_reason,
     env_for,
     expire_soon,
     finish,
@@ -30,6 +29,7 @@ from tests.proxy.ssh.deadline import (
     spawn,
     wait_live,
 )
+from tests.support.closing import close_reason
 from tests.support.sshd import Sshd, ssh_agent
 
 pytestmark = pytest.mark.ssh

@@ -19,7 +19,8 @@ import pytest
 from broker.delegation import delegate
 from broker.model import Grant, Identity
 from tests.proxy.ssh.conftest import ADMIN, Env, make_config, ssh_resource, start_env, stop_env
-from tests.proxy.ssh.deadline import LOGIN, close_reason, finish, gone, host_sshd, running, spawn, wait_live
+from tests.proxy.ssh.deadline import LOGIN, finish, gone, host_sshd, running, spawn, wait_live
+from tests.support.closing import close_reason
 from tests.support.lateclock import ShiftedClock, SlowExtendHooks
 from tests.support.sshd import Sshd
 

@@ -19,7 +19,6 @@ import pytest
 from tests.proxy.ssh.conftest import Env
 from tests.proxy.ssh.deadline import (
     alive,
-    close_reason,
     env_for,
     expire_soon,
     finish,
@@ -28,6 +27,7 @@ from tests.proxy.ssh.deadline import (
     shared_dir,
     wait_live,
 )
+from tests.support.closing import close_reason
 from tests.support.sshd import Sshd
 
 pytestmark = pytest.mark.ssh
