@@ -20,7 +20,8 @@ Each client connection is a :class:`_Connection` (asyncssh's ``SSHServer`` hooks
   refused request is logged, recorded, and explained to the client on its session channel
   (``notices``: SSH global requests carry no reason).
 * End: every channel is told why (on the terminal or stderr), both halves close, the SSH
-  connection is disconnected with the reason, and ``session.close(reason)`` is awaited.
+  connection is disconnected with the reason, and ``session.close(reason)`` is awaited. The host's
+  connection gets :data:`UPSTREAM_CLOSE_WAIT` to finish closing; then it is aborted.
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ log = logging.getLogger(__name__)
 #: What every refused login is told (once per connection), whatever the reason.
 REFUSED_BANNER = ("hoop: login refused: unknown login or wrong secret, or the grant has ended or is not for "
                   "this resource\n")
+#: seconds the end of a session waits for the host's connection to finish closing; then it is aborted
+UPSTREAM_CLOSE_WAIT = 5.0
 
 
 class SshProxy:
@@ -76,6 +79,7 @@ class SshProxy:
         self._server: asyncssh.SSHAcceptor | None = None
         self.connections: set[_Connection] = set()
         self.fingerprint = ""
+        self.upstream_close_wait = UPSTREAM_CLOSE_WAIT
 
     def host_key(self) -> asyncssh.SSHKey:
         """Load the persisted host key, or generate and persist one (0600)."""
@@ -364,7 +368,13 @@ class _Connection(asyncssh.SSHServer):
                         up = await asyncio.shield(self._upstream)
                 if up is not None:
                     up.close()
-                    await up.wait_closed()
+                    try:  # (a close that never finished held the end of the session, and hoop's stop, for good)
+                        async with asyncio.timeout(self.proxy.upstream_close_wait):
+                            await up.wait_closed()
+                    except TimeoutError:
+                        log.warning("%s the host's connection did not finish closing within %.1f s: aborted",
+                                    self.label, self.proxy.upstream_close_wait)
+                        up.abort()
             if self.forwards is not None:
                 self.forwards.close()
             if self.session is not None:
