@@ -7,6 +7,7 @@ import dataclasses
 import itertools
 import json
 import os
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -67,7 +68,8 @@ def crash(hub: SessionHub) -> None:
 
 
 @pytest.fixture
-async def live(config: HoopConfig, tmp_path: Path) -> tuple[Service, SessionHub, RecordingNotifier, Store]:
+async def live(config: HoopConfig,
+               tmp_path: Path) -> AsyncIterator[tuple[Service, SessionHub, RecordingNotifier, Store]]:
     store = Store.from_url(f"sqlite+aiosqlite:///{tmp_path / 'h.db'}")
     await store.migrate()
     recorder = RecordingNotifier()
@@ -570,6 +572,41 @@ async def test_a_store_that_stops_answering_keeps_no_session_past_its_end(
                 break
             await asyncio.sleep(0.05)
         assert ended == ["access expired"] and loop.time() - started < 1.5
+    finally:
+        store.stall = False
+        store.answer.set()
+        await hub.close_all()
+        await real.close()
+
+
+async def test_a_grant_read_given_up_on_is_not_left_pending_when_the_hub_closes(
+        config: HoopConfig, tmp_path: Path) -> None:
+    """The deadline gives up on a read of the grant after 1 s and cancels it, and its clean-up (the rollback,
+    on a store that does not answer) goes on in the background: it was still pending when the hub closed,
+    and then when the event loop closed ("Task was destroyed but it is pending")."""
+    real = Store.from_url(f"sqlite+aiosqlite:///{tmp_path / 'h.db'}")
+    await real.migrate()
+    store = _StalledStore(real)
+    service = Service(config, store, SystemClock(), Broadcast([]))  # type: ignore[arg-type]
+    # (no flush while the store stalls: only the read of the grant is to wait on it)
+    hub = SessionHub(service, SystemClock(), spool_dir=tmp_path / "spool", flush_every=60)
+    grant, _ = await grant_for(service, config)
+    ended: list[str] = []
+    s = await hub.open(grant, "prod-db", "postgres", "c", ended.append)
+    store.stall = True
+    try:
+        s.deadline_passed()
+        for _ in range(60):  # bounded: 3 s
+            if ended:
+                break
+            await asyncio.sleep(0.05)
+        assert ended == ["access expired"]
+        (read,) = [t for t in asyncio.all_tasks() if t.get_name() == f"session={s.id} grant read"]
+        assert not read.done()  # given up on: cancelled, its clean-up waits on the store
+        store.stall = False  # the close's own writes are answered; the read's clean-up still is not
+        await asyncio.wait_for(hub.close_all(), 5)
+        assert read.done()
+        assert not [t for t in asyncio.all_tasks() if t.get_name().endswith(" grant read")]
     finally:
         store.stall = False
         store.answer.set()
