@@ -46,6 +46,10 @@ class _Escaped(TyperGroup):
     running every subcommand go through these two methods, so one group catches them all. (``Any``: the
     contexts are click's, which typer vendors privately.)"""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # (typer has built every subcommand by now)
+        _bare_flags(self)
+
     def make_context(self, info_name: str | None, args: list[str], parent: Any = None, **extra: Any) -> Any:
         with _escaped():
             return super().make_context(info_name, args, parent, **extra)
@@ -53,6 +57,18 @@ class _Escaped(TyperGroup):
     def invoke(self, ctx: Any) -> Any:
         with _escaped():
             return super().invoke(ctx)
+
+
+def _bare_flags(command: Any) -> None:
+    """Flags (``--json``, ``--help``) take no value, so their help shows no placeholder for one: typer's rich help
+    gave them their type (``--help <bool>``), as if they took one (its plain help leaves them bare). A metavar is
+    shown as it is, so theirs is set empty, in ``command`` and every subcommand; the help option too, which
+    typer makes on first use (so here). Options that take a value keep their ``<str>`` or ``<path>``."""
+    for param in [*command.params, command.get_help_option(typer.Context(command))]:
+        if param is not None and (getattr(param, "is_flag", False) or getattr(param, "count", False)):
+            param.metavar = ""
+    for sub in getattr(command, "commands", {}).values():
+        _bare_flags(sub)
 
 
 @contextlib.contextmanager
