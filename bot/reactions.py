@@ -171,7 +171,12 @@ class Approvals:
             req = await tx.get_request(request_id)
         await self.note(req.card_channel if req is not None else None, user, why)
 
-    async def extend_button(self, grant_id: str, user: str, channel: str | None) -> None:
+    async def extend_button(self, value: str, user: str, channel: str | None, message_ts: str | None = None) -> None:
+        """The Extend button of a reminder (``value``: :func:`views.extend_value`). Where the grant is
+        extended at once, without re-approval, each person's clicks on the reminders of one expiry
+        (a double click, or the thread's copy and the DM's) extend it once, on any replica; with
+        re-approval the service's one-pending-extension rule already makes a second click count once."""
+        grant_id, shown = views.extend_target(value)
         try:
             who = await self.directory.identify(user)
             async with self.service.store.tx() as tx:
@@ -179,6 +184,15 @@ class Approvals:
             if grant is None:
                 raise NotFound(f"no grant {grant_id!r}")
             res = self.service.config.resource(grant.resources[0])
+            if res is not None and (not res.extension.requires_approval or not res.approval):
+                once = f"slack:extend:{grant_id}:{shown or 'msg-' + str(message_ts)}:{who.email.lower()}"
+                async with self.service.store.tx() as tx:
+                    first = await tx.mark_processed(once, self.service.clock.now())
+                if not first:
+                    await self.note(channel, user, f"You already pressed Extend for `{grant_id}` on this reminder; "
+                                                   f"`/hoop status` shows when it ends, and `/hoop extend {grant_id} "
+                                                   "<duration>` extends it again.")
+                    return
             length = res.request.default_duration if res is not None else None
             await self.service.extend(grant_id, who, format_duration(length) if length else "30m")
         except HoopError as exc:
