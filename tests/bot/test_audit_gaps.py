@@ -4,6 +4,7 @@ signed payloads against the fake Slack."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
@@ -103,3 +104,108 @@ async def test_a_double_clicked_extend_button_asks_for_one_re_approval(hoop: Hoo
     assert len(pending) == 1
     assert "already has a pending extension request" in hoop.ephemerals("UALICE")[-1]
     assert await _ends(hoop, grant.id) == grant.expires_at
+
+
+async def _pending(hoop: Hoop) -> tuple[str, str, str]:
+    await hoop.command("request prod-db 30m fix invoice 4411")
+    channel, ts = hoop.card()
+    async with hoop.store.tx() as tx:
+        req = await tx.request_by_card(channel, ts)
+    assert req is not None
+    return req.id, channel, ts
+
+
+async def test_no_entry_reaction_denies(hoop: Hoop) -> None:
+    rid, channel, ts = await _pending(hoop)
+    await hoop.react("UDANA", channel, ts, "no_entry")
+    async with hoop.store.tx() as tx:
+        req = await tx.get_request(rid)
+    assert req is not None and req.status is RequestStatus.DENIED and req.decided_by == "dana@example.com"
+    assert any("Denied by Dana" in t for t in hoop.thread(ts))
+
+
+async def test_slack_lookups_are_cached_for_their_ttl(hoop: Hoop, clock: FakeClock) -> None:
+    """users.info and usergroups.users.list are asked once per person and group within the TTL (5 minutes);
+    after it, Slack is asked again, so someone taken out of an approver user group stops counting."""
+    def asked(method: str, **params: str) -> int:
+        return sum(all(c.params.get(k) == v for k, v in params.items()) for c in hoop.fake.of(method))
+
+    rid, channel, ts = await _pending(hoop)
+    await hoop.command("status")
+    await hoop.react("USAM", channel, ts)  # security, by Slack user group SSEC
+    await hoop.react("USAM", channel, ts, removed=True)
+    await hoop.react("UERIN", channel, ts)
+    await hoop.react("UERIN", channel, ts, removed=True)
+    assert asked("users.info", user="UALICE") == 1 and asked("users.info", user="USAM") == 1
+    assert asked("usergroups.users.list", usergroup="SSEC") == 1
+
+    hoop.fake.usergroups["SSEC"] = ["UERIN"]  # sam leaves the security user group
+    clock.advance(timedelta(minutes=5, seconds=1))
+    await hoop.react("USAM", channel, ts)
+    assert asked("users.info", user="USAM") == 2 and asked("usergroups.users.list", usergroup="SSEC") == 2
+    assert "only members of dba, security can approve" in hoop.ephemerals("USAM")[-1]
+    async with hoop.store.tx() as tx:
+        req = await tx.get_request(rid)
+    assert req is not None and req.approvals == []
+
+
+async def test_app_home_shows_my_active_grants_with_time_left(hoop: Hoop, clock: FakeClock) -> None:
+    grant, _, _ = await _granted(hoop)
+    clock.advance(timedelta(minutes=12))
+    await hoop.event({"type": "app_home_opened", "user": "UALICE", "tab": "home"})
+    view = json.dumps(hoop.fake.of("views.publish")[-1].params["view"])
+    mine = view.split("My active grants")[1].split("Waiting for my approval")[0]
+    assert grant.id in mine and "18m left" in mine and "until 12:30 UTC" in mine
+
+
+def _kinds_config() -> HoopConfig:
+    """prod-db, plus an ssh and an http resource alice may request, each approved by one dba."""
+    data = base_config()
+    data["groups"]["security"] = {"members": [], "slack_usergroup": "SSEC"}
+    common = {"channel": "C2", "request": {"groups": ["eng"]}, "approval": [{"from": "dba", "count": 1}]}
+    data["resources"] += [
+        {"name": "web", "kind": "ssh", "address": "10.0.0.5", "user": "deploy", "credential": {"env": "SSHPW"},
+         "host_key": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIC7lmSI4NyIHf4bTaoNNhQnJpNyElvWNrV/DNPIjjMDg", **common},
+        {"name": "k8s", "kind": "http", "address": "https://10.0.0.6:6443", "credential": {"env": "K8STOKEN"},
+         **common},
+    ]
+    data["listen"] = {"advertise": "hoop.internal", "ssh": 2022, "http_proxy": 18443}
+    return parse_config(data)
+
+
+async def test_the_credential_dm_tells_how_to_connect_to_each_kind(fake: FakeSlack, tmp_path: Path,
+                                                                  clock: FakeClock) -> None:
+    """A psql connection string for PostgreSQL (see test_scenarios), an ssh command for SSH and a curl
+    example for HTTP, each naming hoop's advertised proxy, with the secret in the DM only."""
+    hoop = await Hoop(fake=fake, db=tmp_path / "hoop.db", clock=clock, config=_kinds_config()).start()
+    try:
+        for resource in ("web", "k8s"):
+            fake.clear()
+            await hoop.command(f"request {resource} 30m deploy 4411")
+            channel, ts = hoop.card()
+            assert channel == "C2"
+            await hoop.react("UDANA", channel, ts)
+            issued = hoop.recorder.of(GrantIssued)[-1]
+            assert issued.grant.resources == (resource,)
+            (dm,) = [c for c in fake.of("chat.postMessage") if c.params["channel"] == "DUALICE"]
+            text = json.dumps(dm.params["blocks"])
+            if resource == "web":
+                assert f"ssh -p 2022 {issued.grant.login}@hoop.internal" in text
+            else:
+                assert f"curl -H 'Authorization: Bearer {issued.secret}' http://hoop.internal:18443/k8s/" in text
+            assert issued.secret in text and issued.secret not in fake.everything_but(dm)
+    finally:
+        await hoop.close()
+
+
+async def test_list_names_only_what_i_may_request(fake: FakeSlack, tmp_path: Path, clock: FakeClock) -> None:
+    config = _config(request={"groups": ["dba"], "max_duration": "2h", "default_duration": "15m"})
+    hoop = await Hoop(fake=fake, db=tmp_path / "hoop.db", clock=clock, config=config).start()
+    try:
+        await hoop.command("list", user="UDANA")
+        assert "*prod-db* (postgres) — default 15m, max 2h, approval: 1 from dba and 1 from security" \
+            in hoop.responses()[-1]
+        await hoop.command("list", user="UALICE")  # eng, not dba
+        assert "prod-db" not in hoop.responses()[-1] and "You may not request any resource" in hoop.responses()[-1]
+    finally:
+        await hoop.close()
