@@ -300,7 +300,8 @@ class SlackBot:
     async def _on_extend(self, ack: Ack, body: dict[str, Any], action: dict[str, Any]) -> None:
         await ack()
         user, channel = self._where(body)
-        self._spawn(self.approvals.extend_button(str(action.get("value")), user, channel))
+        message_ts = (body.get("container") or {}).get("message_ts")
+        self._spawn(self.approvals.extend_button(str(action.get("value")), user, channel, message_ts))
 
     async def _on_review_allow(self, ack: Ack, body: dict[str, Any], action: dict[str, Any]) -> None:
         await ack()

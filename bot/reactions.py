@@ -171,14 +171,34 @@ class Approvals:
             req = await tx.get_request(request_id)
         await self.note(req.card_channel if req is not None else None, user, why)
 
-    async def extend_button(self, grant_id: str, user: str, channel: str | None) -> None:
+    async def extend_button(self, value: str, user: str, channel: str | None, message_ts: str | None = None) -> None:
+        """The Extend button of a reminder (``value``: :func:`views.extend_value`). A reminder extends
+        the end it announced: once that end has moved, its button only says so. Where the grant is
+        extended at once, without re-approval, each person's clicks on the reminders of one end (a
+        double click, or the thread's copy and the DM's) extend it once, on any replica, also when they
+        race; with re-approval the service's one-pending-extension rule makes a second click count once."""
+        grant_id, shown = views.extend_target(value)
         try:
             who = await self.directory.identify(user)
             async with self.service.store.tx() as tx:
                 grant = await tx.get_grant(grant_id)
             if grant is None:
                 raise NotFound(f"no grant {grant_id!r}")
+            again = f"`/hoop extend {grant_id} <duration>` extends it again."
+            if shown is not None and shown != str(int(grant.expires_at.timestamp())):
+                # a reminder of an end that has moved (its Extend was used, even a day ago): not a new ask
+                await self.note(channel, user, f"`{grant_id}` was extended after this reminder; it now ends at "
+                                               f"{views.hhmm(grant.expires_at)}. {again}")
+                return
             res = self.service.config.resource(grant.resources[0])
+            if res is not None and (not res.extension.requires_approval or not res.approval):
+                once = f"slack:extend:{grant_id}:{shown or 'msg-' + str(message_ts)}:{who.email.lower()}"
+                async with self.service.store.tx() as tx:
+                    first = await tx.mark_processed(once, self.service.clock.now())
+                if not first:
+                    await self.note(channel, user, f"You already pressed Extend for `{grant_id}` on this reminder; "
+                                                   f"`/hoop status` shows when it ends. {again}")
+                    return
             length = res.request.default_duration if res is not None else None
             await self.service.extend(grant_id, who, format_duration(length) if length else "30m")
         except HoopError as exc:

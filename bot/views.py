@@ -188,7 +188,20 @@ def grant_dm(grant: Grant, secret: str, hints: dict[str, str]) -> tuple[str, Blo
 def reminder(grant: Grant, now: datetime) -> tuple[str, Blocks]:
     text = f"Access {grant.id} expires at {hhmm(grant.expires_at)} ({format_duration(grant.remaining(now))} left)"
     return text, [_section(f":alarm_clock: {text}."),
-                  {"type": "actions", "elements": [_button("Extend", EXTEND_ACTION, grant.id)]}]
+                  {"type": "actions", "elements": [_button("Extend", EXTEND_ACTION, extend_value(grant))]}]
+
+
+def extend_value(grant: Grant) -> str:
+    """The Extend button's value: the grant and the expiry the reminder announced, so that a
+    double click, or a click on both the thread's and the DM's copy, extends that expiry once."""
+    return f"{grant.id}|{int(grant.expires_at.timestamp())}"
+
+
+def extend_target(value: str) -> tuple[str, str | None]:
+    """The grant id in an Extend button's value, and the expiry it was shown for (None on buttons
+    posted before the value carried it)."""
+    grant_id, _, expiry = value.partition("|")
+    return grant_id, expiry or None
 
 
 def review_message(review: Review) -> tuple[str, Blocks]:

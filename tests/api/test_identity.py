@@ -86,6 +86,26 @@ async def test_unverified_email_is_accepted_when_the_check_is_off(issuer: LocalI
         await fetcher.close()
 
 
+async def test_groups_and_email_claims_are_configurable(issuer: LocalIssuer, clock: FakeClock) -> None:
+    """Keycloak puts roles in ``roles``, Azure AD the address in ``upn`` (and sends no ``email_verified``):
+    ``oidc.groups_claim`` and ``oidc.email_claim`` name them; the default ``groups`` claim then counts for
+    nothing."""
+    config = api_config(issuer.url, oidc={"issuer": issuer.url, "audience": AUDIENCE, "agents": AGENTS,
+                                          "groups_claim": "roles", "email_claim": "upn",
+                                          "require_email_verified": False})
+    fetcher = HttpFetcher()
+    try:
+        verifier = TokenVerifier(config, fetcher, clock)
+        token = issuer.mint("u1", upn="Frank@Example.com", roles=["dba", "not-a-hoop-group"], groups=["admins"])
+        who = await verifier.verify(token)
+        assert who.email == "frank@example.com" and who.groups == {"dba"}
+        token = issuer.mint("u2", upn="gina@example.com", roles="security dba")
+        assert (await verifier.verify(token)).groups == {"security", "dba"}  # a space-separated string too
+        assert await refused(verifier, issuer.mint("u3", email="root@example.com")) == "no_email"
+    finally:
+        await fetcher.close()
+
+
 async def test_agents_need_no_email_verified(issuer: LocalIssuer, verifier: TokenVerifier) -> None:
     # a client-credentials token has no email at all; an agent is named by its configured subject
     for email, verified in ((None, None), ("root@example.com", False)):
