@@ -7,7 +7,8 @@ decides it, so a person in two groups is placed where they help most, and counts
 
 A person is everyone in their chain (:func:`principals`): an agent acting for alice speaks for
 alice too, so it may not approve a request alice is behind, and alice and her agents fill one
-slot between them.
+slot between them. An agent may act for a team (a config group) instead: every member of that
+team is then behind its requests and statements (:func:`teams_behind`), and the team counts once.
 """
 
 from __future__ import annotations
@@ -144,6 +145,13 @@ def principals(who: Identity) -> frozenset[str]:
     return frozenset(c.lower() for c in (*who.chain, who.email))
 
 
+def teams_behind(who: Identity, behind: Iterable[str]) -> frozenset[str]:
+    """The groups of ``who`` named in ``behind`` (lower-cased names and chains): an agent that acts for a
+    team puts the team's name in its chain, and each member of the team stands behind what it asks."""
+    names = {b.lower() for b in behind}
+    return frozenset(g for g in who.groups if g.lower() in names)
+
+
 def _people(names: Iterable[str]) -> str:
     return ", ".join(sorted(names))
 
@@ -167,6 +175,9 @@ def assign(request: AccessRequest, who: Identity) -> tuple[str, ...]:
     if shared := mine & behind:
         raise Denied(f"you act for {_people(shared)}, who is behind this request, so you cannot approve it",
                      code="in_chain")
+    if teams := teams_behind(who, behind):
+        raise Denied(f"this request is made for {_people(teams)}, which you are a member of, so you cannot "
+                     "approve it", code="in_chain")
     eligible = tuple(s.group for s in request.steps if s.group in who.groups)
     if not eligible:
         groups = ", ".join(sorted({s.group for s in request.steps})) or "nobody"
@@ -179,6 +190,11 @@ def assign(request: AccessRequest, who: Identity) -> tuple[str, ...]:
                        if a.approver.lower() in shared else f"{_people(shared)} already counts through {a.approver}")
             raise Denied(f"{counted}; each person counts once, whether they approve themselves or through an agent",
                          code="duplicate")
+        # a team counts once too: its agent and its members (as far as the approval's groups tell) are one
+        if (teams := teams_behind(who, a.principals)) or (teams := frozenset(
+                g for g in a.groups if g.lower() in mine)):
+            raise Denied(f"{_people(teams)} already counts through {a.approver}; a team counts once, whether its "
+                         "members approve or an agent acting for it does", code="duplicate")
     before = len(match(request.steps, request.approvals))
     trial = [*request.approvals, Approval(approver=email, groups=eligible, at=request.created_at, chain=who.chain)]
     if len(match(request.steps, trial)) == before:

@@ -103,6 +103,10 @@ class Reviews:
             raise Denied(f"{', '.join(sorted(shared))} is behind this statement's grant "
                          f"({grant.chain_text() if grant else review.requested_by}), so you cannot review it",
                          code="in_chain")
+        if teams := policy.teams_behind(who, behind):
+            raise Denied(f"this statement's grant ({grant.chain_text() if grant else review.requested_by}) acts for "
+                         f"{', '.join(sorted(teams))}, which you are a member of, so you cannot review it",
+                         code="in_chain")
         config = self.service.config
         if not policy.is_approver_of(config, who, review.resource) and not policy.is_admin(config, who):
             raise Denied(f"only approvers of {review.resource} can decide this review", code="not_approver")

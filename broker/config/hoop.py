@@ -111,6 +111,14 @@ class HoopConfig(_Model):
             for step in res.approval:
                 if step.from_ not in self.groups:
                     raise ValueError(f"resource {res.name!r}: approval step names unknown group {step.from_!r}")
+        for i, agent in enumerate(self.oidc.agents if self.oidc is not None else ()):
+            # a typo here would name nobody: the agent would act for no one the approval rules know
+            if agent.acts_for is not None and "@" not in agent.acts_for and agent.acts_for not in self.groups:
+                raise ValueError(f"oidc.agents[{i}] ({agent.name}): acts_for {agent.acts_for!r} is neither an email "
+                                 "nor a group defined under groups")
+            for group in agent.groups:
+                if group not in self.groups:
+                    raise ValueError(f"oidc.agents[{i}] ({agent.name}): groups names unknown group {group!r}")
         return self
 
     def resource(self, name: str) -> PostgresResource | SshResource | HttpResource | None:

@@ -30,6 +30,7 @@ AGENTS = [
     {"subject": "client-migration", "name": "migration-script"},
     {"subject": "client-third", "name": "third-hop"},
     {"subject": "client-stranger", "name": "stranger-bot", "groups": ["eng"]},
+    {"subject": "client-dba-team", "name": "dba-team-bot", "acts_for": "dba", "groups": ["eng"]},
 ]
 
 

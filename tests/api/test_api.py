@@ -67,6 +67,17 @@ async def test_an_agent_cannot_approve_for_the_human_it_acts_for(h: Harness) -> 
     assert body["request"]["approvals"][0]["approver"] == "stranger-bot"
 
 
+async def test_the_team_an_agent_acts_for_cannot_approve_it(h: Harness) -> None:
+    status, req = await h.call("POST", "/requests", "dba-team-bot", json={"resource": "prod-db", "reason": "x"})
+    assert status == 201 and req["chain"] == ["dba", "dba-team-bot"]
+    for member in ("dana@example.com", "erin@example.com"):  # dba, the team it acts for (erin is in security too)
+        status, body = await h.call("POST", f"/requests/{req['id']}/approve", member)
+        assert (status, body["error"]) == (403, "in_chain") and "dba" in body["message"]
+    status, body = await h.call("POST", f"/requests/{req['id']}/approve", "sam@example.com")  # security, not dba
+    assert status == 200 and body["granted"] is False
+    assert [a["approver"] for a in body["request"]["approvals"]] == ["sam@example.com"]
+
+
 async def test_approval_arriving_elsewhere_reaches_the_api_requester(h: Harness) -> None:
     _, req = await h.call("POST", "/requests", "ci-runner", json={"resource": "reports-db", "reason": "x"})
     status, body = await h.call("POST", f"/requests/{req['id']}/credential", "ci-runner")

@@ -75,6 +75,12 @@ def _with_resource(**changes: Any) -> dict[str, Any]:
     # once ignored: hoop served a generated self-signed pair instead of the configured certificate
     ({**base_config(), "tls": {"cert": "/etc/hoop/tls.crt"}}, "tls: cert and key go together"),
     ({**base_config(), "tls": {"key": "/etc/hoop/tls.key"}}, "tls: cert and key go together"),
+    # once accepted: a typo in acts_for named nobody, so the team's members could approve their own agent
+    *[({**base_config(), "oidc": {"issuer": "https://idp.example", "audience": "hoop",
+                                  "agents": [{"subject": "s1", "name": "ci-runner", **agent}]}},
+       f"oidc.agents[0] (ci-runner): {why}")
+      for agent, why in (({"acts_for": "dbas"}, "acts_for 'dbas' is neither an email nor a group defined"),
+                         ({"groups": ["dbas"]}, "groups names unknown group 'dbas'"))],
 ])
 def test_config_errors_name_key_and_reason(data: dict[str, Any], expected: str) -> None:
     with pytest.raises(ConfigError) as exc:

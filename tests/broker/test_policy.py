@@ -124,6 +124,28 @@ def test_one_human_counts_once_through_agents(config: HoopConfig, first: str, se
     assert not policy.is_met(r.steps, r.approvals)
 
 
+def test_an_agent_acting_for_a_team_is_approved_by_none_of_its_members(config: HoopConfig) -> None:
+    team_req = req((StepSpec("security", 1),), requester="schema-bot")
+    team_req.chain = ("dba", "schema-bot")  # an agent acting for the team dba
+    with pytest.raises(Denied) as exc:
+        approve(team_req, who(config, "erin@example.com"))  # in security, and a member of dba
+    assert exc.value.code == "in_chain" and "dba" in exc.value.message
+    approve(team_req, who(config, "sam@example.com"))  # in security, outside the team: counts
+    assert policy.is_met(team_req.steps, team_req.approvals)
+
+
+@pytest.mark.parametrize("member_first", [True, False])
+def test_a_team_counts_once_through_its_agent(config: HoopConfig, member_first: bool) -> None:
+    member, team_agent = who(config, "dana@example.com"), agent("dba-bot", "dba", "dba")
+    first, second = (member, team_agent) if member_first else (team_agent, member)
+    r = req((StepSpec("dba", 2),), requester="bob@example.com")
+    approve(r, first)
+    with pytest.raises(Denied) as exc:
+        approve(r, second)
+    assert exc.value.code == "duplicate" and "a team counts once" in exc.value.message
+    assert not policy.is_met(r.steps, r.approvals)
+
+
 def test_different_humans_and_their_agents_still_count(config: HoopConfig) -> None:
     r = req((StepSpec("eng", 3),), requester="bob@example.com")
     approve(r, Identity(email="carol@example.com", groups=frozenset({"eng"})))
