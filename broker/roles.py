@@ -135,7 +135,12 @@ class EphemeralRoles:
             await conn.close()
 
     async def reconcile(self, store: Store) -> list[str]:
-        """Drop roles whose grants ended while hoop was down. Returns the roles dropped."""
+        """Drop roles whose grants ended while hoop was down. Returns the roles dropped.
+
+        Only the role of a grant this store holds as ended is dropped. A ``hoop_…`` role whose grant the
+        store does not know is not this hoop's to drop: a membership role an operator named so, or a live
+        grant's role of another hoop using the same server (a role is made only after its grant is stored,
+        so this hoop's own roles always have one)."""
         dropped: list[str] = []
         for res in self.config.resources:
             if not isinstance(res, PostgresResource) or res.credentials != "ephemeral":
@@ -147,9 +152,13 @@ class EphemeralRoles:
             finally:
                 await conn.close()
             for name in names:
+                if name in res.roles:
+                    continue
                 async with store.tx() as tx:
                     grant = await tx.get_grant(name.removeprefix(PREFIX))
-                if grant is None or grant.status is not GrantStatus.ACTIVE:
+                if grant is None:
+                    log.info("role %s on %s is not a grant of this hoop's store: left alone", name, res.name)
+                elif grant.status is not GrantStatus.ACTIVE:
                     await self._drop(res, name)
                     dropped.append(name)
         return dropped

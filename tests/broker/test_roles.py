@@ -115,3 +115,42 @@ async def test_reconcile_drops_roles_of_grants_ended_while_down(pg: PgCluster, t
         assert load_key(tmp_path / "state") == key
     finally:
         await store.close()
+
+
+async def test_reconcile_leaves_alone_the_roles_that_are_not_an_ended_grant_s(pg: PgCluster, tmp_path: Path) -> None:
+    """Every ``hoop_…`` role the store did not know as a live grant was dropped at start, after its objects
+    were taken and its privileges revoked: a membership role an operator named ``hoop_…`` (the one ephemeral
+    logins are granted), and the live roles of another hoop using the same database server."""
+    db = pg.create_database("eph")
+    pg.psql("DO $$ BEGIN CREATE ROLE hoop_readers NOLOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$")
+    pg.psql("CREATE TABLE invoices (id int); GRANT SELECT ON invoices TO hoop_readers", database=db)
+    data = base_config()
+    data["resources"][0].update(address=f"127.0.0.1:{pg.port}", database=db, credentials="ephemeral",
+                                admin_user="postgres", admin_credential={"env": "PG_ADMIN"}, roles=["hoop_readers"],
+                                credential=None)
+    config = parse_config(data)
+    clock = FakeClock()
+    store = Store.from_url(f"sqlite+aiosqlite:///{tmp_path / 'h.db'}")
+    await store.migrate()
+    roles = EphemeralRoles(config, {"PG_ADMIN": pg.password}, load_key(tmp_path / "state"))
+    # another hoop's live grant on the same server: a role named as hoop names them, unknown to this store
+    foreign = "hoop_g2345abcd"
+    pg.psql(f"CREATE ROLE {foreign} LOGIN PASSWORD 'x' IN ROLE hoop_readers")
+    try:
+        service = Service(config, store, clock, RecordingNotifier(), hooks=roles)
+        req = await service.request(who(config, "alice@example.com"), "prod-db", "10m", "x")
+        await service.approve(req.id, who(config, "dana@example.com"))
+        ended = (await service.approve(req.id, who(config, "sam@example.com"))).grant
+        assert ended is not None
+        clock.advance(timedelta(minutes=30))  # it ends while hoop is "down"
+        await Scheduler(Service(config, store, clock, RecordingNotifier()), clock).run_due()
+        dropped = await roles.reconcile(store)
+        assert dropped == [f"hoop_{ended.id}"]
+        assert await roles_named(pg, "hoop_readers") == ["hoop_readers"]
+        assert await roles_named(pg, foreign) == [foreign]
+        assert pg.psql("SELECT has_table_privilege('hoop_readers', 'invoices', 'SELECT')", database=db) == "t"
+    finally:
+        await store.close()
+        pg.psql(f"DROP DATABASE {db}")  # (with the privileges granted in it)
+        pg.psql(f"DROP ROLE IF EXISTS {foreign}")
+        pg.psql("DROP ROLE IF EXISTS hoop_readers")
