@@ -12,7 +12,7 @@ import pytest
 from broker import policy
 from broker.clock import FakeClock
 from broker.config import HoopConfig, parse_config
-from broker.events import RecordingNotifier
+from broker.events import GrantExtended, GrantIssued, RecordingNotifier
 from broker.model import Identity
 from broker.roles import EphemeralRoles, load_key
 from broker.scheduler import Scheduler
@@ -154,3 +154,41 @@ async def test_reconcile_leaves_alone_the_roles_that_are_not_an_ended_grant_s(pg
         pg.psql(f"DROP DATABASE {db}")  # (with the privileges granted in it)
         pg.psql(f"DROP ROLE IF EXISTS {foreign}")
         pg.psql("DROP ROLE IF EXISTS hoop_readers")
+
+
+async def test_a_role_the_database_refuses_is_logged_and_the_grant_still_announced(
+        pg: PgCluster, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A database error while making or moving the role (a configured role that does not exist, a role dropped
+    behind hoop's back) escaped as asyncpg's exception after the grant was stored: the approval "failed", the
+    credential never reached the requester and an extension was never announced. They are now the
+    upstream failures hoop logs, as when the database cannot be reached."""
+    db = pg.create_database("eph")
+    data = base_config()
+    data["resources"][0].update(address=f"127.0.0.1:{pg.port}", database=db, credentials="ephemeral",
+                                admin_user="postgres", admin_credential={"env": "PG_ADMIN"}, roles=["no_such_role"],
+                                credential=None, extension={"requires_approval": False})
+    config = parse_config(data)
+    clock = FakeClock()
+    store = Store.from_url(f"sqlite+aiosqlite:///{tmp_path / 'h.db'}")
+    await store.migrate()
+    notifier = RecordingNotifier()
+    roles = EphemeralRoles(config, {"PG_ADMIN": pg.password}, load_key(tmp_path / "state"))
+    service = Service(config, store, clock, notifier, hooks=roles)
+    try:
+        req = await service.request(who(config, "alice@example.com"), "prod-db", "1h", "x")
+        await service.approve(req.id, who(config, "dana@example.com"))
+        with caplog.at_level("ERROR"):
+            grant = (await service.approve(req.id, who(config, "sam@example.com"))).grant
+        assert grant is not None and grant.db_role is None
+        assert [e.grant.id for e in notifier.of(GrantIssued)] == [grant.id]
+        assert any(f"grant={grant.id} upstream set-up failed" in r.getMessage() and "no_such_role" in r.getMessage()
+                   for r in caplog.records)
+        assert all(roles.password(grant.id) not in r.getMessage() for r in caplog.records)
+        caplog.clear()
+        with caplog.at_level("ERROR"):  # no role to move: the extension stands and is announced all the same
+            extended = await service.extend(grant.id, who(config, "alice@example.com"), "30m")
+        assert [e.grant.id for e in notifier.of(GrantExtended)] == [grant.id]
+        assert extended.expires_at == grant.expires_at + timedelta(minutes=30)  # type: ignore[union-attr]
+        assert any(f"grant={grant.id} upstream update failed" in r.getMessage() for r in caplog.records)
+    finally:
+        await store.close()
