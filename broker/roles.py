@@ -167,7 +167,7 @@ class EphemeralRoles:
             conn = await self._admin(res)
             try:
                 names = [r["rolname"] for r in await conn.fetch(
-                    "SELECT rolname FROM pg_roles WHERE rolname LIKE 'hoop\\_%'")]
+                    "SELECT rolname FROM pg_roles WHERE rolname LIKE 'hoop\\_%' ORDER BY rolname")]
             finally:
                 await conn.close()
             for name in names:

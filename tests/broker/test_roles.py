@@ -192,3 +192,38 @@ async def test_a_role_the_database_refuses_is_logged_and_the_grant_still_announc
         assert any(f"grant={grant.id} upstream update failed" in r.getMessage() for r in caplog.records)
     finally:
         await store.close()
+
+
+async def test_a_role_that_cannot_be_dropped_does_not_stop_reconciliation_of_the_others(
+        pg: PgCluster, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A role owning a table in another database cannot be dropped (hoop cleans up in the resource's database
+    only): its error ended the walk, so the other ended grants' roles stayed, and ``hoop serve`` stopped."""
+    db, other = pg.create_database("eph"), pg.create_database("other")
+    pg.psql("DO $$ BEGIN CREATE ROLE app_reader NOLOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$")
+    config = ephemeral_config(pg, db)
+    clock = FakeClock()
+    store = Store.from_url(f"sqlite+aiosqlite:///{tmp_path / 'h.db'}")
+    await store.migrate()
+    roles = EphemeralRoles(config, {"PG_ADMIN": pg.password}, load_key(tmp_path / "state"))
+    try:
+        service = Service(config, store, clock, RecordingNotifier(), hooks=roles)
+        grants = []
+        for _ in range(2):
+            req = await service.request(who(config, "alice@example.com"), "prod-db", "10m", "x")
+            await service.approve(req.id, who(config, "dana@example.com"))
+            grant = (await service.approve(req.id, who(config, "sam@example.com"))).grant
+            assert grant is not None
+            grants.append(f"hoop_{grant.id}")
+        stuck, droppable = sorted(grants)  # (the walk goes in name order)
+        pg.psql(f"CREATE TABLE kept (x int); ALTER TABLE kept OWNER TO {stuck}", database=other)
+        clock.advance(timedelta(minutes=30))
+        await Scheduler(Service(config, store, clock, RecordingNotifier()), clock).run_due()  # ended while "down"
+        with caplog.at_level("ERROR", logger="broker.roles"):
+            assert await roles.reconcile(store) == [droppable]
+        assert await roles_named(pg, droppable) == []
+        assert await roles_named(pg, stuck) == [stuck]
+        assert any(f"dropping role {stuck} failed" in r.getMessage() for r in caplog.records)
+    finally:
+        await store.close()
+        pg.psql(f"DROP DATABASE {other}")
+        pg.psql(f"DROP ROLE IF EXISTS {stuck}")
