@@ -48,7 +48,7 @@ async def test_role_lives_exactly_as_long_as_the_grant(pg: PgCluster, tmp_path: 
     db = pg.create_database("eph")
     pg.psql("DO $$ BEGIN CREATE ROLE app_reader NOLOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$")
     pg.psql("CREATE TABLE invoices (id int); INSERT INTO invoices VALUES (4411); "
-            "GRANT SELECT ON invoices TO app_reader", database=db)
+            "GRANT SELECT ON invoices TO app_reader; GRANT CREATE ON SCHEMA public TO app_reader", database=db)
     config = ephemeral_config(pg, db)
     clock = FakeClock()
     store = Store.from_url(f"sqlite+aiosqlite:///{tmp_path / 'h.db'}")
@@ -68,6 +68,7 @@ async def test_role_lives_exactly_as_long_as_the_grant(pg: PgCluster, tmp_path: 
         valid_until = await conn.fetchval("SELECT rolvaliduntil FROM pg_roles WHERE rolname = current_user")
         assert abs((valid_until - grant.expires_at).total_seconds()) < 1
         await conn.execute("CREATE TEMP TABLE scratch (x int)")
+        await conn.execute("CREATE TABLE notes (x int)")  # the role owns it: kept, handed to the admin at the end
         # extension moves VALID UNTIL
         await service.extend(grant.id, who(config, "alice@example.com"), "30m")
         moved = await conn.fetchval("SELECT rolvaliduntil FROM pg_roles WHERE rolname = current_user")
@@ -79,6 +80,7 @@ async def test_role_lives_exactly_as_long_as_the_grant(pg: PgCluster, tmp_path: 
                             asyncpg.exceptions.InterfaceError, ConnectionError)):
             await conn.fetchval("SELECT 1")
         assert await roles_named(pg, user) == []
+        assert pg.psql("SELECT tableowner FROM pg_tables WHERE tablename = 'notes'", database=db) == "postgres"
         with pytest.raises(asyncpg.exceptions.InvalidPasswordError):
             await asyncpg.connect(host="127.0.0.1", port=pg.port, user=user, password=password, database=db)
     finally:
