@@ -9,8 +9,10 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from broker.config import HoopConfig, Settings
+from broker import policy
+from broker.config import ApprovalStep, HoopConfig, Settings
 from broker.duration import format_duration
+from broker.model import Approval
 from broker.preflight import Finding, Probe, preflight
 from broker.render import cell
 from broker.terminal import one_line
@@ -18,6 +20,7 @@ from broker.terminal import one_line
 #: the rule selectors each kind of resource's guard reads; a rule naming another kind's never matches
 _SELECTORS = {"postgres": ("statements", "tables", "functions"), "ssh": ("commands",), "http": ("methods", "paths")}
 _ALL_SELECTORS = tuple(name for names in _SELECTORS.values() for name in names)
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _LABELS = {"error": "[bold red]ERROR[/]   ", "warning": "[bold yellow]WARNING[/] ", "info": "[cyan]INFO[/]    "}
 
 
@@ -38,6 +41,7 @@ def _policy(config: HoopConfig) -> list[Finding]:
         requesters = set()
         for g in res.request.groups or list(config.groups):
             requesters |= set(config.groups[g].members)
+        step_errors = len(out)
         for step in res.approval:
             group = config.groups[step.from_]
             members = set(group.members)
@@ -52,6 +56,8 @@ def _policy(config: HoopConfig) -> list[Finding]:
                                        f"approval step from {step.from_} needs {step.count} but only "
                                        f"{len(pool)} member(s) can approve{who}"))
                     break
+        if len(out) == step_errors:  # (a step too small on its own is said once, above)
+            out.extend(_quorum(config, res.name, res.approval, requesters))
         if not res.channel:
             out.append(Finding("warning", res.name, "no Slack channel: request cards have nowhere to go"))
         for rule in res.guardrails.rules:
@@ -73,6 +79,29 @@ def _policy(config: HoopConfig) -> list[Finding]:
     if not config.groups[config.admins].members and not config.groups[config.admins].slack_usergroup:
         out.append(Finding("warning", "-", f"admins group {config.admins!r} has no members"))
     return out
+
+
+def _quorum(config: HoopConfig, name: str, approval: list[ApprovalStep], requesters: set[str]) -> list[Finding]:
+    """The steps together: one person fills at most one slot across all of them, so steps whose groups
+    share members can need more people than they have between them, though each step alone has enough."""
+    groups = {step.from_: config.groups[step.from_] for step in approval}
+    if not groups or any(g.slack_usergroup for g in groups.values()):
+        return []  # (membership resolved from Slack at run time)
+    people = {m for g in groups.values() for m in g.members}
+    steps = policy.steps_of(approval)
+    needed = sum(step.count for step in approval)
+    candidates: list[str | None] = [*sorted(requesters & people)] or [None]
+    for requester in candidates:
+        pool = [Approval(approver=m, groups=tuple(n for n, g in groups.items() if m in g.members), at=_EPOCH)
+                for m in sorted(people - {requester})]
+        filled = len(policy.match(steps, pool))
+        if filled < needed:
+            who = f" when {requester} requests" if requester else ""
+            quorum = " AND ".join(f"{s.count} of {s.from_}" for s in approval)
+            return [Finding("error", name, f"approval steps {quorum} need {needed} different people, but only "
+                                           f"{filled} can fill them{who} (one person fills at most one slot "
+                                           "across all steps)")]
+    return []
 
 
 def render_check(config: HoopConfig, settings: Settings, console: Console, *, probes: tuple[Probe, ...] = (),

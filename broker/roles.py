@@ -90,9 +90,11 @@ class EphemeralRoles:
             conn = await self._admin(res)
             try:
                 members = ", ".join(_ident(r) for r in res.roles)
-                await conn.execute(
-                    f"CREATE ROLE {_ident(role)} LOGIN PASSWORD {_literal(self.password(grant.id))} "
-                    f"VALID UNTIL {_literal(grant.expires_at.isoformat())} IN ROLE {members}")
+                password = self.password(grant.id)
+                await self._execute(conn, res, f"creating role {role}",
+                                    f"CREATE ROLE {_ident(role)} LOGIN PASSWORD {_literal(password)} "
+                                    f"VALID UNTIL {_literal(grant.expires_at.isoformat())} IN ROLE {members}",
+                                    secret=password)
             finally:
                 await conn.close()
             log.info("grant=%s created ephemeral role %s on %s", grant.id, role, res.name)
@@ -102,8 +104,9 @@ class EphemeralRoles:
         for res in self._resources(grant):
             conn = await self._admin(res)
             try:
-                await conn.execute(f"ALTER ROLE {_ident(self.role_name(grant))} "
-                                   f"VALID UNTIL {_literal(grant.expires_at.isoformat())}")
+                await self._execute(conn, res, f"moving the end of role {self.role_name(grant)}",
+                                    f"ALTER ROLE {_ident(self.role_name(grant))} "
+                                    f"VALID UNTIL {_literal(grant.expires_at.isoformat())}")
             finally:
                 await conn.close()
 
@@ -111,13 +114,27 @@ class EphemeralRoles:
         for res in self._resources(grant):
             await self._drop(res, self.role_name(grant))
 
+    @staticmethod
+    async def _execute(conn: asyncpg.Connection, res: PostgresResource, what: str, sql: str,
+                       secret: str | None = None) -> None:
+        """Run ``sql``; a failure is an :class:`UpstreamError` saying what failed and the database's reason
+        (``secret``, a password in ``sql``, is never in it)."""
+        try:
+            await conn.execute(sql)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            why = str(exc) if isinstance(exc, asyncpg.PostgresError) else type(exc).__name__
+            if secret:
+                why = why.replace(secret, "[secret]")
+            raise UpstreamError(f"{res.name}: {what} failed: {why}") from None
+
     async def _drop(self, res: PostgresResource, role: str) -> None:
         conn = await self._admin(res)
         try:
             exists = await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", role)
             if not exists:
                 return
-            await conn.execute(f"ALTER ROLE {_ident(role)} NOLOGIN")
+            what = f"dropping role {role}"
+            await self._execute(conn, res, what, f"ALTER ROLE {_ident(role)} NOLOGIN")
             # pg_terminate_backend only signals: wait (bounded) until the backends are gone, or their
             # temporary objects would still depend on the role when it is dropped
             for _ in range(100):
@@ -127,15 +144,22 @@ class EphemeralRoles:
                     break
                 await asyncio.sleep(0.05)
             admin = res.admin_user or res.user
-            await conn.execute(f"REASSIGN OWNED BY {_ident(role)} TO {_ident(admin)}")
-            await conn.execute(f"DROP OWNED BY {_ident(role)}")
-            await conn.execute(f"DROP ROLE {_ident(role)}")
+            await self._execute(conn, res, what, f"REASSIGN OWNED BY {_ident(role)} TO {_ident(admin)}")
+            await self._execute(conn, res, what, f"DROP OWNED BY {_ident(role)}")
+            await self._execute(conn, res, what, f"DROP ROLE {_ident(role)}")
             log.info("dropped ephemeral role %s on %s", role, res.name)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:  # (the reads above)
+            raise UpstreamError(f"{res.name}: dropping role {role} failed: {type(exc).__name__}") from None
         finally:
             await conn.close()
 
     async def reconcile(self, store: Store) -> list[str]:
-        """Drop roles whose grants ended while hoop was down. Returns the roles dropped."""
+        """Drop roles whose grants ended while hoop was down. Returns the roles dropped.
+
+        Only the role of a grant this store holds as ended is dropped. A ``hoop_…`` role whose grant the
+        store does not know is not this hoop's to drop: a membership role an operator named so, or a live
+        grant's role of another hoop using the same server (a role is made only after its grant is stored,
+        so this hoop's own roles always have one)."""
         dropped: list[str] = []
         for res in self.config.resources:
             if not isinstance(res, PostgresResource) or res.credentials != "ephemeral":
@@ -143,14 +167,22 @@ class EphemeralRoles:
             conn = await self._admin(res)
             try:
                 names = [r["rolname"] for r in await conn.fetch(
-                    "SELECT rolname FROM pg_roles WHERE rolname LIKE 'hoop\\_%'")]
+                    "SELECT rolname FROM pg_roles WHERE rolname LIKE 'hoop\\_%' ORDER BY rolname")]
             finally:
                 await conn.close()
             for name in names:
+                if name in res.roles:
+                    continue
                 async with store.tx() as tx:
                     grant = await tx.get_grant(name.removeprefix(PREFIX))
-                if grant is None or grant.status is not GrantStatus.ACTIVE:
-                    await self._drop(res, name)
+                if grant is None:
+                    log.info("role %s on %s is not a grant of this hoop's store: left alone", name, res.name)
+                elif grant.status is not GrantStatus.ACTIVE:
+                    try:
+                        await self._drop(res, name)
+                    except UpstreamError as exc:  # (the next start tries again; it can no longer log in)
+                        log.error("%s", exc.message)
+                        continue
                     dropped.append(name)
         return dropped
 

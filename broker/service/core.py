@@ -116,6 +116,14 @@ class ServiceCore:
             grant = replace(grant, db_role=role)
         return grant
 
+    async def _after_extend(self, grant: Grant) -> None:
+        """Move the grant's upstream end (an ephemeral role's VALID UNTIL). The extension is stored already
+        and stands: a failure is logged, and the extension is still announced."""
+        try:
+            await self.hooks.extended(grant)
+        except HoopError as exc:
+            log.error("grant=%s upstream update failed: %s", grant.id, exc.message)
+
     async def request_for(self, tx: Tx, grant: Grant) -> AccessRequest | None:
         root = grant
         while root.parent_id is not None:

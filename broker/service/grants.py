@@ -90,7 +90,7 @@ class GrantUseCases(ServiceCore):
                                       detail={"extends": grant.id, "duration": format_duration(length)})
                 extended = False
         if extended:
-            await self.hooks.extended(grant)
+            await self._after_extend(grant)
             await self.publish([GrantExtended(grant=grant, request=req, by=who)])
             return grant
         assert req is not None

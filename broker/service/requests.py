@@ -142,7 +142,7 @@ class RequestUseCases(ServiceCore):
             events.append(GrantIssued(grant=grant, request=req, secret=secret,
                                       hints=connection_hints(self.config, grant, secret)))
         elif result.grant is not None:
-            await self.hooks.extended(result.grant)
+            await self._after_extend(result.grant)
         await self.publish(events)
         return result
 

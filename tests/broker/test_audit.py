@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import delete, text, update
 
 from broker import policy
 from broker.audit import Chain, Unreadable, Verdict, export_jsonl, verify
+from broker.audit import entries as audit_entries
+from broker.clock import FakeClock
 from broker.config import HoopConfig
 from broker.errors import InvalidInput
-from broker.model import Identity
+from broker.model import AuditEntry, Identity
 from broker.service import Service
 from broker.store import Store
 from broker.store import tables as t
@@ -147,3 +149,54 @@ async def test_export_escapes_the_controls_json_leaves_raw(store: Store) -> None
     assert not any(c in line for c in "\x1b\x9b\x7f\u202e\u2066\u200f")
     assert "\\u009b1A\\u007f\\u202egnp.exe\\u2066 é ✓" in line  # readable text stays as it is
     assert json.loads(line) == to_json(entry) and json.loads(line)["detail"]["reason"] == reason
+
+
+async def test_every_state_change_appends_an_entry_naming_who_for_whom_and_the_ids(
+        service: Service, config: HoopConfig, store: Store, clock: FakeClock) -> None:
+    """Issue #2: every state change of a request or a grant appends an entry with who, on behalf of whom (the
+    chain), what, when and the request and grant ids. Only creation, approval, issue and revocation were
+    checked; a use case that forgot its entry (deny, cancel, lapse, withdraw, extend, expire, break-glass)
+    would have gone unnoticed."""
+    def who(email: str) -> Identity:
+        return Identity(email=email, groups=policy.groups_of(config, email))
+
+    alice, dana, sam, root = (who(f"{n}@example.com") for n in ("alice", "dana", "sam", "root"))
+    denied = await service.request(alice, "prod-db", "1h", "a")
+    await service.deny(denied.id, dana, "no")
+    cancelled = await service.request(alice, "prod-db", "1h", "b")
+    await service.cancel(cancelled.id, alice)
+    lapsed = await service.request(alice, "prod-db", "1h", "c")
+    await service.approve(lapsed.id, dana)
+    await service.withdraw(lapsed.id, dana)
+    req = await service.request(alice, "prod-db", "1h", "d")
+    await service.approve(req.id, dana)
+    grant = (await service.approve(req.id, sam)).grant
+    assert grant is not None
+    ext = await service.extend(grant.id, alice, "30m")
+    await service.approve(ext.id, dana)
+    await service.approve(ext.id, sam)
+    glass, _ = await service.breakglass(root, "prod-db", "alice@example.com", "10m", "fire")
+    clock.advance(timedelta(hours=2))
+    await service.lapse(lapsed.id)
+    await service.expire(grant.id)
+    await service.expire(glass.id)
+
+    entries = [e async for e in audit_entries(store)]
+    assert (await verify(store)).ok
+    by_action: dict[str, list[AuditEntry]] = {}
+    for e in entries:
+        by_action.setdefault(e.action, []).append(e)
+        assert e.actor and e.chain and e.at is not None
+    assert {a: len(es) for a, es in by_action.items()} == {
+        "request.created": 5, "request.denied": 1, "request.cancelled": 1, "request.approval": 5,
+        "request.approval_withdrawn": 1, "request.approved": 2, "grant.issued": 1, "grant.extended": 1,
+        "grant.breakglass": 1, "request.lapsed": 1, "grant.expired": 2}
+    assert [e.request_id for e in by_action["request.denied"] + by_action["request.cancelled"]
+            + by_action["request.lapsed"]] == [denied.id, cancelled.id, lapsed.id]
+    assert by_action["request.denied"][0].actor == "dana@example.com"
+    (extended,) = by_action["grant.extended"]
+    assert extended.grant_id == grant.id and extended.request_id == ext.id and extended.actor == "sam@example.com"
+    (glass_entry,) = by_action["grant.breakglass"]
+    assert glass_entry.grant_id == glass.id and glass_entry.chain == ("root@example.com",)
+    assert sorted(e.grant_id or "" for e in by_action["grant.expired"]) == sorted([grant.id, glass.id])
+    assert {e.request_id for e in by_action["grant.expired"]} == {req.id, None}  # (break-glass: no request)

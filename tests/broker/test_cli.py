@@ -114,9 +114,10 @@ def test_breakglass_json_then_listing_and_audit(home: tuple[Path, dict[str, str]
         assert "Traceback" not in unreadable.stderr
 
 
-def _serve_until(env: dict[str, str], cwd: Path, probe: Callable[[], T | None]) -> tuple[T | None, str, str]:
-    """Run ``hoop serve`` until ``probe`` returns something (30 s at most), then SIGTERM it; return what the
-    probe returned and the output. The process must have exited 0."""
+def _serve_until(env: dict[str, str], cwd: Path, probe: Callable[[], T | None],
+                 stop: signal.Signals = signal.SIGTERM) -> tuple[T | None, str, str]:
+    """Run ``hoop serve`` until ``probe`` returns something (30 s at most), then send it ``stop``; return what
+    the probe returned and the output. The process must have exited 0."""
     proc = subprocess.Popen([*HOOP, "serve"], env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     try:
@@ -126,7 +127,7 @@ def _serve_until(env: dict[str, str], cwd: Path, probe: Callable[[], T | None]) 
             found = probe()
             if found is None:
                 time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(stop)
         out, err = proc.communicate(timeout=20)
     finally:
         if proc.poll() is None:
@@ -137,7 +138,9 @@ def _serve_until(env: dict[str, str], cwd: Path, probe: Callable[[], T | None]) 
     return found, out, err
 
 
-def test_serve_answers_healthz_and_stops_on_sigterm(home: tuple[Path, dict[str, str]]) -> None:
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_serve_answers_healthz_and_stops_on_sigterm(home: tuple[Path, dict[str, str]], stop: signal.Signals) -> None:
+    """(SIGINT, Ctrl-C at a terminal, is in the issue too; only SIGTERM was tested.)"""
     cwd, env = home
     port = free_port()
     env = {**env, "HOOP_HTTP_PORT": str(port), "HOOP_PG_PORT": "0", "HOOP_SSH_PORT": "0", "HOOP_HTTP_PROXY_PORT": "0"}
@@ -151,7 +154,7 @@ def test_serve_answers_healthz_and_stops_on_sigterm(home: tuple[Path, dict[str, 
         except OSError:
             return None
 
-    found, out, _ = _serve_until(env, cwd, probe)
+    found, out, _ = _serve_until(env, cwd, probe, stop)
     assert found is not None and found[0] == {"status": "ok"} and b"hoop_grants_active" in found[1]
     assert "Slack disabled" in out and "ready" in out and "stopped" in out
 

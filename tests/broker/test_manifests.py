@@ -4,10 +4,12 @@ probes match what hoop serves, and every secret the config references is in the 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import yaml
+from pydantic import BaseModel
 from typer.testing import CliRunner
 
 from broker.cli import app
@@ -219,3 +221,29 @@ def test_connection_hints_of_the_cluster_config_reach_the_proxies_through_the_se
     assert f"https://{config.listen.advertise}:{config.listen.http_proxy}/api/" in hints["api"]
     assert config.listen.http_proxy in published and config.listen.postgres in published
     assert config.listen.ssh in published
+
+
+def _keys(model: type[BaseModel], seen: set[type[BaseModel]]) -> set[str]:
+    """Every key a hoop.yaml may hold under ``model``, at any depth (field aliases as written)."""
+    if model in seen:
+        return set()
+    seen.add(model)
+    out: set[str] = set()
+    for name, field in model.model_fields.items():
+        out.add(field.alias or name)
+        todo = [field.annotation]
+        while todo:
+            tp = todo.pop()
+            if isinstance(tp, type) and issubclass(tp, BaseModel):
+                out |= _keys(tp, seen)
+            todo.extend(get_args(tp))
+    return out
+
+
+def test_the_example_config_shows_every_key_hoop_understands() -> None:
+    """hoop.example.yaml says it shows every key, with comments; keys added later were missing from it
+    (``insecure_password_auth``, ``max_body_record``, ``jwks_url`` …). A key counts when it is written as a
+    key, in use or commented out."""
+    text = (ROOT / "manifests" / "hoop.example.yaml").read_text()
+    written = set(re.findall(r"(?:^|[\s{,#-])([a-z0-9_]+):", text, re.MULTILINE))
+    assert sorted(_keys(HoopConfig, set()) - written) == []

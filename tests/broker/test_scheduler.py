@@ -9,13 +9,14 @@ import pytest
 
 from broker import policy
 from broker.clock import FakeClock
-from broker.config import HoopConfig
+from broker.config import HoopConfig, parse_config
 from broker.errors import Denied
 from broker.events import ApprovalAdded, Event, GrantEnded, GrantIssued, GrantReminder, RecordingNotifier
 from broker.model import GrantStatus, Identity, RequestStatus
 from broker.scheduler import Scheduler
 from broker.service import Service
 from broker.store import Store
+from tests.conftest import base_config
 
 
 def who(config: HoopConfig, email: str) -> Identity:
@@ -36,6 +37,40 @@ async def test_reminder_then_expiry(service: Service, config: HoopConfig, clock:
     clock.advance(timedelta(minutes=5))
     assert (await sched.run_due()).expired == [grant.id]
     assert len(notifier.of(GrantReminder)) == 1 and notifier.of(GrantEnded)[0].grant.status is GrantStatus.EXPIRED
+
+
+async def test_the_reminder_comes_as_long_before_the_end_as_its_resource_says(store: Store, clock: FakeClock) -> None:
+    """``reminder_before`` per resource (the default, 5 minutes, was the only one tested): a reminder 20
+    minutes ahead on one resource, the default on another, each once, and again after an extension."""
+    data = base_config()
+    data["resources"][0]["reminder_before"] = "20m"
+    data["resources"].append({**data["resources"][0], "name": "replica-db", "reminder_before": "5m",
+                              "approval": []})
+    data["resources"][0]["extension"] = {"requires_approval": False}
+    config = parse_config(data)
+    notifier = RecordingNotifier()
+    service = Service(config, store, clock, notifier)
+    alice = who(config, "alice@example.com")
+    req = await service.request(alice, "prod-db", "1h", "x")
+    await service.approve(req.id, who(config, "dana@example.com"))
+    early = (await service.approve(req.id, who(config, "sam@example.com"))).grant
+    late = (await service.request(alice, "replica-db", "1h", "x")).grant_id
+    assert early is not None and late is not None
+    sched = Scheduler(service, clock)
+    clock.advance(timedelta(minutes=39))
+    assert (await sched.run_due()).reminded == []
+    clock.advance(timedelta(minutes=1))  # 20 minutes before the end
+    assert (await sched.run_due()).reminded == [early.id]
+    clock.advance(timedelta(minutes=14, seconds=59))
+    assert (await sched.run_due()).reminded == []
+    clock.advance(timedelta(seconds=1))  # 5 minutes before the end
+    assert (await sched.run_due()).reminded == [late]
+    await service.extend(early.id, alice, "30m")  # ends 35 minutes from now: reminded again at 20
+    clock.advance(timedelta(minutes=14))
+    assert (await sched.run_due()).reminded == []
+    clock.advance(timedelta(minutes=1))
+    assert (await sched.run_due()).reminded == [early.id]
+    assert [e.grant.id for e in notifier.of(GrantReminder)] == [early.id, late, early.id]
 
 
 async def test_restart_reconciles(config: HoopConfig, store: Store, clock: FakeClock,

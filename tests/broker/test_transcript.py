@@ -40,7 +40,8 @@ def test_summary_and_lines() -> None:
               ev(5, "review", review="v1", text="DELETE FROM t WHERE id = ?", rule="review"),
               ev(6, "close", reason="access expired")]
     t = render(GRANT, [(session(), events)], max_bytes=10_000)
-    assert t.summary.startswith("1 session(s) · 2 statement(s)/command(s) · 2 row(s) · 1 blocked · 1 reviewed")
+    assert t.summary == ("1 session(s) · 2 statement(s)/command(s) · 2 row(s) · 1 blocked · 1 reviewed · 0 error(s) · "
+                         "3m connected")  # (the session's duration, from open to close, is in the summary too)
     assert "alice@example.com → ci-runner" in t.text
     assert "BLOCKED DROP TABLE users [rule no-drop]" in t.text
     assert "| [email]" in t.text and not t.truncated
