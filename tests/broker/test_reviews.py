@@ -61,6 +61,17 @@ async def test_human_cannot_allow_their_agents_statement(service: Service, confi
     assert decided.status == "allowed" and decided.decided_by == "erin@example.com"
 
 
+async def test_the_team_an_agent_acts_for_cannot_allow_its_statement(service: Service, config: HoopConfig) -> None:
+    grant = await granted(service, config, agent("eng-bot", "eng", "eng"))  # acts for the team eng
+    reviews = Reviews(service)
+    review_id = await held(reviews, grant)
+    with pytest.raises(Denied) as exc:  # alice approves prod-db (dba) but is a member of eng
+        await reviews.decide(review_id, who(config, "alice@example.com"), True)
+    assert exc.value.code == "in_chain" and "eng" in exc.value.message
+    decided = await reviews.decide(review_id, who(config, "erin@example.com"), True)
+    assert decided.status == "allowed"
+
+
 async def test_delegator_cannot_allow_the_sub_agents_statement(service: Service, config: HoopConfig) -> None:
     alice = who(config, "alice@example.com")
     parent = await granted(service, config, alice)
