@@ -30,7 +30,7 @@ _ARITY: dict[str, tuple[int, int | None]] = {  # (min, max) positional words; No
 _NAMES = {"request": "a resource and a duration", "approve": "a request id", "deny": "a request id",
           "cancel": "a request id", "revoke": "a grant id", "extend": "a grant id and a duration",
           "transcript": "a session id"}
-_DURATION = re.compile(r"^\d")
+_DURATION = re.compile(r"^-?\d")  # what is meant as a duration (a negative one is refused as such)
 #: open sessions read for ``/hoop sessions`` before keeping those the asker may see
 _SESSIONS_SCAN = 1000
 
@@ -68,7 +68,7 @@ def parse(text: str) -> Command:
         if not _DURATION.match(args[1]):
             raise _refuse(verb, f"{args[1]!r} is not a duration; put the duration (e.g. 30m, 2h) "
                                 "right after the resource.")
-        _duration(verb, args[1])
+        # (its value is checked with the resource's maximum, which the refusal states: policy.resolve_duration)
         return Command(verb, (args[0], args[1]), _rest(text, 3))
     if verb == "extend":
         _duration(verb, args[1])

@@ -38,6 +38,8 @@ def _check_duration(value: str | None) -> str | None:
 
 
 DurationText = Annotated[str, Field(max_length=32, examples=["30m", "1h30m"]), AfterValidator(_check_duration)]
+#: a request's duration is checked by the service, whose refusal states the resource's maximum
+RequestedDuration = Annotated[str, Field(min_length=1, max_length=32, examples=["30m", "1h30m"])]
 Name = Annotated[str, Field(min_length=1, max_length=63, pattern=r"^[a-z0-9][a-z0-9_.-]{0,62}$")]
 
 
@@ -62,7 +64,8 @@ class RequestCreate(_In):
     """Ask for access. Agents' requests carry the chain of the human they act for."""
 
     resource: Name
-    duration: DurationText | None = Field(default=None, description="e.g. 30m; default: the resource's default")
+    duration: RequestedDuration | None = Field(default=None, description="e.g. 30m, at most the resource's "
+                                               "max_duration; default: the resource's default")
     reason: str = Field(default="", max_length=2000)
     pickup_key: Annotated[str | None, AfterValidator(_check_pickup_key)] = Field(
         default=None, max_length=64,

@@ -63,7 +63,11 @@ def resolve_duration(config: HoopConfig, resource_name: str, text: str | None) -
     res = config.resource(resource_name)
     if res is None:
         raise InvalidInput(f"unknown resource {resource_name!r}", code="unknown_resource")
-    duration = res.request.default_duration if not text else parse_duration(text)
+    try:
+        duration = res.request.default_duration if not text else parse_duration(text)
+    except InvalidInput as exc:  # zero, negative, unknown units: say what would do
+        raise InvalidInput(f"{exc.message}; {res.name} allows up to {format_duration(res.request.max_duration)}",
+                           code="duration") from None
     if duration > res.request.max_duration:
         raise InvalidInput(
             f"{format_duration(duration)} is longer than {res.name}'s maximum of "

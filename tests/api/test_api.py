@@ -202,7 +202,7 @@ async def test_tokens_are_required_and_checked(h: Harness) -> None:
 
 
 @pytest.mark.parametrize(("payload", "field"), [
-    ({"resource": "prod-db", "duration": "forever", "reason": "x"}, "duration"),
+    ({"resource": "prod-db", "duration": "", "reason": "x"}, "duration"),
     ({"duration": "30m", "reason": "x"}, "resource"),
     ({"resource": "Prod DB!", "reason": "x"}, "resource"),
     ({"resource": "prod-db", "reason": "x", "admin": True}, "admin"),
@@ -221,6 +221,11 @@ async def test_semantic_errors_name_the_field_too(h: Harness) -> None:
     status, body = await h.call("POST", "/requests", "carol@example.com",
                                 json={"resource": "prod-db", "duration": "9h", "reason": "x"})
     assert (status, body["error"], body["field"]) == (422, "too_long", "duration")
+    for duration, why in (("forever", "is not understood"), ("0m", "is zero"), ("-5m", "is negative")):
+        status, body = await h.call("POST", "/requests", "carol@example.com",
+                                    json={"resource": "prod-db", "duration": duration, "reason": "x"})
+        assert (status, body["error"], body["field"]) == (422, "duration", "duration")
+        assert why in body["message"] and body["message"].endswith("prod-db allows up to 4h")
     status, body = await h.call("POST", "/requests", "carol@example.com", data=b"{not json",
                                 headers={"Content-Type": "application/json"})
     assert status == 422 and body["fields"][0]["loc"][0] == "body" and body["fields"][0]["type"] == "json_invalid"

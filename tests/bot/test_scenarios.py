@@ -246,7 +246,6 @@ async def test_malformed_commands_get_precise_ephemeral_usage(hoop: Hoop) -> Non
         "request": "`request` needs a resource and a duration",
         "request prod-db": "`request` needs a resource and a duration (got 1 word)",
         "request prod-db fix the invoice": "'fix' is not a duration",
-        "request prod-db 30x fix": "unknown unit 'x'",
         "approve": "`approve` needs a request id",
         "approve r1 r2": "`approve` takes at most 1; unexpected 'r2'",
         "status now": "`status` takes no arguments; unexpected 'now'",
@@ -263,6 +262,11 @@ async def test_malformed_commands_get_precise_ephemeral_usage(hoop: Hoop) -> Non
     # well-formed but refused by the broker: a precise ephemeral reply, never silence
     for text, expected in {"request nope-db 30m x": "unknown resource 'nope-db'",
                            "request prod-db 9h x": "longer than prod-db's maximum of 4h",
+                           # every refused duration states the maximum
+                           "request prod-db 30x fix": "unknown unit 'x'; units are d, h, m, s; prod-db allows up to 4h",
+                           "request prod-db 0m fix": "is zero; ask for a positive duration; prod-db allows up to 4h",
+                           "request prod-db -5m fix": "is negative; use e.g. 30m, 2h, 1h30m, 45s, 1d; prod-db allows "
+                                                      "up to 4h",
                            "request prod-db 30m": "requires a reason",
                            "approve r_missing": "no request 'r_missing'"}.items():
         await hoop.command(text)
