@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Sequence
-from dataclasses import replace
 from datetime import timedelta
 
 from broker import credentials
@@ -119,14 +118,9 @@ async def delegate(service: Service, parent: Grant, who: Identity, resources: Se
     if refusal is not None:
         raise await _refuse(service, parent, who, label, refusal[0], refusal[1], asked)
 
-    role = await service.hooks.issued(child)
-    if role is not None:
-        async with service.store.tx() as tx:
-            stored = await tx.get_grant(child.id, lock=True)
-            if stored is not None:
-                stored.db_role = role
-                await tx.update_grant(stored)
-        child = replace(child, db_role=role)
+    # (as for every grant: a database error on its ephemeral role is logged, and the child still handed out,
+    # rather than a 502 that leaves a live child nobody holds the secret of)
+    child = await service._after_issue(child)
     try:
         await service.notifier.publish(GrantIssued(grant=child, request=req, secret=secret,
                                                    hints=connection_hints(service.config, child, secret)))

@@ -12,8 +12,9 @@ import pytest
 from broker import policy
 from broker.clock import FakeClock
 from broker.config import HoopConfig, parse_config
+from broker.delegation import delegate
 from broker.events import GrantExtended, GrantIssued, RecordingNotifier
-from broker.model import Identity
+from broker.model import Grant, Identity
 from broker.roles import EphemeralRoles, load_key
 from broker.scheduler import Scheduler
 from broker.service import Service
@@ -192,6 +193,14 @@ async def test_a_role_the_database_refuses_is_logged_and_the_grant_still_announc
         assert [e.grant.id for e in notifier.of(GrantExtended)] == [grant.id]
         assert extended.expires_at == grant.expires_at + timedelta(minutes=30)  # type: ignore[union-attr]
         assert any(f"grant={grant.id} upstream update failed" in r.getMessage() for r in caplog.records)
+        caplog.clear()
+        with caplog.at_level("ERROR"):  # a delegated child too: handed out (it was a 502, the child left live)
+            assert isinstance(extended, Grant)
+            child, secret = await delegate(service, extended, who(config, "alice@example.com"), ["prod-db"], "10m",
+                                           "migration-script")
+        assert child.db_role is None and secret
+        assert [e.grant.id for e in notifier.of(GrantIssued)] == [grant.id, child.id]
+        assert any(f"grant={child.id} upstream set-up failed" in r.getMessage() for r in caplog.records)
     finally:
         await store.close()
 
