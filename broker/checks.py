@@ -58,6 +58,7 @@ def _policy(config: HoopConfig) -> list[Finding]:
                     break
         if len(out) == step_errors:  # (a step too small on its own is said once, above)
             out.extend(_quorum(config, res.name, res.approval, requesters))
+        out.extend(_team_agents(config, res.name, res.approval, res.request.groups))
         if not res.channel:
             out.append(Finding("warning", res.name, "no Slack channel: request cards have nowhere to go"))
         for rule in res.guardrails.rules:
@@ -78,6 +79,30 @@ def _policy(config: HoopConfig) -> list[Finding]:
                                                 "name users reach hoop by"))
     if not config.groups[config.admins].members and not config.groups[config.admins].slack_usergroup:
         out.append(Finding("warning", "-", f"admins group {config.admins!r} has no members"))
+    return out
+
+
+def _team_agents(config: HoopConfig, name: str, approval: list[ApprovalStep], request_groups: list[str]
+                 ) -> list[Finding]:
+    """Agents acting for a team may request ``name`` but no member of the team approves their requests: the
+    steps must be fillable by people outside it."""
+    groups = {step.from_: config.groups[step.from_] for step in approval}
+    if not approval or any(g.slack_usergroup for g in groups.values()):
+        return []
+    out: list[Finding] = []
+    for agent in config.oidc.agents if config.oidc is not None else ():
+        team = config.groups.get(agent.acts_for or "")
+        may = set(agent.groups) & set(request_groups) if request_groups else set(agent.groups)
+        if team is None or not may or team.slack_usergroup:
+            continue
+        outside = [Approval(approver=m, groups=tuple(n for n, g in groups.items() if m in g.members), at=_EPOCH)
+                   for m in sorted({m for g in groups.values() for m in g.members} - set(team.members))]
+        filled = len(policy.match(policy.steps_of(approval), outside))
+        if filled < sum(step.count for step in approval):
+            quorum = " AND ".join(f"{s.count} of {s.from_}" for s in approval)
+            out.append(Finding("warning", name, f"agent {agent.name} acts for {agent.acts_for}, whose members "
+                                                f"cannot approve its requests; without them only {filled} "
+                                                f"can fill {quorum}, so its requests can never be approved"))
     return out
 
 

@@ -50,3 +50,21 @@ def test_steps_that_only_the_same_people_could_fill_together(tmp_path: Path) -> 
         "sam@example.com requests (one person fills at most one slot across all steps)"]
     # the base config's steps can be met: erin is in both groups, dana and sam fill the rest
     assert _errors(tmp_path, {}, [{"from": "dba", "count": 1}, {"from": "security", "count": 1}]) == []
+
+
+def test_an_agent_whose_team_holds_every_approver_is_warned_of(tmp_path: Path) -> None:
+    """The team an agent acts for cannot approve its requests; a quorum only that team can fill is never met."""
+    def warnings(acts_for: str) -> list[str]:
+        data = base_config(state_dir=str(tmp_path / "state"))
+        data["oidc"] = {"issuer": "https://idp.example", "audience": "hoop", "agents": [
+            {"subject": "s1", "name": "schema-bot", "acts_for": acts_for, "groups": ["eng"]}]}
+        settings = load_settings({"PGPW": "x", "HOOP_DATABASE_URL": "sqlite+aiosqlite:///unused.db"})
+        return [f.message for f in findings(parse_config(data), settings) if f.level == "warning"
+                and "schema-bot" in f.message]
+
+    # prod-db needs 1 of dba AND 1 of security; dba is dana and erin, security is sam and erin
+    assert warnings("dba") == ["agent schema-bot acts for dba, whose members cannot approve its requests; without "
+                               "them only 1 can fill 1 of dba AND 1 of security, so its requests can never be "
+                               "approved"]
+    assert warnings("eng") == []  # nobody in eng approves prod-db
+    assert warnings("alice@example.com") == []  # a person, not a team
