@@ -10,7 +10,7 @@ import asyncssh
 import pytest
 
 from broker.errors import ConfigError
-from tests.proxy.ssh.conftest import Env, make_config, ssh_resource, start_env, stop_env
+from tests.proxy.ssh.conftest import SECRET_TEXT, Env, make_config, ssh_resource, start_env, stop_env
 from tests.support.sshd import Sshd
 
 pytestmark = pytest.mark.ssh
@@ -57,6 +57,50 @@ async def test_sftp_allowed_by_config(upstream: Sshd, tmp_path: Path) -> None:
                 await f.write("through hoop\n")
             async with sftp.open(path) as f:
                 assert await f.read() == "through hoop\n"
+    finally:
+        await stop_env(env, store)
+
+
+async def _scp(env: Env, secret: str, *args: str) -> tuple[int, bytes]:
+    argv = ["sshpass", "-e", "scp", "-P", str(env.port), "-o", "StrictHostKeyChecking=no", "-o",
+            "UserKnownHostsFile=/dev/null", "-o", "PubkeyAuthentication=no", "-o", "LogLevel=ERROR", *args]
+    proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.PIPE, env={**os.environ, "SSHPASS": secret})
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode is not None
+    return proc.returncode, err
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["sftp-protocol", "scp-protocol"])
+async def test_scp_allowed_by_config_copies_files_byte_for_byte(upstream: Sshd, tmp_path: Path, legacy: bool) -> None:
+    """``scp -O`` (and scp before OpenSSH 9) runs ``scp -f``/``-t`` by exec, whose output hoop masked: a file
+    holding an email or a card changed length under the scp protocol's byte count and the copy hung."""
+    env, store = await start_env(upstream, tmp_path, make_config(upstream, ssh_resource(
+        upstream, allow={"sftp": True})))
+    try:
+        grant, secret = await env.grant()
+        flags = ["-O"] if legacy else []
+        code, err = await _scp(env, secret, *flags, f"{grant.login}@127.0.0.1:{upstream.dir / 'secret.txt'}",
+                               str(tmp_path / "down.txt"))
+        assert code == 0, err
+        assert (tmp_path / "down.txt").read_text() == SECRET_TEXT
+        (tmp_path / "up.txt").write_text(SECRET_TEXT)
+        code, err = await _scp(env, secret, *flags, str(tmp_path / "up.txt"), f"{grant.login}@127.0.0.1:"
+                               f"{tmp_path / 'landed.txt'}")
+        assert code == 0, err
+        assert (tmp_path / "landed.txt").read_text() == SECRET_TEXT
+        # a line that does more than transfer files is masked as any exec is
+        code, out, _ = await env.ssh(grant.login, secret, f"scp -f /nonexistent; cat {upstream.dir / 'secret.txt'}")
+        assert b"alice@example.com" not in out and b"[email]" in out
+        await env.hub.flush()
+        async with env.service.store.tx() as tx:
+            events = [e for s in await tx.list_sessions() for e in await tx.events(s.id)]
+        recorded = str([e.data for e in events if e.kind != "open"])  # (alice is also the grant's holder)
+        assert "alice@example.com" not in recorded and "4111 1111" not in recorded
+        if legacy:
+            transfers = [e.data["command"] for e in events if e.kind == "sftp"]
+            assert len(transfers) == 2 and all(c.startswith("scp -") for c in transfers), transfers
+            assert sum(e.data["exit_status"] == 0 for e in events if e.kind == "command") >= 2
     finally:
         await stop_env(env, store)
 
