@@ -66,6 +66,16 @@ async def test_secret_printed_by_cat_is_masked_for_client_and_recording(env: Env
     assert "[card]" in recorded and "4111 1111" not in recorded and "alice@example.com" not in recorded
 
 
+async def test_a_secret_on_stderr_is_masked_for_client_and_recording(env: Env) -> None:
+    grant, secret = await env.grant()
+    code, out, err = await env.ssh(grant.login, secret, f"cat {env.up.dir / 'secret.txt'} >&2")
+    assert code == 0 and out == b""
+    assert b"4111" not in err and b"alice@example.com" not in err
+    assert b"[card]" in err and b"[email]" in err
+    recorded = "".join(e["data"] for e in await _events(env, "output"))
+    assert "[card]" in recorded and "4111 1111" not in recorded and "alice@example.com" not in recorded
+
+
 async def test_value_split_across_chunks_is_masked(env: Env) -> None:
     grant, secret = await env.grant()
     script = "printf 'card 4111 1111'; sleep 0.02; printf ' 1111 1111 end\\n'"
