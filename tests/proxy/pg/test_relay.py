@@ -26,6 +26,27 @@ async def test_psql_select_masks_and_records(hoop: Hoop) -> None:
     assert "user7@example.com" not in str(events)
 
 
+async def test_recorded_statements_are_masked_by_the_detectors(hoop: Hoop) -> None:
+    """The statement's text is recorded with detectors applied to its literals: a simple query, a blocked
+    one, and an extended-protocol one."""
+    out = await hoop.psql("-c", "SELECT 'mail ann@corp.example' AS a, '4111 1111 1111 1111' AS b")
+    assert out.returncode == 0 and out.stdout.strip() == "mail [email]|[card]", out.stderr
+    out = await hoop.psql("-c", "DROP TABLE users -- asked by ann@corp.example")
+    assert out.returncode != 0 and "no-drop" in out.stderr
+    conn = await asyncpg.connect(hoop.dsn())
+    try:
+        assert await conn.fetchval("SELECT length($1) FROM users WHERE email <> 'bo@corp.example' LIMIT 1",
+                                   "x") == 1
+    finally:
+        await conn.close()
+    statements = await hoop.events("statement")
+    recorded = {e["sql"]: e["decision"] for e in statements}
+    assert recorded["SELECT 'mail [email]' AS a, '[card]' AS b"] == "allow"
+    assert recorded["DROP TABLE users -- asked by [email]"] == "block"
+    assert recorded["SELECT length($1) FROM users WHERE email <> '[email]' LIMIT 1"] == "allow"
+    assert "corp.example" not in str(statements) and "4111" not in str(statements)
+
+
 async def test_asyncpg_prepared_and_binary(hoop: Hoop) -> None:
     conn = await asyncpg.connect(hoop.dsn())
     try:
