@@ -91,6 +91,29 @@ async def test_newer_minor_version_is_negotiated_down(hoop: Hoop) -> None:
         await raw.close()
 
 
+async def test_gssenc_request_is_answered_n_and_the_session_goes_on(hoop: Hoop) -> None:
+    """libpq asks for GSSAPI encryption first when it has Kerberos credentials; hoop says N, and the
+    client goes on with an SSLRequest or a plain start-up on the same connection."""
+    raw = await connect(hoop)
+    try:
+        raw.writer.write(codec.encode_gssenc_request())
+        assert await asyncio.wait_for(raw.reader.readexactly(1), 5) == b"N"
+        await raw.login(hoop)
+        raw.writer.write(codec.encode_query("SELECT 41 + 1"))
+        types = []
+        while not types or types[-1] != Backend.READY_FOR_QUERY:
+            types.append((await raw.message())[0])
+        assert Backend.DATA_ROW in types and Backend.ERROR_RESPONSE not in types
+    finally:
+        await raw.close()
+    raw = await connect(hoop)
+    try:
+        raw.writer.write(codec.encode_gssenc_request() + codec.encode_ssl_request())
+        assert await asyncio.wait_for(raw.reader.readexactly(2), 5) == b"NS"
+    finally:
+        await raw.close()
+
+
 async def test_slow_client_applies_backpressure(hoop: Hoop) -> None:
     raw = await connect(hoop)
     try:
