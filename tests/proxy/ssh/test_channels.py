@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from pathlib import Path
 
@@ -173,12 +174,19 @@ async def test_a_known_hosts_without_the_hosts_key_stops_the_proxy_at_start(upst
     assert expected in exc.value.message, exc.value.message
 
 
-async def test_host_key_persists_across_restarts(upstream: Sshd, tmp_path: Path) -> None:
+async def test_host_key_persists_across_restarts(upstream: Sshd, tmp_path: Path,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="proxy.ssh")
     env, store = await start_env(upstream, tmp_path, make_config(upstream))
     first = env.proxy.fingerprint
     await stop_env(env, store)
     env, store = await start_env(upstream, tmp_path, make_config(upstream))
     try:
         assert env.proxy.fingerprint == first and first.startswith("SHA256:")
+        # the fingerprint clients are shown is the one logged, at each start; the key is made once
+        grant, secret = await env.grant()
+        async with await env.client(grant.login, secret) as conn:
+            assert conn.get_server_host_key().get_fingerprint() == first
     finally:
         await stop_env(env, store)
+    assert caplog.text.count(f"host key {first}") == 2 and caplog.text.count("generated SSH host key") == 1
