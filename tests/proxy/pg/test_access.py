@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from broker.clock import FakeClock
 from broker.events import ReviewRequested
 from proxy.pg import codec
+from proxy.pg.messages import Auth, Backend, decode_authentication
 from tests.proxy.pg.harness import OPS, ROOT, Hoop, running_hoop, seeded_database
 from tests.support.certs import make_pki
 from tests.support.pgcluster import PgCluster
@@ -128,9 +129,31 @@ async def test_without_a_configured_pair_a_generated_one_is_kept_and_its_fingerp
     assert caplog.text.count("generated a self-signed certificate") == 1
 
 
+async def _auth_asked(h: Hoop, *, tls: bool) -> int:
+    """The authentication method hoop asks a client for, on plain TCP or inside TLS."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", h.port)
+    try:
+        if tls:
+            writer.write(codec.encode_ssl_request())
+            assert await reader.readexactly(1) == b"S"
+            ctx = ssl.create_default_context()
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+            await writer.start_tls(ctx)
+        writer.write(codec.encode_startup({"user": h.grant.login, "database": "prod-db"}))
+        msg_type, length = codec.HEADER.unpack(await reader.readexactly(5))
+        assert msg_type == Backend.AUTHENTICATION
+        return decode_authentication(await reader.readexactly(length - 4)).code
+    finally:
+        writer.close()
+
+
 async def test_cleartext_only_inside_tls(pg: PgCluster, pgdb: str, tmp_path: Path) -> None:
     async with running_hoop(pg, pgdb, tmp_path) as h:
+        assert await _auth_asked(h, tls=True) == Auth.SASL  # SCRAM by default, also inside TLS
         h.proxy.allow_cleartext = True
+        assert await _auth_asked(h, tls=True) == Auth.CLEARTEXT_PASSWORD
+        assert await _auth_asked(h, tls=False) == Auth.SASL  # never a cleartext password on plain TCP
         ctx = ssl.create_default_context()
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
