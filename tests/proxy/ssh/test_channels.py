@@ -106,6 +106,31 @@ async def test_scp_allowed_by_config_copies_files_byte_for_byte(upstream: Sshd, 
         await stop_env(env, store)
 
 
+async def test_an_sftp_server_started_by_exec_copies_files_byte_for_byte(upstream: Sshd, tmp_path: Path) -> None:
+    """``sftp -s /path/to/sftp-server`` (for a host without an sftp subsystem) runs the server by exec: its
+    packets are relayed as bytes, as the subsystem's are."""
+    env, store = await start_env(upstream, tmp_path, make_config(upstream, ssh_resource(
+        upstream, allow={"sftp": True})))
+    try:
+        grant, secret = await env.grant()
+        argv = ["sshpass", "-e", "sftp", "-P", str(env.port), "-o", "StrictHostKeyChecking=no", "-o",
+                "UserKnownHostsFile=/dev/null", "-o", "PubkeyAuthentication=no", "-o", "LogLevel=ERROR",
+                "-s", "/usr/lib/openssh/sftp-server", f"{grant.login}@127.0.0.1"]
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "SSHPASS": secret})
+        _, err = await asyncio.wait_for(proc.communicate(
+            f"get {upstream.dir / 'secret.txt'} {tmp_path / 'down.txt'}\n".encode()), 30)
+        assert proc.returncode == 0, err
+        assert (tmp_path / "down.txt").read_text() == SECRET_TEXT
+        await env.hub.flush()
+        async with env.service.store.tx() as tx:
+            events = [e for s in await tx.list_sessions() for e in await tx.events(s.id)]
+        assert [e.data["command"] for e in events if e.kind == "sftp"] == ["/usr/lib/openssh/sftp-server"]
+    finally:
+        await stop_env(env, store)
+
+
 async def test_port_forwarding_refused(env: Env) -> None:
     grant, secret = await env.grant()
     async with await env.client(grant.login, secret) as conn:
