@@ -64,6 +64,31 @@ async def test_asyncpg_prepared_and_binary(hoop: Hoop) -> None:
         await conn.close()
 
 
+async def test_binary_cells_of_a_masked_column_that_is_not_text_are_withheld(pg: PgCluster, pgdb: str,
+                                                                            tmp_path: Path) -> None:
+    """A redacted int4 cannot keep its 4 bytes: asked for in binary, the cells of a masked non-text column
+    come back whole as NULL (one row, and a run of rows); in text they read as the mask."""
+    masking = {"columns": [{"match": "users.id", "strategy": "redact"}]}
+    async with running_hoop(pg, pgdb, tmp_path, masking=masking) as h:
+        conn = await asyncpg.connect(h.dsn())
+        try:
+            row = await conn.fetchrow("SELECT id, name FROM users WHERE name = 'user3'")
+            assert row is not None and (row["id"], row["name"]) == (None, "user3")
+            rows = await conn.fetch("SELECT id, name FROM users ORDER BY name")
+            assert len(rows) == 50 and {r["id"] for r in rows} == {None}
+            # an email to detect sends the rows through the exact, row-by-row path
+            rows = await conn.fetch("SELECT id, email FROM users ORDER BY name LIMIT 3")
+            assert [(r["id"], r["email"]) for r in rows] == [(None, "[email]")] * 3
+        finally:
+            await conn.close()
+        async with await psycopg.AsyncConnection.connect(h.dsn(), autocommit=True) as pconn:
+            cur = pconn.cursor(binary=True)
+            await cur.execute("SELECT id, name FROM users WHERE name = %s", ("user4",))
+            assert await cur.fetchone() == (None, "user4")
+        out = await h.psql("-c", "SELECT id, name FROM users WHERE name = 'user5'")
+        assert out.returncode == 0 and out.stdout.strip() == "[masked]|user5", out.stderr
+
+
 async def test_psycopg_extended_binary(hoop: Hoop) -> None:
     async with await psycopg.AsyncConnection.connect(hoop.dsn(), autocommit=True) as conn:
         cur = conn.cursor(binary=True)
