@@ -47,6 +47,24 @@ async def test_recorded_statements_are_masked_by_the_detectors(hoop: Hoop) -> No
     assert "corp.example" not in str(statements) and "4111" not in str(statements)
 
 
+async def test_the_session_is_recorded_with_who_from_where_and_why_it_closed(hoop: Hoop) -> None:
+    conn = await asyncpg.connect(hoop.dsn())
+    host, port = conn._transport.get_extra_info("sockname")[:2]
+    local = f"{host}:{port}"  # the client's address, as hoop sees it
+    await conn.close()
+    await hoop.hub.flush()
+    async with hoop.store.tx() as tx:
+        (session,) = await tx.list_sessions()
+        events = await tx.events(session.id)
+    chain = ("root@example.com", "alice@example.com")  # a break-glass grant: the admin who issued it, then alice
+    assert (session.login, session.chain, session.client_addr) == (hoop.grant.login, chain, local)
+    assert session.close_reason == "client closed the connection"
+    opened, closed = events[0], events[-1]
+    assert (opened.kind, opened.data["chain"], opened.data["client"], opened.data["login"]) == \
+        ("open", list(chain), local, hoop.grant.login)
+    assert (closed.kind, closed.data["reason"]) == ("close", "client closed the connection")
+
+
 async def test_asyncpg_prepared_and_binary(hoop: Hoop) -> None:
     conn = await asyncpg.connect(hoop.dsn())
     try:
