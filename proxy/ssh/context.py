@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from proxy.ssh.agentx11 import Forwards
     from proxy.ssh.channel import ProxyChannel
 
-__all__ = ["ChannelContext"]
+__all__ = ["ChannelContext", "transfer_server"]
 
 
 class ChannelContext:
@@ -64,24 +64,27 @@ class ChannelContext:
         return strictest(decisions)
 
     def transfer_server(self, command: str) -> bool:
-        """Whether an allowed exec is, as a whole, a file transfer server end (``scp -t``/``-f``,
-        ``sftp-server``, ``rsync --server``) on a resource with ``allow.sftp``: one plain command, with no
-        wrapper, redirection, substitution or second command. Its output is then relayed as bytes, as an
-        SFTP subsystem's is: these protocols count the bytes of each file, so masking a value inside one
+        """Whether an allowed exec is, as a whole, a file transfer server end on a resource with
+        ``allow.sftp`` (:func:`transfer_server`). Its output is then relayed as bytes, as an SFTP
+        subsystem's is: these protocols count the bytes of each file, so masking a value inside one
         would break the transfer (legacy ``scp -O`` hung on a file holding an email)."""
-        if not self.resource.allow.sftp:
-            return False
-        resolved = self.guard.resolve(command)
-        try:
-            words = shlex.split(command)
-        except ValueError:
-            return False
-        if not resolved or len(resolved) != 1 or not words:
-            return False
-        (cmd,) = resolved
-        if cmd.dynamic or cmd.reads_input or words != [words[0], *cmd.args] or _basename(words[0]) != cmd.program:
-            return False
-        return cmd.program != "sftp" and _transfers_files(cmd)
+        return self.resource.allow.sftp and transfer_server(self.guard, command)
+
+
+def transfer_server(guard: ShellGuard, command: str) -> bool:
+    """Whether ``command`` is one plain file transfer server command (``scp -t``/``-f``, ``sftp-server``,
+    ``rsync --server``): no wrapper, assignment, redirection, substitution or second command."""
+    resolved = guard.resolve(command)
+    try:
+        words = shlex.split(command)
+    except ValueError:
+        return False
+    if not resolved or len(resolved) != 1 or not words:
+        return False
+    (cmd,) = resolved
+    if cmd.dynamic or cmd.reads_input or words != [words[0], *cmd.args] or _basename(words[0]) != cmd.program:
+        return False
+    return cmd.program != "sftp" and _transfers_files(cmd)
 
 
 def _basename(word: str) -> str:

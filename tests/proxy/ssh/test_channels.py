@@ -10,7 +10,10 @@ from pathlib import Path
 import asyncssh
 import pytest
 
+from broker.config import Guardrails
 from broker.errors import ConfigError
+from proxy.shellguard import ShellGuard
+from proxy.ssh.context import transfer_server
 from tests.proxy.ssh.conftest import SECRET_TEXT, Env, make_config, ssh_resource, start_env, stop_env
 from tests.support.sshd import Sshd
 
@@ -70,6 +73,30 @@ async def _scp(env: Env, secret: str, *args: str) -> tuple[int, bytes]:
     _, err = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode is not None
     return proc.returncode, err
+
+
+@pytest.mark.parametrize(("command", "raw"), [
+    ("scp -f /srv/a.txt", True),
+    ("scp -t -- /srv", True),
+    ("scp -r -p -t '/srv/dir with space'", True),
+    ("/usr/lib/openssh/sftp-server", True),
+    ("rsync --server --sender -vlogDtpre.iLsfxCIvu . /srv", True),
+    ("scp /srv/a.txt other:/tmp", False),  # a client: its output is text
+    ("sftp -s /usr/lib/openssh/sftp-server other", False),
+    ("scp -f a; cat /etc/shadow", False),
+    ("scp -f a && cat b", False),
+    ("scp -f a | tee b", False),
+    ("scp -f a > /dev/null", False),
+    ("scp -f $(cat list)", False),
+    ("scp -f `cat list`", False),
+    ("sudo scp -f a", False),  # a wrapper may print too
+    ("FOO=1 scp -f a", False),
+    ("sh -c 'scp -f a'", False),
+    ("cat a", False),
+    ("scp -f 'unterminated", False),
+])
+def test_only_a_plain_transfer_server_command_is_relayed_as_bytes(command: str, raw: bool) -> None:
+    assert transfer_server(ShellGuard(Guardrails()), command) is raw
 
 
 @pytest.mark.parametrize("legacy", [False, True], ids=["sftp-protocol", "scp-protocol"])
