@@ -26,7 +26,8 @@ the upstream channel, and the other way round).
 * Environment: only locale and terminal variables (:data:`ENV_NAMES`) with plain values go to
   the host; what passed and the names that did not are recorded (``env`` event).
 * Output (stdout and stderr): :class:`~proxy.ssh.output.OutputRelay` masks, sends and
-  records it (what the client receives is exactly what is recorded); SFTP is relayed as bytes.
+  records it (what the client receives is exactly what is recorded); SFTP is relayed as bytes, and
+  so is an allowed exec that is only a file transfer server (:meth:`ChannelContext.transfer_server`).
 * Bulk output costs no await and no task per chunk: chunks are written as they arrive, and a
   full client window pauses reading from the host (asyncssh flow control, both directions).
 """
@@ -267,14 +268,16 @@ class ProxyChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
             self.say(f"hoop: {res.name} refused the session channel")
             self._exit(255)
             return
-        if self.mode == "sftp":
-            session.record("sftp", {"channel": self.number})
+        raw = self.mode == "exec" and self.command is not None and self.ctx.transfer_server(self.command)
+        if self.mode == "sftp" or raw:
+            session.record("sftp", {"channel": self.number} if not raw else
+                           {"channel": self.number, "command": self.ctx.masker.mask_text(self.command or "")})
         else:
             size = term[1] if term else (80, 24, 0, 0)
             command = self.ctx.masker.mask_text(self.command) if self.command is not None else None
             self.rec.header(size[0], size[1], term[0] if term else None, int(time.time()), command,
                             {k: self.ctx.masker.mask_text(v) for k, v in env.items()})
-        self.out.mode, self.out.tty = self.mode, self.pty is not None
+        self.out.mode, self.out.tty = "sftp" if raw else self.mode, self.pty is not None
         log.info("%s %s opened upstream", self.label, self.mode)
         self.release()
 

@@ -6,6 +6,7 @@ session is open; ``upstream`` returns the connection's (shared) upstream SSH con
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
     from proxy.ssh.agentx11 import Forwards
     from proxy.ssh.channel import ProxyChannel
 
-__all__ = ["ChannelContext"]
+__all__ = ["ChannelContext", "transfer_server"]
 
 
 class ChannelContext:
@@ -61,6 +62,33 @@ class ChannelContext:
                 decisions.append(Decision("block", "allow.sftp", f"{cmd.program} file transfer is not allowed on "
                                           "this resource (allow.sftp is off)", cmd.program))
         return strictest(decisions)
+
+    def transfer_server(self, command: str) -> bool:
+        """Whether an allowed exec is, as a whole, a file transfer server end on a resource with
+        ``allow.sftp`` (:func:`transfer_server`). Its output is then relayed as bytes, as an SFTP
+        subsystem's is: these protocols count the bytes of each file, so masking a value inside one
+        would break the transfer (legacy ``scp -O`` hung on a file holding an email)."""
+        return self.resource.allow.sftp and transfer_server(self.guard, command)
+
+
+def transfer_server(guard: ShellGuard, command: str) -> bool:
+    """Whether ``command`` is one plain file transfer server command (``scp -t``/``-f``, ``sftp-server``,
+    ``rsync --server``): no wrapper, assignment, redirection, substitution or second command."""
+    resolved = guard.resolve(command)
+    try:
+        words = shlex.split(command)
+    except ValueError:
+        return False
+    if not resolved or len(resolved) != 1 or not words:
+        return False
+    (cmd,) = resolved
+    if cmd.dynamic or cmd.reads_input or words != [words[0], *cmd.args] or _basename(words[0]) != cmd.program:
+        return False
+    return cmd.program != "sftp" and _transfers_files(cmd)
+
+
+def _basename(word: str) -> str:
+    return word.rsplit("/", 1)[-1]
 
 
 def _transfers_files(cmd: Command) -> bool:

@@ -110,11 +110,14 @@ def seeded_database(cluster: PgCluster) -> str:
 @asynccontextmanager
 async def running_hoop(cluster: PgCluster, database: str, tmp: Path, *, clock: Clock | None = None,
                        duration: str = "1h", hooks: GrantHooks | None = None,
+                       config_extra: dict[str, Any] | None = None,
                        **resource_extra: Any) -> AsyncIterator[Hoop]:
+    """hoop's PostgreSQL proxy for ``database``; ``resource_extra`` goes into the resource's config,
+    ``config_extra`` into the top level (``tls``, say)."""
     from tests.conftest import base_config
 
     config = parse_config(base_config(resources=[resource(cluster, database, **resource_extra)],
-                                      state_dir=str(tmp / "state")))
+                                      state_dir=str(tmp / "state"), **(config_extra or {})))
     store = Store.from_url(f"sqlite+aiosqlite:///{tmp / 'hoop.db'}")
     await store.migrate()
     clock = clock or SystemClock()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import logging
 import signal
 import ssl
 from collections.abc import AsyncIterator
@@ -11,10 +13,15 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from broker.clock import FakeClock
 from broker.events import ReviewRequested
+from proxy.pg import codec
+from proxy.pg.messages import Auth, Backend, decode_authentication
 from tests.proxy.pg.harness import OPS, ROOT, Hoop, running_hoop, seeded_database
+from tests.support.certs import make_pki
 from tests.support.pgcluster import PgCluster
 
 pytestmark = pytest.mark.postgres
@@ -74,9 +81,79 @@ async def test_psql_over_tls_with_scram_channel_binding(hoop: Hoop) -> None:
     assert out.decode().strip() == "7"
 
 
+async def _served_certificate(port: int) -> bytes:
+    """The DER certificate hoop presents after an SSLRequest."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(codec.encode_ssl_request())
+        assert await reader.readexactly(1) == b"S"
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        await writer.start_tls(ctx)
+        tls = writer.get_extra_info("ssl_object")
+        der = tls.getpeercert(binary_form=True)
+        assert der is not None
+        return bytes(der)
+    finally:
+        writer.close()
+
+
+async def test_the_configured_certificate_is_served(pg: PgCluster, pgdb: str, tmp_path: Path) -> None:
+    pki = make_pki(tmp_path / "pki")
+    tls = {"cert": str(pki.server_cert), "key": str(pki.server_key)}
+    async with running_hoop(pg, pgdb, tmp_path, config_extra={"tls": tls}) as h:
+        proc = await asyncio.create_subprocess_exec(
+            str(h.cluster.bindir / "psql"), "-X", "-At", "-c", "SELECT 7",
+            env={**h.env(), "PGSSLMODE": "verify-full", "PGSSLROOTCERT": str(pki.ca_cert)},
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await proc.communicate()
+        assert proc.returncode == 0, err  # verified against the test CA, for the name 127.0.0.1
+        assert out.decode().strip() == "7"
+        served = await _served_certificate(h.port)
+    assert served == x509.load_pem_x509_certificate(pki.server_cert.read_bytes()).public_bytes(
+        serialization.Encoding.DER)
+    assert not (tmp_path / "state" / "pg-tls.crt").exists()  # nothing generated
+
+
+async def test_without_a_configured_pair_a_generated_one_is_kept_and_its_fingerprint_logged(
+        pg: PgCluster, pgdb: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="proxy.pg.tls"):
+        async with running_hoop(pg, pgdb, tmp_path) as h:
+            first = await _served_certificate(h.port)
+        async with running_hoop(pg, pgdb, tmp_path) as h:  # a restart serves the same pair
+            assert await _served_certificate(h.port) == first
+    digest = hashlib.sha256(first).hexdigest()
+    fingerprint = "SHA256:" + ":".join(digest[i:i + 2] for i in range(0, len(digest), 2))
+    assert f"PostgreSQL proxy TLS certificate fingerprint {fingerprint}" in caplog.text
+    assert caplog.text.count("generated a self-signed certificate") == 1
+
+
+async def _auth_asked(h: Hoop, *, tls: bool) -> int:
+    """The authentication method hoop asks a client for, on plain TCP or inside TLS."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", h.port)
+    try:
+        if tls:
+            writer.write(codec.encode_ssl_request())
+            assert await reader.readexactly(1) == b"S"
+            ctx = ssl.create_default_context()
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+            await writer.start_tls(ctx)
+        writer.write(codec.encode_startup({"user": h.grant.login, "database": "prod-db"}))
+        msg_type, length = codec.HEADER.unpack(await reader.readexactly(5))
+        assert msg_type == Backend.AUTHENTICATION
+        return decode_authentication(await reader.readexactly(length - 4)).code
+    finally:
+        writer.close()
+
+
 async def test_cleartext_only_inside_tls(pg: PgCluster, pgdb: str, tmp_path: Path) -> None:
     async with running_hoop(pg, pgdb, tmp_path) as h:
+        assert await _auth_asked(h, tls=True) == Auth.SASL  # SCRAM by default, also inside TLS
         h.proxy.allow_cleartext = True
+        assert await _auth_asked(h, tls=True) == Auth.CLEARTEXT_PASSWORD
+        assert await _auth_asked(h, tls=False) == Auth.SASL  # never a cleartext password on plain TCP
         ctx = ssl.create_default_context()
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE

@@ -9,6 +9,7 @@ import tracemalloc
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from proxy.pg import codec
@@ -91,6 +92,29 @@ async def test_newer_minor_version_is_negotiated_down(hoop: Hoop) -> None:
         await raw.close()
 
 
+async def test_gssenc_request_is_answered_n_and_the_session_goes_on(hoop: Hoop) -> None:
+    """libpq asks for GSSAPI encryption first when it has Kerberos credentials; hoop says N, and the
+    client goes on with an SSLRequest or a plain start-up on the same connection."""
+    raw = await connect(hoop)
+    try:
+        raw.writer.write(codec.encode_gssenc_request())
+        assert await asyncio.wait_for(raw.reader.readexactly(1), 5) == b"N"
+        await raw.login(hoop)
+        raw.writer.write(codec.encode_query("SELECT 41 + 1"))
+        types = []
+        while not types or types[-1] != Backend.READY_FOR_QUERY:
+            types.append((await raw.message())[0])
+        assert Backend.DATA_ROW in types and Backend.ERROR_RESPONSE not in types
+    finally:
+        await raw.close()
+    raw = await connect(hoop)
+    try:
+        raw.writer.write(codec.encode_gssenc_request() + codec.encode_ssl_request())
+        assert await asyncio.wait_for(raw.reader.readexactly(2), 5) == b"NS"
+    finally:
+        await raw.close()
+
+
 async def test_slow_client_applies_backpressure(hoop: Hoop) -> None:
     raw = await connect(hoop)
     try:
@@ -115,6 +139,49 @@ async def test_slow_client_applies_backpressure(hoop: Hoop) -> None:
         assert peak < 32 * 1024 * 1024, peak
     finally:
         await raw.close()
+
+
+async def test_slow_server_pauses_reading_from_the_client(hoop: Hoop) -> None:
+    """The other direction: a client streaming COPY data at a database that does not read it (its COPY
+    waits for a lock) is not read by hoop either, so hoop does not buffer the stream."""
+    direct = await asyncpg.connect(hoop.cluster.dsn(hoop.database))
+    raw = await connect(hoop)
+    try:
+        await direct.execute("CREATE TABLE sink (t text)")
+        locker = direct.transaction()
+        await locker.start()
+        await direct.execute("LOCK TABLE sink IN ACCESS EXCLUSIVE MODE")
+        await raw.login(hoop)
+        line = codec.encode_copy_data(b"y" * 1023 + b"\n")
+        chunk = line * 1024  # 1 MiB of COPY data
+        raw.writer.write(codec.encode_query("COPY sink FROM STDIN"))
+        tracemalloc.start()
+        try:
+            sent = 0
+            for sent in range(1, 257):
+                raw.writer.write(chunk)
+                try:
+                    await asyncio.wait_for(raw.writer.drain(), 2.0)
+                except TimeoutError:
+                    break  # hoop stopped reading: the kernel's buffers are full
+            else:
+                raise AssertionError("256 MiB went in while the database read nothing")
+            _, peak_while_stalled = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert sent < 64, sent
+        assert peak_while_stalled < 24 * 1024 * 1024, peak_while_stalled
+        await locker.rollback()  # the COPY gets its lock and reads again
+        await asyncio.wait_for(raw.writer.drain(), 30)
+        raw.writer.write(codec.COPY_DONE)
+        types = []
+        while not types or types[-1] != Backend.READY_FOR_QUERY:
+            types.append((await asyncio.wait_for(raw.message(), 30))[0])
+        assert Backend.ERROR_RESPONSE not in types and Backend.COMMAND_COMPLETE in types
+        assert await direct.fetchval("SELECT count(*) FROM sink") == sent * 1024
+    finally:
+        await raw.close()
+        await direct.close()
 
 
 async def test_terminate_then_the_servers_close_is_the_clients_doing(hoop: Hoop,

@@ -2,21 +2,28 @@
 authenticated, and no login without SCRAM's server proof.
 
 The "server" is a small asyncio fake on a loopback port that plays an impostor between hoop and the
-database (it refuses TLS, then asks for a password) and records every byte hoop sends it."""
+database (it refuses TLS, then asks for a password) and records every byte hoop sends it. The last tests
+log in to a real PostgreSQL with each method it offers: trust, password and md5 (SCRAM is every other
+test's)."""
 
 from __future__ import annotations
 
 import asyncio
 import struct
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 
 from broker.config import PostgresResource
 from broker.errors import UpstreamError
 from proxy.pg import codec, upstream
 from proxy.pg.messages import Auth
+from tests.proxy.pg.harness import running_hoop, seeded_database
+from tests.support.certs import Pki, make_pki
+from tests.support.pgcluster import PgCluster, pg_cluster
 
 SECRET = "held-upstream-password-7f3a"
 
@@ -108,3 +115,59 @@ async def test_a_login_without_scram_proof_is_refused() -> None:
     async with Impostor(sasl_then_ok) as fake:
         with pytest.raises(UpstreamError, match="ended SCRAM without proving it knows the password"):
             await upstream.connect(_resource(fake.port), "hoop", SECRET, {})
+
+
+# ---- a real PostgreSQL asking for trust, password and md5 --------------------------------------------------
+
+_HBA = "\n".join(f"host all hoop_{method} 127.0.0.1/32 {method}" for method in ("trust", "password", "md5"))
+
+
+@pytest.fixture(scope="module")
+def methods_pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[PgCluster, Pki, str]]:
+    """A cluster (with TLS) whose pg_hba asks the roles hoop_trust, hoop_password and hoop_md5 for their
+    methods; hoop_md5's password is stored as md5, or PostgreSQL would use SCRAM in its place."""
+    pki = make_pki(tmp_path_factory.mktemp("pki"))
+    with pg_cluster(tls=(pki.server_cert, pki.server_key), hba_extra=_HBA) as pg:
+        db = seeded_database(pg)
+        pw = pg.password.replace("'", "''")
+        pg.psql(f"CREATE ROLE hoop_trust LOGIN; CREATE ROLE hoop_password LOGIN PASSWORD '{pw}'; "
+                f"SET password_encryption = 'md5'; CREATE ROLE hoop_md5 LOGIN PASSWORD '{pw}'")
+        pg.psql("GRANT SELECT ON users TO hoop_trust, hoop_password, hoop_md5", database=db)
+        assert pg.psql("SELECT rolpassword LIKE 'md5%' FROM pg_authid WHERE rolname = 'hoop_md5'") == "t"
+        yield pg, pki, db
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize(("method", "extra"), [
+    ("trust", {}),
+    ("password", {"insecure_password_auth": True}),
+    ("md5", {"insecure_password_auth": True}),
+    ("password", {"sslmode": "verify-full"}),  # a server hoop has authenticated may have the password
+    ("md5", {"sslmode": "verify-full"}),
+], ids=["trust", "password", "md5", "password-verify-full", "md5-verify-full"])
+async def test_hoop_logs_in_with_each_method_postgresql_asks_for(methods_pg: tuple[PgCluster, Pki, str],
+                                                                 tmp_path: Path, method: str,
+                                                                 extra: dict[str, Any]) -> None:
+    pg, pki, db = methods_pg
+    if extra.get("sslmode") == "verify-full":
+        extra = {**extra, "sslrootcert": str(pki.ca_cert)}
+    async with running_hoop(pg, db, tmp_path, user=f"hoop_{method}", **extra) as hoop:
+        conn = await asyncpg.connect(hoop.dsn())
+        try:
+            assert await conn.fetchval("SELECT current_user") == f"hoop_{method}"
+            assert await conn.fetchval("SELECT count(*) FROM users") == 50
+        finally:
+            await conn.close()
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("method", ["password", "md5"])
+async def test_a_wrong_held_password_is_08006_without_it(methods_pg: tuple[PgCluster, Pki, str], tmp_path: Path,
+                                                         method: str) -> None:
+    pg, _, db = methods_pg
+    async with running_hoop(pg, db, tmp_path, user=f"hoop_{method}", insecure_password_auth=True) as hoop:
+        hoop.proxy.environ = {"PGPW": "wrong-held-password"}
+        hoop.proxy.credentials.environ = hoop.proxy.environ  # type: ignore[attr-defined]
+        with pytest.raises(asyncpg.PostgresError) as info:
+            await asyncpg.connect(hoop.dsn())
+        assert info.value.sqlstate == "08006" and "wrong-held-password" not in str(info.value)

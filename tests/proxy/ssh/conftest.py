@@ -98,9 +98,10 @@ class Env:
 
 async def start_env(up: Sshd, tmp: Path, config: HoopConfig,
                     wrap_gate: Callable[[Gate], AccessGate] | None = None, *, clock: Clock | None = None,
-                    hooks: GrantHooks | None = None) -> tuple[Env, Store]:
+                    hooks: GrantHooks | None = None, environ: dict[str, str] | None = None) -> tuple[Env, Store]:
     """Start hoop's SSH proxy against ``up``; ``wrap_gate`` puts a test's gate around the real one; ``clock``
-    (the system's by default) and ``hooks`` go to the service."""
+    (the system's by default) and ``hooks`` go to the service; ``environ`` adds to the proxy's environment
+    (where credential references are resolved)."""
     store = Store.from_url(f"sqlite+aiosqlite:///{tmp / 'hoop.db'}")
     await store.migrate()
     clock = clock or SystemClock()
@@ -112,8 +113,8 @@ async def start_env(up: Sshd, tmp: Path, config: HoopConfig,
     gate = Gate(service, clock)
     bus.add(hub)
     bus.add(gate)
-    environ = {"UPKEY": up.client_key.read_text()}
-    proxy = SshProxy(config, wrap_gate(gate) if wrap_gate else gate, hub, clock, environ, tmp / "state")
+    proxy = SshProxy(config, wrap_gate(gate) if wrap_gate else gate, hub, clock,
+                     {"UPKEY": up.client_key.read_text(), **(environ or {})}, tmp / "state")
     try:
         port = await proxy.start("127.0.0.1", 0)
     except BaseException:

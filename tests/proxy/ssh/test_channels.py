@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from pathlib import Path
 
 import asyncssh
 import pytest
 
+from broker.config import Guardrails
 from broker.errors import ConfigError
-from tests.proxy.ssh.conftest import Env, make_config, ssh_resource, start_env, stop_env
+from proxy.shellguard import ShellGuard
+from proxy.ssh.context import transfer_server
+from tests.proxy.ssh.conftest import SECRET_TEXT, Env, make_config, ssh_resource, start_env, stop_env
 from tests.support.sshd import Sshd
 
 pytestmark = pytest.mark.ssh
@@ -57,6 +61,99 @@ async def test_sftp_allowed_by_config(upstream: Sshd, tmp_path: Path) -> None:
                 await f.write("through hoop\n")
             async with sftp.open(path) as f:
                 assert await f.read() == "through hoop\n"
+    finally:
+        await stop_env(env, store)
+
+
+async def _scp(env: Env, secret: str, *args: str) -> tuple[int, bytes]:
+    argv = ["sshpass", "-e", "scp", "-P", str(env.port), "-o", "StrictHostKeyChecking=no", "-o",
+            "UserKnownHostsFile=/dev/null", "-o", "PubkeyAuthentication=no", "-o", "LogLevel=ERROR", *args]
+    proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.PIPE, env={**os.environ, "SSHPASS": secret})
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode is not None
+    return proc.returncode, err
+
+
+@pytest.mark.parametrize(("command", "raw"), [
+    ("scp -f /srv/a.txt", True),
+    ("scp -t -- /srv", True),
+    ("scp -r -p -t '/srv/dir with space'", True),
+    ("/usr/lib/openssh/sftp-server", True),
+    ("rsync --server --sender -vlogDtpre.iLsfxCIvu . /srv", True),
+    ("scp /srv/a.txt other:/tmp", False),  # a client: its output is text
+    ("sftp -s /usr/lib/openssh/sftp-server other", False),
+    ("scp -f a; cat /etc/shadow", False),
+    ("scp -f a && cat b", False),
+    ("scp -f a | tee b", False),
+    ("scp -f a > /dev/null", False),
+    ("scp -f $(cat list)", False),
+    ("scp -f `cat list`", False),
+    ("sudo scp -f a", False),  # a wrapper may print too
+    ("FOO=1 scp -f a", False),
+    ("sh -c 'scp -f a'", False),
+    ("cat a", False),
+    ("scp -f 'unterminated", False),
+])
+def test_only_a_plain_transfer_server_command_is_relayed_as_bytes(command: str, raw: bool) -> None:
+    assert transfer_server(ShellGuard(Guardrails()), command) is raw
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["sftp-protocol", "scp-protocol"])
+async def test_scp_allowed_by_config_copies_files_byte_for_byte(upstream: Sshd, tmp_path: Path, legacy: bool) -> None:
+    """``scp -O`` (and scp before OpenSSH 9) runs ``scp -f``/``-t`` by exec, whose output hoop masked: a file
+    holding an email or a card changed length under the scp protocol's byte count and the copy hung."""
+    env, store = await start_env(upstream, tmp_path, make_config(upstream, ssh_resource(
+        upstream, allow={"sftp": True})))
+    try:
+        grant, secret = await env.grant()
+        flags = ["-O"] if legacy else []
+        code, err = await _scp(env, secret, *flags, f"{grant.login}@127.0.0.1:{upstream.dir / 'secret.txt'}",
+                               str(tmp_path / "down.txt"))
+        assert code == 0, err
+        assert (tmp_path / "down.txt").read_text() == SECRET_TEXT
+        (tmp_path / "up.txt").write_text(SECRET_TEXT)
+        code, err = await _scp(env, secret, *flags, str(tmp_path / "up.txt"), f"{grant.login}@127.0.0.1:"
+                               f"{tmp_path / 'landed.txt'}")
+        assert code == 0, err
+        assert (tmp_path / "landed.txt").read_text() == SECRET_TEXT
+        # a line that does more than transfer files is masked as any exec is
+        code, out, _ = await env.ssh(grant.login, secret, f"scp -f /nonexistent; cat {upstream.dir / 'secret.txt'}")
+        assert b"alice@example.com" not in out and b"[email]" in out
+        await env.hub.flush()
+        async with env.service.store.tx() as tx:
+            events = [e for s in await tx.list_sessions() for e in await tx.events(s.id)]
+        recorded = str([e.data for e in events if e.kind != "open"])  # (alice is also the grant's holder)
+        assert "alice@example.com" not in recorded and "4111 1111" not in recorded
+        if legacy:
+            transfers = [e.data["command"] for e in events if e.kind == "sftp"]
+            assert len(transfers) == 2 and all(c.startswith("scp -") for c in transfers), transfers
+            assert sum(e.data["exit_status"] == 0 for e in events if e.kind == "command") >= 2
+    finally:
+        await stop_env(env, store)
+
+
+async def test_an_sftp_server_started_by_exec_copies_files_byte_for_byte(upstream: Sshd, tmp_path: Path) -> None:
+    """``sftp -s /path/to/sftp-server`` (for a host without an sftp subsystem) runs the server by exec: its
+    packets are relayed as bytes, as the subsystem's are."""
+    env, store = await start_env(upstream, tmp_path, make_config(upstream, ssh_resource(
+        upstream, allow={"sftp": True})))
+    try:
+        grant, secret = await env.grant()
+        argv = ["sshpass", "-e", "sftp", "-P", str(env.port), "-o", "StrictHostKeyChecking=no", "-o",
+                "UserKnownHostsFile=/dev/null", "-o", "PubkeyAuthentication=no", "-o", "LogLevel=ERROR",
+                "-s", "/usr/lib/openssh/sftp-server", f"{grant.login}@127.0.0.1"]
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "SSHPASS": secret})
+        _, err = await asyncio.wait_for(proc.communicate(
+            f"get {upstream.dir / 'secret.txt'} {tmp_path / 'down.txt'}\n".encode()), 30)
+        assert proc.returncode == 0, err
+        assert (tmp_path / "down.txt").read_text() == SECRET_TEXT
+        await env.hub.flush()
+        async with env.service.store.tx() as tx:
+            events = [e for s in await tx.list_sessions() for e in await tx.events(s.id)]
+        assert [e.data["command"] for e in events if e.kind == "sftp"] == ["/usr/lib/openssh/sftp-server"]
     finally:
         await stop_env(env, store)
 
@@ -129,12 +226,19 @@ async def test_a_known_hosts_without_the_hosts_key_stops_the_proxy_at_start(upst
     assert expected in exc.value.message, exc.value.message
 
 
-async def test_host_key_persists_across_restarts(upstream: Sshd, tmp_path: Path) -> None:
+async def test_host_key_persists_across_restarts(upstream: Sshd, tmp_path: Path,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="proxy.ssh")
     env, store = await start_env(upstream, tmp_path, make_config(upstream))
     first = env.proxy.fingerprint
     await stop_env(env, store)
     env, store = await start_env(upstream, tmp_path, make_config(upstream))
     try:
         assert env.proxy.fingerprint == first and first.startswith("SHA256:")
+        # the fingerprint clients are shown is the one logged, at each start; the key is made once
+        grant, secret = await env.grant()
+        async with await env.client(grant.login, secret) as conn:
+            assert conn.get_server_host_key().get_fingerprint() == first
     finally:
         await stop_env(env, store)
+    assert caplog.text.count(f"host key {first}") == 2 and caplog.text.count("generated SSH host key") == 1

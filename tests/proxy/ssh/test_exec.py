@@ -66,6 +66,16 @@ async def test_secret_printed_by_cat_is_masked_for_client_and_recording(env: Env
     assert "[card]" in recorded and "4111 1111" not in recorded and "alice@example.com" not in recorded
 
 
+async def test_a_secret_on_stderr_is_masked_for_client_and_recording(env: Env) -> None:
+    grant, secret = await env.grant()
+    code, out, err = await env.ssh(grant.login, secret, f"cat {env.up.dir / 'secret.txt'} >&2")
+    assert code == 0 and out == b""
+    assert b"4111" not in err and b"alice@example.com" not in err
+    assert b"[card]" in err and b"[email]" in err
+    recorded = "".join(e["data"] for e in await _events(env, "output"))
+    assert "[card]" in recorded and "4111 1111" not in recorded and "alice@example.com" not in recorded
+
+
 async def test_value_split_across_chunks_is_masked(env: Env) -> None:
     grant, secret = await env.grant()
     script = "printf 'card 4111 1111'; sleep 0.02; printf ' 1111 1111 end\\n'"
@@ -100,6 +110,26 @@ async def test_sessions_are_recorded_and_closed(env: Env) -> None:
             break
         await asyncio.sleep(0.05)
     assert sessions[0].status is SessionStatus.CLOSED and sessions[0].grant_id == grant.id
+
+
+async def test_the_session_is_recorded_with_who_from_where_and_why_it_closed(env: Env) -> None:
+    grant, secret = await env.grant()
+    async with await env.client(grant.login, secret) as conn:
+        host, port = conn.get_extra_info("sockname")[:2]
+        assert (await conn.run("true", check=False)).exit_status == 0
+    local = f"{host}:{port}"  # the client's address, as hoop sees it
+    for _ in range(100):
+        async with env.service.store.tx() as tx:
+            (session,) = await tx.list_sessions()
+        if session.status is SessionStatus.CLOSED:
+            break
+        await asyncio.sleep(0.05)
+    chain = ("root@example.com", "alice@example.com")  # a break-glass grant: the admin who issued it, then alice
+    assert (session.login, session.chain, session.client_addr) == (grant.login, chain, local)
+    assert session.close_reason == "client disconnected"
+    opened = (await _events(env, "open"))[0]
+    assert (opened["chain"], opened["client"], opened["login"]) == (list(chain), local, grant.login)
+    assert [c["reason"] for c in await _events(env, "close")] == ["client disconnected"]
 
 
 async def test_keyboard_interactive_login_with_openssh(env: Env) -> None:

@@ -66,6 +66,19 @@ async def test_reviewed_exec_waits_for_the_approver(renv: Env, allow: bool) -> N
         assert (code, out) == (126, b"") and b"not approved" in err and not marker.exists()
 
 
+async def test_the_review_shows_the_command_masked(renv: Env) -> None:
+    """What approvers read in the thread is masked like the recording."""
+    grant, secret = await renv.grant()
+    marker = renv.up.dir / "reviewed-masked"
+    marker.unlink(missing_ok=True)
+    run = asyncio.create_task(renv.ssh(grant.login, secret, f"touch {marker}; echo ann@corp.example"))
+    event = await _held(renv)
+    assert event.review.text == f"touch {marker}; echo [email]"
+    await renv.hub.reviews.decide(event.review.id, OPS, True)
+    code, out, _ = await run
+    assert (code, out) == (0, b"[email]\n") and marker.exists()
+
+
 async def test_reviewed_exec_times_out_refused(upstream: Sshd, tmp_path: Path) -> None:
     env, store = await start_env(upstream, tmp_path, _config(upstream, 0.5))
     try:

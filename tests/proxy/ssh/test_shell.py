@@ -104,6 +104,27 @@ async def test_blocked_interactive_line_is_not_run(env: Env) -> None:
     assert "echo STILL$((1+1))" in inputs
 
 
+async def test_typed_lines_and_their_echo_are_recorded_masked(env: Env) -> None:
+    grant, secret = await env.grant()
+    async with await env.client(grant.login, secret) as conn:
+        term = await shell(conn)
+        out = await term.run("echo MARK ann@corp.example 4111 1111 1111 1111 END", "END\r\n")
+        assert "ann@corp.example" not in out and "4111" not in out
+        assert "MARK [email] [card] END" in out
+        term.proc.stdin.write("exit\r")
+        await term.proc.wait_closed()
+    await env.hub.flush()
+    async with env.service.store.tx() as tx:
+        (s,) = await tx.list_sessions()
+        events = await tx.events(s.id)
+    inputs = [e.data["data"] for e in events if e.kind == "input"]
+    assert "echo MARK [email] [card] END\r\n" in inputs, inputs
+    output = "".join(e.data["data"] for e in events if e.kind == "output")
+    assert "MARK [email] [card] END" in output
+    recorded = str([e.data for e in events if e.kind != "open"])  # (the grant's holder is an email)
+    assert "ann@corp.example" not in recorded and "4111" not in recorded
+
+
 async def test_piped_shell_without_pty_guards_each_line(env: Env) -> None:
     grant, secret = await env.grant()
     code, out, err = await env.ssh(grant.login, secret, stdin=b"echo one\nreboot\necho two\n")
