@@ -144,7 +144,7 @@ class SessionLines:
 
     def _event(self, e: SessionEvent, lines: list[str]) -> None:
         counts, d = self.counts, e.data
-        t = _hms(e.at) + (self.who if e.kind in ("statement", "command", "http", "blocked", "review") else "")
+        t = _hms(e.at) + (self.who if e.kind in ("statement", "command", "http", "blocked", "review", "sftp") else "")
         if e.kind == "statement":
             counts.statements += 1
             rows = d.get("rows")
@@ -197,6 +197,9 @@ class SessionLines:
         elif e.kind == "blocked":
             counts.blocked += 1
             lines.append(f"{t} BLOCKED {d.get('text', '')} [rule {d.get('rule')}]")
+        elif e.kind == "sftp":  # the SFTP subsystem, or an allowed scp/sftp-server/rsync server exec
+            what = f"file transfer by `{d['command']}`" if d.get("command") else "SFTP session"
+            lines.append(f"{t} {what}: relayed as bytes, unmasked; the files moved are not recorded")
         elif e.kind == "close":
             lines.append(f"{t} session closed: {d.get('reason', '')}")
 

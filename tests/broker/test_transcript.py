@@ -223,3 +223,15 @@ def test_a_command_cut_short_says_how_it_ended() -> None:
     assert "$ sleep 600 → ended: access expired" in text
     assert "$ tail -f log → ended: client disconnected" in text
     assert "$ true → exit 0\n" in text
+
+
+def test_a_file_transfer_is_shown_for_what_it_is() -> None:
+    """An SFTP session, or an allowed scp server exec, is relayed as bytes: the transcript says a transfer
+    happened and that its files are not in the recording (it showed nothing for an SFTP session)."""
+    events = [ev(1, "sftp", channel=0), ev(2, "sftp", channel=1, command="scp -t /tmp/x"),
+              ev(3, "command", command="scp -t /tmp/x", decision="allow", exit_status=0)]
+    lines = render(GRANT, [(session("ssh"), events)], max_bytes=10_000).text.splitlines()
+    assert any(line.endswith("[alice@example.com → ci-runner] SFTP session: relayed as bytes, unmasked; the files "
+                             "moved are not recorded") for line in lines)
+    assert any("file transfer by `scp -t /tmp/x`: relayed as bytes" in line for line in lines)
+    assert any(line.endswith("$ scp -t /tmp/x → exit 0") for line in lines)
