@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one test command: sets up a fresh machine, then runs ruff, mypy --strict and the whole suite.
 # Installs (when missing) PostgreSQL server binaries, OpenSSH server and client, pgbouncer,
-# sshpass, curl and xauth (X11 forwarding tests) with apt-get, and the Python environment in .venv.
+# sshpass, curl, xauth (X11 forwarding tests) and rsync with apt-get, and the Python environment in .venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,6 +18,7 @@ command -v sshpass >/dev/null 2>&1 || need_apt+=(sshpass)
 command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ] || need_apt+=(pgbouncer)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 command -v xauth >/dev/null 2>&1 || need_apt+=(xauth)
+command -v rsync >/dev/null 2>&1 || need_apt+=(rsync)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "== installing system packages: ${need_apt[*]}"
   if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=""; fi

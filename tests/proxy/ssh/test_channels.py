@@ -133,6 +133,50 @@ async def test_scp_allowed_by_config_copies_files_byte_for_byte(upstream: Sshd, 
         await stop_env(env, store)
 
 
+async def _rsync(env: Env, secret: str, *args: str) -> tuple[int, bytes]:
+    shell = (f"ssh -p {env.port} -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null "
+             "-o PubkeyAuthentication=no -o LogLevel=ERROR")
+    proc = await asyncio.create_subprocess_exec(
+        "sshpass", "-e", "rsync", "-e", shell, *args, stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env={**os.environ, "SSHPASS": secret})
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, err
+
+
+async def test_rsync_through_hoop_copies_files_byte_for_byte_when_sftp_is_allowed(upstream: Sshd,
+                                                                                  tmp_path: Path) -> None:
+    """rsync runs ``rsync --server`` by exec: with allow.sftp it is relayed as bytes both ways (masking its
+    stream would break rsync's protocol, as it broke scp's); without it, it is refused like scp."""
+    env, store = await start_env(upstream, tmp_path, make_config(upstream, ssh_resource(
+        upstream, allow={"sftp": True})))
+    try:
+        grant, secret = await env.grant()
+        remote = f"{grant.login}@127.0.0.1:"
+        code, err = await _rsync(env, secret, "-a", f"{remote}{upstream.dir / 'secret.txt'}", str(tmp_path / "down"))
+        assert code == 0, err
+        assert (tmp_path / "down").read_text() == SECRET_TEXT
+        (tmp_path / "tree").mkdir()
+        (tmp_path / "tree" / "a.txt").write_text(SECRET_TEXT * 1000)
+        code, err = await _rsync(env, secret, "-az", str(tmp_path / "tree") + "/", f"{remote}{tmp_path / 'landed'}")
+        assert code == 0, err
+        assert (tmp_path / "landed" / "a.txt").read_text() == SECRET_TEXT * 1000
+        await env.hub.flush()
+        async with env.service.store.tx() as tx:
+            events = [e for s in await tx.list_sessions() for e in await tx.events(s.id)]
+        transfers = [e.data["command"] for e in events if e.kind == "sftp"]
+        assert len(transfers) == 2 and all(c.startswith("rsync --server") for c in transfers), transfers
+    finally:
+        await stop_env(env, store)
+
+
+async def test_rsync_is_refused_without_allow_sftp(env: Env, tmp_path: Path) -> None:
+    grant, secret = await env.grant()
+    code, err = await _rsync(env, secret, "-a", f"{grant.login}@127.0.0.1:{env.up.dir / 'secret.txt'}",
+                             str(tmp_path / "down"))
+    assert code != 0 and b"allow.sftp" in err and not (tmp_path / "down").exists()
+
+
 async def test_an_sftp_server_started_by_exec_copies_files_byte_for_byte(upstream: Sshd, tmp_path: Path) -> None:
     """``sftp -s /path/to/sftp-server`` (for a host without an sftp subsystem) runs the server by exec: its
     packets are relayed as bytes, as the subsystem's are."""
