@@ -144,7 +144,8 @@ class SessionLines:
 
     def _event(self, e: SessionEvent, lines: list[str]) -> None:
         counts, d = self.counts, e.data
-        t = _hms(e.at) + (self.who if e.kind in ("statement", "command", "http", "blocked", "review", "sftp") else "")
+        t = _hms(e.at) + (self.who if e.kind in ("statement", "command", "http", "blocked", "review", "sftp", "sftp_op")
+                          else "")
         if e.kind == "statement":
             counts.statements += 1
             rows = d.get("rows")
@@ -199,7 +200,15 @@ class SessionLines:
             lines.append(f"{t} BLOCKED {d.get('text', '')} [rule {d.get('rule')}]")
         elif e.kind == "sftp":  # the SFTP subsystem, or an allowed scp/sftp-server/rsync server exec
             what = f"file transfer by `{d['command']}`" if d.get("command") else "SFTP session"
-            lines.append(f"{t} {what}: relayed as bytes, unmasked; the files moved are not recorded")
+            lines.append(f"{t} {what}: relayed as bytes, unmasked; the files' contents are not recorded")
+        elif e.kind == "sftp_op":  # a file operation of an SFTP session (proxy/ssh/sftplog.py)
+            counts.statements += 1
+            if d.get("op") == "unreadable":
+                lines.append(f"{t} sftp: requests no longer read: {d.get('why', '')}")
+            else:
+                to = f" → {d['to']}" if d.get("to") else ""
+                mode = f" ({d['mode']})" if d.get("mode") else ""
+                lines.append(f"{t} sftp {d.get('op')} {d.get('path', '')}{to}{mode}")
         elif e.kind == "close":
             lines.append(f"{t} session closed: {d.get('reason', '')}")
 

@@ -50,6 +50,7 @@ from proxy.ssh.context import ChannelContext
 from proxy.ssh.lines import LineGate
 from proxy.ssh.output import OutputRelay
 from proxy.ssh.recording import Recorder
+from proxy.ssh.sftplog import SftpRequests
 
 if TYPE_CHECKING:
     UpChan = asyncssh.SSHClientChannel[bytes]
@@ -119,6 +120,7 @@ class ProxyChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         self._decision: Decision | None = None
         self._refusal: Decision | None = None  # refused when it was requested (not UTF-8, a subsystem)
         self._exec_recorded = False  # the exec's end (or refusal) is recorded once
+        self._sftp: SftpRequests | None = None  # an SFTP session's requests, read for the record
 
     # -- requests from the client ---------------------------------------------------------
     def connection_made(self, chan: DownChan) -> None:
@@ -272,6 +274,8 @@ class ProxyChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         if self.mode == "sftp" or raw:
             session.record("sftp", {"channel": self.number} if not raw else
                            {"channel": self.number, "command": self.ctx.masker.mask_text(self.command or "")})
+            if not raw or (self.command or "").split()[0].rsplit("/", 1)[-1] == "sftp-server":
+                self._sftp = SftpRequests()  # (scp and rsync speak other protocols: their exec line is the record)
         else:
             size = term[1] if term else (80, 24, 0, 0)
             command = self.ctx.masker.mask_text(self.command) if self.command is not None else None
@@ -365,8 +369,21 @@ class ProxyChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         assert self.up is not None
         if self.mode != "shell" or (self.pty is not None and self.out.fullscreen):
             self.up.write(data)
+            if self._sftp is not None:
+                self._sftp_ops(data)
         else:
             self.lines.feed(data)
+
+    def _sftp_ops(self, data: bytes) -> None:
+        """Record the file operations ``data`` completed (the bytes went to the host as they came), paths masked."""
+        assert self._sftp is not None
+        mask = self.ctx.masker.mask_text
+        for op in self._sftp.feed(data):
+            for key in ("path", "to"):
+                if key in op:
+                    op[key] = mask(op[key])
+            op["channel"] = self.number
+            self.ctx.session.record("sftp_op", op)
 
     def _input_eof(self) -> None:
         assert self.up is not None

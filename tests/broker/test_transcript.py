@@ -231,7 +231,19 @@ def test_a_file_transfer_is_shown_for_what_it_is() -> None:
     events = [ev(1, "sftp", channel=0), ev(2, "sftp", channel=1, command="scp -t /tmp/x"),
               ev(3, "command", command="scp -t /tmp/x", decision="allow", exit_status=0)]
     lines = render(GRANT, [(session("ssh"), events)], max_bytes=10_000).text.splitlines()
-    assert any(line.endswith("[alice@example.com → ci-runner] SFTP session: relayed as bytes, unmasked; the files "
-                             "moved are not recorded") for line in lines)
+    assert any(line.endswith("[alice@example.com → ci-runner] SFTP session: relayed as bytes, unmasked; the "
+                             "files' contents are not recorded") for line in lines)
     assert any("file transfer by `scp -t /tmp/x`: relayed as bytes" in line for line in lines)
     assert any(line.endswith("$ scp -t /tmp/x → exit 0") for line in lines)
+
+
+def test_sftp_file_operations_are_lines_of_the_transcript() -> None:
+    events = [ev(1, "sftp", channel=0), ev(2, "sftp_op", channel=0, op="open", path="/srv/[email].csv", mode="read"),
+              ev(3, "sftp_op", channel=0, op="rename", path="/tmp/a", to="/tmp/b"),
+              ev(4, "sftp_op", channel=0, op="unreadable", path="", why="a packet of 9 bytes is not SFTP")]
+    t = render(GRANT, [(session("ssh"), events)], max_bytes=10_000)
+    lines = t.text.splitlines()
+    assert any(line.endswith("] sftp open /srv/[email].csv (read)") for line in lines)
+    assert any(line.endswith("] sftp rename /tmp/a → /tmp/b") for line in lines)
+    assert any(line.endswith("] sftp: requests no longer read: a packet of 9 bytes is not SFTP") for line in lines)
+    assert "3 statement(s)/command(s)" in t.summary

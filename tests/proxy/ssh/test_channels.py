@@ -12,6 +12,7 @@ import pytest
 
 from broker.config import Guardrails
 from broker.errors import ConfigError
+from broker.recap import session_transcript
 from proxy.shellguard import ShellGuard
 from proxy.ssh.context import transfer_server
 from tests.proxy.ssh.conftest import SECRET_TEXT, Env, make_config, ssh_resource, start_env, stop_env
@@ -198,6 +199,51 @@ async def test_an_sftp_server_started_by_exec_copies_files_byte_for_byte(upstrea
         async with env.service.store.tx() as tx:
             events = [e for s in await tx.list_sessions() for e in await tx.events(s.id)]
         assert [e.data["command"] for e in events if e.kind == "sftp"] == ["/usr/lib/openssh/sftp-server"]
+    finally:
+        await stop_env(env, store)
+
+
+async def test_an_sftp_session_records_its_file_operations_masked(upstream: Sshd, tmp_path: Path) -> None:
+    """The SFTP bytes pass unchanged, but which files were read, written, renamed and removed is recorded,
+    paths masked, and is in the transcript."""
+    env, store = await start_env(upstream, tmp_path, make_config(upstream, ssh_resource(
+        upstream, allow={"sftp": True})))
+    try:
+        grant, secret = await env.grant()
+        work = tmp_path / "work"
+        work.mkdir()
+        (tmp_path / "local.txt").write_text(SECRET_TEXT)
+        batch = "\n".join([f"put {tmp_path / 'local.txt'} {work / 'alice@example.com.txt'}",
+                            f"get {upstream.dir / 'secret.txt'} {tmp_path / 'got.txt'}",
+                            f"rename {work / 'alice@example.com.txt'} {work / 'renamed.txt'}",
+                            f"mkdir {work / 'sub'}", f"rmdir {work / 'sub'}", f"rm {work / 'renamed.txt'}"]) + "\n"
+        argv = ["sshpass", "-e", "sftp", "-P", str(env.port), "-o", "StrictHostKeyChecking=no", "-o",
+                "UserKnownHostsFile=/dev/null", "-o", "PubkeyAuthentication=no", "-o", "LogLevel=ERROR",
+                f"{grant.login}@127.0.0.1"]
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "SSHPASS": secret})
+        _, err = await asyncio.wait_for(proc.communicate(batch.encode()), 30)
+        assert proc.returncode == 0, err
+        assert (tmp_path / "got.txt").read_text() == SECRET_TEXT  # unchanged: SFTP bytes are not masked
+        assert not (work / "renamed.txt").exists() and not (work / "sub").exists()
+        await env.hub.flush()
+        async with env.service.store.tx() as tx:
+            sessions = await tx.list_sessions()
+            events = [e for s in sessions for e in await tx.events(s.id)]
+        ops = [(e.data["op"], e.data["path"], e.data.get("to"), e.data.get("mode"))
+               for e in events if e.kind == "sftp_op" and e.data["op"] != "list"]
+        assert ops == [
+            ("open", f"{work}/[email]", None, "write,create,truncate"),
+            ("open", str(upstream.dir / "secret.txt"), None, "read"),
+            ("rename", f"{work}/[email]", str(work / "renamed.txt"), None),
+            ("mkdir", str(work / "sub"), None, None),
+            ("rmdir", str(work / "sub"), None, None),
+            ("remove", str(work / "renamed.txt"), None, None),
+        ], ops
+        assert "alice@example.com" not in str([e.data for e in events if e.kind == "sftp_op"])
+        _, transcript = await session_transcript(env.service, sessions[0].id)
+        assert f"sftp rename {work}/[email] → {work / 'renamed.txt'}" in transcript.text
     finally:
         await stop_env(env, store)
 

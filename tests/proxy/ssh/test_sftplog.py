@@ -1,0 +1,86 @@
+"""The SFTP request stream read for the record: bytes in, operations out, however the bytes are split."""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import pytest
+
+from proxy.ssh.sftplog import MAX_HELD, SftpRequests
+
+
+def _s(value: bytes) -> bytes:
+    return struct.pack(">I", len(value)) + value
+
+
+def packet(kind: int, body: bytes, request_id: int = 7) -> bytes:
+    payload = bytes([kind]) + struct.pack(">I", request_id) + body
+    return struct.pack(">I", len(payload)) + payload
+
+
+NO_ATTRS = struct.pack(">I", 0)
+INIT = struct.pack(">IBI", 5, 1, 3)  # SSH_FXP_INIT, version 3: no request id
+STREAM = b"".join([
+    INIT,
+    packet(3, _s(b"/srv/report.csv") + struct.pack(">I", 1) + NO_ATTRS),  # open for reading
+    packet(5, _s(b"h1") + struct.pack(">QI", 0, 32768)),  # read: skipped
+    packet(3, _s(b"/tmp/up.bin") + struct.pack(">I", 0x1A) + NO_ATTRS),  # write, create, truncate
+    packet(6, _s(b"h2") + struct.pack(">Q", 0) + _s(b"x" * 100_000)),  # a write: skipped, never held
+    packet(4, _s(b"h2")),  # close
+    packet(11, _s(b"/srv")),
+    packet(13, _s(b"/tmp/old.log")),
+    packet(14, _s(b"/tmp/new") + NO_ATTRS),
+    packet(15, _s(b"/tmp/gone")),
+    packet(9, _s(b"/tmp/up.bin") + NO_ATTRS),
+    packet(18, _s(b"/tmp/a") + _s(b"/tmp/b")),
+    packet(20, _s(b"/tmp/target") + _s(b"/tmp/link")),
+    packet(200, _s(b"posix-rename@openssh.com") + _s(b"/tmp/c") + _s(b"/tmp/d")),
+    packet(200, _s(b"statvfs@openssh.com") + _s(b"/")),  # names no change: not an operation
+    packet(17, _s("/srv/caf\u00e9".encode())),  # stat: skipped
+])
+EXPECTED: list[dict[str, Any]] = [
+    {"op": "open", "path": "/srv/report.csv", "mode": "read"},
+    {"op": "open", "path": "/tmp/up.bin", "mode": "write,create,truncate"},
+    {"op": "list", "path": "/srv"},
+    {"op": "remove", "path": "/tmp/old.log"},
+    {"op": "mkdir", "path": "/tmp/new"},
+    {"op": "rmdir", "path": "/tmp/gone"},
+    {"op": "setstat", "path": "/tmp/up.bin"},
+    {"op": "rename", "path": "/tmp/a", "to": "/tmp/b"},
+    {"op": "symlink", "path": "/tmp/target", "to": "/tmp/link"},
+    {"op": "rename", "path": "/tmp/c", "to": "/tmp/d"},
+]
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 7, 64, 4096, len(STREAM)])
+def test_operations_whatever_the_chunks(size: int) -> None:
+    reader = SftpRequests()
+    ops = [op for i in range(0, len(STREAM), size) for op in reader.feed(STREAM[i : i + size])]
+    assert ops == EXPECTED and not reader.stopped
+
+
+def test_a_stream_that_is_not_sftp_stops_the_reading_once() -> None:
+    reader = SftpRequests()
+    ops = reader.feed(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert reader.stopped and [op["op"] for op in ops] == ["unreadable"] and "not SFTP" in ops[0]["why"]
+    assert reader.feed(packet(13, _s(b"/tmp/x"))) == []
+
+
+def test_a_path_packet_too_long_to_hold_is_skipped_and_said() -> None:
+    reader = SftpRequests()
+    long_open = packet(3, _s(b"/" + b"a" * MAX_HELD) + struct.pack(">I", 1) + NO_ATTRS)
+    ops = reader.feed(long_open + packet(13, _s(b"/tmp/x")))
+    assert [op["op"] for op in ops] == ["unreadable", "remove"] and ops[1]["path"] == "/tmp/x"
+
+
+def test_a_field_past_its_packet_is_unreadable_not_an_error() -> None:
+    reader = SftpRequests()
+    bad = packet(13, struct.pack(">I", 50) + b"/short")  # the string claims 50 bytes
+    ops = reader.feed(bad + packet(15, _s(b"/tmp/d")))
+    assert [op["op"] for op in ops] == ["unreadable", "rmdir"]
+
+
+def test_undecodable_path_bytes_are_shown_escaped() -> None:
+    ops = SftpRequests().feed(packet(13, _s(b"/tmp/\xff.bin")))
+    assert ops == [{"op": "remove", "path": "/tmp/\\xff.bin"}]
