@@ -212,10 +212,13 @@ def is_approver_of(config: HoopConfig, who: Identity, resource_name: str) -> boo
 
 
 def may_revoke(config: HoopConfig, who: Identity, grant: Grant) -> None:
-    """Requester (the grant's holder or anyone in its chain), an approver of one of its
-    resources, or an admin may revoke. Everyone else gets :class:`Denied`."""
+    """Requester (the grant's holder or anyone in its chain, including a member of a team an agent in it
+    acts for), an approver of one of its resources, or an admin may revoke. Everyone else gets
+    :class:`Denied`."""
     email = who.email.lower()
     if email == grant.identity.lower() or email in (c.lower() for c in grant.chain):
+        return
+    if teams_behind(who, grant.chain):
         return
     if is_admin(config, who) or any(is_approver_of(config, who, r) for r in grant.resources):
         return

@@ -9,7 +9,7 @@ import pytest
 from broker import policy
 from broker.config import HoopConfig
 from broker.errors import Denied, InvalidInput
-from broker.model import AccessRequest, Approval, Identity, RequestStatus, StepSpec
+from broker.model import AccessRequest, Approval, Grant, GrantStatus, Identity, RequestStatus, StepSpec
 
 T0 = datetime(2030, 1, 1, tzinfo=UTC)
 
@@ -176,3 +176,12 @@ def test_who_may_request(config: HoopConfig) -> None:
         policy.may_request(config, who(config, "dana@example.com"), "prod-db")
     with pytest.raises(InvalidInput, match="unknown resource"):
         policy.may_request(config, who(config, "alice@example.com"), "nope")
+
+
+def test_a_member_of_the_team_an_agent_acts_for_may_revoke_its_grant(config: HoopConfig) -> None:
+    grant = Grant(id="g1", login="eng-bot.abcde", identity="eng-bot", chain=("eng", "eng-bot"),
+                  resources=("prod-db",), status=GrantStatus.ACTIVE, created_at=T0, expires_at=T0 + timedelta(hours=1))
+    policy.may_revoke(config, who(config, "carol@example.com"), grant)  # in eng, not an approver of prod-db
+    with pytest.raises(Denied) as exc:
+        policy.may_revoke(config, who(config, "zed@example.com"), grant)  # neither in the team nor an approver
+    assert exc.value.code == "not_revoker"
