@@ -146,3 +146,48 @@ async def test_a_store_url_as_a_cloud_console_prints_it_works(pg: PgCluster) -> 
         assert "cannot reach the store" in exc.value.message and pg.password not in exc.value.message
     finally:
         await away.close()
+
+
+@pytest.mark.parametrize("cleartext", [False, True])
+async def test_tls_cleartext_in_tls_reaches_the_postgresql_proxy(tmp_path: Path, cleartext: bool) -> None:
+    """``tls.cleartext_in_tls`` is read by ``hoop serve`` and handed to the PostgreSQL proxy: inside TLS a
+    client is then asked for a cleartext password (its secret is protected by TLS), else for SCRAM."""
+    import ssl
+
+    from proxy.pg import codec
+    from proxy.pg.backend import decode_authentication
+    from proxy.pg.messages import Backend
+
+    data = base_config(state_dir=str(tmp_path / "state"),
+                       listen={"host": "127.0.0.1", "http": 0, "postgres": 0, "ssh": 0, "http_proxy": 0})
+    data["tls"] = {"cleartext_in_tls": cleartext}
+    settings = Settings(database_url=f"sqlite+aiosqlite:///{tmp_path / 'hoop.db'}", environ={"PGPW": "pw"})
+    said: list[str] = []
+    ready, stop = asyncio.Event(), asyncio.Event()
+
+    def say(line: str) -> None:
+        said.append(line)
+        if line == "hoop: ready":
+            ready.set()
+
+    task = asyncio.create_task(serve_forever(parse_config(data), settings, say, stop=stop))
+    try:
+        await asyncio.wait_for(ready.wait(), 60)
+        port = int(next(line for line in said if line.startswith("hoop: PostgreSQL proxy on")).rsplit(":", 1)[1])
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(codec.encode_ssl_request())
+            assert await reader.readexactly(1) == b"S"
+            ctx = ssl.create_default_context()
+            ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+            await writer.start_tls(ctx)
+            writer.write(codec.encode_startup({"user": "alice.nobody", "database": "prod-db"}))
+            msg_type, length = codec.HEADER.unpack(await reader.readexactly(5))
+            assert msg_type == Backend.AUTHENTICATION
+            code = decode_authentication(await reader.readexactly(length - 4)).code
+        finally:
+            writer.close()
+        assert code == (3 if cleartext else 10)  # AuthenticationCleartextPassword, else AuthenticationSASL
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 60)
