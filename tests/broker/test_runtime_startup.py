@@ -5,7 +5,9 @@ Slack notifier above all: the credential DM is shown once) is on the bus before 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from broker.store.urls import engine_args, redact_url
 from tests.conftest import base_config
 from tests.support.fakeslack import FakeSlack
 from tests.support.pgcluster import PgCluster
+from tests.support.pgwire import auth_asked
 
 pytestmark = pytest.mark.postgres
 
@@ -55,14 +58,9 @@ async def _left_by_the_last_process(url: str, config_data: dict[str, object]) ->
         await store.close()
 
 
-async def test_leader_catch_up_at_start_reaches_slack(pg: PgCluster, tmp_path: Path) -> None:
-    url = pg.sqlalchemy_url(pg.create_database("startup"))
-    data = base_config(state_dir=str(tmp_path / "state"), listen={"http": 0, "postgres": 0, "ssh": 0,
-                                                                 "http_proxy": 0})
-    await _left_by_the_last_process(url, data)
-    fake = await FakeSlack(users={"UALICE": {"email": "alice@example.com", "name": "Alice"}}).start()
-    settings = Settings(database_url=url, slack_bot_token="xoxb-t", slack_signing_secret="s",
-                        slack_api_url=fake.api_url, environ={"PGPW": "pw"})
+@contextlib.asynccontextmanager
+async def _serving(data: dict[str, object], settings: Settings) -> AsyncIterator[list[str]]:
+    """``hoop serve`` (``serve_forever``) until the block ends: the lines it said, once it is ready."""
     said: list[str] = []
     ready, stop = asyncio.Event(), asyncio.Event()
 
@@ -74,10 +72,24 @@ async def test_leader_catch_up_at_start_reaches_slack(pg: PgCluster, tmp_path: P
     task = asyncio.create_task(serve_forever(parse_config(data), settings, say, stop=stop))
     try:
         await asyncio.wait_for(ready.wait(), 60)
-        assert "hoop: this replica is now the scheduler leader" in said
+        yield said
     finally:
         stop.set()
         await asyncio.wait_for(task, 60)
+
+
+async def test_leader_catch_up_at_start_reaches_slack(pg: PgCluster, tmp_path: Path) -> None:
+    url = pg.sqlalchemy_url(pg.create_database("startup"))
+    data = base_config(state_dir=str(tmp_path / "state"), listen={"http": 0, "postgres": 0, "ssh": 0,
+                                                                 "http_proxy": 0})
+    await _left_by_the_last_process(url, data)
+    fake = await FakeSlack(users={"UALICE": {"email": "alice@example.com", "name": "Alice"}}).start()
+    settings = Settings(database_url=url, slack_bot_token="xoxb-t", slack_signing_secret="s",
+                        slack_api_url=fake.api_url, environ={"PGPW": "pw"})
+    try:
+        async with _serving(data, settings) as said:
+            assert "hoop: this replica is now the scheduler leader" in said
+    finally:
         await fake.stop()
 
     posts = fake.of("chat.postMessage")
@@ -152,42 +164,11 @@ async def test_a_store_url_as_a_cloud_console_prints_it_works(pg: PgCluster) -> 
 async def test_tls_cleartext_in_tls_reaches_the_postgresql_proxy(tmp_path: Path, cleartext: bool) -> None:
     """``tls.cleartext_in_tls`` is read by ``hoop serve`` and handed to the PostgreSQL proxy: inside TLS a
     client is then asked for a cleartext password (its secret is protected by TLS), else for SCRAM."""
-    import ssl
-
-    from proxy.pg import codec
-    from proxy.pg.backend import decode_authentication
-    from proxy.pg.messages import Backend
-
     data = base_config(state_dir=str(tmp_path / "state"),
                        listen={"host": "127.0.0.1", "http": 0, "postgres": 0, "ssh": 0, "http_proxy": 0})
     data["tls"] = {"cleartext_in_tls": cleartext}
     settings = Settings(database_url=f"sqlite+aiosqlite:///{tmp_path / 'hoop.db'}", environ={"PGPW": "pw"})
-    said: list[str] = []
-    ready, stop = asyncio.Event(), asyncio.Event()
-
-    def say(line: str) -> None:
-        said.append(line)
-        if line == "hoop: ready":
-            ready.set()
-
-    task = asyncio.create_task(serve_forever(parse_config(data), settings, say, stop=stop))
-    try:
-        await asyncio.wait_for(ready.wait(), 60)
+    async with _serving(data, settings) as said:
         port = int(next(line for line in said if line.startswith("hoop: PostgreSQL proxy on")).rsplit(":", 1)[1])
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        try:
-            writer.write(codec.encode_ssl_request())
-            assert await reader.readexactly(1) == b"S"
-            ctx = ssl.create_default_context()
-            ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
-            await writer.start_tls(ctx)
-            writer.write(codec.encode_startup({"user": "alice.nobody", "database": "prod-db"}))
-            msg_type, length = codec.HEADER.unpack(await reader.readexactly(5))
-            assert msg_type == Backend.AUTHENTICATION
-            code = decode_authentication(await reader.readexactly(length - 4)).code
-        finally:
-            writer.close()
-        assert code == (3 if cleartext else 10)  # AuthenticationCleartextPassword, else AuthenticationSASL
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 60)
+        code = await auth_asked(port, "alice.nobody", tls=True)
+    assert code == (3 if cleartext else 10)  # AuthenticationCleartextPassword, else AuthenticationSASL

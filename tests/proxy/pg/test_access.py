@@ -18,11 +18,11 @@ from cryptography.hazmat.primitives import serialization
 
 from broker.clock import FakeClock
 from broker.events import ReviewRequested
-from proxy.pg import codec
-from proxy.pg.messages import Auth, Backend, decode_authentication
+from proxy.pg.messages import Auth
 from tests.proxy.pg.harness import OPS, ROOT, Hoop, running_hoop, seeded_database
 from tests.support.certs import make_pki
 from tests.support.pgcluster import PgCluster
+from tests.support.pgwire import auth_asked, start_tls
 
 pytestmark = pytest.mark.postgres
 
@@ -85,12 +85,7 @@ async def _served_certificate(port: int) -> bytes:
     """The DER certificate hoop presents after an SSLRequest."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
-        writer.write(codec.encode_ssl_request())
-        assert await reader.readexactly(1) == b"S"
-        ctx = ssl.create_default_context()
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-        await writer.start_tls(ctx)
+        await start_tls(reader, writer)
         tls = writer.get_extra_info("ssl_object")
         der = tls.getpeercert(binary_form=True)
         assert der is not None
@@ -131,21 +126,7 @@ async def test_without_a_configured_pair_a_generated_one_is_kept_and_its_fingerp
 
 async def _auth_asked(h: Hoop, *, tls: bool) -> int:
     """The authentication method hoop asks a client for, on plain TCP or inside TLS."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", h.port)
-    try:
-        if tls:
-            writer.write(codec.encode_ssl_request())
-            assert await reader.readexactly(1) == b"S"
-            ctx = ssl.create_default_context()
-            ctx.check_hostname = False
-            ctx.verify_mode = ssl.CERT_NONE
-            await writer.start_tls(ctx)
-        writer.write(codec.encode_startup({"user": h.grant.login, "database": "prod-db"}))
-        msg_type, length = codec.HEADER.unpack(await reader.readexactly(5))
-        assert msg_type == Backend.AUTHENTICATION
-        return decode_authentication(await reader.readexactly(length - 4)).code
-    finally:
-        writer.close()
+    return await auth_asked(h.port, h.grant.login, tls=tls)
 
 
 async def test_cleartext_only_inside_tls(pg: PgCluster, pgdb: str, tmp_path: Path) -> None:
