@@ -82,13 +82,21 @@ def transfer_server(guard: ShellGuard, command: str) -> bool:
     if not resolved or len(resolved) != 1 or not words:
         return False
     (cmd,) = resolved
-    if cmd.dynamic or cmd.reads_input or words != [words[0], *cmd.args] or _basename(words[0]) != cmd.program:
+    if cmd.dynamic or cmd.reads_input or words != [words[0], *cmd.args] or not _system_program(words[0], cmd.program):
         return False
-    return cmd.program != "sftp" and _transfers_files(cmd)
+    return cmd.program != "sftp" and "--daemon" not in cmd.args and _transfers_files(cmd)
 
 
-def _basename(word: str) -> str:
-    return word.rsplit("/", 1)[-1]
+#: where a transfer server's program may be named by path: directories only root can write to. Any other
+#: path (``./scp``, ``/tmp/x/scp``, ``~/bin/rsync``) may be a program the user uploaded over SFTP, whose
+#: output would otherwise leave unmasked and unrecorded.
+_SYSTEM_DIRS = ("/usr/bin/", "/bin/", "/usr/sbin/", "/usr/local/bin/", "/usr/lib/openssh/", "/usr/libexec/openssh/",
+                "/usr/lib/ssh/", "/usr/libexec/", "/usr/lib/")
+
+
+def _system_program(word: str, program: str) -> bool:
+    """``word`` names ``program`` bare (found on the host's PATH) or by its path in a system directory."""
+    return word == program or any(word == d + program for d in _SYSTEM_DIRS)
 
 
 def _transfers_files(cmd: Command) -> bool:

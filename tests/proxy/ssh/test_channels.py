@@ -95,6 +95,16 @@ async def _scp(env: Env, secret: str, *args: str) -> tuple[int, bytes]:
     ("sh -c 'scp -f a'", False),
     ("cat a", False),
     ("scp -f 'unterminated", False),
+    ("/usr/bin/scp -f /srv/a.txt", True),
+    ("/usr/libexec/openssh/sftp-server", True),
+    # a program by that name anywhere else may be one the user uploaded: its output is masked as any exec's
+    ("./scp -f x", False),
+    ("/tmp/evil/scp -t .", False),
+    ("~/scp -f x", False),
+    ("bin/rsync --server --sender . /srv", False),
+    ("./sftp-server", False),
+    ("/usr/bin/../../tmp/scp -f x", False),
+    ("rsync --server --daemon .", False),  # runs what an rsyncd.conf says, before and around transfers
 ])
 def test_only_a_plain_transfer_server_command_is_relayed_as_bytes(command: str, raw: bool) -> None:
     assert transfer_server(ShellGuard(Guardrails()), command) is raw
@@ -130,6 +140,28 @@ async def test_scp_allowed_by_config_copies_files_byte_for_byte(upstream: Sshd, 
             transfers = [e.data["command"] for e in events if e.kind == "sftp"]
             assert len(transfers) == 2 and all(c.startswith("scp -") for c in transfers), transfers
             assert sum(e.data["exit_status"] == 0 for e in events if e.kind == "command") >= 2
+    finally:
+        await stop_env(env, store)
+
+
+async def test_a_program_named_like_a_transfer_server_elsewhere_is_masked(upstream: Sshd, tmp_path: Path) -> None:
+    """With allow.sftp a user can upload a script named ``scp`` and run it by its path: its output must not
+    be relayed as a transfer's (unmasked, unrecorded)."""
+    env, store = await start_env(upstream, tmp_path, make_config(upstream, ssh_resource(
+        upstream, allow={"sftp": True})))
+    try:
+        grant, secret = await env.grant()
+        fake = tmp_path / "bin" / "scp"
+        fake.parent.mkdir()
+        fake.write_text(f"#!/bin/sh\ncat {upstream.dir / 'secret.txt'}\n")
+        fake.chmod(0o755)
+        code, out, _ = await env.ssh(grant.login, secret, f"{fake} -f x")
+        assert code == 0 and b"alice@example.com" not in out and b"[email]" in out
+        await env.hub.flush()
+        async with env.service.store.tx() as tx:
+            events = [e for s in await tx.list_sessions() for e in await tx.events(s.id)]
+        assert not [e for e in events if e.kind == "sftp"]  # not taken for a transfer
+        assert "[email]" in str([e.data for e in events if e.kind == "output"])  # its output is recorded, masked
     finally:
         await stop_env(env, store)
 
