@@ -5,10 +5,12 @@ unmasked access to what the host user can read), but on-call still needs to know
 written, renamed or removed. :class:`SftpRequests` reads the client's half of the stream (SFTP version 3,
 draft-ietf-secsh-filexfer-02, which OpenSSH speaks) without changing it: each ``feed`` returns the
 operations that the bytes completed. Packets that name a path (open, opendir, remove, rename, mkdir,
-rmdir, setstat, symlink and OpenSSH's ``posix-rename``/``hardlink`` extensions) are held whole, up to
-:data:`MAX_HELD` bytes; every other packet (reads, writes, stats, handles) is skipped as it streams by,
-so a large upload costs one header parse per packet and no copy. A stream that is not SFTP stops the
-reading (one ``unreadable`` operation says so) and the bytes still flow: this is a record, not a guard.
+rmdir, setstat, symlink and OpenSSH's ``posix-rename``/``hardlink`` extensions) are held, their first
+:data:`MAX_HELD` bytes (the paths come first: padding after them, which the server ignores, cannot hide
+them; a path longer than that is recorded as unreadable); every other packet (reads, writes, stats,
+handles) is skipped as it streams by, so a large upload costs one header parse per packet and no copy.
+A stream that is not SFTP stops the reading (one ``unreadable`` operation says so) and the bytes still
+flow: this is a record, not a guard.
 
 No I/O here: bytes in, operations out (dicts ready to record, paths not yet masked).
 """
@@ -20,7 +22,7 @@ from typing import Any
 
 __all__ = ["MAX_HELD", "SftpRequests"]
 
-#: the longest path-naming packet held to be read (longer ones are recorded as unreadable and skipped)
+#: how much of a path-naming packet is held to be read (the rest of a longer one is skipped)
 MAX_HELD = 64 * 1024
 #: a packet longer than this is not SFTP (OpenSSH's limit is 256 KiB of data plus headers)
 _MAX_PACKET = 16 * 1024 * 1024
@@ -93,6 +95,7 @@ class SftpRequests:
         self._head = b""  # the start of a packet whose length and type have not all arrived
         self._held = bytearray()  # the packet being held whole (a path-naming request)
         self._want = 0  # bytes of the current packet still to come (held or skipped)
+        self._keep = 0  # of them, bytes still to hold (the first MAX_HELD of a path-naming request)
         self._kind = -1  # the current packet's type; -1: between packets
         self.stopped = False  # the stream was not SFTP: nothing more is read
 
@@ -119,13 +122,13 @@ class SftpRequests:
                                 "why": f"a packet of {length} bytes is not SFTP; the rest of the session is not read"})
                     break
                 self._kind, self._want = kind, length - 1
-                if kind in _HELD and self._want > MAX_HELD:
-                    ops.append({"op": "unreadable", "path": "", "why": f"a request of {length} bytes is longer "
-                                                                       "than hoop reads"})
-                    self._kind = 0  # skipped as any other
+                # (a longer one is held in part: its paths come first, and the server ignores what trails them)
+                self._keep = min(self._want, MAX_HELD) if kind in _HELD else 0
             take = min(self._want, end - pos)
-            if self._kind in _HELD:
-                self._held += view[pos : pos + take]
+            if self._keep:
+                kept = min(take, self._keep)
+                self._held += view[pos : pos + kept]
+                self._keep -= kept
             pos += take
             self._want -= take
             if self._want == 0:

@@ -67,11 +67,24 @@ def test_a_stream_that_is_not_sftp_stops_the_reading_once() -> None:
     assert reader.feed(packet(13, _s(b"/tmp/x"))) == []
 
 
-def test_a_path_packet_too_long_to_hold_is_skipped_and_said() -> None:
+def test_a_path_longer_than_hoop_holds_is_said_and_the_stream_goes_on() -> None:
     reader = SftpRequests()
     long_open = packet(3, _s(b"/" + b"a" * MAX_HELD) + struct.pack(">I", 1) + NO_ATTRS)
     ops = reader.feed(long_open + packet(13, _s(b"/tmp/x")))
     assert [op["op"] for op in ops] == ["unreadable", "remove"] and ops[1]["path"] == "/tmp/x"
+
+
+@pytest.mark.parametrize("size", [1, 4096, 100_000])
+def test_padding_after_the_paths_does_not_hide_them(size: int) -> None:
+    """sftp-server ignores what trails a request's fields: a client padding its requests past what hoop
+    holds must not turn them into unreadable ones."""
+    padded = packet(3, _s(b"/srv/customers.csv") + struct.pack(">I", 1) + NO_ATTRS + b"\0" * 70_000)
+    renamed = packet(18, _s(b"/srv/a") + _s(b"/srv/b") + b"\0" * 70_000)
+    stream = padded + renamed
+    reader = SftpRequests()
+    ops = [op for i in range(0, len(stream), size) for op in reader.feed(stream[i : i + size])]
+    assert ops == [{"op": "open", "path": "/srv/customers.csv", "mode": "read"},
+                   {"op": "rename", "path": "/srv/a", "to": "/srv/b"}]
 
 
 def test_a_field_past_its_packet_is_unreadable_not_an_error() -> None:
