@@ -31,9 +31,10 @@ class Home:
             grants = await tx.list_grants(status=GrantStatus.ACTIVE, identity=who.email, limit=50)
             pending = await tx.list_requests(status=RequestStatus.PENDING, limit=500)
         waiting = []
+        teams = policy.team_members(self.service.config)
         for req in pending:
             try:
-                policy.assign(req, who)
+                policy.assign(req, who, teams)
             except HoopError:
                 continue
             waiting.append(req)

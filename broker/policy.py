@@ -13,7 +13,7 @@ team is then behind its requests and statements (:func:`teams_behind`), and the 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -156,18 +156,34 @@ def teams_behind(who: Identity, behind: Iterable[str]) -> frozenset[str]:
     return frozenset(g for g in who.groups if g.lower() in names)
 
 
+def team_members(config: HoopConfig) -> Mapping[str, frozenset[str]]:
+    """Each config group's members (lower-cased), by lower-cased name: whom an agent acting for it speaks for.
+    (A group resolved from a Slack user group has its members known only at run time: none here.)"""
+    return {name.lower(): frozenset(m.lower() for m in g.members) for name, g in config.groups.items()}
+
+
+def members_spoken_for(who: Identity, teams: Mapping[str, frozenset[str]]) -> frozenset[str]:
+    """The members of every team ``who`` speaks for: an agent acting for a team speaks for each of them."""
+    return frozenset(m for name in principals(who) for m in teams.get(name, ()))
+
+
+_NO_TEAMS: Mapping[str, frozenset[str]] = {}
+
+
 def _people(names: Iterable[str]) -> str:
     return ", ".join(sorted(names))
 
 
-def assign(request: AccessRequest, who: Identity) -> tuple[str, ...]:
+def assign(request: AccessRequest, who: Identity,
+           teams: Mapping[str, frozenset[str]] = _NO_TEAMS) -> tuple[str, ...]:
     """Check that ``who`` may approve ``request`` now; return their eligible groups.
 
     Raises :class:`Denied` with the reason a person should be told: self-approval, acting
     for the requester or anyone in the request's chain, not in any step's group, already
     approved (by them, or for the same human through an agent), or not needed because the
     steps they could fill are full. People are compared by :func:`principals`, so a human and
-    the agents acting for them count as one approver.
+    the agents acting for them count as one approver; ``teams`` (:func:`team_members`) says whom an
+    agent acting for a team speaks for, so the team and its agents count as one too.
     """
     email = who.email.lower()
     if email == request.requester.lower():
@@ -179,9 +195,13 @@ def assign(request: AccessRequest, who: Identity) -> tuple[str, ...]:
     if shared := mine & behind:
         raise Denied(f"you act for {_people(shared)}, who is behind this request, so you cannot approve it",
                      code="in_chain")
-    if teams := teams_behind(who, behind):
-        raise Denied(f"this request is made for {_people(teams)}, which you are a member of, so you cannot "
+    if found := teams_behind(who, behind):
+        raise Denied(f"this request is made for {_people(found)}, which you are a member of, so you cannot "
                      "approve it", code="in_chain")
+    spoken = members_spoken_for(who, teams)
+    if shared := spoken & behind:
+        raise Denied(f"you act for a team that {_people(shared)}, who is behind this request, belongs to, so you "
+                     "cannot approve it", code="in_chain")
     eligible = tuple(s.group for s in request.steps if s.group in who.groups)
     if not eligible:
         groups = ", ".join(sorted({s.group for s in request.steps})) or "nobody"
@@ -194,11 +214,16 @@ def assign(request: AccessRequest, who: Identity) -> tuple[str, ...]:
                        if a.approver.lower() in shared else f"{_people(shared)} already counts through {a.approver}")
             raise Denied(f"{counted}; each person counts once, whether they approve themselves or through an agent",
                          code="duplicate")
-        # a team counts once too: its agent and its members (as far as the approval's groups tell) are one
-        if (teams := teams_behind(who, a.principals)) or (teams := frozenset(
-                g for g in a.groups if g.lower() in mine)):
-            raise Denied(f"{_people(teams)} already counts through {a.approver}; a team counts once, whether its "
+        # a team counts once too: its agent and its members are one (members by the config, and by the groups
+        # the approver is in now)
+        if (found := teams_behind(who, a.principals)) or (found := frozenset(
+                n for n in a.principals if email in teams.get(n, ()))):
+            raise Denied(f"{_people(found)} already counts through {a.approver}; a team counts once, whether its "
                          "members approve or an agent acting for it does", code="duplicate")
+        if a.approver.lower() in spoken or a.principals & spoken:
+            raise Denied(f"{a.approver} has already approved this request and you act for a team they belong to; a "
+                         "team counts once, whether its members approve or an agent acting for it does",
+                         code="duplicate")
     before = len(match(request.steps, request.approvals))
     trial = [*request.approvals, Approval(approver=email, groups=eligible, at=request.created_at, chain=who.chain)]
     if len(match(request.steps, trial)) == before:

@@ -107,6 +107,9 @@ class Reviews:
             raise Denied(f"this statement's grant ({grant.chain_text() if grant else review.requested_by}) acts for "
                          f"{', '.join(sorted(teams))}, which you are a member of, so you cannot review it",
                          code="in_chain")
+        if shared := policy.members_spoken_for(who, policy.team_members(self.service.config)) & behind:
+            raise Denied(f"you act for a team that {', '.join(sorted(shared))}, who is behind this statement's grant, "
+                         "belongs to, so you cannot review it", code="in_chain")
         config = self.service.config
         if not policy.is_approver_of(config, who, review.resource) and not policy.is_admin(config, who):
             raise Denied(f"only approvers of {review.resource} can decide this review", code="not_approver")

@@ -81,7 +81,7 @@ class RequestUseCases(ServiceCore):
                 raise Conflict(f"request {req.id} is already {req.status.value}", code=req.status.value)
             if now >= req.lapses_at:
                 raise Conflict(f"request {req.id} has lapsed", code="lapsed")
-            groups = policy.assign(req, who)
+            groups = policy.assign(req, who, policy.team_members(self.config))
             approval = Approval(approver=who.email.lower(), groups=groups, at=now, via=via, chain=who.chain)
             await tx.add_approval(req.id, approval)
             req.approvals.append(approval)

@@ -134,16 +134,27 @@ def test_an_agent_acting_for_a_team_is_approved_by_none_of_its_members(config: H
     assert policy.is_met(team_req.steps, team_req.approvals)
 
 
+@pytest.mark.parametrize("step", ["dba", "security"])  # the team is a step's group, or not (erin is in both)
 @pytest.mark.parametrize("member_first", [True, False])
-def test_a_team_counts_once_through_its_agent(config: HoopConfig, member_first: bool) -> None:
-    member, team_agent = who(config, "dana@example.com"), agent("dba-bot", "dba", "dba")
+def test_a_team_counts_once_through_its_agent(config: HoopConfig, member_first: bool, step: str) -> None:
+    teams = policy.team_members(config)
+    member, team_agent = who(config, "erin@example.com"), agent("dba-bot", "dba", "dba", "security")
     first, second = (member, team_agent) if member_first else (team_agent, member)
-    r = req((StepSpec("dba", 2),), requester="bob@example.com")
-    approve(r, first)
+    r = req((StepSpec(step, 2),), requester="bob@example.com")
+    r.approvals.append(Approval(approver=first.email, groups=policy.assign(r, first, teams), at=T0, chain=first.chain))
     with pytest.raises(Denied) as exc:
-        approve(r, second)
+        policy.assign(r, second, teams)
     assert exc.value.code == "duplicate" and "a team counts once" in exc.value.message
     assert not policy.is_met(r.steps, r.approvals)
+
+
+def test_an_agent_acting_for_a_team_cannot_approve_a_members_request(config: HoopConfig) -> None:
+    """The agent speaks for every member of its team, as an agent acting for alice speaks for alice."""
+    r = req((StepSpec("security", 1),), requester="dana@example.com")  # dana is in dba
+    with pytest.raises(Denied) as exc:
+        policy.assign(r, agent("dba-bot", "dba", "security"), policy.team_members(config))
+    assert exc.value.code == "in_chain" and "dana@example.com" in exc.value.message
+    assert policy.assign(r, agent("eng-bot", "eng", "security"), policy.team_members(config)) == ("security",)
 
 
 def test_different_humans_and_their_agents_still_count(config: HoopConfig) -> None:

@@ -72,6 +72,17 @@ async def test_the_team_an_agent_acts_for_cannot_allow_its_statement(service: Se
     assert decided.status == "allowed"
 
 
+async def test_a_teams_agent_cannot_allow_a_members_statement(service: Service, config: HoopConfig) -> None:
+    grant = await granted(service, config, who(config, "alice@example.com"))  # alice is in eng
+    reviews = Reviews(service)
+    review_id = await held(reviews, grant)
+    with pytest.raises(Denied) as exc:
+        await reviews.decide(review_id, agent("eng-bot", "eng", "dba"), True)
+    assert exc.value.code == "in_chain" and "alice@example.com" in exc.value.message
+    decided = await reviews.decide(review_id, agent("ops-bot", "security", "dba"), True)  # alice is not in security
+    assert decided.status == "allowed"
+
+
 async def test_delegator_cannot_allow_the_sub_agents_statement(service: Service, config: HoopConfig) -> None:
     alice = who(config, "alice@example.com")
     parent = await granted(service, config, alice)
