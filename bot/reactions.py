@@ -11,7 +11,9 @@ the card (Slack's ``reactions.get`` says which are).
 
 from __future__ import annotations
 
+import hashlib
 import logging
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from slack_sdk.web.async_client import AsyncWebClient
@@ -28,6 +30,14 @@ log = logging.getLogger(__name__)
 APPROVE = frozenset({"white_check_mark", "heavy_check_mark", "+1", "thumbsup"})
 DENY = frozenset({"x", "no_entry"})
 
+
+
+def _announced(shown: str | None) -> int | None:
+    """The end (epoch seconds) a reminder's Extend button announced; None on an older button without it."""
+    try:
+        return int(shown) if shown is not None else None
+    except ValueError:
+        return None
 
 class Reviews(Protocol):
     """Decisions on held statements (implemented by ``broker.reviews.Reviews``)."""
@@ -173,26 +183,30 @@ class Approvals:
 
     async def extend_button(self, value: str, user: str, channel: str | None, message_ts: str | None = None) -> None:
         """The Extend button of a reminder (``value``: :func:`views.extend_value`). A reminder extends
-        the end it announced: once that end has moved, its button only says so. Where the grant is
-        extended at once, without re-approval, each person's clicks on the reminders of one end (a
-        double click, or the thread's copy and the DM's) extend it once, on any replica, also when they
-        race; with re-approval the service's one-pending-extension rule makes a second click count once."""
+        the end it announced, once: the service extends only that end, checked under the grant's lock, so
+        every click on the reminders of one end (a double click, the thread's copy and the DM's, the holder
+        and an admin at once, on any replica) after the first finds it moved and only says so. With
+        re-approval the service's one-pending-extension rule makes a second click count once. (A button
+        posted before it carried its end counts each person's clicks once per message instead.)"""
         grant_id, shown = views.extend_target(value)
+        again = f"`/hoop extend {grant_id} <duration>` extends it again."
         try:
             who = await self.directory.identify(user)
             async with self.service.store.tx() as tx:
                 grant = await tx.get_grant(grant_id)
             if grant is None:
                 raise NotFound(f"no grant {grant_id!r}")
-            again = f"`/hoop extend {grant_id} <duration>` extends it again."
-            if shown is not None and shown != str(int(grant.expires_at.timestamp())):
+            expected = _announced(shown)
+            if shown is not None and expected != int(grant.expires_at.timestamp()):
                 # a reminder of an end that has moved (its Extend was used, even a day ago): not a new ask
                 await self.note(channel, user, f"`{grant_id}` was extended after this reminder; it now ends at "
                                                f"{views.hhmm(grant.expires_at)}. {again}")
                 return
             res = self.service.config.resource(grant.resources[0])
-            if res is not None and (not res.extension.requires_approval or not res.approval):
-                once = f"slack:extend:{grant_id}:{shown or 'msg-' + str(message_ts)}:{who.email.lower()}"
+            if expected is None and res is not None and (not res.extension.requires_approval or not res.approval):
+                # (the person as a short digest: the store's keys are at most 128 characters, emails are not)
+                person = hashlib.sha256(who.email.lower().encode()).hexdigest()[:16]
+                once = f"slack:extend:{grant_id}:msg-{str(message_ts)[:32]}:{person}"
                 async with self.service.store.tx() as tx:
                     first = await tx.mark_processed(once, self.service.clock.now())
                 if not first:
@@ -200,6 +214,15 @@ class Approvals:
                                                    f"`/hoop status` shows when it ends. {again}")
                     return
             length = res.request.default_duration if res is not None else None
-            await self.service.extend(grant_id, who, format_duration(length) if length else "30m")
+            await self.service.extend(grant_id, who, format_duration(length) if length else "30m",
+                                      expected_end=datetime.fromtimestamp(expected, UTC) if expected else None)
+        except Conflict as exc:
+            if exc.code != "moved":
+                await self.note(channel, user, f"Extending `{grant_id}` failed: {exc.message}.")
+                return
+            async with self.service.store.tx() as tx:
+                now_ends = await tx.get_grant(grant_id)
+            ends = f"; it now ends at {views.hhmm(now_ends.expires_at)}" if now_ends is not None else ""
+            await self.note(channel, user, f"`{grant_id}` was extended after this reminder{ends}. {again}")
         except HoopError as exc:
             await self.note(channel, user, f"Extending `{grant_id}` failed: {exc.message}.")

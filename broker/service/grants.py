@@ -48,14 +48,20 @@ class GrantUseCases(ServiceCore):
                                          breakglass_by=who, breakglass_reason=reason)])
         return grant, secret
 
-    async def extend(self, grant_id: str, who: Identity, duration: str) -> Grant | AccessRequest:
-        """Extend now when policy allows it without approval; else open a re-approval request."""
+    async def extend(self, grant_id: str, who: Identity, duration: str, *,
+                     expected_end: datetime | None = None) -> Grant | AccessRequest:
+        """Extend now when policy allows it without approval; else open a re-approval request.
+        ``expected_end``: extend only the end the caller saw (a reminder's button), to the second, checked
+        under the grant's lock, so two clicks on one reminder, by anyone, extend it once (Conflict ``moved``)."""
         length = parse_duration(duration)
         now = self.clock.now()
         async with self.store.tx() as tx:
             grant = await self._get_grant(tx, grant_id, lock=True)
             if who.email.lower() != grant.identity.lower() and not policy.is_admin(self.config, who):
                 raise Denied("only the grant's holder or an admin can extend it", code="not_holder")
+            if expected_end is not None and int(grant.expires_at.timestamp()) != int(expected_end.timestamp()):
+                raise Conflict(f"grant {grant.id} was extended after that; it now ends at "
+                               f"{grant.expires_at:%H:%M} UTC", code="moved")
             if grant.status is not GrantStatus.ACTIVE or grant.expires_at <= now:
                 raise Conflict(f"grant {grant.id} is {grant.status.value}; request new access instead",
                                code=grant.status.value)

@@ -100,6 +100,25 @@ async def test_a_double_clicked_extend_button_extends_once(self_extending: Hoop,
     assert "was extended after this reminder" in hoop.ephemerals("UALICE")[-1]
 
 
+async def test_the_holder_and_an_admin_clicking_one_reminder_at_once_extend_it_once(self_extending: Hoop,
+                                                                                   clock: FakeClock) -> None:
+    """Each person's clicks counted once, so two people (the holder and an admin, both may extend) clicking
+    together extended twice; and a click whose extension failed for a passing reason blocked that person's
+    next click. The service now extends only the end the reminder announced, checked under the grant's lock."""
+    hoop = self_extending
+    hoop.fake.users["UROOT"] = {"email": "root@example.com", "name": "Root"}
+    grant, _, card_ts = await _granted(hoop)
+    clock.advance(timedelta(minutes=26))
+    assert (await Scheduler(hoop.service, clock).run_due()).reminded == [grant.id]
+    (thread_ch, thread_ts, value), _ = _extend_buttons(hoop)
+    await asyncio.gather(hoop.click("hoop_extend", value, "UALICE", thread_ch, thread_ts),
+                         hoop.click("hoop_extend", value, "UROOT", thread_ch, thread_ts))
+    assert await _ends(hoop, grant.id) == grant.expires_at + timedelta(minutes=30)
+    assert sum("Extended by" in t for t in hoop.thread(card_ts)) == 1
+    told = [n for u in ("UALICE", "UROOT") for n in hoop.ephemerals(u) if "was extended after this reminder" in n]
+    assert len(told) == 1 and "now ends at 13:00" in told[0]
+
+
 async def test_a_double_clicked_extend_button_asks_for_one_re_approval(hoop: Hoop, clock: FakeClock) -> None:
     grant, _, _ = await _granted(hoop)
     clock.advance(timedelta(minutes=26))
