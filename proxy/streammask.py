@@ -24,7 +24,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
-from proxy.detectors import pem_open
+from proxy.secretscan import pem_open
 
 if TYPE_CHECKING:
     from proxy.mask import Masker
