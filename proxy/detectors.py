@@ -15,18 +15,8 @@ that runs in C at memory speed before any regex runs over the buffer:
   and ``phonenumbers``.
 * ``iban``: on the same translated copy upper-case letters are ``A``; ``AA00`` starts a
   candidate, which ``stdnum.iban`` validates.
-* ``secret``: PEM blocks, JWTs and ``Bearer`` tokens start with a literal (``-----BEGIN``,
-  ``eyJ``, ``earer``), found with ``bytes.find`` (after a ``memchr`` for a rare byte of it,
-  such as ``J``; under 128 bytes one regex looks for all of them); the pattern is then
-  matched only there.
-  AWS key ids (``AKIA``/``ASIA``) and hoop secrets (``hoop_``) are runs of 20+ token
-  characters, so they are looked for only inside such runs (found by a literal search on a
-  translated copy); ``aws_secret_access_key``-style names only when a run of 40+ exists. Generic
-  secrets are runs of 24+ token characters (found on a translated copy with a literal
-  search) holding at least two upper-case letters, two lower-case letters and two digits,
-  with Shannon entropy of at least :data:`ENTROPY_THRESHOLD` bits per character. Hex strings
-  (hashes, git SHAs) and UUIDs never qualify: they lack one of the three classes. That is
-  deliberate: they are identifiers far more often than secrets.
+* ``secret``: PEM blocks, JWTs, ``Bearer`` tokens, AWS keys, hoop secrets and generic
+  high-entropy tokens: :mod:`proxy.secretscan`, which holds that detector.
 
 Hits that overlap are merged into one span, labelled by the hit that starts first (hits of
 the email scan alone, or of the IBAN scan alone, are already ordered and apart). All
@@ -37,9 +27,7 @@ implementation (tests/proxy/oracle_detectors.py).
 
 from __future__ import annotations
 
-import math
 import re
-from collections import Counter
 from collections.abc import Callable, Iterable
 
 import phonenumbers
@@ -48,6 +36,23 @@ from stdnum import luhn as _luhn
 from stdnum.us import ssn as _ssn
 
 from broker.config import Detector
+from proxy.secretscan import (
+    _BIG,
+    _DIGITS,
+    _LOWER,
+    _RUN20,
+    _SECRET_GATES,
+    _SECRET_LITERALS_RE,
+    _SMALL,
+    _TOKEN_SHAPE,
+    _UPPER,
+    ENTROPY_THRESHOLD,
+    GENERIC_MIN_LEN,
+    _table,
+    pem_open,
+    scan_secrets,
+    shannon_entropy,
+)
 
 try:
     from proxy.pg import _wire
@@ -57,21 +62,8 @@ except ImportError:  # pragma: no cover - built by pip install -e . (pyproject.t
 #: A hit: ``(start, end, detector)``, byte offsets into the scanned buffer.
 Hit = tuple[int, int, Detector]
 
-#: Minimum Shannon entropy (bits per character) of a generic secret. Random base62/base64
-#: strings of 24+ characters score about 4.2 or more; identifiers and words score lower.
-ENTROPY_THRESHOLD = 4.0
-#: Minimum length of a generic secret.
-GENERIC_MIN_LEN = 24
-
-
-def _table(mapping: dict[int, int], default: int) -> bytes:
-    return bytes(mapping.get(i, default) for i in range(256))
-
-
-_DIGITS = b"0123456789"
-_UPPER = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-_LOWER = b"abcdefghijklmnopqrstuvwxyz"
-_TOKEN = _DIGITS + _UPPER + _LOWER + b"+/=_-"
+__all__ = ["ENTROPY_THRESHOLD", "GENERIC_MIN_LEN", "Hit", "Scanner", "luhn_ok", "pem_open", "py_email_hits",
+           "shannon_entropy"]
 
 # digits -> "0", separators " -." -> "s", "()+" kept, upper-case -> "A", everything else "_":
 # digit shapes (card, SSN, phone) and IBAN starts ("AA00") are both looked for on it
@@ -82,8 +74,6 @@ _SHAPE = _table(
 )
 # characters of an email's local part -> "x", everything else " "
 _LOCAL_SHAPE = _table({c: ord("x") for c in _DIGITS + _UPPER + _LOWER + b"._%+-"}, ord(" "))
-# token characters -> "x", everything else " "
-_TOKEN_SHAPE = _table({c: ord("x") for c in _TOKEN}, ord(" "))
 
 # Digit shapes worth a closer look (run on the _SHAPE translation).
 _DIGIT_GATE = re.compile(
@@ -116,51 +106,6 @@ _PHONE = re.compile(
 )
 _IBAN = re.compile(rb"(?<![A-Za-z0-9])[A-Z]{2}[0-9]{2}(?: ?[A-Z0-9]){11,30}(?![A-Za-z0-9])")
 
-_BEARER = re.compile(rb"(?:Bearer|bearer|BEARER)[ \t]+([A-Za-z0-9._~+/=-]{8,})")
-# (literal gate, a byte of it, pattern, group to mask: 0 = whole match); these are looked for
-# anywhere. The byte is one ordinary text seldom holds: looking for it (memchr) is several times
-# cheaper than looking for the literal, which it rules out when absent.
-_SECRETS_ANYWHERE: tuple[tuple[bytes, bytes | None, re.Pattern[bytes], int], ...] = (
-    (
-        b"-----BEGIN",
-        b"G",
-        re.compile(
-            rb"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----.*?(?:-----END [A-Z0-9 ]*PRIVATE KEY-----|\Z)", re.DOTALL
-        ),
-        0,
-    ),
-    # possessive: no segment can give back a character to the "." after it, so a failed
-    # attempt costs one pass over the run (and _match_at_literal then skips the run)
-    (b"eyJ", b"J", re.compile(rb"eyJ[A-Za-z0-9_-]{4,}+\.eyJ[A-Za-z0-9_-]{4,}+\.[A-Za-z0-9_-]*+"), 0),
-    (b"earer", None, _BEARER, 1),
-    (b"EARER", b"R", _BEARER, 1),
-)
-# Secrets that are themselves runs of 20+ token characters: looked for inside such runs only.
-_SECRETS_IN_RUNS: tuple[tuple[tuple[bytes, ...], re.Pattern[bytes], int], ...] = (
-    ((b"AKIA", b"ASIA"), re.compile(rb"(?<![A-Z0-9])A(?:KIA|SIA)[A-Z0-9]{16}(?![A-Z0-9])"), 0),
-    ((b"hoop_",), re.compile(rb"hoop_[A-Za-z0-9_-]{43,}"), 0),
-)
-_IN_RUNS = tuple((lit, pattern, group) for literals, pattern, group in _SECRETS_IN_RUNS for lit in literals)
-# An AWS secret access key after its name; looked for when the buffer has a run of 40+.
-_AWS_LITERALS = ((b"aws_secret", b"_"), (b"AWS_SECRET", b"W"), (b"secret_access_key", b"_"), (b"SecretAccessKey", b"K"))
-_AWS_SECRET = re.compile(
-    rb"(?i:aws_?secret_?access_?key|secret_?access_?key)[\"']?[ \t]*[:=][ \t]*[\"']?"
-    rb"([A-Za-z0-9/+=]{40})(?![A-Za-z0-9/+=])"
-)
-_PEM_BEGIN = b"-----BEGIN"
-# might_contain needs only these literals: AWS key ids, AWS secret values and hoop grant
-# secrets are all runs of 20+ token characters, which _RUN20 finds on the token shape.
-# A failed JWT match at an "eyJ" fails at every later "eyJ" of the same run of these characters
-# (each reaches the same end of the run): the search resumes past the run, which keeps a run
-# full of "eyJ" and no "." linear (trying each one would rescan the rest of the run).
-_JWT_RUN = re.compile(rb"[A-Za-z0-9_-]*+")
-_SKIP_ON_FAIL = {b"eyJ": _JWT_RUN}
-_SECRET_GATES = tuple((lit, rare) for lit, rare, _, _ in _SECRETS_ANYWHERE)
-_SECRET_LITERALS_RE = re.compile(b"|".join(re.escape(lit) for lit, _ in _SECRET_GATES))
-_RUN20 = re.compile(b"x" * 20)
-_X20 = b"x" * 20
-_SMALL = 128  # below this, one regex call beats a loop of `in` checks
-_BIG = 512  # from this size on, a rare byte's absence (memchr) is worth checking before a literal search
 # Every digit shape of _DIGIT_GATE has at least this many digits; on a small buffer counting
 # them (in C) is cheaper than the literal searches of _digit_windows.
 _MIN_DIGITS = 7
@@ -193,61 +138,9 @@ def _digit_shapes(shape: bytes) -> bool:
     return any(_DIGIT_GATE.search(shape, lo, hi) for lo, hi in _digit_windows(shape))
 
 
-def _runs(tok: bytes) -> list[tuple[int, int]]:
-    """Spans of the runs of 20+ ``x`` in a token shape (literal search: ``x{20,}`` is slow in ``re``)."""
-    out: list[tuple[int, int]] = []
-    pos = tok.find(_X20)
-    while pos != -1:
-        end = tok.find(b" ", pos + 20)
-        if end == -1:
-            end = len(tok)
-        out.append((pos, end))
-        pos = tok.find(_X20, end)
-    return out
-
-
-def _match_at_literal(data: bytes, lit: bytes, pattern: re.Pattern[bytes], group: int, hits: list[Hit]) -> None:
-    """Hits of ``pattern`` starting at (or up to 4 bytes before) each occurrence of ``lit``.
-
-    Matching only where the literal occurs: ``finditer`` over the whole buffer would try the
-    pattern at every position (a lookbehind or case-insensitive start defeats ``re``'s
-    literal-prefix search).
-    """
-    skip = _SKIP_ON_FAIL.get(lit)
-    pos = data.find(lit)
-    while pos != -1:
-        nxt = pos + 1
-        for start in range(max(0, pos - 4), pos + 1):
-            m = pattern.match(data, start)
-            if m is not None:
-                hits.append((m.start(group), m.end(group), "secret"))
-                nxt = max(nxt, m.end())
-                break
-        else:
-            if skip is not None:
-                nxt = skip.match(data, pos).end()  # type: ignore[union-attr]
-        pos = data.find(lit, nxt)
-
-
 def luhn_ok(digits: str) -> bool:
     """Luhn checksum of a digit string (``stdnum.luhn``)."""
     return bool(_luhn.is_valid(digits))
-
-
-def shannon_entropy(token: bytes) -> float:
-    """Shannon entropy of ``token`` in bits per byte."""
-    n = len(token)
-    return -sum(c / n * math.log2(c / n) for c in Counter(token).values())
-
-
-def _generic_secret(token: bytes) -> bool:
-    if len(token.translate(None, _UPPER)) > len(token) - 2:
-        return False
-    if len(token.translate(None, _LOWER)) > len(token) - 2:
-        return False
-    if len(token.translate(None, _DIGITS)) > len(token) - 2:
-        return False
-    return shannon_entropy(token) >= ENTROPY_THRESHOLD
 
 
 def _phone_ok(candidate: bytes) -> bool:
@@ -331,7 +224,7 @@ class Scanner:
         if len(data) < 8 and b"@" not in data:
             return hits
         if self._secret:
-            self._scan_secrets(data, hits)
+            scan_secrets(data, hits)
         mixed = bool(hits)  # hits of more than one scan below need sorting and merging
         if self._email and b"@" in data:
             self._scan_email(data, hits)  # sorted, non-overlapping
@@ -353,34 +246,6 @@ class Scanner:
             if k > 0 and len(hits) > k:
                 mixed = True
         return _merge(hits) if mixed else hits
-
-    def _scan_secrets(self, data: bytes, hits: list[Hit]) -> None:
-        tok = data.translate(_TOKEN_SHAPE)
-        runs = _runs(tok)
-        big = len(data) >= _BIG
-        if big or len(data) >= _SMALL or _SECRET_LITERALS_RE.search(data):
-            for lit, rare, pattern, group in _SECRETS_ANYWHERE:
-                if not big or rare is None or rare in data:
-                    _match_at_literal(data, lit, pattern, group, hits)
-        if not runs:
-            return
-        # AWS key ids and hoop secrets are token runs of 20+: look for them only inside runs.
-        for lo, hi in runs:
-            for lit, pattern, group in _IN_RUNS:
-                pos = data.find(lit, lo, hi)
-                while pos != -1:
-                    m = pattern.match(data, pos)
-                    if m is not None:
-                        hits.append((m.start(group), m.end(group), "secret"))
-                        pos = data.find(lit, m.end(), hi)
-                    else:
-                        pos = data.find(lit, pos + 1, hi)
-            if hi - lo >= GENERIC_MIN_LEN and _generic_secret(data[lo:hi]):
-                hits.append((lo, hi, "secret"))
-        if any(hi - lo >= 40 for lo, hi in runs):  # an AWS secret value is a run of 40
-            for lit, rare in _AWS_LITERALS:
-                if not big or rare in data:
-                    _match_at_literal(data, lit, _AWS_SECRET, 1, hits)
 
     def _scan_email(self, data: bytes, hits: list[Hit]) -> None:
         _email_hits(data, hits, "email")
@@ -455,21 +320,3 @@ def _merge(hits: list[Hit]) -> list[Hit]:
             out.append((start, end, det))
     return out
 
-
-def pem_open(data: bytes) -> int:
-    """Offset of a private-key PEM block that starts in ``data`` but has not ended, or -1.
-
-    Used by the stream masker to hold such a block back until its END line arrives.
-    """
-    start = data.rfind(_PEM_BEGIN)
-    if start == -1:
-        return -1
-    header_end = data.find(b"-----", start + len(_PEM_BEGIN))
-    if header_end == -1:
-        return start  # header still arriving
-    if b"PRIVATE KEY" not in data[start:header_end]:
-        return -1
-    end = data.find(b"-----END", header_end)
-    if end == -1 or data.find(b"KEY-----", end) == -1:
-        return start
-    return -1

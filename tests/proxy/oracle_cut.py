@@ -1,4 +1,4 @@
-"""Test-only oracle: the stream masker's cut (proxy.mask._cut) as it was before the line-end
+"""Test-only oracle: the stream masker's cut (proxy.streammask._cut) as it was before the line-end
 shortcut (kept verbatim below). tests/proxy/test_jsondiff.py checks the current one against it.
 
 Since the terminal-escape fix, a tail holding ESC is judged with its escapes removed

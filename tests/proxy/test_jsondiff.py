@@ -19,7 +19,8 @@ from proxy.detectors import Scanner
 from proxy.jsondoc import mask_document
 from proxy.jsonfast import fast_patterns
 from proxy.jsonmask import JsonStreamMasker
-from proxy.mask import Masker, _cut
+from proxy.mask import Masker
+from proxy.streammask import _cut
 from tests.proxy import oracle_cut, oracle_detectors, oracle_jsondoc
 
 KEY = b"k" * 32
