@@ -132,8 +132,8 @@ def serve(config: ConfigOpt = None) -> None:
 
 @app.command()
 def check(config: ConfigOpt = None) -> None:
-    """Validate the config and show who can request and approve what; warn about foot-guns; load, as
-    `hoop serve` would at start, every file and secret the config names (nothing is started or written)."""
+    """Validate the config and show who can request and approve what; warn about foot-guns;
+    load, as `hoop serve` would at start, every file and secret the config names (nothing is started or written)."""
     from broker.checks import render_check
     from proxy.preflight import proxy_findings
 
