@@ -202,15 +202,30 @@ class SessionLines:
             what = f"file transfer by `{d['command']}`" if d.get("command") else "SFTP session"
             lines.append(f"{t} {what}: relayed as bytes, unmasked; the files' contents are not recorded")
         elif e.kind == "sftp_op":  # a file operation of an SFTP session (proxy/ssh/sftplog.py)
-            counts.statements += 1
+            if d.get("op") not in ("unreadable", "transferred"):  # (a transfer sums up an open's reads and writes)
+                counts.statements += 1
             if d.get("op") == "unreadable":
                 lines.append(f"{t} sftp: requests no longer read: {d.get('why', '')}")
+            elif d.get("op") == "transferred":  # at the file's close: what moved through its handle
+                moved = [f"{verb} {_size(d.get(key))}" for verb, key in (("read", "read"), ("wrote", "written"))
+                         if d.get(key)]
+                lines.append(f"{t} sftp {d.get('path', '')}: {', '.join(moved)}")
             else:
                 to = f" → {d['to']}" if d.get("to") else ""
                 mode = f" ({d['mode']})" if d.get("mode") else ""
                 lines.append(f"{t} sftp {d.get('op')} {d.get('path', '')}{to}{mode}")
         elif e.kind == "close":
             lines.append(f"{t} session closed: {d.get('reason', '')}")
+
+
+def _size(n: object) -> str:
+    """A byte count for a reader: ``512 B``, ``1.5 KiB``, ``3.2 MiB``."""
+    value = float(n) if isinstance(n, int | float) else 0.0
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"  # (not reached)
 
 
 def visible_text(lines: Sequence[str]) -> str:

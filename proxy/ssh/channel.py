@@ -50,7 +50,7 @@ from proxy.ssh.context import ChannelContext
 from proxy.ssh.lines import LineGate
 from proxy.ssh.output import OutputRelay
 from proxy.ssh.recording import Recorder
-from proxy.ssh.sftplog import SftpRequests
+from proxy.ssh.sftplog import SftpLog
 
 if TYPE_CHECKING:
     UpChan = asyncssh.SSHClientChannel[bytes]
@@ -120,7 +120,7 @@ class ProxyChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         self._decision: Decision | None = None
         self._refusal: Decision | None = None  # refused when it was requested (not UTF-8, a subsystem)
         self._exec_recorded = False  # the exec's end (or refusal) is recorded once
-        self._sftp: SftpRequests | None = None  # an SFTP session's requests, read for the record
+        self._sftp: SftpLog | None = None  # an SFTP session's requests and replies, read for the record
 
     # -- requests from the client ---------------------------------------------------------
     def connection_made(self, chan: DownChan) -> None:
@@ -275,7 +275,8 @@ class ProxyChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
             session.record("sftp", {"channel": self.number} if not raw else
                            {"channel": self.number, "command": self.ctx.masker.mask_text(self.command or "")})
             if not raw or (self.command or "").split()[0].rsplit("/", 1)[-1] == "sftp-server":
-                self._sftp = SftpRequests()  # (scp and rsync speak other protocols: their exec line is the record)
+                self._sftp = SftpLog()  # (scp and rsync speak other protocols: their exec line is the record)
+                self.out.observe = self._sftp_replies
         else:
             size = term[1] if term else (80, 24, 0, 0)
             command = self.ctx.masker.mask_text(self.command) if self.command is not None else None
@@ -377,8 +378,16 @@ class ProxyChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
     def _sftp_ops(self, data: bytes) -> None:
         """Record the file operations ``data`` completed (the bytes went to the host as they came), paths masked."""
         assert self._sftp is not None
+        self._record_sftp(self._sftp.from_client(data))
+
+    def _sftp_replies(self, data: bytes) -> None:
+        """The host's SFTP replies (sent on to the client as they came): how much each read returned."""
+        assert self._sftp is not None
+        self._record_sftp(self._sftp.from_server(data))
+
+    def _record_sftp(self, ops: list[dict[str, Any]]) -> None:
         mask = self.ctx.masker.mask_text
-        for op in self._sftp.feed(data):
+        for op in ops:
             for key in ("path", "to"):
                 if key in op:
                     op[key] = mask(op[key])

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import asyncssh
@@ -72,6 +73,8 @@ class OutputRelay:
         self._err = StreamMasker(masker)
         self._masking = masker.enabled
         self._timer: asyncio.TimerHandle | None = None
+        #: sees an SFTP session's output as it passes (its replies are read for the record)
+        self.observe: Callable[[bytes], None] | None = None
 
     def data(self, data: bytes, datatype: int | None) -> None:
         """One chunk from the host."""
@@ -79,6 +82,8 @@ class OutputRelay:
         if self.mode == "sftp":
             if not self.done:
                 self.chan.write(data, datatype)
+                if self.observe is not None and not datatype:
+                    self.observe(data)
             return
         if not self._masking:
             self._send(data, datatype)

@@ -1,52 +1,77 @@
-"""What an SFTP client asks of the host, read from its request stream: the operations a transcript shows.
+"""What an SFTP client asks of the host, and how much it moved: the operations a transcript shows.
 
 How this works. hoop relays an SFTP session as bytes (its files are not masked: ``allow.sftp`` gives
 unmasked access to what the host user can read), but on-call still needs to know which files were read,
-written, renamed or removed. :class:`SftpRequests` reads the client's half of the stream (SFTP version 3,
-draft-ietf-secsh-filexfer-02, which OpenSSH speaks) without changing it: each ``feed`` returns the
-operations that the bytes completed. Packets that name a path (open, opendir, remove, rename, mkdir,
-rmdir, setstat, symlink and OpenSSH's ``posix-rename``/``hardlink`` extensions) are held, their first
-:data:`MAX_HELD` bytes (the paths come first: padding after them, which the server ignores, cannot hide
-them; a path longer than that is recorded as unreadable); every other packet (reads, writes, stats,
-handles) is skipped as it streams by, so a large upload costs one header parse per packet and no copy.
-A stream that is not SFTP stops the reading (one ``unreadable`` operation says so) and the bytes still
-flow: this is a record, not a guard.
+written, renamed or removed, and how much of each. :class:`SftpLog` reads both halves of the stream
+(SFTP version 3, draft-ietf-secsh-filexfer-02, which OpenSSH speaks) without changing them:
+``from_client`` and ``from_server`` return the operations the bytes completed.
 
-No I/O here: bytes in, operations out (dicts ready to record, paths not yet masked).
+Each direction is cut into packets by a :class:`_Packets` reader, which holds only the first bytes of
+the packets that matter and skips the rest as it streams by, so a large transfer costs one header parse
+per packet and no copy of file data. From the client: the packets that name a path (open, opendir,
+remove, rename, mkdir, rmdir, setstat, symlink and OpenSSH's ``posix-rename``/``hardlink``
+extensions) are held up to :data:`MAX_HELD` bytes (the paths come first: padding after them, which the
+server ignores, cannot hide them; a longer path is recorded as unreadable); reads, writes and closes up
+to their file handle. From the host: handles (which name the file each open got), data replies (how
+much a read returned) and statuses (a failed open). A file's bytes read and written are added up per
+handle and recorded when the client closes it.
+
+A stream that is not SFTP stops the reading (one ``unreadable`` operation says so) and the bytes still
+flow: this is a record, not a guard. No I/O here: bytes in, operations out (dicts ready to record,
+paths not yet masked).
 """
 
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from typing import Any
 
-__all__ = ["MAX_HELD", "SftpRequests"]
+__all__ = ["MAX_HELD", "SftpLog"]
 
 #: how much of a path-naming packet is held to be read (the rest of a longer one is skipped)
 MAX_HELD = 64 * 1024
 #: a packet longer than this is not SFTP (OpenSSH's limit is 256 KiB of data plus headers)
 _MAX_PACKET = 16 * 1024 * 1024
+#: requests and files followed at once; past this a misbehaving client's oldest are forgotten
+_MAX_TRACKED = 4096
+#: a request id and a handle (at most 256 bytes, draft-02 section 6.2): what is held of a read, write or close
+_HANDLE_HEAD = 4 + 4 + 256
 
 _U32 = struct.Struct(">I")
 
-# request types (client -> server) that name paths
-_OPEN, _SETSTAT, _OPENDIR, _REMOVE, _MKDIR, _RMDIR, _RENAME, _SYMLINK, _EXTENDED = 3, 9, 11, 13, 14, 15, 18, 20, 200
+# requests (client -> server)
+_OPEN, _CLOSE, _READ, _WRITE, _SETSTAT, _OPENDIR = 3, 4, 5, 6, 9, 11
+_REMOVE, _MKDIR, _RMDIR, _RENAME, _SYMLINK, _EXTENDED = 13, 14, 15, 18, 20, 200
+# replies (server -> client)
+_STATUS, _HANDLE, _DATA = 101, 102, 103
+
 _ONE_PATH = {_SETSTAT: "setstat", _OPENDIR: "list", _REMOVE: "remove", _MKDIR: "mkdir", _RMDIR: "rmdir"}
 _TWO_PATHS = {_RENAME: "rename", _SYMLINK: "symlink"}
 _EXTENSIONS = {b"posix-rename@openssh.com": "rename", b"hardlink@openssh.com": "hardlink"}
-_HELD = frozenset({_OPEN, *_ONE_PATH, *_TWO_PATHS, _EXTENDED})
+_PATH_REQUESTS = frozenset({_OPEN, *_ONE_PATH, *_TWO_PATHS, _EXTENDED})
+_CLIENT_HOLD = {**{k: MAX_HELD for k in _PATH_REQUESTS}, _READ: _HANDLE_HEAD, _WRITE: _HANDLE_HEAD,
+                _CLOSE: _HANDLE_HEAD}
+_SERVER_HOLD = {_HANDLE: _HANDLE_HEAD, _DATA: 8, _STATUS: 4}
 #: SSH_FXF_* open flags, in the order a transcript names them
 _PFLAGS = ((1, "read"), (2, "write"), (4, "append"), (8, "create"), (0x10, "truncate"), (0x20, "exclusive"))
 
+Op = dict[str, Any]
+
 
 class _Short(Exception):
-    """A field runs past the end of its packet."""
+    """A field runs past the end of what was held of its packet."""
+
+
+def _u32(body: bytes, pos: int) -> int:
+    if pos + 4 > len(body):
+        raise _Short
+    value: int = _U32.unpack_from(body, pos)[0]
+    return value
 
 
 def _string(body: bytes, pos: int) -> tuple[bytes, int]:
-    if pos + 4 > len(body):
-        raise _Short
-    (n,) = _U32.unpack_from(body, pos)
+    n = _u32(body, pos)
     end = pos + 4 + n
     if end > len(body):
         raise _Short
@@ -57,16 +82,18 @@ def _text(raw: bytes) -> str:
     return raw.decode("utf-8", "backslashreplace")
 
 
-def operation(kind: int, body: bytes) -> dict[str, Any] | None:
-    """The operation of one whole request packet (``body``: after the type byte, from the request id on);
-    None for a request that names no path (an extension hoop does not read included)."""
+def _unreadable(why: str) -> Op:
+    return {"op": "unreadable", "path": "", "why": why}
+
+
+def operation(kind: int, body: bytes) -> Op | None:
+    """The operation of one path-naming request (``body``: what was held after the type byte, from the
+    request id on); None for an extension that names no change."""
     try:
         pos = 4  # (the request id)
         if kind == _OPEN:
             path, pos = _string(body, pos)
-            if pos + 4 > len(body):
-                raise _Short
-            (flags,) = _U32.unpack_from(body, pos)
+            flags = _u32(body, pos)
             mode = ",".join(name for bit, name in _PFLAGS if flags & bit) or "none"
             return {"op": "open", "path": _text(path), "mode": mode}
         if kind in _ONE_PATH:
@@ -77,31 +104,33 @@ def operation(kind: int, body: bytes) -> dict[str, Any] | None:
             op = _EXTENSIONS.get(name)
             if op is None:
                 return None
-            kind_op = op
         else:
-            kind_op = _TWO_PATHS[kind]
+            op = _TWO_PATHS[kind]
         first, pos = _string(body, pos)
         second, _ = _string(body, pos)
         # (OpenSSH sends SYMLINK's two paths in the opposite order to the draft: they are shown as sent)
-        return {"op": kind_op, "path": _text(first), "to": _text(second)}
+        return {"op": op, "path": _text(first), "to": _text(second)}
     except _Short:
-        return {"op": "unreadable", "path": "", "why": "a request packet ends inside one of its fields"}
+        return _unreadable("a request packet ends inside one of its fields, or names a path longer than hoop reads")
 
 
-class SftpRequests:
-    """The client's SFTP request stream, read as it passes (see the module docstring)."""
+class _Packets:
+    """One direction's packets: ``on_packet(type, length, held)`` for each packet whose type is in ``hold``
+    (its first ``hold[type]`` bytes after the type byte), once the packet has passed whole."""
 
-    def __init__(self) -> None:
+    def __init__(self, hold: dict[int, int], on_packet: Callable[[int, int, bytes], list[Op]]) -> None:
+        self._hold = hold
+        self._on_packet = on_packet
         self._head = b""  # the start of a packet whose length and type have not all arrived
-        self._held = bytearray()  # the packet being held whole (a path-naming request)
+        self._held = bytearray()
         self._want = 0  # bytes of the current packet still to come (held or skipped)
-        self._keep = 0  # of them, bytes still to hold (the first MAX_HELD of a path-naming request)
+        self._keep = 0  # of them, bytes still to hold
         self._kind = -1  # the current packet's type; -1: between packets
+        self._length = 0
         self.stopped = False  # the stream was not SFTP: nothing more is read
 
-    def feed(self, data: bytes) -> list[dict[str, Any]]:
-        """The operations ``data`` completed, in order."""
-        ops: list[dict[str, Any]] = []
+    def feed(self, data: bytes) -> list[Op]:
+        ops: list[Op] = []
         if self.stopped:
             return ops
         view = memoryview(data)
@@ -113,17 +142,16 @@ class SftpRequests:
                 pos += min(need, end - pos)
                 if len(self._head) < 5:
                     break
-                (length,) = _U32.unpack_from(self._head)
+                length = _U32.unpack_from(self._head)[0]
                 kind = self._head[4]
                 self._head = b""
                 if length < 1 or length > _MAX_PACKET:
                     self.stopped = True
-                    ops.append({"op": "unreadable", "path": "",
-                                "why": f"a packet of {length} bytes is not SFTP; the rest of the session is not read"})
+                    ops.append(_unreadable(f"a packet of {length} bytes is not SFTP; the rest of the session is "
+                                           "not read"))
                     break
-                self._kind, self._want = kind, length - 1
-                # (a longer one is held in part: its paths come first, and the server ignores what trails them)
-                self._keep = min(self._want, MAX_HELD) if kind in _HELD else 0
+                self._kind, self._length, self._want = kind, length, length - 1
+                self._keep = min(self._want, self._hold.get(kind, 0))
             take = min(self._want, end - pos)
             if self._keep:
                 kept = min(take, self._keep)
@@ -132,10 +160,89 @@ class SftpRequests:
             pos += take
             self._want -= take
             if self._want == 0:
-                if self._kind in _HELD:
-                    got = operation(self._kind, bytes(self._held))
-                    if got is not None:
-                        ops.append(got)
+                if self._kind in self._hold:
+                    ops.extend(self._on_packet(self._kind, self._length, bytes(self._held)))
                     self._held.clear()
                 self._kind = -1
         return ops
+
+
+class _File:
+    """A file the client opened: its path and mode, and the bytes read and written through its handle."""
+
+    __slots__ = ("mode", "path", "read", "written")
+
+    def __init__(self, path: str, mode: str) -> None:
+        self.path, self.mode = path, mode
+        self.read = self.written = 0
+
+
+class SftpLog:
+    """An SFTP session's two streams, read as they pass (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._client = _Packets(_CLIENT_HOLD, self._request)
+        self._server = _Packets(_SERVER_HOLD, self._reply)
+        self._opening: dict[int, _File] = {}  # open request id -> the file it opens
+        self._reading: dict[int, bytes] = {}  # read request id -> its handle
+        self._files: dict[bytes, _File] = {}  # handle -> open file
+
+    def from_client(self, data: bytes) -> list[Op]:
+        """The operations the client's ``data`` completed, in order."""
+        return self._client.feed(data)
+
+    def from_server(self, data: bytes) -> list[Op]:
+        """What the host's ``data`` completed: nothing but a note should it stop being SFTP."""
+        return self._server.feed(data)
+
+    def _request(self, kind: int, length: int, held: bytes) -> list[Op]:
+        if kind not in (_READ, _WRITE, _CLOSE):
+            op = operation(kind, held)
+            if op is not None and kind == _OPEN and op["op"] == "open" and len(held) >= 4:
+                _bounded(self._opening)[_U32.unpack_from(held)[0]] = _File(op["path"], op["mode"])
+            return [op] if op is not None else []
+        try:
+            request_id = _u32(held, 0)
+            handle, end = _string(held, 4)
+        except _Short:
+            return []  # (a handle longer than the draft allows: its bytes are not counted)
+        if kind == _READ:
+            if handle in self._files:
+                _bounded(self._reading)[request_id] = handle
+        elif kind == _WRITE:
+            file = self._files.get(handle)
+            if file is not None:  # what follows the handle: uint64 offset, string data
+                file.written += max(length - 1 - end - 8 - 4, 0)
+        else:
+            file = self._files.pop(handle, None)
+            if file is not None and (file.read or file.written):
+                return [{"op": "transferred", "path": file.path, "mode": file.mode, "read": file.read,
+                         "written": file.written}]
+        return []
+
+    def _reply(self, kind: int, length: int, held: bytes) -> list[Op]:
+        try:
+            request_id = _u32(held, 0)
+            if kind == _HANDLE:
+                file = self._opening.pop(request_id, None)
+                if file is not None:
+                    handle, _ = _string(held, 4)
+                    _bounded(self._files)[handle] = file
+            elif kind == _DATA:
+                handle_of = self._reading.pop(request_id, None)
+                file = self._files.get(handle_of) if handle_of is not None else None
+                if file is not None:
+                    file.read += _u32(held, 4)
+            else:  # a status: the request it answers is done (an open that failed opens nothing)
+                self._opening.pop(request_id, None)
+                self._reading.pop(request_id, None)
+        except _Short:
+            pass  # (a reply shorter than its fields: nothing is counted from it)
+        return []
+
+
+def _bounded(table: dict[Any, Any]) -> dict[Any, Any]:
+    """``table``, its oldest entry dropped when it is full (a client that never closes cannot grow it)."""
+    if len(table) >= _MAX_TRACKED:
+        del table[next(iter(table))]
+    return table

@@ -240,10 +240,13 @@ def test_a_file_transfer_is_shown_for_what_it_is() -> None:
 def test_sftp_file_operations_are_lines_of_the_transcript() -> None:
     events = [ev(1, "sftp", channel=0), ev(2, "sftp_op", channel=0, op="open", path="/srv/[email].csv", mode="read"),
               ev(3, "sftp_op", channel=0, op="rename", path="/tmp/a", to="/tmp/b"),
-              ev(4, "sftp_op", channel=0, op="unreadable", path="", why="a packet of 9 bytes is not SFTP")]
+              ev(4, "sftp_op", channel=0, op="transferred", path="/srv/[email].csv", mode="read", read=3_500_000,
+                 written=0),
+              ev(5, "sftp_op", channel=0, op="unreadable", path="", why="a packet of 9 bytes is not SFTP")]
     t = render(GRANT, [(session("ssh"), events)], max_bytes=10_000)
     lines = t.text.splitlines()
     assert any(line.endswith("] sftp open /srv/[email].csv (read)") for line in lines)
     assert any(line.endswith("] sftp rename /tmp/a → /tmp/b") for line in lines)
+    assert any(line.endswith("] sftp /srv/[email].csv: read 3.3 MiB") for line in lines)
     assert any(line.endswith("] sftp: requests no longer read: a packet of 9 bytes is not SFTP") for line in lines)
-    assert "3 statement(s)/command(s)" in t.summary
+    assert "2 statement(s)/command(s)" in t.summary  # the open and the rename

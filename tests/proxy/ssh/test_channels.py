@@ -263,8 +263,12 @@ async def test_an_sftp_session_records_its_file_operations_masked(upstream: Sshd
         async with env.service.store.tx() as tx:
             sessions = await tx.list_sessions()
             events = [e for s in sessions for e in await tx.events(s.id)]
+        moved = [(e.data["path"], e.data["read"], e.data["written"])
+                 for e in events if e.kind == "sftp_op" and e.data["op"] == "transferred"]
+        size = len(SECRET_TEXT)
+        assert moved == [(f"{work}/[email]", 0, size), (str(upstream.dir / "secret.txt"), size, 0)], moved
         ops = [(e.data["op"], e.data["path"], e.data.get("to"), e.data.get("mode"))
-               for e in events if e.kind == "sftp_op" and e.data["op"] != "list"]
+               for e in events if e.kind == "sftp_op" and e.data["op"] not in ("list", "transferred")]
         assert ops == [
             ("open", f"{work}/[email]", None, "write,create,truncate"),
             ("open", str(upstream.dir / "secret.txt"), None, "read"),
@@ -276,6 +280,7 @@ async def test_an_sftp_session_records_its_file_operations_masked(upstream: Sshd
         assert "alice@example.com" not in str([e.data for e in events if e.kind == "sftp_op"])
         _, transcript = await session_transcript(env.service, sessions[0].id)
         assert f"sftp rename {work}/[email] → {work / 'renamed.txt'}" in transcript.text
+        assert f"sftp {upstream.dir / 'secret.txt'}: read {size} B" in transcript.text
     finally:
         await stop_env(env, store)
 

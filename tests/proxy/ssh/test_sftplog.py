@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from proxy.ssh.sftplog import MAX_HELD, SftpRequests
+from proxy.ssh.sftplog import MAX_HELD, SftpLog
 
 
 def _s(value: bytes) -> bytes:
@@ -15,6 +15,7 @@ def _s(value: bytes) -> bytes:
 
 
 def packet(kind: int, body: bytes, request_id: int = 7) -> bytes:
+    """One SFTP packet: length, type, request id, then ``body`` (a status's id is its first field)."""
     payload = bytes([kind]) + struct.pack(">I", request_id) + body
     return struct.pack(">I", len(payload)) + payload
 
@@ -55,22 +56,22 @@ EXPECTED: list[dict[str, Any]] = [
 
 @pytest.mark.parametrize("size", [1, 2, 3, 5, 7, 64, 4096, len(STREAM)])
 def test_operations_whatever_the_chunks(size: int) -> None:
-    reader = SftpRequests()
-    ops = [op for i in range(0, len(STREAM), size) for op in reader.feed(STREAM[i : i + size])]
-    assert ops == EXPECTED and not reader.stopped
+    reader = SftpLog()
+    ops = [op for i in range(0, len(STREAM), size) for op in reader.from_client(STREAM[i : i + size])]
+    assert ops == EXPECTED
 
 
 def test_a_stream_that_is_not_sftp_stops_the_reading_once() -> None:
-    reader = SftpRequests()
-    ops = reader.feed(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-    assert reader.stopped and [op["op"] for op in ops] == ["unreadable"] and "not SFTP" in ops[0]["why"]
-    assert reader.feed(packet(13, _s(b"/tmp/x"))) == []
+    reader = SftpLog()
+    ops = reader.from_client(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert [op["op"] for op in ops] == ["unreadable"] and "not SFTP" in ops[0]["why"]
+    assert reader.from_client(packet(13, _s(b"/tmp/x"))) == []
 
 
 def test_a_path_longer_than_hoop_holds_is_said_and_the_stream_goes_on() -> None:
-    reader = SftpRequests()
+    reader = SftpLog()
     long_open = packet(3, _s(b"/" + b"a" * MAX_HELD) + struct.pack(">I", 1) + NO_ATTRS)
-    ops = reader.feed(long_open + packet(13, _s(b"/tmp/x")))
+    ops = reader.from_client(long_open + packet(13, _s(b"/tmp/x")))
     assert [op["op"] for op in ops] == ["unreadable", "remove"] and ops[1]["path"] == "/tmp/x"
 
 
@@ -81,19 +82,57 @@ def test_padding_after_the_paths_does_not_hide_them(size: int) -> None:
     padded = packet(3, _s(b"/srv/customers.csv") + struct.pack(">I", 1) + NO_ATTRS + b"\0" * 70_000)
     renamed = packet(18, _s(b"/srv/a") + _s(b"/srv/b") + b"\0" * 70_000)
     stream = padded + renamed
-    reader = SftpRequests()
-    ops = [op for i in range(0, len(stream), size) for op in reader.feed(stream[i : i + size])]
+    reader = SftpLog()
+    ops = [op for i in range(0, len(stream), size) for op in reader.from_client(stream[i : i + size])]
     assert ops == [{"op": "open", "path": "/srv/customers.csv", "mode": "read"},
                    {"op": "rename", "path": "/srv/a", "to": "/srv/b"}]
 
 
 def test_a_field_past_its_packet_is_unreadable_not_an_error() -> None:
-    reader = SftpRequests()
+    reader = SftpLog()
     bad = packet(13, struct.pack(">I", 50) + b"/short")  # the string claims 50 bytes
-    ops = reader.feed(bad + packet(15, _s(b"/tmp/d")))
+    ops = reader.from_client(bad + packet(15, _s(b"/tmp/d")))
     assert [op["op"] for op in ops] == ["unreadable", "rmdir"]
 
 
 def test_undecodable_path_bytes_are_shown_escaped() -> None:
-    ops = SftpRequests().feed(packet(13, _s(b"/tmp/\xff.bin")))
+    ops = SftpLog().from_client(packet(13, _s(b"/tmp/\xff.bin")))
     assert ops == [{"op": "remove", "path": "/tmp/\\xff.bin"}]
+
+
+def _split(log_feed: object, data: bytes, size: int) -> list[dict[str, Any]]:
+    feed = log_feed  # (a bound from_client or from_server)
+    return [op for i in range(0, len(data), size) for op in feed(data[i : i + size])]  # type: ignore[operator]
+
+
+@pytest.mark.parametrize("size", [1, 3, 9, 1 << 20])
+def test_bytes_read_and_written_are_added_up_per_file_and_recorded_at_its_close(size: int) -> None:
+    log = SftpLog()
+    opens = [packet(3, _s(b"/srv/report.csv") + struct.pack(">I", 1) + NO_ATTRS, 1),  # open, read
+             packet(3, _s(b"/srv/missing") + struct.pack(">I", 1) + NO_ATTRS, 2)]  # fails: a status answers it
+    assert _split(log.from_client, b"".join(opens), size) == [
+        {"op": "open", "path": "/srv/report.csv", "mode": "read"},
+        {"op": "open", "path": "/srv/missing", "mode": "read"}]
+    handles = [packet(102, _s(b"H1"), 1), packet(101, struct.pack(">I", 2) + _s(b"no such file") + _s(b""), 2)]
+    assert _split(log.from_server, b"".join(handles), size) == []
+    reads = [packet(5, _s(b"H1") + struct.pack(">QI", 0, 32768), 3),  # pipelined, as OpenSSH's sftp does
+             packet(5, _s(b"H1") + struct.pack(">QI", 32768, 32768), 4)]
+    assert _split(log.from_client, b"".join(reads), size) == []
+    data = [packet(103, _s(b"r" * 32768), 3), packet(103, _s(b"r" * 1000), 4)]
+    assert _split(log.from_server, b"".join(data), size) == []
+    written = [packet(3, _s(b"/tmp/up.bin") + struct.pack(">I", 0x1A) + NO_ATTRS, 5)]
+    assert _split(log.from_client, written[0], size)[0]["op"] == "open"
+    assert _split(log.from_server, packet(102, _s(b"H2"), 5), size) == []
+    stream = packet(6, _s(b"H2") + struct.pack(">Q", 0) + _s(b"w" * 70_000), 6) + packet(4, _s(b"H2"), 7)
+    assert _split(log.from_client, stream, size) == [
+        {"op": "transferred", "path": "/tmp/up.bin", "mode": "write,create,truncate", "read": 0, "written": 70_000}]
+    assert _split(log.from_client, packet(4, _s(b"H1"), 8), size) == [
+        {"op": "transferred", "path": "/srv/report.csv", "mode": "read", "read": 33_768, "written": 0}]
+
+
+def test_a_file_closed_without_moving_a_byte_is_not_a_transfer() -> None:
+    log = SftpLog()
+    log.from_client(packet(3, _s(b"/srv/a") + struct.pack(">I", 1) + NO_ATTRS, 1))
+    log.from_server(packet(102, _s(b"H1"), 1))
+    assert log.from_client(packet(4, _s(b"H1"), 2)) == []
+    assert log.from_client(packet(4, _s(b"unknown"), 3)) == []  # a handle hoop never saw opened
