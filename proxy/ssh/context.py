@@ -84,7 +84,7 @@ def transfer_server(guard: ShellGuard, command: str) -> bool:
     (cmd,) = resolved
     if cmd.dynamic or cmd.reads_input or words != [words[0], *cmd.args] or not _system_program(words[0], cmd.program):
         return False
-    return cmd.program != "sftp" and "--daemon" not in cmd.args and _transfers_files(cmd)
+    return _server_end(cmd)
 
 
 #: where a transfer server's program may be named by path: directories only root can write to. Any other
@@ -97,6 +97,40 @@ _SYSTEM_DIRS = ("/usr/bin/", "/bin/", "/usr/sbin/", "/usr/local/bin/", "/usr/lib
 def _system_program(word: str, program: str) -> bool:
     """``word`` names ``program`` bare (found on the host's PATH) or by its path in a system directory."""
     return word == program or any(word == d + program for d in _SYSTEM_DIRS)
+
+
+_SCP_SERVER_FLAGS = frozenset("vrpdtfq")  # what an scp client passes to the scp it starts on the far side
+#: rsync options that start a daemon, read its config (whose pre-/post-xfer exec runs programs) or set its
+#: parameters; any abbreviation of them is refused too
+_RSYNC_DAEMON = ("daemon", "config", "dparam", "detach", "no-detach", "address", "port", "sockopts")
+
+
+def _server_end(cmd: Command) -> bool:
+    """Whether ``cmd``'s arguments are exactly a transfer server end as clients start it: ``scp`` with only
+    the flags an scp client passes (one of ``-t``/``-f``) and one path; ``sftp-server``, whose options run
+    nothing; ``rsync --server`` with no daemon option. An ``scp`` that would act as a client (``-S``,
+    ``-o ProxyCommand=…``, ``-F``) runs programs of the user's choosing: it is never relayed raw."""
+    args = cmd.args
+    if cmd.program == "sftp-server":
+        return True
+    if cmd.program == "scp":
+        if args[-2:-1] == ("--",):
+            flags, path = args[:-2], args[-1]
+        else:
+            flags, path = args[:-1], args[-1] if args else ""
+        letters = "".join(f[1:] for f in flags)
+        return (bool(path) and not path.startswith("-") and all(f.startswith("-") and len(f) > 1 for f in flags)
+                and set(letters) <= _SCP_SERVER_FLAGS and letters.count("t") + letters.count("f") == 1)
+    if cmd.program != "rsync" or args[:1] != ("--server",):
+        return False
+    for arg in args[1:]:
+        if arg.startswith("--"):
+            name = arg[2:].split("=", 1)[0]
+            if not name or any(full.startswith(name) for full in _RSYNC_DAEMON):
+                return False
+        elif arg.startswith("-") and "M" in arg:  # (-M is --dparam)
+            return False
+    return True
 
 
 def _transfers_files(cmd: Command) -> bool:

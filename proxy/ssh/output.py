@@ -79,10 +79,10 @@ class OutputRelay:
     def data(self, data: bytes, datatype: int | None) -> None:
         """One chunk from the host."""
         self.stats["bytes_out"] += len(data)
-        if self.mode == "sftp":
+        if self.mode == "sftp" and not datatype:  # (stderr carries no transfer protocol: masked and recorded)
             if not self.done:
-                self.chan.write(data, datatype)
-                if self.observe is not None and not datatype:
+                self.chan.write(data)
+                if self.observe is not None:
                     self.observe(data)
             return
         if not self._masking:

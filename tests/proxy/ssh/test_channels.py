@@ -105,6 +105,19 @@ async def _scp(env: Env, secret: str, *args: str) -> tuple[int, bytes]:
     ("./sftp-server", False),
     ("/usr/bin/../../tmp/scp -f x", False),
     ("rsync --server --daemon .", False),  # runs what an rsyncd.conf says, before and around transfers
+    ("rsync --server --dae .", False),  # (an abbreviation of it)
+    ("rsync --server --config=/tmp/x --sender . /srv", False),
+    ("rsync --server -M--x . /srv", False),
+    ("rsync --sender --server . /srv", False),  # not as a client starts it
+    # an scp that would act as a client runs a program of the user's choosing: never a transfer server
+    ("scp -S/tmp/evil a h:b", False),
+    ("scp '-oProxyCommand=id >&2; echo x' a nohost:b", False),
+    ("scp -3 -S/tmp/evil h1:a h2:b", False),
+    ("scp -t -S/x /srv", False),
+    ("scp -F/tmp/cfg -t /srv", False),
+    ("scp -tf /srv", False),
+    ("scp -f", False),
+    ("scp -v -d -t -- /srv/in", True),
 ])
 def test_only_a_plain_transfer_server_command_is_relayed_as_bytes(command: str, raw: bool) -> None:
     assert transfer_server(ShellGuard(Guardrails()), command) is raw
@@ -199,6 +212,26 @@ async def test_rsync_through_hoop_copies_files_byte_for_byte_when_sftp_is_allowe
             events = [e for s in await tx.list_sessions() for e in await tx.events(s.id)]
         transfers = [e.data["command"] for e in events if e.kind == "sftp"]
         assert len(transfers) == 2 and all(c.startswith("rsync --server") for c in transfers), transfers
+    finally:
+        await stop_env(env, store)
+
+
+async def test_a_transfer_servers_stderr_is_masked_and_recorded(upstream: Sshd, tmp_path: Path) -> None:
+    """A transfer server's stdout is its protocol and passes as bytes; its stderr carries none, so it is masked
+    and recorded like any exec's (what a program started before or instead of the protocol could print)."""
+    env, store = await start_env(upstream, tmp_path, make_config(upstream, ssh_resource(
+        upstream, allow={"sftp": True})))
+    try:
+        grant, secret = await env.grant()
+        code, _, err = await env.ssh(grant.login, secret, "rsync --server --bogus-alice@example.com . /tmp")
+        assert code != 0 and b"unknown option" in err
+        assert b"alice@example.com" not in err and b"[email]" in err
+        await env.hub.flush()
+        async with env.service.store.tx() as tx:
+            events = [e for s in await tx.list_sessions() for e in await tx.events(s.id)]
+        assert [e.data["command"] for e in events if e.kind == "sftp"]  # taken for a transfer server
+        assert "[email]" in str([e.data for e in events if e.kind == "output"])
+        assert "alice@example.com" not in str([e.data for e in events if e.kind != "open"])
     finally:
         await stop_env(env, store)
 
