@@ -158,13 +158,24 @@ def teams_behind(who: Identity, behind: Iterable[str]) -> frozenset[str]:
 
 def team_members(config: HoopConfig) -> Mapping[str, frozenset[str]]:
     """Each config group's members (lower-cased), by lower-cased name: whom an agent acting for it speaks for.
-    (A group resolved from a Slack user group has its members known only at run time: none here.)"""
+    (An agent may act only for a group whose members the config lists: the config refuses any other.)"""
     return {name.lower(): frozenset(m.lower() for m in g.members) for name, g in config.groups.items()}
 
 
 def members_spoken_for(who: Identity, teams: Mapping[str, frozenset[str]]) -> frozenset[str]:
     """The members of every team ``who`` speaks for: an agent acting for a team speaks for each of them."""
     return frozenset(m for name in principals(who) for m in teams.get(name, ()))
+
+
+def with_members(names: Iterable[str], teams: Mapping[str, frozenset[str]]) -> frozenset[str]:
+    """``names`` (lower-cased) and the members of each team among them: everyone they stand for."""
+    lowered = {n.lower() for n in names}
+    return frozenset(lowered.union(*(teams.get(n, frozenset()) for n in lowered)))
+
+
+def speaks_for(who: Identity, teams: Mapping[str, frozenset[str]]) -> frozenset[str]:
+    """Everyone ``who`` speaks for: their chain, and the members of a team an agent in it acts for."""
+    return principals(who) | members_spoken_for(who, teams)
 
 
 _NO_TEAMS: Mapping[str, frozenset[str]] = {}
@@ -202,6 +213,10 @@ def assign(request: AccessRequest, who: Identity,
     if shared := spoken & behind:
         raise Denied(f"you act for a team that {_people(shared)}, who is behind this request, belongs to, so you "
                      "cannot approve it", code="in_chain")
+    everyone = mine | spoken
+    if shared := everyone & with_members(behind, teams):  # (two teams with a member in common)
+        raise Denied(f"you speak for {_people(shared)}, who is behind this request through a team, so you cannot "
+                     "approve it", code="in_chain")
     eligible = tuple(s.group for s in request.steps if s.group in who.groups)
     if not eligible:
         groups = ", ".join(sorted({s.group for s in request.steps})) or "nobody"
@@ -224,6 +239,9 @@ def assign(request: AccessRequest, who: Identity,
             raise Denied(f"{a.approver} has already approved this request and you act for a team they belong to; a "
                          "team counts once, whether its members approve or an agent acting for it does",
                          code="duplicate")
+        if shared := everyone & with_members(a.principals, teams):  # (two teams with a member in common)
+            raise Denied(f"{_people(shared)} already counts through {a.approver}; each person counts once, whether "
+                         "they approve themselves or through an agent acting for them or their team", code="duplicate")
     before = len(match(request.steps, request.approvals))
     trial = [*request.approvals, Approval(approver=email, groups=eligible, at=request.created_at, chain=who.chain)]
     if len(match(request.steps, trial)) == before:

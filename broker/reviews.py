@@ -107,9 +107,10 @@ class Reviews:
             raise Denied(f"this statement's grant ({grant.chain_text() if grant else review.requested_by}) acts for "
                          f"{', '.join(sorted(teams))}, which you are a member of, so you cannot review it",
                          code="in_chain")
-        if shared := policy.members_spoken_for(who, policy.team_members(self.service.config)) & behind:
-            raise Denied(f"you act for a team that {', '.join(sorted(shared))}, who is behind this statement's grant, "
-                         "belongs to, so you cannot review it", code="in_chain")
+        members = policy.team_members(self.service.config)
+        if shared := policy.speaks_for(who, members) & policy.with_members(behind, members):
+            raise Denied(f"you speak for {', '.join(sorted(shared))}, who is behind this statement's grant (through "
+                         "a team), so you cannot review it", code="in_chain")
         config = self.service.config
         if not policy.is_approver_of(config, who, review.resource) and not policy.is_admin(config, who):
             raise Denied(f"only approvers of {review.resource} can decide this review", code="not_approver")

@@ -116,6 +116,13 @@ class HoopConfig(_Model):
             if agent.acts_for is not None and "@" not in agent.acts_for and agent.acts_for not in self.groups:
                 raise ValueError(f"oidc.agents[{i}] ({agent.name}): acts_for {agent.acts_for!r} is neither an email "
                                  "nor a group defined under groups")
+            team = self.groups.get(agent.acts_for or "")
+            if team is not None and team.slack_usergroup is not None:
+                # the agent speaks for each member, and nobody it speaks for may approve for it, nor it for them:
+                # with members known only to Slack at run time, hoop could not tell who they are
+                raise ValueError(f"oidc.agents[{i}] ({agent.name}): acts_for {agent.acts_for!r}, a group whose "
+                                 "members come from a Slack user group; an agent may act only for a group whose "
+                                 "members are listed in the config")
             for group in agent.groups:
                 if group not in self.groups:
                     raise ValueError(f"oidc.agents[{i}] ({agent.name}): groups names unknown group {group!r}")

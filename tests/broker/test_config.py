@@ -81,6 +81,11 @@ def _with_resource(**changes: Any) -> dict[str, Any]:
        f"oidc.agents[0] (ci-runner): {why}")
       for agent, why in (({"acts_for": "dbas"}, "acts_for 'dbas' is neither an email nor a group defined"),
                          ({"groups": ["dbas"]}, "groups names unknown group 'dbas'"))],
+    # its members known only to Slack at run time, hoop could not tell whom such an agent speaks for
+    ({**base_config(), "groups": {**base_config()["groups"], "oncall": {"slack_usergroup": "S123"}},
+      "oidc": {"issuer": "https://idp.example", "audience": "hoop",
+               "agents": [{"subject": "s1", "name": "pager-bot", "acts_for": "oncall"}]}},
+     "oidc.agents[0] (pager-bot): acts_for 'oncall', a group whose members come from a Slack user group"),
 ])
 def test_config_errors_name_key_and_reason(data: dict[str, Any], expected: str) -> None:
     with pytest.raises(ConfigError) as exc:

@@ -196,3 +196,21 @@ def test_a_member_of_the_team_an_agent_acts_for_may_revoke_its_grant(config: Hoo
     with pytest.raises(Denied) as exc:
         policy.may_revoke(config, who(config, "zed@example.com"), grant)  # neither in the team nor an approver
     assert exc.value.code == "not_revoker"
+
+
+def test_two_teams_with_a_member_in_common_are_the_same_person_there(config: HoopConfig) -> None:
+    """erin is in dba and in security: an agent acting for security speaks for her, and so does one acting
+    for dba. The one does not approve the other's request, and they do not fill two slots."""
+    teams = policy.team_members(config)
+    dba_request = req((StepSpec("eng", 1),), requester="dba-bot")
+    dba_request.chain = ("dba", "dba-bot")
+    with pytest.raises(Denied) as exc:
+        policy.assign(dba_request, agent("sec-bot", "security", "eng"), teams)
+    assert exc.value.code == "in_chain" and "erin@example.com" in exc.value.message
+    r = req((StepSpec("eng", 2),), requester="bob@example.com")
+    first = agent("dba-bot", "dba", "eng")
+    r.approvals.append(Approval(approver=first.email, groups=policy.assign(r, first, teams), at=T0, chain=first.chain))
+    with pytest.raises(Denied) as exc:
+        policy.assign(r, agent("sec-bot", "security", "eng"), teams)
+    assert exc.value.code == "duplicate" and "erin@example.com" in exc.value.message
+    assert policy.assign(r, agent("root-bot", "admins", "eng"), teams) == ("eng",)  # admins share nobody with dba

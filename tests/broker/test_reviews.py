@@ -83,6 +83,16 @@ async def test_a_teams_agent_cannot_allow_a_members_statement(service: Service, 
     assert decided.status == "allowed"
 
 
+async def test_an_agent_for_a_team_sharing_a_member_cannot_allow_the_other_teams_statement(
+        service: Service, config: HoopConfig) -> None:
+    grant = await granted(service, config, agent("eng-bot", "eng", "eng"))  # eng: alice, bob and carol
+    reviews = Reviews(service)
+    review_id = await held(reviews, grant)
+    with pytest.raises(Denied) as exc:  # dba is dana, erin and alice here: alice is in both teams
+        await reviews.decide(review_id, agent("dba-bot", "dba", "dba"), True)
+    assert exc.value.code == "in_chain" and "alice@example.com" in exc.value.message
+
+
 async def test_delegator_cannot_allow_the_sub_agents_statement(service: Service, config: HoopConfig) -> None:
     alice = who(config, "alice@example.com")
     parent = await granted(service, config, alice)
