@@ -209,7 +209,8 @@ class SessionLines:
             elif d.get("op") == "transferred":  # at the file's close: what moved through its handle
                 moved = [f"{verb} {_size(d.get(key))}" for verb, key in (("read", "read"), ("wrote", "written"))
                          if d.get(key)]
-                lines.append(f"{t} sftp {d.get('path', '')}: {', '.join(moved)}")
+                left = " (never closed: counted until the session ended)" if d.get("unclosed") else ""
+                lines.append(f"{t} sftp {d.get('path', '')}: {', '.join(moved)}{left}")
             else:
                 to = f" → {d['to']}" if d.get("to") else ""
                 mode = f" ({d['mode']})" if d.get("mode") else ""

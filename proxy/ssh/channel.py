@@ -314,7 +314,10 @@ class ProxyChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         self._exit(BLOCKED_STATUS)
 
     def _record_end(self, reason: str) -> None:
-        """An exec that was allowed (or held) and has not ended is recorded as cut short, with why."""
+        """An exec that was allowed (or held) and has not ended is recorded as cut short, with why; so are the
+        bytes moved through SFTP files still open."""
+        if self._sftp is not None:
+            self._record_sftp(self._sftp.finish())
         if self.mode == "exec" and self._decision is not None and not self._exec_recorded:
             self._exec_recorded = True
             self.record_command(self.command or "", self._decision, None, ended=reason)
@@ -409,6 +412,8 @@ class ProxyChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
 
     def upstream_closed(self) -> None:
         self.out.close()
+        if self._sftp is not None:
+            self._record_sftp(self._sftp.finish())
         up = self.up
         if up is None or self.ending:
             return

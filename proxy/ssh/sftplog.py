@@ -50,9 +50,12 @@ _ONE_PATH = {_SETSTAT: "setstat", _OPENDIR: "list", _REMOVE: "remove", _MKDIR: "
 _TWO_PATHS = {_RENAME: "rename", _SYMLINK: "symlink"}
 _EXTENSIONS = {b"posix-rename@openssh.com": "rename", b"hardlink@openssh.com": "hardlink"}
 _PATH_REQUESTS = frozenset({_OPEN, *_ONE_PATH, *_TWO_PATHS, _EXTENDED})
+_INIT, _VERSION = 1, 2  # the only packets without a request id
+#: what is held of each packet type; every other one (but INIT and VERSION) is held for its request id
 _CLIENT_HOLD = {**{k: MAX_HELD for k in _PATH_REQUESTS}, _READ: _HANDLE_HEAD, _WRITE: _HANDLE_HEAD,
                 _CLOSE: _HANDLE_HEAD}
-_SERVER_HOLD = {_HANDLE: _HANDLE_HEAD, _DATA: 8, _STATUS: 4}
+_SERVER_HOLD = {_HANDLE: _HANDLE_HEAD, _DATA: 8}
+_ID = 4
 #: SSH_FXF_* open flags, in the order a transcript names them
 _PFLAGS = ((1, "read"), (2, "write"), (4, "append"), (8, "create"), (0x10, "truncate"), (0x20, "exclusive"))
 
@@ -119,7 +122,8 @@ class _Packets:
     (its first ``hold[type]`` bytes after the type byte), once the packet has passed whole."""
 
     def __init__(self, hold: dict[int, int], on_packet: Callable[[int, int, bytes], list[Op]]) -> None:
-        self._hold = hold
+        # (every packet with a request id is held for it at least: replies are matched to requests by it)
+        self._hold = {k: hold.get(k, _ID) for k in range(256) if k not in (_INIT, _VERSION)}
         self._on_packet = on_packet
         self._head = b""  # the start of a packet whose length and type have not all arrived
         self._held = bytearray()
@@ -177,72 +181,87 @@ class _File:
         self.read = self.written = 0
 
 
+def _transferred(file: _File, **extra: Any) -> Op:
+    return {"op": "transferred", "path": file.path, "mode": file.mode, "read": file.read, "written": file.written,
+            **extra}
+
+
 class SftpLog:
     """An SFTP session's two streams, read as they pass (see the module docstring)."""
 
     def __init__(self) -> None:
         self._client = _Packets(_CLIENT_HOLD, self._request)
         self._server = _Packets(_SERVER_HOLD, self._reply)
-        self._opening: dict[int, _File] = {}  # open request id -> the file it opens
-        self._reading: dict[int, bytes] = {}  # read request id -> its handle
+        #: request id -> what its reply completes: the file an open opens, the handle a read reads, or nothing
+        self._inflight: dict[int, _File | bytes | None] = {}
         self._files: dict[bytes, _File] = {}  # handle -> open file
+        self._noted = False  # the one note that counts may be short has been made
 
     def from_client(self, data: bytes) -> list[Op]:
         """The operations the client's ``data`` completed, in order."""
         return self._client.feed(data)
 
     def from_server(self, data: bytes) -> list[Op]:
-        """What the host's ``data`` completed: nothing but a note should it stop being SFTP."""
+        """What the host's ``data`` completed: a file closed, or a note should the stream stop being SFTP."""
         return self._server.feed(data)
 
+    def finish(self) -> list[Op]:
+        """The session ends: the files still open that moved bytes (their client never closed them)."""
+        files, self._files = self._files, {}
+        return [_transferred(f, unclosed=True) for f in files.values() if f.read or f.written]
+
     def _request(self, kind: int, length: int, held: bytes) -> list[Op]:
-        if kind not in (_READ, _WRITE, _CLOSE):
-            op = operation(kind, held)
-            if op is not None and kind == _OPEN and op["op"] == "open" and len(held) >= 4:
-                _bounded(self._opening)[_U32.unpack_from(held)[0]] = _File(op["path"], op["mode"])
-            return [op] if op is not None else []
+        ops: list[Op] = []
         try:
             request_id = _u32(held, 0)
-            handle, end = _string(held, 4)
         except _Short:
-            return []  # (a handle longer than the draft allows: its bytes are not counted)
-        if kind == _READ:
-            if handle in self._files:
-                _bounded(self._reading)[request_id] = handle
-        elif kind == _WRITE:
-            file = self._files.get(handle)
-            if file is not None:  # what follows the handle: uint64 offset, string data
+            return ops
+        pending: _File | bytes | None = None
+        if kind in _PATH_REQUESTS:
+            op = operation(kind, held)
+            if op is not None:
+                ops.append(op)
+                if kind == _OPEN and op["op"] == "open":
+                    pending = _File(op["path"], op["mode"])
+        elif kind in (_READ, _WRITE, _CLOSE):
+            try:
+                handle, end = _string(held, 4)
+            except _Short:
+                handle, end = b"", 0  # (a handle longer than the draft allows: its bytes are not counted)
+            file = self._files.get(handle) if end else None
+            if kind == _READ and file is not None:
+                pending = handle
+            elif kind == _WRITE and file is not None:  # what follows the handle: uint64 offset, string data
                 file.written += max(length - 1 - end - 8 - 4, 0)
-        else:
-            file = self._files.pop(handle, None)
-            if file is not None and (file.read or file.written):
-                return [{"op": "transferred", "path": file.path, "mode": file.mode, "read": file.read,
-                         "written": file.written}]
-        return []
+            elif kind == _CLOSE and file is not None:
+                del self._files[handle]
+                if file.read or file.written:
+                    ops.append(_transferred(file))
+        if request_id in self._inflight and not self._noted:
+            # a reply to either would be taken for the other's: a client can hide what a read returned this way
+            self._noted = True
+            ops.append(_unreadable("the client reused a request id still in flight; byte counts from here on may "
+                                   "be short"))
+        self._inflight[request_id] = pending
+        if len(self._inflight) > _MAX_TRACKED:  # (a client that sends requests nobody answers)
+            del self._inflight[next(iter(self._inflight))]
+        return ops
 
     def _reply(self, kind: int, length: int, held: bytes) -> list[Op]:
+        ops: list[Op] = []
         try:
-            request_id = _u32(held, 0)
-            if kind == _HANDLE:
-                file = self._opening.pop(request_id, None)
-                if file is not None:
-                    handle, _ = _string(held, 4)
-                    _bounded(self._files)[handle] = file
-            elif kind == _DATA:
-                handle_of = self._reading.pop(request_id, None)
-                file = self._files.get(handle_of) if handle_of is not None else None
-                if file is not None:
-                    file.read += _u32(held, 4)
-            else:  # a status: the request it answers is done (an open that failed opens nothing)
-                self._opening.pop(request_id, None)
-                self._reading.pop(request_id, None)
+            pending = self._inflight.pop(_u32(held, 0), None)
+            if kind == _HANDLE and isinstance(pending, _File):
+                handle, _ = _string(held, 4)
+                if len(self._files) >= _MAX_TRACKED:  # (a client that never closes: the oldest is said now)
+                    oldest = self._files.pop(next(iter(self._files)))
+                    if oldest.read or oldest.written:
+                        ops.append(_transferred(oldest, unclosed=True))
+                self._files[handle] = pending
+            elif kind == _DATA and isinstance(pending, bytes):
+                file = self._files.get(pending)
+                if file is not None:  # (a length past the packet's end is not believed)
+                    file.read += min(_u32(held, 4), max(length - 9, 0))
         except _Short:
             pass  # (a reply shorter than its fields: nothing is counted from it)
-        return []
-
-
-def _bounded(table: dict[Any, Any]) -> dict[Any, Any]:
-    """``table``, its oldest entry dropped when it is full (a client that never closes cannot grow it)."""
-    if len(table) >= _MAX_TRACKED:
-        del table[next(iter(table))]
-    return table
+        return ops

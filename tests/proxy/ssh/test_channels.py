@@ -318,6 +318,31 @@ async def test_an_sftp_session_records_its_file_operations_masked(upstream: Sshd
         await stop_env(env, store)
 
 
+async def test_a_file_left_open_when_the_client_goes_is_still_counted(upstream: Sshd, tmp_path: Path) -> None:
+    env, store = await start_env(upstream, tmp_path, make_config(upstream, ssh_resource(
+        upstream, allow={"sftp": True})))
+    try:
+        grant, secret = await env.grant()
+        conn = await env.client(grant.login, secret)
+        sftp = await conn.start_sftp_client()
+        f = await sftp.open(str(upstream.dir / "secret.txt"), "rb")
+        assert await f.read(10) == SECRET_TEXT.encode()[:10]
+        conn.abort()  # gone without closing the file
+        for _ in range(50):
+            await env.hub.flush()
+            async with env.service.store.tx() as tx:
+                events = [e for s in await tx.list_sessions() for e in await tx.events(s.id)]
+            moved = [e.data for e in events if e.kind == "sftp_op" and e.data["op"] == "transferred"]
+            if moved:
+                break
+            await asyncio.sleep(0.1)
+        assert [{k: v for k, v in m.items() if k != "channel"} for m in moved] == [
+            {"op": "transferred", "path": str(upstream.dir / "secret.txt"), "mode": "read", "read": 10, "written": 0,
+             "unclosed": True}], moved
+    finally:
+        await stop_env(env, store)
+
+
 async def test_port_forwarding_refused(env: Env) -> None:
     grant, secret = await env.grant()
     async with await env.client(grant.login, secret) as conn:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import struct
 from typing import Any
 
@@ -14,9 +15,12 @@ def _s(value: bytes) -> bytes:
     return struct.pack(">I", len(value)) + value
 
 
-def packet(kind: int, body: bytes, request_id: int = 7) -> bytes:
-    """One SFTP packet: length, type, request id, then ``body`` (a status's id is its first field)."""
-    payload = bytes([kind]) + struct.pack(">I", request_id) + body
+_IDS = itertools.count(1000)
+
+
+def packet(kind: int, body: bytes, request_id: int | None = None) -> bytes:
+    """One SFTP packet: length, type, request id (a fresh one unless given), then ``body``."""
+    payload = bytes([kind]) + struct.pack(">I", next(_IDS) if request_id is None else request_id) + body
     return struct.pack(">I", len(payload)) + payload
 
 
@@ -136,3 +140,28 @@ def test_a_file_closed_without_moving_a_byte_is_not_a_transfer() -> None:
     log.from_server(packet(102, _s(b"H1"), 1))
     assert log.from_client(packet(4, _s(b"H1"), 2)) == []
     assert log.from_client(packet(4, _s(b"unknown"), 3)) == []  # a handle hoop never saw opened
+
+
+def test_a_reused_request_id_is_said_since_it_could_hide_what_a_read_returned() -> None:
+    """A read on a bogus handle sharing a real read's id: its failure status would be taken for the real
+    read's answer, and the real data go uncounted. Counting is not exact then, and the record says so."""
+    log = SftpLog()
+    log.from_client(packet(3, _s(b"/srv/a") + struct.pack(">I", 1) + NO_ATTRS, 1))
+    log.from_server(packet(102, _s(b"H1"), 1))
+    ops = log.from_client(packet(5, _s(b"bogus") + struct.pack(">QI", 0, 10), 2)
+                          + packet(5, _s(b"H1") + struct.pack(">QI", 0, 10), 2))
+    assert [op["op"] for op in ops] == ["unreadable"] and "reused a request id" in ops[0]["why"]
+    assert log.from_client(packet(5, _s(b"H1") + struct.pack(">QI", 0, 10), 2) + packet(13, _s(b"/x"), 3)) == [
+        {"op": "remove", "path": "/x"}]  # (said once)
+
+
+def test_files_left_open_are_reported_when_the_session_ends_and_lengths_are_not_believed_past_the_packet() -> None:
+    log = SftpLog()
+    log.from_client(packet(3, _s(b"/srv/a") + struct.pack(">I", 1) + NO_ATTRS, 1))
+    log.from_server(packet(102, _s(b"H1"), 1))
+    log.from_client(packet(5, _s(b"H1") + struct.pack(">QI", 0, 10), 2))
+    lying = packet(103, struct.pack(">I", 0xFFFFFFFF) + b"x" * 10, 2)  # claims 4 GiB, carries 10 bytes
+    assert log.from_server(lying) == []
+    assert log.finish() == [{"op": "transferred", "path": "/srv/a", "mode": "read", "read": 10, "written": 0,
+                             "unclosed": True}]
+    assert log.finish() == []
