@@ -6,6 +6,7 @@ session is open; ``upstream`` returns the connection's (shared) upstream SSH con
 
 from __future__ import annotations
 
+import re
 import shlex
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
@@ -84,7 +85,14 @@ def transfer_server(guard: ShellGuard, command: str) -> bool:
     (cmd,) = resolved
     if cmd.dynamic or cmd.reads_input or words != [words[0], *cmd.args] or not _system_program(words[0], cmd.program):
         return False
+    if _HOST_EXPANDS.search(command):  # the host's shell would turn these into words hoop did not judge
+        return False
     return _server_end(cmd)
+
+
+#: what the host's shell expands (variables, substitutions, globs, braces, ``~``) or unescapes; the guard reads
+#: such text literally, so a command holding any of it is never taken for a transfer server
+_HOST_EXPANDS = re.compile(r"[$`*?\[\]{}~\\!]")
 
 
 #: where a transfer server's program may be named by path: directories only root can write to. Any other
@@ -100,9 +108,21 @@ def _system_program(word: str, program: str) -> bool:
 
 
 _SCP_SERVER_FLAGS = frozenset("vrpdtfq")  # what an scp client passes to the scp it starts on the far side
-#: rsync options that start a daemon, read its config (whose pre-/post-xfer exec runs programs) or set its
-#: parameters; any abbreviation of them is refused too
-_RSYNC_DAEMON = ("daemon", "config", "dparam", "detach", "no-detach", "address", "port", "sockopts")
+#: the rsync server's short flags: one cluster as a client sends it (``-vlogDtpre.iLsfxCIvu``: the letters, then
+#: ``e.`` and the capabilities), without ``s`` (its real arguments would come on its input, unseen) or ``M``
+_RSYNC_CLUSTER = re.compile(r"-(?P<flags>[A-Za-z]*?)(?:e\.[A-Za-z]*)?")
+#: rsync server options a client sends that read and write files only (none starts a program, a daemon,
+#: reads a daemon config, or takes its arguments from the input)
+_RSYNC_LONG = frozenset({
+    "sender", "delete", "delete-before", "delete-during", "delete-delay", "delete-after", "delete-excluded",
+    "partial", "partial-dir", "inplace", "append", "append-verify", "numeric-ids", "ignore-errors", "size-only",
+    "ignore-times", "ignore-existing", "existing", "remove-source-files", "safe-links", "copy-unsafe-links",
+    "modify-window", "compress-level", "checksum-seed", "timeout", "contimeout", "bwlimit", "max-size",
+    "min-size", "max-delete", "backup", "backup-dir", "suffix", "temp-dir", "compare-dest", "copy-dest",
+    "link-dest", "fuzzy", "force", "delay-updates", "no-implied-dirs", "no-inc-recursive", "no-i-r",
+    "fake-super", "super", "no-super", "preallocate", "sparse", "whole-file", "no-whole-file", "usermap",
+    "groupmap", "chmod", "chown", "copy-as", "iconv", "no-iconv", "log-format", "out-format", "info", "debug",
+})
 
 
 def _server_end(cmd: Command) -> bool:
@@ -125,11 +145,12 @@ def _server_end(cmd: Command) -> bool:
         return False
     for arg in args[1:]:
         if arg.startswith("--"):
-            name = arg[2:].split("=", 1)[0]
-            if not name or any(full.startswith(name) for full in _RSYNC_DAEMON):
+            if arg[2:].split("=", 1)[0] not in _RSYNC_LONG:
                 return False
-        elif arg.startswith("-") and "M" in arg:  # (-M is --dparam)
-            return False
+        elif arg.startswith("-"):
+            cluster = _RSYNC_CLUSTER.fullmatch(arg)
+            if cluster is None or "s" in cluster["flags"] or "M" in cluster["flags"]:
+                return False
     return True
 
 
