@@ -192,8 +192,9 @@ class SftpLog:
     def __init__(self) -> None:
         self._client = _Packets(_CLIENT_HOLD, self._request)
         self._server = _Packets(_SERVER_HOLD, self._reply)
-        #: request id -> what its reply completes: the file an open opens, the handle a read reads, or nothing
-        self._inflight: dict[int, _File | bytes | None] = {}
+        #: request id -> what its reply completes: ("open", the file it opens), ("read", the file it reads),
+        #: ("close", the file it closes: reported at the reply, once the reads sent before it are answered)
+        self._inflight: dict[int, tuple[str, _File] | None] = {}
         self._files: dict[bytes, _File] = {}  # handle -> open file
         self._noted = False  # the one note that counts may be short has been made
 
@@ -206,9 +207,18 @@ class SftpLog:
         return self._server.feed(data)
 
     def finish(self) -> list[Op]:
-        """The session ends: the files still open that moved bytes (their client never closed them)."""
-        files, self._files = self._files, {}
-        return [_transferred(f, unclosed=True) for f in files.values() if f.read or f.written]
+        """The session ends: the files that moved bytes and were not reported yet (closed without an answer,
+        or never closed)."""
+        closing = [p[1] for p in self._inflight.values() if p is not None and p[0] == "close"]
+        files, self._files, self._inflight = self._files, {}, {}
+        return ([_transferred(f) for f in closing if f.read or f.written]
+                + [_transferred(f, unclosed=True) for f in files.values() if f.read or f.written])
+
+    def _note(self, why: str) -> list[Op]:
+        if self._noted:
+            return []
+        self._noted = True
+        return [_unreadable(f"{why}; byte counts from here on may be short")]
 
     def _request(self, kind: int, length: int, held: bytes) -> list[Op]:
         ops: list[Op] = []
@@ -216,13 +226,13 @@ class SftpLog:
             request_id = _u32(held, 0)
         except _Short:
             return ops
-        pending: _File | bytes | None = None
+        pending: tuple[str, _File] | None = None
         if kind in _PATH_REQUESTS:
             op = operation(kind, held)
             if op is not None:
                 ops.append(op)
                 if kind == _OPEN and op["op"] == "open":
-                    pending = _File(op["path"], op["mode"])
+                    pending = ("open", _File(op["path"], op["mode"]))
         elif kind in (_READ, _WRITE, _CLOSE):
             try:
                 handle, end = _string(held, 4)
@@ -230,38 +240,43 @@ class SftpLog:
                 handle, end = b"", 0  # (a handle longer than the draft allows: its bytes are not counted)
             file = self._files.get(handle) if end else None
             if kind == _READ and file is not None:
-                pending = handle
+                pending = ("read", file)
             elif kind == _WRITE and file is not None:  # what follows the handle: uint64 offset, string data
                 file.written += max(length - 1 - end - 8 - 4, 0)
             elif kind == _CLOSE and file is not None:
                 del self._files[handle]
-                if file.read or file.written:
-                    ops.append(_transferred(file))
-        if request_id in self._inflight and not self._noted:
+                pending = ("close", file)
+        if request_id in self._inflight:
             # a reply to either would be taken for the other's: a client can hide what a read returned this way
-            self._noted = True
-            ops.append(_unreadable("the client reused a request id still in flight; byte counts from here on may "
-                                   "be short"))
+            ops.extend(self._note("the client reused a request id still in flight"))
         self._inflight[request_id] = pending
-        if len(self._inflight) > _MAX_TRACKED:  # (a client that sends requests nobody answers)
-            del self._inflight[next(iter(self._inflight))]
+        if len(self._inflight) > _MAX_TRACKED:  # (a client that sends requests nobody answers yet)
+            dropped = self._inflight.pop(next(iter(self._inflight)))
+            if dropped is not None:
+                ops.extend(self._note(f"the client had more than {_MAX_TRACKED} requests in flight"))
+                if dropped[0] == "close" and (dropped[1].read or dropped[1].written):
+                    ops.append(_transferred(dropped[1]))
         return ops
 
     def _reply(self, kind: int, length: int, held: bytes) -> list[Op]:
         ops: list[Op] = []
         try:
             pending = self._inflight.pop(_u32(held, 0), None)
-            if kind == _HANDLE and isinstance(pending, _File):
+            if pending is None:
+                return ops
+            what, file = pending
+            if what == "close":  # (the server answers in order: the reads sent before the close are in)
+                if file.read or file.written:
+                    ops.append(_transferred(file))
+            elif what == "open" and kind == _HANDLE:
                 handle, _ = _string(held, 4)
                 if len(self._files) >= _MAX_TRACKED:  # (a client that never closes: the oldest is said now)
                     oldest = self._files.pop(next(iter(self._files)))
                     if oldest.read or oldest.written:
                         ops.append(_transferred(oldest, unclosed=True))
-                self._files[handle] = pending
-            elif kind == _DATA and isinstance(pending, bytes):
-                file = self._files.get(pending)
-                if file is not None:  # (a length past the packet's end is not believed)
-                    file.read += min(_u32(held, 4), max(length - 9, 0))
+                self._files[handle] = file
+            elif what == "read" and kind == _DATA:  # (a length past the packet's end is not believed)
+                file.read += min(_u32(held, 4), max(length - 9, 0))
         except _Short:
             pass  # (a reply shorter than its fields: nothing is counted from it)
         return ops

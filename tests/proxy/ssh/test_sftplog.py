@@ -128,10 +128,47 @@ def test_bytes_read_and_written_are_added_up_per_file_and_recorded_at_its_close(
     assert _split(log.from_client, written[0], size)[0]["op"] == "open"
     assert _split(log.from_server, packet(102, _s(b"H2"), 5), size) == []
     stream = packet(6, _s(b"H2") + struct.pack(">Q", 0) + _s(b"w" * 70_000), 6) + packet(4, _s(b"H2"), 7)
-    assert _split(log.from_client, stream, size) == [
+    assert _split(log.from_client, stream, size) == []
+    assert _split(log.from_server, _ok(6) + _ok(7), size) == [  # at the close's answer
         {"op": "transferred", "path": "/tmp/up.bin", "mode": "write,create,truncate", "read": 0, "written": 70_000}]
-    assert _split(log.from_client, packet(4, _s(b"H1"), 8), size) == [
+    assert _split(log.from_client, packet(4, _s(b"H1"), 8), size) == []
+    assert _split(log.from_server, _ok(8), size) == [
         {"op": "transferred", "path": "/srv/report.csv", "mode": "read", "read": 33_768, "written": 0}]
+
+
+def _ok(request_id: int) -> bytes:
+    return packet(101, struct.pack(">I", 0) + _s(b"") + _s(b""), request_id)
+
+
+def test_reads_sent_with_their_close_are_still_counted() -> None:
+    """A client may send its reads and the close in one write, before any answer: the close is reported at
+    its own answer, which comes after those of the reads."""
+    log = SftpLog()
+    log.from_client(packet(3, _s(b"/srv/a") + struct.pack(">I", 1) + NO_ATTRS, 1))
+    log.from_server(packet(102, _s(b"H1"), 1))
+    burst = b"".join(packet(5, _s(b"H1") + struct.pack(">QI", i * 100, 100), 10 + i) for i in range(3))
+    assert log.from_client(burst + packet(4, _s(b"H1"), 20)) == []
+    answers = b"".join(packet(103, _s(b"d" * 100), 10 + i) for i in range(3)) + _ok(20)
+    assert log.from_server(answers) == [{"op": "transferred", "path": "/srv/a", "mode": "read", "read": 300,
+                                         "written": 0}]
+    assert log.finish() == []
+
+
+def test_a_close_never_answered_is_reported_at_the_end() -> None:
+    log = SftpLog()
+    log.from_client(packet(3, _s(b"/srv/a") + struct.pack(">I", 1) + NO_ATTRS, 1))
+    log.from_server(packet(102, _s(b"H1"), 1))
+    log.from_client(packet(6, _s(b"H1") + struct.pack(">Q", 0) + _s(b"w" * 5), 2) + packet(4, _s(b"H1"), 3))
+    assert log.finish() == [{"op": "transferred", "path": "/srv/a", "mode": "read", "read": 0, "written": 5}]
+
+
+def test_requests_piling_up_unanswered_are_said_once() -> None:
+    """A client that stops reading pauses hoop's reading from the host while its own requests keep coming: an
+    open whose answer is pushed out of what hoop follows makes the counts inexact, and the record says so."""
+    log = SftpLog()
+    ops = log.from_client(packet(3, _s(b"/srv/a") + struct.pack(">I", 1) + NO_ATTRS, 1)
+                          + b"".join(packet(17, _s(b"/x"), 100 + i) for i in range(4096)))
+    assert [op["op"] for op in ops] == ["open", "unreadable"] and "requests in flight" in ops[1]["why"]
 
 
 def test_a_file_closed_without_moving_a_byte_is_not_a_transfer() -> None:
