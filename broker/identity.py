@@ -241,7 +241,10 @@ class TokenVerifier:
         claimed = claims.get(self.oidc.groups_claim) or []
         if isinstance(claimed, str):
             claimed = claimed.split()
-        from_idp = {g for g in claimed if isinstance(g, str) and g in self.config.groups}
+        # (not a group an agent acts for: whom such an agent speaks for is the group's members as the config
+        # lists them, the one membership every approval check can see; broker.policy.team_members)
+        teams = {a.acts_for for a in self.oidc.agents if a.acts_for}
+        from_idp = {g for g in claimed if isinstance(g, str) and g in self.config.groups and g not in teams}
         groups = policy.groups_of(self.config, email) | from_idp
         name = claims.get("name")
         return Identity(email=email, name=name if isinstance(name, str) else "", groups=groups)

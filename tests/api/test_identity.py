@@ -43,10 +43,10 @@ async def refused(verifier: TokenVerifier, token: str) -> str:
 
 
 async def test_person_token_maps_email_and_groups(issuer: LocalIssuer, verifier: TokenVerifier) -> None:
-    who = await verifier.verify(issuer.mint("u1", email="Alice@Example.com", groups=["dba", "not-a-hoop-group"],
+    who = await verifier.verify(issuer.mint("u1", email="Alice@Example.com", groups=["security", "not-a-hoop-group"],
                                             name="Alice"))
     assert who.email == "alice@example.com" and who.kind == "human" and who.name == "Alice"
-    assert who.groups == {"eng", "dba"}  # eng from config membership, dba from the groups claim
+    assert who.groups == {"eng", "security"}  # eng from config membership, security from the groups claim
     assert who.chain == ("alice@example.com",)
     assert issuer.discovery_hits == 1 and issuer.jwks_hits == 1  # found through the discovery document
 
@@ -96,12 +96,16 @@ async def test_groups_and_email_claims_are_configurable(issuer: LocalIssuer, clo
     fetcher = HttpFetcher()
     try:
         verifier = TokenVerifier(config, fetcher, clock)
-        token = issuer.mint("u1", upn="Frank@Example.com", roles=["dba", "not-a-hoop-group"], groups=["admins"])
+        token = issuer.mint("u1", upn="Frank@Example.com", roles=["security", "not-a-hoop-group"], groups=["admins"])
         who = await verifier.verify(token)
-        assert who.email == "frank@example.com" and who.groups == {"dba"}
-        token = issuer.mint("u2", upn="gina@example.com", roles="security dba")
-        assert (await verifier.verify(token)).groups == {"security", "dba"}  # a space-separated string too
-        assert await refused(verifier, issuer.mint("u3", email="root@example.com")) == "no_email"
+        assert who.email == "frank@example.com" and who.groups == {"security"}
+        token = issuer.mint("u2", upn="gina@example.com", roles="security eng")
+        assert (await verifier.verify(token)).groups == {"security", "eng"}  # a space-separated string too
+        # dba is a team an agent acts for (dba-team-bot): its members are the config's, whatever a token says,
+        # since every approval check compares them (a member by token alone could be approved for by the bot)
+        token = issuer.mint("u3", upn="zoe@example.com", roles=["dba", "security"])
+        assert (await verifier.verify(token)).groups == {"security"}
+        assert await refused(verifier, issuer.mint("u4", email="root@example.com")) == "no_email"
     finally:
         await fetcher.close()
 
