@@ -48,6 +48,8 @@ on the host (a symlink or copy of ``reboot``, ``PATH``), interpreters with inlin
 (``ssh -o ProxyCommand=``, ``tar --to-command``, ``git -c core.pager=``, ``awk 'BEGIN{system()}'``),
 remote commands (``ssh host cmd``), subcommand aliases (``kubectl delete ns``). ``#`` comments
 and here-document bodies are checked as if they were commands: this can only make the guard stricter.
+A comment holding a quote, backquote, backslash or ``$`` goes to ``on_unparsed``: the shell reads them
+as text there, and read as quotes they would hide the next line from the guard (``echo #'⏎rm …#'``).
 """
 
 from __future__ import annotations

@@ -115,11 +115,30 @@ def _close_double(s: str, i: int) -> int:
     raise Unparsable('unbalanced "')
 
 
+_COMMENT_TRAPS = frozenset("'\"`\\$")  # in a comment, the shell reads these as text; a lexer might not
+_WORD_BREAK = frozenset(" \t\r\n;&|()<>")
+
+
+def _comment_end(s: str, i: int) -> int:
+    """``s[i]`` is a ``#`` that starts a word, so the shell reads the rest of the line as a comment: the
+    index of the newline that ends it (or the end). A comment holding a quote, backquote, backslash or
+    ``$`` is refused: quote processing inside it would read where the line (and what follows the
+    newline) ends differently from the shell, which is how a command could hide behind ``#'``."""
+    j = s.find("\n", i)
+    end = len(s) if j < 0 else j
+    if any(c in _COMMENT_TRAPS for c in s[i:end]):
+        raise Unparsable("a # comment holds quotes, escapes or expansions: the shell reads it as text")
+    return end
+
+
 def _close(s: str, i: int, opening: str = "(", closing: str = ")") -> int:
     """The index of the bracket closing one opened just before ``i`` (quotes and escapes skipped)."""
     depth = 1
+    start = i
     while i < len(s):
         c = s[i]
+        if c == "#" and closing == ")" and (i == start or s[i - 1] in _WORD_BREAK):  # (in ${…} it is an operator)
+            _comment_end(s, i)  # (refuses one that could move where the shell sees the bracket close)
         if c == "\\":
             i += 2
             continue
@@ -159,6 +178,10 @@ class _Lexer:
             if c in " \t\r":
                 self._end()
                 self.i += 1
+            elif c == "#" and self.word is None:
+                # a comment: checked as if it were commands (only stricter), once it cannot hide the next line
+                _comment_end(s, self.i)
+                self._word_part()
             elif c == "(" and self.word and self.word[-1][-1:] in _EXTGLOB:
                 j = _close(s, self.i + 1)  # re@(boot): an extglob group is part of its word
                 self._add(s[self.i:j + 1], False)

@@ -249,6 +249,9 @@ class SftpLog:
         if request_id in self._inflight:
             # a reply to either would be taken for the other's: a client can hide what a read returned this way
             ops.extend(self._note("the client reused a request id still in flight"))
+            earlier = self._inflight.pop(request_id)
+            if earlier is not None and earlier[0] == "close" and (earlier[1].read or earlier[1].written):
+                ops.append(_transferred(earlier[1]))  # (a closed file is reported now, not lost with its entry)
         self._inflight[request_id] = pending
         if len(self._inflight) > _MAX_TRACKED:  # (a client that sends requests nobody answers yet)
             dropped = self._inflight.pop(next(iter(self._inflight)))

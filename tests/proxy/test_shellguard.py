@@ -154,6 +154,12 @@ BYPASSES = [
     ("bash deploy.sh", "limit"),
     ("python3 -c 'import shutil; shutil.rmtree(\"/\")'", "limit"),
     ("ssh other 'rm -rf /'", "limit"),
+    # a quote in a # comment is text to the shell: read as a quote, it hid the next line from the guard
+    ("echo hi #'\nrm -rf /tmp/x #'", "caught"),
+    ('echo hi #"\nrm -rf /tmp/x #"', "caught"),
+    ("echo #'\nbash #'", "caught"),
+    ("echo $(true #')\nrm -rf /tmp/x\n)", "caught"),
+    ("ls -l # a plain comment", "harmless"),
 ]
 
 

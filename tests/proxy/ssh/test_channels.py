@@ -78,6 +78,8 @@ async def _scp(env: Env, secret: str, *args: str) -> tuple[int, bytes]:
 
 @pytest.mark.parametrize(("command", "raw"), [
     ("scp -f /srv/a.txt", True),
+    ("rsync --server . #'\nid #'", False),  # a quote in a comment hid a second command
+    ('/usr/lib/openssh/sftp-server #"\nid #"', False),
     ("scp -t -- /srv", True),
     ("scp -r -p -t '/srv/dir with space'", True),
     ("/usr/lib/openssh/sftp-server", True),

@@ -202,3 +202,13 @@ def test_files_left_open_are_reported_when_the_session_ends_and_lengths_are_not_
     assert log.finish() == [{"op": "transferred", "path": "/srv/a", "mode": "read", "read": 10, "written": 0,
                              "unclosed": True}]
     assert log.finish() == []
+
+
+def test_a_close_whose_id_is_reused_is_still_reported() -> None:
+    log = SftpLog()
+    log.from_client(packet(3, _s(b"/srv/secret.db") + struct.pack(">I", 1) + NO_ATTRS, 1))
+    log.from_server(packet(102, _s(b"H1"), 1))
+    log.from_client(packet(5, _s(b"H1") + struct.pack(">QI", 0, 4096), 2))
+    log.from_server(packet(103, _s(b"d" * 4096), 2))
+    ops = log.from_client(packet(4, _s(b"H1"), 10) + packet(17, _s(b"/x"), 10))
+    assert [op["op"] for op in ops] == ["unreadable", "transferred"] and ops[1]["read"] == 4096
