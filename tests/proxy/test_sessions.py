@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -31,7 +32,7 @@ from broker.service import Service
 from broker.store import Store
 from proxy.access import Gate
 from proxy.chunks import CHUNK_CHARS, as_chunks
-from proxy.sessions import SessionHub
+from proxy.sessions import LiveSession, SessionHub
 
 
 def who(config: HoopConfig, email: str) -> Identity:
@@ -549,21 +550,35 @@ class _StalledStore:
             await self.outer.answer.wait()
 
 
-async def test_a_store_that_stops_answering_keeps_no_session_past_its_end(
-        config: HoopConfig, tmp_path: Path) -> None:
-    """The deadline's read of the grant was bounded by a timeout around the transaction, which then waited
-    for the transaction's clean-up as well: a store that stopped answering kept the session open past its
-    end for as long, and every later recheck was skipped as already running."""
+@contextlib.asynccontextmanager
+async def _stalled(config: HoopConfig, tmp_path: Path, *, flush_every: float
+                   ) -> AsyncIterator[tuple[_StalledStore, SessionHub, LiveSession, list[str]]]:
+    """A hub on a store that stops answering once the block starts, with one open session (and the reasons it
+    ended); the store answers again, the hub closes and the store closes when the block ends."""
     real = Store.from_url(f"sqlite+aiosqlite:///{tmp_path / 'h.db'}")
     await real.migrate()
     store = _StalledStore(real)
     service = Service(config, store, SystemClock(), Broadcast([]))  # type: ignore[arg-type]
-    hub = SessionHub(service, SystemClock(), spool_dir=tmp_path / "spool", flush_every=0.05)
+    hub = SessionHub(service, SystemClock(), spool_dir=tmp_path / "spool", flush_every=flush_every)
     grant, _ = await grant_for(service, config)
     ended: list[str] = []
     s = await hub.open(grant, "prod-db", "postgres", "c", ended.append)
     store.stall = True
     try:
+        yield store, hub, s, ended
+    finally:
+        store.stall = False
+        store.answer.set()
+        await hub.close_all()
+        await real.close()
+
+
+async def test_a_store_that_stops_answering_keeps_no_session_past_its_end(
+        config: HoopConfig, tmp_path: Path) -> None:
+    """The deadline's read of the grant was bounded by a timeout around the transaction, which then waited
+    for the transaction's clean-up as well: a store that stopped answering kept the session open past its
+    end for as long, and every later recheck was skipped as already running."""
+    async with _stalled(config, tmp_path, flush_every=0.05) as (_, _, s, ended):
         loop = asyncio.get_running_loop()
         started = loop.time()
         s.deadline_passed()
@@ -572,11 +587,6 @@ async def test_a_store_that_stops_answering_keeps_no_session_past_its_end(
                 break
             await asyncio.sleep(0.05)
         assert ended == ["access expired"] and loop.time() - started < 1.5
-    finally:
-        store.stall = False
-        store.answer.set()
-        await hub.close_all()
-        await real.close()
 
 
 async def test_a_grant_read_given_up_on_is_not_left_pending_when_the_hub_closes(
@@ -584,17 +594,8 @@ async def test_a_grant_read_given_up_on_is_not_left_pending_when_the_hub_closes(
     """The deadline gives up on a read of the grant after 1 s and cancels it, and its clean-up (the rollback,
     on a store that does not answer) goes on in the background: it was still pending when the hub closed,
     and then when the event loop closed ("Task was destroyed but it is pending")."""
-    real = Store.from_url(f"sqlite+aiosqlite:///{tmp_path / 'h.db'}")
-    await real.migrate()
-    store = _StalledStore(real)
-    service = Service(config, store, SystemClock(), Broadcast([]))  # type: ignore[arg-type]
     # (no flush while the store stalls: only the read of the grant is to wait on it)
-    hub = SessionHub(service, SystemClock(), spool_dir=tmp_path / "spool", flush_every=60)
-    grant, _ = await grant_for(service, config)
-    ended: list[str] = []
-    s = await hub.open(grant, "prod-db", "postgres", "c", ended.append)
-    store.stall = True
-    try:
+    async with _stalled(config, tmp_path, flush_every=60) as (store, hub, s, ended):
         s.deadline_passed()
         for _ in range(60):  # bounded: 3 s
             if ended:
@@ -607,8 +608,3 @@ async def test_a_grant_read_given_up_on_is_not_left_pending_when_the_hub_closes(
         await asyncio.wait_for(hub.close_all(), 5)
         assert read.done()
         assert not [t for t in asyncio.all_tasks() if t.get_name().endswith(" grant read")]
-    finally:
-        store.stall = False
-        store.answer.set()
-        await hub.close_all()
-        await real.close()

@@ -121,3 +121,12 @@ async def curl(*args: str, timeout: float = 30.0) -> tuple[int, bytes, bytes]:
         raise
     assert proc.returncode is not None
     return proc.returncode, out, err
+
+
+async def answer(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """The status and body of one HTTP/1.1 answer with a Content-Length, read from a raw connection."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    status = int(head.split(b" ", 2)[1])
+    length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                  if line.lower().startswith(b"content-length:"))
+    return status, await asyncio.wait_for(reader.readexactly(length), 10)

@@ -12,17 +12,9 @@ from pathlib import Path
 import pytest
 
 from broker.model import Grant, SessionStatus
-from tests.proxy.http.conftest import Env, make_env
+from tests.proxy.http.conftest import Env, answer, make_env
 from tests.support.closing import close_reason
 from tests.support.lateclock import ShiftedClock, SlowExtendHooks
-
-
-async def _answer(reader: asyncio.StreamReader) -> tuple[int, bytes]:
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-    status = int(head.split(b" ", 2)[1])
-    length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
-                  if line.lower().startswith(b"content-length:"))
-    return status, await asyncio.wait_for(reader.readexactly(length), 10)
 
 
 async def test_an_upload_half_sent_at_the_deadline_is_cut(env: Env) -> None:
@@ -57,13 +49,13 @@ async def test_a_keep_alive_request_after_the_deadline_is_refused(env: Env) -> N
     reader, writer = await asyncio.open_connection("127.0.0.1", env.port)
     try:
         writer.write(request)
-        assert (await _answer(reader))[0] == 200
+        assert (await answer(reader))[0] == 200
         assert await close_reason(env) == "access expired"  # the proxy's own timer, a second later
         env.clock.set(grant.expires_at + timedelta(seconds=1))
         seen = len(env.upstream.seen)
         try:
             writer.write(request)
-            status, body = await _answer(reader)
+            status, body = await answer(reader)
         except (ConnectionError, asyncio.IncompleteReadError):
             status, body = 0, b""  # (the connection was closed with the session: also refused)
         if status:
@@ -87,7 +79,7 @@ async def test_a_grant_extended_shortly_before_its_end_keeps_its_session_until_t
         reader, writer = await asyncio.open_connection("127.0.0.1", env.port)
         try:
             writer.write(request)
-            assert (await _answer(reader))[0] == 200
+            assert (await answer(reader))[0] == 200
             old_end = time.monotonic() + (grant.expires_at - clock.now()).total_seconds()
             await asyncio.sleep(old_end - time.monotonic() - 0.5)
             hooks.delay = 1.5 if announced == "after" else 0.0
@@ -95,7 +87,7 @@ async def test_a_grant_extended_shortly_before_its_end_keeps_its_session_until_t
             assert isinstance(extended, Grant)
             await asyncio.sleep(max(old_end + 1.5 - time.monotonic(), 0))
             writer.write(request)
-            assert (await _answer(reader))[0] == 200
+            assert (await answer(reader))[0] == 200
             async with env.service.store.tx() as tx:
                 sessions = await tx.list_sessions()
             assert [x.status for x in sessions] == [SessionStatus.OPEN], "the session ended at the grant's old end"

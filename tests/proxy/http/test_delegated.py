@@ -9,16 +9,8 @@ import json
 
 from broker.delegation import delegate
 from broker.model import SessionStatus
-from tests.proxy.http.conftest import UPSTREAM_TOKEN, Env, curl
+from tests.proxy.http.conftest import UPSTREAM_TOKEN, Env, answer, curl
 from tests.support.closing import close_reason
-
-
-async def _answer(reader: asyncio.StreamReader) -> tuple[int, bytes]:
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-    status = int(head.split(b" ", 2)[1])
-    length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
-                  if line.lower().startswith(b"content-length:"))
-    return status, await asyncio.wait_for(reader.readexactly(length), 10)
 
 
 async def test_a_grandchild_credential_works_until_its_root_is_revoked(env: Env) -> None:
@@ -37,7 +29,7 @@ async def test_a_grandchild_credential_works_until_its_root_is_revoked(env: Env)
     reader, writer = await asyncio.open_connection("127.0.0.1", env.port)
     try:
         writer.write(request)
-        assert (await _answer(reader))[0] == 200
+        assert (await answer(reader))[0] == 200
         [live] = [s for s in env.hub.live("k8s") if s.grant.id == grandchild.id]
         assert live.chain == chain
 
@@ -46,7 +38,7 @@ async def test_a_grandchild_credential_works_until_its_root_is_revoked(env: Env)
         seen = len(env.upstream.seen)
         try:
             writer.write(request)
-            status, body = await _answer(reader)
+            status, body = await answer(reader)
         except (ConnectionError, asyncio.IncompleteReadError):
             status, body = 0, b""  # the connection closed with its session: refused as well
         if status:
